@@ -1,0 +1,15 @@
+"""Relax and TIR passes of the hapm_fpga flow: quantization, partitioning, lowering."""
+
+from .lower import LowerToHapm, LoweringError
+from .partition import PartitionForHapm, host_operator_report
+from .pipeline import hapm_pipeline, last_compile_report, offload_passes
+
+__all__ = [
+    "LowerToHapm",
+    "LoweringError",
+    "PartitionForHapm",
+    "hapm_pipeline",
+    "host_operator_report",
+    "last_compile_report",
+    "offload_passes",
+]

@@ -1,0 +1,230 @@
+"""Lowering the ``hapm_fpga.*`` composite functions to accelerator programs.
+
+:func:`LowerToHapm` is this plugin's counterpart of ``relax.transform.RunCodegen``: for every call
+of a composite function made by :func:`~tvm_hapm.passes.partition.PartitionForHapm`, it reads the
+layer's parameters out of the function, generates its instruction stream
+(:mod:`tvm_hapm.target.codegen`) and replaces the call with::
+
+    R.call_dps_packed("hapm_fpga.run", (program_bytes, *inputs, *layer_constants), out_type)
+
+The program bytes and the packed weights are Relax constants, so they are saved with the
+executable (``export_library``) and the executable runs wherever :mod:`tvm_hapm` is imported.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ..runtime.driver import RUN_FUNC
+from ..target import codegen
+from ..target.config import HardwareConfig, get_config
+from .partition import COMPOSITE_PREFIX
+
+__all__ = ["LowerToHapm", "LoweringError", "float_compute_ops"]
+
+
+class LoweringError(ValueError):
+    """A model the accelerator pipeline refuses, e.g. a float model that was never quantized."""
+
+
+def _const(expr) -> np.ndarray:
+    if isinstance(expr, tvm.ir.GenericConst):
+        return expr.value.numpy()
+    raise LoweringError(f"expected a constant, got {type(expr).__name__}")
+
+
+def _prim(expr) -> int:
+    return int(expr.value) if hasattr(expr, "value") else int(expr)
+
+
+def _bindings(func: relax.Function) -> list[tuple[str, relax.Call]]:
+    """``(op name, call)`` of the composite body, in order."""
+    out = []
+    for block in func.body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+                out.append((value.op.name, value))
+    return out
+
+
+def _requant_params(calls):
+    """Multiplier, shift and clip bounds of the requantization tail (qops.emit_requantize)."""
+    tail = calls[-6:]
+    names = [n for n, _ in tail]
+    if names != [
+        "relax.astype",
+        "relax.multiply",
+        "relax.add",
+        "relax.right_shift",
+        "relax.clip",
+        "relax.astype",
+    ]:
+        raise LoweringError(f"unexpected requantization chain {names}")
+    mult = _const(tail[1][1].args[1]).reshape(-1)
+    shift = int(_const(tail[3][1].args[1]))
+    clip = tail[4][1]
+    return mult, shift, (_prim(clip.args[1]), _prim(clip.args[2]))
+
+
+def _shape(expr):
+    return [int(v) for v in expr.ty.shape.values]
+
+
+def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, name, index):
+    calls = _bindings(func)
+    params = list(func.params)
+    # Map the composite's parameters to the call's arguments.
+    arg_of = {p: a for p, a in zip(params, args)}
+    if kind == "conv2d":
+        conv = calls[0][1]
+        data = conv.args[0]
+        weight = _const(conv.args[1])
+        bias = _const(calls[1][1].args[1]).reshape(-1) if calls[1][0] == "relax.add" else None
+        mult, shift, clip = _requant_params(calls)
+        a = conv.attrs
+        prog, consts = codegen.conv2d_program(
+            cfg,
+            name,
+            _shape(data),
+            weight,
+            bias,
+            mult,
+            shift,
+            clip,
+            strides=[int(v) for v in a.strides],
+            padding=[int(v) for v in a.padding],
+            dilation=[int(v) for v in a.dilation],
+            groups=int(a.groups),
+            layer_index=index,
+        )
+        inputs = [arg_of[data]]
+    elif kind == "dense":
+        mm = calls[0][1]
+        data = mm.args[0]
+        bias = _const(calls[1][1].args[1]).reshape(-1) if calls[1][0] == "relax.add" else None
+        mult, shift, clip = _requant_params(calls)
+        prog, consts = codegen.dense_program(
+            cfg, name, _shape(data), _const(mm.args[1]), bias, mult, shift, clip, index
+        )
+        inputs = [arg_of[data]]
+    elif kind == "add":
+        # astype(a), multiply(Ma), astype(b), multiply(Mb), add, add(round), >>, clip, astype
+        casts = [c for n, c in calls if n == "relax.astype"][:2]
+        mults = [c for n, c in calls if n == "relax.multiply"]
+        shift = int(_const(calls[-3][1].args[1]))
+        clip_call = calls[-2][1]
+        clip = (_prim(clip_call.args[1]), _prim(clip_call.args[2]))
+        lhs, rhs = casts[0].args[0], casts[1].args[0]
+        prog, consts = codegen.add_program(
+            cfg,
+            name,
+            _shape(lhs),
+            int(_const(mults[0].args[1])),
+            int(_const(mults[1].args[1])),
+            shift,
+            clip,
+            index,
+        )
+        inputs = [arg_of[lhs], arg_of[rhs]]
+    elif kind == "global_avg_pool":
+        data = calls[0][1].args[0]
+        mult, shift, clip = _requant_params(calls)
+        prog, consts = codegen.global_avg_pool_program(
+            cfg, name, _shape(data), int(mult[0]), shift, clip, index
+        )
+        inputs = [arg_of[data]]
+    elif kind == "max_pool2d":
+        pool = calls[0][1]
+        a = pool.attrs
+        data = pool.args[0]
+        prog, consts = codegen.max_pool2d_program(
+            cfg,
+            name,
+            _shape(data),
+            [int(v) for v in a.pool_size],
+            [int(v) for v in a.strides],
+            [int(v) for v in a.padding],
+            [int(v) for v in a.dilation],
+            index,
+        )
+        inputs = [arg_of[data]]
+    else:
+        raise LoweringError(f"no lowering for composite {kind!r}")
+    return prog, inputs, consts
+
+
+def float_compute_ops(mod: tvm.IRModule) -> list[str]:
+    """Float conv2d / matmul operators of the module (those a quantizer would have converted)."""
+    found = []
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+            if expr.op.name in ("relax.nn.conv2d", "relax.matmul"):
+                if str(expr.ty.dtype).startswith("float"):
+                    found.append(expr.op.name)
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, visit)
+    return found
+
+
+def LowerToHapm(config: HardwareConfig | None = None, programs: list | None = None):  # noqa: N802
+    """Replace calls of ``hapm_fpga.*`` composite functions by accelerator program calls.
+
+    Parameters
+    ----------
+    config : HardwareConfig, optional
+        The accelerator; defaults to the current target's config.
+    programs : list, optional
+        If given, every generated :class:`~tvm_hapm.target.program.Program` is appended to it
+        (used by ``hapm compile`` to write the instruction streams).
+
+    Returns
+    -------
+    pass : tvm.transform.Pass
+    """
+
+    @tvm.transform.module_pass(opt_level=0, name="LowerToHapm")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        cfg = get_config(config)
+        composites = {}
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function) and func.attrs is not None:
+                comp = func.attrs.get("Composite") if "Composite" in func.attrs else None
+                if comp is not None and str(comp).startswith(COMPOSITE_PREFIX):
+                    composites[gv] = (str(comp)[len(COMPOSITE_PREFIX) :], func)
+        if not composites:
+            return mod
+        counter = [0]
+
+        @relax.expr_functor.mutator
+        class _Rewriter(relax.PyExprMutator):
+            def visit_call_(self, call):  # noqa: N802 (TVM visitor naming)
+                call = super().visit_call_(call)
+                if isinstance(call.op, relax.GlobalVar) and call.op in composites:
+                    kind, func = composites[call.op]
+                    index = counter[0]
+                    counter[0] += 1
+                    name = f"{index:03d}_{kind}"
+                    prog, inputs, consts = _program_for(cfg, kind, func, call.args, name, index)
+                    if programs is not None:
+                        programs.append(prog)
+                    blob = np.frombuffer(prog.to_bytes(), dtype=np.uint8).copy()
+                    args = [relax.const(blob, "uint8"), *inputs]
+                    args += [relax.const(c, str(c.dtype)) for c in consts]
+                    return relax.call_dps_packed(RUN_FUNC, relax.Tuple(args), call.ty)
+                return call
+
+        rewriter = _Rewriter(mod)
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, relax.Function) and gv not in composites:
+                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        out = rewriter.builder_.get()
+        out = relax.transform.DeadCodeElimination()(out)
+        return out
+
+    return _pass

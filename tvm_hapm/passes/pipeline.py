@@ -1,0 +1,110 @@
+"""The hapm_fpga Relax compilation pipeline and its hook into ``tvm.compile``.
+
+``tvm.compile(mod, target="hapm_fpga")`` runs Relax's ``"default"`` pipeline inside
+``with target:``.  On import, this module wraps the ``"default"`` pipeline factory so that, when
+the current target is a hapm_fpga target, the offload passes run first; for every other target
+the wrapped pipeline is exactly the original.  The same passes are registered as the named
+pipeline ``"hapm_fpga"`` for explicit use (``tvm.compile(mod, target, relax_pipeline="hapm_fpga")``
+or ``relax.get_pipeline("hapm_fpga")`` in a custom flow).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import tvm
+from tvm import relax
+from tvm.relax import pipeline as _relax_pipeline
+
+from ..target.config import HardwareConfig, get_config, is_hapm_target
+from .lower import LowerToHapm, LoweringError, float_compute_ops
+from .partition import PartitionForHapm, host_operator_report
+
+__all__ = ["offload_passes", "hapm_pipeline", "last_compile_report", "CompileReport"]
+
+logger = logging.getLogger("tvm_hapm")
+
+PIPELINE_NAME = "hapm_fpga"
+
+
+class CompileReport(dict):
+    """What the last hapm_fpga compile placed where: ``accelerator`` (layer -> kind) and
+    ``host`` (operator -> count)."""
+
+
+_LAST_REPORT = CompileReport(accelerator={}, host={})
+
+
+def last_compile_report() -> CompileReport:
+    return _LAST_REPORT
+
+
+def offload_passes(config: HardwareConfig | None = None, programs: list | None = None):
+    """Refuse float models, partition, and lower accelerator layers to programs."""
+
+    @tvm.transform.module_pass(opt_level=0, name="HapmOffload")
+    def _offload(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        global _LAST_REPORT
+        cfg = get_config(config)
+        floats = float_compute_ops(mod)
+        if floats:
+            raise LoweringError(
+                f"hapm_fpga runs integer layers, but the model has {len(floats)} float "
+                f"conv2d/matmul operators: quantize it first with "
+                f"tvm_hapm.quantize(mod, calibration=[sample inputs as numpy arrays])"
+            )
+        progs: list = [] if programs is None else programs
+        mod = PartitionForHapm(cfg)(mod)
+        mod = LowerToHapm(cfg, progs)(mod)
+        host = {}
+        for gv, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                for op, count in host_operator_report(mod, gv.name_hint).items():
+                    host[op] = host.get(op, 0) + count
+        _LAST_REPORT = CompileReport(
+            config=cfg.name,
+            accelerator={p.layer: p.info.get("kind", "") for p in progs},
+            host=host,
+        )
+        if host:
+            logger.info(
+                "hapm_fpga: %d layers on the accelerator; on the host: %s",
+                len(progs),
+                ", ".join(f"{k.removeprefix('relax.')} x{v}" for k, v in host.items()),
+            )
+        return mod
+
+    return _offload
+
+
+@relax.register_pipeline(PIPELINE_NAME)
+def hapm_pipeline(config: HardwareConfig | None = None, programs: list | None = None):
+    """The named pipeline: offload, then TVM's default build pipeline for the host."""
+    return tvm.transform.Sequential(
+        [offload_passes(config, programs), _ORIGINAL_DEFAULT()], name="hapm_fpga_pipeline"
+    )
+
+
+# The unwrapped factory, also when this module is imported again (e.g. importlib.reload).
+_ORIGINAL_DEFAULT = getattr(
+    _relax_pipeline.PIPELINE_MAP["default"],
+    "_hapm_original",
+    _relax_pipeline.PIPELINE_MAP["default"],
+)
+
+
+def _default_with_offload(*args, **kwargs):
+    base = _ORIGINAL_DEFAULT(*args, **kwargs)
+
+    @tvm.transform.module_pass(opt_level=0, name="DefaultPipelineWithHapmOffload")
+    def _pipeline(mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        target = tvm.target.Target.current(allow_none=True)
+        if target is not None and is_hapm_target(target):
+            mod = offload_passes(get_config(target))(mod)
+        return base(mod)
+
+    return _pipeline
+
+
+_default_with_offload._hapm_original = _ORIGINAL_DEFAULT
+_relax_pipeline.PIPELINE_MAP["default"] = _default_with_offload

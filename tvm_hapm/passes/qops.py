@@ -1,0 +1,146 @@
+"""The integer vocabulary of a quantized hapm_fpga network, as plain Relax operators.
+
+A quantized model is an ordinary Relax module whose accelerated layers are written with integer
+Relax operators, so that TVM's own llvm build of the same module is an independent reference of
+the accelerator's arithmetic.  This module is the one place that spells those operator chains;
+the quantizer emits them (:mod:`tvm_hapm.passes.quantize`) and the partitioner matches them
+(:mod:`tvm_hapm.passes.partition`).
+
+Requantization (the ALU ``REQUANT`` instruction, ``docs/isa.md``)::
+
+    y = clip((int64(acc) * M[c] + 2**(S-1)) >> S, lo, hi).astype(act)
+
+Residual add (ALU ``MUL``/``ADD``/``SHR``/``MIN``/``MAX`` on int32)::
+
+    y = clip((int32(a) * Ma + int32(b) * Mb + 2**(S-1)) >> S, lo, hi).astype(act)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tvm import relax
+
+__all__ = [
+    "choose_multiplier",
+    "emit_quantize",
+    "emit_dequantize",
+    "emit_requantize",
+    "emit_conv2d",
+    "emit_dense",
+    "emit_add",
+    "emit_global_avg_pool",
+    "REQUANT_MULT_BITS",
+]
+
+#: Bits of the largest requantization multiplier (int64 product: acc needs at most 32 bits).
+REQUANT_MULT_BITS = 15
+
+
+def add_mult_bits(act_bits: int) -> int:
+    """Multiplier bits of a residual add: ``|a*Ma| + |b*Mb| < 2**31`` in int32, and the
+    multipliers fit the ALU's 16-bit signed immediate."""
+    return min(15, 30 - act_bits)
+
+
+def choose_multiplier(real_scales, mult_bits: int = REQUANT_MULT_BITS):
+    """Fixed-point form ``M / 2**S`` of positive real scales sharing one shift ``S``.
+
+    The largest multiplier lands in ``[2**(mult_bits-1), 2**mult_bits)`` where the shift allows
+    (``1 <= S <= 62``).  Returns ``(M, S)`` with ``M`` an int64 array of the input's shape.
+    """
+    real = np.asarray(real_scales, dtype=np.float64)
+    if not np.all(np.isfinite(real)) or np.any(real < 0):
+        raise ValueError(f"requantization scales must be finite and >= 0, got {real}")
+    peak = float(real.max()) if real.size else 0.0
+    if peak == 0.0:
+        return np.zeros(real.shape, np.int64), 1
+    shift = mult_bits - 1 - math.floor(math.log2(peak))
+    shift = int(min(max(shift, 1), 62))
+    mult = np.round(real * (1 << shift)).astype(np.int64)
+    if mult.max() >= (1 << 31):
+        raise ValueError(f"requantization scale {peak} is too large for an int32 multiplier")
+    return mult, shift
+
+
+def _const(value, dtype):
+    return relax.const(np.asarray(value, dtype=dtype), dtype)
+
+
+def emit_quantize(bb: relax.BlockBuilder, x, scale: float, dtype: str = "int8"):
+    """Float tensor -> integer, ``clip(round(x / scale))`` (runs on the host)."""
+    info = np.iinfo(dtype)
+    y = bb.emit(relax.op.divide(x, _const(scale, "float32")))
+    y = bb.emit(relax.op.round(y))
+    y = bb.emit(relax.op.clip(y, int(info.min), int(info.max)))
+    return bb.emit(relax.op.astype(y, dtype))
+
+
+def emit_dequantize(bb: relax.BlockBuilder, q, scale: float):
+    """Integer tensor -> float32, ``q * scale`` (runs on the host)."""
+    y = bb.emit(relax.op.astype(q, "float32"))
+    return bb.emit(relax.op.multiply(y, _const(scale, "float32")))
+
+
+def emit_requantize(bb, acc, mult: np.ndarray, shift: int, lo: int, hi: int, out_dtype: str):
+    """int32 accumulator -> ``out_dtype`` with per-channel multipliers ``mult`` (shaped to
+    broadcast against ``acc``, e.g. ``(1, C, 1, 1)`` for NCHW) and one shift."""
+    y = bb.emit(relax.op.astype(acc, "int64"))
+    y = bb.emit(relax.op.multiply(y, _const(mult, "int64")))
+    y = bb.emit(relax.op.add(y, _const(1 << (shift - 1), "int64")))
+    y = bb.emit(relax.op.right_shift(y, _const(shift, "int64")))
+    y = bb.emit(relax.op.clip(y, int(lo), int(hi)))
+    return bb.emit(relax.op.astype(y, out_dtype))
+
+
+def emit_conv2d(
+    bb, xq, wq: np.ndarray, bias: np.ndarray | None, strides, padding, dilation, groups,
+    mult, shift, lo, hi, out_dtype,
+):  # fmt: skip
+    """Quantized conv2d (NCHW / OIHW): int conv -> int32 (+ bias) -> requantize."""
+    acc = bb.emit(
+        relax.op.nn.conv2d(
+            xq,
+            relax.const(wq, str(wq.dtype)),
+            strides=strides,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            out_dtype="int32",
+        )
+    )
+    if bias is not None:
+        acc = bb.emit(relax.op.add(acc, _const(bias.reshape(1, -1, 1, 1), "int32")))
+    m = np.asarray(mult, np.int64).reshape(1, -1, 1, 1)
+    return emit_requantize(bb, acc, m, shift, lo, hi, out_dtype)
+
+
+def emit_dense(bb, xq, wq: np.ndarray, bias: np.ndarray | None, mult, shift, lo, hi, out_dtype):
+    """Quantized dense: ``(N, K) x (K, M)`` int matmul -> int32 (+ bias) -> requantize."""
+    acc = bb.emit(relax.op.matmul(xq, relax.const(wq, str(wq.dtype)), out_dtype="int32"))
+    if bias is not None:
+        acc = bb.emit(relax.op.add(acc, _const(bias.reshape(-1), "int32")))
+    m = np.asarray(mult, np.int64).reshape(-1)
+    return emit_requantize(bb, acc, m, shift, lo, hi, out_dtype)
+
+
+def emit_add(bb, aq, bq, mult_a: int, mult_b: int, shift: int, lo: int, hi: int, out_dtype):
+    """Quantized residual add of two integer tensors with different scales."""
+    a = bb.emit(relax.op.astype(aq, "int32"))
+    a = bb.emit(relax.op.multiply(a, _const(mult_a, "int32")))
+    b = bb.emit(relax.op.astype(bq, "int32"))
+    b = bb.emit(relax.op.multiply(b, _const(mult_b, "int32")))
+    y = bb.emit(relax.op.add(a, b))
+    y = bb.emit(relax.op.add(y, _const(1 << (shift - 1), "int32")))
+    y = bb.emit(relax.op.right_shift(y, _const(shift, "int32")))
+    y = bb.emit(relax.op.clip(y, int(lo), int(hi)))
+    return bb.emit(relax.op.astype(y, out_dtype))
+
+
+def emit_global_avg_pool(bb, xq, mult: int, shift: int, lo: int, hi: int, out_dtype):
+    """Quantized global average pooling (NCHW, keepdims): int32 sum over H, W -> requantize
+    with ``mult / 2**shift = scale_in / (scale_out * H * W)``."""
+    s = bb.emit(relax.op.astype(xq, "int32"))
+    s = bb.emit(relax.op.sum(s, axis=[2, 3], keepdims=True))
+    return emit_requantize(bb, s, np.asarray([mult], np.int64), shift, lo, hi, out_dtype)

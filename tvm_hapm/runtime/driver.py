@@ -1,0 +1,133 @@
+"""The host-side driver: TVM executables call it to run accelerator programs on the simulator.
+
+Compiled modules reach the accelerator through one global function, ``hapm_fpga.run``
+(registered when :mod:`tvm_hapm` is imported), called by ``R.call_dps_packed`` with the program
+bytes, the layer's inputs and constants, and the output tensor to fill.  The driver packs the host
+tensors into the accelerator's DRAM layout (``docs/isa.md``), runs the simulator and unpacks the
+output in place: the role a kernel driver and DMA-able buffers play on a real board.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm_ffi
+
+from ..target.program import Program, ProgramError, pack_activation, unpack_activation
+from .simulator import ExecutionStats, Simulator
+
+__all__ = ["RUN_FUNC", "RunStats", "run_program", "last_run_stats"]
+
+#: Name of the global function compiled executables call.
+RUN_FUNC = "hapm_fpga.run"
+
+_CACHE: dict[bytes, tuple[Program, Simulator]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+@dataclass
+class RunStats:
+    """What the accelerator did during the last model run, in total and per layer.
+
+    Attributes
+    ----------
+    layers : list of ExecutionStats
+        One entry per accelerator program executed, in execution order.
+    """
+
+    layers: list[ExecutionStats] = field(default_factory=list)
+
+    def _total(self) -> ExecutionStats:
+        return ExecutionStats.total(self.layers, layer="total")
+
+    @property
+    def instructions(self) -> int:
+        return self._total().instructions
+
+    @property
+    def macs(self) -> int:
+        return self._total().macs
+
+    @property
+    def dram_bytes(self) -> int:
+        return self._total().dram_bytes
+
+    @property
+    def by_opcode(self) -> dict:
+        return self._total().by_opcode
+
+    def to_dict(self) -> dict:
+        return {
+            "instructions": self.instructions,
+            "macs": self.macs,
+            "dram_bytes": self.dram_bytes,
+            "layers": [s.to_dict() for s in self.layers],
+        }
+
+
+_CURRENT = RunStats()
+
+
+def last_run_stats() -> RunStats:
+    """Statistics of the most recent model run (a run starts at its first accelerated layer)."""
+    return _CURRENT
+
+
+def _program(data: bytes) -> tuple[Program, Simulator]:
+    key = hashlib.sha256(data).digest()
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is None:
+            prog = Program.from_bytes(data)
+            hit = (prog, Simulator(prog.config))
+            _CACHE[key] = hit
+        return hit
+
+
+def run_program(prog: Program, sim: Simulator, arrays: list[np.ndarray]) -> tuple:
+    """Run ``prog`` on host arrays (inputs and constants in slot order, output last).
+
+    Returns ``(output_array, stats)``.  Shapes and dtypes are checked against the slots first.
+    """
+    if len(arrays) != len(prog.slots):
+        raise ProgramError(
+            f"{prog.layer}: program has {len(prog.slots)} DRAM slots but was called with "
+            f"{len(arrays)} tensors"
+        )
+    dram = []
+    for slot, arr in zip(prog.slots, arrays):
+        if tuple(arr.shape) != slot.shape or str(arr.dtype) != slot.dtype:
+            raise ProgramError(
+                f"{prog.layer}: slot '{slot.name}' expects {slot.dtype}{list(slot.shape)}, got "
+                f"{arr.dtype}{list(arr.shape)}"
+            )
+        if slot.role == "output":
+            dram.append(np.zeros(slot.dram_elems, dtype=slot.dtype))
+        elif slot.packing == "act":
+            dram.append(pack_activation(arr, slot.vector).reshape(-1))
+        else:
+            dram.append(np.ascontiguousarray(arr).reshape(-1))
+    stats = sim.run(prog.instructions, dram, layer=prog.layer)
+    out_slot = prog.slots[-1]
+    out = dram[-1]
+    if out_slot.packing == "act":
+        out = unpack_activation(out, out_slot.shape, out_slot.vector)
+    return out.reshape(out_slot.shape), stats
+
+
+def _run_packed(program, *args):
+    """``hapm_fpga.run(program_u8, *inputs, out)``: the entry compiled executables call."""
+    global _CURRENT
+    prog, sim = _program(np.from_dlpack(program).tobytes())
+    arrays = [np.from_dlpack(a) for a in args]
+    y, stats = run_program(prog, sim, arrays)
+    if prog.layer_index == 0:
+        _CURRENT = RunStats()
+    _CURRENT.layers.append(stats)
+    arrays[-1][...] = y
+
+
+tvm_ffi.register_global_func(RUN_FUNC, _run_packed, override=True)

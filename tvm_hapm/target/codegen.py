@@ -1,0 +1,494 @@
+"""Instruction-stream generation for the layers hapm_fpga executes.
+
+Each ``*_program`` function takes one quantized layer (integer weights, requantization constants)
+and returns a :class:`~tvm_hapm.target.program.Program`.  The schedule comes from
+:mod:`tvm_hapm.target.schedule` (tile sizes that always fit the buffers); the instruction list is
+written sequentially and :func:`~tvm_hapm.target.dependency.insert_dependency_tokens` then makes
+it correct on the decoupled load / compute / store modules.
+
+Convolution dataflow (weight stationary, ``docs/isa.md``): an output tile of ``th x tw`` pixels
+of a group of output-channel blocks lives in the accumulator; the padded input tile of a chunk of
+input-channel blocks lives in the input buffer; every non-zero ``R x C`` weight block
+``(cob, cib, kh, kw)`` becomes one GEMM that streams the tile's input vectors (shifted by
+``kh, kw``) through one array.  All-zero weight blocks are dropped at compile time: no load, no
+GEMM (grouped and depthwise convolutions are dense convolutions with block-diagonal weights).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import HardwareConfig
+from .dependency import insert_dependency_tokens
+from .isa import AluOp, Buffer, Instruction, Opcode
+from .program import Program, Slot
+from .schedule import ConvSchedule, EltwiseSchedule, plan_conv, plan_eltwise
+
+__all__ = [
+    "CodegenError",
+    "conv2d_program",
+    "dense_program",
+    "add_program",
+    "max_pool2d_program",
+    "global_avg_pool_program",
+    "expand_weight_blocks",
+]
+
+_ELEM_CODE = {8: 0, 16: 1, 32: 2}
+_MAX_X = (1 << 12) - 1  # LOAD/STORE x_size / y_size field limit
+
+
+class CodegenError(ValueError):
+    """A layer the accelerator cannot execute (the partitioner keeps such layers on the host)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# instruction helpers
+def _load(buf, slot, elem_bits, sram, dram, rows, cols, stride, pads=(0, 0, 0, 0), pad_min=0):
+    return Instruction(
+        Opcode.LOAD,
+        buffer=buf,
+        dram_slot=slot,
+        elem_bits_code=_ELEM_CODE[elem_bits],
+        pad_min=pad_min,
+        sram_addr=sram,
+        dram_addr=dram,
+        y_size=rows,
+        x_size=cols,
+        x_stride=stride,
+        y_pad_top=pads[0],
+        y_pad_bottom=pads[1],
+        x_pad_left=pads[2],
+        x_pad_right=pads[3],
+    )
+
+
+def _store(slot, elem_bits, sram, dram, rows, cols, stride):
+    return Instruction(
+        Opcode.STORE,
+        buffer=Buffer.ACC,
+        dram_slot=slot,
+        elem_bits_code=_ELEM_CODE[elem_bits],
+        sram_addr=sram,
+        dram_addr=dram,
+        y_size=rows,
+        x_size=cols,
+        x_stride=stride,
+    )
+
+
+def _alu(op, dst, outer, inner, dst_so, dst_si, *, imm=None, src=0, src_so=0, src_si=0):
+    return Instruction(
+        Opcode.ALU,
+        alu_op=op,
+        use_imm=int(imm is not None and op != AluOp.REQUANT),
+        imm=0 if imm is None else int(imm),
+        dst_addr=dst,
+        src_addr=src,
+        outer=outer,
+        inner=inner,
+        dst_so=dst_so,
+        dst_si=dst_si,
+        src_so=src_so,
+        src_si=src_si,
+    )
+
+
+def _load_rows(buf, slot, elem_bits, sram, dram, count):
+    """Load ``count`` consecutive DRAM entries, split into rows the x_size field can hold."""
+    out = []
+    while count > 0:
+        cols = min(count, _MAX_X)
+        rows = min(count // cols, _MAX_X)
+        out.append(_load(buf, slot, elem_bits, sram, dram, rows, cols, cols))
+        sram += rows * cols
+        dram += rows * cols
+        count -= rows * cols
+    return out
+
+
+def _clip_ops(cfg: HardwareConfig, dst, outer, inner, so, si, lo, hi):
+    """MAX / MIN instructions that clip beyond the saturation REQUANT already applies."""
+    amin, amax = cfg.act_range
+    ops = []
+    if lo > amin:
+        ops.append(_alu(AluOp.MAX, dst, outer, inner, so, si, imm=lo))
+    if hi < amax:
+        ops.append(_alu(AluOp.MIN, dst, outer, inner, so, si, imm=hi))
+    return ops
+
+
+def _check_clip(cfg, lo, hi):
+    amin, amax = cfg.act_range
+    if not (amin <= lo <= hi <= amax):
+        raise CodegenError(f"clip bounds [{lo}, {hi}] outside the activation range")
+
+
+# ---------------------------------------------------------------------------------------------
+# convolution
+def expand_weight_blocks(cfg: HardwareConfig, weight: np.ndarray, groups: int) -> np.ndarray:
+    """OIHW (grouped) integer weights -> dense blocks ``(COB, CIB, KH, KW, R, C)``.
+
+    Block ``[cob, cib, kh, kw]`` holds ``W[cob*C + c, cib*R + r, kh, kw]`` at ``[r, c]``; a grouped
+    convolution's weights become block-diagonal with zeros between groups.
+    """
+    R, C = cfg.array_rows, cfg.array_cols
+    cout, cin_g, kh, kw = weight.shape
+    cin = cin_g * groups
+    cob, cib = -(-cout // C), -(-cin // R)
+    dense = np.zeros((cob * C, cib * R, kh, kw), dtype=weight.dtype)
+    cout_g = cout // groups
+    for g in range(groups):
+        dense[g * cout_g : (g + 1) * cout_g, g * cin_g : (g + 1) * cin_g] = weight[
+            g * cout_g : (g + 1) * cout_g
+        ]
+    # (COB, C, CIB, R, KH, KW) -> (COB, CIB, KH, KW, R, C)
+    return dense.reshape(cob, C, cib, R, kh, kw).transpose(0, 2, 4, 5, 3, 1)
+
+
+def conv2d_program(
+    cfg: HardwareConfig,
+    layer: str,
+    data_shape,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    mult: np.ndarray,
+    shift: int,
+    clip: tuple[int, int],
+    strides=(1, 1),
+    padding=(0, 0, 0, 0),
+    dilation=(1, 1),
+    groups: int = 1,
+    layer_index: int = 0,
+    schedule: ConvSchedule | None = None,
+):
+    """Program of a quantized conv2d (NCHW / OIHW) with bias and requantization.
+
+    Returns ``(program, constants)``: the constants (packed weight blocks, bias and multipliers)
+    are the DRAM contents of the program's ``const`` slots, in slot order.
+    """
+    R, C = cfg.array_rows, cfg.array_cols
+    n, cin, h, w = (int(v) for v in data_shape)
+    cout, cin_g, kh, kw = weight.shape
+    sh, sw = (int(s) for s in strides)
+    dh, dw = (int(d) for d in dilation)
+    pt, pl, pb, pr = (int(p) for p in padding)
+    if cin_g * groups != cin or cout % groups:
+        raise CodegenError(f"{layer}: weight {weight.shape} does not match {cin} input channels")
+    if max(pt, pl, pb, pr) > 15:
+        raise CodegenError(f"{layer}: padding {padding} exceeds the DMA's 15-entry pad field")
+    if max(sh, sw) > 63:
+        raise CodegenError(f"{layer}: stride {strides} exceeds the GEMM stride field")
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    if oh < 1 or ow < 1:
+        raise CodegenError(f"{layer}: empty output")
+    _check_clip(cfg, *clip)
+    blocks = expand_weight_blocks(cfg, weight, groups)
+    cob, cib = blocks.shape[:2]
+    nonzero = np.any(blocks != 0, axis=(4, 5))  # (COB, CIB, KH, KW)
+    sched = schedule or plan_conv(cfg, h, w, oh, ow, kh, kw, (sh, sw), (dh, dw), cib, cob, nonzero)
+
+    # constants: weight blocks in load order, bias and multiplier vectors
+    order = []  # (cg, kc) -> list of (cob, cib, kh, kw) of non-zero blocks, load order
+    chunks = {}
+    for cg0 in range(0, cob, sched.cob_group):
+        for kc0 in range(0, cib, sched.cib_chunk):
+            key = (cg0, kc0)
+            chunks[key] = []
+            for co in range(cg0, min(cg0 + sched.cob_group, cob)):
+                for ci in range(kc0, min(kc0 + sched.cib_chunk, cib)):
+                    for y in range(kh):
+                        for x in range(kw):
+                            if nonzero[co, ci, y, x]:
+                                chunks[key].append((co, ci, y, x))
+            order.extend(chunks[key])
+    wdtype = cfg.weight_dtype
+    wblocks = (
+        np.stack([blocks[b] for b in order]).astype(wdtype)
+        if order
+        else np.zeros((1, R, C), wdtype)  # a DRAM slot is never empty
+    )
+    chunk_base = {}
+    pos = 0
+    for key in chunks:
+        chunk_base[key] = pos
+        pos += len(chunks[key])
+    bias_full = np.zeros(cob * C, np.int64)
+    if bias is not None:
+        bias_full[:cout] = bias
+    mult_full = np.zeros(cob * C, np.int64)
+    mult_full[:cout] = np.broadcast_to(np.asarray(mult).reshape(-1), (cout,))
+    if np.abs(bias_full).max(initial=0) >= 2**31 or mult_full.max(initial=0) >= 2**31:
+        raise CodegenError(f"{layer}: bias or multiplier does not fit in int32")
+    # row 2*co: bias of block co, row 2*co+1: multipliers of block co
+    bias_mult = np.stack([bias_full.reshape(cob, C), mult_full.reshape(cob, C)], 1)
+    bias_mult = bias_mult.reshape(2 * cob, C).astype(np.int32)
+
+    act = cfg.act_bits
+    slots = [
+        Slot("data", "input", cfg.act_dtype, (n, cin, h, w), "act", R),
+        Slot("weight_blocks", "const", wdtype, wblocks.shape),
+        Slot("bias_mult", "const", "int32", bias_mult.shape),
+        Slot("out", "output", cfg.act_dtype, (n, cout, oh, ow), "act", C),
+    ]
+    S_DATA, S_WGT, S_BM, S_OUT = range(4)
+
+    seq: list[Instruction] = []
+    resident = len(order) <= cfg.wgt_depth  # all weights fit: load them once
+    if resident:
+        seq += _load_rows(Buffer.WGT, S_WGT, cfg.weight_bits, 0, 0, len(order))
+    cur_inp = cur_wgt = None
+    gemm_count = 0
+    th_in_max = (sched.tile_h - 1) * sh + (kh - 1) * dh + 1
+    tw_in_max = (sched.tile_w - 1) * sw + (kw - 1) * dw + 1
+    inp_chunk_entries = th_in_max * tw_in_max
+    for b in range(n):
+        for oh0 in range(0, oh, sched.tile_h):
+            th = min(sched.tile_h, oh - oh0)
+            for ow0 in range(0, ow, sched.tile_w):
+                tw = min(sched.tile_w, ow - ow0)
+                t = th * tw
+                # padded input rows/cols of this tile
+                ih0 = oh0 * sh - pt
+                iw0 = ow0 * sw - pl
+                th_in = (th - 1) * sh + (kh - 1) * dh + 1
+                tw_in = (tw - 1) * sw + (kw - 1) * dw + 1
+                y_top = max(0, -ih0)
+                y_bot = max(0, ih0 + th_in - h)
+                x_lft = max(0, -iw0)
+                x_rgt = max(0, iw0 + tw_in - w)
+                rows = th_in - y_top - y_bot
+                cols = tw_in - x_lft - x_rgt
+                if rows < 1 or cols < 1:
+                    raise CodegenError(f"{layer}: a tile lies entirely in the padding")
+                for cg0 in range(0, cob, sched.cob_group):
+                    gsize = min(sched.cob_group, cob - cg0)
+                    acc_out = 2 * sched.cob_group  # after the bias/multiplier vectors
+                    started = [False] * gsize
+                    for kc0 in range(0, cib, sched.cib_chunk):
+                        ksize = min(sched.cib_chunk, cib - kc0)
+                        if cur_inp != (b, oh0, ow0, kc0):
+                            for k in range(ksize):
+                                dram = (((b * cib + kc0 + k) * h) + ih0 + y_top) * w + iw0 + x_lft
+                                seq.append(
+                                    _load(
+                                        Buffer.INP, S_DATA, act, k * inp_chunk_entries, dram,
+                                        rows, cols, w, (y_top, y_bot, x_lft, x_rgt),
+                                    )
+                                )  # fmt: skip
+                            cur_inp = (b, oh0, ow0, kc0)
+                        key = (cg0, kc0)
+                        if resident:
+                            wbase = chunk_base[key]
+                        else:
+                            wbase = 0
+                            if cur_wgt != key and chunks[key]:
+                                seq += _load_rows(
+                                    Buffer.WGT, S_WGT, cfg.weight_bits, 0, chunk_base[key],
+                                    len(chunks[key]),
+                                )  # fmt: skip
+                                cur_wgt = key
+                        if kc0 == 0:
+                            seq.append(_load(Buffer.ACC, S_BM, 32, 0, 2 * cg0, 1, 2 * gsize, 0))
+                        for j, (co, ci, y, x) in enumerate(chunks[key]):
+                            g = co - cg0
+                            seq.append(
+                                Instruction(
+                                    Opcode.GEMM,
+                                    reset=int(not started[g]),
+                                    array=gemm_count % cfg.num_arrays,
+                                    wgt_addr=wbase + j,
+                                    inp_addr=(ci - kc0) * inp_chunk_entries
+                                    + y * dh * tw_in
+                                    + x * dw,
+                                    acc_addr=acc_out + g * t,
+                                    outer=th,
+                                    inner=tw,
+                                    inp_so=sh * tw_in,
+                                    inp_si=sw,
+                                    acc_so=tw,
+                                    acc_si=1,
+                                )
+                            )
+                            started[g] = True
+                            gemm_count += 1
+                    # epilogue: bias, requantize, clip, store
+                    for g in range(gsize):
+                        dst = acc_out + g * t
+                        if not started[g]:  # every weight of this block was pruned
+                            seq.append(_alu(AluOp.MUL, dst, 1, t, 0, 1, imm=0))
+                        seq.append(_alu(AluOp.ADD, dst, 1, t, 0, 1, src=2 * g))
+                        seq.append(_alu(AluOp.REQUANT, dst, 1, t, 0, 1, imm=shift, src=2 * g + 1))
+                        seq += _clip_ops(cfg, dst, 1, t, 0, 1, *clip)
+                        dram = ((b * cob + cg0 + g) * oh + oh0) * ow + ow0
+                        seq.append(_store(S_OUT, act, dst, dram, th, tw, ow))
+    info = {
+        "kind": "conv2d",
+        "macs": int(n * oh * ow * cout * cin_g * kh * kw),
+        "weight_blocks": int(blocks.shape[0] * blocks.shape[1] * kh * kw),
+        "nonzero_blocks": len(order),
+        "schedule": sched.to_dict(),
+    }
+    prog = Program(layer, cfg, slots, insert_dependency_tokens(seq), layer_index, info)
+    return prog, [wblocks, bias_mult]
+
+
+def dense_program(cfg, layer, data_shape, weight_kn, bias, mult, shift, clip, layer_index=0):
+    """Program of a quantized dense layer ``(N, K) x (K, M)``: a 1x1 convolution of a 1x1 image."""
+    n, k = (int(v) for v in data_shape)
+    m = weight_kn.shape[1]
+    w_oihw = np.ascontiguousarray(weight_kn.T).reshape(m, k, 1, 1)
+    prog, consts = conv2d_program(
+        cfg, layer, (n, k, 1, 1), w_oihw, bias, mult, shift, clip, layer_index=layer_index
+    )
+    prog.slots[0] = Slot("data", "input", cfg.act_dtype, (n, k), "act", cfg.array_rows)
+    prog.slots[3] = Slot("out", "output", cfg.act_dtype, (n, m), "act", cfg.array_cols)
+    prog.info["kind"] = "dense"
+    return prog, consts
+
+
+# ---------------------------------------------------------------------------------------------
+# element-wise and pooling layers on the ALU
+def add_program(cfg, layer, shape, mult_a, mult_b, shift, clip, layer_index=0):
+    """Residual add ``clip((a*Ma + b*Mb + 2**(S-1)) >> S)`` of two NCHW activations."""
+    C = cfg.array_cols
+    n, c, h, w = (int(v) for v in (tuple(shape) + (1, 1))[:4])
+    cb = -(-c // C)
+    _check_clip(cfg, *clip)
+    act = cfg.act_bits
+    sched = plan_eltwise(cfg, n * cb * h * w, buffers=2)
+    slots = [
+        Slot("lhs", "input", cfg.act_dtype, shape, "act", C),
+        Slot("rhs", "input", cfg.act_dtype, shape, "act", C),
+        Slot("out", "output", cfg.act_dtype, shape, "act", C),
+    ]
+    seq = []
+    total = n * cb * h * w  # entries, contiguous in DRAM for both inputs and the output
+    for e0 in range(0, total, sched.tile):
+        t = min(sched.tile, total - e0)
+        a, b_ = 0, sched.tile
+        seq += _acc_load(0, act, a, e0, t)
+        seq += _acc_load(1, act, b_, e0, t)
+        seq.append(_alu(AluOp.MUL, a, 1, t, 0, 1, imm=mult_a))
+        seq.append(_alu(AluOp.MUL, b_, 1, t, 0, 1, imm=mult_b))
+        seq.append(_alu(AluOp.ADD, a, 1, t, 0, 1, src=b_, src_si=1))
+        seq.append(_alu(AluOp.SHR, a, 1, t, 0, 1, imm=shift))
+        amin, amax = cfg.act_range
+        seq.append(_alu(AluOp.MAX, a, 1, t, 0, 1, imm=max(amin, clip[0])))
+        seq.append(_alu(AluOp.MIN, a, 1, t, 0, 1, imm=min(amax, clip[1])))
+        seq += _acc_store(2, act, a, e0, t)
+    info = {"kind": "add", "schedule": sched.to_dict()}
+    return Program(layer, cfg, slots, insert_dependency_tokens(seq), layer_index, info), []
+
+
+def _acc_load(slot, bits, sram, dram, count):
+    return _load_rows(Buffer.ACC, slot, bits, sram, dram, count)
+
+
+def _acc_store(slot, bits, sram, dram, count):
+    out = []
+    while count > 0:
+        cols = min(count, _MAX_X)
+        rows = min(count // cols, _MAX_X)
+        out.append(_store(slot, bits, sram, dram, rows, cols, cols))
+        sram += rows * cols
+        dram += rows * cols
+        count -= rows * cols
+    return out
+
+
+def max_pool2d_program(
+    cfg, layer, data_shape, pool_size, strides, padding, dilation=(1, 1), layer_index=0
+):
+    """Max pooling on the ALU: the padded window rows are loaded (padding = minimum value) into
+    the accumulator and reduced with MAX."""
+    C = cfg.array_cols
+    n, c, h, w = (int(v) for v in data_shape)
+    kh, kw = (int(v) for v in pool_size)
+    sh, sw = (int(v) for v in strides)
+    dh, dw = (int(v) for v in dilation)
+    pt, pl, pb, pr = (int(p) for p in padding)
+    if max(pt, pl, pb, pr) > 15:
+        raise CodegenError(f"{layer}: padding {padding} exceeds the DMA's pad field")
+    if max(sh, sw, dh, dw) > 63:
+        raise CodegenError(f"{layer}: stride {strides} exceeds the ALU stride field")
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    cb = -(-c // C)
+    act = cfg.act_bits
+    amin, _ = cfg.act_range
+    sched = plan_conv(cfg, h, w, oh, ow, kh, kw, (sh, sw), (dh, dw), 1, 1, None, pool=True)
+    slots = [
+        Slot("data", "input", cfg.act_dtype, (n, c, h, w), "act", C),
+        Slot("out", "output", cfg.act_dtype, (n, c, oh, ow), "act", C),
+    ]
+    seq = []
+    for b in range(n):
+        for ch in range(cb):
+            for oh0 in range(0, oh, sched.tile_h):
+                th = min(sched.tile_h, oh - oh0)
+                for ow0 in range(0, ow, sched.tile_w):
+                    tw = min(sched.tile_w, ow - ow0)
+                    ih0, iw0 = oh0 * sh - pt, ow0 * sw - pl
+                    th_in = (th - 1) * sh + (kh - 1) * dh + 1
+                    tw_in = (tw - 1) * sw + (kw - 1) * dw + 1
+                    y_top, x_lft = max(0, -ih0), max(0, -iw0)
+                    y_bot, x_rgt = max(0, ih0 + th_in - h), max(0, iw0 + tw_in - w)
+                    rows, cols = th_in - y_top - y_bot, tw_in - x_lft - x_rgt
+                    if rows < 1 or cols < 1:
+                        raise CodegenError(f"{layer}: a window lies entirely in the padding")
+                    out_base = th_in * tw_in
+                    dram = ((b * cb + ch) * h + ih0 + y_top) * w + iw0 + x_lft
+                    seq.append(
+                        _load(
+                            Buffer.ACC, 0, act, 0, dram, rows, cols, w,
+                            (y_top, y_bot, x_lft, x_rgt), pad_min=1,
+                        )
+                    )  # fmt: skip
+                    seq.append(_alu(AluOp.MUL, out_base, th, tw, tw, 1, imm=0))
+                    seq.append(_alu(AluOp.ADD, out_base, th, tw, tw, 1, imm=amin))
+                    for y in range(kh):
+                        for x in range(kw):
+                            seq.append(
+                                _alu(
+                                    AluOp.MAX, out_base, th, tw, tw, 1,
+                                    src=y * dh * tw_in + x * dw, src_so=sh * tw_in, src_si=sw,
+                                )
+                            )  # fmt: skip
+                    dram_o = ((b * cb + ch) * oh + oh0) * ow + ow0
+                    seq.append(_store(1, act, out_base, dram_o, th, tw, ow))
+    info = {"kind": "max_pool2d", "schedule": sched.to_dict()}
+    return Program(layer, cfg, slots, insert_dependency_tokens(seq), layer_index, info), []
+
+
+def global_avg_pool_program(cfg, layer, data_shape, mult, shift, clip, layer_index=0):
+    """Global average pooling: ADD-reduce every pixel's vector, then REQUANT by
+    ``mult / 2**shift`` (which includes the 1 / (H*W))."""
+    C = cfg.array_cols
+    n, c, h, w = (int(v) for v in data_shape)
+    cb = -(-c // C)
+    act = cfg.act_bits
+    _check_clip(cfg, *clip)
+    sched = plan_eltwise(cfg, h * w, buffers=1, reserved=2)
+    mvec = np.full((1, C), int(mult), np.int32)
+    slots = [
+        Slot("data", "input", cfg.act_dtype, (n, c, h, w), "act", C),
+        Slot("mult", "const", "int32", mvec.shape),
+        Slot("out", "output", cfg.act_dtype, (n, c, 1, 1), "act", C),
+    ]
+    seq = [_load(Buffer.ACC, 1, 32, 0, 0, 1, 1, 1)]  # entry 0: multipliers, entry 1: the sum
+    for b in range(n):
+        for ch in range(cb):
+            seq.append(_alu(AluOp.MUL, 1, 1, 1, 0, 0, imm=0))
+            for p0 in range(0, h * w, sched.tile):
+                t = min(sched.tile, h * w - p0)
+                seq += _acc_load(0, act, 2, (b * cb + ch) * h * w + p0, t)
+                # all iterations accumulate into entry 1 (dst strides 0)
+                seq.append(_alu(AluOp.ADD, 1, 1, t, 0, 0, src=2, src_si=1))
+            seq.append(_alu(AluOp.REQUANT, 1, 1, 1, 0, 0, imm=shift, src=0))
+            seq += _clip_ops(cfg, 1, 1, 1, 0, 0, *clip)
+            seq.append(_store(2, act, 1, b * cb + ch, 1, 1, 1))
+    info = {"kind": "global_avg_pool", "schedule": sched.to_dict()}
+    return Program(layer, cfg, slots, insert_dependency_tokens(seq), layer_index, info), [mvec]
+

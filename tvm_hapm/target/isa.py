@@ -1,0 +1,315 @@
+"""The hapm_fpga instruction set: the one definition of opcodes, fields, encoding and text form.
+
+Every instruction is 128 bits (16 bytes, little-endian).  Fields are packed from bit 0 upwards in
+the order of :data:`LAYOUTS`; the first seven bits are common to all instructions::
+
+    bits 0-2  opcode
+    bit  3    pop_prev    wait for a token from the previous module
+    bit  4    pop_next    wait for a token from the next module
+    bit  5    push_prev   give a token to the previous module
+    bit  6    push_next   give a token to the next module
+
+Modules are ordered ``load -> compute -> store`` as in VTA's decoupled access/execute design;
+"previous" and "next" are relative to the module that executes the instruction
+(:func:`module_of`).  The semantics of every instruction are in ``docs/isa.md`` and, executable,
+in :mod:`tvm_hapm.runtime.simulator`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+
+__all__ = [
+    "Opcode",
+    "Buffer",
+    "AluOp",
+    "Module",
+    "Instruction",
+    "LAYOUTS",
+    "INSTRUCTION_BYTES",
+    "IsaError",
+    "encode",
+    "decode",
+    "encode_stream",
+    "decode_stream",
+    "module_of",
+    "disassemble",
+    "ELEM_BITS",
+]
+
+INSTRUCTION_BYTES = 16
+_INSTRUCTION_BITS = INSTRUCTION_BYTES * 8
+
+
+class IsaError(ValueError):
+    """An instruction or stream that does not follow the ISA."""
+
+
+class Opcode(enum.IntEnum):
+    LOAD = 0  # DRAM -> on-chip buffer, 2-D strided, with padding
+    STORE = 1  # accumulator buffer -> DRAM, narrowing with saturation
+    GEMM = 2  # one weight block on one systolic array, over a 2-level loop of vectors
+    ALU = 3  # vector ALU on the accumulator buffer, over a 2-level loop
+    SYNC = 4  # no operation; carries dependency tokens for one module
+    FINISH = 5  # end of program
+
+
+class Buffer(enum.IntEnum):
+    INP = 0  # input buffer: vectors of array_rows activations
+    WGT = 1  # weight buffer: blocks of array_rows x array_cols weights
+    ACC = 2  # accumulator buffer: vectors of array_cols int32 lanes
+
+
+class AluOp(enum.IntEnum):
+    ADD = 0  # dst = wrap32(dst + operand)
+    MUL = 1  # dst = wrap32(dst * operand)
+    SHR = 2  # dst = (dst + 2**(k-1)) >> k  (arithmetic, round half up; k = 0 leaves dst)
+    MIN = 3  # dst = min(dst, operand)
+    MAX = 4  # dst = max(dst, operand)
+    REQUANT = 5  # dst = sat_act((int64(dst) * acc[src] + 2**(imm-1)) >> imm)
+    RELU = 6  # dst = max(dst, 0)
+
+
+class Module(enum.IntEnum):
+    LOAD = 0
+    COMPUTE = 1
+    STORE = 2
+
+
+# DRAM element width codes of LOAD/STORE.
+ELEM_BITS = (8, 16, 32)
+
+_COMMON = (("opcode", 3), ("pop_prev", 1), ("pop_next", 1), ("push_prev", 1), ("push_next", 1))
+_MEM = (
+    ("buffer", 2),
+    ("dram_slot", 4),
+    ("elem_bits_code", 2),
+    ("pad_min", 1),
+    ("sram_addr", 18),
+    ("dram_addr", 32),
+    ("y_size", 12),
+    ("x_size", 12),
+    ("x_stride", 16),
+    ("y_pad_top", 4),
+    ("y_pad_bottom", 4),
+    ("x_pad_left", 4),
+    ("x_pad_right", 4),
+)
+_LOOP = (("outer", 10), ("inner", 10))
+
+#: Field layout of every opcode: (name, bits), packed from bit 0.  ``imm`` is two's complement.
+LAYOUTS: dict[Opcode, tuple[tuple[str, int], ...]] = {
+    Opcode.LOAD: _COMMON + _MEM,
+    Opcode.STORE: _COMMON + _MEM,
+    Opcode.GEMM: _COMMON
+    + (("reset", 1), ("array", 4), ("wgt_addr", 16), ("inp_addr", 18), ("acc_addr", 18))
+    + _LOOP
+    + (("inp_so", 14), ("inp_si", 6), ("acc_so", 14), ("acc_si", 6)),
+    Opcode.ALU: _COMMON
+    + (("alu_op", 3), ("use_imm", 1), ("imm", 16), ("dst_addr", 18), ("src_addr", 18))
+    + _LOOP
+    + (("dst_so", 14), ("dst_si", 6), ("src_so", 14), ("src_si", 6)),
+    Opcode.SYNC: _COMMON + (("module", 2),),
+    Opcode.FINISH: _COMMON,
+}
+_SIGNED = {"imm"}
+
+for _op, _layout in LAYOUTS.items():  # checked once, at import: the layout is the contract
+    assert sum(b for _, b in _layout) <= _INSTRUCTION_BITS, _op
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One decoded instruction.  Unused fields of an opcode stay 0.
+
+    Construct with keyword arguments, e.g. ``Instruction(Opcode.GEMM, array=1, wgt_addr=3, ...)``.
+    """
+
+    opcode: Opcode
+    pop_prev: int = 0
+    pop_next: int = 0
+    push_prev: int = 0
+    push_next: int = 0
+    # LOAD / STORE
+    buffer: int = 0
+    dram_slot: int = 0
+    elem_bits_code: int = 0
+    pad_min: int = 0
+    sram_addr: int = 0
+    dram_addr: int = 0
+    y_size: int = 0
+    x_size: int = 0
+    x_stride: int = 0
+    y_pad_top: int = 0
+    y_pad_bottom: int = 0
+    x_pad_left: int = 0
+    x_pad_right: int = 0
+    # GEMM
+    reset: int = 0
+    array: int = 0
+    wgt_addr: int = 0
+    inp_addr: int = 0
+    acc_addr: int = 0
+    # GEMM / ALU loops
+    outer: int = 0
+    inner: int = 0
+    inp_so: int = 0
+    inp_si: int = 0
+    acc_so: int = 0
+    acc_si: int = 0
+    # ALU
+    alu_op: int = 0
+    use_imm: int = 0
+    imm: int = 0
+    dst_addr: int = 0
+    src_addr: int = 0
+    dst_so: int = 0
+    dst_si: int = 0
+    src_so: int = 0
+    src_si: int = 0
+    # SYNC
+    module: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "opcode", Opcode(self.opcode))
+        used = {name for name, _ in LAYOUTS[self.opcode]}
+        for f in dataclasses.fields(self):
+            if f.name not in used and getattr(self, f.name) != 0:
+                raise IsaError(f"{self.opcode.name} has no field '{f.name}'")
+
+    @property
+    def elem_bits(self) -> int:
+        return ELEM_BITS[self.elem_bits_code]
+
+    def replace(self, **changes) -> Instruction:
+        return dataclasses.replace(self, **changes)
+
+
+def module_of(insn: Instruction) -> Module:
+    """The module that executes ``insn`` (LOADs into the accumulator run on compute, as in VTA)."""
+    op = insn.opcode
+    if op == Opcode.LOAD:
+        return Module.COMPUTE if insn.buffer == Buffer.ACC else Module.LOAD
+    if op == Opcode.STORE:
+        return Module.STORE
+    if op == Opcode.SYNC:
+        return Module(insn.module)
+    return Module.COMPUTE
+
+
+def encode(insn: Instruction) -> bytes:
+    """Encode one instruction into 16 bytes; a field out of its range raises :class:`IsaError`."""
+    word = 0
+    pos = 0
+    for name, bits in LAYOUTS[insn.opcode]:
+        value = int(getattr(insn, name))
+        if name in _SIGNED:
+            lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+            if not lo <= value <= hi:
+                raise IsaError(f"{insn.opcode.name}.{name} = {value} outside [{lo}, {hi}]")
+            value &= (1 << bits) - 1
+        elif not 0 <= value < (1 << bits):
+            raise IsaError(
+                f"{insn.opcode.name}.{name} = {value} does not fit in {bits} unsigned bits"
+            )
+        word |= value << pos
+        pos += bits
+    return word.to_bytes(INSTRUCTION_BYTES, "little")
+
+
+def decode(data: bytes) -> Instruction:
+    """Decode 16 bytes; an unknown opcode or non-zero unused bits raise :class:`IsaError`."""
+    if len(data) != INSTRUCTION_BYTES:
+        raise IsaError(f"an instruction is {INSTRUCTION_BYTES} bytes, got {len(data)}")
+    word = int.from_bytes(data, "little")
+    code = word & 0b111
+    try:
+        opcode = Opcode(code)
+    except ValueError:
+        raise IsaError(f"unknown opcode {code}") from None
+    fields = {}
+    pos = 0
+    for name, bits in LAYOUTS[opcode]:
+        value = (word >> pos) & ((1 << bits) - 1)
+        if name in _SIGNED and value >> (bits - 1):
+            value -= 1 << bits
+        fields[name] = value
+        pos += bits
+    if word >> pos:
+        raise IsaError(f"{opcode.name}: reserved bits {pos}..127 are not zero")
+    fields["opcode"] = opcode
+    return Instruction(**fields)
+
+
+def encode_stream(insns) -> bytes:
+    return b"".join(encode(i) for i in insns)
+
+
+def decode_stream(data: bytes) -> list[Instruction]:
+    if len(data) % INSTRUCTION_BYTES:
+        raise IsaError(
+            f"instruction stream of {len(data)} bytes is not a multiple of {INSTRUCTION_BYTES}"
+        )
+    out = []
+    for k in range(0, len(data), INSTRUCTION_BYTES):
+        try:
+            out.append(decode(data[k : k + INSTRUCTION_BYTES]))
+        except IsaError as err:
+            raise IsaError(f"instruction {k // INSTRUCTION_BYTES}: {err}") from None
+    return out
+
+
+def _deps(insn: Instruction) -> str:
+    flags = [n for n in ("pop_prev", "pop_next", "push_prev", "push_next") if getattr(insn, n)]
+    return (" [" + " ".join(flags) + "]") if flags else ""
+
+
+def disassemble(insn: Instruction) -> str:
+    """One line of assembly text for ``insn``."""
+    op = insn.opcode
+    if op in (Opcode.LOAD, Opcode.STORE):
+        # Invalid codes still disassemble (as numbers) so that error messages can show them.
+        buf = Buffer(insn.buffer).name.lower() if insn.buffer < len(Buffer) else f"buf{insn.buffer}"
+        width = (
+            f"i{ELEM_BITS[insn.elem_bits_code]}"
+            if insn.elem_bits_code < len(ELEM_BITS)
+            else f"bits{insn.elem_bits_code}"
+        )
+        pads = (insn.y_pad_top, insn.y_pad_bottom, insn.x_pad_left, insn.x_pad_right)
+        pad = f" pad={','.join(map(str, pads))}{' min' if insn.pad_min else ''}" if any(pads) else ""
+        arrow = (
+            f"{buf}[{insn.sram_addr}] <- dram{insn.dram_slot}.{width}[{insn.dram_addr}]"
+            if op == Opcode.LOAD
+            else f"dram{insn.dram_slot}.{width}[{insn.dram_addr}] <- {buf}[{insn.sram_addr}]"
+        )
+        text = (
+            f"{op.name.lower():6s} {arrow} rows={insn.y_size} cols={insn.x_size} "
+            f"stride={insn.x_stride}{pad}"
+        )
+    elif op == Opcode.GEMM:
+        text = (
+            f"gemm   array{insn.array} acc[{insn.acc_addr}+{insn.acc_so}o+{insn.acc_si}i] "
+            f"{'=' if insn.reset else '+='} inp[{insn.inp_addr}+{insn.inp_so}o+{insn.inp_si}i] "
+            f"x wgt[{insn.wgt_addr}] o<{insn.outer} i<{insn.inner}"
+        )
+    elif op == Opcode.ALU:
+        name = AluOp(insn.alu_op).name.lower() if insn.alu_op < len(AluOp) else f"op{insn.alu_op}"
+        if insn.alu_op == AluOp.RELU:
+            operand = ""
+        elif insn.alu_op == AluOp.REQUANT:
+            operand = f", acc[{insn.src_addr}+{insn.src_so}o+{insn.src_si}i] >> {insn.imm}"
+        elif insn.use_imm:
+            operand = f", #{insn.imm}"
+        else:
+            operand = f", acc[{insn.src_addr}+{insn.src_so}o+{insn.src_si}i]"
+        text = (
+            f"alu    {name} acc[{insn.dst_addr}+{insn.dst_so}o+{insn.dst_si}i]{operand} "
+            f"o<{insn.outer} i<{insn.inner}"
+        )
+    elif op == Opcode.SYNC:
+        text = f"sync   {Module(insn.module).name.lower() if insn.module < 3 else insn.module}"
+    else:
+        text = "finish"
+    return text + _deps(insn)

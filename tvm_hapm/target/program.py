@@ -1,0 +1,190 @@
+"""The accelerator program container: an instruction stream plus the table of its DRAM slots.
+
+A :class:`Program` is what the codegen produces for one accelerated layer and what the runtime
+driver executes.  Its binary form (``Program.to_bytes``) is deterministic::
+
+    b"HAPMPRG1"  magic
+    u32          length of the metadata JSON
+    bytes        metadata JSON (sorted keys, UTF-8): layer, config, slots
+    u32          number of instructions
+    16 * n bytes the instruction stream (see :mod:`tvm_hapm.target.isa`)
+
+DRAM slots are numbered in the order of the runtime call's arguments (inputs and constants, then
+the output).  Each slot says how the host tensor is packed into the accelerator's DRAM layout:
+
+* ``"act"``: an activation ``(N, C, H, W)`` (or ``(N, C)``) becomes ``(N, ceil(C/V), H, W, V)``
+  with the channels zero-padded to a multiple of the vector length ``V``;
+* ``"raw"``: the host tensor already is in DRAM layout (packed weights, bias, multipliers).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import isa
+from .config import HardwareConfig
+
+__all__ = ["Slot", "Program", "ProgramError", "pack_activation", "unpack_activation"]
+
+MAGIC = b"HAPMPRG1"
+
+
+class ProgramError(ValueError):
+    """A malformed program container or a host tensor that does not fit its slot."""
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One DRAM region of a program.
+
+    Parameters
+    ----------
+    name : str
+        What the region holds (e.g. ``"data"``, ``"weight"``, ``"out"``).
+    role : str
+        ``"input"`` (read), ``"output"`` (written back to the host) or ``"const"`` (compile-time).
+    dtype : str
+        Element type in DRAM, ``int8``, ``int16`` or ``int32``.
+    shape : tuple of int
+        Shape of the host tensor.
+    packing : str
+        ``"act"`` or ``"raw"`` (see the module docstring).
+    vector : int
+        Vector length ``V`` of the ``"act"`` packing.
+    """
+
+    name: str
+    role: str
+    dtype: str
+    shape: tuple
+    packing: str = "raw"
+    vector: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if self.role not in ("input", "output", "const"):
+            raise ProgramError(f"slot {self.name!r}: unknown role {self.role!r}")
+        if self.dtype not in ("int8", "int16", "int32"):
+            raise ProgramError(f"slot {self.name!r}: unsupported DRAM dtype {self.dtype!r}")
+        if self.packing not in ("act", "raw"):
+            raise ProgramError(f"slot {self.name!r}: unknown packing {self.packing!r}")
+        if self.packing == "act" and len(self.shape) not in (2, 4):
+            raise ProgramError(f"slot {self.name!r}: 'act' packing needs a 2-D or 4-D shape")
+
+    @property
+    def dram_shape(self) -> tuple:
+        if self.packing == "raw":
+            return self.shape
+        n, c, h, w = _as_nchw(self.shape)
+        return (n, -(-c // self.vector), h, w, self.vector)
+
+    @property
+    def dram_elems(self) -> int:
+        return int(np.prod(self.dram_shape, dtype=np.int64))
+
+
+def _as_nchw(shape):
+    return tuple(shape) + (1,) * (4 - len(shape))
+
+
+def pack_activation(x: np.ndarray, vector: int) -> np.ndarray:
+    """``(N, C, H, W)`` or ``(N, C)`` -> ``(N, ceil(C/V), H, W, V)``, channels zero-padded."""
+    x4 = x.reshape(_as_nchw(x.shape))
+    n, c, h, w = x4.shape
+    cb = -(-c // vector)
+    padded = np.zeros((n, cb * vector, h, w), dtype=x.dtype)
+    padded[:, :c] = x4
+    return np.ascontiguousarray(padded.reshape(n, cb, vector, h, w).transpose(0, 1, 3, 4, 2))
+
+
+def unpack_activation(d: np.ndarray, shape: tuple, vector: int) -> np.ndarray:
+    """Inverse of :func:`pack_activation` for a host tensor of ``shape``."""
+    n, c, h, w = _as_nchw(shape)
+    cb = -(-c // vector)
+    x = d.reshape(n, cb, h, w, vector).transpose(0, 1, 4, 2, 3).reshape(n, cb * vector, h, w)
+    return x[:, :c].reshape(shape)
+
+
+@dataclass
+class Program:
+    """An instruction stream for one accelerated layer and the DRAM slots it addresses."""
+
+    layer: str
+    config: HardwareConfig
+    slots: list[Slot]
+    instructions: list[isa.Instruction]
+    layer_index: int = 0
+    info: dict = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        meta = {
+            "layer": self.layer,
+            "layer_index": self.layer_index,
+            "config": self.config.to_dict(),
+            "slots": [
+                {
+                    "name": s.name,
+                    "role": s.role,
+                    "dtype": s.dtype,
+                    "shape": list(s.shape),
+                    "packing": s.packing,
+                    "vector": s.vector,
+                }
+                for s in self.slots
+            ],
+            "info": self.info,
+        }
+        meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+        stream = isa.encode_stream(self.instructions)
+        return b"".join(
+            [
+                MAGIC,
+                struct.pack("<I", len(meta_bytes)),
+                meta_bytes,
+                struct.pack("<I", len(self.instructions)),
+                stream,
+            ]
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Program:
+        data = bytes(data)
+        if data[: len(MAGIC)] != MAGIC:
+            raise ProgramError("not a hapm_fpga program (bad magic)")
+        pos = len(MAGIC)
+        try:
+            (meta_len,) = struct.unpack_from("<I", data, pos)
+            pos += 4
+            meta = json.loads(data[pos : pos + meta_len].decode())
+            pos += meta_len
+            (count,) = struct.unpack_from("<I", data, pos)
+            pos += 4
+        except (struct.error, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ProgramError(f"truncated or corrupt program header: {err}") from None
+        body = data[pos:]
+        if len(body) != count * isa.INSTRUCTION_BYTES:
+            raise ProgramError(
+                f"program declares {count} instructions ({count * isa.INSTRUCTION_BYTES} bytes) "
+                f"but carries {len(body)} bytes"
+            )
+        try:
+            slots = [
+                Slot(
+                    name=s["name"],
+                    role=s["role"],
+                    dtype=s["dtype"],
+                    shape=tuple(s["shape"]),
+                    packing=s["packing"],
+                    vector=s["vector"],
+                )
+                for s in meta["slots"]
+            ]
+            config = HardwareConfig.from_dict(meta["config"])
+            layer, layer_index, info = meta["layer"], meta["layer_index"], meta.get("info", {})
+        except (KeyError, TypeError) as err:
+            raise ProgramError(f"corrupt program metadata: missing {err}") from None
+        return cls(layer, config, slots, isa.decode_stream(body), layer_index, info)
