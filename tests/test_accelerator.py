@@ -1,0 +1,153 @@
+"""End-to-end: integer networks compiled for hapm_fpga equal TVM's llvm build bit for bit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tvm
+from conftest import build_int_network, llvm_reference, run_vm
+from tvm import relax
+
+import tvm_hapm
+from tvm_hapm.passes import hapm_pipeline, last_compile_report
+from tvm_hapm.runtime import last_run_stats
+from tvm_hapm.target.config import HardwareConfig, get_config
+
+
+def _inputs(cfg, shape, seed=1):
+    lo, hi = cfg.act_range
+    return np.random.default_rng(seed).integers(lo, hi + 1, shape).astype(cfg.act_dtype)
+
+
+@pytest.mark.parametrize(
+    "target, batch, hw",
+    [
+        ("hapm_fpga", 1, (11, 9)),
+        ("hapm_fpga-zybo-z7-10", 2, (8, 13)),
+        ("hapm_fpga-zcu104", 3, (12, 12)),
+    ],
+)
+def test_bit_exact_against_llvm(target, batch, hw):
+    cfg = get_config(target)
+    mod = build_int_network(cfg, batch=batch, h=hw[0], w=hw[1])
+    x = _inputs(cfg, (batch, 5, *hw))
+    ref = llvm_reference(mod, x)
+    out = run_vm(tvm.compile(mod, target=target), x)
+    report = last_compile_report()
+    assert sorted(set(report["accelerator"].values())) == [
+        "add",
+        "conv2d",
+        "dense",
+        "global_avg_pool",
+        "max_pool2d",
+    ]
+    assert report["host"] == {"relax.reshape": 1}
+    for r, o in zip(ref, out):
+        assert r.dtype == o.dtype and r.shape == o.shape
+        np.testing.assert_array_equal(o, r)
+        assert np.unique(r).size >= min(5, r.size)  # not a comparison of constant tensors
+    stats = last_run_stats()
+    assert len(stats.layers) == len(report["accelerator"])
+    assert stats.macs > 0 and stats.dram_bytes > 0
+    assert stats.by_opcode["GEMM"] > 0 and stats.by_opcode["FINISH"] == len(stats.layers)
+
+
+def test_int16_config_is_bit_exact():
+    cfg = HardwareConfig(name="wide16", act_bits=16, weight_bits=16, num_arrays=2)
+    target = tvm_hapm.target.hapm_target(cfg)
+    mod = build_int_network(cfg, batch=1)
+    x = _inputs(cfg, (1, 5, 11, 9))
+    ref = llvm_reference(mod, x)
+    out = run_vm(tvm.compile(mod, target=target), x)
+    for r, o in zip(ref, out):
+        np.testing.assert_array_equal(o, r)
+        assert o.dtype == np.int16
+
+
+def test_tiny_buffers_force_tiling():
+    """Buffers far smaller than the layer: the schedule tiles rows, columns and channels."""
+    cfg = HardwareConfig(
+        name="tiny-buffers",
+        num_arrays=2,
+        array_rows=4,
+        array_cols=4,
+        inp_buffer_bytes=64 * 4,
+        wgt_buffer_bytes=16 * 16 * 4,
+        acc_buffer_bytes=40 * 16,
+    )
+    target = tvm_hapm.target.hapm_target(cfg)
+    mod = build_int_network(cfg, batch=1, h=17, w=15, cmid=11)
+    x = _inputs(cfg, (1, 5, 17, 15))
+    ref = llvm_reference(mod, x)
+    programs = []
+    out = run_vm(tvm.compile(mod, target=target, relax_pipeline=hapm_pipeline(cfg, programs)), x)
+    for r, o in zip(ref, out):
+        np.testing.assert_array_equal(o, r)
+    conv = programs[0].info["schedule"]
+    assert conv["tile_h"] < 17  # the tile really was cut
+
+
+def test_same_model_compiles_to_identical_streams():
+    cfg = get_config("hapm_fpga")
+    streams = []
+    for _ in range(2):
+        programs = []
+        tvm.compile(build_int_network(cfg), "hapm_fpga", relax_pipeline=hapm_pipeline(cfg, programs))
+        streams.append(b"".join(p.to_bytes() for p in programs))
+    assert len(streams[0]) > 1000
+    assert streams[0] == streams[1]
+
+
+def test_other_targets_are_unaffected():
+    cfg = get_config("hapm_fpga")
+    mod = build_int_network(cfg)
+    lowered = relax.get_pipeline("default")
+    with tvm.target.Target("llvm"):
+        text = lowered(mod).script()
+    assert "hapm_fpga.run" not in text
+    with tvm.target.Target("hapm_fpga"):
+        text = lowered(mod).script()
+    assert "hapm_fpga.run" in text
+
+
+def test_float_model_is_refused_with_advice():
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 3, 8, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            w = relax.const(np.ones((4, 3, 3, 3), "float32"))
+            y = bb.emit_output(bb.emit(relax.op.nn.conv2d(x, w)))
+        bb.emit_func_output(y)
+    with pytest.raises(Exception, match=r"tvm_hapm\.quantize"):
+        tvm.compile(bb.get(), target="hapm_fpga")
+
+
+def test_export_and_load_in_new_process(tmp_path):
+    cfg = get_config("hapm_fpga")
+    mod = build_int_network(cfg, batch=2)
+    x = _inputs(cfg, (2, 5, 11, 9))
+    out = run_vm(tvm.compile(mod, target="hapm_fpga"), x)
+    lib = tmp_path / "model.so"
+    tvm.compile(mod, target="hapm_fpga").export_library(str(lib))
+    np.save(tmp_path / "x.npy", x)
+    script = textwrap.dedent(
+        f"""
+        import numpy as np, tvm
+        from tvm import relax
+        import tvm_hapm
+        vm = relax.VirtualMachine(tvm.runtime.load_module({str(lib)!r}), tvm.cpu())
+        outs = vm["main"](tvm.runtime.tensor(np.load({str(tmp_path / "x.npy")!r})))
+        np.savez({str(tmp_path / "y.npz")!r}, *[o.numpy() for o in outs])
+        print(tvm_hapm.runtime.last_run_stats().instructions)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.strip().splitlines()[-1]) > 0
+    loaded = np.load(tmp_path / "y.npz")
+    for k, o in enumerate(out):
+        np.testing.assert_array_equal(loaded[f"arr_{k}"], o)

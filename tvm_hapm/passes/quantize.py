@@ -1,0 +1,1066 @@
+"""Post-training quantization of a float Relax CNN into the hapm_fpga integer vocabulary.
+
+:func:`quantize` turns a float32 Relax module (typically from
+``tvm.relax.frontend.onnx.from_onnx``) into a module with the same signature (float32 in,
+float32 out) whose layers are written with the integer operator chains of
+:mod:`tvm_hapm.passes.qops`, so that the partitioner can offload them and TVM's llvm build of
+the same module is a bit-exact reference of the accelerator.
+
+Scheme
+------
+* Activations: per-tensor symmetric, ``scale = max|x| / act_hi`` over all calibration samples
+  (``act_hi`` is 127 for int8, 32767 for int16).
+* Weights: per-output-channel symmetric, ``scale_w[c] = max|W[c]| / weight_hi``; for wide
+  configs the scale of a channel is enlarged when its worst-case int32 accumulator
+  (``2**(act_bits-1) * sum|Wq[c]| + |bias_q[c]|``) could overflow (never the case for int8).
+* Bias: ``round(b / (s_in * s_w[c]))`` in int32; requantization multipliers come from
+  :func:`qops.choose_multiplier` applied to ``s_in * s_w / s_out``.
+
+Pipeline
+--------
+1. Normalise: ``DecomposeOpsForInference`` (batch norm becomes subtract/divide/multiply/add by
+   per-channel constants), ``FoldConstant``, ``CanonicalizeBindings``, ``DeadCodeElimination``.
+   Batch norm and conv/Gemm bias adds are folded (in float64) into the weights and bias of the
+   preceding conv2d/matmul while planning, by absorbing the chain of per-channel affine ops
+   that follows it.
+2. Plan: every binding becomes an accelerated layer (conv2d, dense, average pooling, global
+   average pooling, residual add, each with its trailing ReLU/ReLU6/Clip folded into the
+   requantization bounds), a scale-preserving integer op (max pooling, reshape-like ops, an
+   unfused clip), or a host float op (dequantize -> float op -> quantize when needed).
+3. Calibrate: a copy of the float function that also returns every tensor whose scale is
+   needed is compiled once for llvm and run on each sample.
+4. Emit the quantized function in one dataflow block.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import tvm
+from tvm import relax, tirx
+
+from ..target.config import HardwareConfig, get_config
+from . import qops
+
+__all__ = [
+    "QuantizeError",
+    "FLOAT_MODEL_MESSAGE",
+    "quantize",
+    "Quantize",
+    "is_quantized",
+    "has_float_compute",
+]
+
+#: Message of the compiler when it is given a float model.
+FLOAT_MODEL_MESSAGE = (
+    "hapm_fpga runs integer layers: quantize the model first with "
+    "tvm_hapm.quantize(mod, calibration=[...])"
+)
+
+
+class QuantizeError(ValueError):
+    """A model or calibration set that :func:`quantize` cannot handle; the message says why."""
+
+
+# --------------------------------------------------------------------------------------------
+# small IR helpers
+# --------------------------------------------------------------------------------------------
+_CONV = "relax.nn.conv2d"
+_MATMUL = "relax.matmul"
+_AFFINE_OPS = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide")
+_SHAPE_OPS = (
+    "relax.reshape",
+    "relax.flatten",
+    "relax.squeeze",
+    "relax.permute_dims",
+    "relax.expand_dims",
+)
+_INF = math.inf
+
+
+def _op_name(expr) -> str | None:
+    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+        return str(expr.op.name)
+    return None
+
+
+def _short(op: str) -> str:
+    return op[len("relax.") :] if op.startswith("relax.") else op
+
+
+def _tensor_ty(expr):
+    ty = getattr(expr, "ty", None)
+    return ty if isinstance(ty, relax.TensorType) else None
+
+
+def _dtype(expr) -> str | None:
+    ty = _tensor_ty(expr)
+    return str(ty.dtype) if ty is not None else None
+
+
+def _is_f32(expr) -> bool:
+    return _dtype(expr) == "float32"
+
+
+def _shape(expr) -> tuple | None:
+    """Shape with ints for static dims and the symbolic expression otherwise (None if unknown)."""
+    ty = _tensor_ty(expr)
+    if ty is None:
+        return None
+    values = getattr(ty.shape, "values", None)
+    if values is None:
+        return None
+    return tuple(int(v.value) if isinstance(v, tirx.IntImm) else v for v in values)
+
+
+def _static_shape(expr) -> tuple[int, ...] | None:
+    shape = _shape(expr)
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return None
+    return shape
+
+
+def _const_array(expr) -> np.ndarray | None:
+    if isinstance(expr, tvm.ir.GenericConst) and isinstance(expr.value, tvm.runtime.Tensor):
+        return expr.value.numpy()
+    return None
+
+
+def _scalar(expr) -> float | None:
+    """Value of a scalar constant or a PrimExpr immediate."""
+    arr = _const_array(expr)
+    if arr is not None:
+        return float(arr.reshape(-1)[0]) if arr.size == 1 else None
+    value = getattr(expr, "value", None)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _ints(values) -> list[int]:
+    return [int(v) for v in values]
+
+
+def _relax_functions(mod: tvm.IRModule):
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            yield func
+
+
+def _calls(func: relax.Function) -> list:
+    found = []
+
+    def visit(node):
+        if isinstance(node, relax.Call) and _op_name(node) in (_CONV, _MATMUL):
+            found.append(node)
+
+    relax.analysis.post_order_visit(func, visit)
+    return found
+
+
+def is_quantized(mod: tvm.IRModule) -> bool:
+    """Whether ``mod`` has an integer conv2d or matmul accumulating in int32.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule
+        Any Relax module.
+
+    Returns
+    -------
+    bool
+        True for the output of :func:`quantize` (and any model with such layers).
+    """
+    for func in _relax_functions(mod):
+        for call in _calls(func):
+            data = _dtype(call.args[0]) or ""
+            if _dtype(call) == "int32" and data.startswith(("int", "uint")):
+                return True
+    return False
+
+
+def has_float_compute(mod: tvm.IRModule) -> bool:
+    """Whether ``mod`` has a float conv2d or a float matmul with a weight operand.
+
+    A matmul counts when one of its operands is a constant or a function parameter (a layer
+    with weights); a matmul of two computed activations is not a layer :func:`quantize` can
+    turn into an integer one, so it stays on the host and does not count.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule
+        Any Relax module.
+
+    Returns
+    -------
+    bool
+        True for a float model (the compiler then refuses it with :data:`FLOAT_MODEL_MESSAGE`).
+    """
+    for func in _relax_functions(mod):
+        params = list(func.params)
+        for call in _calls(func):
+            if not (_dtype(call) or "").startswith(("float", "bfloat")):
+                continue
+            if _op_name(call) == _CONV:
+                return True
+            for arg in call.args[:2]:
+                if isinstance(arg, tvm.ir.Constant) or any(arg.same_as(p) for p in params):
+                    return True
+    return False
+
+
+# --------------------------------------------------------------------------------------------
+# graph view of one function
+# --------------------------------------------------------------------------------------------
+def _vars_in(expr, out: list) -> None:
+    """Append the Relax vars ``expr`` reads (with multiplicity) to ``out``."""
+    if isinstance(expr, relax.Var):
+        out.append(expr)
+    elif isinstance(expr, relax.Call):
+        if isinstance(expr.op, relax.Var):
+            out.append(expr.op)
+        for arg in expr.args:
+            _vars_in(arg, out)
+    elif isinstance(expr, relax.Tuple):
+        for f in expr.fields:
+            _vars_in(f, out)
+    elif isinstance(expr, relax.TupleGetItem):
+        _vars_in(expr.tuple_value, out)
+    elif isinstance(expr, (relax.SeqExpr, relax.If, relax.Function)):
+        raise QuantizeError(
+            f"unsupported control flow or nested function ({type(expr).__name__}) in the "
+            "quantized function: quantize() handles straight-line graphs"
+        )
+
+
+class _Graph:
+    """Bindings of one function in order, with use counts."""
+
+    def __init__(self, mod: tvm.IRModule, func: relax.Function):
+        self.mod = mod
+        self.func = func
+        self.params = list(func.params)
+        body = func.body
+        if not isinstance(body, relax.SeqExpr):
+            raise QuantizeError("the function body must be a sequence of bindings")
+        self.bindings = [b for block in body.blocks for b in block.bindings]
+        self.output = body.body
+        self.users: dict = {}
+        for i, b in enumerate(self.bindings):
+            used: list = []
+            _vars_in(b.value, used)
+            for v in used:
+                self.users.setdefault(v, []).append(i)
+        out_vars: list = []
+        _vars_in(self.output, out_vars)
+        self.outputs = set(out_vars)
+
+    def sole_user(self, var) -> int | None:
+        """Index of the only binding reading ``var`` (once), if ``var`` is not an output."""
+        users = self.users.get(var, [])
+        if len(users) != 1 or var in self.outputs:
+            return None
+        return users[0]
+
+
+def _minmax_prim(prim) -> tuple[str, float | None] | None:
+    """Recognise the TIR of ``topi.maximum/minimum(x, scalar)`` that from_onnx emits for Clip.
+
+    Returns ``("max" | "min", embedded constant or None)``; None for any other PrimFunc.
+    """
+    if not isinstance(prim, tirx.PrimFunc):
+        return None
+    import tvm_ffi  # noqa: PLC0415 (only needed for this walk)
+
+    stores: list = []
+    tvm_ffi.structural_walk(prim.body, (tirx.BufferStore, stores.append))
+    if len(stores) != 1:
+        return None
+    value = stores[0].value
+    kind = "max" if isinstance(value, tirx.Max) else "min" if isinstance(value, tirx.Min) else None
+    if kind is None:
+        return None
+    loads = [v for v in (value.a, value.b) if isinstance(v, tvm.ir.expr.TensorLoad)]
+    imms = [v for v in (value.a, value.b) if isinstance(v, (tirx.IntImm, tirx.FloatImm))]
+    if len(loads) == 2 and sorted(len(v.indices) for v in loads)[0] == 0:
+        return kind, None
+    if len(loads) == 1 and len(imms) == 1:
+        return kind, float(imms[0].value)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# planning
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _Step:
+    """One unit of the quantized function: an accelerated layer, an integer op or a host op."""
+
+    kind: str  # conv | dense | avgpool | gap | add | int | clip | alias | host
+    index: int  # binding of the head op
+    out: object  # the Relax var whose value the step produces
+    src: list = field(default_factory=list)  # float tensor inputs
+    ops: list = field(default_factory=list)  # op names, for the report
+    lo: float = -_INF  # activation bounds in the float domain
+    hi: float = _INF
+    weight: np.ndarray | None = None  # float64, conv OIHW / dense (K, M)
+    bias: np.ndarray | None = None  # float64 per output channel
+    reason: str = ""
+
+
+class _Planner:
+    def __init__(self, graph: _Graph):
+        self.g = graph
+        self.rep: dict = {}  # var -> "Q" (integer tensor) | "F" (float or other value)
+        self.absorbed: set = set()
+        self.steps: list[_Step] = []
+
+    # ---------------------------------------------------------------- recognisers
+    def _act_bounds(self, value, var) -> tuple[float, float] | None:
+        """Bounds of an activation applied to ``var`` (ReLU, ReLU6, clip, max/min by a scalar)."""
+        op = _op_name(value)
+        if op is None or _shape(value) != _shape(var) or _dtype(value) != _dtype(var):
+            return None
+        args = list(value.args)
+        if op in ("relax.nn.relu", "relax.nn.relu6"):
+            if args[0].same_as(var):
+                return (0.0, _INF) if op == "relax.nn.relu" else (0.0, 6.0)
+            return None
+        if op == "relax.clip":
+            lo, hi = _scalar(args[1]), _scalar(args[2])
+            if args[0].same_as(var) and lo is not None and hi is not None:
+                return lo, hi
+            return None
+        if op in ("relax.maximum", "relax.minimum"):
+            others = [a for a in args if not a.same_as(var)]
+            if len(others) != 1:
+                return None
+            c = _scalar(others[0])
+            if c is None or math.isnan(c):
+                return None
+            return (c, _INF) if op == "relax.maximum" else (-_INF, c)
+        if op == "relax.call_tir" and isinstance(args[0], tvm.ir.GlobalVar):
+            fields = list(args[1].fields) if isinstance(args[1], relax.Tuple) else []
+            if not fields or not fields[0].same_as(var) or args[0] not in self.g.mod:
+                return None
+            kind = _minmax_prim(self.g.mod[args[0]])
+            if kind is None:
+                return None
+            if kind[1] is not None and len(fields) == 1:
+                c = kind[1]
+            elif kind[1] is None and len(fields) == 2:
+                c = _scalar(fields[1])
+            else:
+                return None
+            if c is None or math.isnan(c):
+                return None
+            return (c, _INF) if kind[0] == "max" else (-_INF, c)
+        return None
+
+    def _act_chain(self, var, ops: list):
+        """Follow the activations applied to ``var``; returns ``(last var, lo, hi)``."""
+        lo, hi = -_INF, _INF
+        while True:
+            i = self.g.sole_user(var)
+            if i is None:
+                break
+            b = self.g.bindings[i]
+            bounds = self._act_bounds(b.value, var) if isinstance(b, relax.VarBinding) else None
+            if bounds is None:
+                break
+            new_lo, new_hi = max(lo, bounds[0]), min(hi, bounds[1])
+            if new_lo > new_hi:
+                break
+            lo, hi = new_lo, new_hi
+            ops.append(self._op_label(b.value))
+            self.absorbed.add(i)
+            var = b.var
+        return var, lo, hi
+
+    def _affine_vec(self, value, var, channels: int, channel_axis: int):
+        """``(op, per-channel float64 vector)`` if ``value`` is ``var (+-*/) constant`` with a
+        constant that only varies along the channel axis."""
+        op = _op_name(value)
+        if op not in _AFFINE_OPS or _shape(value) != _shape(var) or not _is_f32(value):
+            return None
+        a, b = value.args
+        if a.same_as(var) and not b.same_as(var):
+            const = _const_array(b)
+        elif b.same_as(var) and op in ("relax.add", "relax.multiply"):
+            const = _const_array(a)
+        else:
+            return None
+        ndim = len(_shape(var))
+        if const is None or const.ndim > ndim or not np.issubdtype(const.dtype, np.floating):
+            return None
+        per_channel = [1] * ndim
+        per_channel[channel_axis] = channels
+        try:
+            if np.broadcast_shapes(const.shape, tuple(per_channel)) != tuple(per_channel):
+                return None
+        except ValueError:
+            return None
+        vec = np.broadcast_to(const.astype(np.float64), per_channel).reshape(-1).copy()
+        if op == "relax.divide":
+            if np.any(vec == 0):
+                return None
+            vec = 1.0 / vec
+        if not np.all(np.isfinite(vec)):
+            return None
+        return op, vec
+
+    def _affine_chain(self, var, weight, bias, channel_axis: int, ops: list):
+        """Fold the per-channel affine ops after a conv/matmul (bias, batch norm) into it."""
+        channels = weight.shape[0] if weight.ndim == 4 else weight.shape[1]
+        while True:
+            i = self.g.sole_user(var)
+            if i is None or not isinstance(self.g.bindings[i], relax.VarBinding):
+                break
+            b = self.g.bindings[i]
+            found = self._affine_vec(b.value, var, channels, channel_axis)
+            if found is None:
+                break
+            op, vec = found
+            if bias is None:
+                bias = np.zeros(channels, np.float64)
+            if op == "relax.add":
+                bias = bias + vec
+            elif op == "relax.subtract":
+                bias = bias - vec
+            else:
+                bias = bias * vec
+                if weight.ndim == 4:
+                    weight = weight * vec[:, None, None, None]
+                else:
+                    weight = weight * vec[None, :]
+            ops.append(_short(op))
+            self.absorbed.add(i)
+            var = b.var
+        return var, weight, bias
+
+    def _op_label(self, value) -> str:
+        op = _op_name(value)
+        if op == "relax.call_tir" and isinstance(value.args[0], tvm.ir.GlobalVar):
+            return f"call_tir({value.args[0].name_hint})"
+        if op is not None:
+            return _short(op)
+        return type(value).__name__.lower()
+
+    # ---------------------------------------------------------------- planning
+    def run(self) -> list[_Step]:
+        for p in self.g.params:
+            self.rep[p] = "F"
+        for i, b in enumerate(self.g.bindings):
+            if i in self.absorbed:
+                continue
+            step = self._plan(i, b)
+            self.steps.append(step)
+            self.rep[step.out] = (
+                "Q"
+                if step.kind in ("conv", "dense", "avgpool", "gap", "add", "int", "clip")
+                else "F"
+            )
+            if step.kind == "alias":
+                self.rep[step.out] = self.rep.get(step.src[0], "F")
+        return self.steps
+
+    def _host(self, i, b, reason: str) -> _Step:
+        return _Step("host", i, b.var, ops=[self._op_label(b.value)], reason=reason)
+
+    def _plan(self, i, b) -> _Step:
+        if not isinstance(b, relax.VarBinding):
+            return self._host(i, b, "match_cast")
+        value = b.value
+        if isinstance(value, relax.Var):
+            return _Step("alias", i, b.var, src=[value], ops=["alias"])
+        op = _op_name(value)
+        if op is None:
+            return self._host(i, b, "not an operator call")
+        if not _is_f32(b.var):
+            return self._host(i, b, f"result is not a float32 tensor ({b.var.ty})")
+        args = list(value.args)
+        x = args[0] if args else None
+        x_is_tensor = isinstance(x, relax.Var) and _is_f32(x)
+        if op == _CONV and x_is_tensor:
+            return self._plan_conv(i, b) or self._host(i, b, "conv2d layout/weights unsupported")
+        if op == _MATMUL and x_is_tensor:
+            return self._plan_dense(i, b) or self._host(
+                i, b, "matmul without a 2-D constant weight"
+            )
+        if op == "relax.nn.avg_pool2d" and x_is_tensor:
+            return self._plan_avgpool(i, b) or self._host(i, b, "avg_pool2d form unsupported")
+        if op == "relax.mean" and x_is_tensor:
+            return self._plan_gap(i, b) or self._host(i, b, "mean over axes other than [2, 3]")
+        if op == "relax.add" and self._is_residual(value):
+            if all(self.rep.get(a) == "Q" for a in args):
+                ops = ["add"]
+                out, lo, hi = self._act_chain(b.var, ops)
+                return _Step("add", i, out, src=args, ops=ops, lo=lo, hi=hi)
+            return self._host(i, b, "an operand is a float tensor")
+        if x_is_tensor and self.rep.get(x) == "Q":
+            if op == "relax.nn.max_pool2d" or op in _SHAPE_OPS:
+                return _Step("int", i, b.var, src=[x], ops=[_short(op)])
+            if self._act_bounds(value, x) is not None:
+                ops: list = []
+                # follow the chain from x so that consecutive activations merge into one clip
+                out, lo, hi = self._act_chain(x, ops)
+                if out.same_as(x):  # x has other users: clip this binding alone
+                    lo, hi = self._act_bounds(value, x)
+                    ops, out = [self._op_label(value)], b.var
+                return _Step("clip", i, out, src=[x], ops=ops, lo=lo, hi=hi)
+        reason = "no integer kernel"
+        if x_is_tensor and (
+            op == "relax.nn.max_pool2d"
+            or op in _SHAPE_OPS
+            or self._act_bounds(value, x) is not None
+        ):
+            reason = "input is a float tensor"
+        return self._host(i, b, reason)
+
+    def _is_residual(self, value) -> bool:
+        a, b = value.args
+        return (
+            isinstance(a, relax.Var)
+            and isinstance(b, relax.Var)
+            and _is_f32(a)
+            and _is_f32(b)
+            and _static_shape(a) is not None
+            and _static_shape(a) == _static_shape(b) == _static_shape(value)
+        )
+
+    def _plan_conv(self, i, b) -> _Step | None:
+        call = b.value
+        attrs = call.attrs
+        w = _const_array(call.args[1])
+        layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout))
+        if w is None or w.ndim != 4 or layouts != ("NCHW", "OIHW", "NCHW"):
+            return None
+        if not np.issubdtype(w.dtype, np.floating) or not np.all(np.isfinite(w)):
+            return None
+        ops = ["conv2d"]
+        out, weight, bias = self._affine_chain(b.var, w.astype(np.float64), None, 1, ops)
+        out, lo, hi = self._act_chain(out, ops)
+        x = call.args[0]
+        return _Step("conv", i, out, src=[x], ops=ops, lo=lo, hi=hi, weight=weight, bias=bias)
+
+    def _plan_dense(self, i, b) -> _Step | None:
+        call = b.value
+        x, w_expr = call.args
+        w = _const_array(w_expr)
+        xs = _shape(x)
+        if w is None or w.ndim != 2 or xs is None or len(xs) != 2 or xs[1] != w.shape[0]:
+            return None
+        if not np.issubdtype(w.dtype, np.floating) or not np.all(np.isfinite(w)):
+            return None
+        ops = ["matmul"]
+        out, weight, bias = self._affine_chain(b.var, w.astype(np.float64), None, 1, ops)
+        out, lo, hi = self._act_chain(out, ops)
+        return _Step("dense", i, out, src=[x], ops=ops, lo=lo, hi=hi, weight=weight, bias=bias)
+
+    def _plan_avgpool(self, i, b) -> _Step | None:
+        call = b.value
+        a = call.attrs
+        x = call.args[0]
+        xs, ys = _static_shape(x), _static_shape(b.var)
+        if str(a.layout) != "NCHW" or str(a.out_layout) != "NCHW" or xs is None or ys is None:
+            return None
+        pad = _ints(a.padding)
+        if any(pad) and not bool(a.count_include_pad):
+            return None
+        if bool(a.ceil_mode):
+            # ceil_mode only matters when it adds a partial window, which a conv cannot average
+            kh, kw = _ints(a.pool_size)
+            sh, sw = _ints(a.strides)
+            dh, dw = _ints(a.dilation)
+            floor_h = (xs[2] + pad[0] + pad[2] - dh * (kh - 1) - 1) // sh + 1
+            floor_w = (xs[3] + pad[1] + pad[3] - dw * (kw - 1) - 1) // sw + 1
+            if (floor_h, floor_w) != tuple(ys[2:]):
+                return None
+        ops = ["avg_pool2d"]
+        out, lo, hi = self._act_chain(b.var, ops)
+        return _Step("avgpool", i, out, src=[x], ops=ops, lo=lo, hi=hi)
+
+    def _plan_gap(self, i, b) -> _Step | None:
+        call = b.value
+        x = call.args[0]
+        xs = _static_shape(x)
+        if xs is None or len(xs) != 4 or call.attrs.axis is None:
+            return None
+        axes = sorted(int(v) % 4 for v in call.attrs.axis)
+        if axes != [2, 3]:
+            return None
+        ops = ["mean"]
+        out, lo, hi = self._act_chain(b.var, ops)
+        return _Step("gap", i, out, src=[x], ops=ops, lo=lo, hi=hi)
+
+
+# --------------------------------------------------------------------------------------------
+# emission
+# --------------------------------------------------------------------------------------------
+class _Rebuilder:
+    """Re-emits bindings of a graph into a new function, tracking float and integer versions
+    of every original var."""
+
+    def __init__(self, graph: _Graph, cfg: HardwareConfig | None = None, scales=None):
+        self.g = graph
+        self.cfg = cfg
+        self.scales = scales or {}
+        self.bb = relax.BlockBuilder()
+        self.fmap: dict = {}  # original var -> float/other expr in the new function
+        self.qmap: dict = {}  # original var -> (integer var, scale)
+
+    # ---------------------------------------------------------------- value access
+    def f(self, var):
+        if var in self.fmap:
+            return self.fmap[var]
+        if var in self.qmap:
+            q, s = self.qmap[var]
+            self.fmap[var] = qops.emit_dequantize(self.bb, q, s)
+            return self.fmap[var]
+        raise QuantizeError(f"internal error: {var.name} used before its definition")
+
+    def q(self, var):
+        if var not in self.qmap:
+            s = self.scales[var]
+            self.qmap[var] = (qops.emit_quantize(self.bb, self.f(var), s, self.cfg.act_dtype), s)
+        return self.qmap[var]
+
+    def sub(self, expr):
+        """``expr`` with every var replaced by its float version in the new function."""
+        if isinstance(expr, relax.Var):
+            return self.f(expr)
+        if isinstance(expr, relax.Call):
+            args = [self.sub(a) for a in expr.args]
+            if all(a.same_as(b) for a, b in zip(args, expr.args, strict=True)):
+                return expr
+            return relax.Call(expr.op, args, expr.attrs, expr.ty_args)
+        if isinstance(expr, relax.Tuple):
+            return relax.Tuple([self.sub(f) for f in expr.fields])
+        if isinstance(expr, relax.TupleGetItem):
+            return relax.TupleGetItem(self.sub(expr.tuple_value), expr.index)
+        return expr
+
+    def emit_binding(self, b) -> None:
+        if isinstance(b, relax.MatchCast):
+            self.fmap[b.var] = self.bb.match_cast(self.sub(b.value), b.var.ty)
+        else:
+            self.fmap[b.var] = self.bb.emit(self.sub(b.value))
+
+    def build(self, name: str, emit_body, outputs) -> relax.Function:
+        """Build a function with the original params; ``emit_body()`` emits the bindings and
+        ``outputs()`` returns the expression to return."""
+        func = self.g.func
+        attrs = dict(func.attrs) if func.attrs is not None else {}
+        private = "global_symbol" not in attrs
+        attrs.pop("global_symbol", None)
+        for p in self.g.params:
+            self.fmap[p] = p
+        with self.bb.function(name, self.g.params, attrs=attrs, private=private):
+            with self.bb.dataflow():
+                emit_body()
+                gv = self.bb.emit_output(outputs())
+            self.bb.emit_func_output(gv)
+        return self.bb.get()[name]
+
+
+def _replace_function(mod: tvm.IRModule, gvar, func) -> tvm.IRModule:
+    """``mod`` with ``gvar`` bound to ``func`` and PrimFuncs no Relax function calls dropped."""
+    out = mod.clone()
+    out[gvar] = func
+    used = set()
+    for f in _relax_functions(out):
+        used.update(g.name_hint for g in relax.analysis.all_global_vars(f))
+    for g, f in list(out.functions.items()):
+        if isinstance(f, tirx.PrimFunc) and g.name_hint not in used:
+            del out[g]
+    return out
+
+
+class _Emitter(_Rebuilder):
+    def __init__(self, graph, cfg, scales, steps, report):
+        super().__init__(graph, cfg, scales)
+        self.steps = steps
+        self.report = report
+        lo, hi = cfg.act_range
+        self.act_lo, self.act_hi = lo, hi
+
+    def qbounds(self, lo: float, hi: float, scale: float) -> tuple[int, int]:
+        """Activation bounds in the quantized domain of ``scale``."""
+        qlo = self.act_lo if lo == -_INF else max(self.act_lo, int(np.round(lo / scale)))
+        qhi = self.act_hi if hi == _INF else min(self.act_hi, int(np.round(hi / scale)))
+        qlo = min(qlo, self.act_hi)
+        return qlo, max(qhi, qlo)
+
+    def multiplier(self, real, step, mult_bits=qops.REQUANT_MULT_BITS):
+        try:
+            return qops.choose_multiplier(real, mult_bits)
+        except ValueError as err:
+            raise QuantizeError(f"{step.ops[0]} -> {step.out.name}: {err}") from None
+
+    def quantize_weights(self, w: np.ndarray, bias, s_in: float):
+        """Per-output-channel symmetric weights (channel on axis 0) and int32 bias."""
+        cfg = self.cfg
+        w_hi = cfg.weight_range[1]
+        flat = w.reshape(w.shape[0], -1)
+        s_w = np.abs(flat).max(axis=1) / w_hi
+        zero = s_w == 0
+        # an all-zero channel (e.g. pruned) gets the largest scale of the layer, so it neither
+        # widens the shared requantization shift nor overflows its (bias-only) accumulator
+        s_w[zero] = s_w[~zero].max() if (~zero).any() else 1.0 / w_hi
+        acc_max = float((1 << (cfg.acc_bits - 1)) - 1)
+        in_peak = float(1 << (cfg.act_bits - 1))
+        for _ in range(16):
+            wq = np.clip(np.round(flat / s_w[:, None]), -w_hi, w_hi)
+            bq = np.round(bias / (s_in * s_w)) if bias is not None else np.zeros_like(s_w)
+            bound = in_peak * np.abs(wq).sum(axis=1) + np.abs(bq)
+            over = bound > acc_max
+            if not over.any():
+                break
+            # wide (int16) configs: coarsen the channel until no input can overflow int32
+            s_w = np.where(over, s_w * (bound / acc_max) * (1 + 1e-9), s_w)
+        else:
+            raise QuantizeError("cannot fit the accumulator of a layer into int32")
+        wq = wq.reshape(w.shape).astype(cfg.weight_dtype)
+        bq = bq.astype(np.int32) if bias is not None else None
+        return wq, bq, s_w
+
+    # ---------------------------------------------------------------- steps
+    def emit_steps(self) -> None:
+        for step in self.steps:
+            getattr(self, f"emit_{step.kind}")(step)
+            self.report_step(step)
+
+    def report_step(self, step: _Step) -> None:
+        if self.report is None:
+            return
+        chain = "+".join(step.ops)
+        shape = _shape(step.out)
+        where = f"{chain} -> {step.out.name} {tuple(shape) if shape is not None else ''}".rstrip()
+        dt = self.cfg.act_dtype
+        if step.kind == "host":
+            self.report.append(f"{where}: host float ({step.reason})")
+        elif step.kind == "alias":
+            return
+        elif step.kind in ("int", "clip"):
+            self.report.append(f"{where}: quantized ({dt} {step.ops[0]}, scale kept)")
+        else:
+            self.report.append(f"{where}: quantized ({step.kind}, {dt})")
+
+    def emit_host(self, step) -> None:
+        self.emit_binding(self.g.bindings[step.index])
+
+    def emit_alias(self, step) -> None:
+        src = step.src[0]
+        if src in self.qmap:
+            self.qmap[step.out] = self.qmap[src]
+        if src in self.fmap:
+            self.fmap[step.out] = self.fmap[src]
+
+    def emit_int(self, step) -> None:
+        call = self.g.bindings[step.index].value
+        xq, s = self.q(step.src[0])
+        new = relax.Call(call.op, [xq, *call.args[1:]], call.attrs, call.ty_args)
+        self.qmap[step.out] = (self.bb.emit(new), s)
+
+    def emit_clip(self, step) -> None:
+        xq, s = self.q(step.src[0])
+        lo, hi = self.qbounds(step.lo, step.hi, s)
+        self.qmap[step.out] = (self.bb.emit(relax.op.clip(xq, lo, hi)), s)
+
+    def emit_conv(self, step) -> None:
+        call = self.g.bindings[step.index].value
+        a = call.attrs
+        xq, s_in = self.q(step.src[0])
+        s_out = self.scales[step.out]
+        wq, bq, s_w = self.quantize_weights(step.weight, step.bias, s_in)
+        mult, shift = self.multiplier(s_in * s_w / s_out, step)
+        lo, hi = self.qbounds(step.lo, step.hi, s_out)
+        y = qops.emit_conv2d(
+            self.bb, xq, wq, bq, _ints(a.strides), _ints(a.padding), _ints(a.dilation),
+            int(a.groups), mult, shift, lo, hi, self.cfg.act_dtype,
+        )  # fmt: skip
+        self.qmap[step.out] = (y, s_out)
+
+    def emit_dense(self, step) -> None:
+        xq, s_in = self.q(step.src[0])
+        s_out = self.scales[step.out]
+        # weights are (K, M): quantize per output column with the channel on axis 0
+        wq_t, bq, s_w = self.quantize_weights(step.weight.T, step.bias, s_in)
+        mult, shift = self.multiplier(s_in * s_w / s_out, step)
+        lo, hi = self.qbounds(step.lo, step.hi, s_out)
+        wq = np.ascontiguousarray(wq_t.T)
+        y = qops.emit_dense(self.bb, xq, wq, bq, mult, shift, lo, hi, self.cfg.act_dtype)
+        self.qmap[step.out] = (y, s_out)
+
+    def emit_avgpool(self, step) -> None:
+        a = self.g.bindings[step.index].value.attrs
+        x = step.src[0]
+        xq, s_in = self.q(x)
+        s_out = self.scales[step.out]
+        channels = _static_shape(x)[1]
+        kh, kw = _ints(a.pool_size)
+        ones = np.ones((channels, 1, kh, kw), self.cfg.weight_dtype)
+        mult, shift = self.multiplier(np.full(channels, s_in / (s_out * kh * kw)), step)
+        lo, hi = self.qbounds(step.lo, step.hi, s_out)
+        y = qops.emit_conv2d(
+            self.bb, xq, ones, None, _ints(a.strides), _ints(a.padding), _ints(a.dilation),
+            channels, mult, shift, lo, hi, self.cfg.act_dtype,
+        )  # fmt: skip
+        self.qmap[step.out] = (y, s_out)
+
+    def emit_gap(self, step) -> None:
+        call = self.g.bindings[step.index].value
+        x = step.src[0]
+        xq, s_in = self.q(x)
+        s_out = self.scales[step.out]
+        _, _, h, w = _static_shape(x)
+        mult, shift = self.multiplier(s_in / (s_out * h * w), step)
+        lo, hi = self.qbounds(step.lo, step.hi, s_out)
+        y = qops.emit_global_avg_pool(self.bb, xq, int(mult), shift, lo, hi, self.cfg.act_dtype)
+        if not bool(call.attrs.keepdims):
+            y = self.bb.emit(relax.op.reshape(y, _static_shape(call)))
+        self.qmap[step.out] = (y, s_out)
+
+    def emit_add(self, step) -> None:
+        aq, s_a = self.q(step.src[0])
+        bq, s_b = self.q(step.src[1])
+        s_out = self.scales[step.out]
+        mult, shift = self.multiplier(
+            [s_a / s_out, s_b / s_out], step, qops.add_mult_bits(self.cfg.act_bits)
+        )
+        lo, hi = self.qbounds(step.lo, step.hi, s_out)
+        y = qops.emit_add(
+            self.bb, aq, bq, int(mult[0]), int(mult[1]), shift, lo, hi, self.cfg.act_dtype
+        )
+        self.qmap[step.out] = (y, s_out)
+
+
+# --------------------------------------------------------------------------------------------
+# calibration
+# --------------------------------------------------------------------------------------------
+def _data_params(func: relax.Function) -> list:
+    params = list(func.params)
+    num_input = func.attrs.get("num_input") if func.attrs is not None else None
+    if num_input is not None and int(num_input) < len(params):
+        extra = ", ".join(p.name for p in params[int(num_input) :])
+        raise QuantizeError(
+            f"the weights are function parameters ({extra}): quantize() needs them as "
+            "constants (import with keep_params_in_input=False or bind them first, e.g. "
+            "relax.transform.BindParams)"
+        )
+    return params
+
+
+def _fmt_shape(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _normalise_samples(calibration, params) -> list[list[np.ndarray]]:
+    """Calibration samples as lists of arrays in parameter order, checked against the types."""
+    if isinstance(calibration, (np.ndarray, dict)):
+        calibration = [calibration]
+    if not isinstance(calibration, (list, tuple)) or len(calibration) == 0:
+        raise QuantizeError(
+            "calibration must be a non-empty list of input arrays (one per sample) or of "
+            "dicts mapping input names to arrays"
+        )
+    names = [p.name for p in params]
+    samples = []
+    for i, sample in enumerate(calibration):
+        if isinstance(sample, dict):
+            missing = [n for n in names if n not in sample]
+            unknown = [k for k in sample if k not in names]
+            if missing or unknown:
+                raise QuantizeError(
+                    f"calibration sample {i}: inputs {sorted(sample)} do not match the "
+                    f"model's inputs {names}"
+                )
+            arrays = [sample[n] for n in names]
+        elif isinstance(sample, (list, tuple)) and len(params) > 1:
+            arrays = list(sample)
+        else:
+            arrays = [sample]
+        if len(arrays) != len(params):
+            raise QuantizeError(
+                f"calibration sample {i}: {len(arrays)} input(s) given, the model takes "
+                f"{len(params)} ({names}); use dicts name -> array for multi-input models"
+            )
+        checked = []
+        for p, given in zip(params, arrays, strict=True):
+            expected = _shape(p)
+            dtype = _dtype(p)
+            try:
+                arr = np.asarray(given, dtype=dtype)
+            except (TypeError, ValueError) as err:
+                raise QuantizeError(
+                    f"calibration sample {i}: input '{p.name}' is not a {dtype} array ({err})"
+                ) from None
+            if expected is not None and (
+                arr.ndim != len(expected)
+                or any(
+                    isinstance(e, int) and e != d for e, d in zip(expected, arr.shape, strict=True)
+                )
+            ):
+                raise QuantizeError(
+                    f"calibration sample {i}: input '{p.name}' has shape "
+                    f"{_fmt_shape(arr.shape)}, expected {_fmt_shape(expected)}"
+                )
+            checked.append(np.ascontiguousarray(arr))
+        samples.append(checked)
+    return samples
+
+
+def _calibrate(mod, gvar, graph: _Graph, calib_vars: list, *, samples, act_hi: int) -> dict:
+    """Scale (``max|x| / act_hi``) of every var in ``calib_vars`` over all samples."""
+    rb = _Rebuilder(graph)
+
+    def body():
+        for b in graph.bindings:
+            rb.emit_binding(b)
+
+    instrumented = rb.build(
+        gvar.name_hint, body, lambda: relax.Tuple([rb.f(v) for v in calib_vars])
+    )
+    exe = tvm.compile(_replace_function(mod, gvar, instrumented), target="llvm")
+    vm = relax.VirtualMachine(exe, tvm.cpu())
+    peak = np.zeros(len(calib_vars), np.float64)
+    for sample in samples:
+        outs = vm[gvar.name_hint](*[tvm.runtime.tensor(a) for a in sample])
+        for k in range(len(calib_vars)):
+            val = outs[k].numpy()
+            m = float(np.max(np.abs(val))) if val.size else 0.0
+            if not math.isfinite(m):
+                raise QuantizeError(
+                    f"calibration produced non-finite values in {calib_vars[k].name}"
+                )
+            peak[k] = max(peak[k], m)
+    # a tensor that is zero on every sample gets scale 1/act_hi (any scale represents it)
+    return {v: (float(p) if p > 0 else 1.0) / act_hi for v, p in zip(calib_vars, peak, strict=True)}
+
+
+# --------------------------------------------------------------------------------------------
+# entry points
+# --------------------------------------------------------------------------------------------
+def _normalise(mod: tvm.IRModule) -> tvm.IRModule:
+    return tvm.transform.Sequential(
+        [
+            relax.transform.DecomposeOpsForInference(),
+            relax.transform.FoldConstant(),
+            relax.transform.CanonicalizeBindings(),
+            relax.transform.DeadCodeElimination(),
+        ]
+    )(mod)
+
+
+def quantize(
+    mod: tvm.IRModule,
+    calibration,
+    config: HardwareConfig | str | None = None,
+    *,
+    func_name: str = "main",
+    report: list | None = None,
+) -> tvm.IRModule:
+    """Post-training quantization of a float32 Relax model for hapm_fpga.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule
+        Float model, e.g. from ``tvm.relax.frontend.onnx.from_onnx`` with weights as constants.
+    calibration : list of numpy.ndarray or list of dict
+        Representative inputs, one entry per sample, with the batch dimension the model
+        expects; a list of dicts ``input name -> array`` for multi-input models.
+    config : HardwareConfig or str, optional
+        Accelerator config (``act_bits``/``weight_bits`` choose int8 or int16); resolved with
+        :func:`tvm_hapm.target.config.get_config`.
+    func_name : str
+        The function to quantize.
+    report : list, optional
+        Receives one line per op: ``"... : quantized (...)"`` or ``"...: host float (reason)"``.
+
+    Returns
+    -------
+    tvm.IRModule
+        A module with the same signature whose layers are :mod:`qops` integer chains and whose
+        other ops run in float on the host between dequantize/quantize pairs.  A model with no
+        conv2d/matmul/pooling layer to quantize is returned unchanged (with a warning).
+
+    Raises
+    ------
+    QuantizeError
+        If the model is already quantized, the calibration data does not fit the model's
+        inputs, or the model has a structure quantize() cannot handle.
+    """
+    if not isinstance(mod, tvm.IRModule):
+        raise QuantizeError(f"quantize() takes a tvm.IRModule, got {type(mod).__name__}")
+    cfg = get_config(config)
+    if func_name not in mod or not isinstance(mod[func_name], relax.Function):
+        raise QuantizeError(f"the module has no Relax function {func_name!r}")
+    if is_quantized(mod):
+        raise QuantizeError(
+            "the model is already quantized (it has an integer conv2d/matmul accumulating in "
+            "int32); quantize() takes a float32 model"
+        )
+    norm = _normalise(mod)
+    gvar = norm.get_global_var(func_name)
+    func = norm[gvar]
+    params = _data_params(func)
+    graph = _Graph(norm, func)
+    planner = _Planner(graph)
+    steps = planner.run()
+    samples = _normalise_samples(calibration, params)
+
+    accel = [s for s in steps if s.kind in ("conv", "dense", "avgpool", "gap", "add")]
+    if not accel:
+        msg = (
+            f"quantize(): nothing to quantize in {func_name!r} (no float32 conv2d, matmul with "
+            "constant weights or pooling layer); the model is returned unchanged"
+        )
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        if report is not None:
+            report.append(f"warning: {msg}")
+        return mod.clone()
+
+    # every scale a step reads: accelerated outputs and the float tensors they quantize
+    needed = set()
+    for s in accel:
+        needed.add(s.out)
+        needed.update(v for v in s.src if planner.rep.get(v) != "Q")
+    order = {v: k for k, v in enumerate(graph.params)}
+    order.update({b.var: len(graph.params) + k for k, b in enumerate(graph.bindings)})
+    calib_vars = sorted(needed, key=lambda v: order[v])
+    scales = _calibrate(norm, gvar, graph, calib_vars, samples=samples, act_hi=cfg.act_range[1])
+
+    em = _Emitter(graph, cfg, scales, steps, report)
+    new_func = em.build(gvar.name_hint, em.emit_steps, lambda: em.sub(graph.output))
+    return _replace_function(norm, gvar, new_func)
+
+
+def Quantize(  # noqa: N802 (TVM pass factories are CamelCase)
+    calibration, config: HardwareConfig | str | None = None, *, func_name: str = "main", report=None
+) -> tvm.transform.Pass:
+    """A module pass running :func:`quantize` with the given calibration data.
+
+    Parameters
+    ----------
+    calibration : list of numpy.ndarray or list of dict
+        See :func:`quantize`.
+    config : HardwareConfig or str, optional
+        See :func:`quantize`.
+    func_name : str
+        The function to quantize.
+    report : list, optional
+        See :func:`quantize`.
+
+    Returns
+    -------
+    tvm.transform.Pass
+        The pass ``hapm.Quantize``.
+    """
+
+    def _run(mod, _ctx):
+        return quantize(mod, calibration, config, func_name=func_name, report=report)
+
+    return tvm.transform.module_pass(_run, opt_level=0, name="hapm.Quantize")
