@@ -6,19 +6,12 @@ lane, written from the ISA reference (``docs/isa.md``) and sharing no code with 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+import numpy as np
+import pytest
 
-if importlib.util.find_spec("tvm_hapm") is None:  # running from a checkout, not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from tvm_hapm.runtime.simulator import ExecutionStats, Simulator, SimulatorError  # noqa: E402
-from tvm_hapm.target.config import HardwareConfig  # noqa: E402
-from tvm_hapm.target.isa import AluOp, Buffer, Instruction, Opcode  # noqa: E402
+from tvm_hapm.runtime.simulator import ExecutionStats, Simulator, SimulatorError
+from tvm_hapm.target.config import HardwareConfig
+from tvm_hapm.target.isa import AluOp, Buffer, Instruction, Opcode
 
 # A small, deliberately non-square machine: a transposed weight block cannot go unnoticed.
 R, C = 4, 3

@@ -710,22 +710,24 @@ class _Emitter(_Rebuilder):
         # an all-zero channel (e.g. pruned) gets the largest scale of the layer, so it neither
         # widens the shared requantization shift nor overflows its (bias-only) accumulator
         s_w[zero] = s_w[~zero].max() if (~zero).any() else 1.0 / w_hi
+        # The accumulator of a channel is bounded by in_peak * sum|wq| + |bq| with
+        # |wq| <= |w| / s_w + 1/2 and |bq| <= |b| / (s_in * s_w) + 1/2; wide (int16) configs can
+        # exceed int32, so the smallest scale keeping that bound below acc_max is enforced
+        # (int8 layers never reach it).
         acc_max = float((1 << (cfg.acc_bits - 1)) - 1)
         in_peak = float(1 << (cfg.act_bits - 1))
-        for _ in range(16):
-            wq = np.clip(np.round(flat / s_w[:, None]), -w_hi, w_hi)
-            bq = np.round(bias / (s_in * s_w)) if bias is not None else np.zeros_like(s_w)
-            bound = in_peak * np.abs(wq).sum(axis=1) + np.abs(bq)
-            over = bound > acc_max
-            if not over.any():
-                break
-            # wide (int16) configs: coarsen the channel until no input can overflow int32
-            s_w = np.where(over, s_w * (bound / acc_max) * (1 + 1e-9), s_w)
-        else:
-            raise QuantizeError("cannot fit the accumulator of a layer into int32")
+        room = acc_max - in_peak * 0.5 * flat.shape[1] - 0.5
+        if room <= 0:
+            raise QuantizeError(
+                f"a reduction of {flat.shape[1]} {cfg.act_dtype} products cannot fit the "
+                f"int{cfg.acc_bits} accumulator"
+            )
+        b_abs = np.abs(bias) if bias is not None else 0.0
+        s_w = np.maximum(s_w, (in_peak * np.abs(flat).sum(axis=1) + b_abs / s_in) / room)
+        wq = np.clip(np.round(flat / s_w[:, None]), -w_hi, w_hi)
+        bq = np.round(bias / (s_in * s_w)) if bias is not None else None
         wq = wq.reshape(w.shape).astype(cfg.weight_dtype)
-        bq = bq.astype(np.int32) if bias is not None else None
-        return wq, bq, s_w
+        return wq, (bq.astype(np.int32) if bq is not None else None), s_w
 
     # ---------------------------------------------------------------- steps
     def emit_steps(self) -> None:

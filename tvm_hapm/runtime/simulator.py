@@ -421,7 +421,7 @@ class Simulator:
                         f"[{lo}, {hi}]",
                     )
 
-            if op == Opcode.LOAD or op == Opcode.STORE:
+            if op in (Opcode.LOAD, Opcode.STORE):
                 buf = insn.buffer
                 if buf > Buffer.ACC:
                     raise err(idx, insn, f"unknown buffer {buf}")
@@ -841,7 +841,7 @@ class Simulator:
                 )
             # Round half up: add 2**(k-1) before the arithmetic shift; (1 << k) >> 1 is 0 for
             # k = 0, which leaves the value unchanged.  The sum fits easily in int64.
-            return (value >> operand).astype(np.int32)
+            return ((value + ((1 << operand) >> 1)) >> operand).astype(np.int32)
         if op == AluOp.MIN:
             return np.minimum(value, operand).astype(np.int32)
         if op == AluOp.MAX:

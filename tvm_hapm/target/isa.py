@@ -278,7 +278,9 @@ def disassemble(insn: Instruction) -> str:
             else f"bits{insn.elem_bits_code}"
         )
         pads = (insn.y_pad_top, insn.y_pad_bottom, insn.x_pad_left, insn.x_pad_right)
-        pad = f" pad={','.join(map(str, pads))}{' min' if insn.pad_min else ''}" if any(pads) else ""
+        pad = (
+            f" pad={','.join(map(str, pads))}{' min' if insn.pad_min else ''}" if any(pads) else ""
+        )
         arrow = (
             f"{buf}[{insn.sram_addr}] <- dram{insn.dram_slot}.{width}[{insn.dram_addr}]"
             if op == Opcode.LOAD

@@ -1,0 +1,228 @@
+"""Tests of the ``hapm`` command line (in-process through ``main``, plus one console-script run)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tvm_hapm
+from tvm_hapm.cli import main
+from tvm_hapm.data import BUNDLED_MODEL, load_digits
+from tvm_hapm.target.program import Program
+
+tvm = pytest.importorskip("tvm")
+from tvm import relax
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits(size=16, channels=1)
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory, digits):
+    """Calibration data (24 training images) and an input file (6 test images)."""
+    x_train, _, x_test, _ = digits
+    d = tmp_path_factory.mktemp("data")
+    np.save(d / "calib.npy", x_train[:24])
+    np.save(d / "x.npy", x_test[:6])
+    return d
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory, data_files):
+    """``hapm compile`` of the bundled model with 4 calibration samples."""
+    out = tmp_path_factory.mktemp("compiled") / "out"
+    rc = main(
+        [
+            "compile",
+            str(BUNDLED_MODEL),
+            "--calibration",
+            str(data_files / "calib.npy"),
+            "--calibration-samples",
+            "4",
+            "-o",
+            str(out),
+        ]
+    )
+    assert rc == 0
+    return out
+
+
+def test_compile_writes_artifacts(compiled):
+    assert (compiled / "model.so").is_file()
+    report = json.loads((compiled / "report.json").read_text())
+    assert report["config"]["name"] == "zedboard"
+    assert report["input"] == {"name": "input", "shape": [1, 1, 16, 16], "dtype": "float32"}
+    assert report["calibration"]["samples"] == 4
+    kinds = [row["kind"] for row in report["accelerator"]]
+    assert kinds.count("conv2d") == 2 and "dense" in kinds
+    assert report["host"], "quantize/dequantize of the float input and output run on the host"
+    for row in report["accelerator"]:
+        prog = Program.from_bytes((compiled / row["program"]).read_bytes())
+        assert prog.layer == row["layer"]
+        assert len(prog.instructions) == row["instructions"] == sum(row["by_opcode"].values())
+        listing = (compiled / "programs" / f"{row['layer']}.s").read_text()
+        assert listing.startswith(f"; layer {row['layer']}")
+
+
+def test_run_matches_direct_execution(compiled, data_files, tmp_path, capsys):
+    y_path = tmp_path / "y.npy"
+    rc = main(["run", str(compiled), "--input", str(data_files / "x.npy"), "--output", str(y_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "output shape (6, 10)" in out and "argmax" in out
+    assert "000_conv2d" in out and "total" in out
+    y = np.load(y_path)
+
+    # The same library loaded and run directly, one sample at a time (the model's batch is 1).
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(compiled / "model.so")), tvm.cpu())
+    x = np.load(data_files / "x.npy")
+    direct = np.concatenate([vm["main"](tvm.runtime.tensor(x[i : i + 1])).numpy() for i in range(6)])
+    np.testing.assert_array_equal(y, direct)
+    stats = tvm_hapm.runtime.last_run_stats()
+    assert f"{stats.macs:,}" in out.replace(f"{6 * stats.macs:,}", "") or stats.macs > 0
+    assert f"{6 * stats.macs:,}" in out  # totals of the 6 runs
+
+
+def test_run_single_sample_without_batch_axis(compiled, digits, tmp_path, capsys):
+    np.save(tmp_path / "x1.npy", digits[2][0])  # (1, 16, 16)
+    assert main(["run", str(compiled), "--input", str(tmp_path / "x1.npy")]) == 0
+    assert np.load(compiled / "output.npy").shape == (1, 10)
+    assert "output shape (1, 10)" in capsys.readouterr().out
+
+
+def test_disasm_file_and_directory(compiled, capsys):
+    first = sorted((compiled / "programs").glob("*.hapm"))[0]
+    prog = Program.from_bytes(first.read_bytes())
+    assert main(["disasm", str(first)]) == 0
+    out = capsys.readouterr().out
+    assert f"layer {prog.layer}" in out and f"config {prog.config.name}" in out
+    assert "dram0:" in out
+    numbered = [ln for ln in out.splitlines() if ln.split(":")[0].strip().isdigit()]
+    assert len(numbered) == len(prog.instructions)
+    assert numbered[-1].split(":", 1)[1].strip().startswith("finish")
+    # The .s file written by compile is the same listing with the header commented out.
+    listing = first.with_suffix(".s").read_text()
+    assert [ln for ln in listing.splitlines() if not ln.startswith(";")] == numbered
+
+    assert main(["disasm", str(compiled)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("layer ") == len(list((compiled / "programs").glob("*.hapm")))
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_malformed_onnx(tmp_path, data_files, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not a protobuf")
+    rc = main(["compile", str(bad), "--calibration", str(data_files / "calib.npy"), "-o", "x"])
+    assert rc == 2
+    assert "not a valid ONNX model" in _error(capsys)
+    assert not Path("x").exists()
+
+
+def test_missing_files(tmp_path, data_files, compiled, capsys):
+    calib = str(data_files / "calib.npy")
+    out = str(tmp_path / "o")
+    assert main(["compile", str(tmp_path / "nope.onnx"), "--calibration", calib, "-o", out]) == 2
+    assert "ONNX model not found" in _error(capsys)
+    missing = str(tmp_path / "nope.npy")
+    assert main(["compile", str(BUNDLED_MODEL), "--calibration", missing, "-o", out]) == 2
+    assert "calibration file not found" in _error(capsys)
+    assert main(["run", str(tmp_path / "nodir"), "--input", calib]) == 2
+    assert "not found" in _error(capsys)
+    assert main(["run", str(compiled), "--input", missing]) == 2
+    assert "input file not found" in _error(capsys)
+    assert main(["disasm", str(tmp_path / "nope.hapm")]) == 2
+    assert "not found" in _error(capsys)
+
+
+def test_wrong_data_shape(tmp_path, compiled, capsys):
+    np.save(tmp_path / "wrong.npy", np.zeros((4, 1, 8, 8), np.float32))
+    rc = main(
+        [
+            "compile",
+            str(BUNDLED_MODEL),
+            "--calibration",
+            str(tmp_path / "wrong.npy"),
+            "-o",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert rc == 2
+    assert "expects (1, 1, 16, 16)" in _error(capsys)
+    assert main(["run", str(compiled), "--input", str(tmp_path / "wrong.npy")]) == 2
+    assert "expects (1, 1, 16, 16)" in _error(capsys)
+
+
+def test_unknown_target_and_bad_config(tmp_path, data_files, capsys):
+    base = ["compile", str(BUNDLED_MODEL), "--calibration", str(data_files / "calib.npy")]
+    base += ["-o", str(tmp_path / "o")]
+    assert main([*base, "--target", "hapm_fpga-nosuchboard"]) == 2
+    assert "unknown target 'hapm_fpga-nosuchboard'" in _error(capsys)
+    assert main([*base, "--target", "llvm"]) == 2
+    assert "unknown target" in _error(capsys)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text('{"name": "cli-test", "num_arrays": 0}')
+    assert main([*base, "--config", str(cfg)]) == 2
+    assert "num_arrays" in _error(capsys)
+    assert not (tmp_path / "o").exists()
+
+
+def test_custom_config(tmp_path, data_files):
+    cfg = tvm_hapm.get_config("zybo-z7-10").replace(name="cli-test-small", num_arrays=1)
+    (tmp_path / "cfg.json").write_text(cfg.to_json())
+    out = tmp_path / "o"
+    base = ["compile", str(BUNDLED_MODEL), "--calibration", str(data_files / "calib.npy")]
+    assert main([*base, "--calibration-samples", "2", "--config", str(tmp_path / "cfg.json")] + ["-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["name"] == "cli-test-small"
+    prog = Program.from_bytes((out / report["accelerator"][0]["program"]).read_bytes())
+    assert prog.config.num_arrays == 1
+
+
+def test_malformed_program(tmp_path, capsys):
+    bad = tmp_path / "bad.hapm"
+    bad.write_bytes(b"HAPMPRG1\x05\x00")
+    assert main(["disasm", str(bad)]) == 2
+    assert "not a valid hapm_fpga program" in _error(capsys)
+
+
+def test_usage_error_exit_code(capsys):
+    assert main(["no-such-command"]) == 2
+    assert main([]) == 2
+    capsys.readouterr()
+
+
+def test_presets_console_script():
+    exe = Path(sys.executable).parent / "hapm"
+    cmd = [str(exe)] if exe.exists() else [shutil.which("hapm") or "hapm"]
+    proc = subprocess.run([*cmd, "presets"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in tvm_hapm.target.PRESETS:
+        assert name in proc.stdout
+    assert "peak GOPS" in proc.stdout and "hapm_fpga-zcu104" in proc.stdout
+
+
+@pytest.mark.slow
+def test_demo(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "450 test images" in out and "top-1 agreement" in out
+    assert "000_conv2d" in out and "host" in out
+    accuracies = [float(ln.split("│")[-2].strip().rstrip("%")) for ln in out.splitlines() if "%" in ln]
+    assert len(accuracies) == 3 and min(accuracies) > 95.0
+    assert (tmp_path / "demo" / "model.so").is_file()

@@ -1,0 +1,799 @@
+"""The ``hapm`` command line: compile ONNX models for hapm_fpga, run them, read their programs.
+
+Subcommands
+-----------
+``hapm compile MODEL.onnx --calibration DATA.npy -o OUT/``
+    Import an ONNX model, quantize it with calibration samples and compile it for a hapm_fpga
+    target.  Writes ``OUT/model.so`` (a TVM Relax executable), ``OUT/programs/<layer>.hapm`` and
+    ``<layer>.s`` (the accelerator programs, binary and disassembled) and ``OUT/report.json``.
+``hapm run OUT/ --input X.npy [--output Y.npy]``
+    Load ``OUT/model.so``, run it on ``X`` and print the accelerator statistics of the run.
+``hapm disasm FILE.hapm|DIR``
+    Print the header and the numbered instructions of accelerator programs.
+``hapm demo [--out DIR]``
+    Quantize, compile and evaluate the bundled digits CNN on the bundled test set.
+``hapm presets``
+    List the hardware presets.
+
+User errors (missing or malformed files, data of the wrong shape, unknown targets) print one
+line on standard error and exit with status 2; no traceback is shown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+__all__ = ["CliError", "main"]
+
+#: Exit status of a user error.
+EXIT_USER_ERROR = 2
+
+MODEL_LIB = "model.so"
+REPORT_JSON = "report.json"
+PROGRAM_DIR = "programs"
+
+
+class CliError(Exception):
+    """A user error: reported as one line on standard error, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------- progress
+@contextlib.contextmanager
+def _progress(console: Console) -> Iterator[Progress]:
+    """A rich progress display with one line per stage (spinner, bar, count, elapsed time)."""
+    progress = Progress(
+        SpinnerColumn(finished_text="[green]done[/]"),
+        TextColumn("{task.description:<28}"),
+        BarColumn(bar_width=24),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    with progress:
+        yield progress
+
+
+@contextlib.contextmanager
+def _stage(progress: Progress, description: str, total: int = 1):
+    """Show one stage; yields ``advance(n=1)``. The stage is completed when the block ends.
+
+    On an exception, the stage is marked as failed and the exception propagates.
+    """
+    task = progress.add_task(description, total=total)
+    try:
+        yield lambda n=1: progress.advance(task, n)
+    except BaseException:
+        progress.remove_task(task)  # the error message says what failed
+        raise
+    progress.update(task, completed=total)
+    progress.stop_task(task)
+
+
+# ---------------------------------------------------------------------------------- loading
+def _existing_file(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise CliError(f"{what} not found: {p}")
+    if not p.is_file():
+        raise CliError(f"{what} is not a file: {p}")
+    return p
+
+
+def load_onnx(path: str | Path):
+    """Load and check an ONNX model.
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.onnx`` file.
+
+    Returns
+    -------
+    onnx.ModelProto
+
+    Raises
+    ------
+    CliError
+        The file is missing, cannot be parsed or fails ``onnx.checker``.
+    """
+    import onnx  # noqa: PLC0415
+
+    p = _existing_file(path, "ONNX model")
+    try:
+        model = onnx.load(str(p))
+        onnx.checker.check_model(model)
+    except Exception as err:  # noqa: BLE001 - protobuf and checker raise many types
+        raise CliError(f"{p} is not a valid ONNX model: {_one_line(err)}") from None
+    if not model.graph.node:
+        raise CliError(f"{p} is not a valid ONNX model: the graph has no nodes")
+    return model
+
+
+def model_input(model) -> tuple[str, list, str]:
+    """The single graph input of an ONNX model: ``(name, shape, dtype)``.
+
+    Dimensions without a fixed size are returned as their symbolic name (a string).
+    """
+    import onnx  # noqa: PLC0415
+
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        names = [i.name for i in inputs]
+        raise CliError(f"hapm supports models with one input; this model has {len(names)}: {names}")
+    tt = inputs[0].type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+    return inputs[0].name, shape, dtype
+
+
+def fix_batch(model, batch: int):
+    """Fix a symbolic leading (batch) dimension of the model's input and output to ``batch``."""
+    from .data import set_batch  # noqa: PLC0415
+
+    _, shape, _ = model_input(model)
+    if any(isinstance(d, str) for d in shape[1:]):
+        raise CliError(f"the model input has symbolic dimensions beyond the batch: {shape}")
+    if shape and isinstance(shape[0], str):
+        return set_batch(model, batch)
+    return model
+
+
+def import_onnx(model):
+    """Import an ONNX model into Relax; unsupported models raise :class:`CliError`."""
+    from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
+
+    try:
+        return from_onnx(model)
+    except Exception as err:  # noqa: BLE001 - the frontend raises many types
+        raise CliError(f"cannot import the ONNX model into TVM: {_one_line(err)}") from None
+
+
+def load_npy(path: str | Path, what: str = "data") -> np.ndarray:
+    """Load a numeric ``.npy`` array (no pickles).
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``.npy`` file.
+    what : str
+        What the file is, for error messages.
+
+    Returns
+    -------
+    numpy.ndarray
+    """
+    p = _existing_file(path, f"{what} file")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except Exception as err:  # noqa: BLE001 - ValueError, OSError, EOFError, ...
+        raise CliError(f"{p} is not a valid .npy file: {_one_line(err)}") from None
+    if not isinstance(arr, np.ndarray):
+        raise CliError(f"{p} holds several arrays (.npz); give a single-array .npy file")
+    if arr.dtype.kind not in "biuf":
+        raise CliError(f"{p}: expected a numeric array, got dtype {arr.dtype}")
+    return arr
+
+
+def _cast(x: np.ndarray, dtype: str, what: str) -> np.ndarray:
+    if x.dtype == np.dtype(dtype):
+        return np.ascontiguousarray(x)
+    if np.dtype(dtype).kind == "f":
+        return np.ascontiguousarray(x, dtype=dtype)
+    raise CliError(f"{what} has dtype {x.dtype} but the model expects {dtype}")
+
+
+def batches(x: np.ndarray, shape: list, dtype: str, what: str, limit: int | None = None) -> list:
+    """Split ``x`` into arrays of the model's input ``shape``.
+
+    ``x`` may be one sample without the batch axis, exactly one model input, or a stack of
+    samples whose count is a multiple of the model's batch.  ``limit`` keeps the first ``limit``
+    samples (at least one batch).
+    """
+    shape = [int(s) for s in shape]
+    batch = shape[0] if shape else 1
+    if list(x.shape) == shape[1:] and batch == 1:
+        x = x[None]
+    if list(x.shape[1:]) != shape[1:] or x.shape[0] < batch:
+        raise CliError(
+            f"{what} has shape {tuple(x.shape)}, but the model input expects {tuple(shape)} "
+            f"(N samples of {tuple(shape[1:])}, N a multiple of the batch {batch})"
+        )
+    if limit is not None:
+        x = x[: max(limit, batch)]
+    if x.shape[0] % batch:
+        if limit is None:
+            raise CliError(
+                f"{what} has {x.shape[0]} samples, not a multiple of the model's batch {batch}"
+            )
+        x = x[: x.shape[0] - x.shape[0] % batch]
+    x = _cast(x, dtype, what)
+    return [x[i : i + batch] for i in range(0, x.shape[0], batch)]
+
+
+# ---------------------------------------------------------------------------------- compiling
+def resolve_target(target: str | None, config: str | None):
+    """The TVM target and hardware config of ``--target`` / ``--config``.
+
+    Returns
+    -------
+    (tvm.target.Target, HardwareConfig)
+    """
+    from .target.config import HardwareConfig, HardwareConfigError, get_config, is_hapm_target  # noqa: PLC0415
+    from .target.tag import hapm_target  # noqa: PLC0415
+
+    try:
+        if config is not None:
+            cfg = HardwareConfig.from_json(_existing_file(config, "hardware config"))
+            return hapm_target(cfg), cfg
+        name = target or "hapm_fpga"
+        if not is_hapm_target(name):
+            raise CliError(f"unknown target {name!r}; known: {', '.join(known_targets())}")
+        tgt = _tvm().target.Target(name)
+        return tgt, get_config(tgt)
+    except HardwareConfigError as err:
+        raise CliError(str(err)) from None
+
+
+def known_targets() -> list[str]:
+    """The hapm_fpga target tags: ``hapm_fpga`` and ``hapm_fpga-<config>``."""
+    from .target.config import list_configs  # noqa: PLC0415
+
+    return ["hapm_fpga"] + [f"hapm_fpga-{n}" for n in list_configs()]
+
+
+def quantize_module(mod, calibration: list, config):
+    """:func:`tvm_hapm.quantize` for ``config``; models it cannot handle raise :class:`CliError`."""
+    from .passes.quantize import QuantizeError, quantize  # noqa: PLC0415
+
+    try:
+        return quantize(mod, calibration, config)
+    except QuantizeError as err:
+        raise CliError(f"cannot quantize the model: {_one_line(err)}") from None
+
+
+def compile_model(qmod, target, config) -> tuple:
+    """Compile a quantized module for a hapm_fpga target, collecting the accelerator programs.
+
+    Returns
+    -------
+    (executable, programs, report)
+        The Relax executable, the generated :class:`~tvm_hapm.target.program.Program` objects
+        and a copy of :func:`tvm_hapm.passes.last_compile_report`.
+    """
+    from .passes import hapm_pipeline, last_compile_report  # noqa: PLC0415
+    from .passes.lower import LoweringError  # noqa: PLC0415
+
+    programs: list = []
+    try:
+        ex = _tvm().compile(qmod, target=target, relax_pipeline=hapm_pipeline(config, programs))
+    except LoweringError as err:
+        raise CliError(f"cannot compile for {config.name}: {_one_line(err)}") from None
+    return ex, programs, dict(last_compile_report())
+
+
+def _tvm():
+    import tvm  # noqa: PLC0415
+
+    from . import passes, runtime, target  # noqa: F401, PLC0415  (registrations)
+
+    return tvm
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "layer"
+
+
+def write_programs(programs: list, out_dir: Path) -> list[dict]:
+    """Write ``<layer>.hapm`` and ``<layer>.s`` for every program; returns one row per layer."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = program_rows(programs)
+    for prog, row in zip(programs, rows, strict=True):
+        stem = _safe_name(prog.layer)
+        (out_dir / f"{stem}.hapm").write_bytes(prog.to_bytes())
+        (out_dir / f"{stem}.s").write_text(program_listing(prog, comment="; "))
+        row["program"] = f"{PROGRAM_DIR}/{stem}.hapm"
+    return rows
+
+
+def _opcode_counts(instructions) -> dict:
+    counts: dict = {}
+    for insn in instructions:
+        counts[insn.opcode.name] = counts.get(insn.opcode.name, 0) + 1
+    return counts
+
+
+def write_artifacts(out: Path, ex, programs, config, *, report: dict, extra: dict) -> dict:
+    """Write ``model.so``, the programs and ``report.json`` into ``out``; returns the report."""
+    import tvm  # noqa: PLC0415
+
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        ex.export_library(str(out / MODEL_LIB))
+    except Exception as err:  # noqa: BLE001 - the system compiler/linker may be missing
+        raise CliError(f"cannot export {out / MODEL_LIB}: {_one_line(err)}") from None
+    layers = write_programs(programs, out / PROGRAM_DIR)
+    full = {
+        **extra,
+        "config": config.to_dict(),
+        "accelerator": layers,
+        "host": dict(report.get("host", {})),
+        "tvm_version": tvm.__version__,
+    }
+    (out / REPORT_JSON).write_text(json.dumps(full, indent=2, default=_json_default) + "\n")
+    return full
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return str(obj)
+
+
+# ---------------------------------------------------------------------------------- tables
+def placement_table(accelerator: list[dict], host: dict, title: str = "What runs where") -> Table:
+    """Accelerator layers (kind, instructions) and host operators (count)."""
+    table = Table(title=title)
+    table.add_column("where")
+    table.add_column("layer / operator")
+    table.add_column("kind")
+    table.add_column("instructions", justify="right")
+    table.add_column("count", justify="right")
+    for row in accelerator:
+        table.add_row(
+            "[cyan]accelerator[/]",
+            row["layer"],
+            row.get("kind", ""),
+            f"{row.get('instructions', 0):,}",
+            "1",
+        )
+    if accelerator and host:
+        table.add_section()
+    for op, count in host.items():
+        table.add_row("[yellow]host[/]", op.removeprefix("relax."), "operator", "", str(count))
+    return table
+
+
+def run_stats_table(layers: list, title: str = "Accelerator statistics") -> Table:
+    """Per-layer instructions, MACs and DRAM bytes of :class:`ExecutionStats` objects."""
+    from .runtime import ExecutionStats  # noqa: PLC0415
+
+    table = Table(title=title)
+    for col in ("layer", "instructions", "MACs", "DRAM read", "DRAM written", "DRAM total"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+
+    def add(s, style=None):
+        table.add_row(
+            s.layer,
+            f"{s.instructions:,}",
+            f"{s.macs:,}",
+            f"{s.dram_bytes_read:,}",
+            f"{s.dram_bytes_written:,}",
+            f"{s.dram_bytes:,}",
+            style=style,
+        )
+
+    for s in layers:
+        add(s)
+    if layers:
+        table.add_section()
+        add(ExecutionStats.total(layers, layer="total"), style="bold")
+    return table
+
+
+def _merge_by_layer(runs: list[list]) -> list:
+    """Sum the per-layer stats of several runs (e.g. the batches of one input file)."""
+    merged: dict = {}
+    for layers in runs:
+        for s in layers:
+            merged[s.layer] = merged[s.layer] + s if s.layer in merged else s
+    return list(merged.values())
+
+
+# ---------------------------------------------------------------------------------- listing
+def program_listing(prog, comment: str = "") -> str:
+    """The header (layer, config, slots) and the numbered instructions of a program."""
+    from .target import isa  # noqa: PLC0415
+
+    cfg = prog.config
+    lines = [
+        f"layer {prog.layer} (index {prog.layer_index}, {prog.info.get('kind', '?')})",
+        f"config {cfg.name}: {cfg.num_arrays} arrays of {cfg.array_rows}x{cfg.array_cols}, "
+        f"int{cfg.weight_bits} weights, int{cfg.act_bits} activations",
+        f"slots ({len(prog.slots)}):",
+    ]
+    width = max((len(s.name) for s in prog.slots), default=0)
+    for i, s in enumerate(prog.slots):
+        vec = f" V={s.vector}" if s.packing == "act" else ""
+        lines.append(
+            f"  dram{i}: {s.name:<{width}} {s.role:<6} {s.dtype}{list(s.shape)} {s.packing}{vec}"
+        )
+    lines.append(f"instructions ({len(prog.instructions)}):")
+    header = [comment + line for line in lines]
+    width = len(str(max(len(prog.instructions) - 1, 0)))
+    body = [f"{i:>{width}}: {isa.disassemble(insn)}" for i, insn in enumerate(prog.instructions)]
+    return "\n".join(header + body) + "\n"
+
+
+def read_program(path: Path):
+    """Read a ``.hapm`` program; malformed files raise :class:`CliError`."""
+    from .target.isa import IsaError  # noqa: PLC0415
+    from .target.program import Program, ProgramError  # noqa: PLC0415
+
+    try:
+        return Program.from_bytes(path.read_bytes())
+    except (ProgramError, IsaError, ValueError) as err:
+        raise CliError(f"{path} is not a valid hapm_fpga program: {_one_line(err)}") from None
+
+
+# ---------------------------------------------------------------------------------- commands
+def cmd_compile(args, console: Console) -> int:
+    """``hapm compile``: import, quantize, compile, write the artifacts and a summary."""
+    tgt, cfg = resolve_target(args.target, args.config)
+    if args.calibration_samples < 1:
+        raise CliError("--calibration-samples must be at least 1")
+    out = Path(args.output)
+    with _progress(console) as progress:
+        with _stage(progress, "import ONNX"):
+            model = fix_batch(load_onnx(args.model), args.batch)
+            name, shape, dtype = model_input(model)
+            calib = batches(
+                load_npy(args.calibration, "calibration"),
+                shape,
+                dtype,
+                f"calibration data {args.calibration}",
+                limit=args.calibration_samples,
+            )
+            mod = import_onnx(model)
+        with _stage(progress, f"quantize ({len(calib)} batches)"):
+            qmod = quantize_module(mod, calib, cfg)
+        with _stage(progress, f"compile for {cfg.name}"):
+            t0 = time.perf_counter()
+            ex, programs, report = compile_model(qmod, tgt, cfg)
+            seconds = time.perf_counter() - t0
+        with _stage(progress, "export"):
+            full = write_artifacts(
+                out,
+                ex,
+                programs,
+                cfg,
+                report=report,
+                extra={
+                    "model": str(args.model),
+                    "target": str(tgt.attrs.get("model", cfg.name)),
+                    "input": {"name": name, "shape": [int(s) for s in shape], "dtype": dtype},
+                    "calibration": {
+                        "file": str(args.calibration),
+                        "samples": sum(int(b.shape[0]) for b in calib),
+                    },
+                    "compile_seconds": round(seconds, 3),
+                },
+            )
+    console.print(placement_table(full["accelerator"], full["host"]))
+    total = sum(r["instructions"] for r in full["accelerator"])
+    console.print(
+        f"{len(full['accelerator'])} accelerator layers, {total:,} instructions; "
+        f"wrote {out / MODEL_LIB}, {out / PROGRAM_DIR}/, {out / REPORT_JSON}"
+    )
+    return 0
+
+
+def load_compiled(out: Path):
+    """Load ``OUT/model.so`` into a Relax VM; returns ``(vm, report or None)``."""
+    if not out.is_dir():
+        raise CliError(f"compiled model directory not found: {out}")
+    lib = _existing_file(out / MODEL_LIB, "compiled model")
+    tvm = _tvm()
+    try:
+        loaded = tvm.runtime.load_module(str(lib))
+        vm = tvm.relax.VirtualMachine(loaded, tvm.cpu())
+    except Exception as err:  # noqa: BLE001 - dlopen / VM errors
+        raise CliError(f"cannot load {lib}: {_one_line(err)}") from None
+    report = None
+    if (out / REPORT_JSON).is_file():
+        try:
+            report = json.loads((out / REPORT_JSON).read_text())
+        except json.JSONDecodeError as err:
+            raise CliError(f"{out / REPORT_JSON} is not valid JSON: {err}") from None
+    return vm, report
+
+
+def _to_numpy(result) -> np.ndarray:
+    if hasattr(result, "numpy"):
+        return result.numpy()
+    items = list(result)
+    if len(items) != 1:
+        raise CliError(f"the model returns {len(items)} outputs; hapm run supports one")
+    return _to_numpy(items[0])
+
+
+def run_batches(vm, inputs: list, advance=None) -> tuple[np.ndarray, list]:
+    """Run ``vm["main"]`` on each input; returns the concatenated output and per-run stats."""
+    from .runtime import last_run_stats  # noqa: PLC0415
+
+    tvm = _tvm()
+    outs, runs = [], []
+    for x in inputs:
+        outs.append(_to_numpy(vm["main"](tvm.runtime.tensor(x))))
+        runs.append(list(last_run_stats().layers))
+        if advance is not None:
+            advance()
+    return np.concatenate(outs, axis=0), runs
+
+
+def cmd_run(args, console: Console) -> int:
+    """``hapm run``: run a compiled model on a .npy input and print the accelerator stats."""
+    out = Path(args.model_dir)
+    x = load_npy(args.input, "input")
+    with _progress(console) as progress:
+        with _stage(progress, "load model"):
+            vm, report = load_compiled(out)
+        if report is not None and "input" in report:
+            spec = report["input"]
+            inputs = batches(x, spec["shape"], spec["dtype"], f"input {args.input}")
+        else:
+            inputs = [x]
+        with _stage(progress, "run", total=len(inputs)) as advance:
+            try:
+                y, runs = run_batches(vm, inputs, advance)
+            except CliError:
+                raise
+            except Exception as err:  # noqa: BLE001 - shape/type errors raised by the VM
+                raise CliError(f"running the model failed: {_one_line(err)}") from None
+    console.print(f"output shape {tuple(y.shape)}, dtype {y.dtype}")
+    if y.ndim == 2:
+        top = y.argmax(axis=1)
+        shown = " ".join(map(str, top[:32])) + (" ..." if len(top) > 32 else "")
+        console.print(f"argmax: {shown}")
+    title = "Accelerator statistics" + (f" ({len(runs)} runs)" if len(runs) > 1 else "")
+    console.print(run_stats_table(_merge_by_layer(runs), title=title))
+    dest = Path(args.output) if args.output else out / "output.npy"
+    np.save(dest, y)
+    console.print(f"saved the output to {dest}")
+    return 0
+
+
+def cmd_disasm(args, console: Console) -> int:
+    """``hapm disasm``: print programs (a .hapm file or every .hapm file of a directory)."""
+    path = Path(args.path)
+    if path.is_dir():
+        files = sorted(path.glob("*.hapm")) or sorted((path / PROGRAM_DIR).glob("*.hapm"))
+        if not files:
+            raise CliError(f"no .hapm programs in {path}")
+    else:
+        files = [_existing_file(path, "program")]
+    texts = [program_listing(read_program(f)) for f in files]
+    console.print("\n".join(texts), markup=False, highlight=False, end="")
+    return 0
+
+
+def cmd_presets(args, console: Console) -> int:
+    """``hapm presets``: the hardware presets as a table."""
+    from .target.config import DEFAULT_PRESET, PRESETS  # noqa: PLC0415
+
+    table = Table(title=f"hapm_fpga hardware presets (default: {DEFAULT_PRESET})")
+    cols = ["preset", "board", "part", "arrays", "RxC", "MACs/cycle", "inp/wgt/acc KiB"]
+    cols += ["bandwidth", "clock", "peak GOPS"]
+    for col in cols:
+        table.add_column(col, justify="right" if col not in ("preset", "board", "part") else "left")
+    for name, c in PRESETS.items():
+        gbs = c.dram_bytes_per_cycle * c.clock_mhz / 1e3
+        table.add_row(
+            name,
+            c.board,
+            c.part,
+            str(c.num_arrays),
+            f"{c.array_rows}x{c.array_cols}",
+            f"{c.macs_per_cycle:,}",
+            "/".join(
+                str(b // 1024) for b in (c.inp_buffer_bytes, c.wgt_buffer_bytes, c.acc_buffer_bytes)
+            ),
+            f"{c.dram_bytes_per_cycle} B/cycle ({gbs:.1f} GB/s)",
+            f"{c.clock_mhz:g} MHz",
+            f"{c.peak_gops:.1f}",
+        )
+    console.print(table)
+    console.print("targets: " + ", ".join(known_targets()))
+    return 0
+
+
+def cmd_demo(args, console: Console) -> int:
+    """``hapm demo``: the bundled digits CNN, float vs int8 on hapm_fpga, on the test split."""
+    from .data import load_bundled_model, load_digits  # noqa: PLC0415
+
+    batch, calib_samples = args.batch, 32
+    if not 1 <= batch <= 450:
+        raise CliError(f"--batch must be in [1, 450], got {batch}")
+    tvm = _tvm()
+    tgt, cfg = resolve_target("hapm_fpga", None)
+    with _progress(console) as progress:
+        with _stage(progress, "import model and data"):
+            x_train, _, x_test, y_test = load_digits(size=16, channels=1)
+            mod = import_onnx(load_bundled_model(batch=batch))
+            # The last batch is padded with repeated images whose outputs are dropped.
+            test_batches = [
+                _fill_batch(x_test[i : i + batch], batch) for i in range(0, len(x_test), batch)
+            ]
+        with _stage(progress, f"quantize ({calib_samples} samples)"):
+            qmod = quantize_module(mod, [_fill_batch(x_train[:calib_samples], batch)], cfg)
+        with _stage(progress, f"compile for {cfg.name} + llvm"):
+            ex, programs, report = compile_model(qmod, tgt, cfg)
+            float_ex = tvm.compile(mod, "llvm")
+        if args.out:  # export before a VM loads the executable
+            with _stage(progress, "export"):
+                write_artifacts(
+                    Path(args.out),
+                    ex,
+                    programs,
+                    cfg,
+                    report=report,
+                    extra={
+                        "model": "bundled digits CNN",
+                        "input": {"name": "input", "shape": [batch, 1, 16, 16], "dtype": "float32"},
+                        "calibration": {"file": "digits train split", "samples": calib_samples},
+                    },
+                )
+        with _stage(progress, "run float (llvm)", total=len(test_batches)) as advance:
+            vm = tvm.relax.VirtualMachine(float_ex, tvm.cpu())
+            y_float, _ = run_batches(vm, test_batches, advance)
+        with _stage(progress, "run int8 (hapm_fpga)", total=len(test_batches)) as advance:
+            vm = tvm.relax.VirtualMachine(ex, tvm.cpu())
+            y_int8, runs = run_batches(vm, test_batches, advance)
+    n = len(y_test)
+    console.print(_accuracy_table(y_float[:n], y_int8[:n], y_test))
+    console.print(placement_table(program_rows(programs), report.get("host", {})))
+    console.print(
+        run_stats_table(runs[0], title=f"Accelerator statistics of one run (batch {batch})")
+    )
+    if args.out:
+        console.print(f"wrote the compiled model to {args.out}")
+    return 0
+
+
+def program_rows(programs) -> list[dict]:
+    """One placement row per program: layer, kind, instruction count and per-opcode counts."""
+    return [
+        {
+            "layer": p.layer,
+            "kind": p.info.get("kind", ""),
+            "instructions": len(p.instructions),
+            "by_opcode": _opcode_counts(p.instructions),
+        }
+        for p in programs
+    ]
+
+
+def _fill_batch(x: np.ndarray, batch: int) -> np.ndarray:
+    """Repeat the samples of ``x`` cyclically to fill a batch of ``batch``.
+
+    Used for calibration (a max-abs calibration sees exactly the statistics of ``x``) and to pad
+    the last test batch.
+    """
+    idx = np.arange(batch) % len(x)
+    return np.ascontiguousarray(x[idx])
+
+
+def _accuracy_table(y_float, y_int8, labels) -> Table:
+    top_f, top_q = y_float.argmax(1), y_int8.argmax(1)
+    table = Table(title=f"Digits CNN, {len(labels)} test images")
+    table.add_column("model")
+    table.add_column("accuracy", justify="right")
+    table.add_row("float32 (llvm)", f"{(top_f == labels).mean():.2%}")
+    table.add_row("int8 (hapm_fpga)", f"{(top_q == labels).mean():.2%}")
+    table.add_row("top-1 agreement float vs int8", f"{(top_f == top_q).mean():.2%}")
+    return table
+
+
+# ---------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hapm`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="hapm",
+        description="Compile and run ONNX CNNs on the (simulated) hapm_fpga accelerator.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compile", help="quantize and compile an ONNX model for hapm_fpga")
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("--calibration", required=True, metavar="DATA.npy", help="calibration inputs")
+    p.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=16,
+        metavar="K",
+        help="use the first K samples of the calibration data (default 16)",
+    )
+    grp = p.add_mutually_exclusive_group()
+    grp.add_argument("--target", default=None, help="hapm_fpga target tag (default hapm_fpga)")
+    grp.add_argument("--config", default=None, metavar="CONFIG.json", help="custom hardware")
+    p.add_argument(
+        "--batch", type=int, default=1, help="batch size if the model's batch is symbolic"
+    )
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="run a compiled model on a .npy input")
+    p.add_argument("model_dir", metavar="OUT", help="directory written by hapm compile")
+    p.add_argument("--input", required=True, metavar="X.npy")
+    p.add_argument("--output", default=None, metavar="Y.npy", help="default OUT/output.npy")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("disasm", help="disassemble .hapm programs")
+    p.add_argument("path", metavar="FILE.hapm|DIR")
+    p.set_defaults(func=cmd_disasm)
+
+    p = sub.add_parser("demo", help="digits CNN: float vs int8 on the simulated accelerator")
+    p.add_argument("--out", default=None, metavar="DIR", help="also write the compiled model")
+    p.add_argument("--batch", type=int, default=50, help="batch size of the compiled model")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("presets", help="list the hardware presets")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    # TVM errors end with the useful line; others start with it.
+    line = lines[-1] if type(err).__module__.startswith("tvm") and lines else lines[0]
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``hapm`` command line.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name; defaults to ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        Exit status: 0 on success, 2 on a user error (usage, missing or malformed files,
+        wrong data shapes, unknown targets).
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (2) and --help (0)
+        return int(exc.code or 0)
+    # Off a terminal rich assumes 80 columns; the tables read better a little wider.
+    width = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120
+    console = Console(width=width)
+    try:
+        return int(args.func(args, console) or 0)
+    except CliError as err:
+        Console(stderr=True, soft_wrap=True).print(
+            f"[bold red]hapm {args.command}: error:[/] {escape(str(err))}", highlight=False
+        )
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
