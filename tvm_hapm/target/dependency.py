@@ -111,9 +111,10 @@ def insert_dependency_tokens(program: list[Instruction]) -> list[Instruction]:
 
     def emit(insn: Instruction) -> None:
         mod = module_of(insn)
-        flags = {f: 1 for f in pending[mod]}
-        pending[mod] = []
-        out.append(insn.replace(**flags))
+        if pending[mod]:
+            insn = insn.replace(**{f: 1 for f in pending[mod]})
+            pending[mod] = []
+        out.append(insn)
         last[mod] = len(out) - 1
         pushed[mod] = set()
 

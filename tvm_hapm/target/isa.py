@@ -174,10 +174,9 @@ class Instruction:
 
     def __post_init__(self):
         object.__setattr__(self, "opcode", Opcode(self.opcode))
-        used = {name for name, _ in LAYOUTS[self.opcode]}
-        for f in dataclasses.fields(self):
-            if f.name not in used and getattr(self, f.name) != 0:
-                raise IsaError(f"{self.opcode.name} has no field '{f.name}'")
+        for name in _UNUSED[self.opcode]:
+            if getattr(self, name) != 0:
+                raise IsaError(f"{self.opcode.name} has no field '{name}'")
 
     @property
     def elem_bits(self) -> int:
@@ -185,6 +184,13 @@ class Instruction:
 
     def replace(self, **changes) -> Instruction:
         return dataclasses.replace(self, **changes)
+
+
+# Fields an opcode does not encode (they must stay 0); computed once, checked on construction.
+_UNUSED = {
+    op: tuple(f.name for f in dataclasses.fields(Instruction) if f.name not in dict(layout))
+    for op, layout in LAYOUTS.items()
+}
 
 
 def module_of(insn: Instruction) -> Module:
