@@ -31,7 +31,7 @@ from onnx import TensorProto, helper, numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tvm_hapm.data import load_digits
+from tvm_hapm.data import load_digits  # noqa: E402  (after the sys.path entry)
 
 ARCH = [
     ("conv", {"cin": 1, "cout": 8, "k": 3, "pad": 1}),

@@ -96,7 +96,9 @@ def test_same_model_compiles_to_identical_streams():
     streams = []
     for _ in range(2):
         programs = []
-        tvm.compile(build_int_network(cfg), "hapm_fpga", relax_pipeline=hapm_pipeline(cfg, programs))
+        tvm.compile(
+            build_int_network(cfg), "hapm_fpga", relax_pipeline=hapm_pipeline(cfg, programs)
+        )
         streams.append(b"".join(p.to_bytes() for p in programs))
     assert len(streams[0]) > 1000
     assert streams[0] == streams[1]
@@ -145,9 +147,35 @@ def test_export_and_load_in_new_process(tmp_path):
         print(tvm_hapm.runtime.last_run_stats().instructions)
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout.strip().splitlines()[-1]) > 0
     loaded = np.load(tmp_path / "y.npz")
     for k, o in enumerate(out):
         np.testing.assert_array_equal(loaded[f"arr_{k}"], o)
+
+
+def test_large_tiles_split_alu_loops():
+    """A tile of more pixels than the ALU's inner loop field holds (zcu104, 40x40, 1x1 conv)."""
+    from tvm_hapm.passes import qops  # noqa: PLC0415
+
+    cfg = get_config("zcu104")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, 40, 40), "int8"))
+    rng = np.random.default_rng(3)
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            w = rng.integers(-127, 128, (16, 16, 1, 1)).astype("int8")
+            m, s = qops.choose_multiplier(rng.uniform(0.002, 0.01, 16))
+            y = qops.emit_conv2d(
+                bb, x, w, None, (1, 1), (0, 0, 0, 0), (1, 1), 1, m, s, -128, 127, "int8"
+            )
+            y = bb.emit_output(y)
+        bb.emit_func_output(y)
+    mod = bb.get()
+    xi = _inputs(cfg, (1, 16, 40, 40))
+    np.testing.assert_array_equal(
+        run_vm(tvm.compile(mod, "hapm_fpga-zcu104"), xi)[0], llvm_reference(mod, xi)[0]
+    )

@@ -51,7 +51,7 @@ class _Net:
         self.nodes.append(helper.make_node(op, inputs, [out], **attrs))
         return out
 
-    def conv(self, x, cin, cout, k=3, stride=1, pad=1, group=1, bias=True):
+    def conv(self, x, cin, cout, *, k=3, stride=1, pad=1, group=1, bias=True):
         fan_in = cin // group * k * k
         w = self.rng.normal(0, np.sqrt(2.0 / fan_in), (cout, cin // group, k, k))
         ins = [x, self.const(w)]
@@ -100,11 +100,11 @@ def conv_bn_relu():
     return g.model({"x": X}, y, [1, 8, 8, 8])
 
 
-def strided_conv():
+def strided_odd_channels():
     g = _Net(2)
-    y = g.node("Relu", [g.conv("x", 3, 8, k=3, stride=2, pad=1)])
-    y = g.conv(y, 8, 8, k=1, stride=2, pad=0)
-    return g.model({"x": X}, y, [1, 8, 2, 2])
+    y = g.node("Relu", [g.conv("x", 3, 5, k=3, stride=2, pad=1)])
+    y = g.conv(y, 5, 7, k=1, stride=2, pad=0)
+    return g.model({"x": X}, y, [1, 7, 2, 2])
 
 
 def depthwise_conv():
@@ -113,13 +113,6 @@ def depthwise_conv():
     y = g.node("Relu", [g.bn(g.conv(y, 6, 6, k=3, group=6, bias=False), 6)])
     y = g.conv(y, 6, 4, k=1, pad=0)
     return g.model({"x": X}, y, [1, 4, 8, 8])
-
-
-def odd_channels():
-    g = _Net(4)
-    y = g.node("Relu", [g.conv("x", 3, 5)])
-    y = g.conv(y, 5, 7, k=3, pad=0)
-    return g.model({"x": X}, y, [1, 7, 6, 6])
 
 
 def residual_add():
@@ -131,12 +124,14 @@ def residual_add():
     return g.model({"x": X}, y, [1, 8, 8, 8])
 
 
-def maxpool():
+def maxpool_global_avg_pool():
     g = _Net(6)
     y = g.conv("x", 3, 8)  # no ReLU: padding of the pool must use the int minimum
     y = g.node("MaxPool", [y], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
-    y = g.conv(y, 8, 4)
-    return g.model({"x": X}, y, [1, 4, 4, 4])
+    y = g.node("Relu", [g.conv(y, 8, 8)])
+    y = g.node("Flatten", [g.node("GlobalAveragePool", [y])])
+    y = g.gemm(y, 8, 10)
+    return g.model({"x": X}, y, [1, 10])
 
 
 def avgpool():
@@ -148,14 +143,6 @@ def avgpool():
     )
     y = g.conv(y, 8, 4)
     return g.model({"x": X}, y, [1, 4, 4, 4])
-
-
-def global_avg_pool():
-    g = _Net(8)
-    y = g.node("Relu", [g.conv("x", 3, 8)])
-    y = g.node("Flatten", [g.node("GlobalAveragePool", [y])])
-    y = g.gemm(y, 8, 10)
-    return g.model({"x": X}, y, [1, 10])
 
 
 def gemm():
@@ -174,6 +161,13 @@ def clip6():
     return g.model({"x": X}, y, [1, 4, 8, 8])
 
 
+def bn_after_relu():
+    g = _Net(15)
+    y = g.bn(g.node("Relu", [g.conv("x", 3, 8)]), 8)  # no conv to fold this batch norm into
+    y = g.conv(y, 8, 4)
+    return g.model({"x": X}, y, [1, 4, 8, 8])
+
+
 def sigmoid():
     g = _Net(11)
     y = g.node("Sigmoid", [g.conv("x", 3, 8)])
@@ -181,19 +175,47 @@ def sigmoid():
     return g.model({"x": X}, y, [1, 4, 8, 8])
 
 
-# name -> (builder, #int conv2d, #int matmul, #host ops expected in the report)
+def check_clip6(q, report):
+    # conv+BN+Clip(0,6) and depthwise+Clip(0,6) requantize with lo = 0; the last conv: full range
+    int64_clips = [c for c in calls(q, "relax.clip") if str(c.args[0].ty.dtype) == "int64"]
+    assert [int(c.args[1].value) for c in int64_clips] == [0, 0, -128]
+    assert all(int(c.args[2].value) == 127 for c in int64_clips)
+
+
+def check_maxpool(q, report):
+    assert dtypes(q, "relax.nn.max_pool2d") == ["int8"]
+    assert any("global avg pool" in line for line in report)
+
+
+def check_sigmoid(q, report):
+    assert dtypes(q, "relax.sigmoid") == ["float32"]
+    assert any(line.startswith("sigmoid") and "host float" in line for line in report)
+
+
+def check_bn_after_relu(q, report):
+    # the batch norm runs as a depthwise 1x1 int conv, not as float ops on the host
+    groups = [int(c.attrs.groups) for c in calls(q, "relax.nn.conv2d")]
+    assert groups == [1, 8, 1]
+    assert any("depthwise 1x1" in line for line in report)
+
+
+def check_residual(q, report):
+    # emit_add: both operands widened to int32, scaled, added, shifted
+    assert "int32" in [str(c.ty.dtype) for c in calls(q, "relax.add") if not c.args[1].ty.ndim]
+
+
+# name -> (builder, #int conv2d, #int matmul, #host ops in the report, extra check)
 MODELS = {
-    "conv_bn_relu": (conv_bn_relu, 1, 0, 0),
-    "strided_conv": (strided_conv, 2, 0, 0),
-    "depthwise_conv": (depthwise_conv, 3, 0, 0),
-    "odd_channels": (odd_channels, 2, 0, 0),
-    "residual_add": (residual_add, 3, 0, 0),
-    "maxpool": (maxpool, 2, 0, 0),
-    "avgpool": (avgpool, 3, 0, 0),  # two pools become depthwise all-ones convs
-    "global_avg_pool": (global_avg_pool, 1, 1, 0),
-    "gemm": (gemm, 1, 2, 0),
-    "clip6": (clip6, 3, 0, 0),
-    "sigmoid": (sigmoid, 2, 0, 1),
+    "conv_bn_relu": (conv_bn_relu, 1, 0, 0, None),
+    "strided_odd_channels": (strided_odd_channels, 2, 0, 0, None),
+    "depthwise_conv": (depthwise_conv, 3, 0, 0, None),
+    "residual_add": (residual_add, 3, 0, 0, check_residual),
+    "maxpool_global_avg_pool": (maxpool_global_avg_pool, 2, 1, 0, check_maxpool),
+    "avgpool": (avgpool, 4, 0, 0, None),  # the two pools become depthwise all-ones convs
+    "gemm": (gemm, 1, 2, 0, None),
+    "clip6": (clip6, 3, 0, 0, check_clip6),
+    "bn_after_relu": (bn_after_relu, 3, 0, 0, check_bn_after_relu),
+    "sigmoid": (sigmoid, 2, 0, 1, check_sigmoid),
 }
 
 
@@ -236,7 +258,7 @@ def dtypes(mod, op_name):
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(MODELS))
 def test_int8_models(name):
-    build, n_conv, n_matmul, n_host = MODELS[name]
+    build, n_conv, n_matmul, n_host, check = MODELS[name]
     mod = from_onnx(build())
     report = []
     cal = samples(8, 0)
@@ -245,9 +267,12 @@ def test_int8_models(name):
     assert dtypes(q, "relax.nn.conv2d") == ["int32"] * n_conv
     assert dtypes(q, "relax.matmul") == ["int32"] * n_matmul
     assert is_quantized(q) and not has_float_compute(q)
+    assert relax.analysis.check_well_formed(q)
     assert has_float_compute(mod) and not is_quantized(mod)
     assert len(calls(q, "relax.right_shift")) >= n_conv + n_matmul
     assert sum("host float" in line for line in report) == n_host, report
+    if check is not None:
+        check(q, report)
     # the signature is unchanged
     assert q["main"].params[0].ty.dtype == "float32"
     tvm.ir.assert_structural_equal(q["main"].ret_ty, mod["main"].ret_ty)
@@ -257,29 +282,7 @@ def test_int8_models(name):
     assert err < 0.05, f"{name}: int8 relative L2 error {err:.4f}"
 
 
-def test_fused_activation_bounds():
-    q = quantize(from_onnx(clip6()), samples(4, 0))
-    clips = calls(q, "relax.clip")
-    int64_clips = [c for c in clips if str(c.args[0].ty.dtype) == "int64"]
-    # conv+BN+Clip(0,6) and depthwise+Clip(0,6): lo = 0 in the requantize; the last conv: full
-    assert [int(c.args[1].value) for c in int64_clips] == [0, 0, -128]
-    assert all(int(c.args[2].value) == 127 for c in int64_clips)
-
-
-def test_maxpool_runs_on_int_tensor():
-    q = quantize(from_onnx(maxpool()), samples(4, 0))
-    assert dtypes(q, "relax.nn.max_pool2d") == ["int8"]
-
-
-def test_sigmoid_runs_on_host():
-    report = []
-    q = quantize(from_onnx(sigmoid()), samples(4, 0), report=report)
-    assert dtypes(q, "relax.sigmoid") == ["float32"]
-    assert any(line.startswith("sigmoid") and "host float" in line for line in report)
-    assert any("quantized" in line for line in report)
-
-
-@pytest.mark.parametrize("name", ["conv_bn_relu", "residual_add", "gemm", "avgpool"])
+@pytest.mark.parametrize("name", ["residual_add", "avgpool", "gemm"])
 def test_int16(name):
     mod = from_onnx(MODELS[name][0]())
     cal = samples(8, 0)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+import tvm
 from onnx.reference import ReferenceEvaluator
+from tvm import relax
+from tvm.relax.frontend.onnx import from_onnx
 
 from tvm_hapm.data import bundled_model_info, load_bundled_model, load_digits, set_batch
 from tvm_hapm.models import (
@@ -15,10 +18,6 @@ from tvm_hapm.models import (
     resnet_cifar,
     tiny_cnn,
 )
-
-tvm = pytest.importorskip("tvm")
-from tvm import relax
-from tvm.relax.frontend.onnx import from_onnx
 
 
 def run_tvm(model, x):

@@ -43,6 +43,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 __all__ = ["CliError", "main"]
 
@@ -59,11 +60,20 @@ class CliError(Exception):
 
 
 # ---------------------------------------------------------------------------------- progress
+class _StatusColumn(SpinnerColumn):
+    """A spinner while a stage runs, then ``done``, or ``failed`` for a stage that raised."""
+
+    def render(self, task):
+        if task.fields.get("failed"):
+            return Text("failed", style="bold red")
+        return super().render(task)
+
+
 @contextlib.contextmanager
 def _progress(console: Console) -> Iterator[Progress]:
     """A rich progress display with one line per stage (spinner, bar, count, elapsed time)."""
     progress = Progress(
-        SpinnerColumn(finished_text="[green]done[/]"),
+        _StatusColumn(finished_text=Text("done", style="green")),
         TextColumn("{task.description:<28}"),
         BarColumn(bar_width=24),
         MofNCompleteColumn(),
@@ -84,7 +94,8 @@ def _stage(progress: Progress, description: str, total: int = 1):
     try:
         yield lambda n=1: progress.advance(task, n)
     except BaseException:
-        progress.remove_task(task)  # the error message says what failed
+        progress.update(task, failed=True)
+        progress.stop_task(task)
         raise
     progress.update(task, completed=total)
     progress.stop_task(task)
@@ -185,12 +196,16 @@ def load_npy(path: str | Path, what: str = "data") -> np.ndarray:
     numpy.ndarray
     """
     p = _existing_file(path, f"{what} file")
+    with p.open("rb") as f:
+        magic = f.read(6)
+    if magic[:2] == b"PK":
+        raise CliError(f"{p} holds several arrays (.npz); give a single-array .npy file")
+    if magic != b"\x93NUMPY":
+        raise CliError(f"{p} is not a .npy file (no NumPy header); save arrays with numpy.save")
     try:
         arr = np.load(p, allow_pickle=False)
     except Exception as err:  # noqa: BLE001 - ValueError, OSError, EOFError, ...
         raise CliError(f"{p} is not a valid .npy file: {_one_line(err)}") from None
-    if not isinstance(arr, np.ndarray):
-        raise CliError(f"{p} holds several arrays (.npz); give a single-array .npy file")
     if arr.dtype.kind not in "biuf":
         raise CliError(f"{p}: expected a numeric array, got dtype {arr.dtype}")
     return arr
@@ -753,12 +768,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    # TVM errors end with the useful line; others start with it.
-    line = lines[-1] if type(err).__module__.startswith("tvm") and lines else lines[0]
-    return line if len(line) <= 300 else line[:297] + "..."
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    """The message of ``err`` on one line (lines joined), shortened to ``limit`` characters."""
+    text = " ".join(ln.strip() for ln in str(err).splitlines() if ln.strip())
+    text = text or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Relax and TIR passes of the hapm_fpga flow: quantization, partitioning, lowering."""
 
-from .lower import LowerToHapm, LoweringError
+from .lower import LoweringError, LowerToHapm
 from .partition import PartitionForHapm, host_operator_report
 from .pipeline import hapm_pipeline, last_compile_report, offload_passes
 

@@ -17,7 +17,7 @@ from tvm import relax
 from tvm.relax import pipeline as _relax_pipeline
 
 from ..target.config import HardwareConfig, get_config, is_hapm_target
-from .lower import LowerToHapm, LoweringError, float_compute_ops
+from .lower import LoweringError, LowerToHapm, float_compute_ops
 from .partition import PartitionForHapm, host_operator_report
 
 __all__ = ["offload_passes", "hapm_pipeline", "last_compile_report", "CompileReport"]

@@ -19,14 +19,16 @@ Scheme
 Pipeline
 --------
 1. Normalise: ``DecomposeOpsForInference`` (batch norm becomes subtract/divide/multiply/add by
-   per-channel constants), ``FoldConstant``, ``CanonicalizeBindings``, ``DeadCodeElimination``.
-   Batch norm and conv/Gemm bias adds are folded (in float64) into the weights and bias of the
-   preceding conv2d/matmul while planning, by absorbing the chain of per-channel affine ops
-   that follows it.
-2. Plan: every binding becomes an accelerated layer (conv2d, dense, average pooling, global
-   average pooling, residual add, each with its trailing ReLU/ReLU6/Clip folded into the
-   requantization bounds), a scale-preserving integer op (max pooling, reshape-like ops, an
-   unfused clip), or a host float op (dequantize -> float op -> quantize when needed).
+   per-channel constants), constant folding (NumPy for the few ops batch norm leaves, then
+   ``FoldConstant``), ``CanonicalizeBindings``, ``DeadCodeElimination``.  Batch norm and
+   conv/Gemm bias adds are folded (in float64) into the weights and bias of the preceding
+   conv2d/matmul while planning, by absorbing the chain of per-channel affine ops after it.
+2. Plan: every binding becomes an accelerated layer (conv2d, dense, average pooling as an
+   all-ones depthwise conv, global average pooling, residual add, a leftover per-channel
+   affine chain on an integer tensor as a depthwise 1x1 conv; each with its trailing
+   ReLU/ReLU6/Clip folded into the requantization bounds), a scale-preserving integer op (max
+   pooling, reshape-like ops, an unfused clip), or a host float op (dequantize -> float op ->
+   quantize where an integer consumer needs it).
 3. Calibrate: a copy of the float function that also returns every tensor whose scale is
    needed is compiled once for llvm and run on each sample.
 4. Emit the quantized function in one dataflow block.
@@ -79,6 +81,17 @@ _SHAPE_OPS = (
     "relax.expand_dims",
 )
 _INF = math.inf
+#: Steps that emit an accelerated layer (they requantize to a calibrated output scale).
+_LAYER_KINDS = ("conv", "dense", "avgpool", "gap", "add")
+#: Steps whose result is an integer tensor.
+_INT_KINDS = (*_LAYER_KINDS, "int", "clip")
+_KIND_LABEL = {
+    "conv": "conv2d",
+    "dense": "dense",
+    "avgpool": "avg pool as all-ones depthwise conv",
+    "gap": "global avg pool",
+    "add": "residual add",
+}
 
 
 def _op_name(expr) -> str | None:
@@ -285,7 +298,9 @@ def _minmax_prim(prim) -> tuple[str, float | None] | None:
         return None
     loads = [v for v in (value.a, value.b) if isinstance(v, tvm.ir.expr.TensorLoad)]
     imms = [v for v in (value.a, value.b) if isinstance(v, (tirx.IntImm, tirx.FloatImm))]
-    if len(loads) == 2 and sorted(len(v.indices) for v in loads)[0] == 0:
+    # the bound is read at constant indices (B[()] or B[0]), the tensor at the loop indices
+    fixed = [all(isinstance(i, tirx.IntImm) for i in v.indices) for v in loads]
+    if len(loads) == 2 and sorted(fixed) == [False, True]:
         return kind, None
     if len(loads) == 1 and len(imms) == 1:
         return kind, float(imms[0].value)
@@ -295,6 +310,19 @@ def _minmax_prim(prim) -> tuple[str, float | None] | None:
 # --------------------------------------------------------------------------------------------
 # planning
 # --------------------------------------------------------------------------------------------
+def _apply_affine(op: str, vec: np.ndarray, weight: np.ndarray, bias):
+    """Weights and bias of ``layer(x) (op) vec`` for a layer ``x -> layer(x; weight) + bias``
+    with output channels on axis 0 (conv OIHW) or 1 (dense (K, M))."""
+    if bias is None:
+        bias = np.zeros(vec.shape[0], np.float64)
+    if op == "relax.add":
+        return weight, bias + vec
+    if op == "relax.subtract":
+        return weight, bias - vec
+    scale = vec[:, None, None, None] if weight.ndim == 4 else vec[None, :]
+    return weight * scale, bias * vec
+
+
 @dataclass
 class _Step:
     """One unit of the quantized function: an accelerated layer, an integer op or a host op."""
@@ -308,6 +336,7 @@ class _Step:
     hi: float = _INF
     weight: np.ndarray | None = None  # float64, conv OIHW / dense (K, M)
     bias: np.ndarray | None = None  # float64 per output channel
+    conv: dict | None = None  # strides, padding, dilation, groups of a conv step
     reason: str = ""
 
 
@@ -423,20 +452,8 @@ class _Planner:
             found = self._affine_vec(b.value, var, channels, channel_axis)
             if found is None:
                 break
-            op, vec = found
-            if bias is None:
-                bias = np.zeros(channels, np.float64)
-            if op == "relax.add":
-                bias = bias + vec
-            elif op == "relax.subtract":
-                bias = bias - vec
-            else:
-                bias = bias * vec
-                if weight.ndim == 4:
-                    weight = weight * vec[:, None, None, None]
-                else:
-                    weight = weight * vec[None, :]
-            ops.append(_short(op))
+            weight, bias = _apply_affine(*found, weight, bias)
+            ops.append(_short(found[0]))
             self.absorbed.add(i)
             var = b.var
         return var, weight, bias
@@ -458,13 +475,10 @@ class _Planner:
                 continue
             step = self._plan(i, b)
             self.steps.append(step)
-            self.rep[step.out] = (
-                "Q"
-                if step.kind in ("conv", "dense", "avgpool", "gap", "add", "int", "clip")
-                else "F"
-            )
             if step.kind == "alias":
                 self.rep[step.out] = self.rep.get(step.src[0], "F")
+            else:
+                self.rep[step.out] = "Q" if step.kind in _INT_KINDS else "F"
         return self.steps
 
     def _host(self, i, b, reason: str) -> _Step:
@@ -501,6 +515,10 @@ class _Planner:
                 return _Step("add", i, out, src=args, ops=ops, lo=lo, hi=hi)
             return self._host(i, b, "an operand is a float tensor")
         if x_is_tensor and self.rep.get(x) == "Q":
+            if op in _AFFINE_OPS:
+                step = self._plan_channel_affine(i, b, x)
+                if step is not None:
+                    return step
             if op == "relax.nn.max_pool2d" or op in _SHAPE_OPS:
                 return _Step("int", i, b.var, src=[x], ops=[_short(op)])
             if self._act_bounds(value, x) is not None:
@@ -531,6 +549,22 @@ class _Planner:
             and _static_shape(a) == _static_shape(b) == _static_shape(value)
         )
 
+    def _plan_channel_affine(self, i, b, x) -> _Step | None:
+        """A per-channel affine chain on an integer NCHW tensor that no layer absorbed (e.g. a
+        batch norm after a ReLU) becomes a depthwise 1x1 conv rather than a host round trip."""
+        xs = _static_shape(x)
+        if xs is None or len(xs) != 4:
+            return None
+        found = self._affine_vec(b.value, x, xs[1], 1)
+        if found is None:
+            return None
+        weight, bias = _apply_affine(*found, np.ones((xs[1], 1, 1, 1)), None)
+        ops = [_short(found[0])]
+        out, weight, bias = self._affine_chain(b.var, weight, bias, 1, ops)
+        out, lo, hi = self._act_chain(out, ops)
+        conv = {"strides": [1, 1], "padding": [0, 0, 0, 0], "dilation": [1, 1], "groups": xs[1]}
+        return _Step("conv", i, out, [x], ops, lo, hi, weight, bias, conv)
+
     def _plan_conv(self, i, b) -> _Step | None:
         call = b.value
         attrs = call.attrs
@@ -543,8 +577,13 @@ class _Planner:
         ops = ["conv2d"]
         out, weight, bias = self._affine_chain(b.var, w.astype(np.float64), None, 1, ops)
         out, lo, hi = self._act_chain(out, ops)
-        x = call.args[0]
-        return _Step("conv", i, out, src=[x], ops=ops, lo=lo, hi=hi, weight=weight, bias=bias)
+        conv = {
+            "strides": _ints(attrs.strides),
+            "padding": _ints(attrs.padding),
+            "dilation": _ints(attrs.dilation),
+            "groups": int(attrs.groups),
+        }
+        return _Step("conv", i, out, [call.args[0]], ops, lo, hi, weight, bias, conv)
 
     def _plan_dense(self, i, b) -> _Step | None:
         call = b.value
@@ -749,7 +788,10 @@ class _Emitter(_Rebuilder):
         elif step.kind in ("int", "clip"):
             self.report.append(f"{where}: quantized ({dt} {step.ops[0]}, scale kept)")
         else:
-            self.report.append(f"{where}: quantized ({step.kind}, {dt})")
+            label = _KIND_LABEL[step.kind]
+            if step.kind == "conv" and step.ops[0] != "conv2d":
+                label = "per-channel affine as depthwise 1x1 conv"
+            self.report.append(f"{where}: quantized ({label}, {dt})")
 
     def emit_host(self, step) -> None:
         self.emit_binding(self.g.bindings[step.index])
@@ -773,16 +815,15 @@ class _Emitter(_Rebuilder):
         self.qmap[step.out] = (self.bb.emit(relax.op.clip(xq, lo, hi)), s)
 
     def emit_conv(self, step) -> None:
-        call = self.g.bindings[step.index].value
-        a = call.attrs
+        c = step.conv
         xq, s_in = self.q(step.src[0])
         s_out = self.scales[step.out]
         wq, bq, s_w = self.quantize_weights(step.weight, step.bias, s_in)
         mult, shift = self.multiplier(s_in * s_w / s_out, step)
         lo, hi = self.qbounds(step.lo, step.hi, s_out)
         y = qops.emit_conv2d(
-            self.bb, xq, wq, bq, _ints(a.strides), _ints(a.padding), _ints(a.dilation),
-            int(a.groups), mult, shift, lo, hi, self.cfg.act_dtype,
+            self.bb, xq, wq, bq, c["strides"], c["padding"], c["dilation"], c["groups"],
+            mult, shift, lo, hi, self.cfg.act_dtype,
         )  # fmt: skip
         self.qmap[step.out] = (y, s_out)
 
@@ -946,10 +987,88 @@ def _calibrate(mod, gvar, graph: _Graph, calib_vars: list, *, samples, act_hi: i
 # --------------------------------------------------------------------------------------------
 # entry points
 # --------------------------------------------------------------------------------------------
-def _normalise(mod: tvm.IRModule) -> tvm.IRModule:
+_NUMPY_FOLD = {
+    "relax.add": np.add,
+    "relax.subtract": np.subtract,
+    "relax.multiply": np.multiply,
+    "relax.divide": np.divide,
+    "relax.power": np.power,
+    "relax.maximum": np.maximum,
+    "relax.minimum": np.minimum,
+    "relax.where": np.where,
+    "relax.sqrt": np.sqrt,
+    "relax.rsqrt": lambda a: (1 / np.sqrt(a)).astype(a.dtype),
+    "relax.negative": np.negative,
+    "relax.isnan": np.isnan,
+}
+
+
+def _eval_const(call, var) -> np.ndarray | None:
+    """Evaluate a call on constants with NumPy when it is one of the few ops batch norm
+    decomposition and the ONNX importer leave behind (None otherwise)."""
+    op = _op_name(call)
+    shape, dtype = _static_shape(var), _dtype(var)
+    if op is None or shape is None or dtype is None:
+        return None
+    args = [_const_array(a) for a in call.args]
+    if not args or args[0] is None:
+        return None
+    with np.errstate(all="ignore"):
+        if op in _NUMPY_FOLD and all(a is not None for a in args):
+            out = np.asarray(_NUMPY_FOLD[op](*args))
+        elif op == "relax.expand_dims":
+            ndim = args[0].ndim + len(call.attrs.axis)
+            out = np.expand_dims(args[0], tuple(int(a) % ndim for a in call.attrs.axis))
+        elif op == "relax.permute_dims":
+            axes = call.attrs.axes
+            out = np.transpose(args[0], None if axes is None else [int(a) for a in axes])
+        elif op in ("relax.reshape", "relax.flatten") and args[0].size == math.prod(shape):
+            out = args[0].reshape(shape)
+        else:
+            return None
+    if out.shape != shape or str(out.dtype) != dtype:
+        return None
+    return out.copy(order="C")  # (ascontiguousarray would make a 0-d array 1-d)
+
+
+def _fold_numpy(mod: tvm.IRModule, gvar) -> tvm.IRModule:
+    """Fold constant subexpressions with NumPy.
+
+    ``FoldConstant`` compiles one kernel per folded op (about 40 ms each), which made the
+    normalisation of a batch-norm network slower than compiling it; the ops batch norm leaves
+    behind are evaluated here instead and ``FoldConstant`` only sees what is left.
+    """
+    func = mod[gvar]
+    try:
+        graph = _Graph(mod, func)
+    except QuantizeError:
+        return mod
+    if not any(
+        isinstance(b, relax.VarBinding) and _op_name(b.value) is not None for b in graph.bindings
+    ):
+        return mod
+    rb = _Rebuilder(graph)
+
+    def body():
+        for b in graph.bindings:
+            if isinstance(b, relax.VarBinding):
+                value = rb.sub(b.value)
+                folded = _eval_const(value, b.var) if isinstance(value, relax.Call) else None
+                if folded is not None:
+                    rb.fmap[b.var] = relax.const(folded, _dtype(b.var))
+                    continue
+            rb.emit_binding(b)
+
+    return _replace_function(
+        mod, gvar, rb.build(gvar.name_hint, body, lambda: rb.sub(graph.output))
+    )
+
+
+def _normalise(mod: tvm.IRModule, gvar) -> tvm.IRModule:
+    mod = relax.transform.DecomposeOpsForInference()(mod)
+    mod = _fold_numpy(mod, gvar)
     return tvm.transform.Sequential(
         [
-            relax.transform.DecomposeOpsForInference(),
             relax.transform.FoldConstant(),
             relax.transform.CanonicalizeBindings(),
             relax.transform.DeadCodeElimination(),
@@ -1005,7 +1124,7 @@ def quantize(
             "the model is already quantized (it has an integer conv2d/matmul accumulating in "
             "int32); quantize() takes a float32 model"
         )
-    norm = _normalise(mod)
+    norm = _normalise(mod, mod.get_global_var(func_name))
     gvar = norm.get_global_var(func_name)
     func = norm[gvar]
     params = _data_params(func)
@@ -1014,7 +1133,7 @@ def quantize(
     steps = planner.run()
     samples = _normalise_samples(calibration, params)
 
-    accel = [s for s in steps if s.kind in ("conv", "dense", "avgpool", "gap", "add")]
+    accel = [s for s in steps if s.kind in _LAYER_KINDS]
     if not accel:
         msg = (
             f"quantize(): nothing to quantize in {func_name!r} (no float32 conv2d, matmul with "

@@ -3,8 +3,10 @@
 The simulator is the executable definition of the ISA described in ``docs/isa.md``: the codegen,
 the runtime driver and the tests treat its results as the ground truth of what the accelerator
 computes.  It models the architectural state (three on-chip buffers and four dependency-token
-queues) and the DRAM slots of one program, not time; cycle estimates live in
-:mod:`tvm_hapm.cost`.
+queues) and the DRAM slots of one program, not time.  ``run(..., timing=True)`` additionally
+replays the program on the cycle-level :class:`~tvm_hapm.runtime.timing.TimingModel` and the
+:class:`~tvm_hapm.runtime.energy.EnergyModel` (``docs/timing.md``) and fills the timing fields of
+the returned :class:`ExecutionStats`.
 
 A run has two phases:
 
@@ -36,6 +38,8 @@ from numpy.lib.stride_tricks import as_strided
 from ..target import isa
 from ..target.config import HardwareConfig
 from ..target.isa import AluOp, Buffer, Instruction, Module, Opcode
+from .energy import EnergyModel
+from .timing import TimingModel
 
 __all__ = ["ExecutionStats", "Simulator", "SimulatorError"]
 
@@ -67,6 +71,22 @@ class ExecutionStats:
         ALU lane operations: ``array_cols * outer * inner`` per ``ALU`` instruction.
     dram_bytes_read, dram_bytes_written : int
         Bytes moved by ``LOAD`` and ``STORE`` (padding is generated on chip and not counted).
+    cycles : int
+        Accelerator cycles of the run (0 unless run with ``timing=True``; summed over layers).
+    latency_ms : float
+        ``cycles / clock_mhz / 1e3``; the layers of a network run one after the other, so their
+        latencies add up.
+    energy_uj : float
+        Energy in microjoules (:class:`~tvm_hapm.runtime.energy.EnergyModel`).
+    stall_cycles : int
+        Cycles modules waited (tokens, busy arrays, GEMM drain, DRAM port); by cause in
+        ``stalls``.
+    stalls : dict of str to int
+        Stall cycles by cause (:data:`tvm_hapm.runtime.timing.STALL_CAUSES`).
+    utilisation : float
+        Fraction of the arrays' MAC-cycles used; in a total, the cycle-weighted mean.
+    roofline_fraction : float
+        Roofline bound / cycles; in a total, ``sum(bound) / sum(cycles)``.
     """
 
     layer: str = ""
@@ -76,6 +96,13 @@ class ExecutionStats:
     alu_ops: int = 0
     dram_bytes_read: int = 0
     dram_bytes_written: int = 0
+    cycles: int = 0
+    latency_ms: float = 0.0
+    energy_uj: float = 0.0
+    stall_cycles: int = 0
+    stalls: dict = field(default_factory=dict)
+    utilisation: float = 0.0
+    roofline_fraction: float = 0.0
 
     @property
     def dram_bytes(self) -> int:
@@ -94,6 +121,7 @@ class ExecutionStats:
             Name of the result.
         """
         out = cls(layer=layer)
+        used = bound = 0.0  # cycle-weighted sums of utilisation and roofline fraction
         for s in stats:
             out.instructions += s.instructions
             out.macs += s.macs
@@ -102,6 +130,18 @@ class ExecutionStats:
             out.dram_bytes_written += s.dram_bytes_written
             for name, count in s.by_opcode.items():
                 out.by_opcode[name] = out.by_opcode.get(name, 0) + count
+            # Layers run one after the other: cycles, latency and energy add up.
+            out.cycles += s.cycles
+            out.latency_ms += s.latency_ms
+            out.energy_uj += s.energy_uj
+            out.stall_cycles += s.stall_cycles
+            for cause, count in s.stalls.items():
+                out.stalls[cause] = out.stalls.get(cause, 0) + count
+            used += s.utilisation * s.cycles
+            bound += s.roofline_fraction * s.cycles
+        if out.cycles:
+            out.utilisation = used / out.cycles
+            out.roofline_fraction = bound / out.cycles
         # Present the opcodes in ISA order whatever order the inputs came in.
         order = {op.name: int(op) for op in Opcode}
         out.by_opcode = dict(sorted(out.by_opcode.items(), key=lambda kv: order.get(kv[0], 99)))
@@ -142,6 +182,13 @@ class ExecutionStats:
             "dram_bytes_read": self.dram_bytes_read,
             "dram_bytes_written": self.dram_bytes_written,
             "dram_bytes": self.dram_bytes,
+            "cycles": self.cycles,
+            "latency_ms": self.latency_ms,
+            "energy_uj": self.energy_uj,
+            "stall_cycles": self.stall_cycles,
+            "stalls": dict(self.stalls),
+            "utilisation": self.utilisation,
+            "roofline_fraction": self.roofline_fraction,
         }
 
 
@@ -278,6 +325,11 @@ class Simulator:
     acc : numpy.ndarray
         Accumulator buffer, shape ``(acc_depth, array_cols)``, int32.
 
+    last_timing : TimingResult or None
+        The cycle-level result of the last ``run(..., timing=True)`` (traces included).
+    last_energy : EnergyReport or None
+        Its energy breakdown.
+
     The buffers are zeroed at the start of every :meth:`run` and keep their final contents
     afterwards, for inspection.
     """
@@ -320,10 +372,16 @@ class Simulator:
         }
         self.inp = self.wgt = self.acc = None
         self._reset_buffers()
+        self._timing_model = self._energy_model = None
+        self.last_timing = self.last_energy = None
 
     # ------------------------------------------------------------------ public API
     def run(
-        self, instructions: list[Instruction], dram: list[np.ndarray], layer: str = ""
+        self,
+        instructions: list[Instruction],
+        dram: list[np.ndarray],
+        layer: str = "",
+        timing: bool = False,
     ) -> ExecutionStats:
         """Validate and execute a program.
 
@@ -336,6 +394,13 @@ class Simulator:
             instructions write into these arrays in place.
         layer : str
             Name recorded in the returned stats.
+        timing : bool
+            Also run the cycle-level timing and energy models: the simulator records which GEMMs
+            found an all-zero weight block (for the Dynamic Sparsity Bypass), then fills
+            ``cycles``, ``latency_ms``, ``energy_uj``, ``stall_cycles``, ``stalls``,
+            ``utilisation`` and ``roofline_fraction`` of the stats and keeps the full results
+            in :attr:`last_timing` and :attr:`last_energy`.  Off by default (the functional
+            path stays as fast as before).
 
         Returns
         -------
@@ -351,11 +416,24 @@ class Simulator:
         stats, order = self._validate(instructions, dram, layer)
         self._reset_buffers()
         handlers = self._handlers
+        if not timing:
+            for idx in order:
+                insn = instructions[idx]
+                handler = handlers.get(insn.opcode)
+                if handler is not None:  # SYNC and FINISH only move tokens
+                    handler(idx, insn, dram)
+            return stats
+        zero = [False] * len(instructions)
+        wgt = self.wgt
         for idx in order:
             insn = instructions[idx]
+            if insn.opcode == Opcode.GEMM:
+                # What the bypass logic sees: the weight block at the time the GEMM executes.
+                zero[idx] = not wgt[insn.wgt_addr].any()
             handler = handlers.get(insn.opcode)
-            if handler is not None:  # SYNC and FINISH only move tokens
+            if handler is not None:
                 handler(idx, insn, dram)
+        self._add_timing(stats, instructions, zero)
         return stats
 
     def validate(
@@ -369,6 +447,23 @@ class Simulator:
         return self._validate(instructions, dram, layer)[0]
 
     # ------------------------------------------------------------------ helpers
+    def _add_timing(self, stats: ExecutionStats, instructions, zero) -> None:
+        """Run the timing and energy models and copy their results into ``stats``."""
+        if self._timing_model is None:
+            self._timing_model = TimingModel(self.config)
+            self._energy_model = EnergyModel(self.config)
+        result = self._timing_model.run(instructions, zero)
+        energy = self._energy_model.estimate(result)
+        stats.cycles = result.cycles
+        stats.latency_ms = result.latency_ms
+        stats.energy_uj = energy.total_uj
+        stats.stall_cycles = result.stall_cycles
+        stats.stalls = dict(result.stalls)
+        stats.utilisation = result.utilisation
+        stats.roofline_fraction = result.roofline_fraction
+        self.last_timing = result
+        self.last_energy = energy
+
     def _reset_buffers(self) -> None:
         cfg = self.config
         self.inp = np.zeros((cfg.inp_depth, self.rows), dtype=self.act_dtype)

@@ -22,7 +22,7 @@ from .config import HardwareConfig
 from .dependency import insert_dependency_tokens
 from .isa import AluOp, Buffer, Instruction, Opcode
 from .program import Program, Slot
-from .schedule import ConvSchedule, EltwiseSchedule, plan_conv, plan_eltwise
+from .schedule import ConvSchedule, plan_conv, plan_eltwise
 
 __all__ = [
     "CodegenError",
@@ -36,6 +36,7 @@ __all__ = [
 
 _ELEM_CODE = {8: 0, 16: 1, 32: 2}
 _MAX_X = (1 << 12) - 1  # LOAD/STORE x_size / y_size field limit
+_MAX_LOOP = (1 << 10) - 1  # GEMM / ALU outer / inner field limit
 
 
 class CodegenError(ValueError):
@@ -211,9 +212,9 @@ def conv2d_program(
     )
     chunk_base = {}
     pos = 0
-    for key in chunks:
+    for key, blocks_of_chunk in chunks.items():
         chunk_base[key] = pos
-        pos += len(chunks[key])
+        pos += len(blocks_of_chunk)
     bias_full = np.zeros(cob * C, np.int64)
     if bias is not None:
         bias_full[:cout] = bias
@@ -314,13 +315,15 @@ def conv2d_program(
                             started[g] = True
                             gemm_count += 1
                     # epilogue: bias, requantize, clip, store
+                    # one loop over the tile if the inner extent field holds it, else rows x cols
+                    loop = (1, t, 0, 1) if t <= _MAX_LOOP else (th, tw, tw, 1)
                     for g in range(gsize):
                         dst = acc_out + g * t
                         if not started[g]:  # every weight of this block was pruned
-                            seq.append(_alu(AluOp.MUL, dst, 1, t, 0, 1, imm=0))
-                        seq.append(_alu(AluOp.ADD, dst, 1, t, 0, 1, src=2 * g))
-                        seq.append(_alu(AluOp.REQUANT, dst, 1, t, 0, 1, imm=shift, src=2 * g + 1))
-                        seq += _clip_ops(cfg, dst, 1, t, 0, 1, *clip)
+                            seq.append(_alu(AluOp.MUL, dst, *loop, imm=0))
+                        seq.append(_alu(AluOp.ADD, dst, *loop, src=2 * g))
+                        seq.append(_alu(AluOp.REQUANT, dst, *loop, imm=shift, src=2 * g + 1))
+                        seq += _clip_ops(cfg, dst, *loop, *clip)
                         dram = ((b * cob + cg0 + g) * oh + oh0) * ow + ow0
                         seq.append(_store(S_OUT, act, dst, dram, th, tw, ow))
     info = {
@@ -491,4 +494,3 @@ def global_avg_pool_program(cfg, layer, data_shape, mult, shift, clip, layer_ind
             seq.append(_store(2, act, 1, b * cb + ch, 1, 1, 1))
     info = {"kind": "global_avg_pool", "schedule": sched.to_dict()}
     return Program(layer, cfg, slots, insert_dependency_tokens(seq), layer_index, info), [mvec]
-

@@ -259,7 +259,8 @@ class HardwareConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise HardwareConfigError(
-                f"invalid hardware config: unknown field(s) {unknown}; known fields: {sorted(known)}"
+                f"invalid hardware config: unknown field(s) {unknown}; "
+                f"known fields: {sorted(known)}"
             )
         return cls(**data)
 

@@ -17,9 +17,8 @@ on-chip input and weight buffers and accumulates in the on-chip accumulator is t
 
 from __future__ import annotations
 
-import tvm
-from tvm.script import tirx as T
 from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T  # noqa: N812 - TVMScript's conventional name
 
 from .config import HardwareConfig
 
@@ -85,6 +84,3 @@ def gemv_intrin(cfg: HardwareConfig) -> str:
         desc, impl = _make_intrin(cfg.array_rows, cfg.array_cols, cfg.act_dtype, cfg.weight_dtype)
         TensorIntrin.register(name, desc, impl)
     return name
-
-
-_ = tvm  # the import registers TVMScript's dependencies before the decorators run

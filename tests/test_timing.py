@@ -1,0 +1,442 @@
+"""Tests of the cycle-level timing model and the energy model against hand-computed cases.
+
+Every expected cycle count below is worked out by hand from the formulas of ``docs/timing.md``
+on a small machine: 2 arrays of 4 x 4, int8, 8 DRAM bytes per cycle, 10 cycles of DRAM latency,
+an ALU latency of 4 and a 1-cycle sparsity check.  So:
+
+* LOAD of ``k`` input vectors (4 bytes each): ``10 + ceil(4k / 8)`` (+ one cycle per padded entry);
+* GEMM streaming ``T`` vectors: ``2*4 + 4 - 2 + T = 10 + T`` on its array, one issue cycle;
+* ALU over ``T`` vectors: ``4 + T``; SYNC and FINISH: 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from tvm_hapm.runtime.energy import DEFAULT_ENERGY_PJ, EnergyModel, estimate_energy
+from tvm_hapm.runtime.simulator import ExecutionStats, Simulator
+from tvm_hapm.runtime.timing import STALL_CAUSES, TimingError, TimingModel
+from tvm_hapm.target.codegen import conv2d_program
+from tvm_hapm.target.config import HardwareConfig
+from tvm_hapm.target.isa import AluOp, Buffer, Instruction, Opcode
+
+CFG = HardwareConfig(
+    name="timing-test",
+    num_arrays=2,
+    array_rows=4,
+    array_cols=4,
+    dram_bytes_per_cycle=8,
+    dram_latency_cycles=10,
+    dsb_check_cycles=1,
+    clock_mhz=100.0,
+    inp_buffer_bytes=64 * 4,
+    wgt_buffer_bytes=8 * 16,
+    acc_buffer_bytes=64 * 16,
+)
+FINISH = Instruction(Opcode.FINISH)
+
+
+def load(buf, sram, x, *, y=1, pads=(0, 0, 0, 0), bits_code=0, dram=0, **kw):
+    top, bottom, left, right = pads
+    return Instruction(
+        Opcode.LOAD,
+        buffer=buf,
+        sram_addr=sram,
+        dram_addr=dram,
+        elem_bits_code=bits_code,
+        y_size=y,
+        x_size=x,
+        x_stride=x,
+        y_pad_top=top,
+        y_pad_bottom=bottom,
+        x_pad_left=left,
+        x_pad_right=right,
+        **kw,
+    )
+
+
+def store(sram, x, dram=0, **kw):
+    return Instruction(
+        Opcode.STORE, buffer=Buffer.ACC, sram_addr=sram, dram_addr=dram, y_size=1, x_size=x,
+        x_stride=x, **kw,
+    )  # fmt: skip
+
+
+def gemm(inp, acc, *, array=0, outer=1, inner=16, wgt=0, **kw):
+    return Instruction(
+        Opcode.GEMM, array=array, wgt_addr=wgt, inp_addr=inp, acc_addr=acc, outer=outer,
+        inner=inner, inp_so=inner, inp_si=1, acc_so=inner, acc_si=1, reset=1, **kw,
+    )  # fmt: skip
+
+
+def alu(dst, n, **kw):
+    return Instruction(
+        Opcode.ALU, alu_op=AluOp.RELU, dst_addr=dst, outer=1, inner=n, dst_si=1, **kw
+    )
+
+
+def run(program, cfg=CFG, zero=None):
+    return TimingModel(cfg).run(program, zero)
+
+
+# ------------------------------------------------------------------------- single instructions
+def test_one_load():
+    # 16 input vectors of 4 int8 = 64 bytes: 10 + 64 / 8 = 18 cycles.  FINISH does not wait.
+    r = run([load(Buffer.INP, 0, 16), FINISH])
+    assert r.start.tolist() == [0, 0] and r.end.tolist() == [18, 1]
+    assert r.cycles == 18
+    assert r.busy == {"load": 18, "compute": 1, "store": 0}
+    assert r.dram_bytes_read == 64 and r.buffer_writes["inp"] == 64
+    # With a token the FINISH starts when the load is done.
+    r = run([load(Buffer.INP, 0, 16, push_next=1), Instruction(Opcode.FINISH, pop_prev=1)])
+    assert r.cycles == 19 and r.stalls["compute_wait_load"] == 18
+
+
+def test_padded_load_costs_one_cycle_per_padded_entry():
+    # 2 rows of 3 vectors (24 bytes: 3 beats) padded by 1 on every side: 4 x 5 = 20 entries on
+    # chip, 14 of them padding: 10 + 3 + 14 = 27.
+    r = run([load(Buffer.INP, 0, 3, y=2, pads=(1, 1, 1, 1)), FINISH])
+    assert r.end[0] == 27 and r.cycles == 27
+    assert r.dram_bytes_read == 24 and r.buffer_writes["inp"] == 20 * 4
+    # An odd byte count rounds up to a whole beat: 1 vector = 4 bytes -> 1 beat.
+    assert run([load(Buffer.INP, 0, 1), FINISH]).cycles == 11
+
+
+def test_one_gemm():
+    # outer 3 x inner 5 = 15 vectors: 2*4 + 4 - 2 + 15 = 25 cycles; FINISH drains: 25..26.
+    r = run([gemm(0, 0, outer=3, inner=5), FINISH])
+    assert r.start.tolist() == [0, 25] and r.end.tolist() == [25, 26]
+    assert r.cycles == 26
+    assert r.macs == 15 * 16
+    assert r.array_busy.tolist() == [25, 0]
+    assert r.stalls["gemm_drain"] == 24  # FINISH was ready at cycle 1 (after the issue cycle)
+    assert r.utilisation == pytest.approx(15 * 16 / (32 * 26))
+    assert TimingModel(CFG).gemm_cycles(15) == 25
+
+
+def test_alu_and_sync():
+    # ALU over 6 vectors: 4 + 6 = 10; SYNC 1; FINISH 1: strictly sequential on compute.
+    r = run([alu(0, 6), Instruction(Opcode.SYNC, module=1), FINISH])
+    assert r.end.tolist() == [10, 11, 12] and r.cycles == 12
+    assert r.alu_add_lanes == 6 * 4
+    assert TimingModel(CFG, alu_latency=0).run([alu(0, 6), FINISH]).cycles == 7
+
+
+def test_alu_waits_for_gemms():
+    # ALU on the GEMM's accumulators waits until the array is idle (cycle 26).
+    r = run([gemm(0, 0), alu(0, 16), FINISH])
+    assert r.start[1] == 26 and r.end[1] == 26 + 4 + 16
+    assert r.stalls["gemm_drain"] == 25
+    assert r.cycles == 47
+
+
+# --------------------------------------------------------------------- load -> compute -> store
+def _single_buffered():
+    # Tile 2 reuses the input and accumulator regions of tile 1: its LOAD waits until the GEMM
+    # of tile 1 has read the inputs, its GEMM until the STORE of tile 1 has read the results.
+    return [
+        load(Buffer.WGT, 0, 1),  # 0: 16 B: 0..12
+        load(Buffer.INP, 0, 16, push_next=1),  # 1: 64 B: 12..30
+        gemm(0, 0, pop_prev=1, push_prev=1, push_next=1),  # 2: 30..56
+        load(Buffer.INP, 0, 16, pop_next=1, push_next=1),  # 3: 56..74 (port 66..74)
+        store(0, 16, pop_prev=1, push_prev=1),  # 4: 56, port busy until 74: 74..82
+        gemm(0, 0, pop_prev=1, pop_next=1, push_next=1),  # 5: 82..108
+        store(0, 16, pop_prev=1, push_prev=1),  # 6: 108..126
+        Instruction(Opcode.FINISH, pop_next=1),  # 7: 126..127
+    ]
+
+
+def _double_buffered():
+    # Tile 2 uses the other half of the input and accumulator buffers: its load overlaps the
+    # GEMM of tile 1.
+    return [
+        load(Buffer.WGT, 0, 1),  # 0: 0..12
+        load(Buffer.INP, 0, 16, push_next=1),  # 1: 12..30
+        load(Buffer.INP, 16, 16, push_next=1),  # 2: 30..48 (during GEMM 3)
+        gemm(0, 0, pop_prev=1, push_next=1),  # 3: 30..56
+        gemm(16, 16, pop_prev=1, push_next=1),  # 4: ready 48, array 0 busy until 56: 56..82
+        store(0, 16, pop_prev=1),  # 5: 56..74
+        store(16, 16, pop_prev=1, push_prev=1),  # 6: 82..100
+        Instruction(Opcode.FINISH, pop_next=1),  # 7: 100..101
+    ]
+
+
+def test_chain_single_buffered():
+    r = run(_single_buffered())
+    assert r.start.tolist() == [0, 12, 30, 56, 56, 82, 108, 126]
+    assert r.end.tolist() == [12, 30, 56, 74, 82, 108, 126, 127]
+    assert r.cycles == 127
+    assert r.stalls == {
+        "compute_wait_load": 30 + 43,  # GEMM 2 waits 0..30, GEMM 5 31..74
+        "compute_wait_store": 8 + 43,  # GEMM 5 74..82, FINISH 83..126
+        "load_wait_compute": 26,  # LOAD 3 30..56
+        "store_wait_compute": 56 + 26,  # STORE 4 0..56, STORE 6 82..108
+        "array_busy": 0,
+        "gemm_drain": 0,
+        "dram_port": 8,  # STORE 4 requests the port at 66, LOAD 3 holds it until 74
+    }
+    assert r.busy == {"load": 12 + 18 + 18, "compute": 3, "store": 18 + 18}
+
+
+def test_chain_double_buffered_is_faster():
+    r = run(_double_buffered())
+    assert r.start.tolist() == [0, 12, 30, 30, 56, 56, 82, 100]
+    assert r.end.tolist() == [12, 30, 48, 56, 82, 74, 100, 101]
+    assert r.cycles == 101 < run(_single_buffered()).cycles == 127
+    assert r.stalls["array_busy"] == 8  # GEMM 4 ready at 48, array 0 free at 56
+    assert r.stalls["load_wait_compute"] == 0
+    # The load of tile 2 runs while tile 1 computes.
+    assert r.start[2] < r.end[3] and r.start[3] < r.end[2]
+
+
+def test_double_buffered_with_tokens_inserted():
+    from tvm_hapm.target.dependency import insert_dependency_tokens  # noqa: PLC0415
+
+    # The same two tiles written sequentially, software-pipelined (tile 2 is loaded before tile 1
+    # is stored); the token inserter finds the same synchronisation and the same 101 cycles.
+    plain = [
+        i.replace(pop_prev=0, pop_next=0, push_prev=0, push_next=0) for i in _double_buffered()
+    ]
+    ldw, ld1, ld2, g1, g2, st1, st2, _ = plain
+    r = run(insert_dependency_tokens([ldw, ld1, g1, ld2, st1, g2, st2]))
+    assert r.cycles == 101
+
+
+def test_token_stall_is_counted():
+    # GEMM pops the load's token: it cannot start before the load's end (18).
+    r = run([load(Buffer.INP, 0, 16, push_next=1), gemm(0, 0, pop_prev=1), FINISH])
+    assert r.start[1] == 18 and r.end[1] == 18 + 26
+    assert r.stalls["compute_wait_load"] == 18
+    assert r.cycles == 18 + 26 + 1
+    assert r.stall_cycles == sum(r.stalls.values())
+    assert set(r.stalls) == set(STALL_CAUSES)
+
+
+def test_compute_token_waits_for_all_gemms():
+    # GEMM on array 0 streams 30 vectors (40 cycles); the GEMM on array 1 (5 vectors, 15 cycles,
+    # ends at 16) pushes to the store, which must wait for both: 40.
+    prog = [
+        gemm(0, 0, array=0, inner=30),
+        gemm(0, 32, array=1, inner=5, push_next=1),
+        store(32, 5, pop_prev=1),
+        FINISH,
+    ]
+    r = run(prog)
+    assert r.end[:2].tolist() == [40, 16]
+    assert r.start[2] == 40 and r.stalls["store_wait_compute"] == 40
+
+
+# ------------------------------------------------------------------------------ sparsity bypass
+def _zero_weight_program():
+    return [load(Buffer.WGT, 0, 1, push_next=1), gemm(0, 0, pop_prev=1), FINISH]
+
+
+def test_dsb_skips_an_all_zero_block():
+    prog = _zero_weight_program()
+    on = run(prog, zero=[False, True, False])
+    # load 0..12; GEMM 12..13 (1-cycle check); FINISH 13..14.
+    assert on.end.tolist() == [12, 13, 14] and on.cycles == 14
+    assert on.macs == 0 and on.macs_skipped == 16 * 16 and on.gemms_skipped == 1
+    # Per-GEMM flags give the same result as per-instruction flags.
+    assert run(prog, zero=[True]).cycles == 14
+    # Disabled: the full 10 + 16 = 26 cycles and the MACs are done.
+    off = run(prog, cfg=CFG.replace(dsb_enabled=False), zero=[False, True, False])
+    assert off.end.tolist() == [12, 38, 39] and off.cycles == 39
+    assert off.macs == 256 and off.gemms_skipped == 0
+    # A non-zero block is never skipped.
+    assert run(prog, zero=[False, False, False]).cycles == 39
+    assert run(prog, cfg=CFG.replace(dsb_check_cycles=5), zero=[True]).cycles == 12 + 5 + 1
+
+
+def test_zero_flag_count_checked():
+    with pytest.raises(TimingError, match="one per GEMM"):
+        run(_zero_weight_program(), zero=[True, True])
+
+
+# ------------------------------------------------------------------------------ parallel arrays
+def test_gemms_on_different_arrays_overlap():
+    # array 0: 0..26, array 1: issued at 1, 1..27; FINISH drains: 27..28.
+    r = run([gemm(0, 0, array=0), gemm(16, 16, array=1), FINISH])
+    assert r.start.tolist() == [0, 1, 27] and r.end.tolist() == [26, 27, 28]
+    assert r.cycles == 28 and r.stalls["array_busy"] == 0
+    assert r.array_busy.tolist() == [26, 26]
+
+
+def test_gemms_on_the_same_array_serialise():
+    r = run([gemm(0, 0, array=0), gemm(16, 16, array=0), FINISH])
+    assert r.start.tolist() == [0, 26, 52] and r.end.tolist() == [26, 52, 53]
+    assert r.cycles == 53 and r.stalls["array_busy"] == 25
+    assert r.busy["compute"] == 3  # two issue cycles and FINISH
+
+
+# ------------------------------------------------------------------------------ properties
+def test_deterministic():
+    a, b = run(_single_buffered()), run(_single_buffered())
+    assert a.cycles == b.cycles and a.to_dict() == b.to_dict()
+    assert np.array_equal(a.start, b.start) and np.array_equal(a.end, b.end)
+
+
+def test_latency_is_cycles_over_clock():
+    r = run(_single_buffered())
+    assert r.latency_ms == pytest.approx(127 / 100.0 / 1e3)
+    r2 = run(_single_buffered(), cfg=CFG.replace(clock_mhz=250.0))
+    assert r2.cycles == 127 and r2.latency_ms == pytest.approx(127 / 250.0 / 1e3)
+
+
+def test_roofline():
+    r = run(_single_buffered())
+    # 2 GEMMs x 16 vectors x 16 MACs = 512 MACs / 32 per cycle = 16; DRAM 16 + 128 + 128 = 272
+    # bytes / 8 = 34 cycles: memory bound, 34 / 127.
+    assert r.macs == 512 and r.dram_bytes == 272
+    assert r.roofline_cycles == 34
+    assert r.roofline_fraction == pytest.approx(34 / 127)
+    assert r.utilisation == pytest.approx(512 / (32 * 127))
+
+
+def test_deadlock_and_illegal_flags_refused():
+    with pytest.raises(TimingError, match="deadlock"):
+        run([gemm(0, 0, pop_prev=1), FINISH])
+    with pytest.raises(TimingError, match="no previous module"):
+        run([load(Buffer.INP, 0, 1, pop_prev=1), FINISH])
+
+
+def _conv_program(cfg):
+    rng = np.random.default_rng(0)
+    w = rng.integers(-3, 4, (16, 12, 3, 3)).astype(np.int8)
+    w[:8, :8] = 0  # one output-channel block loses its first input-channel block
+    prog, consts = conv2d_program(
+        cfg, "conv", (1, 12, 10, 9), w, np.arange(16), np.full(16, 3), 6, (-128, 127),
+        padding=(1, 1, 1, 1),
+    )  # fmt: skip
+    x = rng.integers(-128, 128, (1, 12, 10, 9)).astype(np.int8)
+    return prog, consts, x
+
+
+def test_codegen_program_is_consistent():
+    cfg = HardwareConfig(name="tt", num_arrays=2, array_rows=8, array_cols=8)
+    prog, _, _ = _conv_program(cfg)
+    r = TimingModel(cfg).run(prog.instructions)
+    assert 0 < r.roofline_fraction <= 1 and 0 < r.utilisation <= 1
+    assert np.all(r.start <= r.end) and r.cycles == r.end.max()
+    assert r.macs == sum(
+        8 * 8 * i.outer * i.inner for i in prog.instructions if i.opcode == Opcode.GEMM
+    )
+    assert all(v >= 0 for v in r.stalls.values())
+    for m, busy in r.busy.items():
+        assert busy <= r.cycles, m
+    assert max(r.array_busy) <= r.cycles
+
+
+# ------------------------------------------------------------------------------ energy
+def test_energy_of_one_load_by_hand():
+    r = run([load(Buffer.INP, 0, 16), FINISH])
+    e = EnergyModel(CFG).estimate(r)
+    # 64 DRAM bytes at 2000 pJ / 8 B; 64 bytes written into a 256-byte input buffer (below 8 KB:
+    # the 8 KB figure, 10 pJ / 8 B); static 50 + 0.25 * 32 = 58 mW for 18 cycles at 100 MHz.
+    assert e.dram_uj == pytest.approx(64 * 250e-6)
+    assert e.inp_uj == pytest.approx(64 * 10 / 8 * 1e-6)
+    assert e.mac_uj == 0 and e.wgt_uj == 0 and e.acc_uj == 0
+    assert e.static_uj == pytest.approx(58 * 18 / 100 / 1e3)
+    assert e.total_uj == pytest.approx(e.dram_uj + e.inp_uj + e.static_uj)
+
+
+def test_energy_increases_with_dram_bytes():
+    small = run([load(Buffer.INP, 0, 16), FINISH])
+    big = run([load(Buffer.INP, 0, 32), FINISH])
+    es, eb = estimate_energy(CFG, small), estimate_energy(CFG, big)
+    assert big.dram_bytes == 2 * small.dram_bytes
+    assert eb.dram_uj == pytest.approx(2 * es.dram_uj)
+    assert eb.total_uj > es.total_uj
+
+
+def test_energy_of_macs_and_widths():
+    r = run([gemm(0, 0), FINISH])
+    assert EnergyModel(CFG).mac_pj == pytest.approx(0.3)  # 0.2 multiply + 0.1 add
+    assert EnergyModel(CFG).estimate(r).mac_uj == pytest.approx(256 * 0.3e-6)
+    wide = CFG.replace(
+        act_bits=16, weight_bits=16, inp_buffer_bytes=64 * 8, wgt_buffer_bytes=8 * 32
+    )
+    assert EnergyModel(wide).mac_pj == pytest.approx(0.8 + 0.1)
+
+
+def test_energy_overrides_and_sram_interpolation():
+    m = EnergyModel(CFG)
+    assert m.sram_pj_per_64bit(8 * 1024) == pytest.approx(10)
+    assert m.sram_pj_per_64bit(32 * 1024) == pytest.approx(20)
+    assert m.sram_pj_per_64bit(1024 * 1024) == pytest.approx(100)
+    assert m.sram_pj_per_64bit(16 * 1024) == pytest.approx(15)  # halfway in log2 size
+    assert m.sram_pj_per_64bit(128 * 1024) == pytest.approx(20 + 80 * 2 / 5)
+    assert m.sram_pj_per_64bit(1024) == pytest.approx(10)  # clamped below 8 KB
+    assert m.sram_pj_per_64bit(2 * 1024 * 1024) == pytest.approx(116)  # extrapolated
+    cfg = CFG.replace(energy={"dram_64b": 1300.0, "static_mw": 0})
+    r = run([load(Buffer.INP, 0, 16), FINISH], cfg=cfg)
+    e = EnergyModel(cfg).estimate(r)
+    assert e.dram_uj == pytest.approx(64 * 1300 / 8 * 1e-6) and e.static_uj == 0
+    assert set(DEFAULT_ENERGY_PJ) >= set(cfg.energy)
+    with pytest.raises(ValueError, match="unknown energy key"):
+        EnergyModel(CFG.replace(energy={"dram": 1.0}))
+    assert math.isclose(EnergyModel.default_static_mw(CFG), 58.0)
+
+
+# ------------------------------------------------------------------------------ simulator hook
+def test_simulator_timing_option():
+    cfg = HardwareConfig(name="tt", num_arrays=2, array_rows=8, array_cols=8)
+    prog, consts, x = _conv_program(cfg)
+    from tvm_hapm.runtime.driver import run_program  # noqa: PLC0415
+
+    sim = Simulator(cfg)
+    out_plain, plain = run_program(prog, sim, [x, *consts, np.zeros((1, 16, 10, 9), np.int8)])
+    assert plain.cycles == 0 and plain.energy_uj == 0 and sim.last_timing is None
+
+    dram = [np.ascontiguousarray(a).reshape(-1) for a in consts]
+    from tvm_hapm.target.program import pack_activation  # noqa: PLC0415
+
+    dram = [pack_activation(x, 8).reshape(-1), *dram, np.zeros(prog.slots[-1].dram_elems, np.int8)]
+    stats = sim.run(prog.instructions, dram, layer="conv", timing=True)
+    ref = TimingModel(cfg).run(prog.instructions)  # codegen drops zero blocks: nothing to skip
+    assert stats.cycles == ref.cycles > 0
+    assert stats.latency_ms == pytest.approx(ref.cycles / cfg.clock_mhz / 1e3)
+    assert stats.stall_cycles == ref.stall_cycles and stats.stalls == ref.stalls
+    assert stats.utilisation == pytest.approx(ref.utilisation)
+    assert stats.roofline_fraction == pytest.approx(ref.roofline_fraction)
+    assert stats.energy_uj == pytest.approx(EnergyModel(cfg).estimate(ref).total_uj)
+    assert sim.last_timing.cycles == stats.cycles
+    # The functional counts are unchanged by the option.
+    assert (stats.macs, stats.dram_bytes, stats.by_opcode) == (
+        plain.macs,
+        plain.dram_bytes,
+        plain.by_opcode,
+    )
+    # Sequential layers: cycles, latency and energy add up; ratios are cycle-weighted.
+    total = ExecutionStats.total([stats, stats, ExecutionStats(layer="host")])
+    assert total.cycles == 2 * stats.cycles
+    assert total.latency_ms == pytest.approx(2 * stats.latency_ms)
+    assert total.energy_uj == pytest.approx(2 * stats.energy_uj)
+    assert total.stalls["dram_port"] == 2 * stats.stalls["dram_port"]
+    assert total.utilisation == pytest.approx(stats.utilisation)
+    assert total.roofline_fraction == pytest.approx(stats.roofline_fraction)
+    d = total.to_dict()
+    assert d["cycles"] == total.cycles and "energy_uj" in d
+
+
+def test_simulator_records_zero_weight_blocks():
+    # Weights and inputs come from one slot; the weight block is its first 16 elements.
+    prog = [
+        load(Buffer.WGT, 0, 1),
+        load(Buffer.INP, 0, 16, push_next=1),
+        gemm(0, 0, pop_prev=1),
+        FINISH,
+    ]
+    sim = Simulator(CFG)
+    stats = sim.run(prog, [np.zeros(64, np.int8)], timing=True)
+    assert sim.last_timing.gemms_skipped == 1 and stats.cycles == sim.last_timing.cycles
+    assert stats.cycles == 30 + 1 + 1  # loads 0..30, 1-cycle check, FINISH
+    # Non-zero weights: the full GEMM.
+    stats2 = sim.run(prog, [np.ones(64, np.int8)], timing=True)
+    assert sim.last_timing.gemms_skipped == 0 and stats2.cycles == 30 + 26 + 1
+    # Without the bypass the zero block costs the full GEMM too.
+    sim_off = Simulator(CFG.replace(dsb_enabled=False))
+    assert sim_off.run(prog, [np.zeros(64, np.int8)], timing=True).cycles == stats2.cycles

@@ -1,0 +1,1250 @@
+"""Lowering of accelerator layers through TIR: TE definition, schedule, TIR passes, codegen.
+
+The flow mirrors VTA's: a layer is written with :mod:`tvm.te` on the accelerator's packed DRAM
+layouts (:func:`conv2d_primfunc`, :func:`dense_primfunc`), scheduled with
+:class:`tvm.s_tir.Schedule` onto the on-chip buffers and the registered tensor intrinsic
+(:func:`schedule_conv2d`), transformed by the plugin's TIR passes (:func:`LowerToAccelerator`,
+which runs TVM's buffer compaction and then :func:`InjectDMA`), and finally walked in execution
+order by :func:`emit_program`, which turns copy intrinsics into LOAD / STORE, tensorized products
+into GEMM and the epilogue loops on the accumulator into ALU instructions.  Dependency tokens are
+the last codegen step (:func:`~tvm_hapm.target.dependency.insert_dependency_tokens`).
+
+``tvm.build(mod, target="hapm_fpga")`` runs TVM's default TIR pipeline, which this module wraps:
+a PrimFunc carrying the ``"hapm_fpga.kernel"`` attribute (set by :func:`schedule_conv2d`) is
+compiled to an accelerator program and its body replaced by a call of the packed function
+``"hapm_fpga.run_tir"`` (the simulator); every other function is compiled exactly as before.
+
+Layouts (``R`` x ``C`` arrays)::
+
+    data       (N, CIB, H, W, R)         int8   input-channel blocks of R
+    weight     (COB, CIB, KH, KW, R, C)  int8   one R x C block per (cob, cib, kh, kw)
+    bias_mult  (2*COB, C)                int32  row 2*cob: bias, row 2*cob+1: multipliers
+    out        (N, COB, OH, OW, C)       int8
+
+The result is ``clip(((acc + bias) * mult + 2**(shift-1)) >> shift)`` with an int32 accumulator,
+an int64 product and saturation to the activation range, exactly what the simulator computes.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import s_tir, te, tirx
+from tvm.tirx import compilation_pipeline as _tir_pipeline
+
+from .config import HardwareConfig, get_config, is_hapm_target
+from .dependency import insert_dependency_tokens
+from .intrin import GEMM_MARKER, SCOPE_ACC, SCOPE_INP, SCOPE_WGT, gemv_intrin
+from .isa import AluOp, Buffer, Instruction, Opcode
+from .program import Program, Slot
+from .schedule import ConvSchedule, plan_conv
+
+__all__ = [
+    "KERNEL_ATTR",
+    "RUN_TIR_FUNC",
+    "TirLoweringError",
+    "conv2d_primfunc",
+    "dense_primfunc",
+    "tir_conv_schedule",
+    "schedule_conv2d",
+    "InjectDMA",
+    "LowerToAccelerator",
+    "OffloadHapmKernels",
+    "emit_program",
+    "build_program",
+    "hapm_tir_pipeline",
+]
+
+#: PrimFunc attribute naming the accelerator kernel a scheduled function implements.
+KERNEL_ATTR = "hapm_fpga.kernel"
+#: PrimFunc attribute with the layer constants (JSON), set by :func:`conv2d_primfunc`.
+LAYER_ATTR = "hapm_fpga.layer"
+#: PrimFunc attribute with the tile plan (JSON), set by :func:`schedule_conv2d`.
+SCHEDULE_ATTR = "hapm_fpga.schedule"
+#: PrimFunc attribute marking a function already lowered by :func:`LowerToAccelerator`.
+LOWERED_ATTR = "hapm_fpga.lowered"
+#: Global function the built host code calls to run an accelerator program.
+RUN_TIR_FUNC = "hapm_fpga.run_tir"
+DMA_LOAD = "hapm_fpga.dma_load"
+DMA_STORE = "hapm_fpga.dma_store"
+
+_ELEM_CODE = {8: 0, 16: 1, 32: 2}
+_MAX_X = (1 << 12) - 1  # LOAD/STORE x_size / y_size field limit
+_MAX_LOOP = (1 << 10) - 1  # GEMM / ALU loop extent field limit
+_SCOPE_BUFFER = {SCOPE_INP: Buffer.INP, SCOPE_WGT: Buffer.WGT, SCOPE_ACC: Buffer.ACC}
+
+
+class TirLoweringError(ValueError):
+    """A TIR function the accelerator lowering does not understand."""
+
+
+# =============================================================================================
+# TE definitions
+def _out_size(size, pad_a, pad_b, kernel, stride, dil):  # noqa: PLR0917 - one formula
+    return (size + pad_a + pad_b - dil * (kernel - 1) - 1) // stride + 1
+
+
+def conv2d_primfunc(  # noqa: PLR0917 - the layer's shape, in the conventional order
+    cfg: HardwareConfig,
+    n: int,
+    cin: int,
+    h: int,
+    w: int,
+    cout: int,
+    kh: int,
+    kw: int,
+    strides=(1, 1),
+    padding=(0, 0, 0, 0),
+    dilation=(1, 1),
+    shift: int = 8,
+    clip: tuple[int, int] | None = None,
+    kind: str = "conv2d",
+) -> tirx.PrimFunc:
+    """A quantized conv2d on the packed DRAM layouts (module docstring), as a TE PrimFunc.
+
+    Parameters
+    ----------
+    cfg : HardwareConfig
+        The accelerator; gives the block sizes ``R``, ``C`` and the activation type.
+    n, cin, h, w : int
+        Input batch, channels and size (``cin`` is rounded up to whole blocks of ``R``).
+    cout, kh, kw : int
+        Output channels (rounded up to blocks of ``C``) and kernel size.
+    strides, padding, dilation : tuple of int
+        ``(sh, sw)``, ``(top, left, bottom, right)`` and ``(dh, dw)``.
+    shift : int
+        Right shift of the requantization, in ``[1, 62]``.
+    clip : tuple of int, optional
+        Output bounds inside the activation range (default: the activation range).
+    kind : str
+        ``"conv2d"`` or ``"dense"``, recorded for the codegen report.
+
+    Returns
+    -------
+    tvm.tirx.PrimFunc
+        ``main(data, weight, bias_mult, out)`` with the layer constants in its
+        ``"hapm_fpga.layer"`` attribute.  Stages: ``pad``, ``conv`` (int32 reduction over
+        ``(cib, kh, kw, r)``), ``bias``, ``requant`` (with saturation), ``clip`` (only if
+        ``clip`` is narrower than the activation range) and ``out`` (the cast).
+    """
+    R, C = cfg.array_rows, cfg.array_cols
+    sh, sw = (int(s) for s in strides)
+    dh, dw = (int(d) for d in dilation)
+    pt, pl, pb, pr = (int(p) for p in padding)
+    amin, amax = cfg.act_range
+    lo, hi = clip if clip is not None else (amin, amax)
+    if not amin <= lo <= hi <= amax:
+        raise TirLoweringError(f"clip bounds [{lo}, {hi}] outside the activation range")
+    if not 1 <= shift <= 62:
+        raise TirLoweringError(f"shift {shift} outside [1, 62]")
+    cib, cob = -(-cin // R), -(-cout // C)
+    oh, ow = _out_size(h, pt, pb, kh, sh, dh), _out_size(w, pl, pr, kw, sw, dw)
+    act = cfg.act_dtype
+
+    data = te.placeholder((n, cib, h, w, R), act, name="data")
+    weight = te.placeholder((cob, cib, kh, kw, R, C), cfg.weight_dtype, name="weight")
+    bias_mult = te.placeholder((2 * cob, C), "int32", name="bias_mult")
+    if pt or pl or pb or pr:
+        pad = te.compute(
+            (n, cib, h + pt + pb, w + pl + pr, R),
+            lambda b, k, y, x, r: tirx.if_then_else(
+                tirx.all(y >= pt, y < h + pt, x >= pl, x < w + pl),
+                data[b, k, y - pt, x - pl, r],
+                tirx.const(0, act),
+            ),
+            name="pad",
+        )
+    else:
+        pad = te.compute(data.shape, lambda *i: data[i], name="pad")
+    rk = te.reduce_axis((0, cib), "rk")
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    rr = te.reduce_axis((0, R), "rr")
+    out_shape = (n, cob, oh, ow, C)
+    conv = te.compute(
+        out_shape,
+        lambda b, co, y, x, c: te.sum(
+            pad[b, rk, y * sh + ry * dh, x * sw + rx * dw, rr].astype("int32")
+            * weight[co, rk, ry, rx, rr, c].astype("int32"),
+            axis=[rk, ry, rx, rr],
+        ),
+        name="conv",
+    )
+    bias = te.compute(
+        out_shape, lambda b, co, y, x, c: conv[b, co, y, x, c] + bias_mult[2 * co, c], name="bias"
+    )
+    i64 = "int64"
+    requant = te.compute(
+        out_shape,
+        lambda b, co, y, x, c: tirx.max(
+            tirx.min(
+                (
+                    bias[b, co, y, x, c].astype(i64) * bias_mult[2 * co + 1, c].astype(i64)
+                    + tirx.const(1 << (shift - 1), i64)
+                )
+                >> tirx.const(shift, i64),
+                tirx.const(amax, i64),
+            ),
+            tirx.const(amin, i64),
+        ).astype("int32"),
+        name="requant",
+    )
+    last = requant
+    if lo > amin or hi < amax:
+
+        def _clip(b, co, y, x, c):
+            v = requant[b, co, y, x, c]
+            if lo > amin:
+                v = tirx.max(v, lo)
+            if hi < amax:
+                v = tirx.min(v, hi)
+            return v
+
+        last = te.compute(out_shape, _clip, name="clip")
+    out = te.compute(out_shape, lambda *i: last[i].astype(act), name="out")
+    func = te.create_prim_func([data, weight, bias_mult, out])
+    layer = {
+        "kind": kind,
+        "config": cfg.name,
+        "n": n,
+        "cin": cin,
+        "h": h,
+        "w": w,
+        "cout": cout,
+        "kh": kh,
+        "kw": kw,
+        "strides": [sh, sw],
+        "padding": [pt, pl, pb, pr],
+        "dilation": [dh, dw],
+        "shift": shift,
+        "clip": [lo, hi],
+        "oh": oh,
+        "ow": ow,
+        "cib": cib,
+        "cob": cob,
+    }
+    return func.with_attr(LAYER_ATTR, json.dumps(layer, sort_keys=True))
+
+
+def dense_primfunc(  # noqa: PLR0917 - (N, K) x (K, M) in the conventional order
+    cfg: HardwareConfig, n: int, k: int, m: int, shift: int = 8, clip=None
+) -> tirx.PrimFunc:
+    """A quantized ``(N, K) x (K, M)`` matmul: the 1x1 convolution of a 1x1 image.
+
+    The layouts are those of :func:`conv2d_primfunc` with ``H = W = KH = KW = 1``.
+    """
+    return conv2d_primfunc(cfg, n, k, 1, 1, m, 1, 1, shift=shift, clip=clip, kind="dense")
+
+
+def _layer_of(func: tirx.PrimFunc) -> dict:
+    attrs = func.attrs
+    if attrs is None or LAYER_ATTR not in attrs:
+        raise TirLoweringError(f"the PrimFunc has no '{LAYER_ATTR}' attribute")
+    return json.loads(str(attrs[LAYER_ATTR]))
+
+
+# =============================================================================================
+# schedule
+def _largest_divisor(n: int, limit: int) -> int:
+    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
+
+
+def tir_conv_schedule(cfg: HardwareConfig, layer: dict, sched: ConvSchedule | None = None):
+    """The plan the TIR schedule uses: ``sched`` (default: :func:`plan_conv`) with every tile
+    shrunk to a divisor of its dimension.
+
+    ``Schedule.tensorize`` refuses a block under the predicate a partial tile needs, so a
+    dimension is tiled by its largest divisor not above the planned tile.
+    """
+    L = layer
+    if sched is None:
+        sched = plan_conv(
+            cfg, L["h"], L["w"], L["oh"], L["ow"], L["kh"], L["kw"], L["strides"],
+            L["dilation"], L["cib"], L["cob"],
+        )  # fmt: skip
+    return ConvSchedule(
+        _largest_divisor(L["oh"], sched.tile_h),
+        _largest_divisor(L["ow"], sched.tile_w),
+        _largest_divisor(L["cob"], sched.cob_group),
+        _largest_divisor(L["cib"], sched.cib_chunk),
+    )
+
+
+def schedule_conv2d(
+    func: tirx.PrimFunc, cfg: HardwareConfig | None = None, sched: ConvSchedule | None = None
+) -> s_tir.Schedule:
+    """Schedule a :func:`conv2d_primfunc` onto the accelerator.
+
+    Loop order (that of :func:`~tvm_hapm.target.codegen.conv2d_program`)::
+
+        n, oh_o, ow_o, cob_group, cib_chunk, cob_in_group, cib_in_chunk, kh, kw, oh_i, ow_i, [c, r]
+
+    ``[c, r]`` is tensorized with the accelerator's GEMV intrinsic.  The padded input tile
+    lives in ``global.hapm_inp`` (computed per spatial tile when one chunk holds all input
+    channels, else per chunk), the weight blocks in ``global.hapm_wgt`` (all of them, loaded
+    once, when they fit; else per chunk), the accumulator, the bias / multiplier rows and the
+    epilogue stages in ``global.hapm_acc``.  The reduction's init is split off above the chunk
+    loop: it becomes the reset flag of each output block's first GEMM.
+
+    Returns
+    -------
+    tvm.s_tir.Schedule
+        Its ``mod["main"]`` carries ``"hapm_fpga.kernel"`` and the plan in
+        ``"hapm_fpga.schedule"``.
+    """
+    layer = _layer_of(func)
+    cfg = get_config(cfg if cfg is not None else layer["config"])
+    plan = tir_conv_schedule(cfg, layer, sched)
+    L = layer
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    conv = sch.get_sblock("conv")
+    b, co, y, x, c, k, ky, kx, r = sch.get_loops(conv)
+    y_o, y_i = sch.split(y, [None, plan.tile_h])
+    x_o, x_i = sch.split(x, [None, plan.tile_w])
+    cg, g = sch.split(co, [None, plan.cob_group])
+    kc, ki = sch.split(k, [None, plan.cib_chunk])
+    sch.reorder(b, y_o, x_o, cg, kc, g, ki, ky, kx, y_i, x_i, c, r)
+    sch.set_scope(conv, 0, SCOPE_ACC)
+
+    # Epilogue per output block of the group, after the group's reduction.
+    stages = [s for s in ("bias", "requant", "clip") if _has_block(sch, s)]
+    bias = sch.get_sblock("bias")
+    sch.reverse_compute_at(bias, cg, preserve_unit_loops=True)
+    block_loop = sch.get_loops(bias)[5]  # b, oh_o, ow_o, cob_group, n, [cob_in_group]
+    for name in stages[1:] + ["out"]:
+        sch.reverse_compute_at(sch.get_sblock(name), block_loop, preserve_unit_loops=True)
+    for name in stages:
+        sch.set_scope(sch.get_sblock(name), 0, SCOPE_ACC)
+
+    # Bias and multiplier rows of the group: first thing of the group, as in the codegen.
+    bias_mult = sch.cache_read(bias, 1, SCOPE_ACC)
+    sch.compute_at(bias_mult, cg, preserve_unit_loops=True, index=-2)
+
+    # Weight blocks: resident when they all fit, else one chunk at a time.
+    n_blocks = L["cob"] * L["cib"] * L["kh"] * L["kw"]
+    weights = sch.cache_read(conv, 1, SCOPE_WGT)
+    one_chunk = plan.cib_chunk == L["cib"]
+    if n_blocks > cfg.wgt_depth:
+        if one_chunk:
+            sch.compute_at(weights, cg, preserve_unit_loops=True, index=-2)
+        else:
+            sch.compute_at(weights, kc, preserve_unit_loops=True)
+
+    # Padded input tile: shared by all groups when one chunk holds every input channel.
+    pad = sch.get_sblock("pad")
+    sch.set_scope(pad, 0, SCOPE_INP)
+    sch.compute_at(pad, x_o if one_chunk else kc, preserve_unit_loops=True)
+
+    sch.decompose_reduction(conv, kc)
+    sch.tensorize(c, gemv_intrin(cfg))
+    new = sch.mod["main"].with_attrs(
+        {KERNEL_ATTR: L["kind"], SCHEDULE_ATTR: json.dumps(plan.to_dict(), sort_keys=True)}
+    )
+    sch = s_tir.Schedule(tvm.IRModule({"main": new}))
+    return sch
+
+
+def _has_block(sch, name) -> bool:
+    try:
+        sch.get_sblock(name)
+    except Exception:  # noqa: BLE001 - get_sblock raises a generic error for a missing name
+        return False
+    return True
+
+
+# =============================================================================================
+# expression helpers
+def _key(obj) -> int:
+    """Identity of a TVM object (Python wrappers of one node are different objects)."""
+    return obj.__chandle__()
+
+
+def _kind(node) -> str:
+    return type(node).__name__
+
+
+def _int(expr) -> int:
+    if isinstance(expr, int):
+        return expr
+    if _kind(expr) != "IntImm":
+        expr = tvm.sym.Analyzer().simplify(expr)
+        if _kind(expr) != "IntImm":
+            raise TirLoweringError(f"expected a constant, got {expr}")
+    return int(expr.value)
+
+
+def _buffer_shape(buf) -> list[int]:
+    return [_int(s) for s in buf.ty.shape]
+
+
+def _buffer_scope(buf) -> str:
+    return str(buf.ty.storage_scope)
+
+
+def _flat_index(buf, indices):
+    """Row-major element offset of ``buf[indices]`` as one expression."""
+    shape = _buffer_shape(buf)
+    offset = tirx.const(0, "int32")
+    for size, idx in zip(shape, indices, strict=True):
+        offset = offset * size + idx
+    return offset
+
+
+def _linear(expr, loop_vars):
+    """``(coefficients, base)`` of ``expr`` affine in ``loop_vars``; coefficients are ints."""
+    if not loop_vars:
+        return [], tvm.sym.Analyzer().simplify(expr)
+    coeffs = tvm.sym.detect_linear_equation(expr, list(loop_vars))
+    if len(coeffs) != len(loop_vars) + 1:
+        raise TirLoweringError(f"index {expr} is not affine in {list(loop_vars)}")
+    return [_int(c) for c in coeffs[:-1]], tvm.sym.Analyzer().simplify(coeffs[-1])
+
+
+def _is_call(node, name: str | None = None) -> bool:
+    if _kind(node) != "Call":
+        return False
+    if name is None:
+        return True
+    op = str(node.op.name) if hasattr(node.op, "name") else ""
+    if op == "tirx.call_extern":
+        return str(node.args[0].value) == name
+    return op == name
+
+
+def _strip_cast(expr):
+    while _kind(expr) == "Cast":
+        expr = expr.value
+    return expr
+
+
+# =============================================================================================
+# loop nests
+class _Nest:
+    """A perfect loop nest: the loops (outermost first), the predicates met on the way and the
+    leaf statement (a BufferStore or an Evaluate)."""
+
+    def __init__(self, loops, predicates, leaf):
+        self.loops = loops
+        self.predicates = predicates
+        self.leaf = leaf
+
+    @property
+    def loop_vars(self):
+        return [f.loop_var for f in self.loops]
+
+    @property
+    def extents(self):
+        return [_int(f.extent) for f in self.loops]
+
+
+def _perfect_nest(stmt) -> _Nest | None:
+    loops, predicates = [], []
+    while True:
+        kind = _kind(stmt)
+        if kind == "For":
+            if _int(stmt.min) != 0:
+                return None
+            loops.append(stmt)
+            stmt = stmt.body
+        elif kind == "SBlockRealize":
+            pred = stmt.predicate
+            if not (_kind(pred) == "IntImm" and int(pred.value) == 1):
+                predicates.append(pred)
+            stmt = stmt.block
+        elif kind == "SBlock":
+            if len(stmt.alloc_buffers):
+                return None
+            stmt = stmt.body
+        elif kind in ("BufferStore", "Evaluate"):
+            return _Nest(loops, predicates, stmt)
+        else:
+            return None
+
+
+# =============================================================================================
+# InjectDMA
+def _entry_elems(cfg: HardwareConfig, scope: str) -> int:
+    R, C = cfg.array_rows, cfg.array_cols
+    return {SCOPE_INP: R, SCOPE_WGT: R * C, SCOPE_ACC: C}[scope]
+
+
+def _copy_parts(store):
+    """``(src_load, condition or None)`` of a copy ``dst[...] = [cast](src[...])`` with optional
+    ``if_then_else(cond, src[...], 0)`` padding; ``None`` if the store is not a copy."""
+    value = _strip_cast(store.value)
+    cond = None
+    if _is_call(value, "prim.if_then_else") or _is_call(value, "tirx.if_then_else"):
+        cond, then, other = value.args
+        if _kind(_strip_cast(other)) != "IntImm" or int(_strip_cast(other).value) != 0:
+            return None
+        value = _strip_cast(then)
+    if _kind(value) != "TensorLoad":
+        return None
+    return value, cond
+
+
+def _conjuncts(cond):
+    if _kind(cond) == "And":
+        return _conjuncts(cond.a) + _conjuncts(cond.b)
+    return [cond]
+
+
+def _bounds(cond, var, other_vars):
+    """Lower (inclusive) and upper (exclusive) bounds on ``var`` implied by ``cond``."""
+    lows, highs = [], []
+    for term in _conjuncts(cond):
+        kind = _kind(term)
+        if kind not in ("LT", "LE", "GT", "GE"):
+            raise TirLoweringError(f"padding condition {term} is not a comparison")
+        a, b = term.a, term.b
+        # Normalise to `diff >= 0`.
+        diff = {"LE": b - a, "LT": b - a - 1, "GE": a - b, "GT": a - b - 1}[kind]
+        coeffs = tvm.sym.detect_linear_equation(diff, [var] + list(other_vars))
+        if len(coeffs) != len(other_vars) + 2:
+            raise TirLoweringError(f"padding condition {term} is not affine")
+        cv = _int(coeffs[0])
+        if any(_int(c) for c in coeffs[1:-1]):
+            if cv:
+                raise TirLoweringError(f"padding condition {term} mixes two dimensions")
+            continue
+        base = coeffs[-1]
+        if cv == 1:
+            lows.append(-base)  # var + base >= 0
+        elif cv == -1:
+            highs.append(base + 1)  # base - var >= 0
+        elif cv != 0:
+            raise TirLoweringError(f"padding condition {term}: coefficient {cv}")
+    return lows, highs
+
+
+def _dma_call(cfg: HardwareConfig, nest: _Nest):
+    """The ``hapm_fpga.dma_load`` / ``dma_store`` call replacing a copy nest, or ``None`` when
+    the nest is not (yet) the 2-D region of one DMA."""
+    store = nest.leaf
+    if _kind(store) != "BufferStore":
+        return None
+    parts = _copy_parts(store)
+    if parts is None:
+        return None
+    load, cond = parts
+    dst, src = store.buffer, load.source
+    dst_scope, src_scope = _buffer_scope(dst), _buffer_scope(src)
+    if dst_scope in _SCOPE_BUFFER and src_scope not in _SCOPE_BUFFER:
+        name, chip_scope = DMA_LOAD, dst_scope
+    elif src_scope == SCOPE_ACC and dst_scope not in _SCOPE_BUFFER:
+        name, chip_scope = DMA_STORE, src_scope
+    else:
+        return None
+    if nest.predicates:
+        raise TirLoweringError("a copy under a predicate (partial tile) has no DMA form")
+    E = _entry_elems(cfg, chip_scope)
+    loop_vars, extents = nest.loop_vars, nest.extents
+    d_coef, d_base = _linear(_flat_index(dst, store.indices), loop_vars)
+    s_coef, s_base = _linear(_flat_index(src, load.indices), loop_vars)
+    # Innermost loops covering one entry contiguously on both sides are the vector lanes.
+    lanes, span = 0, 1
+    while span < E and lanes < len(loop_vars):
+        j = len(loop_vars) - 1 - lanes
+        if d_coef[j] != span or s_coef[j] != span:
+            break
+        span *= extents[j]
+        lanes += 1
+    if span != E:
+        return None
+    outer = len(loop_vars) - lanes
+    dims = []  # entry-level loops: [extent, dst stride, src stride, var]
+    for j in range(outer):
+        if d_coef[j] % E or s_coef[j] % E:
+            return None
+        dims.append([extents[j], d_coef[j] // E, s_coef[j] // E, loop_vars[j]])
+    if chip_scope == SCOPE_WGT and cond is None:
+        # Weight blocks move as runs: merge loops contiguous on both sides.
+        merged = []
+        for dim in dims:
+            if merged and merged[-1][1] == dim[0] * dim[1] and merged[-1][2] == dim[0] * dim[2]:
+                merged[-1] = [merged[-1][0] * dim[0], dim[1], dim[2], None]
+            else:
+                merged.append(list(dim))
+        dims = merged
+    if len(dims) > 2:
+        return None  # the caller descends to the inner loops
+    while len(dims) < 2:
+        dims.insert(0, [1, 0, 0, None])
+    (rows, d_row, s_row, row_var), (cols, d_col, s_col, col_var) = dims
+    chip_col, chip_row = (d_col, d_row) if name == DMA_LOAD else (s_col, s_row)
+    dram_col, dram_row = (s_col, s_row) if name == DMA_LOAD else (d_col, d_row)
+    if cols > 1 and (chip_col != 1 or dram_col != 1):
+        return None
+    if rows > 1 and chip_row != cols:
+        return None
+    if rows > 1 or row_var is not None:
+        stride = dram_row  # the DRAM pitch, also for a loop of one row (a field all the same)
+    else:
+        stride = cols if chip_scope == SCOPE_WGT else 0  # a run (as _load_rows) / one row
+    zero = tirx.const(0, "int32")
+    pads = [zero, zero, zero, zero]
+    row_count, col_count = tirx.const(rows, "int32"), tirx.const(cols, "int32")
+    src_first = s_base
+    if cond is not None:
+        others = [v for v in loop_vars if v is not row_var and v is not col_var]
+        padded = []
+        for var, ext, coef in ((row_var, rows, s_row * E), (col_var, cols, s_col * E)):
+            if var is None:
+                padded.append((zero, zero, tirx.const(ext, "int32")))
+                continue
+            lows, highs = _bounds(cond, var, [v for v in others if v is not var])
+            before = zero
+            for lo in lows:
+                before = tirx.max(before, lo)
+            before = tirx.min(before, ext)
+            end = tirx.const(ext, "int32")
+            for hi_ in highs:
+                end = tirx.min(end, hi_)
+            end = tirx.max(end, before)
+            padded.append((before, ext - end, end - before))
+            src_first = src_first + before * coef
+        (pads[0], pads[1], row_count), (pads[2], pads[3], col_count) = padded
+    ana = tvm.sym.Analyzer()
+    args = [
+        tirx.op.buffer_data(dst),
+        ana.simplify(d_base),
+        tirx.op.buffer_data(src),
+        ana.simplify(src_first),
+        ana.simplify(row_count),
+        ana.simplify(col_count),
+        tirx.const(stride, "int32"),
+        *(ana.simplify(p) for p in pads),
+    ]
+    return tirx.Evaluate(tirx.call_extern("int32", name, *args))
+
+
+def InjectDMA(cfg: HardwareConfig | None = None):  # noqa: N802 - TVM pass naming
+    """Rewrite each copy loop nest between DRAM and an on-chip scope into one DMA intrinsic.
+
+    A copy ``chip[...] = dram[...]`` (optionally ``if_then_else(cond, dram[...], 0)``, the
+    padding of a convolution's input) or ``dram[...] = cast(acc[...])`` is recognised on the
+    flattened, affine index expressions: the innermost loops covering one on-chip entry are the
+    vector lanes, the next two loops the rows and columns of a 2-D region, and any outer loop
+    stays a loop around the call.  Weight-block copies merge loops contiguous on both sides
+    into runs.  The call is::
+
+        hapm_fpga.dma_load(dst, dst_elem_offset, src, src_elem_offset, rows, cols, x_stride,
+                           pad_top, pad_bottom, pad_left, pad_right)
+        hapm_fpga.dma_store(dst, dst_elem_offset, src, src_elem_offset, rows, cols, x_stride,
+                            0, 0, 0, 0)
+
+    ``rows`` / ``cols`` count the DRAM entries moved, the pads the entries generated on chip,
+    ``x_stride`` is the DRAM row pitch in entries and the offsets (in elements) address the
+    first moved DRAM entry and the first (padded) on-chip entry.  Pads and offsets are
+    expressions of the enclosing loops.
+    """
+
+    def _rewrite(func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
+        config = get_config(cfg if cfg is not None else _layer_of(func)["config"])
+
+        def _for(loop):
+            nest = _perfect_nest(loop)
+            if nest is None:
+                return loop
+            call = _dma_call(config, nest)
+            return loop if call is None else call
+
+        body = tvm_ffi.structural_map(func.body, (tirx.For, _for), order="pre")
+        return func.with_body(body)
+
+    return tvm.tirx.transform.prim_func_pass(_rewrite, opt_level=0, name="hapm_fpga.InjectDMA")
+
+
+def LowerToAccelerator(cfg: HardwareConfig | None = None):  # noqa: N802 - TVM pass naming
+    """Prepare a scheduled accelerator PrimFunc for :func:`emit_program`.
+
+    Runs TVM's ``PlanAndUpdateBufferAllocationLocation``, ``ConvertBlocksToOpaque``,
+    ``CompactBufferAllocation`` (each on-chip buffer shrinks to the tile it holds, so its
+    indices become tile-relative, i.e. on-chip addresses) and ``LowerMatchBuffer`` (the
+    intrinsic's element offsets become explicit), then :func:`InjectDMA`.  Loops of extent one
+    are kept: their strides are fields of the instructions.
+    """
+    passes = tvm.transform.Sequential(
+        [
+            s_tir.transform.PlanAndUpdateBufferAllocationLocation(),
+            s_tir.transform.ConvertBlocksToOpaque(),
+            s_tir.transform.CompactBufferAllocation(),
+            s_tir.transform.LowerMatchBuffer(),
+            InjectDMA(cfg),
+        ],
+        name="hapm_fpga.LowerToAccelerator",
+    )
+
+    @tvm.transform.module_pass(opt_level=0, name="hapm_fpga.LowerToAccelerator")
+    def _lower(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        todo = {
+            gv: f
+            for gv, f in mod.functions_items()
+            if isinstance(f, tirx.PrimFunc)
+            and f.attrs is not None
+            and KERNEL_ATTR in f.attrs
+            and LOWERED_ATTR not in f.attrs
+        }
+        if not todo:
+            return mod
+        lowered = passes(tvm.IRModule({gv: f for gv, f in todo.items()}))
+        out = tvm.IRModule(dict(mod.functions_items()))
+        for gv, f in lowered.functions_items():
+            out[gv] = f.with_attr(LOWERED_ATTR, True)
+        return out
+
+    return _lower
+
+
+# =============================================================================================
+# codegen
+_PY_BINOPS = {
+    "Add": "({} + {})",
+    "Sub": "({} - {})",
+    "Mul": "({} * {})",
+    "FloorDiv": "({} // {})",
+    "FloorMod": "({} % {})",
+    "Min": "min({}, {})",
+    "Max": "max({}, {})",
+    "LT": "({} < {})",
+    "LE": "({} <= {})",
+    "GT": "({} > {})",
+    "GE": "({} >= {})",
+    "EQ": "({} == {})",
+    "NE": "({} != {})",
+    "And": "({} and {})",
+    "Or": "({} or {})",
+}
+
+
+class _Evaluator:
+    """Integer expressions of loop variables, compiled once to Python and cached per node."""
+
+    def __init__(self):
+        self.env: dict[int, int] = {}
+        self._cache: dict[int, object] = {}
+
+    def _source(self, expr) -> str:
+        kind = _kind(expr)
+        if kind == "IntImm":
+            return str(int(expr.value))
+        if kind == "Var":
+            return f"env[{_key(expr)}]"
+        if kind == "Cast":
+            return self._source(expr.value)
+        if kind in _PY_BINOPS:
+            return _PY_BINOPS[kind].format(self._source(expr.a), self._source(expr.b))
+        if kind == "Not":
+            return f"(not {self._source(expr.a)})"
+        if kind == "Select":
+            c, t, f = (self._source(e) for e in (expr.condition, expr.true_value, expr.false_value))
+            return f"({t} if {c} else {f})"
+        raise TirLoweringError(f"cannot evaluate {kind} expression {expr}")
+
+    def __call__(self, expr) -> int:
+        if isinstance(expr, int):
+            return expr
+        k = _key(expr)
+        hit = self._cache.get(k)
+        if hit is None:
+            fn = eval(f"lambda env: {self._source(expr)}")  # noqa: S307 - generated from TIR
+            hit = self._cache[k] = (fn, expr)  # keep the node alive: its handle is the key
+        return int(hit[0](self.env))
+
+
+class _Emitter:
+    """Walks a lowered accelerator PrimFunc in execution order and emits instructions."""
+
+    def __init__(self, cfg: HardwareConfig, func: tirx.PrimFunc):
+        self.cfg = cfg
+        self.ev = _Evaluator()
+        self.slots = {_key(p): i for i, p in enumerate(func.params)}
+        self.base: dict[int, int] = {}  # on-chip buffer -> first entry
+        self.top = {scope: 0 for scope in _SCOPE_BUFFER}
+        self.depth = {
+            SCOPE_INP: cfg.inp_depth,
+            SCOPE_WGT: cfg.wgt_depth,
+            SCOPE_ACC: cfg.acc_depth,
+        }
+        self.pending_reset: set[int] = set()
+        self.seq: list[Instruction] = []
+        self.gemm_count = 0
+        self._nests: dict[int, tuple] = {}
+
+    # ------------------------------------------------------------------ walk
+    def visit(self, stmt) -> None:
+        kind = _kind(stmt)
+        if kind == "SeqStmt":
+            for s in stmt.seq:
+                self.visit(s)
+        elif kind == "For":
+            self.visit_for(stmt)
+        elif kind == "SBlockRealize":
+            if self.ev(stmt.predicate):
+                self.visit(stmt.block)
+        elif kind == "SBlock":
+            mark = dict(self.top)
+            self.allocate(stmt)
+            self.visit(stmt.body)
+            self.top = mark
+        elif kind == "Evaluate":
+            self.visit_leaf(_Nest([], [], stmt))
+        elif kind == "BufferStore":
+            self.visit_leaf(_Nest([], [], stmt))
+        elif kind == "IfThenElse":
+            if self.ev(stmt.condition):
+                self.visit(stmt.then_case)
+            elif stmt.else_case is not None:
+                self.visit(stmt.else_case)
+        else:
+            raise TirLoweringError(f"unexpected {kind} in an accelerator function")
+
+    def visit_for(self, loop) -> None:
+        k = _key(loop)
+        if k not in self._nests:
+            self._nests[k] = (_perfect_nest(loop), loop)
+        nest = self._nests[k][0]
+        if nest is not None and not nest.predicates and self.fold(nest):
+            self.visit_leaf(nest)
+            return
+        var = _key(loop.loop_var)
+        start = self.ev(loop.min)
+        for v in range(start, start + self.ev(loop.extent)):
+            self.ev.env[var] = v
+            self.visit(loop.body)
+
+    def fold(self, nest: _Nest) -> bool:
+        """Whether one instruction covers the whole nest (all its loops become fields)."""
+        leaf = nest.leaf
+        if _kind(leaf) == "Evaluate":
+            if _is_call(leaf.value, GEMM_MARKER):
+                return len(nest.loops) <= 2 and not self._vars_in(
+                    leaf.value.args[4], nest.loop_vars
+                )
+            return False
+        value = leaf.value
+        if _kind(value) == "IntImm":
+            return True  # the reduction's init: a reset region, any shape
+        return len(nest.loops) <= 3  # two entry loops and the lanes
+
+    @staticmethod
+    def _vars_in(expr, loop_vars) -> bool:
+        keys = {_key(v) for v in loop_vars}
+        found = []
+        tvm_ffi.structural_walk(expr, (tirx.Var, lambda v: found.append(_key(v) in keys) and None))
+        return any(found)
+
+    # ------------------------------------------------------------------ on-chip allocation
+    def allocate(self, block) -> None:
+        """Place the block's on-chip buffers, in order of first use.  Buffers written by
+        epilogue stages are not placed: the ALU computes them in place of their operand."""
+        if not len(block.alloc_buffers):
+            return
+        first_use: dict[int, int] = {}
+        placed: set[int] = set()
+        order = [0]
+
+        def note(buf, placed_kind: bool):
+            k = _key(buf)
+            if k not in first_use:
+                first_use[k] = order[0]
+                order[0] += 1
+            if placed_kind:
+                placed.add(k)
+
+        def on_eval(ev):
+            call = ev.value
+            if _is_call(call, DMA_LOAD):
+                note(call.args[1].args[0], True)
+            elif _is_call(call, GEMM_MARKER):
+                note(call.args[5].args[0], True)
+
+        def on_store(st):
+            note(st.buffer, _kind(st.value) == "IntImm")
+
+        tvm_ffi.structural_walk(
+            block.body, [(tirx.Evaluate, on_eval), (tirx.BufferStore, on_store)], order="pre"
+        )
+        bufs = [b for b in block.alloc_buffers if _key(b) in placed]
+        bufs.sort(key=lambda b: first_use[_key(b)])
+        for buf in bufs:
+            scope = _buffer_scope(buf)
+            if scope not in _SCOPE_BUFFER:
+                raise TirLoweringError(f"buffer {buf.name} in scope {scope!r} is not on chip")
+            entries = -(-int(np.prod(_buffer_shape(buf))) // _entry_elems(self.cfg, scope))
+            self.base[_key(buf)] = self.top[scope]
+            self.top[scope] += entries
+            if self.top[scope] > self.depth[scope]:
+                raise TirLoweringError(
+                    f"{buf.name}: {scope} overflows ({self.top[scope]} > {self.depth[scope]})"
+                )
+
+    def _chip_addr(self, buf, elem_offset: int) -> int:
+        E = _entry_elems(self.cfg, _buffer_scope(buf))
+        if elem_offset % E:
+            raise TirLoweringError(f"{buf.name}: offset {elem_offset} is not a whole entry")
+        return self.base[_key(buf)] + elem_offset // E
+
+    # ------------------------------------------------------------------ leaves
+    def visit_leaf(self, nest: _Nest) -> None:
+        leaf = nest.leaf
+        if _kind(leaf) == "Evaluate":
+            call = leaf.value
+            if _is_call(call, DMA_LOAD) or _is_call(call, DMA_STORE):
+                self.emit_dma(call)
+            elif _is_call(call, GEMM_MARKER):
+                self.emit_gemm(call, nest)
+            else:
+                raise TirLoweringError(f"unexpected call {call}")
+            return
+        if _kind(leaf.value) == "IntImm":
+            self.mark_reset(nest)
+        else:
+            self.emit_alu(nest)
+
+    def emit_dma(self, call) -> None:
+        a = call.args
+        is_load = _is_call(call, DMA_LOAD)
+        dst, src = a[1].args[0], a[3].args[0]
+        chip, dram = (dst, src) if is_load else (src, dst)
+        chip_off, dram_off = (a[2], a[4]) if is_load else (a[4], a[2])
+        scope = _buffer_scope(chip)
+        E = _entry_elems(self.cfg, scope)
+        dram_elem = self.ev(dram_off)
+        if dram_elem % E:
+            raise TirLoweringError(f"{dram.name}: DRAM offset {dram_elem} is not a whole entry")
+        sram = self._chip_addr(chip, self.ev(chip_off))
+        dram_addr = dram_elem // E
+        rows, cols, stride = self.ev(a[5]), self.ev(a[6]), self.ev(a[7])
+        pads = tuple(self.ev(p) for p in a[8:12])
+        slot = self.slots[_key(dram)]
+        bits = tvm.DataType(str(dram.ty.dtype)).bits
+        fields = {
+            "buffer": int(_SCOPE_BUFFER[scope]),
+            "dram_slot": slot,
+            "elem_bits_code": _ELEM_CODE[bits],
+        }
+        opcode = Opcode.LOAD if is_load else Opcode.STORE
+        if rows == 1 and cols > _MAX_X:
+            # A long run: rows of at most _MAX_X entries, as the codegen's _load_rows.
+            count = cols
+            while count > 0:
+                c = min(count, _MAX_X)
+                r = min(count // c, _MAX_X)
+                self.seq.append(
+                    Instruction(
+                        opcode, sram_addr=sram, dram_addr=dram_addr, y_size=r, x_size=c,
+                        x_stride=c, **fields,
+                    )
+                )  # fmt: skip
+                sram += r * c
+                dram_addr += r * c
+                count -= r * c
+            return
+        self.seq.append(
+            Instruction(
+                opcode, sram_addr=sram, dram_addr=dram_addr, y_size=rows, x_size=cols,
+                x_stride=stride, y_pad_top=pads[0], y_pad_bottom=pads[1],
+                x_pad_left=pads[2], x_pad_right=pads[3], **fields,
+            )
+        )  # fmt: skip
+
+    def _loop_fields(self, nest: _Nest, exprs_entries):
+        """Bases and (outer, inner, so, si) of affine entry addresses over the nest's loops."""
+        loop_vars, extents = nest.loop_vars, nest.extents
+        out = []
+        for expr, E in exprs_entries:
+            coef, base = _linear(expr, loop_vars)
+            if any(c % E for c in coef):
+                raise TirLoweringError(f"stride of {expr} is not a whole entry")
+            out.append((self.ev(base), [c // E for c in coef]))
+        while len(extents) < 2:
+            extents = [1] + extents
+            out = [(b, [0] + c) for b, c in out]
+        return extents, out
+
+    def emit_gemm(self, call, nest: _Nest) -> None:
+        a = call.args
+        inp, wgt, acc = a[1].args[0], a[3].args[0], a[5].args[0]
+        R, C = self.cfg.array_rows, self.cfg.array_cols
+        (outer, inner), [(inp_b, inp_s), (acc_b, acc_s)] = self._loop_fields(
+            nest, [(a[2], R), (a[6], C)]
+        )
+        acc_addr = self._chip_addr(acc, acc_b)
+        entries = {
+            acc_addr + i * acc_s[0] + j * acc_s[1] for i in range(outer) for j in range(inner)
+        }
+        reset = entries <= self.pending_reset
+        if not reset and entries & self.pending_reset:
+            raise TirLoweringError("a GEMM resets part of its accumulator region")
+        self.pending_reset -= entries
+        self.seq.append(
+            Instruction(
+                Opcode.GEMM,
+                reset=int(reset),
+                array=self.gemm_count % self.cfg.num_arrays,
+                wgt_addr=self._chip_addr(wgt, self.ev(a[4])),
+                inp_addr=self._chip_addr(inp, inp_b),
+                acc_addr=acc_addr,
+                outer=outer,
+                inner=inner,
+                inp_so=inp_s[0],
+                inp_si=inp_s[1],
+                acc_so=acc_s[0],
+                acc_si=acc_s[1],
+            )
+        )
+        self.gemm_count += 1
+
+    def mark_reset(self, nest: _Nest) -> None:
+        """The reduction's init: its accumulator entries are reset by their first GEMM."""
+        store = nest.leaf
+        C = self.cfg.array_cols
+        coef, base = _linear(_flat_index(store.buffer, store.indices), nest.loop_vars)
+        offsets = np.array([self.ev(base)])
+        for c, e in zip(coef, nest.extents, strict=True):
+            offsets = (offsets[:, None] + c * np.arange(e)[None, :]).reshape(-1)
+        first = self.base[_key(store.buffer)]
+        self.pending_reset |= {first + int(o) // C for o in np.unique(offsets // C * C)}
+
+    def emit_alu(self, nest: _Nest) -> None:
+        store = nest.leaf
+        C = self.cfg.array_cols
+        amin, amax = self.cfg.act_range
+        dst = store.buffer
+        if _buffer_scope(dst) != SCOPE_ACC:
+            raise TirLoweringError(f"unrecognised copy or computation into {dst.name}")
+        ops = []  # (AluOp, operand load or None, immediate or None)
+        value = store.value
+        operand = None
+        if _kind(value) == "Add":
+            operand = value.a
+            ops.append((AluOp.ADD, value.b, None))
+        elif _kind(value) == "Cast":
+            # Cast(int32, max(min((int64(x) * int64(m) + round) >> S, amax), amin))
+            inner = value.value
+            bounds = {}
+            while _kind(inner) in ("Min", "Max"):
+                bounds[_kind(inner)] = _int(inner.b)
+                inner = inner.a
+            if bounds != {"Min": amax, "Max": amin} or _kind(inner) != "RShift":
+                raise TirLoweringError(f"unrecognised requantization {value}")
+            shift = _int(inner.b)
+            total = inner.a
+            if _kind(total) != "Add" or _int(total.b) != 1 << (shift - 1):
+                raise TirLoweringError(f"requantization {value} does not round half up")
+            prod = total.a
+            operand = _strip_cast(prod.a)
+            ops.append((AluOp.REQUANT, _strip_cast(prod.b), shift))
+        else:
+            chain = []
+            while _kind(value) in ("Min", "Max"):
+                chain.append((AluOp.MIN if _kind(value) == "Min" else AluOp.MAX, _int(value.b)))
+                value = value.a
+            operand = value
+            ops += [(op, None, imm) for op, imm in reversed(chain)]
+        operand = _strip_cast(operand)
+        if _kind(operand) != "TensorLoad" or _buffer_scope(operand.source) != SCOPE_ACC:
+            raise TirLoweringError(f"ALU stage {store.value} does not read the accumulator")
+        # Loops: drop the lanes (the innermost loop, contiguous over the C lanes).
+        lanes_nest = _Nest(nest.loops[:-1], [], store) if nest.loops else nest
+        if nest.loops and nest.extents[-1] != C:
+            raise TirLoweringError(f"ALU stage {store.value}: innermost loop is not the lanes")
+        dst_expr = _flat_index(dst, store.indices)
+        opd_expr = _flat_index(operand.source, operand.indices)
+        srcs = [(_flat_index(o.source, o.indices), C) for _, o, _ in ops if o is not None]
+        lane_var = [nest.loop_vars[-1]] if nest.loops else []
+        # Lane offsets must vanish at lane 0: evaluate bases with the lane loop at 0.
+        if lane_var:
+            self.ev.env[_key(lane_var[0])] = 0
+        extents, fields = self._loop_fields(lanes_nest, [(dst_expr, C), (opd_expr, C)] + srcs)
+        (dst_b, dst_s), (opd_b, opd_s) = fields[0], fields[1]
+        if dst_s != opd_s:
+            raise TirLoweringError(f"ALU stage {store.value} is not in place")
+        opd_addr = self._chip_addr(operand.source, opd_b)
+        # In place: the destination buffer lives where its operand does.
+        self.base[_key(dst)] = opd_addr - dst_b // C
+        outer, inner = extents
+        src_fields = iter(fields[2:])
+        for op, src_load, imm in ops:
+            if src_load is not None:
+                s_b, s_s = next(src_fields)
+                src, src_so, src_si = self._chip_addr(src_load.source, s_b), *s_s
+            else:
+                src, src_so, src_si = 0, 0, 0
+            o, i, dso, dsi = outer, inner, dst_s[0], dst_s[1]
+            if dso == i * dsi and src_so == i * src_si and o * i <= _MAX_LOOP:
+                o, i, dso, src_so = 1, o * i, 0, 0  # one contiguous run
+            self.seq.append(
+                Instruction(
+                    Opcode.ALU,
+                    alu_op=int(op),
+                    use_imm=int(imm is not None and op != AluOp.REQUANT),
+                    imm=int(imm or 0),
+                    dst_addr=opd_addr,
+                    src_addr=src,
+                    outer=o,
+                    inner=i,
+                    dst_so=dso,
+                    dst_si=dsi,
+                    src_so=src_so,
+                    src_si=src_si,
+                )
+            )
+
+
+def _lowered(func: tirx.PrimFunc, cfg: HardwareConfig | None) -> tirx.PrimFunc:
+    if func.attrs is not None and LOWERED_ATTR in func.attrs:
+        return func
+    if func.attrs is None or KERNEL_ATTR not in func.attrs:
+        raise TirLoweringError(
+            f"the PrimFunc has no '{KERNEL_ATTR}' attribute: schedule it with schedule_conv2d"
+        )
+    mod = LowerToAccelerator(cfg)(tvm.IRModule({"main": func}))
+    return mod["main"]
+
+
+def _as_func(func_or_sch) -> tirx.PrimFunc:
+    if isinstance(func_or_sch, s_tir.Schedule):
+        return func_or_sch.mod["main"]
+    if isinstance(func_or_sch, tvm.IRModule):
+        return func_or_sch["main"]
+    return func_or_sch
+
+
+def emit_program(func, cfg: HardwareConfig | None = None) -> list[Instruction]:
+    """The instruction stream of a scheduled accelerator PrimFunc (or its Schedule).
+
+    The function is lowered with :func:`LowerToAccelerator` if needed, then walked in
+    execution order: loops run, DMA calls become LOAD / STORE, each tensorized product becomes
+    one GEMM whose ``outer`` / ``inner`` loops and strides are the (at most two) loops around
+    it (as VTA folds its micro-op loops), the reduction's init marks accumulator entries that
+    the next GEMM writing them resets, and each epilogue loop nest on the accumulator becomes
+    ALU instructions computed in place of their operand.  The last step inserts the dependency
+    tokens of the decoupled load / compute / store modules.
+    """
+    func = _as_func(func)
+    cfg = get_config(cfg if cfg is not None else _layer_of(func)["config"])
+    func = _lowered(func, cfg)
+    emitter = _Emitter(cfg, func)
+    emitter.visit(func.body)
+    if emitter.pending_reset:
+        raise TirLoweringError("accumulator entries were initialised but never computed")
+    return insert_dependency_tokens(emitter.seq)
+
+
+def build_program(cfg: HardwareConfig | None, func, layer_name: str = "tir") -> Program:
+    """The :class:`~tvm_hapm.target.program.Program` of a scheduled accelerator PrimFunc.
+
+    Its slots are the function's buffer parameters in order (``"raw"`` packing: the tensors
+    already are in the DRAM layout); the last one is the output.
+    """
+    func = _as_func(func)
+    layer = _layer_of(func)
+    cfg = get_config(cfg if cfg is not None else layer["config"])
+    insns = emit_program(func, cfg)
+    slots = []
+    params = list(func.params)
+    for i, p in enumerate(params):
+        role = "output" if i == len(params) - 1 else ("input" if i == 0 else "const")
+        slots.append(Slot(str(p.name), role, str(p.ty.dtype), tuple(_buffer_shape(p))))
+    plan = json.loads(str(func.attrs[SCHEDULE_ATTR])) if SCHEDULE_ATTR in func.attrs else {}
+    info = {"kind": layer["kind"], "schedule": plan, "source": "tir"}
+    return Program(layer_name, cfg, slots, insns, 0, info)
+
+
+# =============================================================================================
+# build integration
+def OffloadHapmKernels():  # noqa: N802 - TVM pass naming
+    """Replace the body of every hapm_fpga-targeted PrimFunc carrying ``"hapm_fpga.kernel"`` by
+    ``T.call_packed("hapm_fpga.run_tir", <program, base64>, *buffers)``.
+
+    Functions without the attribute, or bound to another target, are returned unchanged.
+    """
+
+    def _offload(func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
+        attrs = func.attrs
+        if attrs is None or KERNEL_ATTR not in attrs:
+            return func
+        target = attrs.get("target", None) or tvm.target.Target.current(allow_none=True)
+        if target is None or not is_hapm_target(target):
+            return func
+        layer = _layer_of(func)
+        cfg = get_config(target) if target is not None else get_config(layer["config"])
+        name = str(attrs.get("global_symbol", "main"))
+        prog = build_program(cfg, func, layer_name=name)
+        blob = base64.b64encode(prog.to_bytes()).decode()
+        call = tirx.call_packed(RUN_TIR_FUNC, tvm.ir.expr.StringImm(blob), *func.params)
+        return func.with_body(tirx.Evaluate(call)).without_attr(KERNEL_ATTR)
+
+    return tvm.tirx.transform.prim_func_pass(
+        _offload, opt_level=0, name="hapm_fpga.OffloadHapmKernels"
+    )
+
+
+_ORIGINAL_S_TIR = getattr(
+    _tir_pipeline.PIPELINE_MAP["s_tir"], "_hapm_original", _tir_pipeline.PIPELINE_MAP["s_tir"]
+)
+
+
+def hapm_tir_pipeline(**kwargs):
+    """TVM's S-TIR pipeline preceded by :func:`OffloadHapmKernels`.
+
+    Returns ``(pass, finalize_host_passes, finalize_device_passes)`` like every TIR pipeline
+    factory.  A module without hapm_fpga kernels goes through the original pipeline unchanged.
+    """
+    base, finalize_host, finalize_device = _ORIGINAL_S_TIR(**kwargs)
+
+    @tvm.transform.module_pass(opt_level=0, name="hapm_fpga.TIRPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        has_kernel = any(
+            isinstance(f, tirx.PrimFunc) and f.attrs is not None and KERNEL_ATTR in f.attrs
+            for _, f in mod.functions_items()
+        )
+        if has_kernel:
+            mod = OffloadHapmKernels()(mod)
+        return base(mod)
+
+    return _pipeline, finalize_host, finalize_device
+
+
+hapm_tir_pipeline._hapm_original = _ORIGINAL_S_TIR
+_tir_pipeline.register_tir_pipeline("hapm_fpga", hapm_tir_pipeline)
+# "default" resolves to "s_tir" in tvm.tirx.get_tir_pipeline: wrap that entry.
+_tir_pipeline.PIPELINE_MAP["s_tir"] = hapm_tir_pipeline
+
+
+# =============================================================================================
+# runtime entry
+_PROGRAMS: dict[bytes, tuple] = {}
+_PROGRAMS_LOCK = threading.Lock()
+
+
+def _run_tir(program_b64, *tensors):
+    """``hapm_fpga.run_tir(program_base64, *buffers)``: run on the simulator, fill the output."""
+    from ..runtime.driver import run_program  # noqa: PLC0415 (runtime imports target)
+    from ..runtime.simulator import Simulator  # noqa: PLC0415
+
+    data = base64.b64decode(str(program_b64))
+    key = hashlib.sha256(data).digest()
+    with _PROGRAMS_LOCK:
+        hit = _PROGRAMS.get(key)
+        if hit is None:
+            prog = Program.from_bytes(data)
+            hit = (prog, Simulator(prog.config))
+            _PROGRAMS[key] = hit
+    prog, sim = hit
+    # The compiled caller passes DLTensors built on its stack: np.from_dlpack on them crashes
+    # (they have no owner to keep alive), so copy in and out.
+    arrays = [t.numpy() for t in tensors]
+    y, _ = run_program(prog, sim, arrays)
+    tensors[-1].copyfrom(np.ascontiguousarray(y))
+
+
+tvm_ffi.register_global_func(RUN_TIR_FUNC, _run_tir, override=True)
