@@ -199,9 +199,17 @@ def check_bn_after_relu(q, report):
     assert any("depthwise 1x1" in line for line in report)
 
 
+def int_residual_adds(q):
+    """The ``a * Ma + b * Mb`` adds of emit_add (int32, two tensor operands)."""
+    return [
+        c
+        for c in calls(q, "relax.add")
+        if str(c.ty.dtype) == "int32" and all(isinstance(a, relax.Var) for a in c.args)
+    ]
+
+
 def check_residual(q, report):
-    # emit_add: both operands widened to int32, scaled, added, shifted
-    assert "int32" in [str(c.ty.dtype) for c in calls(q, "relax.add") if not c.args[1].ty.ndim]
+    assert len(int_residual_adds(q)) == 1
 
 
 # name -> (builder, #int conv2d, #int matmul, #host ops in the report, extra check)
@@ -276,8 +284,8 @@ def test_int8_models(name):
     # the signature is unchanged
     assert q["main"].params[0].ty.dtype == "float32"
     tvm.ir.assert_structural_equal(q["main"].ret_ty, mod["main"].ret_ty)
-    # (b) accuracy on calibration data: max calibration of a few samples clips held-out data
-    # of these tiny nets noticeably (e.g. 9 % on strided_conv), which is not what this checks
+    # (b) accuracy on calibration data: max calibration of 8 samples clips held-out data of
+    # these tiny nets noticeably (up to 12 % on depthwise_conv), which is not what this checks
     err = rel_err(mod, q, cal[:4])
     assert err < 0.05, f"{name}: int8 relative L2 error {err:.4f}"
 
@@ -344,8 +352,7 @@ def test_multi_input_dict_calibration():
     cal = [{n: rng.normal(size=X).astype(np.float32) for n in names} for _ in range(4)]
     q = quantize(mod, cal)
     assert dtypes(q, "relax.nn.conv2d") == ["int32"] * 3
-    # the residual add of two quantized tensors is an int32 add chain
-    assert "int32" in [str(c.ty.dtype) for c in calls(q, "relax.add")]
+    assert len(int_residual_adds(q)) == 1
     with pytest.raises(QuantizeError, match="do not match the model's inputs"):
         quantize(mod, [{names[0]: cal[0][names[0]]}])
 

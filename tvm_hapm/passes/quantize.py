@@ -81,6 +81,7 @@ _SHAPE_OPS = (
     "relax.expand_dims",
 )
 _INF = math.inf
+_NOT_AN_OP = "not an operator call"
 #: Steps that emit an accelerated layer (they requantize to a calibrated output scale).
 _LAYER_KINDS = ("conv", "dense", "avgpool", "gap", "add")
 #: Steps whose result is an integer tensor.
@@ -302,7 +303,7 @@ def _minmax_prim(prim) -> tuple[str, float | None] | None:
     fixed = [all(isinstance(i, tirx.IntImm) for i in v.indices) for v in loads]
     if len(loads) == 2 and sorted(fixed) == [False, True]:
         return kind, None
-    if len(loads) == 1 and len(imms) == 1:
+    if len(loads) == 1 and len(imms) == 1 and not fixed[0]:
         return kind, float(imms[0].value)
     return None
 
@@ -492,9 +493,9 @@ class _Planner:
             return _Step("alias", i, b.var, src=[value], ops=["alias"])
         op = _op_name(value)
         if op is None:
-            return self._host(i, b, "not an operator call")
+            return self._host(i, b, _NOT_AN_OP)
         if not _is_f32(b.var):
-            return self._host(i, b, f"result is not a float32 tensor ({b.var.ty})")
+            return self._host(i, b, "result is not a float32 tensor")
         args = list(value.args)
         x = args[0] if args else None
         x_is_tensor = isinstance(x, relax.Var) and _is_f32(x)
@@ -781,10 +782,10 @@ class _Emitter(_Rebuilder):
         shape = _shape(step.out)
         where = f"{chain} -> {step.out.name} {tuple(shape) if shape is not None else ''}".rstrip()
         dt = self.cfg.act_dtype
+        if step.kind == "alias" or step.reason == _NOT_AN_OP:
+            return  # tuples and renames are bookkeeping, not ops
         if step.kind == "host":
             self.report.append(f"{where}: host float ({step.reason})")
-        elif step.kind == "alias":
-            return
         elif step.kind in ("int", "clip"):
             self.report.append(f"{where}: quantized ({dt} {step.ops[0]}, scale kept)")
         else:
@@ -1032,11 +1033,12 @@ def _eval_const(call, var) -> np.ndarray | None:
 
 
 def _fold_numpy(mod: tvm.IRModule, gvar) -> tvm.IRModule:
-    """Fold constant subexpressions with NumPy.
+    """Fold constant subexpressions with NumPy and drop inference-time dropouts.
 
     ``FoldConstant`` compiles one kernel per folded op (about 40 ms each), which made the
     normalisation of a batch-norm network slower than compiling it; the ops batch norm leaves
     behind are evaluated here instead and ``FoldConstant`` only sees what is left.
+    ``dropout(x)[0]`` (ONNX Dropout) is ``x`` at inference; the dropout itself becomes dead.
     """
     func = mod[gvar]
     try:
@@ -1049,8 +1051,22 @@ def _fold_numpy(mod: tvm.IRModule, gvar) -> tvm.IRModule:
         return mod
     rb = _Rebuilder(graph)
 
+    dropouts = {
+        b.var: b.value.args[0]
+        for b in graph.bindings
+        if isinstance(b, relax.VarBinding) and _op_name(b.value) == "relax.nn.dropout"
+    }
+
     def body():
         for b in graph.bindings:
+            value = b.value
+            if (
+                isinstance(value, relax.TupleGetItem)
+                and value.index == 0
+                and value.tuple_value in dropouts
+            ):
+                rb.fmap[b.var] = rb.sub(dropouts[value.tuple_value])
+                continue
             if isinstance(b, relax.VarBinding):
                 value = rb.sub(b.value)
                 folded = _eval_const(value, b.var) if isinstance(value, relax.Call) else None
