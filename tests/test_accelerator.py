@@ -54,6 +54,10 @@ def test_bit_exact_against_llvm(target, batch, hw):
     assert len(stats.layers) == len(report["accelerator"])
     assert stats.macs > 0 and stats.dram_bytes > 0
     assert stats.by_opcode["GEMM"] > 0 and stats.by_opcode["FINISH"] == len(stats.layers)
+    cfg_clock = get_config(target).clock_mhz
+    assert stats.cycles == sum(layer.cycles for layer in stats.layers) > 0
+    assert abs(stats.latency_ms - stats.cycles / cfg_clock / 1e3) < 1e-9
+    assert stats.energy_uj > 0
 
 
 def test_int16_config_is_bit_exact():

@@ -59,13 +59,23 @@ class RunStats:
     def by_opcode(self) -> dict:
         return self._total().by_opcode
 
+    @property
+    def cycles(self) -> int:
+        """Accelerator cycles; the layers run one after the other."""
+        return self._total().cycles
+
+    @property
+    def latency_ms(self) -> float:
+        return self._total().latency_ms
+
+    @property
+    def energy_uj(self) -> float:
+        return self._total().energy_uj
+
     def to_dict(self) -> dict:
-        return {
-            "instructions": self.instructions,
-            "macs": self.macs,
-            "dram_bytes": self.dram_bytes,
-            "layers": [s.to_dict() for s in self.layers],
-        }
+        total = self._total().to_dict()
+        total.pop("layer", None)
+        return {**total, "layers": [s.to_dict() for s in self.layers]}
 
 
 _CURRENT = RunStats()
@@ -87,8 +97,12 @@ def _program(data: bytes) -> tuple[Program, Simulator]:
         return hit
 
 
-def run_program(prog: Program, sim: Simulator, arrays: list[np.ndarray]) -> tuple:
+def run_program(
+    prog: Program, sim: Simulator, arrays: list[np.ndarray], timing: bool = True
+) -> tuple:
     """Run ``prog`` on host arrays (inputs and constants in slot order, output last).
+
+    With ``timing`` (the default) the cycle and energy model runs too (``docs/timing.md``).
 
     Returns ``(output_array, stats)``.  Shapes and dtypes are checked against the slots first.
     """
@@ -98,7 +112,7 @@ def run_program(prog: Program, sim: Simulator, arrays: list[np.ndarray]) -> tupl
             f"{len(arrays)} tensors"
         )
     dram = []
-    for slot, arr in zip(prog.slots, arrays):
+    for slot, arr in zip(prog.slots, arrays, strict=True):
         if tuple(arr.shape) != slot.shape or str(arr.dtype) != slot.dtype:
             raise ProgramError(
                 f"{prog.layer}: slot '{slot.name}' expects {slot.dtype}{list(slot.shape)}, got "
@@ -110,7 +124,7 @@ def run_program(prog: Program, sim: Simulator, arrays: list[np.ndarray]) -> tupl
             dram.append(pack_activation(arr, slot.vector).reshape(-1))
         else:
             dram.append(np.ascontiguousarray(arr).reshape(-1))
-    stats = sim.run(prog.instructions, dram, layer=prog.layer)
+    stats = sim.run(prog.instructions, dram, layer=prog.layer, timing=timing)
     out_slot = prog.slots[-1]
     out = dram[-1]
     if out_slot.packing == "act":
