@@ -391,11 +391,13 @@ def placement_table(accelerator: list[dict], host: dict, title: str = "What runs
 
 
 def run_stats_table(layers: list, title: str = "Accelerator statistics") -> Table:
-    """Per-layer instructions, MACs and DRAM bytes of :class:`ExecutionStats` objects."""
+    """Per-layer instructions, MACs, DRAM bytes, cycles, latency, energy and roofline fraction
+    of :class:`ExecutionStats` objects."""
     from .runtime import ExecutionStats  # noqa: PLC0415
 
     table = Table(title=title)
-    for col in ("layer", "instructions", "MACs", "DRAM read", "DRAM written", "DRAM total"):
+    columns = ("layer", "instructions", "MACs", "DRAM bytes", "cycles", "ms", "µJ", "roofline")
+    for col in columns:
         table.add_column(col, justify="left" if col == "layer" else "right")
 
     def add(s, style=None):
@@ -403,9 +405,11 @@ def run_stats_table(layers: list, title: str = "Accelerator statistics") -> Tabl
             s.layer,
             f"{s.instructions:,}",
             f"{s.macs:,}",
-            f"{s.dram_bytes_read:,}",
-            f"{s.dram_bytes_written:,}",
             f"{s.dram_bytes:,}",
+            f"{s.cycles:,}",
+            f"{s.latency_ms:.3f}",
+            f"{s.energy_uj:.1f}",
+            f"{s.roofline_fraction:.0%}",
             style=style,
         )
 
