@@ -95,17 +95,32 @@ def _alu(op, dst, outer, inner, dst_so, dst_si, *, imm=None, src=0, src_so=0, sr
     )
 
 
-def _load_rows(buf, slot, elem_bits, sram, dram, count):
-    """Load ``count`` consecutive DRAM entries, split into rows the x_size field can hold."""
-    out = []
+def _contiguous_rows(count: int):
+    """Split ``count`` consecutive entries into ``(offset, rows, cols)`` transfers whose sizes
+    fit the LOAD/STORE y_size and x_size fields."""
+    offset = 0
     while count > 0:
         cols = min(count, _MAX_X)
         rows = min(count // cols, _MAX_X)
-        out.append(_load(buf, slot, elem_bits, sram, dram, rows, cols, cols))
-        sram += rows * cols
-        dram += rows * cols
+        yield offset, rows, cols
+        offset += rows * cols
         count -= rows * cols
-    return out
+
+
+def _load_rows(buf, slot, elem_bits, sram, dram, count):
+    """Load ``count`` consecutive DRAM entries to consecutive buffer entries."""
+    return [
+        _load(buf, slot, elem_bits, sram + off, dram + off, rows, cols, cols)
+        for off, rows, cols in _contiguous_rows(count)
+    ]
+
+
+def _store_rows(slot, elem_bits, sram, dram, count):
+    """Store ``count`` consecutive accumulator entries to consecutive DRAM entries."""
+    return [
+        _store(slot, elem_bits, sram + off, dram + off, rows, cols, cols)
+        for off, rows, cols in _contiguous_rows(count)
+    ]
 
 
 def _clip_ops(cfg: HardwareConfig, dst, outer, inner, so, si, lo, hi):
@@ -380,25 +395,13 @@ def add_program(cfg, layer, shape, mult_a, mult_b, shift, clip, layer_index=0):
         amin, amax = cfg.act_range
         seq.append(_alu(AluOp.MAX, a, 1, t, 0, 1, imm=max(amin, clip[0])))
         seq.append(_alu(AluOp.MIN, a, 1, t, 0, 1, imm=min(amax, clip[1])))
-        seq += _acc_store(2, act, a, e0, t)
+        seq += _store_rows(2, act, a, e0, t)
     info = {"kind": "add", "schedule": sched.to_dict()}
     return Program(layer, cfg, slots, insert_dependency_tokens(seq), layer_index, info), []
 
 
 def _acc_load(slot, bits, sram, dram, count):
     return _load_rows(Buffer.ACC, slot, bits, sram, dram, count)
-
-
-def _acc_store(slot, bits, sram, dram, count):
-    out = []
-    while count > 0:
-        cols = min(count, _MAX_X)
-        rows = min(count // cols, _MAX_X)
-        out.append(_store(slot, bits, sram, dram, rows, cols, cols))
-        sram += rows * cols
-        dram += rows * cols
-        count -= rows * cols
-    return out
 
 
 def max_pool2d_program(
