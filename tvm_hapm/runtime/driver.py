@@ -19,7 +19,7 @@ import tvm_ffi
 from ..target.program import Program, ProgramError, pack_activation, unpack_activation
 from .simulator import ExecutionStats, Simulator
 
-__all__ = ["RUN_FUNC", "RunStats", "run_program", "last_run_stats"]
+__all__ = ["RUN_FUNC", "RunStats", "cached_program", "last_run_stats", "run_program"]
 
 #: Name of the global function compiled executables call.
 RUN_FUNC = "hapm_fpga.run"
@@ -86,7 +86,8 @@ def last_run_stats() -> RunStats:
     return _CURRENT
 
 
-def _program(data: bytes) -> tuple[Program, Simulator]:
+def cached_program(data: bytes) -> tuple[Program, Simulator]:
+    """The decoded program and a simulator for its config, decoded once per distinct program."""
     key = hashlib.sha256(data).digest()
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
@@ -135,7 +136,7 @@ def run_program(
 def _run_packed(program, *args):
     """``hapm_fpga.run(program_u8, *inputs, out)``: the entry compiled executables call."""
     global _CURRENT
-    prog, sim = _program(np.from_dlpack(program).tobytes())
+    prog, sim = cached_program(np.from_dlpack(program).tobytes())
     arrays = [np.from_dlpack(a) for a in args]
     y, stats = run_program(prog, sim, arrays)
     if prog.layer_index == 0:

@@ -28,9 +28,7 @@ an int64 product and saturation to the activation range, exactly what the simula
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
-import threading
 
 import numpy as np
 import tvm
@@ -1222,24 +1220,13 @@ _tir_pipeline.PIPELINE_MAP["s_tir"] = hapm_tir_pipeline
 
 # =============================================================================================
 # runtime entry
-_PROGRAMS: dict[bytes, tuple] = {}
-_PROGRAMS_LOCK = threading.Lock()
 
 
 def _run_tir(program_b64, *tensors):
     """``hapm_fpga.run_tir(program_base64, *buffers)``: run on the simulator, fill the output."""
-    from ..runtime.driver import run_program  # noqa: PLC0415 (runtime imports target)
-    from ..runtime.simulator import Simulator  # noqa: PLC0415
+    from ..runtime.driver import cached_program, run_program  # noqa: PLC0415 (runtime imports target)
 
-    data = base64.b64decode(str(program_b64))
-    key = hashlib.sha256(data).digest()
-    with _PROGRAMS_LOCK:
-        hit = _PROGRAMS.get(key)
-        if hit is None:
-            prog = Program.from_bytes(data)
-            hit = (prog, Simulator(prog.config))
-            _PROGRAMS[key] = hit
-    prog, sim = hit
+    prog, sim = cached_program(base64.b64decode(str(program_b64)))
     # The compiled caller passes DLTensors built on its stack: np.from_dlpack on them crashes
     # (they have no owner to keep alive), so copy in and out.
     arrays = [t.numpy() for t in tensors]
