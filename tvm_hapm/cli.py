@@ -8,6 +8,11 @@ Subcommands
     ``<layer>.s`` (the accelerator programs, binary and disassembled) and ``OUT/report.json``.
 ``hapm run OUT/ --input X.npy [--output Y.npy]``
     Load ``OUT/model.so``, run it on ``X`` and print the accelerator statistics of the run.
+``hapm profile MODEL.onnx [--calibration DATA.npy] [--input X.npy] -o OUT/``
+    Compile the model, run it once on the simulator with the timing model and write
+    ``OUT/profile.json`` (per layer and total: cycles, ms, utilisation, roofline, stalls, DRAM
+    traffic, energy) and ``OUT/trace.json`` (a Chrome/Perfetto trace of the load, compute and
+    store modules and the arrays); print the profile as a table.
 ``hapm disasm FILE.hapm|DIR``
     Print the header and the numbered instructions of accelerator programs.
 ``hapm demo [--out DIR]``
@@ -593,6 +598,94 @@ def cmd_run(args, console: Console) -> int:
     return 0
 
 
+PROFILE_JSON = "profile.json"
+TRACE_JSON = "trace.json"
+
+
+def cmd_profile(args, console: Console) -> int:
+    """``hapm profile``: compile, run once with the timing model, write profile and trace."""
+    from .runtime import driver  # noqa: PLC0415
+    from .runtime.report import build_profile, chrome_trace, profile_table  # noqa: PLC0415
+
+    tgt, cfg = resolve_target(args.target, args.config)
+    if args.calibration_samples < 1:
+        raise CliError("--calibration-samples must be at least 1")
+    out = Path(args.output)
+    rng = np.random.default_rng(args.seed)
+    with _progress(console) as progress:
+        with _stage(progress, "import ONNX"):
+            model = fix_batch(load_onnx(args.model), args.batch)
+            name, shape, dtype = model_input(model)
+            dims = [int(d) for d in shape]
+
+            def random(what):
+                if np.dtype(dtype).kind != "f":
+                    raise CliError(f"the model input is {dtype}; give {what} as a .npy file")
+                return rng.standard_normal(dims).astype(dtype)
+
+            if args.calibration:
+                calib = batches(
+                    load_npy(args.calibration, "calibration"),
+                    shape,
+                    dtype,
+                    f"calibration data {args.calibration}",
+                    limit=args.calibration_samples,
+                )
+            else:
+                calib = [random("--calibration")]
+            if args.input:
+                x = batches(load_npy(args.input, "input"), shape, dtype, f"input {args.input}")[0]
+            else:
+                x = random("--input")
+            mod = import_onnx(model)
+        with _stage(progress, f"quantize ({len(calib)} batches)"):
+            qmod = quantize_module(mod, calib, cfg)
+        with _stage(progress, f"compile for {cfg.name}"):
+            ex, programs, _ = compile_model(qmod, tgt, cfg)
+        if not programs:
+            raise CliError("no layer of this model runs on the accelerator: nothing to profile")
+        with _stage(progress, "run with the timing model"):
+            tvm = _tvm()
+            vm = tvm.relax.VirtualMachine(ex, tvm.cpu())
+            t0 = time.perf_counter()
+            with driver.profile():
+                try:
+                    _to_numpy(vm["main"](tvm.runtime.tensor(x)))
+                except CliError:
+                    raise
+                except Exception as err:  # noqa: BLE001 - shape/type errors raised by the VM
+                    raise CliError(f"running the model failed: {_one_line(err)}") from None
+            seconds = time.perf_counter() - t0
+            stats = driver.last_run_stats()
+        with _stage(progress, "write profile and trace"):
+            profile = build_profile(stats, cfg)
+            profile["model"] = str(args.model)
+            profile["target"] = str(tgt.attrs.get("model", cfg.name))
+            profile["input"] = {
+                "file": str(args.input) if args.input else f"random normal (seed {args.seed})",
+                "shape": dims,
+                "dtype": dtype,
+            }
+            profile["simulation_seconds"] = round(seconds, 3)
+            trace = chrome_trace(stats.traces, max_events=args.trace_limit or None)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / PROFILE_JSON).write_text(
+                json.dumps(profile, indent=2, default=_json_default) + "\n"
+            )
+            with (out / TRACE_JSON).open("w") as f:
+                json.dump(trace, f, separators=(",", ":"), default=_json_default)
+    console.print(profile_table(profile, title=f"Accelerator profile ({cfg.name})"))
+    total = profile["total"]
+    truncated = trace["otherData"]["truncated"]
+    note = " (instruction events truncated: --trace-limit)" if truncated else ""
+    console.print(
+        f"{total['cycles']:,} cycles = {total['latency_ms']:.3f} ms at {cfg.clock_mhz:g} MHz, "
+        f"{total['roofline_fraction']:.0%} of the roofline bound, {total['energy_uj']:,.1f} µJ; "
+        f"wrote {out / PROFILE_JSON}, {out / TRACE_JSON}{note}"
+    )
+    return 0
+
+
 def cmd_disasm(args, console: Console) -> int:
     """``hapm disasm``: print programs (a .hapm file or every .hapm file of a directory)."""
     path = Path(args.path)
@@ -757,6 +850,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, metavar="X.npy")
     p.add_argument("--output", default=None, metavar="Y.npy", help="default OUT/output.npy")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "profile", help="compile, run once with the timing model, write a profile and a trace"
+    )
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument(
+        "--calibration", default=None, metavar="DATA.npy", help="default: one random sample"
+    )
+    p.add_argument("--calibration-samples", type=int, default=16, metavar="K")
+    grp = p.add_mutually_exclusive_group()
+    grp.add_argument("--target", default=None, help="hapm_fpga target tag (default hapm_fpga)")
+    grp.add_argument("--config", default=None, metavar="CONFIG.json", help="custom hardware")
+    p.add_argument("--input", default=None, metavar="X.npy", help="default: a random input")
+    p.add_argument(
+        "--batch", type=int, default=1, help="batch size if the model's batch is symbolic"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random data (default 0)")
+    p.add_argument(
+        "--trace-limit",
+        type=int,
+        default=1_000_000,
+        metavar="N",
+        help="at most N instruction events in trace.json (0: no limit; default 1,000,000)",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
+    p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("disasm", help="disassemble .hapm programs")
     p.add_argument("path", metavar="FILE.hapm|DIR")

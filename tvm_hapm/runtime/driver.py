@@ -9,8 +9,10 @@ output in place: the role a kernel driver and DMA-able buffers play on a real bo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,13 +21,44 @@ import tvm_ffi
 from ..target.program import Program, ProgramError, pack_activation, unpack_activation
 from .simulator import ExecutionStats, Simulator
 
-__all__ = ["RUN_FUNC", "RunStats", "cached_program", "last_run_stats", "run_program"]
+__all__ = [
+    "RUN_FUNC",
+    "LayerTrace",
+    "RunStats",
+    "cached_program",
+    "last_run_stats",
+    "profile",
+    "run_program",
+]
 
 #: Name of the global function compiled executables call.
 RUN_FUNC = "hapm_fpga.run"
 
 _CACHE: dict[bytes, tuple[Program, Simulator]] = {}
 _CACHE_LOCK = threading.Lock()
+
+
+@dataclass
+class LayerTrace:
+    """The cycle-level record of one accelerator program run (kept only under :func:`profile`).
+
+    Attributes
+    ----------
+    program : Program
+        The program that ran (its instructions give the trace its disassembly).
+    timing : TimingResult
+        Start and end cycle of every instruction, stalls, busy cycles and event counts.
+    energy : EnergyReport
+        Energy by component.
+    """
+
+    program: Program
+    timing: object
+    energy: object
+
+    @property
+    def layer(self) -> str:
+        return self.program.layer
 
 
 @dataclass
@@ -36,9 +69,13 @@ class RunStats:
     ----------
     layers : list of ExecutionStats
         One entry per accelerator program executed, in execution order.
+    traces : list of LayerTrace
+        The per-instruction timing of each layer, parallel to ``layers``; filled only while a
+        :func:`profile` block is active (it holds two integers per instruction).
     """
 
     layers: list[ExecutionStats] = field(default_factory=list)
+    traces: list[LayerTrace] = field(default_factory=list)
 
     def _total(self) -> ExecutionStats:
         return ExecutionStats.total(self.layers, layer="total")
@@ -79,6 +116,27 @@ class RunStats:
 
 
 _CURRENT = RunStats()
+_PROFILING = [0]
+
+
+@contextlib.contextmanager
+def profile() -> Iterator[None]:
+    """Keep the per-instruction timing of every accelerator layer run inside the block.
+
+    Example
+    -------
+    .. code-block:: python
+
+        with tvm_hapm.runtime.profile():
+            vm["main"](x)
+        stats = tvm_hapm.runtime.last_run_stats()     # stats.traces: one LayerTrace per layer
+        report = tvm_hapm.runtime.report.build_profile(stats)
+    """
+    _PROFILING[0] += 1
+    try:
+        yield
+    finally:
+        _PROFILING[0] -= 1
 
 
 def last_run_stats() -> RunStats:
@@ -142,6 +200,8 @@ def _run_packed(program, *args):
     if prog.layer_index == 0:
         _CURRENT = RunStats()
     _CURRENT.layers.append(stats)
+    if _PROFILING[0]:
+        _CURRENT.traces.append(LayerTrace(prog, sim.last_timing, sim.last_energy))
     arrays[-1][...] = y
 
 
