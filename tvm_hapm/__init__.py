@@ -7,6 +7,7 @@ executables call to run accelerator programs on the simulator.
 """
 
 from . import passes, runtime, target  # registers tags, pipelines and hapm_fpga.run
+from .cost import measure as _measure  # noqa: F401  (registers hapm_fpga.measure)
 from .passes.quantize import Quantize, quantize
 from .target import tir as _tir  # noqa: F401  (registers the TIR pipeline, hapm_fpga.run_tir)
 from .target.config import HardwareConfig, get_config, register_config

@@ -1,0 +1,110 @@
+"""Schedule autotuning: the search space, the searches, the database and RPC measurement."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import tvm_hapm  # noqa: F401
+from tvm_hapm.cost.measure import LocalFarm, LocalRunner, RPCRunner, measure_program
+from tvm_hapm.cost.tune import (
+    ConvTask,
+    TuningDatabase,
+    enumerate_space,
+    model_guided_search,
+    random_search,
+    schedule_fits,
+)
+from tvm_hapm.runtime import Simulator, SimulatorError
+from tvm_hapm.target.config import HardwareConfig
+from tvm_hapm.target.schedule import ConvSchedule
+
+CFG = HardwareConfig(
+    name="tune-test",
+    num_arrays=2,
+    array_rows=4,
+    array_cols=4,
+    inp_buffer_bytes=4 * 160,
+    wgt_buffer_bytes=16 * 40,
+    acc_buffer_bytes=16 * 120,
+)
+
+
+def _task(seed=0, hw=(9, 11), cin=10, cout=9):
+    rng = np.random.default_rng(seed)
+    w = rng.integers(-127, 128, (cout, cin, 3, 3)).astype(np.int8)
+    return ConvTask("conv", CFG, (1, cin, *hw), w, padding=(1, 1, 1, 1))
+
+
+def _validates(task, schedule) -> bool:
+    prog = task.program(schedule)
+    dram = [np.zeros(s.dram_elems, s.dtype) for s in prog.slots]
+    try:
+        Simulator(CFG).validate(prog.instructions, dram)
+    except SimulatorError:
+        return False
+    return True
+
+
+def test_space_is_exactly_what_fits():
+    """schedule_fits agrees with the simulator's independent address checks."""
+    task = _task()
+    space = enumerate_space(task)
+    assert len(space) > 20
+    assert task.default_schedule() in space
+    assert all(_validates(task, s) for s in space[:: max(1, len(space) // 15)])
+    too_big = ConvSchedule(tile_h=9, tile_w=11, cob_group=3, cib_chunk=3)
+    assert not schedule_fits(task, too_big)
+    assert not _validates(task, too_big)
+
+
+def test_searches_find_a_schedule_no_worse_than_default_and_are_deterministic():
+    task = _task()
+    guided = model_guided_search(task, trials=12, seed=1)
+    again = model_guided_search(task, trials=12, seed=1)
+    rand = random_search(task, trials=12, seed=1)
+    assert guided.best_cycles <= guided.default_cycles
+    assert rand.best_cycles <= rand.default_cycles
+    assert guided.history == again.history
+    assert guided.trials == 13  # 12 trials + the default schedule
+    # measured cycles of the winner are what the timing model says for its program
+    assert measure_program(task.program(guided.best)).cycles == guided.best_cycles
+
+
+def test_database_round_trip_and_keeps_the_best(tmp_path):
+    task = _task()
+    result = random_search(task, trials=6, seed=0)
+    db = TuningDatabase(tmp_path / "db.json")
+    db.commit(task, result)
+    worse = random_search(task, trials=1, seed=5)
+    worse.best_cycles = result.best_cycles + 1
+    db.commit(task, worse)  # not better: ignored
+    db.save()
+    loaded = TuningDatabase(tmp_path / "db.json")
+    assert loaded.lookup(task.key()) == result.best
+    assert loaded.records[task.key()]["cycles"] == result.best_cycles
+    assert loaded.lookup(_task(seed=1).key()) == result.best  # same shape and zero pattern
+    assert loaded.lookup(_task(hw=(8, 11)).key()) is None  # another layer
+
+
+def test_task_key_depends_on_the_zero_block_pattern():
+    task = _task()
+    pruned = _task()
+    pruned.weight = pruned.weight.copy()
+    pruned.weight[:4, :4] = 0  # one whole 4x4 block of every kernel position
+    assert task.key() != pruned.key()
+    dense_again = _task()
+    dense_again.weight = dense_again.weight + 0  # same values: same key
+    assert task.key() == dense_again.key()
+
+
+def test_rpc_tracker_and_two_servers_measure_like_local():
+    """Tuning through TVM's RPC tracker and two loopback servers gives the local records."""
+    task = _task(hw=(6, 7), cin=8, cout=8)
+    local = random_search(task, trials=6, seed=3, runner=LocalRunner())
+    with LocalFarm(num_servers=2) as farm:
+        remote = random_search(
+            task, trials=6, seed=3, runner=RPCRunner("127.0.0.1", farm.port, key=farm.key)
+        )
+        tracker = farm.tracker
+    assert remote.history == local.history
+    assert tracker is not None and farm.tracker is None  # stopped on exit

@@ -1,0 +1,98 @@
+"""Generate training data and train the fine cost model (the bundled one is made this way).
+
+::
+
+    python -m tvm_hapm.cost.train --samples 3000 --cache ~/.cache/tvm_hapm/cost_samples.jsonl
+    python -m tvm_hapm.cost.train --samples 3000 --output tvm_hapm/data/cost_model_fine.json
+
+The data excludes the layer shapes of ResNet-18 and the MobileNet-style network
+(:data:`tvm_hapm.cost.dataset.DEFAULT_EXCLUDE`) so that the benchmark's networks are held out.
+A random 15% of the samples (by id) is held out of training and reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .analytic import analyze
+from .dataset import excluded_shapes, generate, spec_objects
+from .features import features_from_analysis
+from .models import BUNDLED_FINE_MODEL, FineModel
+
+__all__ = ["dataset_matrix", "mape", "train_fine_model"]
+
+
+def mape(pred, true) -> float:
+    pred, true = np.asarray(pred, float), np.asarray(true, float)
+    return float(np.mean(np.abs(pred - true) / np.maximum(np.abs(true), 1e-12)))
+
+
+def dataset_matrix(records: list[dict]):
+    """Features, simulated ``(cycles, energy)``, mid ``(cycles, energy)`` and ids of the
+    measured records (records with errors are skipped)."""
+    X, y, mids, ids = [], [], [], []
+    for r in records:
+        if "result" not in r:
+            continue
+        layer, cfg, sched, mask = spec_objects(r)
+        a = analyze(layer, cfg, sched, mask)
+        X.append(features_from_analysis(layer, cfg, a))
+        y.append((r["result"]["cycles"], r["result"]["energy_uj"]))
+        mids.append((a.cycles, a.energy_uj))
+        ids.append(r["id"])
+    return np.stack(X), np.asarray(y, float), np.asarray(mids, float), np.asarray(ids)
+
+
+def train_fine_model(
+    records: list[dict], holdout: float = 0.15, rounds: int = 300, params=None, seed: int = 0
+):
+    """Train on ``records``; returns ``(model, report)`` with held-out MAPEs."""
+    X, y, mids, ids = dataset_matrix(records)
+    rng = np.random.default_rng(seed)
+    test = rng.random(len(ids)) < holdout
+    model = FineModel.train(
+        X[~test], y[~test, 0], y[~test, 1], mids[~test], params=params, rounds=rounds
+    )
+    report = {"n_train": int((~test).sum()), "n_holdout": int(test.sum())}
+    if test.any():
+        pred = model.predict_matrix(X[test], mids[test])
+        report.update(
+            holdout_fine_mape_cycles=mape(pred[:, 0], y[test, 0]),
+            holdout_fine_mape_energy=mape(pred[:, 1], y[test, 1]),
+            holdout_mid_mape_cycles=mape(mids[test, 0], y[test, 0]),
+            holdout_mid_mape_energy=mape(mids[test, 1], y[test, 1]),
+        )
+    model.meta.update(report)
+    return model, report
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--samples", type=int, default=3000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cache", default=str(Path.home() / ".cache/tvm_hapm/cost_samples.jsonl"))
+    ap.add_argument("--output", default=str(BUNDLED_FINE_MODEL))
+    ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--format", default="json", choices=("json", "ubj"))
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    records = generate(
+        args.cache, args.samples, seed=args.seed, exclude=excluded_shapes(), workers=args.workers
+    )
+    t1 = time.time()
+    model, report = train_fine_model(records, rounds=args.rounds)
+    model.meta.update(
+        {"seed": args.seed, "samples": args.samples, "excluded": ["resnet18_imagenet",
+         "mobilenet_style"], "generate_seconds": round(t1 - t0, 1)}
+    )  # fmt: skip
+    path = model.save(args.output, fmt=args.format)
+    print(f"saved {path}; {report}; train {time.time() - t1:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,442 @@
+"""Autotuning of the accelerator's convolution schedules, and the tuning database.
+
+The knobs of a convolution are the fields of
+:class:`~tvm_hapm.target.schedule.ConvSchedule`: the output tile (rows x columns), how many
+output-channel blocks are computed together (``cob_group``: the blocks one dispatch of the
+parallel arrays consumes) and how many input-channel blocks are resident (``cib_chunk``).  A
+candidate is *measured* by generating its instruction stream and running the timing model
+(:mod:`tvm_hapm.cost.measure`: in this process, in worker processes, or on RPC servers).
+
+Two searches share one measurement budget:
+
+* :func:`random_search`: candidates drawn uniformly from the valid space;
+* :func:`model_guided_search`: like TVM MetaSchedule's ``XGBModel`` loop, an XGBoost model of the
+  candidates measured so far (optionally started from a prior such as the fine cost model) ranks
+  the unmeasured space; the best predicted candidates, plus a few random ones, are measured next.
+
+Results go into a :class:`TuningDatabase` (JSON).  Inside ``with database:``,
+``tvm.compile(mod, target="hapm_fpga")`` uses the best recorded schedule of every layer it finds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import threading
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from ..target.config import HardwareConfig
+from ..target.schedule import ConvSchedule, plan_conv
+
+__all__ = [
+    "ConvTask",
+    "TuneResult",
+    "TuningDatabase",
+    "current_database",
+    "enumerate_space",
+    "schedule_fits",
+    "random_search",
+    "model_guided_search",
+    "extract_tasks",
+]
+
+_KNOBS = ("tile_h", "tile_w", "cob_group", "cib_chunk")
+_MAX_LOOP = (1 << 10) - 1
+_MAX_OUTER_STRIDE = (1 << 14) - 1
+
+
+@dataclass
+class ConvTask:
+    """One convolution (or dense layer as a 1x1 convolution) to tune on one config.
+
+    ``weight`` is the integer OIHW weight: its all-zero ``R x C`` blocks are skipped by the
+    compiler, so the sparsity pattern is part of the task.
+    """
+
+    name: str
+    config: HardwareConfig
+    data_shape: tuple
+    weight: np.ndarray
+    strides: tuple = (1, 1)
+    padding: tuple = (0, 0, 0, 0)
+    dilation: tuple = (1, 1)
+    groups: int = 1
+
+    def __post_init__(self):
+        self.data_shape = tuple(int(v) for v in self.data_shape)
+        self.strides = tuple(int(v) for v in self.strides)
+        self.padding = tuple(int(v) for v in self.padding)
+        self.dilation = tuple(int(v) for v in self.dilation)
+
+    # geometry ---------------------------------------------------------------------------
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        _, _, h, w = self.data_shape
+        _, _, kh, kw = self.weight.shape
+        pt, pl, pb, pr = self.padding
+        oh = (h + pt + pb - self.dilation[0] * (kh - 1) - 1) // self.strides[0] + 1
+        ow = (w + pl + pr - self.dilation[1] * (kw - 1) - 1) // self.strides[1] + 1
+        return oh, ow
+
+    @property
+    def blocks(self) -> tuple[int, int]:
+        """(output-channel blocks, input-channel blocks)."""
+        cfg = self.config
+        cin = self.data_shape[1]
+        return -(-self.weight.shape[0] // cfg.array_cols), -(-cin // cfg.array_rows)
+
+    def key(self) -> str:
+        """Stable identity: config, geometry and the weight's zero-block pattern."""
+        from ..target.codegen import expand_weight_blocks  # noqa: PLC0415
+
+        blocks = expand_weight_blocks(self.config, self.weight, self.groups)
+        nonzero = np.packbits(np.any(blocks != 0, axis=(4, 5)).reshape(-1))
+        text = json.dumps(
+            [
+                self.config.to_dict(),
+                self.data_shape,
+                list(self.weight.shape),
+                self.strides,
+                self.padding,
+                self.dilation,
+                self.groups,
+            ],
+            sort_keys=True,
+        )
+        return hashlib.sha256(text.encode() + nonzero.tobytes()).hexdigest()[:24]
+
+    def default_schedule(self) -> ConvSchedule:
+        _, _, h, w = self.data_shape
+        _, _, kh, kw = self.weight.shape
+        cob, cib = self.blocks
+        return plan_conv(
+            self.config, h, w, *self.out_hw, kh, kw, self.strides, self.dilation, cib, cob
+        )
+
+    def program(self, schedule: ConvSchedule):
+        """The instruction stream of this task under ``schedule`` (constants irrelevant to time)."""
+        from ..target.codegen import conv2d_program  # noqa: PLC0415
+
+        lo, hi = self.config.act_range
+        prog, _ = conv2d_program(
+            self.config,
+            self.name,
+            self.data_shape,
+            self.weight,
+            None,
+            np.ones(self.weight.shape[0], np.int64),
+            1,
+            (lo, hi),
+            strides=self.strides,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            schedule=schedule,
+        )
+        return prog
+
+
+def schedule_fits(task: ConvTask, s: ConvSchedule) -> bool:
+    """Whether ``s`` fits the buffers and instruction fields (the rules ``plan_conv`` plans by)."""
+    cfg = task.config
+    _, _, kh, kw = task.weight.shape
+    sh, sw = task.strides
+    dh, dw = task.dilation
+    oh, ow = task.out_hw
+    cob, cib = task.blocks
+    if not (1 <= s.tile_h <= min(oh, _MAX_LOOP) and 1 <= s.tile_w <= min(ow, _MAX_LOOP)):
+        return False
+    if not (1 <= s.cob_group <= cob and 1 <= s.cib_chunk <= cib):
+        return False
+    th_in = (s.tile_h - 1) * sh + (kh - 1) * dh + 1
+    tw_in = (s.tile_w - 1) * sw + (kw - 1) * dw + 1
+    inp = s.cib_chunk * th_in * tw_in
+    acc = s.cob_group * s.tile_h * s.tile_w + 2 * s.cob_group
+    wgt = s.cob_group * s.cib_chunk * kh * kw
+    return (
+        inp <= cfg.inp_depth
+        and acc <= cfg.acc_depth
+        and wgt <= cfg.wgt_depth
+        and sh * tw_in <= _MAX_OUTER_STRIDE
+    )
+
+
+def _candidates(limit: int) -> list[int]:
+    """The powers of two below ``limit``, and ``limit`` halved (rounding up) repeatedly: the
+    sizes ``plan_conv`` shrinks through, so the default schedule is on the grid."""
+    vals = set()
+    p = 1
+    while p < limit:
+        vals.add(p)
+        p *= 2
+    v = limit
+    while v > 1:
+        vals.add(v)
+        v = -(-v // 2)
+    vals.add(1)
+    return sorted(vals)
+
+
+def enumerate_space(task: ConvTask) -> list[ConvSchedule]:
+    """All valid schedules on the knob grid (tiles and chunks: see :func:`_candidates`;
+    groups: 1 .. number of output-channel blocks, at most twice the arrays)."""
+    oh, ow = task.out_hw
+    cob, cib = task.blocks
+    groups = range(1, min(cob, 2 * task.config.num_arrays) + 1)
+    extra = {f.name: f.default for f in fields(ConvSchedule) if f.name not in _KNOBS}
+    space = []
+    for th, tw, g, k in itertools.product(
+        _candidates(min(oh, _MAX_LOOP)), _candidates(min(ow, _MAX_LOOP)), groups, _candidates(cib)
+    ):
+        s = ConvSchedule(tile_h=th, tile_w=tw, cob_group=g, cib_chunk=k, **extra)
+        if schedule_fits(task, s):
+            space.append(s)
+    return space
+
+
+def _features(task: ConvTask, s: ConvSchedule) -> list[float]:
+    oh, ow = task.out_hw
+    cob, cib = task.blocks
+    tiles = math.ceil(oh / s.tile_h) * math.ceil(ow / s.tile_w)
+    return [
+        s.tile_h,
+        s.tile_w,
+        s.cob_group,
+        s.cib_chunk,
+        math.log2(tiles),
+        math.log2(s.tile_h * s.tile_w),
+        math.ceil(cob / s.cob_group),
+        math.ceil(cib / s.cib_chunk),
+        (oh % s.tile_h) / s.tile_h,
+        (ow % s.tile_w) / s.tile_w,
+    ]
+
+
+@dataclass
+class TuneResult:
+    task: str
+    best: ConvSchedule
+    best_cycles: int
+    default_cycles: int
+    history: list = field(default_factory=list)  # (schedule dict, cycles) in measurement order
+    space_size: int = 0
+
+    @property
+    def trials(self) -> int:
+        return len(self.history)
+
+
+def _measure(task: ConvTask, schedules: list[ConvSchedule], runner) -> list[int]:
+    programs = [task.program(s).to_bytes() for s in schedules]
+    results = runner.run(programs)
+    return [r.cycles if not r.error else np.iinfo(np.int64).max for r in results]
+
+
+def _result(task, history, default_cycles, space_size) -> TuneResult:
+    best_s, best_c = min(history, key=lambda hc: (hc[1], json.dumps(hc[0], sort_keys=True)))
+    return TuneResult(
+        task.name, ConvSchedule(**best_s), int(best_c), int(default_cycles), history, space_size
+    )
+
+
+def random_search(task: ConvTask, trials: int, runner=None, seed: int = 0) -> TuneResult:
+    """Measure ``trials`` schedules drawn uniformly (without replacement) from the space."""
+    from .measure import LocalRunner  # noqa: PLC0415
+
+    runner = runner or LocalRunner()
+    space = enumerate_space(task)
+    default = task.default_schedule()
+    rng = np.random.default_rng(seed)
+    picks = rng.permutation(len(space))[: max(0, min(trials, len(space)))]
+    chosen = [space[i] for i in picks]
+    cycles = _measure(task, [default, *chosen], runner)
+    history = [(s.to_dict(), c) for s, c in zip(chosen, cycles[1:])]
+    history.append((default.to_dict(), cycles[0]))
+    return _result(task, history, cycles[0], len(space))
+
+
+def model_guided_search(
+    task: ConvTask,
+    trials: int,
+    runner=None,
+    seed: int = 0,
+    batch: int = 4,
+    init: int = 4,
+    epsilon: float = 0.25,
+    prior=None,
+) -> TuneResult:
+    """Measure ``trials`` schedules chosen by an XGBoost model refitted after every batch.
+
+    Parameters
+    ----------
+    prior : callable, optional
+        ``prior(task, schedules) -> predicted cycles`` ranking the space before any
+        measurement (e.g. the fine cost model); without it the first ``init`` picks are random.
+    epsilon : float
+        Fraction of each batch drawn at random (exploration).
+    """
+    import xgboost as xgb  # noqa: PLC0415
+
+    from .measure import LocalRunner  # noqa: PLC0415
+
+    runner = runner or LocalRunner()
+    space = enumerate_space(task)
+    default = task.default_schedule()
+    rng = np.random.default_rng(seed)
+    feats = np.array([_features(task, s) for s in space], dtype=np.float64)
+    measured: dict[int, int] = {}
+    default_cycles = _measure(task, [default], runner)[0]
+    budget = min(trials, len(space))
+    if prior is not None:
+        scores = np.asarray(prior(task, space), dtype=np.float64)
+    else:
+        scores = None
+    while len(measured) < budget:
+        todo = [i for i in range(len(space)) if i not in measured]
+        n = min(batch if measured else init, budget - len(measured))
+        if scores is None and not measured:
+            picks = list(rng.choice(todo, size=n, replace=False))
+        else:
+            if len(measured) >= 2:
+                idx = np.array(sorted(measured))
+                model = xgb.XGBRegressor(
+                    n_estimators=60, max_depth=4, learning_rate=0.3, random_state=seed, n_jobs=1
+                )
+                model.fit(feats[idx], np.log([measured[i] for i in idx]))
+                scores = model.predict(feats)
+            order = [i for i in np.argsort(scores, kind="stable") if i not in measured]
+            n_random = int(round(n * epsilon)) if len(order) > n else 0
+            picks = order[: n - n_random]
+            rest = [i for i in todo if i not in picks]
+            if n_random and rest:
+                picks += list(rng.choice(rest, size=min(n_random, len(rest)), replace=False))
+        for i, c in zip(picks, _measure(task, [space[i] for i in picks], runner)):
+            measured[int(i)] = c
+    history = [(space[i].to_dict(), c) for i, c in measured.items()]
+    history.append((default.to_dict(), default_cycles))
+    return _result(task, history, default_cycles, len(space))
+
+
+# ------------------------------------------------------------------------------- database
+_CURRENT: list = []
+_LOCK = threading.Lock()
+
+
+def current_database():
+    """The innermost :class:`TuningDatabase` entered with ``with``, or ``None``."""
+    with _LOCK:
+        return _CURRENT[-1] if _CURRENT else None
+
+
+class TuningDatabase:
+    """Best schedules per task key, kept in a JSON file.
+
+    Use as a context manager to make ``tvm.compile(..., target="hapm_fpga")`` apply it::
+
+        with TuningDatabase("tuning.json"):
+            ex = tvm.compile(qmod, target="hapm_fpga")
+    """
+
+    VERSION = 1
+
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else None
+        self.records: dict[str, dict] = {}
+        if self.path is not None and self.path.exists():
+            data = json.loads(self.path.read_text())
+            if data.get("version") != self.VERSION:
+                raise ValueError(
+                    f"{self.path}: tuning database version {data.get('version')} "
+                    f"(this tvm-hapm reads version {self.VERSION})"
+                )
+            self.records = data["records"]
+
+    def commit(self, task: ConvTask, result: TuneResult) -> None:
+        """Record ``result`` if it beats what the database has for the task."""
+        key = task.key()
+        old = self.records.get(key)
+        if old is None or result.best_cycles < old["cycles"]:
+            self.records[key] = {
+                "layer": task.name,
+                "config": task.config.name,
+                "schedule": result.best.to_dict(),
+                "cycles": int(result.best_cycles),
+                "default_cycles": int(result.default_cycles),
+                "trials": result.trials,
+            }
+
+    def lookup(self, key: str) -> ConvSchedule | None:
+        rec = self.records.get(key)
+        if rec is None:
+            return None
+        names = {f.name for f in fields(ConvSchedule)}
+        return ConvSchedule(**{k: v for k, v in rec["schedule"].items() if k in names})
+
+    def save(self, path: str | Path | None = None) -> Path:
+        path = Path(path) if path is not None else self.path
+        if path is None:
+            raise ValueError("no path to save the tuning database to")
+        payload = {"version": self.VERSION, "records": dict(sorted(self.records.items()))}
+        path.write_text(json.dumps(payload, indent=1, sort_keys=True))
+        return path
+
+    def __enter__(self) -> TuningDatabase:
+        with _LOCK:
+            _CURRENT.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with _LOCK:
+            _CURRENT.remove(self)
+
+
+# ------------------------------------------------------------------------------- tasks
+def extract_tasks(qmod, config: HardwareConfig) -> list[ConvTask]:
+    """The convolution and dense layers of a quantized module that the accelerator runs."""
+    from tvm import relax  # noqa: PLC0415
+
+    from ..passes.partition import COMPOSITE_PREFIX, PartitionForHapm  # noqa: PLC0415
+
+    mod = PartitionForHapm(config)(qmod)
+    tasks = []
+    for gv, func in sorted(mod.functions_items(), key=lambda kv: kv[0].name_hint):
+        if not isinstance(func, relax.Function) or func.attrs is None:
+            continue
+        if "Composite" not in func.attrs:
+            continue
+        kind = str(func.attrs["Composite"])[len(COMPOSITE_PREFIX) :]
+        if kind not in ("conv2d", "dense"):
+            continue
+        call = func.body.blocks[0].bindings[0].value
+        data, weight = call.args
+        shape = [int(v) for v in data.ty.shape.values]
+        w = weight.value.numpy()
+        if kind == "dense":
+            tasks.append(
+                ConvTask(
+                    gv.name_hint,
+                    config,
+                    (shape[0], shape[1], 1, 1),
+                    np.ascontiguousarray(w.T).reshape(w.shape[1], w.shape[0], 1, 1),
+                )
+            )
+            continue
+        a = call.attrs
+        tasks.append(
+            ConvTask(
+                gv.name_hint,
+                config,
+                shape,
+                w,
+                [int(v) for v in a.strides],
+                [int(v) for v in a.padding],
+                [int(v) for v in a.dilation],
+                int(a.groups),
+            )
+        )
+    return tasks
