@@ -69,32 +69,45 @@ def buffer_accesses(insn: Instruction) -> list[tuple[Buffer, int, int, bool]]:
 
 
 class _Tracker:
-    """Bounding intervals of reads and writes per (module, neighbour, buffer) since last token."""
+    """Bounding intervals of reads and writes per (module, neighbour, buffer) since last token.
+
+    ``spans[(module, neighbour)]`` maps ``2 * buffer + is_write`` to ``[lo, hi]``; clearing one
+    direction after a token is a constant-time reset of its map (this runs per instruction).
+    """
 
     def __init__(self):
-        self.spans: dict = {}
+        self.spans = {pair: {} for pair in _FLAGS}
 
-    def record(self, module, neighbour, buf, lo, hi, write):
-        key = (module, neighbour, buf, write)
-        old = self.spans.get(key)
-        self.spans[key] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
+    def record(self, module, neighbour, accesses):
+        spans = self.spans[(module, neighbour)]
+        for buf, lo, hi, write in accesses:
+            key = 2 * buf + write
+            old = spans.get(key)
+            if old is None:
+                spans[key] = [lo, hi]
+            else:
+                old[0] = min(old[0], lo)
+                old[1] = max(old[1], hi)
 
     def conflicts(self, earlier, later, accesses) -> bool:
+        spans = self.spans[(earlier, later)]
+        if not spans:
+            return False
         for buf, lo, hi, write in accesses:
-            for earlier_write in (True, False):
-                if not (write or earlier_write):
-                    continue  # read after read
-                span = self.spans.get((earlier, later, buf, earlier_write))
+            span = spans.get(2 * buf + 1)  # an earlier write conflicts with any access
+            if span is not None and span[0] <= hi and lo <= span[1]:
+                return True
+            if write:  # an earlier read conflicts with a write
+                span = spans.get(2 * buf)
                 if span is not None and span[0] <= hi and lo <= span[1]:
                     return True
         return False
 
     def busy(self, module, neighbour) -> bool:
-        return any(k[0] == module and k[1] == neighbour for k in self.spans)
+        return bool(self.spans[(module, neighbour)])
 
     def clear(self, module, neighbour):
-        for key in [k for k in self.spans if k[0] == module and k[1] == neighbour]:
-            del self.spans[key]
+        self.spans[(module, neighbour)] = {}
 
 
 def insert_dependency_tokens(program: list[Instruction]) -> list[Instruction]:
@@ -142,8 +155,7 @@ def insert_dependency_tokens(program: list[Instruction]) -> list[Instruction]:
                 sync(other, mod)
         emit(insn)
         for other in _NEIGHBOURS[mod]:
-            for buf, lo, hi, write in accesses:
-                tracker.record(mod, other, buf, lo, hi, write)
+            tracker.record(mod, other, accesses)
 
     # FINISH (compute) completes the program: everything the other modules did must be done.
     for other in (Module.LOAD, Module.STORE):
