@@ -2,10 +2,16 @@
 
 :func:`LowerToHapm` is this plugin's counterpart of ``relax.transform.RunCodegen``: for every call
 of a composite function made by :func:`~tvm_hapm.passes.partition.PartitionForHapm`, it reads the
-layer's parameters out of the function, generates its instruction stream
-(:mod:`tvm_hapm.target.codegen`) and replaces the call with::
+layer's parameters out of the function, generates its instruction stream and replaces the call
+with::
 
     R.call_dps_packed("hapm_fpga.run", (program_bytes, *inputs, *layer_constants), out_type)
+
+Convolutions and dense layers are lowered through TIR (:func:`tvm_hapm.target.tir.conv2d_program`:
+TIR definition, ``s_tir`` schedule with the tensor intrinsic, the plugin's TIR passes, the TIR
+walker with the compile-time sparse schedule); a convolution whose planned tiles do not divide its
+output, and the ALU-only layers, use the direct generator :mod:`tvm_hapm.target.codegen`.  Both
+routes give the same slots, constants and instruction stream.
 
 The program bytes and the packed weights are Relax constants, so they are saved with the
 executable (``export_library``) and the executable runs wherever :mod:`tvm_hapm` is imported.
@@ -18,7 +24,7 @@ import tvm
 from tvm import relax
 
 from ..runtime.driver import RUN_FUNC
-from ..target import codegen
+from ..target import codegen, tir
 from ..target.config import HardwareConfig, get_config
 from .partition import COMPOSITE_PREFIX
 
@@ -85,28 +91,28 @@ def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, nam
         bias = _const(calls[1][1].args[1]).reshape(-1) if calls[1][0] == "relax.add" else None
         mult, shift, clip = _requant_params(calls)
         a = conv.attrs
-        prog, consts = codegen.conv2d_program(
-            cfg,
-            name,
-            _shape(data),
-            weight,
-            bias,
-            mult,
-            shift,
-            clip,
-            strides=[int(v) for v in a.strides],
-            padding=[int(v) for v in a.padding],
-            dilation=[int(v) for v in a.dilation],
-            groups=int(a.groups),
-            layer_index=index,
-        )
+        conv_args = (cfg, name, _shape(data), weight, bias, mult, shift, clip)
+        conv_kwargs = {
+            "strides": [int(v) for v in a.strides],
+            "padding": [int(v) for v in a.padding],
+            "dilation": [int(v) for v in a.dilation],
+            "groups": int(a.groups),
+            "layer_index": index,
+        }
+        try:
+            prog, consts = tir.conv2d_program(*conv_args, **conv_kwargs, divisor_tiles=False)
+        except tir.TirLoweringError:
+            # Planned tiles that do not divide the output: the direct generator's partial tiles.
+            prog, consts = codegen.conv2d_program(*conv_args, **conv_kwargs)
+            prog.info["source"] = "direct"
+
         inputs = [arg_of[data]]
     elif kind == "dense":
         mm = calls[0][1]
         data = mm.args[0]
         bias = _const(calls[1][1].args[1]).reshape(-1) if calls[1][0] == "relax.add" else None
         mult, shift, clip = _requant_params(calls)
-        prog, consts = codegen.dense_program(
+        prog, consts = tir.dense_program(
             cfg, name, _shape(data), _const(mm.args[1]), bias, mult, shift, clip, index
         )
         inputs = [arg_of[data]]

@@ -32,6 +32,7 @@ __all__ = [
     "max_pool2d_program",
     "global_avg_pool_program",
     "expand_weight_blocks",
+    "bias_mult_rows",
 ]
 
 _ELEM_CODE = {8: 0, 16: 1, 32: 2}
@@ -162,6 +163,22 @@ def expand_weight_blocks(cfg: HardwareConfig, weight: np.ndarray, groups: int) -
     return dense.reshape(cob, C, cib, R, kh, kw).transpose(0, 2, 4, 5, 3, 1)
 
 
+def bias_mult_rows(cfg: HardwareConfig, layer: str, cout: int, bias, mult) -> np.ndarray:
+    """The ``bias_mult`` constant ``(2 * COB, C)`` int32: row ``2*cob`` the bias of output block
+    ``cob``, row ``2*cob+1`` its requantization multipliers."""
+    C = cfg.array_cols
+    cob = -(-cout // C)
+    bias_full = np.zeros(cob * C, np.int64)
+    if bias is not None:
+        bias_full[:cout] = bias
+    mult_full = np.zeros(cob * C, np.int64)
+    mult_full[:cout] = np.broadcast_to(np.asarray(mult).reshape(-1), (cout,))
+    if np.abs(bias_full).max(initial=0) >= 2**31 or mult_full.max(initial=0) >= 2**31:
+        raise CodegenError(f"{layer}: bias or multiplier does not fit in int32")
+    bias_mult = np.stack([bias_full.reshape(cob, C), mult_full.reshape(cob, C)], 1)
+    return bias_mult.reshape(2 * cob, C).astype(np.int32)
+
+
 def conv2d_program(
     cfg: HardwareConfig,
     layer: str,
@@ -230,16 +247,7 @@ def conv2d_program(
     for key, blocks_of_chunk in chunks.items():
         chunk_base[key] = pos
         pos += len(blocks_of_chunk)
-    bias_full = np.zeros(cob * C, np.int64)
-    if bias is not None:
-        bias_full[:cout] = bias
-    mult_full = np.zeros(cob * C, np.int64)
-    mult_full[:cout] = np.broadcast_to(np.asarray(mult).reshape(-1), (cout,))
-    if np.abs(bias_full).max(initial=0) >= 2**31 or mult_full.max(initial=0) >= 2**31:
-        raise CodegenError(f"{layer}: bias or multiplier does not fit in int32")
-    # row 2*co: bias of block co, row 2*co+1: multipliers of block co
-    bias_mult = np.stack([bias_full.reshape(cob, C), mult_full.reshape(cob, C)], 1)
-    bias_mult = bias_mult.reshape(2 * cob, C).astype(np.int32)
+    bias_mult = bias_mult_rows(cfg, layer, cout, bias, mult)
 
     act = cfg.act_bits
     slots = [
@@ -282,6 +290,9 @@ def conv2d_program(
                     gsize = min(sched.cob_group, cob - cg0)
                     acc_out = 2 * sched.cob_group  # after the bias/multiplier vectors
                     started = [False] * gsize
+                    multi_chunk = sched.cib_chunk < cib
+                    if multi_chunk:  # the group's bias rows, ahead of its chunk loop
+                        seq.append(_load(Buffer.ACC, S_BM, 32, 0, 2 * cg0, 1, 2 * gsize, 0))
                     for kc0 in range(0, cib, sched.cib_chunk):
                         ksize = min(sched.cib_chunk, cib - kc0)
                         if cur_inp != (b, oh0, ow0, kc0):
@@ -305,7 +316,7 @@ def conv2d_program(
                                     len(chunks[key]),
                                 )  # fmt: skip
                                 cur_wgt = key
-                        if kc0 == 0:
+                        if not multi_chunk:
                             seq.append(_load(Buffer.ACC, S_BM, 32, 0, 2 * cg0, 1, 2 * gsize, 0))
                         for j, (co, ci, y, x) in enumerate(chunks[key]):
                             g = co - cg0

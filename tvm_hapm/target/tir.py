@@ -57,6 +57,9 @@ __all__ = [
     "emit_program",
     "build_program",
     "hapm_tir_pipeline",
+    "SparseWeights",
+    "conv2d_program",
+    "dense_program",
 ]
 
 #: PrimFunc attribute naming the accelerator kernel a scheduled function implements.
@@ -275,7 +278,10 @@ def tir_conv_schedule(cfg: HardwareConfig, layer: dict, sched: ConvSchedule | No
 
 
 def schedule_conv2d(
-    func: tirx.PrimFunc, cfg: HardwareConfig | None = None, sched: ConvSchedule | None = None
+    func: tirx.PrimFunc,
+    cfg: HardwareConfig | None = None,
+    sched: ConvSchedule | None = None,
+    weight_blocks: int | None = None,
 ) -> s_tir.Schedule:
     """Schedule a :func:`conv2d_primfunc` onto the accelerator.
 
@@ -289,6 +295,9 @@ def schedule_conv2d(
     once, when they fit; else per chunk), the accumulator, the bias / multiplier rows and the
     epilogue stages in ``global.hapm_acc``.  The reduction's init is split off above the chunk
     loop: it becomes the reset flag of each output block's first GEMM.
+
+    ``weight_blocks`` is the number of weight blocks the layer really loads (the non-zero
+    ones, see :class:`SparseWeights`; default: all): they stay resident when they fit.
 
     Returns
     -------
@@ -325,7 +334,7 @@ def schedule_conv2d(
     sch.compute_at(bias_mult, cg, preserve_unit_loops=True, index=-2)
 
     # Weight blocks: resident when they all fit, else one chunk at a time.
-    n_blocks = L["cob"] * L["cib"] * L["kh"] * L["kw"]
+    n_blocks = L["cob"] * L["cib"] * L["kh"] * L["kw"] if weight_blocks is None else weight_blocks
     weights = sch.cache_read(conv, 1, SCOPE_WGT)
     one_chunk = plan.cib_chunk == L["cib"]
     if n_blocks > cfg.wgt_depth:
@@ -337,7 +346,10 @@ def schedule_conv2d(
     # Padded input tile: shared by all groups when one chunk holds every input channel.
     pad = sch.get_sblock("pad")
     sch.set_scope(pad, 0, SCOPE_INP)
-    sch.compute_at(pad, x_o if one_chunk else kc, preserve_unit_loops=True)
+    if one_chunk:
+        sch.compute_at(pad, x_o, preserve_unit_loops=True)
+    else:  # the chunk's input tile first, then its weights (the load module's order)
+        sch.compute_at(pad, kc, preserve_unit_loops=True, index=0)
 
     sch.decompose_reduction(conv, kc)
     sch.tensorize(c, gemv_intrin(cfg))
@@ -759,7 +771,7 @@ class _Evaluator:
 class _Emitter:
     """Walks a lowered accelerator PrimFunc in execution order and emits instructions."""
 
-    def __init__(self, cfg: HardwareConfig, func: tirx.PrimFunc):
+    def __init__(self, cfg: HardwareConfig, func: tirx.PrimFunc, weights=None):
         self.cfg = cfg
         self.ev = _Evaluator()
         self.slots = {_key(p): i for i, p in enumerate(func.params)}
@@ -773,7 +785,15 @@ class _Emitter:
         self.pending_reset: set[int] = set()
         self.seq: list[Instruction] = []
         self.gemm_count = 0
+        self.weights: SparseWeights | None = weights
+        if weights is not None:
+            weights.param = _key(func.params[1])
+        # per-node analyses, computed on first visit
         self._nests: dict[int, tuple] = {}
+        self._dma: dict[int, tuple] = {}
+        self._gemm: dict[int, tuple] = {}
+        self._reset: dict[int, tuple] = {}
+        self._alu: dict[int, tuple] = {}
 
     # ------------------------------------------------------------------ walk
     def visit(self, stmt) -> None:
@@ -805,17 +825,22 @@ class _Emitter:
 
     def visit_for(self, loop) -> None:
         k = _key(loop)
-        if k not in self._nests:
-            self._nests[k] = (_perfect_nest(loop), loop)
-        nest = self._nests[k][0]
-        if nest is not None and not nest.predicates and self.fold(nest):
+        hit = self._nests.get(k)
+        if hit is None:
+            nest = _perfect_nest(loop)
+            folds = nest is not None and not nest.predicates and self.fold(nest)
+            hit = self._nests[k] = (nest, folds, loop)
+        nest, folds = hit[0], hit[1]
+        if folds:
             self.visit_leaf(nest)
             return
         var = _key(loop.loop_var)
         start = self.ev(loop.min)
+        body = loop.body
+        env = self.ev.env
         for v in range(start, start + self.ev(loop.extent)):
-            self.ev.env[var] = v
-            self.visit(loop.body)
+            env[var] = v
+            self.visit(body)
 
     def fold(self, nest: _Nest) -> bool:
         """Whether one instruction covers the whole nest (all its loops become fields)."""
@@ -878,7 +903,9 @@ class _Emitter:
             entries = -(-int(np.prod(_buffer_shape(buf))) // _entry_elems(self.cfg, scope))
             self.base[_key(buf)] = self.top[scope]
             self.top[scope] += entries
-            if self.top[scope] > self.depth[scope]:
+            if self.top[scope] > self.depth[scope] and not (
+                scope == SCOPE_WGT and self.weights is not None  # compacted: checked by the plan
+            ):
                 raise TirLoweringError(
                     f"{buf.name}: {scope} overflows ({self.top[scope]} > {self.depth[scope]})"
                 )
@@ -907,43 +934,39 @@ class _Emitter:
             self.emit_alu(nest)
 
     def emit_dma(self, call) -> None:
-        a = call.args
-        is_load = _is_call(call, DMA_LOAD)
-        dst, src = a[1].args[0], a[3].args[0]
-        chip, dram = (dst, src) if is_load else (src, dst)
-        chip_off, dram_off = (a[2], a[4]) if is_load else (a[4], a[2])
-        scope = _buffer_scope(chip)
-        E = _entry_elems(self.cfg, scope)
+        k = _key(call)
+        info = self._dma.get(k)
+        if info is None:
+            a = call.args
+            is_load = _is_call(call, DMA_LOAD)
+            dst, src = a[1].args[0], a[3].args[0]
+            chip, dram = (dst, src) if is_load else (src, dst)
+            chip_off, dram_off = (a[2], a[4]) if is_load else (a[4], a[2])
+            scope = _buffer_scope(chip)
+            bits = tvm.DataType(str(dram.ty.dtype)).bits
+            fields = {
+                "buffer": int(_SCOPE_BUFFER[scope]),
+                "dram_slot": self.slots[_key(dram)],
+                "elem_bits_code": _ELEM_CODE[bits],
+            }
+            info = (
+                is_load, chip, dram, chip_off, dram_off, _entry_elems(self.cfg, scope), fields,
+                list(a[5:12]),
+            )  # fmt: skip
+            self._dma[k] = info
+        is_load, chip, dram, chip_off, dram_off, E, fields, sizes = info
         dram_elem = self.ev(dram_off)
         if dram_elem % E:
             raise TirLoweringError(f"{dram.name}: DRAM offset {dram_elem} is not a whole entry")
         sram = self._chip_addr(chip, self.ev(chip_off))
         dram_addr = dram_elem // E
-        rows, cols, stride = self.ev(a[5]), self.ev(a[6]), self.ev(a[7])
-        pads = tuple(self.ev(p) for p in a[8:12])
-        slot = self.slots[_key(dram)]
-        bits = tvm.DataType(str(dram.ty.dtype)).bits
-        fields = {
-            "buffer": int(_SCOPE_BUFFER[scope]),
-            "dram_slot": slot,
-            "elem_bits_code": _ELEM_CODE[bits],
-        }
+        rows, cols, stride, *pads = (self.ev(s) for s in sizes)
         opcode = Opcode.LOAD if is_load else Opcode.STORE
+        if self.weights is not None and _key(dram) == self.weights.param:
+            self.weights.load(self, sram, dram_addr, rows, cols, stride, fields)
+            return
         if rows == 1 and cols > _MAX_X:
-            # A long run: rows of at most _MAX_X entries, as the codegen's _load_rows.
-            count = cols
-            while count > 0:
-                c = min(count, _MAX_X)
-                r = min(count // c, _MAX_X)
-                self.seq.append(
-                    Instruction(
-                        opcode, sram_addr=sram, dram_addr=dram_addr, y_size=r, x_size=c,
-                        x_stride=c, **fields,
-                    )
-                )  # fmt: skip
-                sram += r * c
-                dram_addr += r * c
-                count -= r * c
+            self.seq += _runs(opcode, sram, dram_addr, cols, fields)
             return
         self.seq.append(
             Instruction(
@@ -954,41 +977,53 @@ class _Emitter:
         )  # fmt: skip
 
     def _loop_fields(self, nest: _Nest, exprs_entries):
-        """Bases and (outer, inner, so, si) of affine entry addresses over the nest's loops."""
+        """Extents ``[outer, inner]`` and, per address, ``(base expression, [so, si])`` of
+        affine entry addresses over the nest's loops (at most two, padded with unit loops)."""
         loop_vars, extents = nest.loop_vars, nest.extents
         out = []
         for expr, E in exprs_entries:
             coef, base = _linear(expr, loop_vars)
             if any(c % E for c in coef):
                 raise TirLoweringError(f"stride of {expr} is not a whole entry")
-            out.append((self.ev(base), [c // E for c in coef]))
+            out.append((base, [c // E for c in coef]))
         while len(extents) < 2:
             extents = [1] + extents
             out = [(b, [0] + c) for b, c in out]
         return extents, out
 
     def emit_gemm(self, call, nest: _Nest) -> None:
-        a = call.args
-        inp, wgt, acc = a[1].args[0], a[3].args[0], a[5].args[0]
-        R, C = self.cfg.array_rows, self.cfg.array_cols
-        (outer, inner), [(inp_b, inp_s), (acc_b, acc_s)] = self._loop_fields(
-            nest, [(a[2], R), (a[6], C)]
-        )
-        acc_addr = self._chip_addr(acc, acc_b)
-        entries = {
-            acc_addr + i * acc_s[0] + j * acc_s[1] for i in range(outer) for j in range(inner)
-        }
-        reset = entries <= self.pending_reset
-        if not reset and entries & self.pending_reset:
+        k = _key(nest.leaf)
+        info = self._gemm.get(k)
+        if info is None:
+            a = call.args
+            inp, wgt, acc = a[1].args[0], a[3].args[0], a[5].args[0]
+            R, C = self.cfg.array_rows, self.cfg.array_cols
+            (outer, inner), [(inp_b, inp_s), (acc_b, acc_s)] = self._loop_fields(
+                nest, [(a[2], R), (a[6], C)]
+            )
+            info = (inp, wgt, acc, outer, inner, inp_b, inp_s, acc_b, acc_s, a[4])
+            self._gemm[k] = info
+        inp, wgt, acc, outer, inner, inp_b, inp_s, acc_b, acc_s, wgt_off = info
+        acc_addr = self._chip_addr(acc, self.ev(acc_b))
+        wgt_addr = self._chip_addr(wgt, self.ev(wgt_off))
+        if self.weights is not None:
+            wgt_addr = self.weights.chip_addr(wgt_addr)
+            if wgt_addr is None:  # an all-zero block: no GEMM
+                return
+        entries = _entries(acc_addr, outer, inner, acc_s[0], acc_s[1])
+        pending = self.pending_reset
+        reset = entries <= pending
+        if not reset and not entries.isdisjoint(pending):
             raise TirLoweringError("a GEMM resets part of its accumulator region")
-        self.pending_reset -= entries
+        if reset:
+            pending -= entries
         self.seq.append(
             Instruction(
                 Opcode.GEMM,
                 reset=int(reset),
                 array=self.gemm_count % self.cfg.num_arrays,
-                wgt_addr=self._chip_addr(wgt, self.ev(a[4])),
-                inp_addr=self._chip_addr(inp, inp_b),
+                wgt_addr=wgt_addr,
+                inp_addr=self._chip_addr(inp, self.ev(inp_b)),
                 acc_addr=acc_addr,
                 outer=outer,
                 inner=inner,
@@ -1002,16 +1037,61 @@ class _Emitter:
 
     def mark_reset(self, nest: _Nest) -> None:
         """The reduction's init: its accumulator entries are reset by their first GEMM."""
-        store = nest.leaf
+        k = _key(nest.leaf)
+        info = self._reset.get(k)
+        if info is None:
+            store = nest.leaf
+            coef, base = _linear(_flat_index(store.buffer, store.indices), nest.loop_vars)
+            offsets = np.array([0])
+            for c, e in zip(coef, nest.extents, strict=True):
+                offsets = (offsets[:, None] + c * np.arange(e)[None, :]).reshape(-1)
+            info = (store.buffer, base, offsets)
+            self._reset[k] = info
+        buf, base, offsets = info
         C = self.cfg.array_cols
-        coef, base = _linear(_flat_index(store.buffer, store.indices), nest.loop_vars)
-        offsets = np.array([self.ev(base)])
-        for c, e in zip(coef, nest.extents, strict=True):
-            offsets = (offsets[:, None] + c * np.arange(e)[None, :]).reshape(-1)
-        first = self.base[_key(store.buffer)]
-        self.pending_reset |= {first + int(o) // C for o in np.unique(offsets // C * C)}
+        first = self.base[_key(buf)]
+        b = self.ev(base)
+        self.pending_reset |= {first + int(o) for o in np.unique((offsets + b) // C)}
 
     def emit_alu(self, nest: _Nest) -> None:
+        k = _key(nest.leaf)
+        info = self._alu.get(k)
+        if info is None:
+            info = self._alu[k] = self._analyse_alu(nest)
+        dst, operand_buf, lane_key, extents, fields, ops = info
+        C = self.cfg.array_cols
+        if lane_key is not None:
+            self.ev.env[lane_key] = 0
+        (dst_b, dst_s), (opd_b, _) = fields[0], fields[1]
+        dst_b, opd_b = self.ev(dst_b), self.ev(opd_b)
+        opd_addr = self._chip_addr(operand_buf, opd_b)
+        # In place: the destination buffer lives where its operand does.
+        self.base[_key(dst)] = opd_addr - dst_b // C
+        outer, inner = extents
+        src_fields = iter(fields[2:])
+        first = True
+        for op, src_load, imm in ops:
+            if src_load is not None:
+                s_b, s_s = next(src_fields)
+                src, src_so, src_si = self._chip_addr(src_load.source, self.ev(s_b)), *s_s
+            else:
+                src, src_so, src_si = 0, 0, 0
+            o, i, dso, dsi = outer, inner, dst_s[0], dst_s[1]
+            if dso == i * dsi and src_so == i * src_si and o * i <= _MAX_LOOP:
+                o, i, dso, src_so = 1, o * i, 0, 0  # one contiguous run
+            if first and self.pending_reset:
+                # Every GEMM of this accumulator region was dropped (all-zero weight blocks):
+                # the reset becomes a multiplication by zero.
+                entries = _entries(opd_addr, outer, inner, dst_s[0], dst_s[1])
+                if not entries.isdisjoint(self.pending_reset):
+                    if not entries <= self.pending_reset:
+                        raise TirLoweringError("an epilogue covers a partly reset region")
+                    self.pending_reset -= entries
+                    self.seq.append(_alu_insn(AluOp.MUL, opd_addr, 0, o, i, dso, dsi, 0, 0, 0))
+            first = False
+            self.seq.append(_alu_insn(op, opd_addr, imm, o, i, dso, dsi, src, src_so, src_si))
+
+    def _analyse_alu(self, nest: _Nest):
         store = nest.leaf
         C = self.cfg.array_cols
         amin, amax = self.cfg.act_range
@@ -1057,44 +1137,113 @@ class _Emitter:
         dst_expr = _flat_index(dst, store.indices)
         opd_expr = _flat_index(operand.source, operand.indices)
         srcs = [(_flat_index(o.source, o.indices), C) for _, o, _ in ops if o is not None]
-        lane_var = [nest.loop_vars[-1]] if nest.loops else []
-        # Lane offsets must vanish at lane 0: evaluate bases with the lane loop at 0.
-        if lane_var:
-            self.ev.env[_key(lane_var[0])] = 0
+        # Lane offsets must vanish at lane 0: bases are evaluated with the lane loop at 0.
+        lane_key = _key(nest.loop_vars[-1]) if nest.loops else None
         extents, fields = self._loop_fields(lanes_nest, [(dst_expr, C), (opd_expr, C)] + srcs)
-        (dst_b, dst_s), (opd_b, opd_s) = fields[0], fields[1]
-        if dst_s != opd_s:
+        if fields[0][1] != fields[1][1]:
             raise TirLoweringError(f"ALU stage {store.value} is not in place")
-        opd_addr = self._chip_addr(operand.source, opd_b)
-        # In place: the destination buffer lives where its operand does.
-        self.base[_key(dst)] = opd_addr - dst_b // C
-        outer, inner = extents
-        src_fields = iter(fields[2:])
-        for op, src_load, imm in ops:
-            if src_load is not None:
-                s_b, s_s = next(src_fields)
-                src, src_so, src_si = self._chip_addr(src_load.source, s_b), *s_s
-            else:
-                src, src_so, src_si = 0, 0, 0
-            o, i, dso, dsi = outer, inner, dst_s[0], dst_s[1]
-            if dso == i * dsi and src_so == i * src_si and o * i <= _MAX_LOOP:
-                o, i, dso, src_so = 1, o * i, 0, 0  # one contiguous run
-            self.seq.append(
-                Instruction(
-                    Opcode.ALU,
-                    alu_op=int(op),
-                    use_imm=int(imm is not None and op != AluOp.REQUANT),
-                    imm=int(imm or 0),
-                    dst_addr=opd_addr,
-                    src_addr=src,
-                    outer=o,
-                    inner=i,
-                    dst_so=dso,
-                    dst_si=dsi,
-                    src_so=src_so,
-                    src_si=src_si,
-                )
+        return dst, operand.source, lane_key, extents, fields, ops
+
+
+def _entries(base: int, outer: int, inner: int, so: int, si: int) -> set[int]:
+    """The accumulator entries of a GEMM / ALU loop nest."""
+    if si == 1 and so == inner:
+        return set(range(base, base + outer * inner))
+    return {base + i * so + j * si for i in range(outer) for j in range(inner)}
+
+
+def _alu_insn(op, dst, imm, outer, inner, dst_so, dst_si, src, src_so, src_si) -> Instruction:  # noqa: PLR0917
+    return Instruction(
+        Opcode.ALU,
+        alu_op=int(op),
+        use_imm=int(imm is not None and op != AluOp.REQUANT),
+        imm=int(imm or 0),
+        dst_addr=dst,
+        src_addr=src,
+        outer=outer,
+        inner=inner,
+        dst_so=dst_so,
+        dst_si=dst_si,
+        src_so=src_so,
+        src_si=src_si,
+    )
+
+
+def _runs(opcode, sram: int, dram: int, count: int, fields: dict) -> list[Instruction]:
+    """``count`` consecutive entries as transfers of at most ``_MAX_X`` rows of at most
+    ``_MAX_X`` entries (as :func:`~tvm_hapm.target.codegen._load_rows`)."""
+    out = []
+    while count > 0:
+        c = min(count, _MAX_X)
+        r = min(count // c, _MAX_X)
+        out.append(
+            Instruction(
+                opcode, sram_addr=sram, dram_addr=dram, y_size=r, x_size=c, x_stride=c, **fields
             )
+        )
+        sram += r * c
+        dram += r * c
+        count -= r * c
+    return out
+
+
+class SparseWeights:
+    """The compile-time sparse schedule: the walker stage that knows the constant weights.
+
+    The TIR function is scheduled on the dense block tensor ``weight[COB, CIB, KH, KW, R, C]``.
+    The weights are compile-time constants, so the walker drops what an all-zero ``R x C``
+    block would cost:
+
+    * a weight DMA loads only the non-zero blocks of the region it moves, as one contiguous
+      run; the DRAM weight slot holds the non-zero blocks in *load order* (output-channel
+      group, input-channel chunk, then ``(cob, cib, kh, kw)``: :attr:`order`), and on chip the
+      run is packed from the DMA's first entry, so weight-buffer addresses are compacted;
+    * a weight DMA whose blocks are already on chip at the same place is not repeated;
+    * a GEMM whose weight block is all zero is dropped (the next GEMM of its accumulator
+      region takes the reset flag; a region whose GEMMs were all dropped is zeroed by a
+      ``MUL 0`` ahead of its epilogue).
+
+    Grouped and depthwise convolutions are dense convolutions with block-diagonal weights,
+    so they go through the same schedule.
+    """
+
+    def __init__(self, nonzero: np.ndarray, cob_group: int, cib_chunk: int, param=None):
+        self.nonzero = np.asarray(nonzero, bool)
+        cob, cib = self.nonzero.shape[:2]
+        dense_ids = np.arange(self.nonzero.size).reshape(self.nonzero.shape)
+        order = []
+        for cg0 in range(0, cob, cob_group):
+            for kc0 in range(0, cib, cib_chunk):
+                blk = dense_ids[cg0 : cg0 + cob_group, kc0 : kc0 + cib_chunk]
+                nz = self.nonzero[cg0 : cg0 + cob_group, kc0 : kc0 + cib_chunk]
+                order += [int(i) for i in blk[nz]]
+        #: Dense block ids (row-major over ``(COB, CIB, KH, KW)``) of the DRAM slot, in order.
+        self.order = order
+        self.pos = {d: i for i, d in enumerate(order)}
+        self.param = param  # key of the weight parameter
+        self.chip: dict[int, int | None] = {}  # TIR on-chip entry -> compacted entry or None
+        self.loaded: dict[int, tuple] = {}  # compacted base -> (first DRAM position, count)
+
+    def load(self, emitter, sram, dram, rows, cols, stride, fields) -> None:
+        dense = (dram + np.arange(rows)[:, None] * stride + np.arange(cols)[None, :]).reshape(-1)
+        flat_nz = self.nonzero.reshape(-1)
+        keep = flat_nz[dense]
+        positions = [self.pos[int(d)] for d in dense[keep]]
+        if positions and positions != list(range(positions[0], positions[0] + len(positions))):
+            raise TirLoweringError("the non-zero weight blocks of a DMA are not one run")
+        rank = np.cumsum(keep) - 1
+        for j, (d_keep, r) in enumerate(zip(keep, rank, strict=True)):
+            self.chip[sram + j] = sram + int(r) if d_keep else None
+        if not positions:
+            return
+        run = (positions[0], len(positions))
+        if self.loaded.get(sram) == run:
+            return  # already on chip
+        self.loaded = {sram: run}
+        emitter.seq += _runs(Opcode.LOAD, sram, positions[0], len(positions), fields)
+
+    def chip_addr(self, tir_addr: int) -> int | None:
+        return self.chip[tir_addr]
 
 
 def _lowered(func: tirx.PrimFunc, cfg: HardwareConfig | None) -> tirx.PrimFunc:
@@ -1116,7 +1265,9 @@ def _as_func(func_or_sch) -> tirx.PrimFunc:
     return func_or_sch
 
 
-def emit_program(func, cfg: HardwareConfig | None = None) -> list[Instruction]:
+def emit_program(
+    func, cfg: HardwareConfig | None = None, weights: SparseWeights | None = None
+) -> list[Instruction]:
     """The instruction stream of a scheduled accelerator PrimFunc (or its Schedule).
 
     The function is lowered with :func:`LowerToAccelerator` if needed, then walked in
@@ -1126,11 +1277,14 @@ def emit_program(func, cfg: HardwareConfig | None = None) -> list[Instruction]:
     the next GEMM writing them resets, and each epilogue loop nest on the accumulator becomes
     ALU instructions computed in place of their operand.  The last step inserts the dependency
     tokens of the decoupled load / compute / store modules.
+
+    ``weights`` (a :class:`SparseWeights` of the layer's constant weights) turns on the
+    compile-time sparse schedule: all-zero weight blocks are neither loaded nor multiplied.
     """
     func = _as_func(func)
     cfg = get_config(cfg if cfg is not None else _layer_of(func)["config"])
     func = _lowered(func, cfg)
-    emitter = _Emitter(cfg, func)
+    emitter = _Emitter(cfg, func, weights)
     emitter.visit(func.body)
     if emitter.pending_reset:
         raise TirLoweringError("accumulator entries were initialised but never computed")
@@ -1155,6 +1309,114 @@ def build_program(cfg: HardwareConfig | None, func, layer_name: str = "tir") -> 
     plan = json.loads(str(func.attrs[SCHEDULE_ATTR])) if SCHEDULE_ATTR in func.attrs else {}
     info = {"kind": layer["kind"], "schedule": plan, "source": "tir"}
     return Program(layer_name, cfg, slots, insns, 0, info)
+
+
+# =============================================================================================
+# layer programs through TIR (the Relax flow's route)
+def conv2d_program(  # noqa: PLR0913, PLR0917 - the signature of codegen.conv2d_program
+    cfg: HardwareConfig,
+    layer: str,
+    data_shape,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    mult: np.ndarray,
+    shift: int,
+    clip: tuple[int, int],
+    strides=(1, 1),
+    padding=(0, 0, 0, 0),
+    dilation=(1, 1),
+    groups: int = 1,
+    layer_index: int = 0,
+    schedule: ConvSchedule | None = None,
+    divisor_tiles: bool = True,
+):
+    """Program of a quantized conv2d through TIR; same interface and result as
+    :func:`tvm_hapm.target.codegen.conv2d_program` (slots, constants and, instruction by
+    instruction, the stream).
+
+    Steps: the weights become dense ``R x C`` blocks (block-diagonal for grouped convolutions);
+    :func:`~tvm_hapm.target.schedule.plan_conv` plans the tiles from the non-zero blocks;
+    :func:`conv2d_primfunc` defines the layer, :func:`schedule_conv2d` schedules and tensorizes
+    it, :func:`LowerToAccelerator` runs the TIR passes (buffer compaction, :func:`InjectDMA`)
+    and :func:`emit_program` walks it with the layer's :class:`SparseWeights` (the
+    compile-time sparse schedule), then inserts the dependency tokens.
+
+    The TIR schedule tiles each dimension by a divisor (:func:`tir_conv_schedule`); with
+    ``divisor_tiles=False`` a plan whose output tiles do not divide the output is refused
+    (:class:`TirLoweringError`) instead of being shrunk.
+    """
+    from . import codegen  # noqa: PLC0415 - codegen is the cross-check, imported lazily
+
+    R, C = cfg.array_rows, cfg.array_cols
+    n, cin, h, w = (int(v) for v in data_shape)
+    cout, cin_g, kh, kw = weight.shape
+    sh, sw = (int(s) for s in strides)
+    dh, dw = (int(d) for d in dilation)
+    pt, pl, pb, pr = (int(p) for p in padding)
+    if cin_g * groups != cin or cout % groups:
+        raise codegen.CodegenError(f"{layer}: weight {weight.shape} does not match {cin} channels")
+    if max(pt, pl, pb, pr) > 15:
+        raise codegen.CodegenError(f"{layer}: padding {padding} exceeds the DMA's pad field")
+    if max(sh, sw) > 63:
+        raise codegen.CodegenError(f"{layer}: stride {strides} exceeds the GEMM stride field")
+    oh = _out_size(h, pt, pb, kh, sh, dh)
+    ow = _out_size(w, pl, pr, kw, sw, dw)
+    if oh < 1 or ow < 1:
+        raise codegen.CodegenError(f"{layer}: empty output")
+    codegen._check_clip(cfg, *clip)
+    blocks = codegen.expand_weight_blocks(cfg, weight, groups)
+    cob, cib = blocks.shape[:2]
+    nonzero = np.any(blocks != 0, axis=(4, 5))
+    func = conv2d_primfunc(
+        cfg, n, cin, h, w, cout, kh, kw, (sh, sw), (pt, pl, pb, pr), (dh, dw), shift, clip
+    )
+    plan = schedule or plan_conv(cfg, h, w, oh, ow, kh, kw, (sh, sw), (dh, dw), cib, cob, nonzero)
+    sched = tir_conv_schedule(cfg, _layer_of(func), plan)
+    if not divisor_tiles and (sched.tile_h, sched.tile_w) != (plan.tile_h, plan.tile_w):
+        raise TirLoweringError(
+            f"{layer}: the planned {plan.tile_h}x{plan.tile_w} tiles do not divide {oh}x{ow}"
+        )
+    sparse = SparseWeights(nonzero, sched.cob_group, sched.cib_chunk)
+    wdtype = cfg.weight_dtype
+    flat = blocks.reshape(-1, R, C)
+    wblocks = (
+        np.ascontiguousarray(flat[sparse.order]).astype(wdtype)
+        if sparse.order
+        else np.zeros((1, R, C), wdtype)
+    )
+    bias_mult = codegen.bias_mult_rows(cfg, layer, cout, bias, mult)
+    sch = schedule_conv2d(func, cfg, sched, weight_blocks=len(sparse.order))
+    insns = emit_program(sch, cfg, sparse)
+    slots = [
+        Slot("data", "input", cfg.act_dtype, (n, cin, h, w), "act", R),
+        Slot("weight_blocks", "const", wdtype, wblocks.shape),
+        Slot("bias_mult", "const", "int32", bias_mult.shape),
+        Slot("out", "output", cfg.act_dtype, (n, cout, oh, ow), "act", C),
+    ]
+    info = {
+        "kind": "conv2d",
+        "macs": int(n * oh * ow * cout * cin_g * kh * kw),
+        "weight_blocks": int(cob * cib * kh * kw),
+        "nonzero_blocks": len(sparse.order),
+        "schedule": sched.to_dict(),
+        "source": "tir",
+    }
+    return Program(layer, cfg, slots, insns, layer_index, info), [wblocks, bias_mult]
+
+
+def dense_program(cfg, layer, data_shape, weight_kn, bias, mult, shift, clip, layer_index=0):  # noqa: PLR0917
+    """Program of a quantized ``(N, K) x (K, M)`` dense layer through TIR (the 1x1 convolution
+    of a 1x1 image, whose tiles always divide), as :func:`tvm_hapm.target.codegen.dense_program`."""
+    n, k = (int(v) for v in data_shape)
+    m = weight_kn.shape[1]
+    w_oihw = np.ascontiguousarray(weight_kn.T).reshape(m, k, 1, 1)
+    prog, consts = conv2d_program(
+        cfg, layer, (n, k, 1, 1), w_oihw, bias, mult, shift, clip, layer_index=layer_index
+    )
+    prog.slots[0] = Slot("data", "input", cfg.act_dtype, (n, k), "act", cfg.array_rows)
+    prog.slots[3] = Slot("out", "output", cfg.act_dtype, (n, m), "act", cfg.array_cols)
+    prog.info["kind"] = "dense"
+    return prog, consts
 
 
 # =============================================================================================

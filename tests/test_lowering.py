@@ -1,0 +1,138 @@
+"""The Relax flow's TIR route for convolutions and dense layers against the direct generator.
+
+:func:`tvm_hapm.target.tir.conv2d_program` (TIR definition, ``s_tir`` schedule with the tensor
+intrinsic, TIR passes, the walker with the compile-time sparse schedule) must give the same
+slots, constants and instruction stream as :func:`tvm_hapm.target.codegen.conv2d_program`, and
+the same bits on the simulator.
+"""
+
+import numpy as np
+import pytest
+
+from tvm_hapm.runtime.driver import run_program
+from tvm_hapm.runtime.simulator import Simulator
+from tvm_hapm.target import codegen, isa
+from tvm_hapm.target import tir as htir
+from tvm_hapm.target.config import get_config
+from tvm_hapm.target.schedule import ConvSchedule
+
+CFG = get_config("zedboard")
+
+
+def _tiny():
+    """Tiny buffers: channel chunking, small tiles and non-resident weights."""
+    return CFG.replace(
+        name="tiny-lowering", inp_buffer_bytes=256 * 8, wgt_buffer_bytes=16 * 64,
+        acc_buffer_bytes=256 * 32,
+    )  # fmt: skip
+
+
+def _diff(a, b):
+    for k, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return f"instruction {k}: {isa.disassemble(x)}  !=  {isa.disassemble(y)}"
+    return f"lengths {len(a)} != {len(b)}"
+
+
+def _prune(cfg, weight, groups, rate, rng):
+    """Zero random R x C blocks of an OIHW weight (per output-block, input-block, tap)."""
+    R, C = cfg.array_rows, cfg.array_cols
+    cout, cin_g, kh, kw = weight.shape
+    for co in range(0, cout, C):
+        for ci in range(0, cin_g, R):
+            for y in range(kh):
+                for x in range(kw):
+                    if rng.random() < rate:
+                        weight[co : co + C, ci : ci + R, y, x] = 0
+    return weight
+
+
+# (n, cin, hw, cout, k, stride, pad, dilation, groups, prune)
+SHAPES = [
+    (1, 16, 8, 32, 3, 1, 1, 1, 1, 0.0),
+    (2, 13, 9, 21, 3, 2, 1, 1, 1, 0.0),  # odd channels, two images
+    (3, 8, 6, 8, 1, 1, 0, 1, 1, 0.0),  # batch 3, 1x1
+    (1, 32, 8, 32, 3, 1, 1, 1, 32, 0.0),  # depthwise
+    (1, 24, 10, 48, 3, 1, 2, 2, 3, 0.0),  # grouped, dilation 2
+    (1, 40, 8, 40, 1, 1, 0, 1, 1, 0.5),  # pruned
+    (3, 16, 7, 16, 5, 1, 2, 1, 1, 0.3),  # 5x5, pruned
+    (1, 64, 14, 64, 3, 1, 1, 1, 1, 0.6),
+    (1, 8, 12, 8, 7, 2, 3, 1, 1, 0.0),  # 7x7 stride 2
+    (1, 16, 8, 16, 3, 2, 0, 1, 1, 1.0),  # every block pruned
+    (1, 24, 9, 24, 3, 1, 1, 2, 24, 0.0),  # depthwise, dilation 2
+]
+
+
+def _layer(shape, seed):
+    n, cin, hw, cout, k, s, p, d, g, prune = shape
+    rng = np.random.default_rng(seed)
+    w = rng.integers(-127, 128, (cout, cin // g, k, k)).astype(np.int8)
+    if prune:
+        w = _prune(CFG, w, g, prune, rng)
+    x = rng.integers(-128, 128, (n, cin, hw, hw)).astype(np.int8)
+    bias, mult = rng.integers(-500, 500, cout), rng.integers(1, 300, cout)
+    args = ((n, cin, hw, hw), w, bias, mult, 9, (-100, 120))
+    kwargs = {"strides": (s, s), "padding": (p,) * 4, "dilation": (d, d), "groups": g}
+    return x, args, kwargs
+
+
+def _run(cfg, prog, x, consts):
+    out = np.zeros(prog.slots[-1].shape, np.int8)
+    y, _ = run_program(prog, Simulator(cfg), [x, *consts, out])
+    return y
+
+
+def _check(cfg, shape, seed=0, schedule=None):
+    x, args, kwargs = _layer(shape, seed)
+    ours, c_ours = htir.conv2d_program(cfg, "tir", *args, **kwargs, schedule=schedule)
+    plan = ConvSchedule(**ours.info["schedule"])
+    ref, c_ref = codegen.conv2d_program(cfg, "tir", *args, **kwargs, schedule=plan)
+    assert ours.instructions == ref.instructions, _diff(ours.instructions, ref.instructions)
+    assert ours.slots == ref.slots
+    for a, b in zip(c_ours, c_ref, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(_run(cfg, ours, x, c_ours), _run(cfg, ref, x, c_ref))
+    return ours
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_tir_route_equals_codegen(shape):
+    prog = _check(CFG, shape)
+    assert prog.info["source"] == "tir"
+
+
+@pytest.mark.parametrize("shape", SHAPES[:6], ids=str)
+def test_tir_route_equals_codegen_tiny_buffers(shape):
+    _check(_tiny(), shape, seed=1)
+
+
+def test_pruned_blocks_are_skipped():
+    shape = (1, 32, 8, 32, 3, 1, 1, 1, 1, 0.5)
+    prog = _check(CFG, shape, seed=2)
+    gemms = sum(1 for i in prog.instructions if i.opcode == isa.Opcode.GEMM)
+    assert prog.info["nonzero_blocks"] < prog.info["weight_blocks"]
+    assert gemms == prog.info["nonzero_blocks"]  # one tile: one GEMM per non-zero block
+
+
+def test_depthwise_loads_only_diagonal_blocks():
+    prog = _check(CFG, (1, 64, 8, 64, 3, 1, 1, 1, 64, 0.0))
+    assert prog.info["nonzero_blocks"] == 8 * 9  # 8 diagonal blocks x 9 taps of 64 blocks each
+
+
+def test_dense_tir_route_equals_codegen():
+    rng = np.random.default_rng(4)
+    n, k, m = 3, 40, 19
+    wt = rng.integers(-127, 128, (k, m)).astype(np.int8)
+    wt[8:16] = 0  # an all-zero block row
+    args = (CFG, "fc", (n, k), wt, rng.integers(-9, 9, m), np.ones(m), 8, (-128, 127))
+    ours, c1 = htir.dense_program(*args)
+    ref, c2 = codegen.dense_program(*args)
+    assert ours.instructions == ref.instructions, _diff(ours.instructions, ref.instructions)
+    assert ours.slots == ref.slots and ours.info["kind"] == "dense"
+
+
+def test_planned_tiles_that_do_not_divide_are_refused_on_request():
+    x, args, kwargs = _layer((1, 8, 13, 8, 3, 1, 1, 1, 1, 0.0), 0)
+    sched = ConvSchedule(tile_h=4, tile_w=13, cob_group=1, cib_chunk=1)
+    with pytest.raises(htir.TirLoweringError, match="do not divide"):
+        htir.conv2d_program(CFG, "p", *args, **kwargs, schedule=sched, divisor_tiles=False)
