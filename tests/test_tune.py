@@ -108,3 +108,33 @@ def test_rpc_tracker_and_two_servers_measure_like_local():
         tracker = farm.tracker
     assert remote.history == local.history
     assert tracker is not None and farm.tracker is None  # stopped on exit
+
+
+def test_compile_applies_the_tuning_database(tmp_path):
+    """Inside ``with database:``, tvm.compile uses the recorded schedule; results stay exact."""
+    import tvm  # noqa: PLC0415
+    from conftest import build_int_network, llvm_reference, run_vm  # noqa: PLC0415
+
+    from tvm_hapm.cost.tune import extract_tasks  # noqa: PLC0415
+    from tvm_hapm.passes import hapm_pipeline  # noqa: PLC0415
+
+    mod = build_int_network(CFG, h=9, w=11)
+    tasks = extract_tasks(mod, CFG)
+    assert len(tasks) == 4  # three convolutions and the dense layer
+    conv = tasks[0]
+    result = random_search(conv, trials=8, seed=2)
+    chosen = min(
+        (s for s in enumerate_space(conv) if s != conv.default_schedule()),
+        key=lambda s: (s.tile_h * s.tile_w, s.cob_group),
+    )  # a deliberately different schedule, to see it applied
+    result.best, result.best_cycles = chosen, 1
+    db = TuningDatabase(tmp_path / "db.json")
+    db.commit(conv, result)
+    programs = []
+    target = tvm_hapm.target.hapm_target(CFG)
+    x = np.random.default_rng(0).integers(-128, 128, (1, 5, 9, 11)).astype(np.int8)
+    with db:
+        ex = tvm.compile(mod, target=target, relax_pipeline=hapm_pipeline(CFG, programs))
+    assert programs[0].info["schedule"] == chosen.to_dict()
+    for ref, out in zip(llvm_reference(mod, x), run_vm(ex, x)):
+        np.testing.assert_array_equal(out, ref)

@@ -396,47 +396,37 @@ class TuningDatabase:
 
 
 # ------------------------------------------------------------------------------- tasks
-def extract_tasks(qmod, config: HardwareConfig) -> list[ConvTask]:
-    """The convolution and dense layers of a quantized module that the accelerator runs."""
+def extract_tasks(qmod, config: HardwareConfig, func_name: str = "main") -> list[ConvTask]:
+    """The convolution and dense layers the accelerator runs, in execution order, named as the
+    compiler names their programs (``<index>_<kind>``)."""
     from tvm import relax  # noqa: PLC0415
 
+    from ..passes.lower import conv_kwargs_of  # noqa: PLC0415
     from ..passes.partition import COMPOSITE_PREFIX, PartitionForHapm  # noqa: PLC0415
 
     mod = PartitionForHapm(config)(qmod)
     tasks = []
-    for gv, func in sorted(mod.functions_items(), key=lambda kv: kv[0].name_hint):
-        if not isinstance(func, relax.Function) or func.attrs is None:
-            continue
-        if "Composite" not in func.attrs:
-            continue
-        kind = str(func.attrs["Composite"])[len(COMPOSITE_PREFIX) :]
-        if kind not in ("conv2d", "dense"):
-            continue
-        call = func.body.blocks[0].bindings[0].value
-        data, weight = call.args
-        shape = [int(v) for v in data.ty.shape.values]
-        w = weight.value.numpy()
-        if kind == "dense":
-            tasks.append(
-                ConvTask(
-                    gv.name_hint,
-                    config,
-                    (shape[0], shape[1], 1, 1),
-                    np.ascontiguousarray(w.T).reshape(w.shape[1], w.shape[0], 1, 1),
-                )
-            )
-            continue
-        a = call.attrs
-        tasks.append(
-            ConvTask(
-                gv.name_hint,
-                config,
-                shape,
-                w,
-                [int(v) for v in a.strides],
-                [int(v) for v in a.padding],
-                [int(v) for v in a.dilation],
-                int(a.groups),
-            )
-        )
+    index = 0
+    for block in mod[func_name].body.blocks:
+        for binding in block.bindings:
+            value = binding.value
+            if not (isinstance(value, relax.Call) and isinstance(value.op, relax.GlobalVar)):
+                continue
+            func = mod[value.op]
+            if func.attrs is None or "Composite" not in func.attrs:
+                continue
+            kind = str(func.attrs["Composite"])[len(COMPOSITE_PREFIX) :]
+            name = f"{index:03d}_{kind}"
+            index += 1
+            if kind not in ("conv2d", "dense"):
+                continue
+            call = func.body.blocks[0].bindings[0].value
+            data, weight = call.args
+            shape = [int(v) for v in data.ty.shape.values]
+            w = weight.value.numpy()
+            if kind == "dense":
+                oihw = np.ascontiguousarray(w.T).reshape(w.shape[1], w.shape[0], 1, 1)
+                tasks.append(ConvTask(name, config, (shape[0], shape[1], 1, 1), oihw))
+            else:
+                tasks.append(ConvTask(name, config, shape, w, **conv_kwargs_of(call.attrs)))
     return tasks

@@ -79,6 +79,26 @@ def _shape(expr):
     return [int(v) for v in expr.ty.shape.values]
 
 
+def conv_kwargs_of(attrs) -> dict:
+    """Geometry keyword arguments of a Relax conv2d call's attributes."""
+    return {
+        "strides": [int(v) for v in attrs.strides],
+        "padding": [int(v) for v in attrs.padding],
+        "dilation": [int(v) for v in attrs.dilation],
+        "groups": int(attrs.groups),
+    }
+
+
+def _tuned_schedule(cfg, name, data_shape, weight, geometry):
+    """The schedule the active tuning database records for this layer, if any."""
+    from ..cost.tune import ConvTask, current_database  # noqa: PLC0415 (cost imports passes)
+
+    db = current_database()
+    if db is None:
+        return None
+    return db.lookup(ConvTask(name, cfg, data_shape, weight, **geometry).key())
+
+
 def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, name, index):
     calls = _bindings(func)
     params = list(func.params)
@@ -93,11 +113,9 @@ def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, nam
         a = conv.attrs
         conv_args = (cfg, name, _shape(data), weight, bias, mult, shift, clip)
         conv_kwargs = {
-            "strides": [int(v) for v in a.strides],
-            "padding": [int(v) for v in a.padding],
-            "dilation": [int(v) for v in a.dilation],
-            "groups": int(a.groups),
+            **conv_kwargs_of(a),
             "layer_index": index,
+            "schedule": _tuned_schedule(cfg, name, _shape(data), weight, conv_kwargs_of(a)),
         }
         try:
             prog, consts = tir.conv2d_program(*conv_args, **conv_kwargs, divisor_tiles=False)
