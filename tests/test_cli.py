@@ -236,3 +236,21 @@ def test_demo(tmp_path, capsys):
     ]
     assert len(accuracies) == 3 and min(accuracies) > 95.0
     assert (tmp_path / "demo" / "model.so").is_file()
+
+
+def test_tune_then_compile_with_the_database(tmp_path, data_files, capsys):
+    db = tmp_path / "db.json"
+    calib = str(data_files / "calib.npy")
+    assert main(["tune", str(BUNDLED_MODEL), "--calibration", calib, "--trials", "2",
+                 "-o", str(db)]) == 0  # fmt: skip
+    records = json.loads(db.read_text())["records"]
+    assert len(records) == 3  # two convolutions and the dense layer
+    assert all(r["cycles"] <= r["default_cycles"] for r in records.values())
+    out = tmp_path / "out"
+    assert main(["compile", str(BUNDLED_MODEL), "--calibration", calib,
+                 "--tuning-db", str(db), "-o", str(out)]) == 0  # fmt: skip
+    db.write_text("{not json")
+    capsys.readouterr()
+    assert main(["compile", str(BUNDLED_MODEL), "--calibration", calib,
+                 "--tuning-db", str(db), "-o", str(out)]) == 2  # fmt: skip
+    assert "not a tuning database" in capsys.readouterr().err

@@ -472,6 +472,19 @@ def read_program(path: Path):
 
 
 # ---------------------------------------------------------------------------------- commands
+def _tuning_database(path):
+    """The tuning database to apply during a compile, or a no-op context."""
+    if path is None:
+        return contextlib.nullcontext()
+    from .cost.tune import TuningDatabase  # noqa: PLC0415
+
+    _existing_file(path, "tuning database")
+    try:
+        return TuningDatabase(path)
+    except (ValueError, KeyError, json.JSONDecodeError) as err:
+        raise CliError(f"{path}: not a tuning database ({err})") from None
+
+
 def cmd_compile(args, console: Console) -> int:
     """``hapm compile``: import, quantize, compile, write the artifacts and a summary."""
     tgt, cfg = resolve_target(args.target, args.config)
@@ -494,7 +507,8 @@ def cmd_compile(args, console: Console) -> int:
             qmod = quantize_module(mod, calib, cfg)
         with _stage(progress, f"compile for {cfg.name}"):
             t0 = time.perf_counter()
-            ex, programs, report = compile_model(qmod, tgt, cfg)
+            with _tuning_database(args.tuning_db):
+                ex, programs, report = compile_model(qmod, tgt, cfg)
             seconds = time.perf_counter() - t0
         with _stage(progress, "export"):
             full = write_artifacts(
@@ -520,6 +534,68 @@ def cmd_compile(args, console: Console) -> int:
         f"{len(full['accelerator'])} accelerator layers, {total:,} instructions; "
         f"wrote {out / MODEL_LIB}, {out / PROGRAM_DIR}/, {out / REPORT_JSON}"
     )
+    return 0
+
+
+def cmd_tune(args, console: Console) -> int:
+    """``hapm tune``: search the schedule of every convolution, write a tuning database."""
+    from .cost.measure import LocalRunner, RPCRunner  # noqa: PLC0415
+    from .cost.tune import (  # noqa: PLC0415
+        TuningDatabase,
+        extract_tasks,
+        model_guided_search,
+        random_search,
+    )
+
+    tgt, cfg = resolve_target(args.target, args.config)
+    if args.trials < 1:
+        raise CliError("--trials must be at least 1")
+    if args.rpc:
+        host, _, port = args.rpc.rpartition(":")
+        if not host or not port.isdigit():
+            raise CliError(f"--rpc wants HOST:PORT of an RPC tracker, got {args.rpc!r}")
+        runner = RPCRunner(host, int(port), key=args.key, num_parallel=args.workers)
+    else:
+        runner = LocalRunner(args.workers)
+    search = model_guided_search if args.strategy == "guided" else random_search
+    db = TuningDatabase(args.output)
+    with _progress(console) as progress:
+        with _stage(progress, "import ONNX"):
+            model = fix_batch(load_onnx(args.model), args.batch)
+            _, shape, dtype = model_input(model)
+            calib = (
+                batches(load_npy(args.calibration, "calibration"), shape, dtype, "calibration")
+                if args.calibration
+                else [np.random.default_rng(0).uniform(0, 1, shape).astype(dtype)]
+            )
+            mod = import_onnx(model)
+        with _stage(progress, "quantize"):
+            qmod = quantize_module(mod, calib[:4], cfg)
+        tasks = extract_tasks(qmod, cfg)
+        rows = []
+        with _stage(progress, f"tune {len(tasks)} layers ({args.strategy})", total=len(tasks)):
+            task_id = progress.task_ids[-1]
+            for task in tasks:
+                result = search(task, args.trials, runner=runner, seed=args.seed)
+                db.commit(task, result)
+                rows.append((task.name, result))
+                progress.advance(task_id)
+    db.save()
+    table = Table(title=f"Tuned schedules ({cfg.name}, {args.strategy}, {args.trials} trials)")
+    for col in ("layer", "space", "default cycles", "tuned cycles", "speed-up", "schedule"):
+        table.add_column(col, justify="left" if col in ("layer", "schedule") else "right")
+    for name, r in rows:
+        s = r.best
+        table.add_row(
+            name,
+            str(r.space_size),
+            f"{r.default_cycles:,}",
+            f"{r.best_cycles:,}",
+            f"{r.default_cycles / max(r.best_cycles, 1):.2f}x",
+            f"{s.tile_h}x{s.tile_w} g{s.cob_group} k{s.cib_chunk}",
+        )
+    console.print(table)
+    console.print(f"wrote {args.output}; apply it with hapm compile --tuning-db {args.output}")
     return 0
 
 
@@ -842,8 +918,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch", type=int, default=1, help="batch size if the model's batch is symbolic"
     )
+    p.add_argument("--tuning-db", default=None, metavar="DB.json", help="schedules from hapm tune")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("tune", help="autotune the convolution schedules of an ONNX model")
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument(
+        "--calibration", default=None, metavar="DATA.npy", help="default: one random sample"
+    )
+    grp = p.add_mutually_exclusive_group()
+    grp.add_argument("--target", default=None, help="hapm_fpga target tag (default hapm_fpga)")
+    grp.add_argument("--config", default=None, metavar="CONFIG.json", help="custom hardware")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--trials", type=int, default=16, help="measurements per layer")
+    p.add_argument("--strategy", choices=("guided", "random"), default="guided")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="local worker processes / RPC sessions")
+    p.add_argument(
+        "--rpc", default=None, metavar="HOST:PORT", help="measure through a TVM RPC tracker"
+    )
+    p.add_argument("--key", default="hapm_fpga", help="RPC device key")
+    p.add_argument("-o", "--output", required=True, metavar="DB.json")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("run", help="run a compiled model on a .npy input")
     p.add_argument("model_dir", metavar="OUT", help="directory written by hapm compile")
