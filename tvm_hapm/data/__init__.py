@@ -18,9 +18,13 @@ __all__ = [
     "BUNDLED_INFO",
     "BUNDLED_MODEL",
     "DATA_DIR",
+    "RESNET20_INFO",
+    "RESNET20_MODEL",
     "bundled_model_info",
     "load_bundled_model",
+    "load_bundled_resnet20",
     "load_digits",
+    "resnet20_info",
     "set_batch",
 ]
 
@@ -29,6 +33,10 @@ DATA_DIR = Path(__file__).resolve().parent
 BUNDLED_MODEL = DATA_DIR / "digits_cnn.onnx"
 #: JSON metadata of the bundled model.
 BUNDLED_INFO = DATA_DIR / "digits_cnn.json"
+#: CIFAR-style ResNet-20 trained on 32x32 RGB-shaped digits (``examples/train_resnet20_digits.py``).
+RESNET20_MODEL = DATA_DIR / "resnet20_digits.onnx"
+#: JSON metadata of the bundled ResNet-20.
+RESNET20_INFO = DATA_DIR / "resnet20_digits.json"
 
 
 def load_digits(size=16, channels=1, test_size=0.25, random_state=0):
@@ -134,3 +142,30 @@ def bundled_model_info():
         Keys include ``test_accuracy``, ``seed``, ``architecture``, ``command``, ``data``.
     """
     return json.loads(BUNDLED_INFO.read_text())
+
+
+def load_bundled_resnet20(batch=1):
+    """Load the bundled ResNet-20 (``resnet20_digits.onnx``) with a fixed batch size.
+
+    The graph is exactly ``tvm_hapm.models.zoo.resnet_cifar(depth=20, in_ch=3, width=16)``
+    (Conv, BatchNormalization with running statistics, Relu, Add, GlobalAveragePool, Flatten,
+    Gemm) with trained weights; evaluate it on ``load_digits(size=32, channels=3)``.
+
+    Parameters
+    ----------
+    batch : int or str
+        Batch size of input ``"input"`` ``(batch, 3, 32, 32)`` and output ``"output"``
+        ``(batch, 10)``; a string makes it symbolic.
+
+    Returns
+    -------
+    onnx.ModelProto
+    """
+    m = set_batch(onnx.load(str(RESNET20_MODEL)), batch)
+    onnx.checker.check_model(m)
+    return m
+
+
+def resnet20_info():
+    """Return the metadata of the bundled ResNet-20 (``resnet20_digits.json``) as a dict."""
+    return json.loads(RESNET20_INFO.read_text())
