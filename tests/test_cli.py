@@ -254,3 +254,20 @@ def test_tune_then_compile_with_the_database(tmp_path, data_files, capsys):
     assert main(["compile", str(BUNDLED_MODEL), "--calibration", calib,
                  "--tuning-db", str(db), "-o", str(out)]) == 2  # fmt: skip
     assert "not a tuning database" in capsys.readouterr().err
+
+
+def test_prune_writes_onnx_and_report(tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", str(BUNDLED_MODEL), "--method", "hapm", "--sparsity", "0.5",
+                 "-o", str(out)]) == 0  # fmt: skip
+    report = json.loads((out / "prune_report.json").read_text())
+    assert abs(report["achieved_sparsity"] - 0.5) < 0.1
+    import onnx  # noqa: PLC0415
+
+    pruned = onnx.load(str(out / "pruned.onnx"))
+    onnx.checker.check_model(pruned)
+    capsys.readouterr()
+    assert main(["prune", str(BUNDLED_MODEL), "--method", "filter", "--sparsity", "0.5",
+                 "-o", str(out)]) == 2  # fmt: skip
+    assert "FilterPrune" in capsys.readouterr().err
+    assert main(["prune", str(BUNDLED_MODEL), "--sparsity", "1.5", "-o", str(out)]) == 2

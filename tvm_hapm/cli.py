@@ -599,6 +599,82 @@ def cmd_tune(args, console: Console) -> int:
     return 0
 
 
+def cmd_prune(args, console: Console) -> int:
+    """``hapm prune``: prune an ONNX model (optionally fine-tune it), write ONNX and a report."""
+    from .flow import PRUNE_METHODS, prune_onnx, sparsity_of  # noqa: PLC0415
+
+    if args.method not in PRUNE_METHODS:
+        raise CliError(
+            f"--method {args.method}: the ONNX flow supports {', '.join(PRUNE_METHODS)}; filter "
+            "pruning shrinks tensors and is available as the Relax pass "
+            "tvm_hapm.passes.FilterPrune"
+        )
+    if not 0.0 <= args.sparsity < 1.0:
+        raise CliError(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    _, cfg = resolve_target(args.target, args.config)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    with _progress(console) as progress:
+        with _stage(progress, "load ONNX"):
+            model = load_onnx(args.model)
+        with _stage(progress, f"prune ({args.method}, {args.sparsity:.0%})"):
+            try:
+                pruned, report = prune_onnx(model, args.method, args.sparsity, config=cfg)
+            except ValueError as err:
+                raise CliError(str(err)) from None
+        history = None
+        if args.data:
+            from .train import extract_masks, finetune  # noqa: PLC0415
+
+            data = _load_training_data(args.data)
+            with _stage(progress, f"fine-tune ({args.finetune_steps} steps)"):
+                pruned, history = finetune(
+                    pruned,
+                    data,
+                    masks=extract_masks(pruned),
+                    epochs=max(1, args.finetune_steps * 32 // max(len(data[0]), 1) + 1),
+                    max_steps=args.finetune_steps,
+                    seed=args.seed,
+                )
+    path = out / "pruned.onnx"
+    import onnx  # noqa: PLC0415
+
+    onnx.save(pruned, str(path))
+    summary = {
+        "model": str(args.model),
+        "method": args.method,
+        "target_sparsity": args.sparsity,
+        "achieved_sparsity": sparsity_of(pruned),
+        "config": cfg.name,
+        "layers": report,
+        "finetune": history,
+    }
+    (out / "prune_report.json").write_text(
+        json.dumps(summary, indent=2, sort_keys=True, default=_json_default)
+    )
+    table = Table(title=f"{args.method} pruning of {Path(args.model).name}")
+    table.add_column("layer")
+    table.add_column("sparsity", justify="right")
+    for entry in report:
+        if "layer" in entry:
+            table.add_row(str(entry["layer"]), f"{entry.get('sparsity', 0):.1%}")
+    console.print(table)
+    console.print(
+        f"sparsity {summary['achieved_sparsity']:.1%}; wrote {path} and {out / 'prune_report.json'}"
+    )
+    return 0
+
+
+def _load_training_data(path) -> tuple:
+    """``x_train`` and ``y_train`` from an .npz file."""
+    path = _existing_file(path, "training data")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return np.asarray(data["x_train"], np.float32), np.asarray(data["y_train"])
+    except (KeyError, ValueError, OSError) as err:
+        raise CliError(f"{path}: expected an .npz with x_train and y_train ({err})") from None
+
+
 def load_compiled(out: Path):
     """Load ``OUT/model.so`` into a Relax VM; returns ``(vm, report or None)``."""
     if not out.is_dir():
@@ -921,6 +997,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuning-db", default=None, metavar="DB.json", help="schedules from hapm tune")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("prune", help="prune an ONNX model (hapm or unstructured)")
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument("--method", default="hapm", help="hapm | unstructured (| filter: Relax only)")
+    p.add_argument("--sparsity", type=float, required=True)
+    grp = p.add_mutually_exclusive_group()
+    grp.add_argument("--target", default=None, help="hapm_fpga target tag (default hapm_fpga)")
+    grp.add_argument("--config", default=None, metavar="CONFIG.json", help="custom hardware")
+    p.add_argument(
+        "--data", default=None, metavar="DATA.npz", help="x_train/y_train to fine-tune on"
+    )
+    p.add_argument("--finetune-steps", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("tune", help="autotune the convolution schedules of an ONNX model")
     p.add_argument("model", metavar="MODEL.onnx")
