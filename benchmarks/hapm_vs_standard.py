@@ -20,38 +20,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import tvm
 from rich.console import Console
 from rich.table import Table
-from tvm import relax
-from tvm.relax.frontend.onnx import from_onnx
 
-import tvm_hapm
 from tvm_hapm.data import load_bundled_resnet20, load_digits, set_batch
-from tvm_hapm.flow import prune_onnx, sparsity_of
-from tvm_hapm.runtime import last_run_stats
+from tvm_hapm.flow import evaluate_deployed, prune_onnx, sparsity_of
 from tvm_hapm.target.config import get_config
 from tvm_hapm.train import extract_masks, finetune
 
 RESULTS = Path(__file__).resolve().parent / "results" / "hapm_vs_standard.json"
 METHODS = {"standard": "unstructured", "hapm": "hapm"}
-
-
-def _int8_accuracy_and_cost(model, cfg, target, x_cal, x_test, y_test, batch=150):
-    """Top-1 of the int8 model (llvm build of the quantized module) and the accelerator's
-    latency / energy for one image."""
-    qmod = tvm_hapm.quantize(from_onnx(set_batch(model, batch)), calibration=[x_cal[:batch]])
-    vm = relax.VirtualMachine(tvm.compile(qmod, target="llvm"), tvm.cpu())
-    correct = 0
-    n = (len(x_test) // batch) * batch
-    for k in range(0, n, batch):
-        logits = vm["main"](tvm.runtime.tensor(x_test[k : k + batch])).numpy()
-        correct += int((logits.argmax(1) == y_test[k : k + batch]).sum())
-    q1 = tvm_hapm.quantize(from_onnx(set_batch(model, 1)), calibration=list(x_cal[:8, None]))
-    ex = tvm.compile(q1, target=target)
-    relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x_test[:1]))
-    stats = last_run_stats()
-    return 100.0 * correct / n, stats.latency_ms, stats.energy_uj, stats.by_opcode.get("GEMM", 0)
 
 
 def main(argv=None) -> dict:
@@ -68,10 +46,9 @@ def main(argv=None) -> dict:
     cfg = get_config(args.target)
     x_train, y_train, x_test, y_test = load_digits(size=32, channels=3)
     base = load_bundled_resnet20(batch=1)
-    dense = _int8_accuracy_and_cost(base, cfg, args.target, x_train, x_test, y_test)
-    console.print(
-        f"dense: acc {dense[0]:.2f}%  latency {dense[1]:.3f} ms  energy {dense[2]:.1f} uJ"
-    )
+    d = evaluate_deployed(base, args.target, x_train, x_test, y_test)
+    dense = (d.accuracy, d.latency_ms, d.energy_uj, d.gemms)
+    console.print(f"dense: acc {dense[0]:.2f}%  latency {dense[1]:.3f} ms  {dense[2]:.1f} uJ")
     results = {}
     for s in args.sparsities:
         row = {
@@ -96,9 +73,8 @@ def main(argv=None) -> dict:
                 seed=0,
                 max_steps=args.max_steps,
             )
-            acc, lat, energy, gemms = _int8_accuracy_and_cost(
-                set_batch(tuned, 1), cfg, args.target, x_train, x_test, y_test
-            )
+            r = evaluate_deployed(set_batch(tuned, 1), args.target, x_train, x_test, y_test)
+            acc, lat, energy, gemms = r.accuracy, r.latency_ms, r.energy_uj, r.gemms
             row.update(
                 {
                     f"acc_{label}": acc,

@@ -225,7 +225,7 @@ def test_presets_console_script():
 
 @pytest.mark.slow
 def test_demo(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--pruning-steps", "0"]) == 0
     out = capsys.readouterr().out
     assert "450 test images" in out and "top-1 agreement" in out
     assert "000_conv2d" in out and "host" in out
@@ -236,6 +236,15 @@ def test_demo(tmp_path, capsys):
     ]
     assert len(accuracies) == 3 and min(accuracies) > 95.0
     assert (tmp_path / "demo" / "model.so").is_file()
+    # the pruning part: HAPM removes whole dispatches, unstructured pruning removes none
+    speedups = {
+        ln.split("│")[1].strip(): float(ln.split("│")[-2].strip().rstrip("x"))
+        for ln in out.splitlines()
+        if ln.startswith("│") and ln.split("│")[1].strip() in ("dense", "unstructured", "HAPM")
+    }
+    assert speedups["dense"] == 1.0 and speedups["unstructured"] < 1.1
+    assert speedups["HAPM"] > 1.5
+    assert (tmp_path / "demo" / "hapm_demo.png").is_file()
 
 
 def test_tune_then_compile_with_the_database(tmp_path, data_files, capsys):
@@ -261,7 +270,10 @@ def test_prune_writes_onnx_and_report(tmp_path, capsys):
     assert main(["prune", str(BUNDLED_MODEL), "--method", "hapm", "--sparsity", "0.5",
                  "-o", str(out)]) == 0  # fmt: skip
     report = json.loads((out / "prune_report.json").read_text())
-    assert abs(report["achieved_sparsity"] - 0.5) < 0.1
+    pruned_layers = [e for e in report["layers"] if e.get("sparsity", 0) > 0]
+    assert len(pruned_layers) == 1  # the first and last of three layers are kept dense
+    assert abs(pruned_layers[0]["sparsity"] - 0.5) < 0.1
+    assert 0 < report["achieved_sparsity"] < 0.5
     import onnx  # noqa: PLC0415
 
     pruned = onnx.load(str(out / "pruned.onnx"))

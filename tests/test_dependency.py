@@ -77,3 +77,33 @@ def test_tokenised_program_runs_and_matches_sequential_semantics():
 
 def test_deterministic():
     assert insert_dependency_tokens(_program()) == insert_dependency_tokens(_program())
+
+
+def test_push_goes_on_the_last_conflicting_instruction():
+    # load A, compute A, load B, compute B, load A: the third load waits for the GEMM that
+    # read A (the first), not for the last compute instruction, so it overlaps compute B.
+    prog = [
+        _load(Buffer.INP, 0, 0),
+        _load(Buffer.WGT, 0, 0, slot=1),
+        _gemm(0, 0, 0),
+        _store(0, 0),
+        _load(Buffer.INP, 1, 1),
+        _gemm(1, 0, 1),
+        _store(1, 1),
+        _load(Buffer.INP, 0, 2),
+        _gemm(0, 0, 2),
+        _store(2, 2),
+    ]
+    out = insert_dependency_tokens(prog)
+    gemms = [k for k, i in enumerate(out) if i.opcode == Opcode.GEMM]
+    assert out[gemms[0]].push_prev == 1 and out[gemms[1]].push_prev == 0
+    loads = [i for i in out if i.opcode == Opcode.LOAD and i.buffer == Buffer.INP]
+    assert [i.pop_next for i in loads] == [0, 0, 1]
+    rng = np.random.default_rng(1)
+    inp = rng.integers(-128, 128, 6).astype(np.int8)
+    wgt = rng.integers(-127, 128, 4).astype(np.int8)
+    res = np.zeros(6, np.int32)
+    Simulator(CFG).run(out, [inp, wgt, res])
+    w = wgt.reshape(2, 2).astype(np.int64)
+    expect = [inp[2 * k : 2 * k + 2].astype(np.int64) @ w for k in range(3)]
+    np.testing.assert_array_equal(res, np.concatenate(expect))

@@ -6,15 +6,19 @@ slots, constants and instruction stream as :func:`tvm_hapm.target.codegen.conv2d
 the same bits on the simulator.
 """
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
+from tvm_hapm.passes.prune import hapm_groups
 from tvm_hapm.runtime.driver import run_program
 from tvm_hapm.runtime.simulator import Simulator
+from tvm_hapm.runtime.timing import TimingModel
 from tvm_hapm.target import codegen, isa
 from tvm_hapm.target import tir as htir
 from tvm_hapm.target.config import get_config
-from tvm_hapm.target.schedule import ConvSchedule
+from tvm_hapm.target.schedule import ConvSchedule, fit_double_buffer, plan_conv
 
 CFG = get_config("zedboard")
 
@@ -136,3 +140,111 @@ def test_planned_tiles_that_do_not_divide_are_refused_on_request():
     sched = ConvSchedule(tile_h=4, tile_w=13, cob_group=1, cib_chunk=1)
     with pytest.raises(htir.TirLoweringError, match="do not divide"):
         htir.conv2d_program(CFG, "p", *args, **kwargs, schedule=sched, divisor_tiles=False)
+
+
+# ------------------------------------------------------------------ double buffering and arrays
+def _mid():
+    """Buffers that hold two tiles and two weight chunks but not all the weights."""
+    return CFG.replace(
+        name="mid-lowering", inp_buffer_bytes=8 * 200, wgt_buffer_bytes=64 * 40,
+        acc_buffer_bytes=32 * 80,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 32, 8, 32, 3, 1, 1, 1, 1, 0.3), (2, 24, 9, 16, 3, 2, 1, 1, 1, 0.0)], ids=str
+)
+def test_double_buffered_streamed_weights_equal_single_buffered(shape):
+    cfg = _mid()
+    prog = _check(cfg, shape, seed=3)
+    sched = ConvSchedule(**prog.info["schedule"])
+    assert sched.double_buffer and prog.info["nonzero_blocks"] > cfg.wgt_depth
+    # Both halves of every buffer are used.
+    loads = [i for i in prog.instructions if i.opcode == isa.Opcode.LOAD]
+    inp = {i.sram_addr for i in loads if i.buffer == isa.Buffer.INP}
+    wgt = {i.sram_addr for i in loads if i.buffer == isa.Buffer.WGT}
+    stores = {i.sram_addr for i in prog.instructions if i.opcode == isa.Opcode.STORE}
+    assert len(inp) >= 2 and min(inp) == 0  # two halves
+    assert max(wgt) >= sched.cob_group * sched.cib_chunk * 9 > min(wgt) == 0
+    assert max(stores) >= 2 * sched.cob_group + sched.cob_group * sched.tile_h * sched.tile_w
+    # Same bits as the single-buffered schedule.
+    x, args, kwargs = _layer(shape, 3)
+    single, c_single = codegen.conv2d_program(
+        cfg, "s", *args, **kwargs, schedule=replace(sched, double_buffer=False)
+    )
+    assert single.info["schedule"]["double_buffer"] is False
+    ours, c_ours = htir.conv2d_program(cfg, "tir", *args, **kwargs)
+    np.testing.assert_array_equal(_run(cfg, ours, x, c_ours), _run(cfg, single, x, c_single))
+
+
+def test_double_buffering_overlaps_load_compute_and_store():
+    cfg = _mid()
+    x, args, kwargs = _layer((1, 32, 8, 32, 3, 1, 1, 1, 1, 0.0), 0)
+    db, _ = codegen.conv2d_program(cfg, "db", *args, **kwargs)
+    sb, _ = codegen.conv2d_program(
+        cfg, "sb", *args, **kwargs,
+        schedule=replace(ConvSchedule(**db.info["schedule"]), double_buffer=False),
+    )  # fmt: skip
+    t_db, t_sb = TimingModel(cfg).run(db.instructions), TimingModel(cfg).run(sb.instructions)
+    assert t_db.cycles < 0.9 * t_sb.cycles
+
+
+def test_plan_falls_back_to_single_buffering():
+    # Buffers that hold the smallest 3x3 tile once but not twice.
+    cfg = CFG.replace(name="one-tile", inp_buffer_bytes=8 * 9, wgt_buffer_bytes=64 * 9,
+                      acc_buffer_bytes=32 * 3)  # fmt: skip
+    s = plan_conv(cfg, 4, 4, 4, 4, 3, 3, (1, 1), (1, 1), 1, 1)
+    assert s == ConvSchedule(1, 1, 1, 1, double_buffer=False)
+    s2 = plan_conv(CFG, 8, 8, 8, 8, 3, 3, (1, 1), (1, 1), 2, 4)
+    assert s2.double_buffer
+    assert fit_double_buffer(cfg, ConvSchedule(1, 1, 1, 1), 3, 3, (1, 1), (1, 1), 9) == s
+
+
+def _gemm_arrays(prog):
+    return [(i.acc_addr, i.array) for i in prog.instructions if i.opcode == isa.Opcode.GEMM]
+
+
+def test_dense_dispatch_is_one_hapm_group_per_array_set():
+    # (cib, kh, kw) outer, cob inner: consecutive GEMMs of one dispatch are the G blocks of one
+    # HAPM group, block cob on array (cob - cg0) % P, each accumulator region on one array.
+    for group in (1, 2, 4, 8):
+        cfg = CFG.replace(name=f"arr{group}", num_arrays=4)
+        x, args, kwargs = _layer((1, 16, 6, 64, 3, 1, 1, 1, 1, 0.0), 0)
+        sched = ConvSchedule(6, 6, group, 2)
+        prog, _ = codegen.conv2d_program(cfg, "a", *args, **kwargs, schedule=sched)
+        gemms = [i for i in prog.instructions if i.opcode == isa.Opcode.GEMM]
+        t = 36
+        for k, g in enumerate(gemms):
+            region = (g.acc_addr - 2 * group) % (group * t) // t  # cob - cg0
+            assert g.array == region % 4, (group, k)
+            assert region == k % group  # cob innermost
+        # The dispatches are the groups of passes.prune.hapm_groups.
+        gid = hapm_groups(args[1], 1, cfg, sched)
+        assert len(np.unique(gid)) == len(gemms) // group  # one tile, dense
+
+
+def test_sparse_dispatch_spreads_blocks_over_the_arrays():
+    # 8 output-channel blocks per group on 4 arrays, half the blocks pruned: the remaining
+    # blocks are spread over the arrays (a region moves only once its previous GEMM is done).
+    cfg = CFG.replace(name="arr-sparse", num_arrays=4)
+    rng = np.random.default_rng(5)
+    w = rng.integers(-127, 128, (64, 32, 3, 3)).astype(np.int8)
+    w = _prune(cfg, w, 1, 0.5, rng)
+    args = ((1, 32, 8, 8), w, None, np.ones(64), 8, (-128, 127))
+    sched = ConvSchedule(8, 8, 8, 4)
+    prog, _ = codegen.conv2d_program(cfg, "s", *args, padding=(1,) * 4, schedule=sched)
+    r = TimingModel(cfg).run(prog.instructions)
+    # No accumulator region is written by two arrays at once.
+    gemm_idx = [k for k, i in enumerate(prog.instructions) if i.opcode == isa.Opcode.GEMM]
+    spans = {}
+    for k in gemm_idx:
+        spans.setdefault(prog.instructions[k].acc_addr, []).append((r.start[k], r.end[k]))
+    for ivs in spans.values():
+        ivs.sort()
+        assert all(a[1] <= b[0] for a, b in zip(ivs, ivs[1:], strict=False))
+    # Faster than keeping each region on the fixed array (cob - cg0) % P.
+    fixed = [
+        i.replace(array=((i.acc_addr - 16) // 64) % 4) if i.opcode == isa.Opcode.GEMM else i
+        for i in prog.instructions
+    ]
+    assert r.cycles < 0.9 * TimingModel(cfg).run(fixed).cycles

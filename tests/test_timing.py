@@ -265,6 +265,18 @@ def test_gemms_on_different_arrays_overlap():
     assert r.array_busy.tolist() == [26, 26]
 
 
+def test_two_arrays_do_not_accumulate_into_one_region_at_once():
+    # Both GEMMs write accumulators 0..15 (the second overlaps the first from entry 8): the
+    # second waits for array 0 although array 1 is free: 26..52; FINISH drains 52..53.
+    for acc in (0, 8):
+        r = run([gemm(0, 0, array=0), gemm(16, acc, array=1), FINISH])
+        assert r.start.tolist() == [0, 26, 52] and r.end.tolist() == [26, 52, 53]
+        assert r.cycles == 53 and r.stalls["array_busy"] == 25  # ready at 1 (issue cycle)
+    # Disjoint regions (16..31 starts right after 0..15) still overlap.
+    r = run([gemm(0, 0, array=0), gemm(16, 16, array=1), FINISH])
+    assert r.cycles == 28
+
+
 def test_gemms_on_the_same_array_serialise():
     r = run([gemm(0, 0, array=0), gemm(16, 16, array=0), FINISH])
     assert r.start.tolist() == [0, 26, 52] and r.end.tolist() == [26, 52, 53]

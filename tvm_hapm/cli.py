@@ -932,7 +932,76 @@ def cmd_demo(args, console: Console) -> int:
     )
     if args.out:
         console.print(f"wrote the compiled model to {args.out}")
+    if args.pruning_steps >= 0:
+        _demo_pruning(args, console)
     return 0
+
+
+def _demo_pruning(args, console: Console) -> None:
+    """Part two of the demo: ResNet-20 on digits-32, dense vs unstructured vs HAPM pruning at
+    the same sparsity, fine-tuned in TVM, deployed int8 on the simulated accelerator."""
+    from .data import load_bundled_resnet20, load_digits  # noqa: PLC0415
+    from .flow import evaluate_deployed, prune_onnx  # noqa: PLC0415
+    from .train import extract_masks, finetune  # noqa: PLC0415
+
+    x_train, y_train, x_test, y_test = load_digits(size=32, channels=3)
+    base = load_bundled_resnet20(batch=1)
+    rows = {}
+    with _progress(console) as progress:
+        with _stage(progress, "ResNet-20 dense: quantize, compile, simulate"):
+            rows["dense"] = evaluate_deployed(base, "hapm_fpga", x_train, x_test, y_test)
+        for label, method in (("unstructured", "unstructured"), ("HAPM", "hapm")):
+            steps = args.pruning_steps
+            desc = f"ResNet-20 {label} {args.sparsity:.0%}: prune, fine-tune ({steps} steps)"
+            with _stage(progress, desc):
+                pruned, _ = prune_onnx(base, method, args.sparsity)
+                if args.pruning_steps:
+                    pruned, _ = finetune(
+                        pruned,
+                        (x_train, y_train),
+                        masks=extract_masks(pruned),
+                        epochs=1,
+                        max_steps=args.pruning_steps,
+                        seed=0,
+                    )
+                rows[label] = evaluate_deployed(pruned, "hapm_fpga", x_train, x_test, y_test)
+    dense = rows["dense"]
+    table = Table(title=f"ResNet-20 / digits-32 on hapm_fpga, {args.sparsity:.0%} weight sparsity")
+    for col in ("model", "int8 top-1", "latency ms", "energy µJ", "GEMMs", "speed-up"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for label, r in rows.items():
+        table.add_row(
+            label,
+            f"{r.accuracy:.2f}%",
+            f"{r.latency_ms:.3f}",
+            f"{r.energy_uj:.1f}",
+            f"{r.gemms:,}",
+            f"{dense.latency_ms / r.latency_ms:.2f}x",
+        )
+    console.print(table)
+    plot = Path(args.out or ".") / "hapm_demo.png"
+    _latency_accuracy_plot(rows, plot, args.sparsity)
+    console.print(f"wrote {plot}")
+
+
+def _latency_accuracy_plot(rows: dict, path: Path, sparsity: float) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, r in rows.items():
+        ax.scatter(r.latency_ms, r.accuracy, s=60)
+        ax.annotate(label, (r.latency_ms, r.accuracy), textcoords="offset points", xytext=(6, 4))
+    ax.set_xlabel("latency on hapm_fpga (ms, simulated)")
+    ax.set_ylabel("int8 top-1 on digits test (%)")
+    ax.set_title(f"ResNet-20, {sparsity:.0%} sparsity")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def program_rows(programs) -> list[dict]:
@@ -1069,9 +1138,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="FILE.hapm|DIR")
     p.set_defaults(func=cmd_disasm)
 
-    p = sub.add_parser("demo", help="digits CNN: float vs int8 on the simulated accelerator")
+    p = sub.add_parser(
+        "demo", help="digits CNN int8 on the accelerator, then HAPM vs standard pruning"
+    )
     p.add_argument("--out", default=None, metavar="DIR", help="also write the compiled model")
     p.add_argument("--batch", type=int, default=50, help="batch size of the compiled model")
+    p.add_argument("--sparsity", type=float, default=0.5, help="pruning part: weight sparsity")
+    p.add_argument(
+        "--pruning-steps",
+        type=int,
+        default=16,
+        help="fine-tuning steps per pruned ResNet-20 (0: none; -1 skips the pruning part)",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("presets", help="list the hardware presets")

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..target.config import HardwareConfig
-from ..target.schedule import ConvSchedule, plan_conv
+from ..target.schedule import ConvSchedule, conv_footprint, plan_conv
 
 __all__ = [
     "ConvTask",
@@ -45,7 +45,7 @@ __all__ = [
     "extract_tasks",
 ]
 
-_KNOBS = ("tile_h", "tile_w", "cob_group", "cib_chunk")
+_KNOBS = ("tile_h", "tile_w", "cob_group", "cib_chunk", "double_buffer")
 _MAX_LOOP = (1 << 10) - 1
 _MAX_OUTER_STRIDE = (1 << 14) - 1
 
@@ -142,27 +142,27 @@ class ConvTask:
 
 
 def schedule_fits(task: ConvTask, s: ConvSchedule) -> bool:
-    """Whether ``s`` fits the buffers and instruction fields (the rules ``plan_conv`` plans by)."""
+    """Whether ``s`` fits the buffers (``schedule.conv_footprint``, the rule the compiler plans
+    by) and the instruction fields."""
+    from ..target.codegen import expand_weight_blocks  # noqa: PLC0415
+
     cfg = task.config
     _, _, kh, kw = task.weight.shape
-    sh, sw = task.strides
-    dh, dw = task.dilation
     oh, ow = task.out_hw
     cob, cib = task.blocks
     if not (1 <= s.tile_h <= min(oh, _MAX_LOOP) and 1 <= s.tile_w <= min(ow, _MAX_LOOP)):
         return False
     if not (1 <= s.cob_group <= cob and 1 <= s.cib_chunk <= cib):
         return False
-    th_in = (s.tile_h - 1) * sh + (kh - 1) * dh + 1
-    tw_in = (s.tile_w - 1) * sw + (kw - 1) * dw + 1
-    inp = s.cib_chunk * th_in * tw_in
-    acc = s.cob_group * s.tile_h * s.tile_w + 2 * s.cob_group
-    wgt = s.cob_group * s.cib_chunk * kh * kw
+    blocks = expand_weight_blocks(cfg, task.weight, task.groups)
+    resident = int(np.any(blocks != 0, axis=(4, 5)).sum()) <= cfg.wgt_depth
+    inp, acc, wgt = conv_footprint(s, kh, kw, task.strides, task.dilation, resident)
+    tw_in = (s.tile_w - 1) * task.strides[1] + (kw - 1) * task.dilation[1] + 1
     return (
         inp <= cfg.inp_depth
         and acc <= cfg.acc_depth
         and wgt <= cfg.wgt_depth
-        and sh * tw_in <= _MAX_OUTER_STRIDE
+        and task.strides[0] * tw_in <= _MAX_OUTER_STRIDE
     )
 
 
@@ -184,16 +184,21 @@ def _candidates(limit: int) -> list[int]:
 
 def enumerate_space(task: ConvTask) -> list[ConvSchedule]:
     """All valid schedules on the knob grid (tiles and chunks: see :func:`_candidates`;
-    groups: 1 .. number of output-channel blocks, at most twice the arrays)."""
+    groups: 1 .. number of output-channel blocks, at most twice the arrays; double buffering
+    on or off)."""
     oh, ow = task.out_hw
     cob, cib = task.blocks
     groups = range(1, min(cob, 2 * task.config.num_arrays) + 1)
     extra = {f.name: f.default for f in fields(ConvSchedule) if f.name not in _KNOBS}
     space = []
-    for th, tw, g, k in itertools.product(
-        _candidates(min(oh, _MAX_LOOP)), _candidates(min(ow, _MAX_LOOP)), groups, _candidates(cib)
+    for th, tw, g, k, db in itertools.product(
+        _candidates(min(oh, _MAX_LOOP)),
+        _candidates(min(ow, _MAX_LOOP)),
+        groups,
+        _candidates(cib),
+        (True, False),
     ):
-        s = ConvSchedule(tile_h=th, tile_w=tw, cob_group=g, cib_chunk=k, **extra)
+        s = ConvSchedule(tile_h=th, tile_w=tw, cob_group=g, cib_chunk=k, double_buffer=db, **extra)
         if schedule_fits(task, s):
             space.append(s)
     return space
@@ -208,6 +213,7 @@ def _features(task: ConvTask, s: ConvSchedule) -> list[float]:
         s.tile_w,
         s.cob_group,
         s.cib_chunk,
+        float(s.double_buffer),
         math.log2(tiles),
         math.log2(s.tile_h * s.tile_w),
         math.ceil(cob / s.cob_group),

@@ -8,7 +8,9 @@ decoupled machine of ``docs/isa.md``:
   program order, one at a time, and they synchronise only through the four FIFO queues of
   dependency tokens (a ``pop_*`` waits for the completion time of the matching ``push_*``);
 * the compute module *issues* a GEMM to its systolic array in one cycle and goes on with the next
-  instruction; a GEMM waits only for its own array, so GEMMs on different arrays overlap;
+  instruction; a GEMM waits for its own array and for any other array still running a GEMM into
+  an overlapping accumulator range (a region is accumulated by one array at a time), so GEMMs
+  on different arrays into different regions overlap;
 * ALU operations, accumulator LOADs and ``FINISH`` wait until every array is idle, and a token
   pushed by the compute module is released only when every GEMM issued so far has completed;
 * LOAD and STORE share one DRAM port, granted first come first served.
@@ -55,7 +57,7 @@ STALL_CAUSES = (
     "compute_wait_store",  # compute pops a store->compute token not yet pushed
     "load_wait_compute",  # load pops a compute->load token not yet pushed
     "store_wait_compute",  # store pops a compute->store token not yet pushed
-    "array_busy",  # a GEMM waits for its own array to finish the previous GEMM
+    "array_busy",  # a GEMM waits for its array, or another array writing the same accumulators
     "gemm_drain",  # ALU / accumulator LOAD / FINISH waits for all in-flight GEMMs
     "dram_port",  # a LOAD or STORE waits for the DRAM port held by another transfer
 )
@@ -275,6 +277,8 @@ class TimingModel:
         kind = [0] * n  # 0 DMA, 1 GEMM, 2 other
         cost = [1] * n  # DMA: data beats; GEMM: array cycles; other: duration
         extra = [0] * n  # DMA: padding cycles; GEMM: array
+        acc_lo = [0] * n  # GEMM: accumulator range written
+        acc_hi = [0] * n
         drain = [False] * n
         pops: list = [()] * n
         pushes: list = [()] * n
@@ -293,6 +297,10 @@ class TimingModel:
                 kind[i] = 1
                 extra[i] = insn.array
                 t = insn.outer * insn.inner
+                acc_lo[i] = insn.acc_addr
+                acc_hi[i] = (
+                    insn.acc_addr + (insn.outer - 1) * insn.acc_so + (insn.inner - 1) * insn.acc_si
+                )
                 rd[1] += wgt_b
                 if zero is not None and zero[i]:
                     cost[i] = dsb_cycles
@@ -359,6 +367,9 @@ class TimingModel:
         pos = [0, 0, 0]
         free = [0, 0, 0]  # cycle at which each module can start its next instruction
         arr_free = [0] * A
+        # accumulator range of the last GEMM of each array (earlier ones are done by then)
+        arr_lo = [-1] * A
+        arr_hi = [-2] * A
         max_arr = 0  # max(arr_free): when all in-flight GEMMs are done
         port_free = 0
         pushed = ([], [], [], [])  # release cycle of every token pushed, per queue
@@ -430,9 +441,15 @@ class TimingModel:
                 release = e
             elif k == 1:  # GEMM: wait for its array, issue in one cycle
                 a = extra[i]
-                if arr_free[a] > t:
-                    stall[_ARRAY] += arr_free[a] - t
-                    t = arr_free[a]
+                ready = arr_free[a]
+                lo, hi = acc_lo[i], acc_hi[i]
+                for b in range(A):  # another array still accumulating into the same entries
+                    if b != a and arr_free[b] > ready and arr_lo[b] <= hi and lo <= arr_hi[b]:
+                        ready = arr_free[b]
+                if ready > t:
+                    stall[_ARRAY] += ready - t
+                    t = ready
+                arr_lo[a], arr_hi[a] = lo, hi
                 e = t + cost[i]
                 arr_free[a] = e
                 array_busy[a] += cost[i]

@@ -22,7 +22,7 @@ from .config import HardwareConfig
 from .dependency import insert_dependency_tokens
 from .isa import AluOp, Buffer, Instruction, Opcode
 from .program import Program, Slot
-from .schedule import ConvSchedule, plan_conv, plan_eltwise
+from .schedule import ConvSchedule, assign_arrays, fit_double_buffer, plan_conv, plan_eltwise
 
 __all__ = [
     "CodegenError",
@@ -260,13 +260,27 @@ def conv2d_program(
 
     seq: list[Instruction] = []
     resident = len(order) <= cfg.wgt_depth  # all weights fit: load them once
+    sched = fit_double_buffer(cfg, sched, kh, kw, (sh, sw), (dh, dw), len(order))
+    double = sched.double_buffer
     if resident:
         seq += _load_rows(Buffer.WGT, S_WGT, cfg.weight_bits, 0, 0, len(order))
     cur_inp = cur_wgt = None
-    gemm_count = 0
     th_in_max = (sched.tile_h - 1) * sh + (kh - 1) * dh + 1
     tw_in_max = (sched.tile_w - 1) * sw + (kw - 1) * dw + 1
     inp_chunk_entries = th_in_max * tw_in_max
+    # Double buffering: input tiles, weight chunks (when not resident) and output regions
+    # alternate between two halves; the counters count the tiles / chunks / regions so far.
+    inp_half = sched.cib_chunk * inp_chunk_entries
+    wgt_half = sched.cob_group * sched.cib_chunk * kh * kw
+    acc_half = sched.cob_group * sched.tile_h * sched.tile_w
+    n_inp = n_wgt = n_out = 0
+    inp_base = wbase = 0
+    # GEMM order in a (group, chunk): (cib, kh, kw) outer, output-channel block inner, so one
+    # dispatch of the arrays is the HAPM group of the blocks at one (cib, kh, kw).
+    dispatch = {
+        key: sorted(range(len(blks)), key=lambda j, b=blks: (b[j][1], b[j][2], b[j][3], b[j][0]))
+        for key, blks in chunks.items()
+    }
     for b in range(n):
         for oh0 in range(0, oh, sched.tile_h):
             th = min(sched.tile_h, oh - oh0)
@@ -288,7 +302,9 @@ def conv2d_program(
                     raise CodegenError(f"{layer}: a tile lies entirely in the padding")
                 for cg0 in range(0, cob, sched.cob_group):
                     gsize = min(sched.cob_group, cob - cg0)
-                    acc_out = 2 * sched.cob_group  # after the bias/multiplier vectors
+                    # after the bias/multiplier vectors; alternating regions when double buffered
+                    acc_out = 2 * sched.cob_group + (n_out % 2 if double else 0) * acc_half
+                    n_out += 1
                     started = [False] * gsize
                     multi_chunk = sched.cib_chunk < cib
                     if multi_chunk:  # the group's bias rows, ahead of its chunk loop
@@ -296,11 +312,14 @@ def conv2d_program(
                     for kc0 in range(0, cib, sched.cib_chunk):
                         ksize = min(sched.cib_chunk, cib - kc0)
                         if cur_inp != (b, oh0, ow0, kc0):
+                            inp_base = (n_inp % 2 if double else 0) * inp_half
+                            n_inp += 1
                             for k in range(ksize):
                                 dram = (((b * cib + kc0 + k) * h) + ih0 + y_top) * w + iw0 + x_lft
                                 seq.append(
                                     _load(
-                                        Buffer.INP, S_DATA, act, k * inp_chunk_entries, dram,
+                                        Buffer.INP, S_DATA, act,
+                                        inp_base + k * inp_chunk_entries, dram,
                                         rows, cols, w, (y_top, y_bot, x_lft, x_rgt),
                                     )
                                 )  # fmt: skip
@@ -308,25 +327,28 @@ def conv2d_program(
                         key = (cg0, kc0)
                         if resident:
                             wbase = chunk_base[key]
-                        else:
-                            wbase = 0
-                            if cur_wgt != key and chunks[key]:
-                                seq += _load_rows(
-                                    Buffer.WGT, S_WGT, cfg.weight_bits, 0, chunk_base[key],
-                                    len(chunks[key]),
-                                )  # fmt: skip
-                                cur_wgt = key
+                        elif cur_wgt != key and chunks[key]:
+                            wbase = (n_wgt % 2 if double else 0) * wgt_half
+                            n_wgt += 1
+                            seq += _load_rows(
+                                Buffer.WGT, S_WGT, cfg.weight_bits, wbase, chunk_base[key],
+                                len(chunks[key]),
+                            )  # fmt: skip
+                            cur_wgt = key
                         if not multi_chunk:
                             seq.append(_load(Buffer.ACC, S_BM, 32, 0, 2 * cg0, 1, 2 * gsize, 0))
-                        for j, (co, ci, y, x) in enumerate(chunks[key]):
+                        blks = chunks[key]
+                        for j in dispatch[key]:
+                            co, ci, y, x = blks[j]
                             g = co - cg0
                             seq.append(
                                 Instruction(
                                     Opcode.GEMM,
                                     reset=int(not started[g]),
-                                    array=gemm_count % cfg.num_arrays,
+                                    array=0,  # chosen by assign_arrays below
                                     wgt_addr=wbase + j,
-                                    inp_addr=(ci - kc0) * inp_chunk_entries
+                                    inp_addr=inp_base
+                                    + (ci - kc0) * inp_chunk_entries
                                     + y * dh * tw_in
                                     + x * dw,
                                     acc_addr=acc_out + g * t,
@@ -339,7 +361,6 @@ def conv2d_program(
                                 )
                             )
                             started[g] = True
-                            gemm_count += 1
                     # epilogue: bias, requantize, clip, store
                     # one loop over the tile if the inner extent field holds it, else rows x cols
                     loop = (1, t, 0, 1) if t <= _MAX_LOOP else (th, tw, tw, 1)
@@ -359,6 +380,7 @@ def conv2d_program(
         "nonzero_blocks": len(order),
         "schedule": sched.to_dict(),
     }
+    seq = assign_arrays(seq, cfg)
     prog = Program(layer, cfg, slots, insert_dependency_tokens(seq), layer_index, info)
     return prog, [wblocks, bias_mult]
 

@@ -9,11 +9,20 @@ write-after-write), it makes the earlier module push a token and the later one p
 only inserted where a hazard exists, so independent work (e.g. loading the next tile while the
 current one is computed, when the schedule double-buffers) overlaps.
 
-Ranges are tracked as one bounding interval per buffer and module since the last token, which is
-conservative (it may order two accesses that do not overlap) and never unsafe.
+Each module's accesses since the tokens towards a neighbour are kept per buffer and direction
+(read / written) as disjoint entry segments, each with the last instruction that touched it.
+The push of a token goes on the **last instruction of the
+earlier module that touched a conflicting segment**, not on its last instruction overall: with a
+double-buffered schedule in program order ``load k, compute k, load k+1, compute k+1``, the load
+of tile ``k+2`` into the half that compute ``k`` read waits only for compute ``k``, so it overlaps
+compute ``k+1``.  Tokens still flow forward in program order and the pushes of one queue stay in
+program order (segments at or before a queue's last push are dropped when it is pushed), so the
+k-th pop matches the k-th push and a generated program cannot deadlock.
 """
 
 from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
 
 from .isa import Buffer, Instruction, Module, Opcode, module_of
 
@@ -68,46 +77,108 @@ def buffer_accesses(insn: Instruction) -> list[tuple[Buffer, int, int, bool]]:
     return []
 
 
-class _Tracker:
-    """Bounding intervals of reads and writes per (module, neighbour, buffer) since last token.
+class _Segments:
+    """Disjoint entry ranges ``[lo, hi]`` of one buffer, sorted, each with the index of the last
+    instruction that accessed it (later accesses overwrite the part they cover)."""
 
-    ``spans[(module, neighbour)]`` maps ``2 * buffer + is_write`` to ``[lo, hi]``; clearing one
-    direction after a token is a constant-time reset of its map (this runs per instruction).
+    __slots__ = ("starts", "ends", "last")
+
+    def __init__(self):
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.last: list[int] = []
+
+    def add(self, lo: int, hi: int, index: int) -> None:
+        starts, ends, last = self.starts, self.ends, self.last
+        j = bisect_left(ends, lo)
+        i = bisect_right(starts, hi)
+        if j == i:  # nothing overlaps
+            starts.insert(j, lo)
+            ends.insert(j, hi)
+            last.insert(j, index)
+            return
+        ns, ne, nl = [lo], [hi], [index]
+        if starts[j] < lo:  # the part of the first overlapped segment before lo
+            ns.insert(0, starts[j])
+            ne.insert(0, lo - 1)
+            nl.insert(0, last[j])
+        if ends[i - 1] > hi:  # the part of the last overlapped segment after hi
+            ns.append(hi + 1)
+            ne.append(ends[i - 1])
+            nl.append(last[i - 1])
+        starts[j:i], ends[j:i], last[j:i] = ns, ne, nl
+
+    def latest(self, lo: int, hi: int) -> int:
+        """The last instruction that accessed an entry of ``[lo, hi]``, or -1."""
+        j = bisect_left(self.ends, lo)
+        i = bisect_right(self.starts, hi)
+        return max(self.last[j:i]) if j < i else -1
+
+    def drop(self, upto: int) -> None:
+        keep = [k for k, v in enumerate(self.last) if v > upto]
+        self.starts = [self.starts[k] for k in keep]
+        self.ends = [self.ends[k] for k in keep]
+        self.last = [self.last[k] for k in keep]
+
+
+# The buffers a module can touch: accesses to others never conflict with it.
+_TOUCHES = {
+    Module.LOAD: (Buffer.INP, Buffer.WGT),
+    Module.COMPUTE: (Buffer.INP, Buffer.WGT, Buffer.ACC),
+    Module.STORE: (Buffer.ACC,),
+}
+
+
+class _Tracker:
+    """Reads and writes per (module, neighbour) since the tokens between them.
+
+    ``spans[(module, neighbour)]`` maps ``2 * buffer + is_write`` to the :class:`_Segments` of
+    the buffer entries ``module`` read / wrote, each with the last instruction that did.  Only
+    buffers the neighbour can touch are recorded.
     """
 
     def __init__(self):
         self.spans = {pair: {} for pair in _FLAGS}
 
-    def record(self, module, neighbour, accesses):
+    def record(self, module, neighbour, accesses, index):
         spans = self.spans[(module, neighbour)]
+        touches = _TOUCHES[neighbour]
         for buf, lo, hi, write in accesses:
+            if buf not in touches:
+                continue
             key = 2 * buf + write
-            old = spans.get(key)
-            if old is None:
-                spans[key] = [lo, hi]
-            else:
-                old[0] = min(old[0], lo)
-                old[1] = max(old[1], hi)
+            segs = spans.get(key)
+            if segs is None:
+                segs = spans[key] = _Segments()
+            segs.add(lo, hi, index)
 
-    def conflicts(self, earlier, later, accesses) -> bool:
+    def conflict(self, earlier, later, accesses) -> int:
+        """The last instruction of ``earlier`` that ``accesses`` must wait for, or -1."""
         spans = self.spans[(earlier, later)]
         if not spans:
-            return False
+            return -1
+        last = -1
         for buf, lo, hi, write in accesses:
-            span = spans.get(2 * buf + 1)  # an earlier write conflicts with any access
-            if span is not None and span[0] <= hi and lo <= span[1]:
-                return True
-            if write:  # an earlier read conflicts with a write
-                span = spans.get(2 * buf)
-                if span is not None and span[0] <= hi and lo <= span[1]:
-                    return True
-        return False
+            # an earlier write conflicts with any access; an earlier read with a write
+            segs = spans.get(2 * buf + 1)
+            if segs is not None:
+                last = max(last, segs.latest(lo, hi))
+            if write:
+                segs = spans.get(2 * buf)
+                if segs is not None:
+                    last = max(last, segs.latest(lo, hi))
+        return last
 
     def busy(self, module, neighbour) -> bool:
-        return bool(self.spans[(module, neighbour)])
+        return any(segs.starts for segs in self.spans[(module, neighbour)].values())
 
-    def clear(self, module, neighbour):
-        self.spans[(module, neighbour)] = {}
+    def clear(self, module, neighbour, upto: int):
+        """Forget the accesses of instructions up to ``upto`` (ordered by a token)."""
+        spans = self.spans[(module, neighbour)]
+        for key in list(spans):
+            spans[key].drop(upto)
+            if not spans[key].starts:
+                del spans[key]
 
 
 def insert_dependency_tokens(program: list[Instruction]) -> list[Instruction]:
@@ -119,7 +190,6 @@ def insert_dependency_tokens(program: list[Instruction]) -> list[Instruction]:
     out: list[Instruction] = []
     last: dict[Module, int | None] = {m: None for m in Module}
     pending: dict[Module, list[str]] = {m: [] for m in Module}  # pop flags owed by a module
-    pushed: dict[Module, set] = {m: set() for m in Module}  # push flags on the last instruction
     tracker = _Tracker()
 
     def emit(insn: Instruction) -> None:
@@ -129,18 +199,22 @@ def insert_dependency_tokens(program: list[Instruction]) -> list[Instruction]:
             pending[mod] = []
         out.append(insn)
         last[mod] = len(out) - 1
-        pushed[mod] = set()
 
-    def sync(src: Module, dst: Module) -> None:
+    def sync(src: Module, dst: Module, at: int | None = None) -> None:
+        """A token from ``src`` to ``dst``: pushed by instruction ``at`` of ``src`` (default:
+        its last instruction), popped by the next instruction of ``dst``."""
         push, pop = _FLAGS[(src, dst)]
         if pop in pending[dst]:  # dst still owes a pop for an earlier token: take it now
             emit(Instruction(Opcode.SYNC, module=dst))
-        if last[src] is None or push in pushed[src]:
-            emit(Instruction(Opcode.SYNC, module=src))
-        out[last[src]] = out[last[src]].replace(**{push: 1})
-        pushed[src].add(push)
+        if at is None:
+            if last[src] is None or getattr(out[last[src]], push):
+                emit(Instruction(Opcode.SYNC, module=src))
+            at = last[src]
+        elif getattr(out[at], push):  # cannot happen: segments up to a push are dropped
+            raise AssertionError("two pushes of one queue on one instruction")
+        out[at] = out[at].replace(**{push: 1})
         pending[dst].append(pop)
-        tracker.clear(src, dst)
+        tracker.clear(src, dst, at)
 
     body = [i for i in program if i.opcode != Opcode.FINISH]
     for insn in body:
@@ -151,11 +225,12 @@ def insert_dependency_tokens(program: list[Instruction]) -> list[Instruction]:
         mod = module_of(insn)
         accesses = buffer_accesses(insn)
         for other in _NEIGHBOURS[mod]:
-            if tracker.conflicts(other, mod, accesses):
-                sync(other, mod)
+            at = tracker.conflict(other, mod, accesses)
+            if at >= 0:
+                sync(other, mod, at)
         emit(insn)
         for other in _NEIGHBOURS[mod]:
-            tracker.record(mod, other, accesses)
+            tracker.record(mod, other, accesses, len(out) - 1)
 
     # FINISH (compute) completes the program: everything the other modules did must be done.
     for other in (Module.LOAD, Module.STORE):

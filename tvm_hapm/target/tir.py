@@ -41,7 +41,7 @@ from .dependency import insert_dependency_tokens
 from .intrin import GEMM_MARKER, SCOPE_ACC, SCOPE_INP, SCOPE_WGT, gemv_intrin
 from .isa import AluOp, Buffer, Instruction, Opcode
 from .program import Program, Slot
-from .schedule import ConvSchedule, plan_conv
+from .schedule import ConvSchedule, assign_arrays, fit_double_buffer, plan_conv
 
 __all__ = [
     "KERNEL_ATTR",
@@ -274,6 +274,7 @@ def tir_conv_schedule(cfg: HardwareConfig, layer: dict, sched: ConvSchedule | No
         _largest_divisor(L["ow"], sched.tile_w),
         _largest_divisor(L["cob"], sched.cob_group),
         _largest_divisor(L["cib"], sched.cib_chunk),
+        sched.double_buffer,
     )
 
 
@@ -287,7 +288,12 @@ def schedule_conv2d(
 
     Loop order (that of :func:`~tvm_hapm.target.codegen.conv2d_program`)::
 
-        n, oh_o, ow_o, cob_group, cib_chunk, cob_in_group, cib_in_chunk, kh, kw, oh_i, ow_i, [c, r]
+        n, oh_o, ow_o, cob_group, cib_chunk, cib_in_chunk, kh, kw, cob_in_group, oh_i, ow_i, [c, r]
+
+    (one dispatch of the arrays: the blocks of the group's output-channel blocks at one
+    ``(cib, kh, kw)``).  With ``sched.double_buffer`` (kept when the tiles fit twice, see
+    :func:`~tvm_hapm.target.schedule.fit_double_buffer`) the walker alternates input tiles,
+    weight chunks and output regions between two halves of their buffers.
 
     ``[c, r]`` is tensorized with the accelerator's GEMV intrinsic.  The padded input tile
     lives in ``global.hapm_inp`` (computed per spatial tile when one chunk holds all input
@@ -307,8 +313,12 @@ def schedule_conv2d(
     """
     layer = _layer_of(func)
     cfg = get_config(cfg if cfg is not None else layer["config"])
-    plan = tir_conv_schedule(cfg, layer, sched)
     L = layer
+    n_blocks = L["cob"] * L["cib"] * L["kh"] * L["kw"] if weight_blocks is None else weight_blocks
+    plan = fit_double_buffer(
+        cfg, tir_conv_schedule(cfg, layer, sched), L["kh"], L["kw"], L["strides"],
+        L["dilation"], n_blocks,
+    )  # fmt: skip
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     conv = sch.get_sblock("conv")
     b, co, y, x, c, k, ky, kx, r = sch.get_loops(conv)
@@ -316,7 +326,7 @@ def schedule_conv2d(
     x_o, x_i = sch.split(x, [None, plan.tile_w])
     cg, g = sch.split(co, [None, plan.cob_group])
     kc, ki = sch.split(k, [None, plan.cib_chunk])
-    sch.reorder(b, y_o, x_o, cg, kc, g, ki, ky, kx, y_i, x_i, c, r)
+    sch.reorder(b, y_o, x_o, cg, kc, ki, ky, kx, g, y_i, x_i, c, r)
     sch.set_scope(conv, 0, SCOPE_ACC)
 
     # Epilogue per output block of the group, after the group's reduction.
@@ -334,7 +344,6 @@ def schedule_conv2d(
     sch.compute_at(bias_mult, cg, preserve_unit_loops=True, index=-2)
 
     # Weight blocks: resident when they all fit, else one chunk at a time.
-    n_blocks = L["cob"] * L["cib"] * L["kh"] * L["kw"] if weight_blocks is None else weight_blocks
     weights = sch.cache_read(conv, 1, SCOPE_WGT)
     one_chunk = plan.cib_chunk == L["cib"]
     if n_blocks > cfg.wgt_depth:
@@ -784,10 +793,20 @@ class _Emitter:
         }
         self.pending_reset: set[int] = set()
         self.seq: list[Instruction] = []
-        self.gemm_count = 0
         self.weights: SparseWeights | None = weights
         if weights is not None:
             weights.param = _key(func.params[1])
+        attrs = func.attrs
+        plan = json.loads(str(attrs[SCHEDULE_ATTR])) if attrs and SCHEDULE_ATTR in attrs else {}
+        #: Double buffering (the plan's ``double_buffer``): input tiles, weight chunks (when
+        #: not resident) and output regions alternate between two halves.
+        self.double = bool(plan.get("double_buffer", False))
+        self.parity: dict[int, int] = {}  # doubled buffer -> half of its next allocation
+        self.wgt_total = (
+            int(np.prod(_buffer_shape(func.params[1]))) // (cfg.array_rows * cfg.array_cols)
+            if len(func.params) > 1
+            else 0
+        )
         # per-node analyses, computed on first visit
         self._nests: dict[int, tuple] = {}
         self._dma: dict[int, tuple] = {}
@@ -871,6 +890,7 @@ class _Emitter:
             return
         first_use: dict[int, int] = {}
         placed: set[int] = set()
+        dma_loaded: set[int] = set()
         order = [0]
 
         def note(buf, placed_kind: bool):
@@ -885,6 +905,7 @@ class _Emitter:
             call = ev.value
             if _is_call(call, DMA_LOAD):
                 note(call.args[1].args[0], True)
+                dma_loaded.add(_key(call.args[1].args[0]))
             elif _is_call(call, GEMM_MARKER):
                 note(call.args[5].args[0], True)
 
@@ -901,8 +922,20 @@ class _Emitter:
             if scope not in _SCOPE_BUFFER:
                 raise TirLoweringError(f"buffer {buf.name} in scope {scope!r} is not on chip")
             entries = -(-int(np.prod(_buffer_shape(buf))) // _entry_elems(self.cfg, scope))
-            self.base[_key(buf)] = self.top[scope]
-            self.top[scope] += entries
+            k = _key(buf)
+            doubled = self.double and (
+                scope == SCOPE_INP
+                or (scope == SCOPE_ACC and k not in dma_loaded)  # the GEMMs' output region
+                or (scope == SCOPE_WGT and entries < self.wgt_total)  # weights not resident
+            )
+            half = 0
+            if doubled and scope == SCOPE_WGT and self.weights is not None:
+                self.weights.half = entries  # the sparse walker picks the half at each load
+            elif doubled:
+                half = self.parity.get(k, 0)
+                self.parity[k] = 1 - half
+            self.base[k] = self.top[scope] + half * entries
+            self.top[scope] += 2 * entries if doubled else entries
             if self.top[scope] > self.depth[scope] and not (
                 scope == SCOPE_WGT and self.weights is not None  # compacted: checked by the plan
             ):
@@ -1021,7 +1054,7 @@ class _Emitter:
             Instruction(
                 Opcode.GEMM,
                 reset=int(reset),
-                array=self.gemm_count % self.cfg.num_arrays,
+                array=0,  # chosen by schedule.assign_arrays
                 wgt_addr=wgt_addr,
                 inp_addr=self._chip_addr(inp, self.ev(inp_b)),
                 acc_addr=acc_addr,
@@ -1033,7 +1066,6 @@ class _Emitter:
                 acc_si=acc_s[1],
             )
         )
-        self.gemm_count += 1
 
     def mark_reset(self, nest: _Nest) -> None:
         """The reduction's init: its accumulator entries are reset by their first GEMM."""
@@ -1223,6 +1255,11 @@ class SparseWeights:
         self.param = param  # key of the weight parameter
         self.chip: dict[int, int | None] = {}  # TIR on-chip entry -> compacted entry or None
         self.loaded: dict[int, tuple] = {}  # compacted base -> (first DRAM position, count)
+        #: Entries of one half of a double-buffered weight buffer (0: not double buffered):
+        #: successive loads alternate between the halves; a run already in the current half is
+        #: not loaded again.
+        self.half = 0
+        self._current: int | None = None
 
     def load(self, emitter, sram, dram, rows, cols, stride, fields) -> None:
         dense = (dram + np.arange(rows)[:, None] * stride + np.arange(cols)[None, :]).reshape(-1)
@@ -1232,15 +1269,23 @@ class SparseWeights:
         if positions and positions != list(range(positions[0], positions[0] + len(positions))):
             raise TirLoweringError("the non-zero weight blocks of a DMA are not one run")
         rank = np.cumsum(keep) - 1
+        offset = 0
+        reuse = False
+        if positions:
+            run = (positions[0], len(positions))
+            if self.half:
+                reuse = self._current is not None and self.loaded.get(self._current) == run
+                if not reuse:
+                    self._current = 0 if self._current is None else 1 - self._current
+                    self.loaded[self._current] = run
+                offset = self._current * self.half
+            else:
+                reuse = self.loaded.get(sram) == run
+                self.loaded = {sram: run}
         for j, (d_keep, r) in enumerate(zip(keep, rank, strict=True)):
-            self.chip[sram + j] = sram + int(r) if d_keep else None
-        if not positions:
-            return
-        run = (positions[0], len(positions))
-        if self.loaded.get(sram) == run:
-            return  # already on chip
-        self.loaded = {sram: run}
-        emitter.seq += _runs(Opcode.LOAD, sram, positions[0], len(positions), fields)
+            self.chip[sram + j] = sram + offset + int(r) if d_keep else None
+        if positions and not reuse:
+            emitter.seq += _runs(Opcode.LOAD, sram + offset, positions[0], len(positions), fields)
 
     def chip_addr(self, tir_addr: int) -> int | None:
         return self.chip[tir_addr]
@@ -1288,7 +1333,7 @@ def emit_program(
     emitter.visit(func.body)
     if emitter.pending_reset:
         raise TirLoweringError("accumulator entries were initialised but never computed")
-    return insert_dependency_tokens(emitter.seq)
+    return insert_dependency_tokens(assign_arrays(emitter.seq, cfg))
 
 
 def build_program(cfg: HardwareConfig | None, func, layer_name: str = "tir") -> Program:
@@ -1372,6 +1417,8 @@ def conv2d_program(  # noqa: PLR0913, PLR0917 - the signature of codegen.conv2d_
     )
     plan = schedule or plan_conv(cfg, h, w, oh, ow, kh, kw, (sh, sw), (dh, dw), cib, cob, nonzero)
     sched = tir_conv_schedule(cfg, _layer_of(func), plan)
+    sparse_count = int(nonzero.sum())
+    sched = fit_double_buffer(cfg, sched, kh, kw, (sh, sw), (dh, dw), sparse_count)
     if not divisor_tiles and (sched.tile_h, sched.tile_w) != (plan.tile_h, plan.tile_w):
         raise TirLoweringError(
             f"{layer}: the planned {plan.tile_h}x{plan.tile_w} tiles do not divide {oh}x{ow}"

@@ -1,0 +1,892 @@
+"""HW-Flow: search per-layer HAPM pruning ratios that minimise latency or energy under an accuracy
+budget, with the hardware judged at a chosen abstraction level.  See ``docs/hwflow.md``.
+
+``optimize(model, data, config, objective, max_accuracy_drop, level, method, ...)`` returns an
+:class:`OptimizeResult`.  Pieces:
+
+* :class:`HWFlowEnv`: the layers of the model (``prunable_layers`` of the ``from_onnx`` module),
+  HAPM masks of every layer at every ratio of a grid (one :func:`HardwareAwarePrune` run per grid
+  ratio; a layer's mask depends only on its own ratio, so any per-layer combination is exactly
+  what ``per_layer=`` gives), per-layer hardware cost tables at the chosen level (coarse / mid /
+  fine cost models on each layer's exact block mask; ``sim``: compile + one simulated image per
+  grid ratio, per-program cycles and energy) and an accuracy estimate (float top-1 of a NumPy
+  forward of the ONNX graph on a fixed validation split of the *training* data, after optional
+  BN recalibration and an optional short ``train.finetune``).
+* Search methods with the same evaluation budget: ``"rl"`` (AMC-style sequential Gaussian policy,
+  REINFORCE with a moving baseline, numpy), ``"greedy"`` (latency saliency) and ``"evolution"``.
+* :func:`finalize`: the winner pruned with ``HardwareAwarePrune(per_layer=...)`` into ONNX,
+  fine-tuned, int8 test accuracy and simulated latency / energy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+__all__ = [
+    "LEVELS",
+    "METHODS",
+    "OBJECTIVES",
+    "Candidate",
+    "HWFlowEnv",
+    "NumpyNet",
+    "OptimizeResult",
+    "finalize",
+    "optimize",
+    "pareto_plot",
+    "prune_onnx_per_layer",
+    "simulate",
+]
+
+LEVELS = ("coarse", "mid", "fine", "sim")
+OBJECTIVES = ("latency", "energy")
+METHODS = ("rl", "greedy", "evolution")
+DEFAULT_GRID = tuple(np.round(np.arange(0.0, 0.91, 0.1), 2))
+
+
+# ------------------------------------------------------------------------------ numpy forward
+class NumpyNet:
+    """Float forward pass of an ONNX CNN in NumPy (Conv, BatchNormalization, Relu, Clip, Add,
+    MaxPool, AveragePool, GlobalAveragePool, Flatten, Reshape, Gemm, MatMul).
+
+    Used for the search's accuracy estimate (TVM's unscheduled llvm build of ResNet-20 runs
+    ~24 images/s; im2col + BLAS is much faster).  ``tests/test_hwflow.py`` checks it against
+    ``tvm_hapm.train.evaluate``.
+    """
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        self.nodes = list(model.graph.node)
+        self.input = next(i.name for i in model.graph.input if i.name not in self.inits)
+
+    def forward(self, x, values: dict | None = None, recalibrate: bool = False):
+        """Logits of ``x``; ``values`` overrides initializers.  With ``recalibrate`` every
+        BatchNormalization uses the batch statistics of its input and the new running mean /
+        variance are returned too (``(logits, {name: array})``)."""
+        p = dict(self.inits)
+        if values:
+            p.update(values)
+        # NHWC inside (im2col + one BLAS matmul per conv); NCHW at Flatten / Reshape / output
+        env = {self.input: np.ascontiguousarray(np.asarray(x, np.float32).transpose(0, 2, 3, 1))}
+        new_stats = {}
+        for n in self.nodes:
+            a = {at.name: onnx.helper.get_attribute_value(at) for at in n.attribute}
+            ins = [env[i] if i in env else p.get(i) if i else None for i in n.input]
+            op = n.op_type
+            if op == "Conv":
+                y = _conv(ins[0], ins[1], ins[2] if len(ins) > 2 else None, a)
+            elif op == "BatchNormalization":
+                xx, sc, b, mu, var = ins
+                if recalibrate:
+                    mu = xx.mean(axis=(0, 1, 2))
+                    var = xx.var(axis=(0, 1, 2))
+                    new_stats[n.input[3]], new_stats[n.input[4]] = mu, var
+                k = sc / np.sqrt(var + a.get("epsilon", 1e-5))
+                y = xx * k + (b - mu * k)
+            elif op == "Relu":
+                y = np.maximum(ins[0], 0)
+            elif op == "Clip":
+                lo = ins[1] if len(ins) > 1 and ins[1] is not None else a.get("min", -np.inf)
+                hi = ins[2] if len(ins) > 2 and ins[2] is not None else a.get("max", np.inf)
+                y = np.clip(ins[0], lo, hi)
+            elif op == "Add":
+                y = ins[0] + ins[1]
+            elif op == "GlobalAveragePool":
+                y = ins[0].mean(axis=(1, 2), keepdims=True)
+            elif op in ("MaxPool", "AveragePool"):
+                y = _pool(ins[0], a, op)
+            elif op == "Flatten":
+                y = ins[0].transpose(0, 3, 1, 2).reshape(ins[0].shape[0], -1)
+            elif op == "Reshape":
+                shape = [int(s) for s in ins[1]]
+                shape[0] = ins[0].shape[0] if shape[0] in (0, -1, 1) else shape[0]
+                y = ins[0].transpose(0, 3, 1, 2).reshape(shape)
+            elif op == "Gemm":
+                aa = ins[0].T if a.get("transA", 0) else ins[0]
+                bb = ins[1].T if a.get("transB", 0) else ins[1]
+                y = a.get("alpha", 1.0) * aa @ bb
+                if len(ins) > 2 and ins[2] is not None:
+                    y = y + a.get("beta", 1.0) * ins[2]
+            elif op == "MatMul":
+                y = ins[0] @ ins[1]
+            else:
+                raise NotImplementedError(f"NumpyNet: ONNX op {op} is not supported")
+            env[n.output[0]] = y.astype(np.float32, copy=False)
+        out = env[self.model.graph.output[0].name]
+        if out.ndim == 4:
+            out = out.transpose(0, 3, 1, 2)
+        return (out, new_stats) if recalibrate else out
+
+    def accuracy(self, x, y, values=None, batch: int = 200) -> float:
+        correct = 0
+        for s in range(0, len(x), batch):
+            correct += int(
+                (self.forward(x[s : s + batch], values).argmax(1) == y[s : s + batch]).sum()
+            )
+        return correct / max(len(x), 1)
+
+
+def _conv(x, w, b, a):
+    """NHWC convolution: ``x`` (N, H, W, C), ``w`` OIHW."""
+    cout, cin_g, kh, kw = w.shape
+    sh, sw = a.get("strides", [1, 1])
+    pads = a.get("pads", [0, 0, 0, 0])
+    if tuple(a.get("dilations", [1, 1])) != (1, 1):
+        raise NotImplementedError("NumpyNet: dilated convolutions")
+    groups = a.get("group", 1)
+    if any(pads):
+        x = np.pad(x, ((0, 0), (pads[0], pads[2]), (pads[1], pads[3]), (0, 0)))
+    n, h, wd, _ = x.shape
+    oh, ow = (h - kh) // sh + 1, (wd - kw) // sw + 1
+    cout_g = cout // groups
+    outs = []
+    for g in range(groups):
+        xg = x[..., g * cin_g : (g + 1) * cin_g]
+        cols = [
+            xg[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
+            for i in range(kh)
+            for j in range(kw)
+        ]
+        col = np.concatenate(cols, axis=3) if len(cols) > 1 else cols[0]
+        wg = w[g * cout_g : (g + 1) * cout_g].transpose(2, 3, 1, 0).reshape(-1, cout_g)
+        outs.append(col.reshape(-1, col.shape[3]) @ wg)
+    y = np.concatenate(outs, axis=1) if groups > 1 else outs[0]
+    y = y.reshape(n, oh, ow, cout)
+    if b is not None:
+        y = y + b
+    return y
+
+
+def _pool(x, a, op):
+    kh, kw = a["kernel_shape"]
+    sh, sw = a.get("strides", [1, 1])
+    pads = a.get("pads", [0, 0, 0, 0])
+    fill = -np.inf if op == "MaxPool" else 0.0
+    if any(pads):
+        x = np.pad(
+            x, ((0, 0), (pads[0], pads[2]), (pads[1], pads[3]), (0, 0)), constant_values=fill
+        )
+    n, h, wd, c = x.shape
+    oh, ow = (h - kh) // sh + 1, (wd - kw) // sw + 1
+    wins = [
+        x[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return np.max(wins, axis=0) if op == "MaxPool" else np.mean(wins, axis=0)
+
+
+# ------------------------------------------------------------------------------ pruning (ONNX)
+def _layer_initializers(model: onnx.ModelProto, mod=None):
+    """``(prunable layer records, ONNX weight names)`` in the same order, shapes checked."""
+    from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
+
+    from .passes.prune import prunable_layers  # noqa: PLC0415
+    from .train import prunable_weights  # noqa: PLC0415
+
+    mod = from_onnx(model) if mod is None else mod
+    layers = prunable_layers(mod)
+    names = prunable_weights(model)
+    if len(layers) != len(names):
+        raise ValueError(f"{len(layers)} prunable Relax layers but {len(names)} ONNX weights")
+    return layers, names, mod
+
+
+def prune_onnx_per_layer(model: onnx.ModelProto, ratios: dict, config=None, criterion="l2"):
+    """Prune ``model`` with ``HardwareAwarePrune(0, config, per_layer=ratios)`` and write the
+    zeros back into the ONNX initializers.  Returns ``(pruned ONNX, report, masks by ONNX
+    weight name)``."""
+    from .passes.prune import HardwareAwarePrune, prune_report, pruning_masks  # noqa: PLC0415
+
+    layers, names, mod = _layer_initializers(model)
+    ratios = {k: float(v) for k, v in ratios.items() if float(v) > 0}
+    pruned = HardwareAwarePrune(0.0, config, criterion, per_layer=ratios)(mod)
+    masks = pruning_masks(pruned)
+    inits = {t.name: t for t in model.graph.initializer}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    by_name = {t.name: t for t in out.graph.initializer}
+    onnx_masks = {}
+    for lay, wname in zip(layers, names):
+        if lay["layer"] not in masks:
+            continue
+        m = masks[lay["layer"]]
+        w = numpy_helper.to_array(inits[wname])
+        if m.shape != w.shape:
+            raise ValueError(f"layer {lay['layer']}: mask {m.shape} vs ONNX weight {w.shape}")
+        onnx_masks[wname] = m
+        by_name[wname].CopyFrom(numpy_helper.from_array(np.where(m, w, 0).astype(w.dtype), wname))
+    return out, prune_report(pruned), onnx_masks
+
+
+# ------------------------------------------------------------------------------ simulation
+def simulate(model: onnx.ModelProto, config, x_cal, x_one, target=None):
+    """Quantize (int8), compile for hapm_fpga and simulate one image.  Returns
+    ``(latency_ms, energy_uj, cycles, per-program [(name, cycles, energy_uj)])``."""
+    import tvm  # noqa: PLC0415
+    from tvm import relax  # noqa: PLC0415
+    from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
+
+    from . import quantize  # noqa: PLC0415
+    from .data import set_batch  # noqa: PLC0415
+    from .runtime import last_run_stats  # noqa: PLC0415
+
+    target = target or f"hapm_fpga-{config.name}"
+    q1 = quantize(from_onnx(set_batch(model, 1)), calibration=list(x_cal[:8, None]), config=config)
+    ex = tvm.compile(q1, target=target)
+    relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x_one[:1]))
+    st = last_run_stats()
+    per = [(s.layer, float(s.cycles), float(s.energy_uj)) for s in st.layers]
+    return float(st.latency_ms), float(st.energy_uj), float(st.cycles), per
+
+
+def int8_accuracy(model: onnx.ModelProto, config, x_cal, x, y, batch: int = 150) -> float:
+    """Top-1 of the int8 model (TVM llvm build of the quantized module, bit-exact with the
+    accelerator), as in ``benchmarks/hapm_vs_standard.py``."""
+    import tvm  # noqa: PLC0415
+    from tvm import relax  # noqa: PLC0415
+    from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
+
+    from . import quantize  # noqa: PLC0415
+    from .data import set_batch  # noqa: PLC0415
+
+    batch = min(batch, len(x))
+    q = quantize(from_onnx(set_batch(model, batch)), calibration=[x_cal[:batch]], config=config)
+    vm = relax.VirtualMachine(tvm.compile(q, target="llvm"), tvm.cpu())
+    correct, n = 0, (len(x) // batch) * batch
+    for k in range(0, n, batch):
+        logits = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x[k : k + batch]))).numpy()
+        correct += int((logits.argmax(1) == y[k : k + batch]).sum())
+    return correct / max(n, 1)
+
+
+# ------------------------------------------------------------------------------ environment
+@dataclass
+class Candidate:
+    """One evaluated per-layer ratio vector."""
+
+    ratios: tuple
+    accuracy: float
+    drop: float  # accuracy points (percent) lost on the validation split
+    cycles: float
+    energy_uj: float
+    latency_ms: float
+    feasible: bool
+    reward: float
+    method: str = ""
+    index: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "ratios": [float(r) for r in self.ratios],
+            "accuracy": self.accuracy,
+            "drop": self.drop,
+            "latency_ms": self.latency_ms,
+            "energy_uj": self.energy_uj,
+            "feasible": self.feasible,
+            "reward": self.reward,
+            "index": self.index,
+        }
+
+
+class HWFlowEnv:
+    """Per-layer pruning environment (see the module docstring).
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        Float classifier (any batch; batch 1 is used for the hardware).
+    data : tuple
+        ``(x_train, y_train)``; a fixed ``val_size`` subset (seeded) is the validation split
+        the accuracy is measured on, the rest is used for BN recalibration / fine-tuning.
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        data,
+        config=None,
+        objective: str = "latency",
+        max_accuracy_drop: float = 1.0,
+        level: str = "fine",
+        grid=DEFAULT_GRID,
+        val_size: int = 300,
+        recalibrate_bn: bool = True,
+        recal_size: int = 256,
+        finetune_steps: int = 0,
+        finetune_lr: float = 1e-3,
+        skip=(),
+        seed: int = 0,
+        penalty: float = 1.0,
+        fine_model=None,
+    ):
+        from .data import set_batch  # noqa: PLC0415
+        from .target.config import get_config  # noqa: PLC0415
+
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+        self.config = get_config(config)
+        self.model = set_batch(model, 1)
+        self.objective, self.level = objective, level
+        self.budget = float(max_accuracy_drop)
+        self.grid = np.asarray(sorted(set(float(g) for g in grid)), float)
+        if self.grid[0] != 0.0 or self.grid[-1] >= 1.0:
+            raise ValueError("the ratio grid must start at 0 and stay below 1")
+        self.penalty = float(penalty)
+        self.finetune_steps, self.finetune_lr = int(finetune_steps), float(finetune_lr)
+        self.recalibrate_bn = bool(recalibrate_bn)
+        self.seed = int(seed)
+        x, y = data
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(x))
+        val, rest = order[:val_size], order[val_size:]
+        self.x_val, self.y_val = x[val], y[val]
+        self.x_tune, self.y_tune = x[rest], y[rest]
+        self.x_recal = self.x_tune[:recal_size]
+        self.net = NumpyNet(self.model)
+        self.layers, self.weight_names, self._mod = _layer_initializers(self.model)
+        self.names = [lay["layer"] for lay in self.layers]
+        self.skip = set(skip)
+        self._build_masks()
+        self._build_features()
+        self.fine_model = fine_model
+        t0 = time.perf_counter()
+        self.tables = {}
+        self.table(level)
+        self.table_seconds = time.perf_counter() - t0
+        self._acc_cache: dict = {}
+        self.history: list[Candidate] = []
+        self.dense_accuracy = self._accuracy(tuple([0] * self.n))
+        self.dense_cost = self.cost(tuple([0] * self.n))
+
+    # -- layers, masks, features ------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return len(self.names)
+
+    def _build_masks(self):
+        from .passes.prune import HardwareAwarePrune, pruning_masks  # noqa: PLC0415
+
+        self.weights = {w: self.net.inits[w] for w in self.weight_names}
+        self.masks = [[None] * len(self.grid) for _ in range(self.n)]
+        for gi, r in enumerate(self.grid):
+            if r == 0:
+                for li, w in enumerate(self.weight_names):
+                    self.masks[li][gi] = np.ones(self.weights[w].shape, bool)
+                continue
+            m = pruning_masks(HardwareAwarePrune(float(r), self.config)(self._mod))
+            for li, name in enumerate(self.names):
+                self.masks[li][gi] = np.asarray(m[name], bool)
+        # a ratio index is allowed for a layer unless the layer is skipped
+        self.max_index = np.array(
+            [0 if nm in self.skip else len(self.grid) - 1 for nm in self.names], int
+        )
+
+    def _build_features(self):
+        from .cost import layers_from_onnx  # noqa: PLC0415
+
+        self.conv_layers = layers_from_onnx(self.model)
+        if len(self.conv_layers) != self.n:
+            raise ValueError("cost-model layers and prunable layers differ in number")
+        macs = np.array([cl.macs for cl in self.conv_layers], float)
+        params = np.array([cl.params for cl in self.conv_layers], float)
+        self.flops_share, self.params_share = macs / macs.sum(), params / params.sum()
+        rows = []
+        for i, (lay, cl) in enumerate(zip(self.layers, self.conv_layers)):
+            rows.append(
+                [
+                    i / max(self.n - 1, 1),
+                    1.0 if lay["kind"] == "dense" else 0.0,
+                    np.log2(cl.cin) / 10,
+                    np.log2(cl.cout) / 10,
+                    cl.kh / 7,
+                    cl.strides[0] / 2,
+                    self.flops_share[i],
+                    self.params_share[i],
+                ]
+            )
+        self.static_features = np.asarray(rows, float)
+
+    def _oihw(self, li, w):
+        cl = self.conv_layers[li]
+        if w.ndim == 4:
+            return w
+        if w.shape == (cl.cout, cl.cin):
+            return w[:, :, None, None]
+        return w.T[:, :, None, None]
+
+    # -- hardware cost tables ---------------------------------------------------------------
+    def table(self, level: str) -> np.ndarray:
+        """``(layers, grid, 2)`` cycles and energy of every layer at every grid ratio, plus a
+        constant for what is not a prunable layer (``self.tables[level + "_other"]``)."""
+        if level in self.tables:
+            return self.tables[level]
+        from .cost import BlockSparsity, CoarseModel, MidModel, load_bundled_fine_model  # noqa: PLC0415
+
+        t = np.zeros((self.n, len(self.grid), 2))
+        other = np.zeros(2)
+        if level == "sim":
+            t, other = self._sim_table()
+        else:
+            model = {"coarse": CoarseModel, "mid": MidModel}.get(level)
+            if model is not None:
+                model = model()
+            else:
+                model = self.fine_model or load_bundled_fine_model()
+            items, where = [], []
+            for li, cl in enumerate(self.conv_layers):
+                w = self.weights[self.weight_names[li]]
+                for gi in range(len(self.grid)):
+                    oihw = self._oihw(li, np.where(self.masks[li][gi], w, 0))
+                    items.append(
+                        (cl, self.config, None, BlockSparsity.from_weight(cl, self.config, oihw))
+                    )
+                    where.append((li, gi))
+            for (li, gi), c in zip(where, model.predict_many(items)):
+                t[li, gi] = (c.cycles, c.energy_uj)
+        self.tables[level] = t
+        self.tables[level + "_other"] = other
+        return t
+
+    def _sim_table(self):
+        """Simulate the model pruned uniformly at every grid ratio; program ``k`` of the conv /
+        dense programs is prunable layer ``k`` (layers run one after the other, so a layer's
+        cost depends only on its own mask).  Non-layer programs give the constant."""
+        t = np.zeros((self.n, len(self.grid), 2))
+        other = np.zeros(2)
+        for gi, r in enumerate(self.grid):
+            m = self.model
+            if r > 0:
+                m, _, _ = prune_onnx_per_layer(
+                    self.model, {nm: r for nm in self.names}, self.config
+                )
+            _, _, _, per = simulate(m, self.config, self.x_tune, self.x_val)
+            lay = [(c, e) for nm, c, e in per if "conv2d" in nm or "dense" in nm or "matmul" in nm]
+            if len(lay) != self.n:
+                raise RuntimeError(f"simulated {len(lay)} layer programs for {self.n} layers")
+            t[:, gi] = lay
+            if gi == 0:
+                other = np.array([sum(c for _, c, _ in per), sum(e for _, _, e in per)]) - t[
+                    :, 0
+                ].sum(0)
+        return t, other
+
+    def cost(self, idx, level: str | None = None) -> tuple[float, float]:
+        """``(cycles, energy_uj)`` of ratio indices ``idx`` at ``level``."""
+        t = self.table(level or self.level)
+        other = self.tables[(level or self.level) + "_other"]
+        c = t[np.arange(self.n), np.asarray(idx, int)].sum(0) + other
+        return float(c[0]), float(c[1])
+
+    def objective_value(self, idx, level=None) -> float:
+        c = self.cost(idx, level)
+        return c[0] if self.objective == "latency" else c[1]
+
+    def layer_costs(self, level=None) -> np.ndarray:
+        t = self.table(level or self.level)
+        return t[:, :, 0 if self.objective == "latency" else 1]
+
+    # -- accuracy ---------------------------------------------------------------------------
+    def pruned_values(self, idx) -> dict:
+        vals = {}
+        for li, gi in enumerate(idx):
+            if gi:
+                w = self.weight_names[li]
+                vals[w] = np.where(self.masks[li][gi], self.weights[w], 0).astype(np.float32)
+        return vals
+
+    def _accuracy(self, idx) -> float:
+        idx = tuple(int(i) for i in idx)
+        if idx in self._acc_cache:
+            return self._acc_cache[idx]
+        vals = self.pruned_values(idx)
+        if any(idx):
+            if self.recalibrate_bn:
+                _, stats = self.net.forward(self.x_recal, vals, recalibrate=True)
+                vals.update(stats)
+            if self.finetune_steps > 0:
+                vals = self._short_finetune(vals)
+        acc = self.net.accuracy(self.x_val, self.y_val, vals)
+        self._acc_cache[idx] = acc
+        return acc
+
+    def _short_finetune(self, vals):
+        from .train import extract_masks, finetune  # noqa: PLC0415
+
+        m = _with_values(self.model, vals)
+        tuned, _ = finetune(
+            m, (self.x_tune, self.y_tune), masks=extract_masks(m), epochs=1, batch_size=32,
+            lr=self.finetune_lr, seed=self.seed, max_steps=self.finetune_steps,
+        )  # fmt: skip
+        out = {t.name: numpy_helper.to_array(t) for t in tuned.graph.initializer}
+        return out
+
+    def evaluate(self, idx, method: str = "") -> Candidate:
+        """Accuracy and cost of ratio indices ``idx``; recorded in ``history``."""
+        idx = tuple(int(min(max(i, 0), m)) for i, m in zip(idx, self.max_index))
+        acc = self._accuracy(idx)
+        drop = 100.0 * (self.dense_accuracy - acc)
+        cyc, en = self.cost(idx)
+        obj = cyc if self.objective == "latency" else en
+        dense_obj = self.dense_cost[0] if self.objective == "latency" else self.dense_cost[1]
+        feasible = drop <= self.budget + 1e-9
+        reward = -obj / dense_obj - (
+            0.0 if feasible else self.penalty * (1.0 + (drop - self.budget) / 10.0)
+        )
+        cand = Candidate(
+            tuple(float(self.grid[i]) for i in idx), acc, drop, cyc, en,
+            cyc / self.config.clock_mhz / 1e3, feasible, reward, method, len(self.history),
+        )  # fmt: skip
+        cand.idx = idx
+        self.history.append(cand)
+        return cand
+
+    def state(self, li, idx_so_far, prev_action) -> np.ndarray:
+        """AMC state: static layer features + reduced-so-far + remaining cost share + prev."""
+        lc = self.layer_costs()
+        dense = lc[:, 0]
+        done = sum(dense[j] - lc[j, idx_so_far[j]] for j in range(li))
+        remaining = dense[li:].sum() / dense.sum()
+        return np.concatenate(
+            [self.static_features[li], [done / dense.sum(), remaining, prev_action, 1.0]]
+        )
+
+    def best(self, method: str | None = None) -> Candidate:
+        pool = [c for c in self.history if c.feasible and (method is None or c.method == method)]
+        return min(pool, key=lambda c: (self.objective_value(c.idx), c.index))
+
+
+def _with_values(model, values):
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        if t.name in values:
+            t.CopyFrom(numpy_helper.from_array(np.asarray(values[t.name], np.float32), t.name))
+    return out
+
+
+# ------------------------------------------------------------------------------ search methods
+def search_rl(env: HWFlowEnv, episodes: int, seed: int, progress=None, lr: float = 0.05,
+              sigma0: float = 0.25, sigma_min: float = 0.05, warmup: int = 0):  # fmt: skip
+    """AMC-style agent: one layer at a time, Gaussian policy ``a = clip(sigmoid(w.s) + sigma*e)``
+    over the ratio (snapped to the grid), REINFORCE with a moving-average baseline."""
+    rng = np.random.default_rng([seed, 1])
+    dim = env.static_features.shape[1] + 4
+    w = np.zeros(dim)
+    w[-1] = -1.0  # start around sigmoid(-1) ~ 0.27 of the largest ratio
+    top = env.grid[-1]
+    baseline, beta = None, 0.8
+    warmup = warmup or max(2, episodes // 10)
+    for ep in range(episodes):
+        sigma = max(sigma_min, sigma0 * (1 - ep / max(episodes, 1)))
+        idx = [0] * env.n
+        grads, prev = [], 0.0
+        for li in range(env.n):
+            s = env.state(li, idx, prev)
+            mu = 1.0 / (1.0 + np.exp(-w @ s))
+            if ep < warmup:
+                a = float(rng.uniform(0, 1))
+            else:
+                a = float(np.clip(mu + sigma * rng.standard_normal(), 0.0, 1.0))
+            # grad of log N(a; mu, sigma) w.r.t. w (through the sigmoid)
+            grads.append((a - mu) / sigma**2 * mu * (1 - mu) * s)
+            gi = int(np.argmin(np.abs(env.grid - a * top)))
+            idx[li] = min(gi, env.max_index[li])
+            prev = a
+        cand = env.evaluate(idx, "rl")
+        r = cand.reward
+        baseline = r if baseline is None else beta * baseline + (1 - beta) * r
+        if ep >= warmup:
+            g = np.sum(grads, axis=0)
+            w += lr * (r - baseline) * g / (np.linalg.norm(g) + 1e-8) * 10
+        if progress:
+            progress({"method": "rl", "episode": ep, **cand.to_dict()})
+    return env.best("rl") if any(c.method == "rl" and c.feasible for c in env.history) else None
+
+
+def search_greedy(env: HWFlowEnv, episodes: int, seed: int, progress=None, step: int = 1,
+                  accept_frac: float = 0.25):  # fmt: skip
+    """Greedy by latency (objective) saliency: each round evaluates one grid step more on every
+    open layer, ranks the moves by objective saved per accuracy point lost and takes the best
+    ``accept_frac`` of them together (falling back to the single best) while feasible."""
+    idx = [0] * env.n
+    frozen = {li for li in range(env.n) if env.max_index[li] == 0}
+    used = 0
+    lc = env.layer_costs()
+
+    def ev(cand_idx):
+        nonlocal used
+        used += 1
+        c = env.evaluate(cand_idx, "greedy")
+        if progress:
+            progress({"method": "greedy", "episode": used - 1, **c.to_dict()})
+        return c
+
+    cur_acc = env.dense_accuracy
+    while used < episodes:
+        moves = []
+        for li in range(env.n):
+            if li in frozen or used >= episodes:
+                continue
+            nxt = min(idx[li] + step, env.max_index[li])
+            if nxt == idx[li]:
+                frozen.add(li)
+                continue
+            trial = list(idx)
+            trial[li] = nxt
+            c = ev(trial)
+            if not c.feasible:
+                frozen.add(li)
+                continue
+            saved = lc[li, idx[li]] - lc[li, nxt]
+            lost = max(cur_acc - c.accuracy, 0.0) * 100
+            moves.append((saved / (lost + 0.05), li, nxt, c))
+        if not moves:
+            break
+        moves.sort(key=lambda m: (-m[0], m[1]))
+        k = max(1, int(round(accept_frac * len(moves))))
+        accepted = False
+        while k > 1 and used < episodes:
+            trial = list(idx)
+            for _, li, nxt, _ in moves[:k]:
+                trial[li] = nxt
+            c = ev(trial)
+            if c.feasible:
+                idx, cur_acc, accepted = trial, c.accuracy, True
+                break
+            k //= 2
+        if not accepted:
+            _, li, nxt, c = moves[0]
+            idx[li] = nxt
+            cur_acc = c.accuracy
+    return (
+        env.best("greedy")
+        if any(c.method == "greedy" and c.feasible for c in env.history)
+        else None
+    )
+
+
+def search_evolution(env: HWFlowEnv, episodes: int, seed: int, progress=None, pop: int = 8,
+                     mutate: float = 0.3):  # fmt: skip
+    """(mu + lambda) evolution on the ratio indices; fitness = the environment's reward."""
+    rng = np.random.default_rng([seed, 2])
+    hi = env.max_index
+    popl = []
+    used = 0
+    while used < min(pop, episodes):
+        top = max(1, int(round((used + 1) / pop * len(env.grid) / 2)))  # mild to strong
+        idx = [int(rng.integers(0, min(m, top) + 1)) if m else 0 for m in hi]
+        popl.append(env.evaluate(idx, "evolution"))
+        used += 1
+        if progress:
+            progress({"method": "evolution", "episode": used - 1, **popl[-1].to_dict()})
+    while used < episodes:
+        popl.sort(key=lambda c: (-c.reward, c.index))
+        parents = popl[: max(2, pop // 2)]
+        a, b = (parents[i] for i in rng.choice(len(parents), 2, replace=False))
+        child = [int(x if rng.random() < 0.5 else y) for x, y in zip(a.idx, b.idx)]
+        for li in range(env.n):
+            if hi[li] and rng.random() < mutate:
+                child[li] = int(np.clip(child[li] + rng.choice([-2, -1, 1, 2]), 0, hi[li]))
+        c = env.evaluate(child, "evolution")
+        used += 1
+        popl.append(c)
+        popl = sorted(popl, key=lambda c: (-c.reward, c.index))[:pop]
+        if progress:
+            progress({"method": "evolution", "episode": used - 1, **c.to_dict()})
+    return (
+        env.best("evolution")
+        if any(c.method == "evolution" and c.feasible for c in env.history)
+        else None
+    )
+
+
+_SEARCH = {"rl": search_rl, "greedy": search_greedy, "evolution": search_evolution}
+
+
+# ------------------------------------------------------------------------------ optimize
+@dataclass
+class OptimizeResult:
+    """What :func:`optimize` found."""
+
+    method: str
+    level: str
+    objective: str
+    ratios: dict  # layer name -> ratio
+    model: onnx.ModelProto  # pruned (and finalised) ONNX model, batch 1
+    predicted: dict  # level -> {"latency_ms", "energy_uj"} of the winner (and dense)
+    val_accuracy: float
+    val_dense_accuracy: float
+    val_drop: float
+    search_seconds: float
+    evaluations: int
+    history: list = field(default_factory=list)  # Candidate.to_dict() of every evaluation
+    final: dict = field(default_factory=dict)  # finalize(): test accuracy, simulated costs
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "level": self.level,
+            "objective": self.objective,
+            "ratios": self.ratios,
+            "predicted": self.predicted,
+            "val_accuracy": self.val_accuracy,
+            "val_dense_accuracy": self.val_dense_accuracy,
+            "val_drop": self.val_drop,
+            "search_seconds": self.search_seconds,
+            "evaluations": self.evaluations,
+            "final": self.final,
+        }
+
+
+def optimize(
+    model,
+    data,
+    config=None,
+    objective: str = "latency",
+    max_accuracy_drop: float = 1.0,
+    level: str = "fine",
+    method: str = "rl",
+    episodes: int = 60,
+    finetune_steps: int = 0,
+    seed: int = 0,
+    progress: Callable[[dict], None] | None = None,
+    *,
+    env: HWFlowEnv | None = None,
+    test_data=None,
+    final_finetune_steps: int = 0,
+    simulate_result: bool = False,
+    **env_kwargs,
+) -> OptimizeResult:
+    """Search per-layer HAPM ratios (see the module docstring).
+
+    ``data`` is ``(x_train, y_train)`` (validation split taken from it, seeded) or
+    ``(x_train, y_train, x_test, y_test)``; the test part is used only by :func:`finalize`
+    (when ``test_data`` or ``simulate_result`` asks for it).  ``env`` reuses an environment
+    (its cost tables and accuracy cache) for several searches.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(model, str):
+        model = onnx.load(model)
+    if len(data) == 4 and test_data is None:
+        test_data = (data[2], data[3])
+    data = (data[0], data[1])
+    t0 = time.perf_counter()
+    if env is None:
+        env = HWFlowEnv(model, data, config, objective, max_accuracy_drop, level,
+                        finetune_steps=finetune_steps, seed=seed, **env_kwargs)  # fmt: skip
+    start = len(env.history)
+    best = _SEARCH[method](env, episodes, seed, progress)
+    if best is None:  # nothing feasible: dense
+        best = env.evaluate([0] * env.n, method)
+    seconds = time.perf_counter() - t0
+    ratios = {nm: float(r) for nm, r in zip(env.names, best.ratios)}
+    predicted = {}
+    for lv in ("coarse", "mid", "fine") + (("sim",) if level == "sim" else ()):
+        try:
+            c, e = env.cost(best.idx, lv)
+            cd, ed = env.cost([0] * env.n, lv)
+        except Exception as err:  # noqa: BLE001  (e.g. a stale bundled fine model)
+            predicted[lv] = {"error": f"{type(err).__name__}: {err}"}
+            continue
+        predicted[lv] = {
+            "latency_ms": c / env.config.clock_mhz / 1e3,
+            "energy_uj": e,
+            "dense_latency_ms": cd / env.config.clock_mhz / 1e3,
+            "dense_energy_uj": ed,
+        }
+    pruned, _, _ = prune_onnx_per_layer(env.model, ratios, env.config)
+    vals = env.pruned_values(best.idx)
+    if env.recalibrate_bn and any(best.idx):
+        _, stats = env.net.forward(env.x_recal, vals, recalibrate=True)
+        pruned = _with_values(pruned, stats)
+    res = OptimizeResult(
+        method, env.level, env.objective, ratios, pruned, predicted, best.accuracy,
+        env.dense_accuracy, best.drop, seconds, len(env.history) - start,
+        [c.to_dict() | {"method": c.method} for c in env.history[start:]],
+    )  # fmt: skip
+    res.winner_index = best.index
+    res.budget = env.budget
+    if simulate_result or test_data is not None or final_finetune_steps:
+        finalize(res, env, test_data, final_finetune_steps, simulate_result, seed)
+    return res
+
+
+def finalize(res: OptimizeResult, env: HWFlowEnv, test_data=None, finetune_steps: int = 0,
+             simulate_result: bool = True, seed: int = 0, lr: float = 1e-3) -> dict:  # fmt: skip
+    """Fine-tune the winner (``finetune_steps`` of batch 32 on the non-validation training
+    images, masks held), then its int8 test accuracy and simulated latency / energy."""
+    from .train import extract_masks, finetune  # noqa: PLC0415
+
+    model = res.model
+    out = {"finetune_steps": int(finetune_steps)}
+    if finetune_steps > 0 and any(r > 0 for r in res.ratios.values()):
+        t0 = time.perf_counter()
+        from .data import set_batch  # noqa: PLC0415
+
+        tuned, hist = finetune(
+            set_batch(model, 32), (env.x_tune, env.y_tune), masks=extract_masks(model),
+            epochs=max(1, -(-finetune_steps * 32 // len(env.x_tune))), batch_size=32, lr=lr,
+            seed=seed, max_steps=finetune_steps,
+        )  # fmt: skip
+        model = set_batch(tuned, 1)
+        out["finetune_seconds"] = time.perf_counter() - t0
+        out["val_accuracy_after_finetune"] = NumpyNet(model).accuracy(env.x_val, env.y_val)
+    res.model = model
+    if test_data is not None:
+        x_te, y_te = test_data
+        out["test_int8_accuracy"] = int8_accuracy(model, env.config, env.x_tune, x_te, y_te)
+        out["test_float_accuracy"] = NumpyNet(model).accuracy(x_te, y_te)
+    if simulate_result:
+        lat, en, cyc, _ = simulate(model, env.config, env.x_tune, env.x_val)
+        out.update({"sim_latency_ms": lat, "sim_energy_uj": en, "sim_cycles": cyc})
+    res.final = out
+    return out
+
+
+# ------------------------------------------------------------------------------ plot
+def pareto_plot(results, path, objective: str | None = None) -> str:
+    """Objective (latency or energy) vs validation accuracy of every evaluated candidate of one
+    or more :class:`OptimizeResult`; winners marked with a star."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    results = [results] if isinstance(results, OptimizeResult) else list(results)
+    objective = objective or results[0].objective
+    key = "latency_ms" if objective == "latency" else "energy_uj"
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, r in enumerate(results):
+        color = f"C{i}"
+        h = r.history
+        ax.scatter([c[key] for c in h], [100 * c["accuracy"] for c in h], s=10, alpha=0.5,
+                   color=color, label=f"{r.method} / {r.level}")  # fmt: skip
+        win = next((c for c in h if c["index"] == getattr(r, "winner_index", -1)), None)
+        if win is not None:
+            ax.scatter([win[key]], [100 * win["accuracy"]], marker="*", s=200, color=color,
+                       edgecolor="k", zorder=5)  # fmt: skip
+    r0 = results[0]
+    ax.axhline(100 * r0.val_dense_accuracy, color="grey", lw=0.8, ls=":", label="dense")
+    budget = getattr(r0, "budget", None)
+    if budget is not None:
+        ax.axhline(100 * r0.val_dense_accuracy - budget, color="red", lw=0.6, ls="--",
+                   label="accuracy budget")  # fmt: skip
+    ax.set_xlabel(
+        f"predicted {objective} ({'ms' if objective == 'latency' else 'µJ'}), level's model"
+    )
+    ax.set_ylabel("validation top-1 (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=120)
+    plt.close(fig)
+    return str(path)
