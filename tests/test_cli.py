@@ -283,3 +283,18 @@ def test_prune_writes_onnx_and_report(tmp_path, capsys):
                  "-o", str(out)]) == 2  # fmt: skip
     assert "FilterPrune" in capsys.readouterr().err
     assert main(["prune", str(BUNDLED_MODEL), "--sparsity", "1.5", "-o", str(out)]) == 2
+
+
+def test_optimize_writes_model_reports_and_plot(tmp_path, digits):
+    x_train, y_train, x_test, y_test = digits
+    data = tmp_path / "digits.npz"
+    np.savez(data, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    out = tmp_path / "opt"
+    assert main(["optimize", str(BUNDLED_MODEL), "--data", str(data), "--level", "mid",
+                 "--method", "greedy", "--episodes", "4", "-o", str(out)]) == 0  # fmt: skip
+    report = json.loads((out / "optimize_report.json").read_text())
+    assert report["val_drop"] <= 1.0 and report["final"]["sim_latency_ms"] > 0
+    for name in ("pruned.onnx", "model.so", "pareto.png", "report.json"):
+        assert (out / name).is_file()
+    assert main(["optimize", str(BUNDLED_MODEL), "--data", str(tmp_path / "none.npz"),
+                 "-o", str(out)]) == 2  # fmt: skip

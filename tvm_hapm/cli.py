@@ -665,14 +665,94 @@ def cmd_prune(args, console: Console) -> int:
     return 0
 
 
-def _load_training_data(path) -> tuple:
-    """``x_train`` and ``y_train`` from an .npz file."""
+def _load_training_data(path, with_test: bool = False) -> tuple:
+    """``x_train`` and ``y_train`` (and ``x_test``, ``y_test``) from an .npz file."""
     path = _existing_file(path, "training data")
+    keys = ("x_train", "y_train") + (("x_test", "y_test") if with_test else ())
     try:
         with np.load(path, allow_pickle=False) as data:
-            return np.asarray(data["x_train"], np.float32), np.asarray(data["y_train"])
+            return tuple(
+                np.asarray(data[k], np.float32 if k.startswith("x") else np.int64) for k in keys
+            )
     except (KeyError, ValueError, OSError) as err:
-        raise CliError(f"{path}: expected an .npz with x_train and y_train ({err})") from None
+        raise CliError(f"{path}: expected an .npz with {', '.join(keys)} ({err})") from None
+
+
+def cmd_optimize(args, console: Console) -> int:
+    """``hapm optimize``: HW-Flow search of per-layer pruning ratios, then prune, fine-tune,
+    compile, simulate and report."""
+    from . import hwflow  # noqa: PLC0415
+
+    tgt, cfg = resolve_target(args.target, args.config)
+    if args.max_accuracy_drop < 0:
+        raise CliError("--max-accuracy-drop must be >= 0 (percentage points)")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    data = _load_training_data(args.data, with_test=True)
+    with _progress(console) as progress:
+        with _stage(progress, "load ONNX"):
+            model = fix_batch(load_onnx(args.model), 1)
+        with _stage(progress, f"search ({args.method}, {args.level}, {args.episodes} episodes)"):
+            try:
+                res = hwflow.optimize(
+                    model,
+                    data,
+                    config=cfg,
+                    objective=args.objective,
+                    max_accuracy_drop=args.max_accuracy_drop,
+                    level=args.level,
+                    method=args.method,
+                    episodes=args.episodes,
+                    finetune_steps=args.search_finetune_steps,
+                    seed=args.seed,
+                    final_finetune_steps=args.finetune_steps,
+                    simulate_result=True,
+                )
+            except ValueError as err:
+                raise CliError(str(err)) from None
+        with _stage(progress, f"compile for {cfg.name}"):
+            import onnx  # noqa: PLC0415
+
+            onnx.save(res.model, str(out / "pruned.onnx"))
+            calib = [data[0][:1]]
+            qmod = quantize_module(import_onnx(res.model), calib, cfg)
+            ex, programs, report = compile_model(qmod, tgt, cfg)
+            write_artifacts(out, ex, programs, cfg, report=report, extra={"model": args.model})
+    (out / "optimize_report.json").write_text(
+        json.dumps(res.to_dict(), indent=2, sort_keys=True, default=_json_default)
+    )
+    plot = hwflow.pareto_plot([res], out / "pareto.png", args.objective)
+    table = Table(title=f"HW-Flow ({args.method} guided by {args.level}, {args.objective})")
+    for col in ("", "latency ms", "energy µJ"):
+        table.add_column(col, justify="left" if not col else "right")
+    pred = res.predicted.get(args.level, {})
+    fin = res.final
+
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    table.add_row(
+        f"dense ({args.level})",
+        fmt(pred.get("dense_latency_ms"), ".3f"),
+        fmt(pred.get("dense_energy_uj"), ".1f"),
+    )
+    table.add_row(
+        f"searched ({args.level})",
+        fmt(pred.get("latency_ms"), ".3f"),
+        fmt(pred.get("energy_uj"), ".1f"),
+    )
+    table.add_row(
+        "searched (simulated)",
+        fmt(fin.get("sim_latency_ms"), ".3f"),
+        fmt(fin.get("sim_energy_uj"), ".1f"),
+    )
+    console.print(table)
+    console.print(
+        f"validation accuracy drop {res.val_drop:.2f} points (budget {args.max_accuracy_drop}); "
+        f"ratios: " + ", ".join(f"{k} {v:.1f}" for k, v in res.ratios.items() if v)
+    )
+    console.print(f"wrote {out / 'pruned.onnx'}, {out / MODEL_LIB}, {plot} and the reports")
+    return 0
 
 
 def load_compiled(out: Path):
@@ -1081,6 +1161,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("optimize", help="HW-Flow: search per-layer pruning ratios on hardware")
+    p.add_argument("model", metavar="MODEL.onnx")
+    p.add_argument(
+        "--data", required=True, metavar="DATA.npz", help="x_train, y_train, x_test, y_test"
+    )
+    grp = p.add_mutually_exclusive_group()
+    grp.add_argument("--target", default=None, help="hapm_fpga target tag (default hapm_fpga)")
+    grp.add_argument("--config", default=None, metavar="CONFIG.json", help="custom hardware")
+    p.add_argument("--objective", choices=("latency", "energy"), default="latency")
+    p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="percentage points")
+    p.add_argument("--level", choices=("coarse", "mid", "fine", "sim"), default="fine")
+    p.add_argument("--method", choices=("rl", "greedy", "evolution"), default="rl")
+    p.add_argument("--episodes", type=int, default=60)
+    p.add_argument("--search-finetune-steps", type=int, default=0)
+    p.add_argument("--finetune-steps", type=int, default=0, help="fine-tuning of the winner")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("tune", help="autotune the convolution schedules of an ONNX model")
     p.add_argument("model", metavar="MODEL.onnx")
