@@ -18,7 +18,9 @@ from tvm_hapm.cost import (
     features,
     load_bundled_fine_model,
 )
-from tvm_hapm.cost.dataset import generate, load_samples, measure
+from tvm_hapm.cost.analytic import analyze, analyze_batch, analyze_reference
+from tvm_hapm.cost.dataset import generate, load_samples, measure, sample_spec, spec_objects
+from tvm_hapm.cost.features import features_batch, features_from_analysis
 from tvm_hapm.cost.train import dataset_matrix, mape
 from tvm_hapm.target.config import PRESETS
 
@@ -127,3 +129,60 @@ def test_predict_network_sums_layers():
     parts = [mid.predict(layer, ZED, None, 0.2) for layer in HAND]
     assert total.cycles == pytest.approx(sum(p.cycles for p in parts))
     assert total.energy_uj == pytest.approx(sum(p.energy_uj for p in parts))
+
+
+def _mixed_queries(n=60):
+    """Sampled layers / configs / schedules with masks, fractions and default schedules."""
+    qs = []
+    for i in range(n):
+        layer, cfg, sched, mask = spec_objects(sample_spec(11, i))
+        frac = float(1 - mask.sum() / max(mask.size, 1))
+        qs += [(layer, cfg, sched, mask), (layer, cfg, None, frac),
+               (layer, cfg, sched, BlockSparsity(frac, "random"))]  # fmt: skip
+    qs += [(layer, ZED, None, BlockSparsity.from_mask(block_mask(layer, ZED, 0.4, rng=1)))
+           for layer in HAND]  # fmt: skip
+    return qs
+
+
+def test_batched_analysis_equals_per_layer_reference():
+    qs = _mixed_queries()
+    ba = analyze_batch(qs)
+    X, mids = features_batch(qs)
+    for i, q in enumerate(qs):
+        ref = analyze_reference(*q)
+        got = ba.item(i)
+        assert got.schedule == ref.schedule
+        assert got.counts.keys() == ref.counts.keys()
+        for k, v in ref.counts.items():
+            assert got.counts[k] == pytest.approx(v, rel=1e-9, abs=1e-9), k
+        np.testing.assert_allclose(
+            X[i], features_from_analysis(q[0], q[1], ref), rtol=1e-6, atol=1e-9
+        )
+        np.testing.assert_allclose(mids[i], (ref.cycles, ref.energy_uj), rtol=1e-12)
+    one = analyze(*qs[0])  # the single-query API is a batch of one
+    assert one.cycles == pytest.approx(analyze_reference(*qs[0]).cycles, rel=1e-12)
+    with pytest.raises(ValueError, match="block mask"):
+        analyze(HAND[0], ZED, None, np.ones((1, 1, 1, 1), bool))
+
+
+def test_batched_predictions_equal_per_layer_predictions(tmp_path):
+    qs = _mixed_queries(20)
+    recs = _small_records(tmp_path, 16)
+    X, y, mids, _ = dataset_matrix(recs)
+    models = [CoarseModel(), MidModel(), FineModel.train(X, y[:, 0], y[:, 1], mids, rounds=20)]
+    for model in models:
+        batch = model.predict_batch(qs)
+        assert batch.shape == (len(qs), 2)
+        single = np.array([tuple(vars(model.predict(*q)).values()) for q in qs])
+        np.testing.assert_allclose(batch, single, rtol=1e-6)
+        many = model.predict_many(qs)
+        np.testing.assert_allclose([(c.cycles, c.energy_uj) for c in many], batch)
+        assert model.predict_many([]) == []
+    # the fine model on the per-layer reference features (the bundled model's training path)
+    fine = models[2]
+    ref = []
+    for q in qs:
+        a = analyze_reference(*q)
+        row = features_from_analysis(q[0], q[1], a)[None]
+        ref.append(fine.predict_matrix(row, np.array([[a.cycles, a.energy_uj]]))[0])
+    np.testing.assert_allclose(fine.predict_batch(qs), np.array(ref), rtol=1e-5)

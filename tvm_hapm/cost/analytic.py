@@ -6,14 +6,17 @@ each dimension), counts the GEMMs of every (output-channel group, input-channel 
 from the non-zero block mask, and prices each step with the costs of ``docs/timing.md``:
 
 * a step's DMA (input chunk, weight chunk unless the weights are resident, the bias vectors)
-  is serial with its GEMMs, because the input and weight buffers are single-buffered and the
-  dependency tokens order a reload after the GEMMs that read the previous contents; with a
-  ``double_buffer`` schedule knob (when the schedule has one) the loads overlap the previous
-  step's compute (``max`` instead of ``sum``);
-* the GEMMs of a step spread round-robin over the arrays: ``ceil(n / A)`` rounds of
-  ``2R + C - 2 + T`` cycles each, plus the issue skew;
-* the epilogue (bias ADD, REQUANT, clip) waits for all GEMMs; the stores of a step overlap the
-  next step's loads on the shared DRAM port, except the last one;
+  is serial with its GEMMs for a single-buffered schedule (the dependency tokens order a reload
+  after the GEMMs that read the previous contents); with ``double_buffer`` (when the code
+  generator's ``fit_double_buffer`` keeps it) the loads overlap the previous step's GEMMs, but
+  the bias LOAD of a group queues on the DRAM port behind the next step's prefetch and the
+  previous group's stores;
+* the GEMMs of a step are dispatched by position ``(cib, kh, kw)`` outer, output block inner,
+  and an accumulator region is written by one array at a time: a position with ``n_p``
+  non-zero blocks costs ``ceil(n_p / A)`` rounds of ``2R + C - 2 + T`` cycles, plus the issue
+  skew (:func:`_position_rounds`);
+* the epilogue (bias ADD, REQUANT, clip) waits for all GEMMs (ALU waits for every array); the
+  stores of a step overlap the next step's loads on the shared DRAM port, except the last one;
 * all-zero blocks cost nothing (the code generator drops them).
 
 The event counts (MACs, buffer and DRAM bytes, ALU lanes) are exact for the mask given and feed
@@ -32,10 +35,18 @@ import numpy as np
 from ..runtime.energy import EnergyModel
 from ..runtime.timing import ALU_LATENCY, TimingResult
 from ..target.config import HardwareConfig
-from ..target.schedule import ConvSchedule, plan_conv
+from ..target.schedule import ConvSchedule, fit_double_buffer, plan_conv
 from .layer import BlockSparsity, ConvLayer, structural_mask
 
-__all__ = ["Analysis", "analyze", "default_schedule", "schedule_dict"]
+__all__ = [
+    "Analysis",
+    "BatchAnalysis",
+    "analyze",
+    "analyze_batch",
+    "analyze_reference",
+    "default_schedule",
+    "schedule_dict",
+]
 
 _MAX_X = (1 << 12) - 1
 
@@ -100,13 +111,18 @@ class Analysis:
     schedule: ConvSchedule
 
 
-def analyze(
+def analyze_reference(
     layer: ConvLayer,
     cfg: HardwareConfig,
     schedule: ConvSchedule | None = None,
     sparsity: BlockSparsity | float | np.ndarray | None = None,
 ) -> Analysis:
-    """Mid-level analysis: cycles, energy and the counts behind them."""
+    """The per-layer formulation of the mid model, kept as its readable specification.
+
+    :func:`analyze` / :func:`analyze_batch` compute the same quantities with numpy over a whole
+    batch of queries (tile classes and steps of all layers in flat arrays); the tests check that
+    both agree to float rounding.  Slow (about 0.3 ms a layer): use :func:`analyze_batch`.
+    """
     R, C, A = cfg.array_rows, cfg.array_cols, cfg.num_arrays
     B, L = cfg.dram_bytes_per_cycle, cfg.dram_latency_cycles
     ab, wb = cfg.act_bytes, cfg.weight_bytes
@@ -115,11 +131,14 @@ def analyze(
     cob, cib = struct.shape[:2]
 
     # ---- non-zero blocks per (cob, cib): exact from a mask, else expected from a fraction
+    pmask, pfrac = struct, 0.0  # the blocks of the dispatch rounds, and their zero fraction
     if isinstance(sparsity, np.ndarray):
-        per_cc = (np.asarray(sparsity, bool) & struct).sum(axis=(2, 3)).astype(float)
+        pmask = np.asarray(sparsity, bool) & struct
+        per_cc = pmask.sum(axis=(2, 3)).astype(float)
         frac = 1.0 - per_cc.sum() / max(struct.sum(), 1)
     elif isinstance(sparsity, BlockSparsity) and sparsity.mask is not None:
-        per_cc = (np.asarray(sparsity.mask, bool) & struct).sum(axis=(2, 3)).astype(float)
+        pmask = np.asarray(sparsity.mask, bool) & struct
+        per_cc = pmask.sum(axis=(2, 3)).astype(float)
         frac = 1.0 - per_cc.sum() / max(struct.sum(), 1)
     else:
         if isinstance(sparsity, BlockSparsity):
@@ -127,6 +146,7 @@ def analyze(
         else:
             frac = float(sparsity or 0.0)
         per_cc = struct.sum(axis=(2, 3)).astype(float) * (1.0 - frac)
+        pfrac = frac
     exact = not (frac > 0 and per_cc is not None and not _is_int(per_cc))
     if schedule is None:
         schedule = default_schedule(layer, cfg)
@@ -143,23 +163,23 @@ def analyze(
     gsz = np.minimum(G, cob - np.arange(n_cg) * G)  # output blocks per group
     ksz = np.minimum(K, cib - np.arange(n_kc) * K)  # input blocks per chunk
     nnz = float(blk.sum())
-    if exact:
-        rounds = np.ceil(steps / A)
-    else:  # expected rounds of a binomial count, approximated smoothly
-        rounds = np.where(steps > 0, np.ceil(np.maximum(steps, 1e-9) / A), 0.0)
-        rounds = np.maximum(steps / A, rounds - 0.5 * (1 - (steps % A) / A) * (steps % A > 0))
+    rounds = _position_rounds(pmask, pfrac, A, G, K)
     skew = np.where(steps > 0, np.minimum(steps, A) - 1, 0)
     # output blocks whose every weight is zero (an extra MUL by 0 each tile)
     empty_cob = float((per_cc.sum(axis=1) == 0).sum()) if exact else 0.0
     resident = nnz <= cfg.wgt_depth
     one_step = n_cg * n_kc == 1
+    if dbuf:  # the code generator's fit_double_buffer: both halves must fit
+        dbuf = fit_double_buffer(
+            cfg, schedule, layer.kh, layer.kw, layer.strides, layer.dilation, nnz
+        ).double_buffer
 
     # weight DMA cycles of each step (non-resident) and of the resident load
     def wload(nblocks):
         nblocks = np.asarray(nblocks, float)
         first = np.minimum(nblocks, _MAX_X)
         rest = nblocks - first
-        beats = np.ceil(nblocks * wgt_b / B)
+        beats = np.ceil(nblocks * wgt_b / B - 1e-7)  # robust to summation order
         return beats + L * ((nblocks > 0).astype(float) + (rest > 0))
 
     w_step = wload(steps) if not resident else np.zeros_like(steps)
@@ -212,7 +232,18 @@ def analyze(
     # a step without GEMMs does not wait for its loads (nothing on chip reads them)
     pre = np.where(steps[None] > 0, np.maximum(load_seq, waits), waits)
     if dbuf:
-        step = np.maximum(pre, gemm)
+        # loads overlap the previous step's GEMMs; but the bias LOAD (compute module) of a
+        # group's first step queues on the DRAM port behind the prefetch of the next step and
+        # the previous group's stores, less the epilogue that ran meanwhile
+        first_k = (np.arange(n_kc) == 0)[None, None, :]
+        epi_g = gsz[None, :, None] * n_alu * alu_one[:, None, None]
+        stb = gsz[None, :, None] * np.ceil(t * C * ab / B)[:, None, None]
+        # the next step's loads (after the last step: the next tile's first, if any)
+        flat = load_seq.reshape(len(t), -1)
+        nxt = np.concatenate([flat[:, 1:], flat[:, :1] * ((n_tiles - 1) / n_tiles)], axis=1)
+        nxt = nxt.reshape(load_seq.shape)
+        b = bias + first_k * np.maximum(0.0, nxt + stb - epi_g)
+        step = np.where(steps[None] > 0, np.maximum(load_seq, gemm + b), b)
     else:
         step = pre + gemm
     epi = (gsz[None, :] * n_alu * alu_one[:, None]).sum(axis=1)  # ALU over groups
@@ -247,11 +278,11 @@ def analyze(
     mul_lanes = cob * pix * C + empty_cob * pix * C
     latency_ms = cycles / cfg.clock_mhz / 1e3
     tr = TimingResult(
-        cycles=int(cycles), latency_ms=latency_ms, macs=int(macs),
-        dram_bytes_read=int(dram_read), dram_bytes_written=int(out_bytes),
+        cycles=int(cycles), latency_ms=latency_ms, macs=_int(macs),
+        dram_bytes_read=_int(dram_read), dram_bytes_written=_int(out_bytes),
         buffer_reads={"inp": pix * nnz * inp_b, "wgt": gemms * wgt_b, "acc": acc_reads},
         buffer_writes={"inp": inp_loads * inp_b, "wgt": w_blocks_loaded * wgt_b, "acc": acc_writes},
-        alu_add_lanes=int(add_lanes), alu_mul_lanes=int(mul_lanes),
+        alu_add_lanes=_int(add_lanes), alu_mul_lanes=_int(mul_lanes),
     )  # fmt: skip
     energy = _energy_model(cfg).estimate(tr).total_uj
 
@@ -297,9 +328,544 @@ def analyze(
     return Analysis(cycles=cycles, energy_uj=energy, counts=counts, schedule=schedule)
 
 
+#: Event counts are truncated to integers (as the timing model's are) after scaling by this, so
+#: that a count that is an integer in exact arithmetic stays one whatever the summation order
+#: (expected counts of a sparsity fraction are fractional sums).
+_ROUND_UP = 1.0 + 1e-11
+
+
+def _int(x: float) -> int:
+    return int(x * _ROUND_UP)
+
+
 def _is_int(a: np.ndarray) -> bool:
     return bool(np.all(np.abs(a - np.round(a)) < 1e-9))
 
 
+def _position_rounds(m: np.ndarray, frac: float, A: int, G: int, K: int) -> np.ndarray:
+    """GEMM rounds of every step ``(n_cg, n_kc)``: the code generator dispatches a step's GEMMs
+    by position ``(cib, kh, kw)`` outer and output block inner, and a GEMM waits for the
+    previous GEMM into its accumulator region (the same output block at an earlier position),
+    so each position of ``n_p`` non-zero blocks costs ``ceil(n_p / A)`` rounds.  ``m``: the
+    non-zero blocks ``(COB, CIB, KH, KW)`` (a mask, or the structural blocks of which a
+    fraction ``frac`` is expected zero: then ``ceil(n_p / A) * (1 - frac ** n_p)``, exact
+    for ``n_p <= A``)."""
+    cob, cib = m.shape[:2]
+    kk = m.shape[2] * m.shape[3]
+    n_cg, n_kc = -(-cob // G), -(-cib // K)
+    cnt = np.zeros((n_cg * G, n_kc * K, kk))
+    cnt[:cob, :cib] = m.reshape(cob, cib, kk)
+    n_p = cnt.reshape(n_cg, G, n_kc * K, kk).sum(axis=1)
+    r = np.ceil(n_p / A)
+    if frac:
+        r = r * (1.0 - frac**n_p)
+    return r.reshape(n_cg, n_kc, K * kk).sum(axis=2)
+
+
+@lru_cache(maxsize=4096)
+def _struct_position_counts(cout, cin, groups, kh, kw, R, C, G, K):
+    """``n_p`` of the structural blocks per (group, input block) ``(n_cg, n_kc, K)`` (equal
+    at every kernel position)."""
+    from .layer import _structural
+
+    s = _structural(cout, cin, groups, 1, 1, R, C)[:, :, 0, 0]
+    cob, cib = s.shape
+    n_cg, n_kc = -(-cob // G), -(-cib // K)
+    cnt = np.zeros((n_cg * G, n_kc * K))
+    cnt[:cob, :cib] = s
+    out = cnt.reshape(n_cg, G, n_kc, K).sum(axis=1)
+    out.flags.writeable = False
+    return out
+
+
+def _struct_rounds(layer_key, frac: float, A: int, G: int, K: int) -> np.ndarray:
+    """:func:`_position_rounds` of the structural blocks (``layer_key``: cout, cin, groups,
+    kh, kw, R, C), flat ``(n_cg * n_kc,)``."""
+    n_p = _struct_position_counts(*layer_key, G, K)
+    r = np.ceil(n_p / A)
+    if frac:
+        r = r * (1.0 - frac**n_p)
+    return (r.sum(axis=2) * (layer_key[3] * layer_key[4])).ravel()
+
+
 def log2p(x: float) -> float:
     return math.log2(1.0 + max(float(x), 0.0))
+
+
+# ------------------------------------------------------------------------------ batched model
+# The same model as ``analyze_reference``, evaluated over a batch of queries at once.  Every
+# layer's (output-channel block, input-channel block) pairs, schedule steps, tile classes and
+# (tile class, step) pairs live in flat "ragged" arrays with a segment id (the query index);
+# per-query sums are ``np.bincount(segment, weights)``.
+
+
+@dataclasses.dataclass
+class BatchAnalysis:
+    """Mid-model quantities of ``n`` queries (see :func:`analyze_batch`).
+
+    ``cycles``, ``energy_uj``: ``(n,)`` float64; ``counts``: the keys of :attr:`Analysis.counts`,
+    each an ``(n,)`` array; ``columns``: the queries' layer / config / schedule numbers used by
+    the features (``(n,)`` arrays); ``schedules``: the schedule of every query.
+    """
+
+    cycles: np.ndarray
+    energy_uj: np.ndarray
+    counts: dict
+    columns: dict
+    schedules: list
+
+    def __len__(self) -> int:
+        return len(self.schedules)
+
+    def item(self, i: int) -> Analysis:
+        """Query ``i`` as an :class:`Analysis` (plain floats)."""
+        return Analysis(
+            cycles=float(self.cycles[i]),
+            energy_uj=float(self.energy_uj[i]),
+            counts={k: float(v[i]) for k, v in self.counts.items()},
+            schedule=self.schedules[i],
+        )
+
+
+def analyze(
+    layer: ConvLayer,
+    cfg: HardwareConfig,
+    schedule: ConvSchedule | None = None,
+    sparsity: BlockSparsity | float | np.ndarray | None = None,
+) -> Analysis:
+    """Mid-level analysis of one layer: cycles, energy and the counts behind them (a batch of
+    one of :func:`analyze_batch`)."""
+    return analyze_batch([(layer, cfg, schedule, sparsity)]).item(0)
+
+
+_LAYER_INFO: dict = {}
+_SCHED_ROWS: dict = {}
+
+
+def _cfg_key(cfg: HardwareConfig) -> tuple:
+    """What the per-layer constants depend on: the array shape and the buffer depths."""
+    return (cfg.array_rows, cfg.array_cols, cfg.num_arrays, cfg.inp_depth, cfg.wgt_depth,
+            cfg.acc_depth)  # fmt: skip
+
+
+def _layer_info(layer: ConvLayer, cfg: HardwareConfig, key) -> tuple:
+    """Per (layer, config shape) constants of :func:`analyze_batch` (cached: the compiler's
+    schedule, the structural blocks, the layer's numbers)."""
+    R, C = cfg.array_rows, cfg.array_cols
+    struct, per, tot, full, uniq = _struct_counts(
+        layer.cout, layer.cin, layer.groups, layer.kh, layer.kw, R, C
+    )
+    cob, cib = struct.shape[:2]
+    oh, ow = layer.oh, layer.ow
+    (sh, sw), (dh, dw), (pt, pl, _, _) = layer.strides, layer.dilation, layer.padding
+    lrow = (layer.n, layer.cin, layer.h, layer.w, layer.cout, layer.kh, layer.kw, sh, sw, dh, dw,
+            pt, pl, layer.groups, oh, ow, cob, cib)  # fmt: skip
+    sched = plan_conv(
+        cfg, layer.h, layer.w, oh, ow, layer.kh, layer.kw, layer.strides, layer.dilation, cib,
+        cob, None,
+    )  # fmt: skip
+    srow = tuple(getattr(sched, f) for f in _sched_field_names(sched))
+    info = (lrow, struct, per, tot, full, uniq, layer.kh * layer.kw, sched, srow)
+    if len(_LAYER_INFO) > 8192:
+        _LAYER_INFO.clear()
+    _LAYER_INFO[key] = info
+    return info
+
+
+@lru_cache(maxsize=4096)
+def _struct_counts(cout, cin, groups, kh, kw, R, C):
+    """The structural mask, its flat ``(COB * CIB,)`` block counts (over KH x KW), their total,
+    whether every block is structural and the distinct counts."""
+    from .layer import _structural
+
+    s = _structural(cout, cin, groups, kh, kw, R, C)
+    per = s.sum(axis=(2, 3)).astype(float).ravel()
+    per.flags.writeable = False
+    return s, per, float(s.sum()), bool(s.all()), tuple(float(v) for v in np.unique(per))
+
+
+def _cfg_row(cfg: HardwareConfig) -> tuple:
+    em = _energy_model(cfg)
+    t = em.table
+    return (
+        cfg.array_rows, cfg.array_cols, cfg.num_arrays, cfg.dram_bytes_per_cycle,
+        cfg.dram_latency_cycles, cfg.act_bytes, cfg.weight_bytes, cfg.wgt_depth,
+        cfg.clock_mhz, em.mac_pj, t["add32"], t["mult32"],
+        em.sram_pj_per_byte(cfg.inp_buffer_bytes), em.sram_pj_per_byte(cfg.wgt_buffer_bytes),
+        em.sram_pj_per_byte(cfg.acc_buffer_bytes), em.dram_pj_per_byte, t["static_mw"],
+        cfg.inp_depth, cfg.acc_depth, cfg.act_bits, cfg.weight_bits, cfg.macs_per_cycle,
+    )  # fmt: skip
+
+
+_CFG_COLS = ("R", "C", "A", "B", "L", "ab", "wb", "wgt_depth", "clock", "mac_pj", "add32",
+             "mult32", "e_inp", "e_wgt", "e_acc", "e_dram", "static_mw", "inp_depth",
+             "acc_depth", "act_bits", "weight_bits", "macs_per_cycle")  # fmt: skip
+
+
+def _excl_cumsum(a: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(a), dtype=np.int64)
+    if len(a) > 1:
+        np.cumsum(a[:-1], out=out[1:])
+    return out
+
+
+def _ragged_arange(sizes: np.ndarray):
+    """``(segment, local index)`` of the concatenation of ``arange(s)`` for every size."""
+    sizes = np.asarray(sizes, np.int64)
+    total = int(sizes.sum())
+    seg = np.repeat(np.arange(len(sizes)), sizes)
+    local = np.arange(total, dtype=np.int64) - np.repeat(_excl_cumsum(sizes), sizes)
+    return seg, local
+
+
+def _ragged_outer(na: np.ndarray, nb: np.ndarray):
+    """Every (a, b) pair of each segment: ``(segment, index into a, index into b)`` where the
+    a's (b's) of the segments are stored one segment after the other."""
+    seg, local = _ragged_arange(na * nb)
+    nbs = nb[seg]
+    ia = _excl_cumsum(na)[seg] + local // nbs
+    ib = _excl_cumsum(nb)[seg] + local % nbs
+    return seg, ia, ib
+
+
+def _dim_classes(out, tile, stride, k, dil, pad_lo, size):
+    """Tile classes of one dimension for every query (arrays ``(n,)``), as ``_positions``.
+
+    Returns per class ``(segment, t, t_in, in_bounds, count)``, the number of classes of each
+    query and the size of each query's last tile.
+    """
+    nt = -(-out // tile)
+    seg, j = _ragged_arange(nt)
+    T, s = tile[seg], stride[seg]
+    o0 = j * T
+    t = np.minimum(T, out[seg] - o0)
+    t_in = (t - 1) * s + (k[seg] - 1) * dil[seg] + 1
+    i0 = o0 * s - pad_lo[seg]
+    lo = np.maximum(0, -i0)
+    hi = np.maximum(0, i0 + t_in - size[seg])
+    valid = t_in - lo - hi
+    vmax = int(valid.max()) + 1 if len(valid) else 1
+    tmax = int(t.max()) + 1 if len(t) else 1
+    key = (seg * tmax + t) * vmax + valid
+    uniq, count = np.unique(key, return_counts=True)
+    cseg = uniq // (tmax * vmax)
+    ct = (uniq // vmax) % tmax
+    cvalid = uniq % vmax
+    ct_in = (ct - 1) * stride[cseg] + (k[cseg] - 1) * dil[cseg] + 1
+    ncls = np.bincount(cseg, minlength=len(out))
+    t_last = out - (nt - 1) * tile
+    return cseg, ct, ct_in, cvalid, count, ncls, t_last
+
+
+def _bsum(seg, weights, n):
+    return np.bincount(seg, weights=weights, minlength=n)
+
+
+def analyze_batch(queries) -> BatchAnalysis:
+    """Mid-level analysis of many ``(layer, config, schedule, sparsity)`` queries at once.
+
+    The same model as :func:`analyze_reference` (``schedule=None``: ``plan_conv``'s;
+    ``sparsity``: a :class:`BlockSparsity`, a fraction or a block mask), evaluated with numpy
+    over the whole batch: the per-query Python work is reading the query.
+    """
+    queries = list(queries)
+    n = len(queries)
+    if n == 0:
+        raise ValueError("analyze_batch needs at least one query")
+    cfg_keys: dict = {}  # id(config) -> (row index, cache key)
+    cfg_rows: list = []
+    L_rows = []
+    sched_rows = []
+    schedules = []
+    fracs = np.zeros(n)
+    is_mask = np.zeros(n, bool)
+    exact = np.ones(n, bool)
+    struct_tot = np.zeros(n)
+    frac_parts, frac_items = [], []  # per-(cob, cib) counts of fraction queries
+    by_kk: dict = {}  # kh*kw -> ([flat uint8 mask], [query]) of mask queries
+    round_parts: list = []  # GEMM rounds of every step, per query (_position_rounds)
+    for i, (layer, cfg, schedule, sparsity) in enumerate(queries):
+        ck = cfg_keys.get(id(cfg))
+        if ck is None:
+            ck = cfg_keys[id(cfg)] = (len(cfg_rows), _cfg_key(cfg))
+            cfg_rows.append(_cfg_row(cfg))
+        lk = (layer, ck[1])
+        info = _LAYER_INFO.get(lk)
+        if info is None:
+            info = _layer_info(layer, cfg, lk)
+        lrow, struct, per, tot, full, uniq, kk, dsched, drow = info
+        L_rows.append((ck[0], *lrow))
+        if schedule is None:
+            schedules.append(dsched)
+            sched_rows.append(drow)
+        else:
+            schedules.append(schedule)
+            srow = _SCHED_ROWS.get(schedule)
+            if srow is None:
+                if len(_SCHED_ROWS) > 65536:
+                    _SCHED_ROWS.clear()
+                srow = _SCHED_ROWS[schedule] = tuple(
+                    getattr(schedule, f) for f in _sched_field_names(schedule)
+                )
+            sched_rows.append(srow)
+        struct_tot[i] = tot
+        sch = schedules[-1]
+        gq, kq, aq = max(1, sch.cob_group), max(1, sch.cib_chunk), cfg.num_arrays
+        mask = None
+        if isinstance(sparsity, np.ndarray):
+            mask = sparsity
+        elif isinstance(sparsity, BlockSparsity):
+            if sparsity.mask is not None:
+                mask = sparsity.mask
+            else:
+                fracs[i] = float(sparsity.fraction)
+        else:
+            fracs[i] = float(sparsity or 0.0)
+        if mask is not None:
+            is_mask[i] = True
+            m = np.asarray(mask, bool)
+            if m.shape != struct.shape:
+                raise ValueError(f"block mask of shape {m.shape}, expected {struct.shape}")
+            if not full:
+                m = m & struct
+            round_parts.append(_position_rounds(m, 0.0, aq, gq, kq).ravel())
+            g = by_kk.get(kk)
+            if g is None:
+                g = by_kk[kk] = ([], [])
+            g[0].append(np.ascontiguousarray(m).reshape(-1).view(np.uint8))
+            g[1].append(i)
+        else:
+            f = fracs[i]
+            if f != 0.0:
+                per = per * (1.0 - f)
+                exact[i] = not (f > 0 and any(abs(v * (1.0 - f) - round(v * (1.0 - f))) >= 1e-9
+                                              for v in uniq))  # fmt: skip
+            frac_parts.append(per)
+            frac_items.append(i)
+            skey = (layer.cout, layer.cin, layer.groups, layer.kh, layer.kw, cfg.array_rows,
+                    cfg.array_cols)  # fmt: skip
+            round_parts.append(_struct_rounds(skey, f, aq, gq, kq))
+
+    cols_l = np.array(L_rows, dtype=np.int64).reshape(n, -1)
+    (cidx, nb, cin, h, w, cout, kh, kw, sh, sw, dh, dw, pt, pl, groups, oh, ow, cob,
+     cib) = cols_l.T  # fmt: skip
+    cfa = np.array(cfg_rows, dtype=np.float64)[cidx]
+    cf = {name: cfa[:, j] for j, name in enumerate(_CFG_COLS)}
+    R, C, A = cf["R"], cf["C"], cf["A"]
+    B, L = cf["B"], cf["L"]
+    ab, wb = cf["ab"], cf["wb"]
+    inp_b, wgt_b, acc_b = R * ab, R * C * wb, C * 4
+    sfields = _sched_field_names(schedules[0])
+    sched_arr = np.array(sched_rows, dtype=np.float64).reshape(n, -1)
+    scol = {name: sched_arr[:, j] for j, name in enumerate(sfields)}
+    TH = scol["tile_h"].astype(np.int64)
+    TW = scol["tile_w"].astype(np.int64)
+    G = np.maximum(1, scol["cob_group"].astype(np.int64))
+    K = np.maximum(1, scol["cib_chunk"].astype(np.int64))
+    dbuf = scol["double_buffer"] != 0 if "double_buffer" in scol else np.zeros(n, bool)
+
+    # ---- non-zero blocks per (cob, cib) of every query, flat: the fraction queries, then the
+    # mask queries by kernel size ("memory order" perm); each query's blocks cob-major
+    parts, order = frac_parts, list(frac_items)
+    for kk, (masks, idx) in by_kk.items():
+        flat = np.concatenate(masks).reshape(-1, kk) if len(masks) > 1 else masks[0].reshape(-1, kk)
+        parts = [*parts, np.einsum("ij->i", flat) if kk < 256 else flat.sum(axis=1)]
+        order += idx
+    pcc = np.concatenate(parts).astype(np.float64, copy=False) if len(parts) > 1 else parts[0]
+    perm = np.asarray(order, np.int64)
+    n_cg, n_kc = -(-cob // G), -(-cib // K)
+    cc_off = np.empty(n, np.int64)
+    cc_off[perm] = _excl_cumsum((cob * cib)[perm])
+    # sums over each input-channel chunk of each output block row: (query, cob, kc), in memory
+    # order so that np.add.reduceat's segments end where the next begins
+    seg_r, loc_r = _ragged_arange((cob * n_kc)[perm])
+    seg_r = perm[seg_r]
+    nkr = n_kc[seg_r]
+    co_r, kc_r = loc_r // nkr, loc_r % nkr
+    row = np.add.reduceat(pcc, cc_off[seg_r] + co_r * cib[seg_r] + kc_r * K[seg_r])
+    first = kc_r == 0
+    co_sum = np.add.reduceat(row, np.flatnonzero(first))  # per (query, cob)
+    seg_co = seg_r[first]
+    nnz = _bsum(seg_co, co_sum, n)
+    frac = np.where(is_mask, 1.0 - nnz / np.maximum(struct_tot, 1), fracs)
+    empty_cob = np.where(exact, _bsum(seg_co, (co_sum == 0).astype(float), n), 0.0)
+
+    # ---- steps
+    nst = n_cg * n_kc
+    st_off = _excl_cumsum(nst)
+    steps = _bsum(st_off[seg_r] + (co_r // G[seg_r]) * nkr + kc_r, row, int(nst.sum()))
+    seg_s, loc_s = _ragged_arange(nst)
+    g_s = loc_s // n_kc[seg_s]
+    k_s = loc_s % n_kc[seg_s]
+    gsz = np.minimum(G[seg_s], cob[seg_s] - g_s * G[seg_s]).astype(float)
+    ksz = np.minimum(K[seg_s], cib[seg_s] - k_s * K[seg_s]).astype(float)
+    A_s = A[seg_s]
+    rounds = np.concatenate(round_parts) if n > 1 else round_parts[0]
+    skew = np.where(steps > 0, np.minimum(steps, A_s) - 1, 0.0)
+    resident = nnz <= cf["wgt_depth"]
+    one_step = nst == 1
+    # the code generator's fit_double_buffer: both halves must fit
+    th_in = (TH - 1) * sh + (kh - 1) * dh + 1
+    tw_in = (TW - 1) * sw + (kw - 1) * dw + 1
+    fits = (
+        (2 * K * th_in * tw_in <= cf["inp_depth"])
+        & (2 * G * TH * TW + 2 * G <= cf["acc_depth"])
+        & (np.where(resident, 1, 2) * G * K * kh * kw <= cf["wgt_depth"])
+    )
+    dbuf = dbuf & fits
+
+    def wload(nblocks, Bq, Lq, wq):
+        first = np.minimum(nblocks, _MAX_X)
+        rest = nblocks - first
+        beats = np.ceil(nblocks * wq / Bq - 1e-7)  # robust to summation order
+        return beats + Lq * ((nblocks > 0).astype(float) + (rest > 0))
+
+    w_all = wload(steps, B[seg_s], L[seg_s], wgt_b[seg_s])
+    w_once = np.where(resident, wload(nnz, B, L, wgt_b), 0.0)
+    w_first = w_all[st_off]  # the (only) step of one-step queries
+    w_once = np.where(~resident & one_step, w_first, w_once)
+    w_step = np.where(resident[seg_s] | one_step[seg_s], 0.0, w_all)
+
+    # ---- tile classes
+    hseg, th, thi, rows, hc, nh, th_last = _dim_classes(oh, TH, sh, kh, dh, pt, h)
+    wseg, tw, twi, cols, wc, nw, tw_last = _dim_classes(ow, TW, sw, kw, dw, pl, w)
+    seg_c, ia, ib = _ragged_outer(nh, nw)
+    t = (th[ia] * tw[ib]).astype(float)
+    data = (rows[ia] * cols[ib]).astype(float)
+    padded = (thi[ia] * twi[ib]).astype(float)
+    cnt = (hc[ia] * wc[ib] * nb[seg_c]).astype(float)
+    n_tiles = _bsum(seg_c, cnt, n)
+    pix = _bsum(seg_c, cnt * t, n)
+    Lc, Bc, Cc, abc = L[seg_c], B[seg_c], C[seg_c], ab[seg_c]
+    ld_in = Lc + np.ceil(data * inp_b[seg_c] / Bc) + (padded - data)
+    st = Lc + np.ceil(t * Cc * abc / Bc)
+    st_last = L + np.ceil((th_last * tw_last).astype(float) * C * ab / B)
+    clip_ops = 1  # ReLU: MAX only (the dataset's convention)
+    n_alu = 2 + clip_ops
+    alu_one = ALU_LATENCY + t
+    g0 = 2 * R + C - 2
+    epi = n_alu * cob[seg_c] * alu_one + (empty_cob / np.maximum(n_cg, 1))[seg_c] * alu_one
+
+    # ---- (tile class, step) pairs
+    seg_e, ec, es = _ragged_outer(nh * nw, nst)
+    first_k = k_s == 0
+    loaded = np.where(n_kc[seg_s] > 1, 1.0, (g_s == 0).astype(float))
+    in_dma = ld_in[ec] * (loaded * ksz)[es]
+    load_seq = in_dma + w_step[es]
+    bias = (L[seg_s] + np.ceil(2 * gsz * C[seg_s] * 4 / B[seg_s])) * first_k
+    gemm = rounds[es] * (g0[seg_e] + t[ec]) + skew[es]
+    waits = np.maximum(bias[es], first_k[es] * st[ec])
+    pre = np.where(steps[es] > 0, np.maximum(load_seq, waits), waits)
+    # double buffered: see analyze_reference
+    epi_g = gsz[es] * n_alu * alu_one[ec]
+    stb = gsz[es] * np.ceil(t[ec] * C[seg_e] * ab[seg_e] / B[seg_e])
+    loc_e = np.arange(len(es)) - _excl_cumsum(nh * nw * nst)[seg_e]
+    last_e = (loc_e % nst[seg_e]) == nst[seg_e] - 1
+    nxt_i = np.where(last_e, np.arange(len(es)) - (nst[seg_e] - 1), np.arange(len(es)) + 1)
+    nxt = load_seq[nxt_i] if len(es) else load_seq
+    nxt = np.where(last_e, nxt * ((n_tiles - 1) / n_tiles)[seg_e], nxt)
+    b = bias[es] + first_k[es] * np.maximum(0.0, nxt + stb - epi_g)
+    step_db = np.where(steps[es] > 0, np.maximum(load_seq, gemm + b), b)
+    step = np.where(dbuf[seg_e], step_db, pre + gemm)
+    ce = cnt[ec]
+    cycles = _bsum(seg_e, ce * step, n) + _bsum(seg_c, cnt * epi, n) + w_once + st_last + 1.0
+    load_total = _bsum(seg_e, ce * load_seq, n) + w_once
+    cycles = np.maximum(cycles, load_total + st_last + 1.0)
+    gemm_total = _bsum(seg_e, ce * gemm, n)
+    pre_total = _bsum(seg_e, ce * pre, n)
+    epi_total = _bsum(seg_c, cnt * epi, n)
+
+    # ---- event counts (exact for an exact mask)
+    cobf, cibf = cob.astype(float), cib.astype(float)
+    macs = nnz * R * C * pix
+    gemms = nnz * n_tiles
+    multi = np.where(n_kc > 1, n_cg, 1).astype(float)
+    inp_loads = _bsum(seg_c, cnt * padded, n) * cibf * multi
+    inp_dram = _bsum(seg_c, cnt * data, n) * inp_b * (cibf * multi)
+    w_blocks_loaded = np.where(resident | one_step, nnz, nnz * n_tiles)
+    bias_bytes = 2 * cobf * C * 4 * n_tiles
+    out_bytes = cobf * C * ab * pix
+    dram_read = inp_dram + w_blocks_loaded * wgt_b + bias_bytes
+    started = cobf - empty_cob
+    acc_reads = (nnz - started) * pix * acc_b
+    acc_reads = acc_reads + cobf * pix * acc_b * (n_alu + 2)
+    acc_reads = acc_reads + cobf * pix * acc_b
+    acc_writes = nnz * pix * acc_b + cobf * pix * acc_b * n_alu + bias_bytes
+    acc_reads = acc_reads + empty_cob * pix * acc_b
+    acc_writes = acc_writes + empty_cob * pix * acc_b
+    add_lanes = cobf * pix * C * (1 + clip_ops)
+    mul_lanes = cobf * pix * C + empty_cob * pix * C
+    latency_ms = cycles / cf["clock"] / 1e3
+    uj = 1e-6
+    energy = (
+        np.trunc(macs * _ROUND_UP) * cf["mac_pj"] * uj
+        + (
+            np.trunc(add_lanes * _ROUND_UP) * cf["add32"]
+            + np.trunc(mul_lanes * _ROUND_UP) * cf["mult32"]
+        )
+        * uj
+        + (pix * nnz * inp_b + inp_loads * inp_b) * cf["e_inp"] * uj
+        + (gemms * wgt_b + w_blocks_loaded * wgt_b) * cf["e_wgt"] * uj
+        + (acc_reads + acc_writes) * cf["e_acc"] * uj
+        + (np.trunc(dram_read * _ROUND_UP) + np.trunc(out_bytes * _ROUND_UP)) * cf["e_dram"] * uj
+        + cf["static_mw"] * latency_ms
+    )
+
+    partial = _bsum(seg_c, cnt * (t < (TH * TW)[seg_c]), n)
+    pad_tiles = _bsum(seg_c, cnt * (padded - data), n)
+    rsum = _bsum(seg_s, rounds, n)
+    ssum = _bsum(seg_s, steps, n)
+    smean = ssum / nst
+    sstd = np.sqrt(_bsum(seg_s, (steps - smean[seg_s]) ** 2, n) / nst)
+    counts = {
+        "macs_dense": (nb * oh * ow * cout * (cin // groups) * kh * kw).astype(float),
+        "macs": macs,
+        "struct_blocks": struct_tot,
+        "nnz_blocks": nnz,
+        "sparsity": frac,
+        "n_tiles": n_tiles,
+        "tile_classes": (nh * nw).astype(float),
+        "n_cg": n_cg.astype(float),
+        "n_kc": n_kc.astype(float),
+        "steps": nst.astype(float),
+        "resident": resident.astype(float),
+        "gemms": gemms,
+        "gemm_rounds": rsum * n_tiles,
+        "round_efficiency": ssum / np.maximum(A * rsum, 1e-9),
+        "empty_steps": _bsum(seg_s, (steps == 0).astype(float), n) / nst,
+        "step_nnz_cv": sstd / np.maximum(smean, 1e-9),
+        "empty_cob": empty_cob,
+        "mean_tile": pix / np.maximum(n_tiles, 1),
+        "partial_tile_frac": partial / np.maximum(n_tiles, 1),
+        "pad_frac": pad_tiles / np.maximum(_bsum(seg_c, cnt * padded, n), 1),
+        "dram_read": dram_read,
+        "dram_write": out_bytes,
+        "gemm_cycles": gemm_total,
+        "load_cycles": load_total,
+        "epi_cycles": epi_total,
+        "pre_cycles": pre_total,
+        "compute_bound": macs / cf["macs_per_cycle"],
+        "memory_bound": (dram_read + out_bytes) / B,
+        "instructions": n_tiles * (cibf * multi + cobf * (n_alu + 1) + n_cg) + gemms,
+        "mid_cycles": cycles,
+        "mid_energy_uj": energy,
+    }
+    columns = {
+        "n": nb, "cin": cin, "h": h, "w": w, "cout": cout, "kh": kh, "kw": kw, "stride": sh,
+        "groups": groups, "oh": oh, "ow": ow, "cob": cob, "cib": cib,
+        "arrays": A, "rows": R, "cols": C, "inp_depth": cf["inp_depth"],
+        "wgt_depth": cf["wgt_depth"], "acc_depth": cf["acc_depth"], "bytes_per_cycle": B,
+        "dram_latency": L, "act_bits": cf["act_bits"], "weight_bits": cf["weight_bits"],
+        "macs_per_cycle": cf["macs_per_cycle"],
+    }  # fmt: skip
+    columns.update({f"sched_{k}": v for k, v in scol.items()})
+    return BatchAnalysis(cycles, energy, counts, columns, schedules)
+
+
+@lru_cache(maxsize=16)
+def _sched_fields_of(cls) -> tuple:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _sched_field_names(schedule) -> tuple:
+    return _sched_fields_of(type(schedule))

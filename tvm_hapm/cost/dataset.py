@@ -26,7 +26,7 @@ import numpy as np
 
 from ..passes.qops import choose_multiplier
 from ..target.config import PRESETS, HardwareConfig, HardwareConfigError
-from ..target.schedule import ConvSchedule, ScheduleError
+from ..target.schedule import ConvSchedule, ScheduleError, plan_conv
 from .analytic import analyze, default_schedule, schedule_dict
 from .layer import BlockSparsity, ConvLayer, apply_block_mask, block_mask, structural_mask
 
@@ -127,7 +127,15 @@ def _random_layer(rng) -> ConvLayer:
 
 
 def _random_schedule(rng, layer, cfg) -> ConvSchedule:
+    # double buffering on (the compiler's default, 65%) or off (then planned for whole buffers)
+    double = rng.random() < 0.65
     base = default_schedule(layer, cfg)
+    if not double:
+        R, C = cfg.array_rows, cfg.array_cols
+        base = plan_conv(
+            cfg, layer.h, layer.w, layer.oh, layer.ow, layer.kh, layer.kw, layer.strides,
+            layer.dilation, -(-layer.cin // R), -(-layer.cout // C), double_buffer=False,
+        )  # fmt: skip
     if rng.random() < 0.4:
         return base
     knobs = schedule_dict(base)

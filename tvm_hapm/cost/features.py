@@ -25,13 +25,20 @@ import numpy as np
 
 from ..target.config import HardwareConfig
 from ..target.schedule import ConvSchedule
-from .analytic import Analysis, analyze
+from .analytic import Analysis, BatchAnalysis, analyze, analyze_batch
 from .layer import ConvLayer
 
-__all__ = ["FEATURE_SCHEMA_VERSION", "feature_names", "features", "features_from_analysis"]
+__all__ = [
+    "FEATURE_SCHEMA_VERSION",
+    "feature_names",
+    "features",
+    "features_batch",
+    "features_from_analysis",
+    "features_from_batch",
+]
 
 #: Version of the feature definitions below; a saved fine model records it.
-FEATURE_SCHEMA_VERSION = 1
+FEATURE_SCHEMA_VERSION = 2
 
 _LAYER = ("cin", "cout", "h", "w", "oh", "ow", "kh", "kw", "stride", "groups", "macs", "params")
 _HW = ("arrays", "rows", "cols", "inp_depth", "wgt_depth", "acc_depth", "bytes_per_cycle",
@@ -110,3 +117,51 @@ def features(
     """The feature vector of ``(layer, cfg, schedule, sparsity)`` (float32, see
     :func:`feature_names`)."""
     return features_from_analysis(layer, cfg, analyze(layer, cfg, schedule, sparsity))
+
+
+def _lv(x) -> np.ndarray:
+    return np.log2(1.0 + np.maximum(np.asarray(x, np.float64), 0.0))
+
+
+def features_from_batch(ba: BatchAnalysis) -> np.ndarray:
+    """The ``(n, features)`` float32 matrix of a batch analysis: row ``i`` equals
+    :func:`features_from_analysis` of query ``i`` (to float rounding)."""
+    q, c = ba.columns, ba.counts
+    f = lambda k: q[k].astype(np.float64)  # noqa: E731
+    cin, cout, h, w, oh, ow = f("cin"), f("cout"), f("h"), f("w"), f("oh"), f("ow")
+    kh, kw, groups = f("kh"), f("kw"), f("groups")
+    cob, cib = f("cob"), f("cib")
+    cols = [
+        _lv(cin), _lv(cout), _lv(h), _lv(w), _lv(oh), _lv(ow), kh, kw, f("stride"),
+        _lv(groups), _lv(c["macs_dense"]), _lv(cout * (cin // groups) * kh * kw),
+        ((groups > 1) & (groups == cin)).astype(np.float64),
+        ((h == 1) & (w == 1) & (kh == 1) & (kw == 1)).astype(np.float64),
+        f("arrays"), f("rows"), f("cols"), _lv(f("inp_depth")), _lv(f("wgt_depth")),
+        _lv(f("acc_depth")), _lv(f("bytes_per_cycle")), _lv(f("dram_latency")),
+        f("act_bits"), f("weight_bits"), _lv(f("macs_per_cycle")),
+    ]  # fmt: skip
+    for name in _sched_fields():
+        cols.append(_lv(q[f"sched_{name}"]))
+    cols += [
+        np.minimum(f("sched_tile_h"), oh) / oh,
+        np.minimum(f("sched_tile_w"), ow) / ow,
+        np.minimum(f("sched_cob_group"), cob) / cob,
+        np.minimum(f("sched_cib_chunk"), cib) / cib,
+        c["sparsity"],
+        c["round_efficiency"],
+        c["empty_steps"],
+        c["step_nnz_cv"],
+        c["empty_cob"] / cob,
+    ]
+    cols += [_lv(c[k]) for k in _MID_LOG]
+    cols += [c[k] for k in _MID_RAW]
+    mid = np.maximum(c["mid_cycles"], 1.0)
+    cols += [c[k] / mid for k in _MID_FRAC]
+    return np.stack(cols, axis=1).astype(np.float32)
+
+
+def features_batch(queries) -> tuple[np.ndarray, np.ndarray]:
+    """Feature matrix ``(n, features)`` and the mid model's ``(n, 2)`` cycles and energy of
+    ``(layer, cfg, schedule, sparsity)`` queries (one vectorised pass, :func:`analyze_batch`)."""
+    ba = analyze_batch(queries)
+    return features_from_batch(ba), np.stack([ba.cycles, ba.energy_uj], axis=1)

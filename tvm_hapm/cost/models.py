@@ -1,8 +1,10 @@
 """Cost models of the hapm_fpga accelerator behind one interface (HW-Flow's three levels).
 
 Every model answers ``predict(layer, config, schedule=None, sparsity=None) -> Cost`` (cycles and
-energy in uJ of one layer) and ``predict_network(layers, config, ...)`` (the sum over layers,
-which run one after the other):
+energy in uJ of one layer), ``predict_batch(queries) -> (n, 2) array`` of ``(layer, config,
+schedule, sparsity)`` queries (the fast path: one vectorised pass, see ``docs/cost_model.md``),
+``predict_many(queries) -> [Cost]`` and ``predict_network(layers, config, ...)`` (the sum over
+layers, which run one after the other):
 
 * :class:`CoarseModel`: MACs over the peak plus DRAM bytes over the bandwidth.  It ignores the
   schedule; its job is ranking, not absolute numbers.
@@ -27,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from ..target.config import HardwareConfig
-from .analytic import _energy_model, analyze
-from .features import FEATURE_SCHEMA_VERSION, feature_names, features_from_analysis
+from .analytic import _energy_model, analyze_batch
+from .features import FEATURE_SCHEMA_VERSION, feature_names, features_batch
 from .layer import BlockSparsity, ConvLayer, structural_mask
 
 __all__ = [
@@ -71,16 +73,26 @@ def _per_layer(value, n):
 
 
 class CostModel:
-    """Interface of the three levels."""
+    """Interface of the three levels: subclasses implement :meth:`predict_batch`."""
 
     name = "base"
 
+    def predict_batch(self, queries) -> np.ndarray:
+        """``(n, 2)`` float64 cycles and energy (uJ) of ``(layer, config, schedule, sparsity)``
+        queries, in one vectorised pass."""
+        raise NotImplementedError
+
     def predict(self, layer: ConvLayer, config: HardwareConfig, schedule=None, sparsity=None):
-        return self.predict_many([(layer, config, schedule, sparsity)])[0]
+        """Cost of one layer (a batch of one)."""
+        c, e = self.predict_batch([(layer, config, schedule, sparsity)])[0]
+        return Cost(float(c), float(e))
 
     def predict_many(self, items) -> list[Cost]:
-        """Costs of ``(layer, config, schedule, sparsity)`` tuples (batched where possible)."""
-        return [self.predict(*it) for it in items]
+        """Costs of ``(layer, config, schedule, sparsity)`` tuples (one batch)."""
+        items = list(items)
+        if not items:
+            return []
+        return [Cost(c, e) for c, e in self.predict_batch(items).tolist()]
 
     def predict_network(
         self, layers, config: HardwareConfig, schedules=None, sparsities=None
@@ -89,10 +101,10 @@ class CostModel:
         value for all layers or a list with one per layer."""
         n = len(layers)
         items = list(zip(layers, [config] * n, _per_layer(schedules, n), _per_layer(sparsities, n)))
-        total = Cost(0.0, 0.0)
-        for c in self.predict_many(items):
-            total = total + c
-        return total
+        if not items:
+            return Cost(0.0, 0.0)
+        cycles, energy = self.predict_batch(items).sum(axis=0).tolist()
+        return Cost(cycles, energy)
 
 
 def _fraction(layer, config, sparsity) -> float:
@@ -117,21 +129,25 @@ class CoarseModel(CostModel):
 
     name = "coarse"
 
-    def predict(self, layer, config, schedule=None, sparsity=None) -> Cost:
-        keep = 1.0 - _fraction(layer, config, sparsity)
-        macs = layer.macs * keep
-        ab = config.act_bytes
-        nbytes = (
-            layer.n * layer.cin * layer.h * layer.w * ab
-            + layer.params * config.weight_bytes * keep
-            + layer.n * layer.cout * layer.oh * layer.ow * ab
+    def predict_batch(self, queries) -> np.ndarray:
+        rows = []
+        for layer, config, _schedule, sparsity in queries:
+            em = _energy_model(config)
+            rows.append((
+                1.0 - _fraction(layer, config, sparsity), layer.macs, layer.params,
+                layer.n * layer.cin * layer.h * layer.w, layer.n * layer.cout * layer.oh * layer.ow,
+                config.act_bytes, config.weight_bytes, config.macs_per_cycle,
+                config.dram_bytes_per_cycle, config.clock_mhz, em.mac_pj, em.dram_pj_per_byte,
+                em.table["static_mw"],
+            ))  # fmt: skip
+        keep, macs, params, n_in, n_out, ab, wb, mpc, bpc, clock, mac_pj, dram_pj, static = (
+            np.array(rows, dtype=np.float64).reshape(-1, 13).T
         )
-        cycles = macs / config.macs_per_cycle + nbytes / config.dram_bytes_per_cycle
-        em = _energy_model(config)
-        energy = (macs * em.mac_pj + nbytes * em.dram_pj_per_byte) * 1e-6 + em.table[
-            "static_mw"
-        ] * cycles / config.clock_mhz / 1e3
-        return Cost(float(cycles), float(energy))
+        macs = macs * keep
+        nbytes = n_in * ab + params * wb * keep + n_out * ab
+        cycles = macs / mpc + nbytes / bpc
+        energy = (macs * mac_pj + nbytes * dram_pj) * 1e-6 + static * cycles / clock / 1e3
+        return np.stack([cycles, energy], axis=1)
 
 
 class MidModel(CostModel):
@@ -139,9 +155,9 @@ class MidModel(CostModel):
 
     name = "mid"
 
-    def predict(self, layer, config, schedule=None, sparsity=None) -> Cost:
-        a = analyze(layer, config, schedule, sparsity)
-        return Cost(a.cycles, a.energy_uj)
+    def predict_batch(self, queries) -> np.ndarray:
+        ba = analyze_batch(queries)
+        return np.stack([ba.cycles, ba.energy_uj], axis=1)
 
 
 class FineModel(CostModel):
@@ -158,19 +174,23 @@ class FineModel(CostModel):
 
     name = "fine"
 
-    def __init__(self, boosters: dict, meta: dict | None = None):
+    def __init__(self, boosters: dict, meta: dict | None = None, nthread: int = 1):
         self.boosters = boosters
         self.meta = dict(meta or {})
         self.feature_names = feature_names()
+        self.set_nthread(nthread)
+
+    def set_nthread(self, nthread: int) -> None:
+        """Threads of XGBoost's predictor (default 1: a batch of a few hundred rows is done in
+        about a millisecond, and on a busy machine more threads only add contention; 0 = all
+        cores, for batches of many thousands)."""
+        for b in self.boosters.values():
+            b.set_param({"nthread": int(nthread)})
 
     # ---------------------------------------------------------------- prediction
     def features_many(self, items):
-        rows, mids = [], []
-        for layer, config, schedule, sparsity in items:
-            a = analyze(layer, config, schedule, sparsity)
-            rows.append(features_from_analysis(layer, config, a))
-            mids.append((a.cycles, a.energy_uj))
-        return np.stack(rows), np.asarray(mids, dtype=np.float64)
+        """Feature matrix and the mid model's ``(n, 2)`` predictions of the queries."""
+        return features_batch(items)
 
     def predict_matrix(self, X: np.ndarray, mids: np.ndarray) -> np.ndarray:
         """``(n, 2)`` cycles and energy from feature rows and the mid model's predictions."""
@@ -178,16 +198,10 @@ class FineModel(CostModel):
         re = self.boosters["energy"].inplace_predict(X)
         return mids * np.exp(np.stack([rc, re], axis=1))
 
-    def predict_many(self, items) -> list[Cost]:
-        items = list(items)
-        if not items:
-            return []
-        X, mids = self.features_many(items)
-        out = self.predict_matrix(X, mids)
-        return [Cost(float(c), float(e)) for c, e in out]
-
-    def predict(self, layer, config, schedule=None, sparsity=None) -> Cost:
-        return self.predict_many([(layer, config, schedule, sparsity)])[0]
+    def predict_batch(self, queries) -> np.ndarray:
+        """One vectorised mid analysis, one feature matrix, one call per booster."""
+        X, mids = features_batch(queries)
+        return self.predict_matrix(X, mids)
 
     # ---------------------------------------------------------------- training
     @classmethod

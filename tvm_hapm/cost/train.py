@@ -2,7 +2,7 @@
 
 ::
 
-    python -m tvm_hapm.cost.train --samples 3000 --cache ~/.cache/tvm_hapm/cost_samples.jsonl
+    python -m tvm_hapm.cost.train --samples 3000 --cache ~/.cache/tvm_hapm/cost_samples_v2.jsonl
     python -m tvm_hapm.cost.train --samples 3000 --output tvm_hapm/data/cost_model_fine.json
 
 The data excludes the layer shapes of ResNet-18 and the MobileNet-style network
@@ -18,9 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .analytic import analyze
 from .dataset import excluded_shapes, generate, spec_objects
-from .features import features_from_analysis
+from .features import features_batch
 from .models import BUNDLED_FINE_MODEL, FineModel
 
 __all__ = ["dataset_matrix", "mape", "train_fine_model"]
@@ -34,17 +33,10 @@ def mape(pred, true) -> float:
 def dataset_matrix(records: list[dict]):
     """Features, simulated ``(cycles, energy)``, mid ``(cycles, energy)`` and ids of the
     measured records (records with errors are skipped)."""
-    X, y, mids, ids = [], [], [], []
-    for r in records:
-        if "result" not in r:
-            continue
-        layer, cfg, sched, mask = spec_objects(r)
-        a = analyze(layer, cfg, sched, mask)
-        X.append(features_from_analysis(layer, cfg, a))
-        y.append((r["result"]["cycles"], r["result"]["energy_uj"]))
-        mids.append((a.cycles, a.energy_uj))
-        ids.append(r["id"])
-    return np.stack(X), np.asarray(y, float), np.asarray(mids, float), np.asarray(ids)
+    records = [r for r in records if "result" in r]
+    X, mids = features_batch([spec_objects(r) for r in records])
+    y = np.asarray([(r["result"]["cycles"], r["result"]["energy_uj"]) for r in records], float)
+    return X, y, mids, np.asarray([r["id"] for r in records])
 
 
 def train_fine_model(
@@ -72,11 +64,11 @@ def train_fine_model(
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--samples", type=int, default=3000)
+    ap.add_argument("--samples", type=int, default=4000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache", default=str(Path.home() / ".cache/tvm_hapm/cost_samples.jsonl"))
+    ap.add_argument("--cache", default=str(Path.home() / ".cache/tvm_hapm/cost_samples_v2.jsonl"))
     ap.add_argument("--output", default=str(BUNDLED_FINE_MODEL))
-    ap.add_argument("--rounds", type=int, default=300)
+    ap.add_argument("--rounds", type=int, default=240)
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--format", default="json", choices=("json", "ubj"))
     args = ap.parse_args(argv)
