@@ -248,3 +248,41 @@ def test_sparse_dispatch_spreads_blocks_over_the_arrays():
         for i in prog.instructions
     ]
     assert r.cycles < 0.9 * TimingModel(cfg).run(fixed).cycles
+
+
+# ------------------------------------------------------------------ ALU-only layers through TIR
+# (shape, mult_a, mult_b, shift, clip); zedboard: 8 lanes, ALU tiles of at most 1023 entries
+ADD_SHAPES = [
+    ((1, 64, 8, 8), 37, -21, 7, (-100, 120)),  # one tile
+    ((2, 13, 5, 5), 300, 5, 9, (-128, 127)),  # odd channels, two images
+    ((1, 16, 32, 32), 3, 4, 2, (0, 127)),  # 2048 entries: tiles 1023, 1023, 2 (partial)
+    ((3, 10), 11, 12, 4, (-5, 5)),  # a 2-D (dense) tensor
+]
+
+
+@pytest.mark.parametrize("case", ADD_SHAPES, ids=str)
+def test_add_tir_route_equals_codegen(case):
+    shape, ma, mb, shift, clip = case
+    args = (CFG, "add", shape, ma, mb, shift, clip)
+    ours, c1 = htir.add_program(*args)
+    ref, c2 = codegen.add_program(*args)
+    assert ours.instructions == ref.instructions, _diff(ours.instructions, ref.instructions)
+    assert ours.slots == ref.slots and c1 == c2 == []
+    assert ours.info["source"] == "tir"
+    rng = np.random.default_rng(5)
+    a = rng.integers(-128, 128, shape).astype(np.int8)
+    b = rng.integers(-128, 128, shape).astype(np.int8)
+
+    def run(prog):
+        y, _ = run_program(prog, Simulator(CFG), [a, b, np.zeros(shape, np.int8)])
+        return y
+
+    np.testing.assert_array_equal(run(ours), run(ref))
+
+
+def test_add_tir_route_tiny_accumulator():
+    cfg = _tiny()  # 256 accumulator entries: tiles of 128 with a partial last tile
+    args = (cfg, "add", (1, 24, 7, 9), 5, 6, 3, (-128, 127))
+    ours, _ = htir.add_program(*args)
+    ref, _ = codegen.add_program(*args)
+    assert ours.instructions == ref.instructions, _diff(ours.instructions, ref.instructions)

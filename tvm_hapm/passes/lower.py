@@ -9,9 +9,11 @@ with::
 
 Convolutions and dense layers are lowered through TIR (:func:`tvm_hapm.target.tir.conv2d_program`:
 TIR definition, ``s_tir`` schedule with the tensor intrinsic, the plugin's TIR passes, the TIR
-walker with the compile-time sparse schedule); a convolution whose planned tiles do not divide its
-output, and the ALU-only layers, use the direct generator :mod:`tvm_hapm.target.codegen`.  Both
-routes give the same slots, constants and instruction stream.
+walker with the compile-time sparse schedule), and so is the residual add
+(:func:`tvm_hapm.target.tir.add_program`).  A convolution whose planned tiles do not divide its
+output, max pooling and global average pooling use the direct generator
+:mod:`tvm_hapm.target.codegen` (also the add's fallback).  Both routes give the same slots,
+constants and instruction stream.
 
 The program bytes and the packed weights are Relax constants, so they are saved with the
 executable (``export_library``) and the executable runs wherever :mod:`tvm_hapm` is imported.
@@ -142,7 +144,7 @@ def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, nam
         clip_call = calls[-2][1]
         clip = (_prim(clip_call.args[1]), _prim(clip_call.args[2]))
         lhs, rhs = casts[0].args[0], casts[1].args[0]
-        prog, consts = codegen.add_program(
+        add_args = (
             cfg,
             name,
             _shape(lhs),
@@ -152,6 +154,11 @@ def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, nam
             clip,
             index,
         )
+        try:
+            prog, consts = tir.add_program(*add_args)
+        except tir.TirLoweringError:
+            prog, consts = codegen.add_program(*add_args)
+            prog.info["source"] = "direct"
         inputs = [arg_of[lhs], arg_of[rhs]]
     elif kind == "global_avg_pool":
         data = calls[0][1].args[0]

@@ -60,6 +60,8 @@ __all__ = [
     "SparseWeights",
     "conv2d_program",
     "dense_program",
+    "add_primfunc",
+    "add_program",
 ]
 
 #: PrimFunc attribute naming the accelerator kernel a scheduled function implements.
@@ -542,6 +544,29 @@ def _bounds(cond, var, other_vars):
     return lows, highs
 
 
+def _predicate_highs(predicates, loop_vars, extents) -> list:
+    """Per loop of a nest, the exclusive upper bound (an expression of the enclosing loops, or
+    ``None``) that the nest's block predicates (a partial tile) put on it.  Unit loops are
+    taken at 0; a predicate giving a lower bound is refused."""
+    ana = tvm.sym.Analyzer()
+    for v, e in zip(loop_vars, extents, strict=True):
+        if e == 1:
+            ana.bind(v, tirx.const(0, "int32"))
+    highs = [None] * len(loop_vars)
+    for pred in predicates:
+        pred = ana.simplify(pred)
+        for j, (v, e) in enumerate(zip(loop_vars, extents, strict=True)):
+            if e == 1:
+                continue
+            others = [w for w, f in zip(loop_vars, extents, strict=True) if w is not v and f > 1]
+            lows, his = _bounds(pred, v, others)
+            if lows:
+                raise TirLoweringError(f"predicate {pred} bounds a tile from below")
+            for hi_ in his:
+                highs[j] = hi_ if highs[j] is None else tirx.min(highs[j], hi_)
+    return highs
+
+
 def _dma_call(cfg: HardwareConfig, nest: _Nest):
     """The ``hapm_fpga.dma_load`` / ``dma_store`` call replacing a copy nest, or ``None`` when
     the nest is not (yet) the 2-D region of one DMA."""
@@ -560,8 +585,8 @@ def _dma_call(cfg: HardwareConfig, nest: _Nest):
         name, chip_scope = DMA_STORE, src_scope
     else:
         return None
-    if nest.predicates:
-        raise TirLoweringError("a copy under a predicate (partial tile) has no DMA form")
+    if nest.predicates and cond is not None:
+        raise TirLoweringError("a padded copy under a predicate (partial tile) has no DMA form")
     E = _entry_elems(cfg, chip_scope)
     loop_vars, extents = nest.loop_vars, nest.extents
     d_coef, d_base = _linear(_flat_index(dst, store.indices), loop_vars)
@@ -629,6 +654,26 @@ def _dma_call(cfg: HardwareConfig, nest: _Nest):
             padded.append((before, ext - end, end - before))
             src_first = src_first + before * coef
         (pads[0], pads[1], row_count), (pads[2], pads[3], col_count) = padded
+    stride_expr = tirx.const(stride, "int32")
+    if nest.predicates:
+        # A partial tile: the rows / columns beyond the predicate's bound are not moved.
+        highs = dict(
+            zip(
+                (_key(v) for v in loop_vars),
+                _predicate_highs(nest.predicates, loop_vars, extents),
+                strict=True,
+            )
+        )
+        bounded = {k for k, h in highs.items() if h is not None}
+        used = {_key(v) for v in (row_var, col_var) if v is not None}
+        if bounded - used:
+            raise TirLoweringError("a predicate bounds a DMA's vector lanes")
+        if row_var is not None and highs[_key(row_var)] is not None:
+            row_count = tirx.max(tirx.min(row_count, highs[_key(row_var)]), 0)
+        if col_var is not None and highs[_key(col_var)] is not None:
+            col_count = tirx.max(tirx.min(col_count, highs[_key(col_var)]), 0)
+        if rows == 1:
+            stride_expr = col_count  # one row: a run of entries (codegen._load_rows)
     ana = tvm.sym.Analyzer()
     args = [
         tirx.op.buffer_data(dst),
@@ -637,7 +682,7 @@ def _dma_call(cfg: HardwareConfig, nest: _Nest):
         ana.simplify(src_first),
         ana.simplify(row_count),
         ana.simplify(col_count),
-        tirx.const(stride, "int32"),
+        ana.simplify(stride_expr),
         *(ana.simplify(p) for p in pads),
     ]
     return tirx.Evaluate(tirx.call_extern("int32", name, *args))
@@ -847,7 +892,9 @@ class _Emitter:
         hit = self._nests.get(k)
         if hit is None:
             nest = _perfect_nest(loop)
-            folds = nest is not None and not nest.predicates and self.fold(nest)
+            folds = (
+                nest is not None and (not nest.predicates or self._is_alu(nest)) and self.fold(nest)
+            )
             hit = self._nests[k] = (nest, folds, loop)
         nest, folds = hit[0], hit[1]
         if folds:
@@ -874,6 +921,11 @@ class _Emitter:
         if _kind(value) == "IntImm":
             return True  # the reduction's init: a reset region, any shape
         return len(nest.loops) <= 3  # two entry loops and the lanes
+
+    @staticmethod
+    def _is_alu(nest: _Nest) -> bool:
+        leaf = nest.leaf
+        return _kind(leaf) == "BufferStore" and _kind(leaf.value) != "IntImm"
 
     @staticmethod
     def _vars_in(expr, loop_vars) -> bool:
@@ -1090,10 +1142,17 @@ class _Emitter:
         info = self._alu.get(k)
         if info is None:
             info = self._alu[k] = self._analyse_alu(nest)
-        dst, operand_buf, lane_key, extents, fields, ops = info
+        dst, operand_buf, lane_key, extents, fields, ops, highs = info
         C = self.cfg.array_cols
         if lane_key is not None:
             self.ev.env[lane_key] = 0
+        if highs is not None:  # a partial tile
+            extents = [
+                e if h is None else max(0, min(e, self.ev(h)))
+                for e, h in zip(extents, highs, strict=True)
+            ]
+            if not min(extents):
+                return
         (dst_b, dst_s), (opd_b, _) = fields[0], fields[1]
         dst_b, opd_b = self.ev(dst_b), self.ev(opd_b)
         opd_addr = self._chip_addr(operand_buf, opd_b)
@@ -1152,6 +1211,17 @@ class _Emitter:
             prod = total.a
             operand = _strip_cast(prod.a)
             ops.append((AluOp.REQUANT, _strip_cast(prod.b), shift))
+        elif _kind(value) == "Mul":
+            operand = value.a
+            ops.append((AluOp.MUL, None, _int(value.b)))
+        elif _kind(value) == "RShift":
+            # (x + 2**(k-1)) >> k: the ALU's rounding shift
+            k = _int(value.b)
+            total = value.a
+            if _kind(total) != "Add" or _int(total.b) != (1 << k) >> 1:
+                raise TirLoweringError(f"shift {value} does not round half up")
+            operand = total.a
+            ops.append((AluOp.SHR, None, k))
         else:
             chain = []
             while _kind(value) in ("Min", "Max"):
@@ -1174,7 +1244,14 @@ class _Emitter:
         extents, fields = self._loop_fields(lanes_nest, [(dst_expr, C), (opd_expr, C)] + srcs)
         if fields[0][1] != fields[1][1]:
             raise TirLoweringError(f"ALU stage {store.value} is not in place")
-        return dst, operand.source, lane_key, extents, fields, ops
+        highs = None
+        if nest.predicates:
+            all_highs = _predicate_highs(nest.predicates, nest.loop_vars, nest.extents)
+            if nest.loops and all_highs[-1] is not None:
+                raise TirLoweringError(f"ALU stage {store.value}: a predicate bounds the lanes")
+            highs = all_highs[:-1] if nest.loops else all_highs
+            highs = [None] * (len(extents) - len(highs)) + highs
+        return dst, operand.source, lane_key, extents, fields, ops, highs
 
 
 def _entries(base: int, outer: int, inner: int, so: int, si: int) -> set[int]:
@@ -1464,6 +1541,104 @@ def dense_program(cfg, layer, data_shape, weight_kn, bias, mult, shift, clip, la
     prog.slots[3] = Slot("out", "output", cfg.act_dtype, (n, m), "act", cfg.array_cols)
     prog.info["kind"] = "dense"
     return prog, consts
+
+
+# =============================================================================================
+# ALU-only layers through TIR
+def _acc_copy(src, name):
+    return te.compute(src.shape, lambda *i: src[i].astype("int32"), name=name)
+
+
+def _clip_stage(cfg, x, lo, hi, name="clip"):
+    """``min(max(x, lo), hi)`` with the bounds inside the activation range (``MAX`` then
+    ``MIN``, as :func:`~tvm_hapm.target.codegen.add_program` emits them)."""
+    amin, amax = cfg.act_range
+    lo, hi = max(amin, lo), min(amax, hi)
+    return te.compute(x.shape, lambda *i: tirx.min(tirx.max(x[i], lo), hi), name=name)
+
+
+def add_primfunc(cfg: HardwareConfig, total: int, mult_a: int, mult_b: int, shift: int, clip):
+    """The residual add ``clip((a*Ma + b*Mb + 2**(S-1)) >> S)`` on ``total`` packed entries of
+    ``C`` lanes (the DRAM layout ``(N, CB, H, W, C)`` flattened), as a TE PrimFunc.
+
+    Stages (all but the output in the accumulator): ``lhs_acc`` / ``rhs_acc`` (the DMA loads),
+    ``lhs_mul`` / ``rhs_mul`` (``MUL`` by an immediate), ``sum`` (``ADD``), ``shr`` (the
+    rounding ``SHR``), ``clip`` (``MAX`` / ``MIN``) and ``out`` (the cast, the store).
+    """
+    C = cfg.array_cols
+    act = cfg.act_dtype
+    lhs = te.placeholder((total, C), act, name="lhs")
+    rhs = te.placeholder((total, C), act, name="rhs")
+    a = _acc_copy(lhs, "lhs_acc")
+    b = _acc_copy(rhs, "rhs_acc")
+    ma = te.compute(
+        a.shape, lambda i, c: a[i, c] * tirx.const(int(mult_a), "int32"), name="lhs_mul"
+    )
+    mb = te.compute(
+        b.shape, lambda i, c: b[i, c] * tirx.const(int(mult_b), "int32"), name="rhs_mul"
+    )
+    s = te.compute(a.shape, lambda i, c: ma[i, c] + mb[i, c], name="sum")
+    rnd = (1 << int(shift)) >> 1
+    sh = te.compute(
+        a.shape,
+        lambda i, c: (s[i, c] + tirx.const(rnd, "int32")) >> tirx.const(int(shift), "int32"),
+        name="shr",
+    )
+    cl = _clip_stage(cfg, sh, *clip)
+    out = te.compute(a.shape, lambda i, c: cl[i, c].astype(act), name="out")
+    func = te.create_prim_func([lhs, rhs, out])
+    layer = {"kind": "add", "config": cfg.name, "total": total, "shift": int(shift)}
+    return func.with_attr(LAYER_ATTR, json.dumps(layer, sort_keys=True))
+
+
+def _schedule_eltwise(func, stages: list[str], tile: int, kind: str, plan: dict, dma_stages=()):  # noqa: PLR0917
+    """Tile the output's entry axis by ``tile`` (as ``[tiles, 1, tile]``: the unit loop makes
+    the DMAs one row of ``tile`` entries with the row pitch ``tile``) and compute every stage
+    (``stages`` in program order) per tile in the accumulator."""
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    out = sch.get_sblock("out")
+    i, _c = sch.get_loops(out)
+    io, _one, _ii = sch.split(i, [None, 1, tile])
+    for name in reversed(stages):
+        blk = sch.get_sblock(name)
+        sch.compute_at(blk, io, preserve_unit_loops=True, index=0)
+        sch.set_scope(blk, 0, SCOPE_ACC)
+        if name in dma_stages:  # one row of `tile` entries, pitch `tile` (codegen._load_rows)
+            sch.split(sch.get_loops(blk)[1], [1, None])
+    new = sch.mod["main"].with_attrs(
+        {KERNEL_ATTR: kind, SCHEDULE_ATTR: json.dumps(plan, sort_keys=True)}
+    )
+    return s_tir.Schedule(tvm.IRModule({"main": new}))
+
+
+def add_program(cfg, layer, shape, mult_a, mult_b, shift, clip, layer_index=0):  # noqa: PLR0917
+    """Program of a residual add through TIR; same interface, slots and (instruction by
+    instruction) stream as :func:`tvm_hapm.target.codegen.add_program`.
+
+    A last tile shorter than the planned one is a predicated tile: its DMAs and ALU loops
+    are shortened by the walker.
+    """
+    from . import codegen  # noqa: PLC0415 - codegen is the cross-check, imported lazily
+    from .schedule import plan_eltwise  # noqa: PLC0415
+
+    C = cfg.array_cols
+    n, c, h, w = (int(v) for v in (tuple(shape) + (1, 1))[:4])
+    codegen._check_clip(cfg, *clip)
+    total = n * (-(-c // C)) * h * w
+    sched = plan_eltwise(cfg, total, buffers=2)
+    func = add_primfunc(cfg, total, mult_a, mult_b, shift, clip)
+    stages = ["lhs_acc", "rhs_acc", "lhs_mul", "rhs_mul", "sum", "shr", "clip"]
+    sch = _schedule_eltwise(
+        func, stages, sched.tile, "add", sched.to_dict(), dma_stages=("lhs_acc", "rhs_acc")
+    )
+    insns = emit_program(sch, cfg)
+    slots = [
+        Slot("lhs", "input", cfg.act_dtype, shape, "act", C),
+        Slot("rhs", "input", cfg.act_dtype, shape, "act", C),
+        Slot("out", "output", cfg.act_dtype, shape, "act", C),
+    ]
+    info = {"kind": "add", "schedule": sched.to_dict(), "source": "tir"}
+    return Program(layer, cfg, slots, insns, layer_index, info), []
 
 
 # =============================================================================================
