@@ -1125,6 +1125,13 @@ def _accuracy_table(y_float, y_int8, labels) -> Table:
 
 
 # ---------------------------------------------------------------------------------- parser
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    """``--target`` or ``--config``: the accelerator a subcommand compiles for."""
+    grp = p.add_mutually_exclusive_group()
+    grp.add_argument("--target", default=None, help="hapm_fpga target tag (default hapm_fpga)")
+    grp.add_argument("--config", default=None, metavar="CONFIG.json", help="custom hardware")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``hapm`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -1143,9 +1150,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="use the first K samples of the calibration data (default 16)",
     )
-    grp = p.add_mutually_exclusive_group()
-    grp.add_argument("--target", default=None, help="hapm_fpga target tag (default hapm_fpga)")
-    grp.add_argument("--config", default=None, metavar="CONFIG.json", help="custom hardware")
+    _add_target_args(p)
     p.add_argument(
         "--batch", type=int, default=1, help="batch size if the model's batch is symbolic"
     )
@@ -1157,9 +1162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL.onnx")
     p.add_argument("--method", default="hapm", help="hapm | unstructured (| filter: Relax only)")
     p.add_argument("--sparsity", type=float, required=True)
-    grp = p.add_mutually_exclusive_group()
-    grp.add_argument("--target", default=None, help="hapm_fpga target tag (default hapm_fpga)")
-    grp.add_argument("--config", default=None, metavar="CONFIG.json", help="custom hardware")
+    _add_target_args(p)
     p.add_argument(
         "--data", default=None, metavar="DATA.npz", help="x_train/y_train to fine-tune on"
     )
@@ -1173,9 +1176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data", required=True, metavar="DATA.npz", help="x_train, y_train, x_test, y_test"
     )
-    grp = p.add_mutually_exclusive_group()
-    grp.add_argument("--target", default=None, help="hapm_fpga target tag (default hapm_fpga)")
-    grp.add_argument("--config", default=None, metavar="CONFIG.json", help="custom hardware")
+    _add_target_args(p)
     p.add_argument("--objective", choices=("latency", "energy"), default="latency")
     p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="percentage points")
     p.add_argument("--level", choices=("coarse", "mid", "fine", "sim"), default="fine")
@@ -1192,9 +1193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--calibration", default=None, metavar="DATA.npy", help="default: one random sample"
     )
-    grp = p.add_mutually_exclusive_group()
-    grp.add_argument("--target", default=None, help="hapm_fpga target tag (default hapm_fpga)")
-    grp.add_argument("--config", default=None, metavar="CONFIG.json", help="custom hardware")
+    _add_target_args(p)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--trials", type=int, default=16, help="measurements per layer")
     p.add_argument("--strategy", choices=("guided", "random"), default="guided")
@@ -1221,9 +1220,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--calibration", default=None, metavar="DATA.npy", help="default: one random sample"
     )
     p.add_argument("--calibration-samples", type=int, default=16, metavar="K")
-    grp = p.add_mutually_exclusive_group()
-    grp.add_argument("--target", default=None, help="hapm_fpga target tag (default hapm_fpga)")
-    grp.add_argument("--config", default=None, metavar="CONFIG.json", help="custom hardware")
+    _add_target_args(p)
     p.add_argument("--input", default=None, metavar="X.npy", help="default: a random input")
     p.add_argument(
         "--batch", type=int, default=1, help="batch size if the model's batch is symbolic"
