@@ -286,3 +286,99 @@ def test_add_tir_route_tiny_accumulator():
     ours, _ = htir.add_program(*args)
     ref, _ = codegen.add_program(*args)
     assert ours.instructions == ref.instructions, _diff(ours.instructions, ref.instructions)
+
+
+# (shape, mult, shift, clip)
+GAP_SHAPES = [
+    ((1, 64, 8, 8), 77, 9, (-100, 120)),  # one tile, MAX and MIN clip
+    ((2, 13, 5, 5), 300, 11, (-128, 127)),  # odd channels, two images, no clip instruction
+    ((3, 8, 7, 7), 21, 6, (0, 127)),  # batch 3, MAX only
+    ((1, 16, 40, 40), 5, 13, (-128, 100)),  # 1600 pixels: tiles 1023, 577 (partial)
+]
+
+
+def _gap_check(cfg, case, seed=0):
+    shape, mult, shift, clip = case
+    args = (cfg, "gap", shape, mult, shift, clip)
+    ours, c1 = htir.global_avg_pool_program(*args)
+    ref, c2 = codegen.global_avg_pool_program(*args)
+    assert ours.instructions == ref.instructions, _diff(ours.instructions, ref.instructions)
+    assert ours.slots == ref.slots and ours.info["source"] == "tir"
+    for a, b in zip(c1, c2, strict=True):
+        np.testing.assert_array_equal(a, b)
+    x = np.random.default_rng(seed).integers(-128, 128, shape).astype(np.int8)
+    np.testing.assert_array_equal(_run(cfg, ours, x, c1), _run(cfg, ref, x, c2))
+
+
+@pytest.mark.parametrize("case", GAP_SHAPES, ids=str)
+def test_global_avg_pool_tir_route_equals_codegen(case):
+    _gap_check(CFG, case)
+
+
+def test_global_avg_pool_tir_route_tiny_accumulator():
+    # 256 accumulator entries, 2 reserved: pixel tiles of 254 with a partial last tile
+    _gap_check(_tiny(), ((2, 20, 20, 20), 9, 12, (-50, 50)), seed=3)
+
+
+# (shape, pool, stride, padding (t, l, b, r), dilation)
+MAXPOOL_SHAPES = [
+    ((1, 16, 8, 8), 3, 2, (1, 1, 1, 1), 1),  # padded windows (pad_min), 2x2 tiles
+    ((2, 13, 9, 9), 2, 2, (0, 0, 0, 0), 1),  # odd channels, two images
+    ((3, 5, 10, 10), 3, 1, (2, 2, 2, 2), 2),  # batch 3, dilation 2
+    ((1, 64, 56, 56), 3, 2, (1, 1, 1, 1), 1),  # ResNet stem pool
+    ((1, 8, 9, 9), 1, 1, (0, 0, 0, 0), 1),  # 1x1 window
+    ((1, 8, 11, 10), 3, 2, (0, 1, 1, 0), 1),  # asymmetric padding
+]
+
+
+def _maxpool_check(cfg, case, seed=0):
+    shape, k, s, pad, d = case
+    args = (cfg, "pool", shape, (k, k), (s, s), pad, (d, d))
+    ours, c1 = htir.max_pool2d_program(*args)
+    ref, c2 = codegen.max_pool2d_program(*args)
+    assert ours.instructions == ref.instructions, _diff(ours.instructions, ref.instructions)
+    assert ours.slots == ref.slots and c1 == c2 == [] and ours.info["source"] == "tir"
+    x = np.random.default_rng(seed).integers(-128, 128, shape).astype(np.int8)
+    x.reshape(-1)[::7] = -128  # the minimum, also what the padding holds
+    np.testing.assert_array_equal(_run(cfg, ours, x, c1), _run(cfg, ref, x, c2))
+    return ours
+
+
+@pytest.mark.parametrize("case", MAXPOOL_SHAPES, ids=str)
+def test_max_pool_tir_route_equals_codegen(case):
+    _maxpool_check(CFG, case)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [((1, 64, 56, 56), 3, 2, (1, 1, 1, 1), 1), ((1, 16, 32, 32), 2, 2, (0, 0, 0, 0), 1)],
+    ids=str,
+)
+def test_max_pool_tir_route_tiny_accumulator(case):
+    prog = _maxpool_check(_tiny(), case, seed=1)
+    sched = prog.info["schedule"]
+    assert sched["tile_h"] * sched["tile_w"] < 28 * 28  # tiled
+
+
+def test_max_pool_tiles_that_do_not_divide_are_refused():
+    args = (_tiny(), "pool", (2, 24, 14, 14), (3, 3), (2, 2), (1, 1, 1, 1))
+    with pytest.raises(htir.TirLoweringError):
+        htir.max_pool2d_program(*args)
+
+
+def test_relax_flow_lowers_pools_through_tir():
+    import tvm  # noqa: PLC0415
+    from conftest import build_int_network, llvm_reference, run_vm  # noqa: PLC0415
+
+    from tvm_hapm.passes import hapm_pipeline  # noqa: PLC0415
+
+    cfg = get_config("hapm_fpga")
+    mod = build_int_network(cfg)
+    programs = []
+    ex = tvm.compile(mod, target="hapm_fpga", relax_pipeline=hapm_pipeline(cfg, programs))
+    source = {p.info["kind"]: p.info["source"] for p in programs}
+    assert source["max_pool2d"] == source["global_avg_pool"] == "tir", source
+    shape = [int(v) for v in mod["main"].params[0].ty.shape]
+    x = np.random.default_rng(2).integers(-128, 128, shape).astype(np.int8)
+    for r, o in zip(llvm_reference(mod, x), run_vm(ex, x), strict=True):
+        np.testing.assert_array_equal(o, r)

@@ -9,11 +9,13 @@ with::
 
 Convolutions and dense layers are lowered through TIR (:func:`tvm_hapm.target.tir.conv2d_program`:
 TIR definition, ``s_tir`` schedule with the tensor intrinsic, the plugin's TIR passes, the TIR
-walker with the compile-time sparse schedule), and so is the residual add
-(:func:`tvm_hapm.target.tir.add_program`).  A convolution whose planned tiles do not divide its
-output, max pooling and global average pooling use the direct generator
-:mod:`tvm_hapm.target.codegen` (also the add's fallback).  Both routes give the same slots,
-constants and instruction stream.
+walker with the compile-time sparse schedule), and so are the residual add
+(:func:`tvm_hapm.target.tir.add_program`), global average pooling
+(:func:`tvm_hapm.target.tir.global_avg_pool_program`) and max pooling
+(:func:`tvm_hapm.target.tir.max_pool2d_program`).  A convolution or a max pooling whose planned
+tiles do not divide its output uses the direct generator :mod:`tvm_hapm.target.codegen` (also
+the fallback of the add and of global average pooling); its program's ``info["source"]`` is
+``"direct"``.  Both routes give the same slots, constants and instruction stream.
 
 The program bytes and the packed weights are Relax constants, so they are saved with the
 executable (``export_library``) and the executable runs wherever :mod:`tvm_hapm` is imported.
@@ -163,15 +165,18 @@ def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, nam
     elif kind == "global_avg_pool":
         data = calls[0][1].args[0]
         mult, shift, clip = _requant_params(calls)
-        prog, consts = codegen.global_avg_pool_program(
-            cfg, name, _shape(data), int(mult[0]), shift, clip, index
-        )
+        gap_args = (cfg, name, _shape(data), int(mult[0]), shift, clip, index)
+        try:
+            prog, consts = tir.global_avg_pool_program(*gap_args)
+        except tir.TirLoweringError:
+            prog, consts = codegen.global_avg_pool_program(*gap_args)
+            prog.info["source"] = "direct"
         inputs = [arg_of[data]]
     elif kind == "max_pool2d":
         pool = calls[0][1]
         a = pool.attrs
         data = pool.args[0]
-        prog, consts = codegen.max_pool2d_program(
+        pool_args = (
             cfg,
             name,
             _shape(data),
@@ -181,6 +186,12 @@ def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, nam
             [int(v) for v in a.dilation],
             index,
         )
+        try:
+            prog, consts = tir.max_pool2d_program(*pool_args)
+        except tir.TirLoweringError:
+            # Planned tiles that do not divide the output: the direct generator's partial tiles.
+            prog, consts = codegen.max_pool2d_program(*pool_args)
+            prog.info["source"] = "direct"
         inputs = [arg_of[data]]
     else:
         raise LoweringError(f"no lowering for composite {kind!r}")

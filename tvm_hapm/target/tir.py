@@ -496,18 +496,25 @@ def _entry_elems(cfg: HardwareConfig, scope: str) -> int:
 
 
 def _copy_parts(store):
-    """``(src_load, condition or None)`` of a copy ``dst[...] = [cast](src[...])`` with optional
-    ``if_then_else(cond, src[...], 0)`` padding; ``None`` if the store is not a copy."""
+    """``(src_load, condition or None, pad_min)`` of a copy ``dst[...] = [cast](src[...])`` with
+    optional ``if_then_else(cond, src[...], v)`` padding, ``v`` 0 or (``pad_min``) the minimum
+    of the source's element type; ``None`` if the store is not a copy."""
     value = _strip_cast(store.value)
-    cond = None
+    cond, pad_min = None, 0
     if _is_call(value, "prim.if_then_else") or _is_call(value, "tirx.if_then_else"):
         cond, then, other = value.args
-        if _kind(_strip_cast(other)) != "IntImm" or int(_strip_cast(other).value) != 0:
-            return None
+        other = _strip_cast(other)
         value = _strip_cast(then)
+        if _kind(other) != "IntImm" or _kind(value) != "TensorLoad":
+            return None
+        lowest = -(1 << (tvm.DataType(str(value.source.ty.dtype)).bits - 1))
+        if int(other.value) == lowest:
+            pad_min = 1
+        elif int(other.value) != 0:
+            return None
     if _kind(value) != "TensorLoad":
         return None
-    return value, cond
+    return value, cond, pad_min
 
 
 def _conjuncts(cond):
@@ -576,7 +583,7 @@ def _dma_call(cfg: HardwareConfig, nest: _Nest):
     parts = _copy_parts(store)
     if parts is None:
         return None
-    load, cond = parts
+    load, cond, pad_min = parts
     dst, src = store.buffer, load.source
     dst_scope, src_scope = _buffer_scope(dst), _buffer_scope(src)
     if dst_scope in _SCOPE_BUFFER and src_scope not in _SCOPE_BUFFER:
@@ -685,6 +692,8 @@ def _dma_call(cfg: HardwareConfig, nest: _Nest):
         ana.simplify(stride_expr),
         *(ana.simplify(p) for p in pads),
     ]
+    if pad_min:
+        args.append(tirx.const(1, "int32"))  # the padding is the element type's minimum
     return tirx.Evaluate(tirx.call_extern("int32", name, *args))
 
 
@@ -699,13 +708,15 @@ def InjectDMA(cfg: HardwareConfig | None = None):  # noqa: N802 - TVM pass namin
     into runs.  The call is::
 
         hapm_fpga.dma_load(dst, dst_elem_offset, src, src_elem_offset, rows, cols, x_stride,
-                           pad_top, pad_bottom, pad_left, pad_right)
+                           pad_top, pad_bottom, pad_left, pad_right[, pad_min])
         hapm_fpga.dma_store(dst, dst_elem_offset, src, src_elem_offset, rows, cols, x_stride,
                             0, 0, 0, 0)
 
     ``rows`` / ``cols`` count the DRAM entries moved, the pads the entries generated on chip,
     ``x_stride`` is the DRAM row pitch in entries and the offsets (in elements) address the
-    first moved DRAM entry and the first (padded) on-chip entry.  Pads and offsets are
+    first moved DRAM entry and the first (padded) on-chip entry.  A padding by the minimum of
+    the element type (``if_then_else(cond, dram[...], -2**(bits-1))``, max pooling) adds the
+    argument ``pad_min = 1``.  Pads and offsets are
     expressions of the enclosing loops.
     """
 
@@ -838,6 +849,22 @@ class _Emitter:
         }
         self.pending_reset: set[int] = set()
         self.seq: list[Instruction] = []
+        gemms = []
+        tvm_ffi.structural_walk(
+            func.body,
+            (tirx.Evaluate, lambda ev: gemms.append(_is_call(ev.value, GEMM_MARKER)) and None),
+        )
+        #: An ALU-only layer (no GEMM): a reduction's init ``acc = v`` is ``MUL 0`` (then
+        #: ``ADD v``), not a reset flag.
+        self.alu_only = not any(gemms)
+        layer = (
+            json.loads(str(func.attrs[LAYER_ATTR]))
+            if func.attrs and LAYER_ATTR in func.attrs
+            else {}
+        )
+        #: Whether contiguous ALU loop nests become one run (``outer = 1``), as the direct
+        #: generator's convolution and add epilogues are; its pooling layers keep the loops.
+        self.alu_runs = bool(layer.get("alu_runs", True))
         self.weights: SparseWeights | None = weights
         if weights is not None:
             weights.param = _key(func.params[1])
@@ -858,6 +885,7 @@ class _Emitter:
         self._gemm: dict[int, tuple] = {}
         self._reset: dict[int, tuple] = {}
         self._alu: dict[int, tuple] = {}
+        self._init: dict[int, tuple] = {}
 
     # ------------------------------------------------------------------ walk
     def visit(self, stmt) -> None:
@@ -918,7 +946,7 @@ class _Emitter:
                 )
             return False
         value = leaf.value
-        if _kind(value) == "IntImm":
+        if _kind(value) == "IntImm" and not self.alu_only:
             return True  # the reduction's init: a reset region, any shape
         return len(nest.loops) <= 3  # two entry loops and the lanes
 
@@ -1014,7 +1042,10 @@ class _Emitter:
                 raise TirLoweringError(f"unexpected call {call}")
             return
         if _kind(leaf.value) == "IntImm":
-            self.mark_reset(nest)
+            if self.alu_only:
+                self.emit_init(nest)
+            else:
+                self.mark_reset(nest)
         else:
             self.emit_alu(nest)
 
@@ -1034,6 +1065,8 @@ class _Emitter:
                 "dram_slot": self.slots[_key(dram)],
                 "elem_bits_code": _ELEM_CODE[bits],
             }
+            if len(a) > 12 and _int(a[12]):
+                fields["pad_min"] = 1
             info = (
                 is_load, chip, dram, chip_off, dram_off, _entry_elems(self.cfg, scope), fields,
                 list(a[5:12]),
@@ -1137,6 +1170,36 @@ class _Emitter:
         b = self.ev(base)
         self.pending_reset |= {first + int(o) for o in np.unique((offsets + b) // C)}
 
+    def emit_init(self, nest: _Nest) -> None:
+        """The reduction's init ``acc = v`` of an ALU-only layer: ``MUL 0``, then ``ADD v``."""
+        k = _key(nest.leaf)
+        info = self._init.get(k)
+        if info is None:
+            store = nest.leaf
+            C = self.cfg.array_cols
+            if nest.predicates:
+                raise TirLoweringError(f"a predicated init of {store.buffer.name}")
+            if nest.loops and nest.extents[-1] != C:
+                raise TirLoweringError(
+                    f"init of {store.buffer.name}: innermost loop is not the lanes"
+                )
+            lanes_nest = _Nest(nest.loops[:-1], [], store) if nest.loops else nest
+            extents, fields = self._loop_fields(
+                lanes_nest, [(_flat_index(store.buffer, store.indices), C)]
+            )
+            lane_key = _key(nest.loop_vars[-1]) if nest.loops else None
+            info = (store.buffer, lane_key, extents, fields[0], _int(store.value))
+            self._init[k] = info
+        buf, lane_key, (outer, inner), (base, (so, si)), value = info
+        if lane_key is not None:
+            self.ev.env[lane_key] = 0
+        addr = self._chip_addr(buf, self.ev(base))
+        if self.alu_runs and so == inner * si and outer * inner <= _MAX_LOOP:
+            outer, inner, so = 1, outer * inner, 0
+        self.seq.append(_alu_insn(AluOp.MUL, addr, 0, outer, inner, so, si, 0, 0, 0))
+        if value:
+            self.seq.append(_alu_insn(AluOp.ADD, addr, value, outer, inner, so, si, 0, 0, 0))
+
     def emit_alu(self, nest: _Nest) -> None:
         k = _key(nest.leaf)
         info = self._alu.get(k)
@@ -1168,7 +1231,7 @@ class _Emitter:
             else:
                 src, src_so, src_si = 0, 0, 0
             o, i, dso, dsi = outer, inner, dst_s[0], dst_s[1]
-            if dso == i * dsi and src_so == i * src_si and o * i <= _MAX_LOOP:
+            if self.alu_runs and dso == i * dsi and src_so == i * src_si and o * i <= _MAX_LOOP:
                 o, i, dso, src_so = 1, o * i, 0, 0  # one contiguous run
             if first and self.pending_reset:
                 # Every GEMM of this accumulator region was dropped (all-zero weight blocks):
@@ -1222,6 +1285,10 @@ class _Emitter:
                 raise TirLoweringError(f"shift {value} does not round half up")
             operand = total.a
             ops.append((AluOp.SHR, None, k))
+        elif _kind(value) == "Max" and _kind(_strip_cast(value.b)) == "TensorLoad":
+            # a MAX reduction step: max(acc, src) (max pooling's window taps)
+            operand = value.a
+            ops.append((AluOp.MAX, _strip_cast(value.b), None))
         else:
             chain = []
             while _kind(value) in ("Min", "Max"):
@@ -1638,6 +1705,236 @@ def add_program(cfg, layer, shape, mult_a, mult_b, shift, clip, layer_index=0): 
         Slot("out", "output", cfg.act_dtype, shape, "act", C),
     ]
     info = {"kind": "add", "schedule": sched.to_dict(), "source": "tir"}
+    return Program(layer, cfg, slots, insns, layer_index, info), []
+
+
+def global_avg_pool_primfunc(cfg: HardwareConfig, entries: int, pixels: int, shift: int, clip):
+    """Global average pooling on ``entries`` packed channel vectors (``N * CB``) of ``pixels``
+    (``H * W``) entries each, as a TE PrimFunc.
+
+    Stages (all but the output in the accumulator): ``mult_acc`` (the multiplier row, one
+    32-bit DMA), ``data_acc`` (the DMA loads), ``sum`` (the reduction over the pixels: a
+    ``MUL 0`` init, then ``ADD`` with destination strides 0), ``requant`` (``REQUANT`` by the
+    multiplier row), ``clip`` (``MAX`` / ``MIN`` beyond the activation range) and ``out``.
+    """
+    C = cfg.array_cols
+    act = cfg.act_dtype
+    amin, amax = cfg.act_range
+    lo, hi = (int(v) for v in clip)
+    if shift < 1:
+        raise TirLoweringError(f"shift {shift}: REQUANT rounds half up by 2**(shift-1)")
+    data = te.placeholder((entries, pixels, C), act, name="data")
+    mult = te.placeholder((1, C), "int32", name="mult")
+    mult_acc = te.compute(mult.shape, lambda i, c: mult[i, c], name="mult_acc")
+    x = _acc_copy(data, "data_acc")
+    p = te.reduce_axis((0, pixels), "p")
+    s = te.compute((entries, C), lambda e, c: te.sum(x[e, p, c], axis=p), name="sum")
+    i64 = "int64"
+    requant = te.compute(
+        s.shape,
+        lambda e, c: tirx.max(
+            tirx.min(
+                (
+                    s[e, c].astype(i64) * mult_acc[0, c].astype(i64)
+                    + tirx.const(1 << (shift - 1), i64)
+                )
+                >> tirx.const(shift, i64),
+                tirx.const(amax, i64),
+            ),
+            tirx.const(amin, i64),
+        ).astype("int32"),
+        name="requant",
+    )
+    last = requant
+    if lo > amin or hi < amax:
+
+        def _clip(e, c):
+            v = requant[e, c]
+            if lo > amin:
+                v = tirx.max(v, lo)
+            if hi < amax:
+                v = tirx.min(v, hi)
+            return v
+
+        last = te.compute(s.shape, _clip, name="clip")
+    out = te.compute(s.shape, lambda e, c: last[e, c].astype(act), name="out")
+    func = te.create_prim_func([data, mult, out])
+    layer = {"kind": "global_avg_pool", "config": cfg.name, "entries": entries,
+             "pixels": pixels, "shift": int(shift), "clip": [lo, hi]}  # fmt: skip
+    return func.with_attr(LAYER_ATTR, json.dumps(layer, sort_keys=True))
+
+
+def schedule_global_avg_pool(func, tile: int, plan: dict) -> s_tir.Schedule:
+    """Per channel vector (``N * CB`` of them, the output's entry axis split ``[e, 1, 1]``: the
+    store is one row with pitch 1): the ``sum`` init, then per pixel tile of ``tile`` entries
+    (the last one predicated) the load and the accumulating ``ADD``, then the epilogue.  The
+    multiplier row is loaded once, first.  Unit loops are dropped from the ALU stages: their
+    strides are 0, as :func:`~tvm_hapm.target.codegen.global_avg_pool_program` emits them."""
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    out = sch.get_sblock("out")
+    e, _c = sch.get_loops(out)
+    eo, _one_a, _one_b = sch.split(e, [None, 1, 1])
+    epilogue = [s for s in ("requant", "clip") if _has_block(sch, s)]
+    for name in reversed(["sum", *epilogue]):
+        blk = sch.get_sblock(name)
+        sch.compute_at(blk, eo, preserve_unit_loops=False, index=0)
+        sch.set_scope(blk, 0, SCOPE_ACC)
+    s = sch.get_sblock("sum")
+    c, p = sch.get_loops(s)[-2:]
+    pt, pi = sch.split(p, [None, tile])
+    sch.reorder(pt, pi, c)
+    x = sch.get_sblock("data_acc")
+    sch.compute_at(x, pt, preserve_unit_loops=True, index=0)
+    sch.set_scope(x, 0, SCOPE_ACC)
+    sch.split(sch.get_loops(x)[-2], [1, None])  # one row of `tile` entries, pitch `tile`
+    m = sch.get_sblock("mult_acc")
+    sch.set_scope(m, 0, SCOPE_ACC)
+    sch.split(sch.get_loops(m)[0], [1, 1])  # one row of one entry, pitch 1
+    sch.decompose_reduction(s, pt)
+    new = sch.mod["main"].with_attrs(
+        {KERNEL_ATTR: "global_avg_pool", SCHEDULE_ATTR: json.dumps(plan, sort_keys=True)}
+    )
+    return s_tir.Schedule(tvm.IRModule({"main": new}))
+
+
+def global_avg_pool_program(cfg, layer, data_shape, mult, shift, clip, layer_index=0):  # noqa: PLR0917
+    """Program of global average pooling through TIR; same interface, slots, constants and
+    (instruction by instruction) stream as
+    :func:`tvm_hapm.target.codegen.global_avg_pool_program`."""
+    from . import codegen  # noqa: PLC0415 - codegen is the cross-check, imported lazily
+    from .schedule import plan_eltwise  # noqa: PLC0415
+
+    C = cfg.array_cols
+    n, c, h, w = (int(v) for v in data_shape)
+    cb = -(-c // C)
+    codegen._check_clip(cfg, *clip)
+    sched = plan_eltwise(cfg, h * w, buffers=1, reserved=2)
+    func = global_avg_pool_primfunc(cfg, n * cb, h * w, int(shift), clip)
+    sch = schedule_global_avg_pool(func, sched.tile, sched.to_dict())
+    insns = emit_program(sch, cfg)
+    mvec = np.full((1, C), int(mult), np.int32)
+    slots = [
+        Slot("data", "input", cfg.act_dtype, (n, c, h, w), "act", C),
+        Slot("mult", "const", "int32", mvec.shape),
+        Slot("out", "output", cfg.act_dtype, (n, c, 1, 1), "act", C),
+    ]
+    info = {"kind": "global_avg_pool", "schedule": sched.to_dict(), "source": "tir"}
+    return Program(layer, cfg, slots, insns, layer_index, info), [mvec]
+
+
+def max_pool2d_primfunc(cfg: HardwareConfig, entries, h, w, pool_size, strides, padding, dilation):  # noqa: PLR0917
+    """Max pooling on ``entries`` packed channel planes (``N * CB``) of ``h x w`` entries, as a
+    TE PrimFunc.
+
+    Stages: ``pad`` (the padded window rows in the accumulator: a DMA whose padding is the
+    minimum of the element type, ``pad_min``), ``pool`` (the window reduction: its init
+    ``MUL 0`` then ``ADD`` the activation minimum, its update one strided ``MAX`` per window
+    tap) and ``out`` (the store).
+    """
+    C = cfg.array_cols
+    act = cfg.act_dtype
+    amin, _ = cfg.act_range
+    kh, kw = pool_size
+    sh, sw = strides
+    dh, dw = dilation
+    pt, pl, pb, pr = padding
+    oh, ow = _out_size(h, pt, pb, kh, sh, dh), _out_size(w, pl, pr, kw, sw, dw)
+    data = te.placeholder((entries, h, w, C), act, name="data")
+    lowest = -(1 << (tvm.DataType(act).bits - 1))  # the DMA's pad_min value
+    pad = te.compute(
+        (entries, h + pt + pb, w + pl + pr, C),
+        lambda e, y, x, c: tirx.if_then_else(
+            tirx.all(y >= pt, y < h + pt, x >= pl, x < w + pl),
+            data[e, y - pt, x - pl, c],
+            tirx.const(lowest, act),
+        ).astype("int32"),
+        name="pad",
+    )
+    fmax = te.comm_reducer(lambda a, b: tirx.max(a, b), lambda t: tirx.const(amin, t), "max")  # noqa: PLW0108
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    pool = te.compute(
+        (entries, oh, ow, C),
+        lambda e, y, x, c: fmax(pad[e, y * sh + ry * dh, x * sw + rx * dw, c], axis=[ry, rx]),
+        name="pool",
+    )
+    out = te.compute(pool.shape, lambda *i: pool[i].astype(act), name="out")
+    func = te.create_prim_func([data, out])
+    layer = {"kind": "max_pool2d", "config": cfg.name, "entries": entries, "h": h, "w": w,
+             "oh": oh, "ow": ow, "alu_runs": False}  # fmt: skip
+    return func.with_attr(LAYER_ATTR, json.dumps(layer, sort_keys=True))
+
+
+def schedule_max_pool2d(func, tile_h: int, tile_w: int, plan: dict) -> s_tir.Schedule:
+    """Per channel plane and ``tile_h x tile_w`` output tile (divisor tiles): the padded input
+    window rows, the init, one ``MAX`` per window tap over the tile, the store (the loop
+    order of :func:`~tvm_hapm.target.codegen.max_pool2d_program`)."""
+    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    out = sch.get_sblock("out")
+    e, y, x, c = sch.get_loops(out)
+    yo, yi = sch.split(y, [None, tile_h])
+    xo, xi = sch.split(x, [None, tile_w])
+    sch.reorder(e, yo, xo, yi, xi, c)
+    pool = sch.get_sblock("pool")
+    sch.compute_at(pool, xo, preserve_unit_loops=True)  # a 1-row tile keeps its strides
+    sch.set_scope(pool, 0, SCOPE_ACC)
+    py, px, pc, ky, kx = sch.get_loops(pool)[-5:]
+    sch.reorder(ky, kx, py, px, pc)
+    pad = sch.get_sblock("pad")
+    sch.compute_at(pad, xo, preserve_unit_loops=True, index=0)
+    sch.set_scope(pad, 0, SCOPE_ACC)
+    sch.decompose_reduction(pool, ky)
+    new = sch.mod["main"].with_attrs(
+        {KERNEL_ATTR: "max_pool2d", SCHEDULE_ATTR: json.dumps(plan, sort_keys=True)}
+    )
+    return s_tir.Schedule(tvm.IRModule({"main": new}))
+
+
+def max_pool2d_program(  # noqa: PLR0917 - the signature of codegen.max_pool2d_program
+    cfg, layer, data_shape, pool_size, strides, padding, dilation=(1, 1), layer_index=0
+):
+    """Program of max pooling through TIR; same interface, slots and (instruction by
+    instruction) stream as :func:`tvm_hapm.target.codegen.max_pool2d_program`.
+
+    The output tiles are those of ``plan_conv(..., pool=True)``; a plan whose tiles do not
+    divide the output is refused (:class:`TirLoweringError`): the direct generator's partial
+    tiles have a smaller window layout than the compacted TIR buffers.
+    """
+    from . import codegen  # noqa: PLC0415 - codegen is the cross-check, imported lazily
+
+    C = cfg.array_cols
+    n, c, h, w = (int(v) for v in data_shape)
+    kh, kw = (int(v) for v in pool_size)
+    sh, sw = (int(v) for v in strides)
+    dh, dw = (int(v) for v in dilation)
+    pt, pl, pb, pr = (int(p) for p in padding)
+    if max(pt, pl, pb, pr) > 15:
+        raise codegen.CodegenError(f"{layer}: padding {padding} exceeds the DMA's pad field")
+    if max(sh, sw, dh, dw) > 63:
+        raise codegen.CodegenError(f"{layer}: stride {strides} exceeds the ALU stride field")
+    oh = _out_size(h, pt, pb, kh, sh, dh)
+    ow = _out_size(w, pl, pr, kw, sw, dw)
+    cb = -(-c // C)
+    sched = plan_conv(cfg, h, w, oh, ow, kh, kw, (sh, sw), (dh, dw), 1, 1, None, pool=True)
+    th, tw = sched.tile_h, sched.tile_w
+    if oh % th or ow % tw:
+        raise TirLoweringError(f"{layer}: the planned {th}x{tw} tiles do not divide {oh}x{ow}")
+    th_in, tw_in = (th - 1) * sh + (kh - 1) * dh + 1, (tw - 1) * sw + (kw - 1) * dw + 1
+    for oh0 in range(0, oh, th):
+        for ow0 in range(0, ow, tw):
+            ih0, iw0 = oh0 * sh - pt, ow0 * sw - pl
+            rows = th_in - max(0, -ih0) - max(0, ih0 + th_in - h)
+            cols = tw_in - max(0, -iw0) - max(0, iw0 + tw_in - w)
+            if rows < 1 or cols < 1:
+                raise codegen.CodegenError(f"{layer}: a window lies entirely in the padding")
+    func = max_pool2d_primfunc(cfg, n * cb, h, w, (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw))
+    sch = schedule_max_pool2d(func, th, tw, sched.to_dict())
+    insns = emit_program(sch, cfg)
+    slots = [
+        Slot("data", "input", cfg.act_dtype, (n, c, h, w), "act", C),
+        Slot("out", "output", cfg.act_dtype, (n, c, oh, ow), "act", C),
+    ]
+    info = {"kind": "max_pool2d", "schedule": sched.to_dict(), "source": "tir"}
     return Program(layer, cfg, slots, insns, layer_index, info), []
 
 
