@@ -29,11 +29,10 @@ PRUNE_METHODS = ("hapm", "unstructured")
 def _pass(method: str, sparsity: float, config, criterion: str, skip):
     from .passes import HardwareAwarePrune, MagnitudePrune  # noqa: PLC0415
 
-    per_layer = {name: 0.0 for name in skip}
     if method == "hapm":
         return HardwareAwarePrune(sparsity, config=config, criterion=criterion, skip=skip)
     if method == "unstructured":
-        return MagnitudePrune(sparsity, criterion=criterion, per_layer=per_layer or None)
+        return MagnitudePrune(sparsity, criterion=criterion, skip=skip)
     raise ValueError(f"unknown pruning method {method!r}; choose from {PRUNE_METHODS}")
 
 
