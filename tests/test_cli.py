@@ -243,7 +243,7 @@ def test_demo(tmp_path, capsys):
         if ln.startswith("│") and ln.split("│")[1].strip() in ("dense", "unstructured", "HAPM")
     }
     assert speedups["dense"] == 1.0 and speedups["unstructured"] < 1.1
-    assert speedups["HAPM"] > 1.5
+    assert speedups["HAPM"] > 1.3  # 50% of the weights in whole dispatch groups
     assert (tmp_path / "demo" / "hapm_demo.png").is_file()
 
 
