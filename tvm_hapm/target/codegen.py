@@ -16,6 +16,8 @@ GEMM (grouped and depthwise convolutions are dense convolutions with block-diago
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .config import HardwareConfig
@@ -179,6 +181,46 @@ def bias_mult_rows(cfg: HardwareConfig, layer: str, cout: int, bias, mult) -> np
     return bias_mult.reshape(2 * cob, C).astype(np.int32)
 
 
+@dataclass(frozen=True)
+class ConvGeometry:
+    """A checked convolution layer: integer geometry, output size and its weight blocks."""
+
+    data_shape: tuple  # (n, cin, h, w)
+    strides: tuple
+    dilation: tuple
+    padding: tuple  # (top, left, bottom, right)
+    oh: int
+    ow: int
+    blocks: np.ndarray  # (COB, CIB, KH, KW, R, C), see expand_weight_blocks
+    nonzero: np.ndarray  # (COB, CIB, KH, KW): the blocks the compiler keeps
+
+
+def conv_geometry(cfg, layer, data_shape, weight, strides, padding, dilation, groups, clip):
+    """Check a conv layer against the ISA's fields and compute its geometry and weight blocks;
+    the one place both generators (this module and :mod:`tvm_hapm.target.tir`) do it."""
+    n, cin, h, w = (int(v) for v in data_shape)
+    cout, cin_g, kh, kw = weight.shape
+    sh, sw = (int(s) for s in strides)
+    dh, dw = (int(d) for d in dilation)
+    pt, pl, pb, pr = (int(p) for p in padding)
+    if cin_g * groups != cin or cout % groups:
+        raise CodegenError(f"{layer}: weight {weight.shape} does not match {cin} input channels")
+    if max(pt, pl, pb, pr) > 15:
+        raise CodegenError(f"{layer}: padding {padding} exceeds the DMA's 15-entry pad field")
+    if max(sh, sw) > 63:
+        raise CodegenError(f"{layer}: stride {strides} exceeds the GEMM stride field")
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    if oh < 1 or ow < 1:
+        raise CodegenError(f"{layer}: empty output")
+    _check_clip(cfg, *clip)
+    blocks = expand_weight_blocks(cfg, weight, groups)
+    nonzero = np.any(blocks != 0, axis=(4, 5))
+    return ConvGeometry(
+        (n, cin, h, w), (sh, sw), (dh, dw), (pt, pl, pb, pr), oh, ow, blocks, nonzero
+    )
+
+
 def conv2d_program(
     cfg: HardwareConfig,
     layer: str,
@@ -201,25 +243,12 @@ def conv2d_program(
     are the DRAM contents of the program's ``const`` slots, in slot order.
     """
     R, C = cfg.array_rows, cfg.array_cols
-    n, cin, h, w = (int(v) for v in data_shape)
+    g = conv_geometry(cfg, layer, data_shape, weight, strides, padding, dilation, groups, clip)
+    n, cin, h, w = g.data_shape
     cout, cin_g, kh, kw = weight.shape
-    sh, sw = (int(s) for s in strides)
-    dh, dw = (int(d) for d in dilation)
-    pt, pl, pb, pr = (int(p) for p in padding)
-    if cin_g * groups != cin or cout % groups:
-        raise CodegenError(f"{layer}: weight {weight.shape} does not match {cin} input channels")
-    if max(pt, pl, pb, pr) > 15:
-        raise CodegenError(f"{layer}: padding {padding} exceeds the DMA's 15-entry pad field")
-    if max(sh, sw) > 63:
-        raise CodegenError(f"{layer}: stride {strides} exceeds the GEMM stride field")
-    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
-    if oh < 1 or ow < 1:
-        raise CodegenError(f"{layer}: empty output")
-    _check_clip(cfg, *clip)
-    blocks = expand_weight_blocks(cfg, weight, groups)
+    (sh, sw), (dh, dw), (pt, pl, _, _) = g.strides, g.dilation, g.padding
+    oh, ow, blocks, nonzero = g.oh, g.ow, g.blocks, g.nonzero
     cob, cib = blocks.shape[:2]
-    nonzero = np.any(blocks != 0, axis=(4, 5))  # (COB, CIB, KH, KW)
     sched = schedule or plan_conv(cfg, h, w, oh, ow, kh, kw, (sh, sw), (dh, dw), cib, cob, nonzero)
 
     # constants: weight blocks in load order, bias and multiplier vectors

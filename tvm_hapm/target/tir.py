@@ -1537,25 +1537,14 @@ def conv2d_program(  # noqa: PLR0913, PLR0917 - the signature of codegen.conv2d_
     from . import codegen  # noqa: PLC0415 - codegen is the cross-check, imported lazily
 
     R, C = cfg.array_rows, cfg.array_cols
-    n, cin, h, w = (int(v) for v in data_shape)
+    g = codegen.conv_geometry(
+        cfg, layer, data_shape, weight, strides, padding, dilation, groups, clip
+    )
+    n, cin, h, w = g.data_shape
     cout, cin_g, kh, kw = weight.shape
-    sh, sw = (int(s) for s in strides)
-    dh, dw = (int(d) for d in dilation)
-    pt, pl, pb, pr = (int(p) for p in padding)
-    if cin_g * groups != cin or cout % groups:
-        raise codegen.CodegenError(f"{layer}: weight {weight.shape} does not match {cin} channels")
-    if max(pt, pl, pb, pr) > 15:
-        raise codegen.CodegenError(f"{layer}: padding {padding} exceeds the DMA's pad field")
-    if max(sh, sw) > 63:
-        raise codegen.CodegenError(f"{layer}: stride {strides} exceeds the GEMM stride field")
-    oh = _out_size(h, pt, pb, kh, sh, dh)
-    ow = _out_size(w, pl, pr, kw, sw, dw)
-    if oh < 1 or ow < 1:
-        raise codegen.CodegenError(f"{layer}: empty output")
-    codegen._check_clip(cfg, *clip)
-    blocks = codegen.expand_weight_blocks(cfg, weight, groups)
+    (sh, sw), (dh, dw), (pt, pl, pb, pr) = g.strides, g.dilation, g.padding
+    oh, ow, blocks, nonzero = g.oh, g.ow, g.blocks, g.nonzero
     cob, cib = blocks.shape[:2]
-    nonzero = np.any(blocks != 0, axis=(4, 5))
     func = conv2d_primfunc(
         cfg, n, cin, h, w, cout, kh, kw, (sh, sw), (pt, pl, pb, pr), (dh, dw), shift, clip
     )
