@@ -18,7 +18,13 @@ from tvm_hapm.runtime.timing import TimingModel
 from tvm_hapm.target import codegen, isa
 from tvm_hapm.target import tir as htir
 from tvm_hapm.target.config import get_config
-from tvm_hapm.target.schedule import ConvSchedule, fit_double_buffer, plan_conv
+from tvm_hapm.target.schedule import (
+    ConvSchedule,
+    estimate_conv_cycles,
+    fit_double_buffer,
+    interleave_epilogues,
+    plan_conv,
+)
 
 CFG = get_config("zedboard")
 
@@ -206,7 +212,9 @@ def _gemm_arrays(prog):
 
 def test_dense_dispatch_is_one_hapm_group_per_array_set():
     # (cib, kh, kw) outer, cob inner: consecutive GEMMs of one dispatch are the G blocks of one
-    # HAPM group, block cob on array (cob - cg0) % P, each accumulator region on one array.
+    # HAPM group on G distinct arrays, each accumulator region on one array; when P | G, block
+    # cob is on array (cob - cg0) % P.  (With G < P the next group's regions start on the arrays
+    # the previous group leaves free, while its last GEMMs finish: the epilogue is pipelined.)
     for group in (1, 2, 4, 8):
         cfg = CFG.replace(name=f"arr{group}", num_arrays=4)
         x, args, kwargs = _layer((1, 16, 6, 64, 3, 1, 1, 1, 1, 0.0), 0)
@@ -214,13 +222,84 @@ def test_dense_dispatch_is_one_hapm_group_per_array_set():
         prog, _ = codegen.conv2d_program(cfg, "a", *args, **kwargs, schedule=sched)
         gemms = [i for i in prog.instructions if i.opcode == isa.Opcode.GEMM]
         t = 36
+        arrays_of = {}
         for k, g in enumerate(gemms):
             region = (g.acc_addr - 2 * group) % (group * t) // t  # cob - cg0
-            assert g.array == region % 4, (group, k)
+            if group % 4 == 0:
+                assert g.array == region % 4, (group, k)
+            arrays_of.setdefault(g.acc_addr, set()).add(g.array)
             assert region == k % group  # cob innermost
+        assert all(len(a) == 1 for a in arrays_of.values())  # a region stays on one array
+        for d in range(0, len(gemms), group):  # a dispatch: G blocks on distinct arrays
+            dispatch = [g.array for g in gemms[d : d + min(group, 4)]]
+            assert len(set(dispatch)) == len(dispatch)
         # The dispatches are the groups of passes.prune.hapm_groups.
         gid = hapm_groups(args[1], 1, cfg, sched)
         assert len(np.unique(gid)) == len(gemms) // group  # one tile, dense
+
+
+def _g(acc, inp=0):
+    return isa.Instruction(
+        isa.Opcode.GEMM, reset=1, inp_addr=inp, acc_addr=acc, outer=1, inner=16, inp_si=1,
+        acc_si=1,
+    )  # fmt: skip
+
+
+def _a(dst, src=0):
+    return isa.Instruction(
+        isa.Opcode.ALU, alu_op=isa.AluOp.ADD, dst_addr=dst, src_addr=src, outer=1, inner=16,
+        dst_si=1,
+    )  # fmt: skip
+
+
+def _ld(buf, sram, n):
+    return isa.Instruction(
+        isa.Opcode.LOAD, buffer=buf, sram_addr=sram, y_size=1, x_size=n, x_stride=n
+    )
+
+
+def _st(sram):
+    return isa.Instruction(
+        isa.Opcode.STORE, buffer=isa.Buffer.ACC, sram_addr=sram, y_size=1, x_size=16,
+        x_stride=16,
+    )  # fmt: skip
+
+
+def test_interleave_epilogues_by_hand():
+    cfg = CFG.replace(name="two-arrays", num_arrays=2)
+    inp, acc = isa.Buffer.INP, isa.Buffer.ACC
+    # Region 1 (acc 2..33) then region 2 (acc 34..65, bias rows 0..1 reloaded in between).
+    e1, e2, s1 = _a(2), _a(18), _st(2)
+    bias, next_inp = _ld(acc, 0, 2), _ld(inp, 64, 16)
+    g2 = [_g(34 + 16 * (k % 2), 64) for k in range(6)]
+    seq = [_ld(inp, 0, 16), _g(2), _g(18), e1, s1, e2, next_inp, bias, *g2, _a(34), _a(50)]
+    out = interleave_epilogues(seq, cfg)
+    # The load of the next region goes first; the 3 moved compute instructions (and the store
+    # behind e1) follow the 3 dispatches of 2 GEMMs, one each.
+    expect = [seq[0], seq[1], seq[2], next_inp, g2[0], g2[1], e1, s1, g2[2], g2[3], e2]
+    assert out == [*expect, g2[4], g2[5], bias, seq[-2], seq[-1]]
+    assert sorted(map(id, out)) == sorted(map(id, seq))
+    # A GEMM into the region an epilogue instruction works on: nothing passes it.
+    clash = [_g(2), _a(2), _g(2), _g(18)]
+    assert interleave_epilogues(clash, cfg) == clash
+    # Programs without GEMMs are unchanged.
+    alu_only = [_ld(acc, 0, 4), _a(0), _st(0), _ld(inp, 0, 4)]
+    assert interleave_epilogues(alu_only, cfg) == alu_only
+
+
+def test_plan_conv_trades_input_chunks_for_larger_tiles():
+    # ResNet-18's 3x3/2 64->128 layer on zedboard: all 8 input-channel blocks per chunk force
+    # 2-row tiles (56 pixels per GEMM); 4 blocks per chunk allow 7 rows (196 pixels), reloading
+    # the input for each of the 4 output-channel groups: estimated (and simulated) faster.
+    base = ConvSchedule(2, 28, 4, 8)
+    s = plan_conv(CFG, 56, 56, 28, 28, 3, 3, (2, 2), (1, 1), 8, 16)
+    assert s == ConvSchedule(7, 28, 4, 4)
+    args = (28, 28, 3, 3, (2, 2), (1, 1), 8, 16)
+    assert estimate_conv_cycles(CFG, s, *args) < 0.95 * estimate_conv_cycles(CFG, base, *args)
+    # The array term by hand: 4 tiles x 4 groups x 72 GEMMs per array x (22 + 196) cycles.
+    assert estimate_conv_cycles(CFG, s, *args) == 4 * 4 * 72 * 218
+    # Stride 1, input not the limit: the base plan stays.
+    assert plan_conv(CFG, 56, 56, 56, 56, 3, 3, (1, 1), (1, 1), 8, 8) == ConvSchedule(4, 56, 4, 8)
 
 
 def test_sparse_dispatch_spreads_blocks_over_the_arrays():

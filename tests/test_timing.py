@@ -277,6 +277,42 @@ def test_two_arrays_do_not_accumulate_into_one_region_at_once():
     assert r.cycles == 28
 
 
+def test_alu_waits_only_for_gemms_into_its_accumulators():
+    # The scoreboard: array 0 writes 0..15 (0..26), array 1 writes 16..31 (1..27).
+    # An ALU on 32..47 (no GEMM) starts right after the issue cycles: 2..22 (4 + 16).
+    r = run([gemm(0, 0, array=0), gemm(16, 16, array=1), alu(32, 16), FINISH])
+    assert r.start[2] == 2 and r.end[2] == 22 and r.stalls["gemm_drain"] == 5  # FINISH 22..27
+    assert r.cycles == 28
+    # An ALU on 16..31 waits for array 1 only: 27..47; on 8..23 for both arrays: 27..47.
+    for dst in (16, 8):
+        r = run([gemm(0, 0, array=0), gemm(16, 16, array=1), alu(dst, 16), FINISH])
+        assert r.start[2] == 27 and r.end[2] == 47 and r.stalls["gemm_drain"] == 25
+    # An ALU on 0..15 waits for array 0 (26), not for array 1 (27): 26..46.
+    r = run([gemm(0, 0, array=0), gemm(16, 16, array=1), alu(0, 16), FINISH])
+    assert r.start[2] == 26 and r.end[2] == 46 and r.stalls["gemm_drain"] == 24
+    # Its operand counts too: ADD of 16..31 into 32..47 waits for array 1 (27..47).
+    add = Instruction(
+        Opcode.ALU, alu_op=AluOp.ADD, dst_addr=32, src_addr=16, outer=1, inner=16, dst_si=1,
+        src_si=1,
+    )  # fmt: skip
+    r = run([gemm(0, 0, array=0), gemm(16, 16, array=1), add, FINISH])
+    assert r.start[2] == 27 and r.end[2] == 47
+    # The same ADD with an immediate reads no operand: 2..22.
+    imm = add.replace(use_imm=1, imm=3)
+    assert run([gemm(0, 0, array=0), gemm(16, 16, array=1), imm, FINISH]).start[2] == 2
+
+
+def test_accumulator_load_waits_only_for_overlapping_gemms():
+    # A LOAD into acc entries 40..43 (4 int32 vectors of 16 bytes: 10 + 8 = 18 cycles) after a
+    # GEMM into 0..15 starts at 1 (after the issue cycle): 1..19.  Into 12..15: after the GEMM.
+    far = load(Buffer.ACC, 40, 4, bits_code=2)
+    r = run([gemm(0, 0, array=0), far, FINISH])
+    assert r.start[1] == 1 and r.end[1] == 19 and r.cycles == 27
+    near = load(Buffer.ACC, 12, 4, bits_code=2)
+    r = run([gemm(0, 0, array=0), near, FINISH])
+    assert r.start[1] == 26 and r.end[1] == 44 and r.stalls["gemm_drain"] == 25
+
+
 def test_gemms_on_the_same_array_serialise():
     r = run([gemm(0, 0, array=0), gemm(16, 16, array=0), FINISH])
     assert r.start.tolist() == [0, 26, 52] and r.end.tolist() == [26, 52, 53]

@@ -11,8 +11,10 @@ decoupled machine of ``docs/isa.md``:
   instruction; a GEMM waits for its own array and for any other array still running a GEMM into
   an overlapping accumulator range (a region is accumulated by one array at a time), so GEMMs
   on different arrays into different regions overlap;
-* ALU operations, accumulator LOADs and ``FINISH`` wait until every array is idle, and a token
-  pushed by the compute module is released only when every GEMM issued so far has completed;
+* an ALU operation or accumulator LOAD waits only for the in-flight GEMMs whose accumulator
+  range overlaps the entries it reads or writes (a scoreboard of one range per array), ``FINISH``
+  waits until every array is idle, and a token pushed by the compute module is released only
+  when every GEMM issued so far has completed;
 * LOAD and STORE share one DRAM port, granted first come first served.
 
 Every formula is in ``docs/timing.md``.  The energy of a run is computed from the event counts of
@@ -58,7 +60,7 @@ STALL_CAUSES = (
     "load_wait_compute",  # load pops a compute->load token not yet pushed
     "store_wait_compute",  # store pops a compute->store token not yet pushed
     "array_busy",  # a GEMM waits for its array, or another array writing the same accumulators
-    "gemm_drain",  # ALU / accumulator LOAD / FINISH waits for all in-flight GEMMs
+    "gemm_drain",  # ALU / accumulator LOAD / FINISH waits for in-flight GEMMs (scoreboard)
     "dram_port",  # a LOAD or STORE waits for the DRAM port held by another transfer
 )
 _CWL, _CWS, _LWC, _SWC, _ARRAY, _DRAIN, _PORT = range(len(STALL_CAUSES))
@@ -72,6 +74,22 @@ _QUEUE_CAUSE = (_CWL, _LWC, _SWC, _CWS)
 _QUEUE_POPPER = (1, 0, 2, 1)
 
 _INF = float("inf")
+# FINISH: its "range" covers every accumulator entry, so it waits for every array.
+_ALL = (-1, 1 << 62, 0, -1)
+
+
+def _scoreboard(ranges, t, arr_free, arr_lo, arr_hi):
+    """Earliest start >= ``t`` of an instruction touching the accumulator ``ranges``
+    ``(lo, hi, lo2, hi2)``: after every in-flight GEMM (the last one of each array) whose
+    accumulator range overlaps one of them.  Earlier GEMMs of an array ended before its last
+    one was issued, hence before ``t``."""
+    lo, hi, lo2, hi2 = ranges
+    for b, free in enumerate(arr_free):
+        if free > t and (
+            (arr_lo[b] <= hi and lo <= arr_hi[b]) or (arr_lo[b] <= hi2 and lo2 <= arr_hi[b])
+        ):
+            t = free
+    return t
 
 
 class TimingError(RuntimeError):
@@ -279,7 +297,9 @@ class TimingModel:
         extra = [0] * n  # DMA: padding cycles; GEMM: array
         acc_lo = [0] * n  # GEMM: accumulator range written
         acc_hi = [0] * n
-        drain = [False] * n
+        # ALU / LOAD acc / FINISH: accumulator ranges checked against the in-flight GEMMs
+        # (the scoreboard): (lo, hi, lo2, hi2), the second range empty unless an ALU operand.
+        drain: list = [None] * n
         pops: list = [()] * n
         pushes: list = [()] * n
         macs = macs_skipped = gemms_skipped = 0
@@ -320,10 +340,12 @@ class TimingModel:
                 cost[i] = -(-nbytes // bpc)
                 if op == LOAD:
                     m = 1 if buf == ACC else 0
-                    drain[i] = buf == ACC
                     entries = (insn.y_pad_top + y + insn.y_pad_bottom) * (
                         insn.x_pad_left + x + insn.x_pad_right
                     )
+                    if buf == ACC:
+                        lo = insn.sram_addr
+                        drain[i] = (lo, lo + entries - 1, 0, -1)
                     extra[i] = entries - y * x
                     wr[buf] += entries * entry_bytes[buf]
                     read += nbytes
@@ -334,14 +356,19 @@ class TimingModel:
             elif op == ALU:
                 m = 1
                 kind[i] = 2
-                drain[i] = True
                 t = insn.outer * insn.inner
                 cost[i] = alu_lat + t
                 rd[2] += t * acc_b
                 wr[2] += t * acc_b
                 alu = insn.alu_op
+                dlo = insn.dst_addr
+                dhi = dlo + (insn.outer - 1) * insn.dst_so + (insn.inner - 1) * insn.dst_si
+                slo, shi = 0, -1
                 if alu == REQUANT or (alu != RELU and not insn.use_imm):
                     rd[2] += t * acc_b
+                    slo = insn.src_addr
+                    shi = slo + (insn.outer - 1) * insn.src_so + (insn.inner - 1) * insn.src_si
+                drain[i] = (dlo, dhi, slo, shi)
                 if alu in mul_ops:
                     mul_lanes += t * C
                 else:
@@ -352,7 +379,7 @@ class TimingModel:
                     m = insn.module
                 else:  # FINISH
                     m = 1
-                    drain[i] = True
+                    drain[i] = _ALL
             module[i] = m
             if insn.pop_prev or insn.pop_next:
                 pops[i] = self._queues(i, insn, m, _POP_Q, "pop")
@@ -397,8 +424,9 @@ class TimingModel:
                             break
                         if pushed[q][k] > t:  # noqa: PLR1730 (hot loop: no call)
                             t = pushed[q][k]
-                    if drain[i] and max_arr > t:
-                        t = max_arr
+                    d = drain[i]
+                    if d is not None and max_arr > t:
+                        t = _scoreboard(d, t, arr_free, arr_lo, arr_hi)
                     cand[m] = t
             c0, c1, c2 = cand
             if c0 <= c1 and c0 <= c2:
@@ -422,9 +450,11 @@ class TimingModel:
                 if pt > t:
                     stall[_QUEUE_CAUSE[q]] += pt - t
                     t = pt
-            if drain[i] and max_arr > t:
-                stall[_DRAIN] += max_arr - t
-                t = max_arr
+            d = drain[i]
+            if d is not None and max_arr > t:
+                ready = _scoreboard(d, t, arr_free, arr_lo, arr_hi)
+                stall[_DRAIN] += ready - t
+                t = ready
 
             k = kind[i]
             if k == 0:  # LOAD / STORE on the shared DRAM port

@@ -24,7 +24,14 @@ from .config import HardwareConfig
 from .dependency import insert_dependency_tokens
 from .isa import AluOp, Buffer, Instruction, Opcode
 from .program import Program, Slot
-from .schedule import ConvSchedule, assign_arrays, fit_double_buffer, plan_conv, plan_eltwise
+from .schedule import (
+    ConvSchedule,
+    assign_arrays,
+    fit_double_buffer,
+    interleave_epilogues,
+    plan_conv,
+    plan_eltwise,
+)
 
 __all__ = [
     "CodegenError",
@@ -409,7 +416,7 @@ def conv2d_program(
         "nonzero_blocks": len(order),
         "schedule": sched.to_dict(),
     }
-    seq = assign_arrays(seq, cfg)
+    seq = assign_arrays(interleave_epilogues(seq, cfg), cfg)
     prog = Program(layer, cfg, slots, insert_dependency_tokens(seq), layer_index, info)
     return prog, [wblocks, bias_mult]
 

@@ -19,6 +19,12 @@ smallest tile does not fit twice; :func:`fit_double_buffer` turns it off for a g
 that does not fit twice.
 
 **Arrays.**  :func:`assign_arrays` chooses the array of every GEMM (see its docstring).
+
+**Epilogue pipelining.**  :func:`interleave_epilogues` moves the epilogue of an output region
+(its ALU instructions and stores) and the next region's bias load into the GEMM stream of the
+next region, one instruction after each dispatch of the arrays, so the compute module runs the
+epilogue while the arrays work (the accumulator scoreboard lets an ALU wait only for the GEMMs
+into its own entries).  Both code generators apply it to their sequential stream.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 from .config import HardwareConfig
+from .dependency import buffer_accesses
 from .isa import Buffer, Instruction, Opcode
 
 __all__ = [
@@ -34,7 +41,9 @@ __all__ = [
     "ScheduleError",
     "assign_arrays",
     "conv_footprint",
+    "estimate_conv_cycles",
     "fit_double_buffer",
+    "interleave_epilogues",
     "plan_conv",
     "plan_eltwise",
 ]
@@ -121,30 +130,126 @@ def plan_conv(
     pool: bool = False,
     double_buffer: bool = True,
 ) -> ConvSchedule:
-    """Largest tiles that fit the buffers and the instruction fields.
+    """Tiles that fit the buffers and the instruction fields, chosen for speed.
 
     ``pool=True`` plans a pooling window on the accumulator alone (input tile and output tile
     both live there; never double buffered).  With ``double_buffer`` the tiles are planned for
     half buffers (weights resident when the ``nonzero`` blocks, default all, fit the weight
     buffer: then it is not split); if even the smallest tile does not fit twice, the plan is
     single buffered.
+
+    The base plan starts from the largest tile (whole rows, all input channels) and halves
+    whichever dimension overflows (the output rows first).  When the input tile is the
+    limit, a smaller input-channel chunk can keep a larger output tile (fewer GEMMs, each
+    streaming more vectors, so less of the fixed ``2R + C - 2`` per GEMM) at the price of
+    reloading the input for every output-channel group.  So the plans that start from
+    ``cib, cib/2, cib/4, ..., 1`` channel blocks per chunk are compared with
+    :func:`estimate_conv_cycles`, and one replaces the base plan only when it is estimated at
+    least 5% faster.
     """
     if double_buffer and not pool:
-        try:
-            return _plan_conv(
-                cfg, oh, ow, kh, kw, strides, dilation, cib, cob, nonzero, False, True
-            )
-        except ScheduleError:
-            pass
+        n_blocks = cob * cib * kh * kw if nonzero is None else int(nonzero.sum())
+        plans = []
+        chunk0 = cib
+        while True:
+            try:
+                plan = _plan_conv(
+                    cfg, oh, ow, kh, kw, strides, dilation, cib, cob, nonzero, False, True, chunk0
+                )
+            except ScheduleError:
+                plan = None
+            if plan is not None and plan not in plans:
+                plans.append(plan)
+            if chunk0 == 1:
+                break
+            chunk0 = -(-chunk0 // 2)
+        if plans:
+            est = [
+                estimate_conv_cycles(cfg, p, oh, ow, kh, kw, strides, dilation, cib, cob, n_blocks)
+                for p in plans
+            ]
+            best = min(range(len(plans)), key=lambda k: (est[k], k))
+            return plans[best] if est[best] < 0.95 * est[0] else plans[0]
     return _plan_conv(cfg, oh, ow, kh, kw, strides, dilation, cib, cob, nonzero, pool, False)
 
 
-def _plan_conv(cfg, oh, ow, kh, kw, strides, dilation, cib, cob, nonzero, pool, double):  # noqa: PLR0917
+def estimate_conv_cycles(  # noqa: PLR0913, PLR0917 - the layer's shape, in the conventional order
+    cfg: HardwareConfig,
+    sched: ConvSchedule,
+    oh: int,
+    ow: int,
+    kh: int,
+    kw: int,
+    strides,
+    dilation,
+    cib: int,
+    cob: int,
+    weight_blocks: int | None = None,
+) -> float:
+    """A quick estimate of a convolution schedule's cycles, to compare schedules.
+
+    ``max(array cycles, compute-module cycles, DRAM cycles)`` with perfect overlap (the
+    double-buffered steady state): array cycles are the GEMMs of the busiest array, each
+    ``2R + C - 2 + T`` for a tile of ``T`` pixels; compute-module cycles are the epilogue (three
+    ALU passes over each output block) and one issue cycle per GEMM; DRAM cycles are the bytes
+    the schedule moves (input tiles with their halo, once per output-channel group when the
+    input channels take several chunks; weights once when resident, else per tile; outputs;
+    bias rows per region) over the bandwidth.  ``weight_blocks`` (default all) scales the GEMM
+    count for compile-time sparsity.  Not a substitute for the timing model.
+    """
+    R, C, P = cfg.array_rows, cfg.array_cols, cfg.num_arrays
+    sh, sw = strides
+    dh, dw = dilation
+    dense = cob * cib * kh * kw
+    blocks = dense if weight_blocks is None else weight_blocks
+    density = blocks / dense if dense else 0.0
+    g, chunk = sched.cob_group, sched.cib_chunk
+    groups, chunks = -(-cob // g), -(-cib // chunk)
+    resident = blocks <= cfg.wgt_depth
+    fixed = 2 * R + C - 2
+    per_region = -(-min(g, cob) // P) * cib * kh * kw * density  # GEMMs of the busiest array
+    array = alu = inp = 0.0
+    tiles = 0
+    for th, nh in _tile_sizes(oh, sched.tile_h):
+        for tw, nw in _tile_sizes(ow, sched.tile_w):
+            count = nh * nw
+            t = th * tw
+            tiles += count
+            array += count * groups * per_region * (fixed + t)
+            alu += count * (cob * 3 * (4 + t) + groups * g * cib * kh * kw * density)
+            th_in = _in_extent(th, sh, kh, dh)
+            tw_in = _in_extent(tw, sw, kw, dw)
+            inp += count * cib * th_in * tw_in * (groups if chunks > 1 else 1)
+    if resident or groups * chunks == 1:
+        wgt = blocks
+    else:
+        wgt = blocks * tiles
+    dram = (
+        inp * R * cfg.act_bytes
+        + wgt * R * C * cfg.weight_bytes
+        + cob * C * oh * ow * cfg.act_bytes
+        + tiles * groups * 2 * g * C * cfg.acc_bytes
+    ) / cfg.dram_bytes_per_cycle
+    return max(array, alu, dram)
+
+
+def _tile_sizes(extent: int, tile: int) -> list[tuple[int, int]]:
+    """``(size, count)`` of the tiles of a dimension: full tiles and the edge tile."""
+    full, edge = divmod(extent, tile)
+    out = [(tile, full)] if full else []
+    if edge:
+        out.append((edge, 1))
+    return out
+
+
+def _plan_conv(
+    cfg, oh, ow, kh, kw, strides, dilation, cib, cob, nonzero, pool, double, chunk0=None
+):  # noqa: PLR0917
     sh, sw = strides
     dh, dw = dilation
     tile_h, tile_w = min(oh, _MAX_LOOP), min(ow, _MAX_LOOP)
     group = 1 if pool else min(cob, cfg.num_arrays)
-    chunk = cib
+    chunk = cib if chunk0 is None else chunk0
     blocks_per = kh * kw
     n_blocks = cob * cib * blocks_per if nonzero is None else int(nonzero.sum())
     resident = n_blocks <= cfg.wgt_depth
@@ -208,8 +313,9 @@ def assign_arrays(instructions: list[Instruction], cfg: HardwareConfig) -> list[
     earlier than the previous GEMM into the same accumulator region (same ``acc_addr``) has
     finished: an accumulator region is written by one array at a time.  Ties go to the array
     that last wrote the region, then to the lowest index.  A GEMM occupies its array for
-    ``2R + C - 2 + outer * inner`` cycles; an ALU, accumulator LOAD or FINISH waits for all
-    arrays (as in the timing model).  Loads, stores and tokens are not modelled.
+    ``2R + C - 2 + outer * inner`` cycles; an ALU or accumulator LOAD waits for the GEMMs into
+    the accumulator entries it touches and FINISH for all arrays (the timing model's
+    scoreboard).  Loads, stores and tokens are not modelled.
 
     For a dense convolution dispatched as ``(cib, kh, kw)`` outer, output-channel block inner,
     this gives ``array = (cob - first cob of the group) % num_arrays`` whenever ``cob_group``
@@ -221,6 +327,9 @@ def assign_arrays(instructions: list[Instruction], cfg: HardwareConfig) -> list[
     cfg_arrays = cfg.num_arrays
     fixed = 2 * cfg.array_rows + cfg.array_cols - 2
     free = [0] * cfg_arrays
+    # accumulator range of the last GEMM of each array (the scoreboard of the timing model)
+    last_lo = [0] * cfg_arrays
+    last_hi = [-1] * cfg_arrays
     region_free: dict[int, int] = {}
     region_array: dict[int, int] = {}
     t = 0
@@ -239,12 +348,129 @@ def assign_arrays(instructions: list[Instruction], cfg: HardwareConfig) -> list[
             start = best_key[0]
             end = start + fixed + insn.outer * insn.inner
             free[best] = end
+            last_lo[best] = insn.acc_addr
+            last_hi[best] = (
+                insn.acc_addr + (insn.outer - 1) * insn.acc_so + (insn.inner - 1) * insn.acc_si
+            )
             region_free[key] = end
             region_array[key] = best
             t = start + 1
             if insn.array != best:
                 insn = insn.replace(array=best)
-        elif op in (Opcode.ALU, Opcode.FINISH) or (op == Opcode.LOAD and insn.buffer == Buffer.ACC):
-            t = max(t, *free) + (4 + insn.outer * insn.inner if op == Opcode.ALU else 1)
+        elif op == Opcode.FINISH:
+            t = max(t, *free) + 1
+        elif op == Opcode.ALU or (op == Opcode.LOAD and insn.buffer == Buffer.ACC):
+            for _, lo, hi, _ in buffer_accesses(insn):
+                for a in range(cfg_arrays):
+                    if free[a] > t and last_lo[a] <= hi and lo <= last_hi[a]:
+                        t = free[a]
+            t += 4 + insn.outer * insn.inner if op == Opcode.ALU else 1
         out.append(insn)
+    return out
+
+
+def _acc_ranges(insn: Instruction) -> list[tuple[int, int, bool]]:
+    """``(first, last, is_write)`` accumulator ranges of an instruction."""
+    return [(lo, hi, w) for buf, lo, hi, w in buffer_accesses(insn) if buf == Buffer.ACC]
+
+
+def _conflict(a: list, b: list) -> bool:
+    """Whether two instructions' accumulator ranges conflict (overlap, one of them a write)."""
+    return any(
+        (wa or wb) and lo_a <= hi_b and lo_b <= hi_a for lo_a, hi_a, wa in a for lo_b, hi_b, wb in b
+    )
+
+
+def interleave_epilogues(instructions: list[Instruction], cfg: HardwareConfig) -> list[Instruction]:
+    """Software-pipeline the epilogues of a sequential program into the following GEMMs.
+
+    A sequential convolution ends every output region with its epilogue (ALU instructions, the
+    stores of the region) and starts the next region with its input / weight loads and bias
+    load before its GEMMs.  Run in that order, the compute module executes the epilogue while
+    the arrays sit idle.  This pass moves every non-GEMM compute instruction (ALU, accumulator
+    LOAD) and every STORE that precedes a run of GEMMs into that run: the loads of the load
+    module go first (they only touch the input and weight buffers), then the GEMMs, with the
+    moved instructions in their original order, ``ceil(moved / dispatches)`` of them (and the
+    stores that followed them) after each dispatch of ``num_arrays`` GEMMs.  An instruction is
+    never moved past one it conflicts with (overlapping accumulator entries, one of them
+    written), nor a load-module instruction past it: when a GEMM or a load conflicts with a
+    pending instruction, everything pending is emitted before it.  So the program computes the
+    same results; only the order of independent instructions changes.  A program without GEMMs
+    is returned unchanged.
+    """
+    if not any(insn.opcode == Opcode.GEMM for insn in instructions):
+        return list(instructions)
+    per_dispatch = max(1, cfg.num_arrays)
+    n = len(instructions)
+    # length of the GEMM run starting at each index
+    run_len = [0] * (n + 1)
+    for i in range(n - 1, -1, -1):
+        if instructions[i].opcode == Opcode.GEMM:
+            run_len[i] = run_len[i + 1] + 1
+    out: list[Instruction] = []
+    pending: list[tuple[Instruction, list]] = []  # moved instructions, in program order
+    empty = (1 << 62, -1)
+    lo_hi = list(empty)  # bounding range of the pending accumulator accesses
+
+    def bound(ranges: list) -> None:
+        for lo, hi, _ in ranges:
+            lo_hi[0] = min(lo_hi[0], lo)
+            lo_hi[1] = max(lo_hi[1], hi)
+
+    def flush(count: int | None = None) -> None:
+        """Emit the first ``count`` pending compute instructions (all: None) and the stores
+        that follow them."""
+        k = 0
+        emitted = 0
+        while k < len(pending):
+            insn = pending[k][0]
+            if insn.opcode != Opcode.STORE:
+                if count is not None and emitted == count:
+                    break
+                emitted += 1
+            k += 1
+        out.extend(p[0] for p in pending[:k])
+        del pending[:k]
+        lo_hi[:] = empty
+        for _, r in pending:
+            bound(r)
+
+    def blocks(ranges: list) -> bool:
+        if not pending or not ranges:
+            return False
+        if all(hi < lo_hi[0] or lo > lo_hi[1] for lo, hi, _ in ranges):
+            return False
+        return any(_conflict(ranges, r) for _, r in pending)
+
+    i = 0
+    while i < n:
+        insn = instructions[i]
+        op = insn.opcode
+        if op == Opcode.GEMM:
+            length = run_len[i]
+            dispatches = -(-length // per_dispatch)
+            moved = sum(1 for p, _ in pending if p.opcode != Opcode.STORE)
+            per_slot = -(-moved // dispatches) if moved else 0
+            for j in range(length):
+                gemm = instructions[i + j]
+                if blocks(_acc_ranges(gemm)):
+                    flush()
+                out.append(gemm)
+                if per_slot and ((j + 1) % per_dispatch == 0 or j + 1 == length):
+                    flush(per_slot)
+            i += length
+            continue
+        if op in (Opcode.FINISH, Opcode.SYNC):
+            flush()
+            out.append(insn)
+        elif op in (Opcode.STORE, Opcode.ALU) or (op == Opcode.LOAD and insn.buffer == Buffer.ACC):
+            ranges = _acc_ranges(insn)
+            pending.append((insn, ranges))
+            bound(ranges)
+        else:  # a load-module LOAD: goes ahead of the pending instructions unless it conflicts
+            if blocks(_acc_ranges(insn)):
+                flush()
+            out.append(insn)
+        i += 1
+    flush()
     return out

@@ -41,7 +41,13 @@ from .dependency import insert_dependency_tokens
 from .intrin import GEMM_MARKER, SCOPE_ACC, SCOPE_INP, SCOPE_WGT, gemv_intrin
 from .isa import AluOp, Buffer, Instruction, Opcode
 from .program import Program, Slot
-from .schedule import ConvSchedule, assign_arrays, fit_double_buffer, plan_conv
+from .schedule import (
+    ConvSchedule,
+    assign_arrays,
+    fit_double_buffer,
+    interleave_epilogues,
+    plan_conv,
+)
 
 __all__ = [
     "KERNEL_ATTR",
@@ -1477,7 +1483,8 @@ def emit_program(
     emitter.visit(func.body)
     if emitter.pending_reset:
         raise TirLoweringError("accumulator entries were initialised but never computed")
-    return insert_dependency_tokens(assign_arrays(emitter.seq, cfg))
+    seq = interleave_epilogues(emitter.seq, cfg)
+    return insert_dependency_tokens(assign_arrays(seq, cfg))
 
 
 def build_program(cfg: HardwareConfig | None, func, layer_name: str = "tir") -> Program:
