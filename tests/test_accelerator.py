@@ -183,3 +183,43 @@ def test_large_tiles_split_alu_loops():
     np.testing.assert_array_equal(
         run_vm(tvm.compile(mod, "hapm_fpga-zcu104"), xi)[0], llvm_reference(mod, xi)[0]
     )
+
+
+def test_double_buffered_residual_add_overlaps_and_is_bit_exact():
+    """A residual add of 2048 accumulator entries (ResNet-20's first stage on zedboard): balanced
+    double-buffered tiles, whose operand loads start before the previous tile's ALU work ends
+    and whose stores overlap the next tile's ALU work."""
+    from tvm_hapm.passes import qops  # noqa: PLC0415
+    from tvm_hapm.runtime import profile  # noqa: PLC0415
+    from tvm_hapm.target.isa import Opcode  # noqa: PLC0415
+
+    cfg = get_config("zedboard")
+    shape = (1, 16, 32, 32)
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "int8"))
+    y = relax.Var("y", relax.TensorType(shape, "int8"))
+    with bb.function("main", [x, y]):
+        with bb.dataflow():
+            ma, sa = qops.choose_multiplier([0.7, 0.45], qops.add_mult_bits(cfg.act_bits))
+            z = qops.emit_add(bb, x, y, int(ma[0]), int(ma[1]), sa, 0, 127, "int8")
+            z = bb.emit_output(z)
+        bb.emit_func_output(z)
+    mod = bb.get()
+    xi, yi = _inputs(cfg, shape, seed=4), _inputs(cfg, shape, seed=5)
+    with profile():
+        out = run_vm(tvm.compile(mod, "hapm_fpga"), xi, yi)[0]
+    np.testing.assert_array_equal(out, llvm_reference(mod, xi, yi)[0])
+    assert last_compile_report()["accelerator"] and not last_compile_report()["host"]
+    (trace,) = last_run_stats().traces
+    assert trace.program.info["schedule"] == {"tile": 410, "double_buffer": True}
+    insns, start, end = trace.program.instructions, trace.timing.start, trace.timing.end
+    loads = [k for k, i in enumerate(insns) if i.opcode == Opcode.LOAD]
+    alus = [k for k, i in enumerate(insns) if i.opcode == Opcode.ALU]
+    stores = [k for k, i in enumerate(insns) if i.opcode == Opcode.STORE]
+    assert len(stores) == 5 and len(loads) == 10 and len(alus) == 30
+    for t in range(4):
+        # tile t+1's loads start before tile t's last ALU pass ends
+        assert start[loads[2 * t + 2]] < end[alus[6 * t + 5]]
+        # tile t's store overlaps tile t+1's first ALU pass
+        assert start[stores[t]] < end[alus[6 * t + 6]] and start[alus[6 * t + 6]] < end[stores[t]]
+    assert trace.timing.cycles == 17265  # single buffered (tiles 1023, 1023, 2): 18793

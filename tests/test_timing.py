@@ -378,6 +378,53 @@ def test_codegen_program_is_consistent():
     assert max(r.array_busy) <= r.cycles
 
 
+def test_double_buffered_add_by_hand():
+    # 512 entries of 4 lanes, accumulator of 1024 entries: two double-buffered tiles of 256 (a
+    # at 0 / 256, b at 512 / 768).  A LOAD of 256 int8 entries (1024 bytes): 10 + 128 = 138; an
+    # ALU pass: 4 + 256 = 260; a STORE: 138.  The loads run on the compute module, so:
+    #   La0 0..138, Lb0 ..276, MUL a ..536, MUL b ..796, ADD ..1056,
+    #   La1 ..1194, Lb1 ..1332 (moved up into tile 0), SHR ..1592, MAX ..1852, MIN ..2112,
+    #   St0 2112..2250 while tile 1 computes: MUL a 2112..2372, ..., MIN ..3672,
+    #   St1 3672..3810, FINISH 3810..3811.
+    # Single buffered (one tile of 512): 266 + 266 + 6 * 516 + 266 + 1 = 3895.
+    from tvm_hapm.runtime.driver import run_program  # noqa: PLC0415
+    from tvm_hapm.target.codegen import add_program  # noqa: PLC0415
+    from tvm_hapm.target.schedule import estimate_eltwise_cycles  # noqa: PLC0415
+
+    cfg = CFG.replace(name="timing-eltwise", acc_buffer_bytes=1024 * 16)
+    shape = (1, 4, 16, 32)
+    prog, _ = add_program(cfg, "add", shape, 3, -5, 2, (-100, 100))
+    assert prog.info["schedule"] == {"tile": 256, "double_buffer": True}
+    r = run(prog.instructions, cfg)
+    insns = prog.instructions
+    ops = [(i.opcode, i.alu_op if i.opcode == Opcode.ALU else None) for i in insns]
+    loads = [k for k, (op, _) in enumerate(ops) if op == Opcode.LOAD]
+    alus = [k for k, (op, _) in enumerate(ops) if op == Opcode.ALU]
+    stores = [k for k, (op, _) in enumerate(ops) if op == Opcode.STORE]
+    assert [insns[k].sram_addr for k in loads] == [0, 512, 256, 768]
+    assert r.start[loads].tolist() == [0, 138, 1056, 1194]
+    assert r.end[alus].tolist() == [536, 796, 1056, 1592, 1852, 2112] + [
+        2112 + 260 * j for j in range(1, 7)
+    ]
+    assert r.start[stores].tolist() == [2112, 3672] and r.end[stores].tolist() == [2250, 3810]
+    assert r.cycles == 3811 == estimate_eltwise_cycles(cfg, 512, 256, 2, 6, True) + 1
+    assert estimate_eltwise_cycles(cfg, 512, 512, 2, 6, False) + 1 == 3895
+    # the loads of tile 1 start before tile 0's ALU work ends; its store overlaps tile 1's ALU
+    assert r.start[loads[2]] < r.end[alus[5]]
+    assert r.start[stores[0]] < r.end[alus[6]] and r.start[alus[6]] < r.end[stores[0]]
+    # the store module waits for each tile's MIN; compute waits for a store only at FINISH
+    assert r.stalls["store_wait_compute"] == 2112 + (3672 - 2250)
+    assert r.stalls["compute_wait_store"] == 3810 - 3672
+    # and it computes the add (tokens valid on the functional simulator)
+    rng = np.random.default_rng(0)
+    a = rng.integers(-128, 128, shape).astype(np.int8)
+    b = rng.integers(-128, 128, shape).astype(np.int8)
+    y, stats = run_program(prog, Simulator(cfg), [a, b, np.zeros(shape, np.int8)])
+    ref = np.clip((a.astype(np.int64) * 3 - b.astype(np.int64) * 5 + 2) >> 2, -100, 100)
+    np.testing.assert_array_equal(y, ref)
+    assert stats.cycles == 3811
+
+
 # ------------------------------------------------------------------------------ energy
 def test_energy_of_one_load_by_hand():
     r = run([load(Buffer.INP, 0, 16), FINISH])

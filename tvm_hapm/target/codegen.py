@@ -29,6 +29,7 @@ from .schedule import (
     assign_arrays,
     fit_double_buffer,
     interleave_epilogues,
+    pipeline_operand_loads,
     plan_conv,
     plan_eltwise,
 )
@@ -438,34 +439,45 @@ def dense_program(cfg, layer, data_shape, weight_kn, bias, mult, shift, clip, la
 # ---------------------------------------------------------------------------------------------
 # element-wise and pooling layers on the ALU
 def add_program(cfg, layer, shape, mult_a, mult_b, shift, clip, layer_index=0):
-    """Residual add ``clip((a*Ma + b*Mb + 2**(S-1)) >> S)`` of two NCHW activations."""
+    """Residual add ``clip((a*Ma + b*Mb + 2**(S-1)) >> S)`` of two NCHW activations.
+
+    Per tile (``plan_eltwise``: balanced tiles, double buffered when both halves fit): load
+    ``a`` and ``b`` into the accumulator, ``MUL`` each by its multiplier, ``ADD``, the rounding
+    ``SHR``, ``MAX`` / ``MIN``, store.  Double buffered, tile ``k`` uses the entries
+    ``[k%2 * tile, +tile)`` for ``a`` and ``[(2 + k%2) * tile, +tile)`` for ``b`` (the layout of
+    the TIR route's allocation), and :func:`~tvm_hapm.target.schedule.pipeline_operand_loads`
+    moves the loads of tile ``k+1`` after the ``ADD`` of tile ``k``.
+    """
     C = cfg.array_cols
     n, c, h, w = (int(v) for v in (tuple(shape) + (1, 1))[:4])
     cb = -(-c // C)
     _check_clip(cfg, *clip)
     act = cfg.act_bits
-    sched = plan_eltwise(cfg, n * cb * h * w, buffers=2)
+    total = n * cb * h * w  # entries, contiguous in DRAM for both inputs and the output
+    sched = plan_eltwise(cfg, total, buffers=2, double_buffer=True, alu_passes=6)
     slots = [
         Slot("lhs", "input", cfg.act_dtype, shape, "act", C),
         Slot("rhs", "input", cfg.act_dtype, shape, "act", C),
         Slot("out", "output", cfg.act_dtype, shape, "act", C),
     ]
     seq = []
-    total = n * cb * h * w  # entries, contiguous in DRAM for both inputs and the output
-    for e0 in range(0, total, sched.tile):
+    amin, amax = cfg.act_range
+    for k, e0 in enumerate(range(0, total, sched.tile)):
         t = min(sched.tile, total - e0)
-        a, b_ = 0, sched.tile
+        half = k % 2 if sched.double_buffer else 0
+        a = half * sched.tile
+        b_ = (2 if sched.double_buffer else 1) * sched.tile + a
         seq += _acc_load(0, act, a, e0, t)
         seq += _acc_load(1, act, b_, e0, t)
         seq.append(_alu(AluOp.MUL, a, 1, t, 0, 1, imm=mult_a))
         seq.append(_alu(AluOp.MUL, b_, 1, t, 0, 1, imm=mult_b))
         seq.append(_alu(AluOp.ADD, a, 1, t, 0, 1, src=b_, src_si=1))
         seq.append(_alu(AluOp.SHR, a, 1, t, 0, 1, imm=shift))
-        amin, amax = cfg.act_range
         seq.append(_alu(AluOp.MAX, a, 1, t, 0, 1, imm=max(amin, clip[0])))
         seq.append(_alu(AluOp.MIN, a, 1, t, 0, 1, imm=min(amax, clip[1])))
         seq += _store_rows(2, act, a, e0, t)
     info = {"kind": "add", "schedule": sched.to_dict()}
+    seq = pipeline_operand_loads(seq)
     return Program(layer, cfg, slots, insert_dependency_tokens(seq), layer_index, info), []
 
 
@@ -534,6 +546,7 @@ def max_pool2d_program(
                     dram_o = ((b * cb + ch) * oh + oh0) * ow + ow0
                     seq.append(_store(1, act, out_base, dram_o, th, tw, ow))
     info = {"kind": "max_pool2d", "schedule": sched.to_dict()}
+    seq = pipeline_operand_loads(seq)  # as the TIR route (a no-op: the MAXes read entry 0 on)
     return Program(layer, cfg, slots, insert_dependency_tokens(seq), layer_index, info), []
 
 
@@ -565,4 +578,5 @@ def global_avg_pool_program(cfg, layer, data_shape, mult, shift, clip, layer_ind
             seq += _clip_ops(cfg, 1, 1, 1, 0, 0, *clip)
             seq.append(_store(2, act, 1, b * cb + ch, 1, 1, 1))
     info = {"kind": "global_avg_pool", "schedule": sched.to_dict()}
+    seq = pipeline_operand_loads(seq)  # as the TIR route: next block's loads move up
     return Program(layer, cfg, slots, insert_dependency_tokens(seq), layer_index, info), [mvec]

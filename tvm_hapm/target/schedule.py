@@ -20,6 +20,12 @@ that does not fit twice.
 
 **Arrays.**  :func:`assign_arrays` chooses the array of every GEMM (see its docstring).
 
+**Element-wise layers.**  An :class:`EltwiseSchedule` tiles the entries of an ALU-only layer
+(:func:`plan_eltwise`, whose docstring has the double-buffering rule); with ``double_buffer``
+successive tiles alternate between two halves of the accumulator and
+:func:`pipeline_operand_loads` moves the operand loads of tile ``k+1`` into the ALU passes of
+tile ``k``, so the store of tile ``k`` overlaps the ALU passes of tile ``k+1``.
+
 **Epilogue pipelining.**  :func:`interleave_epilogues` moves the epilogue of an output region
 (its ALU instructions and stores) and the next region's bias load into the GEMM stream of the
 next region, one instruction after each dispatch of the arrays, so the compute module runs the
@@ -42,8 +48,10 @@ __all__ = [
     "assign_arrays",
     "conv_footprint",
     "estimate_conv_cycles",
+    "estimate_eltwise_cycles",
     "fit_double_buffer",
     "interleave_epilogues",
+    "pipeline_operand_loads",
     "plan_conv",
     "plan_eltwise",
 ]
@@ -70,7 +78,8 @@ class ConvSchedule:
 
 @dataclass(frozen=True)
 class EltwiseSchedule:
-    tile: int  # accumulator entries per operand tile
+    tile: int  # accumulator entries per operand tile (the last tile may be shorter)
+    double_buffer: bool = False  # successive tiles alternate between two accumulator halves
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -293,15 +302,144 @@ def _plan_conv(
                 raise ScheduleError(f"a {kh}x{kw} window does not fit the on-chip buffers")
 
 
-def plan_eltwise(
-    cfg: HardwareConfig, pixels: int, buffers: int = 1, reserved: int = 0
+_ALU_LATENCY = 4  # cycles of an ALU instruction beyond one per vector (the timing model's)
+
+
+def estimate_eltwise_cycles(  # noqa: PLR0917 - the layer's shape, then the schedule
+    cfg: HardwareConfig,
+    pixels: int,
+    tile: int,
+    buffers: int = 1,
+    alu_passes: int = 1,
+    double_buffer: bool = False,
+) -> int:
+    """Cycles of an element-wise ALU program of ``pixels`` accumulator entries: per tile of
+    ``t`` entries, ``buffers`` operand loads and ``alu_passes`` ALU instructions over the tile,
+    then one store of ``t`` entries (activations).
+
+    The accumulator loads run on the compute module, like the ALU instructions, so the compute
+    module is busy ``buffers * (L + xfer(t)) + alu_passes * (4 + t)`` per tile (``L`` the DRAM
+    latency, ``xfer(t) = ceil(t * C * act_bytes / B)`` the port cycles of ``t`` entries).  Single
+    buffered, every store is serial with the compute work (the next tile's loads overwrite the
+    stored entries); double buffered, only the last tile's store is (the others overlap the
+    next tile's ALU passes, see :func:`pipeline_operand_loads`).  Exact for the programs of
+    :func:`~tvm_hapm.target.codegen.add_program` but for the final FINISH cycle (and a few
+    cycles of DRAM-port contention when a tile's store outlasts the ALU passes it overlaps).
+    """
+    lat = cfg.dram_latency_cycles
+    per_entry = cfg.array_cols * cfg.act_bytes
+
+    def xfer(t):
+        return -(-(t * per_entry) // cfg.dram_bytes_per_cycle)
+
+    total = 0
+    last = 0
+    for t, count in _tile_sizes(pixels, tile):
+        compute = buffers * (lat + xfer(t)) + alu_passes * (_ALU_LATENCY + t)
+        store = lat + xfer(t)
+        total += count * (compute if double_buffer else compute + store)
+        last = store
+    return total + last if double_buffer else total
+
+
+def plan_eltwise(  # noqa: PLR0917
+    cfg: HardwareConfig,
+    pixels: int,
+    buffers: int = 1,
+    reserved: int = 0,
+    double_buffer: bool = False,
+    alu_passes: int = 1,
 ) -> EltwiseSchedule:
-    """Tile of an element-wise ALU layer: ``buffers`` operand tiles (plus ``reserved`` entries)
-    must fit the accumulator."""
-    tile = min(pixels, _MAX_LOOP, (cfg.acc_depth - reserved) // buffers)
-    if tile < 1:
+    """Tiles of an element-wise ALU layer of ``pixels`` accumulator entries: ``buffers`` operand
+    tiles (plus ``reserved`` entries) must fit the accumulator, and a tile the ALU's loop field.
+
+    The tiles are balanced: ``count`` tiles of ``ceil(pixels / count)`` entries, the last one
+    shorter by less than ``count`` entries (2048 entries in tiles of at most 1023: 683, 683,
+    682, not 1023, 1023, 2).
+
+    **Double buffering** (``double_buffer=True``): the accumulator must hold both halves,
+    ``2 * buffers * tile + reserved`` entries.  The tile count is the one, from the fewest tiles
+    that fit half the accumulator up to twice as many, that :func:`estimate_eltwise_cycles`
+    finds fastest (every extra tile costs ``buffers`` DRAM latencies and ``alu_passes`` ALU
+    latencies; smaller tiles shorten the store that nothing overlaps, the last one).  The plan
+    falls back to single buffering (``double_buffer=False``, the fewest tiles of the whole
+    accumulator) when not even one entry per operand fits twice, when that choice is one tile
+    (nothing to overlap), or when it is not estimated faster than the single-buffered plan (on
+    a small accumulator the halves' tiles are so short that the per-tile latencies outweigh the
+    hidden stores).
+    """
+    if pixels < 1:
+        raise ScheduleError("an element-wise layer without entries")
+    room = cfg.acc_depth - reserved
+    single = min(pixels, _MAX_LOOP, room // buffers)
+    if single < 1:
         raise ScheduleError("the accumulator cannot hold one operand vector")
-    return EltwiseSchedule(tile)
+    plan = EltwiseSchedule(-(-pixels // -(-pixels // single)))
+    half = min(pixels, _MAX_LOOP, room // (2 * buffers))
+    if not double_buffer or half < 1:
+        return plan
+    first = -(-pixels // half)
+    best = None
+    for count in range(first, min(pixels, 2 * first) + 1):
+        tile = -(-pixels // count)
+        est = estimate_eltwise_cycles(cfg, pixels, tile, buffers, alu_passes, True)
+        if best is None or est < best[0]:
+            best = (est, tile, count)
+    est, tile, count = best
+    if count > 1 and est < estimate_eltwise_cycles(cfg, pixels, plan.tile, buffers, alu_passes):
+        return EltwiseSchedule(tile, True)
+    return plan
+
+
+def pipeline_operand_loads(instructions: list[Instruction]) -> list[Instruction]:
+    """Software-pipeline the operand loads of a sequential ALU-only program.
+
+    A double-buffered element-wise program is written tile after tile: the operand loads of a
+    tile (accumulator LOADs, executed by the compute module), its ALU instructions, its stores.
+    This pass moves every run of accumulator LOADs up into the ALU instructions of the previous
+    tile: after the first ``ceil(m / 2)`` of the ``m`` ALU instructions between the previous run
+    of loads and this one (past the rest and past the stores).  So the store of tile ``k``
+    (store module) overlaps the first ALU passes of tile ``k+1`` instead of competing with the
+    next loads for the DRAM port, and the loads of tile ``k+1`` run before tile ``k``'s last
+    ALU passes.  A load never moves past an instruction that touches an entry it writes: with
+    a single-buffered schedule (or any other reuse of the entries) the loads stay where they
+    are, so the program computes the same results.  A program with GEMMs is returned
+    unchanged (:func:`interleave_epilogues` pipelines those).
+    """
+    if any(insn.opcode == Opcode.GEMM for insn in instructions):
+        return list(instructions)
+
+    def is_acc_load(insn):
+        return insn.opcode == Opcode.LOAD and insn.buffer == Buffer.ACC
+
+    out: list[Instruction] = []
+    alus: list[int] = []  # positions in `out` of the ALU instructions since the last loads
+    n = len(instructions)
+    i = 0
+    while i < n:
+        if not is_acc_load(instructions[i]):
+            insn = instructions[i]
+            out.append(insn)
+            if insn.opcode == Opcode.ALU:
+                alus.append(len(out) - 1)
+            elif insn.opcode in (Opcode.FINISH, Opcode.SYNC):
+                alus = []  # nothing moves across these
+            i += 1
+            continue
+        j = i
+        while j < n and is_acc_load(instructions[j]):
+            j += 1
+        run = instructions[i:j]
+        ranges = [r for insn in run for r in _acc_ranges(insn)]
+        target = alus[(len(alus) + 1) // 2 - 1] + 1 if alus else len(out)
+        for k in range(len(out) - 1, target - 1, -1):
+            if _conflict(ranges, _acc_ranges(out[k])):
+                target = k + 1
+                break
+        out[target:target] = run
+        alus = []
+        i = j
+    return out
 
 
 def assign_arrays(instructions: list[Instruction], cfg: HardwareConfig) -> list[Instruction]:

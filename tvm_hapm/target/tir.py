@@ -46,6 +46,7 @@ from .schedule import (
     assign_arrays,
     fit_double_buffer,
     interleave_epilogues,
+    pipeline_operand_loads,
     plan_conv,
 )
 
@@ -877,7 +878,8 @@ class _Emitter:
         attrs = func.attrs
         plan = json.loads(str(attrs[SCHEDULE_ATTR])) if attrs and SCHEDULE_ATTR in attrs else {}
         #: Double buffering (the plan's ``double_buffer``): input tiles, weight chunks (when
-        #: not resident) and output regions alternate between two halves.
+        #: not resident) and output regions alternate between two halves; in an ALU-only
+        #: layer, the accumulator tiles its DMAs load (the element-wise operands).
         self.double = bool(plan.get("double_buffer", False))
         self.parity: dict[int, int] = {}  # doubled buffer -> half of its next allocation
         self.wgt_total = (
@@ -1011,7 +1013,8 @@ class _Emitter:
             k = _key(buf)
             doubled = self.double and (
                 scope == SCOPE_INP
-                or (scope == SCOPE_ACC and k not in dma_loaded)  # the GEMMs' output region
+                # the GEMMs' output region; in an ALU-only layer also the loaded operands
+                or (scope == SCOPE_ACC and (k not in dma_loaded or self.alu_only))
                 or (scope == SCOPE_WGT and entries < self.wgt_total)  # weights not resident
             )
             half = 0
@@ -1470,8 +1473,10 @@ def emit_program(
     one GEMM whose ``outer`` / ``inner`` loops and strides are the (at most two) loops around
     it (as VTA folds its micro-op loops), the reduction's init marks accumulator entries that
     the next GEMM writing them resets, and each epilogue loop nest on the accumulator becomes
-    ALU instructions computed in place of their operand.  The last step inserts the dependency
-    tokens of the decoupled load / compute / store modules.
+    ALU instructions computed in place of their operand.  The sequential stream is then
+    software-pipelined (:func:`~tvm_hapm.target.schedule.interleave_epilogues` for GEMM programs,
+    :func:`~tvm_hapm.target.schedule.pipeline_operand_loads` for ALU-only ones) and the last
+    step inserts the dependency tokens of the decoupled load / compute / store modules.
 
     ``weights`` (a :class:`SparseWeights` of the layer's constant weights) turns on the
     compile-time sparse schedule: all-zero weight blocks are neither loaded nor multiplied.
@@ -1483,7 +1488,7 @@ def emit_program(
     emitter.visit(func.body)
     if emitter.pending_reset:
         raise TirLoweringError("accumulator entries were initialised but never computed")
-    seq = interleave_epilogues(emitter.seq, cfg)
+    seq = pipeline_operand_loads(interleave_epilogues(emitter.seq, cfg))
     return insert_dependency_tokens(assign_arrays(seq, cfg))
 
 
@@ -1679,7 +1684,10 @@ def add_program(cfg, layer, shape, mult_a, mult_b, shift, clip, layer_index=0): 
     instruction) stream as :func:`tvm_hapm.target.codegen.add_program`.
 
     A last tile shorter than the planned one is a predicated tile: its DMAs and ALU loops
-    are shortened by the walker.
+    are shortened by the walker.  A double-buffered plan (``plan_eltwise``) makes the walker
+    alternate the operand tiles between two halves (``lhs_acc`` then ``rhs_acc``, each
+    allocated twice); :func:`emit_program` then moves each tile's loads into the previous
+    tile's ALU passes (:func:`~tvm_hapm.target.schedule.pipeline_operand_loads`).
     """
     from . import codegen  # noqa: PLC0415 - codegen is the cross-check, imported lazily
     from .schedule import plan_eltwise  # noqa: PLC0415
@@ -1688,7 +1696,7 @@ def add_program(cfg, layer, shape, mult_a, mult_b, shift, clip, layer_index=0): 
     n, c, h, w = (int(v) for v in (tuple(shape) + (1, 1))[:4])
     codegen._check_clip(cfg, *clip)
     total = n * (-(-c // C)) * h * w
-    sched = plan_eltwise(cfg, total, buffers=2)
+    sched = plan_eltwise(cfg, total, buffers=2, double_buffer=True, alu_passes=6)
     func = add_primfunc(cfg, total, mult_a, mult_b, shift, clip)
     stages = ["lhs_acc", "rhs_acc", "lhs_mul", "rhs_mul", "sum", "shr", "clip"]
     sch = _schedule_eltwise(
