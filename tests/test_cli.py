@@ -279,10 +279,32 @@ def test_prune_writes_onnx_and_report(tmp_path, capsys):
     pruned = onnx.load(str(out / "pruned.onnx"))
     onnx.checker.check_model(pruned)
     capsys.readouterr()
-    assert main(["prune", str(BUNDLED_MODEL), "--method", "filter", "--sparsity", "0.5",
+    assert main(["prune", str(BUNDLED_MODEL), "--method", "random", "--sparsity", "0.5",
                  "-o", str(out)]) == 2  # fmt: skip
-    assert "FilterPrune" in capsys.readouterr().err
+    assert "choose from hapm, unstructured, filter" in capsys.readouterr().err
     assert main(["prune", str(BUNDLED_MODEL), "--sparsity", "1.5", "-o", str(out)]) == 2
+
+
+def test_prune_filter_with_data_reconstructs_and_fine_tunes(tmp_path, digits):
+    x_train, y_train, _, _ = digits
+    data = tmp_path / "digits.npz"
+    np.savez(data, x_train=x_train, y_train=y_train)
+    out = tmp_path / "pruned"
+    assert main(["prune", str(BUNDLED_MODEL), "--method", "filter", "--sparsity", "0.5",
+                 "--data", str(data), "--finetune-steps", "2", "-o", str(out)]) == 0  # fmt: skip
+    report = json.loads((out / "prune_report.json").read_text())
+    rec = report["reconstruction"]
+    assert rec and all(r["rel_error_after"] < r["rel_error_before"] for r in rec)
+    assert report["finetune"]["steps"] == 2
+    import onnx  # noqa: PLC0415
+    from onnx import numpy_helper  # noqa: PLC0415
+
+    w = {
+        i.name: numpy_helper.to_array(i)
+        for i in onnx.load(str(out / "pruned.onnx")).graph.initializer
+    }
+    dead = np.abs(w["conv3.w"]).reshape(16, -1).sum(1) == 0
+    assert dead.sum() == 8  # the zeroed filters stay zero through reconstruction and training
 
 
 def test_optimize_writes_model_reports_and_plot(tmp_path, digits):

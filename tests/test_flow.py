@@ -41,3 +41,37 @@ def test_prune_onnx_writes_zeros_into_the_middle_layers_only(method):
 def test_prune_onnx_refuses_unknown_methods():
     with pytest.raises(ValueError, match="unknown pruning method"):
         prune_onnx(load_bundled_model(batch=1), "random", 0.5)
+
+
+def test_filter_pruning_zeroes_coupled_channels_and_deploys_shrunk():
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from tvm_hapm.flow import filter_deploy_pass
+    from tvm_hapm.passes.prune import _find_layers
+
+    model = load_bundled_model(batch=2)
+    pruned, report, masks = prune_onnx(model, "filter", 0.5, config="zedboard", return_masks=True)
+    w = _weights(pruned)
+    # conv0's 8 channels are one array width: nothing to round to, kept
+    np.testing.assert_array_equal(w["conv0.w"], _weights(model)["conv0.w"])
+    conv3, dense = w["conv3.w"], w["dense7.w"]  # (16, 8, 3, 3), (10, 16 channels x 4 x 4)
+    dead = np.flatnonzero(np.abs(conv3).reshape(16, -1).sum(1) == 0)
+    assert len(dead) == 8  # whole filters, half of them
+    assert np.all(dense.reshape(10, 16, 16)[:, dead] == 0)  # ...and the features they fed
+    live = np.setdiff1d(np.arange(16), dead)
+    np.testing.assert_array_equal(conv3[live], _weights(model)["conv3.w"][live])
+    assert set(masks) >= {"conv3.w", "dense7.w"}
+
+    x = np.random.default_rng(0).uniform(0, 1, size=(2, 1, 16, 16)).astype(np.float32)
+
+    def run(mod):
+        vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+        return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+    masked = from_onnx(pruned)
+    shrunk = filter_deploy_pass(0.5, "zedboard")(masked)
+    out_channels = [lay.weight.shape[0] for lay in _find_layers(shrunk)]
+    assert out_channels[1] == len(live)  # the tensors really shrank
+    np.testing.assert_allclose(run(shrunk), run(masked), rtol=1e-5, atol=1e-5)

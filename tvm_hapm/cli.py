@@ -604,11 +604,7 @@ def cmd_prune(args, console: Console) -> int:
     from .flow import PRUNE_METHODS, prune_onnx, sparsity_of  # noqa: PLC0415
 
     if args.method not in PRUNE_METHODS:
-        raise CliError(
-            f"--method {args.method}: the ONNX flow supports {', '.join(PRUNE_METHODS)}; filter "
-            "pruning shrinks tensors and is available as the Relax pass "
-            "tvm_hapm.passes.FilterPrune"
-        )
+        raise CliError(f"--method {args.method}: choose from {', '.join(PRUNE_METHODS)}")
     if not 0.0 <= args.sparsity < 1.0:
         raise CliError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     _, cfg = resolve_target(args.target, args.config)
@@ -622,11 +618,18 @@ def cmd_prune(args, console: Console) -> int:
                 pruned, report = prune_onnx(model, args.method, args.sparsity, config=cfg)
             except ValueError as err:
                 raise CliError(str(err)) from None
-        history = None
+        history = reconstruction = None
         if args.data:
             from .train import extract_masks, finetune  # noqa: PLC0415
 
             data = _load_training_data(args.data)
+            if args.reconstruct:
+                from .reconstruct import reconstruct  # noqa: PLC0415
+
+                with _stage(progress, "reconstruct (least squares, 256 images)"):
+                    pruned, reconstruction = reconstruct(
+                        pruned, model, data[0][:256], seed=args.seed
+                    )
             with _stage(progress, f"fine-tune ({args.finetune_steps} steps)"):
                 pruned, history = finetune(
                     pruned,
@@ -647,6 +650,7 @@ def cmd_prune(args, console: Console) -> int:
         "achieved_sparsity": sparsity_of(pruned),
         "config": cfg.name,
         "layers": report,
+        "reconstruction": reconstruction,
         "finetune": history,
     }
     (out / "prune_report.json").write_text(
@@ -1158,15 +1162,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("prune", help="prune an ONNX model (hapm or unstructured)")
+    p = sub.add_parser("prune", help="prune an ONNX model (hapm, unstructured or filter)")
     p.add_argument("model", metavar="MODEL.onnx")
-    p.add_argument("--method", default="hapm", help="hapm | unstructured (| filter: Relax only)")
+    p.add_argument("--method", default="hapm", help="hapm | unstructured | filter")
     p.add_argument("--sparsity", type=float, required=True)
     _add_target_args(p)
     p.add_argument(
         "--data", default=None, metavar="DATA.npz", help="x_train/y_train to fine-tune on"
     )
     p.add_argument("--finetune-steps", type=int, default=20)
+    p.add_argument(
+        "--no-reconstruct",
+        dest="reconstruct",
+        action="store_false",
+        help="skip the least-squares reconstruction that precedes fine-tuning when --data is given",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     p.set_defaults(func=cmd_prune)

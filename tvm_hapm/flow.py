@@ -19,21 +19,70 @@ __all__ = [
     "PRUNE_METHODS",
     "DeployedResult",
     "evaluate_deployed",
+    "filter_deploy_pass",
     "prune_onnx",
+    "write_masks",
     "sparsity_of",
 ]
 
-PRUNE_METHODS = ("hapm", "unstructured")
+PRUNE_METHODS = ("hapm", "unstructured", "filter")
 
 
-def _pass(method: str, sparsity: float, config, criterion: str, skip):
-    from .passes import HardwareAwarePrune, MagnitudePrune  # noqa: PLC0415
+def _pass(method: str, sparsity: float, config, criterion: str, skip, per_layer):
+    from .passes import FilterPrune, HardwareAwarePrune, MagnitudePrune  # noqa: PLC0415
 
     if method == "hapm":
-        return HardwareAwarePrune(sparsity, config=config, criterion=criterion, skip=skip)
+        return HardwareAwarePrune(
+            sparsity, config=config, criterion=criterion, per_layer=per_layer, skip=skip
+        )
     if method == "unstructured":
-        return MagnitudePrune(sparsity, criterion=criterion, skip=skip)
+        return MagnitudePrune(sparsity, criterion=criterion, per_layer=per_layer, skip=skip)
+    if method == "filter":
+        # masks only: the zeroed filters and the consumer weights reading them; the tensors are
+        # shrunk at deployment (FilterPrune(shrink=True), see filter_deploy_pass)
+        return FilterPrune(
+            sparsity, config=config, criterion=criterion, per_layer=per_layer, shrink=False
+        )
     raise ValueError(f"unknown pruning method {method!r}; choose from {PRUNE_METHODS}")
+
+
+def write_masks(model: onnx.ModelProto, pruned_mod) -> tuple[onnx.ModelProto, dict]:
+    """Copy of ``model`` with the zeros of the pruned Relax module written into its weights.
+
+    Relax layers and ONNX weights are paired by position (both in graph order, see
+    :func:`tvm_hapm.train.prunable_weights`); each pairing is checked: same shape (a Gemm weight
+    may be stored transposed) and the kept values unchanged.  Returns the model and the
+    keep-masks by ONNX initializer name (in the initializer's layout).
+    """
+    from .passes import pruning_masks  # noqa: PLC0415
+    from .passes.prune import _find_layers  # noqa: PLC0415
+    from .train import prunable_weights  # noqa: PLC0415
+
+    masks = pruning_masks(pruned_mod)
+    layers = _find_layers(pruned_mod)
+    names = prunable_weights(model)
+    if len(layers) != len(names):
+        raise ValueError(f"{len(layers)} prunable Relax layers but {len(names)} ONNX weights")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    by_name = {i.name: i for i in out.graph.initializer}
+    onnx_masks = {}
+    for lay, wname in zip(layers, names):
+        if lay.name not in masks:
+            continue
+        mask, stored = masks[lay.name], lay.weight
+        w = numpy_helper.to_array(by_name[wname])
+        if mask.shape != w.shape and mask.ndim == 2 and mask.T.shape == w.shape:
+            mask, stored = mask.T, stored.T
+        if mask.shape != w.shape or not np.array_equal(np.where(mask, w, 0), stored):
+            raise ValueError(
+                f"pruned layer {lay.name} does not match ONNX weight {wname} {list(w.shape)}"
+            )
+        onnx_masks[wname] = mask
+        by_name[wname].CopyFrom(
+            numpy_helper.from_array(np.where(mask, w, 0).astype(w.dtype), wname)
+        )
+    return out, onnx_masks
 
 
 def prune_onnx(
@@ -43,47 +92,45 @@ def prune_onnx(
     config=None,
     criterion: str = "l2",
     keep_first_last: bool = True,
-) -> tuple[onnx.ModelProto, list]:
-    """Prune ``model`` with ``method`` (``"hapm"`` or ``"unstructured"``) at ``sparsity``.
+    per_layer: dict | None = None,
+    return_masks: bool = False,
+):
+    """Prune ``model`` with ``method`` (``"hapm"``, ``"unstructured"`` or ``"filter"``).
 
-    Returns the pruned ONNX model (a copy; the input is not changed) and the pass's report.
-    Each pruned Relax weight is matched to the ONNX initializer it came from by value.  With
-    ``keep_first_last`` (the usual practice, e.g. AMC) the first and the last layer stay dense:
-    the first sees only a few input channels, so one hardware group there is a whole kernel tap,
-    and the last produces the logits.
+    Returns the pruned ONNX model (a copy; the input is not changed) and the pass's report, plus
+    the keep-masks by ONNX weight name with ``return_masks``.  With ``keep_first_last`` (the
+    usual practice, e.g. AMC) the first and the last layer stay dense: the first sees only a
+    few input channels, so one hardware group there is a whole kernel tap, and the last produces
+    the logits.  ``per_layer`` maps Relax layer names to their own sparsity.
+
+    ``"filter"`` zeroes whole filters and the weights of every consumer reading them, with the
+    channel coupling of :func:`~tvm_hapm.passes.FilterPrune` (residual adds prune the same
+    channels in every conv feeding them); ``sparsity`` is then the fraction of *channels*
+    removed per channel space. The shapes stay, so masks, fine-tuning and reconstruction work as
+    for the other methods; :func:`filter_deploy_pass` removes the channels for deployment.
     """
     from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
 
-    from .passes import prune_report, pruning_masks  # noqa: PLC0415
-    from .passes.prune import _find_layers, prunable_layers  # noqa: PLC0415
+    from .passes import prune_report  # noqa: PLC0415
+    from .passes.prune import prunable_layers  # noqa: PLC0415
 
     mod = from_onnx(model)
     names = [d["layer"] for d in prunable_layers(mod)]
     skip = [names[0], names[-1]] if keep_first_last and len(names) > 2 else []
-    pruned = _pass(method, sparsity, config, criterion, skip)(mod)
-    masks = pruning_masks(pruned)
-    originals = {lay.name: lay.weight for lay in _find_layers(mod)}
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    by_name = {i.name: i for i in out.graph.initializer}
-    used = set()
-    for layer, mask in masks.items():
-        weight = originals[layer]
-        match = [
-            n
-            for n, a in inits.items()
-            if n not in used and a.shape == weight.shape and np.array_equal(a, weight)
-        ]
-        if len(match) != 1:
-            raise ValueError(
-                f"pruned layer {layer}: {len(match)} ONNX initializers match its weight"
-            )
-        used.add(match[0])
-        by_name[match[0]].CopyFrom(
-            numpy_helper.from_array(np.where(mask, inits[match[0]], 0), match[0])
-        )
-    return out, prune_report(pruned)
+    if method == "filter":
+        skip = []  # the logits' channels are never removed; the stem's are coupled
+    pruned = _pass(method, sparsity, config, criterion, skip, per_layer)(mod)
+    out, masks = write_masks(model, pruned)
+    return (out, prune_report(pruned), masks) if return_masks else (out, prune_report(pruned))
+
+
+def filter_deploy_pass(sparsity: float, config=None, criterion: str = "l2"):
+    """The pass that removes, for deployment, the channels ``prune_onnx(..., "filter",
+    sparsity)`` zeroed: ``FilterPrune(sparsity, shrink=True)`` on the fine-tuned model, whose
+    zeroed channels have zero importance and are therefore the ones it removes."""
+    from .passes import FilterPrune  # noqa: PLC0415
+
+    return FilterPrune(sparsity, config=config, criterion=criterion, shrink=True)
 
 
 def sparsity_of(model: onnx.ModelProto) -> float:
@@ -108,9 +155,14 @@ class DeployedResult:
     cycles: int
 
 
-def evaluate_deployed(model, target, x_cal, x_test, y_test, batch: int = 150) -> DeployedResult:
+def evaluate_deployed(
+    model, target, x_cal, x_test, y_test, batch: int = 150, transform=None
+) -> DeployedResult:
     """Quantize ``model`` (calibrated on ``x_cal``), measure its int8 top-1 on the test set and
     its accelerator latency and energy for one image.
+
+    ``transform`` is an optional Relax pass applied to the float module before quantization
+    (e.g. :func:`filter_deploy_pass`), for the accuracy and the latency alike.
 
     The accuracy uses TVM's llvm build of the quantized module, which the accelerator equals bit
     for bit (``tests/test_onnx_e2e.py``) and which runs much faster than the simulator.
@@ -124,14 +176,19 @@ def evaluate_deployed(model, target, x_cal, x_test, y_test, batch: int = 150) ->
     from .runtime import last_run_stats  # noqa: PLC0415
 
     batch = min(batch, len(x_test))
-    qmod = quantize(from_onnx(set_batch(model, batch)), calibration=[x_cal[:batch]])
+
+    def float_module(b):
+        mod = from_onnx(set_batch(model, b))
+        return transform(mod) if transform is not None else mod
+
+    qmod = quantize(float_module(batch), calibration=[x_cal[:batch]])
     vm = relax.VirtualMachine(tvm.compile(qmod, target="llvm"), tvm.cpu())
     correct = 0
     n = (len(x_test) // batch) * batch
     for k in range(0, n, batch):
         logits = vm["main"](tvm.runtime.tensor(x_test[k : k + batch])).numpy()
         correct += int((logits.argmax(1) == y_test[k : k + batch]).sum())
-    q1 = quantize(from_onnx(set_batch(model, 1)), calibration=list(x_cal[:8, None]))
+    q1 = quantize(float_module(1), calibration=list(x_cal[:8, None]))
     ex = tvm.compile(q1, target=target)
     relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x_test[:1]))
     stats = last_run_stats()
