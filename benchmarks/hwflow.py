@@ -6,8 +6,9 @@ For each model: dense reference (int8 test top-1 through TVM's llvm build of the
 module; latency and energy of one image on the simulated accelerator), then the RL agent guided
 by each cost level (coarse, mid, fine) and the greedy latency-saliency baseline guided by fine,
 all with the same evaluation budget (``--episodes``) and the same accuracy estimate (float
-top-1 on a fixed validation split of the training images after BN recalibration, no short
-fine-tune unless ``--finetune-steps``).  Every winner is then (optionally fine-tuned with
+top-1 on a fixed validation split of the training images after least-squares reconstruction of
+the pruned layers, ``--no-reconstruct`` for BN recalibration only; no short fine-tune unless
+``--finetune-steps``).  Every winner is then (optionally fine-tuned with
 ``--final-steps``) quantized, its int8 test accuracy measured and simulated.  The headline row is
 the winner (any method/level) with the lowest simulated objective whose int8 test drop is
 within the budget.  Writes ``benchmarks/results/hwflow.json`` and ``hwflow_<model>.png``.
@@ -75,6 +76,7 @@ def run_model(name, model, args, cfg, data, log=print) -> dict:
             env = hwflow.HWFlowEnv(
                 model, (x_tr, y_tr), cfg, args.objective, args.max_drop, level,
                 val_size=args.val_size, finetune_steps=args.finetune_steps, seed=args.seed,
+                reconstruct=args.reconstruct,
             )  # fmt: skip
         except Exception as err:  # noqa: BLE001  (e.g. the bundled fine model is stale)
             out["runs"][f"{method}_{level}"] = {"error": f"{type(err).__name__}: {err}"}
@@ -143,7 +145,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--val-size", type=int, default=150)
     ap.add_argument("--finetune-steps", type=int, default=0)
     ap.add_argument("--final-steps", type=int, default=0)
-    ap.add_argument("--r56-epochs", type=int, default=4)
+    ap.add_argument("--no-reconstruct", dest="reconstruct", action="store_false")
+    ap.add_argument("--r56-epochs", type=int, default=5)
     ap.add_argument("--target", default="hapm_fpga")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "hwflow.json")
@@ -168,7 +171,8 @@ def main(argv=None) -> dict:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "seconds": time.perf_counter() - t0,
         "accuracy": "int8 top-1 on the 450 digits test images; the search used float top-1 on "
-        "a seeded validation split of the training images (after BN recalibration)",
+        "a seeded validation split of the training images (after reconstruction, or BN "
+        "recalibration with --no-reconstruct)",
         "latency_energy": "one image on the simulated accelerator (timing + energy model)",
         "reductions": "dense / pruned; headline = best run whose int8 test drop <= max_drop",
     }

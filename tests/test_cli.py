@@ -294,7 +294,8 @@ def test_prune_filter_with_data_reconstructs_and_fine_tunes(tmp_path, digits):
                  "--data", str(data), "--finetune-steps", "2", "-o", str(out)]) == 0  # fmt: skip
     report = json.loads((out / "prune_report.json").read_text())
     rec = report["reconstruction"]
-    assert rec and all(r["rel_error_after"] < r["rel_error_before"] for r in rec)
+    assert rec and all(r["rel_error_after"] <= r["rel_error_before"] + 1e-9 for r in rec)
+    assert any(r["rel_error_after"] < 0.5 * r["rel_error_before"] for r in rec)
     assert report["finetune"]["steps"] == 2
     import onnx  # noqa: PLC0415
     from onnx import numpy_helper  # noqa: PLC0415

@@ -80,3 +80,21 @@ def test_bad_arguments(setup):
         hwflow.optimize(model, data[:2], level="rtl")
     with pytest.raises(ValueError):
         hwflow.optimize(model, data[:2], method="sa")
+
+
+def test_reconstruction_recovers_candidates_and_keeps_their_masks(setup):
+    from onnx import numpy_helper
+
+    model, (x, y, _, _), bn_env = setup
+    env = hwflow.HWFlowEnv(
+        model, (x, y), "zedboard", "latency", 2.0, "mid", val_size=300, reconstruct=True
+    )
+    idx = (0, 7, 5)  # 70% of conv3's hardware groups, 50% of the dense layer's
+    assert env.dense_accuracy == bn_env.dense_accuracy  # the dense model is not touched
+    recovered, bn_only = env.evaluate(idx).accuracy, bn_env.evaluate(idx).accuracy
+    assert recovered > bn_only
+    weights = {
+        t.name: numpy_helper.to_array(t) for t in env.recovered_model(idx).graph.initializer
+    }
+    for li, name in enumerate(env.weight_names):
+        np.testing.assert_array_equal(weights[name] != 0, env.masks[li][idx[li]])

@@ -711,6 +711,7 @@ def cmd_optimize(args, console: Console) -> int:
                     seed=args.seed,
                     final_finetune_steps=args.finetune_steps,
                     simulate_result=True,
+                    reconstruct=args.reconstruct,
                 )
             except ValueError as err:
                 raise CliError(str(err)) from None
@@ -1194,6 +1195,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=60)
     p.add_argument("--search-finetune-steps", type=int, default=0)
     p.add_argument("--finetune-steps", type=int, default=0, help="fine-tuning of the winner")
+    p.add_argument(
+        "--no-reconstruct",
+        dest="reconstruct",
+        action="store_false",
+        help="judge candidates after BN recalibration only, without least-squares reconstruction",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     p.set_defaults(func=cmd_optimize)

@@ -199,14 +199,16 @@ def reconstruct(
         w0 = _as_matrix(lay, w_old).astype(np.float64)
         intercept = lay["bias"] is not None or lay["bn_mean"] is not None
         w_new, delta = _solve(a, target, w0, ridge, intercept)
+        live = (w0 != 0).any(axis=1)
         report.append(
             {
                 "layer": node.name or node.output[0],
                 "weight": lay["weight"],
                 "sparsity": float((w_old == 0).mean()),
                 "rows": int(len(a)),
-                "rel_error_before": _rel_err(a @ w0.T, target),
-                "rel_error_after": _rel_err(a @ w_new.T + delta, target),
+                # over the output channels that keep weights (a removed filter's error stays)
+                "rel_error_before": _rel_err(a @ w0.T, target, live),
+                "rel_error_after": _rel_err(a @ w_new.T + delta, target, live),
             }
         )
         updated = _write_back(lay, inits, _from_matrix(lay, w_new, w_old), delta, values)
@@ -222,7 +224,8 @@ def reconstruct(
     return out, report
 
 
-def _rel_err(pred: np.ndarray, target: np.ndarray) -> float:
+def _rel_err(pred: np.ndarray, target: np.ndarray, columns: np.ndarray) -> float:
+    pred, target = pred[:, columns], target[:, columns]
     return float(np.linalg.norm(pred - target) / max(np.linalg.norm(target), 1e-30))
 
 
