@@ -33,25 +33,18 @@ from rich.console import Console
 from rich.table import Table
 
 from tvm_hapm.data import load_bundled_resnet20, load_digits, set_batch
-from tvm_hapm.flow import evaluate_deployed, filter_deploy_pass, prune_onnx, recover, sparsity_of
+from tvm_hapm.flow import (
+    evaluate_deployed,
+    filter_deploy_pass,
+    filter_fraction,
+    prune_onnx,
+    recover,
+    sparsity_of,
+)
 from tvm_hapm.target.config import get_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "hapm_vs_standard.json"
 METHODS = {"standard": "unstructured", "filter": "filter", "hapm": "hapm"}
-
-
-def filter_fraction(base, target: float, cfg) -> tuple[float, float]:
-    """Channel fraction whose filter-pruned weight sparsity is nearest ``target`` (bisection:
-    the sparsity grows with the fraction, in steps of the array width)."""
-    lo, hi = 0.0, 0.95
-    best = (0.0, 0.0)
-    for _ in range(9):
-        mid = (lo + hi) / 2
-        sp = sparsity_of(prune_onnx(base, "filter", mid, config=cfg)[0])
-        if abs(sp - target) < abs(best[1] - target) or best == (0.0, 0.0):
-            best = (mid, sp)
-        lo, hi = (mid, hi) if sp < target else (lo, mid)
-    return best
 
 
 def check_shrink(model, fraction, cfg, x) -> float:

@@ -240,10 +240,12 @@ def test_demo(tmp_path, capsys):
     speedups = {
         ln.split("│")[1].strip(): float(ln.split("│")[-2].strip().rstrip("x"))
         for ln in out.splitlines()
-        if ln.startswith("│") and ln.split("│")[1].strip() in ("dense", "unstructured", "HAPM")
+        if ln.startswith("│")
+        and ln.split("│")[1].strip() in ("dense", "unstructured", "filter", "HAPM")
     }
     assert speedups["dense"] == 1.0 and speedups["unstructured"] < 1.1
     assert speedups["HAPM"] > 1.3  # 50% of the weights in whole dispatch groups
+    assert speedups["filter"] > 1.2  # channels removed: smaller tensors
     assert (tmp_path / "demo" / "hapm_demo.png").is_file()
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "DeployedResult",
     "evaluate_deployed",
     "filter_deploy_pass",
+    "filter_fraction",
     "prune_onnx",
     "recover",
     "write_masks",
@@ -123,6 +124,22 @@ def prune_onnx(
     pruned = _pass(method, sparsity, config, criterion, skip, per_layer)(mod)
     out, masks = write_masks(model, pruned)
     return (out, prune_report(pruned), masks) if return_masks else (out, prune_report(pruned))
+
+
+def filter_fraction(model: onnx.ModelProto, sparsity: float, config=None) -> tuple[float, float]:
+    """Channel fraction at which ``prune_onnx(model, "filter", ...)`` gives the weight
+    sparsity nearest ``sparsity``, and that sparsity (bisection: the weight sparsity grows with
+    the fraction, in steps of the array width), so that filter pruning is compared with the
+    other methods at equal weight sparsity."""
+    lo, hi = 0.0, 0.95
+    best = None
+    for _ in range(9):
+        mid = (lo + hi) / 2
+        got = sparsity_of(prune_onnx(model, "filter", mid, config=config)[0])
+        if best is None or abs(got - sparsity) < abs(best[1] - sparsity):
+            best = (mid, got)
+        lo, hi = (mid, hi) if got < sparsity else (lo, mid)
+    return best
 
 
 def filter_deploy_pass(sparsity: float, config=None, criterion: str = "l2"):
