@@ -35,7 +35,7 @@ import tvm_ffi
 from tvm import relax, tirx
 
 from ..target.config import HardwareConfig, get_config
-from ..target.schedule import ConvSchedule, ScheduleError, plan_conv
+from ..target.schedule import ConvSchedule, ScheduleError, dispatch_group, plan_conv
 
 __all__ = [
     "REPORT_ATTR",
@@ -272,7 +272,7 @@ def layer_schedule(cfg: HardwareConfig, layer_or_shapes, **conv) -> ConvSchedule
     ConvSchedule
         The schedule the code generator uses for that layer (its ``cob_group`` is the number of
         output-channel blocks one dispatch computes).  A layer that fits no schedule (it then
-        runs on the host) gets ``cob_group = min(COB, num_arrays)``.
+        runs on the host) gets ``cob_group = dispatch_group(COB, num_arrays)``.
     """
     if isinstance(layer_or_shapes, _Layer):
         lay = layer_or_shapes
@@ -296,7 +296,7 @@ def layer_schedule(cfg: HardwareConfig, layer_or_shapes, **conv) -> ConvSchedule
             cib, cob,
         )  # fmt: skip
     except ScheduleError:
-        return ConvSchedule(1, 1, min(cob, cfg.num_arrays), 1)
+        return ConvSchedule(1, 1, dispatch_group(cob, cfg.num_arrays), 1)
 
 
 def hapm_groups(

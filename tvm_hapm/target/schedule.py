@@ -251,13 +251,33 @@ def _tile_sizes(extent: int, tile: int) -> list[tuple[int, int]]:
     return out
 
 
+def dispatch_group(cob: int, num_arrays: int) -> int:
+    """Output-channel blocks dispatched together: the divisor ``d`` of ``cob`` that keeps the
+    arrays busiest, ``d / (num_arrays * ceil(d / num_arrays))``, the smallest on ties.
+
+    A divisor, because the TIR route tiles by divisors (tensorize refuses partial tiles) and
+    both generators must emit the same stream.  Not simply ``min(cob, num_arrays)``: for
+    ``cob = 7`` on 4 arrays its largest divisor up to 4 is 1, which puts every GEMM of an output
+    block on one array in a chain (each waits for the previous one's accumulators); ``7`` keeps
+    7 of 8 array slots busy.  When ``num_arrays`` divides ``cob`` this is ``num_arrays``.
+    """
+    best, best_util = 1, 0.0
+    for d in range(1, cob + 1):
+        if cob % d:
+            continue
+        util = d / (num_arrays * -(-d // num_arrays))
+        if util > best_util + 1e-12:
+            best, best_util = d, util
+    return best
+
+
 def _plan_conv(
     cfg, oh, ow, kh, kw, strides, dilation, cib, cob, nonzero, pool, double, chunk0=None
 ):  # noqa: PLR0917
     sh, sw = strides
     dh, dw = dilation
     tile_h, tile_w = min(oh, _MAX_LOOP), min(ow, _MAX_LOOP)
-    group = 1 if pool else min(cob, cfg.num_arrays)
+    group = 1 if pool else dispatch_group(cob, cfg.num_arrays)
     chunk = cib if chunk0 is None else chunk0
     blocks_per = kh * kw
     n_blocks = cob * cib * blocks_per if nonzero is None else int(nonzero.sum())

@@ -1419,13 +1419,16 @@ class SparseWeights:
         flat_nz = self.nonzero.reshape(-1)
         keep = flat_nz[dense]
         positions = [self.pos[int(d)] for d in dense[keep]]
-        if positions and positions != list(range(positions[0], positions[0] + len(positions))):
+        # The compacted DRAM order is group-major; a DMA of a whole resident tensor covers the
+        # blocks in dense order, which is the same *set* of positions in another order. On chip
+        # the blocks land in DRAM order, so each block's entry is its position in the run.
+        first = min(positions) if positions else 0
+        if positions and sorted(positions) != list(range(first, first + len(positions))):
             raise TirLoweringError("the non-zero weight blocks of a DMA are not one run")
-        rank = np.cumsum(keep) - 1
         offset = 0
         reuse = False
         if positions:
-            run = (positions[0], len(positions))
+            run = (first, len(positions))
             if self.half:
                 reuse = self._current is not None and self.loaded.get(self._current) == run
                 if not reuse:
@@ -1435,10 +1438,10 @@ class SparseWeights:
             else:
                 reuse = self.loaded.get(sram) == run
                 self.loaded = {sram: run}
-        for j, (d_keep, r) in enumerate(zip(keep, rank, strict=True)):
-            self.chip[sram + j] = sram + offset + int(r) if d_keep else None
+        for j, (d, d_keep) in enumerate(zip(dense, keep, strict=True)):
+            self.chip[sram + j] = sram + offset + self.pos[int(d)] - first if d_keep else None
         if positions and not reuse:
-            emitter.seq += _runs(Opcode.LOAD, sram + offset, positions[0], len(positions), fields)
+            emitter.seq += _runs(Opcode.LOAD, sram + offset, first, len(positions), fields)
 
     def chip_addr(self, tir_addr: int) -> int | None:
         return self.chip[tir_addr]
