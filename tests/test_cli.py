@@ -323,3 +323,20 @@ def test_optimize_writes_model_reports_and_plot(tmp_path, digits):
         assert (out / name).is_file()
     assert main(["optimize", str(BUNDLED_MODEL), "--data", str(tmp_path / "none.npz"),
                  "-o", str(out)]) == 2  # fmt: skip
+
+
+def test_prune_in_stages_reports_rounds(tmp_path, digits, capsys):
+    x_train, y_train, _, _ = digits
+    data = tmp_path / "digits.npz"
+    np.savez(data, x_train=x_train, y_train=y_train)
+    out = tmp_path / "staged"
+    assert main(["prune", str(BUNDLED_MODEL), "--method", "hapm", "--sparsity", "0.9",
+                 "--stages", "2", "--finetune-steps", "0", "--data", str(data),
+                 "-o", str(out)]) == 0  # fmt: skip
+    report = json.loads((out / "prune_report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    assert report["rounds"][0]["sparsity"] < report["rounds"][1]["sparsity"]
+    capsys.readouterr()
+    assert main(["prune", str(BUNDLED_MODEL), "--sparsity", "0.5", "--stages", "2",
+                 "-o", str(out)]) == 2  # fmt: skip
+    assert "needs --data" in capsys.readouterr().err

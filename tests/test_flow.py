@@ -75,3 +75,32 @@ def test_filter_pruning_zeroes_coupled_channels_and_deploys_shrunk():
     out_channels = [lay.weight.shape[0] for lay in _find_layers(shrunk)]
     assert out_channels[1] == len(live)  # the tensors really shrank
     np.testing.assert_allclose(run(shrunk), run(masked), rtol=1e-5, atol=1e-5)
+
+
+def test_iterative_pruning_raises_sparsity_on_a_cubic_schedule():
+    from onnx.reference import ReferenceEvaluator
+
+    from tvm_hapm.data import load_digits
+    from tvm_hapm.flow import prune_iteratively
+
+    model = load_bundled_model(batch=1)
+    x, y, xt, yt = load_digits(size=16)
+    calls = []
+    final, rounds = prune_iteratively(
+        model, "unstructured", 0.8, (x, y), stages=3, steps=0,
+        progress=lambda k, n: calls.append((k, n)),
+    )  # fmt: skip
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    targets = [r["target"] for r in rounds]
+    np.testing.assert_allclose(targets, [0.8 * (1 - (1 - k / 3) ** 3) for k in (1, 2, 3)])
+    achieved = [r["sparsity"] for r in rounds]
+    assert achieved == sorted(achieved) and achieved[0] < achieved[-1]
+    oneshot, _ = prune_onnx(model, "unstructured", 0.8)
+    assert abs(sparsity_of(final) - sparsity_of(oneshot)) < 0.01  # same final sparsity
+
+    def accuracy(m):
+        return float((ReferenceEvaluator(m).run(None, {"input": xt})[0].argmax(1) == yt).mean())
+
+    assert accuracy(final) > accuracy(oneshot)
+    with pytest.raises(ValueError, match="schedule"):
+        prune_iteratively(model, "hapm", 0.5, (x, y), schedule="exponential")

@@ -613,13 +613,32 @@ def cmd_prune(args, console: Console) -> int:
     with _progress(console) as progress:
         with _stage(progress, "load ONNX"):
             model = load_onnx(args.model)
-        with _stage(progress, f"prune ({args.method}, {args.sparsity:.0%})"):
-            try:
-                pruned, report = prune_onnx(model, args.method, args.sparsity, config=cfg)
-            except ValueError as err:
-                raise CliError(str(err)) from None
-        history = reconstruction = None
-        if args.data:
+        if args.stages > 1 and not args.data:
+            raise CliError("--stages > 1 (iterative pruning) needs --data to recover on")
+        history = reconstruction = rounds = None
+        if args.stages > 1:
+            from .flow import prune_iteratively  # noqa: PLC0415
+
+            data = _load_training_data(args.data)
+            desc = f"prune iteratively ({args.method}, {args.stages} rounds to {args.sparsity:.0%})"
+            with _stage(progress, desc):
+                try:
+                    pruned, rounds = prune_iteratively(
+                        model, args.method, args.sparsity, data, stages=args.stages,
+                        steps=args.finetune_steps, config=cfg, seed=args.seed,
+                    )  # fmt: skip
+                except ValueError as err:
+                    raise CliError(str(err)) from None
+            # the report of the last round's pass: prune the result again at the final sparsity
+            # (its zeros are the least important weights, so nothing changes)
+            _, report = prune_onnx(pruned, args.method, args.sparsity, config=cfg)
+        else:
+            with _stage(progress, f"prune ({args.method}, {args.sparsity:.0%})"):
+                try:
+                    pruned, report = prune_onnx(model, args.method, args.sparsity, config=cfg)
+                except ValueError as err:
+                    raise CliError(str(err)) from None
+        if args.data and args.stages <= 1:
             from .train import extract_masks, finetune  # noqa: PLC0415
 
             data = _load_training_data(args.data)
@@ -652,6 +671,7 @@ def cmd_prune(args, console: Console) -> int:
         "layers": report,
         "reconstruction": reconstruction,
         "finetune": history,
+        "rounds": rounds,
     }
     (out / "prune_report.json").write_text(
         json.dumps(summary, indent=2, sort_keys=True, default=_json_default)
@@ -1188,6 +1208,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="reconstruct",
         action="store_false",
         help="skip the least-squares reconstruction that precedes fine-tuning when --data is given",
+    )
+    p.add_argument(
+        "--stages",
+        type=int,
+        default=1,
+        help="iterative pruning: rounds of prune + recover (cubic schedule) up to --sparsity",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, metavar="OUT")

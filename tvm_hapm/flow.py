@@ -21,6 +21,7 @@ __all__ = [
     "evaluate_deployed",
     "filter_deploy_pass",
     "filter_fraction",
+    "prune_iteratively",
     "prune_onnx",
     "recover",
     "write_masks",
@@ -274,3 +275,46 @@ def recover(
         if info["val_finetuned"] > info["val_reconstructed"]:
             best, info["kept"] = tuned, "finetuned"
     return best, info
+
+
+def prune_iteratively(
+    model: onnx.ModelProto,
+    method: str,
+    sparsity: float,
+    data,
+    stages: int = 3,
+    steps: int = 16,
+    config=None,
+    criterion: str = "l2",
+    schedule: str = "cubic",
+    seed: int = 0,
+    progress=None,
+) -> tuple[onnx.ModelProto, list[dict]]:
+    """Iterative prune / recover: ``stages`` rounds that raise the sparsity to ``sparsity``.
+
+    Round ``k`` prunes the previous round's recovered model at ``s_k`` and recovers it with
+    :func:`recover` (reconstruction towards the *original* model's layer outputs, then
+    ``steps`` fine-tuning steps).  ``schedule`` is ``"linear"`` (``s_k = s k / n``) or
+    ``"cubic"`` (``s_k = s (1 - (1 - k/n)^3)``, Zhu & Gupta 2017: large steps first, while the
+    network has the most redundancy).  Weights pruned in one round have zero importance in
+    the next, so the masks are nested and the final mask is the last round's.  For ``"filter"``
+    ``sparsity`` is the channel fraction, as in :func:`prune_onnx`.
+
+    Returns the final model and one record per round (its sparsity target, achieved weight
+    sparsity and the :func:`recover` record).
+    """
+    if schedule not in ("linear", "cubic"):
+        raise ValueError(f"schedule must be 'linear' or 'cubic', got {schedule!r}")
+    if stages < 1:
+        raise ValueError(f"stages must be >= 1, got {stages}")
+    current, rounds = model, []
+    for k in range(1, stages + 1):
+        frac = k / stages
+        target = sparsity * (frac if schedule == "linear" else 1 - (1 - frac) ** 3)
+        pruned, _ = prune_onnx(current, method, target, config=config, criterion=criterion)
+        current, info = recover(pruned, model, data, steps=steps, seed=seed)
+        info.pop("reconstruction", None)
+        rounds.append({"round": k, "target": target, "sparsity": sparsity_of(current), **info})
+        if progress is not None:
+            progress(k, stages)
+    return current, rounds
