@@ -10,7 +10,10 @@ from tvm_hapm.cost.tune import (
     ConvTask,
     TuningDatabase,
     enumerate_space,
+    fine_model_prior,
+    instruction_counts,
     model_guided_search,
+    prune_space,
     random_search,
     schedule_fits,
 )
@@ -138,3 +141,50 @@ def test_compile_applies_the_tuning_database(tmp_path):
     assert programs[0].info["schedule"] == chosen.to_dict()
     for ref, out in zip(llvm_reference(mod, x), run_vm(ex, x)):
         np.testing.assert_array_equal(out, ref)
+
+
+def test_prune_space_drops_long_streams_and_keeps_the_default():
+    task = _task()
+    space = enumerate_space(task)
+    counts = instruction_counts(task, space)
+    real = np.array([len(task.program(s).instructions) for s in space[::12]])
+    np.testing.assert_allclose(counts[::12], real, rtol=0.1)  # a close closed-form count
+    pruned = prune_space(task, space, 1.5)
+    default = task.default_schedule()
+    limit = 1.5 * instruction_counts(task, [default])[0]
+    assert default in pruned and 0 < len(pruned) < len(space)
+    kept = {repr(s.to_dict()) for s in pruned}
+    for s, c in zip(space, counts):
+        assert (repr(s.to_dict()) in kept) == (c <= limit or s == default)
+
+
+def test_searches_take_a_space_and_a_measurement_table():
+    """With ``measure`` a table lookup, the searches give what the runner gives; the guided search
+    with an exact prior finds the optimum in its first batch."""
+    task = _task()
+    space = prune_space(task, enumerate_space(task), 1.5)
+    runner = LocalRunner()
+    table = {repr(s): c for s, c in zip(space, [measure_program(task.program(s)).cycles
+                                                  for s in space])}  # fmt: skip
+    default = task.default_schedule()
+    table[repr(default)] = measure_program(task.program(default)).cycles
+    calls = []
+
+    def measure(schedules):
+        calls.extend(schedules)
+        return [table[repr(s)] for s in schedules]
+
+    for search in (random_search, model_guided_search):
+        a = search(task, 6, runner=runner, seed=4, space=space)
+        b = search(task, 6, seed=4, space=space, measure=measure)
+        assert a.history == b.history and a.space_size == len(space)
+    calls.clear()
+    exact = model_guided_search(
+        task, 5, seed=0, space=space, measure=measure, init=4, epsilon=0.25,
+        prior=lambda _t, ss: [table[repr(s)] for s in ss],
+    )  # fmt: skip
+    assert exact.best_cycles == min(table[repr(s)] for s in space)
+    assert calls[1] == min(space, key=lambda s: table[repr(s)])  # first pick after the default
+    # the fine model as a prior: one batched prediction of the whole space
+    pred = fine_model_prior()(task, space)
+    assert len(pred) == len(space) and np.all(np.asarray(pred) > 0)

@@ -44,6 +44,7 @@ __all__ = [
     "analyze",
     "analyze_batch",
     "analyze_reference",
+    "clear_caches",
     "default_schedule",
     "schedule_dict",
 ]
@@ -381,11 +382,21 @@ def _struct_position_counts(cout, cin, groups, kh, kw, R, C, G, K):
 def _struct_rounds(layer_key, frac: float, A: int, G: int, K: int) -> np.ndarray:
     """:func:`_position_rounds` of the structural blocks (``layer_key``: cout, cin, groups,
     kh, kw, R, C), flat ``(n_cg * n_kc,)``."""
+    if not frac:
+        return _dense_struct_rounds(layer_key, A, G, K)
     n_p = _struct_position_counts(*layer_key, G, K)
     r = np.ceil(n_p / A)
     if frac:
         r = r * (1.0 - frac**n_p)
     return (r.sum(axis=2) * (layer_key[3] * layer_key[4])).ravel()
+
+
+@lru_cache(maxsize=4096)
+def _dense_struct_rounds(layer_key, A: int, G: int, K: int) -> np.ndarray:
+    n_p = _struct_position_counts(*layer_key, G, K)
+    out = (np.ceil(n_p / A).sum(axis=2) * (layer_key[3] * layer_key[4])).ravel()
+    out.flags.writeable = False
+    return out
 
 
 def log2p(x: float) -> float:
@@ -440,6 +451,19 @@ def analyze(
 
 _LAYER_INFO: dict = {}
 _SCHED_ROWS: dict = {}
+
+
+def clear_caches() -> None:
+    """Empty the per-layer caches of :func:`analyze_batch` (the compiler's schedule, the
+    structural blocks and the schedule rows of each layer and config seen): the next batch
+    runs cold, as in a fresh process (for timing)."""
+    from .layer import _structural
+
+    _LAYER_INFO.clear()
+    _SCHED_ROWS.clear()
+    for f in (_positions_cached, _struct_position_counts, _dense_struct_rounds, _struct_counts,
+              _structural):  # fmt: skip
+        f.cache_clear()
 
 
 def _cfg_key(cfg: HardwareConfig) -> tuple:
@@ -557,6 +581,58 @@ def _dim_classes(out, tile, stride, k, dil, pad_lo, size):
     return cseg, ct, ct_in, cvalid, count, ncls, t_last
 
 
+def _mask_position_rounds(m8: np.ndarray, cob: int, cib: int, kk: int, A: int, G: int):
+    """GEMM rounds per (output-channel group, input block) ``(n_cg * cib,)`` of a non-zero
+    block mask given as flat uint8 ``(COB, CIB, KH, KW)``: the sum over the kernel positions
+    of ``ceil(n_p / A)`` (:func:`_position_rounds` before the sum over input chunks).
+
+    The sum over a group's output blocks runs over the ``G`` row slices ``mm[j::G]`` (one
+    contiguous-row operation each, the last group may be short)."""
+    mm = m8.reshape(cob, cib * kk)
+    if G == 1:
+        acc = mm  # one block per position: a round per non-zero block
+    elif G <= A:  # one round per position with any non-zero block
+        if cob % G == 0 and cob * cib * kk <= 4096:
+            acc = mm.reshape(cob // G, G, cib * kk).max(axis=1)
+        else:
+            acc = mm[0::G].copy()
+            for j in range(1, min(G, cob)):
+                r = mm[j::G]
+                np.bitwise_or(acc[: len(r)], r, out=acc[: len(r)])
+    else:
+        acc = mm[0::G].astype(np.int32)
+        for j in range(1, min(G, cob)):
+            r = mm[j::G]
+            np.add(acc[: len(r)], r, out=acc[: len(r)])
+        acc = (acc + (A - 1)) // A
+    if kk == 1:
+        return acc.reshape(-1)
+    if acc.dtype == np.uint8 and kk > 255:
+        acc = acc.astype(np.int32)
+    return np.einsum("ij->i", acc.reshape(-1, kk))  # (uint8: at most kk per position)
+
+
+def _batch_rounds(total, st_off, nst, n_cg, n_kc, cib, K, parts, items, mparts, mitems):
+    """GEMM rounds of every step of every query (flat, steps of query ``q`` at ``st_off[q]``),
+    :func:`_position_rounds` over the batch: ``parts`` are the per-step rounds of the queries
+    ``items`` (fraction queries), ``mparts`` the per (group, input block) rounds of the mask
+    queries ``mitems`` (:func:`_mask_position_rounds`), summed here over each input chunk."""
+    rounds = np.zeros(total)
+    if parts:
+        fq = np.asarray(items, np.int64)
+        seg, loc = _ragged_arange(nst[fq])
+        rounds[st_off[fq][seg] + loc] = np.concatenate(parts) if len(parts) > 1 else parts[0]
+    if mitems:
+        mq = np.asarray(mitems, np.int64)
+        flat = np.concatenate(mparts, dtype=np.float64) if len(mparts) > 1 else mparts[0]
+        off = _excl_cumsum(n_cg[mq] * cib[mq])
+        seg, loc = _ragged_arange(nst[mq])  # every step (group, chunk) of the mask queries
+        q = mq[seg]
+        g, kc = loc // n_kc[q], loc % n_kc[q]
+        rounds[st_off[q] + loc] = np.add.reduceat(flat, off[seg] + g * cib[q] + kc * K[q])
+    return rounds
+
+
 def _bsum(seg, weights, n):
     return np.bincount(seg, weights=weights, minlength=n)
 
@@ -574,43 +650,63 @@ def analyze_batch(queries) -> BatchAnalysis:
         raise ValueError("analyze_batch needs at least one query")
     cfg_keys: dict = {}  # id(config) -> (row index, cache key)
     cfg_rows: list = []
-    L_rows = []
-    sched_rows = []
+    # (id(layer), id(config)) -> index of the pair (the objects live through the call)
+    pair_ids: dict = {}
+    pair_rows: list = []  # (config row, *layer numbers, structural blocks, kh * kw)
+    pair_data: list = []  # (layer info, structure key, default schedule's row index)
+    pair_of = []  # pair of every query
+    sched_ids: dict = {}  # id(schedule) -> index into sched_rows
+    sched_rows: list = []
+    sched_of = []  # schedule row of every query
     schedules = []
     fracs = np.zeros(n)
     is_mask = np.zeros(n, bool)
     exact = np.ones(n, bool)
-    struct_tot = np.zeros(n)
     frac_parts, frac_items = [], []  # per-(cob, cib) counts of fraction queries
     by_kk: dict = {}  # kh*kw -> ([flat uint8 mask], [query]) of mask queries
-    round_parts: list = []  # GEMM rounds of every step, per query (_position_rounds)
+    round_parts, round_items = [], []  # GEMM rounds of every step of the fraction queries
+    mask_rounds, mask_items = [], []  # rounds per (group, input block) of mask queries
     for i, (layer, cfg, schedule, sparsity) in enumerate(queries):
-        ck = cfg_keys.get(id(cfg))
-        if ck is None:
-            ck = cfg_keys[id(cfg)] = (len(cfg_rows), _cfg_key(cfg))
-            cfg_rows.append(_cfg_row(cfg))
-        lk = (layer, ck[1])
-        info = _LAYER_INFO.get(lk)
-        if info is None:
-            info = _layer_info(layer, cfg, lk)
+        pk = (id(layer), id(cfg))
+        pair = pair_ids.get(pk)
+        if pair is None:
+            ck = cfg_keys.get(id(cfg))
+            if ck is None:
+                ck = cfg_keys[id(cfg)] = (len(cfg_rows), _cfg_key(cfg))
+                cfg_rows.append(_cfg_row(cfg))
+            lk = (layer, ck[1])
+            info = _LAYER_INFO.get(lk)
+            if info is None:
+                info = _layer_info(layer, cfg, lk)
+            lrow, struct, per, tot, full, uniq, kk, dsched, drow = info
+            pair = pair_ids[pk] = len(pair_rows)
+            pair_rows.append((ck[0], *lrow, tot, kk))
+            skey = (layer.cout, layer.cin, layer.groups, layer.kh, layer.kw, cfg.array_rows,
+                    cfg.array_cols)  # fmt: skip
+            pair_data.append((info, skey, len(sched_rows)))
+            sched_rows.append(drow)  # the compiler's schedule of this pair
+        info, skey, dsidx = pair_data[pair]
         lrow, struct, per, tot, full, uniq, kk, dsched, drow = info
-        L_rows.append((ck[0], *lrow))
+        pair_of.append(pair)
         if schedule is None:
             schedules.append(dsched)
-            sched_rows.append(drow)
+            sched_of.append(dsidx)
+            sch = dsched
         else:
             schedules.append(schedule)
-            srow = _SCHED_ROWS.get(schedule)
-            if srow is None:
-                if len(_SCHED_ROWS) > 65536:
-                    _SCHED_ROWS.clear()
-                srow = _SCHED_ROWS[schedule] = tuple(
-                    getattr(schedule, f) for f in _sched_field_names(schedule)
-                )
-            sched_rows.append(srow)
-        struct_tot[i] = tot
-        sch = schedules[-1]
-        gq, kq, aq = max(1, sch.cob_group), max(1, sch.cib_chunk), cfg.num_arrays
+            sch = schedule
+            sidx = sched_ids.get(id(schedule))
+            if sidx is None:
+                srow = _SCHED_ROWS.get(schedule)
+                if srow is None:
+                    if len(_SCHED_ROWS) > 65536:
+                        _SCHED_ROWS.clear()
+                    srow = _SCHED_ROWS[schedule] = tuple(
+                        getattr(schedule, f) for f in _sched_field_names(schedule)
+                    )
+                sidx = sched_ids[id(schedule)] = len(sched_rows)
+                sched_rows.append(srow)
+            sched_of.append(sidx)
         mask = None
         if isinstance(sparsity, np.ndarray):
             mask = sparsity
@@ -628,12 +724,17 @@ def analyze_batch(queries) -> BatchAnalysis:
                 raise ValueError(f"block mask of shape {m.shape}, expected {struct.shape}")
             if not full:
                 m = m & struct
-            round_parts.append(_position_rounds(m, 0.0, aq, gq, kq).ravel())
             g = by_kk.get(kk)
             if g is None:
                 g = by_kk[kk] = ([], [])
-            g[0].append(np.ascontiguousarray(m).reshape(-1).view(np.uint8))
+            m8 = np.ascontiguousarray(m).reshape(-1).view(np.uint8)
+            g[0].append(m8)
             g[1].append(i)
+            cob_i, cib_i = struct.shape[:2]
+            mask_rounds.append(
+                _mask_position_rounds(m8, cob_i, cib_i, kk, cfg.num_arrays, max(1, sch.cob_group))
+            )
+            mask_items.append(i)
         else:
             f = fracs[i]
             if f != 0.0:
@@ -642,13 +743,14 @@ def analyze_batch(queries) -> BatchAnalysis:
                                               for v in uniq))  # fmt: skip
             frac_parts.append(per)
             frac_items.append(i)
-            skey = (layer.cout, layer.cin, layer.groups, layer.kh, layer.kw, cfg.array_rows,
-                    cfg.array_cols)  # fmt: skip
-            round_parts.append(_struct_rounds(skey, f, aq, gq, kq))
+            gq, kq = max(1, sch.cob_group), max(1, sch.cib_chunk)
+            round_parts.append(_struct_rounds(skey, f, cfg.num_arrays, gq, kq))
+            round_items.append(i)
 
-    cols_l = np.array(L_rows, dtype=np.int64).reshape(n, -1)
+    pairs = np.array(pair_rows, dtype=np.int64).reshape(len(pair_rows), -1)[pair_of]
     (cidx, nb, cin, h, w, cout, kh, kw, sh, sw, dh, dw, pt, pl, groups, oh, ow, cob,
-     cib) = cols_l.T  # fmt: skip
+     cib, struct_tot, _) = pairs.T  # fmt: skip
+    struct_tot = struct_tot.astype(np.float64)
     cfa = np.array(cfg_rows, dtype=np.float64)[cidx]
     cf = {name: cfa[:, j] for j, name in enumerate(_CFG_COLS)}
     R, C, A = cf["R"], cf["C"], cf["A"]
@@ -656,7 +758,7 @@ def analyze_batch(queries) -> BatchAnalysis:
     ab, wb = cf["ab"], cf["wb"]
     inp_b, wgt_b, acc_b = R * ab, R * C * wb, C * 4
     sfields = _sched_field_names(schedules[0])
-    sched_arr = np.array(sched_rows, dtype=np.float64).reshape(n, -1)
+    sched_arr = np.array(sched_rows, dtype=np.float64).reshape(len(sched_rows), -1)[sched_of]
     scol = {name: sched_arr[:, j] for j, name in enumerate(sfields)}
     TH = scol["tile_h"].astype(np.int64)
     TW = scol["tile_w"].astype(np.int64)
@@ -700,7 +802,10 @@ def analyze_batch(queries) -> BatchAnalysis:
     gsz = np.minimum(G[seg_s], cob[seg_s] - g_s * G[seg_s]).astype(float)
     ksz = np.minimum(K[seg_s], cib[seg_s] - k_s * K[seg_s]).astype(float)
     A_s = A[seg_s]
-    rounds = np.concatenate(round_parts) if n > 1 else round_parts[0]
+    rounds = _batch_rounds(
+        int(nst.sum()), st_off, nst, n_cg, n_kc, cib, K, round_parts, round_items, mask_rounds,
+        mask_items,
+    )  # fmt: skip
     skew = np.where(steps > 0, np.minimum(steps, A_s) - 1, 0.0)
     resident = nnz <= cf["wgt_depth"]
     one_step = nst == 1

@@ -32,11 +32,13 @@ from .layer import BlockSparsity, ConvLayer, apply_block_mask, block_mask, struc
 
 __all__ = [
     "DEFAULT_EXCLUDE",
+    "default_cache",
     "excluded_shapes",
     "generate",
     "load_samples",
     "measure",
     "sample_spec",
+    "source_fingerprint",
     "spec_objects",
 ]
 
@@ -49,6 +51,27 @@ MAX_INSTRUCTIONS = 6000
 _KERNELS = (1, 1, 3, 3, 3, 5, 7)
 _CHANNELS = (3, 4, 8, 13, 16, 24, 27, 32, 37, 48, 53, 64, 96, 128, 160, 256, 384, 512)
 _SPATIAL = (1, 2, 3, 4, 5, 7, 8, 10, 13, 14, 16, 20, 28, 32, 40, 56, 64, 112)
+
+
+def source_fingerprint() -> str:
+    """Hash of the sources a measurement depends on: the code generator, schedules, ISA and
+    program container (``tvm_hapm/target``) and the timing and energy models.  Caches of
+    measurements are keyed by it, so a change of the compiler or of the timing model never
+    reuses stale records."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted((root / "target").glob("*.py"))
+    files += [root / "runtime" / "timing.py", root / "runtime" / "energy.py"]
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def default_cache() -> Path:
+    """``~/.cache/tvm_hapm/cost_samples_<source fingerprint>.jsonl``."""
+    return Path.home() / ".cache" / "tvm_hapm" / f"cost_samples_{source_fingerprint()}.jsonl"
 
 
 def excluded_shapes(names=DEFAULT_EXCLUDE) -> set:

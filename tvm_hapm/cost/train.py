@@ -2,8 +2,12 @@
 
 ::
 
-    python -m tvm_hapm.cost.train --samples 3000 --cache ~/.cache/tvm_hapm/cost_samples_v2.jsonl
-    python -m tvm_hapm.cost.train --samples 3000 --output tvm_hapm/data/cost_model_fine.json
+    python -m tvm_hapm.cost.train --samples 4000 --format ubj --rounds 240   # the bundled model
+
+The measurements are cached in ``~/.cache/tvm_hapm/cost_samples_<fingerprint>.jsonl``
+(:func:`tvm_hapm.cost.dataset.default_cache`: the fingerprint hashes the code generator and
+the timing / energy model sources, so after a change of either the samples are measured anew
+and the model is retrained on the new simulator; an unchanged tree reuses the cache).
 
 The data excludes the layer shapes of ResNet-18 and the MobileNet-style network
 (:data:`tvm_hapm.cost.dataset.DEFAULT_EXCLUDE`) so that the benchmark's networks are held out.
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .dataset import excluded_shapes, generate, spec_objects
+from .dataset import default_cache, excluded_shapes, generate, source_fingerprint, spec_objects
 from .features import features_batch
 from .models import BUNDLED_FINE_MODEL, FineModel
 
@@ -66,7 +70,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--samples", type=int, default=4000)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache", default=str(Path.home() / ".cache/tvm_hapm/cost_samples_v2.jsonl"))
+    ap.add_argument("--cache", default=str(default_cache()))
     ap.add_argument("--output", default=str(BUNDLED_FINE_MODEL))
     ap.add_argument("--rounds", type=int, default=240)
     ap.add_argument("--workers", type=int, default=None)
@@ -80,7 +84,8 @@ def main(argv=None) -> None:
     model, report = train_fine_model(records, rounds=args.rounds)
     model.meta.update(
         {"seed": args.seed, "samples": args.samples, "excluded": ["resnet18_imagenet",
-         "mobilenet_style"], "generate_seconds": round(t1 - t0, 1)}
+         "mobilenet_style"], "generate_seconds": round(t1 - t0, 1),
+         "source_fingerprint": source_fingerprint(), "cache": Path(args.cache).name}
     )  # fmt: skip
     path = model.save(args.output, fmt=args.format)
     print(f"saved {path}; {report}; train {time.time() - t1:.1f} s")

@@ -11,8 +11,16 @@ Two searches share one measurement budget:
 
 * :func:`random_search`: candidates drawn uniformly from the valid space;
 * :func:`model_guided_search`: like TVM MetaSchedule's ``XGBModel`` loop, an XGBoost model of the
-  candidates measured so far (optionally started from a prior such as the fine cost model) ranks
-  the unmeasured space; the best predicted candidates, plus a few random ones, are measured next.
+  candidates measured so far ranks the unmeasured space; the best predicted candidates, plus a
+  few random ones, are measured next.  With a ``prior`` (:func:`fine_model_prior`: the fine cost
+  model's prediction of every candidate, one batched call for the whole space) the search starts
+  from the prior's ranking and the online model learns the prior's error (a residual in log
+  cycles) instead of the cycles themselves.
+
+:func:`prune_space` drops degenerate candidates (instruction streams far longer than the
+compiler default's, by the closed-form instruction count of :mod:`tvm_hapm.cost.analytic`);
+every search takes an optional ``measure`` callable (schedules -> cycles), e.g. a table of
+measurements cached on disk.
 
 Results go into a :class:`TuningDatabase` (JSON).  Inside ``with database:``,
 ``tvm.compile(mod, target="hapm_fpga")`` uses the best recorded schedule of every layer it finds.
@@ -43,6 +51,9 @@ __all__ = [
     "random_search",
     "model_guided_search",
     "extract_tasks",
+    "fine_model_prior",
+    "instruction_counts",
+    "prune_space",
 ]
 
 _KNOBS = ("tile_h", "tile_w", "cob_group", "cib_chunk", "double_buffer")
@@ -72,6 +83,30 @@ class ConvTask:
         self.strides = tuple(int(v) for v in self.strides)
         self.padding = tuple(int(v) for v in self.padding)
         self.dilation = tuple(int(v) for v in self.dilation)
+        self._nonzero_of = None  # (weight the mask was computed from, mask)
+
+    def nonzero_blocks(self) -> np.ndarray:
+        """Boolean ``(COB, CIB, KH, KW)`` mask of the weight's non-zero ``R x C`` blocks
+        (computed once per weight array object: assign a new array to ``weight`` rather than
+        modifying it in place)."""
+        from ..target.codegen import expand_weight_blocks  # noqa: PLC0415
+
+        cached = self._nonzero_of
+        if cached is None or cached[0] is not self.weight:
+            blocks = expand_weight_blocks(self.config, self.weight, self.groups)
+            cached = self._nonzero_of = (self.weight, np.any(blocks != 0, axis=(4, 5)))
+        return cached[1]
+
+    def layer(self):
+        """The task as a :class:`~tvm_hapm.cost.layer.ConvLayer` (for the cost models)."""
+        from .layer import ConvLayer  # noqa: PLC0415
+
+        n, cin, h, w = self.data_shape
+        cout, _, kh, kw = self.weight.shape
+        return ConvLayer(
+            n, cin, h, w, cout, kh, kw, self.strides, self.padding, self.dilation, self.groups,
+            name=self.name,
+        )  # fmt: skip
 
     # geometry ---------------------------------------------------------------------------
     @property
@@ -92,10 +127,7 @@ class ConvTask:
 
     def key(self) -> str:
         """Stable identity: config, geometry and the weight's zero-block pattern."""
-        from ..target.codegen import expand_weight_blocks  # noqa: PLC0415
-
-        blocks = expand_weight_blocks(self.config, self.weight, self.groups)
-        nonzero = np.packbits(np.any(blocks != 0, axis=(4, 5)).reshape(-1))
+        nonzero = np.packbits(self.nonzero_blocks().reshape(-1))
         text = json.dumps(
             [
                 self.config.to_dict(),
@@ -144,8 +176,6 @@ class ConvTask:
 def schedule_fits(task: ConvTask, s: ConvSchedule) -> bool:
     """Whether ``s`` fits the buffers (``schedule.conv_footprint``, the rule the compiler plans
     by) and the instruction fields."""
-    from ..target.codegen import expand_weight_blocks  # noqa: PLC0415
-
     cfg = task.config
     _, _, kh, kw = task.weight.shape
     oh, ow = task.out_hw
@@ -154,8 +184,7 @@ def schedule_fits(task: ConvTask, s: ConvSchedule) -> bool:
         return False
     if not (1 <= s.cob_group <= cob and 1 <= s.cib_chunk <= cib):
         return False
-    blocks = expand_weight_blocks(cfg, task.weight, task.groups)
-    resident = int(np.any(blocks != 0, axis=(4, 5)).sum()) <= cfg.wgt_depth
+    resident = int(task.nonzero_blocks().sum()) <= cfg.wgt_depth
     inp, acc, wgt = conv_footprint(s, kh, kw, task.strides, task.dilation, resident)
     tw_in = (s.tile_w - 1) * task.strides[1] + (kw - 1) * task.dilation[1] + 1
     return (
@@ -204,6 +233,52 @@ def enumerate_space(task: ConvTask) -> list[ConvSchedule]:
     return space
 
 
+def instruction_counts(task: ConvTask, schedules: list[ConvSchedule]) -> np.ndarray:
+    """Length of each schedule's instruction stream by the closed-form count of the mid model
+    (:func:`tvm_hapm.cost.analytic.analyze_batch`, ``counts["instructions"]``; no code is
+    generated)."""
+    from .analytic import analyze_batch  # noqa: PLC0415
+    from .layer import BlockSparsity  # noqa: PLC0415
+
+    layer, sp = task.layer(), BlockSparsity.from_mask(task.nonzero_blocks())
+    ba = analyze_batch([(layer, task.config, s, sp) for s in schedules])
+    return ba.counts["instructions"]
+
+
+def prune_space(
+    task: ConvTask, space: list[ConvSchedule], max_instruction_ratio: float = 1.5
+) -> list[ConvSchedule]:
+    """The candidates of ``space`` whose instruction stream is at most
+    ``max_instruction_ratio`` times as long as the compiler default's
+    (:func:`instruction_counts`).
+
+    Every instruction pays a fixed issue and DRAM-latency cost, and the longer streams are the
+    tiny-tile / tiny-chunk corners of the grid (up to ~50x the default's length): they are never
+    competitive and dominate the cost of measuring the grid (code generation time is linear in
+    the stream length).  The default schedule is always kept.
+    """
+    default = task.default_schedule()
+    counts = instruction_counts(task, [default, *space])
+    limit = max_instruction_ratio * counts[0]
+    return [s for s, c in zip(space, counts[1:]) if c <= limit or s == default]
+
+
+def fine_model_prior(model=None):
+    """``prior(task, schedules) -> predicted cycles`` of the fine cost model (default: the
+    bundled one), one batched prediction for all the schedules, for
+    :func:`model_guided_search`."""
+
+    def prior(task: ConvTask, schedules: list[ConvSchedule]) -> np.ndarray:
+        from .layer import BlockSparsity  # noqa: PLC0415
+        from .models import load_bundled_fine_model  # noqa: PLC0415
+
+        m = model if model is not None else load_bundled_fine_model()
+        layer, sp = task.layer(), BlockSparsity.from_mask(task.nonzero_blocks())
+        return m.predict_batch([(layer, task.config, s, sp) for s in schedules])[:, 0]
+
+    return prior
+
+
 def _features(task: ConvTask, s: ConvSchedule) -> list[float]:
     oh, ow = task.out_hw
     cob, cib = task.blocks
@@ -250,17 +325,29 @@ def _result(task, history, default_cycles, space_size) -> TuneResult:
     )
 
 
-def random_search(task: ConvTask, trials: int, runner=None, seed: int = 0) -> TuneResult:
-    """Measure ``trials`` schedules drawn uniformly (without replacement) from the space."""
+def _measurer(task, runner, measure):
+    """``measure(schedules) -> cycles``: the given callable, else the runner's measurement."""
+    if measure is not None:
+        return measure
     from .measure import LocalRunner  # noqa: PLC0415
 
     runner = runner or LocalRunner()
-    space = enumerate_space(task)
+    return lambda schedules: _measure(task, schedules, runner)
+
+
+def random_search(
+    task: ConvTask, trials: int, runner=None, seed: int = 0, space=None, measure=None
+) -> TuneResult:
+    """Measure ``trials`` schedules drawn uniformly (without replacement) from the space
+    (``space``: default :func:`enumerate_space`; ``measure``: ``schedules -> cycles``, default
+    the ``runner``'s measurement)."""
+    measure = _measurer(task, runner, measure)
+    space = enumerate_space(task) if space is None else list(space)
     default = task.default_schedule()
     rng = np.random.default_rng(seed)
     picks = rng.permutation(len(space))[: max(0, min(trials, len(space)))]
     chosen = [space[i] for i in picks]
-    cycles = _measure(task, [default, *chosen], runner)
+    cycles = measure([default, *chosen])
     history = [(s.to_dict(), c) for s, c in zip(chosen, cycles[1:])]
     history.append((default.to_dict(), cycles[0]))
     return _result(task, history, cycles[0], len(space))
@@ -275,6 +362,8 @@ def model_guided_search(
     init: int = 4,
     epsilon: float = 0.25,
     prior=None,
+    space=None,
+    measure=None,
 ) -> TuneResult:
     """Measure ``trials`` schedules chosen by an XGBoost model refitted after every batch.
 
@@ -282,46 +371,55 @@ def model_guided_search(
     ----------
     prior : callable, optional
         ``prior(task, schedules) -> predicted cycles`` ranking the space before any
-        measurement (e.g. the fine cost model); without it the first ``init`` picks are random.
+        measurement (e.g. :func:`fine_model_prior`); without it the first ``init`` picks are
+        random.  With it, the online model is fitted to ``log(measured / prior)`` (the prior's
+        error, from ``init`` measurements on) and ranks by ``prior * exp(predicted error)``.
     epsilon : float
         Fraction of each batch drawn at random (exploration).
+    space, measure
+        As for :func:`random_search`.
     """
     import xgboost as xgb  # noqa: PLC0415
 
-    from .measure import LocalRunner  # noqa: PLC0415
-
-    runner = runner or LocalRunner()
-    space = enumerate_space(task)
+    measure = _measurer(task, runner, measure)
+    space = enumerate_space(task) if space is None else list(space)
     default = task.default_schedule()
     rng = np.random.default_rng(seed)
     feats = np.array([_features(task, s) for s in space], dtype=np.float64)
     measured: dict[int, int] = {}
-    default_cycles = _measure(task, [default], runner)[0]
+    default_cycles = measure([default])[0]
     budget = min(trials, len(space))
+    base = None
     if prior is not None:
-        scores = np.asarray(prior(task, space), dtype=np.float64)
-    else:
-        scores = None
+        base = np.log(np.maximum(np.asarray(prior(task, space), dtype=np.float64), 1.0))
+        feats = np.column_stack([feats, base])
+    scores = base
     while len(measured) < budget:
         todo = [i for i in range(len(space)) if i not in measured]
         n = min(batch if measured else init, budget - len(measured))
         if scores is None and not measured:
             picks = list(rng.choice(todo, size=n, replace=False))
         else:
-            if len(measured) >= 2:
+            fit_from = init if base is not None else 2
+            if len(measured) >= fit_from:
                 idx = np.array(sorted(measured))
+                y = np.log([measured[i] for i in idx])
                 model = xgb.XGBRegressor(
                     n_estimators=60, max_depth=4, learning_rate=0.3, random_state=seed, n_jobs=1
                 )
-                model.fit(feats[idx], np.log([measured[i] for i in idx]))
-                scores = model.predict(feats)
+                if base is None:
+                    model.fit(feats[idx], y)
+                    scores = model.predict(feats)
+                else:
+                    model.fit(feats[idx], y - base[idx])
+                    scores = base + model.predict(feats)
             order = [i for i in np.argsort(scores, kind="stable") if i not in measured]
             n_random = int(round(n * epsilon)) if len(order) > n else 0
             picks = order[: n - n_random]
             rest = [i for i in todo if i not in picks]
             if n_random and rest:
                 picks += list(rng.choice(rest, size=min(n_random, len(rest)), replace=False))
-        for i, c in zip(picks, _measure(task, [space[i] for i in picks], runner)):
+        for i, c in zip(picks, measure([space[i] for i in picks])):
             measured[int(i)] = c
     history = [(space[i].to_dict(), c) for i, c in measured.items()]
     history.append((default.to_dict(), default_cycles))
