@@ -76,7 +76,7 @@ def run_model(name, model, args, cfg, data, log=print) -> dict:
             env = hwflow.HWFlowEnv(
                 model, (x_tr, y_tr), cfg, args.objective, args.max_drop, level,
                 val_size=args.val_size, finetune_steps=args.finetune_steps, seed=args.seed,
-                reconstruct=args.reconstruct,
+                reconstruct=args.reconstruct, recal_size=args.recal_size,
             )  # fmt: skip
         except Exception as err:  # noqa: BLE001  (e.g. the bundled fine model is stale)
             out["runs"][f"{method}_{level}"] = {"error": f"{type(err).__name__}: {err}"}
@@ -146,6 +146,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--finetune-steps", type=int, default=0)
     ap.add_argument("--final-steps", type=int, default=0)
     ap.add_argument("--no-reconstruct", dest="reconstruct", action="store_false")
+    ap.add_argument("--recal-size", type=int, default=128, help="images to reconstruct on")
     ap.add_argument("--r56-epochs", type=int, default=5)
     ap.add_argument("--target", default="hapm_fpga")
     ap.add_argument("--seed", type=int, default=0)
