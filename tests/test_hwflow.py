@@ -93,8 +93,6 @@ def test_reconstruction_recovers_candidates_and_keeps_their_masks(setup):
     assert env.dense_accuracy == bn_env.dense_accuracy  # the dense model is not touched
     recovered, bn_only = env.evaluate(idx).accuracy, bn_env.evaluate(idx).accuracy
     assert recovered > bn_only
-    weights = {
-        t.name: numpy_helper.to_array(t) for t in env.recovered_model(idx).graph.initializer
-    }
+    weights = {t.name: numpy_helper.to_array(t) for t in env.recovered_model(idx).graph.initializer}
     for li, name in enumerate(env.weight_names):
         np.testing.assert_array_equal(weights[name] != 0, env.masks[li][idx[li]])
