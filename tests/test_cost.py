@@ -50,20 +50,7 @@ def _hand_id(layer) -> str:
     return f"{layer.cin}x{layer.h}k{layer.kh}"
 
 
-# The mid model (analytic.py) predates commit c86fcdd, where the code generator interleaves a
-# region's epilogue with the next region's GEMMs and the timing model lets ALU operations wait
-# only for the GEMMs they overlap: it is ~13% high on these two layers until it models that.
-_STALE_MID = pytest.mark.xfail(
-    reason="mid model does not model the epilogue interleaving of c86fcdd yet", strict=False
-)
-
-
-@pytest.mark.parametrize(
-    "layer",
-    [pytest.param(layer, marks=_STALE_MID) if _hand_id(layer) in ("64x28k3", "32x20k1") else layer
-     for layer in HAND],
-    ids=_hand_id,
-)  # fmt: skip
+@pytest.mark.parametrize("layer", HAND, ids=_hand_id)
 def test_mid_model_within_10_percent_of_simulator(layer):
     for cfg in (ZED, PRESETS["zcu104"]):
         sim = measure(layer, cfg)

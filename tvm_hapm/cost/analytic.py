@@ -5,18 +5,22 @@ program: it groups the output tiles into classes of equal shape (first / middle 
 each dimension), counts the GEMMs of every (output-channel group, input-channel chunk) *step*
 from the non-zero block mask, and prices each step with the costs of ``docs/timing.md``:
 
-* a step's DMA (input chunk, weight chunk unless the weights are resident, the bias vectors)
-  is serial with its GEMMs for a single-buffered schedule (the dependency tokens order a reload
-  after the GEMMs that read the previous contents); with ``double_buffer`` (when the code
-  generator's ``fit_double_buffer`` keeps it) the loads overlap the previous step's GEMMs, but
-  the bias LOAD of a group queues on the DRAM port behind the next step's prefetch and the
-  previous group's stores;
+* a step's DMA (input chunk, weight chunk unless the weights are resident) is serial with its
+  GEMMs for a single-buffered schedule (the dependency tokens order a reload after the GEMMs
+  that read the previous contents); with ``double_buffer`` (when the code generator's
+  ``fit_double_buffer`` keeps it) the loads overlap the previous step's GEMMs, and a step takes
+  no less than its DRAM port beats;
 * the GEMMs of a step are dispatched by position ``(cib, kh, kw)`` outer, output block inner,
   and an accumulator region is written by one array at a time: a position with ``n_p``
   non-zero blocks costs ``ceil(n_p / A)`` rounds of ``2R + C - 2 + T`` cycles, plus the issue
-  skew (:func:`_position_rounds`);
-* the epilogue (bias ADD, REQUANT, clip) waits for all GEMMs (ALU waits for every array); the
-  stores of a step overlap the next step's loads on the shared DRAM port, except the last one;
+  skew (:func:`_position_rounds`); with pruned blocks, the midpoint of that and the step's
+  longest chain / throughput bound;
+* the epilogue of a region (bias ADD, REQUANT, clip) and the next region's bias LOAD run among
+  the next region's GEMMs (``schedule.interleave_epilogues``; the per-range accumulator
+  scoreboard lets an ALU wait only for GEMMs into its entries): double buffered, only the part
+  of each dispatch's share that outlasts the arrays is exposed (:func:`_interleaved_steps`),
+  and the last region's epilogue is a tail; single buffered, a region's GEMMs wait for the
+  previous epilogue, which overlaps the region's loads;
 * all-zero blocks cost nothing (the code generator drops them).
 
 The event counts (MACs, buffer and DRAM bytes, ALU lanes) are exact for the mask given and feed
@@ -149,8 +153,8 @@ def analyze_reference(
         per_cc = struct.sum(axis=(2, 3)).astype(float) * (1.0 - frac)
         pfrac = frac
     exact = not (frac > 0 and per_cc is not None and not _is_int(per_cc))
-    if schedule is None:
-        schedule = default_schedule(layer, cfg)
+    if schedule is None:  # the compiler's: planned for the non-zero blocks it is given
+        schedule = default_schedule(layer, cfg, pmask)
     knobs = schedule_dict(schedule)
     TH, TW = schedule.tile_h, schedule.tile_w
     G, K = max(1, schedule.cob_group), max(1, schedule.cib_chunk)
@@ -165,6 +169,14 @@ def analyze_reference(
     ksz = np.minimum(K, cib - np.arange(n_kc) * K)  # input blocks per chunk
     nnz = float(blk.sum())
     rounds = _position_rounds(pmask, pfrac, A, G, K)
+    # with pruned blocks dropped the GEMMs no longer line up by position and a region may move
+    # to a free array: the arrays run the step in no fewer rounds than its longest chain (GEMMs
+    # into one output block) or its GEMMs over the arrays, and the position rounds are the
+    # upper bound: take the midpoint (structural zeros alone keep the position order)
+    if frac > 0:
+        chain = blk.reshape(n_cg, G, n_kc, K).sum(axis=3).max(axis=1)
+        lower = np.minimum(rounds, np.maximum(chain, np.ceil(steps / A - 1e-9)))
+        rounds = 0.5 * (rounds + lower)
     skew = np.where(steps > 0, np.minimum(steps, A) - 1, 0)
     # output blocks whose every weight is zero (an extra MUL by 0 each tile)
     empty_cob = float((per_cc.sum(axis=1) == 0).sum()) if exact else 0.0
@@ -223,34 +235,59 @@ def analyze_reference(
     inp_loaded = np.ones((n_cg, n_kc)) if n_kc > 1 else np.r_[1.0, np.zeros(n_cg - 1)][:, None]
     in_dma = ld_in[:, None, None] * (inp_loaded * ks)[None]  # (classes, n_cg, n_kc)
     wdma = w_step[None]
-    bias = (L + np.ceil(2 * gsz * C * 4 / B))[None, :, None] * (np.arange(n_kc) == 0)[None, None]
+    first_k = (np.arange(n_kc) == 0)[None, None, :]
+    bias = (L + np.ceil(2 * gsz * C * 4 / B))[None, :, None] * first_k
     gemm = rounds[None] * (g0 + t[:, None, None]) + skew[None]
     load_seq = in_dma + wdma
-    # the first chunk of a group also waits for the previous group's last store
-    prev_store = np.zeros((1, n_cg, n_kc))
-    prev_store[:, :, 0] = 1.0
-    waits = np.maximum(bias, prev_store * st[:, None, None])
-    # a step without GEMMs does not wait for its loads (nothing on chip reads them)
-    pre = np.where(steps[None] > 0, np.maximum(load_seq, waits), waits)
+    has_gemm = steps[None] > 0
+    # the epilogue of the region before each region (group g - 1, or the previous tile's last
+    # group: taken cyclically, so the layer's first region stands for its last one)
+    w_alu = alu_one[:, None, None]
+    m_alu = (np.roll(gsz, 1) * n_alu + empty_cob / max(n_cg, 1))[None, :, None]
+    epi_prev = m_alu * w_alu * first_k
+    st_prev = st[:, None, None] * first_k
+    # single buffered: the region's GEMMs overwrite the previous region's accumulators, so they
+    # wait for its epilogue, its last store and the bias LOAD behind the epilogue; the loads
+    # (load module) overlap the epilogue
+    pre = np.maximum(np.where(has_gemm, load_seq, 0.0), epi_prev + np.maximum(bias, st_prev))
     if dbuf:
-        # loads overlap the previous step's GEMMs; but the bias LOAD (compute module) of a
-        # group's first step queues on the DRAM port behind the prefetch of the next step and
-        # the previous group's stores, less the epilogue that ran meanwhile
-        first_k = (np.arange(n_kc) == 0)[None, None, :]
-        epi_g = gsz[None, :, None] * n_alu * alu_one[:, None, None]
-        stb = gsz[None, :, None] * np.ceil(t * C * ab / B)[:, None, None]
-        # the next step's loads (after the last step: the next tile's first, if any)
-        flat = load_seq.reshape(len(t), -1)
-        nxt = np.concatenate([flat[:, 1:], flat[:, :1] * ((n_tiles - 1) / n_tiles)], axis=1)
-        nxt = nxt.reshape(load_seq.shape)
-        b = bias + first_k * np.maximum(0.0, nxt + stb - epi_g)
-        step = np.where(steps[None] > 0, np.maximum(load_seq, gemm + b), b)
+        # of the layer's n regions, n - 1 follow another (the last epilogue is the tail below)
+        share = 1.0 - 1.0 / (n_tiles * n_cg)
+        m_alu = m_alu * share
+        # DRAM port beats of a step: its loads, and on the first chunk the bias and the
+        # previous region's stores
+        stb = share * np.roll(gsz, 1)[None, :, None] * np.ceil(t * C * ab / B)[:, None, None]
+        beats_in = np.ceil(data * inp_b / B) + (padded - data)
+        port = (
+            beats_in[:, None, None] * (inp_loaded * ks)[None]
+            + (np.ceil(steps * wgt_b / B - 1e-7)[None] if not resident and not one_step else 0.0)
+            + first_k * (stb + np.ceil(2 * gsz * C * 4 / B)[None, :, None])
+        )
+        # the next weight chunk's load (after the tile's last: the next tile's first, if any)
+        ns = n_cg * n_kc
+        order = np.flatnonzero(w_step.ravel() > 0)
+        nxt = np.zeros(ns)
+        if len(order):
+            j = np.searchsorted(order, np.arange(ns), side="right")
+            wrap = j >= len(order)
+            nxt_j = order[np.where(wrap, 0, np.minimum(j, len(order) - 1))]
+            nxt = w_step.ravel()[nxt_j] * np.where(wrap, 1.0 - 1.0 / n_tiles, 1.0)
+        step = _interleaved_steps(
+            gemm, load_seq, nxt.reshape(1, n_cg, n_kc), steps[None], first_k, bias, m_alu,
+            w_alu, A, port, (gsz < A)[None, :, None],
+        )  # fmt: skip
     else:
         step = pre + gemm
     epi = (gsz[None, :] * n_alu * alu_one[:, None]).sum(axis=1)  # ALU over groups
     epi = epi + (empty_cob / max(n_cg, 1)) * alu_one  # MUL of empty output blocks (rough)
-    tile_cycles = step.sum(axis=(1, 2)) + epi
-    cycles = float((cnt * tile_cycles).sum()) + w_once + float(st[-1]) + 1.0
+    tile_cycles = step.sum(axis=(1, 2))
+    # the last region's epilogue runs after the last GEMM (double buffered; single buffered it
+    # is the cyclic stand-in of the first region's)
+    th_l = layer.oh - (-(-layer.oh // TH) - 1) * TH
+    tw_l = layer.ow - (-(-layer.ow // TW) - 1) * TW
+    g_l = cob - (n_cg - 1) * G
+    tail = (g_l * n_alu + empty_cob / max(n_cg, 1)) * (ALU_LATENCY + th_l * tw_l) if dbuf else 0.0
+    cycles = float((cnt * tile_cycles).sum()) + w_once + tail + float(st[-1]) + 1.0
     # the load module alone (its loads are serial) bounds the run from below
     load_module = float((cnt[:, None, None] * load_seq).sum()) + w_once
     cycles = max(cycles, load_module + float(st[-1]) + 1.0)
@@ -363,6 +400,45 @@ def _position_rounds(m: np.ndarray, frac: float, A: int, G: int, K: int) -> np.n
     return r.reshape(n_cg, n_kc, K * kk).sum(axis=2)
 
 
+def _interleaved_steps(  # noqa: PLR0917
+    gemm, load_seq, nxt, nsteps, first_k, bias, m_alu, w_alu, A, port, chained
+):
+    """Cycles of double-buffered steps whose first chunk carries the previous region's epilogue
+    (``schedule.interleave_epilogues``), element-wise over broadcastable arrays.
+
+    The loads of a step overlap the previous step's GEMMs (``max(load_seq, run)``).  The
+    ``m_alu`` ALU instructions of the previous region's epilogue (``w_alu`` cycles each) and
+    the region's bias LOAD (``bias`` cycles) are issued ``ps = ceil(m / D)`` per dispatch among
+    the first chunk's ``D = ceil(gemms / A)`` dispatches (``m = m_alu + 1``).  The accumulator
+    scoreboard lets them run beside the GEMMs into other entries, so a dispatch costs
+    ``max(P, A + its share)``, ``P = gemm / D`` the arrays' period and ``A`` the issue
+    cycles: only the excess over ``P`` is exposed.  The bias LOAD queues on the DRAM port
+    behind the next weight chunk's load (``nxt``: the compute token that frees its half is
+    pushed by the first moved instruction, so it starts with the step), less the time before
+    the bias LOAD issues.  A step also takes no less than its DRAM
+    port beats ``port`` (its loads, and on a first chunk the bias and the previous region's
+    stores).
+    """
+    m = m_alu + 1.0
+    d = np.maximum(1.0, np.ceil(nsteps / A))
+    period = gemm / d
+    ps = np.ceil(m / d)
+    n_sl = np.ceil(m / ps)
+    rest = m - (n_sl - 1.0) * ps  # moved instructions of the last slot (the bias LOAD last)
+    full = A + ps * w_alu
+    # a group smaller than the arrays puts two GEMMs of one output block in a dispatch: the
+    # second waits for the first, so the slot's work only starts after a whole round
+    period = np.where(chained, 0.0, period)
+    exposed = (n_sl - 1.0) * np.maximum(0.0, full - period)
+    # the load module's next loads start with the step (their half is free) and take the DRAM
+    # port ahead of the bias LOAD, less the time before the LOAD issues
+    before = (n_sl - 1.0) * np.maximum(period, full) + A + (rest - 1.0) * w_alu
+    wait = np.maximum(0.0, nxt - before)
+    exposed = exposed + np.maximum(0.0, A + (rest - 1.0) * w_alu + bias + wait - period)
+    run = np.maximum(gemm + np.where(first_k, exposed, 0.0), port)
+    return np.where(nsteps > 0, np.maximum(load_seq, run), run)
+
+
 @lru_cache(maxsize=4096)
 def _struct_position_counts(cout, cin, groups, kh, kw, R, C, G, K):
     """``n_p`` of the structural blocks per (group, input block) ``(n_cg, n_kc, K)`` (equal
@@ -461,15 +537,18 @@ def clear_caches() -> None:
 
     _LAYER_INFO.clear()
     _SCHED_ROWS.clear()
+    _MASK_SCHED.clear()
     for f in (_positions_cached, _struct_position_counts, _dense_struct_rounds, _struct_counts,
               _structural):  # fmt: skip
         f.cache_clear()
 
 
 def _cfg_key(cfg: HardwareConfig) -> tuple:
-    """What the per-layer constants depend on: the array shape and the buffer depths."""
+    """What the per-layer constants depend on: the array shape, the buffer depths and what
+    ``plan_conv``'s estimate reads (bandwidth, widths)."""
     return (cfg.array_rows, cfg.array_cols, cfg.num_arrays, cfg.inp_depth, cfg.wgt_depth,
-            cfg.acc_depth)  # fmt: skip
+            cfg.acc_depth, cfg.dram_bytes_per_cycle, cfg.act_bytes, cfg.weight_bytes,
+            cfg.acc_bytes)  # fmt: skip
 
 
 def _layer_info(layer: ConvLayer, cfg: HardwareConfig, key) -> tuple:
@@ -486,7 +565,7 @@ def _layer_info(layer: ConvLayer, cfg: HardwareConfig, key) -> tuple:
             pt, pl, layer.groups, oh, ow, cob, cib)  # fmt: skip
     sched = plan_conv(
         cfg, layer.h, layer.w, oh, ow, layer.kh, layer.kw, layer.strides, layer.dilation, cib,
-        cob, None,
+        cob, struct,
     )  # fmt: skip
     srow = tuple(getattr(sched, f) for f in _sched_field_names(sched))
     info = (lrow, struct, per, tot, full, uniq, layer.kh * layer.kw, sched, srow)
@@ -494,6 +573,28 @@ def _layer_info(layer: ConvLayer, cfg: HardwareConfig, key) -> tuple:
         _LAYER_INFO.clear()
     _LAYER_INFO[key] = info
     return info
+
+
+_MASK_SCHED: dict = {}
+
+
+def _mask_schedule(layer: ConvLayer, cfg: HardwareConfig, info: tuple, nnz: int) -> ConvSchedule:
+    """``plan_conv``'s schedule of a layer given ``nnz`` non-zero blocks (it depends on the
+    mask only through their number), cached per (layer, config shape, count)."""
+    key = (info[0], _cfg_key(cfg), nnz)
+    sched = _MASK_SCHED.get(key)
+    if sched is None:
+        lrow = info[0]
+        cob, cib = lrow[16], lrow[17]
+        stand_in = np.ones(nnz, bool)  # plan_conv reads only the count of a mask
+        sched = plan_conv(
+            cfg, layer.h, layer.w, layer.oh, layer.ow, layer.kh, layer.kw, layer.strides,
+            layer.dilation, cib, cob, stand_in,
+        )  # fmt: skip
+        if len(_MASK_SCHED) > 65536:
+            _MASK_SCHED.clear()
+        _MASK_SCHED[key] = sched
+    return sched
 
 
 @lru_cache(maxsize=4096)
@@ -688,6 +789,20 @@ def analyze_batch(queries) -> BatchAnalysis:
         info, skey, dsidx = pair_data[pair]
         lrow, struct, per, tot, full, uniq, kk, dsched, drow = info
         pair_of.append(pair)
+        mask = None
+        if isinstance(sparsity, np.ndarray):
+            mask = sparsity
+        elif isinstance(sparsity, BlockSparsity) and sparsity.mask is not None:
+            mask = sparsity.mask
+        if mask is not None:
+            m = np.asarray(mask, bool)
+            if m.shape != struct.shape:
+                raise ValueError(f"block mask of shape {m.shape}, expected {struct.shape}")
+            if not full:
+                m = m & struct
+        if schedule is None and mask is not None and int(np.count_nonzero(m)) != tot:
+            # the compiler plans for the non-zero blocks it is given (only their number counts)
+            schedule = _mask_schedule(layer, cfg, pair_data[pair][0], int(np.count_nonzero(m)))
         if schedule is None:
             schedules.append(dsched)
             sched_of.append(dsidx)
@@ -707,23 +822,13 @@ def analyze_batch(queries) -> BatchAnalysis:
                 sidx = sched_ids[id(schedule)] = len(sched_rows)
                 sched_rows.append(srow)
             sched_of.append(sidx)
-        mask = None
-        if isinstance(sparsity, np.ndarray):
-            mask = sparsity
-        elif isinstance(sparsity, BlockSparsity):
-            if sparsity.mask is not None:
-                mask = sparsity.mask
-            else:
+        if isinstance(sparsity, BlockSparsity):
+            if mask is None:
                 fracs[i] = float(sparsity.fraction)
-        else:
+        elif mask is None:
             fracs[i] = float(sparsity or 0.0)
         if mask is not None:
             is_mask[i] = True
-            m = np.asarray(mask, bool)
-            if m.shape != struct.shape:
-                raise ValueError(f"block mask of shape {m.shape}, expected {struct.shape}")
-            if not full:
-                m = m & struct
             g = by_kk.get(kk)
             if g is None:
                 g = by_kk[kk] = ([], [])
@@ -806,6 +911,12 @@ def analyze_batch(queries) -> BatchAnalysis:
         int(nst.sum()), st_off, nst, n_cg, n_kc, cib, K, round_parts, round_items, mask_rounds,
         mask_items,
     )  # fmt: skip
+    # pruned blocks: the midpoint of the position rounds and the chain / throughput bound (see
+    # analyze_reference)
+    chain = np.zeros(len(steps))
+    np.maximum.at(chain, st_off[seg_r] + (co_r // G[seg_r]) * nkr + kc_r, row)
+    lower = np.minimum(rounds, np.maximum(chain, np.ceil(steps / A_s - 1e-9)))
+    rounds = np.where(frac[seg_s] > 0, 0.5 * (rounds + lower), rounds)
     skew = np.where(steps > 0, np.minimum(steps, A_s) - 1, 0.0)
     resident = nnz <= cf["wgt_depth"]
     one_step = nst == 1
@@ -859,21 +970,48 @@ def analyze_batch(queries) -> BatchAnalysis:
     load_seq = in_dma + w_step[es]
     bias = (L[seg_s] + np.ceil(2 * gsz * C[seg_s] * 4 / B[seg_s])) * first_k
     gemm = rounds[es] * (g0[seg_e] + t[ec]) + skew[es]
-    waits = np.maximum(bias[es], first_k[es] * st[ec])
-    pre = np.where(steps[es] > 0, np.maximum(load_seq, waits), waits)
+    has_gemm = steps[es] > 0
+    fk = first_k[es]
+    # the previous region's epilogue (group g - 1, cyclically; see analyze_reference)
+    g_prev = (g_s - 1) % n_cg[seg_s]
+    gsz_prev = gsz[st_off[seg_s] + g_prev * n_kc[seg_s] + k_s]
+    m_alu = gsz_prev * n_alu + (empty_cob / np.maximum(n_cg, 1))[seg_s]
+    w_alu = alu_one[ec]
+    epi_prev = m_alu[es] * w_alu * fk
+    waits = epi_prev + np.maximum(bias[es], fk * st[ec])
+    pre = np.maximum(np.where(has_gemm, load_seq, 0.0), waits)
     # double buffered: see analyze_reference
-    epi_g = gsz[es] * n_alu * alu_one[ec]
-    stb = gsz[es] * np.ceil(t[ec] * C[seg_e] * ab[seg_e] / B[seg_e])
-    loc_e = np.arange(len(es)) - _excl_cumsum(nh * nw * nst)[seg_e]
-    last_e = (loc_e % nst[seg_e]) == nst[seg_e] - 1
-    nxt_i = np.where(last_e, np.arange(len(es)) - (nst[seg_e] - 1), np.arange(len(es)) + 1)
-    nxt = load_seq[nxt_i] if len(es) else load_seq
-    nxt = np.where(last_e, nxt * ((n_tiles - 1) / n_tiles)[seg_e], nxt)
-    b = bias[es] + first_k[es] * np.maximum(0.0, nxt + stb - epi_g)
-    step_db = np.where(steps[es] > 0, np.maximum(load_seq, gemm + b), b)
+    share = 1.0 - 1.0 / (n_tiles * n_cg)
+    stb = (share[seg_s] * gsz_prev)[es] * np.ceil(t[ec] * C[seg_e] * ab[seg_e] / B[seg_e])
+    beats_in = np.ceil(data * inp_b[seg_c] / Bc) + (padded - data)
+    w_beats = np.where(
+        resident[seg_s] | one_step[seg_s], 0.0, np.ceil(steps * wgt_b[seg_s] / B[seg_s] - 1e-7)
+    )
+    port = beats_in[ec] * (loaded * ksz)[es] + w_beats[es]
+    port = port + fk * (stb + np.ceil(2 * gsz * C[seg_s] * 4 / B[seg_s])[es])
+    # the next weight chunk's load (see analyze_reference): cyclically, then the next tile's
+    order = np.flatnonzero(w_step > 0)
+    nxt = np.zeros(len(es))
+    if len(order):
+        j = np.searchsorted(order, np.arange(len(seg_s)), side="right")
+        j_ok = np.minimum(j, len(order) - 1)
+        wrap = (j >= len(order)) | (order[j_ok] >= (st_off + nst)[seg_s])
+        first_q = order[np.minimum(np.searchsorted(order, st_off[seg_s]), len(order) - 1)]
+        nxt_w = w_step[np.where(wrap, first_q, order[j_ok])] * (first_q >= st_off[seg_s])
+        nxt_w = nxt_w * (first_q < (st_off + nst)[seg_s])
+        nxt = (nxt_w * np.where(wrap, 1.0 - 1.0 / n_tiles[seg_s], 1.0))[es]
+    step_db = _interleaved_steps(
+        gemm, load_seq, nxt, steps[es], fk, bias[es], (m_alu * share[seg_s])[es], w_alu,
+        A[seg_e], port, (gsz < A_s)[es],
+    )  # fmt: skip
     step = np.where(dbuf[seg_e], step_db, pre + gemm)
     ce = cnt[ec]
-    cycles = _bsum(seg_e, ce * step, n) + _bsum(seg_c, cnt * epi, n) + w_once + st_last + 1.0
+    g_last = (cob - (n_cg - 1) * G).astype(float)
+    tail = (g_last * n_alu + empty_cob / np.maximum(n_cg, 1)) * (
+        ALU_LATENCY + (th_last * tw_last).astype(float)
+    )
+    tail = np.where(dbuf, tail, 0.0)
+    cycles = _bsum(seg_e, ce * step, n) + w_once + tail + st_last + 1.0
     load_total = _bsum(seg_e, ce * load_seq, n) + w_once
     cycles = np.maximum(cycles, load_total + st_last + 1.0)
     gemm_total = _bsum(seg_e, ce * gemm, n)

@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 #: Version of the feature definitions below; a saved fine model records it.
-FEATURE_SCHEMA_VERSION = 2
+FEATURE_SCHEMA_VERSION = 3  # 3: mid model of the interleaved epilogues (c86fcdd)
 
 _LAYER = ("cin", "cout", "h", "w", "oh", "ow", "kh", "kw", "stride", "groups", "macs", "params")
 _HW = ("arrays", "rows", "cols", "inp_depth", "wgt_depth", "acc_depth", "bytes_per_cycle",
