@@ -105,19 +105,26 @@ class NumpyNet:
         return correct / max(len(x), 1)
 
 
-def im2col(x, kernel, strides, pads):
-    """Patches of NHWC ``x``: ``(N, OH, OW, kh*kw*C)``, columns in ``(kh, kw, C)`` order (the
-    order of an OIHW weight transposed to ``(O, kh, kw, I)``)."""
+def _windows(x, kernel, strides, pads, fill=0.0) -> list:
+    """The ``kh*kw`` shifted, strided views of NHWC ``x`` (padded with ``fill``) that a
+    ``kernel`` window reads, one ``(N, OH, OW, C)`` array per kernel position (row-major)."""
     (kh, kw), (sh, sw) = kernel, strides
     if any(pads):
-        x = np.pad(x, ((0, 0), (pads[0], pads[2]), (pads[1], pads[3]), (0, 0)))
+        pad = ((0, 0), (pads[0], pads[2]), (pads[1], pads[3]), (0, 0))
+        x = np.pad(x, pad, constant_values=fill)
     _, h, wd, _ = x.shape
     oh, ow = (h - kh) // sh + 1, (wd - kw) // sw + 1
-    cols = [
+    return [
         x[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
         for i in range(kh)
         for j in range(kw)
     ]
+
+
+def im2col(x, kernel, strides, pads):
+    """Patches of NHWC ``x``: ``(N, OH, OW, kh*kw*C)``, columns in ``(kh, kw, C)`` order (the
+    order of an OIHW weight transposed to ``(O, kh, kw, I)``)."""
+    cols = _windows(x, kernel, strides, pads)
     return np.concatenate(cols, axis=3) if len(cols) > 1 else cols[0]
 
 
@@ -143,19 +150,8 @@ def _conv(x, w, b, a):
 
 
 def _pool(x, a, op):
-    kh, kw = a["kernel_shape"]
-    sh, sw = a.get("strides", [1, 1])
-    pads = a.get("pads", [0, 0, 0, 0])
     fill = -np.inf if op == "MaxPool" else 0.0
-    if any(pads):
-        x = np.pad(
-            x, ((0, 0), (pads[0], pads[2]), (pads[1], pads[3]), (0, 0)), constant_values=fill
-        )
-    n, h, wd, c = x.shape
-    oh, ow = (h - kh) // sh + 1, (wd - kw) // sw + 1
-    wins = [
-        x[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw]
-        for i in range(kh)
-        for j in range(kw)
-    ]
+    wins = _windows(
+        x, a["kernel_shape"], a.get("strides", [1, 1]), a.get("pads", [0, 0, 0, 0]), fill
+    )
     return np.max(wins, axis=0) if op == "MaxPool" else np.mean(wins, axis=0)
