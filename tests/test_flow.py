@@ -104,3 +104,24 @@ def test_iterative_pruning_raises_sparsity_on_a_cubic_schedule():
     assert accuracy(final) > accuracy(oneshot)
     with pytest.raises(ValueError, match="schedule"):
         prune_iteratively(model, "hapm", 0.5, (x, y), schedule="exponential")
+
+
+def test_recover_keeps_the_better_of_reconstruction_and_fine_tuning():
+    from tvm_hapm.data import load_digits
+    from tvm_hapm.flow import recover
+    from tvm_hapm.numpynet import NumpyNet
+
+    model = load_bundled_model(batch=1)
+    x, y, _, _ = load_digits(size=16)
+    pruned, _ = prune_onnx(model, "hapm", 0.9, keep_first_last=False)
+    best, info = recover(pruned, model, (x, y), steps=3, val_size=200)
+    assert info["val_reconstructed"] > info["val_pruned"]
+    assert info["kept"] in ("reconstructed", "finetuned")
+    kept_val = info["val_finetuned"] if info["kept"] == "finetuned" else info["val_reconstructed"]
+    assert kept_val == max(info["val_finetuned"], info["val_reconstructed"])
+    # the validation split is the first 200 of the seeded permutation: recompute it
+    order = np.random.default_rng(0).permutation(len(x))[:200]
+    assert NumpyNet(best).accuracy(x[order], y[order]) == pytest.approx(kept_val)
+    np.testing.assert_array_equal(  # the masks are held through both steps
+        _weights(best)["conv3.w"] == 0, _weights(pruned)["conv3.w"] == 0
+    )
