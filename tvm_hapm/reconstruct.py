@@ -67,6 +67,7 @@ def _layers(model: onnx.ModelProto) -> dict[str, dict]:
         ):
             continue
         lay = {"node": node, "weight": node.input[1], "input": node.input[0], "attrs": a}
+        lay["kernel"] = tuple(w.shape[2:])  # (kh, kw) of a conv
         lay["bias"] = node.input[2] if len(node.input) > 2 and node.input[2] in inits else None
         lay["bn_mean"] = None
         users = consumers.get(node.output[0], [])
@@ -95,9 +96,8 @@ def _from_matrix(lay, m: np.ndarray, like: np.ndarray) -> np.ndarray:
 def _design(lay, x: np.ndarray) -> np.ndarray:
     """Rows of the layer's input the weight matrix multiplies: im2col for a conv (``x`` NHWC)."""
     if lay["node"].op_type == "Conv":
-        w_shape = lay["shape"]
         a = lay["attrs"]
-        cols = im2col(x, w_shape[2:], a.get("strides", (1, 1)), a.get("pads", (0, 0, 0, 0)))
+        cols = im2col(x, lay["kernel"], a.get("strides", (1, 1)), a.get("pads", (0, 0, 0, 0)))
         return cols.reshape(-1, cols.shape[-1])
     return x.reshape(x.shape[0], -1)
 
@@ -167,7 +167,6 @@ def reconstruct(
     layers = _layers(out)
     if not layers:
         return out, []
-    dense_w = {i.name: numpy_helper.to_array(i) for i in dense.graph.initializer}
     rng = np.random.default_rng(seed)
     targets: dict[str, tuple] = {}
 
@@ -175,7 +174,6 @@ def reconstruct(
         lay = layers.get(node.output[0]) if node.op_type in ("Conv", "Gemm") else None
         if lay is None:
             return None
-        lay["shape"] = dense_w[lay["weight"]].shape
         a = _design(lay, env[lay["input"]])
         rows = (
             np.sort(rng.choice(len(a), size=max_rows, replace=False)) if len(a) > max_rows else None
