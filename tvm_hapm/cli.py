@@ -629,9 +629,9 @@ def cmd_prune(args, console: Console) -> int:
                     )  # fmt: skip
                 except ValueError as err:
                     raise CliError(str(err)) from None
-            # the report of the last round's pass: prune the result again at the final sparsity
-            # (its zeros are the least important weights, so nothing changes)
-            _, report = prune_onnx(pruned, args.method, args.sparsity, config=cfg)
+            report = rounds[-1].pop("report")  # the last round's pass: the final mask
+            for r in rounds[:-1]:
+                r.pop("report")
         else:
             with _stage(progress, f"prune ({args.method}, {args.sparsity:.0%})"):
                 try:

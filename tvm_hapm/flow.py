@@ -301,7 +301,7 @@ def prune_iteratively(
     ``sparsity`` is the channel fraction, as in :func:`prune_onnx`.
 
     Returns the final model and one record per round (its sparsity target, achieved weight
-    sparsity and the :func:`recover` record).
+    sparsity, the :func:`recover` record and the pruning pass's ``report``).
     """
     if schedule not in ("linear", "cubic"):
         raise ValueError(f"schedule must be 'linear' or 'cubic', got {schedule!r}")
@@ -311,10 +311,13 @@ def prune_iteratively(
     for k in range(1, stages + 1):
         frac = k / stages
         target = sparsity * (frac if schedule == "linear" else 1 - (1 - frac) ** 3)
-        pruned, _ = prune_onnx(current, method, target, config=config, criterion=criterion)
+        pruned, report = prune_onnx(current, method, target, config=config, criterion=criterion)
         current, info = recover(pruned, model, data, steps=steps, seed=seed)
         info.pop("reconstruction", None)
-        rounds.append({"round": k, "target": target, "sparsity": sparsity_of(current), **info})
+        rounds.append(
+            {"round": k, "target": target, "sparsity": sparsity_of(current), **info,
+             "report": report}
+        )  # fmt: skip
         if progress is not None:
             progress(k, stages)
     return current, rounds
