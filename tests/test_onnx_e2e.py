@@ -39,8 +39,10 @@ def test_resnet_style_with_strided_shortcuts_non_square_batch2():
     model = zoo.resnet_cifar(depth=8, width=8, input_hw=(12, 20), batch=2)
     report = _check_bit_exact(model)
     kinds = sorted(report["accelerator"].values())
-    assert kinds.count("conv2d") == 9  # 7 convs + 2 strided 1x1 projection shortcuts
-    assert kinds.count("add") == 3 and "global_avg_pool" in kinds and "dense" in kinds
+    # 7 convs + 2 strided 1x1 projection shortcuts; each residual add fused into a conv
+    assert kinds.count("conv2d") + kinds.count("conv2d_residual") == 9
+    assert kinds.count("conv2d_residual") == 3 and "add" not in kinds
+    assert "global_avg_pool" in kinds and "dense" in kinds
 
 
 def test_mobilenet_style_depthwise_odd_channels():

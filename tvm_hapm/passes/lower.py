@@ -45,6 +45,10 @@ def _const(expr) -> np.ndarray:
     raise LoweringError(f"expected a constant, got {type(expr).__name__}")
 
 
+def _is_const(expr) -> bool:
+    return isinstance(expr, tvm.ir.GenericConst)
+
+
 def _prim(expr) -> int:
     return int(expr.value) if hasattr(expr, "value") else int(expr)
 
@@ -108,7 +112,24 @@ def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, nam
     params = list(func.params)
     # Map the composite's parameters to the call's arguments.
     arg_of = {p: a for p, a in zip(params, args)}
-    if kind == "conv2d":
+    if kind == "conv2d_residual":
+        # conv2d, [add(bias)], astype(shortcut), multiply(K), add, requantization tail
+        conv = calls[0][1]
+        data = conv.args[0]
+        body = calls[1:-6]
+        consts = [c for n, c in body if n == "relax.add" and _is_const(c.args[1])]
+        bias = _const(consts[0].args[1]).reshape(-1) if consts else None
+        shortcut = next(c for n, c in body if n == "relax.astype").args[0]
+        k = _const(next(c for n, c in body if n == "relax.multiply").args[1]).reshape(-1)
+        mult, shift, clip = _requant_params(calls)
+        # the direct generator: the TIR route has no fused residual (docs/pruning.md)
+        prog, consts = codegen.conv2d_program(
+            cfg, name, _shape(data), _const(conv.args[1]), bias, mult, shift, clip,
+            **conv_kwargs_of(conv.attrs), layer_index=index, residual=k,
+        )  # fmt: skip
+        prog.info["source"] = "direct"
+        inputs = [arg_of[data], arg_of[shortcut]]
+    elif kind == "conv2d":
         conv = calls[0][1]
         data = conv.args[0]
         weight = _const(conv.args[1])

@@ -85,6 +85,17 @@ def hapm_patterns(config: HardwareConfig | None = None) -> list[FusionPattern]:
             and max(int(d) for d in a.dilation) <= _MAX_STRIDE
         )
 
+    # conv2d with a fused residual add (qops.emit_conv2d_residual)
+    res_conv = is_op("relax.nn.conv2d")(wildcard(), is_const())
+    shortcut = wildcard()
+    res_term = is_op("relax.multiply")(is_op("relax.astype")(shortcut), is_const())
+    res_acc = is_op("relax.add")(is_op("relax.add")(res_conv, is_const()) | res_conv, res_term)
+
+    def check_conv_residual(ctx) -> bool:
+        s = ctx.annotated_expr["residual"]
+        conv_ok = check_conv(ctx)
+        return conv_ok and _dtype(s) == act and _static_shape(s) == _static_shape(ctx.matched_expr)
+
     dense = is_op("relax.matmul")(wildcard(), is_const())
     dense_acc = is_op("relax.add")(dense, is_const()) | dense
 
@@ -150,6 +161,12 @@ def hapm_patterns(config: HardwareConfig | None = None) -> list[FusionPattern]:
         )
 
     return [
+        FusionPattern(
+            COMPOSITE_PREFIX + "conv2d_residual",
+            _requant_tail(res_acc),
+            {"conv": res_conv, "residual": shortcut},
+            check_conv_residual,
+        ),
         FusionPattern(
             COMPOSITE_PREFIX + "conv2d", _requant_tail(conv_acc), {"conv": conv}, check_conv
         ),

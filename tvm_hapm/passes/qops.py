@@ -13,6 +13,11 @@ Requantization (the ALU ``REQUANT`` instruction, ``docs/isa.md``)::
 Residual add (ALU ``MUL``/``ADD``/``SHR``/``MIN``/``MAX`` on int32)::
 
     y = clip((int32(a) * Ma + int32(b) * Mb + 2**(S-1)) >> S, lo, hi).astype(act)
+
+Convolution with a fused residual add (the shortcut enters the accumulator, ``docs/pruning.md``)::
+
+    acc = conv(x, W) + bias + int32(s) * K[c]          (int32, wrapping)
+    y = clip((int64(acc) * M[c] + 2**(S-1)) >> S, lo, hi).astype(act)
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ __all__ = [
     "emit_dequantize",
     "emit_requantize",
     "emit_conv2d",
+    "emit_conv2d_residual",
     "emit_dense",
     "emit_add",
     "emit_global_avg_pool",
@@ -112,6 +118,32 @@ def emit_conv2d(
     )
     if bias is not None:
         acc = bb.emit(relax.op.add(acc, _const(bias.reshape(1, -1, 1, 1), "int32")))
+    m = np.asarray(mult, np.int64).reshape(1, -1, 1, 1)
+    return emit_requantize(bb, acc, m, shift, lo, hi, out_dtype)
+
+
+def emit_conv2d_residual(
+    bb, xq, wq: np.ndarray, bias: np.ndarray | None, strides, padding, dilation, groups,
+    sq, k: np.ndarray, mult, shift, lo, hi, out_dtype,
+):  # fmt: skip
+    """Quantized conv2d with a fused residual add: the int8 shortcut ``sq`` (the output's shape)
+    enters the int32 accumulator with per-channel integer weights ``k``, then one requantize."""
+    acc = bb.emit(
+        relax.op.nn.conv2d(
+            xq,
+            relax.const(wq, str(wq.dtype)),
+            strides=strides,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            out_dtype="int32",
+        )
+    )
+    if bias is not None:
+        acc = bb.emit(relax.op.add(acc, _const(bias.reshape(1, -1, 1, 1), "int32")))
+    r = bb.emit(relax.op.astype(sq, "int32"))
+    r = bb.emit(relax.op.multiply(r, _const(np.asarray(k).reshape(1, -1, 1, 1), "int32")))
+    acc = bb.emit(relax.op.add(acc, r))
     m = np.asarray(mult, np.int64).reshape(1, -1, 1, 1)
     return emit_requantize(bb, acc, m, shift, lo, hi, out_dtype)
 

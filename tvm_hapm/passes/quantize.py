@@ -15,6 +15,15 @@ Scheme
   (``2**(act_bits-1) * sum|Wq[c]| + |bias_q[c]|``) could overflow (never the case for int8).
 * Bias: ``round(b / (s_in * s_w[c]))`` in int32; requantization multipliers come from
   :func:`qops.choose_multiplier` applied to ``s_in * s_w / s_out``.
+* Residual adds (``fuse_residual=True``, the default): when one operand of an add is a conv2d
+  output read by nothing else (no activation in between), the shortcut ``s`` enters that
+  conv's int32 accumulator with an integer weight per channel, ``K[c] = floor(s_s / (s_in *
+  s_w[c]))``, and the weight scale is widened to ``s_s / (s_in * K[c])`` (at most
+  ``1 / RESIDUAL_MIN_K`` wider) so that the shortcut is represented exactly; one requantization
+  to the add's output scale follows (``qops.emit_conv2d_residual``).  On hapm_fpga this costs
+  an accumulator load and one ALU pass in the conv instead of a separate element-wise program
+  (eight passes per element).  Where ``K`` would be below ``RESIDUAL_MIN_K`` or the
+  accumulator could overflow, the add stays separate.
 
 Pipeline
 --------
@@ -85,7 +94,10 @@ _NOT_AN_OP = "not an operator call"
 #: Steps that emit an accelerated layer (they requantize to a calibrated output scale).
 _LAYER_KINDS = ("conv", "dense", "avgpool", "gap", "add")
 #: Steps whose result is an integer tensor.
-_INT_KINDS = (*_LAYER_KINDS, "int", "clip")
+_INT_KINDS = (*_LAYER_KINDS, "int", "clip", "fused")
+#: Smallest integer shortcut weight of a fused residual add: widening a weight scale to make
+#: the shortcut exact costs at most 1/RESIDUAL_MIN_K of the weights' resolution.
+RESIDUAL_MIN_K = 16
 _KIND_LABEL = {
     "conv": "conv2d",
     "dense": "dense",
@@ -339,6 +351,8 @@ class _Step:
     bias: np.ndarray | None = None  # float64 per output channel
     conv: dict | None = None  # strides, padding, dilation, groups of a conv step
     reason: str = ""
+    residual: _Step | None = None  # add step: the conv step fused into it
+    fusable: list = field(default_factory=list)  # add step: convs it may fuse, preferred first
 
 
 class _Planner:
@@ -640,6 +654,33 @@ class _Planner:
 # --------------------------------------------------------------------------------------------
 # emission
 # --------------------------------------------------------------------------------------------
+def fuse_residuals(steps: list[_Step], graph: _Graph) -> int:
+    """Mark each residual add whose operand is a conv2d output read by nothing else (and with
+    no activation in between) for fusion: the conv becomes a ``fused`` step, emitted by the add
+    (see the module docstring).  Of two eligible operands the later conv is preferred.  Returns the
+    number of adds marked.  Which conv is fused (if any) is settled when the add is emitted,
+    once the scales are known (:meth:`_Emitter.emit_add`)."""
+    conv_of = {s.out: s for s in steps if s.kind == "conv" and s.ops[0] == "conv2d"}
+    fused = 0
+    for step in steps:
+        if step.kind != "add" or step.src[0].same_as(step.src[1]):
+            continue
+        cands = [
+            conv_of[v]
+            for v in step.src
+            if v in conv_of
+            and conv_of[v].lo == -_INF
+            and conv_of[v].hi == _INF
+            and graph.sole_user(v) == step.index
+        ]
+        if cands:
+            step.fusable = sorted(cands, key=lambda c: -c.index)
+            for conv in cands:
+                conv.kind = "fused"
+            fused += 1
+    return fused
+
+
 class _Rebuilder:
     """Re-emits bindings of a graph into a new function, tracking float and integer versions
     of every original var."""
@@ -740,8 +781,10 @@ class _Emitter(_Rebuilder):
         except ValueError as err:
             raise QuantizeError(f"{step.ops[0]} -> {step.out.name}: {err}") from None
 
-    def quantize_weights(self, w: np.ndarray, bias, s_in: float):
-        """Per-output-channel symmetric weights (channel on axis 0) and int32 bias."""
+    def quantize_weights(self, w: np.ndarray, bias, s_in: float, s_w_min=None):
+        """Per-output-channel symmetric weights (channel on axis 0) and int32 bias.
+
+        ``s_w_min`` (per channel) raises the weight scales to at least those values."""
         cfg = self.cfg
         w_hi = cfg.weight_range[1]
         flat = w.reshape(w.shape[0], -1)
@@ -764,6 +807,8 @@ class _Emitter(_Rebuilder):
             )
         b_abs = np.abs(bias) if bias is not None else 0.0
         s_w = np.maximum(s_w, (in_peak * np.abs(flat).sum(axis=1) + b_abs / s_in) / room)
+        if s_w_min is not None:
+            s_w = np.maximum(s_w, s_w_min)
         wq = np.clip(np.round(flat / s_w[:, None]), -w_hi, w_hi)
         bq = np.round(bias / (s_in * s_w)) if bias is not None else None
         wq = wq.reshape(w.shape).astype(cfg.weight_dtype)
@@ -786,12 +831,18 @@ class _Emitter(_Rebuilder):
             return  # tuples and renames are bookkeeping, not ops
         if step.kind == "host":
             self.report.append(f"{where}: host float ({step.reason})")
+        elif step.kind == "fused":
+            return  # reported with the residual add that emits it
         elif step.kind in ("int", "clip"):
             self.report.append(f"{where}: quantized ({dt} {step.ops[0]}, scale kept)")
         else:
             label = _KIND_LABEL[step.kind]
             if step.kind == "conv" and step.ops[0] != "conv2d":
                 label = "per-channel affine as depthwise 1x1 conv"
+            if step.kind == "add" and step.residual is not None:
+                conv = step.residual
+                where = f"{'+'.join(conv.ops)}+{where}"
+                label = "conv2d with the residual add fused"
             self.report.append(f"{where}: quantized ({label}, {dt})")
 
     def emit_host(self, step) -> None:
@@ -868,7 +919,48 @@ class _Emitter(_Rebuilder):
             y = self.bb.emit(relax.op.reshape(y, _static_shape(call)))
         self.qmap[step.out] = (y, s_out)
 
+    def emit_fused(self, step) -> None:
+        """Nothing here: the residual add that consumes this conv emits it."""
+
+    def _residual_weights(self, conv: _Step, s_in: float, s_s: float):
+        """Weights, bias, scales and shortcut weights ``K`` of a conv with a fused residual, or
+        None when ``K`` would be below ``RESIDUAL_MIN_K`` or the accumulator could overflow."""
+        cfg = self.cfg
+        _, _, s_w = self.quantize_weights(conv.weight, conv.bias, s_in)
+        k = np.floor(s_s / (s_in * s_w))
+        if k.min() < RESIDUAL_MIN_K or k.max() >= 2**31:
+            return None
+        s_w = s_s / (s_in * k)  # >= the channel's own scale: its weights still fit
+        wq, bq, s_w2 = self.quantize_weights(conv.weight, conv.bias, s_in, s_w_min=s_w)
+        if not np.array_equal(s_w2, s_w):  # an overflow bound widened a scale: K inexact
+            return None
+        in_peak = float(1 << (cfg.act_bits - 1))
+        flat = np.abs(wq.reshape(wq.shape[0], -1).astype(np.float64)).sum(axis=1)
+        b_abs = np.abs(bq).astype(np.float64) if bq is not None else 0.0
+        if np.max(in_peak * (flat + k) + b_abs) >= 2.0 ** (cfg.acc_bits - 1):
+            return None
+        return wq, bq, s_w, k.astype(np.int32)
+
+    def _scale(self, var) -> float:
+        return self.qmap[var][1] if var in self.qmap else self.scales[var]
+
     def emit_add(self, step) -> None:
+        found = None
+        for conv in step.fusable:  # the first whose shortcut weights qualify
+            short = step.src[1] if step.src[0].same_as(conv.out) else step.src[0]
+            s_in = self._scale(conv.src[0])
+            found = self._residual_weights(conv, s_in, self._scale(short))
+            if found is not None:
+                step.residual = conv
+                break
+        for conv in step.fusable:  # the others run as ordinary convs, emitted here
+            if conv is not step.residual:
+                conv.kind = "conv"
+                self.emit_conv(conv)
+                self.report_step(conv)
+        if step.residual is not None:
+            self._emit_add_fused(step, *found)
+            return
         aq, s_a = self.q(step.src[0])
         bq, s_b = self.q(step.src[1])
         s_out = self.scales[step.out]
@@ -879,6 +971,21 @@ class _Emitter(_Rebuilder):
         y = qops.emit_add(
             self.bb, aq, bq, int(mult[0]), int(mult[1]), shift, lo, hi, self.cfg.act_dtype
         )
+        self.qmap[step.out] = (y, s_out)
+
+    def _emit_add_fused(self, step, wq, bq, s_w, k) -> None:
+        conv = step.residual
+        short = step.src[1] if step.src[0].same_as(conv.out) else step.src[0]
+        xq, s_in = self.q(conv.src[0])
+        sq, _ = self.q(short)
+        s_out = self.scales[step.out]
+        mult, shift = self.multiplier(s_in * s_w / s_out, step)
+        lo, hi = self.qbounds(step.lo, step.hi, s_out)
+        c = conv.conv
+        y = qops.emit_conv2d_residual(
+            self.bb, xq, wq, bq, c["strides"], c["padding"], c["dilation"], c["groups"],
+            sq, k, mult, shift, lo, hi, self.cfg.act_dtype,
+        )  # fmt: skip
         self.qmap[step.out] = (y, s_out)
 
 
@@ -1099,6 +1206,7 @@ def quantize(
     *,
     func_name: str = "main",
     report: list | None = None,
+    fuse_residual: bool = True,
 ) -> tvm.IRModule:
     """Post-training quantization of a float32 Relax model for hapm_fpga.
 
@@ -1116,6 +1224,9 @@ def quantize(
         The function to quantize.
     report : list, optional
         Receives one line per op: ``"... : quantized (...)"`` or ``"...: host float (reason)"``.
+    fuse_residual : bool
+        Fuse residual adds into the conv2d producing one operand (see the module docstring);
+        False keeps every add a separate layer.
 
     Returns
     -------
@@ -1147,9 +1258,11 @@ def quantize(
     graph = _Graph(norm, func)
     planner = _Planner(graph)
     steps = planner.run()
+    if fuse_residual:
+        fuse_residuals(steps, graph)
     samples = _normalise_samples(calibration, params)
 
-    accel = [s for s in steps if s.kind in _LAYER_KINDS]
+    accel = [s for s in steps if s.kind in (*_LAYER_KINDS, "fused")]
     if not accel:
         msg = (
             f"quantize(): nothing to quantize in {func_name!r} (no float32 conv2d, matmul with "

@@ -173,20 +173,24 @@ def expand_weight_blocks(cfg: HardwareConfig, weight: np.ndarray, groups: int) -
     return dense.reshape(cob, C, cib, R, kh, kw).transpose(0, 2, 4, 5, 3, 1)
 
 
-def bias_mult_rows(cfg: HardwareConfig, layer: str, cout: int, bias, mult) -> np.ndarray:
-    """The ``bias_mult`` constant ``(2 * COB, C)`` int32: row ``2*cob`` the bias of output block
-    ``cob``, row ``2*cob+1`` its requantization multipliers."""
+def bias_mult_rows(
+    cfg: HardwareConfig, layer: str, cout: int, bias, mult, residual=None
+) -> np.ndarray:
+    """The ``bias_mult`` constant ``(rows * COB, C)`` int32: per output block ``cob``, row
+    ``rows*cob`` its bias, row ``rows*cob+1`` its requantization multipliers and, with a fused
+    ``residual`` (the shortcut's integer weights per channel), row ``rows*cob+2`` those weights
+    (``rows`` is 2 without, 3 with a residual)."""
     C = cfg.array_cols
     cob = -(-cout // C)
-    bias_full = np.zeros(cob * C, np.int64)
-    if bias is not None:
-        bias_full[:cout] = bias
-    mult_full = np.zeros(cob * C, np.int64)
-    mult_full[:cout] = np.broadcast_to(np.asarray(mult).reshape(-1), (cout,))
-    if np.abs(bias_full).max(initial=0) >= 2**31 or mult_full.max(initial=0) >= 2**31:
-        raise CodegenError(f"{layer}: bias or multiplier does not fit in int32")
-    bias_mult = np.stack([bias_full.reshape(cob, C), mult_full.reshape(cob, C)], 1)
-    return bias_mult.reshape(2 * cob, C).astype(np.int32)
+    rows = []
+    for values in (bias, mult) if residual is None else (bias, mult, residual):
+        full = np.zeros(cob * C, np.int64)
+        if values is not None:
+            full[:cout] = np.broadcast_to(np.asarray(values).reshape(-1), (cout,))
+        if np.abs(full).max(initial=0) >= 2**31:
+            raise CodegenError(f"{layer}: bias, multiplier or residual weight exceeds int32")
+        rows.append(full.reshape(cob, C))
+    return np.stack(rows, 1).reshape(len(rows) * cob, C).astype(np.int32)
 
 
 @dataclass(frozen=True)
@@ -244,8 +248,16 @@ def conv2d_program(
     groups: int = 1,
     layer_index: int = 0,
     schedule: ConvSchedule | None = None,
+    residual: np.ndarray | None = None,
 ):
     """Program of a quantized conv2d (NCHW / OIHW) with bias and requantization.
+
+    With ``residual`` (the integer shortcut weight of each output channel,
+    :func:`~tvm_hapm.passes.qops.emit_conv2d_residual`) the program takes a second input, the
+    shortcut (the output's shape), and computes ``requant(conv + bias + shortcut * residual)``:
+    before an output region's GEMMs the shortcut tile is loaded into the region, multiplied by
+    the weights and offset by the bias (``LOAD``, ``MUL``, ``ADD``), and every GEMM accumulates
+    onto it; the epilogue is then ``REQUANT``, clip and store.
 
     Returns ``(program, constants)``: the constants (packed weight blocks, bias and multipliers)
     are the DRAM contents of the program's ``const`` slots, in slot order.
@@ -257,7 +269,11 @@ def conv2d_program(
     (sh, sw), (dh, dw), (pt, pl, _, _) = g.strides, g.dilation, g.padding
     oh, ow, blocks, nonzero = g.oh, g.ow, g.blocks, g.nonzero
     cob, cib = blocks.shape[:2]
-    sched = schedule or plan_conv(cfg, h, w, oh, ow, kh, kw, (sh, sw), (dh, dw), cib, cob, nonzero)
+    fused = residual is not None
+    nrows = 3 if fused else 2  # constant rows per output block: bias, multiplier(, residual)
+    sched = schedule or plan_conv(
+        cfg, h, w, oh, ow, kh, kw, (sh, sw), (dh, dw), cib, cob, nonzero, residual=fused
+    )
 
     # constants: weight blocks in load order, bias and multiplier vectors
     order = []  # (cg, kc) -> list of (cob, cib, kh, kw) of non-zero blocks, load order
@@ -284,7 +300,7 @@ def conv2d_program(
     for key, blocks_of_chunk in chunks.items():
         chunk_base[key] = pos
         pos += len(blocks_of_chunk)
-    bias_mult = bias_mult_rows(cfg, layer, cout, bias, mult)
+    bias_mult = bias_mult_rows(cfg, layer, cout, bias, mult, residual)
 
     act = cfg.act_bits
     slots = [
@@ -293,14 +309,22 @@ def conv2d_program(
         Slot("bias_mult", "const", "int32", bias_mult.shape),
         Slot("out", "output", cfg.act_dtype, (n, cout, oh, ow), "act", C),
     ]
-    S_DATA, S_WGT, S_BM, S_OUT = range(4)
+    if fused:
+        slots.insert(1, Slot("residual", "input", cfg.act_dtype, (n, cout, oh, ow), "act", C))
+        S_DATA, S_RES, S_WGT, S_BM, S_OUT = range(5)
+    else:
+        S_DATA, S_WGT, S_BM, S_OUT = range(4)
 
     seq: list[Instruction] = []
     resident = len(order) <= cfg.wgt_depth  # all weights fit: load them once
-    sched = fit_double_buffer(cfg, sched, kh, kw, (sh, sw), (dh, dw), len(order))
+    rows_area = nrows * cob if fused else 0  # fused: every block's rows stay resident
+    sched = fit_double_buffer(cfg, sched, kh, kw, (sh, sw), (dh, dw), len(order), rows_area)
     double = sched.double_buffer
     if resident:
         seq += _load_rows(Buffer.WGT, S_WGT, cfg.weight_bits, 0, 0, len(order))
+    if fused:
+        seq.append(_load(Buffer.ACC, S_BM, 32, 0, 0, 1, rows_area, 0))
+    regions = []  # fused: (start, prologue start, prologue end) of each region in seq
     cur_inp = cur_wgt = None
     th_in_max = (sched.tile_h - 1) * sh + (kh - 1) * dh + 1
     tw_in_max = (sched.tile_w - 1) * sw + (kw - 1) * dw + 1
@@ -340,12 +364,31 @@ def conv2d_program(
                 for cg0 in range(0, cob, sched.cob_group):
                     gsize = min(sched.cob_group, cob - cg0)
                     # after the bias/multiplier vectors; alternating regions when double buffered
-                    acc_out = 2 * sched.cob_group + (n_out % 2 if double else 0) * acc_half
+                    rows0 = rows_area or 2 * sched.cob_group
+                    acc_out = rows0 + (n_out % 2 if double else 0) * acc_half
                     n_out += 1
+                    start = len(seq)
+                    # constant rows of block g: bias row(g), multiplier row(g) + 1, residual + 2
+                    row = (lambda g, c=cg0: nrows * (c + g)) if fused else (lambda g: 2 * g)
                     started = [False] * gsize
                     multi_chunk = sched.cib_chunk < cib
-                    if multi_chunk:  # the group's bias rows, ahead of its chunk loop
-                        seq.append(_load(Buffer.ACC, S_BM, 32, 0, 2 * cg0, 1, 2 * gsize, 0))
+                    # one loop over the tile if the inner extent field holds it, else rows x cols
+                    loop = (1, t, 0, 1) if t <= _MAX_LOOP else (th, tw, tw, 1)
+                    # the group's constant rows, then (fused) each region starts as
+                    # shortcut * residual weight + bias and the GEMMs accumulate onto it
+                    prologue = []
+                    if not fused:
+                        prologue.append(_load(Buffer.ACC, S_BM, 32, 0, 2 * cg0, 1, 2 * gsize, 0))
+                    for g in range(gsize if fused else 0):
+                        dst = acc_out + g * t
+                        dram = ((b * cob + cg0 + g) * oh + oh0) * ow + ow0
+                        prologue.append(_load(Buffer.ACC, S_RES, act, dst, dram, th, tw, ow))
+                        prologue.append(_alu(AluOp.MUL, dst, *loop, src=row(g) + 2))
+                        prologue.append(_alu(AluOp.ADD, dst, *loop, src=row(g)))
+                        started[g] = True
+                    if multi_chunk:  # ahead of the group's chunk loop
+                        p0 = len(seq)
+                        seq += prologue
                     for kc0 in range(0, cib, sched.cib_chunk):
                         ksize = min(sched.cib_chunk, cib - kc0)
                         if cur_inp != (b, oh0, ow0, kc0):
@@ -373,7 +416,8 @@ def conv2d_program(
                             )  # fmt: skip
                             cur_wgt = key
                         if not multi_chunk:
-                            seq.append(_load(Buffer.ACC, S_BM, 32, 0, 2 * cg0, 1, 2 * gsize, 0))
+                            p0 = len(seq)
+                            seq += prologue
                         blks = chunks[key]
                         for j in dispatch[key]:
                             co, ci, y, x = blks[j]
@@ -398,28 +442,52 @@ def conv2d_program(
                                 )
                             )
                             started[g] = True
-                    # epilogue: bias, requantize, clip, store
-                    # one loop over the tile if the inner extent field holds it, else rows x cols
-                    loop = (1, t, 0, 1) if t <= _MAX_LOOP else (th, tw, tw, 1)
+                    # epilogue: bias (unless the prologue added it), requantize, clip, store
                     for g in range(gsize):
                         dst = acc_out + g * t
                         if not started[g]:  # every weight of this block was pruned
                             seq.append(_alu(AluOp.MUL, dst, *loop, imm=0))
-                        seq.append(_alu(AluOp.ADD, dst, *loop, src=2 * g))
-                        seq.append(_alu(AluOp.REQUANT, dst, *loop, imm=shift, src=2 * g + 1))
+                        if not fused:
+                            seq.append(_alu(AluOp.ADD, dst, *loop, src=row(g)))
+                        seq.append(_alu(AluOp.REQUANT, dst, *loop, imm=shift, src=row(g) + 1))
                         seq += _clip_ops(cfg, dst, *loop, *clip)
                         dram = ((b * cob + cg0 + g) * oh + oh0) * ow + ow0
                         seq.append(_store(S_OUT, act, dst, dram, th, tw, ow))
+                    regions.append((start, p0, p0 + len(prologue)))
     info = {
-        "kind": "conv2d",
+        "kind": "conv2d_residual" if fused else "conv2d",
         "macs": int(n * oh * ow * cout * cin_g * kh * kw),
         "weight_blocks": int(blocks.shape[0] * blocks.shape[1] * kh * kw),
         "nonzero_blocks": len(order),
         "schedule": sched.to_dict(),
     }
-    seq = assign_arrays(interleave_epilogues(seq, cfg), cfg)
+    if fused:
+        info["residual"] = True
+        if double:
+            seq = _hoist_prologues(seq, regions)
+    seq = assign_arrays(interleave_epilogues(seq, cfg, partial_flush=fused), cfg)
     prog = Program(layer, cfg, slots, insert_dependency_tokens(seq), layer_index, info)
     return prog, [wblocks, bias_mult]
+
+
+def _hoist_prologues(seq: list, regions: list) -> list:
+    """Move each output region's prologue (a fused residual's shortcut load, multiply and bias)
+    ahead of the previous region, right after the epilogue of the region before that, which
+    used the same accumulator half.  :func:`interleave_epilogues` then spreads it, with that
+    epilogue, among the previous region's GEMMs instead of running it while the arrays wait.
+    ``regions`` holds ``(start, prologue start, prologue end)`` per region, in order, covering
+    ``seq`` from the first region's start to the end."""
+    first = regions[0][0]
+    out = seq[:first]
+    spans = [(s, p0, p1, regions[k + 1][0] if k + 1 < len(regions) else len(seq))
+             for k, (s, p0, p1) in enumerate(regions)]  # fmt: skip
+    out += seq[spans[0][1] : spans[0][2]]  # the first region's prologue stays first
+    for k, (s, p0, p1, end) in enumerate(spans):
+        if k + 1 < len(spans):
+            _, q0, q1, _ = spans[k + 1]
+            out += seq[q0:q1]
+        out += seq[s:p0] + seq[p1:end]
+    return out
 
 
 def dense_program(cfg, layer, data_shape, weight_kn, bias, mult, shift, clip, layer_index=0):

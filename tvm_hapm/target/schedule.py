@@ -90,10 +90,12 @@ def _in_extent(tile: int, stride: int, kernel: int, dilation: int) -> int:
 
 
 def conv_footprint(
-    sched: ConvSchedule, kh: int, kw: int, strides, dilation, resident: bool
+    sched: ConvSchedule, kh: int, kw: int, strides, dilation, resident: bool, residual_rows=0
 ) -> tuple[int, int, int]:
     """``(inp, acc, wgt)`` entries a convolution schedule occupies (both halves when double
-    buffered; the weight buffer is not split when the weights are ``resident``)."""
+    buffered; the weight buffer is not split when the weights are ``resident``).  The constant
+    rows take ``2 * cob_group`` accumulator entries, or ``residual_rows`` when given (a fused
+    residual keeps three rows of every output block resident)."""
     sh, sw = strides
     dh, dw = dilation
     copies = 2 if sched.double_buffer else 1
@@ -101,13 +103,20 @@ def conv_footprint(
     tw_in = _in_extent(sched.tile_w, sw, kw, dw)
     g = sched.cob_group
     inp = copies * sched.cib_chunk * th_in * tw_in
-    acc = copies * g * sched.tile_h * sched.tile_w + 2 * g
+    acc = copies * g * sched.tile_h * sched.tile_w + (residual_rows or 2 * g)
     wgt = (1 if resident else copies) * g * sched.cib_chunk * kh * kw
     return inp, acc, wgt
 
 
 def fit_double_buffer(
-    cfg: HardwareConfig, sched: ConvSchedule, kh: int, kw: int, strides, dilation, weight_blocks
+    cfg: HardwareConfig,
+    sched: ConvSchedule,
+    kh: int,
+    kw: int,
+    strides,
+    dilation,
+    weight_blocks,
+    residual_rows: int = 0,
 ) -> ConvSchedule:
     """``sched``, with ``double_buffer`` turned off when its tiles do not fit twice.
 
@@ -117,7 +126,7 @@ def fit_double_buffer(
     if not sched.double_buffer:
         return sched
     resident = weight_blocks <= cfg.wgt_depth
-    inp, acc, wgt = conv_footprint(sched, kh, kw, strides, dilation, resident)
+    inp, acc, wgt = conv_footprint(sched, kh, kw, strides, dilation, resident, residual_rows)
     if inp <= cfg.inp_depth and acc <= cfg.acc_depth and wgt <= cfg.wgt_depth:
         return sched
     return replace(sched, double_buffer=False)
@@ -138,8 +147,12 @@ def plan_conv(
     nonzero=None,
     pool: bool = False,
     double_buffer: bool = True,
+    residual: bool = False,
 ) -> ConvSchedule:
     """Tiles that fit the buffers and the instruction fields, chosen for speed.
+
+    ``residual`` plans a conv with a fused residual add (one more constant row per output
+    block in the accumulator, and the shortcut's load and multiply per region).
 
     ``pool=True`` plans a pooling window on the accumulator alone (input tile and output tile
     both live there; never double buffered).  With ``double_buffer`` the tiles are planned for
@@ -163,8 +176,9 @@ def plan_conv(
         while True:
             try:
                 plan = _plan_conv(
-                    cfg, oh, ow, kh, kw, strides, dilation, cib, cob, nonzero, False, True, chunk0
-                )
+                    cfg, oh, ow, kh, kw, strides, dilation, cib, cob, nonzero, False, True,
+                    chunk0, 3 * cob if residual else 0,
+                )  # fmt: skip
             except ScheduleError:
                 plan = None
             if plan is not None and plan not in plans:
@@ -174,12 +188,17 @@ def plan_conv(
             chunk0 = -(-chunk0 // 2)
         if plans:
             est = [
-                estimate_conv_cycles(cfg, p, oh, ow, kh, kw, strides, dilation, cib, cob, n_blocks)
+                estimate_conv_cycles(
+                    cfg, p, oh, ow, kh, kw, strides, dilation, cib, cob, n_blocks, residual
+                )
                 for p in plans
             ]
             best = min(range(len(plans)), key=lambda k: (est[k], k))
             return plans[best] if est[best] < 0.95 * est[0] else plans[0]
-    return _plan_conv(cfg, oh, ow, kh, kw, strides, dilation, cib, cob, nonzero, pool, False)
+    return _plan_conv(
+        cfg, oh, ow, kh, kw, strides, dilation, cib, cob, nonzero, pool, False, None,
+        3 * cob if residual else 0,
+    )  # fmt: skip
 
 
 def estimate_conv_cycles(  # noqa: PLR0913, PLR0917 - the layer's shape, in the conventional order
@@ -194,6 +213,7 @@ def estimate_conv_cycles(  # noqa: PLR0913, PLR0917 - the layer's shape, in the 
     cib: int,
     cob: int,
     weight_blocks: int | None = None,
+    residual: bool = False,
 ) -> float:
     """A quick estimate of a convolution schedule's cycles, to compare schedules.
 
@@ -204,7 +224,9 @@ def estimate_conv_cycles(  # noqa: PLR0913, PLR0917 - the layer's shape, in the 
     the schedule moves (input tiles with their halo, once per output-channel group when the
     input channels take several chunks; weights once when resident, else per tile; outputs;
     bias rows per region) over the bandwidth.  ``weight_blocks`` (default all) scales the GEMM
-    count for compile-time sparsity.  Not a substitute for the timing model.
+    count for compile-time sparsity.  A fused ``residual`` adds the shortcut's load and
+    multiply (two more passes) and its bytes, its constant rows loaded once.  Not a substitute
+    for the timing model.
     """
     R, C, P = cfg.array_rows, cfg.array_cols, cfg.num_arrays
     sh, sw = strides
@@ -216,6 +238,7 @@ def estimate_conv_cycles(  # noqa: PLR0913, PLR0917 - the layer's shape, in the 
     groups, chunks = -(-cob // g), -(-cib // chunk)
     resident = blocks <= cfg.wgt_depth
     fixed = 2 * R + C - 2
+    passes = 5 if residual else 3
     per_region = -(-min(g, cob) // P) * cib * kh * kw * density  # GEMMs of the busiest array
     array = alu = inp = 0.0
     tiles = 0
@@ -225,7 +248,7 @@ def estimate_conv_cycles(  # noqa: PLR0913, PLR0917 - the layer's shape, in the 
             t = th * tw
             tiles += count
             array += count * groups * per_region * (fixed + t)
-            alu += count * (cob * 3 * (4 + t) + groups * g * cib * kh * kw * density)
+            alu += count * (cob * passes * (4 + t) + groups * g * cib * kh * kw * density)
             th_in = _in_extent(th, sh, kh, dh)
             tw_in = _in_extent(tw, sw, kw, dw)
             inp += count * cib * th_in * tw_in * (groups if chunks > 1 else 1)
@@ -236,8 +259,8 @@ def estimate_conv_cycles(  # noqa: PLR0913, PLR0917 - the layer's shape, in the 
     dram = (
         inp * R * cfg.act_bytes
         + wgt * R * C * cfg.weight_bytes
-        + cob * C * oh * ow * cfg.act_bytes
-        + tiles * groups * 2 * g * C * cfg.acc_bytes
+        + (2 if residual else 1) * cob * C * oh * ow * cfg.act_bytes
+        + (3 * cob if residual else tiles * groups * 2 * g) * C * cfg.acc_bytes
     ) / cfg.dram_bytes_per_cycle
     return max(array, alu, dram)
 
@@ -272,7 +295,20 @@ def dispatch_group(cob: int, num_arrays: int) -> int:
 
 
 def _plan_conv(
-    cfg, oh, ow, kh, kw, strides, dilation, cib, cob, nonzero, pool, double, chunk0=None
+    cfg,
+    oh,
+    ow,
+    kh,
+    kw,
+    strides,
+    dilation,
+    cib,
+    cob,
+    nonzero,
+    pool,
+    double,
+    chunk0=None,
+    residual_rows=0,
 ):  # noqa: PLR0917
     sh, sw = strides
     dh, dw = dilation
@@ -289,7 +325,7 @@ def _plan_conv(
         if pool:
             return 0, th_in * tw_in + tile_h * tile_w, 0, tw_in
         s = ConvSchedule(tile_h, tile_w, group, chunk, double)
-        return (*conv_footprint(s, kh, kw, strides, dilation, resident), tw_in)
+        return (*conv_footprint(s, kh, kw, strides, dilation, resident, residual_rows), tw_in)
 
     while True:
         inp, acc, wgt, tw_in = sizes()
@@ -539,7 +575,9 @@ def _conflict(a: list, b: list) -> bool:
     )
 
 
-def interleave_epilogues(instructions: list[Instruction], cfg: HardwareConfig) -> list[Instruction]:
+def interleave_epilogues(
+    instructions: list[Instruction], cfg: HardwareConfig, partial_flush: bool = False
+) -> list[Instruction]:
     """Software-pipeline the epilogues of a sequential program into the following GEMMs.
 
     A sequential convolution ends every output region with its epilogue (ALU instructions, the
@@ -555,6 +593,11 @@ def interleave_epilogues(instructions: list[Instruction], cfg: HardwareConfig) -
     pending instruction, everything pending is emitted before it.  So the program computes the
     same results; only the order of independent instructions changes.  A program without GEMMs
     is returned unchanged.
+
+    With ``partial_flush`` a GEMM that conflicts with a pending instruction emits the pending
+    instructions only up to the last one it conflicts with; the later ones stay pending and are
+    spread over the run (a fused residual's prologue for the region after next, queued behind
+    the prologue of the GEMM's own region).
     """
     if not any(insn.opcode == Opcode.GEMM for insn in instructions):
         return list(instructions)
@@ -611,8 +654,17 @@ def interleave_epilogues(instructions: list[Instruction], cfg: HardwareConfig) -
             per_slot = -(-moved // dispatches) if moved else 0
             for j in range(length):
                 gemm = instructions[i + j]
-                if blocks(_acc_ranges(gemm)):
-                    flush()
+                ranges = _acc_ranges(gemm)
+                if blocks(ranges):
+                    if partial_flush:
+                        last = max(k for k, (_, r) in enumerate(pending) if _conflict(ranges, r))
+                        out.extend(p[0] for p in pending[: last + 1])
+                        del pending[: last + 1]
+                        lo_hi[:] = empty
+                        for _, r in pending:
+                            bound(r)
+                    else:
+                        flush()
                 out.append(gemm)
                 if per_slot and ((j + 1) % per_dispatch == 0 or j + 1 == length):
                     flush(per_slot)
