@@ -615,17 +615,24 @@ def cmd_prune(args, console: Console) -> int:
             model = load_onnx(args.model)
         if args.stages > 1 and not args.data:
             raise CliError("--stages > 1 (iterative pruning) needs --data to recover on")
-        history = reconstruction = rounds = None
-        if args.stages > 1:
+        rounds = None
+        if args.data:  # prune and recover (flow.recover), in one round or several
             from .flow import prune_iteratively  # noqa: PLC0415
 
             data = _load_training_data(args.data)
-            desc = f"prune iteratively ({args.method}, {args.stages} rounds to {args.sparsity:.0%})"
+            how = "reconstruct + " if args.reconstruct else ""
+            desc = (
+                f"prune ({args.method}, {args.sparsity:.0%}), {how}fine-tune "
+                f"{args.finetune_steps} steps"
+            )
+            if args.stages > 1:
+                desc = f"{args.stages} rounds of: {desc}"
             with _stage(progress, desc):
                 try:
                     pruned, rounds = prune_iteratively(
                         model, args.method, args.sparsity, data, stages=args.stages,
                         steps=args.finetune_steps, config=cfg, seed=args.seed,
+                        reconstruct=args.reconstruct,
                     )  # fmt: skip
                 except ValueError as err:
                     raise CliError(str(err)) from None
@@ -638,26 +645,6 @@ def cmd_prune(args, console: Console) -> int:
                     pruned, report = prune_onnx(model, args.method, args.sparsity, config=cfg)
                 except ValueError as err:
                     raise CliError(str(err)) from None
-        if args.data and args.stages <= 1:
-            from .train import extract_masks, finetune  # noqa: PLC0415
-
-            data = _load_training_data(args.data)
-            if args.reconstruct:
-                from .reconstruct import reconstruct  # noqa: PLC0415
-
-                with _stage(progress, "reconstruct (least squares, 256 images)"):
-                    pruned, reconstruction = reconstruct(
-                        pruned, model, data[0][:256], seed=args.seed
-                    )
-            with _stage(progress, f"fine-tune ({args.finetune_steps} steps)"):
-                pruned, history = finetune(
-                    pruned,
-                    data,
-                    masks=extract_masks(pruned),
-                    epochs=max(1, args.finetune_steps * 32 // max(len(data[0]), 1) + 1),
-                    max_steps=args.finetune_steps,
-                    seed=args.seed,
-                )
     path = out / "pruned.onnx"
     import onnx  # noqa: PLC0415
 
@@ -669,8 +656,8 @@ def cmd_prune(args, console: Console) -> int:
         "achieved_sparsity": sparsity_of(pruned),
         "config": cfg.name,
         "layers": report,
-        "reconstruction": reconstruction,
-        "finetune": history,
+        # per round: sparsity, validation accuracies (pruned / reconstructed / fine-tuned), the
+        # stage kept, timings and the per-layer reconstruction record (flow.recover)
         "rounds": rounds,
     }
     (out / "prune_report.json").write_text(

@@ -21,6 +21,7 @@ __all__ = [
     "evaluate_deployed",
     "filter_deploy_pass",
     "filter_fraction",
+    "paired_weight_names",
     "prune_iteratively",
     "prune_onnx",
     "recover",
@@ -49,6 +50,18 @@ def _pass(method: str, sparsity: float, config, criterion: str, skip, per_layer)
     raise ValueError(f"unknown pruning method {method!r}; choose from {PRUNE_METHODS}")
 
 
+def paired_weight_names(model: onnx.ModelProto, layers: list) -> list[str]:
+    """The ONNX weight of each prunable Relax layer: both lists are in graph order
+    (:func:`tvm_hapm.train.prunable_weights`), so they pair by position; their lengths must
+    agree."""
+    from .train import prunable_weights  # noqa: PLC0415
+
+    names = prunable_weights(model)
+    if len(layers) != len(names):
+        raise ValueError(f"{len(layers)} prunable Relax layers but {len(names)} ONNX weights")
+    return names
+
+
 def write_masks(model: onnx.ModelProto, pruned_mod) -> tuple[onnx.ModelProto, dict]:
     """Copy of ``model`` with the zeros of the pruned Relax module written into its weights.
 
@@ -59,13 +72,10 @@ def write_masks(model: onnx.ModelProto, pruned_mod) -> tuple[onnx.ModelProto, di
     """
     from .passes import pruning_masks  # noqa: PLC0415
     from .passes.prune import _find_layers  # noqa: PLC0415
-    from .train import prunable_weights  # noqa: PLC0415
 
     masks = pruning_masks(pruned_mod)
     layers = _find_layers(pruned_mod)
-    names = prunable_weights(model)
-    if len(layers) != len(names):
-        raise ValueError(f"{len(layers)} prunable Relax layers but {len(names)} ONNX weights")
+    names = paired_weight_names(model, layers)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     by_name = {i.name: i for i in out.graph.initializer}
@@ -229,37 +239,43 @@ def recover(
     calibration: int = 256,
     val_size: int = 200,
     seed: int = 0,
+    reconstruct: bool = True,
 ) -> tuple[onnx.ModelProto, dict]:
     """Recover the accuracy of a pruned model: least-squares reconstruction, then fine-tuning
     inside TVM with the masks held fixed, keeping whichever is better on a validation split.
 
-    ``data`` is ``(x_train, y_train)``; a seeded split of ``val_size`` images is held out of
-    both steps and used only to choose between the reconstructed and the fine-tuned weights (a
-    few fine-tuning steps on a model that reconstruction already brought close can be worse than
-    none).  Returns the model and a record: validation accuracies, the stage kept, seconds and
-    the fine-tuning speed (images/s).
+    ``data`` is ``(x_train, y_train)``; a seeded split of ``val_size`` images (at most a quarter
+    of them) is held out of both steps and used only to choose between the reconstructed and the
+    fine-tuned weights (a few fine-tuning steps on a model that reconstruction already brought
+    close can be worse than none).  ``reconstruct=False`` fine-tunes the pruned model directly.
+    Returns the model and a record: validation accuracies, the stage kept, seconds, the
+    per-layer reconstruction record and the fine-tuning speed (images/s).
     """
     import time  # noqa: PLC0415
 
     from .data import set_batch  # noqa: PLC0415
     from .numpynet import NumpyNet  # noqa: PLC0415
-    from .reconstruct import reconstruct  # noqa: PLC0415
+    from .reconstruct import reconstruct as least_squares  # noqa: PLC0415
     from .train import extract_masks, finetune  # noqa: PLC0415
 
     x, y = data
     order = np.random.default_rng(seed).permutation(len(x))
-    val, fit = order[:val_size], order[val_size:]
+    n_val = min(val_size, len(x) // 4)
+    val, fit = order[:n_val], order[n_val:]
     x_fit, y_fit, x_val, y_val = x[fit], y[fit], x[val], y[val]
     t0 = time.perf_counter()
-    rebuilt, rec = reconstruct(pruned, dense, x_fit[:calibration], seed=seed)
+    if reconstruct:
+        rebuilt, rec = least_squares(pruned, dense, x_fit[:calibration], seed=seed)
+    else:
+        rebuilt, rec = pruned, None
     info = {
         "val_pruned": NumpyNet(pruned).accuracy(x_val, y_val),
-        "val_reconstructed": NumpyNet(rebuilt).accuracy(x_val, y_val),
+        "val_reconstructed": NumpyNet(rebuilt).accuracy(x_val, y_val) if reconstruct else None,
         "reconstruct_seconds": time.perf_counter() - t0,
         "reconstruction": rec,
         "finetune_steps": int(steps),
     }
-    best, info["kept"] = rebuilt, "reconstructed"
+    best, info["kept"] = rebuilt, "reconstructed" if reconstruct else "pruned"
     if steps > 0:
         t1 = time.perf_counter()
         dim = pruned.graph.input[0].type.tensor_type.shape.dim[0]
@@ -272,7 +288,7 @@ def recover(
         info["val_finetuned"] = NumpyNet(tuned).accuracy(x_val, y_val)
         info["finetune_seconds"] = time.perf_counter() - t1
         info["finetune_images_per_s"] = history["images_per_s"]
-        if info["val_finetuned"] > info["val_reconstructed"]:
+        if info["val_finetuned"] > NumpyNet(rebuilt).accuracy(x_val, y_val):
             best, info["kept"] = tuned, "finetuned"
     return best, info
 
@@ -289,6 +305,7 @@ def prune_iteratively(
     schedule: str = "cubic",
     seed: int = 0,
     progress=None,
+    reconstruct: bool = True,
 ) -> tuple[onnx.ModelProto, list[dict]]:
     """Iterative prune / recover: ``stages`` rounds that raise the sparsity to ``sparsity``.
 
@@ -299,6 +316,8 @@ def prune_iteratively(
     network has the most redundancy).  Weights pruned in one round have zero importance in
     the next, so the masks are nested and the final mask is the last round's.  For ``"filter"``
     ``sparsity`` is the channel fraction, as in :func:`prune_onnx`.
+
+    ``stages=1`` is one prune and one recovery (what ``hapm prune --data`` runs by default).
 
     Returns the final model and one record per round (its sparsity target, achieved weight
     sparsity, the :func:`recover` record and the pruning pass's ``report``).
@@ -312,8 +331,9 @@ def prune_iteratively(
         frac = k / stages
         target = sparsity * (frac if schedule == "linear" else 1 - (1 - frac) ** 3)
         pruned, report = prune_onnx(current, method, target, config=config, criterion=criterion)
-        current, info = recover(pruned, model, data, steps=steps, seed=seed)
-        info.pop("reconstruction", None)
+        current, info = recover(
+            pruned, model, data, steps=steps, seed=seed, reconstruct=reconstruct
+        )
         rounds.append(
             {"round": k, "target": target, "sparsity": sparsity_of(current), **info,
              "report": report}

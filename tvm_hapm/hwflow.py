@@ -56,15 +56,12 @@ def _layer_initializers(model: onnx.ModelProto, mod=None):
     """``(prunable layer records, ONNX weight names)`` in the same order, shapes checked."""
     from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
 
+    from .flow import paired_weight_names  # noqa: PLC0415
     from .passes.prune import prunable_layers  # noqa: PLC0415
-    from .train import prunable_weights  # noqa: PLC0415
 
     mod = from_onnx(model) if mod is None else mod
     layers = prunable_layers(mod)
-    names = prunable_weights(model)
-    if len(layers) != len(names):
-        raise ValueError(f"{len(layers)} prunable Relax layers but {len(names)} ONNX weights")
-    return layers, names, mod
+    return layers, paired_weight_names(model, layers), mod
 
 
 def prune_onnx_per_layer(model: onnx.ModelProto, ratios: dict, config=None, criterion="l2"):

@@ -100,11 +100,8 @@ def emit_requantize(bb, acc, mult: np.ndarray, shift: int, lo: int, hi: int, out
     return bb.emit(relax.op.astype(y, out_dtype))
 
 
-def emit_conv2d(
-    bb, xq, wq: np.ndarray, bias: np.ndarray | None, strides, padding, dilation, groups,
-    mult, shift, lo, hi, out_dtype,
-):  # fmt: skip
-    """Quantized conv2d (NCHW / OIHW): int conv -> int32 (+ bias) -> requantize."""
+def _emit_conv_acc(bb, xq, wq: np.ndarray, bias, strides, padding, dilation, groups):
+    """int conv2d (NCHW / OIHW) accumulating in int32, plus the int32 bias if any."""
     acc = bb.emit(
         relax.op.nn.conv2d(
             xq,
@@ -118,6 +115,15 @@ def emit_conv2d(
     )
     if bias is not None:
         acc = bb.emit(relax.op.add(acc, _const(bias.reshape(1, -1, 1, 1), "int32")))
+    return acc
+
+
+def emit_conv2d(
+    bb, xq, wq: np.ndarray, bias: np.ndarray | None, strides, padding, dilation, groups,
+    mult, shift, lo, hi, out_dtype,
+):  # fmt: skip
+    """Quantized conv2d (NCHW / OIHW): int conv -> int32 (+ bias) -> requantize."""
+    acc = _emit_conv_acc(bb, xq, wq, bias, strides, padding, dilation, groups)
     m = np.asarray(mult, np.int64).reshape(1, -1, 1, 1)
     return emit_requantize(bb, acc, m, shift, lo, hi, out_dtype)
 
@@ -128,19 +134,7 @@ def emit_conv2d_residual(
 ):  # fmt: skip
     """Quantized conv2d with a fused residual add: the int8 shortcut ``sq`` (the output's shape)
     enters the int32 accumulator with per-channel integer weights ``k``, then one requantize."""
-    acc = bb.emit(
-        relax.op.nn.conv2d(
-            xq,
-            relax.const(wq, str(wq.dtype)),
-            strides=strides,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            out_dtype="int32",
-        )
-    )
-    if bias is not None:
-        acc = bb.emit(relax.op.add(acc, _const(bias.reshape(1, -1, 1, 1), "int32")))
+    acc = _emit_conv_acc(bb, xq, wq, bias, strides, padding, dilation, groups)
     r = bb.emit(relax.op.astype(sq, "int32"))
     r = bb.emit(relax.op.multiply(r, _const(np.asarray(k).reshape(1, -1, 1, 1), "int32")))
     acc = bb.emit(relax.op.add(acc, r))
