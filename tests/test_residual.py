@@ -215,5 +215,5 @@ def test_onnx_residual_network_runs_fused_and_bit_exact():
     kinds = sorted(last_compile_report()["accelerator"].values())
     assert "conv2d_residual" in kinds and "add" not in kinds
     fused = [p for p in programs if p.info.get("residual")]
-    assert len(fused) == 1 and fused[0].info["source"] == "direct"
+    assert len(fused) == 1 and fused[0].info["source"] == "tir"
     assert len(last_run_stats().layers) == len(programs)

@@ -122,12 +122,14 @@ def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, nam
         shortcut = next(c for n, c in body if n == "relax.astype").args[0]
         k = _const(next(c for n, c in body if n == "relax.multiply").args[1]).reshape(-1)
         mult, shift, clip = _requant_params(calls)
-        # the direct generator: the TIR route has no fused residual (docs/pruning.md)
-        prog, consts = codegen.conv2d_program(
-            cfg, name, _shape(data), _const(conv.args[1]), bias, mult, shift, clip,
-            **conv_kwargs_of(conv.attrs), layer_index=index, residual=k,
-        )  # fmt: skip
-        prog.info["source"] = "direct"
+        conv_args = (cfg, name, _shape(data), _const(conv.args[1]), bias, mult, shift, clip)
+        conv_kwargs = {**conv_kwargs_of(conv.attrs), "layer_index": index, "residual": k}
+        try:
+            prog, consts = tir.conv2d_program(*conv_args, **conv_kwargs, divisor_tiles=False)
+        except tir.TirLoweringError:
+            # Planned tiles that do not divide the output: the direct generator's partial tiles.
+            prog, consts = codegen.conv2d_program(*conv_args, **conv_kwargs)
+            prog.info["source"] = "direct"
         inputs = [arg_of[data], arg_of[shortcut]]
     elif kind == "conv2d":
         conv = calls[0][1]

@@ -17,12 +17,15 @@ compiled to an accelerator program and its body replaced by a call of the packed
 Layouts (``R`` x ``C`` arrays)::
 
     data       (N, CIB, H, W, R)         int8   input-channel blocks of R
+    residual   (N, COB, OH, OW, C)       int8   a fused residual add's shortcut (only then)
     weight     (COB, CIB, KH, KW, R, C)  int8   one R x C block per (cob, cib, kh, kw)
     bias_mult  (2*COB, C)                int32  row 2*cob: bias, row 2*cob+1: multipliers
+                                                (3*COB rows with a residual: row 3*cob+2 K)
     out        (N, COB, OH, OW, C)       int8
 
 The result is ``clip(((acc + bias) * mult + 2**(shift-1)) >> shift)`` with an int32 accumulator,
 an int64 product and saturation to the activation range, exactly what the simulator computes.
+With a fused residual the accumulator starts from ``int32(residual) * K + bias`` instead of 0.
 """
 
 from __future__ import annotations
@@ -115,6 +118,7 @@ def conv2d_primfunc(  # noqa: PLR0917 - the layer's shape, in the conventional o
     shift: int = 8,
     clip: tuple[int, int] | None = None,
     kind: str = "conv2d",
+    residual: bool = False,
 ) -> tirx.PrimFunc:
     """A quantized conv2d on the packed DRAM layouts (module docstring), as a TE PrimFunc.
 
@@ -134,14 +138,22 @@ def conv2d_primfunc(  # noqa: PLR0917 - the layer's shape, in the conventional o
         Output bounds inside the activation range (default: the activation range).
     kind : str
         ``"conv2d"`` or ``"dense"``, recorded for the codegen report.
+    residual : bool
+        A fused residual add (``kind`` ``"conv2d_residual"``): a second input
+        ``residual (N, COB, OH, OW, C)`` (the shortcut, the output's layout) and three rows
+        per output block in ``bias_mult`` (``3*cob``: bias, ``3*cob+1``: multipliers,
+        ``3*cob+2``: the shortcut's integer weights ``K``).  The stage ``shortcut`` is
+        ``int32(residual) * K + bias`` and the ``conv`` reduction starts from it
+        (``te.sum(..., init=shortcut)``) instead of 0; there is no ``bias`` stage.
 
     Returns
     -------
     tvm.tirx.PrimFunc
-        ``main(data, weight, bias_mult, out)`` with the layer constants in its
-        ``"hapm_fpga.layer"`` attribute.  Stages: ``pad``, ``conv`` (int32 reduction over
-        ``(cib, kh, kw, r)``), ``bias``, ``requant`` (with saturation), ``clip`` (only if
-        ``clip`` is narrower than the activation range) and ``out`` (the cast).
+        ``main(data, weight, bias_mult, out)`` (``main(data, residual, weight, bias_mult,
+        out)`` with ``residual``) with the layer constants in its ``"hapm_fpga.layer"``
+        attribute.  Stages: ``pad``, ``conv`` (int32 reduction over ``(cib, kh, kw, r)``),
+        ``bias`` (``shortcut`` with ``residual``), ``requant`` (with saturation), ``clip``
+        (only if ``clip`` is narrower than the activation range) and ``out`` (the cast).
     """
     R, C = cfg.array_rows, cfg.array_cols
     sh, sw = (int(s) for s in strides)
@@ -157,9 +169,11 @@ def conv2d_primfunc(  # noqa: PLR0917 - the layer's shape, in the conventional o
     oh, ow = _out_size(h, pt, pb, kh, sh, dh), _out_size(w, pl, pr, kw, sw, dw)
     act = cfg.act_dtype
 
+    rows = 3 if residual else 2  # constant rows per output block
     data = te.placeholder((n, cib, h, w, R), act, name="data")
     weight = te.placeholder((cob, cib, kh, kw, R, C), cfg.weight_dtype, name="weight")
-    bias_mult = te.placeholder((2 * cob, C), "int32", name="bias_mult")
+    bias_mult = te.placeholder((rows * cob, C), "int32", name="bias_mult")
+    out_shape = (n, cob, oh, ow, C)
     if pt or pl or pb or pr:
         pad = te.compute(
             (n, cib, h + pt + pb, w + pl + pr, R),
@@ -176,26 +190,42 @@ def conv2d_primfunc(  # noqa: PLR0917 - the layer's shape, in the conventional o
     ry = te.reduce_axis((0, kh), "ry")
     rx = te.reduce_axis((0, kw), "rx")
     rr = te.reduce_axis((0, R), "rr")
-    out_shape = (n, cob, oh, ow, C)
+    shortcut = None
+    if residual:
+        res = te.placeholder(out_shape, act, name="residual")
+        shortcut = te.compute(
+            out_shape,
+            lambda b, co, y, x, c: (
+                res[b, co, y, x, c].astype("int32") * bias_mult[3 * co + 2, c]
+                + bias_mult[3 * co, c]
+            ),
+            name="shortcut",
+        )
     conv = te.compute(
         out_shape,
         lambda b, co, y, x, c: te.sum(
             pad[b, rk, y * sh + ry * dh, x * sw + rx * dw, rr].astype("int32")
             * weight[co, rk, ry, rx, rr, c].astype("int32"),
             axis=[rk, ry, rx, rr],
+            init=None if shortcut is None else shortcut[b, co, y, x, c],
         ),
         name="conv",
     )
-    bias = te.compute(
-        out_shape, lambda b, co, y, x, c: conv[b, co, y, x, c] + bias_mult[2 * co, c], name="bias"
-    )
+    if residual:
+        bias = conv  # the shortcut's stage added the bias
+    else:
+        bias = te.compute(
+            out_shape,
+            lambda b, co, y, x, c: conv[b, co, y, x, c] + bias_mult[2 * co, c],
+            name="bias",
+        )
     i64 = "int64"
     requant = te.compute(
         out_shape,
         lambda b, co, y, x, c: tirx.max(
             tirx.min(
                 (
-                    bias[b, co, y, x, c].astype(i64) * bias_mult[2 * co + 1, c].astype(i64)
+                    bias[b, co, y, x, c].astype(i64) * bias_mult[rows * co + 1, c].astype(i64)
                     + tirx.const(1 << (shift - 1), i64)
                 )
                 >> tirx.const(shift, i64),
@@ -218,9 +248,13 @@ def conv2d_primfunc(  # noqa: PLR0917 - the layer's shape, in the conventional o
 
         last = te.compute(out_shape, _clip, name="clip")
     out = te.compute(out_shape, lambda *i: last[i].astype(act), name="out")
-    func = te.create_prim_func([data, weight, bias_mult, out])
+    if residual:
+        func = te.create_prim_func([data, res, weight, bias_mult, out])
+        func = _reduction_init_from(func, "conv", "shortcut")
+    else:
+        func = te.create_prim_func([data, weight, bias_mult, out])
     layer = {
-        "kind": kind,
+        "kind": "conv2d_residual" if residual else kind,
         "config": cfg.name,
         "n": n,
         "cin": cin,
@@ -239,7 +273,76 @@ def conv2d_primfunc(  # noqa: PLR0917 - the layer's shape, in the conventional o
         "cib": cib,
         "cob": cob,
     }
+    if residual:
+        layer["residual"] = True
     return func.with_attr(LAYER_ATTR, json.dumps(layer, sort_keys=True))
+
+
+def _blocks_named(stmt, *names) -> dict:
+    found = {}
+
+    def on_block(block):
+        if str(block.name_hint) in names:
+            found[str(block.name_hint)] = block
+
+    tvm_ffi.structural_walk(stmt, (s_tir.SBlock, on_block))
+    return found
+
+
+def _reduction_init_from(func: tirx.PrimFunc, reduction: str, stage: str) -> tirx.PrimFunc:
+    """``func`` with the init of block ``reduction`` reading ``stage`` at the same indices.
+
+    ``te.sum(..., init=stage[...])`` states it, but ``te.create_prim_func`` (0.27) keeps the
+    ``stage`` block and initialises the reduction to 0: the init and the read are put back.
+    """
+    blocks = _blocks_named(func.body, reduction, stage)
+    src = blocks[stage].writes[0].source
+    one = tirx.const(1, "int32")
+
+    def _fix(block):
+        if str(block.name_hint) != reduction:
+            return block
+        init = block.init
+        if _kind(init) != "BufferStore" or _kind(init.value) != "IntImm":
+            raise TirLoweringError(f"{reduction}: unexpected reduction init {init}")
+        idx = list(init.indices)
+        region = tirx.BufferRegion(src, [tvm.ir.Range.from_min_extent(i, one) for i in idx])
+        return s_tir.SBlock(
+            block.iter_vars, [*block.reads, region], block.writes, block.name_hint, block.body,
+            tirx.BufferStore(init.buffer, tirx.BufferLoad(src, idx), idx), block.alloc_buffers,
+            block.match_buffers, block.annotations,
+        )  # fmt: skip
+
+    return func.with_body(tvm_ffi.structural_map(func.body, (s_tir.SBlock, _fix), order="post"))
+
+
+def _init_reads_fixed(func: tirx.PrimFunc, reduction: str) -> tirx.PrimFunc:
+    """``func`` after ``decompose_reduction`` of block ``reduction`` whose init reads a buffer:
+    0.27 leaves that read on ``<reduction>_update`` and none on ``<reduction>_init``; the
+    regions are put where the accesses are."""
+    init_name, update_name = f"{reduction}_init", f"{reduction}_update"
+    init = _blocks_named(func.body, init_name)[init_name]
+    buffers = {p: p for p in func.params}
+    tvm_ffi.structural_walk(
+        func.body, (s_tir.SBlock, lambda b: buffers.update({a: a for a in b.alloc_buffers}))
+    )
+    reads = s_tir.analysis.get_sblock_read_write_region(init, buffers)[0]
+    only_init = {_key(r.source) for r in reads}
+
+    def _fix(block):
+        name = str(block.name_hint)
+        if name == init_name:
+            new_reads = reads
+        elif name == update_name:
+            new_reads = [r for r in block.reads if _key(r.source) not in only_init]
+        else:
+            return block
+        return s_tir.SBlock(
+            block.iter_vars, new_reads, block.writes, block.name_hint, block.body, block.init,
+            block.alloc_buffers, block.match_buffers, block.annotations,
+        )  # fmt: skip
+
+    return func.with_body(tvm_ffi.structural_map(func.body, (s_tir.SBlock, _fix), order="post"))
 
 
 def dense_primfunc(  # noqa: PLR0917 - (N, K) x (K, M) in the conventional order
@@ -276,7 +379,7 @@ def tir_conv_schedule(cfg: HardwareConfig, layer: dict, sched: ConvSchedule | No
     if sched is None:
         sched = plan_conv(
             cfg, L["h"], L["w"], L["oh"], L["ow"], L["kh"], L["kw"], L["strides"],
-            L["dilation"], L["cib"], L["cob"],
+            L["dilation"], L["cib"], L["cob"], residual=bool(L.get("residual")),
         )  # fmt: skip
     return ConvSchedule(
         _largest_divisor(L["oh"], sched.tile_h),
@@ -311,6 +414,12 @@ def schedule_conv2d(
     epilogue stages in ``global.hapm_acc``.  The reduction's init is split off above the chunk
     loop: it becomes the reset flag of each output block's first GEMM.
 
+    With a fused residual (the layer's ``"residual"``) every block's constant rows are loaded
+    once, first, and the init (``conv_init``) reads the ``shortcut`` stage, which is inlined
+    into it: per output block of the group, ``int32(residual) * K + bias`` into the region
+    (:func:`InjectDMA` makes the shortcut tile a DMA into the region), ahead of the chunk
+    loop; the GEMMs accumulate onto it.
+
     ``weight_blocks`` is the number of weight blocks the layer really loads (the non-zero
     ones, see :class:`SparseWeights`; default: all): they stay resident when they fit.
 
@@ -324,9 +433,10 @@ def schedule_conv2d(
     cfg = get_config(cfg if cfg is not None else layer["config"])
     L = layer
     n_blocks = L["cob"] * L["cib"] * L["kh"] * L["kw"] if weight_blocks is None else weight_blocks
+    fused = bool(L.get("residual"))
     plan = fit_double_buffer(
         cfg, tir_conv_schedule(cfg, layer, sched), L["kh"], L["kw"], L["strides"],
-        L["dilation"], n_blocks,
+        L["dilation"], n_blocks, 3 * L["cob"] if fused else 0,
     )  # fmt: skip
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     conv = sch.get_sblock("conv")
@@ -339,18 +449,22 @@ def schedule_conv2d(
     sch.set_scope(conv, 0, SCOPE_ACC)
 
     # Epilogue per output block of the group, after the group's reduction.
-    stages = [s for s in ("bias", "requant", "clip") if _has_block(sch, s)]
-    bias = sch.get_sblock("bias")
-    sch.reverse_compute_at(bias, cg, preserve_unit_loops=True)
-    block_loop = sch.get_loops(bias)[5]  # b, oh_o, ow_o, cob_group, n, [cob_in_group]
+    epilogue = ("requant", "clip") if fused else ("bias", "requant", "clip")
+    stages = [s for s in epilogue if _has_block(sch, s)]
+    first = sch.get_sblock(stages[0])
+    sch.reverse_compute_at(first, cg, preserve_unit_loops=True)
+    block_loop = sch.get_loops(first)[5]  # b, oh_o, ow_o, cob_group, n, [cob_in_group]
     for name in stages[1:] + ["out"]:
         sch.reverse_compute_at(sch.get_sblock(name), block_loop, preserve_unit_loops=True)
     for name in stages:
         sch.set_scope(sch.get_sblock(name), 0, SCOPE_ACC)
 
     # Bias and multiplier rows of the group: first thing of the group, as in the codegen.
-    bias_mult = sch.cache_read(bias, 1, SCOPE_ACC)
-    sch.compute_at(bias_mult, cg, preserve_unit_loops=True, index=-2)
+    # With a fused residual every block's rows (bias, multiplier, K) stay on chip, loaded
+    # once before everything else.
+    bias_mult = sch.cache_read(first, 1, SCOPE_ACC)
+    if not fused:
+        sch.compute_at(bias_mult, cg, preserve_unit_loops=True, index=-2)
 
     # Weight blocks: resident when they all fit, else one chunk at a time.
     weights = sch.cache_read(conv, 1, SCOPE_WGT)
@@ -370,6 +484,12 @@ def schedule_conv2d(
         sch.compute_at(pad, kc, preserve_unit_loops=True, index=0)
 
     sch.decompose_reduction(conv, kc)
+    if fused:
+        # The init reads the shortcut stage: declare it there (not on the update), then
+        # inline the stage, so the init loads the shortcut tile and scales and offsets it.
+        sch = s_tir.Schedule(tvm.IRModule({"main": _init_reads_fixed(sch.mod["main"], "conv")}))
+        sch.compute_inline(sch.get_sblock("shortcut"))
+        c = sch.get_loops(sch.get_sblock("conv_update"))[-2]
     sch.tensorize(c, gemv_intrin(cfg))
     new = sch.mod["main"].with_attrs(
         {KERNEL_ATTR: L["kind"], SCHEDULE_ATTR: json.dumps(plan.to_dict(), sort_keys=True)}
@@ -704,6 +824,43 @@ def _dma_call(cfg: HardwareConfig, nest: _Nest):
     return tirx.Evaluate(tirx.call_extern("int32", name, *args))
 
 
+def _operand_dma(cfg: HardwareConfig, nest: _Nest, loop):
+    """A computation into the accumulator on one DRAM operand (a fused residual's init,
+    ``acc = int32(shortcut) * K + bias``) as ``SeqStmt(DMA of the operand into the
+    destination entries, the computation in place)``, or ``None``."""
+    store = nest.leaf
+    if _kind(store) != "BufferStore" or _buffer_scope(store.buffer) != SCOPE_ACC:
+        return None
+    dram = []
+
+    def on_load(load):
+        if _buffer_scope(load.source) not in _SCOPE_BUFFER:
+            dram.append(load)
+
+    tvm_ffi.structural_walk(store.value, (tvm.ir.expr.TensorLoad, on_load))
+    if len(dram) != 1 or _kind(_strip_cast(store.value)) == "TensorLoad":
+        return None  # not one DRAM operand, or a copy (_dma_call refused it)
+    operand = dram[0]
+    dtype = str(store.buffer.ty.dtype)
+    copy = tirx.BufferStore(store.buffer, tirx.Cast(dtype, operand), store.indices)
+    dma = _dma_call(cfg, _Nest(nest.loops, nest.predicates, copy))
+    if dma is None:
+        return None
+    in_place = tirx.BufferLoad(store.buffer, list(store.indices))
+
+    def _operand(expr):
+        return in_place if _strip_cast(expr).same_as(operand) else expr
+
+    value = tvm_ffi.structural_map(store.value, (tirx.Cast, _operand), order="pre")
+    value = tvm_ffi.structural_map(value, (tvm.ir.expr.TensorLoad, _operand), order="pre")
+    leaf = tirx.BufferStore(store.buffer, value, store.indices)
+
+    def _leaf(st):
+        return leaf if st.same_as(store) else st
+
+    return tirx.SeqStmt([dma, tvm_ffi.structural_map(loop, (tirx.BufferStore, _leaf))])
+
+
 def InjectDMA(cfg: HardwareConfig | None = None):  # noqa: N802 - TVM pass naming
     """Rewrite each copy loop nest between DRAM and an on-chip scope into one DMA intrinsic.
 
@@ -725,6 +882,10 @@ def InjectDMA(cfg: HardwareConfig | None = None):  # noqa: N802 - TVM pass namin
     the element type (``if_then_else(cond, dram[...], -2**(bits-1))``, max pooling) adds the
     argument ``pad_min = 1``.  Pads and offsets are
     expressions of the enclosing loops.
+
+    A computation into the accumulator on one DRAM operand (a fused residual's init
+    ``acc = int32(shortcut) * K + bias``) becomes the DMA of that operand into the destination
+    entries followed by the computation in place (``acc = acc * K + bias``, ALU instructions).
     """
 
     def _rewrite(func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
@@ -735,6 +896,8 @@ def InjectDMA(cfg: HardwareConfig | None = None):  # noqa: N802 - TVM pass namin
             if nest is None:
                 return loop
             call = _dma_call(config, nest)
+            if call is None:
+                call = _operand_dma(config, nest, loop)
             return loop if call is None else call
 
         body = tvm_ffi.structural_map(func.body, (tirx.For, _for), order="pre")
@@ -856,14 +1019,25 @@ class _Emitter:
         }
         self.pending_reset: set[int] = set()
         self.seq: list[Instruction] = []
-        gemms = []
-        tvm_ffi.structural_walk(
-            func.body,
-            (tirx.Evaluate, lambda ev: gemms.append(_is_call(ev.value, GEMM_MARKER)) and None),
-        )
+        #: The GEMMs' accumulator buffers.
+        self.gemm_acc: set[int] = set()
+
+        def on_eval(ev):
+            if _is_call(ev.value, GEMM_MARKER):
+                self.gemm_acc.add(_key(ev.value.args[5].args[0]))
+
+        tvm_ffi.structural_walk(func.body, (tirx.Evaluate, on_eval))
         #: An ALU-only layer (no GEMM): a reduction's init ``acc = v`` is ``MUL 0`` (then
         #: ``ADD v``), not a reset flag.
-        self.alu_only = not any(gemms)
+        self.alu_only = not self.gemm_acc
+        #: A reduction's init computed into a GEMM accumulator (a fused residual: the shortcut
+        #: tile's DMA, ``MUL`` and ``ADD``) is the region's *prologue*: ``[start, p0, p1]``
+        #: per region, as :func:`~tvm_hapm.target.codegen._hoist_prologues` takes them.  A
+        #: region starts where the previous one's last store ends (the first one: at the
+        #: first loop, after the resident weights and constant rows).
+        self.regions: list[list[int]] = []
+        self._first_loop: int | None = None
+        self._last_store = 0
         layer = (
             json.loads(str(func.attrs[LAYER_ATTR]))
             if func.attrs and LAYER_ATTR in func.attrs
@@ -873,8 +1047,9 @@ class _Emitter:
         #: generator's convolution and add epilogues are; its pooling layers keep the loops.
         self.alu_runs = bool(layer.get("alu_runs", True))
         self.weights: SparseWeights | None = weights
+        wparam = 2 if layer.get("residual") else 1  # (data, [residual], weight, ...)
         if weights is not None:
-            weights.param = _key(func.params[1])
+            weights.param = _key(func.params[wparam])
         attrs = func.attrs
         plan = json.loads(str(attrs[SCHEDULE_ATTR])) if attrs and SCHEDULE_ATTR in attrs else {}
         #: Double buffering (the plan's ``double_buffer``): input tiles, weight chunks (when
@@ -883,8 +1058,8 @@ class _Emitter:
         self.double = bool(plan.get("double_buffer", False))
         self.parity: dict[int, int] = {}  # doubled buffer -> half of its next allocation
         self.wgt_total = (
-            int(np.prod(_buffer_shape(func.params[1]))) // (cfg.array_rows * cfg.array_cols)
-            if len(func.params) > 1
+            int(np.prod(_buffer_shape(func.params[wparam]))) // (cfg.array_rows * cfg.array_cols)
+            if len(func.params) > wparam
             else 0
         )
         # per-node analyses, computed on first visit
@@ -936,6 +1111,8 @@ class _Emitter:
         if folds:
             self.visit_leaf(nest)
             return
+        if self._first_loop is None:
+            self._first_loop = len(self.seq)
         var = _key(loop.loop_var)
         start = self.ev(loop.min)
         body = loop.body
@@ -1013,8 +1190,12 @@ class _Emitter:
             k = _key(buf)
             doubled = self.double and (
                 scope == SCOPE_INP
-                # the GEMMs' output region; in an ALU-only layer also the loaded operands
-                or (scope == SCOPE_ACC and (k not in dma_loaded or self.alu_only))
+                # the GEMMs' output region (also when its init loads a shortcut tile); in an
+                # ALU-only layer also the loaded operands
+                or (
+                    scope == SCOPE_ACC
+                    and (k not in dma_loaded or k in self.gemm_acc or self.alu_only)
+                )
                 or (scope == SCOPE_WGT and entries < self.wgt_total)  # weights not resident
             )
             half = 0
@@ -1037,6 +1218,15 @@ class _Emitter:
         if elem_offset % E:
             raise TirLoweringError(f"{buf.name}: offset {elem_offset} is not a whole entry")
         return self.base[_key(buf)] + elem_offset // E
+
+    def _prologue(self, first: int) -> None:
+        """Note ``seq[first:]`` (just emitted) as part of the current region's prologue."""
+        end = len(self.seq)
+        if self.regions and self.regions[-1][2] == first:
+            self.regions[-1][2] = end
+        else:
+            start = self._last_store if self.regions else self._first_loop
+            self.regions.append([first if start is None else start, first, end])
 
     # ------------------------------------------------------------------ leaves
     def visit_leaf(self, nest: _Nest) -> None:
@@ -1082,6 +1272,7 @@ class _Emitter:
             )  # fmt: skip
             self._dma[k] = info
         is_load, chip, dram, chip_off, dram_off, E, fields, sizes = info
+        first = len(self.seq)
         dram_elem = self.ev(dram_off)
         if dram_elem % E:
             raise TirLoweringError(f"{dram.name}: DRAM offset {dram_elem} is not a whole entry")
@@ -1094,14 +1285,18 @@ class _Emitter:
             return
         if rows == 1 and cols > _MAX_X:
             self.seq += _runs(opcode, sram, dram_addr, cols, fields)
-            return
-        self.seq.append(
-            Instruction(
-                opcode, sram_addr=sram, dram_addr=dram_addr, y_size=rows, x_size=cols,
-                x_stride=stride, y_pad_top=pads[0], y_pad_bottom=pads[1],
-                x_pad_left=pads[2], x_pad_right=pads[3], **fields,
-            )
-        )  # fmt: skip
+        else:
+            self.seq.append(
+                Instruction(
+                    opcode, sram_addr=sram, dram_addr=dram_addr, y_size=rows, x_size=cols,
+                    x_stride=stride, y_pad_top=pads[0], y_pad_bottom=pads[1],
+                    x_pad_left=pads[2], x_pad_right=pads[3], **fields,
+                )
+            )  # fmt: skip
+        if not is_load:
+            self._last_store = len(self.seq)
+        elif _key(chip) in self.gemm_acc:  # a shortcut tile into a GEMM region
+            self._prologue(first)
 
     def _loop_fields(self, nest: _Nest, exprs_entries):
         """Extents ``[outer, inner]`` and, per address, ``(base expression, [so, si])`` of
@@ -1215,6 +1410,7 @@ class _Emitter:
         if info is None:
             info = self._alu[k] = self._analyse_alu(nest)
         dst, operand_buf, lane_key, extents, fields, ops, highs = info
+        first_insn = len(self.seq)
         C = self.cfg.array_cols
         if lane_key is not None:
             self.ev.env[lane_key] = 0
@@ -1253,6 +1449,8 @@ class _Emitter:
                     self.seq.append(_alu_insn(AluOp.MUL, opd_addr, 0, o, i, dso, dsi, 0, 0, 0))
             first = False
             self.seq.append(_alu_insn(op, opd_addr, imm, o, i, dso, dsi, src, src_so, src_si))
+        if _key(dst) in self.gemm_acc:  # a reduction's init computed in a GEMM region
+            self._prologue(first_insn)
 
     def _analyse_alu(self, nest: _Nest):
         store = nest.leaf
@@ -1285,7 +1483,10 @@ class _Emitter:
             ops.append((AluOp.REQUANT, _strip_cast(prod.b), shift))
         elif _kind(value) == "Mul":
             operand = value.a
-            ops.append((AluOp.MUL, None, _int(value.b)))
+            b = _strip_cast(value.b)
+            ops.append(
+                (AluOp.MUL, b, None) if _kind(b) == "TensorLoad" else (AluOp.MUL, None, _int(b))
+            )
         elif _kind(value) == "RShift":
             # (x + 2**(k-1)) >> k: the ALU's rounding shift
             k = _int(value.b)
@@ -1306,6 +1507,16 @@ class _Emitter:
             operand = value
             ops += [(op, None, imm) for op, imm in reversed(chain)]
         operand = _strip_cast(operand)
+        inner_ops = []  # a chain ((x op1 a) op2 b) ...: the inner operations run first
+        while _kind(operand) in ("Add", "Mul"):
+            b = _strip_cast(operand.b)
+            op = AluOp.ADD if _kind(operand) == "Add" else AluOp.MUL
+            if _kind(b) == "TensorLoad":
+                inner_ops.append((op, b, None))
+            else:
+                inner_ops.append((op, None, _int(b)))
+            operand = _strip_cast(operand.a)
+        ops = inner_ops[::-1] + ops
         if _kind(operand) != "TensorLoad" or _buffer_scope(operand.source) != SCOPE_ACC:
             raise TirLoweringError(f"ALU stage {store.value} does not read the accumulator")
         # Loops: drop the lanes (the innermost loop, contiguous over the C lanes).
@@ -1483,7 +1694,16 @@ def emit_program(
 
     ``weights`` (a :class:`SparseWeights` of the layer's constant weights) turns on the
     compile-time sparse schedule: all-zero weight blocks are neither loaded nor multiplied.
+
+    A reduction's init computed into a GEMM accumulator region (a fused residual: the shortcut
+    tile's ``LOAD``, ``MUL`` by ``K``, ``ADD`` of the bias) is that region's prologue: with
+    double buffering each prologue moves ahead of the previous region
+    (:func:`~tvm_hapm.target.codegen._hoist_prologues`), and ``interleave_epilogues`` flushes
+    pending instructions only up to the last one a GEMM conflicts with (``partial_flush``), as
+    the direct generator does.
     """
+    from .codegen import _hoist_prologues  # noqa: PLC0415 - the cross-check, imported lazily
+
     func = _as_func(func)
     cfg = get_config(cfg if cfg is not None else _layer_of(func)["config"])
     func = _lowered(func, cfg)
@@ -1491,7 +1711,14 @@ def emit_program(
     emitter.visit(func.body)
     if emitter.pending_reset:
         raise TirLoweringError("accumulator entries were initialised but never computed")
-    seq = pipeline_operand_loads(interleave_epilogues(emitter.seq, cfg))
+    seq = emitter.seq
+    prologues = bool(emitter.regions)  # a fused residual's computed inits
+    if prologues and emitter.double:
+        seq = _hoist_prologues(seq, [tuple(r) for r in emitter.regions])
+    if emitter.alu_only:
+        seq = pipeline_operand_loads(seq)
+    else:  # (also when every GEMM was dropped: the direct generator does not move the loads)
+        seq = interleave_epilogues(seq, cfg, partial_flush=prologues)
     return insert_dependency_tokens(assign_arrays(seq, cfg))
 
 
@@ -1508,7 +1735,9 @@ def build_program(cfg: HardwareConfig | None, func, layer_name: str = "tir") -> 
     slots = []
     params = list(func.params)
     for i, p in enumerate(params):
-        role = "output" if i == len(params) - 1 else ("input" if i == 0 else "const")
+        role = "output" if i == len(params) - 1 else "const"
+        if i == 0 or (i == 1 and layer.get("residual")):
+            role = "input"
         slots.append(Slot(str(p.name), role, str(p.ty.dtype), tuple(_buffer_shape(p))))
     plan = json.loads(str(func.attrs[SCHEDULE_ATTR])) if SCHEDULE_ATTR in func.attrs else {}
     info = {"kind": layer["kind"], "schedule": plan, "source": "tir"}
@@ -1533,6 +1762,7 @@ def conv2d_program(  # noqa: PLR0913, PLR0917 - the signature of codegen.conv2d_
     layer_index: int = 0,
     schedule: ConvSchedule | None = None,
     divisor_tiles: bool = True,
+    residual: np.ndarray | None = None,
 ):
     """Program of a quantized conv2d through TIR; same interface and result as
     :func:`tvm_hapm.target.codegen.conv2d_program` (slots, constants and, instruction by
@@ -1548,6 +1778,12 @@ def conv2d_program(  # noqa: PLR0913, PLR0917 - the signature of codegen.conv2d_
     The TIR schedule tiles each dimension by a divisor (:func:`tir_conv_schedule`); with
     ``divisor_tiles=False`` a plan whose output tiles do not divide the output is refused
     (:class:`TirLoweringError`) instead of being shrunk.
+
+    ``residual`` (the shortcut's integer weight per output channel) fuses a residual add as
+    the direct generator does: a second input slot ``residual``, three constant rows per
+    output block, and the ``conv`` reduction starting from ``int32(shortcut) * K + bias``
+    (:func:`conv2d_primfunc`); each region's prologue (the shortcut tile's ``LOAD``, ``MUL``,
+    ``ADD``) is hoisted as the direct generator's (:func:`emit_program`).
     """
     from . import codegen  # noqa: PLC0415 - codegen is the cross-check, imported lazily
 
@@ -1560,13 +1796,19 @@ def conv2d_program(  # noqa: PLR0913, PLR0917 - the signature of codegen.conv2d_
     (sh, sw), (dh, dw), (pt, pl, pb, pr) = g.strides, g.dilation, g.padding
     oh, ow, blocks, nonzero = g.oh, g.ow, g.blocks, g.nonzero
     cob, cib = blocks.shape[:2]
+    fused = residual is not None
     func = conv2d_primfunc(
-        cfg, n, cin, h, w, cout, kh, kw, (sh, sw), (pt, pl, pb, pr), (dh, dw), shift, clip
+        cfg, n, cin, h, w, cout, kh, kw, (sh, sw), (pt, pl, pb, pr), (dh, dw), shift, clip,
+        residual=fused,
+    )  # fmt: skip
+    plan = schedule or plan_conv(
+        cfg, h, w, oh, ow, kh, kw, (sh, sw), (dh, dw), cib, cob, nonzero, residual=fused
     )
-    plan = schedule or plan_conv(cfg, h, w, oh, ow, kh, kw, (sh, sw), (dh, dw), cib, cob, nonzero)
     sched = tir_conv_schedule(cfg, _layer_of(func), plan)
     sparse_count = int(nonzero.sum())
-    sched = fit_double_buffer(cfg, sched, kh, kw, (sh, sw), (dh, dw), sparse_count)
+    sched = fit_double_buffer(
+        cfg, sched, kh, kw, (sh, sw), (dh, dw), sparse_count, 3 * cob if fused else 0
+    )
     if not divisor_tiles and (sched.tile_h, sched.tile_w) != (plan.tile_h, plan.tile_w):
         raise TirLoweringError(
             f"{layer}: the planned {plan.tile_h}x{plan.tile_w} tiles do not divide {oh}x{ow}"
@@ -1579,7 +1821,7 @@ def conv2d_program(  # noqa: PLR0913, PLR0917 - the signature of codegen.conv2d_
         if sparse.order
         else np.zeros((1, R, C), wdtype)
     )
-    bias_mult = codegen.bias_mult_rows(cfg, layer, cout, bias, mult)
+    bias_mult = codegen.bias_mult_rows(cfg, layer, cout, bias, mult, residual)
     sch = schedule_conv2d(func, cfg, sched, weight_blocks=len(sparse.order))
     insns = emit_program(sch, cfg, sparse)
     slots = [
@@ -1588,14 +1830,18 @@ def conv2d_program(  # noqa: PLR0913, PLR0917 - the signature of codegen.conv2d_
         Slot("bias_mult", "const", "int32", bias_mult.shape),
         Slot("out", "output", cfg.act_dtype, (n, cout, oh, ow), "act", C),
     ]
+    if fused:
+        slots.insert(1, Slot("residual", "input", cfg.act_dtype, (n, cout, oh, ow), "act", C))
     info = {
-        "kind": "conv2d",
+        "kind": "conv2d_residual" if fused else "conv2d",
         "macs": int(n * oh * ow * cout * cin_g * kh * kw),
         "weight_blocks": int(cob * cib * kh * kw),
         "nonzero_blocks": len(sparse.order),
         "schedule": sched.to_dict(),
         "source": "tir",
     }
+    if fused:
+        info["residual"] = True
     return Program(layer, cfg, slots, insns, layer_index, info), [wblocks, bias_mult]
 
 
