@@ -48,7 +48,7 @@ def test_masks_equal_per_layer_pass(setup):
         np.testing.assert_array_equal(masks[w], env.masks[li][idx[li]])
 
 
-@pytest.mark.parametrize("method", ["rl", "greedy", "evolution"])
+@pytest.mark.parametrize("method", ["rl", "greedy", "evolution", "uniform"])
 def test_search_budget_bounds_and_beats_dense(setup, method, tmp_path):
     model, data, env = setup
     res = hwflow.optimize(model, data[:2], method=method, episodes=16, seed=0, env=env)
@@ -56,7 +56,7 @@ def test_search_budget_bounds_and_beats_dense(setup, method, tmp_path):
     assert res.val_drop <= 2.0 + 1e-9
     assert all(c["feasible"] == (c["drop"] <= 2.0 + 1e-9) for c in res.history)
     pred = res.predicted["mid"]
-    if method == "evolution":
+    if method in ("evolution", "uniform"):
         assert pred["latency_ms"] <= pred["dense_latency_ms"]
     else:  # the agent and the greedy baseline must beat dense
         assert pred["latency_ms"] < pred["dense_latency_ms"]
@@ -96,3 +96,17 @@ def test_reconstruction_recovers_candidates_and_keeps_their_masks(setup):
     weights = {t.name: numpy_helper.to_array(t) for t in env.recovered_model(idx).graph.initializer}
     for li, name in enumerate(env.weight_names):
         np.testing.assert_array_equal(weights[name] != 0, env.masks[li][idx[li]])
+
+
+def test_uniform_bisection_finds_the_largest_feasible_ratio(setup):
+    _, _, env = setup
+    gi, best, used = hwflow.uniform_bisection(env, "uniform", 10)
+    assert used <= int(np.ceil(np.log2(len(env.grid))))
+
+    def uniform(g):
+        return [min(g, m) for m in env.max_index]
+
+    assert env.evaluate(uniform(gi)).feasible
+    assert gi == 0 or best.idx == tuple(uniform(gi))
+    if gi + 1 < len(env.grid):
+        assert not env.evaluate(uniform(gi + 1)).feasible

@@ -1157,6 +1157,8 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``hapm`` argument parser."""
+    from .hwflow import METHODS as HWFLOW_METHODS  # noqa: PLC0415 (numpy and onnx only)
+
     parser = argparse.ArgumentParser(
         prog="hapm",
         description="Compile and run ONNX CNNs on the (simulated) hapm_fpga accelerator.",
@@ -1215,7 +1217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", choices=("latency", "energy"), default="latency")
     p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="percentage points")
     p.add_argument("--level", choices=("coarse", "mid", "fine", "sim"), default="fine")
-    p.add_argument("--method", choices=("rl", "greedy", "evolution"), default="rl")
+    p.add_argument("--method", choices=HWFLOW_METHODS, default="rl")
     p.add_argument("--episodes", type=int, default=60)
     p.add_argument("--search-finetune-steps", type=int, default=0)
     p.add_argument("--finetune-steps", type=int, default=0, help="fine-tuning of the winner")

@@ -47,7 +47,7 @@ __all__ = [
 
 LEVELS = ("coarse", "mid", "fine", "sim")
 OBJECTIVES = ("latency", "energy")
-METHODS = ("rl", "greedy", "evolution")
+METHODS = ("rl", "greedy", "evolution", "uniform")
 DEFAULT_GRID = tuple(np.round(np.arange(0.0, 0.91, 0.1), 2))
 
 
@@ -468,18 +468,60 @@ def _with_values(model, values):
 
 
 # ------------------------------------------------------------------------------ search methods
+def uniform_bisection(env: HWFlowEnv, method: str, budget: int, progress=None):
+    """The largest grid ratio that, applied to every prunable layer, keeps the validation drop
+    within the budget: a bisection over the grid (the drop grows about monotonically with a
+    uniform ratio), ``ceil(log2(len(grid)))`` evaluations at most, and at most ``budget``.
+
+    Returns ``(grid index, best feasible candidate or None, evaluations used)``."""
+    lo, hi = 0, len(env.grid) - 1
+    used, best = 0, None
+    while lo < hi and used < budget:
+        mid = (lo + hi + 1) // 2
+        c = env.evaluate([min(mid, m) for m in env.max_index], method)
+        used += 1
+        if progress:
+            progress({"method": method, "episode": used - 1, **c.to_dict()})
+        if c.feasible:
+            lo, best = mid, c
+        else:
+            hi = mid - 1
+    return lo, best, used
+
+
+def search_uniform(env: HWFlowEnv, episodes: int, seed: int, progress=None):
+    """The no-search baseline: one ratio for every layer, the largest feasible one."""
+    _, best, _ = uniform_bisection(env, "uniform", episodes, progress)
+    return best
+
+
 def search_rl(env: HWFlowEnv, episodes: int, seed: int, progress=None, lr: float = 0.05,
-              sigma0: float = 0.25, sigma_min: float = 0.05, warmup: int = 0):  # fmt: skip
+              sigma0: float = 0.25, sigma_min: float = 0.05, warmup: int = 0,
+              uniform_start: bool = True):  # fmt: skip
     """AMC-style agent: one layer at a time, Gaussian policy ``a = clip(sigmoid(w.s) + sigma*e)``
-    over the ratio (snapped to the grid), REINFORCE with a moving-average baseline."""
+    over the ratio (snapped to the grid), REINFORCE with a moving-average baseline.
+
+    With ``uniform_start`` the first evaluations are :func:`uniform_bisection`'s, and the policy
+    starts at the best feasible uniform ratio (its bias set so that ``sigmoid`` gives it) with
+    that candidate's reward as the baseline, instead of a random warm-up: the agent refines the
+    uniform solution per layer rather than rediscovering it."""
     rng = np.random.default_rng([seed, 1])
     dim = env.static_features.shape[1] + 4
     w = np.zeros(dim)
     w[-1] = -1.0  # start around sigmoid(-1) ~ 0.27 of the largest ratio
     top = env.grid[-1]
     baseline, beta = None, 0.8
-    warmup = warmup or max(2, episodes // 10)
-    for ep in range(episodes):
+    start = 0
+    if uniform_start:
+        gi, best, start = uniform_bisection(env, "rl", max(1, episodes // 3), progress)
+        if best is not None:
+            p = float(np.clip(env.grid[gi] / top, 0.05, 0.95))
+            w[-1] = np.log(p / (1 - p))
+            baseline = best.reward
+        warmup = 0
+    else:
+        warmup = warmup or max(2, episodes // 10)
+    for ep in range(start, episodes):
         sigma = max(sigma_min, sigma0 * (1 - ep / max(episodes, 1)))
         idx = [0] * env.n
         grads, prev = [], 0.0
@@ -507,14 +549,19 @@ def search_rl(env: HWFlowEnv, episodes: int, seed: int, progress=None, lr: float
 
 
 def search_greedy(env: HWFlowEnv, episodes: int, seed: int, progress=None, step: int = 1,
-                  accept_frac: float = 0.25):  # fmt: skip
+                  accept_frac: float = 0.25, uniform_start: bool = True):  # fmt: skip
     """Greedy by latency (objective) saliency: each round evaluates one grid step more on every
     open layer, ranks the moves by objective saved per accuracy point lost and takes the best
-    ``accept_frac`` of them together (falling back to the single best) while feasible."""
+    ``accept_frac`` of them together (falling back to the single best) while feasible.  With
+    ``uniform_start`` it starts from :func:`uniform_bisection`'s ratio instead of dense."""
     idx = [0] * env.n
     frozen = {li for li in range(env.n) if env.max_index[li] == 0}
     used = 0
     lc = env.layer_costs()
+    if uniform_start:
+        gi, best, used = uniform_bisection(env, "greedy", max(1, episodes // 3), progress)
+        if best is not None:
+            idx = list(best.idx)
 
     def ev(cand_idx):
         nonlocal used
@@ -524,7 +571,7 @@ def search_greedy(env: HWFlowEnv, episodes: int, seed: int, progress=None, step:
             progress({"method": "greedy", "episode": used - 1, **c.to_dict()})
         return c
 
-    cur_acc = env.dense_accuracy
+    cur_acc = env.dense_accuracy if not any(idx) else env._accuracy(idx)  # noqa: SLF001
     while used < episodes:
         moves = []
         for li in range(env.n):
@@ -569,15 +616,25 @@ def search_greedy(env: HWFlowEnv, episodes: int, seed: int, progress=None, step:
 
 
 def search_evolution(env: HWFlowEnv, episodes: int, seed: int, progress=None, pop: int = 8,
-                     mutate: float = 0.3):  # fmt: skip
-    """(mu + lambda) evolution on the ratio indices; fitness = the environment's reward."""
+                     mutate: float = 0.3, uniform_start: bool = True):  # fmt: skip
+    """(mu + lambda) evolution on the ratio indices; fitness = the environment's reward.  With
+    ``uniform_start`` the first population is :func:`uniform_bisection`'s candidates and
+    mutations of the best of them, else it goes from mild to strong random ratios."""
     rng = np.random.default_rng([seed, 2])
     hi = env.max_index
     popl = []
     used = 0
+    center = None
+    if uniform_start:
+        _, best, used = uniform_bisection(env, "evolution", max(1, episodes // 3), progress)
+        popl = [c for c in env.history if c.method == "evolution"][-used:] if used else []
+        center = best.idx if best is not None else None
     while used < min(pop, episodes):
-        top = max(1, int(round((used + 1) / pop * len(env.grid) / 2)))  # mild to strong
-        idx = [int(rng.integers(0, min(m, top) + 1)) if m else 0 for m in hi]
+        if center is not None:
+            idx = [int(np.clip(c + rng.choice([-1, 0, 1]), 0, m)) for c, m in zip(center, hi)]
+        else:
+            top = max(1, int(round((used + 1) / pop * len(env.grid) / 2)))  # mild to strong
+            idx = [int(rng.integers(0, min(m, top) + 1)) if m else 0 for m in hi]
         popl.append(env.evaluate(idx, "evolution"))
         used += 1
         if progress:
@@ -603,7 +660,12 @@ def search_evolution(env: HWFlowEnv, episodes: int, seed: int, progress=None, po
     )
 
 
-_SEARCH = {"rl": search_rl, "greedy": search_greedy, "evolution": search_evolution}
+_SEARCH = {
+    "rl": search_rl,
+    "greedy": search_greedy,
+    "evolution": search_evolution,
+    "uniform": search_uniform,
+}
 
 
 # ------------------------------------------------------------------------------ optimize
