@@ -26,7 +26,8 @@ process, interleaved):
 * ``compile_seconds``: the code generation of every point (once);
 * ``<level>_predict_seconds``: one ``predict_batch`` of all the points, from ``(layer, config,
   schedule=None, BlockSparsity mask)`` to ``(cycles, energy)``: the mid analysis (including the
-  compiler's schedule choice), the feature matrix and the two XGBoost boosters (one thread);
+  compiler's schedule choice), the feature matrix and the XGBoost booster (one thread, two
+  outputs: cycles and energy);
   median over the repetitions run between the simulation passes, with the per-(layer, config)
   caches of a previous call warm;
 * ``<level>_cold_predict_seconds``: the same call with those caches emptied first
@@ -288,7 +289,7 @@ def main(argv=None) -> dict:
         "prediction_timing": (
             f"one predict_batch of all {len(items)} points (layer, config, default schedule, "
             "exact block mask) -> (cycles, energy): mid analysis incl. the compiler's schedule, "
-            "features, both XGBoost boosters on one thread; median of "
+            "features, the XGBoost booster (two outputs) on one thread; median of "
             f"{args.reps * args.sim_passes * len(args.presets)} calls interleaved with the "
             "simulation passes, per-(layer, config) caches warm; cold: caches emptied first"
         ),

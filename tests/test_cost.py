@@ -110,6 +110,23 @@ def test_fine_model_save_load_and_schema_refusal(tmp_path):
         FineModel.load(path)
 
 
+def test_fine_model_one_booster_and_two_boosters(tmp_path):
+    """The multi-output booster (one tree walk for both corrections) and the older layout of
+    one booster per target both train, save, load and predict through the C call."""
+    from tvm_hapm.cost.models import _predict_dense  # noqa: PLC0415
+
+    recs = _small_records(tmp_path, 16)
+    X, y, mids, _ = dataset_matrix(recs)
+    for multi in (True, False):
+        model = FineModel.train(X, y[:, 0], y[:, 1], mids, rounds=4, multi_output=multi)
+        assert set(model.boosters) == ({"both"} if multi else {"cycles", "energy"})
+        back = FineModel.load(model.save(tmp_path / f"m{multi}.json", fmt="ubj"))
+        np.testing.assert_allclose(back.predict_matrix(X, mids), model.predict_matrix(X, mids))
+        for b in model.boosters.values():
+            np.testing.assert_array_equal(_predict_dense(b, X).reshape(len(X), -1),
+                                          b.inplace_predict(X).reshape(len(X), -1))  # fmt: skip
+
+
 def test_bundled_fine_model_beats_coarse(tmp_path):
     fine = load_bundled_fine_model()
     recs = generate(tmp_path / "h.jsonl", 20, seed=12345, workers=1, progress=False)
@@ -192,23 +209,80 @@ def test_batched_predictions_equal_per_layer_predictions(tmp_path):
     np.testing.assert_allclose(fine.predict_batch(qs), np.array(ref), rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    ("cob", "cib", "kk", "A", "G"),
-    [(8, 5, 9, 4, 4), (7, 3, 9, 4, 3), (9, 4, 1, 2, 4), (13, 2, 25, 4, 6), (64, 16, 9, 4, 2),
-     (40, 30, 9, 8, 1), (5, 5, 1, 1, 5)],
-)  # fmt: skip
-def test_mask_position_rounds_equal_the_reference(cob, cib, kk, A, G):
-    """The batched GEMM-round count (group slices, any/ceil per position) equals
-    ``_position_rounds`` (chunks of one input block) on random masks, ragged last groups and
-    ``G`` above and below the number of arrays included."""
-    from tvm_hapm.cost.analytic import _mask_position_rounds, _position_rounds  # noqa: PLC0415
+def _random_mask_queries(seed: int, n: int = 40):
+    """Random layers, configs and schedules with random block masks: output-channel groups
+    above and below the number of arrays, ragged last groups, 1x1 to 5x5 kernels, grouped and
+    depthwise layers (with mask bits outside the structural blocks), dense and empty masks."""
+    from tvm_hapm.target.config import HardwareConfig  # noqa: PLC0415
+    from tvm_hapm.target.schedule import ConvSchedule  # noqa: PLC0415
 
-    rng = np.random.default_rng(cob * 31 + G)
-    for density in (0.0, 0.3, 0.9):
-        m = rng.random((cob, cib, 1, kk)) < density
-        ref = _position_rounds(m, 0.0, A, G, 1).ravel()
-        got = _mask_position_rounds(m.reshape(-1).view(np.uint8), cob, cib, kk, A, G)
-        np.testing.assert_array_equal(got, ref)
+    rng = np.random.default_rng(seed)
+    qs = []
+    for _ in range(n):
+        k = int(rng.choice([1, 3, 5]))
+        groups = int(rng.choice([1, 1, 1, 2, 0]))
+        cin = int(rng.choice([3, 8, 13, 24, 40, 64]))
+        cout = cin if groups == 0 else int(rng.choice([5, 16, 27, 48, 96]))
+        if groups == 0:
+            groups = cin  # depthwise
+        elif cin % groups or cout % groups:
+            groups = 1
+        hw = int(rng.choice([4, 7, 12, 20]))
+        layer = ConvLayer(1, cin, hw, hw, cout, k, k, padding=k // 2, groups=groups)
+        cfg = HardwareConfig(
+            name="t", num_arrays=int(rng.choice([1, 2, 4, 8])),
+            array_rows=int(rng.choice([4, 8])), array_cols=int(rng.choice([4, 8])),
+        )  # fmt: skip
+        sched = None
+        if rng.random() < 0.5:
+            cob, cib = -(-cout // cfg.array_cols), -(-cin // cfg.array_rows)
+            sched = ConvSchedule(
+                int(rng.integers(1, layer.oh + 1)), int(rng.integers(1, layer.ow + 1)),
+                int(rng.integers(1, cob + 1)), int(rng.integers(1, cib + 1)),
+                bool(rng.random() < 0.7),
+            )  # fmt: skip
+        shape = block_mask(layer, cfg, None).shape
+        density = float(rng.choice([0.0, 0.2, 0.6, 0.9, 1.0]))
+        mask = rng.random(shape) < density
+        qs.append(
+            (layer, cfg, sched, BlockSparsity.from_mask(mask) if rng.random() < 0.5 else mask)
+        )
+    return qs
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_vectorized_mask_reduction_equals_the_per_point_analysis(seed):
+    """The batched mask path (all masks in one byte array, group reductions per bucket,
+    prefix sums at the plans' indices) gives the per-layer reference's counts on random masks,
+    in one batch (queries reordered by bucket internally) and query by query."""
+    qs = _random_mask_queries(seed)
+    ba = analyze_batch(qs)
+    for i, q in enumerate(qs):
+        ref = analyze_reference(*q)
+        got = ba.item(i)
+        assert got.schedule == ref.schedule
+        for k, v in ref.counts.items():
+            assert got.counts[k] == pytest.approx(v, rel=1e-9, abs=1e-9), (i, k)
+    again = analyze_batch(qs[::-1])  # warm caches, another order
+    np.testing.assert_allclose(again.cycles[::-1], ba.cycles, rtol=1e-12)
+    np.testing.assert_allclose(again.energy_uj[::-1], ba.energy_uj, rtol=1e-12)
+
+
+def test_mask_group_rounds_equal_the_reference():
+    """The per-bucket group reduction (any / ceil over a group's output blocks, then the sum
+    over positions) equals ``_position_rounds`` (chunks of one input block), ``G`` above and
+    below the number of arrays."""
+    from tvm_hapm.cost.analytic import _group_rounds, _position_rounds, _sum_rows  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    for cob, cib, kk, A, G in [(8, 5, 9, 4, 4), (6, 3, 9, 4, 3), (8, 4, 1, 2, 4), (12, 2, 25, 4, 6),
+                               (64, 16, 9, 4, 2), (40, 30, 9, 8, 1), (5, 5, 1, 1, 5)]:  # fmt: skip
+        for density in (0.0, 0.3, 0.9):
+            m = rng.random((cob, cib, 1, kk)) < density
+            ref = _position_rounds(m, 0.0, A, G, 1).ravel()
+            Y = m.reshape(-1).view(np.uint8)
+            got = _sum_rows(_group_rounds(Y, G, 0 if G <= A else A, cib * kk), kk)
+            np.testing.assert_array_equal(got, ref)
 
 
 def test_batch_shares_layers_masks_and_schedules_and_clear_caches_is_transparent():

@@ -31,7 +31,9 @@ only through the latency (static energy).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import weakref
 from functools import lru_cache
 
 import numpy as np
@@ -455,54 +457,73 @@ def _struct_position_counts(cout, cin, groups, kh, kw, R, C, G, K):
     return out
 
 
-def _struct_rounds(layer_key, frac: float, A: int, G: int, K: int) -> np.ndarray:
-    """:func:`_position_rounds` of the structural blocks (``layer_key``: cout, cin, groups,
-    kh, kw, R, C), flat ``(n_cg * n_kc,)``."""
-    if not frac:
-        return _dense_struct_rounds(layer_key, A, G, K)
-    n_p = _struct_position_counts(*layer_key, G, K)
-    r = np.ceil(n_p / A)
-    if frac:
-        r = r * (1.0 - frac**n_p)
-    return (r.sum(axis=2) * (layer_key[3] * layer_key[4])).ravel()
-
-
-@lru_cache(maxsize=4096)
-def _dense_struct_rounds(layer_key, A: int, G: int, K: int) -> np.ndarray:
-    n_p = _struct_position_counts(*layer_key, G, K)
-    out = (np.ceil(n_p / A).sum(axis=2) * (layer_key[3] * layer_key[4])).ravel()
-    out.flags.writeable = False
-    return out
-
-
 def log2p(x: float) -> float:
     return math.log2(1.0 + max(float(x), 0.0))
 
 
 # ------------------------------------------------------------------------------ batched model
-# The same model as ``analyze_reference``, evaluated over a batch of queries at once.  Every
-# layer's (output-channel block, input-channel block) pairs, schedule steps, tile classes and
-# (tile class, step) pairs live in flat "ragged" arrays with a segment id (the query index);
-# per-query sums are ``np.bincount(segment, weights)``.
+# The same model as ``analyze_reference`` over a batch of queries, in two parts (see
+# ``docs/cost_model.md``, "Batched evaluation"):
+#
+# * a *plan* per (layer, timing constants of the config, schedule), cached: whatever does not
+#   depend on the weight-block mask (tile classes, steps, the (tile class, step) pairs with their
+#   DMA, ALU and DRAM-port costs, and the indices that reduce a mask's prefix sums onto the
+#   steps).  The new plans of a batch are built together with numpy over flat "ragged" arrays
+#   (a segment id per plan) and kept as row blocks;
+# * per batch, what depends on the masks: all masks in one flat byte array, ordered by bucket
+#   (kernel size, trailing shape, output-channel group, arrays) so that the group reduction of
+#   a bucket is one reshape + max / sum; the per-(output block, input block) non-zero counts and
+#   the per-(group, input block) GEMM rounds become prefix sums, and each step's non-zero blocks,
+#   longest chain and rounds are differences of them at the plans' indices.  Then the timing and
+#   energy arithmetic over the concatenated plan rows (queries in bucket order, put back in the
+#   caller's order at the end).
 
 
-@dataclasses.dataclass
 class BatchAnalysis:
     """Mid-model quantities of ``n`` queries (see :func:`analyze_batch`).
 
     ``cycles``, ``energy_uj``: ``(n,)`` float64; ``counts``: the keys of :attr:`Analysis.counts`,
     each an ``(n,)`` array; ``columns``: the queries' layer / config / schedule numbers used by
-    the features (``(n,)`` arrays); ``schedules``: the schedule of every query.
+    the features (``(n,)`` arrays); ``schedules``: the schedule of every query; all in the
+    queries' order.  The batch computes them in another order (masks grouped by bucket):
+    ``raw`` holds ``(cycles, energy_uj, counts, columns)`` in that order and ``order`` the query
+    of each of its rows (``None``: the queries' order); the attributes above are put in the
+    queries' order when first read (:meth:`to_query_order`).
     """
 
-    cycles: np.ndarray
-    energy_uj: np.ndarray
-    counts: dict
-    columns: dict
-    schedules: list
+    def __init__(self, cycles, energy_uj, counts, columns, schedules, order=None):
+        self.raw = (cycles, energy_uj, counts, columns)
+        self.order = order
+        self.schedules = schedules
+        self._inv = None
 
     def __len__(self) -> int:
         return len(self.schedules)
+
+    def to_query_order(self, a: np.ndarray) -> np.ndarray:
+        """The rows of ``a`` (one per query, in ``raw``'s order) in the queries' order."""
+        if self.order is None:
+            return a
+        if self._inv is None:
+            self._inv = np.empty(len(self.order), np.int64)
+            self._inv[self.order] = np.arange(len(self.order))
+        return a[self._inv]
+
+    @functools.cached_property
+    def cycles(self) -> np.ndarray:
+        return self.to_query_order(self.raw[0])
+
+    @functools.cached_property
+    def energy_uj(self) -> np.ndarray:
+        return self.to_query_order(self.raw[1])
+
+    @functools.cached_property
+    def counts(self) -> dict:
+        return {k: self.to_query_order(v) for k, v in self.raw[2].items()}
+
+    @functools.cached_property
+    def columns(self) -> dict:
+        return {k: self.to_query_order(v) for k, v in self.raw[3].items()}
 
     def item(self, i: int) -> Analysis:
         """Query ``i`` as an :class:`Analysis` (plain floats)."""
@@ -525,76 +546,319 @@ def analyze(
     return analyze_batch([(layer, cfg, schedule, sparsity)]).item(0)
 
 
-_LAYER_INFO: dict = {}
-_SCHED_ROWS: dict = {}
+#: (layer, timing key of the config) -> _Pair (the plans of its schedules hang off it)
+_PAIRS: dict = {}
+_PAIRS_BY_ID: dict = {}  # id(layer) -> (weak reference to the layer, {timing key: pair})
+_PAIR_OF_OBJECTS: dict = {}  # (id(layer), id(config)) -> (weak refs to both, pair)
+_MAX_PAIRS = 4096
+_MAX_PLANS = 8192  # per pair (schedules, and the compiler's schedule per non-zero count)
+_TSHAPES: dict = {}  # trailing mask shape (CIB, KH, KW) -> bucket id
 
 
 def clear_caches() -> None:
-    """Empty the per-layer caches of :func:`analyze_batch` (the compiler's schedule, the
-    structural blocks and the schedule rows of each layer and config seen): the next batch
-    runs cold, as in a fresh process (for timing)."""
+    """Empty the caches of :func:`analyze_batch` (the per (layer, config) constants, the
+    compiler's schedules and the plans of every schedule seen): the next batch runs cold, as in
+    a fresh process (for timing)."""
     from .layer import _structural
 
-    _LAYER_INFO.clear()
-    _SCHED_ROWS.clear()
-    _MASK_SCHED.clear()
-    for f in (_positions_cached, _struct_position_counts, _dense_struct_rounds, _struct_counts,
-              _structural):  # fmt: skip
+    _PAIRS.clear()
+    _PAIRS_BY_ID.clear()
+    _PAIR_OF_OBJECTS.clear()
+    _TSHAPES.clear()
+    _CFG_INFO.clear()
+    _BUCKETS.clear()
+    for f in (_positions_cached, _struct_position_counts, _struct_counts, _structural):
         f.cache_clear()
 
 
-def _cfg_key(cfg: HardwareConfig) -> tuple:
-    """What the per-layer constants depend on: the array shape, the buffer depths and what
-    ``plan_conv``'s estimate reads (bandwidth, widths)."""
+def _timing_key(cfg: HardwareConfig) -> tuple:
+    """What a pair's plans depend on: the array shape, the buffer depths, what ``plan_conv``'s
+    estimate reads (bandwidth, widths) and the DRAM latency."""
     return (cfg.array_rows, cfg.array_cols, cfg.num_arrays, cfg.inp_depth, cfg.wgt_depth,
             cfg.acc_depth, cfg.dram_bytes_per_cycle, cfg.act_bytes, cfg.weight_bytes,
-            cfg.acc_bytes)  # fmt: skip
+            cfg.acc_bytes, cfg.dram_latency_cycles)  # fmt: skip
 
 
-def _layer_info(layer: ConvLayer, cfg: HardwareConfig, key) -> tuple:
-    """Per (layer, config shape) constants of :func:`analyze_batch` (cached: the compiler's
-    schedule, the structural blocks, the layer's numbers)."""
-    R, C = cfg.array_rows, cfg.array_cols
-    struct, per, tot, full, uniq = _struct_counts(
-        layer.cout, layer.cin, layer.groups, layer.kh, layer.kw, R, C
-    )
-    cob, cib = struct.shape[:2]
-    oh, ow = layer.oh, layer.ow
-    (sh, sw), (dh, dw), (pt, pl, _, _) = layer.strides, layer.dilation, layer.padding
-    lrow = (layer.n, layer.cin, layer.h, layer.w, layer.cout, layer.kh, layer.kw, sh, sw, dh, dw,
-            pt, pl, layer.groups, oh, ow, cob, cib)  # fmt: skip
-    sched = plan_conv(
-        cfg, layer.h, layer.w, oh, ow, layer.kh, layer.kw, layer.strides, layer.dilation, cib,
-        cob, struct,
-    )  # fmt: skip
-    srow = tuple(getattr(sched, f) for f in _sched_field_names(sched))
-    info = (lrow, struct, per, tot, full, uniq, layer.kh * layer.kw, sched, srow)
-    if len(_LAYER_INFO) > 8192:
-        _LAYER_INFO.clear()
-    _LAYER_INFO[key] = info
-    return info
+class _Pair:
+    """Constants of one (layer, config timing key): the structural blocks, the compiler's
+    schedule (``dplan``) and the plans of the schedules seen."""
 
+    __slots__ = ("cib", "cob", "dplan", "full", "itot", "kk", "layer", "lrow", "nnz_plans",
+                 "per", "plans", "shape", "struct", "tid", "tot", "trow", "uniq")  # fmt: skip
 
-_MASK_SCHED: dict = {}
-
-
-def _mask_schedule(layer: ConvLayer, cfg: HardwareConfig, info: tuple, nnz: int) -> ConvSchedule:
-    """``plan_conv``'s schedule of a layer given ``nnz`` non-zero blocks (it depends on the
-    mask only through their number), cached per (layer, config shape, count)."""
-    key = (info[0], _cfg_key(cfg), nnz)
-    sched = _MASK_SCHED.get(key)
-    if sched is None:
-        lrow = info[0]
-        cob, cib = lrow[16], lrow[17]
-        stand_in = np.ones(nnz, bool)  # plan_conv reads only the count of a mask
+    def __init__(self, layer: ConvLayer, cfg: HardwareConfig, pending: list):
+        R, C = cfg.array_rows, cfg.array_cols
+        struct, per, tot, full, uniq = _struct_counts(
+            layer.cout, layer.cin, layer.groups, layer.kh, layer.kw, R, C
+        )
+        cob, cib = struct.shape[:2]
+        (sh, sw), (dh, dw), (pt, pl, _, _) = layer.strides, layer.dilation, layer.padding
+        self.layer = layer
+        self.lrow = (layer.n, layer.cin, layer.h, layer.w, layer.cout, layer.kh, layer.kw, sh,
+                     sw, dh, dw, pt, pl, layer.groups, layer.oh, layer.ow, cob, cib)  # fmt: skip
+        self.trow = (R, C, cfg.num_arrays, cfg.dram_bytes_per_cycle, cfg.dram_latency_cycles,
+                     cfg.act_bytes, cfg.weight_bytes, cfg.inp_depth, cfg.wgt_depth,
+                     cfg.acc_depth)  # fmt: skip
+        self.struct, self.per, self.tot, self.full, self.uniq = struct, per, tot, full, uniq
+        self.itot = int(tot)
+        self.shape = struct.shape
+        self.cob, self.cib, self.kk = cob, cib, layer.kh * layer.kw
+        tshape = struct.shape[1:]
+        self.tid = _TSHAPES.setdefault(tshape, len(_TSHAPES))
+        self.plans: dict = {}
+        self.nnz_plans: dict = {}
         sched = plan_conv(
             cfg, layer.h, layer.w, layer.oh, layer.ow, layer.kh, layer.kw, layer.strides,
-            layer.dilation, cib, cob, stand_in,
+            layer.dilation, cib, cob, struct,
         )  # fmt: skip
-        if len(_MASK_SCHED) > 65536:
-            _MASK_SCHED.clear()
-        _MASK_SCHED[key] = sched
-    return sched
+        self.dplan = self.plan(sched, pending)
+
+    def plan(self, schedule, pending: list) -> _Plan:
+        p = self.plans.get(schedule)
+        if p is None:
+            if len(self.plans) > _MAX_PLANS:
+                self.plans.clear()
+                self.nnz_plans.clear()
+            p = self.plans[schedule] = _Plan(self, schedule)
+            pending.append(p)
+        return p
+
+    def mask_plan(self, cfg: HardwareConfig, nnz: int, pending: list) -> _Plan:
+        """The plan of ``plan_conv``'s schedule given ``nnz`` non-zero blocks (the compiler
+        plans for the blocks it is given; only their number counts)."""
+        p = self.nnz_plans.get(nnz)
+        if p is None:
+            layer = self.layer
+            stand_in = np.ones(nnz, bool)  # plan_conv reads only the count of a mask
+            sched = plan_conv(
+                cfg, layer.h, layer.w, layer.oh, layer.ow, layer.kh, layer.kw, layer.strides,
+                layer.dilation, self.cib, self.cob, stand_in,
+            )  # fmt: skip
+            p = self.nnz_plans[nnz] = self.plan(sched, pending)
+        return p
+
+
+def _pair(layer: ConvLayer, cfg: HardwareConfig, tkey: tuple, pending: list) -> _Pair:
+    # by the layer object first (a weak reference tells a reused id), else by value
+    seen = _PAIRS_BY_ID.get(id(layer))
+    if seen is not None and seen[0]() is layer:
+        pair = seen[1].get(tkey)
+        if pair is not None:
+            return pair
+    key = (layer, tkey)
+    pair = _PAIRS.get(key)
+    if pair is None:
+        if len(_PAIRS) > _MAX_PAIRS:
+            _PAIRS.clear()
+            _PAIRS_BY_ID.clear()
+            _PAIR_OF_OBJECTS.clear()
+        pair = _PAIRS[key] = _Pair(layer, cfg, pending)
+    if seen is None or seen[0]() is not layer:
+        seen = _PAIRS_BY_ID[id(layer)] = (weakref.ref(layer), {})
+    seen[1][tkey] = pair
+    return pair
+
+
+class _Plan:
+    """The mask-independent part of one (layer, config timing key, schedule); its arrays are
+    filled by :func:`_build_plans`.
+
+    ``q``: the query row (``_QCOLS`` then the schedule's fields; ``qc`` as a column); ``P`` and
+    ``P64``: the ``_PCOLS32`` and ``_PCOLS64`` columns of each (tile class, step) pair; ``RS``:
+    ranges ``[lo, hi)`` of the query's flat per-(output block, input block) counts: each output
+    block's whole row, then for every step each output block of its group over the step's
+    input chunk; ``RR``: per step, its rows ``[lo, hi)`` in ``RS`` and its range ``[lo, hi)``
+    of the per-(group, input block) rounds.
+    """
+
+    __slots__ = ("G", "K", "P", "P64", "RR", "RS", "bid", "bkey", "csize", "dbs", "frac_arrays",
+                 "nbytes", "pair", "q", "qc", "sched", "srow", "tile", "zpad")  # fmt: skip
+
+    def __init__(self, pair: _Pair, schedule):
+        self.pair, self.sched = pair, schedule
+        self.srow = tuple(getattr(schedule, f) for f in _sched_field_names(schedule))
+        self.G, self.K = max(1, schedule.cob_group), max(1, schedule.cib_chunk)
+        self.tile = (schedule.tile_h, schedule.tile_w)
+        self.dbs = bool(getattr(schedule, "double_buffer", False))
+        A = pair.trow[2]
+        G = self.G
+        pad = -pair.cob % G  # zero output blocks completing the last group
+        self.zpad = np.zeros((pad, *pair.shape[1:]), bool) if pad else None
+        self.csize = (pair.cob + pad) * pair.cib  # its per-(output, input block) counts
+        self.nbytes = self.csize * pair.kk
+        # masks reduced alike: kernel size, trailing shape, group; arrays only when G > A
+        self.bkey = (pair.kk, pair.tid, G, 0 if G <= A else A)
+        self.bid = _bucket_id(self.bkey)
+        self.frac_arrays = None
+
+
+_BUCKETS: dict = {}  # bucket key -> id
+
+
+def _bucket_id(bkey: tuple) -> int:
+    """An integer per bucket key, kernel size first: sorting mask queries by it puts each
+    kernel size together and each bucket in one run."""
+    bid = _BUCKETS.get(bkey)
+    if bid is None:
+        bid = _BUCKETS[bkey] = bkey[0] * (1 << 24) + len(_BUCKETS)
+    return bid
+
+
+_QCOLS = ("nst", "npairs", "n_cg", "n_kc", "n_tiles", "pix", "fits_res", "fits_non", "dbs",
+          "st_last", "g_last", "tail_alu", "sa", "cnt_pad", "cnt_data", "partial", "ncls",
+          "tile", "G", "rsize", "nrow", "share", "n", "cin", "h", "w", "cout", "kh", "kw",
+          "stride", "groups", "oh", "ow", "cob", "cib", "R", "C", "A", "B", "L", "ab", "wb",
+          "inp_depth", "wgt_depth", "acc_depth")  # fmt: skip
+_QI = {k: i for i, k in enumerate(_QCOLS)}
+# (tile class, step) pair columns: small integers (exact in float32, half the bytes to copy
+# per batch) and the two that are not (a DMA time can pass 2**24 cycles, port beats are
+# fractional)
+_PCOLS32 = ("es", "cnt", "g0t", "w_alu", "fk", "bias", "bst", "mab", "chained", "A")
+_PCOLS64 = ("in_dma", "port")
+_N_ALU = 3  # bias ADD, REQUANT, clip (ReLU: MAX only, the dataset's convention)
+_BOOL = np.dtype(bool)
+
+
+def _build_plans(plans: list) -> None:
+    """Fill the arrays of new plans, all at once (numpy over the plans' steps, tile classes
+    and (tile class, step) pairs)."""
+    m = len(plans)
+    lay = np.array([p.pair.lrow for p in plans], np.int64).reshape(m, -1)
+    nb, cin, h, w, cout, kh, kw, sh, sw, dh, dw, pt, pl, groups, oh, ow, cob, cib = lay.T
+    tr = np.array([p.pair.trow for p in plans], np.float64).reshape(m, -1)
+    R, C, A, B, L, ab, wb, inp_depth, wgt_depth, acc_depth = tr.T
+    sc = np.array([(*p.tile, p.G, p.K, p.dbs) for p in plans], np.int64).reshape(m, -1)
+    TH, TW, G, K, dbs = sc.T
+    n_cg, n_kc = -(-cob // G), -(-cib // K)
+    nst = n_cg * n_kc
+    inp_b = R * ab
+    # the code generator's fit_double_buffer (both halves must fit), resident weights or not
+    th_in = (TH - 1) * sh + (kh - 1) * dh + 1
+    tw_in = (TW - 1) * sw + (kw - 1) * dw + 1
+    fit = (2 * K * th_in * tw_in <= inp_depth) & (2 * G * TH * TW + 2 * G <= acc_depth)
+    wk = G * K * kh * kw
+    fits_res, fits_non = fit & (wk <= wgt_depth), fit & (2 * wk <= wgt_depth)
+
+    # ---- steps (group g, chunk k) of every plan
+    st_off = _excl_cumsum(nst)
+    seg_s, loc_s = _ragged_arange(nst)
+    nk = n_kc[seg_s]
+    g_s, k_s = loc_s // nk, loc_s % nk
+    Gs, Ks, cibs = G[seg_s], K[seg_s], cib[seg_s]
+    gsz = np.minimum(Gs, cob[seg_s] - g_s * Gs)  # output blocks of the group
+    ksz = np.minimum(Ks, cibs - k_s * Ks)  # input blocks of the chunk
+    first_k = k_s == 0
+    bias_beats = np.ceil(2 * gsz * C[seg_s] * 4 / B[seg_s])
+    bias = (L[seg_s] + bias_beats) * first_k
+    gsz_prev = gsz[st_off[seg_s] + ((g_s - 1) % n_cg[seg_s]) * nk + k_s].astype(float)
+    loaded = np.where(nk > 1, 1.0, (g_s == 0).astype(float))  # input chunk loaded by the step
+    lk = loaded * ksz
+    # mask reduction indices: each (step, output block of its group) row of counts
+    seg_j, j = _ragged_arange(gsz)
+    lo = (g_s[seg_j] * Gs[seg_j] + j) * cibs[seg_j] + k_s[seg_j] * Ks[seg_j]
+    rs = np.stack([lo, lo + ksz[seg_j]])
+    rs_first = _excl_cumsum(gsz)
+    nrs = cob * n_kc
+    rs_plan = _excl_cumsum(nrs)
+    r_lo = g_s * cibs + k_s * Ks
+    # a plan's RS: each output block's whole row first (is it empty), then the step rows
+    # (with one chunk the step rows are the whole rows); RR: each step's rows [lo, hi) in RS
+    # and [lo, hi) in the per-(group, input block) rounds
+    n_eb = np.where(n_kc > 1, cob, 0)
+    rs_lo = rs_first - rs_plan[seg_s] + n_eb[seg_s]
+    rr = np.stack([rs_lo, rs_lo + gsz, r_lo, r_lo + ksz])
+    seg_o, co = _ragged_arange(n_eb)
+    eb = np.stack([co * cib[seg_o], (co + 1) * cib[seg_o]])
+    # per step: arrays, latency, weight bytes / beat, the next step (cyclically: the next
+    # tile's first) and the share of the load charged to it (the last tile has no next)
+
+    # ---- tile classes
+    _, th, thi, rows, hc, nh, th_last = _dim_classes(oh, TH, sh, kh, dh, pt, h)
+    _, tw, twi, cols, wc, nw, tw_last = _dim_classes(ow, TW, sw, kw, dw, pl, w)
+    seg_c, ia, ib = _ragged_outer(nh, nw)
+    t = (th[ia] * tw[ib]).astype(float)
+    data = (rows[ia] * cols[ib]).astype(float)
+    padded = (thi[ia] * twi[ib]).astype(float)
+    cnt = (hc[ia] * wc[ib] * nb[seg_c]).astype(float)
+    n_tiles = _bsum(seg_c, cnt, m)
+    pix = _bsum(seg_c, cnt * t, m)
+    Lc, Bc = L[seg_c], B[seg_c]
+    beats_in = np.ceil(data * inp_b[seg_c] / Bc) + (padded - data)  # one input-block load
+    sb = np.ceil(t * C[seg_c] * ab[seg_c] / Bc)  # one output-block store
+    alu_one = ALU_LATENCY + t
+    ncls = nh * nw
+    share = 1.0 - 1.0 / (n_tiles * n_cg)  # regions that follow another (double buffered)
+
+    # ---- (tile class, step) pairs
+    seg_e, ec, es = _ragged_outer(ncls, nst)
+    fk = first_k[es]
+    lke = lk[es]
+    bias_e = bias[es]
+    pcols = {
+        "es": es - st_off[seg_e],
+        "cnt": cnt[ec],
+        "g0t": (2 * R + C - 2)[seg_e] + t[ec],
+        "w_alu": alu_one[ec],
+        "fk": fk,
+        "in_dma": (Lc + beats_in)[ec] * lke,
+        "bias": bias_e,
+        "bst": np.maximum(bias_e, fk * (Lc + sb)[ec]),
+        "port": beats_in[ec] * lke + fk * (share[seg_e] * gsz_prev[es] * sb[ec] + bias_beats[es]),
+        "mab": gsz_prev[es] * _N_ALU,
+        "chained": (gsz < A[seg_s])[es],
+        "A": A[seg_e],
+    }
+    P32 = np.stack([np.asarray(pcols[k], np.float32) for k in _PCOLS32])  # column-major
+    P64 = np.stack([np.asarray(pcols[k], np.float64) for k in _PCOLS64])
+
+    qcols = {
+        "nst": nst, "npairs": ncls * nst, "n_cg": n_cg, "n_kc": n_kc, "n_tiles": n_tiles,
+        "pix": pix, "fits_res": fits_res, "fits_non": fits_non, "dbs": dbs,
+        "st_last": L + np.ceil((th_last * tw_last) * C * ab / B), "g_last": cob - (n_cg - 1) * G,
+        "tail_alu": ALU_LATENCY + th_last * tw_last, "sa": _bsum(seg_c, cnt * alu_one, m),
+        "cnt_pad": _bsum(seg_c, cnt * padded, m), "cnt_data": _bsum(seg_c, cnt * data, m),
+        "partial": _bsum(seg_c, cnt * (t < (TH * TW)[seg_c]), m), "ncls": ncls,
+        "tile": TH * TW, "G": G, "rsize": n_cg * cib, "nrow": n_eb + nrs, "share": share,
+        "n": nb, "cin": cin, "h": h, "w": w, "cout": cout, "kh": kh, "kw": kw, "stride": sh,
+        "groups": groups, "oh": oh, "ow": ow, "cob": cob, "cib": cib, "R": R, "C": C, "A": A,
+        "B": B, "L": L, "ab": ab, "wb": wb, "inp_depth": inp_depth, "wgt_depth": wgt_depth,
+        "acc_depth": acc_depth,
+    }  # fmt: skip
+    Q = np.stack([np.asarray(qcols[k], np.float64) for k in _QCOLS], axis=1)
+    S = np.array([p.srow for p in plans], np.float64).reshape(m, -1)
+    Q = np.concatenate([Q, S], axis=1)
+    pe, se, re, oe = np.cumsum(ncls * nst), np.cumsum(nst), np.cumsum(nrs), np.cumsum(n_eb)
+    for k, p in enumerate(plans):
+        p.q = Q[k]
+        p.qc = Q[k][:, None].copy()
+        p.P = P32[:, pe[k] - (ncls[k] * nst[k]) : pe[k]]
+        p.P64 = P64[:, pe[k] - (ncls[k] * nst[k]) : pe[k]]
+        p.RR = rr[:, se[k] - nst[k] : se[k]].astype(np.int32)
+        p.RS = np.concatenate([eb[:, oe[k] - n_eb[k] : oe[k]], rs[:, re[k] - nrs[k] : re[k]]],
+                              axis=1).astype(np.int32)  # fmt: skip
+
+
+def _frac_arrays(plan: _Plan) -> tuple:
+    """Per step ``(non-zero blocks, longest chain, GEMM rounds)`` of the structural blocks (a
+    fraction query scales them, see :func:`analyze_reference`), the structural ``n_p`` per
+    (group, chunk, input block), the structural blocks of each output block and how many of
+    those are empty (cached on the plan)."""
+    if plan.frac_arrays is None:
+        pair = plan.pair
+        cob, cib, G, K = pair.cob, pair.cib, plan.G, plan.K
+        n_cg, n_kc = -(-cob // G), -(-cib // K)
+        blk = np.zeros((n_cg * G, n_kc * K))
+        blk[:cob, :cib] = pair.per.reshape(cob, cib)
+        b4 = blk.reshape(n_cg, G, n_kc, K)
+        lay = pair.layer
+        R, C, A = pair.trow[:3]
+        n_p = _struct_position_counts(lay.cout, lay.cin, lay.groups, lay.kh, lay.kw, R, C, G, K)
+        rounds = (np.ceil(n_p / A).sum(axis=2) * pair.kk).ravel()
+        scr = np.stack([b4.sum(axis=(1, 3)).ravel(), b4.sum(axis=3).max(axis=1).ravel(), rounds],
+                       axis=1)  # fmt: skip
+        rowsum = pair.per.reshape(cob, cib).sum(axis=1)
+        plan.frac_arrays = (scr, n_p, rowsum, float((rowsum == 0).sum()))
+    return plan.frac_arrays
 
 
 @lru_cache(maxsize=4096)
@@ -613,18 +877,15 @@ def _cfg_row(cfg: HardwareConfig) -> tuple:
     em = _energy_model(cfg)
     t = em.table
     return (
-        cfg.array_rows, cfg.array_cols, cfg.num_arrays, cfg.dram_bytes_per_cycle,
-        cfg.dram_latency_cycles, cfg.act_bytes, cfg.weight_bytes, cfg.wgt_depth,
         cfg.clock_mhz, em.mac_pj, t["add32"], t["mult32"],
         em.sram_pj_per_byte(cfg.inp_buffer_bytes), em.sram_pj_per_byte(cfg.wgt_buffer_bytes),
         em.sram_pj_per_byte(cfg.acc_buffer_bytes), em.dram_pj_per_byte, t["static_mw"],
-        cfg.inp_depth, cfg.acc_depth, cfg.act_bits, cfg.weight_bits, cfg.macs_per_cycle,
+        cfg.act_bits, cfg.weight_bits, cfg.macs_per_cycle,
     )  # fmt: skip
 
 
-_CFG_COLS = ("R", "C", "A", "B", "L", "ab", "wb", "wgt_depth", "clock", "mac_pj", "add32",
-             "mult32", "e_inp", "e_wgt", "e_acc", "e_dram", "static_mw", "inp_depth",
-             "acc_depth", "act_bits", "weight_bits", "macs_per_cycle")  # fmt: skip
+_CFG_COLS = ("clock", "mac_pj", "add32", "mult32", "e_inp", "e_wgt", "e_acc", "e_dram",
+             "static_mw", "act_bits", "weight_bits", "macs_per_cycle")  # fmt: skip
 
 
 def _excl_cumsum(a: np.ndarray) -> np.ndarray:
@@ -682,60 +943,146 @@ def _dim_classes(out, tile, stride, k, dil, pad_lo, size):
     return cseg, ct, ct_in, cvalid, count, ncls, t_last
 
 
-def _mask_position_rounds(m8: np.ndarray, cob: int, cib: int, kk: int, A: int, G: int):
-    """GEMM rounds per (output-channel group, input block) ``(n_cg * cib,)`` of a non-zero
-    block mask given as flat uint8 ``(COB, CIB, KH, KW)``: the sum over the kernel positions
-    of ``ceil(n_p / A)`` (:func:`_position_rounds` before the sum over input chunks).
-
-    The sum over a group's output blocks runs over the ``G`` row slices ``mm[j::G]`` (one
-    contiguous-row operation each, the last group may be short)."""
-    mm = m8.reshape(cob, cib * kk)
-    if G == 1:
-        acc = mm  # one block per position: a round per non-zero block
-    elif G <= A:  # one round per position with any non-zero block
-        if cob % G == 0 and cob * cib * kk <= 4096:
-            acc = mm.reshape(cob // G, G, cib * kk).max(axis=1)
-        else:
-            acc = mm[0::G].copy()
-            for j in range(1, min(G, cob)):
-                r = mm[j::G]
-                np.bitwise_or(acc[: len(r)], r, out=acc[: len(r)])
-    else:
-        acc = mm[0::G].astype(np.int32)
-        for j in range(1, min(G, cob)):
-            r = mm[j::G]
-            np.add(acc[: len(r)], r, out=acc[: len(r)])
-        acc = (acc + (A - 1)) // A
-    if kk == 1:
-        return acc.reshape(-1)
-    if acc.dtype == np.uint8 and kk > 255:
-        acc = acc.astype(np.int32)
-    return np.einsum("ij->i", acc.reshape(-1, kk))  # (uint8: at most kk per position)
-
-
-def _batch_rounds(total, st_off, nst, n_cg, n_kc, cib, K, parts, items, mparts, mitems):
-    """GEMM rounds of every step of every query (flat, steps of query ``q`` at ``st_off[q]``),
-    :func:`_position_rounds` over the batch: ``parts`` are the per-step rounds of the queries
-    ``items`` (fraction queries), ``mparts`` the per (group, input block) rounds of the mask
-    queries ``mitems`` (:func:`_mask_position_rounds`), summed here over each input chunk."""
-    rounds = np.zeros(total)
-    if parts:
-        fq = np.asarray(items, np.int64)
-        seg, loc = _ragged_arange(nst[fq])
-        rounds[st_off[fq][seg] + loc] = np.concatenate(parts) if len(parts) > 1 else parts[0]
-    if mitems:
-        mq = np.asarray(mitems, np.int64)
-        flat = np.concatenate(mparts, dtype=np.float64) if len(mparts) > 1 else mparts[0]
-        off = _excl_cumsum(n_cg[mq] * cib[mq])
-        seg, loc = _ragged_arange(nst[mq])  # every step (group, chunk) of the mask queries
-        q = mq[seg]
-        g, kc = loc // n_kc[q], loc % n_kc[q]
-        rounds[st_off[q] + loc] = np.add.reduceat(flat, off[seg] + g * cib[q] + kc * K[q])
-    return rounds
-
-
 def _bsum(seg, weights, n):
     return np.bincount(seg, weights=weights, minlength=n)
+
+
+def _mask_steps(masks: list, plans: list, q: dict):
+    """Per-step non-zero blocks, longest chain and GEMM rounds, and the empty output blocks,
+    of mask queries (``masks`` and their ``plans``, in bucket order; ``q``: their query rows
+    first).
+
+    The masks go into one flat byte array in that order (each padded with zero output blocks
+    to whole groups); per kernel size one ``einsum`` gives the non-zero positions of every
+    (output block, input block), per bucket one reshape + ``max`` (``G <= A``: a position costs
+    a round when any of its group's blocks is non-zero) or sum + ceil division by ``A`` gives
+    the GEMM rounds of every (group, input block, position), summed per kernel size by one more
+    ``einsum``.  Prefix sums of both and the plans' ``[lo, hi)`` indices give every step's
+    sums (as :func:`_position_rounds` and the reshapes of :func:`analyze_reference`).
+    """
+    parts = []
+    kk_ranges = []  # (kk, [(first byte, last byte, G, A, W)])
+    pos = 0
+    for plan, mask in zip(plans, masks):
+        kk, _, G, A = plan.bkey  # A = 0: G <= A
+        parts.append(mask)
+        if plan.zpad is not None:
+            parts.append(plan.zpad)
+        end = pos + plan.nbytes
+        if not kk_ranges or kk_ranges[-1][0] != kk:
+            kk_ranges.append((kk, []))
+        bl = kk_ranges[-1][1]
+        if bl and bl[-1][2] == G and bl[-1][3] == A and bl[-1][4] == plan.pair.cib * kk:
+            bl[-1][1] = end
+        else:
+            bl.append([pos, end, G, A, plan.pair.cib * kk])
+        pos = end
+    F = np.concatenate(parts, axis=None) if len(parts) > 1 else parts[0].reshape(-1)
+    F = F.view(np.uint8)
+    pcc_parts, r_parts = [], []
+    for kk, bl in kk_ranges:
+        a, b = bl[0][0], bl[-1][1]
+        pcc_parts.append(_sum_rows(F[a:b], kk))
+        S = np.empty(sum((hi - lo) // G for lo, hi, G, _, _ in bl), np.uint8)
+        o = 0
+        for lo, hi, G, A, W in bl:
+            n_s = (hi - lo) // G
+            out = S[o : o + n_s]
+            o += n_s
+            if G == 1:
+                out[:] = F[lo:hi]
+                continue
+            Y = F[lo:hi].reshape(-1, G, W)
+            if not A:  # at most A blocks: a round when any is non-zero
+                if G == 2:
+                    np.bitwise_or(Y[:, 0], Y[:, 1], out=out.reshape(-1, W))
+                else:
+                    np.max(Y, axis=1, out=out.reshape(-1, W))
+            else:  # ceil(n_p / A) rounds (< 256 in practice; counted exactly below if not)
+                c = (Y.sum(axis=1, dtype=np.int32) + (A - 1)) // A
+                if G // A >= 255:
+                    S = None
+                    break
+                out[:] = c.reshape(-1)
+        if S is None:  # more than 255 rounds a position: the slow exact path
+            S = np.concatenate([_group_rounds(F[lo:hi], G, A, W) for lo, hi, G, A, W in bl])
+        r_parts.append(_sum_rows(S, kk))
+    pcc = np.concatenate(pcc_parts) if len(pcc_parts) > 1 else pcc_parts[0]
+    rnd = np.concatenate(r_parts) if len(r_parts) > 1 else r_parts[0]
+    cp = np.zeros(len(pcc) + 1, np.int32)
+    np.cumsum(pcc, out=cp[1:])
+    cr = np.zeros(len(rnd) + 1, np.int32)
+    np.cumsum(rnd, out=cr[1:])
+
+    nm = len(plans)
+    nst = q["nst"][:nm].astype(np.int64)
+    cob = q["cob"][:nm].astype(np.int64)
+    nrow = q["nrow"][:nm].astype(np.int64)
+    c_off = _excl_cumsum(np.array([p.csize for p in plans], np.int64))  # each query's counts
+    r_off = _excl_cumsum(q["rsize"][:nm].astype(np.int64))  # and rounds
+    RS = np.concatenate([p.RS for p in plans], axis=1) if nm > 1 else plans[0].RS
+    RR = np.concatenate([p.RR for p in plans], axis=1) if nm > 1 else plans[0].RR
+    off = np.repeat(c_off, nrow).astype(np.int32)
+    d = np.zeros(RS.shape[1] + 1, np.int32)  # (and a last row: reduceat's segments end before it)
+    np.subtract(cp[RS[1] + off], cp[RS[0] + off], out=d[:-1])  # non-zero blocks of each row
+    base = _excl_cumsum(nrow)
+    b_s = np.repeat(base, nst)
+    seg = np.empty(2 * len(b_s), np.int64)  # [lo, hi) of every step
+    seg[0::2] = RR[0] + b_s
+    seg[1::2] = RR[1] + b_s
+    steps = np.add.reduceat(d, seg)[0::2]
+    chain = np.maximum.reduceat(d, seg)[0::2]
+    r_s = np.repeat(r_off, nst)
+    rounds = cr[RR[3] + r_s] - cr[RR[2] + r_s]
+    rows = np.empty(2 * len(plans), np.int64)  # [first row, first step row) of each query
+    rows[0::2], rows[1::2] = base, base + cob
+    empty = np.add.reduceat(d == 0, rows, dtype=np.int64)[0::2]
+    return steps, chain, rounds, empty
+
+
+def _group_rounds(Y: np.ndarray, G: int, A: int, W: int) -> np.ndarray:
+    """GEMM rounds of every (group, input block, position) of masks whose rows ``Y`` form
+    whole groups of ``G`` output blocks of ``W`` positions (``A = 0``: ``G <= A``)."""
+    if G == 1:
+        return Y.astype(np.int64)
+    Y = Y.reshape(-1, G, W)
+    if not A:
+        return Y.max(axis=1).reshape(-1).astype(np.int64)
+    return ((Y.sum(axis=1, dtype=np.int64) + (A - 1)) // A).reshape(-1)
+
+
+def _sum_rows(x: np.ndarray, kk: int) -> np.ndarray:
+    """Sums of consecutive runs of ``kk`` elements."""
+    if kk == 1:
+        return x
+    x = x.reshape(-1, kk)
+    if kk < 256 and x.dtype == np.uint8:
+        return np.einsum("ij->i", x)
+    return x.sum(axis=1, dtype=np.int64)
+
+
+def _frac_steps(fq: list):
+    """:func:`_mask_steps` of the fraction queries (``(plan, fraction)``): the
+    structural blocks scaled by ``1 - f``, rounds ``ceil(n_p / A) * (1 - f ** n_p)``; and
+    whether the scaled counts are integers (exact)."""
+    mats, empty, exact = [], [], []
+    for plan, f in fq:
+        scr, n_p, rowsum, empty0 = plan.frac_arrays or _frac_arrays(plan)
+        if f == 0.0:
+            mats.append(scr)
+            empty.append(empty0)
+            exact.append(True)
+            continue
+        keep = 1.0 - f
+        pair = plan.pair
+        ex = not (f > 0 and any(abs(v * keep - round(v * keep)) >= 1e-9 for v in pair.uniq))
+        r = np.ceil(n_p / pair.trow[2]) * (1.0 - f**n_p)
+        rounds = (r.sum(axis=2) * pair.kk).ravel()
+        mats.append(np.stack([scr[:, 0] * keep, scr[:, 1] * keep, rounds], axis=1))
+        empty.append(float((rowsum * keep == 0).sum()) if ex else 0.0)
+        exact.append(ex)
+    M = np.concatenate(mats) if len(mats) > 1 else mats[0]
+    return M[:, 0], M[:, 1], M[:, 2], np.array(empty), np.array(exact)
 
 
 def analyze_batch(queries) -> BatchAnalysis:
@@ -743,366 +1090,349 @@ def analyze_batch(queries) -> BatchAnalysis:
 
     The same model as :func:`analyze_reference` (``schedule=None``: ``plan_conv``'s;
     ``sparsity``: a :class:`BlockSparsity`, a fraction or a block mask), evaluated with numpy
-    over the whole batch: the per-query Python work is reading the query.
+    over the whole batch: the per-query Python work is reading the query and counting the
+    mask's non-zero blocks (on which the compiler's schedule depends).
     """
     queries = list(queries)
     n = len(queries)
     if n == 0:
         raise ValueError("analyze_batch needs at least one query")
-    cfg_keys: dict = {}  # id(config) -> (row index, cache key)
+    layers, cfgs, scheds, sps = zip(*queries)
+    pending: list = []  # plans to build
+    # ---- (layer, config) pairs, once per distinct pair of objects
+    keys = list(zip(map(id, layers), map(id, cfgs)))
+    cfg_ids: dict = {}  # id(config) -> (index into cfg_rows, timing key)
     cfg_rows: list = []
-    # (id(layer), id(config)) -> index of the pair (the objects live through the call)
-    pair_ids: dict = {}
-    pair_rows: list = []  # (config row, *layer numbers, structural blocks, kh * kw)
-    pair_data: list = []  # (layer info, structure key, default schedule's row index)
-    pair_of = []  # pair of every query
-    sched_ids: dict = {}  # id(schedule) -> index into sched_rows
-    sched_rows: list = []
-    sched_of = []  # schedule row of every query
-    schedules = []
-    fracs = np.zeros(n)
-    is_mask = np.zeros(n, bool)
-    exact = np.ones(n, bool)
-    frac_parts, frac_items = [], []  # per-(cob, cib) counts of fraction queries
-    by_kk: dict = {}  # kh*kw -> ([flat uint8 mask], [query]) of mask queries
-    round_parts, round_items = [], []  # GEMM rounds of every step of the fraction queries
-    mask_rounds, mask_items = [], []  # rounds per (group, input block) of mask queries
-    for i, (layer, cfg, schedule, sparsity) in enumerate(queries):
-        pk = (id(layer), id(cfg))
-        pair = pair_ids.get(pk)
-        if pair is None:
-            ck = cfg_keys.get(id(cfg))
-            if ck is None:
-                ck = cfg_keys[id(cfg)] = (len(cfg_rows), _cfg_key(cfg))
-                cfg_rows.append(_cfg_row(cfg))
-            lk = (layer, ck[1])
-            info = _LAYER_INFO.get(lk)
-            if info is None:
-                info = _layer_info(layer, cfg, lk)
-            lrow, struct, per, tot, full, uniq, kk, dsched, drow = info
-            pair = pair_ids[pk] = len(pair_rows)
-            pair_rows.append((ck[0], *lrow, tot, kk))
-            skey = (layer.cout, layer.cin, layer.groups, layer.kh, layer.kw, cfg.array_rows,
-                    cfg.array_cols)  # fmt: skip
-            pair_data.append((info, skey, len(sched_rows)))
-            sched_rows.append(drow)  # the compiler's schedule of this pair
-        info, skey, dsidx = pair_data[pair]
-        lrow, struct, per, tot, full, uniq, kk, dsched, drow = info
-        pair_of.append(pair)
-        mask = None
-        if isinstance(sparsity, np.ndarray):
-            mask = sparsity
-        elif isinstance(sparsity, BlockSparsity) and sparsity.mask is not None:
-            mask = sparsity.mask
-        if mask is not None:
-            m = np.asarray(mask, bool)
-            if m.shape != struct.shape:
-                raise ValueError(f"block mask of shape {m.shape}, expected {struct.shape}")
-            if not full:
-                m = m & struct
-        if schedule is None and mask is not None and int(np.count_nonzero(m)) != tot:
-            # the compiler plans for the non-zero blocks it is given (only their number counts)
-            schedule = _mask_schedule(layer, cfg, pair_data[pair][0], int(np.count_nonzero(m)))
-        if schedule is None:
-            schedules.append(dsched)
-            sched_of.append(dsidx)
-            sch = dsched
+    pc_of: dict = {}
+    for k, i in dict(zip(keys, range(n))).items():
+        cfg = cfgs[i]
+        ck = cfg_ids.get(id(cfg))
+        if ck is None:
+            tkey, row = _cfg_info(cfg)
+            ck = cfg_ids[id(cfg)] = (len(cfg_rows), tkey)
+            cfg_rows.append(row)
+        seen = _PAIR_OF_OBJECTS.get(k)
+        if seen is not None and seen[0]() is layers[i] and seen[1]() is cfg:
+            pair = seen[2]
         else:
-            schedules.append(schedule)
-            sch = schedule
-            sidx = sched_ids.get(id(schedule))
-            if sidx is None:
-                srow = _SCHED_ROWS.get(schedule)
-                if srow is None:
-                    if len(_SCHED_ROWS) > 65536:
-                        _SCHED_ROWS.clear()
-                    srow = _SCHED_ROWS[schedule] = tuple(
-                        getattr(schedule, f) for f in _sched_field_names(schedule)
-                    )
-                sidx = sched_ids[id(schedule)] = len(sched_rows)
-                sched_rows.append(srow)
-            sched_of.append(sidx)
-        if isinstance(sparsity, BlockSparsity):
-            if mask is None:
-                fracs[i] = float(sparsity.fraction)
-        elif mask is None:
-            fracs[i] = float(sparsity or 0.0)
-        if mask is not None:
-            is_mask[i] = True
-            g = by_kk.get(kk)
-            if g is None:
-                g = by_kk[kk] = ([], [])
-            m8 = np.ascontiguousarray(m).reshape(-1).view(np.uint8)
-            g[0].append(m8)
-            g[1].append(i)
-            cob_i, cib_i = struct.shape[:2]
-            mask_rounds.append(
-                _mask_position_rounds(m8, cob_i, cib_i, kk, cfg.num_arrays, max(1, sch.cob_group))
-            )
-            mask_items.append(i)
+            pair = _pair(layers[i], cfg, ck[1], pending)
+            if len(_PAIR_OF_OBJECTS) > _MAX_PAIRS:
+                _PAIR_OF_OBJECTS.clear()
+            _PAIR_OF_OBJECTS[k] = (weakref.ref(layers[i]), weakref.ref(cfg), pair)
+        pc_of[k] = (pair, ck[0])
+    pcs = list(map(pc_of.__getitem__, keys))
+    pairs = [pc[0] for pc in pcs]
+    # ---- sparsity: a block mask (checked, structural blocks only) or a fraction
+    masks = [s.mask if s.__class__ is BlockSparsity else _mask_of(s) for s in sps]
+    fix = [
+        i
+        for i, m, pair in zip(range(n), masks, pairs)
+        if m is not None and (m.dtype is not _BOOL or m.shape != pair.shape or not pair.full)
+    ]
+    for i in fix:
+        masks[i] = _checked_mask(masks[i], pairs[i])
+    if any(m is None for m in masks):
+        nnzs = [None if m is None else _count_nonzero(m) for m in masks]
+    else:
+        nnzs = list(map(_count_nonzero, masks))
+    # ---- plans: the schedule given (read once per object), or the compiler's, planned for
+    # the non-zero blocks it is given
+    # mask queries (all but the full masks) by bucket, then the fraction queries
+    given: dict = {}
+    plans = []
+    mi, mb, fi = [], [], []
+    for i, (sched, pair, z) in enumerate(zip(scheds, pairs, nnzs)):
+        if sched is not None:
+            sk = (id(pair), id(sched))
+            plan = given.get(sk)
+            if plan is None:
+                plan = given[sk] = pair.plan(sched, pending)
+        elif z is None or z == pair.itot:
+            plan = pair.dplan
         else:
-            f = fracs[i]
-            if f != 0.0:
-                per = per * (1.0 - f)
-                exact[i] = not (f > 0 and any(abs(v * (1.0 - f) - round(v * (1.0 - f))) >= 1e-9
-                                              for v in uniq))  # fmt: skip
-            frac_parts.append(per)
-            frac_items.append(i)
-            gq, kq = max(1, sch.cob_group), max(1, sch.cib_chunk)
-            round_parts.append(_struct_rounds(skey, f, cfg.num_arrays, gq, kq))
-            round_items.append(i)
+            plan = pair.nnz_plans.get(z) or pair.mask_plan(cfgs[i], z, pending)
+        plans.append(plan)
+        if z is None or z == pair.itot:
+            fi.append(i)
+        else:
+            mi.append(i)
+            mb.append(plan.bid)
+    if pending:
+        _build_plans(pending)
+    if mi:
+        mi = [mi[k] for k in sorted(range(len(mi)), key=mb.__getitem__)]
+    order = mi + fi
+    nm = len(mi)
+    plans_o = [plans[i] for i in order]
+    cidx = np.array([pcs[i][1] for i in order], np.int64)
 
-    pairs = np.array(pair_rows, dtype=np.int64).reshape(len(pair_rows), -1)[pair_of]
-    (cidx, nb, cin, h, w, cout, kh, kw, sh, sw, dh, dw, pt, pl, groups, oh, ow, cob,
-     cib, struct_tot, _) = pairs.T  # fmt: skip
-    struct_tot = struct_tot.astype(np.float64)
-    cfa = np.array(cfg_rows, dtype=np.float64)[cidx]
-    cf = {name: cfa[:, j] for j, name in enumerate(_CFG_COLS)}
-    R, C, A = cf["R"], cf["C"], cf["A"]
-    B, L = cf["B"], cf["L"]
-    ab, wb = cf["ab"], cf["wb"]
+    # ---- per query (in that order) and per step: non-zero blocks, chains, rounds
+    Q = np.concatenate([p.qc for p in plans_o], axis=1)  # a row per column
+    q = dict(zip(_QCOLS, Q))
+    tot = np.array([p.pair.tot for p in plans_o])
+    if nm:
+        steps_m, chain_m, rounds_m, empty_m = _mask_steps([masks[i] for i in mi], plans_o[:nm], q)
+    if fi:
+        fq = [(plans[i], 0.0 if nnzs[i] is not None else _frac_of(sps[i])) for i in fi]
+        steps_f, chain_f, rounds_f, empty_f, exact_f = _frac_steps(fq)
+    if nm and fi:
+        steps = np.concatenate([steps_m, steps_f])
+        chain = np.concatenate([chain_m, chain_f])
+        rounds = np.concatenate([rounds_m, rounds_f])
+        empty = np.concatenate([empty_m, empty_f])
+        exact = np.concatenate([np.ones(nm, bool), exact_f])
+        fr = np.array([f for _, f in fq])
+        nnz = np.concatenate([np.array([nnzs[i] for i in mi], np.float64), tot[nm:] * (1 - fr)])
+        frac = np.concatenate([1.0 - nnz[:nm] / np.maximum(tot[:nm], 1), fr])
+    elif nm:
+        steps, chain, rounds, empty = steps_m, chain_m, rounds_m, empty_m
+        exact = np.ones(n, bool)
+        nnz = np.array([nnzs[i] for i in mi], np.float64)
+        frac = 1.0 - nnz / np.maximum(tot, 1)
+    else:
+        steps, chain, rounds, empty, exact = steps_f, chain_f, rounds_f, empty_f, exact_f
+        frac = np.array([f for _, f in fq])
+        nnz = tot * (1.0 - frac)
+    cycles, energy, counts = _timing(q, plans_o, steps, chain, rounds, empty, exact, nnz, frac,
+                                     tot, np.array(cfg_rows, np.float64)[cidx])  # fmt: skip
+    cf_bits = np.array(cfg_rows, np.float64)[cidx]
+    columns = {
+        "n": q["n"], "cin": q["cin"], "h": q["h"], "w": q["w"], "cout": q["cout"],
+        "kh": q["kh"], "kw": q["kw"], "stride": q["stride"], "groups": q["groups"],
+        "oh": q["oh"], "ow": q["ow"], "cob": q["cob"], "cib": q["cib"], "arrays": q["A"],
+        "rows": q["R"], "cols": q["C"], "inp_depth": q["inp_depth"],
+        "wgt_depth": q["wgt_depth"], "acc_depth": q["acc_depth"], "bytes_per_cycle": q["B"],
+        "dram_latency": q["L"], "act_bits": cf_bits[:, _CFG_COLS.index("act_bits")],
+        "weight_bits": cf_bits[:, _CFG_COLS.index("weight_bits")],
+        "macs_per_cycle": cf_bits[:, _CFG_COLS.index("macs_per_cycle")],
+    }  # fmt: skip
+    nq = len(_QCOLS)
+    sfields = _sched_field_names(plans_o[0].sched)
+    columns.update({f"sched_{k}": Q[nq + j] for j, k in enumerate(sfields)})
+    schedules = [p.sched for p in plans]
+    perm = None if nm == 0 or order == list(range(n)) else np.array(order, np.int64)
+    return BatchAnalysis(cycles, energy, counts, columns, schedules, perm)
+
+
+_CFG_INFO: dict = {}  # id(config) -> (weak reference, timing key, energy / width row)
+
+
+def _cfg_info(cfg: HardwareConfig) -> tuple:
+    """A config's timing key and its row of ``_CFG_COLS`` (kept per config object)."""
+    seen = _CFG_INFO.get(id(cfg))
+    if seen is not None and seen[0]() is cfg:
+        return seen[1], seen[2]
+    if len(_CFG_INFO) > 256:
+        _CFG_INFO.clear()
+    _BUCKETS.clear()
+    tkey, row = _timing_key(cfg), _cfg_row(cfg)
+    _CFG_INFO[id(cfg)] = (weakref.ref(cfg), tkey, row)
+    return tkey, row
+
+
+def _mask_of(sparsity):
+    """The block mask of a query's sparsity, or None (a fraction)."""
+    if isinstance(sparsity, BlockSparsity):
+        return sparsity.mask
+    if isinstance(sparsity, np.ndarray):
+        return sparsity
+    return None
+
+
+def _frac_of(sparsity) -> float:
+    if isinstance(sparsity, BlockSparsity):
+        return float(sparsity.fraction)
+    return float(sparsity or 0.0)
+
+
+def _checked_mask(mask, pair: _Pair) -> np.ndarray:
+    """A query's block mask as bool, of the layer's shape, on its structural blocks."""
+    m = np.asarray(mask, bool)
+    if m.shape != pair.shape:
+        raise ValueError(f"block mask of shape {m.shape}, expected {pair.shape}")
+    return m if pair.full else m & pair.struct
+
+
+try:  # numpy's count without the argument handling of np.count_nonzero (numpy >= 2)
+    from numpy._core.multiarray import count_nonzero as _count_nonzero
+except ImportError:  # pragma: no cover
+    _count_nonzero = np.count_nonzero
+
+
+def _timing(q, plans, steps, chain, rounds, empty, exact, nnz, frac, tot, cfa):
+    """Cycles, energy (uJ) and the counts of the queries (rows of ``q``, plans ``plans``),
+    given each step's non-zero blocks, longest chain and position rounds and each query's
+    empty output blocks, non-zero blocks and zero fraction (see :func:`analyze_reference`)."""
+    n = len(plans)
+    cf = dict(zip(_CFG_COLS, cfa.T))
+    nst = q["nst"].astype(np.int64)
+    npairs = q["npairs"].astype(np.int64)
+    R, C, A, B, L = q["R"], q["C"], q["A"], q["B"], q["L"]
+    ab, wb = q["ab"], q["wb"]
     inp_b, wgt_b, acc_b = R * ab, R * C * wb, C * 4
-    sfields = _sched_field_names(schedules[0])
-    sched_arr = np.array(sched_rows, dtype=np.float64).reshape(len(sched_rows), -1)[sched_of]
-    scol = {name: sched_arr[:, j] for j, name in enumerate(sfields)}
-    TH = scol["tile_h"].astype(np.int64)
-    TW = scol["tile_w"].astype(np.int64)
-    G = np.maximum(1, scol["cob_group"].astype(np.int64))
-    K = np.maximum(1, scol["cib_chunk"].astype(np.int64))
-    dbuf = scol["double_buffer"] != 0 if "double_buffer" in scol else np.zeros(n, bool)
-
-    # ---- non-zero blocks per (cob, cib) of every query, flat: the fraction queries, then the
-    # mask queries by kernel size ("memory order" perm); each query's blocks cob-major
-    parts, order = frac_parts, list(frac_items)
-    for kk, (masks, idx) in by_kk.items():
-        flat = np.concatenate(masks).reshape(-1, kk) if len(masks) > 1 else masks[0].reshape(-1, kk)
-        parts = [*parts, np.einsum("ij->i", flat) if kk < 256 else flat.sum(axis=1)]
-        order += idx
-    pcc = np.concatenate(parts).astype(np.float64, copy=False) if len(parts) > 1 else parts[0]
-    perm = np.asarray(order, np.int64)
-    n_cg, n_kc = -(-cob // G), -(-cib // K)
-    cc_off = np.empty(n, np.int64)
-    cc_off[perm] = _excl_cumsum((cob * cib)[perm])
-    # sums over each input-channel chunk of each output block row: (query, cob, kc), in memory
-    # order so that np.add.reduceat's segments end where the next begins
-    seg_r, loc_r = _ragged_arange((cob * n_kc)[perm])
-    seg_r = perm[seg_r]
-    nkr = n_kc[seg_r]
-    co_r, kc_r = loc_r // nkr, loc_r % nkr
-    row = np.add.reduceat(pcc, cc_off[seg_r] + co_r * cib[seg_r] + kc_r * K[seg_r])
-    first = kc_r == 0
-    co_sum = np.add.reduceat(row, np.flatnonzero(first))  # per (query, cob)
-    seg_co = seg_r[first]
-    nnz = _bsum(seg_co, co_sum, n)
-    frac = np.where(is_mask, 1.0 - nnz / np.maximum(struct_tot, 1), fracs)
-    empty_cob = np.where(exact, _bsum(seg_co, (co_sum == 0).astype(float), n), 0.0)
-
-    # ---- steps
-    nst = n_cg * n_kc
+    n_cg, n_tiles, pix = q["n_cg"], q["n_tiles"], q["pix"]
+    cob, cib = q["cob"], q["cib"]
     st_off = _excl_cumsum(nst)
-    steps = _bsum(st_off[seg_r] + (co_r // G[seg_r]) * nkr + kc_r, row, int(nst.sum()))
-    seg_s, loc_s = _ragged_arange(nst)
-    g_s = loc_s // n_kc[seg_s]
-    k_s = loc_s % n_kc[seg_s]
-    gsz = np.minimum(G[seg_s], cob[seg_s] - g_s * G[seg_s]).astype(float)
-    ksz = np.minimum(K[seg_s], cib[seg_s] - k_s * K[seg_s]).astype(float)
-    A_s = A[seg_s]
-    rounds = _batch_rounds(
-        int(nst.sum()), st_off, nst, n_cg, n_kc, cib, K, round_parts, round_items, mask_rounds,
-        mask_items,
-    )  # fmt: skip
-    # pruned blocks: the midpoint of the position rounds and the chain / throughput bound (see
-    # analyze_reference)
-    chain = np.zeros(len(steps))
-    np.maximum.at(chain, st_off[seg_r] + (co_r // G[seg_r]) * nkr + kc_r, row)
+    A_s, L_s, wB_s = np.repeat(np.stack([A, L, wgt_b / B]), nst, axis=1)
+    # pruned blocks: the midpoint of the position rounds and the chain / throughput bound
     lower = np.minimum(rounds, np.maximum(chain, np.ceil(steps / A_s - 1e-9)))
-    rounds = np.where(frac[seg_s] > 0, 0.5 * (rounds + lower), rounds)
-    skew = np.where(steps > 0, np.minimum(steps, A_s) - 1, 0.0)
-    resident = nnz <= cf["wgt_depth"]
+    pruned = np.repeat(frac > 0, nst)
+    rounds = np.where(pruned, 0.5 * (rounds + lower), rounds)
+    has = steps > 0
+    skew = np.where(has, np.minimum(steps, A_s) - 1, 0.0)
+    resident = nnz <= q["wgt_depth"]
     one_step = nst == 1
-    # the code generator's fit_double_buffer: both halves must fit
-    th_in = (TH - 1) * sh + (kh - 1) * dh + 1
-    tw_in = (TW - 1) * sw + (kw - 1) * dw + 1
-    fits = (
-        (2 * K * th_in * tw_in <= cf["inp_depth"])
-        & (2 * G * TH * TW + 2 * G <= cf["acc_depth"])
-        & (np.where(resident, 1, 2) * G * K * kh * kw <= cf["wgt_depth"])
-    )
-    dbuf = dbuf & fits
-
-    def wload(nblocks, Bq, Lq, wq):
-        first = np.minimum(nblocks, _MAX_X)
-        rest = nblocks - first
-        beats = np.ceil(nblocks * wq / Bq - 1e-7)  # robust to summation order
-        return beats + Lq * ((nblocks > 0).astype(float) + (rest > 0))
-
-    w_all = wload(steps, B[seg_s], L[seg_s], wgt_b[seg_s])
-    w_once = np.where(resident, wload(nnz, B, L, wgt_b), 0.0)
-    w_first = w_all[st_off]  # the (only) step of one-step queries
-    w_once = np.where(~resident & one_step, w_first, w_once)
-    w_step = np.where(resident[seg_s] | one_step[seg_s], 0.0, w_all)
-
-    # ---- tile classes
-    hseg, th, thi, rows, hc, nh, th_last = _dim_classes(oh, TH, sh, kh, dh, pt, h)
-    wseg, tw, twi, cols, wc, nw, tw_last = _dim_classes(ow, TW, sw, kw, dw, pl, w)
-    seg_c, ia, ib = _ragged_outer(nh, nw)
-    t = (th[ia] * tw[ib]).astype(float)
-    data = (rows[ia] * cols[ib]).astype(float)
-    padded = (thi[ia] * twi[ib]).astype(float)
-    cnt = (hc[ia] * wc[ib] * nb[seg_c]).astype(float)
-    n_tiles = _bsum(seg_c, cnt, n)
-    pix = _bsum(seg_c, cnt * t, n)
-    Lc, Bc, Cc, abc = L[seg_c], B[seg_c], C[seg_c], ab[seg_c]
-    ld_in = Lc + np.ceil(data * inp_b[seg_c] / Bc) + (padded - data)
-    st = Lc + np.ceil(t * Cc * abc / Bc)
-    st_last = L + np.ceil((th_last * tw_last).astype(float) * C * ab / B)
-    clip_ops = 1  # ReLU: MAX only (the dataset's convention)
-    n_alu = 2 + clip_ops
-    alu_one = ALU_LATENCY + t
-    g0 = 2 * R + C - 2
-    epi = n_alu * cob[seg_c] * alu_one + (empty_cob / np.maximum(n_cg, 1))[seg_c] * alu_one
+    dbuf = (q["dbs"] != 0) & (np.where(resident, q["fits_res"], q["fits_non"]) != 0)
+    beats = np.ceil(steps * wB_s - 1e-7)  # robust to summation order
+    w_all = beats + L_s * (has + (steps > _MAX_X).astype(np.float64))  # (2 DMAs past X)
+    w_once = np.where(resident, _wload(nnz, B, L, wgt_b), 0.0)
+    w_once = np.where(~resident & one_step, w_all[st_off], w_once)
+    no_w = np.repeat(resident | one_step, nst)  # no weight load per step
+    w_step = np.where(no_w, 0.0, w_all)
+    w_beats = np.where(no_w, 0.0, beats)
+    # the next weight chunk's load (see analyze_reference): the next step's (the next tile's
+    # first after the last), unless some step loads nothing
+    if (has | no_w).all():
+        last = st_off + nst - 1
+        nxt = np.append(w_step[1:], 0.0)
+        nxt[last] = w_step[st_off] * (1.0 - 1.0 / n_tiles)
+    else:
+        nxt = _next_loads(w_step, st_off, nst, n_tiles)
 
     # ---- (tile class, step) pairs
-    seg_e, ec, es = _ragged_outer(nh * nw, nst)
-    first_k = k_s == 0
-    loaded = np.where(n_kc[seg_s] > 1, 1.0, (g_s == 0).astype(float))
-    in_dma = ld_in[ec] * (loaded * ksz)[es]
-    load_seq = in_dma + w_step[es]
-    bias = (L[seg_s] + np.ceil(2 * gsz * C[seg_s] * 4 / B[seg_s])) * first_k
-    gemm = rounds[es] * (g0[seg_e] + t[ec]) + skew[es]
-    has_gemm = steps[es] > 0
-    fk = first_k[es]
-    # the previous region's epilogue (group g - 1, cyclically; see analyze_reference)
-    g_prev = (g_s - 1) % n_cg[seg_s]
-    gsz_prev = gsz[st_off[seg_s] + g_prev * n_kc[seg_s] + k_s]
-    m_alu = gsz_prev * n_alu + (empty_cob / np.maximum(n_cg, 1))[seg_s]
-    w_alu = alu_one[ec]
-    epi_prev = m_alu[es] * w_alu * fk
-    waits = epi_prev + np.maximum(bias[es], fk * st[ec])
-    pre = np.maximum(np.where(has_gemm, load_seq, 0.0), waits)
-    # double buffered: see analyze_reference
-    share = 1.0 - 1.0 / (n_tiles * n_cg)
-    stb = (share[seg_s] * gsz_prev)[es] * np.ceil(t[ec] * C[seg_e] * ab[seg_e] / B[seg_e])
-    beats_in = np.ceil(data * inp_b[seg_c] / Bc) + (padded - data)
-    w_beats = np.where(
-        resident[seg_s] | one_step[seg_s], 0.0, np.ceil(steps * wgt_b[seg_s] / B[seg_s] - 1e-7)
-    )
-    port = beats_in[ec] * (loaded * ksz)[es] + w_beats[es]
-    port = port + fk * (stb + np.ceil(2 * gsz * C[seg_s] * 4 / B[seg_s])[es])
-    # the next weight chunk's load (see analyze_reference): cyclically, then the next tile's
-    order = np.flatnonzero(w_step > 0)
-    nxt = np.zeros(len(es))
-    if len(order):
-        j = np.searchsorted(order, np.arange(len(seg_s)), side="right")
-        j_ok = np.minimum(j, len(order) - 1)
-        wrap = (j >= len(order)) | (order[j_ok] >= (st_off + nst)[seg_s])
-        first_q = order[np.minimum(np.searchsorted(order, st_off[seg_s]), len(order) - 1)]
-        nxt_w = w_step[np.where(wrap, first_q, order[j_ok])] * (first_q >= st_off[seg_s])
-        nxt_w = nxt_w * (first_q < (st_off + nst)[seg_s])
-        nxt = (nxt_w * np.where(wrap, 1.0 - 1.0 / n_tiles[seg_s], 1.0))[es]
-    step_db = _interleaved_steps(
-        gemm, load_seq, nxt, steps[es], fk, bias[es], (m_alu * share[seg_s])[es], w_alu,
-        A[seg_e], port, (gsz < A_s)[es],
-    )  # fmt: skip
-    step = np.where(dbuf[seg_e], step_db, pre + gemm)
-    ce = cnt[ec]
-    g_last = (cob - (n_cg - 1) * G).astype(float)
-    tail = (g_last * n_alu + empty_cob / np.maximum(n_cg, 1)) * (
-        ALU_LATENCY + (th_last * tw_last).astype(float)
-    )
-    tail = np.where(dbuf, tail, 0.0)
-    cycles = _bsum(seg_e, ce * step, n) + w_once + tail + st_last + 1.0
-    load_total = _bsum(seg_e, ce * load_seq, n) + w_once
+    P32 = np.concatenate([p.P for p in plans], axis=1) if n > 1 else plans[0].P
+    P64 = np.concatenate([p.P64 for p in plans], axis=1) if n > 1 else plans[0].P64
+    pc = dict(zip(_PCOLS32, P32))
+    pc.update(zip(_PCOLS64, P64))
+    seg_e = np.repeat(np.arange(n), npairs)
+    es = pc["es"].astype(np.int64) + st_off[seg_e]
+    e_q = empty / np.maximum(n_cg, 1)  # MUL of empty output blocks per group (rough)
+    m_alu = pc["mab"] + e_q[seg_e]
+    w_alu, fk = pc["w_alu"], pc["fk"]
+    load_seq = pc["in_dma"] + w_step[es]
+    steps_e = steps[es]
+    has_e = has[es]
+    gemm = rounds[es] * pc["g0t"] + skew[es]
+    pre = np.maximum(np.where(has_e, load_seq, 0.0), m_alu * w_alu * fk + pc["bst"])
+    # double buffered (_interleaved_steps, the same arithmetic with fewer temporaries)
+    A_e = pc["A"]
+    m = m_alu * q["share"][seg_e] + 1.0
+    d = np.ceil(steps_e / A_e)
+    np.maximum(d, 1.0, out=d)
+    period = gemm / d
+    ps = np.ceil(m / d)
+    n_sl1 = np.ceil(m / ps) - 1.0
+    arw = A_e + (m - n_sl1 * ps - 1.0) * w_alu  # A + (rest - 1) * w_alu
+    full = A_e + ps * w_alu
+    period[pc["chained"] != 0] = 0.0
+    exposed = n_sl1 * np.maximum(full - period, 0.0)
+    wait = nxt[es] - n_sl1 * np.maximum(period, full) - arw
+    np.maximum(wait, 0.0, out=wait)
+    wait += arw + pc["bias"] - period
+    np.maximum(wait, 0.0, out=wait)
+    exposed += wait
+    exposed *= fk
+    exposed += gemm
+    run = np.maximum(exposed, pc["port"] + w_beats[es], out=exposed)
+    step_db = np.where(has_e, np.maximum(load_seq, run), run)
+    step = np.where(np.repeat(dbuf, npairs), step_db, pre + gemm)
+    ce = pc["cnt"]
+    weighted = np.empty((4, len(ce)))
+    for k, x in enumerate((step, load_seq, gemm, pre)):
+        np.multiply(x, ce, out=weighted[k])
+    sums = np.add.reduceat(weighted, _excl_cumsum(npairs), axis=1)
+    tail = np.where(dbuf, (q["g_last"] * _N_ALU + e_q) * q["tail_alu"], 0.0)
+    st_last = q["st_last"]
+    cycles = sums[0] + w_once + tail + st_last + 1.0
+    load_total = sums[1] + w_once
     cycles = np.maximum(cycles, load_total + st_last + 1.0)
-    gemm_total = _bsum(seg_e, ce * gemm, n)
-    pre_total = _bsum(seg_e, ce * pre, n)
-    epi_total = _bsum(seg_c, cnt * epi, n)
 
     # ---- event counts (exact for an exact mask)
-    cobf, cibf = cob.astype(float), cib.astype(float)
+    n_kc = q["n_kc"]
+    multi = np.where(n_kc > 1, n_cg, 1.0)
     macs = nnz * R * C * pix
     gemms = nnz * n_tiles
-    multi = np.where(n_kc > 1, n_cg, 1).astype(float)
-    inp_loads = _bsum(seg_c, cnt * padded, n) * cibf * multi
-    inp_dram = _bsum(seg_c, cnt * data, n) * inp_b * (cibf * multi)
-    w_blocks_loaded = np.where(resident | one_step, nnz, nnz * n_tiles)
-    bias_bytes = 2 * cobf * C * 4 * n_tiles
-    out_bytes = cobf * C * ab * pix
-    dram_read = inp_dram + w_blocks_loaded * wgt_b + bias_bytes
-    started = cobf - empty_cob
-    acc_reads = (nnz - started) * pix * acc_b
-    acc_reads = acc_reads + cobf * pix * acc_b * (n_alu + 2)
-    acc_reads = acc_reads + cobf * pix * acc_b
-    acc_writes = nnz * pix * acc_b + cobf * pix * acc_b * n_alu + bias_bytes
-    acc_reads = acc_reads + empty_cob * pix * acc_b
-    acc_writes = acc_writes + empty_cob * pix * acc_b
-    add_lanes = cobf * pix * C * (1 + clip_ops)
-    mul_lanes = cobf * pix * C + empty_cob * pix * C
+    w_blocks_loaded = np.where(resident | one_step, nnz, gemms)
+    bias_bytes = 2 * cob * C * 4 * n_tiles
+    out_bytes = cob * C * ab * pix
+    dram_read = q["cnt_data"] * inp_b * (cib * multi) + w_blocks_loaded * wgt_b + bias_bytes
+    cpa = cob * pix * acc_b
+    epa = empty * pix * acc_b
+    acc_reads = (nnz - cob + empty) * pix * acc_b + cpa * (_N_ALU + 3) + epa
+    acc_writes = nnz * pix * acc_b + cpa * _N_ALU + bias_bytes + epa
+    cpc = cob * pix * C
     latency_ms = cycles / cf["clock"] / 1e3
-    uj = 1e-6
     energy = (
-        np.trunc(macs * _ROUND_UP) * cf["mac_pj"] * uj
-        + (
-            np.trunc(add_lanes * _ROUND_UP) * cf["add32"]
-            + np.trunc(mul_lanes * _ROUND_UP) * cf["mult32"]
-        )
-        * uj
-        + (pix * nnz * inp_b + inp_loads * inp_b) * cf["e_inp"] * uj
-        + (gemms * wgt_b + w_blocks_loaded * wgt_b) * cf["e_wgt"] * uj
-        + (acc_reads + acc_writes) * cf["e_acc"] * uj
-        + (np.trunc(dram_read * _ROUND_UP) + np.trunc(out_bytes * _ROUND_UP)) * cf["e_dram"] * uj
-        + cf["static_mw"] * latency_ms
-    )
+        np.trunc(macs * _ROUND_UP) * cf["mac_pj"]
+        + np.trunc(2 * cpc * _ROUND_UP) * cf["add32"]  # bias ADD and the clip's MAX
+        + np.trunc((cpc + empty * pix * C) * _ROUND_UP) * cf["mult32"]
+        + (pix * nnz + q["cnt_pad"] * cib * multi) * inp_b * cf["e_inp"]
+        + (gemms + w_blocks_loaded) * wgt_b * cf["e_wgt"]
+        + (acc_reads + acc_writes) * cf["e_acc"]
+        + (np.trunc(dram_read * _ROUND_UP) + np.trunc(out_bytes * _ROUND_UP)) * cf["e_dram"]
+    ) * 1e-6 + cf["static_mw"] * latency_ms
 
-    partial = _bsum(seg_c, cnt * (t < (TH * TW)[seg_c]), n)
-    pad_tiles = _bsum(seg_c, cnt * (padded - data), n)
-    rsum = _bsum(seg_s, rounds, n)
-    ssum = _bsum(seg_s, steps, n)
+    st_sums = np.add.reduceat(np.stack([rounds, steps, steps == 0]), st_off, axis=1)
+    rsum, ssum = st_sums[0], st_sums[1]
     smean = ssum / nst
-    sstd = np.sqrt(_bsum(seg_s, (steps - smean[seg_s]) ** 2, n) / nst)
+    sstd = np.sqrt(np.add.reduceat((steps - np.repeat(smean, nst)) ** 2, st_off) / nst)
+    macs_per_cycle = cf["macs_per_cycle"]
     counts = {
-        "macs_dense": (nb * oh * ow * cout * (cin // groups) * kh * kw).astype(float),
+        "macs_dense": q["n"] * q["oh"] * q["ow"] * q["cout"] * (q["cin"] // q["groups"])
+        * q["kh"] * q["kw"],
         "macs": macs,
-        "struct_blocks": struct_tot,
+        "struct_blocks": tot,
         "nnz_blocks": nnz,
         "sparsity": frac,
         "n_tiles": n_tiles,
-        "tile_classes": (nh * nw).astype(float),
-        "n_cg": n_cg.astype(float),
-        "n_kc": n_kc.astype(float),
-        "steps": nst.astype(float),
+        "tile_classes": q["ncls"],
+        "n_cg": n_cg,
+        "n_kc": n_kc,
+        "steps": q["nst"],
         "resident": resident.astype(float),
         "gemms": gemms,
         "gemm_rounds": rsum * n_tiles,
         "round_efficiency": ssum / np.maximum(A * rsum, 1e-9),
-        "empty_steps": _bsum(seg_s, (steps == 0).astype(float), n) / nst,
+        "empty_steps": st_sums[2] / nst,
         "step_nnz_cv": sstd / np.maximum(smean, 1e-9),
-        "empty_cob": empty_cob,
+        "empty_cob": np.where(exact, empty, 0.0),
         "mean_tile": pix / np.maximum(n_tiles, 1),
-        "partial_tile_frac": partial / np.maximum(n_tiles, 1),
-        "pad_frac": pad_tiles / np.maximum(_bsum(seg_c, cnt * padded, n), 1),
+        "partial_tile_frac": q["partial"] / np.maximum(n_tiles, 1),
+        "pad_frac": (q["cnt_pad"] - q["cnt_data"]) / np.maximum(q["cnt_pad"], 1),
         "dram_read": dram_read,
         "dram_write": out_bytes,
-        "gemm_cycles": gemm_total,
+        "gemm_cycles": sums[2],
         "load_cycles": load_total,
-        "epi_cycles": epi_total,
-        "pre_cycles": pre_total,
-        "compute_bound": macs / cf["macs_per_cycle"],
+        "epi_cycles": (_N_ALU * cob + e_q) * q["sa"],
+        "pre_cycles": sums[3],
+        "compute_bound": macs / macs_per_cycle,
         "memory_bound": (dram_read + out_bytes) / B,
-        "instructions": n_tiles * (cibf * multi + cobf * (n_alu + 1) + n_cg) + gemms,
+        "instructions": n_tiles * (cib * multi + cob * (_N_ALU + 1) + n_cg) + gemms,
         "mid_cycles": cycles,
         "mid_energy_uj": energy,
-    }
-    columns = {
-        "n": nb, "cin": cin, "h": h, "w": w, "cout": cout, "kh": kh, "kw": kw, "stride": sh,
-        "groups": groups, "oh": oh, "ow": ow, "cob": cob, "cib": cib,
-        "arrays": A, "rows": R, "cols": C, "inp_depth": cf["inp_depth"],
-        "wgt_depth": cf["wgt_depth"], "acc_depth": cf["acc_depth"], "bytes_per_cycle": B,
-        "dram_latency": L, "act_bits": cf["act_bits"], "weight_bits": cf["weight_bits"],
-        "macs_per_cycle": cf["macs_per_cycle"],
     }  # fmt: skip
-    columns.update({f"sched_{k}": v for k, v in scol.items()})
-    return BatchAnalysis(cycles, energy, counts, columns, schedules)
+    return cycles, energy, counts
+
+
+def _wload(nblocks, B, L, wgt_b):
+    """Cycles of loading ``nblocks`` weight blocks (one DMA, a second past the X field)."""
+    beats = np.ceil(nblocks * wgt_b / B - 1e-7)  # robust to summation order
+    return beats + L * ((nblocks > 0).astype(float) + (nblocks > _MAX_X))
+
+
+def _next_loads(w_step, st_off, nst, n_tiles):
+    """Each step's next weight load (see analyze_reference): the query's next step with one,
+    else (cyclically) its first, which is the next tile's."""
+    ns = len(w_step)
+    seg_s = np.repeat(np.arange(len(nst)), nst)
+    pos = np.where(w_step > 0, np.arange(ns), ns)
+    first_at = np.minimum.accumulate(pos[::-1])[::-1]  # first step with a load at or after
+    after = np.append(first_at[1:], ns)
+    end_s = (st_off + nst)[seg_s]
+    wrap = after >= end_s
+    idx = np.where(wrap, first_at[st_off][seg_s], after)
+    nxt = np.where(idx < end_s, w_step[np.minimum(idx, ns - 1)], 0.0)
+    return nxt * np.where(wrap, 1.0 - 1.0 / n_tiles[seg_s], 1.0)
 
 
 @lru_cache(maxsize=16)

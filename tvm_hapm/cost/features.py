@@ -19,6 +19,7 @@ Bump :data:`FEATURE_SCHEMA_VERSION` whenever the meaning of a feature changes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -119,45 +120,57 @@ def features(
     return features_from_analysis(layer, cfg, analyze(layer, cfg, schedule, sparsity))
 
 
-def _lv(x) -> np.ndarray:
-    return np.log2(1.0 + np.maximum(np.asarray(x, np.float64), 0.0))
-
-
-def features_from_batch(ba: BatchAnalysis) -> np.ndarray:
+def features_from_batch(ba: BatchAnalysis, query_order: bool = True) -> np.ndarray:
     """The ``(n, features)`` float32 matrix of a batch analysis: row ``i`` equals
-    :func:`features_from_analysis` of query ``i`` (to float rounding)."""
-    q, c = ba.columns, ba.counts
-    f = lambda k: q[k].astype(np.float64)  # noqa: E731
-    cin, cout, h, w, oh, ow = f("cin"), f("cout"), f("h"), f("w"), f("oh"), f("ow")
-    kh, kw, groups = f("kh"), f("kw"), f("groups")
-    cob, cib = f("cob"), f("cib")
-    cols = [
-        _lv(cin), _lv(cout), _lv(h), _lv(w), _lv(oh), _lv(ow), kh, kw, f("stride"),
-        _lv(groups), _lv(c["macs_dense"]), _lv(cout * (cin // groups) * kh * kw),
-        ((groups > 1) & (groups == cin)).astype(np.float64),
-        ((h == 1) & (w == 1) & (kh == 1) & (kw == 1)).astype(np.float64),
-        f("arrays"), f("rows"), f("cols"), _lv(f("inp_depth")), _lv(f("wgt_depth")),
-        _lv(f("acc_depth")), _lv(f("bytes_per_cycle")), _lv(f("dram_latency")),
-        f("act_bits"), f("weight_bits"), _lv(f("macs_per_cycle")),
-    ]  # fmt: skip
-    for name in _sched_fields():
-        cols.append(_lv(q[f"sched_{name}"]))
-    cols += [
-        np.minimum(f("sched_tile_h"), oh) / oh,
-        np.minimum(f("sched_tile_w"), ow) / ow,
-        np.minimum(f("sched_cob_group"), cob) / cob,
-        np.minimum(f("sched_cib_chunk"), cib) / cib,
+    :func:`features_from_analysis` of query ``i`` (to float rounding).
+
+    The columns are stacked from the analysis' arrays (in the order the batch computed them,
+    ``ba.raw``), the ``log2(1 + x)`` ones transformed in one pass, and the rows put in the
+    queries' order (``query_order=False``: left in ``ba.raw``'s order)."""
+    _, _, c, q = ba.raw
+    cin, cout, groups, kh, kw = q["cin"], q["cout"], q["groups"], q["kh"], q["kw"]
+    oh, ow, cob, cib = q["oh"], q["ow"], q["cob"], q["cib"]
+    one = (q["h"] == 1) & (q["w"] == 1) & (kh == 1) & (kw == 1)
+    rows = [cin, cout, q["h"], q["w"], oh, ow, kh, kw, q["stride"], groups, c["macs_dense"],
+            cout * (cin // groups) * kh * kw, (groups > 1) & (groups == cin), one, q["arrays"],
+            q["rows"], q["cols"], q["inp_depth"], q["wgt_depth"], q["acc_depth"],
+            q["bytes_per_cycle"], q["dram_latency"], q["act_bits"], q["weight_bits"],
+            q["macs_per_cycle"]]  # fmt: skip
+    rows += [q[f"sched_{name}"] for name in _sched_fields()]
+    rows += [
+        np.minimum(q["sched_tile_h"], oh) / oh,
+        np.minimum(q["sched_tile_w"], ow) / ow,
+        np.minimum(q["sched_cob_group"], cob) / cob,
+        np.minimum(q["sched_cib_chunk"], cib) / cib,
         c["sparsity"],
         c["round_efficiency"],
         c["empty_steps"],
         c["step_nnz_cv"],
         c["empty_cob"] / cob,
     ]
-    cols += [_lv(c[k]) for k in _MID_LOG]
-    cols += [c[k] for k in _MID_RAW]
+    rows += [c[k] for k in _MID_LOG]
+    rows += [c[k] for k in _MID_RAW]
     mid = np.maximum(c["mid_cycles"], 1.0)
-    cols += [c[k] / mid for k in _MID_FRAC]
-    return np.stack(cols, axis=1).astype(np.float32)
+    rows += [c[k] / mid for k in _MID_FRAC]
+    M = np.stack(rows).astype(np.float64, copy=False)
+    lg = _log_rows()
+    M[lg] = np.log2(1.0 + np.maximum(M[lg], 0.0))
+    X = M.T.astype(np.float32)
+    return ba.to_query_order(X) if query_order else X
+
+
+@functools.lru_cache(maxsize=1)
+def _log_rows() -> np.ndarray:
+    """Rows of :func:`features_from_batch`'s stack that are ``log2(1 + x)`` features."""
+    plain = {"layer_kh", "layer_kw", "layer_stride", "layer_depthwise", "layer_dense",
+             "hw_arrays", "hw_rows", "hw_cols", "hw_act_bits", "hw_weight_bits"}  # fmt: skip
+    logged = [
+        i
+        for i, name in enumerate(feature_names())
+        if (name.startswith(("layer_", "hw_", "sched_", "mid_log_")) and name not in plain)
+        and not name.endswith("_frac")
+    ]
+    return np.array(logged, np.int64)
 
 
 def features_batch(queries) -> tuple[np.ndarray, np.ndarray]:

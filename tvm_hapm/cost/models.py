@@ -10,11 +10,12 @@ layers, which run one after the other):
   schedule; its job is ranking, not absolute numbers.
 * :class:`MidModel`: the analytical model of :mod:`tvm_hapm.cost.analytic` (tiles, GEMM rounds on
   the parallel arrays with fill and drain, DMA per step, overlap, partial tiles, zero blocks).
-* :class:`FineModel`: XGBoost regressors of ``log(simulated / mid)`` for cycles and energy on the
+* :class:`FineModel`: XGBoost regression of ``log(simulated / mid)`` of cycles and energy on the
   features of :mod:`tvm_hapm.cost.features`, trained on simulator measurements
-  (:mod:`tvm_hapm.cost.dataset`).  Saved in xgboost's own format (``.json`` or ``.ubj``) with a
-  JSON sidecar holding the feature-schema version and names; loading a model of another schema
-  raises :class:`SchemaVersionError`.
+  (:mod:`tvm_hapm.cost.dataset`): one booster with two outputs (multi-output trees; models saved
+  with one booster per target still load).  Saved in xgboost's own format (``.json`` or
+  ``.ubj``) with a JSON sidecar holding the feature-schema version and names; loading a model of
+  another schema raises :class:`SchemaVersionError`.
 
 ``schedule=None`` means the compiler's schedule (``plan_conv``); ``sparsity`` is a
 :class:`~tvm_hapm.cost.layer.BlockSparsity`, a fraction of zero blocks or a non-zero block mask.
@@ -30,7 +31,7 @@ import numpy as np
 
 from ..target.config import HardwareConfig
 from .analytic import _energy_model, analyze_batch
-from .features import FEATURE_SCHEMA_VERSION, feature_names, features_batch
+from .features import FEATURE_SCHEMA_VERSION, feature_names, features_batch, features_from_batch
 from .layer import BlockSparsity, ConvLayer, structural_mask
 
 __all__ = [
@@ -166,8 +167,9 @@ class FineModel(CostModel):
     Parameters
     ----------
     boosters : dict
-        ``{"cycles": xgboost.Booster, "energy": xgboost.Booster}`` predicting
-        ``log(simulated / mid)``.
+        ``{"both": xgboost.Booster}``, one booster whose two outputs predict
+        ``log(simulated / mid)`` of cycles and of energy, or (older models)
+        ``{"cycles": xgboost.Booster, "energy": xgboost.Booster}``, one booster each.
     meta : dict, optional
         Training information saved in the sidecar.
     """
@@ -182,8 +184,8 @@ class FineModel(CostModel):
 
     def set_nthread(self, nthread: int) -> None:
         """Threads of XGBoost's predictor (default 1: a batch of a few hundred rows is done in
-        about a millisecond, and on a busy machine more threads only add contention; 0 = all
-        cores, for batches of many thousands)."""
+        a fraction of a millisecond, and on a busy machine more threads only add contention;
+        0 = all cores, for batches of many thousands)."""
         for b in self.boosters.values():
             b.set_param({"nthread": int(nthread)})
 
@@ -192,16 +194,27 @@ class FineModel(CostModel):
         """Feature matrix and the mid model's ``(n, 2)`` predictions of the queries."""
         return features_batch(items)
 
+    def log_ratios(self, X: np.ndarray) -> np.ndarray:
+        """``(n, 2)`` predicted ``log(simulated / mid)`` of cycles and energy of feature rows."""
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        both = self.boosters.get("both")
+        if both is not None:
+            return _predict_dense(both, X).reshape(len(X), 2)
+        rc = _predict_dense(self.boosters["cycles"], X)
+        re = _predict_dense(self.boosters["energy"], X)
+        return np.stack([rc, re], axis=1)
+
     def predict_matrix(self, X: np.ndarray, mids: np.ndarray) -> np.ndarray:
         """``(n, 2)`` cycles and energy from feature rows and the mid model's predictions."""
-        rc = self.boosters["cycles"].inplace_predict(X)
-        re = self.boosters["energy"].inplace_predict(X)
-        return mids * np.exp(np.stack([rc, re], axis=1))
+        return mids * np.exp(self.log_ratios(X))
 
     def predict_batch(self, queries) -> np.ndarray:
-        """One vectorised mid analysis, one feature matrix, one call per booster."""
-        X, mids = features_batch(queries)
-        return self.predict_matrix(X, mids)
+        """One vectorised mid analysis, one feature matrix, one booster call."""
+        ba = analyze_batch(queries)
+        # in the order the analysis computed the rows; the result in the queries' order
+        X = features_from_batch(ba, query_order=False)
+        mids = np.stack([ba.raw[0], ba.raw[1]], axis=1)
+        return ba.to_query_order(mids * np.exp(self.log_ratios(X)))
 
     # ---------------------------------------------------------------- training
     @classmethod
@@ -212,17 +225,20 @@ class FineModel(CostModel):
         y_energy: np.ndarray,
         mids: np.ndarray,
         params: dict | None = None,
-        rounds: int = 300,
+        rounds: int = 60,
         meta: dict | None = None,
+        multi_output: bool = True,
     ) -> FineModel:
-        """Fit the two regressors on features ``X``, simulated cycles / energy and the mid
-        model's ``(n, 2)`` predictions."""
+        """Fit the regressor on features ``X``, simulated cycles / energy and the mid model's
+        ``(n, 2)`` predictions: one booster with multi-output trees (``multi_output``, each
+        leaf holds both corrections, one tree walk per row and tree), else one booster per
+        target."""
         import xgboost as xgb
 
         p = {
             "objective": "reg:squarederror",
             "max_depth": 6,
-            "eta": 0.08,
+            "eta": 0.25,
             "subsample": 0.85,
             "colsample_bytree": 0.85,
             "min_child_weight": 2,
@@ -230,21 +246,31 @@ class FineModel(CostModel):
             "nthread": 1,
             "seed": 0,
         }
+        if multi_output:
+            p.update(tree_method="hist", multi_strategy="multi_output_tree")
         p.update(params or {})
         names = feature_names()
-        boosters = {}
-        for key, y, mid in (("cycles", y_cycles, mids[:, 0]), ("energy", y_energy, mids[:, 1])):
-            target = np.log(np.asarray(y, float) / np.maximum(mid, 1e-12))
+        target = np.log(
+            np.stack([np.asarray(y_cycles, float), np.asarray(y_energy, float)], axis=1)
+            / np.maximum(mids, 1e-12)
+        )
+        if multi_output:
             d = xgb.DMatrix(X, label=target, feature_names=names)
-            boosters[key] = xgb.train(p, d, num_boost_round=rounds)
+            boosters = {"both": xgb.train(p, d, num_boost_round=rounds)}
+        else:
+            boosters = {}
+            for k, key in enumerate(("cycles", "energy")):
+                d = xgb.DMatrix(X, label=target[:, k], feature_names=names)
+                boosters[key] = xgb.train(p, d, num_boost_round=rounds)
         m = dict(meta or {})
         m.update({"params": p, "rounds": rounds, "n_train": int(len(X))})
         return cls(boosters, m)
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | Path, fmt: str = "json") -> Path:
-        """Save to ``<stem>.json`` (sidecar) + ``<stem>_cycles.<fmt>`` + ``<stem>_energy.<fmt>``
-        (xgboost's native JSON or UBJSON).  Returns the sidecar path."""
+        """Save to ``<stem>.json`` (sidecar) + ``<stem>_<key>.<fmt>`` per booster (``both``; older
+        models ``cycles`` and ``energy``) in xgboost's native JSON or UBJSON.  Returns the
+        sidecar path."""
         path = Path(path)
         if path.suffix != ".json":
             path = path.with_suffix(".json")
@@ -260,7 +286,10 @@ class FineModel(CostModel):
             "kind": "tvm_hapm.cost.FineModel",
             "feature_schema_version": FEATURE_SCHEMA_VERSION,
             "feature_names": self.feature_names,
-            "target": "log(simulated / mid) of cycles and of energy_uj",
+            "target": (
+                "log(simulated / mid) of cycles and of energy_uj"
+                + (" (the two outputs of one booster)" if "both" in self.boosters else "")
+            ),
             "boosters": files,
             "meta": self.meta,
         }
@@ -295,6 +324,58 @@ class FineModel(CostModel):
             b.load_model(str(path.with_name(fname)))
             boosters[key] = b
         return cls(boosters, side.get("meta"))
+
+
+def _predict_dense(booster, X: np.ndarray) -> np.ndarray:
+    """``booster.inplace_predict(X)`` (float32, C-contiguous ``X``) through xgboost's C function
+    ``XGBoosterPredictFromDense`` with the arguments prepared once: the same call, without the
+    Python-side input checks and conversions of ``inplace_predict`` (about 50 us of a
+    ~0.3 ms prediction).  Falls back to ``inplace_predict`` if xgboost's internals differ."""
+    if _PREDICT_C:
+        try:
+            return _predict_c(booster, X)
+        except Exception:  # noqa: BLE001 - an xgboost without these internals
+            _PREDICT_C.clear()
+    return booster.inplace_predict(X)
+
+
+_PREDICT_C: list = [True]
+_PREDICT_ARGS: dict = {}
+
+
+def _predict_c(booster, X: np.ndarray) -> np.ndarray:
+    import ctypes
+
+    from xgboost.core import _LIB, _check_call, c_bst_ulong
+
+    args = _PREDICT_ARGS.get("args")
+    if args is None:
+        args = _PREDICT_ARGS["args"] = json.dumps({
+            "type": 0, "training": False, "iteration_begin": 0, "iteration_end": 0,
+            "missing": float("nan"), "strict_shape": False, "cache_id": 0,
+        }).encode()  # fmt: skip
+    iface = json.dumps({
+        "data": (X.ctypes.data, True), "shape": X.shape, "strides": None, "typestr": "<f4",
+        "version": 3,
+    }).encode()  # fmt: skip
+    shape = ctypes.POINTER(c_bst_ulong)()
+    dims = c_bst_ulong()
+    preds = ctypes.POINTER(ctypes.c_float)()
+    _check_call(
+        _LIB.XGBoosterPredictFromDense(
+            booster.handle,
+            iface,
+            args,
+            None,
+            ctypes.byref(shape),
+            ctypes.byref(dims),
+            ctypes.byref(preds),
+        )  # fmt: skip
+    )
+    size = 1
+    for i in range(dims.value):
+        size *= shape[i]
+    return np.ctypeslib.as_array(preds, (size,)).copy()
 
 
 def _json_default(o):
