@@ -241,13 +241,18 @@ def augment(x, rng, max_shift=4):
     return out
 
 
-def train(epochs, seed, batch_size=32, lr=3e-3, weight_decay=1e-4, max_shift=2, log=print):
+def train(epochs, seed, batch_size=32, lr=3e-3, weight_decay=1e-4, max_shift=2, log=print,
+          exclude=None):  # fmt: skip
     """Train on the fixed digits split; returns (net, test accuracy, seconds, data, history).
 
     AdamW (decoupled weight decay on conv/fc weights), linear warm-up over the first half
-    epoch then cosine decay, random translations of up to ``max_shift`` pixels.
+    epoch then cosine decay, random translations of up to ``max_shift`` pixels.  ``exclude``:
+    indices of training images left out (a validation split kept unseen).
     """
     x_tr, y_tr, x_te, y_te = load_digits(size=HW, channels=IN_CH)
+    if exclude is not None:
+        keep = np.setdiff1d(np.arange(len(x_tr)), np.asarray(exclude, int))
+        x_tr, y_tr = x_tr[keep], y_tr[keep]
     rng = np.random.default_rng(seed)
     net = ResNetCifar(DEPTH, WIDTH, IN_CH, CLASSES, rng)
     groups = net.param_groups()

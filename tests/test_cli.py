@@ -320,7 +320,7 @@ def test_optimize_writes_model_reports_and_plot(tmp_path, digits):
     assert main(["optimize", str(BUNDLED_MODEL), "--data", str(data), "--level", "mid",
                  "--method", "greedy", "--episodes", "4", "-o", str(out)]) == 0  # fmt: skip
     report = json.loads((out / "optimize_report.json").read_text())
-    assert report["val_drop"] <= 1.0 and report["final"]["sim_latency_ms"] > 0
+    assert report["val_drop"] <= 1.0 + 1e-9 and report["final"]["sim_latency_ms"] > 0
     for name in ("pruned.onnx", "model.so", "pareto.png", "report.json"):
         assert (out / name).is_file()
     assert main(["optimize", str(BUNDLED_MODEL), "--data", str(tmp_path / "none.npz"),

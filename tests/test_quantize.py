@@ -16,6 +16,7 @@ from tvm.relax.frontend.onnx import from_onnx
 
 from tvm_hapm.passes import qops
 from tvm_hapm.passes.quantize import (
+    DEFAULT_PERCENTILE,
     Quantize,
     QuantizeError,
     has_float_compute,
@@ -245,6 +246,12 @@ def rel_err(mod_f, mod_q, inputs):
     return max(np.linalg.norm(r - q) / np.linalg.norm(r) for r, q in zip(ref, got, strict=True))
 
 
+def pct(arrays, q=DEFAULT_PERCENTILE):
+    """The calibration statistic: the percentile of |x| over all elements (numpy's linear)."""
+    flat = np.concatenate([np.ravel(a) for a in arrays]).astype(np.float64)
+    return float(np.percentile(np.abs(flat), q))
+
+
 def calls(mod, op_name):
     found = []
 
@@ -309,19 +316,21 @@ def test_deterministic():
     tvm.ir.assert_structural_equal(quantize(mod, cal), quantize(mod, cal))
 
 
-def test_expected_module_conv_relu():
-    """The simplest case, spelled out with the qops emitters."""
+@pytest.mark.parametrize("percentile", [None, DEFAULT_PERCENTILE, 50.0])
+def test_expected_module_conv_relu(percentile):
+    """The simplest case, spelled out with the qops emitters (scales from the maximum, or from
+    a percentile of |x| over all calibration elements, as numpy computes it)."""
     g = _Net(12)
     y = g.node("Relu", [g.conv("x", 3, 4)])
     onnx_model = g.model({"x": X}, y, [1, 4, 8, 8])
     mod = from_onnx(onnx_model)
     cal = samples(4, 0)
-    q = quantize(mod, cal)
+    q = quantize(mod, cal, percentile=percentile)
 
     w = numpy_helper.to_array(onnx_model.graph.initializer[0]).astype(np.float64)
     b = numpy_helper.to_array(onnx_model.graph.initializer[1]).astype(np.float64)
-    s_in = float(max(np.abs(x).max() for x in cal)) / 127
-    s_out = float(max(r.max() for r in run(mod, cal))) / 127
+    s_in = pct(cal, percentile or 100.0) / 127
+    s_out = pct(run(mod, cal), percentile or 100.0) / 127
     s_w = np.abs(w).reshape(4, -1).max(axis=1) / 127
     wq = np.clip(np.round(w / s_w[:, None, None, None]), -127, 127).astype("int8")
     bq = np.round(b / (s_in * s_w)).astype(np.int32)

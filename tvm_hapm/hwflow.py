@@ -43,12 +43,21 @@ __all__ = [
     "pareto_plot",
     "prune_onnx_per_layer",
     "simulate",
+    "validation_split",
 ]
 
 LEVELS = ("coarse", "mid", "fine", "sim")
 OBJECTIVES = ("latency", "energy")
 METHODS = ("rl", "greedy", "evolution", "uniform")
 DEFAULT_GRID = tuple(np.round(np.arange(0.0, 0.91, 0.1), 2))
+
+
+def validation_split(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(validation indices, the rest)`` of ``n`` training images: the seeded split
+    :class:`HWFlowEnv` measures accuracy on (a model trained without the first part sees it
+    for the first time there)."""
+    order = np.random.default_rng(seed).permutation(n)
+    return order[:val_size], order[val_size:]
 
 
 # ------------------------------------------------------------------------------ pruning (ONNX)
@@ -104,9 +113,12 @@ def simulate(model: onnx.ModelProto, config, x_cal, x_one, target=None):
     return float(st.latency_ms), float(st.energy_uj), float(st.cycles), per
 
 
-def int8_accuracy(model: onnx.ModelProto, config, x_cal, x, y, batch: int = 150) -> float:
+def int8_accuracy(
+    model: onnx.ModelProto, config, x_cal, x, y, batch: int = 150, percentile=None
+) -> float:
     """Top-1 of the int8 model (TVM llvm build of the quantized module, bit-exact with the
-    accelerator), as in ``benchmarks/hapm_vs_standard.py``."""
+    accelerator), as in ``benchmarks/hapm_vs_standard.py``; ``percentile``: the quantizer's
+    activation calibration (None: the maximum)."""
     import tvm  # noqa: PLC0415
     from tvm import relax  # noqa: PLC0415
     from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
@@ -115,7 +127,10 @@ def int8_accuracy(model: onnx.ModelProto, config, x_cal, x, y, batch: int = 150)
     from .data import set_batch  # noqa: PLC0415
 
     batch = min(batch, len(x))
-    q = quantize(from_onnx(set_batch(model, batch)), calibration=[x_cal[:batch]], config=config)
+    q = quantize(
+        from_onnx(set_batch(model, batch)), calibration=[x_cal[:batch]], config=config,
+        percentile=percentile,
+    )  # fmt: skip
     vm = relax.VirtualMachine(tvm.compile(q, target="llvm"), tvm.cpu())
     correct, n = 0, (len(x) // batch) * batch
     for k in range(0, n, batch):
@@ -170,6 +185,9 @@ class HWFlowEnv:
         remove whole blocks of inputs, which costs far more accuracy before recovery than after
         it; judging candidates unrecovered steers the search away from what fine-tuning would
         make feasible.  About 10 s per new candidate for ResNet-20.
+    calibration_percentile : float, optional
+        The quantizer's activation calibration for :func:`finalize`'s int8 accuracy (None: the
+        maximum; see :data:`tvm_hapm.passes.quantize.DEFAULT_PERCENTILE`).
     """
 
     def __init__(
@@ -192,6 +210,7 @@ class HWFlowEnv:
         fine_model=None,
         reconstruct: bool = False,
         reconstruct_rows: int = 4096,
+        calibration_percentile: float | None = None,
     ):
         from .data import set_batch  # noqa: PLC0415
         from .target.config import get_config  # noqa: PLC0415
@@ -212,12 +231,11 @@ class HWFlowEnv:
         self.recalibrate_bn = bool(recalibrate_bn)
         self.reconstruct = bool(reconstruct)
         self.reconstruct_rows = int(reconstruct_rows)
+        self.calibration_percentile = calibration_percentile
         self._recovered: dict = {}  # ratio indices -> reconstructed ONNX model
         self.seed = int(seed)
         x, y = data
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(len(x))
-        val, rest = order[:val_size], order[val_size:]
+        val, rest = validation_split(len(x), val_size, seed)
         self.x_val, self.y_val = x[val], y[val]
         self.x_tune, self.y_tune = x[rest], y[rest]
         self.x_recal = self.x_tune[:recal_size]
@@ -802,7 +820,9 @@ def finalize(res: OptimizeResult, env: HWFlowEnv, test_data=None, finetune_steps
     res.model = model
     if test_data is not None:
         x_te, y_te = test_data
-        out["test_int8_accuracy"] = int8_accuracy(model, env.config, env.x_tune, x_te, y_te)
+        out["test_int8_accuracy"] = int8_accuracy(
+            model, env.config, env.x_tune, x_te, y_te, percentile=env.calibration_percentile
+        )
         out["test_float_accuracy"] = NumpyNet(model).accuracy(x_te, y_te)
     if simulate_result:
         lat, en, cyc, _ = simulate(model, env.config, env.x_tune, env.x_val)

@@ -9,7 +9,8 @@ the same module is a bit-exact reference of the accelerator.
 Scheme
 ------
 * Activations: per-tensor symmetric, ``scale = max|x| / act_hi`` over all calibration samples
-  (``act_hi`` is 127 for int8, 32767 for int16).
+  (``act_hi`` is 127 for int8, 32767 for int16); with ``percentile=p`` the ``p``-th percentile
+  of ``|x|`` over all calibration elements replaces the maximum.
 * Weights: per-output-channel symmetric, ``scale_w[c] = max|W[c]| / weight_hi``; for wide
   configs the scale of a channel is enlarged when its worst-case int32 accumulator
   (``2**(act_bits-1) * sum|Wq[c]| + |bias_q[c]|``) could overflow (never the case for int8).
@@ -59,6 +60,8 @@ from . import qops
 __all__ = [
     "QuantizeError",
     "FLOAT_MODEL_MESSAGE",
+    "DEFAULT_PERCENTILE",
+    "RESIDUAL_MIN_K",
     "quantize",
     "Quantize",
     "is_quantized",
@@ -98,6 +101,12 @@ _INT_KINDS = (*_LAYER_KINDS, "int", "clip", "fused")
 #: Smallest integer shortcut weight of a fused residual add: widening a weight scale to make
 #: the shortcut exact costs at most 1/RESIDUAL_MIN_K of the weights' resolution.
 RESIDUAL_MIN_K = 16
+#: Activation calibration percentile of |x| for ``quantize(percentile=...)``.  On the digits
+#: ResNet-56 of ``benchmarks/hwflow.py`` the maximum gave int8 test top-1 97.8% against 99.1%
+#: float, the 99.9th percentile 99.1% (and 94.7% instead of 90.0% after 80% HAPM pruning);
+#: ResNet-20 is unchanged within one test image.  It is not the default: on the tiny test nets
+#: it clips enough of their 8 calibration samples to raise their error (tests/test_quantize.py).
+DEFAULT_PERCENTILE = 99.9
 _KIND_LABEL = {
     "conv": "conv2d",
     "dense": "dense",
@@ -1064,8 +1073,12 @@ def _normalise_samples(calibration, params) -> list[list[np.ndarray]]:
     return samples
 
 
-def _calibrate(mod, gvar, graph: _Graph, calib_vars: list, *, samples, act_hi: int) -> dict:
-    """Scale (``max|x| / act_hi``) of every var in ``calib_vars`` over all samples."""
+def _calibrate(
+    mod, gvar, graph: _Graph, calib_vars: list, *, samples, act_hi: int, percentile=None
+) -> dict:
+    """Scale (``max|x| / act_hi``) of every var in ``calib_vars`` over all samples; with
+    ``percentile`` (e.g. 99.99) the ``percentile``-th percentile of ``|x|`` over all the
+    samples' elements replaces the maximum."""
     rb = _Rebuilder(graph)
 
     def body():
@@ -1078,6 +1091,8 @@ def _calibrate(mod, gvar, graph: _Graph, calib_vars: list, *, samples, act_hi: i
     exe = tvm.compile(_replace_function(mod, gvar, instrumented), target="llvm")
     vm = relax.VirtualMachine(exe, tvm.cpu())
     peak = np.zeros(len(calib_vars), np.float64)
+    top: list = [np.zeros(0)] * len(calib_vars)  # percentile: the largest |x| seen so far
+    total = [0] * len(calib_vars)
     for sample in samples:
         outs = vm[gvar.name_hint](*[tvm.runtime.tensor(a) for a in sample])
         for k in range(len(calib_vars)):
@@ -1088,6 +1103,25 @@ def _calibrate(mod, gvar, graph: _Graph, calib_vars: list, *, samples, act_hi: i
                     f"calibration produced non-finite values in {calib_vars[k].name}"
                 )
             peak[k] = max(peak[k], m)
+            if percentile is not None and val.size:
+                # keep enough of the largest magnitudes to read the percentile at the end (the
+                # shapes are static, so the final count is known from the first sample)
+                total[k] += val.size
+                final = val.size * len(samples)
+                keep = int(math.ceil(final * (1.0 - percentile / 100.0))) + 2
+                both = np.concatenate([top[k], np.abs(val).reshape(-1)])
+                top[k] = np.partition(both, both.size - keep)[-keep:] if keep < both.size else both
+    if percentile is not None:
+        for k in range(len(calib_vars)):
+            if total[k]:
+                rank = (percentile / 100.0) * (total[k] - 1)  # numpy's linear percentile
+                below = total[k] - top[k].size  # elements left out, all smaller
+                vals = np.sort(top[k]).astype(np.float64)
+                lo = int(math.floor(rank)) - below
+                frac = rank - math.floor(rank)
+                if lo >= 0:
+                    hi = min(lo + 1, vals.size - 1)
+                    peak[k] = float(vals[lo] + frac * (vals[hi] - vals[lo]))
     # a tensor that is zero on every sample gets scale 1/act_hi (any scale represents it)
     return {v: (float(p) if p > 0 else 1.0) / act_hi for v, p in zip(calib_vars, peak, strict=True)}
 
@@ -1207,6 +1241,7 @@ def quantize(
     func_name: str = "main",
     report: list | None = None,
     fuse_residual: bool = True,
+    percentile: float | None = None,
 ) -> tvm.IRModule:
     """Post-training quantization of a float32 Relax model for hapm_fpga.
 
@@ -1227,6 +1262,11 @@ def quantize(
     fuse_residual : bool
         Fuse residual adds into the conv2d producing one operand (see the module docstring);
         False keeps every add a separate layer.
+    percentile : float or None
+        Calibrate each activation scale on this percentile of ``|x|`` over all calibration
+        elements instead of the maximum: rare outliers then saturate rather than coarsen every
+        other value.  None (the default) uses the maximum; :data:`DEFAULT_PERCENTILE` is the
+        value the HW-Flow benchmark uses.
 
     Returns
     -------
@@ -1281,7 +1321,12 @@ def quantize(
     order = {v: k for k, v in enumerate(graph.params)}
     order.update({b.var: len(graph.params) + k for k, b in enumerate(graph.bindings)})
     calib_vars = sorted(needed, key=lambda v: order[v])
-    scales = _calibrate(norm, gvar, graph, calib_vars, samples=samples, act_hi=cfg.act_range[1])
+    if percentile is not None and not 0.0 < float(percentile) <= 100.0:
+        raise QuantizeError(f"percentile must be in (0, 100], got {percentile}")
+    scales = _calibrate(
+        norm, gvar, graph, calib_vars, samples=samples, act_hi=cfg.act_range[1],
+        percentile=percentile,
+    )  # fmt: skip
 
     em = _Emitter(graph, cfg, scales, steps, report)
     new_func = em.build(gvar.name_hint, em.emit_steps, lambda: em.sub(graph.output))
@@ -1289,7 +1334,13 @@ def quantize(
 
 
 def Quantize(  # noqa: N802 (TVM pass factories are CamelCase)
-    calibration, config: HardwareConfig | str | None = None, *, func_name: str = "main", report=None
+    calibration,
+    config: HardwareConfig | str | None = None,
+    *,
+    func_name: str = "main",
+    report=None,
+    fuse_residual: bool = True,
+    percentile: float | None = None,
 ) -> tvm.transform.Pass:
     """A module pass running :func:`quantize` with the given calibration data.
 
@@ -1303,6 +1354,8 @@ def Quantize(  # noqa: N802 (TVM pass factories are CamelCase)
         The function to quantize.
     report : list, optional
         See :func:`quantize`.
+    fuse_residual, percentile
+        See :func:`quantize`.
 
     Returns
     -------
@@ -1311,6 +1364,9 @@ def Quantize(  # noqa: N802 (TVM pass factories are CamelCase)
     """
 
     def _run(mod, _ctx):
-        return quantize(mod, calibration, config, func_name=func_name, report=report)
+        return quantize(
+            mod, calibration, config, func_name=func_name, report=report,
+            fuse_residual=fuse_residual, percentile=percentile,
+        )  # fmt: skip
 
     return tvm.transform.module_pass(_run, opt_level=0, name="hapm.Quantize")
