@@ -110,3 +110,19 @@ def test_uniform_bisection_finds_the_largest_feasible_ratio(setup):
     assert gi == 0 or best.idx == tuple(uniform(gi))
     if gi + 1 < len(env.grid):
         assert not env.evaluate(uniform(gi + 1)).feasible
+
+
+def test_int8_weight_grid_is_per_output_channel(setup):
+    _, _, env = setup
+    grid = env._weight_grid(env.net.inits)  # noqa: SLF001
+    hi = env.config.weight_range[1]
+    for li, name in enumerate(env.weight_names):
+        w, q = env.net.inits[name], grid[name]
+        assert q.shape == w.shape and q.dtype == np.float32
+        rows_w = w.reshape(w.shape[0], -1) if w.shape[0] == env.conv_layers[li].cout else w.T
+        rows_q = q.reshape(q.shape[0], -1) if q.shape[0] == env.conv_layers[li].cout else q.T
+        s = np.abs(rows_w).max(axis=1, keepdims=True) / hi
+        steps = rows_q / np.where(s == 0, 1, s)
+        np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)  # on the grid
+        assert np.abs(rows_q - rows_w).max() <= s.max() / 2 + 1e-6  # rounded, not clipped
+    assert env.dense_accuracy > 0.5  # the estimate with int8 weights still classifies
