@@ -25,13 +25,16 @@ from .dependency import insert_dependency_tokens
 from .isa import AluOp, Buffer, Instruction, Opcode
 from .program import Program, Slot
 from .schedule import (
+    RESIDUAL_CONST_ROWS,
     ConvSchedule,
     assign_arrays,
     fit_double_buffer,
+    hoist_prologues,
     interleave_epilogues,
     pipeline_operand_loads,
     plan_conv,
     plan_eltwise,
+    residual_rows,
 )
 
 __all__ = [
@@ -270,7 +273,7 @@ def conv2d_program(
     oh, ow, blocks, nonzero = g.oh, g.ow, g.blocks, g.nonzero
     cob, cib = blocks.shape[:2]
     fused = residual is not None
-    nrows = 3 if fused else 2  # constant rows per output block: bias, multiplier(, residual)
+    nrows = RESIDUAL_CONST_ROWS if fused else 2  # per output block: bias, multiplier(, K)
     sched = schedule or plan_conv(
         cfg, h, w, oh, ow, kh, kw, (sh, sw), (dh, dw), cib, cob, nonzero, residual=fused
     )
@@ -317,7 +320,7 @@ def conv2d_program(
 
     seq: list[Instruction] = []
     resident = len(order) <= cfg.wgt_depth  # all weights fit: load them once
-    rows_area = nrows * cob if fused else 0  # fused: every block's rows stay resident
+    rows_area = residual_rows(cob, fused)  # fused: every block's rows stay resident
     sched = fit_double_buffer(cfg, sched, kh, kw, (sh, sw), (dh, dw), len(order), rows_area)
     double = sched.double_buffer
     if resident:
@@ -464,30 +467,10 @@ def conv2d_program(
     if fused:
         info["residual"] = True
         if double:
-            seq = _hoist_prologues(seq, regions)
+            seq = hoist_prologues(seq, regions)
     seq = assign_arrays(interleave_epilogues(seq, cfg, partial_flush=fused), cfg)
     prog = Program(layer, cfg, slots, insert_dependency_tokens(seq), layer_index, info)
     return prog, [wblocks, bias_mult]
-
-
-def _hoist_prologues(seq: list, regions: list) -> list:
-    """Move each output region's prologue (a fused residual's shortcut load, multiply and bias)
-    ahead of the previous region, right after the epilogue of the region before that, which
-    used the same accumulator half.  :func:`interleave_epilogues` then spreads it, with that
-    epilogue, among the previous region's GEMMs instead of running it while the arrays wait.
-    ``regions`` holds ``(start, prologue start, prologue end)`` per region, in order, covering
-    ``seq`` from the first region's start to the end."""
-    first = regions[0][0]
-    out = seq[:first]
-    spans = [(s, p0, p1, regions[k + 1][0] if k + 1 < len(regions) else len(seq))
-             for k, (s, p0, p1) in enumerate(regions)]  # fmt: skip
-    out += seq[spans[0][1] : spans[0][2]]  # the first region's prologue stays first
-    for k, (s, p0, p1, end) in enumerate(spans):
-        if k + 1 < len(spans):
-            _, q0, q1, _ = spans[k + 1]
-            out += seq[q0:q1]
-        out += seq[s:p0] + seq[p1:end]
-    return out
 
 
 def dense_program(cfg, layer, data_shape, weight_kn, bias, mult, shift, clip, layer_index=0):

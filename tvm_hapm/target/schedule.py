@@ -42,18 +42,22 @@ from .dependency import buffer_accesses
 from .isa import Buffer, Instruction, Opcode
 
 __all__ = [
+    "RESIDUAL_CONST_ROWS",
     "ConvSchedule",
     "EltwiseSchedule",
     "ScheduleError",
     "assign_arrays",
     "conv_footprint",
+    "dispatch_group",
     "estimate_conv_cycles",
     "estimate_eltwise_cycles",
     "fit_double_buffer",
+    "hoist_prologues",
     "interleave_epilogues",
     "pipeline_operand_loads",
     "plan_conv",
     "plan_eltwise",
+    "residual_rows",
 ]
 
 _MAX_LOOP = (1 << 10) - 1  # GEMM / ALU outer and inner extents
@@ -83,6 +87,18 @@ class EltwiseSchedule:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+#: Constant rows per output block of a conv with a fused residual in ``bias_mult``: bias,
+#: requantization multipliers and the shortcut's integer weights (a plain conv has the first two).
+RESIDUAL_CONST_ROWS = 3
+
+
+def residual_rows(cob: int, residual: bool) -> int:
+    """Accumulator entries of a fused residual's constant rows, resident for the whole layer
+    (every output block's three rows); 0 without a residual, whose rows follow the output-channel
+    group (:func:`conv_footprint`)."""
+    return RESIDUAL_CONST_ROWS * cob if residual else 0
 
 
 def _in_extent(tile: int, stride: int, kernel: int, dilation: int) -> int:
@@ -177,7 +193,7 @@ def plan_conv(
             try:
                 plan = _plan_conv(
                     cfg, oh, ow, kh, kw, strides, dilation, cib, cob, nonzero, False, True,
-                    chunk0, 3 * cob if residual else 0,
+                    chunk0, residual_rows(cob, residual),
                 )  # fmt: skip
             except ScheduleError:
                 plan = None
@@ -197,7 +213,7 @@ def plan_conv(
             return plans[best] if est[best] < 0.95 * est[0] else plans[0]
     return _plan_conv(
         cfg, oh, ow, kh, kw, strides, dilation, cib, cob, nonzero, pool, False, None,
-        3 * cob if residual else 0,
+        residual_rows(cob, residual),
     )  # fmt: skip
 
 
@@ -260,7 +276,7 @@ def estimate_conv_cycles(  # noqa: PLR0913, PLR0917 - the layer's shape, in the 
         inp * R * cfg.act_bytes
         + wgt * R * C * cfg.weight_bytes
         + (2 if residual else 1) * cob * C * oh * ow * cfg.act_bytes
-        + (3 * cob if residual else tiles * groups * 2 * g) * C * cfg.acc_bytes
+        + (residual_rows(cob, residual) or tiles * groups * 2 * g) * C * cfg.acc_bytes
     ) / cfg.dram_bytes_per_cycle
     return max(array, alu, dram)
 
@@ -563,6 +579,24 @@ def assign_arrays(instructions: list[Instruction], cfg: HardwareConfig) -> list[
     return out
 
 
+def hoist_prologues(seq: list, regions: list) -> list:
+    """Move each output region's prologue (a fused residual's shortcut load, multiply and bias)
+    ahead of the previous region, right after the epilogue of the region before that, which
+    used the same accumulator half.  :func:`interleave_epilogues` then spreads it, with that
+    epilogue, among the previous region's GEMMs instead of running it while the arrays wait.
+    ``regions`` holds ``(start, prologue start, prologue end)`` per region, in order, covering
+    ``seq`` from the first region's start to the end."""
+    ends = [r[0] for r in regions[1:]] + [len(seq)]
+    _, p0, p1 = regions[0]
+    out = seq[: regions[0][0]] + seq[p0:p1]  # the first region's prologue stays first
+    for k, ((start, p0, p1), end) in enumerate(zip(regions, ends, strict=True)):
+        if k + 1 < len(regions):
+            _, q0, q1 = regions[k + 1]
+            out += seq[q0:q1]
+        out += seq[start:p0] + seq[p1:end]
+    return out
+
+
 def _acc_ranges(insn: Instruction) -> list[tuple[int, int, bool]]:
     """``(first, last, is_write)`` accumulator ranges of an instruction."""
     return [(lo, hi, w) for buf, lo, hi, w in buffer_accesses(insn) if buf == Buffer.ACC]
@@ -618,6 +652,14 @@ def interleave_epilogues(
             lo_hi[0] = min(lo_hi[0], lo)
             lo_hi[1] = max(lo_hi[1], hi)
 
+    def take(k: int) -> None:
+        """Emit the first ``k`` pending instructions."""
+        out.extend(p[0] for p in pending[:k])
+        del pending[:k]
+        lo_hi[:] = empty
+        for _, r in pending:
+            bound(r)
+
     def flush(count: int | None = None) -> None:
         """Emit the first ``count`` pending compute instructions (all: None) and the stores
         that follow them."""
@@ -630,11 +672,7 @@ def interleave_epilogues(
                     break
                 emitted += 1
             k += 1
-        out.extend(p[0] for p in pending[:k])
-        del pending[:k]
-        lo_hi[:] = empty
-        for _, r in pending:
-            bound(r)
+        take(k)
 
     def blocks(ranges: list) -> bool:
         if not pending or not ranges:
@@ -656,13 +694,8 @@ def interleave_epilogues(
                 gemm = instructions[i + j]
                 ranges = _acc_ranges(gemm)
                 if blocks(ranges):
-                    if partial_flush:
-                        last = max(k for k, (_, r) in enumerate(pending) if _conflict(ranges, r))
-                        out.extend(p[0] for p in pending[: last + 1])
-                        del pending[: last + 1]
-                        lo_hi[:] = empty
-                        for _, r in pending:
-                            bound(r)
+                    if partial_flush:  # through the last pending instruction it conflicts with
+                        take(1 + max(k for k, (_, r) in enumerate(pending) if _conflict(ranges, r)))
                     else:
                         flush()
                 out.append(gemm)

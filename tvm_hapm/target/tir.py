@@ -45,12 +45,15 @@ from .intrin import GEMM_MARKER, SCOPE_ACC, SCOPE_INP, SCOPE_WGT, gemv_intrin
 from .isa import AluOp, Buffer, Instruction, Opcode
 from .program import Program, Slot
 from .schedule import (
+    RESIDUAL_CONST_ROWS,
     ConvSchedule,
     assign_arrays,
     fit_double_buffer,
+    hoist_prologues,
     interleave_epilogues,
     pipeline_operand_loads,
     plan_conv,
+    residual_rows,
 )
 
 __all__ = [
@@ -169,7 +172,7 @@ def conv2d_primfunc(  # noqa: PLR0917 - the layer's shape, in the conventional o
     oh, ow = _out_size(h, pt, pb, kh, sh, dh), _out_size(w, pl, pr, kw, sw, dw)
     act = cfg.act_dtype
 
-    rows = 3 if residual else 2  # constant rows per output block
+    rows = RESIDUAL_CONST_ROWS if residual else 2  # constant rows per output block
     data = te.placeholder((n, cib, h, w, R), act, name="data")
     weight = te.placeholder((cob, cib, kh, kw, R, C), cfg.weight_dtype, name="weight")
     bias_mult = te.placeholder((rows * cob, C), "int32", name="bias_mult")
@@ -196,8 +199,8 @@ def conv2d_primfunc(  # noqa: PLR0917 - the layer's shape, in the conventional o
         shortcut = te.compute(
             out_shape,
             lambda b, co, y, x, c: (
-                res[b, co, y, x, c].astype("int32") * bias_mult[3 * co + 2, c]
-                + bias_mult[3 * co, c]
+                res[b, co, y, x, c].astype("int32") * bias_mult[rows * co + 2, c]
+                + bias_mult[rows * co, c]
             ),
             name="shortcut",
         )
@@ -436,7 +439,7 @@ def schedule_conv2d(
     fused = bool(L.get("residual"))
     plan = fit_double_buffer(
         cfg, tir_conv_schedule(cfg, layer, sched), L["kh"], L["kw"], L["strides"],
-        L["dilation"], n_blocks, 3 * L["cob"] if fused else 0,
+        L["dilation"], n_blocks, residual_rows(L["cob"], fused),
     )  # fmt: skip
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     conv = sch.get_sblock("conv")
@@ -1032,7 +1035,7 @@ class _Emitter:
         self.alu_only = not self.gemm_acc
         #: A reduction's init computed into a GEMM accumulator (a fused residual: the shortcut
         #: tile's DMA, ``MUL`` and ``ADD``) is the region's *prologue*: ``[start, p0, p1]``
-        #: per region, as :func:`~tvm_hapm.target.codegen._hoist_prologues` takes them.  A
+        #: per region, as :func:`~tvm_hapm.target.schedule.hoist_prologues` takes them.  A
         #: region starts where the previous one's last store ends (the first one: at the
         #: first loop, after the resident weights and constant rows).
         self.regions: list[list[int]] = []
@@ -1698,12 +1701,10 @@ def emit_program(
     A reduction's init computed into a GEMM accumulator region (a fused residual: the shortcut
     tile's ``LOAD``, ``MUL`` by ``K``, ``ADD`` of the bias) is that region's prologue: with
     double buffering each prologue moves ahead of the previous region
-    (:func:`~tvm_hapm.target.codegen._hoist_prologues`), and ``interleave_epilogues`` flushes
+    (:func:`~tvm_hapm.target.schedule.hoist_prologues`), and ``interleave_epilogues`` flushes
     pending instructions only up to the last one a GEMM conflicts with (``partial_flush``), as
     the direct generator does.
     """
-    from .codegen import _hoist_prologues  # noqa: PLC0415 - the cross-check, imported lazily
-
     func = _as_func(func)
     cfg = get_config(cfg if cfg is not None else _layer_of(func)["config"])
     func = _lowered(func, cfg)
@@ -1714,7 +1715,7 @@ def emit_program(
     seq = emitter.seq
     prologues = bool(emitter.regions)  # a fused residual's computed inits
     if prologues and emitter.double:
-        seq = _hoist_prologues(seq, [tuple(r) for r in emitter.regions])
+        seq = hoist_prologues(seq, [tuple(r) for r in emitter.regions])
     if emitter.alu_only:
         seq = pipeline_operand_loads(seq)
     else:  # (also when every GEMM was dropped: the direct generator does not move the loads)
@@ -1807,7 +1808,7 @@ def conv2d_program(  # noqa: PLR0913, PLR0917 - the signature of codegen.conv2d_
     sched = tir_conv_schedule(cfg, _layer_of(func), plan)
     sparse_count = int(nonzero.sum())
     sched = fit_double_buffer(
-        cfg, sched, kh, kw, (sh, sw), (dh, dw), sparse_count, 3 * cob if fused else 0
+        cfg, sched, kh, kw, (sh, sw), (dh, dw), sparse_count, residual_rows(cob, fused)
     )
     if not divisor_tiles and (sched.tile_h, sched.tile_w) != (plan.tile_h, plan.tile_w):
         raise TirLoweringError(
