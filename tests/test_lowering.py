@@ -26,6 +26,7 @@ from tvm_hapm.target.schedule import (
     estimate_conv_cycles,
     estimate_eltwise_cycles,
     fit_double_buffer,
+    hoist_prologues,
     interleave_epilogues,
     plan_conv,
     plan_eltwise,
@@ -290,6 +291,33 @@ def test_interleave_epilogues_by_hand():
     # Programs without GEMMs are unchanged.
     alu_only = [_ld(acc, 0, 4), _a(0), _st(0), _ld(inp, 0, 4)]
     assert interleave_epilogues(alu_only, cfg) == alu_only
+
+
+def test_hoist_prologues_and_partial_flush_by_hand():
+    cfg = CFG.replace(name="two-arrays", num_arrays=2)
+    acc = isa.Buffer.ACC
+    # Three regions alternating between accumulator halves A (2..17) and B (18..33), each a
+    # prologue (shortcut load, ALU from constant row 0), two GEMMs, an epilogue (ALU from row 1)
+    # and a store.
+    parts, seq, regions = [], [], []
+    for base in (2, 18, 2):
+        pro, gemms, epi = (
+            [_ld(acc, base, 16), _a(base, 0)],
+            [_g(base), _g(base)],
+            [_a(base, 1), _st(base)],
+        )
+        regions.append((len(seq), len(seq), len(seq) + 2))
+        seq += pro + gemms + epi
+        parts.append((pro, gemms, epi))
+    (p0, g0, e0), (p1, g1, e1), (p2, g2, e2) = parts
+    # Region k+1's prologue moves ahead of region k, after region k-1's epilogue (same half).
+    hoisted = hoist_prologues(seq, regions)
+    assert hoisted == [*p0, *p1, *g0, *e0, *p2, *g1, *e1, *g2, *e2]
+    # A full flush runs P1 before the arrays start; the partial flush lets it (and P2 with E0)
+    # run while the GEMMs of the other half do.
+    assert interleave_epilogues(hoisted, cfg)[:6] == [*p0, *p1, *g0]
+    out = interleave_epilogues(hoisted, cfg, partial_flush=True)
+    assert out == [*p0, *g0, *p1, *g1, *e0, *p2, *g2, *e1, *e2]
 
 
 def test_plan_conv_trades_input_chunks_for_larger_tiles():
