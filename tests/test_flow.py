@@ -125,3 +125,16 @@ def test_recover_keeps_the_better_of_reconstruction_and_fine_tuning():
     np.testing.assert_array_equal(  # the masks are held through both steps
         _weights(best)["conv3.w"] == 0, _weights(pruned)["conv3.w"] == 0
     )
+
+
+def test_recover_without_reconstruction_fine_tunes_the_pruned_model():
+    from tvm_hapm.data import load_digits
+    from tvm_hapm.flow import recover
+
+    model = load_bundled_model(batch=1)
+    x, y, _, _ = load_digits(size=16)
+    pruned, _ = prune_onnx(model, "hapm", 0.9, keep_first_last=False)
+    best, info = recover(pruned, model, (x, y), steps=0, reconstruct=False)
+    assert info["reconstruction"] is None and info["val_reconstructed"] is None
+    assert info["kept"] == "pruned"
+    np.testing.assert_array_equal(_weights(best)["conv3.w"], _weights(pruned)["conv3.w"])

@@ -98,18 +98,20 @@ def test_reconstruction_recovers_candidates_and_keeps_their_masks(setup):
         np.testing.assert_array_equal(weights[name] != 0, env.masks[li][idx[li]])
 
 
-def test_uniform_bisection_finds_the_largest_feasible_ratio(setup):
-    _, _, env = setup
+@pytest.mark.parametrize("budget", [2.0, 10.0, 20.0])
+def test_uniform_bisection_finds_the_largest_feasible_ratio(setup, budget):
+    model, data, _ = setup
+    env = hwflow.HWFlowEnv(model, data[:2], "zedboard", "latency", budget, "mid", val_size=300)
     gi, best, used = hwflow.uniform_bisection(env, "uniform", 10)
     assert used <= int(np.ceil(np.log2(len(env.grid))))
 
     def uniform(g):
         return [min(g, m) for m in env.max_index]
 
-    assert env.evaluate(uniform(gi)).feasible
+    # the full scan of the grid (the drop grows with a uniform ratio on this model)
+    feasible = [env.evaluate(uniform(g)).feasible for g in range(len(env.grid))]
+    assert gi == max(g for g, ok in enumerate(feasible) if ok)
     assert gi == 0 or best.idx == tuple(uniform(gi))
-    if gi + 1 < len(env.grid):
-        assert not env.evaluate(uniform(gi + 1)).feasible
 
 
 def test_int8_weight_grid_is_per_output_channel(setup):

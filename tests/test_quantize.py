@@ -395,3 +395,10 @@ def test_nothing_to_quantize_warns():
         out = quantize(mod, samples(1, 0), report=report)
     tvm.ir.assert_structural_equal(out, mod)
     assert report and report[0].startswith("warning")
+
+
+@pytest.mark.parametrize("percentile", [0.0, -1.0, 100.5])
+def test_percentile_out_of_range_is_refused(percentile):
+    mod = from_onnx(conv_bn_relu())
+    with pytest.raises(QuantizeError, match="percentile must be in"):
+        quantize(mod, samples(2, 0), percentile=percentile)

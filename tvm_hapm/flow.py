@@ -288,7 +288,8 @@ def recover(
         info["val_finetuned"] = NumpyNet(tuned).accuracy(x_val, y_val)
         info["finetune_seconds"] = time.perf_counter() - t1
         info["finetune_images_per_s"] = history["images_per_s"]
-        if info["val_finetuned"] > NumpyNet(rebuilt).accuracy(x_val, y_val):
+        kept_val = info["val_reconstructed"] if reconstruct else info["val_pruned"]
+        if info["val_finetuned"] > kept_val:
             best, info["kept"] = tuned, "finetuned"
     return best, info
 

@@ -414,9 +414,9 @@ class HWFlowEnv:
             return self._acc_cache[idx]
         vals = self.pruned_values(idx)
         if any(idx) and self.reconstruct:
-            model = self.recovered_model(idx)
-            q = self._weight_grid(NumpyNet(model).inits) if self.int8_weights else None
-            acc = NumpyNet(model).accuracy(self.x_val, self.y_val, q)
+            net = NumpyNet(self.recovered_model(idx))
+            q = self._weight_grid(net.inits) if self.int8_weights else None
+            acc = net.accuracy(self.x_val, self.y_val, q)
             self._acc_cache[idx] = acc
             return acc
         if any(idx):
@@ -437,12 +437,12 @@ class HWFlowEnv:
         out = {}
         for li, name in enumerate(self.weight_names):
             w = np.asarray(values[name], np.float32)
-            cl = self.conv_layers[li]
-            rows = w.reshape(w.shape[0], -1) if w.ndim == 4 or w.shape[0] == cl.cout else w.T
+            by_row = w.ndim == 4 or w.shape[0] == self.conv_layers[li].cout  # (cout, ...)
+            rows = w.reshape(w.shape[0], -1) if by_row else w.T
             s = np.abs(rows).max(axis=1, keepdims=True) / hi
             s[s == 0] = 1.0
             q = (np.clip(np.round(rows / s), -hi, hi) * s).astype(np.float32)
-            out[name] = q.reshape(w.shape) if w.ndim == 4 or w.shape[0] == cl.cout else q.T
+            out[name] = q.reshape(w.shape) if by_row else q.T
         return out
 
     def recovered_model(self, idx) -> onnx.ModelProto:

@@ -97,7 +97,7 @@ _NOT_AN_OP = "not an operator call"
 #: Steps that emit an accelerated layer (they requantize to a calibrated output scale).
 _LAYER_KINDS = ("conv", "dense", "avgpool", "gap", "add")
 #: Steps whose result is an integer tensor.
-_INT_KINDS = (*_LAYER_KINDS, "int", "clip", "fused")
+_INT_KINDS = (*_LAYER_KINDS, "int", "clip")
 #: Smallest integer shortcut weight of a fused residual add: widening a weight scale to make
 #: the shortcut exact costs at most 1/RESIDUAL_MIN_K of the weights' resolution.
 RESIDUAL_MIN_K = 16
@@ -954,7 +954,7 @@ class _Emitter(_Rebuilder):
         return self.qmap[var][1] if var in self.qmap else self.scales[var]
 
     def emit_add(self, step) -> None:
-        found = None
+        found = short = None
         for conv in step.fusable:  # the first whose shortcut weights qualify
             short = step.src[1] if step.src[0].same_as(conv.out) else step.src[0]
             s_in = self._scale(conv.src[0])
@@ -968,7 +968,7 @@ class _Emitter(_Rebuilder):
                 self.emit_conv(conv)
                 self.report_step(conv)
         if step.residual is not None:
-            self._emit_add_fused(step, *found)
+            self._emit_add_fused(step, short, *found)
             return
         aq, s_a = self.q(step.src[0])
         bq, s_b = self.q(step.src[1])
@@ -982,9 +982,8 @@ class _Emitter(_Rebuilder):
         )
         self.qmap[step.out] = (y, s_out)
 
-    def _emit_add_fused(self, step, wq, bq, s_w, k) -> None:
+    def _emit_add_fused(self, step, short, wq, bq, s_w, k) -> None:
         conv = step.residual
-        short = step.src[1] if step.src[0].same_as(conv.out) else step.src[0]
         xq, s_in = self.q(conv.src[0])
         sq, _ = self.q(short)
         s_out = self.scales[step.out]
@@ -1286,6 +1285,8 @@ def quantize(
     cfg = get_config(config)
     if func_name not in mod or not isinstance(mod[func_name], relax.Function):
         raise QuantizeError(f"the module has no Relax function {func_name!r}")
+    if percentile is not None and not 0.0 < float(percentile) <= 100.0:
+        raise QuantizeError(f"percentile must be in (0, 100], got {percentile}")
     if is_quantized(mod):
         raise QuantizeError(
             "the model is already quantized (it has an integer conv2d/matmul accumulating in "
@@ -1321,8 +1322,6 @@ def quantize(
     order = {v: k for k, v in enumerate(graph.params)}
     order.update({b.var: len(graph.params) + k for k, b in enumerate(graph.bindings)})
     calib_vars = sorted(needed, key=lambda v: order[v])
-    if percentile is not None and not 0.0 < float(percentile) <= 100.0:
-        raise QuantizeError(f"percentile must be in (0, 100], got {percentile}")
     scales = _calibrate(
         norm, gvar, graph, calib_vars, samples=samples, act_hi=cfg.act_range[1],
         percentile=percentile,
