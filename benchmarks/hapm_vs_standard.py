@@ -9,6 +9,11 @@ then fine-tuning inside TVM with the masks held fixed, keeping the better of the
 validation split of the training images.  Then it is quantized to int8 and compiled for
 hapm_fpga.
 
+HAPM prunes whole hardware groups and spreads the network-wide weight sparsity by importance per
+multiply-accumulate saved (``ranking="per_mac"``, at most 87.5% of any layer): a weight of a
+32x32 layer costs 16x the array time of one of an 8x8 layer.  ``hapm_layer`` is the same group
+pruning with every layer at the target sparsity (the benchmark's HAPM before this ranking).
+
 Filter pruning removes a fraction of *channels*; the benchmark picks the fraction whose weight
 sparsity is nearest the target (reported as ``sparsity_filter``) and deploys the model with the
 channels removed (:func:`tvm_hapm.flow.filter_deploy_pass`), after checking that the shrunk
@@ -44,7 +49,15 @@ from tvm_hapm.flow import (
 from tvm_hapm.target.config import get_config
 
 RESULTS = Path(__file__).resolve().parent / "results" / "hapm_vs_standard.json"
-METHODS = {"standard": "unstructured", "filter": "filter", "hapm": "hapm"}
+# label -> (pruning method, ranking): HAPM allocates the network-wide sparsity by importance per
+# MAC saved (flow.prune_onnx ranking="per_mac"); "hapm_layer" is the same group pruning with
+# every layer at the target, shown for comparison
+METHODS = {
+    "standard": ("unstructured", "layer"),
+    "filter": ("filter", "layer"),
+    "hapm": ("hapm", "per_mac"),
+    "hapm_layer": ("hapm", "layer"),
+}
 
 
 def check_shrink(model, fraction, cfg, x) -> float:
@@ -89,14 +102,14 @@ def main(argv=None) -> dict:
             "energy_dense": dense[2],
             "gemm_dense": dense[3],
         }
-        for label, method in METHODS.items():
+        for label, (method, ranking) in METHODS.items():
             t0 = time.perf_counter()
             ratio, transform = s, None
             if method == "filter":
                 ratio, _ = filter_fraction(base, s, cfg)
                 transform = filter_deploy_pass(ratio, cfg)
                 row["filter_channel_fraction"] = ratio
-            pruned, _ = prune_onnx(base, method, ratio, config=cfg)
+            pruned, _ = prune_onnx(base, method, ratio, config=cfg, ranking=ranking)
             tuned, info = recover(
                 pruned,
                 base,
@@ -133,6 +146,7 @@ def main(argv=None) -> dict:
         row["hapm_vs_standard_speedup"] = row["lat_standard"] / row["lat_hapm"]
         row["hapm_vs_dense_speedup"] = row["lat_dense"] / row["lat_hapm"]
         row["hapm_vs_filter_speedup"] = row["lat_filter"] / row["lat_hapm"]
+        row["hapm_layer_vs_dense_speedup"] = row["lat_dense"] / row["lat_hapm_layer"]
         results[f"{s:g}"] = row
     table = Table(title=f"ResNet-20 / digits-32 on {cfg.name}: int8 accuracy after fine-tuning")
     for col in ("sparsity", "method", "top-1 %", "latency ms", "energy µJ", "GEMMs", "vs dense"):
@@ -162,6 +176,7 @@ def main(argv=None) -> dict:
         "(Adam, batch 32); the better of the two on a 200-image validation split of the "
         "training data is kept (kept_<method>)",
         "filter": "sparsity = nearest weight sparsity reachable by removing channels",
+        "rankings": {label: ranking for label, (_, ranking) in METHODS.items()},
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(payload, indent=2, sort_keys=True))

@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from tvm_hapm.data import load_bundled_model
-from tvm_hapm.flow import prune_onnx, sparsity_of
+from tvm_hapm.data import load_bundled_model, load_bundled_resnet20
+from tvm_hapm.flow import PER_MAC_MAX_LAYER_SPARSITY, prune_onnx, sparsity_of
 
 
 def _weights(model):
@@ -41,6 +41,36 @@ def test_prune_onnx_writes_zeros_into_the_middle_layers_only(method):
 def test_prune_onnx_refuses_unknown_methods():
     with pytest.raises(ValueError, match="unknown pruning method"):
         prune_onnx(load_bundled_model(batch=1), "random", 0.5)
+
+
+def test_per_mac_ranking_moves_pruning_to_high_resolution_layers():
+    model = load_bundled_resnet20(batch=1)
+    _, uniform = prune_onnx(model, "hapm", 0.5)
+    _, per_mac = prune_onnx(model, "hapm", 0.5, ranking="per_mac")
+
+    def total(report):
+        return sum(e["zeros"] for e in report) / sum(e["weights"] for e in report)
+
+    # the same network-wide weight sparsity (within a group of the largest layer) ...
+    assert abs(total(per_mac) - total(uniform)) < 0.01
+    # ... moved to the 16-channel layers at 32x32 (64x the MACs per weight of the 8x8 ones),
+    # up to the cap
+    mid = [e for e in per_mac if e["target_sparsity"] > 0 and e["weights"] > 0]
+    early = [e["sparsity"] for e in mid if e["weight_shape"][0] == 16]
+    late = [e["sparsity"] for e in mid if e["weight_shape"][0] == 64]
+    assert min(early) > 0.8 > max(late)
+    assert max(e["sparsity"] for e in per_mac) <= PER_MAC_MAX_LAYER_SPARSITY
+    assert {e["ranking"] for e in per_mac if e["sparsity"] > 0} == {"global_per_mac"}
+
+
+def test_prune_onnx_refuses_unknown_or_unsupported_rankings():
+    model = load_bundled_model(batch=1)
+    with pytest.raises(ValueError, match="unknown ranking 'best'"):
+        prune_onnx(model, "hapm", 0.5, ranking="best")
+    with pytest.raises(ValueError, match="not available for method 'unstructured'"):
+        prune_onnx(model, "unstructured", 0.5, ranking="per_mac")
+    with pytest.raises(ValueError, match="not available for method 'filter'"):
+        prune_onnx(model, "filter", 0.5, ranking="global")
 
 
 def test_filter_pruning_zeroes_coupled_channels_and_deploys_shrunk():

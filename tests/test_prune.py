@@ -114,6 +114,56 @@ def test_magnitude_prune_matches_hand_built_module():
     assert np.count_nonzero(_find_layers(mod)[0].weight == 0) == 0
 
 
+def _two_resolution_module(wa, wb):
+    """``conv2d(conv2d(x, wa), wb, strides=2)``: 1x1 convs on an 8x8 image, so a weight of
+    ``wa`` does 64 MACs per image and one of ``wb`` 16."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 16, 8, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.nn.conv2d(x, relax.const(wa)))
+            y = bb.emit(relax.op.nn.conv2d(y, relax.const(wb), strides=2))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def _blocks(levels):
+    """A (16, 16, 1, 1) weight whose 8x8 block (o, i) holds ``levels[o][i]``."""
+    return np.kron(np.asarray(levels, "float32"), np.ones((8, 8), "float32"))[:, :, None, None]
+
+
+def test_hapm_cost_weighted_global_ranking_and_cap():
+    # one 8x8 array: a group is one block; 512 weights, 25 % = two blocks
+    cfg = HardwareConfig(name="one-array", num_arrays=1, array_rows=8, array_cols=8)
+    wa = _blocks([[2.0, 1.2], [1.5, 2.0]])  # 64 MACs per weight
+    wb = _blocks([[0.9, 1.0], [1.1, 0.8]])  # 16 MACs per weight
+    mod = _two_resolution_module(wa, wb)
+
+    def expect(a_zero, b_zero):
+        ea, eb = wa.copy(), wb.copy()
+        for w, zero in ((ea, a_zero), (eb, b_zero)):
+            for o, i in zero:
+                w[8 * o : 8 * o + 8, 8 * i : 8 * i + 8] = 0
+        return _two_resolution_module(ea, eb)["main"]
+
+    # by importance alone the weakest blocks are wb's 0.8 and 0.9
+    out = HardwareAwarePrune(0.25, cfg, global_=True)(mod)
+    tvm.ir.assert_structural_equal(out["main"], expect([], [(1, 1), (0, 0)]))
+    # per MAC saved, wa's blocks are cheaper: 1.2 / 64 and 1.5 / 64 are below 0.8 / 16
+    out = HardwareAwarePrune(0.25, cfg, global_=True, cost_weighted=True)(mod)
+    tvm.ir.assert_structural_equal(out["main"], expect([(0, 1), (1, 0)], []))
+    assert {e["ranking"] for e in prune_report(out)} == {"global_per_mac"}
+    # capped at a quarter of each layer: wa gives one block, the next cheapest is wb's 0.8
+    out = HardwareAwarePrune(0.25, cfg, global_=True, cost_weighted=True, max_layer_sparsity=0.25)(
+        mod
+    )
+    tvm.ir.assert_structural_equal(out["main"], expect([(0, 1)], [(1, 1)]))
+    for bad in (0, -0.5, 1.5, "all", True):
+        with pytest.raises(PruneError, match="max_layer_sparsity"):
+            HardwareAwarePrune(0.5, cfg, global_=True, max_layer_sparsity=bad)
+
+
 # --------------------------------------------------------------------------------------------
 # (c) magnitude pruning: exact zero counts
 @pytest.mark.parametrize("sparsity", [0.0, 0.3, 0.5, 0.9])

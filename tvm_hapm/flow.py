@@ -16,7 +16,9 @@ import onnx
 from onnx import numpy_helper
 
 __all__ = [
+    "PER_MAC_MAX_LAYER_SPARSITY",
     "PRUNE_METHODS",
+    "RANKINGS",
     "DeployedResult",
     "evaluate_deployed",
     "filter_deploy_pass",
@@ -30,17 +32,31 @@ __all__ = [
 ]
 
 PRUNE_METHODS = ("hapm", "unstructured", "filter")
+RANKINGS = ("layer", "global", "per_mac")
+# per_mac ranking: no layer loses more than 7/8 of its weights (one group in eight of a
+# 16-channel ResNet-20 conv stays), else the cheapest-to-prune layers would be emptied
+PER_MAC_MAX_LAYER_SPARSITY = 0.875
 
 
-def _pass(method: str, sparsity: float, config, criterion: str, skip, per_layer):
+def _pass(method: str, sparsity: float, config, criterion: str, skip, per_layer, ranking="layer"):
     from .passes import FilterPrune, HardwareAwarePrune, MagnitudePrune  # noqa: PLC0415
 
+    if ranking not in RANKINGS:
+        raise ValueError(f"unknown ranking {ranking!r}; choose from {RANKINGS}")
+    if ranking != "layer" and method == "filter" or ranking == "per_mac" and method != "hapm":
+        raise ValueError(f"ranking {ranking!r} is not available for method {method!r}")
     if method == "hapm":
+        per_mac = ranking == "per_mac"
         return HardwareAwarePrune(
-            sparsity, config=config, criterion=criterion, per_layer=per_layer, skip=skip
-        )
+            sparsity, config=config, criterion=criterion, per_layer=per_layer, skip=skip,
+            global_=ranking != "layer", cost_weighted=per_mac,
+            max_layer_sparsity=PER_MAC_MAX_LAYER_SPARSITY if per_mac else None,
+        )  # fmt: skip
     if method == "unstructured":
-        return MagnitudePrune(sparsity, criterion=criterion, per_layer=per_layer, skip=skip)
+        return MagnitudePrune(
+            sparsity, criterion=criterion, per_layer=per_layer, skip=skip,
+            global_=ranking == "global",
+        )  # fmt: skip
     if method == "filter":
         # masks only: the zeroed filters and the consumer weights reading them; the tensors are
         # shrunk at deployment (FilterPrune(shrink=True), see filter_deploy_pass)
@@ -107,6 +123,7 @@ def prune_onnx(
     keep_first_last: bool = True,
     per_layer: dict | None = None,
     return_masks: bool = False,
+    ranking: str = "layer",
 ):
     """Prune ``model`` with ``method`` (``"hapm"``, ``"unstructured"`` or ``"filter"``).
 
@@ -121,6 +138,13 @@ def prune_onnx(
     channels in every conv feeding them); ``sparsity`` is then the fraction of *channels*
     removed per channel space. The shapes stay, so masks, fine-tuning and reconstruction work as
     for the other methods; :func:`filter_deploy_pass` removes the channels for deployment.
+
+    ``ranking`` says where the pruning goes (``per_layer`` layers always get their own ratio):
+    ``"layer"`` prunes every layer to ``sparsity``; ``"global"`` ranks the groups (or weights)
+    of all layers together against one network-wide ``sparsity``; ``"per_mac"`` (HAPM only)
+    ranks them by importance per multiply-accumulate saved, with no layer pruned beyond
+    :data:`PER_MAC_MAX_LAYER_SPARSITY` (``HardwareAwarePrune(global_=True,
+    cost_weighted=True)``): the latency-aware allocation of a network-wide weight sparsity.
     """
     from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
 
@@ -132,7 +156,7 @@ def prune_onnx(
     skip = [names[0], names[-1]] if keep_first_last and len(names) > 2 else []
     if method == "filter":
         skip = []  # the logits' channels are never removed; the stem's are coupled
-    pruned = _pass(method, sparsity, config, criterion, skip, per_layer)(mod)
+    pruned = _pass(method, sparsity, config, criterion, skip, per_layer, ranking)(mod)
     out, masks = write_masks(model, pruned)
     return (out, prune_report(pruned), masks) if return_masks else (out, prune_report(pruned))
 

@@ -89,6 +89,16 @@ def _check_per_layer(per_layer) -> dict:
     return {str(k): _check_sparsity(v, f"per_layer[{k!r}]") for k, v in per_layer.items()}
 
 
+def _check_cap(value) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise PruneError(f"max_layer_sparsity must be a number in (0, 1], got {value!r}")
+    if not 0.0 < float(value) <= 1.0:
+        raise PruneError(f"max_layer_sparsity must be in (0, 1], got {value}")
+    return float(value)
+
+
 def _check_skip(skip) -> set:
     if skip is None:
         return set()
@@ -365,6 +375,21 @@ def _importance(values: np.ndarray, gid: np.ndarray, criterion: str):
     return sizes, raw, norm
 
 
+def macs_per_weight(layer: _Layer) -> int:
+    """Multiply-accumulates one weight of ``layer`` performs per image: its output pixels
+    (1 for a dense layer).  Every GEMM of a weight block streams that many vectors through an
+    array, so it is also the array time one pruned block saves."""
+    if layer.kind == "dense":
+        return 1
+    return int(layer.out_shape[2]) * int(layer.out_shape[3])
+
+
+def _ranking_name(shared: bool, cost_weighted: bool) -> str:
+    if not shared:
+        return "layer"
+    return "global_per_mac" if cost_weighted else "global"
+
+
 def _prefix(sizes_sorted: np.ndarray, target: float) -> int:
     """How many of the first groups to prune so that their element count is nearest to
     ``target`` (ties: reach the target)."""
@@ -480,12 +505,15 @@ def hardware_aware_prune(
     skip=None,
     global_: bool = False,
     report: list | None = None,
+    cost_weighted: bool = False,
+    max_layer_sparsity: float | None = None,
 ) -> tvm.IRModule:
     """Function form of :func:`HardwareAwarePrune` (same parameters, plus ``mod``)."""
     sparsity = _check_sparsity(sparsity)
     criterion = _check_criterion(criterion)
     per_layer = _check_per_layer(per_layer)
     skip = _check_skip(skip)
+    cap = _check_cap(max_layer_sparsity)
     cfg = get_config(config)
     layers = _find_layers(mod)
     _unknown_layers(per_layer, layers, "per_layer")
@@ -512,13 +540,25 @@ def hardware_aware_prune(
         pruned[name] = order[:k]
     shared = [n for n in info if n not in local]
     if shared:
-        rows = []  # (norm, layer position, group id, size)
+        rows = []  # (score, layer position, group id, size)
         for pos, name in enumerate(shared):
-            _, _, _, _, sizes, _, norm = info[name]
+            lay, _, _, _, sizes, _, norm = info[name]
             ids = np.flatnonzero(sizes > 0)
-            rows.append(np.stack([norm[ids], np.full(ids.size, pos), ids, sizes[ids]], 1))
+            score = norm[ids] / (macs_per_weight(lay) if cost_weighted else 1)
+            rows.append(np.stack([score, np.full(ids.size, pos), ids, sizes[ids]], 1))
         table = np.concatenate(rows)
         table = table[np.lexsort((table[:, 2], table[:, 1], table[:, 0]))]
+        if cap is not None:
+            # A layer's groups appear in its own importance order, so its eligible groups
+            # are a prefix of them: those whose running size stays within the cap.
+            pos_col = table[:, 1].astype(np.int64)
+            size_col = table[:, 3].astype(np.int64)
+            running = np.zeros_like(size_col)
+            limit = np.array([cap * info[n][1].size for n in shared])
+            for pos in range(len(shared)):
+                sel = pos_col == pos
+                running[sel] = np.cumsum(size_col[sel])
+            table = table[running <= limit[pos_col] + 1e-9]
         total = sum(info[n][1].size for n in shared)
         k = _prefix(table[:, 3].astype(np.int64), sparsity * total)
         for pos, name in enumerate(shared):
@@ -539,7 +579,7 @@ def hardware_aware_prune(
                 targets[name],
                 new,
                 criterion=criterion,
-                ranking="global" if name in shared else "layer",
+                ranking=_ranking_name(name in shared, cost_weighted),
                 cob_group=int(sched.cob_group),
                 schedule=sched.to_dict(),
                 array=[cfg.array_rows, cfg.array_cols, cfg.num_arrays],
@@ -564,6 +604,8 @@ def HardwareAwarePrune(  # noqa: N802 (TVM pass factories are CamelCase)
     skip=None,
     *,
     global_: bool = False,
+    cost_weighted: bool = False,
+    max_layer_sparsity: float | None = None,
     report: list | None = None,
 ) -> tvm.transform.Pass:
     """Prune whole hardware groups: the weight blocks one dispatch of the parallel arrays uses.
@@ -595,6 +637,18 @@ def HardwareAwarePrune(  # noqa: N802 (TVM pass factories are CamelCase)
     global_ : bool
         Rank the groups of all (non-``per_layer``) layers together against one network-wide
         target instead of pruning every layer to ``sparsity``.
+    cost_weighted : bool
+        With ``global_``: rank a group by its importance divided by the multiply-accumulates
+        each of its weights performs per image (:func:`macs_per_weight`), so that the ranking
+        removes the least importance per unit of work saved.  A weight of a high-resolution
+        layer is applied at many more pixels than one of a low-resolution layer, and every
+        GEMM of its dispatch streams that many vectors: the arrays' time follows MACs, not
+        parameters.  At a given *weight* sparsity this moves pruning to the layers where it
+        saves the most cycles (the HAPM flow's latency-aware allocation).
+    max_layer_sparsity : float, optional
+        With ``global_``: no layer is pruned beyond this fraction of its weights (in
+        ``(0, 1]``; default no cap).  A cost-weighted ranking would otherwise empty the
+        cheapest-to-prune layers entirely.
     report : list, optional
         Receives the per-layer report entries (also stored in ``"hapm.prune_report"``).
 
@@ -606,19 +660,21 @@ def HardwareAwarePrune(  # noqa: N802 (TVM pass factories are CamelCase)
     Raises
     ------
     PruneError
-        (a ``ValueError``) for a sparsity outside ``[0, 1)``, an unknown criterion or an unknown
-        layer name.
+        (a ``ValueError``) for a sparsity outside ``[0, 1)``, an unknown criterion, an unknown
+        layer name, or a ``max_layer_sparsity`` outside ``(0, 1]``.
     """
     _check_sparsity(sparsity)
     _check_criterion(criterion)
     _check_per_layer(per_layer)
+    _check_cap(max_layer_sparsity)
     skip_set = _check_skip(skip)
     cfg = get_config(config)
 
     def run(mod):
         return hardware_aware_prune(
-            mod, sparsity, cfg, criterion, per_layer, skip_set, global_, report
-        )
+            mod, sparsity, cfg, criterion, per_layer, skip_set, global_, report,
+            cost_weighted, max_layer_sparsity,
+        )  # fmt: skip
 
     return _module_pass(run, "hapm.HardwareAwarePrune")
 
