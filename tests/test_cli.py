@@ -276,11 +276,24 @@ def test_prune_writes_onnx_and_report(tmp_path, capsys):
     assert len(pruned_layers) == 1  # the first and last of three layers are kept dense
     assert abs(pruned_layers[0]["sparsity"] - 0.5) < 0.1
     assert 0 < report["achieved_sparsity"] < 0.5
+    assert report["ranking"] == "per_mac"  # HAPM's default allocation
+    assert pruned_layers[0]["ranking"] == "global_per_mac"
     import onnx  # noqa: PLC0415
 
     pruned = onnx.load(str(out / "pruned.onnx"))
     onnx.checker.check_model(pruned)
     capsys.readouterr()
+    assert main(["prune", str(BUNDLED_MODEL), "--sparsity", "0.5", "--ranking", "layer",
+                 "-o", str(out)]) == 0  # fmt: skip
+    report = json.loads((out / "prune_report.json").read_text())
+    assert {e["ranking"] for e in report["layers"] if e.get("sparsity", 0) > 0} == {"layer"}
+    capsys.readouterr()
+    assert main(["prune", str(BUNDLED_MODEL), "--sparsity", "0.5", "--ranking", "best",
+                 "-o", str(out)]) == 2  # fmt: skip
+    assert "choose from layer, global, per_mac" in capsys.readouterr().err
+    assert main(["prune", str(BUNDLED_MODEL), "--method", "unstructured", "--sparsity", "0.5",
+                 "--ranking", "per_mac", "-o", str(out)]) == 2  # fmt: skip
+    assert "not available for method 'unstructured'" in capsys.readouterr().err
     assert main(["prune", str(BUNDLED_MODEL), "--method", "random", "--sparsity", "0.5",
                  "-o", str(out)]) == 2  # fmt: skip
     assert "choose from hapm, unstructured, filter" in capsys.readouterr().err
@@ -333,12 +346,15 @@ def test_prune_in_stages_reports_rounds(tmp_path, digits, capsys):
     np.savez(data, x_train=x_train, y_train=y_train)
     out = tmp_path / "staged"
     assert main(["prune", str(BUNDLED_MODEL), "--method", "hapm", "--sparsity", "0.9",
-                 "--stages", "2", "--finetune-steps", "0", "--data", str(data),
-                 "-o", str(out)]) == 0  # fmt: skip
+                 "--ranking", "layer", "--stages", "2", "--finetune-steps", "0",
+                 "--data", str(data), "-o", str(out)]) == 0  # fmt: skip
     report = json.loads((out / "prune_report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert report["rounds"][0]["sparsity"] < report["rounds"][1]["sparsity"]
     capsys.readouterr()
+    # per_mac caps every layer at 87.5 %: 90 % of the one prunable layer is out of reach
+    assert main(["prune", str(BUNDLED_MODEL), "--sparsity", "0.9", "-o", str(out)]) == 2
+    assert "out of reach with max_layer_sparsity 0.875" in capsys.readouterr().err
     assert main(["prune", str(BUNDLED_MODEL), "--sparsity", "0.5", "--stages", "2",
                  "-o", str(out)]) == 2  # fmt: skip
     assert "needs --data" in capsys.readouterr().err

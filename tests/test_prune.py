@@ -159,6 +159,8 @@ def test_hapm_cost_weighted_global_ranking_and_cap():
         mod
     )
     tvm.ir.assert_structural_equal(out["main"], expect([(0, 1)], [(1, 1)]))
+    with pytest.raises(PruneError, match="out of reach with max_layer_sparsity 0.25"):
+        HardwareAwarePrune(0.4, cfg, global_=True, max_layer_sparsity=0.25)(mod)
     for bad in (0, -0.5, 1.5, "all", True):
         with pytest.raises(PruneError, match="max_layer_sparsity"):
             HardwareAwarePrune(0.5, cfg, global_=True, max_layer_sparsity=bad)

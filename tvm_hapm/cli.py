@@ -601,10 +601,13 @@ def cmd_tune(args, console: Console) -> int:
 
 def cmd_prune(args, console: Console) -> int:
     """``hapm prune``: prune an ONNX model (optionally fine-tune it), write ONNX and a report."""
-    from .flow import PRUNE_METHODS, prune_onnx, sparsity_of  # noqa: PLC0415
+    from .flow import PRUNE_METHODS, RANKINGS, prune_onnx, sparsity_of  # noqa: PLC0415
 
     if args.method not in PRUNE_METHODS:
         raise CliError(f"--method {args.method}: choose from {', '.join(PRUNE_METHODS)}")
+    ranking = args.ranking or ("per_mac" if args.method == "hapm" else "layer")
+    if ranking not in RANKINGS:
+        raise CliError(f"--ranking {ranking}: choose from {', '.join(RANKINGS)}")
     if not 0.0 <= args.sparsity < 1.0:
         raise CliError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     _, cfg = resolve_target(args.target, args.config)
@@ -622,7 +625,7 @@ def cmd_prune(args, console: Console) -> int:
             data = _load_training_data(args.data)
             how = "reconstruct + " if args.reconstruct else ""
             desc = (
-                f"prune ({args.method}, {args.sparsity:.0%}), {how}fine-tune "
+                f"prune ({args.method}, {ranking}, {args.sparsity:.0%}), {how}fine-tune "
                 f"{args.finetune_steps} steps"
             )
             if args.stages > 1:
@@ -632,7 +635,7 @@ def cmd_prune(args, console: Console) -> int:
                     pruned, rounds = prune_iteratively(
                         model, args.method, args.sparsity, data, stages=args.stages,
                         steps=args.finetune_steps, config=cfg, seed=args.seed,
-                        reconstruct=args.reconstruct,
+                        reconstruct=args.reconstruct, ranking=ranking,
                     )  # fmt: skip
                 except ValueError as err:
                     raise CliError(str(err)) from None
@@ -640,9 +643,11 @@ def cmd_prune(args, console: Console) -> int:
             for r in rounds[:-1]:
                 r.pop("report")
         else:
-            with _stage(progress, f"prune ({args.method}, {args.sparsity:.0%})"):
+            with _stage(progress, f"prune ({args.method}, {ranking}, {args.sparsity:.0%})"):
                 try:
-                    pruned, report = prune_onnx(model, args.method, args.sparsity, config=cfg)
+                    pruned, report = prune_onnx(
+                        model, args.method, args.sparsity, config=cfg, ranking=ranking
+                    )
                 except ValueError as err:
                     raise CliError(str(err)) from None
     path = out / "pruned.onnx"
@@ -652,6 +657,7 @@ def cmd_prune(args, console: Console) -> int:
     summary = {
         "model": str(args.model),
         "method": args.method,
+        "ranking": ranking,
         "target_sparsity": args.sparsity,
         "achieved_sparsity": sparsity_of(pruned),
         "config": cfg.name,
@@ -1050,8 +1056,9 @@ def _demo_pruning(args, console: Console) -> None:
     with _progress(console) as progress:
         with _stage(progress, "ResNet-20 dense: quantize, compile, simulate"):
             rows["dense"] = evaluate_deployed(base, "hapm_fpga", x_train, x_test, y_test)
-        for label, method in (("unstructured", "unstructured"), ("filter", "filter"),
-                              ("HAPM", "hapm")):  # fmt: skip
+        for label, method, ranking in (("unstructured", "unstructured", "layer"),
+                                       ("filter", "filter", "layer"),
+                                       ("HAPM", "hapm", "per_mac")):  # fmt: skip
             desc = (
                 f"ResNet-20 {label} {args.sparsity:.0%}: prune, reconstruct, "
                 f"fine-tune ({steps} steps), deploy"
@@ -1061,7 +1068,7 @@ def _demo_pruning(args, console: Console) -> None:
                 if method == "filter":
                     ratio, _ = filter_fraction(base, args.sparsity)
                     transform = filter_deploy_pass(ratio)
-                pruned, _ = prune_onnx(base, method, ratio)
+                pruned, _ = prune_onnx(base, method, ratio, ranking=ranking)
                 pruned, info = recover(pruned, base, (x_train, y_train), steps=steps)
                 kept[label] = info["kept"]
                 rows[label] = evaluate_deployed(
@@ -1187,6 +1194,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", metavar="MODEL.onnx")
     p.add_argument("--method", default="hapm", help="hapm | unstructured | filter")
     p.add_argument("--sparsity", type=float, required=True)
+    p.add_argument(
+        "--ranking",
+        default=None,
+        help="where the sparsity goes: layer (every layer at --sparsity) | global | per_mac "
+        "(HAPM: by importance per MAC saved; the default for hapm, layer for the others)",
+    )
     _add_target_args(p)
     p.add_argument(
         "--data", default=None, metavar="DATA.npz", help="x_train/y_train to fine-tune on"

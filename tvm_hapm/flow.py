@@ -331,6 +331,7 @@ def prune_iteratively(
     seed: int = 0,
     progress=None,
     reconstruct: bool = True,
+    ranking: str = "layer",
 ) -> tuple[onnx.ModelProto, list[dict]]:
     """Iterative prune / recover: ``stages`` rounds that raise the sparsity to ``sparsity``.
 
@@ -340,7 +341,8 @@ def prune_iteratively(
     ``"cubic"`` (``s_k = s (1 - (1 - k/n)^3)``, Zhu & Gupta 2017: large steps first, while the
     network has the most redundancy).  Weights pruned in one round have zero importance in
     the next, so the masks are nested and the final mask is the last round's.  For ``"filter"``
-    ``sparsity`` is the channel fraction, as in :func:`prune_onnx`.
+    ``sparsity`` is the channel fraction, as in :func:`prune_onnx`; ``ranking`` is passed to
+    it.
 
     ``stages=1`` is one prune and one recovery (what ``hapm prune --data`` runs by default).
 
@@ -355,7 +357,9 @@ def prune_iteratively(
     for k in range(1, stages + 1):
         frac = k / stages
         target = sparsity * (frac if schedule == "linear" else 1 - (1 - frac) ** 3)
-        pruned, report = prune_onnx(current, method, target, config=config, criterion=criterion)
+        pruned, report = prune_onnx(
+            current, method, target, config=config, criterion=criterion, ranking=ranking
+        )
         current, info = recover(
             pruned, model, data, steps=steps, seed=seed, reconstruct=reconstruct
         )

@@ -560,6 +560,13 @@ def hardware_aware_prune(
                 running[sel] = np.cumsum(size_col[sel])
             table = table[running <= limit[pos_col] + 1e-9]
         total = sum(info[n][1].size for n in shared)
+        reachable = table[:, 3].sum()
+        if reachable < sparsity * total - table[:, 3].max(initial=0) / 2:
+            raise PruneError(
+                f"sparsity {sparsity} is out of reach with max_layer_sparsity {cap}: at most "
+                f"{reachable / total:.4f} of these layers' weights can be pruned; lower the "
+                "sparsity, raise the cap or rank layer by layer"
+            )
         k = _prefix(table[:, 3].astype(np.int64), sparsity * total)
         for pos, name in enumerate(shared):
             sel = table[:k]
