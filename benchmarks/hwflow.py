@@ -5,9 +5,11 @@ Run: ``python benchmarks/hwflow.py [--models resnet20 resnet56] [--episodes 24] 
 For each model: dense reference (int8 test top-1 through TVM's llvm build of the quantized
 module; latency and energy of one image on the simulated accelerator), then the RL agent guided
 by each cost level (coarse, mid, fine), the greedy latency-saliency baseline guided by fine and
-the uniform baseline (the largest feasible single ratio for every layer, by bisection; the RL
-agent and greedy start from it), all with the same evaluation budget (``--episodes``) and the
-same accuracy estimate (float
+two no-search baselines: ``uniform`` (the largest feasible single ratio for every layer, by
+bisection) and ``per_mac`` (HAPM's allocation of the largest feasible network-wide sparsity by
+importance per MAC saved, by bisection).  The RL agent and greedy start from the better of the
+two.  All runs have the same evaluation budget (``--episodes``) and the same accuracy estimate
+(float
 top-1 on a fixed validation split of the training images after least-squares reconstruction of
 the pruned layers, ``--no-reconstruct`` for BN recalibration only; no short fine-tune unless
 ``--finetune-steps``).  Every winner is then (optionally fine-tuned with
@@ -80,7 +82,7 @@ def run_model(name, model, args, cfg, data, log=print) -> dict:
     d_lat, d_en, _, _ = hwflow.simulate(model, cfg, x_tr, x_te)
     log(f"[{name}] dense: int8 test {100 * dense_int8:.2f}%  {d_lat:.3f} ms  {d_en:.1f} uJ")
     runs = [("rl", lv) for lv in args.levels]
-    runs += [("greedy", args.baseline_level), ("uniform", args.baseline_level)]
+    runs += [(m, args.baseline_level) for m in ("greedy", "uniform", "per_mac")]
     out = {"dense": {"int8_test_accuracy": dense_int8, "sim_latency_ms": d_lat,
                      "sim_energy_uj": d_en}, "runs": {}}  # fmt: skip
     results = []

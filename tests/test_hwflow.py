@@ -48,7 +48,7 @@ def test_masks_equal_per_layer_pass(setup):
         np.testing.assert_array_equal(masks[w], env.masks[li][idx[li]])
 
 
-@pytest.mark.parametrize("method", ["rl", "greedy", "evolution", "uniform"])
+@pytest.mark.parametrize("method", hwflow.METHODS)
 def test_search_budget_bounds_and_beats_dense(setup, method, tmp_path):
     model, data, env = setup
     res = hwflow.optimize(model, data[:2], method=method, episodes=16, seed=0, env=env)
@@ -56,7 +56,7 @@ def test_search_budget_bounds_and_beats_dense(setup, method, tmp_path):
     assert res.val_drop <= 2.0 + 1e-9
     assert all(c["feasible"] == (c["drop"] <= 2.0 + 1e-9) for c in res.history)
     pred = res.predicted["mid"]
-    if method in ("evolution", "uniform"):
+    if method in ("evolution", "uniform", "per_mac"):
         assert pred["latency_ms"] <= pred["dense_latency_ms"]
     else:  # the agent and the greedy baseline must beat dense
         assert pred["latency_ms"] < pred["dense_latency_ms"]
@@ -98,20 +98,36 @@ def test_reconstruction_recovers_candidates_and_keeps_their_masks(setup):
         np.testing.assert_array_equal(weights[name] != 0, env.masks[li][idx[li]])
 
 
+@pytest.mark.parametrize("allocation", hwflow.ALLOCATIONS)
 @pytest.mark.parametrize("budget", [2.0, 10.0, 20.0])
-def test_uniform_bisection_finds_the_largest_feasible_ratio(setup, budget):
+def test_bisection_finds_the_largest_feasible_ratio(setup, budget, allocation):
     model, data, _ = setup
     env = hwflow.HWFlowEnv(model, data[:2], "zedboard", "latency", budget, "mid", val_size=300)
-    gi, best, used = hwflow.uniform_bisection(env, "uniform", 10)
+    gi, best, used = hwflow.allocation_bisection(env, allocation, 10, allocation=allocation)
     assert used <= int(np.ceil(np.log2(len(env.grid))))
-
-    def uniform(g):
-        return [min(g, m) for m in env.max_index]
-
-    # the full scan of the grid (the drop grows with a uniform ratio on this model)
-    feasible = [env.evaluate(uniform(g)).feasible for g in range(len(env.grid))]
+    # the full scan of the grid (the drop grows with the network-wide ratio on this model)
+    idx = [env.allocation(allocation, g) for g in range(len(env.grid))]
+    feasible = [i is not None and env.evaluate(i).feasible for i in idx]
     assert gi == max(g for g, ok in enumerate(feasible) if ok)
-    assert gi == 0 or best.idx == tuple(uniform(gi))
+    assert gi == 0 or best.idx == tuple(idx[gi])
+
+
+def test_per_mac_allocation_is_the_pass_ranking_on_the_grid(setup):
+    from tvm_hapm.flow import PER_MAC_MAX_LAYER_SPARSITY, prune_onnx
+
+    model, _, env = setup
+    for gi, ratio in enumerate(env.grid):
+        idx = env.allocation("per_mac", gi)
+        if ratio > PER_MAC_MAX_LAYER_SPARSITY:  # one prunable layer: the cap is the limit
+            assert idx is None
+            continue
+        _, report = prune_onnx(model, "hapm", float(ratio), env.config, ranking="per_mac")
+        achieved = {e["layer"]: e["sparsity"] for e in report}
+        want = [int(np.argmin(np.abs(env.grid - achieved.get(nm, 0.0)))) for nm in env.names]
+        assert idx == tuple(want), ratio
+    assert env.allocation("uniform", 4) == tuple(min(4, m) for m in env.max_index)
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        env.allocation("random", 3)
 
 
 def test_int8_weight_grid_is_per_output_channel(setup):

@@ -31,6 +31,7 @@ from onnx import numpy_helper
 from .numpynet import NumpyNet  # the search's accuracy estimate (re-exported)
 
 __all__ = [
+    "ALLOCATIONS",
     "LEVELS",
     "METHODS",
     "OBJECTIVES",
@@ -48,7 +49,11 @@ __all__ = [
 
 LEVELS = ("coarse", "mid", "fine", "sim")
 OBJECTIVES = ("latency", "energy")
-METHODS = ("rl", "greedy", "evolution", "uniform")
+METHODS = ("rl", "greedy", "evolution", "uniform", "per_mac")
+# Network-wide allocations a search can start from (HWFlowEnv.allocation): every layer at one
+# ratio, or HAPM's latency-aware ranking (importance per MAC saved, flow.prune_onnx
+# ranking="per_mac")
+ALLOCATIONS = ("uniform", "per_mac")
 DEFAULT_GRID = tuple(np.round(np.arange(0.0, 0.91, 0.1), 2))
 #: Ridge of the candidates' least-squares reconstruction (relative to the Gram diagonal), as
 #: :func:`tvm_hapm.reconstruct.reconstruct`.  0.1 kept ResNet-56's refitted weights at 80% HAPM
@@ -268,6 +273,7 @@ class HWFlowEnv:
         self.table(level)
         self.table_seconds = time.perf_counter() - t0
         self._acc_cache: dict = {}
+        self._allocations: dict = {}  # (allocation, grid index) -> ratio indices or None
         self.history: list[Candidate] = []
         self.dense_accuracy = self._accuracy(tuple([0] * self.n))
         self.dense_cost = self.cost(tuple([0] * self.n))
@@ -477,6 +483,42 @@ class HWFlowEnv:
         out = {t.name: numpy_helper.to_array(t) for t in tuned.graph.initializer}
         return out
 
+    def allocation(self, name: str, gi: int) -> tuple | None:
+        """Ratio indices of allocation ``name`` (:data:`ALLOCATIONS`) at the network-wide ratio
+        ``grid[gi]``, or None when the allocation cannot reach it.
+
+        ``"uniform"`` puts every layer at ``grid[gi]``.  ``"per_mac"`` spreads a weight
+        sparsity of ``grid[gi]`` as ``flow.prune_onnx(ranking="per_mac")`` does (first and last
+        layer dense, no layer beyond :data:`tvm_hapm.flow.PER_MAC_MAX_LAYER_SPARSITY`) and takes
+        each layer's achieved sparsity to the nearest grid ratio.
+        """
+        if name not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {name!r}")
+        key = (name, int(gi))
+        if key not in self._allocations:
+            self._allocations[key] = self._allocate(name, int(gi))
+        return self._allocations[key]
+
+    def _allocate(self, name: str, gi: int) -> tuple | None:
+        if name == "uniform" or gi == 0:
+            return tuple(min(gi, m) for m in self.max_index)
+        from .flow import PER_MAC_MAX_LAYER_SPARSITY  # noqa: PLC0415
+        from .passes.prune import PruneError, hardware_aware_prune, prune_report  # noqa: PLC0415
+
+        skip = self.skip | {self.names[0], self.names[-1]} if self.n > 2 else self.skip
+        try:
+            pruned = hardware_aware_prune(
+                self._mod, float(self.grid[gi]), self.config, skip=skip, global_=True,
+                cost_weighted=True, max_layer_sparsity=PER_MAC_MAX_LAYER_SPARSITY,
+            )  # fmt: skip
+        except PruneError:  # beyond what the cap lets the ranking prune
+            return None
+        achieved = {e["layer"]: e["sparsity"] for e in prune_report(pruned)}
+        return tuple(
+            min(int(np.argmin(np.abs(self.grid - achieved.get(nm, 0.0)))), m)
+            for nm, m in zip(self.names, self.max_index)
+        )
+
     def evaluate(self, idx, method: str = "") -> Candidate:
         """Accuracy and cost of ratio indices ``idx``; recorded in ``history``."""
         idx = tuple(int(min(max(i, 0), m)) for i, m in zip(idx, self.max_index))
@@ -522,17 +564,24 @@ def _with_values(model, values):
 
 
 # ------------------------------------------------------------------------------ search methods
-def uniform_bisection(env: HWFlowEnv, method: str, budget: int, progress=None):
-    """The largest grid ratio that, applied to every prunable layer, keeps the validation drop
-    within the budget: a bisection over the grid (the drop grows about monotonically with a
-    uniform ratio), ``ceil(log2(len(grid)))`` evaluations at most, and at most ``budget``.
+def allocation_bisection(
+    env: HWFlowEnv, method: str, budget: int, progress=None, allocation: str = "uniform"
+):
+    """The largest network-wide grid ratio whose ``allocation`` (:meth:`HWFlowEnv.allocation`)
+    keeps the validation drop within the budget: a bisection over the grid (the drop grows about
+    monotonically with the ratio), ``ceil(log2(len(grid)))`` evaluations at most, and at most
+    ``budget``.  A ratio the allocation cannot reach counts as infeasible without an evaluation.
 
     Returns ``(grid index, best feasible candidate or None, evaluations used)``."""
     lo, hi = 0, len(env.grid) - 1
     used, best = 0, None
     while lo < hi and used < budget:
         mid = (lo + hi + 1) // 2
-        c = env.evaluate([min(mid, m) for m in env.max_index], method)
+        idx = env.allocation(allocation, mid)
+        if idx is None:
+            hi = mid - 1
+            continue
+        c = env.evaluate(idx, method)
         used += 1
         if progress:
             progress({"method": method, "episode": used - 1, **c.to_dict()})
@@ -543,51 +592,79 @@ def uniform_bisection(env: HWFlowEnv, method: str, budget: int, progress=None):
     return lo, best, used
 
 
+def search_start(env: HWFlowEnv, method: str, budget: int, progress=None, start="best"):
+    """Where a search starts: the best feasible candidate (by reward) of the allocation
+    bisections ``start`` names (an allocation, ``"best"`` for all of :data:`ALLOCATIONS`, or
+    None for none), each with up to ``budget`` evaluations.
+
+    Returns ``(best candidate or None, evaluations used)``."""
+    names = ALLOCATIONS if start == "best" else () if start is None else (start,)
+    best, used = None, 0
+    for name in names:
+        _, cand, n = allocation_bisection(env, method, budget, progress, name)
+        used += n
+        if cand is not None and (best is None or cand.reward > best.reward):
+            best = cand
+    return best, used
+
+
 def search_uniform(env: HWFlowEnv, episodes: int, seed: int, progress=None):
     """The no-search baseline: one ratio for every layer, the largest feasible one."""
-    _, best, _ = uniform_bisection(env, "uniform", episodes, progress)
+    _, best, _ = allocation_bisection(env, "uniform", episodes, progress)
+    return best
+
+
+def search_per_mac(env: HWFlowEnv, episodes: int, seed: int, progress=None):
+    """The hardware-aware no-search baseline: HAPM's per-MAC allocation of the largest feasible
+    network-wide sparsity."""
+    _, best, _ = allocation_bisection(env, "per_mac", episodes, progress, "per_mac")
     return best
 
 
 def search_rl(env: HWFlowEnv, episodes: int, seed: int, progress=None, lr: float = 0.05,
               sigma0: float = 0.25, sigma_min: float = 0.05, warmup: int = 0,
-              uniform_start: bool = True):  # fmt: skip
-    """AMC-style agent: one layer at a time, Gaussian policy ``a = clip(sigmoid(w.s) + sigma*e)``
-    over the ratio (snapped to the grid), REINFORCE with a moving-average baseline.
+              start: str | None = "best"):  # fmt: skip
+    """AMC-style agent: one layer at a time, Gaussian policy
+    ``a = clip(sigmoid(w.s + b[layer]) + sigma*e)`` over the ratio (snapped to the grid),
+    REINFORCE with a moving-average baseline; ``b`` is a learned per-layer offset.
 
-    With ``uniform_start`` the first evaluations are :func:`uniform_bisection`'s, and the policy
-    starts at the best feasible uniform ratio (its bias set so that ``sigmoid`` gives it) with
+    With ``start`` the first evaluations are :func:`search_start`'s, and the policy starts at
+    the best start candidate (each layer's offset set so that ``sigmoid`` gives its ratio) with
     that candidate's reward as the baseline, instead of a random warm-up: the agent refines the
-    uniform solution per layer rather than rediscovering it."""
+    start per layer rather than rediscovering it."""
     rng = np.random.default_rng([seed, 1])
     dim = env.static_features.shape[1] + 4
     w = np.zeros(dim)
     w[-1] = -1.0  # start around sigmoid(-1) ~ 0.27 of the largest ratio
+    bias = np.zeros(env.n)
     top = env.grid[-1]
     baseline, beta = None, 0.8
-    start = 0
-    if uniform_start:
-        gi, best, start = uniform_bisection(env, "rl", max(1, episodes // 3), progress)
+    used = 0
+    if start is not None:
+        best, used = search_start(env, "rl", max(1, episodes // 3), progress, start)
         if best is not None:
-            p = float(np.clip(env.grid[gi] / top, 0.05, 0.95))
-            w[-1] = np.log(p / (1 - p))
+            p = np.clip(np.asarray(best.ratios) / top, 0.05, 0.95)
+            w[-1] = 0.0
+            bias = np.log(p / (1 - p))
             baseline = best.reward
         warmup = 0
     else:
         warmup = warmup or max(2, episodes // 10)
-    for ep in range(start, episodes):
+    for ep in range(used, episodes):
         sigma = max(sigma_min, sigma0 * (1 - ep / max(episodes, 1)))
         idx = [0] * env.n
-        grads, prev = [], 0.0
+        grads, bgrads, prev = [], np.zeros(env.n), 0.0
         for li in range(env.n):
             s = env.state(li, idx, prev)
-            mu = 1.0 / (1.0 + np.exp(-w @ s))
+            mu = 1.0 / (1.0 + np.exp(-(w @ s + bias[li])))
             if ep < warmup:
                 a = float(rng.uniform(0, 1))
             else:
                 a = float(np.clip(mu + sigma * rng.standard_normal(), 0.0, 1.0))
-            # grad of log N(a; mu, sigma) w.r.t. w (through the sigmoid)
-            grads.append((a - mu) / sigma**2 * mu * (1 - mu) * s)
+            # grad of log N(a; mu, sigma) w.r.t. w and b (through the sigmoid)
+            dz = (a - mu) / sigma**2 * mu * (1 - mu)
+            grads.append(dz * s)
+            bgrads[li] = dz
             gi = int(np.argmin(np.abs(env.grid - a * top)))
             idx[li] = min(gi, env.max_index[li])
             prev = a
@@ -595,25 +672,27 @@ def search_rl(env: HWFlowEnv, episodes: int, seed: int, progress=None, lr: float
         r = cand.reward
         baseline = r if baseline is None else beta * baseline + (1 - beta) * r
         if ep >= warmup:
-            g = np.sum(grads, axis=0)
-            w += lr * (r - baseline) * g / (np.linalg.norm(g) + 1e-8) * 10
+            g = np.concatenate([np.sum(grads, axis=0), bgrads])
+            step = lr * (r - baseline) * g / (np.linalg.norm(g) + 1e-8) * 10
+            w += step[:dim]
+            bias += step[dim:]
         if progress:
             progress({"method": "rl", "episode": ep, **cand.to_dict()})
     return env.best("rl") if any(c.method == "rl" and c.feasible for c in env.history) else None
 
 
 def search_greedy(env: HWFlowEnv, episodes: int, seed: int, progress=None, step: int = 1,
-                  accept_frac: float = 0.25, uniform_start: bool = True):  # fmt: skip
+                  accept_frac: float = 0.25, start: str | None = "best"):  # fmt: skip
     """Greedy by latency (objective) saliency: each round evaluates one grid step more on every
     open layer, ranks the moves by objective saved per accuracy point lost and takes the best
     ``accept_frac`` of them together (falling back to the single best) while feasible.  With
-    ``uniform_start`` it starts from :func:`uniform_bisection`'s ratio instead of dense."""
+    ``start`` it starts from :func:`search_start`'s candidate instead of dense."""
     idx = [0] * env.n
     frozen = {li for li in range(env.n) if env.max_index[li] == 0}
     used = 0
     lc = env.layer_costs()
-    if uniform_start:
-        gi, best, used = uniform_bisection(env, "greedy", max(1, episodes // 3), progress)
+    if start is not None:
+        best, used = search_start(env, "greedy", max(1, episodes // 3), progress, start)
         if best is not None:
             idx = list(best.idx)
 
@@ -670,17 +749,17 @@ def search_greedy(env: HWFlowEnv, episodes: int, seed: int, progress=None, step:
 
 
 def search_evolution(env: HWFlowEnv, episodes: int, seed: int, progress=None, pop: int = 8,
-                     mutate: float = 0.3, uniform_start: bool = True):  # fmt: skip
+                     mutate: float = 0.3, start: str | None = "best"):  # fmt: skip
     """(mu + lambda) evolution on the ratio indices; fitness = the environment's reward.  With
-    ``uniform_start`` the first population is :func:`uniform_bisection`'s candidates and
-    mutations of the best of them, else it goes from mild to strong random ratios."""
+    ``start`` the first population is :func:`search_start`'s candidates and mutations of the
+    best of them, else it goes from mild to strong random ratios."""
     rng = np.random.default_rng([seed, 2])
     hi = env.max_index
     popl = []
     used = 0
     center = None
-    if uniform_start:
-        _, best, used = uniform_bisection(env, "evolution", max(1, episodes // 3), progress)
+    if start is not None:
+        best, used = search_start(env, "evolution", max(1, episodes // 3), progress, start)
         popl = [c for c in env.history if c.method == "evolution"][-used:] if used else []
         center = best.idx if best is not None else None
     while used < min(pop, episodes):
@@ -719,6 +798,7 @@ _SEARCH = {
     "greedy": search_greedy,
     "evolution": search_evolution,
     "uniform": search_uniform,
+    "per_mac": search_per_mac,
 }
 
 
