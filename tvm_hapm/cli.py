@@ -283,12 +283,12 @@ def known_targets() -> list[str]:
     return ["hapm_fpga"] + [f"hapm_fpga-{n}" for n in list_configs()]
 
 
-def quantize_module(mod, calibration: list, config):
+def quantize_module(mod, calibration: list, config, percentile=None):
     """:func:`tvm_hapm.quantize` for ``config``; models it cannot handle raise :class:`CliError`."""
     from .passes.quantize import QuantizeError, quantize  # noqa: PLC0415
 
     try:
-        return quantize(mod, calibration, config)
+        return quantize(mod, calibration, config, percentile=percentile)
     except QuantizeError as err:
         raise CliError(f"cannot quantize the model: {_one_line(err)}") from None
 
@@ -711,20 +711,21 @@ def cmd_optimize(args, console: Console) -> int:
             model = fix_batch(load_onnx(args.model), 1)
         with _stage(progress, f"search ({args.method}, {args.level}, {args.episodes} episodes)"):
             try:
+                env = hwflow.HWFlowEnv(
+                    model, data[:2], cfg, args.objective, args.max_accuracy_drop, args.level,
+                    finetune_steps=args.search_finetune_steps, seed=args.seed,
+                    reconstruct=args.reconstruct,
+                    calibration_percentile=args.calibration_percentile,
+                )  # fmt: skip
                 res = hwflow.optimize(
                     model,
                     data,
-                    config=cfg,
-                    objective=args.objective,
-                    max_accuracy_drop=args.max_accuracy_drop,
-                    level=args.level,
                     method=args.method,
                     episodes=args.episodes,
-                    finetune_steps=args.search_finetune_steps,
                     seed=args.seed,
+                    env=env,
                     final_finetune_steps=args.finetune_steps,
                     simulate_result=True,
-                    reconstruct=args.reconstruct,
                 )
             except ValueError as err:
                 raise CliError(str(err)) from None
@@ -732,8 +733,12 @@ def cmd_optimize(args, console: Console) -> int:
             import onnx  # noqa: PLC0415
 
             onnx.save(res.model, str(out / "pruned.onnx"))
-            calib = [data[0][:1]]
-            qmod = quantize_module(import_onnx(res.model), calib, cfg)
+            # the calibration finalize's int8 test accuracy used: the executable written is the
+            # model that accuracy was measured on
+            calib = list(env.x_tune[: hwflow.INT8_EVAL_BATCH, None])
+            qmod = quantize_module(
+                import_onnx(res.model), calib, cfg, percentile=args.calibration_percentile
+            )
             ex, programs, report = compile_model(qmod, tgt, cfg)
             write_artifacts(out, ex, programs, cfg, report=report, extra={"model": args.model})
     (out / "optimize_report.json").write_text(
@@ -1239,6 +1244,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="reconstruct",
         action="store_false",
         help="judge candidates after BN recalibration only, without least-squares reconstruction",
+    )
+    p.add_argument(
+        "--calibration-percentile",
+        type=float,
+        default=None,
+        metavar="P",
+        help="calibrate int8 activations on their P-th percentile (e.g. 99.9) instead of the "
+        "maximum",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-o", "--output", required=True, metavar="OUT")

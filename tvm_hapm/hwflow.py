@@ -61,6 +61,8 @@ DEFAULT_GRID = tuple(np.round(np.arange(0.0, 0.91, 0.1), 2))
 #: ResNet-20 at 70% 0.7 point of int8 test accuracy, so the default stays and the accuracy
 #: estimate sees int8 weights instead (``int8_weights``).
 RECONSTRUCT_RIDGE = 1e-3
+# images per batch of int8_accuracy, and the calibration images of its quantized model
+INT8_EVAL_BATCH = 150
 
 
 def validation_split(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -125,11 +127,12 @@ def simulate(model: onnx.ModelProto, config, x_cal, x_one, target=None):
 
 
 def int8_accuracy(
-    model: onnx.ModelProto, config, x_cal, x, y, batch: int = 150, percentile=None
+    model: onnx.ModelProto, config, x_cal, x, y, batch: int = INT8_EVAL_BATCH, percentile=None
 ) -> float:
     """Top-1 of the int8 model (TVM llvm build of the quantized module, bit-exact with the
     accelerator), as in ``benchmarks/hapm_vs_standard.py``; ``percentile``: the quantizer's
-    activation calibration (None: the maximum)."""
+    activation calibration (None: the maximum).  The quantizer calibrates on the first
+    ``min(batch, len(x))`` images of ``x_cal``."""
     import tvm  # noqa: PLC0415
     from tvm import relax  # noqa: PLC0415
     from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
