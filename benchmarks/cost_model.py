@@ -31,7 +31,13 @@ process, interleaved):
   median over the repetitions run between the simulation passes, with the per-(layer, config)
   caches of a previous call warm;
 * ``<level>_cold_predict_seconds``: the same call with those caches emptied first
-  (``analytic.clear_caches``), as in a fresh process.
+  (``analytic.clear_caches``), as in a fresh process once the compiled code is loaded;
+* ``jit_warmup_seconds``: what a process pays once, before the first prediction, for the
+  compiled code (numba's import, the kernels of ``tvm_hapm.cost._jit`` from numba's disk cache,
+  the fine model's compiled copy of its trees built and checked against xgboost), measured
+  before anything else is timed; ``jit_compile_seconds``: the kernels' compilation in a fresh
+  interpreter with an empty numba cache (what the first run after an install or a change of
+  ``_jit.py`` pays).
 
 ``<level>_speedup_vs_sim`` = ``simulate_seconds / <level>_predict_seconds`` (the conservative
 figure: the simulator is not charged for code generation nor for functional execution),
@@ -40,7 +46,9 @@ replay (what answering a query by simulation costs: the model's inputs are those
 generator), ``..._vs_full_sim`` against ``full_simulate_seconds``: the bit-exact simulator
 (``Simulator.run(timing=True)``, functional execution + timing, one pass; ``--no-full-sim``
 skips it), whose cycles are checked to equal the timing replay's.  ``fine_breakdown``
-splits the fine model's time into analysis, features and XGBoost.  ``fine_model_check``
+splits the fine model's time into analysis, features and the trees (the compiled copy the
+model uses; ``xgboost_call``: xgboost's own prediction of the same rows, for comparison).
+``fine_model_check``
 re-measures a sample of the bundled model's training records with the current code generator
 and timing model: if they all agree, the model was trained on the current simulator.
 Existing keys of the JSON file that this script does not produce are kept.
@@ -53,6 +61,9 @@ import datetime
 import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -69,9 +80,10 @@ from tvm_hapm.cost import (
     load_bundled_fine_model,
     zoo_layers,
 )
-from tvm_hapm.cost.analytic import analyze_batch, clear_caches
+from tvm_hapm.cost.analytic import _kernels, analyze_batch, clear_caches
 from tvm_hapm.cost.dataset import _measure_spec, load_samples, random_weights, source_fingerprint
 from tvm_hapm.cost.features import features_from_batch
+from tvm_hapm.cost.models import _predict_dense
 from tvm_hapm.passes.qops import choose_multiplier
 from tvm_hapm.runtime import Simulator
 from tvm_hapm.runtime.energy import EnergyModel
@@ -178,6 +190,11 @@ def main(argv=None) -> dict:
                 items.append((layer, cfg, None, BlockSparsity.from_mask(mask)))
         blocks.append(block)
 
+    jit = {"jit_compile_seconds": _jit_compile_seconds()}
+    t0 = time.perf_counter()  # the once-per-process cost of the compiled code
+    _kernels()
+    models["fine"].log_ratios(np.zeros((1, len(models["fine"].feature_names)), np.float32))
+    jit["jit_warmup_seconds"] = time.perf_counter() - t0
     cold = {}
     for name, model in models.items():
         clear_caches()
@@ -266,13 +283,16 @@ def main(argv=None) -> dict:
     ba = analyze_batch(items)
     X = features_from_batch(ba)
     mids = np.stack([ba.cycles, ba.energy_uj], axis=1)
+    X32 = np.ascontiguousarray(X, np.float32)
     out["fine_breakdown_seconds"] = {
         "analysis": _median_time(lambda: analyze_batch(items), reps),
         "features": _median_time(lambda: features_from_batch(ba), reps),
-        "xgboost": _median_time(lambda: fine.predict_matrix(X, mids), reps),
+        "trees": _median_time(lambda: fine.predict_matrix(X, mids), reps),
+        "xgboost_call": _median_time(lambda: _predict_dense(fine.boosters["both"], X32), reps),
     }
+    out.update(jit)
     out["fine_model_check"] = check_bundled_model(fine, args.check_model)
-    console.print({"fine_breakdown_seconds": out["fine_breakdown_seconds"],
+    console.print({"fine_breakdown_seconds": out["fine_breakdown_seconds"], **jit,
                    "fine_model_check": out["fine_model_check"]})  # fmt: skip
     out.update({
         "points": len(items),
@@ -288,10 +308,12 @@ def main(argv=None) -> dict:
         "fine_model_meta": {k: v for k, v in fine.meta.items() if k != "params"},
         "prediction_timing": (
             f"one predict_batch of all {len(items)} points (layer, config, default schedule, "
-            "exact block mask) -> (cycles, energy): mid analysis incl. the compiler's schedule, "
-            "features, the XGBoost booster (two outputs) on one thread; median of "
-            f"{args.reps * args.sim_passes * len(args.presets)} calls interleaved with the "
-            "simulation passes, per-(layer, config) caches warm; cold: caches emptied first"
+            "exact block mask) -> (cycles, energy): mid analysis incl. the compiler's schedule "
+            "(numpy and two compiled numba kernels), features, the booster's 50 two-output "
+            "trees (compiled copy, bit-identical to xgboost's prediction) on one thread; median "
+            f"of {args.reps * args.sim_passes * len(args.presets)} calls interleaved with the "
+            "simulation passes, per-(layer, config) caches warm; cold: caches emptied first; "
+            "the compiled code's one-time load (jit_warmup_seconds) paid before any timing"
         ),
         "simulation_timing": (
             "per point TimingModel.run + EnergyModel.estimate on the generated program (the "
@@ -320,6 +342,23 @@ def main(argv=None) -> dict:
     path.write_text(json.dumps(old, indent=2, sort_keys=True) + "\n")
     console.print(f"wrote {path}")
     return out
+
+
+def _jit_compile_seconds() -> float | None:
+    """Seconds a fresh interpreter takes to import ``tvm_hapm.cost._jit`` with an empty numba
+    cache (the kernels compile; numba's own import excluded)."""
+    code = (
+        "import time, numba; t = time.perf_counter(); import tvm_hapm.cost._jit; "
+        "print(time.perf_counter() - t)"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "NUMBA_CACHE_DIR": tmp}
+        res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=False)  # fmt: skip
+    try:
+        return float(res.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return None
 
 
 def _median_time(f, reps: int) -> float:

@@ -313,3 +313,120 @@ def test_measurement_caches_are_keyed_by_the_simulator_sources():
     fp = source_fingerprint()
     assert len(fp) == 12 and fp == source_fingerprint()
     assert default_cache().name == f"cost_samples_{fp}.jsonl"
+
+
+def _zoo_queries():
+    """ResNet-18 layers with exact masks (half the blocks zero) on two presets and a fraction
+    on a third, as the benchmark's held-out points."""
+    from tvm_hapm.cost import zoo_layers  # noqa: PLC0415
+
+    layers = zoo_layers("resnet18_imagenet")
+    qs = []
+    for li, layer in enumerate(layers[i] for i in (0, 2, 5, 8, -1)):
+        for name in ("zedboard", "zcu104"):
+            cfg = PRESETS[name]
+            mask = block_mask(layer, cfg, BlockSparsity(0.5), rng=[li, 1])
+            qs.append((layer, cfg, None, BlockSparsity.from_mask(mask)))
+        qs.append((layer, PRESETS["zybo-z7-10"], None, 0.3))
+    return qs
+
+
+#: Mid-model cycles and energy (uJ) of ``_zoo_queries()``, computed before the compiled kernels
+#: replaced the numpy reductions (both must keep giving them, to the last bit).
+_ZOO_GOLDEN = [
+    (1003721.0, 2336.8597088), (649569.0, 4584.0821828), (2392490.44, 3291.0472766),
+    (360145.0, 800.7107488), (124929.0, 892.2193347999998), (814472.76, 1292.8724779999998),
+    (198769.0, 602.6145184), (35931.0, 403.67706039999996),
+    (411466.76000000007, 977.7533426), (371145.0, 890.0903072), (61887.0, 641.2364092),
+    (821376.5200000005, 1311.6459836000004), (38752.2734375, 105.582477375),
+    (23868.01984126984, 141.42971655396826), (83129.02272727272, 163.15589863636364),
+]  # fmt: skip
+
+
+def _numpy_path(monkeypatch):
+    """Make the batched analysis and the fine model run without the compiled kernels."""
+    from tvm_hapm.cost import analytic  # noqa: PLC0415
+
+    monkeypatch.setattr(analytic, "_KERNELS", [None])
+
+
+def _assert_same_batch(a, b):
+    assert a.schedules == b.schedules
+    np.testing.assert_array_equal(a.cycles, b.cycles)
+    np.testing.assert_array_equal(a.energy_uj, b.energy_uj)
+    assert list(a.counts) == list(b.counts) and list(a.columns) == list(b.columns)
+    for k in a.counts:
+        np.testing.assert_array_equal(a.counts[k], b.counts[k], err_msg=k)
+    for k in a.columns:
+        np.testing.assert_array_equal(a.columns[k], b.columns[k], err_msg=k)
+
+
+@pytest.mark.parametrize("which", ["random0", "random1", "random2", "mixed", "zoo"])
+def test_compiled_kernels_equal_the_numpy_path_bit_for_bit(which, monkeypatch):
+    """The compiled mask reduction and timing kernels give exactly the numpy path's cycles,
+    energy, counts and feature columns (random masks with groups above and below the number of
+    arrays, depthwise layers, fractions, given schedules; the benchmark's kind of points), and
+    the stored figures."""
+    from tvm_hapm.cost import analytic  # noqa: PLC0415
+
+    assert analytic._kernels() is not None  # numba is a dependency
+    qs = {"mixed": _mixed_queries, "zoo": _zoo_queries}.get(which)
+    qs = qs() if qs else _random_mask_queries(int(which[-1]))
+    jit = analyze_batch(qs)
+    with monkeypatch.context() as m:
+        _numpy_path(m)
+        plain = analyze_batch(qs)
+    _assert_same_batch(jit, plain)
+    if which == "zoo":
+        got = list(zip(jit.cycles.tolist(), jit.energy_uj.tolist()))
+        assert got == _ZOO_GOLDEN
+
+
+def test_plan_pools_start_again_during_a_batch(monkeypatch):
+    """When the pools of plan rows fill up while a batch builds its plans, they start again
+    and the batch's (and the next batch's) cached plans are added again: same results."""
+    from tvm_hapm.cost import analytic  # noqa: PLC0415
+
+    qs = _random_mask_queries(3, 30) + _zoo_queries()
+    ref = analyze_batch(qs)
+    analytic.clear_caches()
+    analyze_batch(qs[:10])  # some plans cached before the pools overflow
+    monkeypatch.setattr(analytic._POOL, "max_plans", 4)
+    gen = analytic._POOL.gen
+    _assert_same_batch(analyze_batch(qs), ref)
+    assert analytic._POOL.gen > gen
+    _assert_same_batch(analyze_batch(qs[::-1]), analyze_batch(qs[::-1]))
+    monkeypatch.undo()
+    analytic.clear_caches()
+    _assert_same_batch(analyze_batch(qs), ref)
+
+
+def test_compiled_forest_equals_the_booster(tmp_path):
+    """The compiled copy of a multi-output booster gives xgboost's float32 outputs bit for bit
+    (the bundled model; a model trained with missing values, so that nodes send them left or
+    right), and is not used for the older one-booster-per-target models."""
+    from tvm_hapm.cost.models import CompiledForest, _predict_dense  # noqa: PLC0415
+
+    fine = load_bundled_fine_model()
+    both = fine.boosters["both"]
+    forest = CompiledForest.of(both, len(fine.feature_names))
+    assert forest is not None
+    X, _ = features_batch(_mixed_queries(30) + _zoo_queries())
+    X = np.vstack([X, forest.probe(X.shape[1], seed=5)]).astype(np.float32)
+    np.testing.assert_array_equal(forest.predict(X), _predict_dense(both, X).reshape(-1, 2))
+    np.testing.assert_array_equal(fine.log_ratios(X), forest.predict(X))
+    with pytest.raises(ValueError, match="features"):
+        forest.predict(np.ascontiguousarray(X[:, :5]))
+
+    recs = _small_records(tmp_path, 16)
+    X, y, mids, _ = dataset_matrix(recs)
+    rng = np.random.default_rng(0)
+    X = np.where(rng.random(X.shape) < 0.2, np.nan, X).astype(np.float32)
+    model = FineModel.train(X, y[:, 0], y[:, 1], mids, rounds=6)
+    forest = CompiledForest.of(model.boosters["both"], X.shape[1])
+    assert forest is not None
+    probe = np.vstack([X, forest.probe(X.shape[1], seed=1)])
+    want = _predict_dense(model.boosters["both"], probe).reshape(-1, 2)
+    np.testing.assert_array_equal(forest.predict(probe), want)
+    two = FineModel.train(X, y[:, 0], y[:, 1], mids, rounds=3, multi_output=False)
+    assert CompiledForest.of(two.boosters["cycles"], X.shape[1]) is None

@@ -469,14 +469,18 @@ def log2p(x: float) -> float:
 #   depend on the weight-block mask (tile classes, steps, the (tile class, step) pairs with their
 #   DMA, ALU and DRAM-port costs, and the indices that reduce a mask's prefix sums onto the
 #   steps).  The new plans of a batch are built together with numpy over flat "ragged" arrays
-#   (a segment id per plan) and kept as row blocks;
-# * per batch, what depends on the masks: all masks in one flat byte array, ordered by bucket
+#   (a segment id per plan) and kept as row blocks, and appended to the pools (``_Pools``);
+# * per batch, what depends on the masks: all masks in one flat byte array.  The compiled path
+#   (``_jit.mask_steps``, queries in their order) sweeps each mask once for every step's
+#   non-zero blocks, longest chain and GEMM rounds, and ``_jit.timing`` runs the timing and
+#   energy arithmetic query by query, reading the plans' pair columns in the pools.  The numpy
+#   path (without numba; the tests' reference for the compiled one) orders the masks by bucket
 #   (kernel size, trailing shape, output-channel group, arrays) so that the group reduction of
 #   a bucket is one reshape + max / sum; the per-(output block, input block) non-zero counts and
-#   the per-(group, input block) GEMM rounds become prefix sums, and each step's non-zero blocks,
-#   longest chain and rounds are differences of them at the plans' indices.  Then the timing and
-#   energy arithmetic over the concatenated plan rows (queries in bucket order, put back in the
-#   caller's order at the end).
+#   the per-(group, input block) GEMM rounds become prefix sums, and each step's non-zero
+#   blocks, longest chain and rounds are differences of them at the plans' indices; then the
+#   timing and energy arithmetic over the concatenated plan rows.  Either way the mask queries
+#   come first and the rows are put back in the caller's order at the end.
 
 
 class BatchAnalysis:
@@ -561,14 +565,20 @@ def clear_caches() -> None:
     a fresh process (for timing)."""
     from .layer import _structural
 
-    _PAIRS.clear()
-    _PAIRS_BY_ID.clear()
-    _PAIR_OF_OBJECTS.clear()
+    _clear_plan_caches()
+    _POOL.reset()
     _TSHAPES.clear()
     _CFG_INFO.clear()
     _BUCKETS.clear()
     for f in (_positions_cached, _struct_position_counts, _struct_counts, _structural):
         f.cache_clear()
+
+
+def _clear_plan_caches() -> None:
+    """Forget the pairs (and the plans they hold)."""
+    _PAIRS.clear()
+    _PAIRS_BY_ID.clear()
+    _PAIR_OF_OBJECTS.clear()
 
 
 def _timing_key(cfg: HardwareConfig) -> tuple:
@@ -663,8 +673,10 @@ class _Plan:
     """The mask-independent part of one (layer, config timing key, schedule); its arrays are
     filled by :func:`_build_plans`.
 
-    ``q``: the query row (``_QCOLS`` then the schedule's fields; ``qc`` as a column); ``P`` and
-    ``P64``: the ``_PCOLS32`` and ``_PCOLS64`` columns of each (tile class, step) pair; ``RS``:
+    ``q``: the query row (``_QCOLS`` then the schedule's fields); ``P`` and ``P64``: the
+    ``_PCOLS32`` and ``_PCOLS64`` columns of each (tile class, step) pair; ``qi`` and ``pe``: the
+    query row's column and the first pair's column in the pools of ``_POOL`` (generation
+    ``gen``); ``RS``:
     ranges ``[lo, hi)`` of the query's flat per-(output block, input block) counts: each output
     block's whole row, then for every step each output block of its group over the step's
     input chunk; ``RR``: per step, its rows ``[lo, hi)`` in ``RS`` and its range ``[lo, hi)``
@@ -672,7 +684,8 @@ class _Plan:
     """
 
     __slots__ = ("G", "K", "P", "P64", "RR", "RS", "bid", "bkey", "csize", "dbs", "frac_arrays",
-                 "nbytes", "pair", "q", "qc", "sched", "srow", "tile", "zpad")  # fmt: skip
+                 "gen", "nbytes", "pair", "pe", "q", "qi", "sched", "srow", "tile",
+                 "zpad")  # fmt: skip
 
     def __init__(self, pair: _Pair, schedule):
         self.pair, self.sched = pair, schedule
@@ -706,9 +719,9 @@ def _bucket_id(bkey: tuple) -> int:
 
 _QCOLS = ("nst", "npairs", "n_cg", "n_kc", "n_tiles", "pix", "fits_res", "fits_non", "dbs",
           "st_last", "g_last", "tail_alu", "sa", "cnt_pad", "cnt_data", "partial", "ncls",
-          "tile", "G", "rsize", "nrow", "share", "n", "cin", "h", "w", "cout", "kh", "kw",
-          "stride", "groups", "oh", "ow", "cob", "cib", "R", "C", "A", "B", "L", "ab", "wb",
-          "inp_depth", "wgt_depth", "acc_depth")  # fmt: skip
+          "tile", "G", "K", "tot", "rsize", "nrow", "share", "n", "cin", "h", "w", "cout", "kh",
+          "kw", "stride", "groups", "oh", "ow", "cob", "cib", "R", "C", "A", "B", "L", "ab",
+          "wb", "inp_depth", "wgt_depth", "acc_depth")  # fmt: skip
 _QI = {k: i for i, k in enumerate(_QCOLS)}
 # (tile class, step) pair columns: small integers (exact in float32, half the bytes to copy
 # per batch) and the two that are not (a DMA time can pass 2**24 cycles, port beats are
@@ -717,6 +730,74 @@ _PCOLS32 = ("es", "cnt", "g0t", "w_alu", "fk", "bias", "bst", "mab", "chained", 
 _PCOLS64 = ("in_dma", "port")
 _N_ALU = 3  # bias ADD, REQUANT, clip (ReLU: MAX only, the dataset's convention)
 _BOOL = np.dtype(bool)
+
+
+class _Pools:
+    """The built plans' query rows (a column per plan) and (tile class, step) pair columns, one
+    plan after the other in growing arrays: a batch gathers its query rows with one fancy index
+    and the compiled kernel reads its pairs in place (instead of concatenating a few hundred
+    small arrays per batch).
+
+    Plans dropped from the caches leave their columns behind; past ``max_plans`` plans or
+    ``max_pairs`` pair columns (~40 MB each), or on :func:`clear_caches`, the pools start again
+    empty (generation ``gen`` + 1) and the caches of plans are emptied with them, so that no
+    cached plan points into old pools; the plans of the batch under way are added again
+    (:meth:`current`, past the limits if need be)."""
+
+    def __init__(self, max_plans: int = 1 << 16, max_pairs: int = 1 << 20):
+        self.max_plans, self.max_pairs = max_plans, max_pairs
+        self.gen = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.gen += 1
+        self.Q = self.P32 = self.P64 = None
+        self.nq = self.ne = 0
+
+    def add(self, Q: np.ndarray, P32: np.ndarray, P64: np.ndarray, start_again: bool = True):
+        """Append query rows ``Q`` ``(columns, plans)`` and pair columns; the first index of
+        each (``start_again``: empty the pools first if they are full)."""
+        nq, ne = Q.shape[1], P32.shape[1]
+        if self.Q is not None and (
+            self.Q.shape[0] != Q.shape[0]
+            or start_again
+            and (self.nq + nq > self.max_plans or self.ne + ne > self.max_pairs)
+        ):
+            _clear_plan_caches()
+            self.reset()
+        if self.Q is None:
+            self.Q = np.empty((Q.shape[0], max(64, 2 * nq)))
+            self.P32 = np.empty((P32.shape[0], max(1024, 2 * ne)), np.float32)
+            self.P64 = np.empty((P64.shape[0], max(1024, 2 * ne)))
+        self.Q = _room(self.Q, self.nq + nq)
+        self.P32 = _room(self.P32, self.ne + ne)
+        self.P64 = _room(self.P64, self.ne + ne)
+        qi, pe = self.nq, self.ne
+        self.Q[:, qi : qi + nq] = Q
+        self.P32[:, pe : pe + ne] = P32
+        self.P64[:, pe : pe + ne] = P64
+        self.nq, self.ne = qi + nq, pe + ne
+        return qi, pe
+
+    def current(self, plans: list) -> None:
+        """Add again the plans of an older generation (the pools were emptied while their
+        batch was under way)."""
+        for p in plans:
+            if p.gen != self.gen:
+                p.qi, p.pe = self.add(p.q[:, None], p.P, p.P64, start_again=False)
+                p.gen = self.gen
+
+
+def _room(a: np.ndarray, n: int) -> np.ndarray:
+    """``a`` with at least ``n`` columns (doubling)."""
+    if a.shape[1] >= n:
+        return a
+    b = np.empty((a.shape[0], max(n, 2 * a.shape[1])), a.dtype)
+    b[:, : a.shape[1]] = a
+    return b
+
+
+_POOL = _Pools()
 
 
 def _build_plans(plans: list) -> None:
@@ -818,7 +899,8 @@ def _build_plans(plans: list) -> None:
         "tail_alu": ALU_LATENCY + th_last * tw_last, "sa": _bsum(seg_c, cnt * alu_one, m),
         "cnt_pad": _bsum(seg_c, cnt * padded, m), "cnt_data": _bsum(seg_c, cnt * data, m),
         "partial": _bsum(seg_c, cnt * (t < (TH * TW)[seg_c]), m), "ncls": ncls,
-        "tile": TH * TW, "G": G, "rsize": n_cg * cib, "nrow": n_eb + nrs, "share": share,
+        "tile": TH * TW, "G": G, "K": K, "tot": [p.pair.tot for p in plans],
+        "rsize": n_cg * cib, "nrow": n_eb + nrs, "share": share,
         "n": nb, "cin": cin, "h": h, "w": w, "cout": cout, "kh": kh, "kw": kw, "stride": sh,
         "groups": groups, "oh": oh, "ow": ow, "cob": cob, "cib": cib, "R": R, "C": C, "A": A,
         "B": B, "L": L, "ab": ab, "wb": wb, "inp_depth": inp_depth, "wgt_depth": wgt_depth,
@@ -828,11 +910,12 @@ def _build_plans(plans: list) -> None:
     S = np.array([p.srow for p in plans], np.float64).reshape(m, -1)
     Q = np.concatenate([Q, S], axis=1)
     pe, se, re, oe = np.cumsum(ncls * nst), np.cumsum(nst), np.cumsum(nrs), np.cumsum(n_eb)
+    qi, p0 = _POOL.add(Q.T, P32, P64)
     for k, p in enumerate(plans):
         p.q = Q[k]
-        p.qc = Q[k][:, None].copy()
         p.P = P32[:, pe[k] - (ncls[k] * nst[k]) : pe[k]]
         p.P64 = P64[:, pe[k] - (ncls[k] * nst[k]) : pe[k]]
+        p.qi, p.pe, p.gen = qi + k, p0 + int(pe[k] - ncls[k] * nst[k]), _POOL.gen
         p.RR = rr[:, se[k] - nst[k] : se[k]].astype(np.int32)
         p.RS = np.concatenate([eb[:, oe[k] - n_eb[k] : oe[k]], rs[:, re[k] - nrs[k] : re[k]]],
                               axis=1).astype(np.int32)  # fmt: skip
@@ -1040,6 +1123,20 @@ def _mask_steps(masks: list, plans: list, q: dict):
     return steps, chain, rounds, empty
 
 
+def _mask_steps_jit(masks: list, plans: list, q: dict, S: np.ndarray, empty: np.ndarray):
+    """:func:`_mask_steps` by the compiled kernel (:func:`tvm_hapm.cost._jit.mask_steps`: one
+    sweep over each mask, any query order; the masks are concatenated without padding), into
+    the rows of ``S`` (non-zero blocks, longest chain, rounds of every step) and ``empty``."""
+    nm = len(plans)
+    F = np.concatenate(masks, axis=None).view(np.uint8)
+    cob, cib, kh, kw, G, K, A, nst = np.array(
+        [q[k][:nm] for k in ("cob", "cib", "kh", "kw", "G", "K", "A", "nst")], np.int64
+    )
+    kk = kh * kw
+    _kernels().mask_steps(F, _excl_cumsum(cob * cib * kk), cob, cib, kk, G, K, A,
+                          _excl_cumsum(nst), S[0], S[1], S[2], empty)  # fmt: skip
+
+
 def _group_rounds(Y: np.ndarray, G: int, A: int, W: int) -> np.ndarray:
     """GEMM rounds of every (group, input block, position) of masks whose rows ``Y`` form
     whole groups of ``G`` output blocks of ``W`` positions (``A = 0``: ``G <= A``)."""
@@ -1063,8 +1160,9 @@ def _sum_rows(x: np.ndarray, kk: int) -> np.ndarray:
 
 def _frac_steps(fq: list):
     """:func:`_mask_steps` of the fraction queries (``(plan, fraction)``): the
-    structural blocks scaled by ``1 - f``, rounds ``ceil(n_p / A) * (1 - f ** n_p)``; and
-    whether the scaled counts are integers (exact)."""
+    structural blocks scaled by ``1 - f``, rounds ``ceil(n_p / A) * (1 - f ** n_p)``, as rows
+    ``(3, steps)`` (non-zero blocks, longest chain, rounds); the empty output blocks; whether
+    the scaled counts are integers (exact)."""
     mats, empty, exact = [], [], []
     for plan, f in fq:
         scr, n_p, rowsum, empty0 = plan.frac_arrays or _frac_arrays(plan)
@@ -1082,16 +1180,36 @@ def _frac_steps(fq: list):
         empty.append(float((rowsum * keep == 0).sum()) if ex else 0.0)
         exact.append(ex)
     M = np.concatenate(mats) if len(mats) > 1 else mats[0]
-    return M[:, 0], M[:, 1], M[:, 2], np.array(empty), np.array(exact)
+    return M.T, empty, exact
+
+
+_KERNELS: list = []  # [the compiled kernels' module, or None without numba], once imported
+
+
+def _kernels():
+    """The compiled kernels (:mod:`tvm_hapm.cost._jit`), imported on first use: numba's import
+    and the kernels' load from numba's disk cache (~0.6 s; their compilation when the cache is
+    empty, ~4-5 s) are paid by the first batch of a process, not by importing ``tvm_hapm``.
+    ``None`` if numba cannot be imported: the numpy path (:func:`_mask_steps`, :func:`_timing`)
+    computes the same numbers, bit for bit, about twice as slowly."""
+    if not _KERNELS:
+        try:
+            from . import _jit
+        except ImportError:  # pragma: no cover - numba is a dependency
+            _jit = None
+        _KERNELS.append(_jit)
+    return _KERNELS[0]
 
 
 def analyze_batch(queries) -> BatchAnalysis:
     """Mid-level analysis of many ``(layer, config, schedule, sparsity)`` queries at once.
 
     The same model as :func:`analyze_reference` (``schedule=None``: ``plan_conv``'s;
-    ``sparsity``: a :class:`BlockSparsity`, a fraction or a block mask), evaluated with numpy
-    over the whole batch: the per-query Python work is reading the query and counting the
-    mask's non-zero blocks (on which the compiler's schedule depends).
+    ``sparsity``: a :class:`BlockSparsity`, a fraction or a block mask), evaluated over the
+    whole batch with numpy and two compiled loops (:mod:`tvm_hapm.cost._jit`: the mask
+    reduction and the timing / energy arithmetic; without numba, numpy, :func:`_kernels`): the
+    per-query Python work is reading the query and counting the mask's non-zero blocks (on
+    which the compiler's schedule depends).
     """
     queries = list(queries)
     n = len(queries)
@@ -1103,7 +1221,8 @@ def analyze_batch(queries) -> BatchAnalysis:
     keys = list(zip(map(id, layers), map(id, cfgs)))
     cfg_ids: dict = {}  # id(config) -> (index into cfg_rows, timing key)
     cfg_rows: list = []
-    pc_of: dict = {}
+    pair_of: dict = {}
+    cidx_of: dict = {}
     for k, i in dict(zip(keys, range(n))).items():
         cfg = cfgs[i]
         ck = cfg_ids.get(id(cfg))
@@ -1119,9 +1238,9 @@ def analyze_batch(queries) -> BatchAnalysis:
             if len(_PAIR_OF_OBJECTS) > _MAX_PAIRS:
                 _PAIR_OF_OBJECTS.clear()
             _PAIR_OF_OBJECTS[k] = (weakref.ref(layers[i]), weakref.ref(cfg), pair)
-        pc_of[k] = (pair, ck[0])
-    pcs = list(map(pc_of.__getitem__, keys))
-    pairs = [pc[0] for pc in pcs]
+        pair_of[k] = pair
+        cidx_of[k] = ck[0]
+    pairs = list(map(pair_of.__getitem__, keys))
     # ---- sparsity: a block mask (checked, structural blocks only) or a fraction
     masks = [s.mask if s.__class__ is BlockSparsity else _mask_of(s) for s in sps]
     fix = [
@@ -1131,16 +1250,14 @@ def analyze_batch(queries) -> BatchAnalysis:
     ]
     for i in fix:
         masks[i] = _checked_mask(masks[i], pairs[i])
-    if any(m is None for m in masks):
-        nnzs = [None if m is None else _count_nonzero(m) for m in masks]
-    else:
-        nnzs = list(map(_count_nonzero, masks))
+    nnzs = [None if m is None else _count_nonzero(m) for m in masks]
     # ---- plans: the schedule given (read once per object), or the compiler's, planned for
     # the non-zero blocks it is given
-    # mask queries (all but the full masks) by bucket, then the fraction queries
+    # mask queries (all but the full masks; by bucket for the numpy path), then the fraction
+    # queries
     given: dict = {}
     plans = []
-    mi, mb, fi = [], [], []
+    mi, fi = [], []
     for i, (sched, pair, z) in enumerate(zip(scheds, pairs, nnzs)):
         if sched is not None:
             sk = (id(pair), id(sched))
@@ -1156,55 +1273,61 @@ def analyze_batch(queries) -> BatchAnalysis:
             fi.append(i)
         else:
             mi.append(i)
-            mb.append(plan.bid)
+    gen = _POOL.gen
     if pending:
         _build_plans(pending)
-    if mi:
-        mi = [mi[k] for k in sorted(range(len(mi)), key=mb.__getitem__)]
+    if _POOL.gen != gen:  # the pools started again while this batch's plans were built
+        _POOL.current(plans)
+    kern = _kernels()
+    if mi and kern is None:  # the numpy reduction runs bucket by bucket
+        mi.sort(key=lambda i: plans[i].bid)
     order = mi + fi
     nm = len(mi)
     plans_o = [plans[i] for i in order]
-    cidx = np.array([pcs[i][1] for i in order], np.int64)
+    cidx = np.array(list(map(cidx_of.__getitem__, keys)), np.int64)[order]
 
     # ---- per query (in that order) and per step: non-zero blocks, chains, rounds
-    Q = np.concatenate([p.qc for p in plans_o], axis=1)  # a row per column
+    Q = _POOL.Q[:, [p.qi for p in plans_o]]  # a row per column
     q = dict(zip(_QCOLS, Q))
-    tot = np.array([p.pair.tot for p in plans_o])
+    tot = q["tot"]
+    # each query's steps (in that order): non-zero blocks, longest chain, position rounds
+    S = np.empty((3, int(q["nst"].sum())))
+    empty = np.empty(n)  # output blocks without a non-zero block
+    exact = np.ones(n, bool)
+    nnz = np.empty(n)
+    frac = np.empty(n)
+    ns_m = int(q["nst"][:nm].sum())
     if nm:
-        steps_m, chain_m, rounds_m, empty_m = _mask_steps([masks[i] for i in mi], plans_o[:nm], q)
+        masks_m = [masks[i] for i in mi]
+        if kern is None:
+            steps_m, chain_m, rounds_m, empty[:nm] = _mask_steps(masks_m, plans_o[:nm], q)
+            S[:, :ns_m] = steps_m, chain_m, rounds_m
+        else:
+            _mask_steps_jit(masks_m, plans_o[:nm], q, S[:, :ns_m], empty[:nm])
+        nnz[:nm] = [nnzs[i] for i in mi]
+        frac[:nm] = 1.0 - nnz[:nm] / np.maximum(tot[:nm], 1)
     if fi:
         fq = [(plans[i], 0.0 if nnzs[i] is not None else _frac_of(sps[i])) for i in fi]
-        steps_f, chain_f, rounds_f, empty_f, exact_f = _frac_steps(fq)
-    if nm and fi:
-        steps = np.concatenate([steps_m, steps_f])
-        chain = np.concatenate([chain_m, chain_f])
-        rounds = np.concatenate([rounds_m, rounds_f])
-        empty = np.concatenate([empty_m, empty_f])
-        exact = np.concatenate([np.ones(nm, bool), exact_f])
-        fr = np.array([f for _, f in fq])
-        nnz = np.concatenate([np.array([nnzs[i] for i in mi], np.float64), tot[nm:] * (1 - fr)])
-        frac = np.concatenate([1.0 - nnz[:nm] / np.maximum(tot[:nm], 1), fr])
-    elif nm:
-        steps, chain, rounds, empty = steps_m, chain_m, rounds_m, empty_m
-        exact = np.ones(n, bool)
-        nnz = np.array([nnzs[i] for i in mi], np.float64)
-        frac = 1.0 - nnz / np.maximum(tot, 1)
+        S[:, ns_m:], empty[nm:], exact[nm:] = _frac_steps(fq)
+        frac[nm:] = [f for _, f in fq]
+        nnz[nm:] = tot[nm:] * (1.0 - frac[nm:])
+    steps, chain, rounds = S
+    cfa = np.array(cfg_rows, np.float64)[cidx]
+    if kern is None:
+        cycles, energy, counts = _timing(q, plans_o, steps, chain, rounds, empty, exact, nnz,
+                                         frac, tot, cfa)  # fmt: skip
     else:
-        steps, chain, rounds, empty, exact = steps_f, chain_f, rounds_f, empty_f, exact_f
-        frac = np.array([f for _, f in fq])
-        nnz = tot * (1.0 - frac)
-    cycles, energy, counts = _timing(q, plans_o, steps, chain, rounds, empty, exact, nnz, frac,
-                                     tot, np.array(cfg_rows, np.float64)[cidx])  # fmt: skip
-    cf_bits = np.array(cfg_rows, np.float64)[cidx]
+        cycles, energy, counts = _timing_jit(kern, Q, q, plans_o, steps, chain, rounds, empty,
+                                             exact, nnz, frac, tot, cfa)  # fmt: skip
     columns = {
         "n": q["n"], "cin": q["cin"], "h": q["h"], "w": q["w"], "cout": q["cout"],
         "kh": q["kh"], "kw": q["kw"], "stride": q["stride"], "groups": q["groups"],
         "oh": q["oh"], "ow": q["ow"], "cob": q["cob"], "cib": q["cib"], "arrays": q["A"],
         "rows": q["R"], "cols": q["C"], "inp_depth": q["inp_depth"],
         "wgt_depth": q["wgt_depth"], "acc_depth": q["acc_depth"], "bytes_per_cycle": q["B"],
-        "dram_latency": q["L"], "act_bits": cf_bits[:, _CFG_COLS.index("act_bits")],
-        "weight_bits": cf_bits[:, _CFG_COLS.index("weight_bits")],
-        "macs_per_cycle": cf_bits[:, _CFG_COLS.index("macs_per_cycle")],
+        "dram_latency": q["L"], "act_bits": cfa[:, _CFG_COLS.index("act_bits")],
+        "weight_bits": cfa[:, _CFG_COLS.index("weight_bits")],
+        "macs_per_cycle": cfa[:, _CFG_COLS.index("macs_per_cycle")],
     }  # fmt: skip
     nq = len(_QCOLS)
     sfields = _sched_field_names(plans_o[0].sched)
@@ -1412,6 +1535,38 @@ def _timing(q, plans, steps, chain, rounds, empty, exact, nnz, frac, tot, cfa):
         "mid_energy_uj": energy,
     }  # fmt: skip
     return cycles, energy, counts
+
+
+_COUNT_KEYS = ("macs_dense", "macs", "struct_blocks", "nnz_blocks", "sparsity", "n_tiles",
+               "tile_classes", "n_cg", "n_kc", "steps", "resident", "gemms", "gemm_rounds",
+               "round_efficiency", "empty_steps", "step_nnz_cv", "empty_cob", "mean_tile",
+               "partial_tile_frac", "pad_frac", "dram_read", "dram_write", "gemm_cycles",
+               "load_cycles", "epi_cycles", "pre_cycles", "compute_bound", "memory_bound",
+               "instructions", "mid_cycles", "mid_energy_uj")  # fmt: skip
+_KERNEL_ROWS: dict = {}  # the kernel's input rows in Q and in the config rows (index arrays)
+
+
+def _timing_jit(kern, Q, q, plans, steps, chain, rounds, empty, exact, nnz, frac, tot, cfa):
+    """:func:`_timing` by the compiled kernel (:func:`tvm_hapm.cost._jit.timing`, bit for bit
+    the same numbers; ``Q``: the query rows as one array, ``q`` by name)."""
+    rows = _KERNEL_ROWS.get(kern)
+    if rows is None:
+        rows = _KERNEL_ROWS[kern] = (
+            np.array([_QI[k] for k in kern.IN_ROWS], np.int64),
+            np.array([_CFG_COLS.index(k) for k in kern.CFG_ROWS], np.int64),
+        )
+    c = np.ascontiguousarray
+    out = np.empty((len(kern.OUT_ROWS), len(plans)))
+    kern.timing(
+        Q[rows[0]], c(cfa.T[rows[1]]), np.array([p.pe for p in plans], np.int64),
+        c(nnz, np.float64), c(frac, np.float64), c(empty, np.float64), c(exact, bool),
+        c(steps, np.float64), c(chain, np.float64), c(rounds, np.float64), _POOL.P32, _POOL.P64,
+        out,
+    )  # fmt: skip
+    o = dict(zip(kern.OUT_ROWS, out))
+    o.update(struct_blocks=tot, nnz_blocks=nnz, sparsity=frac, n_tiles=q["n_tiles"],
+             tile_classes=q["ncls"], n_cg=q["n_cg"], n_kc=q["n_kc"], steps=q["nst"])  # fmt: skip
+    return o["mid_cycles"], o["mid_energy_uj"], {k: o[k] for k in _COUNT_KEYS}
 
 
 def _wload(nblocks, B, L, wgt_b):

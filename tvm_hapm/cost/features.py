@@ -155,7 +155,7 @@ def features_from_batch(ba: BatchAnalysis, query_order: bool = True) -> np.ndarr
     M = np.stack(rows).astype(np.float64, copy=False)
     lg = _log_rows()
     M[lg] = np.log2(1.0 + np.maximum(M[lg], 0.0))
-    X = M.T.astype(np.float32)
+    X = np.ascontiguousarray(M.T, dtype=np.float32)  # C order: the trees read rows
     return ba.to_query_order(X) if query_order else X
 
 

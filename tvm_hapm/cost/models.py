@@ -37,6 +37,7 @@ from .layer import BlockSparsity, ConvLayer, structural_mask
 __all__ = [
     "BUNDLED_FINE_MODEL",
     "CoarseModel",
+    "CompiledForest",
     "Cost",
     "CostModel",
     "FineModel",
@@ -181,6 +182,7 @@ class FineModel(CostModel):
         self.meta = dict(meta or {})
         self.feature_names = feature_names()
         self.set_nthread(nthread)
+        self._forest: list = []  # [the compiled copy of the "both" booster, or None]
 
     def set_nthread(self, nthread: int) -> None:
         """Threads of XGBoost's predictor (default 1: a batch of a few hundred rows is done in
@@ -195,10 +197,15 @@ class FineModel(CostModel):
         return features_batch(items)
 
     def log_ratios(self, X: np.ndarray) -> np.ndarray:
-        """``(n, 2)`` predicted ``log(simulated / mid)`` of cycles and energy of feature rows."""
+        """``(n, 2)`` predicted ``log(simulated / mid)`` of cycles and energy of feature rows
+        (float32: the booster's outputs, by :class:`CompiledForest` when it reproduces them)."""
         X = np.ascontiguousarray(X, dtype=np.float32)
         both = self.boosters.get("both")
         if both is not None:
+            if not self._forest:
+                self._forest.append(CompiledForest.of(both, len(self.feature_names)))
+            if self._forest[0] is not None:
+                return self._forest[0].predict(X)
             return _predict_dense(both, X).reshape(len(X), 2)
         rc = _predict_dense(self.boosters["cycles"], X)
         re = _predict_dense(self.boosters["energy"], X)
@@ -324,6 +331,122 @@ class FineModel(CostModel):
             b.load_model(str(path.with_name(fname)))
             boosters[key] = b
         return cls(boosters, side.get("meta"))
+
+
+class CompiledForest:
+    """The trees of an xgboost booster with vector leaves (a multi-output regression booster,
+    ``reg:squarederror``) as flat arrays, evaluated by a compiled loop
+    (:func:`tvm_hapm.cost._jit.forest`): the same float32 outputs as the booster's
+    ``inplace_predict``, without xgboost's per-call setup (~0.1 ms of a ~0.3 ms prediction of a
+    few hundred rows).
+
+    :meth:`of` reads the booster's JSON dump and checks the copy against the booster on probe
+    rows (every split condition, the float below it, missing values): it returns ``None`` (the
+    caller keeps the booster) for another kind of booster, without numba, or if any output
+    differs by a bit.
+    """
+
+    def __init__(self, trees: list, base: np.ndarray, n_out: int):
+        left, right, feature, cond, dleft, leaf, roots, values = [], [], [], [], [], [], [], []
+        depth, off = 0, 0
+        for t in trees:
+            lc, rc = t["left_children"], t["right_children"]
+            roots.append(off)
+            lvl = [0] * len(lc)
+            k = 0  # the leaf vectors are stored in node order
+            for i, (lo, hi) in enumerate(zip(lc, rc)):
+                if lo == -1:  # a leaf: its own children
+                    left.append(off + i)
+                    right.append(off + i)
+                    feature.append(0)
+                    cond.append(0.0)
+                    dleft.append(False)
+                    leaf.append(len(values))
+                    values.append(t["leaf_weights"][k * n_out : (k + 1) * n_out])
+                    k += 1
+                else:
+                    left.append(off + lo)
+                    right.append(off + hi)
+                    feature.append(t["split_indices"][i])
+                    cond.append(t["split_conditions"][i])
+                    dleft.append(bool(t["default_left"][i]))
+                    leaf.append(-1)
+                    lvl[lo] = lvl[hi] = lvl[i] + 1
+            depth = max(depth, *lvl)
+            off += len(lc)
+        i32 = np.int32
+        self.arrays = (np.array(left, i32), np.array(right, i32), np.array(feature, i32),
+                       np.array(cond, np.float32), np.array(dleft, bool), np.array(leaf, i32),
+                       np.array(roots, i32), np.array(values, np.float32).reshape(-1, n_out),
+                       np.array(base, np.float32))  # fmt: skip
+        self.depth = depth
+        self.n_out = n_out
+        self.n_features = int(max(feature, default=-1)) + 1  # columns the splits read
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """``(n, n_out)`` float32 outputs of float32 C-contiguous rows ``X``."""
+        from . import _jit
+
+        if X.ndim != 2 or X.shape[1] < self.n_features:
+            raise ValueError(f"expected rows of at least {self.n_features} features, got {X.shape}")
+        out = np.empty((len(X), self.n_out), np.float32)
+        _jit.forest(X, *self.arrays, self.depth, out)
+        return out
+
+    @classmethod
+    def of(cls, booster, n_features: int, seed: int = 0) -> CompiledForest | None:
+        """The compiled copy of ``booster``, or ``None`` (see the class)."""
+        try:
+            from . import _jit  # noqa: F401
+        except ImportError:  # pragma: no cover - numba is a dependency
+            return None
+        try:
+            forest = cls._from_dump(json.loads(booster.save_raw("json"))["learner"])
+        except (KeyError, TypeError, ValueError, IndexError):  # a dump of another layout
+            forest = None
+        if forest is None or forest.n_features > n_features:
+            return None
+        X = forest.probe(n_features, seed)
+        same = np.array_equal(forest.predict(X), _predict_dense(booster, X).reshape(len(X), -1))
+        return forest if same else None
+
+    @classmethod
+    def _from_dump(cls, learner: dict) -> CompiledForest | None:
+        model = learner["gradient_booster"].get("model", {})
+        param = learner["learner_model_param"]
+        n_out = int(param.get("num_target", 1))
+        trees = model.get("trees", [])
+        if (
+            learner["objective"]["name"] != "reg:squarederror"
+            or learner["gradient_booster"].get("name") != "gbtree"
+            or int(model["gbtree_model_param"].get("num_parallel_tree", 1)) != 1
+            or n_out < 2
+            or not trees
+            or any(
+                int(t["tree_param"]["size_leaf_vector"]) != n_out
+                or any(t["split_type"])
+                or t.get("categories")
+                for t in trees
+            )
+        ):
+            return None
+        base = np.atleast_1d(np.asarray(json.loads(param["base_score"]), np.float32))
+        return cls(trees, np.broadcast_to(base, (n_out,)), n_out)
+
+    def probe(self, n_features: int, seed: int, n: int = 256) -> np.ndarray:
+        """Rows whose features take the split conditions, the floats just below them and
+        missing values (every branch of every node is likely taken)."""
+        rng = np.random.default_rng(seed)
+        _, _, feature, cond, _, leaf, *_ = self.arrays
+        split = leaf < 0
+        X = rng.standard_normal((n, n_features)).astype(np.float32)
+        for f in range(n_features):
+            c = cond[split & (feature == f)]
+            if len(c):
+                c = np.concatenate([c, np.nextafter(c, np.float32(-np.inf))])
+                X[:, f] = rng.choice(c, n)
+        X[rng.random(X.shape) < 0.05] = np.nan
+        return np.ascontiguousarray(X)
 
 
 def _predict_dense(booster, X: np.ndarray) -> np.ndarray:
