@@ -908,9 +908,7 @@ class Simulator:
                 macs += R * C * outer * inner
 
             elif op == Opcode.ALU:
-                alu = insn.alu_op
-                if alu >= len(AluOp):
-                    raise err(idx, insn, f"unknown ALU operation {alu}")
+                alu = insn.alu_op  # its 3-bit field has no unknown values
                 outer, inner = insn.outer, insn.inner
                 if outer < 1 or inner < 1:
                     raise err(idx, insn, f"empty loop: outer={outer}, inner={inner} (need >= 1)")
