@@ -25,7 +25,7 @@ Layouts (``R`` x ``C`` arrays)::
 
 The result is ``clip(((acc + bias) * mult + 2**(shift-1)) >> shift)`` with an int32 accumulator,
 an int64 product and saturation to the activation range, exactly what the simulator computes.
-With a fused residual the accumulator starts from ``int32(residual) * K + bias`` instead of 0.
+With a fused residual the accumulator starts from ``int32(residual) * K`` instead of 0.
 """
 
 from __future__ import annotations
