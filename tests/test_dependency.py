@@ -107,3 +107,20 @@ def test_push_goes_on_the_last_conflicting_instruction():
     w = wgt.reshape(2, 2).astype(np.int64)
     expect = [inp[2 * k : 2 * k + 2].astype(np.int64) @ w for k in range(3)]
     np.testing.assert_array_equal(res, np.concatenate(expect))
+
+
+def test_add_requant_reads_the_multiplier_after_the_bias():
+    from tvm_hapm.target.dependency import buffer_accesses
+    from tvm_hapm.target.isa import AluOp
+
+    fused = Instruction(
+        Opcode.ALU, alu_op=AluOp.ADD_REQUANT, dst_addr=10, src_addr=4, outer=2, inner=3,
+        dst_so=3, dst_si=1, imm=8,
+    )  # fmt: skip
+    assert buffer_accesses(fused) == [
+        (Buffer.ACC, 10, 15, True),
+        (Buffer.ACC, 10, 15, False),
+        (Buffer.ACC, 4, 5, False),  # bias row 4, multiplier row 5
+    ]
+    add = fused.replace(alu_op=AluOp.ADD)
+    assert buffer_accesses(add)[-1] == (Buffer.ACC, 4, 4, False)

@@ -214,6 +214,13 @@ def test_disassemble_examples():
     relu = Instruction(Opcode.ALU, alu_op=AluOp.RELU, outer=1, inner=1)
     assert isa.disassemble(relu) == "alu    relu acc[0+0o+0i] o<1 i<1"
     assert isa.disassemble(Instruction(Opcode.FINISH, pop_next=1)) == "finish [pop_next]"
+    fused = Instruction(
+        Opcode.ALU, alu_op=AluOp.ADD_REQUANT, dst_addr=8, src_addr=2, outer=1, inner=4,
+        dst_si=1, imm=12 | isa.REQUANT_RELU,
+    )  # fmt: skip
+    assert isa.disassemble(fused) == (
+        "alu    add_requant acc[8+0o+1i], acc[2+0o+0i](+1) >> 12, relu o<1 i<4"
+    )
 
 
 # ------------------------------------------------------------------------------ the reference

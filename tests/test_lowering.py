@@ -26,6 +26,7 @@ from tvm_hapm.target.schedule import (
     estimate_conv_cycles,
     estimate_eltwise_cycles,
     fit_double_buffer,
+    fuse_epilogues,
     hoist_prologues,
     interleave_epilogues,
     plan_conv,
@@ -318,6 +319,45 @@ def test_hoist_prologues_and_partial_flush_by_hand():
     assert interleave_epilogues(hoisted, cfg)[:6] == [*p0, *p1, *g0]
     out = interleave_epilogues(hoisted, cfg, partial_flush=True)
     assert out == [*p0, *g0, *p1, *g1, *e0, *p2, *g2, *e1, *e2]
+
+
+def test_fuse_epilogues_by_hand():
+    alu, op = isa.AluOp, isa.Opcode.ALU
+    add = _a(2, src=0)  # bias row 0 into entries 2..17
+    req = add.replace(alu_op=alu.REQUANT, src_addr=1, imm=9)  # multiplier row 1
+    relu = add.replace(alu_op=alu.MAX, use_imm=1, imm=0, src_addr=0)
+    clip = relu.replace(alu_op=alu.MIN, imm=100)
+    fused = add.replace(alu_op=alu.ADD_REQUANT, imm=9)
+    st = _st(2)
+    assert fuse_epilogues([add, req, relu, st]) == [fused.replace(imm=9 | isa.REQUANT_RELU), st]
+    assert fuse_epilogues([add, req, clip, st]) == [fused, clip, st]
+    assert fuse_epilogues([add, req, relu.replace(imm=-3)])[1:] == [relu.replace(imm=-3)]
+    # left alone: the multiplier not after the bias, other loop nests, dependency tokens,
+    # repeated destinations (a reduction), destinations over the rows they read
+    for pair in (
+        [add, req.replace(src_addr=5)],
+        [add, req.replace(inner=8)],
+        [add, req.replace(src_si=1)],
+        [add.replace(push_next=1), req],
+        [add.replace(dst_si=0), req.replace(dst_si=0)],
+        [add.replace(src_addr=10), req.replace(src_addr=11)],
+    ):
+        assert fuse_epilogues(pair) == pair
+    assert all(i.opcode != op or i.alu_op != alu.ADD_REQUANT for i in fuse_epilogues([req, add]))
+
+
+def test_conv_epilogue_is_one_pass_per_output_block():
+    # ReLU conv: per output block and tile one ADD_REQUANT with the ReLU flag, no ADD, REQUANT
+    # or MAX left; with a clip to [0, 6] a MIN stays after it
+    rng = np.random.default_rng(4)
+    w = rng.integers(-127, 128, (16, 8, 3, 3)).astype(np.int8)
+    args = ((1, 8, 8, 8), w, np.arange(16), np.full(16, 300), 12)
+    for clip, extra in (((0, 127), []), ((0, 6), [isa.AluOp.MIN])):
+        prog, _ = codegen.conv2d_program(CFG, "c", *args, clip, padding=(1,) * 4)
+        alus = [i for i in prog.instructions if i.opcode == isa.Opcode.ALU]
+        regions = sum(1 for i in prog.instructions if i.opcode == isa.Opcode.STORE)
+        assert [i.alu_op for i in alus] == [isa.AluOp.ADD_REQUANT, *extra] * regions
+        assert all(i.imm == 12 | isa.REQUANT_RELU for i in alus[:: 1 + len(extra)])
 
 
 def test_plan_conv_trades_input_chunks_for_larger_tiles():

@@ -11,7 +11,7 @@ import pytest
 
 from tvm_hapm.runtime.simulator import ExecutionStats, Simulator, SimulatorError
 from tvm_hapm.target.config import HardwareConfig
-from tvm_hapm.target.isa import AluOp, Buffer, Instruction, Opcode
+from tvm_hapm.target.isa import REQUANT_RELU, AluOp, Buffer, Instruction, Opcode
 
 # A small, deliberately non-square machine: a transposed weight block cannot go unnoticed.
 R, C = 4, 3
@@ -240,6 +240,11 @@ def oracle_alu(acc, insn, act_range=(-128, 127)):
                     k = insn.imm
                     v = (v * acc[s][lane] + 2 ** (k - 1)) // 2**k
                     v = min(max(v, act_range[0]), act_range[1])
+                elif op == AluOp.ADD_REQUANT:
+                    k = insn.imm % 64
+                    v = (wrap32(v + acc[s][lane]) * acc[s + 1][lane] + 2 ** (k - 1)) // 2**k
+                    lo = 0 if insn.imm // 64 else act_range[0]
+                    v = min(max(v, lo), act_range[1])
                 new.append(v)
             acc[d] = new
 
@@ -428,6 +433,49 @@ def test_alu_immediate_operand(op, imm, pattern):
     sim.run(program(loads, [acc_load, insn]), dram)
     oracle_alu(state["acc"], insn)
     assert as_lists(sim.acc) == state["acc"]
+
+
+@pytest.mark.parametrize("relu", [0, 1])
+@pytest.mark.parametrize("pattern", sorted(ALU_PATTERNS))
+def test_alu_add_requant(pattern, relu):
+    # bias at acc[s], multiplier at acc[s + 1]: values of 2**13 and a shift of 18 so that
+    # results span the activation range, saturate at both ends and round
+    rng = np.random.default_rng(10 + relu)
+    dram, loads, acc_load, state = prefill(rng)
+    dram[2][:] = rng.integers(-(2**13), 2**13, ACC_DEPTH * C)
+    state["acc"] = [[int(dram[2][e * C + c]) for c in range(C)] for e in range(ACC_DEPTH)]
+    insn = alu(AluOp.ADD_REQUANT, *ALU_PATTERNS[pattern], imm=18 | relu * REQUANT_RELU)
+    sim = Simulator(CFG)
+    sim.run(program(loads, [acc_load, insn]), dram)
+    oracle_alu(state["acc"], insn)
+    assert as_lists(sim.acc) == state["acc"]
+    if pattern == "disjoint":  # the cases the data covers
+        out = np.asarray(state["acc"][:12])
+        assert out.min() == (0 if relu else -128) and out.max() == 127
+        assert ((out > out.min()) & (out < 127)).any()
+
+
+def test_add_requant_is_add_then_requant_then_relu():
+    # one pass equals the three instructions it replaces, wrap-around of the add included
+    values = [INT32_MAX - 3, -5, 1000, -1000, 40, -40]
+    rows = [7, 7, -100, 100, 0, 0, 1 << 9, 1 << 9, 1 << 9, 1 << 9, 1 << 9, 1 << 9]
+    # acc[32] = bias, acc[33] = multiplier (lanes 0..3 of C = 4)
+    bias_mult = rows[:4] + rows[6:10]
+    for relu in (0, REQUANT_RELU):
+        fused = alu(AluOp.ADD_REQUANT, 0, 32, 1, 2, dst_si=1, imm=10 | relu)
+        one = _run_alu_on(values, bias_mult, fused)
+        three = [
+            alu(AluOp.ADD, 0, 32, 1, 2, dst_si=1),
+            alu(AluOp.REQUANT, 0, 33, 1, 2, dst_si=1, imm=10),
+        ] + ([alu(AluOp.MAX, 0, 0, 1, 2, dst_si=1, use_imm=1, imm=0)] if relu else [])
+        acc = np.zeros(ACC_DEPTH * C, dtype=np.int32)
+        acc[: len(values)] = values
+        acc[32 * C : 32 * C + len(bias_mult)] = bias_mult
+        sim = Simulator(CFG)
+        sim.run(program(computes=[load(Buffer.ACC, 0, 0, 0, 1, 64, 64, bits=32), *three]), [acc])
+        assert one[:2].tolist() == sim.acc[:2].tolist()
+    # INT32_MAX - 3 + 7 wraps to a large negative value: it saturates low (or is cut by ReLU)
+    assert one[0, 0] == 0 and _run_alu_on(values, bias_mult, fused.replace(imm=10))[0, 0] == -128
 
 
 @pytest.mark.parametrize("pattern", ["disjoint", "src_ahead", "reduce"])
@@ -767,7 +815,15 @@ def test_refuses_bad_fields():
     )
     _refused(program(computes=[alu(AluOp.REQUANT, 0, 0, 1, 1, use_imm=1, imm=8)]), [], "use_imm=0")
     _refused(program(computes=[alu(AluOp.REQUANT, 0, 0, 1, 1, imm=0)]), [], "[1, 62]")
-    _refused(program(computes=[alu(7, 0, 0, 1, 1)]), [], "unknown ALU operation 7")
+    add_requant = alu(AluOp.ADD_REQUANT, 0, 0, 1, 1, imm=8)
+    _refused(program(computes=[add_requant.replace(use_imm=1)]), [], "use_imm=0")
+    _refused(program(computes=[add_requant.replace(imm=64)]), [], "shift 0 out of range [1, 62]")
+    _refused(program(computes=[add_requant.replace(imm=63)]), [], "shift 63 out of range")
+    _refused(program(computes=[add_requant.replace(imm=128 + 8)]), [], "only the shift and ReLU")
+    _refused(program(computes=[add_requant.replace(imm=-8)]), [], "only the shift and ReLU")
+    # the multiplier is the entry after the bias: a bias in the last entry reads past the end
+    last = add_requant.replace(src_addr=ACC_DEPTH - 1)
+    _refused(program(computes=[last]), [], f"source address {ACC_DEPTH} out of range")
     _refused(program(computes=[alu(AluOp.ADD, 0, 0, 0, 1)]), [], "empty loop")
     _refused(program(computes=[gemm(0, 0, 0, 1, 1, array=2)]), [], "array 2 out of range [0, 2)")
     _refused(

@@ -300,6 +300,18 @@ def test_alu_waits_only_for_gemms_into_its_accumulators():
     # The same ADD with an immediate reads no operand: 2..22.
     imm = add.replace(use_imm=1, imm=3)
     assert run([gemm(0, 0, array=0), gemm(16, 16, array=1), imm, FINISH]).start[2] == 2
+    # ADD_REQUANT with its bias in entry 15 reads its multiplier in entry 16: it waits for
+    # array 1 as well (27); with the bias in 14 it reads 14..15 and waits for array 0 only (26).
+    fused = add.replace(alu_op=AluOp.ADD_REQUANT, src_addr=15, src_si=0, imm=8)
+    assert run([gemm(0, 0, array=0), gemm(16, 16, array=1), fused, FINISH]).start[2] == 27
+    fused = fused.replace(src_addr=14)
+    r = run([gemm(0, 0, array=0), gemm(16, 16, array=1), fused, FINISH])
+    assert r.start[2] == 26 and r.end[2] == 26 + 4 + 16
+    # one pass: a 32-bit add and multiply per lane; destination read and written, bias and
+    # multiplier read (16 vectors of 4 lanes of 4 bytes)
+    r = run([fused, FINISH])
+    assert r.alu_add_lanes == r.alu_mul_lanes == 16 * 4
+    assert r.buffer_reads["acc"] == 3 * 16 * 16 and r.buffer_writes["acc"] == 16 * 16
 
 
 def test_accumulator_load_waits_only_for_overlapping_gemms():

@@ -3,7 +3,8 @@
 Energy is the sum of per-event energies times event counts, plus static power times latency:
 
 * a MAC is one multiply (scaled with the operand widths) and one 32-bit add;
-* an ALU lane operation is a 32-bit add, or a 32-bit multiply for ``MUL`` and ``REQUANT``;
+* an ALU lane operation is a 32-bit add, or a 32-bit multiply for ``MUL`` and ``REQUANT``
+  (``ADD_REQUANT``: one of each);
 * every byte read from or written to an on-chip buffer costs the energy of a 64-bit SRAM access
   of a memory that size, divided by 8 (interpolated on the logarithm of the buffer size);
 * every DRAM byte costs a 64-bit DRAM access divided by 8;

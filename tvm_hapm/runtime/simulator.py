@@ -40,7 +40,15 @@ from numpy.lib.stride_tricks import as_strided
 
 from ..target import isa
 from ..target.config import HardwareConfig
-from ..target.isa import AluOp, Buffer, Instruction, Module, Opcode
+from ..target.isa import (
+    REQUANT_RELU,
+    REQUANT_SHIFT_MASK,
+    AluOp,
+    Buffer,
+    Instruction,
+    Module,
+    Opcode,
+)
 from .energy import EnergyModel
 from .timing import TimingModel
 
@@ -245,6 +253,10 @@ def _wrap32(x: np.ndarray) -> np.ndarray:
     on C's implementation-defined narrowing of out-of-range signed integers.
     """
     return (x & _MASK32).astype(np.uint32).view(np.int32)
+
+
+# ALU operations that always read acc[src] (an immediate is not allowed)
+_ACC_OPERAND_OPS = (AluOp.REQUANT, AluOp.ADD_REQUANT)
 
 
 def _loop_index(base: int, so: int, si: int, outer: int, inner: int):
@@ -896,9 +908,7 @@ class Simulator:
                 macs += R * C * outer * inner
 
             elif op == Opcode.ALU:
-                alu = insn.alu_op
-                if alu >= len(AluOp):
-                    raise err(idx, insn, f"unknown ALU operation {alu}")
+                alu = insn.alu_op  # its 3-bit field has no unknown values
                 outer, inner = insn.outer, insn.inner
                 if outer < 1 or inner < 1:
                     raise err(idx, insn, f"empty loop: outer={outer}, inner={inner} (need >= 1)")
@@ -916,10 +926,31 @@ class Simulator:
                         raise err(idx, insn, "REQUANT takes its multiplier from acc: use_imm=0")
                     if not 1 <= insn.imm <= 62:
                         raise err(idx, insn, f"REQUANT shift {insn.imm} out of range [1, 62]")
+                elif alu == AluOp.ADD_REQUANT:
+                    if insn.use_imm:
+                        raise err(
+                            idx, insn, "ADD_REQUANT takes bias and multiplier from acc: use_imm=0"
+                        )
+                    if not 0 <= insn.imm <= (REQUANT_RELU | REQUANT_SHIFT_MASK):
+                        raise err(
+                            idx,
+                            insn,
+                            f"ADD_REQUANT immediate {insn.imm}: only the shift and ReLU bits "
+                            "may be set",
+                        )
+                    if not 1 <= insn.imm & REQUANT_SHIFT_MASK <= 62:
+                        raise err(
+                            idx,
+                            insn,
+                            f"ADD_REQUANT shift {insn.imm & REQUANT_SHIFT_MASK} out of range "
+                            "[1, 62]",
+                        )
                 elif alu == AluOp.SHR and insn.use_imm and not 0 <= insn.imm <= 31:
                     raise err(idx, insn, f"SHR shift {insn.imm} out of range [0, 31]")
-                if alu != AluOp.RELU and (alu == AluOp.REQUANT or not insn.use_imm):
+                if alu != AluOp.RELU and (alu in _ACC_OPERAND_OPS or not insn.use_imm):
                     last = insn.src_addr + (outer - 1) * insn.src_so + (inner - 1) * insn.src_si
+                    # ADD_REQUANT reads the multiplier one entry after the bias
+                    last += alu == AluOp.ADD_REQUANT
                     if last >= acc_depth:
                         raise err(
                             idx,
@@ -1190,6 +1221,10 @@ class Simulator:
         acc = self.acc
         dst, dst_distinct = _loop_index(insn.dst_addr, insn.dst_so, insn.dst_si, outer, inner)
 
+        if op == AluOp.ADD_REQUANT:
+            self._exec_add_requant(idx, insn, dst, dst_distinct)
+            return
+
         if op == AluOp.RELU or (insn.use_imm and op in (AluOp.MIN, AluOp.MAX)):
             # Idempotent operations: applying them once per distinct entry is the sequential
             # result even when entries repeat (duplicate writes then carry equal values).
@@ -1219,6 +1254,24 @@ class Simulator:
                 self._alu_reduce(op, dst, acc[src].astype(np.int64))
                 return
         self._alu_loop(idx, insn, _as_array(dst), _as_array(src))
+
+    def _exec_add_requant(self, idx, insn, dst, dst_distinct):
+        """ADD_REQUANT: every iteration reads its destination, the bias at ``acc[s]`` and the
+        multiplier at ``acc[s + 1]``, then writes the destination."""
+        acc = self.acc
+        src = _as_array(
+            _loop_index(insn.src_addr, insn.src_so, insn.src_si, insn.outer, insn.inner)[0]
+        )
+        d = _as_array(dst)
+        if dst_distinct and _read_before_written(d, src) and _read_before_written(d, src + 1):
+            acc[dst] = self._alu(
+                idx, insn, acc[dst].astype(np.int64),
+                (acc[src].astype(np.int64), acc[src + 1].astype(np.int64)),
+            )  # fmt: skip
+            return
+        for j in range(d.size):  # sequential fallback
+            operand = (acc[src[j]].astype(np.int64), acc[src[j] + 1].astype(np.int64))
+            acc[d[j]] = self._alu(idx, insn, acc[d[j]].astype(np.int64), operand)
 
     @staticmethod
     def _src_ready(insn, dst, src) -> bool:
@@ -1283,8 +1336,16 @@ class Simulator:
             return np.maximum(value, operand).astype(np.int32)
         if op == AluOp.RELU:
             return np.maximum(value, 0).astype(np.int32)
+        lo = self.act_lo
+        if op == AluOp.ADD_REQUANT:
+            bias, operand = operand
+            value = _wrap32(value + bias).astype(np.int64)
+            shift = insn.imm & REQUANT_SHIFT_MASK
+            if insn.imm & REQUANT_RELU:
+                lo = max(lo, 0)
+        else:
+            shift = insn.imm
         # REQUANT: |dst * mult| <= 2**62 and the rounding term is at most 2**61, so the int64
         # sum cannot overflow; the result saturates to the activation range.
-        shift = insn.imm
         scaled = (value * operand + (1 << (shift - 1))) >> shift
-        return np.clip(scaled, self.act_lo, self.act_hi).astype(np.int32)
+        return np.clip(scaled, lo, self.act_hi).astype(np.int32)

@@ -131,7 +131,8 @@ class TimingResult:
     buffer_reads, buffer_writes : dict of str to int
         Bytes read from / written to each on-chip buffer ("inp", "wgt", "acc").
     alu_add_lanes, alu_mul_lanes : int
-        ALU lane operations; MUL and REQUANT count as multiplies, the rest as adds.
+        ALU lane operations; MUL and REQUANT count as multiplies, ADD_REQUANT as one of
+        each, the rest as adds.
     utilisation : float
         ``macs / (macs_per_cycle * cycles)``: the fraction of the arrays' MAC-cycles used.
     roofline_cycles : float
@@ -287,6 +288,7 @@ class TimingModel:
         entry_bytes = (inp_b, wgt_b, acc_b)
         entry_elems = (R, R * C, C)
         mul_ops = (AluOp.MUL, AluOp.REQUANT)
+        ADD_REQUANT = AluOp.ADD_REQUANT
 
         zero = self._zero_flags(instructions, gemm_zero_weights) if dsb else None
 
@@ -364,15 +366,22 @@ class TimingModel:
                 dlo = insn.dst_addr
                 dhi = dlo + (insn.outer - 1) * insn.dst_so + (insn.inner - 1) * insn.dst_si
                 slo, shi = 0, -1
-                if alu == REQUANT or (alu != RELU and not insn.use_imm):
-                    rd[2] += t * acc_b
+                if alu == ADD_REQUANT:  # bias and multiplier: two operand reads, add + multiply
+                    rd[2] += 2 * t * acc_b
                     slo = insn.src_addr
-                    shi = slo + (insn.outer - 1) * insn.src_so + (insn.inner - 1) * insn.src_si
-                drain[i] = (dlo, dhi, slo, shi)
-                if alu in mul_ops:
+                    shi = slo + (insn.outer - 1) * insn.src_so + (insn.inner - 1) * insn.src_si + 1
+                    add_lanes += t * C
                     mul_lanes += t * C
                 else:
-                    add_lanes += t * C
+                    if alu == REQUANT or (alu != RELU and not insn.use_imm):
+                        rd[2] += t * acc_b
+                        slo = insn.src_addr
+                        shi = slo + (insn.outer - 1) * insn.src_so + (insn.inner - 1) * insn.src_si
+                    if alu in mul_ops:
+                        mul_lanes += t * C
+                    else:
+                        add_lanes += t * C
+                drain[i] = (dlo, dhi, slo, shi)
             else:
                 kind[i] = 2
                 if op == SYNC:

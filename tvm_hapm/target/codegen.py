@@ -29,6 +29,7 @@ from .schedule import (
     ConvSchedule,
     assign_arrays,
     fit_double_buffer,
+    fuse_epilogues,
     hoist_prologues,
     interleave_epilogues,
     pipeline_operand_loads,
@@ -258,9 +259,13 @@ def conv2d_program(
     With ``residual`` (the integer shortcut weight of each output channel,
     :func:`~tvm_hapm.passes.qops.emit_conv2d_residual`) the program takes a second input, the
     shortcut (the output's shape), and computes ``requant(conv + bias + shortcut * residual)``:
-    before an output region's GEMMs the shortcut tile is loaded into the region, multiplied by
-    the weights and offset by the bias (``LOAD``, ``MUL``, ``ADD``), and every GEMM accumulates
-    onto it; the epilogue is then ``REQUANT``, clip and store.
+    before an output region's GEMMs the shortcut tile is loaded into the region and multiplied
+    by the weights (``LOAD``, ``MUL``), and every GEMM accumulates onto it; the epilogue is then
+    the same as without it.
+
+    The epilogue of an output block is ``ADD`` bias, ``REQUANT``, clip and store;
+    :func:`~tvm_hapm.target.schedule.fuse_epilogues` makes the first three one ``ADD_REQUANT``
+    when the clip is a ReLU (or none).
 
     Returns ``(program, constants)``: the constants (packed weight blocks, bias and multipliers)
     are the DRAM contents of the program's ``const`` slots, in slot order.
@@ -378,7 +383,7 @@ def conv2d_program(
                     # one loop over the tile if the inner extent field holds it, else rows x cols
                     loop = (1, t, 0, 1) if t <= _MAX_LOOP else (th, tw, tw, 1)
                     # the group's constant rows, then (fused) each region starts as
-                    # shortcut * residual weight + bias and the GEMMs accumulate onto it
+                    # shortcut * residual weight and the GEMMs accumulate onto it
                     prologue = []
                     if not fused:
                         prologue.append(_load(Buffer.ACC, S_BM, 32, 0, 2 * cg0, 1, 2 * gsize, 0))
@@ -387,7 +392,6 @@ def conv2d_program(
                         dram = ((b * cob + cg0 + g) * oh + oh0) * ow + ow0
                         prologue.append(_load(Buffer.ACC, S_RES, act, dst, dram, th, tw, ow))
                         prologue.append(_alu(AluOp.MUL, dst, *loop, src=row(g) + 2))
-                        prologue.append(_alu(AluOp.ADD, dst, *loop, src=row(g)))
                         started[g] = True
                     if multi_chunk:  # ahead of the group's chunk loop
                         p0 = len(seq)
@@ -445,13 +449,12 @@ def conv2d_program(
                                 )
                             )
                             started[g] = True
-                    # epilogue: bias (unless the prologue added it), requantize, clip, store
+                    # epilogue: bias, requantize, clip (fused into ADD_REQUANT below), store
                     for g in range(gsize):
                         dst = acc_out + g * t
                         if not started[g]:  # every weight of this block was pruned
                             seq.append(_alu(AluOp.MUL, dst, *loop, imm=0))
-                        if not fused:
-                            seq.append(_alu(AluOp.ADD, dst, *loop, src=row(g)))
+                        seq.append(_alu(AluOp.ADD, dst, *loop, src=row(g)))
                         seq.append(_alu(AluOp.REQUANT, dst, *loop, imm=shift, src=row(g) + 1))
                         seq += _clip_ops(cfg, dst, *loop, *clip)
                         dram = ((b * cob + cg0 + g) * oh + oh0) * ow + ow0
@@ -468,6 +471,7 @@ def conv2d_program(
         info["residual"] = True
         if double:
             seq = hoist_prologues(seq, regions)
+    seq = fuse_epilogues(seq)
     seq = assign_arrays(interleave_epilogues(seq, cfg, partial_flush=fused), cfg)
     prog = Program(layer, cfg, slots, insert_dependency_tokens(seq), layer_index, info)
     return prog, [wblocks, bias_mult]

@@ -37,6 +37,8 @@ __all__ = [
     "module_of",
     "disassemble",
     "ELEM_BITS",
+    "REQUANT_RELU",
+    "REQUANT_SHIFT_MASK",
 ]
 
 INSTRUCTION_BYTES = 16
@@ -70,6 +72,15 @@ class AluOp(enum.IntEnum):
     MAX = 4  # dst = max(dst, operand)
     REQUANT = 5  # dst = sat_act((int64(dst) * acc[src] + 2**(imm-1)) >> imm)
     RELU = 6  # dst = max(dst, 0)
+    # dst = sat_act([max(0,] (int64(wrap32(dst + acc[src])) * acc[src+1] + 2**(k-1)) >> k [)]),
+    # k = imm & REQUANT_SHIFT_MASK, the max only if imm & REQUANT_RELU: a convolution's whole
+    # epilogue (bias, requantization, ReLU) in one pass over the accumulator
+    ADD_REQUANT = 7
+
+
+#: ADD_REQUANT's immediate: the shift in the low bits, the ReLU flag above them
+REQUANT_SHIFT_MASK = 0x3F
+REQUANT_RELU = 0x40
 
 
 class Module(enum.IntEnum):
@@ -308,6 +319,12 @@ def disassemble(insn: Instruction) -> str:
             operand = ""
         elif insn.alu_op == AluOp.REQUANT:
             operand = f", acc[{insn.src_addr}+{insn.src_so}o+{insn.src_si}i] >> {insn.imm}"
+        elif insn.alu_op == AluOp.ADD_REQUANT:
+            relu = ", relu" if insn.imm & REQUANT_RELU else ""
+            operand = (
+                f", acc[{insn.src_addr}+{insn.src_so}o+{insn.src_si}i](+1) "
+                f">> {insn.imm & REQUANT_SHIFT_MASK}{relu}"
+            )
         elif insn.use_imm:
             operand = f", #{insn.imm}"
         else:

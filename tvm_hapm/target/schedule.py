@@ -26,6 +26,10 @@ successive tiles alternate between two halves of the accumulator and
 :func:`pipeline_operand_loads` moves the operand loads of tile ``k+1`` into the ALU passes of
 tile ``k``, so the store of tile ``k`` overlaps the ALU passes of tile ``k+1``.
 
+**Epilogue fusion.**  :func:`fuse_epilogues` turns a convolution epilogue's ``ADD`` of the bias
+row, ``REQUANT`` by the multiplier row after it and ``MAX 0`` (ReLU) into one ``ADD_REQUANT``:
+one pass of the compute module over the output region instead of three.
+
 **Epilogue pipelining.**  :func:`interleave_epilogues` moves the epilogue of an output region
 (its ALU instructions and stores) and the next region's bias load into the GEMM stream of the
 next region, one instruction after each dispatch of the arrays, so the compute module runs the
@@ -39,7 +43,7 @@ from dataclasses import asdict, dataclass, replace
 
 from .config import HardwareConfig
 from .dependency import buffer_accesses
-from .isa import Buffer, Instruction, Opcode
+from .isa import REQUANT_RELU, AluOp, Buffer, Instruction, Opcode
 
 __all__ = [
     "RESIDUAL_CONST_ROWS",
@@ -52,6 +56,7 @@ __all__ = [
     "estimate_conv_cycles",
     "estimate_eltwise_cycles",
     "fit_double_buffer",
+    "fuse_epilogues",
     "hoist_prologues",
     "interleave_epilogues",
     "pipeline_operand_loads",
@@ -235,8 +240,9 @@ def estimate_conv_cycles(  # noqa: PLR0913, PLR0917 - the layer's shape, in the 
 
     ``max(array cycles, compute-module cycles, DRAM cycles)`` with perfect overlap (the
     double-buffered steady state): array cycles are the GEMMs of the busiest array, each
-    ``2R + C - 2 + T`` for a tile of ``T`` pixels; compute-module cycles are the epilogue (three
-    ALU passes over each output block) and one issue cycle per GEMM; DRAM cycles are the bytes
+    ``2R + C - 2 + T`` for a tile of ``T`` pixels; compute-module cycles are the epilogue (one
+    ``ADD_REQUANT`` pass over each output block, :func:`fuse_epilogues`) and one issue cycle per
+    GEMM; DRAM cycles are the bytes
     the schedule moves (input tiles with their halo, once per output-channel group when the
     input channels take several chunks; weights once when resident, else per tile; outputs;
     bias rows per region) over the bandwidth.  ``weight_blocks`` (default all) scales the GEMM
@@ -254,7 +260,7 @@ def estimate_conv_cycles(  # noqa: PLR0913, PLR0917 - the layer's shape, in the 
     groups, chunks = -(-cob // g), -(-cib // chunk)
     resident = blocks <= cfg.wgt_depth
     fixed = 2 * R + C - 2
-    passes = 5 if residual else 3
+    passes = 3 if residual else 1  # shortcut LOAD, MUL; ADD_REQUANT
     per_region = -(-min(g, cob) // P) * cib * kh * kw * density  # GEMMs of the busiest array
     array = alu = inp = 0.0
     tiles = 0
@@ -595,6 +601,83 @@ def hoist_prologues(seq: list, regions: list) -> list:
             out += seq[q0:q1]
         out += seq[start:p0] + seq[p1:end]
     return out
+
+
+def _alu_nest(insn: Instruction) -> tuple:
+    return (insn.dst_addr, insn.outer, insn.inner, insn.dst_so, insn.dst_si)
+
+
+def _distinct_nest(base: int, outer: int, inner: int, so: int, si: int) -> bool:
+    """Whether a two-level loop's addresses never repeat (strides are non-negative)."""
+    if outer * inner == 1:
+        return True
+    if outer == 1:
+        return si > 0
+    if inner == 1:
+        return so > 0
+    return si > 0 and so >= inner * si
+
+
+def fuse_epilogues(instructions: list[Instruction]) -> list[Instruction]:
+    """Fuse each ``ADD acc[b]; REQUANT acc[b+1] >> k[; MAX #0]`` into one ``ADD_REQUANT``.
+
+    The three ALU instructions must be adjacent, have the same destination loop nest, carry no
+    dependency tokens, and the ``ADD`` and ``REQUANT`` must read the bias and multiplier rows
+    with the same source strides, the multiplier one entry after the bias.  The destination
+    entries must be distinct and apart from the rows they read: then computing each entry's
+    bias, requantization and ReLU before the next entry's gives what the three passes give.
+    ``MAX`` with an immediate of 0 becomes the ReLU flag; any other clip stays an instruction.
+    """
+    out: list[Instruction] = []
+    seq = list(instructions)
+    i = 0
+    while i < len(seq):
+        add = seq[i]
+        req = seq[i + 1] if i + 1 < len(seq) else None
+        if req is None or not _fusable(add, req):
+            out.append(add)
+            i += 1
+            continue
+        imm, used = req.imm, 2
+        relu = seq[i + 2] if i + 2 < len(seq) else None
+        if (
+            relu is not None
+            and relu.opcode == Opcode.ALU
+            and relu.alu_op == AluOp.MAX
+            and relu.use_imm
+            and relu.imm == 0
+            and _alu_nest(relu) == _alu_nest(add)
+            and not _has_tokens(relu)
+        ):
+            imm, used = imm | REQUANT_RELU, 3
+        out.append(replace(add, alu_op=int(AluOp.ADD_REQUANT), imm=imm))
+        i += used
+    return out
+
+
+def _has_tokens(insn: Instruction) -> bool:
+    return bool(insn.pop_prev or insn.pop_next or insn.push_prev or insn.push_next)
+
+
+def _fusable(add: Instruction, req: Instruction) -> bool:
+    if not (
+        add.opcode == Opcode.ALU == req.opcode
+        and add.alu_op == AluOp.ADD
+        and req.alu_op == AluOp.REQUANT
+        and not add.use_imm
+        and not req.use_imm
+        and _alu_nest(add) == _alu_nest(req)
+        and req.src_addr == add.src_addr + 1
+        and (req.src_so, req.src_si) == (add.src_so, add.src_si)
+        and not _has_tokens(add)
+        and not _has_tokens(req)
+    ):
+        return False
+    dst, outer, inner, so, si = _alu_nest(add)
+    d_hi = dst + (outer - 1) * so + (inner - 1) * si
+    s_lo = add.src_addr
+    s_hi = s_lo + (outer - 1) * add.src_so + (inner - 1) * add.src_si + 1
+    return _distinct_nest(dst, outer, inner, so, si) and (d_hi < s_lo or s_hi < dst)
 
 
 def _acc_ranges(insn: Instruction) -> list[tuple[int, int, bool]]:

@@ -25,7 +25,7 @@ Layouts (``R`` x ``C`` arrays)::
 
 The result is ``clip(((acc + bias) * mult + 2**(shift-1)) >> shift)`` with an int32 accumulator,
 an int64 product and saturation to the activation range, exactly what the simulator computes.
-With a fused residual the accumulator starts from ``int32(residual) * K + bias`` instead of 0.
+With a fused residual the accumulator starts from ``int32(residual) * K`` instead of 0.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from .schedule import (
     ConvSchedule,
     assign_arrays,
     fit_double_buffer,
+    fuse_epilogues,
     hoist_prologues,
     interleave_epilogues,
     pipeline_operand_loads,
@@ -146,16 +147,16 @@ def conv2d_primfunc(  # noqa: PLR0917 - the layer's shape, in the conventional o
         ``residual (N, COB, OH, OW, C)`` (the shortcut, the output's layout) and three rows
         per output block in ``bias_mult`` (``3*cob``: bias, ``3*cob+1``: multipliers,
         ``3*cob+2``: the shortcut's integer weights ``K``).  The stage ``shortcut`` is
-        ``int32(residual) * K + bias`` and the ``conv`` reduction starts from it
-        (``te.sum(..., init=shortcut)``) instead of 0; there is no ``bias`` stage.
+        ``int32(residual) * K`` and the ``conv`` reduction starts from it
+        (``te.sum(..., init=shortcut)``) instead of 0.
 
     Returns
     -------
     tvm.tirx.PrimFunc
         ``main(data, weight, bias_mult, out)`` (``main(data, residual, weight, bias_mult,
         out)`` with ``residual``) with the layer constants in its ``"hapm_fpga.layer"``
-        attribute.  Stages: ``pad``, ``conv`` (int32 reduction over ``(cib, kh, kw, r)``),
-        ``bias`` (``shortcut`` with ``residual``), ``requant`` (with saturation), ``clip``
+        attribute.  Stages: ``pad``, (``shortcut``,) ``conv`` (int32 reduction over
+        ``(cib, kh, kw, r)``), ``bias``, ``requant`` (with saturation), ``clip``
         (only if ``clip`` is narrower than the activation range) and ``out`` (the cast).
     """
     R, C = cfg.array_rows, cfg.array_cols
@@ -200,7 +201,6 @@ def conv2d_primfunc(  # noqa: PLR0917 - the layer's shape, in the conventional o
             out_shape,
             lambda b, co, y, x, c: (
                 res[b, co, y, x, c].astype("int32") * bias_mult[rows * co + 2, c]
-                + bias_mult[rows * co, c]
             ),
             name="shortcut",
         )
@@ -214,14 +214,11 @@ def conv2d_primfunc(  # noqa: PLR0917 - the layer's shape, in the conventional o
         ),
         name="conv",
     )
-    if residual:
-        bias = conv  # the shortcut's stage added the bias
-    else:
-        bias = te.compute(
-            out_shape,
-            lambda b, co, y, x, c: conv[b, co, y, x, c] + bias_mult[2 * co, c],
-            name="bias",
-        )
+    bias = te.compute(
+        out_shape,
+        lambda b, co, y, x, c: conv[b, co, y, x, c] + bias_mult[rows * co, c],
+        name="bias",
+    )
     i64 = "int64"
     requant = te.compute(
         out_shape,
@@ -419,7 +416,7 @@ def schedule_conv2d(
 
     With a fused residual (the layer's ``"residual"``) every block's constant rows are loaded
     once, first, and the init (``conv_init``) reads the ``shortcut`` stage, which is inlined
-    into it: per output block of the group, ``int32(residual) * K + bias`` into the region
+    into it: per output block of the group, ``int32(residual) * K`` into the region
     (:func:`InjectDMA` makes the shortcut tile a DMA into the region), ahead of the chunk
     loop; the GEMMs accumulate onto it.
 
@@ -452,7 +449,7 @@ def schedule_conv2d(
     sch.set_scope(conv, 0, SCOPE_ACC)
 
     # Epilogue per output block of the group, after the group's reduction.
-    epilogue = ("requant", "clip") if fused else ("bias", "requant", "clip")
+    epilogue = ("bias", "requant", "clip")
     stages = [s for s in epilogue if _has_block(sch, s)]
     first = sch.get_sblock(stages[0])
     sch.reverse_compute_at(first, cg, preserve_unit_loops=True)
@@ -489,7 +486,7 @@ def schedule_conv2d(
     sch.decompose_reduction(conv, kc)
     if fused:
         # The init reads the shortcut stage: declare it there (not on the update), then
-        # inline the stage, so the init loads the shortcut tile and scales and offsets it.
+        # inline the stage, so the init loads the shortcut tile and scales it.
         sch = s_tir.Schedule(tvm.IRModule({"main": _init_reads_fixed(sch.mod["main"], "conv")}))
         sch.compute_inline(sch.get_sblock("shortcut"))
         c = sch.get_loops(sch.get_sblock("conv_update"))[-2]
@@ -1699,7 +1696,7 @@ def emit_program(
     compile-time sparse schedule: all-zero weight blocks are neither loaded nor multiplied.
 
     A reduction's init computed into a GEMM accumulator region (a fused residual: the shortcut
-    tile's ``LOAD``, ``MUL`` by ``K``, ``ADD`` of the bias) is that region's prologue: with
+    tile's ``LOAD`` and ``MUL`` by ``K``) is that region's prologue: with
     double buffering each prologue moves ahead of the previous region
     (:func:`~tvm_hapm.target.schedule.hoist_prologues`), and ``interleave_epilogues`` flushes
     pending instructions only up to the last one a GEMM conflicts with (``partial_flush``), as
@@ -1719,7 +1716,7 @@ def emit_program(
     if emitter.alu_only:
         seq = pipeline_operand_loads(seq)
     else:  # (also when every GEMM was dropped: the direct generator does not move the loads)
-        seq = interleave_epilogues(seq, cfg, partial_flush=prologues)
+        seq = interleave_epilogues(fuse_epilogues(seq), cfg, partial_flush=prologues)
     return insert_dependency_tokens(assign_arrays(seq, cfg))
 
 
