@@ -309,8 +309,9 @@ def main(argv=None) -> dict:
         "prediction_timing": (
             f"one predict_batch of all {len(items)} points (layer, config, default schedule, "
             "exact block mask) -> (cycles, energy): mid analysis incl. the compiler's schedule "
-            "(numpy and two compiled numba kernels), features, the booster's 50 two-output "
-            "trees (compiled copy, bit-identical to xgboost's prediction) on one thread; median "
+            "(numpy and two compiled numba kernels), features, the booster's "
+            f"{fine.meta.get('rounds', '?')} two-output trees (compiled copy, bit-identical to "
+            "xgboost's prediction) on one thread; median "
             f"of {args.reps * args.sim_passes * len(args.presets)} calls interleaved with the "
             "simulation passes, per-(layer, config) caches warm; cold: caches emptied first; "
             "the compiled code's one-time load (jit_warmup_seconds) paid before any timing"

@@ -269,9 +269,9 @@ def test_vectorized_mask_reduction_equals_the_per_point_analysis(seed):
 
 
 def test_mask_group_rounds_equal_the_reference():
-    """The per-bucket group reduction (any / ceil over a group's output blocks, then the sum
-    over positions) equals ``_position_rounds`` (chunks of one input block), ``G`` above and
-    below the number of arrays."""
+    """The per-bucket group reduction (any / ``max(n_p, A)`` A-ths over a group's output
+    blocks, then the sum over positions) equals ``_position_rounds`` (chunks of one input
+    block), ``G`` above and below the number of arrays."""
     from tvm_hapm.cost.analytic import _group_rounds, _position_rounds, _sum_rows  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
@@ -282,7 +282,7 @@ def test_mask_group_rounds_equal_the_reference():
             ref = _position_rounds(m, 0.0, A, G, 1).ravel()
             Y = m.reshape(-1).view(np.uint8)
             got = _sum_rows(_group_rounds(Y, G, 0 if G <= A else A, cib * kk), kk)
-            np.testing.assert_array_equal(got, ref)
+            np.testing.assert_allclose(got / (A if G > A else 1), ref, rtol=1e-12)
 
 
 def test_batch_shares_layers_masks_and_schedules_and_clear_caches_is_transparent():
@@ -331,15 +331,17 @@ def _zoo_queries():
     return qs
 
 
-#: Mid-model cycles and energy (uJ) of ``_zoo_queries()``, computed before the compiled kernels
-#: replaced the numpy reductions (both must keep giving them, to the last bit).
+#: Mid-model cycles and energy (uJ) of ``_zoo_queries()``, computed by the numpy path when the
+#: mid model took up the fused ADD_REQUANT epilogue (both paths must keep giving them, to the
+#: last bit; the figures from before the kernels existed are in git history, 0f927b8).
 _ZOO_GOLDEN = [
-    (1003721.0, 2336.8597088), (649569.0, 4584.0821828), (2392490.44, 3291.0472766),
-    (360145.0, 800.7107488), (124929.0, 892.2193347999998), (814472.76, 1292.8724779999998),
-    (198769.0, 602.6145184), (35931.0, 403.67706039999996),
-    (411466.76000000007, 977.7533426), (371145.0, 890.0903072), (61887.0, 641.2364092),
-    (821376.5200000005, 1311.6459836000004), (38752.2734375, 105.582477375),
-    (23868.01984126984, 141.42971655396826), (83129.02272727272, 163.15589863636364),
+    (1004074.0, 2279.2986112), (494900.0, 4014.5089231999996), (2393689.44, 3259.837535),
+    (358785.0, 784.9996704), (90885.0, 762.8173524), (813968.76, 1284.4109676),
+    (198140.0, 594.8054912), (31476.0, 374.2893392),
+    (411815.76000000007, 974.0154074000001), (371099.0, 882.8129759999999),
+    (56259.0, 608.552558), (821342.5200000005, 1307.5939884000004),
+    (42415.1328125, 108.850905125), (24703.944444444445, 143.6092198888889),
+    (72469.11931818182, 154.37467784090907),
 ]  # fmt: skip
 
 
@@ -380,6 +382,26 @@ def test_compiled_kernels_equal_the_numpy_path_bit_for_bit(which, monkeypatch):
     if which == "zoo":
         got = list(zip(jit.cycles.tolist(), jit.energy_uj.tolist()))
         assert got == _ZOO_GOLDEN
+
+
+def test_numpy_mask_path_counts_many_rounds_per_input_block(monkeypatch):
+    """A group many times the arrays on a 7x7 kernel: an input block's rounds pass 255 (the
+    numpy path summed them in uint8 and wrapped around), and both paths still give the per-layer
+    reference's rounds."""
+    from tvm_hapm.target.config import HardwareConfig  # noqa: PLC0415
+    from tvm_hapm.target.schedule import ConvSchedule  # noqa: PLC0415
+
+    layer = ConvLayer(1, 16, 14, 14, 64, 7, 7, padding=3)
+    cfg = HardwareConfig(name="t", num_arrays=1, array_rows=8, array_cols=8)
+    mask = np.random.default_rng(0).random((8, 2, 7, 7)) < 0.9
+    qs = [(layer, cfg, ConvSchedule(7, 7, 8, 2, True), mask)]
+    ref = analyze_reference(*qs[0]).counts["gemm_rounds"]
+    jit = analyze_batch(qs)
+    with monkeypatch.context() as m:
+        _numpy_path(m)
+        plain = analyze_batch(qs)
+    _assert_same_batch(jit, plain)
+    assert plain.counts["gemm_rounds"][0] == pytest.approx(ref, rel=1e-12)
 
 
 def test_plan_pools_start_again_during_a_batch(monkeypatch):

@@ -88,9 +88,9 @@ def mask_steps(
     F, off, cob, cib, kk, G, K, A, st_off, steps, chain, rounds, empty
 ):  # pragma: no cover
     """Per step of every mask query: non-zero blocks, longest chain (non-zero blocks of one
-    output block over the step's input chunk) and GEMM rounds (per position of the step,
-    ``ceil(n_p / A)`` for the ``n_p`` non-zero blocks of the group there); per query: output
-    blocks without a non-zero block.
+    output block over the step's input chunk) and GEMM rounds (per position of the step, one
+    round if ``n_p <= A``, else ``n_p / A``, for the ``n_p`` non-zero blocks of the group
+    there); per query: output blocks without a non-zero block.
 
     ``F``: the masks' bytes one after the other (query ``i`` at ``off[i]``, ``(cob, cib, kk)``
     C order, no padding); the steps of query ``i`` are ``st_off[i] + g * n_kc + k`` (group
@@ -138,10 +138,11 @@ def mask_steps(
                 if gq <= aq:  # at most A blocks at a position: one round if any
                     for w in range(part.shape[0]):
                         r += 1 if part[w] > 0 else 0
-                else:
+                    rounds[s + k] = r
+                else:  # max(n_p, A) A-ths of a round (analytic._position_rounds)
                     for w in range(part.shape[0]):
-                        r += (part[w] + aq - 1) // aq
-                rounds[s + k] = r
+                        r += max(part[w], aq) if part[w] > 0 else 0
+                    rounds[s + k] = r / aq
         empty[q] = ne
 
 
@@ -149,7 +150,7 @@ def mask_steps(
 IN_ROWS = ("nst", "npairs", "R", "C", "A", "B", "L", "ab", "wb", "n_cg", "n_kc", "n_tiles", "pix",
            "cob", "cib", "wgt_depth", "dbs", "fits_res", "fits_non", "share", "g_last",
            "tail_alu", "st_last", "cnt_data", "cnt_pad", "sa", "partial", "n", "oh", "ow",
-           "cout", "cin", "groups", "kh", "kw")  # fmt: skip
+           "cout", "cin", "groups", "kh", "kw", "ld_first", "g0t_first")  # fmt: skip
 #: Rows of :func:`timing`'s ``cfg``: the config's energy constants (``analytic._CFG_COLS``).
 CFG_ROWS = ("clock", "mac_pj", "add32", "mult32", "e_inp", "e_wgt", "e_acc", "e_dram",
             "static_mw", "macs_per_cycle")  # fmt: skip
@@ -162,14 +163,17 @@ OUT_ROWS = ("mid_cycles", "mid_energy_uj", "macs_dense", "macs", "resident", "ge
 # the row numbers as module constants (numba compiles them in; a dict could not be read)
 (_NST, _NPAIRS, _R, _C, _A, _B, _L, _AB, _WB, _NCG, _NKC, _NTILES, _PIX, _COB, _CIB, _WDEPTH,
  _DBS, _FRES, _FNON, _SHARE, _GLAST, _TAIL, _STLAST, _CDATA, _CPAD, _SA, _PART, _N, _OH, _OW,
- _COUT, _CIN, _GROUPS, _KH, _KW) = range(len(IN_ROWS))  # fmt: skip
+ _COUT, _CIN, _GROUPS, _KH, _KW, _LDFIRST, _G0TFIRST) = range(len(IN_ROWS))  # fmt: skip
+# rows of the pair columns (analytic._PCOLS32 and _PCOLS64)
+_P_ES, _P_CNT, _P_G0T, _P_WALU, _P_FK, _P_BIAS, _P_BST, _P_MAB, _P_A, _P_KB = range(10)
+_P_INDMA, _P_PORT, _P_SBOUND, _P_LD1, _P_SCHAIN = range(5)
 _CLOCK, _MAC_PJ, _ADD32, _MULT32, _E_INP, _E_WGT, _E_ACC, _E_DRAM, _STATIC, _MPC = range(
     len(CFG_ROWS)
 )
 (_O_CYC, _O_EN, _O_MDENSE, _O_MACS, _O_RES, _O_GEMMS, _O_GROUNDS, _O_REFF, _O_EST, _O_CV,
  _O_ECOB, _O_MTILE, _O_PART, _O_PAD, _O_DREAD, _O_DWRITE, _O_GCYC, _O_LCYC, _O_ECYC, _O_PCYC,
  _O_CB, _O_MB, _O_INSTR) = range(len(OUT_ROWS))  # fmt: skip
-_N_ALU = 3  # analytic._N_ALU: bias ADD, REQUANT, clip
+_N_ALU = 1  # analytic._N_ALU: one ADD_REQUANT (bias, requantization and ReLU fused)
 _ROUND_UP = 1.0 + 1e-11  # analytic._ROUND_UP
 
 
@@ -263,15 +267,16 @@ def timing(  # noqa: PLR0914, PLR0915  # pragma: no cover - compiled
         e0, ne = pe_off[q], np.int64(qin[_NPAIRS, q])
         sh = qin[_SHARE, q]
         for e in range(e0, e0 + ne):
-            es = np.int64(P32[0, e]) + s0
-            w_alu, fk = np.float64(P32[3, e]), np.float64(P32[4, e])
-            A_e = np.float64(P32[9, e])
-            m_alu = np.float64(P32[7, e]) + e_q
-            load_seq = P64[0, e] + w_step[es]
+            es = np.int64(P32[_P_ES, e]) + s0
+            w_alu, fk = np.float64(P32[_P_WALU, e]), np.float64(P32[_P_FK, e])
+            A_e = np.float64(P32[_P_A, e])
+            m_alu = np.float64(P32[_P_MAB, e]) + e_q
+            load_seq = P64[_P_INDMA, e] + w_step[es]
             st = steps[es]
             has = st > 0
-            gemm = radj[es] * np.float64(P32[2, e]) + skew[es]
-            pre = max(load_seq if has else 0.0, m_alu * w_alu * fk + np.float64(P32[6, e]))
+            gemm = radj[es] * np.float64(P32[_P_G0T, e]) + skew[es]
+            pre_c = max(m_alu * w_alu * fk + np.float64(P32[_P_BST, e]), P64[_P_SCHAIN, e])
+            pre = max(load_seq if has else 0.0, pre_c)
             if dbuf:  # the interleaved epilogue (analytic._interleaved_steps)
                 mm = m_alu * sh + 1.0
                 d = max(np.ceil(st / A_e), 1.0)
@@ -280,16 +285,20 @@ def timing(  # noqa: PLR0914, PLR0915  # pragma: no cover - compiled
                 n_sl1 = np.ceil(mm / ps) - 1.0
                 arw = A_e + (mm - n_sl1 * ps - 1.0) * w_alu
                 full = A_e + ps * w_alu
-                if P32[8, e] != 0:
-                    period = 0.0
                 exposed = n_sl1 * max(full - period, 0.0)
                 wait = max(nxt[es] - n_sl1 * max(period, full) - arw, 0.0)
-                wait = max(wait + (arw + np.float64(P32[5, e]) - period), 0.0)
+                wait = max(wait + (arw + np.float64(P32[_P_BIAS, e]) - period), 0.0)
                 exposed = (exposed + wait) * fk + gemm
-                run = max(exposed, P64[1, e] + w_beats[es])
+                run = max(exposed, P64[_P_PORT, e] + w_beats[es])
+                run = max(run, P64[_P_SBOUND, e])
                 step = max(load_seq, run) if has else run
-            else:
-                step = pre + gemm
+            else:  # loads and GEMMs overlap input block by input block
+                ld1 = P64[_P_LD1, e]
+                step = max(pre_c + gemm, w_step[es] + ld1 + gemm)
+                if ld1 > 0 and has:
+                    step = max(step, load_seq + gemm / np.float64(P32[_P_KB, e]))
+                else:
+                    step = max(step, load_seq)
             cnt = np.float64(P32[1, e])
             buf[0, e - e0] = step * cnt
             buf[1, e - e0] = load_seq * cnt
@@ -297,9 +306,15 @@ def timing(  # noqa: PLR0914, PLR0915  # pragma: no cover - compiled
             buf[3, e - e0] = pre * cnt
         step_sum = _seg_sum(buf[0], 0, ne)
         load_sum = _seg_sum(buf[1], 0, ne)
-        tail = (qin[_GLAST, q] * _N_ALU + e_q) * qin[_TAIL, q] if dbuf else 0.0
-        st_last = qin[_STLAST, q]
-        cycles = step_sum + w_once + tail + st_last + 1.0
+        # the last region's ALU passes and stores, and the pipeline's fill
+        st_last, g_last, alu_l = qin[_STLAST, q], qin[_GLAST, q], qin[_TAIL, q]
+        if dbuf:
+            end = max((g_last * _N_ALU + e_q) * alu_l + st_last, _N_ALU * alu_l + g_last * st_last)
+            fill = min(qin[_LDFIRST, q] + w_step[s0], radj[s0] * qin[_G0TFIRST, q] + skew[s0])
+            end = end + fill
+        else:
+            end = st_last
+        cycles = step_sum + w_once + end + 1.0
         load_total = load_sum + w_once
         cycles = max(cycles, load_total + st_last + 1.0)
         rsum = _seg_sum(radj, s0, m)
@@ -327,7 +342,7 @@ def timing(  # noqa: PLR0914, PLR0915  # pragma: no cover - compiled
         latency_ms = cycles / cfg[_CLOCK, q] / 1e3
         energy = (
             np.trunc(macs * _ROUND_UP) * cfg[_MAC_PJ, q]
-            + np.trunc(2 * cpc * _ROUND_UP) * cfg[_ADD32, q]
+            + np.trunc(cpc * _ROUND_UP) * cfg[_ADD32, q]
             + np.trunc((cpc + ez * pix * C) * _ROUND_UP) * cfg[_MULT32, q]
             + (pix * nz + qin[_CPAD, q] * cib * multi) * inp_b * cfg[_E_INP, q]
             + (gemms + w_blocks_loaded) * wgt_b * cfg[_E_WGT, q]

@@ -39,7 +39,10 @@ __all__ = [
 ]
 
 #: Version of the feature definitions below; a saved fine model records it.
-FEATURE_SCHEMA_VERSION = 3  # 3: mid model of the interleaved epilogues (c86fcdd)
+#: 3: mid model of the interleaved epilogues (c86fcdd); 4: mid model of the fused ADD_REQUANT
+#: epilogue (one ALU pass per output block, the stores pacing it), whose ``mid_*`` features
+#: and ``log(simulated / mid)`` targets differ
+FEATURE_SCHEMA_VERSION = 4
 
 _LAYER = ("cin", "cout", "h", "w", "oh", "ow", "kh", "kw", "stride", "groups", "macs", "params")
 _HW = ("arrays", "rows", "cols", "inp_depth", "wgt_depth", "acc_depth", "bytes_per_cycle",
