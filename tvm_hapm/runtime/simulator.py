@@ -255,10 +255,6 @@ def _wrap32(x: np.ndarray) -> np.ndarray:
     return (x & _MASK32).astype(np.uint32).view(np.int32)
 
 
-# ALU operations that always read acc[src] (an immediate is not allowed)
-_ACC_OPERAND_OPS = (AluOp.REQUANT, AluOp.ADD_REQUANT)
-
-
 def _loop_index(base: int, so: int, si: int, outer: int, inner: int):
     """Buffer entries addressed by a two-level loop, in iteration order (``o`` major).
 
@@ -947,10 +943,10 @@ class Simulator:
                         )
                 elif alu == AluOp.SHR and insn.use_imm and not 0 <= insn.imm <= 31:
                     raise err(idx, insn, f"SHR shift {insn.imm} out of range [0, 31]")
-                if alu != AluOp.RELU and (alu in _ACC_OPERAND_OPS or not insn.use_imm):
+                rows = isa.alu_operand_rows(alu, insn.use_imm)
+                if rows:
                     last = insn.src_addr + (outer - 1) * insn.src_so + (inner - 1) * insn.src_si
-                    # ADD_REQUANT reads the multiplier one entry after the bias
-                    last += alu == AluOp.ADD_REQUANT
+                    last += rows - 1  # ADD_REQUANT: the multiplier after the bias
                     if last >= acc_depth:
                         raise err(
                             idx,

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..target.config import HardwareConfig
-from ..target.isa import ELEM_BITS, AluOp, Buffer, Instruction, Opcode
+from ..target.isa import ELEM_BITS, AluOp, Buffer, Instruction, Opcode, alu_operand_rows
 
 __all__ = [
     "ALU_LATENCY",
@@ -287,8 +287,8 @@ class TimingModel:
         acc_b = C * cfg.acc_bytes
         entry_bytes = (inp_b, wgt_b, acc_b)
         entry_elems = (R, R * C, C)
-        mul_ops = (AluOp.MUL, AluOp.REQUANT)
-        ADD_REQUANT = AluOp.ADD_REQUANT
+        mul_ops = (AluOp.MUL, AluOp.REQUANT, AluOp.ADD_REQUANT)
+        mul_only = (AluOp.MUL, AluOp.REQUANT)  # ADD_REQUANT is an add and a multiply
 
         zero = self._zero_flags(instructions, gemm_zero_weights) if dsb else None
 
@@ -311,7 +311,7 @@ class TimingModel:
         add_lanes = mul_lanes = 0
         LOAD, STORE, GEMM = Opcode.LOAD, Opcode.STORE, Opcode.GEMM
         ALU, SYNC = Opcode.ALU, Opcode.SYNC
-        ACC, RELU, REQUANT = Buffer.ACC, AluOp.RELU, AluOp.REQUANT
+        ACC = Buffer.ACC
         for i, insn in enumerate(instructions):
             op = insn.opcode
             if op == GEMM:
@@ -366,22 +366,17 @@ class TimingModel:
                 dlo = insn.dst_addr
                 dhi = dlo + (insn.outer - 1) * insn.dst_so + (insn.inner - 1) * insn.dst_si
                 slo, shi = 0, -1
-                if alu == ADD_REQUANT:  # bias and multiplier: two operand reads, add + multiply
-                    rd[2] += 2 * t * acc_b
+                rows = alu_operand_rows(alu, insn.use_imm)
+                if rows:
+                    rd[2] += rows * t * acc_b
                     slo = insn.src_addr
-                    shi = slo + (insn.outer - 1) * insn.src_so + (insn.inner - 1) * insn.src_si + 1
-                    add_lanes += t * C
-                    mul_lanes += t * C
-                else:
-                    if alu == REQUANT or (alu != RELU and not insn.use_imm):
-                        rd[2] += t * acc_b
-                        slo = insn.src_addr
-                        shi = slo + (insn.outer - 1) * insn.src_so + (insn.inner - 1) * insn.src_si
-                    if alu in mul_ops:
-                        mul_lanes += t * C
-                    else:
-                        add_lanes += t * C
+                    shi = slo + (insn.outer - 1) * insn.src_so + (insn.inner - 1) * insn.src_si
+                    shi += rows - 1  # ADD_REQUANT: the multiplier after the bias
                 drain[i] = (dlo, dhi, slo, shi)
+                if alu not in mul_only:
+                    add_lanes += t * C
+                if alu in mul_ops:
+                    mul_lanes += t * C
             else:
                 kind[i] = 2
                 if op == SYNC:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 
-from .isa import AluOp, Buffer, Instruction, Module, Opcode, module_of
+from .isa import Buffer, Instruction, Module, Opcode, alu_operand_rows, module_of
 
 __all__ = ["insert_dependency_tokens", "buffer_accesses"]
 
@@ -70,10 +70,10 @@ def buffer_accesses(insn: Instruction) -> list[tuple[Buffer, int, int, bool]]:
     if op == Opcode.ALU:
         dst = _span(insn.dst_addr, insn.outer, insn.dst_so, insn.inner, insn.dst_si)
         out = [(Buffer.ACC, *dst, True), (Buffer.ACC, *dst, False)]
-        if not insn.use_imm and insn.alu_op != AluOp.RELU:  # RELU has no operand
+        rows = alu_operand_rows(insn.alu_op, insn.use_imm)
+        if rows:  # ADD_REQUANT reads the multiplier in the entry after the bias
             lo, hi = _span(insn.src_addr, insn.outer, insn.src_so, insn.inner, insn.src_si)
-            # ADD_REQUANT reads the multiplier in the entry after the bias
-            out.append((Buffer.ACC, lo, hi + (insn.alu_op == AluOp.ADD_REQUANT), False))
+            out.append((Buffer.ACC, lo, hi + rows - 1, False))
         return out
     return []
 

@@ -39,6 +39,7 @@ __all__ = [
     "ELEM_BITS",
     "REQUANT_RELU",
     "REQUANT_SHIFT_MASK",
+    "alu_operand_rows",
 ]
 
 INSTRUCTION_BYTES = 16
@@ -81,6 +82,17 @@ class AluOp(enum.IntEnum):
 #: ADD_REQUANT's immediate: the shift in the low bits, the ReLU flag above them
 REQUANT_SHIFT_MASK = 0x3F
 REQUANT_RELU = 0x40
+
+
+def alu_operand_rows(alu_op: int, use_imm: int) -> int:
+    """Accumulator entries an ALU iteration reads from ``acc[src]`` onwards: 0 for RELU and for
+    an immediate operand, 2 for ADD_REQUANT (bias, then multiplier), else 1.  REQUANT and
+    ADD_REQUANT always read the accumulator (an immediate is refused)."""
+    if alu_op == AluOp.ADD_REQUANT:
+        return 2
+    if alu_op == AluOp.RELU or (use_imm and alu_op != AluOp.REQUANT):
+        return 0
+    return 1
 
 
 class Module(enum.IntEnum):
