@@ -27,11 +27,8 @@ from .program import Program, Slot
 from .schedule import (
     RESIDUAL_CONST_ROWS,
     ConvSchedule,
-    assign_arrays,
+    conv_stream_passes,
     fit_double_buffer,
-    fuse_epilogues,
-    hoist_prologues,
-    interleave_epilogues,
     pipeline_operand_loads,
     plan_conv,
     plan_eltwise,
@@ -469,10 +466,7 @@ def conv2d_program(
     }
     if fused:
         info["residual"] = True
-        if double:
-            seq = hoist_prologues(seq, regions)
-    seq = fuse_epilogues(seq)
-    seq = assign_arrays(interleave_epilogues(seq, cfg, partial_flush=fused), cfg)
+    seq = conv_stream_passes(seq, cfg, regions if fused else None, double)
     prog = Program(layer, cfg, slots, insert_dependency_tokens(seq), layer_index, info)
     return prog, [wblocks, bias_mult]
 

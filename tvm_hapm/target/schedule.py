@@ -56,6 +56,7 @@ __all__ = [
     "estimate_conv_cycles",
     "estimate_eltwise_cycles",
     "fit_double_buffer",
+    "conv_stream_passes",
     "fuse_epilogues",
     "hoist_prologues",
     "interleave_epilogues",
@@ -585,8 +586,22 @@ def assign_arrays(instructions: list[Instruction], cfg: HardwareConfig) -> list[
     return out
 
 
+def conv_stream_passes(
+    seq: list[Instruction], cfg: HardwareConfig, prologues: list | None = None, double=False
+) -> list[Instruction]:
+    """The passes both code generators apply, in this order, to a convolution's sequential
+    stream: :func:`hoist_prologues` (when there are ``prologues``, a fused residual's, and the
+    regions are ``double`` buffered), :func:`fuse_epilogues`, :func:`interleave_epilogues`
+    (flushing partially when there are prologues) and :func:`assign_arrays`.  Dependency tokens
+    are inserted after them."""
+    if prologues and double:
+        seq = hoist_prologues(seq, prologues)
+    seq = interleave_epilogues(fuse_epilogues(seq), cfg, partial_flush=bool(prologues))
+    return assign_arrays(seq, cfg)
+
+
 def hoist_prologues(seq: list, regions: list) -> list:
-    """Move each output region's prologue (a fused residual's shortcut load, multiply and bias)
+    """Move each output region's prologue (a fused residual's shortcut load and multiply)
     ahead of the previous region, right after the epilogue of the region before that, which
     used the same accumulator half.  :func:`interleave_epilogues` then spreads it, with that
     epilogue, among the previous region's GEMMs instead of running it while the arrays wait.

@@ -48,10 +48,8 @@ from .schedule import (
     RESIDUAL_CONST_ROWS,
     ConvSchedule,
     assign_arrays,
+    conv_stream_passes,
     fit_double_buffer,
-    fuse_epilogues,
-    hoist_prologues,
-    interleave_epilogues,
     pipeline_operand_loads,
     plan_conv,
     residual_rows,
@@ -1031,7 +1029,7 @@ class _Emitter:
         #: ``ADD v``), not a reset flag.
         self.alu_only = not self.gemm_acc
         #: A reduction's init computed into a GEMM accumulator (a fused residual: the shortcut
-        #: tile's DMA, ``MUL`` and ``ADD``) is the region's *prologue*: ``[start, p0, p1]``
+        #: tile's DMA and ``MUL``) is the region's *prologue*: ``[start, p0, p1]``
         #: per region, as :func:`~tvm_hapm.target.schedule.hoist_prologues` takes them.  A
         #: region starts where the previous one's last store ends (the first one: at the
         #: first loop, after the resident weights and constant rows).
@@ -1710,14 +1708,12 @@ def emit_program(
     if emitter.pending_reset:
         raise TirLoweringError("accumulator entries were initialised but never computed")
     seq = emitter.seq
-    prologues = bool(emitter.regions)  # a fused residual's computed inits
-    if prologues and emitter.double:
-        seq = hoist_prologues(seq, [tuple(r) for r in emitter.regions])
     if emitter.alu_only:
-        seq = pipeline_operand_loads(seq)
+        seq = assign_arrays(pipeline_operand_loads(seq), cfg)
     else:  # (also when every GEMM was dropped: the direct generator does not move the loads)
-        seq = interleave_epilogues(fuse_epilogues(seq), cfg, partial_flush=prologues)
-    return insert_dependency_tokens(assign_arrays(seq, cfg))
+        prologues = [tuple(r) for r in emitter.regions]  # a fused residual's computed inits
+        seq = conv_stream_passes(seq, cfg, prologues, emitter.double)
+    return insert_dependency_tokens(seq)
 
 
 def build_program(cfg: HardwareConfig | None, func, layer_name: str = "tir") -> Program:
