@@ -25,6 +25,7 @@ __all__ = [
     "filter_fraction",
     "paired_weight_names",
     "prune_iteratively",
+    "pruning_pass",
     "prune_onnx",
     "recover",
     "write_masks",
@@ -38,7 +39,17 @@ RANKINGS = ("layer", "global", "per_mac")
 PER_MAC_MAX_LAYER_SPARSITY = 0.875
 
 
-def _pass(method: str, sparsity: float, config, criterion: str, skip, per_layer, ranking="layer"):
+def pruning_pass(
+    method: str,
+    sparsity: float,
+    config=None,
+    criterion: str = "l2",
+    skip=(),
+    per_layer=None,
+    ranking: str = "layer",
+):
+    """The Relax pruning pass :func:`prune_onnx` runs for ``method`` and ``ranking`` (see
+    there), to apply to an already imported module."""
     from .passes import FilterPrune, HardwareAwarePrune, MagnitudePrune  # noqa: PLC0415
 
     if ranking not in RANKINGS:
@@ -156,7 +167,7 @@ def prune_onnx(
     skip = [names[0], names[-1]] if keep_first_last and len(names) > 2 else []
     if method == "filter":
         skip = []  # the logits' channels are never removed; the stem's are coupled
-    pruned = _pass(method, sparsity, config, criterion, skip, per_layer, ranking)(mod)
+    pruned = pruning_pass(method, sparsity, config, criterion, skip, per_layer, ranking)(mod)
     out, masks = write_masks(model, pruned)
     return (out, prune_report(pruned), masks) if return_masks else (out, prune_report(pruned))
 

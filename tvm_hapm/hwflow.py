@@ -505,15 +505,15 @@ class HWFlowEnv:
     def _allocate(self, name: str, gi: int) -> tuple | None:
         if name == "uniform" or gi == 0:
             return tuple(min(gi, m) for m in self.max_index)
-        from .flow import PER_MAC_MAX_LAYER_SPARSITY  # noqa: PLC0415
-        from .passes.prune import PruneError, hardware_aware_prune, prune_report  # noqa: PLC0415
+        from .flow import pruning_pass  # noqa: PLC0415
+        from .passes.prune import PruneError, prune_report  # noqa: PLC0415
 
+        # first and last layer dense, as prune_onnx(keep_first_last=True) has them
         skip = self.skip | {self.names[0], self.names[-1]} if self.n > 2 else self.skip
         try:
-            pruned = hardware_aware_prune(
-                self._mod, float(self.grid[gi]), self.config, skip=skip, global_=True,
-                cost_weighted=True, max_layer_sparsity=PER_MAC_MAX_LAYER_SPARSITY,
-            )  # fmt: skip
+            pruned = pruning_pass(
+                "hapm", float(self.grid[gi]), self.config, skip=skip, ranking="per_mac"
+            )(self._mod)
         except PruneError:  # beyond what the cap lets the ranking prune
             return None
         achieved = {e["layer"]: e["sparsity"] for e in prune_report(pruned)}
