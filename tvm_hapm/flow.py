@@ -9,6 +9,7 @@ back into the matching initializers, so the pruned model stays an ONNX file that
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,18 +17,26 @@ import onnx
 from onnx import numpy_helper
 
 __all__ = [
+    "ENGINES",
     "PER_MAC_MAX_LAYER_SPARSITY",
     "PRUNE_METHODS",
     "RANKINGS",
     "DeployedResult",
+    "Int8Accuracy",
     "evaluate_deployed",
     "filter_deploy_pass",
     "filter_fraction",
+    "finetune",
+    "float_accuracy",
+    "int8_accuracy",
     "paired_weight_names",
     "prune_iteratively",
     "pruning_pass",
     "prune_onnx",
+    "quantize_onnx",
     "recover",
+    "resolve_engine",
+    "simulate",
     "write_masks",
     "sparsity_of",
 ]
@@ -208,6 +217,157 @@ def sparsity_of(model: onnx.ModelProto) -> float:
     return zeros / max(total, 1)
 
 
+ENGINES = ("auto", "torch", "tvm")
+
+
+def resolve_engine(engine: str = "auto") -> str:
+    """``"torch"`` or ``"tvm"``: the engine that evaluates and fine-tunes.  ``"auto"`` takes
+    PyTorch when it is installed (``pip install 'tvm-hapm[torch]'``), else TVM."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    try:
+        have_torch = importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):  # a broken or blocked installation
+        have_torch = False
+    if engine == "torch" and not have_torch:
+        raise ValueError(
+            "engine='torch' needs PyTorch: pip install 'tvm-hapm[torch]' (torch==2.13.0)"
+        )
+    if engine == "auto":
+        return "torch" if have_torch else "tvm"
+    return engine
+
+
+def float_accuracy(model: onnx.ModelProto, x, y, engine: str = "auto") -> float:
+    """Top-1 (a fraction) of the float ONNX classifier ``model``: PyTorch
+    (:class:`tvm_hapm.torch.OnnxModule`) or NumPy (:class:`~tvm_hapm.numpynet.NumpyNet`)."""
+    if resolve_engine(engine) == "torch":
+        from .torch import OnnxModule, accuracy  # noqa: PLC0415
+
+        return accuracy(OnnxModule(model), x, y)
+    from .numpynet import NumpyNet  # noqa: PLC0415
+
+    return NumpyNet(model).accuracy(x, y)
+
+
+def quantize_onnx(model: onnx.ModelProto, x_cal, config=None, percentile=None, transform=None):
+    """The int8 Relax module of ``model`` at batch ``len(x_cal)``, calibrated on ``x_cal`` (one
+    sample of all the images: the scales are those of any split of them into samples).
+
+    ``transform`` is an optional Relax pass applied to the float module first (e.g.
+    :func:`filter_deploy_pass`)."""
+    from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
+
+    from . import quantize  # noqa: PLC0415
+    from .data import set_batch  # noqa: PLC0415
+
+    x_cal = np.ascontiguousarray(x_cal, dtype=np.float32)
+    mod = from_onnx(set_batch(model, len(x_cal)))
+    if transform is not None:
+        mod = transform(mod)
+    return quantize(mod, calibration=[x_cal], config=config, percentile=percentile)
+
+
+@dataclass
+class Int8Accuracy:
+    """Top-1 of an int8 model; see :func:`int8_accuracy`."""
+
+    accuracy: float  # fraction of ``correct``
+    correct: np.ndarray  # bool per image (paired comparisons and bootstrap intervals)
+    engine: str  # "torch" (QuantizedRunner) or "tvm" (llvm build)
+    percentile: float | None
+    calibration_images: int
+    checked: dict | None = None  # {"images": n, "bit_exact": True} against TVM's llvm build
+
+
+def int8_accuracy(
+    model: onnx.ModelProto,
+    x_cal,
+    x,
+    y,
+    config=None,
+    percentile=None,
+    transform=None,
+    engine: str = "auto",
+    check: bool = False,
+) -> Int8Accuracy:
+    """Top-1 of ``model`` quantized for hapm_fpga (calibrated on ``x_cal``) on every image of
+    ``x``.
+
+    The quantized module is bit-exact with the accelerator (``tests/test_onnx_e2e.py``); it is
+    run by :class:`tvm_hapm.torch.QuantizedRunner` (``engine="torch"``, bit-exact with TVM's
+    llvm build of it, ~10x faster) or by that llvm build (``"tvm"``).  ``check`` also runs the
+    first ``len(x_cal)`` images through the llvm build and raises ``RuntimeError`` unless the
+    two agree bit for bit.  ``config`` and ``percentile`` are the quantizer's.
+    """
+    import tvm  # noqa: PLC0415
+    from tvm import relax  # noqa: PLC0415
+
+    engine = resolve_engine(engine)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    y = np.asarray(y)
+    batch = len(x_cal)
+    qmod = quantize_onnx(model, x_cal, config, percentile, transform)
+    vm = None
+    if engine == "tvm" or check:
+        vm = relax.VirtualMachine(tvm.compile(qmod, target="llvm"), tvm.cpu())
+
+    def llvm(xb):
+        k = len(xb)
+        if k < batch:  # the compiled batch is fixed: pad the last chunk, drop its outputs
+            xb = np.concatenate([xb, np.zeros((batch - k, *xb.shape[1:]), xb.dtype)])
+        return vm["main"](tvm.runtime.tensor(np.ascontiguousarray(xb))).numpy()[:k]
+
+    checked = None
+    if engine == "torch":
+        from .torch import QuantizedRunner  # noqa: PLC0415
+
+        logits = QuantizedRunner(qmod).predict(x)
+        if check:
+            n = min(batch, len(x))
+            same = bool(np.array_equal(logits[:n], llvm(x[:n])))
+            if not same:
+                raise RuntimeError(
+                    "the PyTorch run of the quantized module differs from TVM's llvm build"
+                )
+            checked = {"images": n, "bit_exact": same}
+    else:
+        logits = np.concatenate([llvm(x[k : k + batch]) for k in range(0, len(x), batch)])
+    correct = logits.argmax(1) == y
+    return Int8Accuracy(float(correct.mean()), correct, engine, percentile, batch, checked)
+
+
+def simulate(model: onnx.ModelProto, config, x_cal, x_one, target=None, transform=None):
+    """Quantize (calibrated on the first 8 images of ``x_cal``), compile for hapm_fpga and
+    simulate one image.  Returns ``(latency_ms, energy_uj, cycles, per-program [(name, cycles,
+    energy_uj)], GEMM instructions)``.
+
+    The cycles and the energy depend on the layer shapes and on which weight blocks are zero,
+    not on the activation scales, so the calibration does not change them
+    (``tests/test_flow.py``)."""
+    import tvm  # noqa: PLC0415
+    from tvm import relax  # noqa: PLC0415
+    from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
+
+    from . import quantize  # noqa: PLC0415
+    from .data import set_batch  # noqa: PLC0415
+    from .runtime import last_run_stats  # noqa: PLC0415
+    from .target.config import get_config  # noqa: PLC0415
+
+    config = get_config(config)
+    target = target or f"hapm_fpga-{config.name}"
+    mod = from_onnx(set_batch(model, 1))
+    if transform is not None:
+        mod = transform(mod)
+    q1 = quantize(mod, calibration=list(x_cal[:8, None]), config=config)
+    ex = tvm.compile(q1, target=target)
+    relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x_one[:1]))
+    st = last_run_stats()
+    per = [(s.layer, float(s.cycles), float(s.energy_uj)) for s in st.layers]
+    gemms = int(st.by_opcode.get("GEMM", 0))
+    return float(st.latency_ms), float(st.energy_uj), float(st.cycles), per, gemms
+
+
 @dataclass
 class DeployedResult:
     """A float ONNX classifier deployed as int8 on hapm_fpga."""
@@ -217,52 +377,27 @@ class DeployedResult:
     energy_uj: float
     gemms: int  # GEMM instructions of one image
     cycles: int
+    correct: np.ndarray | None = None  # bool per test image
 
 
 def evaluate_deployed(
-    model, target, x_cal, x_test, y_test, batch: int = 150, transform=None
-) -> DeployedResult:
-    """Quantize ``model`` (calibrated on ``x_cal``), measure its int8 top-1 on the test set and
-    its accelerator latency and energy for one image.
+    model, target, x_cal, x_test, y_test, transform=None, config=None, percentile=None,
+    engine: str = "auto",
+) -> DeployedResult:  # fmt: skip
+    """Quantize ``model`` (calibrated on ``x_cal``), measure its int8 top-1 on the whole test
+    set (:func:`int8_accuracy`) and its accelerator latency and energy for one image
+    (:func:`simulate`).
 
     ``transform`` is an optional Relax pass applied to the float module before quantization
-    (e.g. :func:`filter_deploy_pass`), for the accuracy and the latency alike.
-
-    The accuracy uses TVM's llvm build of the quantized module, which the accelerator equals bit
-    for bit (``tests/test_onnx_e2e.py``) and which runs much faster than the simulator.
+    (e.g. :func:`filter_deploy_pass`), for the accuracy and the latency alike.  ``config``
+    (default: the target's) is the quantizer's and the accelerator's.
     """
-    import tvm  # noqa: PLC0415
-    from tvm import relax  # noqa: PLC0415
-    from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
+    from .target.config import get_config  # noqa: PLC0415
 
-    from . import quantize  # noqa: PLC0415
-    from .data import set_batch  # noqa: PLC0415
-    from .runtime import last_run_stats  # noqa: PLC0415
-
-    batch = min(batch, len(x_test))
-
-    def float_module(b):
-        mod = from_onnx(set_batch(model, b))
-        return transform(mod) if transform is not None else mod
-
-    qmod = quantize(float_module(batch), calibration=[x_cal[:batch]])
-    vm = relax.VirtualMachine(tvm.compile(qmod, target="llvm"), tvm.cpu())
-    correct = 0
-    n = (len(x_test) // batch) * batch
-    for k in range(0, n, batch):
-        logits = vm["main"](tvm.runtime.tensor(x_test[k : k + batch])).numpy()
-        correct += int((logits.argmax(1) == y_test[k : k + batch]).sum())
-    q1 = quantize(float_module(1), calibration=list(x_cal[:8, None]))
-    ex = tvm.compile(q1, target=target)
-    relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x_test[:1]))
-    stats = last_run_stats()
-    return DeployedResult(
-        100.0 * correct / n,
-        stats.latency_ms,
-        stats.energy_uj,
-        stats.by_opcode.get("GEMM", 0),
-        stats.cycles,
-    )
+    cfg = get_config(config if config is not None else target)
+    acc = int8_accuracy(model, x_cal, x_test, y_test, cfg, percentile, transform, engine)
+    lat, energy, cycles, _, gemms = simulate(model, cfg, x_cal, x_test, target, transform)
+    return DeployedResult(100.0 * acc.accuracy, lat, energy, gemms, int(cycles), acc.correct)
 
 
 def recover(
@@ -270,42 +405,53 @@ def recover(
     dense: onnx.ModelProto,
     data,
     steps: int = 16,
-    lr: float = 1e-4,
+    lr: float | None = None,
     calibration: int = 256,
     val_size: int = 200,
     seed: int = 0,
     reconstruct: bool = True,
+    engine: str = "auto",
+    val_data=None,
+    train_config=None,
 ) -> tuple[onnx.ModelProto, dict]:
     """Recover the accuracy of a pruned model: least-squares reconstruction, then fine-tuning
-    inside TVM with the masks held fixed, keeping whichever is better on a validation split.
+    with the masks held fixed, keeping whichever is better on a validation split.
 
-    ``data`` is ``(x_train, y_train)``; a seeded split of ``val_size`` images (at most a quarter
-    of them) is held out of both steps and used only to choose between the reconstructed and the
-    fine-tuned weights (a few fine-tuning steps on a model that reconstruction already brought
-    close can be worse than none).  ``reconstruct=False`` fine-tunes the pruned model directly.
+    ``data`` is ``(x_train, y_train)``.  The validation images are ``val_data`` when given,
+    else a seeded split of ``val_size`` of ``data`` (at most a quarter) held out of both
+    steps; they only choose between the reconstructed and the fine-tuned weights (a few
+    fine-tuning steps on a model that reconstruction already brought close can be worse than
+    none).  ``reconstruct=False`` fine-tunes the pruned model directly.
+
+    Fine-tuning is :func:`finetune` (``steps``, ``lr``, ``engine``, ``train_config``): PyTorch
+    when it is installed, else TVM's ``relax.training``.
     Returns the model and a record: validation accuracies, the stage kept, seconds, the
-    per-layer reconstruction record and the fine-tuning speed (images/s).
+    per-layer reconstruction record, the engine and the fine-tuning speed (images/s).
     """
     import time  # noqa: PLC0415
 
-    from .data import set_batch  # noqa: PLC0415
-    from .numpynet import NumpyNet  # noqa: PLC0415
     from .reconstruct import reconstruct as least_squares  # noqa: PLC0415
-    from .train import extract_masks, finetune  # noqa: PLC0415
 
+    engine = resolve_engine(engine)
     x, y = data
-    order = np.random.default_rng(seed).permutation(len(x))
-    n_val = min(val_size, len(x) // 4)
-    val, fit = order[:n_val], order[n_val:]
-    x_fit, y_fit, x_val, y_val = x[fit], y[fit], x[val], y[val]
+    if val_data is None:
+        order = np.random.default_rng(seed).permutation(len(x))
+        n_val = min(val_size, len(x) // 4)
+        val, fit = order[:n_val], order[n_val:]
+        x_fit, y_fit, x_val, y_val = x[fit], y[fit], x[val], y[val]
+    else:
+        x_fit, y_fit = x, y
+        x_val, y_val = val_data
     t0 = time.perf_counter()
     if reconstruct:
-        rebuilt, rec = least_squares(pruned, dense, x_fit[:calibration], seed=seed)
+        order = np.random.default_rng(seed).permutation(len(x_fit))[:calibration]
+        rebuilt, rec = least_squares(pruned, dense, x_fit[np.sort(order)], seed=seed)
     else:
         rebuilt, rec = pruned, None
     info = {
-        "val_pruned": NumpyNet(pruned).accuracy(x_val, y_val),
-        "val_reconstructed": NumpyNet(rebuilt).accuracy(x_val, y_val) if reconstruct else None,
+        "engine": engine,
+        "val_pruned": float_accuracy(pruned, x_val, y_val, engine),
+        "val_reconstructed": float_accuracy(rebuilt, x_val, y_val, engine) if reconstruct else None,
         "reconstruct_seconds": time.perf_counter() - t0,
         "reconstruction": rec,
         "finetune_steps": int(steps),
@@ -313,20 +459,62 @@ def recover(
     best, info["kept"] = rebuilt, "reconstructed" if reconstruct else "pruned"
     if steps > 0:
         t1 = time.perf_counter()
-        dim = pruned.graph.input[0].type.tensor_type.shape.dim[0]
-        batch = dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or 1)
-        tuned, history = finetune(
-            set_batch(rebuilt, 32), (x_fit, y_fit), masks=extract_masks(rebuilt), epochs=1,
-            batch_size=32, lr=lr, seed=seed, max_steps=steps,
-        )  # fmt: skip
-        tuned = set_batch(tuned, batch)
-        info["val_finetuned"] = NumpyNet(tuned).accuracy(x_val, y_val)
+        tuned, history = finetune(rebuilt, (x_fit, y_fit), steps, lr, seed, engine, train_config)
+        info["val_finetuned"] = float_accuracy(tuned, x_val, y_val, engine)
         info["finetune_seconds"] = time.perf_counter() - t1
         info["finetune_images_per_s"] = history["images_per_s"]
         kept_val = info["val_reconstructed"] if reconstruct else info["val_pruned"]
         if info["val_finetuned"] > kept_val:
             best, info["kept"] = tuned, "finetuned"
     return best, info
+
+
+def finetune(
+    model: onnx.ModelProto,
+    data,
+    steps: int,
+    lr: float | None = None,
+    seed: int = 0,
+    engine: str = "auto",
+    train_config=None,
+) -> tuple[onnx.ModelProto, dict]:
+    """``steps`` optimizer steps of fine-tuning ``model`` on ``data = (x, y)`` with its zeros held
+    (the masks of :func:`tvm_hapm.train.extract_masks`); returns the model (same graph, new
+    values) and the training history (``images_per_s`` among its keys).
+
+    ``engine="torch"`` (default when PyTorch is installed): :func:`tvm_hapm.torch.fit` on
+    :class:`tvm_hapm.torch.OnnxModule`: batch 128, SGD with Nesterov momentum, learning rate
+    ``lr`` (default 0.01) decayed to zero by a cosine, weight decay 5e-4, random crops of 2 pixels,
+    batch norm in training mode; ``train_config`` (a :class:`tvm_hapm.torch.TrainConfig`)
+    replaces these, its ``epochs`` set from ``steps``.  ``engine="tvm"``:
+    :func:`tvm_hapm.train.finetune` inside TVM (batch 32, Adam, ``lr`` default 1e-4).
+    """
+    from .train import extract_masks  # noqa: PLC0415
+
+    if resolve_engine(engine) == "tvm":
+        from .data import set_batch  # noqa: PLC0415
+        from .train import finetune as tvm_finetune  # noqa: PLC0415
+
+        dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+        batch = dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or 1)
+        tuned, history = tvm_finetune(
+            set_batch(model, 32), data, masks=extract_masks(model), epochs=1, batch_size=32,
+            lr=1e-4 if lr is None else lr, seed=seed, max_steps=steps,
+        )  # fmt: skip
+        return set_batch(tuned, batch), history
+    from dataclasses import replace  # noqa: PLC0415
+
+    from .torch import OnnxModule, TrainConfig, apply_masks, fit  # noqa: PLC0415
+
+    cfg = train_config or TrainConfig(
+        batch_size=128, lr=0.01 if lr is None else lr, weight_decay=5e-4, crop_padding=2,
+        flip=False, seed=seed,
+    )  # fmt: skip
+    per_epoch = max(len(data[0]) // cfg.batch_size, 1)
+    cfg = replace(cfg, epochs=steps / per_epoch)
+    net = apply_masks(OnnxModule(model), extract_masks(model))
+    history = fit(net, data, cfg)
+    return net.to_onnx(), history
 
 
 def prune_iteratively(
@@ -343,6 +531,9 @@ def prune_iteratively(
     progress=None,
     reconstruct: bool = True,
     ranking: str = "layer",
+    engine: str = "auto",
+    val_data=None,
+    train_config=None,
 ) -> tuple[onnx.ModelProto, list[dict]]:
     """Iterative prune / recover: ``stages`` rounds that raise the sparsity to ``sparsity``.
 
@@ -353,7 +544,7 @@ def prune_iteratively(
     network has the most redundancy).  Weights pruned in one round have zero importance in
     the next, so the masks are nested and the final mask is the last round's.  For ``"filter"``
     ``sparsity`` is the channel fraction, as in :func:`prune_onnx`; ``ranking`` is passed to
-    it.
+    it; ``engine``, ``val_data`` and ``train_config`` to :func:`recover`.
 
     ``stages=1`` is one prune and one recovery (what ``hapm prune --data`` runs by default).
 
@@ -372,8 +563,9 @@ def prune_iteratively(
             current, method, target, config=config, criterion=criterion, ranking=ranking
         )
         current, info = recover(
-            pruned, model, data, steps=steps, seed=seed, reconstruct=reconstruct
-        )
+            pruned, model, data, steps=steps, seed=seed, reconstruct=reconstruct, engine=engine,
+            val_data=val_data, train_config=train_config,
+        )  # fmt: skip
         rounds.append(
             {"round": k, "target": target, "sparsity": sparsity_of(current), **info,
              "report": report}

@@ -28,6 +28,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import flow
+from .flow import simulate  # re-exported: HW-Flow's sim level and finalize use it
 from .numpynet import NumpyNet  # the search's accuracy estimate (re-exported)
 
 __all__ = [
@@ -105,52 +107,17 @@ def prune_onnx_per_layer(model: onnx.ModelProto, ratios: dict, config=None, crit
     )
 
 
-# ------------------------------------------------------------------------------ simulation
-def simulate(model: onnx.ModelProto, config, x_cal, x_one, target=None):
-    """Quantize (int8), compile for hapm_fpga and simulate one image.  Returns
-    ``(latency_ms, energy_uj, cycles, per-program [(name, cycles, energy_uj)])``."""
-    import tvm  # noqa: PLC0415
-    from tvm import relax  # noqa: PLC0415
-    from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
-
-    from . import quantize  # noqa: PLC0415
-    from .data import set_batch  # noqa: PLC0415
-    from .runtime import last_run_stats  # noqa: PLC0415
-
-    target = target or f"hapm_fpga-{config.name}"
-    q1 = quantize(from_onnx(set_batch(model, 1)), calibration=list(x_cal[:8, None]), config=config)
-    ex = tvm.compile(q1, target=target)
-    relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x_one[:1]))
-    st = last_run_stats()
-    per = [(s.layer, float(s.cycles), float(s.energy_uj)) for s in st.layers]
-    return float(st.latency_ms), float(st.energy_uj), float(st.cycles), per
-
-
+# ------------------------------------------------------------------------------ deployment
 def int8_accuracy(
-    model: onnx.ModelProto, config, x_cal, x, y, batch: int = INT8_EVAL_BATCH, percentile=None
-) -> float:
-    """Top-1 of the int8 model (TVM llvm build of the quantized module, bit-exact with the
-    accelerator), as in ``benchmarks/hapm_vs_standard.py``; ``percentile``: the quantizer's
-    activation calibration (None: the maximum).  The quantizer calibrates on the first
-    ``min(batch, len(x))`` images of ``x_cal``."""
-    import tvm  # noqa: PLC0415
-    from tvm import relax  # noqa: PLC0415
-    from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
-
-    from . import quantize  # noqa: PLC0415
-    from .data import set_batch  # noqa: PLC0415
-
-    batch = min(batch, len(x))
-    q = quantize(
-        from_onnx(set_batch(model, batch)), calibration=[x_cal[:batch]], config=config,
-        percentile=percentile,
-    )  # fmt: skip
-    vm = relax.VirtualMachine(tvm.compile(q, target="llvm"), tvm.cpu())
-    correct, n = 0, (len(x) // batch) * batch
-    for k in range(0, n, batch):
-        logits = vm["main"](tvm.runtime.tensor(np.ascontiguousarray(x[k : k + batch]))).numpy()
-        correct += int((logits.argmax(1) == y[k : k + batch]).sum())
-    return correct / max(n, 1)
+    model: onnx.ModelProto, config, x_cal, x, y, batch: int = INT8_EVAL_BATCH, percentile=None,
+    engine: str = "auto",
+) -> float:  # fmt: skip
+    """Top-1 (a fraction) of the int8 model on every image of ``x``: :func:`tvm_hapm.flow.
+    int8_accuracy` calibrated on the first ``batch`` images of ``x_cal`` (the calibration of
+    the executable ``hapm optimize`` writes); ``percentile``: the quantizer's."""
+    return flow.int8_accuracy(
+        model, x_cal[:batch], x, y, config, percentile, engine=engine
+    ).accuracy
 
 
 # ------------------------------------------------------------------------------ environment
@@ -209,6 +176,13 @@ class HWFlowEnv:
     calibration_percentile : float, optional
         The quantizer's activation calibration for :func:`finalize`'s int8 accuracy (None: the
         maximum; see :data:`tvm_hapm.passes.quantize.DEFAULT_PERCENTILE`).
+    engine : {"auto", "torch", "tvm"}
+        What measures accuracy and fine-tunes (:func:`tvm_hapm.flow.resolve_engine`): PyTorch
+        (:class:`tvm_hapm.torch.OnnxModule`, :func:`tvm_hapm.flow.finetune`) when installed,
+        else NumPy and TVM.  Reconstruction and batch-norm recalibration run in NumPy.
+    val_data : tuple, optional
+        ``(x_val, y_val)``: a validation split of its own (e.g. Fashion-MNIST's) instead of
+        ``val_size`` images taken out of ``data``; all of ``data`` is then used for recovery.
     """
 
     def __init__(
@@ -224,7 +198,7 @@ class HWFlowEnv:
         recalibrate_bn: bool = True,
         recal_size: int = 256,
         finetune_steps: int = 0,
-        finetune_lr: float = 1e-3,
+        finetune_lr: float | None = None,
         skip=(),
         seed: int = 0,
         penalty: float = 1.0,
@@ -234,6 +208,8 @@ class HWFlowEnv:
         calibration_percentile: float | None = None,
         reconstruct_ridge: float = RECONSTRUCT_RIDGE,
         int8_weights: bool = True,
+        engine: str = "auto",
+        val_data=None,
     ):
         from .data import set_batch  # noqa: PLC0415
         from .target.config import get_config  # noqa: PLC0415
@@ -250,7 +226,8 @@ class HWFlowEnv:
         if self.grid[0] != 0.0 or self.grid[-1] >= 1.0:
             raise ValueError("the ratio grid must start at 0 and stay below 1")
         self.penalty = float(penalty)
-        self.finetune_steps, self.finetune_lr = int(finetune_steps), float(finetune_lr)
+        self.finetune_steps, self.finetune_lr = int(finetune_steps), finetune_lr
+        self.engine = flow.resolve_engine(engine)
         self.recalibrate_bn = bool(recalibrate_bn)
         self.reconstruct = bool(reconstruct)
         self.reconstruct_rows = int(reconstruct_rows)
@@ -260,9 +237,13 @@ class HWFlowEnv:
         self._recovered: dict = {}  # ratio indices -> reconstructed ONNX model
         self.seed = int(seed)
         x, y = data
-        val, rest = validation_split(len(x), val_size, seed)
-        self.x_val, self.y_val = x[val], y[val]
-        self.x_tune, self.y_tune = x[rest], y[rest]
+        if val_data is None:
+            val, rest = validation_split(len(x), val_size, seed)
+            self.x_val, self.y_val = x[val], y[val]
+            self.x_tune, self.y_tune = x[rest], y[rest]
+        else:
+            self.x_val, self.y_val = val_data
+            self.x_tune, self.y_tune = x, y
         self.x_recal = self.x_tune[:recal_size]
         self.net = NumpyNet(self.model)
         self.layers, self.weight_names, self._mod = _layer_initializers(self.model)
@@ -382,7 +363,7 @@ class HWFlowEnv:
                 m, _, _ = prune_onnx_per_layer(
                     self.model, {nm: r for nm in self.names}, self.config
                 )
-            _, _, _, per = simulate(m, self.config, self.x_tune, self.x_val)
+            per = simulate(m, self.config, self.x_tune, self.x_val)[3]
             lay = [(c, e) for nm, c, e in per if "conv2d" in nm or "dense" in nm or "matmul" in nm]
             if len(lay) != self.n:
                 raise RuntimeError(f"simulated {len(lay)} layer programs for {self.n} layers")
@@ -423,9 +404,10 @@ class HWFlowEnv:
             return self._acc_cache[idx]
         vals = self.pruned_values(idx)
         if any(idx) and self.reconstruct:
-            net = NumpyNet(self.recovered_model(idx))
-            q = self._weight_grid(net.inits) if self.int8_weights else None
-            acc = net.accuracy(self.x_val, self.y_val, q)
+            model = self.recovered_model(idx)
+            if self.int8_weights:
+                model = _with_values(model, self._weight_grid(NumpyNet(model).inits))
+            acc = flow.float_accuracy(model, self.x_val, self.y_val, self.engine)
             self._acc_cache[idx] = acc
             return acc
         if any(idx):
@@ -436,7 +418,10 @@ class HWFlowEnv:
                 vals = self._short_finetune(vals)
         if self.int8_weights:
             vals.update(self._weight_grid({**self.net.inits, **vals}))
-        acc = self.net.accuracy(self.x_val, self.y_val, vals)
+        if self.engine == "torch":
+            acc = flow.float_accuracy(_with_values(self.model, vals), self.x_val, self.y_val)
+        else:
+            acc = self.net.accuracy(self.x_val, self.y_val, vals)
         self._acc_cache[idx] = acc
         return acc
 
@@ -476,15 +461,12 @@ class HWFlowEnv:
         return self._recovered[idx]
 
     def _short_finetune(self, vals):
-        from .train import extract_masks, finetune  # noqa: PLC0415
-
         m = _with_values(self.model, vals)
-        tuned, _ = finetune(
-            m, (self.x_tune, self.y_tune), masks=extract_masks(m), epochs=1, batch_size=32,
-            lr=self.finetune_lr, seed=self.seed, max_steps=self.finetune_steps,
+        tuned, _ = flow.finetune(
+            m, (self.x_tune, self.y_tune), self.finetune_steps, self.finetune_lr, self.seed,
+            self.engine,
         )  # fmt: skip
-        out = {t.name: numpy_helper.to_array(t) for t in tuned.graph.initializer}
-        return out
+        return {t.name: numpy_helper.to_array(t) for t in tuned.graph.initializer}
 
     def allocation(self, name: str, gi: int) -> tuple | None:
         """Ratio indices of allocation ``name`` (:data:`ALLOCATIONS`) at the network-wide ratio
@@ -917,34 +899,38 @@ def optimize(
 
 
 def finalize(res: OptimizeResult, env: HWFlowEnv, test_data=None, finetune_steps: int = 0,
-             simulate_result: bool = True, seed: int = 0, lr: float = 1e-3) -> dict:  # fmt: skip
-    """Fine-tune the winner (``finetune_steps`` of batch 32 on the non-validation training
-    images, masks held), then its int8 test accuracy and simulated latency / energy."""
-    from .train import extract_masks, finetune  # noqa: PLC0415
-
+             simulate_result: bool = True, seed: int = 0, lr: float | None = None,
+             train_config=None) -> dict:  # fmt: skip
+    """Fine-tune the winner (``finetune_steps`` of :func:`tvm_hapm.flow.finetune` on the
+    non-validation training images, masks held, with the environment's engine), then its int8
+    accuracy on the validation split (what a choice among runs may use) and on ``test_data``,
+    and its simulated latency / energy.  The int8 models are calibrated on the first
+    :data:`INT8_EVAL_BATCH` images of the non-validation split."""
     model = res.model
     out = {"finetune_steps": int(finetune_steps)}
     if finetune_steps > 0 and any(r > 0 for r in res.ratios.values()):
         t0 = time.perf_counter()
-        from .data import set_batch  # noqa: PLC0415
-
-        tuned, hist = finetune(
-            set_batch(model, 32), (env.x_tune, env.y_tune), masks=extract_masks(model),
-            epochs=max(1, -(-finetune_steps * 32 // len(env.x_tune))), batch_size=32, lr=lr,
-            seed=seed, max_steps=finetune_steps,
-        )  # fmt: skip
-        model = set_batch(tuned, 1)
+        model, hist = flow.finetune(
+            model, (env.x_tune, env.y_tune), finetune_steps, lr, seed, env.engine, train_config
+        )
         out["finetune_seconds"] = time.perf_counter() - t0
-        out["val_accuracy_after_finetune"] = NumpyNet(model).accuracy(env.x_val, env.y_val)
+        out["finetune_images_per_s"] = hist["images_per_s"]
+        out["val_accuracy_after_finetune"] = flow.float_accuracy(
+            model, env.x_val, env.y_val, env.engine
+        )
     res.model = model
+
+    def int8(x, y):
+        return int8_accuracy(model, env.config, env.x_tune, x, y,
+                             percentile=env.calibration_percentile, engine=env.engine)  # fmt: skip
+
+    out["val_int8_accuracy"] = int8(env.x_val, env.y_val)
     if test_data is not None:
         x_te, y_te = test_data
-        out["test_int8_accuracy"] = int8_accuracy(
-            model, env.config, env.x_tune, x_te, y_te, percentile=env.calibration_percentile
-        )
-        out["test_float_accuracy"] = NumpyNet(model).accuracy(x_te, y_te)
+        out["test_int8_accuracy"] = int8(x_te, y_te)
+        out["test_float_accuracy"] = flow.float_accuracy(model, x_te, y_te, env.engine)
     if simulate_result:
-        lat, en, cyc, _ = simulate(model, env.config, env.x_tune, env.x_val)
+        lat, en, cyc, _, _ = simulate(model, env.config, env.x_tune, env.x_val)
         out.update({"sim_latency_ms": lat, "sim_energy_uj": en, "sim_cycles": cyc})
     res.final = out
     return out

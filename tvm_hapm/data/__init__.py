@@ -14,16 +14,27 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from .fashion_mnist import (
+    DatasetFormatError,
+    DatasetNotFoundError,
+    FashionMNIST,
+    load_fashion_mnist,
+)
+
 __all__ = [
     "BUNDLED_INFO",
     "BUNDLED_MODEL",
     "DATA_DIR",
+    "DatasetFormatError",
+    "DatasetNotFoundError",
+    "FashionMNIST",
     "RESNET20_INFO",
     "RESNET20_MODEL",
     "bundled_model_info",
     "load_bundled_model",
     "load_bundled_resnet20",
     "load_digits",
+    "load_fashion_mnist",
     "resnet20_info",
     "set_batch",
 ]
