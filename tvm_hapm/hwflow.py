@@ -20,6 +20,7 @@ budget, with the hardware judged at a chosen abstraction level.  See ``docs/hwfl
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -538,6 +539,18 @@ class HWFlowEnv:
         pool = [c for c in self.history if c.feasible and (method is None or c.method == method)]
         return min(pool, key=lambda c: (self.objective_value(c.idx), c.index))
 
+    def with_level(self, level: str) -> HWFlowEnv:
+        """The same environment judging the hardware at ``level``: masks, accuracy estimates
+        and recovered models are shared (computed once for all levels), the history is new."""
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+        other = copy.copy(self)
+        other.level = level
+        other.table(level)
+        other.history = []
+        other.dense_cost = other.cost(tuple([0] * self.n))
+        return other
+
 
 def _with_values(model, values):
     out = onnx.ModelProto()
@@ -904,7 +917,8 @@ def finalize(res: OptimizeResult, env: HWFlowEnv, test_data=None, finetune_steps
     """Fine-tune the winner (``finetune_steps`` of :func:`tvm_hapm.flow.finetune` on the
     non-validation training images, masks held, with the environment's engine), then its int8
     accuracy on the validation split (what a choice among runs may use) and on ``test_data``,
-    and its simulated latency / energy.  The int8 models are calibrated on the first
+    and its simulated latency / energy.  The per-image int8 results are kept in ``res.int8``
+    (``{"val": Int8Accuracy, "test": ...}``).  The int8 models are calibrated on the first
     :data:`INT8_EVAL_BATCH` images of the non-validation split."""
     model = res.model
     out = {"finetune_steps": int(finetune_steps)}
@@ -921,13 +935,18 @@ def finalize(res: OptimizeResult, env: HWFlowEnv, test_data=None, finetune_steps
     res.model = model
 
     def int8(x, y):
-        return int8_accuracy(model, env.config, env.x_tune, x, y,
-                             percentile=env.calibration_percentile, engine=env.engine)  # fmt: skip
+        return flow.int8_accuracy(
+            model, env.x_tune[:INT8_EVAL_BATCH], x, y, env.config, env.calibration_percentile,
+            engine=env.engine,
+        )  # fmt: skip
 
-    out["val_int8_accuracy"] = int8(env.x_val, env.y_val)
+    # per-image results (paired comparisons) stay on the result, out of its JSON record
+    res.int8 = {"val": int8(env.x_val, env.y_val)}
+    out["val_int8_accuracy"] = res.int8["val"].accuracy
     if test_data is not None:
         x_te, y_te = test_data
-        out["test_int8_accuracy"] = int8(x_te, y_te)
+        res.int8["test"] = int8(x_te, y_te)
+        out["test_int8_accuracy"] = res.int8["test"].accuracy
         out["test_float_accuracy"] = flow.float_accuracy(model, x_te, y_te, env.engine)
     if simulate_result:
         lat, en, cyc, _, _ = simulate(model, env.config, env.x_tune, env.x_val)

@@ -25,16 +25,19 @@ __all__ = [
     "BUNDLED_INFO",
     "BUNDLED_MODEL",
     "DATA_DIR",
+    "FASHION_DEPTHS",
     "DatasetFormatError",
     "DatasetNotFoundError",
     "FashionMNIST",
     "RESNET20_INFO",
     "RESNET20_MODEL",
     "bundled_model_info",
+    "fashion_resnet_info",
     "load_bundled_model",
     "load_bundled_resnet20",
     "load_digits",
     "load_fashion_mnist",
+    "load_fashion_resnet",
     "resnet20_info",
     "set_batch",
 ]
@@ -48,6 +51,8 @@ BUNDLED_INFO = DATA_DIR / "digits_cnn.json"
 RESNET20_MODEL = DATA_DIR / "resnet20_digits.onnx"
 #: JSON metadata of the bundled ResNet-20.
 RESNET20_INFO = DATA_DIR / "resnet20_digits.json"
+#: CIFAR-style ResNets trained on Fashion-MNIST (``examples/train_fashion_mnist.py``), by depth.
+FASHION_DEPTHS = (20, 56)
 
 
 def load_digits(size=16, channels=1, test_size=0.25, random_state=0):
@@ -175,6 +180,42 @@ def load_bundled_resnet20(batch=1):
     m = set_batch(onnx.load(str(RESNET20_MODEL)), batch)
     onnx.checker.check_model(m)
     return m
+
+
+def _fashion_path(depth: int, suffix: str) -> Path:
+    if depth not in FASHION_DEPTHS:
+        raise ValueError(f"depth must be one of {FASHION_DEPTHS}, got {depth}")
+    return DATA_DIR / f"resnet{depth}_fashion{suffix}"
+
+
+def load_fashion_resnet(depth: int = 20, batch=1):
+    """Load the bundled ResNet-``depth`` trained on Fashion-MNIST with a fixed batch size.
+
+    The graph is the ONNX export of ``tvm_hapm.torch.resnet_cifar(depth, in_ch=1)``, with the
+    layers of ``tvm_hapm.models.zoo.resnet_cifar(depth, in_ch=1)`` (initializers named by the
+    PyTorch parameters); evaluate it on :func:`load_fashion_mnist` (32x32).  Its record
+    (:func:`fashion_resnet_info`) has the training run and the float and int8 accuracies.
+
+    Parameters
+    ----------
+    depth : {20, 56}
+        The network.
+    batch : int or str
+        Batch size of input ``"input"`` ``(batch, 1, 32, 32)`` and output ``"output"``
+        ``(batch, 10)``; a string makes it symbolic.
+
+    Returns
+    -------
+    onnx.ModelProto
+    """
+    m = set_batch(onnx.load(str(_fashion_path(depth, ".onnx"))), batch)
+    onnx.checker.check_model(m)
+    return m
+
+
+def fashion_resnet_info(depth: int = 20) -> dict:
+    """The record of the bundled Fashion-MNIST ResNet-``depth`` (``resnet<depth>_fashion.json``)."""
+    return json.loads(_fashion_path(depth, ".json").read_text())
 
 
 def resnet20_info():

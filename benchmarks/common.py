@@ -1,0 +1,86 @@
+"""What the benchmarks share: the machine record, atomic JSON output, paired bootstrap intervals."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+if str(ROOT) not in sys.path:  # run as `python benchmarks/<name>.py` from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from tvm_hapm import atomic  # noqa: E402  (after the sys.path entry)
+
+
+def machine_info() -> dict:
+    """CPU count, platform, versions and the load average when the run started."""
+    import numpy
+    import tvm
+
+    info = {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "tvm": tvm.__version__,
+        "numpy": numpy.__version__,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return info
+
+
+def write_json(path, payload) -> Path:
+    """Write ``payload`` as indented JSON, atomically (an interrupted run keeps the old file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(payload, indent=2, sort_keys=True, default=_default) + "\n"
+    return atomic.write_text(path, text)
+
+
+def _default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def paired_drop_interval(correct_ref, correct_new, seed: int = 0, resamples: int = 10000):
+    """95% interval of ``accuracy(ref) - accuracy(new)`` in points, by a paired bootstrap over
+    the test images (``scipy.stats.bootstrap``, BCa, else percentile): both models are judged on
+    the same images, so the interval is that of the difference, not of each accuracy."""
+    from scipy.stats import bootstrap
+
+    a = np.asarray(correct_ref, float)
+    b = np.asarray(correct_new, float)
+
+    def diff(x, y, axis=-1):
+        return 100.0 * (np.mean(x, axis=axis) - np.mean(y, axis=axis))
+
+    if np.array_equal(a, b):  # no image changes: the interval is the point
+        return [0.0, 0.0]
+    for method in ("BCa", "percentile"):  # BCa is undefined when few images differ
+        res = bootstrap(
+            (a, b), diff, paired=True, vectorized=True, n_resamples=resamples,
+            confidence_level=0.95, method=method, rng=np.random.default_rng(seed),
+        )  # fmt: skip
+        low, high = res.confidence_interval
+        if np.isfinite(low) and np.isfinite(high):
+            break
+    return [float(low), float(high)]
