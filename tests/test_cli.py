@@ -225,7 +225,8 @@ def test_presets_console_script():
 
 @pytest.mark.slow
 def test_demo(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo"), "--pruning-steps", "0"]) == 0
+    args = ["demo", "--dataset", "digits", "--out", str(tmp_path / "demo"), "--pruning-steps", "0"]
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert "450 test images" in out and "top-1 agreement" in out
     assert "000_conv2d" in out and "host" in out
@@ -247,6 +248,35 @@ def test_demo(tmp_path, capsys):
     assert speedups["HAPM"] > 1.3  # 50% of the weights in whole dispatch groups
     assert speedups["filter"] > 1.2  # channels removed: smaller tensors
     assert (tmp_path / "demo" / "hapm_demo.png").is_file()
+
+
+@pytest.mark.slow
+def test_demo_on_fashion_mnist(tmp_path, capsys):
+    from tvm_hapm.data import fashion_mnist
+
+    try:
+        fashion_mnist.find_fashion_mnist()
+    except fashion_mnist.DatasetNotFoundError:
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    args = ["demo", "--dataset", "fashion-mnist", "--images", "50", "--pruning-steps", "-1"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "ResNet-20 on Fashion-MNIST" in out and "50 / 50" in out  # simulated == reference
+    top1 = {
+        ln.split("│")[1].strip(): float(ln.split("│")[-2].strip().rstrip("%"))
+        for ln in out.splitlines()
+        if ln.startswith("│") and ln.split("│")[-2].strip().endswith("%")
+    }
+    assert top1["float32"] > 90 and top1["int8 (reference)"] > 90
+
+
+def test_demo_without_the_dataset_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    from tvm_hapm.data import fashion_mnist
+
+    monkeypatch.setenv(fashion_mnist.ENV_VAR, str(tmp_path))
+    assert main(["demo", "--dataset", "fashion-mnist"]) == 2
+    err = capsys.readouterr().err
+    assert "apt-get install dataset-fashion-mnist" in err
 
 
 def test_tune_then_compile_with_the_database(tmp_path, data_files, capsys):

@@ -14,8 +14,10 @@ from tvm_hapm.data import load_fashion_mnist
 
 
 def _idx(data: np.ndarray, magic: int) -> bytes:
-    return struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in data.shape) + (
-        data.astype(np.uint8).tobytes()
+    return (
+        struct.pack(">I", magic)
+        + b"".join(struct.pack(">I", d) for d in data.shape)
+        + (data.astype(np.uint8).tobytes())
     )
 
 

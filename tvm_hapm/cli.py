@@ -50,6 +50,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from . import atomic
+
 __all__ = ["CliError", "main"]
 
 #: Exit status of a user error.
@@ -635,7 +637,7 @@ def cmd_prune(args, console: Console) -> int:
                     pruned, rounds = prune_iteratively(
                         model, args.method, args.sparsity, data, stages=args.stages,
                         steps=args.finetune_steps, config=cfg, seed=args.seed,
-                        reconstruct=args.reconstruct, ranking=ranking,
+                        reconstruct=args.reconstruct, ranking=ranking, engine=args.engine,
                     )  # fmt: skip
                 except ValueError as err:
                     raise CliError(str(err)) from None
@@ -651,9 +653,7 @@ def cmd_prune(args, console: Console) -> int:
                 except ValueError as err:
                     raise CliError(str(err)) from None
     path = out / "pruned.onnx"
-    import onnx  # noqa: PLC0415
-
-    onnx.save(pruned, str(path))
+    atomic.write_bytes(path, pruned.SerializeToString())
     summary = {
         "model": str(args.model),
         "method": args.method,
@@ -666,8 +666,9 @@ def cmd_prune(args, console: Console) -> int:
         # stage kept, timings and the per-layer reconstruction record (flow.recover)
         "rounds": rounds,
     }
-    (out / "prune_report.json").write_text(
-        json.dumps(summary, indent=2, sort_keys=True, default=_json_default)
+    atomic.write_text(
+        out / "prune_report.json",
+        json.dumps(summary, indent=2, sort_keys=True, default=_json_default),
     )
     table = Table(title=f"{args.method} pruning of {Path(args.model).name}")
     table.add_column("layer")
@@ -676,6 +677,16 @@ def cmd_prune(args, console: Console) -> int:
         if "layer" in entry:
             table.add_row(str(entry["layer"]), f"{entry.get('sparsity', 0):.1%}")
     console.print(table)
+    for r in rounds or []:
+        speed = r.get("finetune_images_per_s")
+        tuned = f", fine-tuned at {speed:,.0f} images/s" if speed else ""
+        console.print(
+            f"round {r['round']}: recovered with {r['engine']}{tuned}; kept the {r['kept']} "
+            f"weights (validation: " + ", ".join(
+                f"{k[4:]} {v:.2%}" for k, v in r.items()
+                if k.startswith("val_") and isinstance(v, float)
+            ) + ")"
+        )  # fmt: skip
     console.print(
         f"sparsity {summary['achieved_sparsity']:.1%}; wrote {path} and {out / 'prune_report.json'}"
     )
@@ -986,12 +997,35 @@ def cmd_presets(args, console: Console) -> int:
 
 
 def cmd_demo(args, console: Console) -> int:
-    """``hapm demo``: the bundled digits CNN, float vs int8 on hapm_fpga, on the test split."""
+    """``hapm demo``: a trained network deployed int8 on the simulated accelerator, then HAPM vs
+    standard and filter pruning at one sparsity.  Fashion-MNIST when it is installed (ResNet-20
+    trained on it), else scikit-learn's digits (the bundled digits CNN and ResNet-20)."""
+    from .data import DatasetNotFoundError, load_fashion_mnist  # noqa: PLC0415
+
+    if args.batch < 1 or args.images < 1:
+        raise CliError("--batch and --images must be >= 1")
+    dataset = None
+    if args.dataset in ("auto", "fashion-mnist"):
+        try:
+            dataset = load_fashion_mnist()
+        except DatasetNotFoundError as err:
+            if args.dataset == "fashion-mnist":
+                raise CliError(_one_line(err, 1000)) from None
+            console.print(f"[yellow]{err}[/yellow]\nFalling back to scikit-learn's digits.\n")
+    if dataset is None:
+        _demo_digits(args, console)
+    else:
+        _demo_fashion(args, console, dataset)
+    if args.pruning_steps is None or args.pruning_steps >= 0:
+        _demo_pruning(args, console, dataset)
+    return 0
+
+
+def _demo_digits(args, console: Console) -> None:
+    """Part one on digits: the bundled digits CNN, float vs int8 on hapm_fpga, 450 images."""
     from .data import load_bundled_model, load_digits  # noqa: PLC0415
 
-    batch, calib_samples = args.batch, 32
-    if not 1 <= batch <= 450:
-        raise CliError(f"--batch must be in [1, 450], got {batch}")
+    batch = min(args.batch, 450)
     tvm = _tvm()
     tgt, cfg = resolve_target("hapm_fpga", None)
     with _progress(console) as progress:
@@ -1002,110 +1036,188 @@ def cmd_demo(args, console: Console) -> int:
             test_batches = [
                 _fill_batch(x_test[i : i + batch], batch) for i in range(0, len(x_test), batch)
             ]
-        with _stage(progress, f"quantize ({calib_samples} samples)"):
-            qmod = quantize_module(mod, [_fill_batch(x_train[:calib_samples], batch)], cfg)
+        with _stage(progress, "quantize (32 samples)"):
+            qmod = quantize_module(mod, [_fill_batch(x_train[:32], batch)], cfg)
         with _stage(progress, f"compile for {cfg.name} + llvm"):
             ex, programs, report = compile_model(qmod, tgt, cfg)
             float_ex = tvm.compile(mod, "llvm")
-        if args.out:  # export before a VM loads the executable
-            with _stage(progress, "export"):
-                write_artifacts(
-                    Path(args.out),
-                    ex,
-                    programs,
-                    cfg,
-                    report=report,
-                    extra={
-                        "model": "bundled digits CNN",
-                        "input": {"name": "input", "shape": [batch, 1, 16, 16], "dtype": "float32"},
-                        "calibration": {"file": "digits train split", "samples": calib_samples},
-                    },
-                )
+        _demo_export(args, progress, ex, programs, cfg, report, "bundled digits CNN", batch,
+                     [1, 16, 16])  # fmt: skip
         with _stage(progress, "run float (llvm)", total=len(test_batches)) as advance:
-            vm = tvm.relax.VirtualMachine(float_ex, tvm.cpu())
-            y_float, _ = run_batches(vm, test_batches, advance)
+            y_float, _ = run_batches(tvm.relax.VirtualMachine(float_ex, tvm.cpu()), test_batches,
+                                     advance)  # fmt: skip
         with _stage(progress, "run int8 (hapm_fpga)", total=len(test_batches)) as advance:
-            vm = tvm.relax.VirtualMachine(ex, tvm.cpu())
-            y_int8, runs = run_batches(vm, test_batches, advance)
+            y_int8, runs = run_batches(tvm.relax.VirtualMachine(ex, tvm.cpu()), test_batches,
+                                       advance)  # fmt: skip
     n = len(y_test)
-    console.print(_accuracy_table(y_float[:n], y_int8[:n], y_test))
+    top_f, top_q = y_float[:n].argmax(1), y_int8[:n].argmax(1)
+    table = Table(title=f"Digits CNN, {n} test images")
+    table.add_column("model")
+    table.add_column("accuracy", justify="right")
+    table.add_row("float32 (llvm)", f"{(top_f == y_test).mean():.2%}")
+    table.add_row("int8 (hapm_fpga)", f"{(top_q == y_test).mean():.2%}")
+    table.add_row("top-1 agreement float vs int8", f"{(top_f == top_q).mean():.2%}")
+    _demo_deploy_tables(console, table, programs, report, runs, batch, args)
+
+
+def _demo_fashion(args, console: Console, data) -> None:
+    """Part one on Fashion-MNIST: the bundled ResNet-20 quantized and compiled; ``--images``
+    test images run on the bit-exact simulator and compared with the int8 reference, which
+    then gives the accuracy on all 10,000 test images."""
+    from . import flow  # noqa: PLC0415
+    from .data import fashion_resnet_info, load_fashion_resnet  # noqa: PLC0415
+
+    batch = args.batch
+    tvm = _tvm()
+    tgt, cfg = resolve_target("hapm_fpga", None)
+    pct = fashion_resnet_info(20)["int8_calibration"]["percentile"]
+    x_test, y_test = data.x_test, data.y_test
+    n_sim = min(args.images, len(x_test))
+    sim_batches = [_fill_batch(x_test[i : min(i + batch, n_sim)], batch)
+                   for i in range(0, n_sim, batch)]  # fmt: skip
+    engine = flow.resolve_engine()
+    with _progress(console) as progress:
+        with _stage(progress, "import ResNet-20"):
+            model = load_fashion_resnet(20, batch=batch)
+            mod = import_onnx(model)
+        calib = [data.x_train[k : k + batch] for k in range(0, 256 - batch + 1, batch)]
+        with _stage(progress, f"quantize ({len(calib) * batch} images)"):
+            qmod = quantize_module(mod, calib, cfg, percentile=pct)
+        with _stage(progress, f"compile for {cfg.name}"):
+            ex, programs, report = compile_model(qmod, tgt, cfg)
+        _demo_export(args, progress, ex, programs, cfg, report, "ResNet-20 / Fashion-MNIST",
+                     batch, [1, 32, 32])  # fmt: skip
+        with _stage(progress, f"simulate {n_sim} images", total=len(sim_batches)) as advance:
+            y_sim, runs = run_batches(tvm.relax.VirtualMachine(ex, tvm.cpu()), sim_batches,
+                                      advance)  # fmt: skip
+        y_sim = y_sim[:n_sim]
+        with _stage(progress, f"int8 reference ({engine})"):
+            if engine == "torch":  # the same quantized module, all test images
+                from .torch import QuantizedRunner  # noqa: PLC0415
+
+                y_ref = QuantizedRunner(qmod).predict(x_test)
+            else:  # TVM's llvm build: the simulated images only (the whole set takes minutes)
+                ref_ex = tvm.compile(qmod, "llvm")
+                y_ref, _ = run_batches(tvm.relax.VirtualMachine(ref_ex, tvm.cpu()), sim_batches)
+        with _stage(progress, "float32"):
+            acc_float = flow.float_accuracy(model, x_test, y_test, engine)
+    same = int(np.all(y_sim == y_ref[:n_sim], axis=1).sum())
+    table = Table(title="ResNet-20 on Fashion-MNIST")
+    table.add_column("model")
+    table.add_column("images", justify="right")
+    table.add_column("top-1", justify="right")
+    table.add_row("float32", f"{len(y_test):,}", f"{acc_float:.2%}")
+    table.add_row("int8 (reference)", f"{len(y_ref):,}",
+                  f"{(y_ref.argmax(1) == y_test[: len(y_ref)]).mean():.2%}")  # fmt: skip
+    table.add_row("int8 on hapm_fpga (simulated)", f"{n_sim:,}",
+                  f"{(y_sim.argmax(1) == y_test[:n_sim]).mean():.2%}")  # fmt: skip
+    table.add_row("outputs bit-identical to the reference", f"{same:,} / {n_sim:,}", "")
+    if same != n_sim:
+        raise CliError(f"the simulated outputs differ from the int8 reference on "
+                       f"{n_sim - same} images")  # fmt: skip
+    _demo_deploy_tables(console, table, programs, report, runs, batch, args)
+
+
+def _demo_export(args, progress, ex, programs, cfg, report, name, batch, shape) -> None:
+    if args.out:  # export before a VM loads the executable
+        with _stage(progress, "export"):
+            write_artifacts(
+                Path(args.out), ex, programs, cfg, report=report,
+                extra={"model": name, "input": {"name": "input", "shape": [batch, *shape],
+                                                "dtype": "float32"}},
+            )  # fmt: skip
+
+
+def _demo_deploy_tables(console, accuracy, programs, report, runs, batch, args) -> None:
+    console.print(accuracy)
     console.print(placement_table(program_rows(programs), report.get("host", {})))
     console.print(
         run_stats_table(runs[0], title=f"Accelerator statistics of one run (batch {batch})")
     )
     if args.out:
         console.print(f"wrote the compiled model to {args.out}")
-    if args.pruning_steps >= 0:
-        _demo_pruning(args, console)
-    return 0
 
 
-def _demo_pruning(args, console: Console) -> None:
-    """Part two of the demo: ResNet-20 on digits-32, dense vs unstructured, filter and HAPM
-    pruning at the same weight sparsity, each recovered the same way (least-squares
-    reconstruction, then fine-tuning in TVM), deployed int8 on the simulated accelerator."""
-    from .data import load_bundled_resnet20, load_digits  # noqa: PLC0415
-    from .flow import (  # noqa: PLC0415
-        evaluate_deployed,
-        filter_deploy_pass,
-        filter_fraction,
-        prune_onnx,
-        recover,
+def _demo_pruning(args, console: Console, data) -> None:
+    """Part two: ResNet-20 dense vs unstructured, filter and HAPM pruning at the same weight
+    sparsity, each recovered the same way (least-squares reconstruction, then fine-tuning with
+    the masks held: PyTorch when installed, else TVM), deployed int8 on the simulated
+    accelerator.  On Fashion-MNIST every model's int8 accuracy is measured on the 10,000 test
+    images and the recovery chooses on the validation split."""
+    from . import flow  # noqa: PLC0415
+    from .data import (  # noqa: PLC0415
+        fashion_resnet_info,
+        load_bundled_resnet20,
+        load_digits,
+        load_fashion_resnet,
     )
 
-    x_train, y_train, x_test, y_test = load_digits(size=32, channels=3)
-    base = load_bundled_resnet20(batch=1)
-    rows = {}
-    kept = {}
-    steps = args.pruning_steps
+    engine = flow.resolve_engine()
+    if data is None:
+        name, pct, val, train_config = "digits", None, None, None
+        x_train, y_train, x_test, y_test = load_digits(size=32, channels=3)
+        base = load_bundled_resnet20(batch=1)
+        steps = 16 if args.pruning_steps is None else args.pruning_steps
+    else:
+        name, val = "Fashion-MNIST", (data.x_val, data.y_val)
+        x_train, y_train, x_test, y_test = data.x_train, data.y_train, data.x_test, data.y_test
+        base = load_fashion_resnet(20, batch=1)
+        pct = fashion_resnet_info(20)["int8_calibration"]["percentile"]
+        # a quarter of an epoch of PyTorch fine-tuning (batch 128) keeps the demo near 10 min
+        per_epoch = len(x_train) // 128
+        steps = per_epoch // 4 if args.pruning_steps is None else args.pruning_steps
+        train_config = None
+        if engine == "torch":
+            from .torch import TrainConfig  # noqa: PLC0415
+
+            train_config = TrainConfig(lr=0.01, crop_padding=4, flip=True)
+    x_cal = x_train[:256]
+    rows, kept = {}, {}
     with _progress(console) as progress:
-        with _stage(progress, "ResNet-20 dense: quantize, compile, simulate"):
-            rows["dense"] = evaluate_deployed(base, "hapm_fpga", x_train, x_test, y_test)
+        with _stage(progress, "ResNet-20 dense: deploy"):
+            rows["dense"] = flow.evaluate_deployed(base, "hapm_fpga", x_cal, x_test, y_test,
+                                                   percentile=pct, engine=engine)  # fmt: skip
         for label, method, ranking in (("unstructured", "unstructured", "layer"),
                                        ("filter", "filter", "layer"),
                                        ("HAPM", "hapm", "per_mac")):  # fmt: skip
-            desc = (
-                f"ResNet-20 {label} {args.sparsity:.0%}: prune, reconstruct, "
-                f"fine-tune ({steps} steps), deploy"
-            )
+            desc = f"{label} {args.sparsity:.0%}: prune, recover ({steps} steps), deploy"
             with _stage(progress, desc):
                 ratio, transform = args.sparsity, None
                 if method == "filter":
-                    ratio, _ = filter_fraction(base, args.sparsity)
-                    transform = filter_deploy_pass(ratio)
-                pruned, _ = prune_onnx(base, method, ratio, ranking=ranking)
-                pruned, info = recover(pruned, base, (x_train, y_train), steps=steps)
+                    ratio, _ = flow.filter_fraction(base, args.sparsity)
+                    transform = flow.filter_deploy_pass(ratio)
+                pruned, _ = flow.prune_onnx(base, method, ratio, ranking=ranking)
+                pruned, info = flow.recover(pruned, base, (x_train, y_train), steps=steps,
+                                            val_data=val, engine=engine,
+                                            train_config=train_config)  # fmt: skip
                 kept[label] = info["kept"]
-                rows[label] = evaluate_deployed(
-                    pruned, "hapm_fpga", x_train, x_test, y_test, transform=transform
-                )
+                rows[label] = flow.evaluate_deployed(
+                    pruned, "hapm_fpga", x_cal, x_test, y_test, transform=transform,
+                    percentile=pct, engine=engine,
+                )  # fmt: skip
     dense = rows["dense"]
-    table = Table(title=f"ResNet-20 / digits-32 on hapm_fpga, {args.sparsity:.0%} weight sparsity")
+    table = Table(title=f"ResNet-20 / {name} on hapm_fpga, {args.sparsity:.0%} weight sparsity, "
+                  f"int8 top-1 on {len(y_test):,} test images")  # fmt: skip
     for col in ("model", "int8 top-1", "latency ms", "energy µJ", "GEMMs", "speed-up"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for label, r in rows.items():
-        table.add_row(
-            label,
-            f"{r.accuracy:.2f}%",
-            f"{r.latency_ms:.3f}",
-            f"{r.energy_uj:.1f}",
-            f"{r.gemms:,}",
-            f"{dense.latency_ms / r.latency_ms:.2f}x",
-        )
+        table.add_row(label, f"{r.accuracy:.2f}%", f"{r.latency_ms:.3f}", f"{r.energy_uj:.1f}",
+                      f"{r.gemms:,}", f"{dense.latency_ms / r.latency_ms:.2f}x")  # fmt: skip
     console.print(table)
+    how = "PyTorch" if engine == "torch" else "TVM"
     console.print(
         "Every pruned model was recovered the same way: least-squares reconstruction of the "
-        f"pruned layers, then {steps} fine-tuning steps of 32 images inside TVM, keeping the "
-        f"better on a validation split ({', '.join(f'{k}: {v}' for k, v in kept.items())}). "
-        "HAPM removes whole dispatch groups of the arrays (fewer GEMMs and weight loads); filter "
-        "pruning removes channels (smaller tensors); unstructured zeros leave the work in place."
+        f"pruned layers, then {steps} fine-tuning steps in {how}, keeping the better on a "
+        f"validation split ({', '.join(f'{k}: {v}' for k, v in kept.items())}). HAPM removes "
+        "whole dispatch groups of the arrays (fewer GEMMs and weight loads); filter pruning "
+        "removes channels (smaller tensors); unstructured zeros leave the work in place."
     )
     plot = Path(args.out or ".") / "hapm_demo.png"
-    _latency_accuracy_plot(rows, plot, args.sparsity)
+    _latency_accuracy_plot(rows, plot, args.sparsity, name)
     console.print(f"wrote {plot}")
 
 
-def _latency_accuracy_plot(rows: dict, path: Path, sparsity: float) -> None:
+def _latency_accuracy_plot(rows: dict, path: Path, sparsity: float, dataset: str) -> None:
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
@@ -1117,7 +1229,7 @@ def _latency_accuracy_plot(rows: dict, path: Path, sparsity: float) -> None:
         ax.scatter(r.latency_ms, r.accuracy, s=60)
         ax.annotate(label, (r.latency_ms, r.accuracy), textcoords="offset points", xytext=(6, 4))
     ax.set_xlabel("latency on hapm_fpga (ms, simulated)")
-    ax.set_ylabel("int8 top-1 on digits test (%)")
+    ax.set_ylabel(f"int8 top-1 on {dataset} test (%)")
     ax.set_title(f"ResNet-20, {sparsity:.0%} sparsity")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -1146,17 +1258,6 @@ def _fill_batch(x: np.ndarray, batch: int) -> np.ndarray:
     """
     idx = np.arange(batch) % len(x)
     return np.ascontiguousarray(x[idx])
-
-
-def _accuracy_table(y_float, y_int8, labels) -> Table:
-    top_f, top_q = y_float.argmax(1), y_int8.argmax(1)
-    table = Table(title=f"Digits CNN, {len(labels)} test images")
-    table.add_column("model")
-    table.add_column("accuracy", justify="right")
-    table.add_row("float32 (llvm)", f"{(top_f == labels).mean():.2%}")
-    table.add_row("int8 (hapm_fpga)", f"{(top_q == labels).mean():.2%}")
-    table.add_row("top-1 agreement float vs int8", f"{(top_f == top_q).mean():.2%}")
-    return table
 
 
 # ---------------------------------------------------------------------------------- parser
@@ -1210,6 +1311,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", default=None, metavar="DATA.npz", help="x_train/y_train to fine-tune on"
     )
     p.add_argument("--finetune-steps", type=int, default=20)
+    p.add_argument(
+        "--engine", choices=("auto", "torch", "tvm"), default="auto",
+        help="fine-tuning engine: PyTorch (batch 128) when installed, else TVM (batch 32)",
+    )  # fmt: skip
     p.add_argument(
         "--no-reconstruct",
         dest="reconstruct",
@@ -1310,17 +1415,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_disasm)
 
     p = sub.add_parser(
-        "demo", help="digits CNN int8 on the accelerator, then HAPM vs standard pruning"
+        "demo", help="a trained CNN int8 on the accelerator, then HAPM vs standard pruning"
     )
     p.add_argument("--out", default=None, metavar="DIR", help="also write the compiled model")
-    p.add_argument("--batch", type=int, default=50, help="batch size of the compiled model")
+    p.add_argument(
+        "--dataset", choices=("auto", "fashion-mnist", "digits"), default="auto",
+        help="auto: Fashion-MNIST when installed, else digits",
+    )  # fmt: skip
+    p.add_argument("--batch", type=int, default=25, help="batch size of the compiled model")
+    p.add_argument("--images", type=int, default=500, help="Fashion-MNIST test images to simulate")
     p.add_argument("--sparsity", type=float, default=0.5, help="pruning part: weight sparsity")
     p.add_argument(
-        "--pruning-steps",
-        type=int,
-        default=16,
-        help="fine-tuning steps per pruned ResNet-20 (0: none; -1 skips the pruning part)",
-    )
+        "--pruning-steps", type=int, default=None,
+        help="fine-tuning steps per pruned ResNet-20 (0: none; -1 skips the pruning part; "
+        "default: a quarter epoch of batch 128 on Fashion-MNIST, 16 of batch 32 on digits)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("presets", help="list the hardware presets")

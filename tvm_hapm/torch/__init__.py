@@ -25,7 +25,7 @@ except ImportError as _err:  # pragma: no cover - exercised without torch instal
         "tvm_hapm.torch needs PyTorch: pip install 'tvm-hapm[torch]' (torch==2.13.0, CPU build)"
     ) from _err
 
-from .export import ExportError, baked, export_onnx
+from .export import ExportError, baked, export_onnx, load_onnx_weights
 from .models import mobilenet_style, resnet_cifar
 from .onnx_module import OnnxModule
 from .prune import (
@@ -54,6 +54,7 @@ __all__ = [
     "compute_masks",
     "export_onnx",
     "fit",
+    "load_onnx_weights",
     "mobilenet_style",
     "predict",
     "prune",

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 from .. import atomic
 from ..models.zoo import OPSET
 
-__all__ = ["ExportError", "baked", "export_onnx"]
+__all__ = ["ExportError", "baked", "export_onnx", "load_onnx_weights"]
 
 
 class ExportError(ValueError):
@@ -109,6 +109,30 @@ def export_onnx(module: nn.Module, input_shape, path=None, opset: int = OPSET) -
     if path is not None:
         atomic.write_bytes(path, out.SerializeToString())
     return out
+
+
+def load_onnx_weights(module: nn.Module, model: onnx.ModelProto) -> nn.Module:
+    """Load into ``module`` (in place) the weights of ``model``, an ONNX graph exported from a
+    module of the same structure (its initializers are named by the state-dict keys, as
+    :func:`export_onnx` writes them; e.g. the bundled ``load_fashion_resnet`` models).
+
+    Every parameter and buffer of the module must be found with its shape, except batch-norm
+    ``num_batches_tracked`` counters; raises ``KeyError`` / ``ValueError`` otherwise.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    state = {}
+    for name, value in module.state_dict().items():
+        if name.endswith("num_batches_tracked"):
+            state[name] = value
+            continue
+        if name not in inits:
+            raise KeyError(f"{name!r} is not an initializer of the ONNX model")
+        arr = onnx.numpy_helper.to_array(inits[name])
+        if tuple(arr.shape) != tuple(value.shape):
+            raise ValueError(f"{name}: ONNX {arr.shape}, module {tuple(value.shape)}")
+        state[name] = torch.from_numpy(arr.copy()).to(value.dtype)
+    module.load_state_dict(state)
+    return module
 
 
 def _plain_graph(model: onnx.ModelProto) -> onnx.ModelProto:
