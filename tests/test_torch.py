@@ -345,3 +345,20 @@ def test_recover_fine_tunes_in_torch_and_keeps_the_masks():
         a = numpy_helper.to_array(t)
         if a.ndim in (2, 4):
             assert (a[zeros[t.name]] == 0).all(), t.name
+
+
+@pytest.mark.parametrize("engine", ["torch", "tvm"])
+def test_finetune_holds_the_zeros_and_trains_the_rest(engine):
+    x, y, _, _ = load_digits(size=16, channels=1)
+    pruned, _ = flow.prune_onnx(load_bundled_model(batch=1), "hapm", 0.6)
+    tuned, history = flow.finetune(pruned, (x, y), steps=10, engine=engine)
+    assert history["images_per_s"] > 0
+    before = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in tuned.graph.initializer}
+    changed = 0
+    for name, w in before.items():
+        if w.ndim in (2, 4):
+            zero = w == 0
+            assert not after[name][zero].any(), name
+            changed += not np.array_equal(after[name][~zero], w[~zero])
+    assert changed >= 3
