@@ -362,3 +362,16 @@ def test_finetune_holds_the_zeros_and_trains_the_rest(engine):
             assert not after[name][zero].any(), name
             changed += not np.array_equal(after[name][~zero], w[~zero])
     assert changed >= 3
+
+
+def test_onnx_module_trains_batch_norm_as_torch_does():
+    module = _resnet().train()
+    net = ht.OnnxModule(ht.export_onnx(module, RESNET_SHAPE)).train()
+    x = torch.rand(8, *RESNET_SHAPE[1:])
+    with torch.no_grad():
+        ref, ours = module(x), net(x)  # batch statistics, running statistics updated
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    back = {t.name: numpy_helper.to_array(t) for t in net.to_onnx().graph.initializer}
+    for name, value in module.state_dict().items():
+        if name.endswith(("running_mean", "running_var")):
+            np.testing.assert_allclose(back[name], value.numpy(), rtol=1e-5, atol=1e-6)
