@@ -163,7 +163,7 @@ def test_export_and_load_in_new_process(tmp_path):
 
 def test_large_tiles_split_alu_loops():
     """A tile of more pixels than the ALU's inner loop field holds (zcu104, 40x40, 1x1 conv)."""
-    from tvm_hapm.passes import qops  # noqa: PLC0415
+    from tvm_hapm.passes import qops
 
     cfg = get_config("zcu104")
     bb = relax.BlockBuilder()
@@ -189,9 +189,9 @@ def test_double_buffered_residual_add_overlaps_and_is_bit_exact():
     """A residual add of 2048 accumulator entries (ResNet-20's first stage on zedboard): balanced
     double-buffered tiles, whose operand loads start before the previous tile's ALU work ends
     and whose stores overlap the next tile's ALU work."""
-    from tvm_hapm.passes import qops  # noqa: PLC0415
-    from tvm_hapm.runtime import profile  # noqa: PLC0415
-    from tvm_hapm.target.isa import Opcode  # noqa: PLC0415
+    from tvm_hapm.passes import qops
+    from tvm_hapm.runtime import profile
+    from tvm_hapm.target.isa import Opcode
 
     cfg = get_config("zedboard")
     shape = (1, 16, 32, 32)

@@ -308,7 +308,7 @@ def test_prune_writes_onnx_and_report(tmp_path, capsys):
     assert 0 < report["achieved_sparsity"] < 0.5
     assert report["ranking"] == "per_mac"  # HAPM's default allocation
     assert pruned_layers[0]["ranking"] == "global_per_mac"
-    import onnx  # noqa: PLC0415
+    import onnx
 
     pruned = onnx.load(str(out / "pruned.onnx"))
     onnx.checker.check_model(pruned)
@@ -344,8 +344,8 @@ def test_prune_filter_with_data_reconstructs_and_fine_tunes(tmp_path, digits):
     assert any(r["rel_error_after"] < 0.5 * r["rel_error_before"] for r in rec)
     assert only["finetune_steps"] == 2 and only["kept"] in ("reconstructed", "finetuned")
     assert only["val_finetuned"] is not None and only["finetune_images_per_s"] > 0
-    import onnx  # noqa: PLC0415
-    from onnx import numpy_helper  # noqa: PLC0415
+    import onnx
+    from onnx import numpy_helper
 
     w = {
         i.name: numpy_helper.to_array(i)

@@ -7,7 +7,7 @@ import json
 import pytest
 import tvm
 
-import tvm_hapm  # noqa: F401
+import tvm_hapm
 from tvm_hapm.target.config import (
     PRESETS,
     HardwareConfig,

@@ -113,7 +113,7 @@ def test_fine_model_save_load_and_schema_refusal(tmp_path):
 def test_fine_model_one_booster_and_two_boosters(tmp_path):
     """The multi-output booster (one tree walk for both corrections) and the older layout of
     one booster per target both train, save, load and predict through the C call."""
-    from tvm_hapm.cost.models import _predict_dense  # noqa: PLC0415
+    from tvm_hapm.cost.models import _predict_dense
 
     recs = _small_records(tmp_path, 16)
     X, y, mids, _ = dataset_matrix(recs)
@@ -213,8 +213,8 @@ def _random_mask_queries(seed: int, n: int = 40):
     """Random layers, configs and schedules with random block masks: output-channel groups
     above and below the number of arrays, ragged last groups, 1x1 to 5x5 kernels, grouped and
     depthwise layers (with mask bits outside the structural blocks), dense and empty masks."""
-    from tvm_hapm.target.config import HardwareConfig  # noqa: PLC0415
-    from tvm_hapm.target.schedule import ConvSchedule  # noqa: PLC0415
+    from tvm_hapm.target.config import HardwareConfig
+    from tvm_hapm.target.schedule import ConvSchedule
 
     rng = np.random.default_rng(seed)
     qs = []
@@ -272,7 +272,7 @@ def test_mask_group_rounds_equal_the_reference():
     """The per-bucket group reduction (any / ``max(n_p, A)`` A-ths over a group's output
     blocks, then the sum over positions) equals ``_position_rounds`` (chunks of one input
     block), ``G`` above and below the number of arrays."""
-    from tvm_hapm.cost.analytic import _group_rounds, _position_rounds, _sum_rows  # noqa: PLC0415
+    from tvm_hapm.cost.analytic import _group_rounds, _position_rounds, _sum_rows
 
     rng = np.random.default_rng(0)
     for cob, cib, kk, A, G in [(8, 5, 9, 4, 4), (6, 3, 9, 4, 3), (8, 4, 1, 2, 4), (12, 2, 25, 4, 6),
@@ -288,7 +288,7 @@ def test_mask_group_rounds_equal_the_reference():
 def test_batch_shares_layers_masks_and_schedules_and_clear_caches_is_transparent():
     """Queries repeating one layer / mask / schedule object give the per-query results, and an
     emptied cache changes nothing."""
-    from tvm_hapm.cost.analytic import clear_caches, default_schedule  # noqa: PLC0415
+    from tvm_hapm.cost.analytic import clear_caches, default_schedule
 
     layer = HAND[0]
     mask = BlockSparsity.from_mask(block_mask(layer, ZED, 0.5, rng=3))
@@ -308,7 +308,7 @@ def test_batch_shares_layers_masks_and_schedules_and_clear_caches_is_transparent
 
 
 def test_measurement_caches_are_keyed_by_the_simulator_sources():
-    from tvm_hapm.cost.dataset import default_cache, source_fingerprint  # noqa: PLC0415
+    from tvm_hapm.cost.dataset import default_cache, source_fingerprint
 
     fp = source_fingerprint()
     assert len(fp) == 12 and fp == source_fingerprint()
@@ -318,7 +318,7 @@ def test_measurement_caches_are_keyed_by_the_simulator_sources():
 def _zoo_queries():
     """ResNet-18 layers with exact masks (half the blocks zero) on two presets and a fraction
     on a third, as the benchmark's held-out points."""
-    from tvm_hapm.cost import zoo_layers  # noqa: PLC0415
+    from tvm_hapm.cost import zoo_layers
 
     layers = zoo_layers("resnet18_imagenet")
     qs = []
@@ -347,7 +347,7 @@ _ZOO_GOLDEN = [
 
 def _numpy_path(monkeypatch):
     """Make the batched analysis and the fine model run without the compiled kernels."""
-    from tvm_hapm.cost import analytic  # noqa: PLC0415
+    from tvm_hapm.cost import analytic
 
     monkeypatch.setattr(analytic, "_KERNELS", [None])
 
@@ -369,7 +369,7 @@ def test_compiled_kernels_equal_the_numpy_path_bit_for_bit(which, monkeypatch):
     energy, counts and feature columns (random masks with groups above and below the number of
     arrays, depthwise layers, fractions, given schedules; the benchmark's kind of points), and
     the stored figures."""
-    from tvm_hapm.cost import analytic  # noqa: PLC0415
+    from tvm_hapm.cost import analytic
 
     assert analytic._kernels() is not None  # numba is a dependency
     qs = {"mixed": _mixed_queries, "zoo": _zoo_queries}.get(which)
@@ -388,8 +388,8 @@ def test_numpy_mask_path_counts_many_rounds_per_input_block(monkeypatch):
     """A group many times the arrays on a 7x7 kernel: an input block's rounds pass 255 (the
     numpy path summed them in uint8 and wrapped around), and both paths still give the per-layer
     reference's rounds."""
-    from tvm_hapm.target.config import HardwareConfig  # noqa: PLC0415
-    from tvm_hapm.target.schedule import ConvSchedule  # noqa: PLC0415
+    from tvm_hapm.target.config import HardwareConfig
+    from tvm_hapm.target.schedule import ConvSchedule
 
     layer = ConvLayer(1, 16, 14, 14, 64, 7, 7, padding=3)
     cfg = HardwareConfig(name="t", num_arrays=1, array_rows=8, array_cols=8)
@@ -407,7 +407,7 @@ def test_numpy_mask_path_counts_many_rounds_per_input_block(monkeypatch):
 def test_plan_pools_start_again_during_a_batch(monkeypatch):
     """When the pools of plan rows fill up while a batch builds its plans, they start again
     and the batch's (and the next batch's) cached plans are added again: same results."""
-    from tvm_hapm.cost import analytic  # noqa: PLC0415
+    from tvm_hapm.cost import analytic
 
     qs = _random_mask_queries(3, 30) + _zoo_queries()
     ref = analyze_batch(qs)
@@ -427,7 +427,7 @@ def test_compiled_forest_equals_the_booster(tmp_path):
     """The compiled copy of a multi-output booster gives xgboost's float32 outputs bit for bit
     (the bundled model; a model trained with missing values, so that nodes send them left or
     right), and is not used for the older one-booster-per-target models."""
-    from tvm_hapm.cost.models import CompiledForest, _predict_dense  # noqa: PLC0415
+    from tvm_hapm.cost.models import CompiledForest, _predict_dense
 
     fine = load_bundled_fine_model()
     both = fine.boosters["both"]

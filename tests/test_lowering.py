@@ -596,10 +596,10 @@ def test_max_pool_tiles_that_do_not_divide_are_refused():
 
 
 def test_relax_flow_lowers_pools_through_tir():
-    import tvm  # noqa: PLC0415
-    from conftest import build_int_network, llvm_reference, run_vm  # noqa: PLC0415
+    import tvm
+    from conftest import build_int_network, llvm_reference, run_vm
 
-    from tvm_hapm.passes import hapm_pipeline  # noqa: PLC0415
+    from tvm_hapm.passes import hapm_pipeline
 
     cfg = get_config("hapm_fpga")
     mod = build_int_network(cfg)

@@ -35,9 +35,7 @@ def wrap32(v: int) -> int:
     return (v + 2**31) % 2**32 - 2**31
 
 
-def load(  # noqa: PLR0917 (mirrors the ISA fields)
-    buf, slot, sram, dram_addr, y, x, stride, bits=8, pads=(0, 0, 0, 0), pad_min=0, **kw
-):
+def load(buf, slot, sram, dram_addr, y, x, stride, bits=8, pads=(0, 0, 0, 0), pad_min=0, **kw):
     top, bottom, left, right = pads
     return Instruction(
         Opcode.LOAD,
@@ -58,9 +56,7 @@ def load(  # noqa: PLR0917 (mirrors the ISA fields)
     )
 
 
-def store(  # noqa: PLR0917 (mirrors the ISA fields)
-    slot, sram, dram_addr, y, x, stride, bits=8, **kw
-):
+def store(slot, sram, dram_addr, y, x, stride, bits=8, **kw):
     return Instruction(
         Opcode.STORE,
         buffer=Buffer.ACC,
@@ -75,9 +71,7 @@ def store(  # noqa: PLR0917 (mirrors the ISA fields)
     )
 
 
-def gemm(  # noqa: PLR0917 (mirrors the ISA fields)
-    wgt_addr, inp_addr, acc_addr, outer, inner, inp_so=0, inp_si=0, acc_so=0, acc_si=0, **kw
-):
+def gemm(wgt_addr, inp_addr, acc_addr, outer, inner, inp_so=0, inp_si=0, acc_so=0, acc_si=0, **kw):
     return Instruction(
         Opcode.GEMM,
         wgt_addr=wgt_addr,
@@ -93,9 +87,7 @@ def gemm(  # noqa: PLR0917 (mirrors the ISA fields)
     )
 
 
-def alu(  # noqa: PLR0917 (mirrors the ISA fields)
-    op, dst, src, outer, inner, dst_so=0, dst_si=0, src_so=0, src_si=0, **kw
-):
+def alu(op, dst, src, outer, inner, dst_so=0, dst_si=0, src_so=0, src_si=0, **kw):
     return Instruction(
         Opcode.ALU,
         alu_op=op,

@@ -193,7 +193,7 @@ def test_chain_double_buffered_is_faster():
 
 
 def test_double_buffered_with_tokens_inserted():
-    from tvm_hapm.target.dependency import insert_dependency_tokens  # noqa: PLC0415
+    from tvm_hapm.target.dependency import insert_dependency_tokens
 
     # The same two tiles written sequentially, software-pipelined (tile 2 is loaded before tile 1
     # is stored); the token inserter finds the same synchronisation and the same 101 cycles.
@@ -399,9 +399,9 @@ def test_double_buffered_add_by_hand():
     #   St0 2112..2250 while tile 1 computes: MUL a 2112..2372, ..., MIN ..3672,
     #   St1 3672..3810, FINISH 3810..3811.
     # Single buffered (one tile of 512): 266 + 266 + 6 * 516 + 266 + 1 = 3895.
-    from tvm_hapm.runtime.driver import run_program  # noqa: PLC0415
-    from tvm_hapm.target.codegen import add_program  # noqa: PLC0415
-    from tvm_hapm.target.schedule import estimate_eltwise_cycles  # noqa: PLC0415
+    from tvm_hapm.runtime.driver import run_program
+    from tvm_hapm.target.codegen import add_program
+    from tvm_hapm.target.schedule import estimate_eltwise_cycles
 
     cfg = CFG.replace(name="timing-eltwise", acc_buffer_bytes=1024 * 16)
     shape = (1, 4, 16, 32)
@@ -492,7 +492,7 @@ def test_energy_overrides_and_sram_interpolation():
 def test_simulator_timing_option():
     cfg = HardwareConfig(name="tt", num_arrays=2, array_rows=8, array_cols=8)
     prog, consts, x = _conv_program(cfg)
-    from tvm_hapm.runtime.driver import run_program  # noqa: PLC0415
+    from tvm_hapm.runtime.driver import run_program
 
     sim = Simulator(cfg)
     out_plain, plain = run_program(
@@ -501,7 +501,7 @@ def test_simulator_timing_option():
     assert plain.cycles == 0 and plain.energy_uj == 0 and sim.last_timing is None
 
     dram = [np.ascontiguousarray(a).reshape(-1) for a in consts]
-    from tvm_hapm.target.program import pack_activation  # noqa: PLC0415
+    from tvm_hapm.target.program import pack_activation
 
     dram = [pack_activation(x, 8).reshape(-1), *dram, np.zeros(prog.slots[-1].dram_elems, np.int8)]
     stats = sim.run(prog.instructions, dram, layer="conv", timing=True)

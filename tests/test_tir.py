@@ -22,9 +22,7 @@ CFG = get_config("zedboard")
 class Layer:
     """A random quantized conv2d, its packed tensors and its integer reference output."""
 
-    def __init__(  # noqa: PLR0917 - a layer's shape in the conventional order
-        self, cfg, n, cin, h, w, cout, k, stride, pad, shift=10, clip=(0, 127), seed=0
-    ):
+    def __init__(self, cfg, n, cin, h, w, cout, k, stride, pad, shift=10, clip=(0, 127), seed=0):
         rng = np.random.default_rng(seed)
         self.cfg = cfg
         self.args = (n, cin, h, w, cout, k, k, (stride, stride), (pad,) * 4, (1, 1))

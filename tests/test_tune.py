@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-import tvm_hapm  # noqa: F401
+import tvm_hapm
 from tvm_hapm.cost.measure import LocalFarm, LocalRunner, RPCRunner, measure_program
 from tvm_hapm.cost.tune import (
     ConvTask,
@@ -115,11 +115,11 @@ def test_rpc_tracker_and_two_servers_measure_like_local():
 
 def test_compile_applies_the_tuning_database(tmp_path):
     """Inside ``with database:``, tvm.compile uses the recorded schedule; results stay exact."""
-    import tvm  # noqa: PLC0415
-    from conftest import build_int_network, llvm_reference, run_vm  # noqa: PLC0415
+    import tvm
+    from conftest import build_int_network, llvm_reference, run_vm
 
-    from tvm_hapm.cost.tune import extract_tasks  # noqa: PLC0415
-    from tvm_hapm.passes import hapm_pipeline  # noqa: PLC0415
+    from tvm_hapm.cost.tune import extract_tasks
+    from tvm_hapm.passes import hapm_pipeline
 
     mod = build_int_network(CFG, h=9, w=11)
     tasks = extract_tasks(mod, CFG)

@@ -135,13 +135,13 @@ def load_onnx(path: str | Path):
     CliError
         The file is missing, cannot be parsed or fails ``onnx.checker``.
     """
-    import onnx  # noqa: PLC0415
+    import onnx
 
     p = _existing_file(path, "ONNX model")
     try:
         model = onnx.load(str(p))
         onnx.checker.check_model(model)
-    except Exception as err:  # noqa: BLE001 - protobuf and checker raise many types
+    except Exception as err:
         raise CliError(f"{p} is not a valid ONNX model: {_one_line(err)}") from None
     if not model.graph.node:
         raise CliError(f"{p} is not a valid ONNX model: the graph has no nodes")
@@ -153,7 +153,7 @@ def model_input(model) -> tuple[str, list, str]:
 
     Dimensions without a fixed size are returned as their symbolic name (a string).
     """
-    import onnx  # noqa: PLC0415
+    import onnx
 
     inits = {i.name for i in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in inits]
@@ -168,7 +168,7 @@ def model_input(model) -> tuple[str, list, str]:
 
 def fix_batch(model, batch: int):
     """Fix a symbolic leading (batch) dimension of the model's input and output to ``batch``."""
-    from .data import set_batch  # noqa: PLC0415
+    from .data import set_batch
 
     _, shape, _ = model_input(model)
     if any(isinstance(d, str) for d in shape[1:]):
@@ -180,11 +180,11 @@ def fix_batch(model, batch: int):
 
 def import_onnx(model):
     """Import an ONNX model into Relax; unsupported models raise :class:`CliError`."""
-    from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
+    from tvm.relax.frontend.onnx import from_onnx
 
     try:
         return from_onnx(model)
-    except Exception as err:  # noqa: BLE001 - the frontend raises many types
+    except Exception as err:
         raise CliError(f"cannot import the ONNX model into TVM: {_one_line(err)}") from None
 
 
@@ -211,7 +211,7 @@ def load_npy(path: str | Path, what: str = "data") -> np.ndarray:
         raise CliError(f"{p} is not a .npy file (no NumPy header); save arrays with numpy.save")
     try:
         arr = np.load(p, allow_pickle=False)
-    except Exception as err:  # noqa: BLE001 - ValueError, OSError, EOFError, ...
+    except Exception as err:
         raise CliError(f"{p} is not a valid .npy file: {_one_line(err)}") from None
     if arr.dtype.kind not in "biuf":
         raise CliError(f"{p}: expected a numeric array, got dtype {arr.dtype}")
@@ -262,8 +262,8 @@ def resolve_target(target: str | None, config: str | None):
     -------
     (tvm.target.Target, HardwareConfig)
     """
-    from .target.config import HardwareConfig, HardwareConfigError, get_config, is_hapm_target  # noqa: PLC0415
-    from .target.tag import hapm_target  # noqa: PLC0415
+    from .target.config import HardwareConfig, HardwareConfigError, get_config, is_hapm_target
+    from .target.tag import hapm_target
 
     try:
         if config is not None:
@@ -280,14 +280,14 @@ def resolve_target(target: str | None, config: str | None):
 
 def known_targets() -> list[str]:
     """The hapm_fpga target tags: ``hapm_fpga`` and ``hapm_fpga-<config>``."""
-    from .target.config import list_configs  # noqa: PLC0415
+    from .target.config import list_configs
 
     return ["hapm_fpga"] + [f"hapm_fpga-{n}" for n in list_configs()]
 
 
 def quantize_module(mod, calibration: list, config, percentile=None):
     """:func:`tvm_hapm.quantize` for ``config``; models it cannot handle raise :class:`CliError`."""
-    from .passes.quantize import QuantizeError, quantize  # noqa: PLC0415
+    from .passes.quantize import QuantizeError, quantize
 
     try:
         return quantize(mod, calibration, config, percentile=percentile)
@@ -304,8 +304,8 @@ def compile_model(qmod, target, config) -> tuple:
         The Relax executable, the generated :class:`~tvm_hapm.target.program.Program` objects
         and a copy of :func:`tvm_hapm.passes.last_compile_report`.
     """
-    from .passes import hapm_pipeline, last_compile_report  # noqa: PLC0415
-    from .passes.lower import LoweringError  # noqa: PLC0415
+    from .passes import hapm_pipeline, last_compile_report
+    from .passes.lower import LoweringError
 
     programs: list = []
     try:
@@ -316,9 +316,9 @@ def compile_model(qmod, target, config) -> tuple:
 
 
 def _tvm():
-    import tvm  # noqa: PLC0415
+    import tvm
 
-    from . import passes, runtime, target  # noqa: F401, PLC0415  (registrations)
+    from . import passes, runtime, target  # noqa: F401  (registrations)
 
     return tvm
 
@@ -348,12 +348,12 @@ def _opcode_counts(instructions) -> dict:
 
 def write_artifacts(out: Path, ex, programs, config, *, report: dict, extra: dict) -> dict:
     """Write ``model.so``, the programs and ``report.json`` into ``out``; returns the report."""
-    import tvm  # noqa: PLC0415
+    import tvm
 
     out.mkdir(parents=True, exist_ok=True)
     try:
         ex.export_library(str(out / MODEL_LIB))
-    except Exception as err:  # noqa: BLE001 - the system compiler/linker may be missing
+    except Exception as err:
         raise CliError(f"cannot export {out / MODEL_LIB}: {_one_line(err)}") from None
     layers = write_programs(programs, out / PROGRAM_DIR)
     full = {
@@ -400,7 +400,7 @@ def placement_table(accelerator: list[dict], host: dict, title: str = "What runs
 def run_stats_table(layers: list, title: str = "Accelerator statistics") -> Table:
     """Per-layer instructions, MACs, DRAM bytes, cycles, latency, energy and roofline fraction
     of :class:`ExecutionStats` objects."""
-    from .runtime import ExecutionStats  # noqa: PLC0415
+    from .runtime import ExecutionStats
 
     table = Table(title=title)
     columns = ("layer", "instructions", "MACs", "DRAM bytes", "cycles", "ms", "µJ", "roofline")
@@ -440,7 +440,7 @@ def _merge_by_layer(runs: list[list]) -> list:
 # ---------------------------------------------------------------------------------- listing
 def program_listing(prog, comment: str = "") -> str:
     """The header (layer, config, slots) and the numbered instructions of a program."""
-    from .target import isa  # noqa: PLC0415
+    from .target import isa
 
     cfg = prog.config
     lines = [
@@ -464,8 +464,8 @@ def program_listing(prog, comment: str = "") -> str:
 
 def read_program(path: Path):
     """Read a ``.hapm`` program; malformed files raise :class:`CliError`."""
-    from .target.isa import IsaError  # noqa: PLC0415
-    from .target.program import Program, ProgramError  # noqa: PLC0415
+    from .target.isa import IsaError
+    from .target.program import Program, ProgramError
 
     try:
         return Program.from_bytes(path.read_bytes())
@@ -478,7 +478,7 @@ def _tuning_database(path):
     """The tuning database to apply during a compile, or a no-op context."""
     if path is None:
         return contextlib.nullcontext()
-    from .cost.tune import TuningDatabase  # noqa: PLC0415
+    from .cost.tune import TuningDatabase
 
     _existing_file(path, "tuning database")
     try:
@@ -541,8 +541,8 @@ def cmd_compile(args, console: Console) -> int:
 
 def cmd_tune(args, console: Console) -> int:
     """``hapm tune``: search the schedule of every convolution, write a tuning database."""
-    from .cost.measure import LocalRunner, RPCRunner  # noqa: PLC0415
-    from .cost.tune import (  # noqa: PLC0415
+    from .cost.measure import LocalRunner, RPCRunner
+    from .cost.tune import (
         TuningDatabase,
         extract_tasks,
         model_guided_search,
@@ -603,7 +603,7 @@ def cmd_tune(args, console: Console) -> int:
 
 def cmd_prune(args, console: Console) -> int:
     """``hapm prune``: prune an ONNX model (optionally fine-tune it), write ONNX and a report."""
-    from .flow import PRUNE_METHODS, RANKINGS, prune_onnx, sparsity_of  # noqa: PLC0415
+    from .flow import PRUNE_METHODS, RANKINGS, prune_onnx, sparsity_of
 
     if args.method not in PRUNE_METHODS:
         raise CliError(f"--method {args.method}: choose from {', '.join(PRUNE_METHODS)}")
@@ -622,7 +622,7 @@ def cmd_prune(args, console: Console) -> int:
             raise CliError("--stages > 1 (iterative pruning) needs --data to recover on")
         rounds = None
         if args.data:  # prune and recover (flow.recover), in one round or several
-            from .flow import prune_iteratively  # noqa: PLC0415
+            from .flow import prune_iteratively
 
             data = _load_training_data(args.data)
             how = "reconstruct + " if args.reconstruct else ""
@@ -709,7 +709,7 @@ def _load_training_data(path, with_test: bool = False) -> tuple:
 def cmd_optimize(args, console: Console) -> int:
     """``hapm optimize``: HW-Flow search of per-layer pruning ratios, then prune, fine-tune,
     compile, simulate and report."""
-    from . import hwflow  # noqa: PLC0415
+    from . import hwflow
 
     tgt, cfg = resolve_target(args.target, args.config)
     if args.max_accuracy_drop < 0:
@@ -741,7 +741,7 @@ def cmd_optimize(args, console: Console) -> int:
             except ValueError as err:
                 raise CliError(str(err)) from None
         with _stage(progress, f"compile for {cfg.name}"):
-            import onnx  # noqa: PLC0415
+            import onnx
 
             onnx.save(res.model, str(out / "pruned.onnx"))
             # the calibration finalize's int8 test accuracy used: the executable written is the
@@ -798,7 +798,7 @@ def load_compiled(out: Path):
     try:
         loaded = tvm.runtime.load_module(str(lib))
         vm = tvm.relax.VirtualMachine(loaded, tvm.cpu())
-    except Exception as err:  # noqa: BLE001 - dlopen / VM errors
+    except Exception as err:
         raise CliError(f"cannot load {lib}: {_one_line(err)}") from None
     report = None
     if (out / REPORT_JSON).is_file():
@@ -820,7 +820,7 @@ def _to_numpy(result) -> np.ndarray:
 
 def run_batches(vm, inputs: list, advance=None) -> tuple[np.ndarray, list]:
     """Run ``vm["main"]`` on each input; returns the concatenated output and per-run stats."""
-    from .runtime import last_run_stats  # noqa: PLC0415
+    from .runtime import last_run_stats
 
     tvm = _tvm()
     outs, runs = [], []
@@ -849,7 +849,7 @@ def cmd_run(args, console: Console) -> int:
                 y, runs = run_batches(vm, inputs, advance)
             except CliError:
                 raise
-            except Exception as err:  # noqa: BLE001 - shape/type errors raised by the VM
+            except Exception as err:
                 raise CliError(f"running the model failed: {_one_line(err)}") from None
     console.print(f"output shape {tuple(y.shape)}, dtype {y.dtype}")
     if y.ndim == 2:
@@ -870,8 +870,8 @@ TRACE_JSON = "trace.json"
 
 def cmd_profile(args, console: Console) -> int:
     """``hapm profile``: compile, run once with the timing model, write profile and trace."""
-    from .runtime import driver  # noqa: PLC0415
-    from .runtime.report import build_profile, chrome_trace, profile_table  # noqa: PLC0415
+    from .runtime import driver
+    from .runtime.report import build_profile, chrome_trace, profile_table
 
     tgt, cfg = resolve_target(args.target, args.config)
     if args.calibration_samples < 1:
@@ -919,7 +919,7 @@ def cmd_profile(args, console: Console) -> int:
                     _to_numpy(vm["main"](tvm.runtime.tensor(x)))
                 except CliError:
                     raise
-                except Exception as err:  # noqa: BLE001 - shape/type errors raised by the VM
+                except Exception as err:
                     raise CliError(f"running the model failed: {_one_line(err)}") from None
             seconds = time.perf_counter() - t0
             stats = driver.last_run_stats()
@@ -968,7 +968,7 @@ def cmd_disasm(args, console: Console) -> int:
 
 def cmd_presets(args, console: Console) -> int:
     """``hapm presets``: the hardware presets as a table."""
-    from .target.config import DEFAULT_PRESET, PRESETS  # noqa: PLC0415
+    from .target.config import DEFAULT_PRESET, PRESETS
 
     # One column per preset: the properties are many, the presets few.
     table = Table(title=f"hapm_fpga hardware presets (default: {DEFAULT_PRESET})")
@@ -1000,7 +1000,7 @@ def cmd_demo(args, console: Console) -> int:
     """``hapm demo``: a trained network deployed int8 on the simulated accelerator, then HAPM vs
     standard and filter pruning at one sparsity.  Fashion-MNIST when it is installed (ResNet-20
     trained on it), else scikit-learn's digits (the bundled digits CNN and ResNet-20)."""
-    from .data import DatasetNotFoundError, load_fashion_mnist  # noqa: PLC0415
+    from .data import DatasetNotFoundError, load_fashion_mnist
 
     if args.batch < 1 or args.images < 1:
         raise CliError("--batch and --images must be >= 1")
@@ -1023,7 +1023,7 @@ def cmd_demo(args, console: Console) -> int:
 
 def _demo_digits(args, console: Console) -> None:
     """Part one on digits: the bundled digits CNN, float vs int8 on hapm_fpga, 450 images."""
-    from .data import load_bundled_model, load_digits  # noqa: PLC0415
+    from .data import load_bundled_model, load_digits
 
     batch = min(args.batch, 450)
     tvm = _tvm()
@@ -1064,8 +1064,8 @@ def _demo_fashion(args, console: Console, data) -> None:
     """Part one on Fashion-MNIST: the bundled ResNet-20 quantized and compiled; ``--images``
     test images run on the bit-exact simulator and compared with the int8 reference, which
     then gives the accuracy on all 10,000 test images."""
-    from . import flow  # noqa: PLC0415
-    from .data import fashion_resnet_info, load_fashion_resnet  # noqa: PLC0415
+    from . import flow
+    from .data import fashion_resnet_info, load_fashion_resnet
 
     batch = args.batch
     tvm = _tvm()
@@ -1093,7 +1093,7 @@ def _demo_fashion(args, console: Console, data) -> None:
         y_sim = y_sim[:n_sim]
         with _stage(progress, f"int8 reference ({engine})"):
             if engine == "torch":  # the same quantized module, all test images
-                from .torch import QuantizedRunner  # noqa: PLC0415
+                from .torch import QuantizedRunner
 
                 y_ref = QuantizedRunner(qmod).predict(x_test)
             else:  # TVM's llvm build: the simulated images only (the whole set takes minutes)
@@ -1144,8 +1144,8 @@ def _demo_pruning(args, console: Console, data) -> None:
     the masks held: PyTorch when installed, else TVM), deployed int8 on the simulated
     accelerator.  On Fashion-MNIST every model's int8 accuracy is measured on the 10,000 test
     images and the recovery chooses on the validation split."""
-    from . import flow  # noqa: PLC0415
-    from .data import (  # noqa: PLC0415
+    from . import flow
+    from .data import (
         fashion_resnet_info,
         load_bundled_resnet20,
         load_digits,
@@ -1168,7 +1168,7 @@ def _demo_pruning(args, console: Console, data) -> None:
         steps = per_epoch // 4 if args.pruning_steps is None else args.pruning_steps
         train_config = None
         if engine == "torch":
-            from .torch import TrainConfig  # noqa: PLC0415
+            from .torch import TrainConfig
 
             train_config = TrainConfig(lr=0.01, crop_padding=4, flip=True)
     x_cal = x_train[:256]
@@ -1218,10 +1218,10 @@ def _demo_pruning(args, console: Console, data) -> None:
 
 
 def _latency_accuracy_plot(rows: dict, path: Path, sparsity: float, dataset: str) -> None:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -1270,7 +1270,7 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``hapm`` argument parser."""
-    from .hwflow import METHODS as HWFLOW_METHODS  # noqa: PLC0415 (numpy and onnx only)
+    from .hwflow import METHODS as HWFLOW_METHODS
 
     parser = argparse.ArgumentParser(
         prog="hapm",

@@ -59,7 +59,7 @@ def pruning_pass(
 ):
     """The Relax pruning pass :func:`prune_onnx` runs for ``method`` and ``ranking`` (see
     there), to apply to an already imported module."""
-    from .passes import FilterPrune, HardwareAwarePrune, MagnitudePrune  # noqa: PLC0415
+    from .passes import FilterPrune, HardwareAwarePrune, MagnitudePrune
 
     if ranking not in RANKINGS:
         raise ValueError(f"unknown ranking {ranking!r}; choose from {RANKINGS}")
@@ -90,7 +90,7 @@ def paired_weight_names(model: onnx.ModelProto, layers: list) -> list[str]:
     """The ONNX weight of each prunable Relax layer: both lists are in graph order
     (:func:`tvm_hapm.train.prunable_weights`), so they pair by position; their lengths must
     agree."""
-    from .train import prunable_weights  # noqa: PLC0415
+    from .train import prunable_weights
 
     names = prunable_weights(model)
     if len(layers) != len(names):
@@ -106,8 +106,8 @@ def write_masks(model: onnx.ModelProto, pruned_mod) -> tuple[onnx.ModelProto, di
     may be stored transposed) and the kept values unchanged.  Returns the model and the
     keep-masks by ONNX initializer name (in the initializer's layout).
     """
-    from .passes import pruning_masks  # noqa: PLC0415
-    from .passes.prune import _find_layers  # noqa: PLC0415
+    from .passes import pruning_masks
+    from .passes.prune import _find_layers
 
     masks = pruning_masks(pruned_mod)
     layers = _find_layers(pruned_mod)
@@ -166,10 +166,10 @@ def prune_onnx(
     :data:`PER_MAC_MAX_LAYER_SPARSITY` (``HardwareAwarePrune(global_=True,
     cost_weighted=True)``): the latency-aware allocation of a network-wide weight sparsity.
     """
-    from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
+    from tvm.relax.frontend.onnx import from_onnx
 
-    from .passes import prune_report  # noqa: PLC0415
-    from .passes.prune import prunable_layers  # noqa: PLC0415
+    from .passes import prune_report
+    from .passes.prune import prunable_layers
 
     mod = from_onnx(model)
     names = [d["layer"] for d in prunable_layers(mod)]
@@ -201,7 +201,7 @@ def filter_deploy_pass(sparsity: float, config=None, criterion: str = "l2"):
     """The pass that removes, for deployment, the channels ``prune_onnx(..., "filter",
     sparsity)`` zeroed: ``FilterPrune(sparsity, shrink=True)`` on the fine-tuned model, whose
     zeroed channels have zero importance and are therefore the ones it removes."""
-    from .passes import FilterPrune  # noqa: PLC0415
+    from .passes import FilterPrune
 
     return FilterPrune(sparsity, config=config, criterion=criterion, shrink=True)
 
@@ -242,10 +242,10 @@ def float_accuracy(model: onnx.ModelProto, x, y, engine: str = "auto") -> float:
     """Top-1 (a fraction) of the float ONNX classifier ``model``: PyTorch
     (:class:`tvm_hapm.torch.OnnxModule`) or NumPy (:class:`~tvm_hapm.numpynet.NumpyNet`)."""
     if resolve_engine(engine) == "torch":
-        from .torch import OnnxModule, accuracy  # noqa: PLC0415
+        from .torch import OnnxModule, accuracy
 
         return accuracy(OnnxModule(model), x, y)
-    from .numpynet import NumpyNet  # noqa: PLC0415
+    from .numpynet import NumpyNet
 
     return NumpyNet(model).accuracy(x, y)
 
@@ -256,10 +256,10 @@ def quantize_onnx(model: onnx.ModelProto, x_cal, config=None, percentile=None, t
 
     ``transform`` is an optional Relax pass applied to the float module first (e.g.
     :func:`filter_deploy_pass`)."""
-    from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
+    from tvm.relax.frontend.onnx import from_onnx
 
-    from . import quantize  # noqa: PLC0415
-    from .data import set_batch  # noqa: PLC0415
+    from . import quantize
+    from .data import set_batch
 
     x_cal = np.ascontiguousarray(x_cal, dtype=np.float32)
     mod = from_onnx(set_batch(model, len(x_cal)))
@@ -300,8 +300,8 @@ def int8_accuracy(
     first ``len(x_cal)`` images through the llvm build and raises ``RuntimeError`` unless the
     two agree bit for bit.  ``config`` and ``percentile`` are the quantizer's.
     """
-    import tvm  # noqa: PLC0415
-    from tvm import relax  # noqa: PLC0415
+    import tvm
+    from tvm import relax
 
     engine = resolve_engine(engine)
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -320,7 +320,7 @@ def int8_accuracy(
 
     checked = None
     if engine == "torch":
-        from .torch import QuantizedRunner  # noqa: PLC0415
+        from .torch import QuantizedRunner
 
         logits = QuantizedRunner(qmod).predict(x)
         if check:
@@ -345,14 +345,14 @@ def simulate(model: onnx.ModelProto, config, x_cal, x_one, target=None, transfor
     The cycles and the energy depend on the layer shapes and on which weight blocks are zero,
     not on the activation scales, so the calibration does not change them
     (``tests/test_flow.py``)."""
-    import tvm  # noqa: PLC0415
-    from tvm import relax  # noqa: PLC0415
-    from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
 
-    from . import quantize  # noqa: PLC0415
-    from .data import set_batch  # noqa: PLC0415
-    from .runtime import last_run_stats  # noqa: PLC0415
-    from .target.config import get_config  # noqa: PLC0415
+    from . import quantize
+    from .data import set_batch
+    from .runtime import last_run_stats
+    from .target.config import get_config
 
     config = get_config(config)
     target = target or f"hapm_fpga-{config.name}"
@@ -392,7 +392,7 @@ def evaluate_deployed(
     (e.g. :func:`filter_deploy_pass`), for the accuracy and the latency alike.  ``config``
     (default: the target's) is the quantizer's and the accelerator's.
     """
-    from .target.config import get_config  # noqa: PLC0415
+    from .target.config import get_config
 
     cfg = get_config(config if config is not None else target)
     acc = int8_accuracy(model, x_cal, x_test, y_test, cfg, percentile, transform, engine)
@@ -428,9 +428,9 @@ def recover(
     Returns the model and a record: validation accuracies, the stage kept, seconds, the
     per-layer reconstruction record, the engine and the fine-tuning speed (images/s).
     """
-    import time  # noqa: PLC0415
+    import time
 
-    from .reconstruct import reconstruct as least_squares  # noqa: PLC0415
+    from .reconstruct import reconstruct as least_squares
 
     engine = resolve_engine(engine)
     x, y = data
@@ -489,11 +489,11 @@ def finetune(
     replaces these, its ``epochs`` set from ``steps``.  ``engine="tvm"``:
     :func:`tvm_hapm.train.finetune` inside TVM (batch 32, Adam, ``lr`` default 1e-4).
     """
-    from .train import extract_masks  # noqa: PLC0415
+    from .train import extract_masks
 
     if resolve_engine(engine) == "tvm":
-        from .data import set_batch  # noqa: PLC0415
-        from .train import finetune as tvm_finetune  # noqa: PLC0415
+        from .data import set_batch
+        from .train import finetune as tvm_finetune
 
         dim = model.graph.input[0].type.tensor_type.shape.dim[0]
         batch = dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or 1)
@@ -502,9 +502,9 @@ def finetune(
             lr=1e-4 if lr is None else lr, seed=seed, max_steps=steps,
         )  # fmt: skip
         return set_batch(tuned, batch), history
-    from dataclasses import replace  # noqa: PLC0415
+    from dataclasses import replace
 
-    from .torch import OnnxModule, TrainConfig, apply_masks, fit  # noqa: PLC0415
+    from .torch import OnnxModule, TrainConfig, apply_masks, fit
 
     cfg = train_config or TrainConfig(
         batch_size=128, lr=0.01 if lr is None else lr, weight_decay=5e-4, crop_padding=2,

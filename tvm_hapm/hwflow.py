@@ -79,10 +79,10 @@ def validation_split(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.n
 # ------------------------------------------------------------------------------ pruning (ONNX)
 def _layer_initializers(model: onnx.ModelProto, mod=None):
     """``(prunable layer records, ONNX weight names)`` in the same order, shapes checked."""
-    from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
+    from tvm.relax.frontend.onnx import from_onnx
 
-    from .flow import paired_weight_names  # noqa: PLC0415
-    from .passes.prune import prunable_layers  # noqa: PLC0415
+    from .flow import paired_weight_names
+    from .passes.prune import prunable_layers
 
     mod = from_onnx(model) if mod is None else mod
     layers = prunable_layers(mod)
@@ -93,7 +93,7 @@ def prune_onnx_per_layer(model: onnx.ModelProto, ratios: dict, config=None, crit
     """Prune ``model`` with ``HardwareAwarePrune(0, config, per_layer=ratios)`` and write the
     zeros back into the ONNX initializers.  Returns ``(pruned ONNX, report, masks by ONNX
     weight name)``."""
-    from .flow import prune_onnx  # noqa: PLC0415
+    from .flow import prune_onnx
 
     ratios = {k: float(v) for k, v in ratios.items() if float(v) > 0}
     return prune_onnx(
@@ -212,8 +212,8 @@ class HWFlowEnv:
         engine: str = "auto",
         val_data=None,
     ):
-        from .data import set_batch  # noqa: PLC0415
-        from .target.config import get_config  # noqa: PLC0415
+        from .data import set_batch
+        from .target.config import get_config
 
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
@@ -269,7 +269,7 @@ class HWFlowEnv:
         return len(self.names)
 
     def _build_masks(self):
-        from .passes.prune import HardwareAwarePrune, pruning_masks  # noqa: PLC0415
+        from .passes.prune import HardwareAwarePrune, pruning_masks
 
         self.weights = {w: self.net.inits[w] for w in self.weight_names}
         self.masks = [[None] * len(self.grid) for _ in range(self.n)]
@@ -287,7 +287,7 @@ class HWFlowEnv:
         )
 
     def _build_features(self):
-        from .cost import layers_from_onnx  # noqa: PLC0415
+        from .cost import layers_from_onnx
 
         self.conv_layers = layers_from_onnx(self.model)
         if len(self.conv_layers) != self.n:
@@ -325,7 +325,7 @@ class HWFlowEnv:
         constant for what is not a prunable layer (``self.tables[level + "_other"]``)."""
         if level in self.tables:
             return self.tables[level]
-        from .cost import BlockSparsity, CoarseModel, MidModel, load_bundled_fine_model  # noqa: PLC0415
+        from .cost import BlockSparsity, CoarseModel, MidModel, load_bundled_fine_model
 
         t = np.zeros((self.n, len(self.grid), 2))
         other = np.zeros(2)
@@ -442,7 +442,7 @@ class HWFlowEnv:
 
     def recovered_model(self, idx) -> onnx.ModelProto:
         """The model pruned at ratio indices ``idx`` and reconstructed (cached)."""
-        from .reconstruct import reconstruct  # noqa: PLC0415
+        from .reconstruct import reconstruct
 
         idx = tuple(int(i) for i in idx)
         if idx not in self._recovered:
@@ -488,8 +488,8 @@ class HWFlowEnv:
     def _allocate(self, name: str, gi: int) -> tuple | None:
         if name == "uniform" or gi == 0:
             return tuple(min(gi, m) for m in self.max_index)
-        from .flow import pruning_pass  # noqa: PLC0415
-        from .passes.prune import PruneError, prune_report  # noqa: PLC0415
+        from .flow import pruning_pass
+        from .passes.prune import PruneError, prune_report
 
         # first and last layer dense, as prune_onnx(keep_first_last=True) has them
         skip = self.skip | {self.names[0], self.names[-1]} if self.n > 2 else self.skip
@@ -702,7 +702,7 @@ def search_greedy(env: HWFlowEnv, episodes: int, seed: int, progress=None, step:
             progress({"method": "greedy", "episode": used - 1, **c.to_dict()})
         return c
 
-    cur_acc = env.dense_accuracy if not any(idx) else env._accuracy(idx)  # noqa: SLF001
+    cur_acc = env.dense_accuracy if not any(idx) else env._accuracy(idx)
     while used < episodes:
         moves = []
         for li in range(env.n):
@@ -883,7 +883,7 @@ def optimize(
         try:
             c, e = env.cost(best.idx, lv)
             cd, ed = env.cost([0] * env.n, lv)
-        except Exception as err:  # noqa: BLE001  (e.g. a stale bundled fine model)
+        except Exception as err:
             predicted[lv] = {"error": f"{type(err).__name__}: {err}"}
             continue
         predicted[lv] = {
@@ -959,10 +959,10 @@ def finalize(res: OptimizeResult, env: HWFlowEnv, test_data=None, finetune_steps
 def pareto_plot(results, path, objective: str | None = None) -> str:
     """Objective (latency or energy) vs validation accuracy of every evaluated candidate of one
     or more :class:`OptimizeResult`; winners marked with a star."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     results = [results] if isinstance(results, OptimizeResult) else list(results)
     objective = objective or results[0].objective

@@ -214,7 +214,7 @@ def _parallelize(mod):
             for block in sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []:
                 _parallel_block(sch, block)
             out[gv] = sch.mod["main"].with_attrs(func.attrs) if func.attrs else sch.mod["main"]
-        except Exception:  # noqa: BLE001  (a kernel we cannot schedule stays serial)
+        except Exception:
             continue
     return out
 
@@ -222,7 +222,7 @@ def _parallelize(mod):
 def _has_root(sch):
     try:
         sch.get_sblock("root")
-    except Exception:  # noqa: BLE001
+    except Exception:
         return False
     return True
 
@@ -408,7 +408,7 @@ def finetune(
             t0 = time.perf_counter()
             loss = float(trainer.update(x[idx], y[idx]).numpy())
             if masked:
-                params = list(trainer._params)  # noqa: SLF001  (positional; load_params copies)
+                params = list(trainer._params)
                 for i, _, m in masked:
                     params[i] = params[i].numpy() * m
                 trainer.load_params(params)
@@ -441,7 +441,7 @@ def finetune(
         images += seen
     history["steps"] = steps
     history["images_per_s"] = round(images / train_seconds, 2) if train_seconds else 0.0
-    trained = {n: trainer._params[i].numpy() for i, n in enumerate(names)}  # noqa: SLF001
+    trained = {n: trainer._params[i].numpy() for i, n in enumerate(names)}
     for _, n, m in masked:
         trained[n] = trained[n] * m
     return _with_initializers(model, trained), history

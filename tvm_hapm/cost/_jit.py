@@ -183,7 +183,7 @@ _ROUND_UP = 1.0 + 1e-11  # analytic._ROUND_UP
     cache=True,
     nogil=True,
 )
-def timing(  # noqa: PLR0914, PLR0915  # pragma: no cover - compiled
+def timing(  # pragma: no cover - compiled
     qin, cfg, pe_off, nnz, frac, empty, exact, steps, chain, rounds, P32, P64, out
 ):
     """Cycles, energy and the counts of ``analytic._timing``, one query at a time (the same

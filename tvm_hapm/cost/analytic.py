@@ -449,9 +449,7 @@ def _fluid_rounds(n_p: np.ndarray, frac: float, A: int) -> np.ndarray:
     return np.where(n_p > 0, np.maximum(n_p, A), 0) / A
 
 
-def _interleaved_steps(  # noqa: PLR0917
-    gemm, load_seq, nxt, nsteps, first_k, bias, m_alu, w_alu, A, port
-):
+def _interleaved_steps(gemm, load_seq, nxt, nsteps, first_k, bias, m_alu, w_alu, A, port):
     """Cycles of double-buffered steps whose first chunk carries the previous region's epilogue
     (``schedule.interleave_epilogues``), element-wise over broadcastable arrays.
 

@@ -57,8 +57,8 @@ class MeasureResult:
 def measure_program(program: Program | bytes) -> MeasureResult:
     """Run the timing and energy models on one program (no functional simulation needed:
     all-zero weight blocks are already removed from the stream by the compiler)."""
-    from ..runtime.energy import EnergyModel  # noqa: PLC0415 (runtime imports target)
-    from ..runtime.timing import TimingModel  # noqa: PLC0415
+    from ..runtime.energy import EnergyModel
+    from ..runtime.timing import TimingModel
 
     prog = program if isinstance(program, Program) else Program.from_bytes(bytes(program))
     result = TimingModel(prog.config).run(prog.instructions)
@@ -69,7 +69,7 @@ def measure_program(program: Program | bytes) -> MeasureResult:
 def _measure_json(data) -> str:
     try:
         return json.dumps(measure_program(bytes(data)).to_dict())
-    except Exception as err:  # noqa: BLE001 - a bad candidate must not kill the server
+    except Exception as err:
         return json.dumps(MeasureResult(error=f"{type(err).__name__}: {err}").to_dict())
 
 
@@ -124,7 +124,7 @@ class RPCRunner:
         self.timeout = timeout
 
     def _measure_batch(self, programs: list[bytes]) -> list[MeasureResult]:
-        from tvm import rpc  # noqa: PLC0415
+        from tvm import rpc
 
         client = rpc.connect_tracker(*self.tracker)
         session = client.request(self.key, session_timeout=self.timeout)
@@ -146,7 +146,7 @@ class RPCRunner:
 
 
 def _server_init():
-    import tvm_hapm  # noqa: F401, PLC0415  (registers hapm_fpga.measure in the server)
+    import tvm_hapm  # noqa: F401  (registers hapm_fpga.measure in the server)
 
 
 class LocalFarm(contextlib.AbstractContextManager):
@@ -168,9 +168,9 @@ class LocalFarm(contextlib.AbstractContextManager):
         return self.tracker.port
 
     def __enter__(self) -> LocalFarm:
-        from tvm import rpc  # noqa: PLC0415
-        from tvm.rpc.server import Server  # noqa: PLC0415
-        from tvm.rpc.tracker import Tracker  # noqa: PLC0415
+        from tvm import rpc
+        from tvm.rpc.server import Server
+        from tvm.rpc.tracker import Tracker
 
         self.tracker = Tracker(host="127.0.0.1", port=9190, port_end=9290, silent=True)
         try:

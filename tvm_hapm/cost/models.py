@@ -457,7 +457,7 @@ def _predict_dense(booster, X: np.ndarray) -> np.ndarray:
     if _PREDICT_C:
         try:
             return _predict_c(booster, X)
-        except Exception:  # noqa: BLE001 - an xgboost without these internals
+        except Exception:
             _PREDICT_C.clear()
     return booster.inplace_predict(X)
 

@@ -89,7 +89,7 @@ class ConvTask:
         """Boolean ``(COB, CIB, KH, KW)`` mask of the weight's non-zero ``R x C`` blocks
         (computed once per weight array object: assign a new array to ``weight`` rather than
         modifying it in place)."""
-        from ..target.codegen import expand_weight_blocks  # noqa: PLC0415
+        from ..target.codegen import expand_weight_blocks
 
         cached = self._nonzero_of
         if cached is None or cached[0] is not self.weight:
@@ -99,7 +99,7 @@ class ConvTask:
 
     def layer(self):
         """The task as a :class:`~tvm_hapm.cost.layer.ConvLayer` (for the cost models)."""
-        from .layer import ConvLayer  # noqa: PLC0415
+        from .layer import ConvLayer
 
         n, cin, h, w = self.data_shape
         cout, _, kh, kw = self.weight.shape
@@ -152,7 +152,7 @@ class ConvTask:
 
     def program(self, schedule: ConvSchedule):
         """The instruction stream of this task under ``schedule`` (constants irrelevant to time)."""
-        from ..target.codegen import conv2d_program  # noqa: PLC0415
+        from ..target.codegen import conv2d_program
 
         lo, hi = self.config.act_range
         prog, _ = conv2d_program(
@@ -237,8 +237,8 @@ def instruction_counts(task: ConvTask, schedules: list[ConvSchedule]) -> np.ndar
     """Length of each schedule's instruction stream by the closed-form count of the mid model
     (:func:`tvm_hapm.cost.analytic.analyze_batch`, ``counts["instructions"]``; no code is
     generated)."""
-    from .analytic import analyze_batch  # noqa: PLC0415
-    from .layer import BlockSparsity  # noqa: PLC0415
+    from .analytic import analyze_batch
+    from .layer import BlockSparsity
 
     layer, sp = task.layer(), BlockSparsity.from_mask(task.nonzero_blocks())
     ba = analyze_batch([(layer, task.config, s, sp) for s in schedules])
@@ -269,8 +269,8 @@ def fine_model_prior(model=None):
     :func:`model_guided_search`."""
 
     def prior(task: ConvTask, schedules: list[ConvSchedule]) -> np.ndarray:
-        from .layer import BlockSparsity  # noqa: PLC0415
-        from .models import load_bundled_fine_model  # noqa: PLC0415
+        from .layer import BlockSparsity
+        from .models import load_bundled_fine_model
 
         m = model if model is not None else load_bundled_fine_model()
         layer, sp = task.layer(), BlockSparsity.from_mask(task.nonzero_blocks())
@@ -329,7 +329,7 @@ def _measurer(task, runner, measure):
     """``measure(schedules) -> cycles``: the given callable, else the runner's measurement."""
     if measure is not None:
         return measure
-    from .measure import LocalRunner  # noqa: PLC0415
+    from .measure import LocalRunner
 
     runner = runner or LocalRunner()
     return lambda schedules: _measure(task, schedules, runner)
@@ -379,7 +379,7 @@ def model_guided_search(
     space, measure
         As for :func:`random_search`.
     """
-    import xgboost as xgb  # noqa: PLC0415
+    import xgboost as xgb
 
     measure = _measurer(task, runner, measure)
     space = enumerate_space(task) if space is None else list(space)
@@ -503,10 +503,10 @@ class TuningDatabase:
 def extract_tasks(qmod, config: HardwareConfig, func_name: str = "main") -> list[ConvTask]:
     """The convolution and dense layers the accelerator runs, in execution order, named as the
     compiler names their programs (``<index>_<kind>``)."""
-    from tvm import relax  # noqa: PLC0415
+    from tvm import relax
 
-    from ..passes.lower import conv_kwargs_of  # noqa: PLC0415
-    from ..passes.partition import COMPOSITE_PREFIX, PartitionForHapm  # noqa: PLC0415
+    from ..passes.lower import conv_kwargs_of
+    from ..passes.partition import COMPOSITE_PREFIX, PartitionForHapm
 
     mod = PartitionForHapm(config)(qmod)
     tasks = []

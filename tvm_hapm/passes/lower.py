@@ -99,7 +99,7 @@ def conv_kwargs_of(attrs) -> dict:
 
 def _tuned_schedule(cfg, name, data_shape, weight, geometry):
     """The schedule the active tuning database records for this layer, if any."""
-    from ..cost.tune import ConvTask, current_database  # noqa: PLC0415 (cost imports passes)
+    from ..cost.tune import ConvTask, current_database
 
     db = current_database()
     if db is None:
@@ -268,7 +268,7 @@ def LowerToHapm(config: HardwareConfig | None = None, programs: list | None = No
 
         @relax.expr_functor.mutator
         class _Rewriter(relax.PyExprMutator):
-            def visit_call_(self, call):  # noqa: N802 (TVM visitor naming)
+            def visit_call_(self, call):
                 call = super().visit_call_(call)
                 if isinstance(call.op, relax.GlobalVar) and call.op in composites:
                     kind, func = composites[call.op]

@@ -308,7 +308,7 @@ def _minmax_prim(prim) -> tuple[str, float | None] | None:
     """
     if not isinstance(prim, tirx.PrimFunc):
         return None
-    import tvm_ffi  # noqa: PLC0415 (only needed for this walk)
+    import tvm_ffi
 
     stores: list = []
     tvm_ffi.structural_walk(prim.body, (tirx.BufferStore, stores.append))

@@ -127,7 +127,7 @@ def build_profile(run_stats, config=None) -> dict:
         after the other); its utilisation and roofline fraction are ``sum(x_i * cycles_i) /
         sum(cycles_i)``, i.e. ``sum(bound_i) / sum(cycles_i)`` for the roofline.
     """
-    from .simulator import ExecutionStats  # noqa: PLC0415
+    from .simulator import ExecutionStats
 
     traces = list(run_stats.traces)
     if traces and len(traces) != len(run_stats.layers):
@@ -270,7 +270,7 @@ def chrome_trace(traces, max_events: int | None = None, pid: int = 1) -> dict:
 # ---------------------------------------------------------------------------------- table
 def profile_table(profile: dict, title: str = "Accelerator profile"):
     """A rich table of a profile: one row per layer and the total."""
-    from rich.table import Table  # noqa: PLC0415
+    from rich.table import Table
 
     table = Table(title=title)
     columns = (

@@ -330,10 +330,10 @@ def _one_blas_thread():
     """
     if not _BLAS:
         try:
-            from threadpoolctl import ThreadpoolController  # noqa: PLC0415
+            from threadpoolctl import ThreadpoolController
 
             _BLAS.append(ThreadpoolController())
-        except Exception:  # noqa: BLE001 - optional: without it BLAS keeps its threads
+        except Exception:
             _BLAS.append(None)
     ctl = _BLAS[0]
     if ctl is None:

@@ -568,7 +568,7 @@ class TimingModel:
         return tuple(out)
 
     @staticmethod
-    def _deadlock(instructions, mine, pos, pops, pushed, popped) -> TimingError:  # noqa: PLR0917
+    def _deadlock(instructions, mine, pos, pops, pushed, popped) -> TimingError:
         names = ("load->compute", "compute->load", "compute->store", "store->compute")
         blocked = []
         for m in (0, 1, 2):

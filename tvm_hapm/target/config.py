@@ -346,7 +346,7 @@ def register_config(config: HardwareConfig) -> str:
     Returns the tag name.  Re-registering an identical config is a no-op; a different config
     under an existing name is refused (a tag must mean one machine).
     """
-    from . import tag as _tag  # noqa: PLC0415 (tag imports this module)
+    from . import tag as _tag
 
     config.validate()
     old = _REGISTRY.get(config.name)
@@ -365,7 +365,7 @@ def list_configs() -> list[str]:
 def get_config(spec: HardwareConfig | str | Path | None = None) -> HardwareConfig:
     """Resolve a config from a config object, a preset/registered name, a tag, a target,
     a JSON file path or ``None`` (the current target's config, else the default preset)."""
-    import tvm  # noqa: PLC0415
+    import tvm
 
     if isinstance(spec, HardwareConfig):
         return spec
@@ -391,13 +391,13 @@ def get_config(spec: HardwareConfig | str | Path | None = None) -> HardwareConfi
 
 def is_hapm_target(target) -> bool:
     """Whether a TVM target (or tag string) selects the hapm_fpga accelerator."""
-    import tvm  # noqa: PLC0415
+    import tvm
 
     if target is None:
         return False
     if isinstance(target, str):
         try:
             target = tvm.target.Target(target)
-        except Exception:  # noqa: BLE001 - an unparsable string is not our target
+        except Exception:
             return False
     return "hapm_fpga" in [str(k) for k in target.keys]

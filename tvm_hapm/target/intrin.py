@@ -18,7 +18,7 @@ on-chip input and weight buffers and accumulates in the on-chip accumulator is t
 from __future__ import annotations
 
 from tvm.s_tir import TensorIntrin
-from tvm.script import tirx as T  # noqa: N812 - TVMScript's conventional name
+from tvm.script import tirx as T
 
 from .config import HardwareConfig
 

@@ -223,7 +223,7 @@ def plan_conv(
     )  # fmt: skip
 
 
-def estimate_conv_cycles(  # noqa: PLR0913, PLR0917 - the layer's shape, in the conventional order
+def estimate_conv_cycles(
     cfg: HardwareConfig,
     sched: ConvSchedule,
     oh: int,
@@ -332,7 +332,7 @@ def _plan_conv(
     double,
     chunk0=None,
     residual_rows=0,
-):  # noqa: PLR0917
+):
     sh, sw = strides
     dh, dw = dilation
     tile_h, tile_w = min(oh, _MAX_LOOP), min(ow, _MAX_LOOP)
@@ -384,7 +384,7 @@ def _plan_conv(
 _ALU_LATENCY = 4  # cycles of an ALU instruction beyond one per vector (the timing model's)
 
 
-def estimate_eltwise_cycles(  # noqa: PLR0917 - the layer's shape, then the schedule
+def estimate_eltwise_cycles(
     cfg: HardwareConfig,
     pixels: int,
     tile: int,
@@ -421,7 +421,7 @@ def estimate_eltwise_cycles(  # noqa: PLR0917 - the layer's shape, then the sche
     return total + last if double_buffer else total
 
 
-def plan_eltwise(  # noqa: PLR0917
+def plan_eltwise(
     cfg: HardwareConfig,
     pixels: int,
     buffers: int = 1,

@@ -37,7 +37,7 @@ def register_tags() -> None:
 
 def hapm_target(config=None) -> tvm.target.Target:
     """The TVM target of a config (name, object or JSON path); registers custom configs."""
-    from .config import HardwareConfig, register_config  # noqa: PLC0415
+    from .config import HardwareConfig, register_config
 
     if isinstance(config, HardwareConfig):
         return tvm.target.Target(register_config(config))

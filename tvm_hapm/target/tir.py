@@ -101,11 +101,11 @@ class TirLoweringError(ValueError):
 
 # =============================================================================================
 # TE definitions
-def _out_size(size, pad_a, pad_b, kernel, stride, dil):  # noqa: PLR0917 - one formula
+def _out_size(size, pad_a, pad_b, kernel, stride, dil):
     return (size + pad_a + pad_b - dil * (kernel - 1) - 1) // stride + 1
 
 
-def conv2d_primfunc(  # noqa: PLR0917 - the layer's shape, in the conventional order
+def conv2d_primfunc(
     cfg: HardwareConfig,
     n: int,
     cin: int,
@@ -343,7 +343,7 @@ def _init_reads_fixed(func: tirx.PrimFunc, reduction: str) -> tirx.PrimFunc:
     return func.with_body(tvm_ffi.structural_map(func.body, (s_tir.SBlock, _fix), order="post"))
 
 
-def dense_primfunc(  # noqa: PLR0917 - (N, K) x (K, M) in the conventional order
+def dense_primfunc(
     cfg: HardwareConfig, n: int, k: int, m: int, shift: int = 8, clip=None
 ) -> tirx.PrimFunc:
     """A quantized ``(N, K) x (K, M)`` matmul: the 1x1 convolution of a 1x1 image.
@@ -499,7 +499,7 @@ def schedule_conv2d(
 def _has_block(sch, name) -> bool:
     try:
         sch.get_sblock(name)
-    except Exception:  # noqa: BLE001 - get_sblock raises a generic error for a missing name
+    except Exception:
         return False
     return True
 
@@ -996,7 +996,7 @@ class _Evaluator:
         k = _key(expr)
         hit = self._cache.get(k)
         if hit is None:
-            fn = eval(f"lambda env: {self._source(expr)}")  # noqa: S307 - generated from TIR
+            fn = eval(f"lambda env: {self._source(expr)}")
             hit = self._cache[k] = (fn, expr)  # keep the node alive: its handle is the key
         return int(hit[0](self.env))
 
@@ -1546,7 +1546,7 @@ def _entries(base: int, outer: int, inner: int, so: int, si: int) -> set[int]:
     return {base + i * so + j * si for i in range(outer) for j in range(inner)}
 
 
-def _alu_insn(op, dst, imm, outer, inner, dst_so, dst_si, src, src_so, src_si) -> Instruction:  # noqa: PLR0917
+def _alu_insn(op, dst, imm, outer, inner, dst_so, dst_si, src, src_so, src_si) -> Instruction:
     return Instruction(
         Opcode.ALU,
         alu_op=int(op),
@@ -1740,7 +1740,7 @@ def build_program(cfg: HardwareConfig | None, func, layer_name: str = "tir") -> 
 
 # =============================================================================================
 # layer programs through TIR (the Relax flow's route)
-def conv2d_program(  # noqa: PLR0913, PLR0917 - the signature of codegen.conv2d_program
+def conv2d_program(
     cfg: HardwareConfig,
     layer: str,
     data_shape,
@@ -1779,7 +1779,7 @@ def conv2d_program(  # noqa: PLR0913, PLR0917 - the signature of codegen.conv2d_
     (:func:`conv2d_primfunc`); each region's prologue (the shortcut tile's ``LOAD``, ``MUL``,
     ``ADD``) is hoisted as the direct generator's (:func:`emit_program`).
     """
-    from . import codegen  # noqa: PLC0415 - codegen is the cross-check, imported lazily
+    from . import codegen
 
     R, C = cfg.array_rows, cfg.array_cols
     g = codegen.conv_geometry(
@@ -1839,7 +1839,7 @@ def conv2d_program(  # noqa: PLR0913, PLR0917 - the signature of codegen.conv2d_
     return Program(layer, cfg, slots, insns, layer_index, info), [wblocks, bias_mult]
 
 
-def dense_program(cfg, layer, data_shape, weight_kn, bias, mult, shift, clip, layer_index=0):  # noqa: PLR0917
+def dense_program(cfg, layer, data_shape, weight_kn, bias, mult, shift, clip, layer_index=0):
     """Program of a quantized ``(N, K) x (K, M)`` dense layer through TIR (the 1x1 convolution
     of a 1x1 image, whose tiles always divide), as :func:`tvm_hapm.target.codegen.dense_program`."""
     n, k = (int(v) for v in data_shape)
@@ -1902,7 +1902,7 @@ def add_primfunc(cfg: HardwareConfig, total: int, mult_a: int, mult_b: int, shif
     return func.with_attr(LAYER_ATTR, json.dumps(layer, sort_keys=True))
 
 
-def _schedule_eltwise(func, stages: list[str], tile: int, kind: str, plan: dict, dma_stages=()):  # noqa: PLR0917
+def _schedule_eltwise(func, stages: list[str], tile: int, kind: str, plan: dict, dma_stages=()):
     """Tile the output's entry axis by ``tile`` (as ``[tiles, 1, tile]``: the unit loop makes
     the DMAs one row of ``tile`` entries with the row pitch ``tile``) and compute every stage
     (``stages`` in program order) per tile in the accumulator."""
@@ -1922,7 +1922,7 @@ def _schedule_eltwise(func, stages: list[str], tile: int, kind: str, plan: dict,
     return s_tir.Schedule(tvm.IRModule({"main": new}))
 
 
-def add_program(cfg, layer, shape, mult_a, mult_b, shift, clip, layer_index=0):  # noqa: PLR0917
+def add_program(cfg, layer, shape, mult_a, mult_b, shift, clip, layer_index=0):
     """Program of a residual add through TIR; same interface, slots and (instruction by
     instruction) stream as :func:`tvm_hapm.target.codegen.add_program`.
 
@@ -1932,8 +1932,8 @@ def add_program(cfg, layer, shape, mult_a, mult_b, shift, clip, layer_index=0): 
     allocated twice); :func:`emit_program` then moves each tile's loads into the previous
     tile's ALU passes (:func:`~tvm_hapm.target.schedule.pipeline_operand_loads`).
     """
-    from . import codegen  # noqa: PLC0415 - codegen is the cross-check, imported lazily
-    from .schedule import plan_eltwise  # noqa: PLC0415
+    from . import codegen
+    from .schedule import plan_eltwise
 
     C = cfg.array_cols
     n, c, h, w = (int(v) for v in (tuple(shape) + (1, 1))[:4])
@@ -2044,12 +2044,12 @@ def schedule_global_avg_pool(func, tile: int, plan: dict) -> s_tir.Schedule:
     return s_tir.Schedule(tvm.IRModule({"main": new}))
 
 
-def global_avg_pool_program(cfg, layer, data_shape, mult, shift, clip, layer_index=0):  # noqa: PLR0917
+def global_avg_pool_program(cfg, layer, data_shape, mult, shift, clip, layer_index=0):
     """Program of global average pooling through TIR; same interface, slots, constants and
     (instruction by instruction) stream as
     :func:`tvm_hapm.target.codegen.global_avg_pool_program`."""
-    from . import codegen  # noqa: PLC0415 - codegen is the cross-check, imported lazily
-    from .schedule import plan_eltwise  # noqa: PLC0415
+    from . import codegen
+    from .schedule import plan_eltwise
 
     C = cfg.array_cols
     n, c, h, w = (int(v) for v in data_shape)
@@ -2069,7 +2069,7 @@ def global_avg_pool_program(cfg, layer, data_shape, mult, shift, clip, layer_ind
     return Program(layer, cfg, slots, insns, layer_index, info), [mvec]
 
 
-def max_pool2d_primfunc(cfg: HardwareConfig, entries, h, w, pool_size, strides, padding, dilation):  # noqa: PLR0917
+def max_pool2d_primfunc(cfg: HardwareConfig, entries, h, w, pool_size, strides, padding, dilation):
     """Max pooling on ``entries`` packed channel planes (``N * CB``) of ``h x w`` entries, as a
     TE PrimFunc.
 
@@ -2137,7 +2137,7 @@ def schedule_max_pool2d(func, tile_h: int, tile_w: int, plan: dict) -> s_tir.Sch
     return s_tir.Schedule(tvm.IRModule({"main": new}))
 
 
-def max_pool2d_program(  # noqa: PLR0917 - the signature of codegen.max_pool2d_program
+def max_pool2d_program(
     cfg, layer, data_shape, pool_size, strides, padding, dilation=(1, 1), layer_index=0
 ):
     """Program of max pooling through TIR; same interface, slots and (instruction by
@@ -2147,7 +2147,7 @@ def max_pool2d_program(  # noqa: PLR0917 - the signature of codegen.max_pool2d_p
     divide the output is refused (:class:`TirLoweringError`): the direct generator's partial
     tiles have a smaller window layout than the compacted TIR buffers.
     """
-    from . import codegen  # noqa: PLC0415 - codegen is the cross-check, imported lazily
+    from . import codegen
 
     C = cfg.array_cols
     n, c, h, w = (int(v) for v in data_shape)
@@ -2252,7 +2252,7 @@ _tir_pipeline.PIPELINE_MAP["s_tir"] = hapm_tir_pipeline
 
 def _run_tir(program_b64, *tensors):
     """``hapm_fpga.run_tir(program_base64, *buffers)``: run on the simulator, fill the output."""
-    from ..runtime.driver import cached_program, run_program  # noqa: PLC0415 (runtime imports target)
+    from ..runtime.driver import cached_program, run_program
 
     prog, sim = cached_program(base64.b64decode(str(program_b64)))
     # The compiled caller passes DLTensors built on its stack: np.from_dlpack on them crashes

@@ -91,7 +91,7 @@ def export_onnx(module: nn.Module, input_shape, path=None, opset: int = OPSET) -
                 training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=True,
                 keep_initializers_as_inputs=True,
             )  # fmt: skip
-    except Exception as err:  # noqa: BLE001  (any exporter failure becomes one clear error)
+    except Exception as err:
         raise ExportError(f"torch.onnx.export failed: {type(err).__name__}: {err}") from err
     out = _plain_graph(onnx.load_from_string(buf.getvalue()))
     out.producer_name = "tvm_hapm.torch"
