@@ -79,7 +79,7 @@ def test_filter_pruning_zeroes_coupled_channels_and_deploys_shrunk():
     from tvm.relax.frontend.onnx import from_onnx
 
     from tvm_hapm.flow import filter_deploy_pass
-    from tvm_hapm.passes.prune import _find_layers
+    from tvm_hapm.passes.prune import find_layers
 
     model = load_bundled_model(batch=2)
     pruned, report, masks = prune_onnx(model, "filter", 0.5, config="zedboard", return_masks=True)
@@ -102,7 +102,7 @@ def test_filter_pruning_zeroes_coupled_channels_and_deploys_shrunk():
 
     masked = from_onnx(pruned)
     shrunk = filter_deploy_pass(0.5, "zedboard")(masked)
-    out_channels = [lay.weight.shape[0] for lay in _find_layers(shrunk)]
+    out_channels = [lay.weight.shape[0] for lay in find_layers(shrunk)]
     assert out_channels[1] == len(live)  # the tensors really shrank
     np.testing.assert_allclose(run(shrunk), run(masked), rtol=1e-5, atol=1e-5)
 

@@ -17,7 +17,7 @@ from tvm_hapm.passes.prune import (
     HardwareAwarePrune,
     MagnitudePrune,
     PruneError,
-    _find_layers,
+    find_layers,
     hapm_groups,
     layer_schedule,
     prune_report,
@@ -111,7 +111,7 @@ def test_magnitude_prune_matches_hand_built_module():
     ed[np.abs(d) <= np.sort(np.abs(d).reshape(-1))[53]] = 0
     tvm.ir.assert_structural_equal(out["main"], _conv_module([ew], dense=ed)["main"])
     # the input module is untouched
-    assert np.count_nonzero(_find_layers(mod)[0].weight == 0) == 0
+    assert np.count_nonzero(find_layers(mod)[0].weight == 0) == 0
 
 
 def _two_resolution_module(wa, wb):
@@ -172,11 +172,11 @@ def test_hapm_cost_weighted_global_ranking_and_cap():
 def test_magnitude_exact_zero_count(sparsity):
     mod = from_onnx(zoo.mobilenet_style())
     out = MagnitudePrune(sparsity)(mod)
-    for lay in _find_layers(out):
+    for lay in find_layers(out):
         assert np.count_nonzero(lay.weight == 0) == round(sparsity * lay.weight.size), lay.name
     out = MagnitudePrune(sparsity, global_=True)(mod)
-    zeros = sum(np.count_nonzero(lay.weight == 0) for lay in _find_layers(out))
-    total = sum(lay.weight.size for lay in _find_layers(out))
+    zeros = sum(np.count_nonzero(lay.weight == 0) for lay in find_layers(out))
+    total = sum(lay.weight.size for lay in find_layers(out))
     assert zeros == round(sparsity * total)
 
 
@@ -189,8 +189,8 @@ def test_hapm_zeroes_exactly_aligned_groups(cfg, criterion):
     target = 0.4
     out = HardwareAwarePrune(target, cfg, criterion=criterion)(mod)
     report = {e["layer"]: e for e in prune_report(out)}
-    before = {lay.name: lay for lay in _find_layers(mod)}
-    for lay in _find_layers(out):
+    before = {lay.name: lay for lay in find_layers(mod)}
+    for lay in find_layers(out):
         w0, w = before[lay.name].oihw(), lay.oihw()
         sched = layer_schedule(cfg, before[lay.name])
         assert sched.cob_group == report[lay.name]["cob_group"]
@@ -275,7 +275,7 @@ def test_hapm_prune_removes_gemms_and_stays_bit_exact():
         ex, progs[key] = _compile(q, cfg)
         if key == "hapm":
             np.testing.assert_array_equal(run_vm(ex, x)[0], llvm_reference(q, x)[0])
-    layers = _find_layers(hw)
+    layers = find_layers(hw)
     assert len(progs["dense"]) == len(layers) == 3
     for lay, p0, p1, p2 in zip(layers, progs["dense"], progs["hapm"], progs["magnitude"]):
         g0, g1, g2 = _gemm_count(p0), _gemm_count(p1), _gemm_count(p2)
@@ -299,7 +299,7 @@ def test_passes_deterministic_and_masks():
     b = HardwareAwarePrune(0.5, CUSTOM, global_=True)(mod)
     tvm.ir.assert_structural_equal(a, b)
     masks = pruning_masks(a)
-    layers = {lay.name: lay for lay in _find_layers(a)}
+    layers = {lay.name: lay for lay in find_layers(a)}
     assert set(masks) == set(layers)
     for name, mask in masks.items():
         assert mask.shape == layers[name].weight.shape  # dense: the stored (M, K) constant
@@ -317,7 +317,7 @@ def _llvm(mod, x):
 
 
 def _channels(mod):
-    return {lay.name: lay.oihw().shape[:2] for lay in _find_layers(mod)}
+    return {lay.name: lay.oihw().shape[:2] for lay in find_layers(mod)}
 
 
 def _small_residual_net():
@@ -379,7 +379,7 @@ def test_filter_prune_independent_reference_tiny_cnn():
     spaces = {e["layers"][0]: e for e in report if "space" in e}
     removed2, removed3 = spaces["lv4"]["removed"], spaces["lv7"]["removed"]
     norm = FilterPrune(0.0, "zedboard")(mod)  # the same normalised graph, nothing removed
-    layers = {lay.name: lay for lay in _find_layers(norm)}
+    layers = {lay.name: lay for lay in find_layers(norm)}
     w3 = layers["lv7"].weight.copy()
     w3[:, removed2] = 0
     wd = layers["lv11"].weight.copy()  # (256, 10): feature c*16 + p
@@ -405,7 +405,7 @@ def test_filter_prune_residual_and_depthwise_coupling():
 
     mod = from_onnx(zoo.mobilenet_style())
     pruned = FilterPrune(0.5, "zedboard")(mod)
-    layers = _find_layers(pruned)
+    layers = find_layers(pruned)
     for prev, lay in zip(layers, layers[1:]):
         if lay.groups > 1:  # depthwise: its channels follow its producer
             cout, cin_g = lay.weight.shape[:2]

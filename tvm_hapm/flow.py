@@ -107,10 +107,10 @@ def write_masks(model: onnx.ModelProto, pruned_mod) -> tuple[onnx.ModelProto, di
     keep-masks by ONNX initializer name (in the initializer's layout).
     """
     from .passes import pruning_masks
-    from .passes.prune import _find_layers
+    from .passes.prune import find_layers
 
     masks = pruning_masks(pruned_mod)
-    layers = _find_layers(pruned_mod)
+    layers = find_layers(pruned_mod)
     names = paired_weight_names(model, layers)
     out = onnx.ModelProto()
     out.CopyFrom(model)

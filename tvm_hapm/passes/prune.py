@@ -32,10 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 import tvm
 import tvm_ffi
-from tvm import relax, tirx
+from tvm import relax
 
 from ..target.config import HardwareConfig, get_config
 from ..target.schedule import ConvSchedule, ScheduleError, dispatch_group, plan_conv
+from .relax_util import const_array, module_pass, op_name, static_shape
 
 __all__ = [
     "REPORT_ATTR",
@@ -43,6 +44,14 @@ __all__ = [
     "HardwareAwarePrune",
     "MagnitudePrune",
     "hapm_groups",
+    "Layer",
+    "check_cap",
+    "check_criterion",
+    "check_per_layer",
+    "check_skip",
+    "check_sparsity",
+    "find_layers",
+    "layer_name",
     "layer_schedule",
     "prunable_layers",
     "prune_report",
@@ -65,7 +74,8 @@ class PruneError(ValueError):
 # --------------------------------------------------------------------------------------------
 # argument checks
 # --------------------------------------------------------------------------------------------
-def _check_sparsity(value, what: str = "sparsity") -> float:
+def check_sparsity(value, what: str = "sparsity") -> float:
+    """``value`` as a float in ``[0, 1)``, else :class:`PruneError` naming ``what``."""
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise PruneError(f"{what} must be a number in [0, 1), got {value!r}")
     value = float(value)
@@ -74,22 +84,25 @@ def _check_sparsity(value, what: str = "sparsity") -> float:
     return value
 
 
-def _check_criterion(criterion) -> str:
+def check_criterion(criterion) -> str:
+    """The importance criterion (``"l1"`` or ``"l2"``, any case), else :class:`PruneError`."""
     crit = str(criterion).lower() if isinstance(criterion, str) else criterion
     if crit not in CRITERIA:
         raise PruneError(f"unknown importance criterion {criterion!r}; use one of {CRITERIA}")
     return crit
 
 
-def _check_per_layer(per_layer) -> dict:
+def check_per_layer(per_layer) -> dict:
+    """``per_layer`` as ``{layer name: sparsity}`` (empty for None), each sparsity checked."""
     if per_layer is None:
         return {}
     if not isinstance(per_layer, dict):
         raise PruneError("per_layer must be a dict mapping layer name -> sparsity")
-    return {str(k): _check_sparsity(v, f"per_layer[{k!r}]") for k, v in per_layer.items()}
+    return {str(k): check_sparsity(v, f"per_layer[{k!r}]") for k, v in per_layer.items()}
 
 
-def _check_cap(value) -> float | None:
+def check_cap(value) -> float | None:
+    """A ``max_layer_sparsity`` in ``(0, 1]`` (or None), else :class:`PruneError`."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
@@ -99,7 +112,8 @@ def _check_cap(value) -> float | None:
     return float(value)
 
 
-def _check_skip(skip) -> set:
+def check_skip(skip) -> set:
+    """``skip`` (a layer name or names) as a set of names."""
     if skip is None:
         return set()
     if isinstance(skip, str):
@@ -120,30 +134,8 @@ def _unknown_layers(names, layers, what: str) -> None:
 # --------------------------------------------------------------------------------------------
 # finding layers
 # --------------------------------------------------------------------------------------------
-def _op_name(expr) -> str | None:
-    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-        return str(expr.op.name)
-    return None
-
-
-def _const_array(expr) -> np.ndarray | None:
-    if isinstance(expr, tvm.ir.GenericConst) and isinstance(expr.value, tvm.runtime.Tensor):
-        return expr.value.numpy()
-    return None
-
-
-def _static_shape(expr) -> tuple[int, ...] | None:
-    ty = getattr(expr, "ty", None)
-    if not isinstance(ty, relax.TensorType):
-        return None
-    values = getattr(ty.shape, "values", None)
-    if values is None or not all(isinstance(v, tirx.IntImm) for v in values):
-        return None
-    return tuple(int(v.value) for v in values)
-
-
 @dataclass
-class _Layer:
+class Layer:
     """A conv2d or dense layer with a constant weight.
 
     ``const`` is the weight constant as stored in the module (OIHW for conv2d; for dense the
@@ -183,11 +175,15 @@ def _relax_functions(mod: tvm.IRModule):
             yield gv, func
 
 
-def _layer_name(gv, var) -> str:
+def layer_name(gv, var) -> str:
+    """The name of a layer bound to ``var`` in function ``gv``: ``"lv5"`` in ``main``, else
+    ``"<function>/lv5"``."""
     return var.name if gv.name_hint == "main" else f"{gv.name_hint}/{var.name}"
 
 
-def _find_layers(mod: tvm.IRModule) -> list[_Layer]:
+def find_layers(mod: tvm.IRModule) -> list[Layer]:
+    """The prunable layers of ``mod`` in program order, as :class:`Layer` objects (weight
+    constant, stored weight, shapes); :func:`prunable_layers` gives their JSON summary."""
     layers = []
     for gv, func in _relax_functions(mod):
         bound = {}
@@ -202,38 +198,38 @@ def _find_layers(mod: tvm.IRModule) -> list[_Layer]:
     return layers
 
 
-def _as_layer(gv, var, call, bound) -> _Layer | None:
-    op = _op_name(call)
+def _as_layer(gv, var, call, bound) -> Layer | None:
+    op = op_name(call)
     if op == "relax.nn.conv2d":
         a = call.attrs
-        w = _const_array(call.args[1])
+        w = const_array(call.args[1])
         layouts = (str(a.data_layout), str(a.kernel_layout), str(a.out_layout))
-        data, out = _static_shape(call.args[0]), _static_shape(var)
+        data, out = static_shape(call.args[0]), static_shape(var)
         if w is None or w.ndim != 4 or layouts != ("NCHW", "OIHW", "NCHW") or data is None:
             return None
         if not np.issubdtype(w.dtype, np.floating) or out is None:
             return None
-        return _Layer(
-            _layer_name(gv, var), "conv2d", call.args[1], w, False, int(a.groups), data, out,
+        return Layer(
+            layer_name(gv, var), "conv2d", call.args[1], w, False, int(a.groups), data, out,
             tuple(int(s) for s in a.strides), tuple(int(d) for d in a.dilation),
         )  # fmt: skip
     if op == "relax.matmul":
         x, w_expr = call.args
-        data, out = _static_shape(x), _static_shape(var)
+        data, out = static_shape(x), static_shape(var)
         transposed = False
         const = w_expr
-        w = _const_array(w_expr)
+        w = const_array(w_expr)
         if w is None and isinstance(w_expr, relax.Var) and w_expr in bound:
             src = bound[w_expr]
-            axes = getattr(src.attrs, "axes", None) if _op_name(src) == "relax.permute_dims" else 0
+            axes = getattr(src.attrs, "axes", None) if op_name(src) == "relax.permute_dims" else 0
             if axes is None or (axes != 0 and [int(v) for v in axes] == [1, 0]):
-                w = _const_array(src.args[0])
+                w = const_array(src.args[0])
                 const, transposed = src.args[0], True
         if w is None or w.ndim != 2 or data is None or len(data) != 2 or out is None:
             return None
         if not np.issubdtype(w.dtype, np.floating):
             return None
-        return _Layer(_layer_name(gv, var), "dense", const, w, transposed, 1, data, out)
+        return Layer(layer_name(gv, var), "dense", const, w, transposed, 1, data, out)
     return None
 
 
@@ -258,7 +254,7 @@ def prunable_layers(mod: tvm.IRModule) -> list[dict]:
             "weight_shape": list(lay.oihw().shape),
             "groups": lay.groups,
         }
-        for lay in _find_layers(mod)
+        for lay in find_layers(mod)
     ]
 
 
@@ -272,7 +268,7 @@ def layer_schedule(cfg: HardwareConfig, layer_or_shapes, **conv) -> ConvSchedule
     ----------
     cfg : HardwareConfig
         Accelerator config.
-    layer_or_shapes : _Layer or tuple
+    layer_or_shapes : Layer or tuple
         A layer found in a module, or ``(data_shape NCHW, weight_shape OIHW, out_shape NCHW)``.
     **conv
         ``strides``, ``dilation``, ``groups`` when shapes are given (defaults 1).
@@ -284,7 +280,7 @@ def layer_schedule(cfg: HardwareConfig, layer_or_shapes, **conv) -> ConvSchedule
         output-channel blocks one dispatch computes).  A layer that fits no schedule (it then
         runs on the host) gets ``cob_group = dispatch_group(COB, num_arrays)``.
     """
-    if isinstance(layer_or_shapes, _Layer):
+    if isinstance(layer_or_shapes, Layer):
         lay = layer_or_shapes
         if lay.kind == "dense":
             m, k = lay.oihw().shape[:2]
@@ -375,7 +371,7 @@ def _importance(values: np.ndarray, gid: np.ndarray, criterion: str):
     return sizes, raw, norm
 
 
-def macs_per_weight(layer: _Layer) -> int:
+def macs_per_weight(layer: Layer) -> int:
     """Multiply-accumulates one weight of ``layer`` performs per image: its output pixels
     (1 for a dense layer).  Every GEMM of a weight block streams that many vectors through an
     array, so it is also the array time one pruned block saves."""
@@ -469,12 +465,10 @@ def pruning_masks(mod: tvm.IRModule) -> dict[str, np.ndarray]:
         pruned weights at zero.
     """
     names = {entry["layer"] for entry in prune_report(mod) if "layer" in entry}
-    return {
-        lay.name: lay.weight != 0 for lay in _find_layers(mod) if not names or lay.name in names
-    }
+    return {lay.name: lay.weight != 0 for lay in find_layers(mod) if not names or lay.name in names}
 
 
-def _layer_entry(lay: _Layer, method: str, target: float, new_oihw: np.ndarray, **extra) -> dict:
+def _layer_entry(lay: Layer, method: str, target: float, new_oihw: np.ndarray, **extra) -> dict:
     zeros = int(np.count_nonzero(new_oihw == 0))
     return {
         "layer": lay.name,
@@ -487,10 +481,6 @@ def _layer_entry(lay: _Layer, method: str, target: float, new_oihw: np.ndarray, 
         "weights": int(new_oihw.size),
         **extra,
     }
-
-
-def _module_pass(fn, name: str) -> tvm.transform.Pass:
-    return tvm.transform.module_pass(lambda mod, _ctx: fn(mod), opt_level=0, name=name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -509,13 +499,13 @@ def hardware_aware_prune(
     max_layer_sparsity: float | None = None,
 ) -> tvm.IRModule:
     """Function form of :func:`HardwareAwarePrune` (same parameters, plus ``mod``)."""
-    sparsity = _check_sparsity(sparsity)
-    criterion = _check_criterion(criterion)
-    per_layer = _check_per_layer(per_layer)
-    skip = _check_skip(skip)
-    cap = _check_cap(max_layer_sparsity)
+    sparsity = check_sparsity(sparsity)
+    criterion = check_criterion(criterion)
+    per_layer = check_per_layer(per_layer)
+    skip = check_skip(skip)
+    cap = check_cap(max_layer_sparsity)
     cfg = get_config(config)
-    layers = _find_layers(mod)
+    layers = find_layers(mod)
     _unknown_layers(per_layer, layers, "per_layer")
     _unknown_layers(skip, layers, "skip")
 
@@ -670,11 +660,11 @@ def HardwareAwarePrune(  # noqa: N802 (TVM pass factories are CamelCase)
         (a ``ValueError``) for a sparsity outside ``[0, 1)``, an unknown criterion, an unknown
         layer name, or a ``max_layer_sparsity`` outside ``(0, 1]``.
     """
-    _check_sparsity(sparsity)
-    _check_criterion(criterion)
-    _check_per_layer(per_layer)
-    _check_cap(max_layer_sparsity)
-    skip_set = _check_skip(skip)
+    check_sparsity(sparsity)
+    check_criterion(criterion)
+    check_per_layer(per_layer)
+    check_cap(max_layer_sparsity)
+    skip_set = check_skip(skip)
     cfg = get_config(config)
 
     def run(mod):
@@ -683,7 +673,7 @@ def HardwareAwarePrune(  # noqa: N802 (TVM pass factories are CamelCase)
             cost_weighted, max_layer_sparsity,
         )  # fmt: skip
 
-    return _module_pass(run, "hapm.HardwareAwarePrune")
+    return module_pass(run, "hapm.HardwareAwarePrune")
 
 
 # --------------------------------------------------------------------------------------------
@@ -699,11 +689,11 @@ def magnitude_prune(
     report: list | None = None,
 ) -> tvm.IRModule:
     """Function form of :func:`MagnitudePrune` (same parameters, plus ``mod``)."""
-    sparsity = _check_sparsity(sparsity)
-    criterion = _check_criterion(criterion)
-    per_layer = _check_per_layer(per_layer)
-    skip = _check_skip(skip)
-    layers = [lay for lay in _find_layers(mod) if lay.name not in skip]
+    sparsity = check_sparsity(sparsity)
+    criterion = check_criterion(criterion)
+    per_layer = check_per_layer(per_layer)
+    skip = check_skip(skip)
+    layers = [lay for lay in find_layers(mod) if lay.name not in skip]
     _unknown_layers(per_layer, layers, "per_layer")
     # |w| and w**2 rank the same; the criterion is kept for symmetry with the other passes
     score = {lay.name: np.abs(lay.oihw().astype(np.float64)).reshape(-1) for lay in layers}
@@ -787,12 +777,12 @@ def MagnitudePrune(  # noqa: N802
     PruneError
         (a ``ValueError``) for a sparsity outside ``[0, 1)`` or an unknown criterion.
     """
-    _check_sparsity(sparsity)
-    _check_criterion(criterion)
-    _check_per_layer(per_layer)
-    skip_set = _check_skip(skip)
+    check_sparsity(sparsity)
+    check_criterion(criterion)
+    check_per_layer(per_layer)
+    skip_set = check_skip(skip)
 
     def run(mod):
         return magnitude_prune(mod, sparsity, criterion, per_layer, global_, skip_set, report)
 
-    return _module_pass(run, "hapm.MagnitudePrune")
+    return module_pass(run, "hapm.MagnitudePrune")

@@ -32,15 +32,12 @@ from ..target.config import HardwareConfig, get_config
 from .prune import (
     REPORT_ATTR,
     PruneError,
-    _check_criterion,
-    _check_per_layer,
-    _check_sparsity,
-    _const_array,
-    _layer_name,
-    _module_pass,
-    _op_name,
-    _static_shape,
+    check_criterion,
+    check_per_layer,
+    check_sparsity,
+    layer_name,
 )
+from .relax_util import const_array, minmax_prim, module_pass, op_name, static_shape
 
 __all__ = ["FilterPrune", "filter_prune"]
 
@@ -71,7 +68,7 @@ _BINARY = {
 def _normalise(mod: tvm.IRModule) -> tvm.IRModule:
     """Decompose batch norm and fold constants (the quantizer's normalisation when present)."""
     try:
-        from .quantize import _normalise as q_normalise
+        from .quantize import normalise as q_normalise
 
         for gv, _ in list(mod.functions_items()):
             if isinstance(mod[gv], relax.Function):
@@ -140,7 +137,7 @@ class _Analysis:
         self.segs: dict = {}
         self.bindings = [b for block in func.body.blocks for b in block.bindings]
         for p in func.params:
-            shape = _static_shape(p)
+            shape = static_shape(p)
             if shape is not None and len(shape) >= 2:
                 self.segs[p] = [(sp.new(shape[1], True, f"input {p.name}"), 1)]
         for b in self.bindings:
@@ -160,7 +157,7 @@ class _Analysis:
             if value in self.segs:
                 self.segs[b.var] = self.segs[value]
             return
-        op = _op_name(value)
+        op = op_name(value)
         args = list(value.args) if isinstance(value, relax.Call) else []
         in_segs = [self._in(a) for a in args]
         if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
@@ -184,8 +181,8 @@ class _Analysis:
         _collect_vars(value, refs)
         if not any(v in self.segs for v in refs):
             return  # shape or constant computation: no channel tensor involved
-        out_shape = _static_shape(b.var)
-        name = _layer_name(self.gv, b.var)
+        out_shape = static_shape(b.var)
+        name = layer_name(self.gv, b.var)
         if op == "relax.nn.conv2d":
             self._conv(b, value, in_segs[0], name)
         elif op == "relax.matmul":
@@ -197,7 +194,7 @@ class _Analysis:
         elif op in _BINARY:
             self._binary(b, value, in_segs, op)
         elif op == "relax.mean":
-            axes = sorted(int(a) % len(_static_shape(args[0])) for a in (value.attrs.axis or []))
+            axes = sorted(int(a) % len(static_shape(args[0])) for a in (value.attrs.axis or []))
             if axes != [2, 3] or out_shape is None:
                 raise PruneError(f"FilterPrune: {op} over axes {axes} of a channel tensor")
             self.segs[b.var] = in_segs[0]
@@ -220,7 +217,7 @@ class _Analysis:
 
     def _conv(self, b, call, segs, name):
         a = call.attrs
-        w = _const_array(call.args[1])
+        w = const_array(call.args[1])
         layouts = (str(a.data_layout), str(a.kernel_layout), str(a.out_layout))
         if w is None or layouts != ("NCHW", "OIHW", "NCHW") or any(m != 1 for _, m in segs):
             raise PruneError(f"FilterPrune: conv2d {b.var.name} without a constant OIHW weight")
@@ -242,8 +239,8 @@ class _Analysis:
             self.segs[b.var] = [(out, 1)]
 
     def _dense(self, b, call, in_segs, name):
-        w = _const_array(call.args[1])
-        if w is None or w.ndim != 2 or in_segs[1] is not None or len(_static_shape(b.var)) != 2:
+        w = const_array(call.args[1])
+        if w is None or w.ndim != 2 or in_segs[1] is not None or len(static_shape(b.var)) != 2:
             raise PruneError(
                 f"FilterPrune: matmul {b.var.name} needs a constant 2-D weight "
                 "(run FoldConstant first)"
@@ -263,13 +260,13 @@ class _Analysis:
             return
         segs = x if x is not None else y
         other = call.args[1] if x is not None else call.args[0]
-        if _const_array(other) is None and isinstance(other, relax.Var):
+        if const_array(other) is None and isinstance(other, relax.Var):
             raise PruneError(f"FilterPrune: {op} {b.var.name} with an operand of unknown channels")
         self.segs[b.var] = segs
 
     def _reshape(self, b, call, segs, op):
-        src = _static_shape(call.args[0])
-        dst = _static_shape(b.var)
+        src = static_shape(call.args[0])
+        dst = static_shape(b.var)
         if src is None or dst is None:
             raise PruneError(f"FilterPrune: {op} {b.var.name} with a dynamic shape")
         if len(dst) == 2 and dst[0] == src[0] and len(src) >= 2:
@@ -299,7 +296,7 @@ def _collect_vars(expr, out: list) -> None:
 
 
 def _describe(value) -> str:
-    op = _op_name(value)
+    op = op_name(value)
     if op == "relax.call_tir" and isinstance(value.args[0], tvm.ir.GlobalVar):
         return f"call_tir({value.args[0].name_hint})"
     return op or type(value).__name__
@@ -310,7 +307,6 @@ _MINMAX_CACHE: dict = {}
 
 
 def _scan_minmax(mod: tvm.IRModule) -> None:
-    from .quantize import _minmax_prim
 
     _MINMAX_CACHE.clear()
     for _, func in mod.functions_items():
@@ -318,15 +314,15 @@ def _scan_minmax(mod: tvm.IRModule) -> None:
             continue
 
         def visit(node):
-            if _op_name(node) != "relax.call_tir" or not isinstance(node.args[0], tvm.ir.GlobalVar):
+            if op_name(node) != "relax.call_tir" or not isinstance(node.args[0], tvm.ir.GlobalVar):
                 return
             fields = list(node.args[1].fields) if isinstance(node.args[1], relax.Tuple) else []
-            kind = _minmax_prim(mod[node.args[0]]) if node.args[0] in mod else None
+            kind = minmax_prim(mod[node.args[0]]) if node.args[0] in mod else None
             if kind is None or not fields:
                 return
             if kind[1] is not None and len(fields) == 1:
                 bound = relax.const(kind[1], _static_dtype(fields[0]))
-            elif kind[1] is None and len(fields) == 2 and _const_array(fields[1]) is not None:
+            elif kind[1] is None and len(fields) == 2 and const_array(fields[1]) is not None:
                 bound = fields[1]
             else:
                 return
@@ -368,9 +364,9 @@ def filter_prune(
     report: list | None = None,
 ) -> tvm.IRModule:
     """Function form of :func:`FilterPrune` (same parameters, plus ``mod``)."""
-    sparsity = _check_sparsity(sparsity)
-    criterion = _check_criterion(criterion)
-    per_layer = _check_per_layer(per_layer)
+    sparsity = check_sparsity(sparsity)
+    criterion = check_criterion(criterion)
+    per_layer = check_per_layer(per_layer)
     cfg = get_config(config)
     if round_to is None:
         round_to = cfg.array_cols
@@ -399,9 +395,9 @@ def _filter_prune(mod, sparsity, criterion, round_to, per_layer, shrink, report)
     weights = {}
     for a in analyses:
         for b in a.bindings:
-            name = _layer_name(a.gv, b.var)
+            name = layer_name(a.gv, b.var)
             if name in layers:
-                weights[name] = _const_array(b.value.args[1])
+                weights[name] = const_array(b.value.args[1])
     score: dict = {}
     producers: dict = {}
     for name, lay in layers.items():
@@ -482,11 +478,11 @@ def _rewrite(a: _Analysis, sp, kept, layers, shrink, entries, mod) -> relax.Func
 
     def rebuilt(b):
         value = b.value
-        op = _op_name(value)
-        name = _layer_name(a.gv, b.var)
+        op = op_name(value)
+        name = layer_name(a.gv, b.var)
         if name in layers:
             lay = layers[name]
-            w = _const_array(value.args[1])
+            w = const_array(value.args[1])
             in_idx = idx(lay["in"])
             new_attrs = None
             if lay["kind"] == "conv2d" or lay["kind"] == "frozen":
@@ -507,8 +503,8 @@ def _rewrite(a: _Analysis, sp, kept, layers, shrink, entries, mod) -> relax.Func
                     "kind": lay["kind"],
                     "method": "filter",
                     "in_channels": [int(_axis_len(sp, lay["in"])), int(len(in_idx))],
-                    "out_channels": [int(_static_shape(b.var)[1]), int(len(out_idx))],
-                    "sparsity": round(1 - w.size / _const_array(value.args[1]).size, 6)
+                    "out_channels": [int(static_shape(b.var)[1]), int(len(out_idx))],
+                    "sparsity": round(1 - w.size / const_array(value.args[1]).size, 6)
                     if shrink
                     else round(float(np.mean(w == 0)), 6),
                 }
@@ -537,17 +533,17 @@ def _rewrite(a: _Analysis, sp, kept, layers, shrink, entries, mod) -> relax.Func
         if op in _BINARY and shrink:
             args = list(value.args)
             for k in (0, 1):
-                c = _const_array(args[k])
+                c = const_array(args[k])
                 other = a.segs.get(args[1 - k]) if isinstance(args[1 - k], relax.Var) else None
                 if c is not None and other is not None:
-                    ndim = len(_static_shape(args[1 - k]))
+                    ndim = len(static_shape(args[1 - k]))
                     axis = c.ndim - (ndim - 1)  # channel axis 1 aligned from the right
                     if 0 <= axis < c.ndim and c.shape[axis] > 1:
                         c = _slice(c, axis, idx(other), shrink)
                         args[k] = relax.const(c, str(c.dtype))
             return relax.Call(value.op, [sub(x) for x in args], value.attrs, value.ty_args)
         if op in ("relax.reshape", "relax.flatten") and b.var in a.segs and shrink:
-            dst = list(_static_shape(b.var))
+            dst = list(static_shape(b.var))
             dst[1] = len(idx(a.segs[b.var]))
             return relax.op.reshape(sub(value.args[0]), dst)
         return sub(value)
@@ -627,12 +623,12 @@ def FilterPrune(  # noqa: N802 (TVM pass factories are CamelCase)
         (a ``ValueError``) for bad arguments or an operator the channel analysis cannot follow
         (the message names it).
     """
-    _check_sparsity(sparsity)
-    _check_criterion(criterion)
-    _check_per_layer(per_layer)
+    check_sparsity(sparsity)
+    check_criterion(criterion)
+    check_per_layer(per_layer)
     cfg = get_config(config)
 
     def run(mod):
         return filter_prune(mod, sparsity, cfg, criterion, round_to, per_layer, shrink, report)
 
-    return _module_pass(run, "hapm.FilterPrune")
+    return module_pass(run, "hapm.FilterPrune")

@@ -56,11 +56,13 @@ from tvm import relax, tirx
 
 from ..target.config import HardwareConfig, get_config
 from . import qops
+from .relax_util import const_array, minmax_prim, op_name, static_shape
 
 __all__ = [
     "QuantizeError",
     "FLOAT_MODEL_MESSAGE",
     "DEFAULT_PERCENTILE",
+    "normalise",
     "RESIDUAL_MIN_K",
     "quantize",
     "Quantize",
@@ -116,12 +118,6 @@ _KIND_LABEL = {
 }
 
 
-def _op_name(expr) -> str | None:
-    if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-        return str(expr.op.name)
-    return None
-
-
 def _short(op: str) -> str:
     return op[len("relax.") :] if op.startswith("relax.") else op
 
@@ -151,22 +147,9 @@ def _shape(expr) -> tuple | None:
     return tuple(int(v.value) if isinstance(v, tirx.IntImm) else v for v in values)
 
 
-def _static_shape(expr) -> tuple[int, ...] | None:
-    shape = _shape(expr)
-    if shape is None or not all(isinstance(d, int) for d in shape):
-        return None
-    return shape
-
-
-def _const_array(expr) -> np.ndarray | None:
-    if isinstance(expr, tvm.ir.GenericConst) and isinstance(expr.value, tvm.runtime.Tensor):
-        return expr.value.numpy()
-    return None
-
-
 def _scalar(expr) -> float | None:
     """Value of a scalar constant or a PrimExpr immediate."""
-    arr = _const_array(expr)
+    arr = const_array(expr)
     if arr is not None:
         return float(arr.reshape(-1)[0]) if arr.size == 1 else None
     value = getattr(expr, "value", None)
@@ -189,7 +172,7 @@ def _calls(func: relax.Function) -> list:
     found = []
 
     def visit(node):
-        if isinstance(node, relax.Call) and _op_name(node) in (_CONV, _MATMUL):
+        if isinstance(node, relax.Call) and op_name(node) in (_CONV, _MATMUL):
             found.append(node)
 
     relax.analysis.post_order_visit(func, visit)
@@ -239,7 +222,7 @@ def has_float_compute(mod: tvm.IRModule) -> bool:
         for call in _calls(func):
             if not (_dtype(call) or "").startswith(("float", "bfloat")):
                 continue
-            if _op_name(call) == _CONV:
+            if op_name(call) == _CONV:
                 return True
             for arg in call.args[:2]:
                 if isinstance(arg, tvm.ir.Constant) or any(arg.same_as(p) for p in params):
@@ -301,34 +284,6 @@ class _Graph:
         return users[0]
 
 
-def _minmax_prim(prim) -> tuple[str, float | None] | None:
-    """Recognise the TIR of ``topi.maximum/minimum(x, scalar)`` that from_onnx emits for Clip.
-
-    Returns ``("max" | "min", embedded constant or None)``; None for any other PrimFunc.
-    """
-    if not isinstance(prim, tirx.PrimFunc):
-        return None
-    import tvm_ffi
-
-    stores: list = []
-    tvm_ffi.structural_walk(prim.body, (tirx.BufferStore, stores.append))
-    if len(stores) != 1:
-        return None
-    value = stores[0].value
-    kind = "max" if isinstance(value, tirx.Max) else "min" if isinstance(value, tirx.Min) else None
-    if kind is None:
-        return None
-    loads = [v for v in (value.a, value.b) if isinstance(v, tvm.ir.expr.TensorLoad)]
-    imms = [v for v in (value.a, value.b) if isinstance(v, (tirx.IntImm, tirx.FloatImm))]
-    # the bound is read at constant indices (B[()] or B[0]), the tensor at the loop indices
-    fixed = [all(isinstance(i, tirx.IntImm) for i in v.indices) for v in loads]
-    if len(loads) == 2 and sorted(fixed) == [False, True]:
-        return kind, None
-    if len(loads) == 1 and len(imms) == 1 and not fixed[0]:
-        return kind, float(imms[0].value)
-    return None
-
-
 # --------------------------------------------------------------------------------------------
 # planning
 # --------------------------------------------------------------------------------------------
@@ -374,7 +329,7 @@ class _Planner:
     # ---------------------------------------------------------------- recognisers
     def _act_bounds(self, value, var) -> tuple[float, float] | None:
         """Bounds of an activation applied to ``var`` (ReLU, ReLU6, clip, max/min by a scalar)."""
-        op = _op_name(value)
+        op = op_name(value)
         if op is None or _shape(value) != _shape(var) or _dtype(value) != _dtype(var):
             return None
         args = list(value.args)
@@ -399,7 +354,7 @@ class _Planner:
             fields = list(args[1].fields) if isinstance(args[1], relax.Tuple) else []
             if not fields or not fields[0].same_as(var) or args[0] not in self.g.mod:
                 return None
-            kind = _minmax_prim(self.g.mod[args[0]])
+            kind = minmax_prim(self.g.mod[args[0]])
             if kind is None:
                 return None
             if kind[1] is not None and len(fields) == 1:
@@ -436,14 +391,14 @@ class _Planner:
     def _affine_vec(self, value, var, channels: int, channel_axis: int):
         """``(op, per-channel float64 vector)`` if ``value`` is ``var (+-*/) constant`` with a
         constant that only varies along the channel axis."""
-        op = _op_name(value)
+        op = op_name(value)
         if op not in _AFFINE_OPS or _shape(value) != _shape(var) or not _is_f32(value):
             return None
         a, b = value.args
         if a.same_as(var) and not b.same_as(var):
-            const = _const_array(b)
+            const = const_array(b)
         elif b.same_as(var) and op in ("relax.add", "relax.multiply"):
-            const = _const_array(a)
+            const = const_array(a)
         else:
             return None
         ndim = len(_shape(var))
@@ -483,7 +438,7 @@ class _Planner:
         return var, weight, bias
 
     def _op_label(self, value) -> str:
-        op = _op_name(value)
+        op = op_name(value)
         if op == "relax.call_tir" and isinstance(value.args[0], tvm.ir.GlobalVar):
             return f"call_tir({value.args[0].name_hint})"
         if op is not None:
@@ -514,7 +469,7 @@ class _Planner:
         value = b.value
         if isinstance(value, relax.Var):
             return _Step("alias", i, b.var, src=[value], ops=["alias"])
-        op = _op_name(value)
+        op = op_name(value)
         if op is None:
             return self._host(i, b, _NOT_AN_OP)
         if not _is_f32(b.var):
@@ -569,14 +524,14 @@ class _Planner:
             and isinstance(b, relax.Var)
             and _is_f32(a)
             and _is_f32(b)
-            and _static_shape(a) is not None
-            and _static_shape(a) == _static_shape(b) == _static_shape(value)
+            and static_shape(a) is not None
+            and static_shape(a) == static_shape(b) == static_shape(value)
         )
 
     def _plan_channel_affine(self, i, b, x) -> _Step | None:
         """A per-channel affine chain on an integer NCHW tensor that no layer absorbed (e.g. a
         batch norm after a ReLU) becomes a depthwise 1x1 conv rather than a host round trip."""
-        xs = _static_shape(x)
+        xs = static_shape(x)
         if xs is None or len(xs) != 4:
             return None
         found = self._affine_vec(b.value, x, xs[1], 1)
@@ -592,7 +547,7 @@ class _Planner:
     def _plan_conv(self, i, b) -> _Step | None:
         call = b.value
         attrs = call.attrs
-        w = _const_array(call.args[1])
+        w = const_array(call.args[1])
         layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout))
         if w is None or w.ndim != 4 or layouts != ("NCHW", "OIHW", "NCHW"):
             return None
@@ -612,7 +567,7 @@ class _Planner:
     def _plan_dense(self, i, b) -> _Step | None:
         call = b.value
         x, w_expr = call.args
-        w = _const_array(w_expr)
+        w = const_array(w_expr)
         xs = _shape(x)
         if w is None or w.ndim != 2 or xs is None or len(xs) != 2 or xs[1] != w.shape[0]:
             return None
@@ -627,7 +582,7 @@ class _Planner:
         call = b.value
         a = call.attrs
         x = call.args[0]
-        xs, ys = _static_shape(x), _static_shape(b.var)
+        xs, ys = static_shape(x), static_shape(b.var)
         if str(a.layout) != "NCHW" or str(a.out_layout) != "NCHW" or xs is None or ys is None:
             return None
         pad = _ints(a.padding)
@@ -649,7 +604,7 @@ class _Planner:
     def _plan_gap(self, i, b) -> _Step | None:
         call = b.value
         x = call.args[0]
-        xs = _static_shape(x)
+        xs = static_shape(x)
         if xs is None or len(xs) != 4 or call.attrs.axis is None:
             return None
         axes = sorted(int(v) % 4 for v in call.attrs.axis)
@@ -904,7 +859,7 @@ class _Emitter(_Rebuilder):
         x = step.src[0]
         xq, s_in = self.q(x)
         s_out = self.scales[step.out]
-        channels = _static_shape(x)[1]
+        channels = static_shape(x)[1]
         kh, kw = _ints(a.pool_size)
         ones = np.ones((channels, 1, kh, kw), self.cfg.weight_dtype)
         mult, shift = self.multiplier(np.full(channels, s_in / (s_out * kh * kw)), step)
@@ -920,12 +875,12 @@ class _Emitter(_Rebuilder):
         x = step.src[0]
         xq, s_in = self.q(x)
         s_out = self.scales[step.out]
-        _, _, h, w = _static_shape(x)
+        _, _, h, w = static_shape(x)
         mult, shift = self.multiplier(s_in / (s_out * h * w), step)
         lo, hi = self.qbounds(step.lo, step.hi, s_out)
         y = qops.emit_global_avg_pool(self.bb, xq, int(mult), shift, lo, hi, self.cfg.act_dtype)
         if not bool(call.attrs.keepdims):
-            y = self.bb.emit(relax.op.reshape(y, _static_shape(call)))
+            y = self.bb.emit(relax.op.reshape(y, static_shape(call)))
         self.qmap[step.out] = (y, s_out)
 
     def emit_fused(self, step) -> None:
@@ -1147,11 +1102,11 @@ _NUMPY_FOLD = {
 def _eval_const(call, var) -> np.ndarray | None:
     """Evaluate a call on constants with NumPy when it is one of the few ops batch norm
     decomposition and the ONNX importer leave behind (None otherwise)."""
-    op = _op_name(call)
-    shape, dtype = _static_shape(var), _dtype(var)
+    op = op_name(call)
+    shape, dtype = static_shape(var), _dtype(var)
     if op is None or shape is None or dtype is None:
         return None
-    args = [_const_array(a) for a in call.args]
+    args = [const_array(a) for a in call.args]
     if not args or args[0] is None:
         return None
     with np.errstate(all="ignore"):
@@ -1186,7 +1141,7 @@ def _fold_numpy(mod: tvm.IRModule, gvar) -> tvm.IRModule:
     except QuantizeError:
         return mod
     if not any(
-        isinstance(b, relax.VarBinding) and _op_name(b.value) is not None for b in graph.bindings
+        isinstance(b, relax.VarBinding) and op_name(b.value) is not None for b in graph.bindings
     ):
         return mod
     rb = _Rebuilder(graph)
@@ -1194,7 +1149,7 @@ def _fold_numpy(mod: tvm.IRModule, gvar) -> tvm.IRModule:
     dropouts = {
         b.var: b.value.args[0]
         for b in graph.bindings
-        if isinstance(b, relax.VarBinding) and _op_name(b.value) == "relax.nn.dropout"
+        if isinstance(b, relax.VarBinding) and op_name(b.value) == "relax.nn.dropout"
     }
 
     def body():
@@ -1220,7 +1175,10 @@ def _fold_numpy(mod: tvm.IRModule, gvar) -> tvm.IRModule:
     )
 
 
-def _normalise(mod: tvm.IRModule, gvar) -> tvm.IRModule:
+def normalise(mod: tvm.IRModule, gvar) -> tvm.IRModule:
+    """The form of ``mod[gvar]`` the quantizer (and filter pruning) analyse: batch norm
+    decomposed for inference, constant subexpressions folded (in NumPy, then ``FoldConstant``),
+    bindings canonicalised and dead code removed."""
     mod = relax.transform.DecomposeOpsForInference()(mod)
     mod = _fold_numpy(mod, gvar)
     return tvm.transform.Sequential(
@@ -1292,7 +1250,7 @@ def quantize(
             "the model is already quantized (it has an integer conv2d/matmul accumulating in "
             "int32); quantize() takes a float32 model"
         )
-    norm = _normalise(mod, mod.get_global_var(func_name))
+    norm = normalise(mod, mod.get_global_var(func_name))
     gvar = norm.get_global_var(func_name)
     func = norm[gvar]
     params = _data_params(func)
