@@ -65,3 +65,28 @@ def test_activation_packing_round_trip(shape, vector):
     packed = pack_activation(x, vector)
     assert packed.shape[-1] == vector
     np.testing.assert_array_equal(unpack_activation(packed.reshape(-1), shape, vector), x)
+
+
+def test_program_cache_is_bounded_and_keeps_the_recently_used(monkeypatch):
+    from tvm_hapm.runtime import driver
+
+    monkeypatch.setattr(driver, "PROGRAM_CACHE_SIZE", 2)
+    driver.clear_program_cache()
+    cfg = get_config("zedboard")
+    rng = np.random.default_rng(1)
+    blobs = []
+    for k in range(3):
+        w = rng.integers(-127, 128, (4 + k, 3, 3, 3)).astype(np.int8)
+        prog, _ = codegen.conv2d_program(
+            cfg, f"conv{k}", (1, 3, 5, 5), w, None, np.full(4 + k, 300), 16, (-128, 127),
+            padding=(1, 1, 1, 1),
+        )  # fmt: skip
+        blobs.append(prog.to_bytes())
+    first = driver.cached_program(blobs[0])
+    driver.cached_program(blobs[1])
+    assert driver.cached_program(blobs[0]) is first  # a hit, and now the most recent
+    driver.cached_program(blobs[2])  # evicts blobs[1], the least recently used
+    assert driver.program_cache_len() == 2
+    assert driver.cached_program(blobs[0]) is first
+    assert driver.cached_program(blobs[1]) is not None and driver.program_cache_len() == 2
+    driver.clear_program_cache()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -22,19 +23,25 @@ from ..target.program import Program, ProgramError, pack_activation, unpack_acti
 from .simulator import ExecutionStats, Simulator
 
 __all__ = [
+    "PROGRAM_CACHE_SIZE",
     "RUN_FUNC",
     "LayerTrace",
     "RunStats",
     "cached_program",
+    "clear_program_cache",
     "last_run_stats",
     "profile",
+    "program_cache_len",
     "run_program",
 ]
 
 #: Name of the global function compiled executables call.
 RUN_FUNC = "hapm_fpga.run"
 
-_CACHE: dict[bytes, tuple[Program, Simulator]] = {}
+#: Decoded programs (and a simulator each) kept for reuse; the least recently used go first.
+#: A simulator holds its config's buffers (~1.5 MB on zcu104), so the cache is bounded.
+PROGRAM_CACHE_SIZE = 128
+_CACHE: OrderedDict[bytes, tuple[Program, Simulator]] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
 
 
@@ -145,7 +152,8 @@ def last_run_stats() -> RunStats:
 
 
 def cached_program(data: bytes) -> tuple[Program, Simulator]:
-    """The decoded program and a simulator for its config, decoded once per distinct program."""
+    """The decoded program and a simulator for its config, decoded once per distinct program
+    among the :data:`PROGRAM_CACHE_SIZE` most recently used."""
     key = hashlib.sha256(data).digest()
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
@@ -153,7 +161,23 @@ def cached_program(data: bytes) -> tuple[Program, Simulator]:
             prog = Program.from_bytes(data)
             hit = (prog, Simulator(prog.config))
             _CACHE[key] = hit
+            while len(_CACHE) > PROGRAM_CACHE_SIZE:
+                _CACHE.popitem(last=False)
+        else:
+            _CACHE.move_to_end(key)
         return hit
+
+
+def program_cache_len() -> int:
+    """How many decoded programs :func:`cached_program` holds."""
+    with _CACHE_LOCK:
+        return len(_CACHE)
+
+
+def clear_program_cache() -> None:
+    """Forget every decoded program (and its simulator)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
 
 
 def run_program(
