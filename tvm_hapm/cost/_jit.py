@@ -31,7 +31,6 @@ _MAX_X = (1 << 12) - 1  # analytic._MAX_X: a weight DMA of more blocks takes a s
 
 _F64 = "float64[::1]"
 _I64 = "int64[::1]"
-_B1 = "boolean[::1]"
 
 
 @njit("float64(float64[::1], int64, int64)", cache=True, nogil=True)

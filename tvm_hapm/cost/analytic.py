@@ -538,10 +538,6 @@ def _struct_position_counts(cout, cin, groups, kh, kw, R, C, G, K):
     return out
 
 
-def log2p(x: float) -> float:
-    return math.log2(1.0 + max(float(x), 0.0))
-
-
 # ------------------------------------------------------------------------------ batched model
 # The same model as ``analyze_reference`` over a batch of queries, in two parts (see
 # ``docs/cost_model.md``, "Batched evaluation"):
