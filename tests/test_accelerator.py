@@ -9,13 +9,13 @@ import textwrap
 import numpy as np
 import pytest
 import tvm
-from conftest import build_int_network, llvm_reference, run_vm
 from tvm import relax
 
 import tvm_hapm
 from tvm_hapm.passes import hapm_pipeline, last_compile_report
 from tvm_hapm.runtime import last_run_stats
 from tvm_hapm.target.config import HardwareConfig, get_config
+from tvm_hapm.testing import build_int_network, llvm_reference, run_vm
 
 
 def _inputs(cfg, shape, seed=1):

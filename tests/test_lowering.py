@@ -32,36 +32,16 @@ from tvm_hapm.target.schedule import (
     plan_conv,
     plan_eltwise,
 )
+from tvm_hapm.testing import (
+    build_int_network,
+    instruction_diff,
+    llvm_reference,
+    prune_random_blocks,
+    run_vm,
+    tiny_buffers_config,
+)
 
 CFG = get_config("zedboard")
-
-
-def _tiny():
-    """Tiny buffers: channel chunking, small tiles and non-resident weights."""
-    return CFG.replace(
-        name="tiny-lowering", inp_buffer_bytes=256 * 8, wgt_buffer_bytes=16 * 64,
-        acc_buffer_bytes=256 * 32,
-    )  # fmt: skip
-
-
-def _diff(a, b):
-    for k, (x, y) in enumerate(zip(a, b, strict=False)):
-        if x != y:
-            return f"instruction {k}: {isa.disassemble(x)}  !=  {isa.disassemble(y)}"
-    return f"lengths {len(a)} != {len(b)}"
-
-
-def _prune(cfg, weight, groups, rate, rng):
-    """Zero random R x C blocks of an OIHW weight (per output-block, input-block, tap)."""
-    R, C = cfg.array_rows, cfg.array_cols
-    cout, cin_g, kh, kw = weight.shape
-    for co in range(0, cout, C):
-        for ci in range(0, cin_g, R):
-            for y in range(kh):
-                for x in range(kw):
-                    if rng.random() < rate:
-                        weight[co : co + C, ci : ci + R, y, x] = 0
-    return weight
 
 
 # (n, cin, hw, cout, k, stride, pad, dilation, groups, prune)
@@ -85,7 +65,7 @@ def _layer(shape, seed):
     rng = np.random.default_rng(seed)
     w = rng.integers(-127, 128, (cout, cin // g, k, k)).astype(np.int8)
     if prune:
-        w = _prune(CFG, w, g, prune, rng)
+        w = prune_random_blocks(CFG, w, g, prune, rng)
     x = rng.integers(-128, 128, (n, cin, hw, hw)).astype(np.int8)
     bias, mult = rng.integers(-500, 500, cout), rng.integers(1, 300, cout)
     args = ((n, cin, hw, hw), w, bias, mult, 9, (-100, 120))
@@ -104,7 +84,9 @@ def _check(cfg, shape, seed=0, schedule=None):
     ours, c_ours = htir.conv2d_program(cfg, "tir", *args, **kwargs, schedule=schedule)
     plan = ConvSchedule(**ours.info["schedule"])
     ref, c_ref = codegen.conv2d_program(cfg, "tir", *args, **kwargs, schedule=plan)
-    assert ours.instructions == ref.instructions, _diff(ours.instructions, ref.instructions)
+    assert ours.instructions == ref.instructions, instruction_diff(
+        ours.instructions, ref.instructions
+    )
     assert ours.slots == ref.slots
     for a, b in zip(c_ours, c_ref, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -120,7 +102,7 @@ def test_tir_route_equals_codegen(shape):
 
 @pytest.mark.parametrize("shape", SHAPES[:6], ids=str)
 def test_tir_route_equals_codegen_tiny_buffers(shape):
-    _check(_tiny(), shape, seed=1)
+    _check(tiny_buffers_config(), shape, seed=1)
 
 
 def test_pruned_blocks_are_skipped():
@@ -144,7 +126,9 @@ def test_dense_tir_route_equals_codegen():
     args = (CFG, "fc", (n, k), wt, rng.integers(-9, 9, m), np.ones(m), 8, (-128, 127))
     ours, c1 = htir.dense_program(*args)
     ref, c2 = codegen.dense_program(*args)
-    assert ours.instructions == ref.instructions, _diff(ours.instructions, ref.instructions)
+    assert ours.instructions == ref.instructions, instruction_diff(
+        ours.instructions, ref.instructions
+    )
     assert ours.slots == ref.slots and ours.info["kind"] == "dense"
 
 
@@ -381,7 +365,7 @@ def test_sparse_dispatch_spreads_blocks_over_the_arrays():
     cfg = CFG.replace(name="arr-sparse", num_arrays=4)
     rng = np.random.default_rng(5)
     w = rng.integers(-127, 128, (64, 32, 3, 3)).astype(np.int8)
-    w = _prune(cfg, w, 1, 0.5, rng)
+    w = prune_random_blocks(cfg, w, 1, 0.5, rng)
     args = ((1, 32, 8, 8), w, None, np.ones(64), 8, (-128, 127))
     sched = ConvSchedule(8, 8, 8, 4)
     prog, _ = codegen.conv2d_program(cfg, "s", *args, padding=(1,) * 4, schedule=sched)
@@ -420,7 +404,9 @@ def test_add_tir_route_equals_codegen(case):
     args = (CFG, "add", shape, ma, mb, shift, clip)
     ours, c1 = htir.add_program(*args)
     ref, c2 = codegen.add_program(*args)
-    assert ours.instructions == ref.instructions, _diff(ours.instructions, ref.instructions)
+    assert ours.instructions == ref.instructions, instruction_diff(
+        ours.instructions, ref.instructions
+    )
     assert ours.slots == ref.slots and c1 == c2 == []
     assert ours.info["source"] == "tir"
     rng = np.random.default_rng(5)
@@ -438,12 +424,14 @@ def test_add_tir_route_equals_codegen(case):
 def test_add_tir_route_tiny_accumulator(shape):
     # 256 accumulator entries: double-buffered tiles of at most 64 (189 entries: 3 x 63;
     # 625 entries: 9 x 63 + 58, partial)
-    cfg = _tiny()
+    cfg = tiny_buffers_config()
     args = (cfg, "add", shape, 5, 6, 3, (-128, 127))
     ours, _ = htir.add_program(*args)
     ref, _ = codegen.add_program(*args)
     assert ours.info["schedule"]["double_buffer"]
-    assert ours.instructions == ref.instructions, _diff(ours.instructions, ref.instructions)
+    assert ours.instructions == ref.instructions, instruction_diff(
+        ours.instructions, ref.instructions
+    )
     rng = np.random.default_rng(2)
     a = rng.integers(-128, 128, shape).astype(np.int8)
     b = rng.integers(-128, 128, shape).astype(np.int8)
@@ -531,7 +519,9 @@ def _gap_check(cfg, case, seed=0):
     args = (cfg, "gap", shape, mult, shift, clip)
     ours, c1 = htir.global_avg_pool_program(*args)
     ref, c2 = codegen.global_avg_pool_program(*args)
-    assert ours.instructions == ref.instructions, _diff(ours.instructions, ref.instructions)
+    assert ours.instructions == ref.instructions, instruction_diff(
+        ours.instructions, ref.instructions
+    )
     assert ours.slots == ref.slots and ours.info["source"] == "tir"
     for a, b in zip(c1, c2, strict=True):
         np.testing.assert_array_equal(a, b)
@@ -546,7 +536,7 @@ def test_global_avg_pool_tir_route_equals_codegen(case):
 
 def test_global_avg_pool_tir_route_tiny_accumulator():
     # 256 accumulator entries, 2 reserved: balanced pixel tiles of 221, 220 (partial)
-    _gap_check(_tiny(), ((2, 20, 21, 21), 9, 12, (-50, 50)), seed=3)
+    _gap_check(tiny_buffers_config(), ((2, 20, 21, 21), 9, 12, (-50, 50)), seed=3)
 
 
 # (shape, pool, stride, padding (t, l, b, r), dilation)
@@ -565,7 +555,9 @@ def _maxpool_check(cfg, case, seed=0):
     args = (cfg, "pool", shape, (k, k), (s, s), pad, (d, d))
     ours, c1 = htir.max_pool2d_program(*args)
     ref, c2 = codegen.max_pool2d_program(*args)
-    assert ours.instructions == ref.instructions, _diff(ours.instructions, ref.instructions)
+    assert ours.instructions == ref.instructions, instruction_diff(
+        ours.instructions, ref.instructions
+    )
     assert ours.slots == ref.slots and c1 == c2 == [] and ours.info["source"] == "tir"
     x = np.random.default_rng(seed).integers(-128, 128, shape).astype(np.int8)
     x.reshape(-1)[::7] = -128  # the minimum, also what the padding holds
@@ -584,20 +576,19 @@ def test_max_pool_tir_route_equals_codegen(case):
     ids=str,
 )
 def test_max_pool_tir_route_tiny_accumulator(case):
-    prog = _maxpool_check(_tiny(), case, seed=1)
+    prog = _maxpool_check(tiny_buffers_config(), case, seed=1)
     sched = prog.info["schedule"]
     assert sched["tile_h"] * sched["tile_w"] < 28 * 28  # tiled
 
 
 def test_max_pool_tiles_that_do_not_divide_are_refused():
-    args = (_tiny(), "pool", (2, 24, 14, 14), (3, 3), (2, 2), (1, 1, 1, 1))
+    args = (tiny_buffers_config(), "pool", (2, 24, 14, 14), (3, 3), (2, 2), (1, 1, 1, 1))
     with pytest.raises(htir.TirLoweringError):
         htir.max_pool2d_program(*args)
 
 
 def test_relax_flow_lowers_pools_through_tir():
     import tvm
-    from conftest import build_int_network, llvm_reference, run_vm
 
     from tvm_hapm.passes import hapm_pipeline
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from conftest import llvm_reference, run_vm
 from tvm.relax.frontend.onnx import from_onnx
 
 import tvm_hapm
 from tvm_hapm.data import load_bundled_model, load_digits
 from tvm_hapm.models import zoo
 from tvm_hapm.passes import last_compile_report
+from tvm_hapm.testing import llvm_reference, run_vm
 
 
 def _input_shape(model):

@@ -7,10 +7,9 @@ quantized with random calibration inputs and compiled for llvm next to its float
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import pytest
 import tvm
-from onnx import TensorProto, helper, numpy_helper
+from onnx import numpy_helper
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
@@ -24,156 +23,92 @@ from tvm_hapm.passes.quantize import (
     quantize,
 )
 from tvm_hapm.target.config import HardwareConfig
+from tvm_hapm.testing import (
+    ONNX_INPUT_SHAPE,
+    OnnxGraph,
+    calls,
+    random_samples,
+    rel_err,
+    residual_add_model,
+    run_llvm,
+)
 
 INT16 = HardwareConfig(act_bits=16, weight_bits=16)
 
 
 # ------------------------------------------------------------------------------------------
-# ONNX model building
+# ONNX model building (OnnxGraph and residual_add_model: tvm_hapm.testing)
 # ------------------------------------------------------------------------------------------
-class _Net:
-    """Tiny ONNX graph builder: each method adds one node and returns its output name."""
-
-    def __init__(self, seed=0):
-        self.rng = np.random.default_rng(seed)
-        self.nodes, self.inits, self.n = [], [], 0
-
-    def _out(self):
-        self.n += 1
-        return f"t{self.n}"
-
-    def const(self, value):
-        name = f"c{len(self.inits)}"
-        self.inits.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
-        return name
-
-    def node(self, op, inputs, **attrs):
-        out = self._out()
-        self.nodes.append(helper.make_node(op, inputs, [out], **attrs))
-        return out
-
-    def conv(self, x, cin, cout, *, k=3, stride=1, pad=1, group=1, bias=True):
-        fan_in = cin // group * k * k
-        w = self.rng.normal(0, np.sqrt(2.0 / fan_in), (cout, cin // group, k, k))
-        ins = [x, self.const(w)]
-        if bias:
-            ins.append(self.const(self.rng.normal(0, 0.1, cout)))
-        return self.node(
-            "Conv", ins, kernel_shape=[k, k], strides=[stride] * 2, pads=[pad] * 4, group=group
-        )
-
-    def bn(self, x, c):
-        r = self.rng
-        params = (r.uniform(0.5, 1.5, c), r.normal(0, 0.1, c), r.normal(0, 0.1, c))
-        var = r.uniform(0.5, 1.5, c)
-        ins = [x, *(self.const(p) for p in params), self.const(var)]
-        return self.node("BatchNormalization", ins, epsilon=1e-5)
-
-    def gemm(self, x, cin, cout, bias=True):
-        w = self.rng.normal(0, np.sqrt(1.0 / cin), (cout, cin))
-        ins = [x, self.const(w)] + ([self.const(self.rng.normal(0, 0.1, cout))] if bias else [])
-        return self.node("Gemm", ins, transB=1)
-
-    def clip(self, x, lo, hi):
-        return self.node("Clip", [x, self.const(lo), self.const(hi)])
-
-    def model(self, inputs, out, out_shape):
-        self.nodes[-1].output[0] = "out"
-        graph = helper.make_graph(
-            self.nodes,
-            "net",
-            [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs.items()],
-            [helper.make_tensor_value_info("out", TensorProto.FLOAT, out_shape)],
-            initializer=self.inits,
-        )
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-        m.ir_version = 8
-        onnx.checker.check_model(m)
-        return m
-
-
-X = (1, 3, 8, 8)
-
-
 def conv_bn_relu():
-    g = _Net(1)
+    g = OnnxGraph(1)
     y = g.node("Relu", [g.bn(g.conv("x", 3, 8, bias=False), 8)])
-    return g.model({"x": X}, y, [1, 8, 8, 8])
+    return g.model({"x": ONNX_INPUT_SHAPE}, y, [1, 8, 8, 8])
 
 
 def strided_odd_channels():
-    g = _Net(2)
+    g = OnnxGraph(2)
     y = g.node("Relu", [g.conv("x", 3, 5, k=3, stride=2, pad=1)])
     y = g.conv(y, 5, 7, k=1, stride=2, pad=0)
-    return g.model({"x": X}, y, [1, 7, 2, 2])
+    return g.model({"x": ONNX_INPUT_SHAPE}, y, [1, 7, 2, 2])
 
 
 def depthwise_conv():
-    g = _Net(3)
+    g = OnnxGraph(3)
     y = g.node("Relu", [g.bn(g.conv("x", 3, 6, k=1, pad=0, bias=False), 6)])
     y = g.node("Relu", [g.bn(g.conv(y, 6, 6, k=3, group=6, bias=False), 6)])
     y = g.conv(y, 6, 4, k=1, pad=0)
-    return g.model({"x": X}, y, [1, 4, 8, 8])
-
-
-def residual_add():
-    g = _Net(5)
-    x = g.node("Relu", [g.bn(g.conv("x", 3, 8, bias=False), 8)])
-    y = g.node("Relu", [g.bn(g.conv(x, 8, 8, bias=False), 8)])
-    y = g.bn(g.conv(y, 8, 8, bias=False), 8)
-    y = g.node("Relu", [g.node("Add", [y, x])])
-    return g.model({"x": X}, y, [1, 8, 8, 8])
+    return g.model({"x": ONNX_INPUT_SHAPE}, y, [1, 4, 8, 8])
 
 
 def maxpool_global_avg_pool():
-    g = _Net(6)
+    g = OnnxGraph(6)
     y = g.conv("x", 3, 8)  # no ReLU: padding of the pool must use the int minimum
     y = g.node("MaxPool", [y], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
     y = g.node("Relu", [g.conv(y, 8, 8)])
     y = g.node("Flatten", [g.node("GlobalAveragePool", [y])])
     y = g.gemm(y, 8, 10)
-    return g.model({"x": X}, y, [1, 10])
+    return g.model({"x": ONNX_INPUT_SHAPE}, y, [1, 10])
 
 
 def avgpool():
-    g = _Net(7)
+    g = OnnxGraph(7)
     y = g.node("Relu", [g.conv("x", 3, 8)])
     y = g.node("AveragePool", [y], kernel_shape=[2, 2], strides=[2, 2])
     y = g.node(
         "AveragePool", [y], kernel_shape=[3, 3], strides=[1, 1], pads=[1] * 4, count_include_pad=1
     )
     y = g.conv(y, 8, 4)
-    return g.model({"x": X}, y, [1, 4, 4, 4])
+    return g.model({"x": ONNX_INPUT_SHAPE}, y, [1, 4, 4, 4])
 
 
 def gemm():
-    g = _Net(9)
+    g = OnnxGraph(9)
     y = g.node("Flatten", [g.node("Relu", [g.conv("x", 3, 4, stride=2)])])
     y = g.node("Relu", [g.gemm(y, 64, 16)])
     y = g.gemm(y, 16, 10, bias=False)
-    return g.model({"x": X}, y, [1, 10])
+    return g.model({"x": ONNX_INPUT_SHAPE}, y, [1, 10])
 
 
 def clip6():
-    g = _Net(10)
+    g = OnnxGraph(10)
     y = g.clip(g.bn(g.conv("x", 3, 8, bias=False), 8), 0.0, 6.0)
     y = g.clip(g.conv(y, 8, 8, k=3, group=8), 0.0, 6.0)
     y = g.conv(y, 8, 4, k=1, pad=0)
-    return g.model({"x": X}, y, [1, 4, 8, 8])
+    return g.model({"x": ONNX_INPUT_SHAPE}, y, [1, 4, 8, 8])
 
 
 def bn_after_relu():
-    g = _Net(15)
+    g = OnnxGraph(15)
     y = g.bn(g.node("Relu", [g.conv("x", 3, 8)]), 8)  # no conv to fold this batch norm into
     y = g.conv(y, 8, 4)
-    return g.model({"x": X}, y, [1, 4, 8, 8])
+    return g.model({"x": ONNX_INPUT_SHAPE}, y, [1, 4, 8, 8])
 
 
 def sigmoid():
-    g = _Net(11)
+    g = OnnxGraph(11)
     y = g.node("Sigmoid", [g.conv("x", 3, 8)])
     y = g.conv(y, 8, 4)
-    return g.model({"x": X}, y, [1, 4, 8, 8])
+    return g.model({"x": ONNX_INPUT_SHAPE}, y, [1, 4, 8, 8])
 
 
 def check_clip6(q, report):
@@ -218,7 +153,7 @@ MODELS = {
     "conv_bn_relu": (conv_bn_relu, 1, 0, 0, None),
     "strided_odd_channels": (strided_odd_channels, 2, 0, 0, None),
     "depthwise_conv": (depthwise_conv, 3, 0, 0, None),
-    "residual_add": (residual_add, 3, 0, 0, check_residual),
+    "residual_add": (residual_add_model, 3, 0, 0, check_residual),
     "maxpool_global_avg_pool": (maxpool_global_avg_pool, 2, 1, 0, check_maxpool),
     "avgpool": (avgpool, 4, 0, 0, None),  # the two pools become depthwise all-ones convs
     "gemm": (gemm, 1, 2, 0, None),
@@ -231,37 +166,10 @@ MODELS = {
 # ------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------
-def samples(n, seed, shape=X):
-    rng = np.random.default_rng(seed)
-    return [rng.normal(0, 1, shape).astype(np.float32) for _ in range(n)]
-
-
-def run(mod, inputs):
-    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
-    return [vm["main"](tvm.runtime.tensor(x)).numpy() for x in inputs]
-
-
-def rel_err(mod_f, mod_q, inputs):
-    ref, got = run(mod_f, inputs), run(mod_q, inputs)
-    return max(np.linalg.norm(r - q) / np.linalg.norm(r) for r, q in zip(ref, got, strict=True))
-
-
 def pct(arrays, q=DEFAULT_PERCENTILE):
     """The calibration statistic: the percentile of |x| over all elements (numpy's linear)."""
     flat = np.concatenate([np.ravel(a) for a in arrays]).astype(np.float64)
     return float(np.percentile(np.abs(flat), q))
-
-
-def calls(mod, op_name):
-    found = []
-
-    def visit(node):
-        if isinstance(node, relax.Call) and isinstance(node.op, tvm.ir.Op):
-            if node.op.name == op_name:
-                found.append(node)
-
-    relax.analysis.post_order_visit(mod["main"], visit)
-    return found
 
 
 def dtypes(mod, op_name):
@@ -276,7 +184,7 @@ def test_int8_models(name):
     build, n_conv, n_matmul, n_host, check = MODELS[name]
     mod = from_onnx(build())
     report = []
-    cal = samples(8, 0)
+    cal = random_samples(8, 0)
     q = quantize(mod, cal, report=report)
     # (a) the expected qops chains, nothing float left in the layers
     assert dtypes(q, "relax.nn.conv2d") == ["int32"] * n_conv
@@ -300,7 +208,7 @@ def test_int8_models(name):
 @pytest.mark.parametrize("name", ["residual_add", "avgpool", "gemm"])
 def test_int16(name):
     mod = from_onnx(MODELS[name][0]())
-    cal = samples(8, 0)
+    cal = random_samples(8, 0)
     q = quantize(mod, cal, INT16)
     casts = {str(c.attrs.dtype) for c in calls(q, "relax.astype")}
     assert "int16" in casts and "int8" not in casts
@@ -311,8 +219,8 @@ def test_int16(name):
 
 
 def test_deterministic():
-    mod = from_onnx(residual_add())
-    cal = samples(4, 0)
+    mod = from_onnx(residual_add_model())
+    cal = random_samples(4, 0)
     tvm.ir.assert_structural_equal(quantize(mod, cal), quantize(mod, cal))
 
 
@@ -320,23 +228,23 @@ def test_deterministic():
 def test_expected_module_conv_relu(percentile):
     """The simplest case, spelled out with the qops emitters (scales from the maximum, or from
     a percentile of |x| over all calibration elements, as numpy computes it)."""
-    g = _Net(12)
+    g = OnnxGraph(12)
     y = g.node("Relu", [g.conv("x", 3, 4)])
-    onnx_model = g.model({"x": X}, y, [1, 4, 8, 8])
+    onnx_model = g.model({"x": ONNX_INPUT_SHAPE}, y, [1, 4, 8, 8])
     mod = from_onnx(onnx_model)
-    cal = samples(4, 0)
+    cal = random_samples(4, 0)
     q = quantize(mod, cal, percentile=percentile)
 
     w = numpy_helper.to_array(onnx_model.graph.initializer[0]).astype(np.float64)
     b = numpy_helper.to_array(onnx_model.graph.initializer[1]).astype(np.float64)
     s_in = pct(cal, percentile or 100.0) / 127
-    s_out = pct(run(mod, cal), percentile or 100.0) / 127
+    s_out = pct(run_llvm(mod, cal), percentile or 100.0) / 127
     s_w = np.abs(w).reshape(4, -1).max(axis=1) / 127
     wq = np.clip(np.round(w / s_w[:, None, None, None]), -127, 127).astype("int8")
     bq = np.round(b / (s_in * s_w)).astype(np.int32)
     mult, shift = qops.choose_multiplier(s_in * s_w / s_out)
 
-    x = relax.Var("x", relax.TensorType(X, "float32"))
+    x = relax.Var("x", relax.TensorType(ONNX_INPUT_SHAPE, "float32"))
     attrs = {k: v for k, v in mod["main"].attrs.items() if k != "global_symbol"}
     bb = relax.BlockBuilder()
     with bb.function("main", [x], attrs=attrs):
@@ -351,14 +259,16 @@ def test_expected_module_conv_relu(percentile):
 
 
 def test_multi_input_dict_calibration():
-    g = _Net(13)
+    g = OnnxGraph(13)
     a = g.node("Relu", [g.conv("a", 3, 4)])
     b = g.node("Relu", [g.conv("b", 3, 4)])
     y = g.conv(g.node("Add", [a, b]), 4, 4)
-    mod = from_onnx(g.model({"a": X, "b": X}, y, [1, 4, 8, 8]))
+    mod = from_onnx(g.model({"a": ONNX_INPUT_SHAPE, "b": ONNX_INPUT_SHAPE}, y, [1, 4, 8, 8]))
     names = [p.name for p in mod["main"].params]
     rng = np.random.default_rng(0)
-    cal = [{n: rng.normal(size=X).astype(np.float32) for n in names} for _ in range(4)]
+    cal = [
+        {n: rng.normal(size=ONNX_INPUT_SHAPE).astype(np.float32) for n in names} for _ in range(4)
+    ]
     q = quantize(mod, cal)
     assert dtypes(q, "relax.nn.conv2d") == ["int32"] * 3
     assert len(int_residual_adds(q)) == 1
@@ -369,30 +279,32 @@ def test_multi_input_dict_calibration():
 def test_pass_wrapper():
     mod = from_onnx(conv_bn_relu())
     report = []
-    q = Quantize(samples(2, 0), report=report)(mod)
+    q = Quantize(random_samples(2, 0), report=report)(mod)
     assert is_quantized(q) and len(report) == 1
 
 
 def test_already_quantized_raises():
-    q = quantize(from_onnx(conv_bn_relu()), samples(2, 0))
+    q = quantize(from_onnx(conv_bn_relu()), random_samples(2, 0))
     with pytest.raises(QuantizeError, match="already quantized"):
-        quantize(q, samples(2, 0))
+        quantize(q, random_samples(2, 0))
 
 
 def test_wrong_calibration_shape():
     mod = from_onnx(conv_bn_relu())
     with pytest.raises(QuantizeError, match=r"has shape \(1, 3, 4, 4\), expected \(1, 3, 8, 8\)"):
-        quantize(mod, samples(2, 0, shape=(1, 3, 4, 4)))
+        quantize(mod, random_samples(2, 0, shape=(1, 3, 4, 4)))
     with pytest.raises(QuantizeError, match="non-empty list"):
         quantize(mod, [])
 
 
 def test_nothing_to_quantize_warns():
-    g = _Net(14)
-    mod = from_onnx(g.model({"x": X}, g.node("Sigmoid", ["x"]), list(X)))
+    g = OnnxGraph(14)
+    mod = from_onnx(
+        g.model({"x": ONNX_INPUT_SHAPE}, g.node("Sigmoid", ["x"]), list(ONNX_INPUT_SHAPE))
+    )
     report = []
     with pytest.warns(UserWarning, match="nothing to quantize"):
-        out = quantize(mod, samples(1, 0), report=report)
+        out = quantize(mod, random_samples(1, 0), report=report)
     tvm.ir.assert_structural_equal(out, mod)
     assert report and report[0].startswith("warning")
 
@@ -401,4 +313,4 @@ def test_nothing_to_quantize_warns():
 def test_percentile_out_of_range_is_refused(percentile):
     mod = from_onnx(conv_bn_relu())
     with pytest.raises(QuantizeError, match="percentile must be in"):
-        quantize(mod, samples(2, 0), percentile=percentile)
+        quantize(mod, random_samples(2, 0), percentile=percentile)

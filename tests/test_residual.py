@@ -10,10 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tvm
-from conftest import llvm_reference, run_vm
 from onnx import numpy_helper
-from test_lowering import _prune, _tiny
-from test_quantize import X, _Net, calls, rel_err, residual_add, run, samples
 from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
@@ -25,6 +22,21 @@ from tvm_hapm.runtime.driver import run_program
 from tvm_hapm.runtime.simulator import Simulator
 from tvm_hapm.target import codegen, isa
 from tvm_hapm.target.config import get_config
+from tvm_hapm.testing import (
+    ONNX_INPUT_SHAPE,
+    RESIDUAL_CASES,
+    OnnxGraph,
+    calls,
+    fused_conv_oracle,
+    llvm_reference,
+    prune_random_blocks,
+    random_samples,
+    rel_err,
+    residual_add_model,
+    run_llvm,
+    run_vm,
+    tiny_buffers_config,
+)
 
 CFG = get_config("zedboard")
 
@@ -32,7 +44,7 @@ CFG = get_config("zedboard")
 # ------------------------------------------------------------------------------ quantizer
 def _block():
     """x -> relu(conv A) = a -> conv B (+bias, no activation) -> relu(B + a)."""
-    g = _Net(21)
+    g = OnnxGraph(21)
     a = g.node("Relu", [g.conv("x", 3, 4)])
     return g, a
 
@@ -41,11 +53,11 @@ def test_expected_module_residual_fused():
     """The fused residual spelled out: K = floor(s_a / (s_a * s_w)), widened weight scales."""
     g, a = _block()
     y = g.node("Relu", [g.node("Add", [g.conv(a, 4, 4), a])])
-    onnx_model = g.model({"x": X}, y, [1, 4, 8, 8])
+    onnx_model = g.model({"x": ONNX_INPUT_SHAPE}, y, [1, 4, 8, 8])
     g2, a2 = _block()  # the same weights, with `a` as the output: its calibration scale
-    mod_a = from_onnx(g2.model({"x": X}, a2, [1, 4, 8, 8]))
+    mod_a = from_onnx(g2.model({"x": ONNX_INPUT_SHAPE}, a2, [1, 4, 8, 8]))
     mod = from_onnx(onnx_model)
-    cal = samples(4, 0)
+    cal = random_samples(4, 0)
     report = []
     q = quantize(mod, cal, report=report)
     assert sum("residual add fused" in line for line in report) == 1, report
@@ -55,8 +67,8 @@ def test_expected_module_residual_fused():
     }
     wa, ba, wb, bb_ = (init[f"c{k}"] for k in range(4))
     s_in = float(max(np.abs(x).max() for x in cal)) / 127
-    s_a = float(max(r.max() for r in run(mod_a, cal))) / 127
-    s_out = float(max(r.max() for r in run(mod, cal))) / 127
+    s_a = float(max(r.max() for r in run_llvm(mod_a, cal))) / 127
+    s_out = float(max(r.max() for r in run_llvm(mod, cal))) / 127
     # conv A: the ordinary scheme
     s_wa = np.abs(wa).reshape(4, -1).max(axis=1) / 127
     wqa = np.clip(np.round(wa / s_wa[:, None, None, None]), -127, 127).astype("int8")
@@ -71,7 +83,7 @@ def test_expected_module_residual_fused():
     bqb = np.round(bb_ / (s_a * s_wb)).astype(np.int32)
     mb, sb = qops.choose_multiplier(s_a * s_wb / s_out)
 
-    x = relax.Var("x", relax.TensorType(X, "float32"))
+    x = relax.Var("x", relax.TensorType(ONNX_INPUT_SHAPE, "float32"))
     attrs = {key: v for key, v in mod["main"].attrs.items() if key != "global_symbol"}
     bb = relax.BlockBuilder()
     with bb.function("main", [x], attrs=attrs):
@@ -90,8 +102,8 @@ def test_expected_module_residual_fused():
 
 
 def test_fusion_keeps_accuracy_and_can_be_turned_off():
-    mod = from_onnx(residual_add())
-    cal = samples(8, 0)
+    mod = from_onnx(residual_add_model())
+    cal = random_samples(8, 0)
     fused = quantize(mod, cal)
     plain = quantize(mod, cal, fuse_residual=False)
     # fused: the shortcut is an astype -> multiply(K) term of a conv accumulator; plain: an
@@ -103,62 +115,27 @@ def test_fusion_keeps_accuracy_and_can_be_turned_off():
 
 
 def test_shortcut_weights_below_the_minimum_keep_the_add_separate(monkeypatch):
-    mod = from_onnx(residual_add())
-    cal = samples(8, 0)
+    mod = from_onnx(residual_add_model())
+    cal = random_samples(8, 0)
     plain = quantize(mod, cal, fuse_residual=False)
     monkeypatch.setattr(quantize_module, "RESIDUAL_MIN_K", 2**40)
     report = []
     refused = quantize(mod, cal, report=report)
     assert not any("fused" in line for line in report)
     assert any("(residual add, int8)" in line for line in report)
-    for a, b in zip(run(plain, cal[:2]), run(refused, cal[:2]), strict=True):
+    for a, b in zip(run_llvm(plain, cal[:2]), run_llvm(refused, cal[:2]), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
 # --------------------------------------------------------------------------- code generator
-def _np_conv(x, w, stride, pad):
-    """int64 NCHW / OIHW convolution, groups = 1, dilation 1."""
-    n, cin, h, wd = x.shape
-    cout, _, kh, kw = w.shape
-    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    oh = (h + 2 * pad - kh) // stride + 1
-    ow = (wd + 2 * pad - kw) // stride + 1
-    out = np.zeros((n, cout, oh, ow), np.int64)
-    for y in range(kh):
-        for z in range(kw):
-            win = xp[
-                :, :, y : y + stride * (oh - 1) + 1 : stride, z : z + stride * (ow - 1) + 1 : stride
-            ]
-            out += np.einsum("nchw,oc->nohw", win, w[:, :, y, z].astype(np.int64))
-    return out
-
-
-def _oracle(x, w, bias, shortcut, k, mult, shift, clip, stride, pad):
-    acc = _np_conv(x, w, stride, pad) + bias.reshape(1, -1, 1, 1)
-    acc = acc + shortcut.astype(np.int64) * k.reshape(1, -1, 1, 1)
-    acc = ((acc + 2**31) % 2**32) - 2**31  # int32 wrap-around, as the accumulator
-    y = (acc * mult.reshape(1, -1, 1, 1) + (1 << (shift - 1))) >> shift
-    return np.clip(np.clip(y, -128, 127), *clip).astype(np.int8)
-
-
-# (n, cin, hw, cout, k, stride, pad, prune)
-CASES = [
-    (1, 16, 8, 32, 3, 1, 1, 0.0),
-    (2, 13, 9, 21, 3, 2, 1, 0.0),  # odd channels, two images
-    (1, 32, 8, 32, 3, 1, 1, 0.5),  # pruned blocks
-    (1, 16, 8, 16, 3, 1, 1, 1.0),  # every block pruned: the shortcut and bias alone
-    (1, 16, 32, 16, 3, 1, 1, 0.0),  # several double-buffered regions (hoisted prologues)
-]
-
-
-@pytest.mark.parametrize("cfg", [CFG, _tiny()], ids=["zedboard", "tiny"])
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("cfg", [CFG, tiny_buffers_config()], ids=["zedboard", "tiny"])
+@pytest.mark.parametrize("case", RESIDUAL_CASES, ids=str)
 def test_fused_conv_matches_numpy_oracle(cfg, case):
     n, cin, hw, cout, kk, stride, pad, prune = case
     rng = np.random.default_rng(7)
     w = rng.integers(-127, 128, (cout, cin, kk, kk)).astype(np.int8)
     if prune:
-        w = _prune(cfg, w, 1, prune, rng)
+        w = prune_random_blocks(cfg, w, 1, prune, rng)
     x = rng.integers(-128, 128, (n, cin, hw, hw)).astype(np.int8)
     oh = (hw + 2 * pad - kk) // stride + 1
     shortcut = rng.integers(-128, 128, (n, cout, oh, oh)).astype(np.int8)
@@ -173,7 +150,7 @@ def test_fused_conv_matches_numpy_oracle(cfg, case):
     assert [s.name for s in prog.slots] == ["data", "residual", "weight_blocks", "bias_mult", "out"]
     out = np.zeros(prog.slots[-1].shape, np.int8)
     y, stats = run_program(prog, Simulator(cfg), [x, shortcut, *consts, out])
-    ref = _oracle(x, w, bias, shortcut, k, mult, 12, clip, stride, pad)
+    ref = fused_conv_oracle(x, w, bias, shortcut, k, mult, 12, clip, stride, pad)
     np.testing.assert_array_equal(y, ref)
     assert np.unique(ref).size > 5
     gemms = sum(1 for i in prog.instructions if i.opcode == isa.Opcode.GEMM)
@@ -206,8 +183,8 @@ def test_fused_conv_costs_far_less_than_conv_plus_add():
 
 # ----------------------------------------------------------------------------- whole flow
 def test_onnx_residual_network_runs_fused_and_bit_exact():
-    mod = from_onnx(residual_add())
-    cal = samples(8, 0)
+    mod = from_onnx(residual_add_model())
+    cal = random_samples(8, 0)
     q = quantize(mod, cal)
     programs = []
     ex = tvm.compile(q, target="hapm_fpga", relax_pipeline=hapm_pipeline(CFG, programs))

@@ -4,7 +4,8 @@
 from ``int32(shortcut) * K + bias``, the shortcut's DMA injected into the accumulator region,
 the prologue hoisted and the epilogues flushed partially as the direct generator does) must give
 the same slots, constants and instruction stream as ``codegen.conv2d_program(..., residual=K)``,
-and the same bits on the simulator as the NumPy oracle of ``tests/test_residual.py``.
+and the same bits on the simulator as the NumPy oracle,
+:func:`tvm_hapm.testing.fused_conv_oracle`.
 """
 
 from __future__ import annotations
@@ -13,9 +14,6 @@ import numpy as np
 import pytest
 import tvm
 import tvm_ffi
-from conftest import llvm_reference, run_vm
-from test_lowering import _diff, _prune, _tiny
-from test_residual import CASES, _oracle
 from tvm.relax.frontend.onnx import from_onnx
 
 import tvm_hapm
@@ -28,6 +26,15 @@ from tvm_hapm.target import tir as htir
 from tvm_hapm.target.config import get_config
 from tvm_hapm.target.program import pack_activation
 from tvm_hapm.target.schedule import ConvSchedule
+from tvm_hapm.testing import (
+    RESIDUAL_CASES,
+    fused_conv_oracle,
+    instruction_diff,
+    llvm_reference,
+    prune_random_blocks,
+    run_vm,
+    tiny_buffers_config,
+)
 
 CFG = get_config("zedboard")
 
@@ -39,7 +46,7 @@ def _layer(cfg, shape, seed):
     rng = np.random.default_rng(seed)
     w = rng.integers(-127, 128, (cout, cin // groups, kk, kk)).astype(np.int8)
     if prune:
-        w = _prune(cfg, w, groups, prune, rng)
+        w = prune_random_blocks(cfg, w, groups, prune, rng)
     x = rng.integers(-128, 128, (n, cin, hw, hw)).astype(np.int8)
     oh = (hw + 2 * pad - dil * (kk - 1) - 1) // stride + 1
     shortcut = rng.integers(-128, 128, (n, cout, oh, oh)).astype(np.int8)
@@ -65,7 +72,9 @@ def _check(cfg, shape, seed=0, schedule=None):
     ours, c_ours = htir.conv2d_program(cfg, "fused", *args, **kwargs, schedule=schedule)
     plan = ConvSchedule(**ours.info["schedule"])
     ref, c_ref = codegen.conv2d_program(cfg, "fused", *args, **kwargs, schedule=plan)
-    assert ours.instructions == ref.instructions, _diff(ours.instructions, ref.instructions)
+    assert ours.instructions == ref.instructions, instruction_diff(
+        ours.instructions, ref.instructions
+    )
     assert ours.slots == ref.slots
     assert [s.name for s in ours.slots] == ["data", "residual", "weight_blocks", "bias_mult", "out"]
     for a, b in zip(c_ours, c_ref, strict=True):
@@ -76,16 +85,18 @@ def _check(cfg, shape, seed=0, schedule=None):
     return ours, y, (x, shortcut, args, kwargs)
 
 
-@pytest.mark.parametrize("cfg", [CFG, _tiny()], ids=["zedboard", "tiny"])
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("cfg", [CFG, tiny_buffers_config()], ids=["zedboard", "tiny"])
+@pytest.mark.parametrize("case", RESIDUAL_CASES, ids=str)
 def test_tir_route_equals_codegen_residual(cfg, case):
-    """tests/test_residual.py's cases; the result is also the NumPy oracle's."""
+    """tests/test_residual.py's ``RESIDUAL_CASES``; the result is also the NumPy oracle's."""
     n, cin, hw, cout, kk, stride, pad, prune = case
     prog, y, (x, shortcut, args, kwargs) = _check(
         cfg, (n, cin, hw, cout, kk, stride, pad, 1, 1, prune), seed=7
     )
     w, bias, mult = args[1:4]
-    ref = _oracle(x, w, bias, shortcut, kwargs["residual"], mult, 12, (0, 120), stride, pad)
+    ref = fused_conv_oracle(
+        x, w, bias, shortcut, kwargs["residual"], mult, 12, (0, 120), stride, pad
+    )
     np.testing.assert_array_equal(y, ref)
     gemms = [i for i in prog.instructions if i.opcode == isa.Opcode.GEMM]
     assert len(gemms) > 0 or prog.info["nonzero_blocks"] == 0
@@ -166,7 +177,7 @@ def test_fused_primfunc_builds_for_llvm_and_hapm_fpga():
         np.ascontiguousarray(codegen.expand_weight_blocks(CFG, w, 1)),
         codegen.bias_mult_rows(CFG, "f", cout, bias, mult, k),
     ]
-    ref = pack_activation(_oracle(x, w, bias, shortcut, k, mult, 12, clip, 1, 1), C)
+    ref = pack_activation(fused_conv_oracle(x, w, bias, shortcut, k, mult, 12, clip, 1, 1), C)
     for mod, target in (
         (tvm.IRModule({"main": func.without_attr(htir.LAYER_ATTR)}), "llvm"),
         (htir.schedule_conv2d(func, CFG).mod, "hapm_fpga"),

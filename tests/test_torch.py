@@ -11,7 +11,6 @@ import onnx
 import pytest
 import torch
 import tvm
-from conftest import llvm_reference
 from onnx import numpy_helper
 from tvm.relax.frontend.onnx import from_onnx
 
@@ -25,6 +24,7 @@ from tvm_hapm.passes import hapm_pipeline, pruning_masks
 from tvm_hapm.passes.prune import prunable_layers
 from tvm_hapm.target.codegen import expand_weight_blocks
 from tvm_hapm.target.config import get_config
+from tvm_hapm.testing import llvm_reference
 
 torch.set_num_threads(2)
 CFG = get_config("zedboard")

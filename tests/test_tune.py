@@ -116,10 +116,10 @@ def test_rpc_tracker_and_two_servers_measure_like_local():
 def test_compile_applies_the_tuning_database(tmp_path):
     """Inside ``with database:``, tvm.compile uses the recorded schedule; results stay exact."""
     import tvm
-    from conftest import build_int_network, llvm_reference, run_vm
 
     from tvm_hapm.cost.tune import extract_tasks
     from tvm_hapm.passes import hapm_pipeline
+    from tvm_hapm.testing import build_int_network, llvm_reference, run_vm
 
     mod = build_int_network(CFG, h=9, w=11)
     tasks = extract_tasks(mod, CFG)
