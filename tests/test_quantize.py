@@ -6,6 +6,8 @@ quantized with random calibration inputs and compiled for llvm next to its float
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import tvm
@@ -31,6 +33,7 @@ from tvm_hapm.testing import (
     rel_err,
     residual_add_model,
     run_llvm,
+    run_vm,
 )
 
 INT16 = HardwareConfig(act_bits=16, weight_bits=16)
@@ -314,3 +317,27 @@ def test_percentile_out_of_range_is_refused(percentile):
     mod = from_onnx(conv_bn_relu())
     with pytest.raises(QuantizeError, match="percentile must be in"):
         quantize(mod, random_samples(2, 0), percentile=percentile)
+
+
+def test_compiler_refuses_float_layers_but_not_activation_matmuls():
+    from tvm_hapm.passes.quantize import FLOAT_MODEL_MESSAGE, float_layer_ops
+
+    g = OnnxGraph(11)
+    model = g.model({"x": ONNX_INPUT_SHAPE}, g.node("Relu", [g.conv("x", 3, 8)]), [1, 8, 8, 8])
+    mod = from_onnx(model)
+    assert float_layer_ops(mod) == ["relax.nn.conv2d"]
+    with pytest.raises(Exception, match=re.escape(FLOAT_MODEL_MESSAGE)):
+        tvm.compile(mod, target="hapm_fpga")
+    # a product of two activations is no layer: it runs on the host, the model compiles
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((4, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            h = bb.emit(relax.op.nn.relu(x))
+            y = bb.emit_output(relax.op.matmul(h, relax.op.permute_dims(h)))
+        bb.emit_func_output(y)
+    act = bb.get()
+    assert float_layer_ops(act) == []
+    a = np.random.default_rng(0).random((4, 8), dtype=np.float32)
+    out = run_vm(tvm.compile(act, target="hapm_fpga"), a)[0]
+    np.testing.assert_allclose(out, a @ a.T, rtol=1e-5)  # a >= 0: relu(a) = a

@@ -32,7 +32,7 @@ from ..target import codegen, tir
 from ..target.config import HardwareConfig, get_config
 from .partition import COMPOSITE_PREFIX
 
-__all__ = ["LowerToHapm", "LoweringError", "float_compute_ops"]
+__all__ = ["LowerToHapm", "LoweringError"]
 
 
 class LoweringError(ValueError):
@@ -219,22 +219,6 @@ def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, nam
     else:
         raise LoweringError(f"no lowering for composite {kind!r}")
     return prog, inputs, consts
-
-
-def float_compute_ops(mod: tvm.IRModule) -> list[str]:
-    """Float conv2d / matmul operators of the module (those a quantizer would have converted)."""
-    found = []
-
-    def visit(expr):
-        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
-            if expr.op.name in ("relax.nn.conv2d", "relax.matmul"):
-                if str(expr.ty.dtype).startswith("float"):
-                    found.append(expr.op.name)
-
-    for _, func in mod.functions_items():
-        if isinstance(func, relax.Function):
-            relax.analysis.post_order_visit(func.body, visit)
-    return found
 
 
 def LowerToHapm(config: HardwareConfig | None = None, programs: list | None = None):  # noqa: N802

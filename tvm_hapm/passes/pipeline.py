@@ -17,8 +17,9 @@ from tvm import relax
 from tvm.relax import pipeline as _relax_pipeline
 
 from ..target.config import HardwareConfig, get_config, is_hapm_target
-from .lower import LoweringError, LowerToHapm, float_compute_ops
+from .lower import LoweringError, LowerToHapm
 from .partition import PartitionForHapm, host_operator_report
+from .quantize import FLOAT_MODEL_MESSAGE, float_layer_ops
 
 __all__ = ["offload_passes", "hapm_pipeline", "last_compile_report", "CompileReport"]
 
@@ -46,12 +47,10 @@ def offload_passes(config: HardwareConfig | None = None, programs: list | None =
     def _offload(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         global _LAST_REPORT
         cfg = get_config(config)
-        floats = float_compute_ops(mod)
+        floats = float_layer_ops(mod)
         if floats:
             raise LoweringError(
-                f"hapm_fpga runs integer layers, but the model has {len(floats)} float "
-                f"conv2d/matmul operators: quantize it first with "
-                f"tvm_hapm.quantize(mod, calibration=[sample inputs as numpy arrays])"
+                f"the model has {len(floats)} float conv2d/matmul layers; {FLOAT_MODEL_MESSAGE}"
             )
         progs: list = [] if programs is None else programs
         mod = PartitionForHapm(cfg)(mod)

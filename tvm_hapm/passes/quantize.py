@@ -67,6 +67,7 @@ __all__ = [
     "quantize",
     "Quantize",
     "is_quantized",
+    "float_layer_ops",
     "has_float_compute",
 ]
 
@@ -200,8 +201,9 @@ def is_quantized(mod: tvm.IRModule) -> bool:
     return False
 
 
-def has_float_compute(mod: tvm.IRModule) -> bool:
-    """Whether ``mod`` has a float conv2d or a float matmul with a weight operand.
+def float_layer_ops(mod: tvm.IRModule) -> list[str]:
+    """The float conv2d calls and float matmuls with a weight operand of ``mod``: the layers
+    :func:`quantize` turns into integer ones, which the accelerator cannot run as floats.
 
     A matmul counts when one of its operands is a constant or a function parameter (a layer
     with weights); a matmul of two computed activations is not a layer :func:`quantize` can
@@ -214,20 +216,27 @@ def has_float_compute(mod: tvm.IRModule) -> bool:
 
     Returns
     -------
-    bool
-        True for a float model (the compiler then refuses it with :data:`FLOAT_MODEL_MESSAGE`).
+    list of str
+        The operator name of each such call (empty for a quantized model); the compiler refuses
+        a model with any, with :data:`FLOAT_MODEL_MESSAGE`.
     """
+    found = []
     for func in _relax_functions(mod):
         params = list(func.params)
         for call in _calls(func):
             if not (_dtype(call) or "").startswith(("float", "bfloat")):
                 continue
-            if op_name(call) == _CONV:
-                return True
-            for arg in call.args[:2]:
-                if isinstance(arg, tvm.ir.Constant) or any(arg.same_as(p) for p in params):
-                    return True
-    return False
+            if op_name(call) == _CONV or any(
+                isinstance(arg, tvm.ir.Constant) or any(arg.same_as(p) for p in params)
+                for arg in call.args[:2]
+            ):
+                found.append(op_name(call))
+    return found
+
+
+def has_float_compute(mod: tvm.IRModule) -> bool:
+    """Whether ``mod`` has a float layer (:func:`float_layer_ops`)."""
+    return bool(float_layer_ops(mod))
 
 
 # --------------------------------------------------------------------------------------------
