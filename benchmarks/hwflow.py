@@ -68,6 +68,16 @@ def int8(model, cfg, x_cal, data, pct, engine):
                               engine=engine)  # fmt: skip
 
 
+def recovery(args):
+    """The fine-tuning of every winner: SGD, learning rate 0.01 decayed to zero, batch 128, the
+    augmentation the networks were trained with (digits: crops only)."""
+    from tvm_hapm.torch import TrainConfig
+
+    fashion = args.dataset == "fashion-mnist"
+    return TrainConfig(batch_size=128, lr=0.01, weight_decay=5e-4,
+                       crop_padding=4 if fashion else 2, flip=fashion, seed=args.seed)  # fmt: skip
+
+
 def run_model(name, args, cfg, log=print, done=None) -> dict:
     model, train, val, test, pct = load(args.dataset, name)
     x_tr = train[0]
@@ -99,7 +109,7 @@ def run_model(name, args, cfg, log=print, done=None) -> dict:
         res = hwflow.optimize(model, train, cfg, method=method, episodes=args.episodes,
                               seed=args.seed, env=env)  # fmt: skip
         res.search_seconds = time.perf_counter() - t0
-        f = hwflow.finalize(res, env, test, steps, True, args.seed)
+        f = hwflow.finalize(res, env, test, steps, True, args.seed, train_config=recovery(args))
         row = res.to_dict()
         row.update({
             "latency_reduction": d_lat / f["sim_latency_ms"],
