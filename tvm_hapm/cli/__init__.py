@@ -1,0 +1,118 @@
+"""The ``hapm`` command line: compile ONNX models for hapm_fpga, run them, read their programs.
+
+Subcommands
+-----------
+``hapm compile MODEL.onnx --calibration DATA.npy -o OUT/``
+    Import an ONNX model, quantize it with calibration samples and compile it for a hapm_fpga
+    target.  Writes ``OUT/model.so`` (a TVM Relax executable), ``OUT/programs/<layer>.hapm`` and
+    ``<layer>.s`` (the accelerator programs, binary and disassembled) and ``OUT/report.json``.
+``hapm run OUT/ --input X.npy [--output Y.npy]``
+    Load ``OUT/model.so``, run it on ``X`` and print the accelerator statistics of the run.
+``hapm profile MODEL.onnx [--calibration DATA.npy] [--input X.npy] -o OUT/``
+    Compile the model, run it once on the simulator with the timing model and write
+    ``OUT/profile.json`` (per layer and total: cycles, ms, utilisation, roofline, stalls, DRAM
+    traffic, energy) and ``OUT/trace.json`` (a Chrome/Perfetto trace of the load, compute and
+    store modules and the arrays); print the profile as a table.
+``hapm disasm FILE.hapm|DIR``
+    Print the header and the numbered instructions of accelerator programs.
+``hapm demo [--out DIR]``
+    Quantize, compile and evaluate the bundled digits CNN on the bundled test set.
+``hapm presets``
+    List the hardware presets.
+
+User errors (missing or malformed files, data of the wrong shape, unknown targets) print one
+line on standard error and exit with status 2; no traceback is shown.
+
+Modules
+-------
+This module wires the parser (:data:`SUBCOMMANDS`) and runs a command (:func:`main`).  The
+commands live in ``deploy`` (compile, run, profile, disasm, presets), ``prune`` (prune,
+optimize), ``tune`` and ``demo``; they share ``io`` (reading inputs, resolving targets,
+quantizing, compiling, writing artifacts), ``ui`` (progress display, tables) and ``errors``
+(:class:`CliError`).  Command modules import the shared modules, never each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+
+from . import demo, deploy, prune, tune
+from .errors import EXIT_USER_ERROR, CliError
+
+__all__ = ["CliError", "main"]
+
+#: The subcommands in the order ``hapm --help`` lists them: name, one-line help, the function
+#: that adds the command's arguments to its parser, and the command, ``(args, console) -> int``.
+SUBCOMMANDS = (
+    ("compile", "quantize and compile an ONNX model for hapm_fpga",
+     deploy.add_compile_arguments, deploy.cmd_compile),
+    ("prune", "prune an ONNX model (hapm, unstructured or filter)",
+     prune.add_prune_arguments, prune.cmd_prune),
+    ("optimize", "HW-Flow: search per-layer pruning ratios on hardware",
+     prune.add_optimize_arguments, prune.cmd_optimize),
+    ("tune", "autotune the convolution schedules of an ONNX model",
+     tune.add_tune_arguments, tune.cmd_tune),
+    ("run", "run a compiled model on a .npy input",
+     deploy.add_run_arguments, deploy.cmd_run),
+    ("profile", "compile, run once with the timing model, write a profile and a trace",
+     deploy.add_profile_arguments, deploy.cmd_profile),
+    ("disasm", "disassemble .hapm programs",
+     deploy.add_disasm_arguments, deploy.cmd_disasm),
+    ("demo", "a trained CNN int8 on the accelerator, then HAPM vs standard pruning",
+     demo.add_demo_arguments, demo.cmd_demo),
+    ("presets", "list the hardware presets",
+     deploy.add_presets_arguments, deploy.cmd_presets),
+)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``hapm`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="hapm",
+        description="Compile and run ONNX CNNs on the (simulated) hapm_fpga accelerator.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text, add_arguments, command in SUBCOMMANDS:
+        p = sub.add_parser(name, help=help_text)
+        add_arguments(p)
+        p.set_defaults(func=command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``hapm`` command line.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name; defaults to ``sys.argv[1:]``.
+
+    Returns
+    -------
+    int
+        Exit status: 0 on success, 2 on a user error (usage, missing or malformed files,
+        wrong data shapes, unknown targets).
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (2) and --help (0)
+        return int(exc.code or 0)
+    # Off a terminal rich assumes 80 columns; the tables read better a little wider.
+    width = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120
+    console = Console(width=width)
+    try:
+        return int(args.func(args, console) or 0)
+    except CliError as err:
+        Console(stderr=True, soft_wrap=True).print(
+            f"[bold red]hapm {args.command}: error:[/] {escape(str(err))}", highlight=False
+        )
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        return 130
