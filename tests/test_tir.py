@@ -195,7 +195,7 @@ def test_llvm_build_without_kernel_is_unaffected():
     lib["main"](tvm.runtime.tensor(x), out)
     np.testing.assert_array_equal(out.numpy(), x * 3 + 1)
     # The wrapped default pipeline compiles such a module to the same code as TVM's own.
-    tvm.tirx.register_tir_pipeline("hapm_fpga_test.original_s_tir", htir._ORIGINAL_S_TIR)
+    tvm.tirx.register_tir_pipeline("hapm_fpga_test.original_s_tir", htir.ORIGINAL_S_TIR)
     theirs = tvm.tirx.build(mod, "llvm", pipeline="hapm_fpga_test.original_s_tir")
     assert lib.inspect_source("ll") == theirs.inspect_source("ll")
 

@@ -24,8 +24,6 @@ import json
 import time
 from dataclasses import asdict, dataclass
 
-import tvm_ffi
-
 from ..target.program import Program
 
 __all__ = [
@@ -66,18 +64,16 @@ def measure_program(program: Program | bytes) -> MeasureResult:
     return MeasureResult(int(result.cycles), float(result.latency_ms), float(energy.total_uj))
 
 
-def _measure_json(data) -> str:
+def measure_json(data) -> str:
+    """``hapm_fpga.measure(program_bytes)``: :func:`measure_program` as JSON (errors included)."""
     try:
         return json.dumps(measure_program(bytes(data)).to_dict())
     except Exception as err:
         return json.dumps(MeasureResult(error=f"{type(err).__name__}: {err}").to_dict())
 
 
-tvm_ffi.register_global_func(MEASURE_FUNC, _measure_json, override=True)
-
-
 def _measure_bytes(data: bytes) -> dict:
-    return json.loads(_measure_json(data))
+    return json.loads(measure_json(data))
 
 
 class LocalRunner:

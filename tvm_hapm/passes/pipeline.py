@@ -76,24 +76,26 @@ def offload_passes(config: HardwareConfig | None = None, programs: list | None =
     return _offload
 
 
-@relax.register_pipeline(PIPELINE_NAME)
 def hapm_pipeline(config: HardwareConfig | None = None, programs: list | None = None):
     """The named pipeline: offload, then TVM's default build pipeline for the host."""
     return tvm.transform.Sequential(
-        [offload_passes(config, programs), _ORIGINAL_DEFAULT()], name="hapm_fpga_pipeline"
+        [offload_passes(config, programs), ORIGINAL_DEFAULT()], name="hapm_fpga_pipeline"
     )
 
 
-# The unwrapped factory, also when this module is imported again (e.g. importlib.reload).
-_ORIGINAL_DEFAULT = getattr(
+#: TVM's own "default" Relax pipeline factory (unwrapped if this module is imported again).
+ORIGINAL_DEFAULT = getattr(
     _relax_pipeline.PIPELINE_MAP["default"],
-    "_hapm_original",
+    "hapm_original",
     _relax_pipeline.PIPELINE_MAP["default"],
 )
 
 
-def _default_with_offload(*args, **kwargs):
-    base = _ORIGINAL_DEFAULT(*args, **kwargs)
+def default_with_offload(*args, **kwargs):
+    """TVM's "default" Relax pipeline, preceded by :func:`offload_passes` when the current
+    target is a hapm_fpga target (what makes ``tvm.compile(mod, target="hapm_fpga")`` offload;
+    installed in place of "default" by :mod:`tvm_hapm._registry`)."""
+    base = ORIGINAL_DEFAULT(*args, **kwargs)
 
     @tvm.transform.module_pass(opt_level=0, name="DefaultPipelineWithHapmOffload")
     def _pipeline(mod: tvm.IRModule, ctx) -> tvm.IRModule:
@@ -105,5 +107,4 @@ def _default_with_offload(*args, **kwargs):
     return _pipeline
 
 
-_default_with_offload._hapm_original = _ORIGINAL_DEFAULT
-_relax_pipeline.PIPELINE_MAP["default"] = _default_with_offload
+default_with_offload.hapm_original = ORIGINAL_DEFAULT

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
-import tvm_ffi
 
 from ..target.program import Program, ProgramError, pack_activation, unpack_activation
 from .simulator import ExecutionStats, Simulator
@@ -32,6 +31,7 @@ __all__ = [
     "last_run_stats",
     "profile",
     "program_cache_len",
+    "run_packed",
     "run_program",
 ]
 
@@ -215,7 +215,7 @@ def run_program(
     return out.reshape(out_slot.shape), stats
 
 
-def _run_packed(program, *args):
+def run_packed(program, *args):
     """``hapm_fpga.run(program_u8, *inputs, out)``: the entry compiled executables call."""
     global _CURRENT
     prog, sim = cached_program(np.from_dlpack(program).tobytes())
@@ -227,6 +227,3 @@ def _run_packed(program, *args):
     if _PROFILING[0]:
         _CURRENT.traces.append(LayerTrace(prog, sim.last_timing, sim.last_energy))
     arrays[-1][...] = y
-
-
-tvm_ffi.register_global_func(RUN_FUNC, _run_packed, override=True)

@@ -2,9 +2,7 @@
 
 from . import isa
 from .config import DEFAULT_PRESET, PRESETS, HardwareConfig, HardwareConfigError, get_config
-from .tag import hapm_target, register_tags
-
-register_tags()
+from .tag import hapm_target
 
 __all__ = [
     "DEFAULT_PRESET",

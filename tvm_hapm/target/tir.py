@@ -2214,8 +2214,9 @@ def OffloadHapmKernels():  # noqa: N802 - TVM pass naming
     )
 
 
-_ORIGINAL_S_TIR = getattr(
-    _tir_pipeline.PIPELINE_MAP["s_tir"], "_hapm_original", _tir_pipeline.PIPELINE_MAP["s_tir"]
+#: TVM's own "s_tir" pipeline factory (unwrapped if this module is imported again).
+ORIGINAL_S_TIR = getattr(
+    _tir_pipeline.PIPELINE_MAP["s_tir"], "hapm_original", _tir_pipeline.PIPELINE_MAP["s_tir"]
 )
 
 
@@ -2225,7 +2226,7 @@ def hapm_tir_pipeline(**kwargs):
     Returns ``(pass, finalize_host_passes, finalize_device_passes)`` like every TIR pipeline
     factory.  A module without hapm_fpga kernels goes through the original pipeline unchanged.
     """
-    base, finalize_host, finalize_device = _ORIGINAL_S_TIR(**kwargs)
+    base, finalize_host, finalize_device = ORIGINAL_S_TIR(**kwargs)
 
     @tvm.transform.module_pass(opt_level=0, name="hapm_fpga.TIRPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
@@ -2240,17 +2241,14 @@ def hapm_tir_pipeline(**kwargs):
     return _pipeline, finalize_host, finalize_device
 
 
-hapm_tir_pipeline._hapm_original = _ORIGINAL_S_TIR
-_tir_pipeline.register_tir_pipeline("hapm_fpga", hapm_tir_pipeline)
-# "default" resolves to "s_tir" in tvm.tirx.get_tir_pipeline: wrap that entry.
-_tir_pipeline.PIPELINE_MAP["s_tir"] = hapm_tir_pipeline
+hapm_tir_pipeline.hapm_original = ORIGINAL_S_TIR
 
 
 # =============================================================================================
 # runtime entry
 
 
-def _run_tir(program_b64, *tensors):
+def run_tir_packed(program_b64, *tensors):
     """``hapm_fpga.run_tir(program_base64, *buffers)``: run on the simulator, fill the output."""
     from ..runtime.driver import cached_program, run_program
 
@@ -2260,6 +2258,3 @@ def _run_tir(program_b64, *tensors):
     arrays = [t.numpy() for t in tensors]
     y, _ = run_program(prog, sim, arrays)
     tensors[-1].copyfrom(np.ascontiguousarray(y))
-
-
-tvm_ffi.register_global_func(RUN_TIR_FUNC, _run_tir, override=True)

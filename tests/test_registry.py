@@ -1,0 +1,33 @@
+"""Registration with TVM happens in one place, on import, and is idempotent."""
+
+from __future__ import annotations
+
+import tvm
+import tvm_ffi
+from tvm.relax import pipeline as relax_pipelines
+from tvm.tirx import compilation_pipeline as tir_pipelines
+
+import tvm_hapm
+from tvm_hapm import _registry
+from tvm_hapm.passes import pipeline
+from tvm_hapm.target import tir
+
+
+def test_import_registers_tags_pipelines_and_functions():
+    assert relax_pipelines.PIPELINE_MAP["default"] is pipeline.default_with_offload
+    assert relax_pipelines.PIPELINE_MAP["hapm_fpga"] is pipeline.hapm_pipeline
+    assert tir_pipelines.PIPELINE_MAP["s_tir"] is tir.hapm_tir_pipeline
+    for name in ("hapm_fpga.run", "hapm_fpga.run_tir", "hapm_fpga.measure"):
+        assert tvm_ffi.get_global_func(name) is not None, name
+    for tag in ["hapm_fpga", *(f"hapm_fpga-{p}" for p in tvm_hapm.target.PRESETS)]:
+        assert "hapm_fpga" in [str(k) for k in tvm.target.Target(tag).keys], tag
+
+
+def test_registering_again_wraps_tvm_pipelines_once():
+    _registry.register()
+    _registry.register()
+    wrapped = relax_pipelines.PIPELINE_MAP["default"]
+    assert wrapped is pipeline.default_with_offload
+    original = wrapped.hapm_original
+    assert not hasattr(original, "hapm_original")  # TVM's own factory, not a wrapper
+    assert not hasattr(tir.hapm_tir_pipeline.hapm_original, "hapm_original")
