@@ -41,7 +41,10 @@ def register() -> None:
     from .target import tag, tir
 
     tag.register_tags()
-    relax.register_pipeline(pipeline.PIPELINE_NAME)(pipeline.hapm_pipeline)
+    if pipeline.PIPELINE_NAME in relax_pipelines.PIPELINE_MAP:  # registered before
+        relax_pipelines.PIPELINE_MAP[pipeline.PIPELINE_NAME] = pipeline.hapm_pipeline
+    else:
+        relax.register_pipeline(pipeline.PIPELINE_NAME)(pipeline.hapm_pipeline)
     relax_pipelines.PIPELINE_MAP["default"] = pipeline.default_with_offload
     tir_pipelines.register_tir_pipeline("hapm_fpga", tir.hapm_tir_pipeline)
     tir_pipelines.PIPELINE_MAP["s_tir"] = tir.hapm_tir_pipeline
