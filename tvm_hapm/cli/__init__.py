@@ -15,8 +15,22 @@ Subcommands
     store modules and the arrays); print the profile as a table.
 ``hapm disasm FILE.hapm|DIR``
     Print the header and the numbered instructions of accelerator programs.
-``hapm demo [--out DIR]``
-    Quantize, compile and evaluate the bundled digits CNN on the bundled test set.
+``hapm prune MODEL.onnx --method hapm|unstructured|filter --sparsity S [--data DATA.npz] -o OUT/``
+    Prune (HAPM hardware groups with the ``layer``, ``global`` or ``per_mac`` ranking, or the
+    baselines) and, with ``--data``, recover (least-squares reconstruction, then fine-tuning in
+    PyTorch when installed, else TVM); writes ``OUT/pruned.onnx`` and ``OUT/prune_report.json``.
+``hapm optimize MODEL.onnx --data DATA.npz -o OUT/``
+    HW-Flow: search per-layer HAPM ratios under an accuracy budget with the hardware judged at
+    the coarse, mid, fine or simulator level; writes the pruned model, the executable, a report
+    and a Pareto plot.
+``hapm tune MODEL.onnx --calibration DATA.npy -o DB.json``
+    Autotune the layer schedules (locally or over a TVM RPC tracker); ``hapm compile
+    --tuning-db DB.json`` uses the records.
+``hapm demo [--out DIR] [--dataset auto|fashion-mnist|digits]``
+    The bundled ResNet-20 trained on Fashion-MNIST (when installed; else the digits CNN)
+    quantized, compiled and run on the simulated accelerator and checked against the int8
+    reference, then dense vs unstructured, filter and HAPM pruning at one sparsity, each
+    recovered and deployed.
 ``hapm presets``
     List the hardware presets.
 
