@@ -132,7 +132,7 @@ def test_per_mac_allocation_is_the_pass_ranking_on_the_grid(setup):
 
 def test_int8_weight_grid_is_per_output_channel(setup):
     _, _, env = setup
-    grid = env._weight_grid(env.net.inits)
+    grid = env.weight_grid(env.net.inits)
     hi = env.config.weight_range[1]
     for li, name in enumerate(env.weight_names):
         w, q = env.net.inits[name], grid[name]
