@@ -21,10 +21,19 @@ from tvm_hapm import atomic  # noqa: E402  (after the sys.path entry)
 
 def machine_info() -> dict:
     """CPU count, platform, versions and the load average when the run started."""
+    import subprocess
+
     import numpy
     import tvm
 
+    import tvm_hapm
+
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.strip()
     info = {
+        "package": str(Path(tvm_hapm.__file__).parent),
+        "commit": commit or None,
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
