@@ -1,13 +1,21 @@
-"""Atomic file output: a file is written under a temporary name beside its destination and renamed
-into place only once complete, so an interrupted run leaves the previous file intact."""
+"""Atomic output: a file or a folder is written under a temporary name beside its destination and
+renamed into place only once complete, so an interrupted run leaves the previous output intact."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["write_bytes", "write_text"]
+__all__ = ["replaced_dir", "write_bytes", "write_text"]
+
+_RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths atomically (renameat2, Linux >= 3.15)
+_AT_FDCWD = -100
 
 
 def write_bytes(path, data: bytes) -> Path:
@@ -42,3 +50,69 @@ def write_bytes(path, data: bytes) -> Path:
 def write_text(path, text: str) -> Path:
     """:func:`write_bytes` of ``text`` encoded as UTF-8."""
     return write_bytes(path, text.encode("utf-8"))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap ``a`` and ``b`` in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False
+    where the system cannot."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError, TypeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    res = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return res == 0
+
+
+@contextlib.contextmanager
+def replaced_dir(path, marker: str | None = None) -> Iterator[Path]:
+    """Build the new content of the folder ``path`` in a temporary sibling, which is yielded; it
+    replaces ``path`` when the block completes.
+
+    When the block raises (Ctrl-C included) the sibling is removed and ``path`` is left as it
+    was.  The replacement is one atomic exchange of the two folders where the system has
+    ``renameat2`` (Linux), else two renames; the old content is deleted only once the new one is
+    in place, so files of the old output that the new one does not have do not survive.
+
+    Parameters
+    ----------
+    path : str or Path
+        The folder to write; its parent must exist.
+    marker : str, optional
+        A file every output of this kind has (e.g. ``"report.json"``): a non-empty folder at
+        ``path`` without it is not replaced (``FileExistsError``), so a folder the user named by
+        mistake is never deleted.
+
+    Raises
+    ------
+    NotADirectoryError
+        ``path`` is a file.
+    FileExistsError
+        ``path`` is a non-empty folder without ``marker``.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} is a file, not a folder")
+    if marker is not None and path.is_dir() and any(path.iterdir()):
+        if not (path / marker).exists():
+            raise FileExistsError(
+                f"{path} is a folder with other content (no {marker}); it is not replaced"
+            )
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if not path.exists():
+            os.rename(tmp, path)
+            return
+        if _exchange(tmp, path):  # tmp now holds the old output
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        os.rmdir(old)
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

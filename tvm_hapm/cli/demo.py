@@ -16,6 +16,7 @@ from .io import (
     compile_model,
     import_onnx,
     import_tvm,
+    output_dir,
     program_rows,
     quantize_module,
     resolve_target,
@@ -166,9 +167,9 @@ def _demo_fashion(args, console: Console, data) -> None:
 
 def _demo_export(args, progress, ex, programs, cfg, report, name, batch, shape) -> None:
     if args.out:  # export before a VM loads the executable
-        with stage(progress, "export"):
+        with stage(progress, "export"), output_dir(Path(args.out)) as staged:
             write_artifacts(
-                Path(args.out), ex, programs, cfg, report=report,
+                staged, ex, programs, cfg, report=report,
                 extra={"model": name, "input": {"name": "input", "shape": [batch, *shape],
                                                 "dtype": "float32"}},
             )  # fmt: skip

@@ -32,6 +32,7 @@ from .io import (
     load_npy,
     load_onnx,
     model_input,
+    output_dir,
     program_listing,
     quantize_module,
     read_program,
@@ -101,9 +102,9 @@ def cmd_compile(args, console: Console) -> int:
             with _tuning_database(args.tuning_db):
                 ex, programs, report = compile_model(qmod, tgt, cfg)
             seconds = time.perf_counter() - t0
-        with stage(progress, "export"):
+        with stage(progress, "export"), output_dir(out) as staged:
             full = write_artifacts(
-                out,
+                staged,
                 ex,
                 programs,
                 cfg,

@@ -8,12 +8,14 @@ Every failure a user can cause raises :class:`~tvm_hapm.cli.errors.CliError`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 from pathlib import Path
 
 import numpy as np
 
+from .. import atomic
 from .errors import CliError, one_line
 
 #: The Relax executable in a directory written by ``hapm compile``.
@@ -288,8 +290,27 @@ def _opcode_counts(instructions) -> dict:
     return counts
 
 
+@contextlib.contextmanager
+def output_dir(out: Path, marker: str = REPORT_JSON):
+    """A fresh folder to write a command's outputs into, which replaces ``out`` only once the
+    block completes (:func:`tvm_hapm.atomic.replaced_dir`): an interrupted or failed command
+    leaves the previous output as it was, and a new output leaves no stale file of the old one.
+    A file at ``out``, or a non-empty folder without ``marker`` (not a previous output), is a
+    :class:`CliError`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staged = atomic.replaced_dir(out, marker)
+    try:
+        tmp = staged.__enter__()
+    except (NotADirectoryError, FileExistsError) as err:
+        raise CliError(f"-o {out}: {err}") from None
+    with contextlib.ExitStack() as stack:
+        stack.push(staged)
+        yield tmp
+
+
 def write_artifacts(out: Path, ex, programs, config, *, report: dict, extra: dict) -> dict:
-    """Write ``model.so``, the programs and ``report.json`` into ``out``; returns the report."""
+    """Write ``model.so``, the programs and ``report.json`` into ``out`` (a folder from
+    :func:`output_dir`); returns the report."""
     import tvm
 
     out.mkdir(parents=True, exist_ok=True)

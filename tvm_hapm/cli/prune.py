@@ -22,6 +22,7 @@ from .io import (
     import_onnx,
     json_default,
     load_onnx,
+    output_dir,
     quantize_module,
     resolve_target,
     write_artifacts,
@@ -215,7 +216,6 @@ def cmd_optimize(args, console: Console) -> int:
     if args.max_accuracy_drop < 0:
         raise CliError("--max-accuracy-drop must be >= 0 (percentage points)")
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     data = _load_training_data(args.data, with_test=True)
     with progress_display(console) as progress:
         with stage(progress, "load ONNX"):
@@ -240,10 +240,8 @@ def cmd_optimize(args, console: Console) -> int:
                 )
             except ValueError as err:
                 raise CliError(str(err)) from None
-        with stage(progress, f"compile for {cfg.name}"):
-            import onnx
-
-            onnx.save(res.model, str(out / "pruned.onnx"))
+        with stage(progress, f"compile for {cfg.name}"), output_dir(out) as staged:
+            (staged / "pruned.onnx").write_bytes(res.model.SerializeToString())
             # the calibration finalize's int8 test accuracy used: the executable written is the
             # model that accuracy was measured on
             calib = list(env.x_tune[: hwflow.INT8_EVAL_BATCH, None])
@@ -251,11 +249,12 @@ def cmd_optimize(args, console: Console) -> int:
                 import_onnx(res.model), calib, cfg, percentile=args.calibration_percentile
             )
             ex, programs, report = compile_model(qmod, tgt, cfg)
-            write_artifacts(out, ex, programs, cfg, report=report, extra={"model": args.model})
-    (out / "optimize_report.json").write_text(
-        json.dumps(res.to_dict(), indent=2, sort_keys=True, default=json_default)
-    )
-    plot = hwflow.pareto_plot([res], out / "pareto.png", args.objective)
+            write_artifacts(staged, ex, programs, cfg, report=report, extra={"model": args.model})
+            (staged / "optimize_report.json").write_text(
+                json.dumps(res.to_dict(), indent=2, sort_keys=True, default=json_default)
+            )
+            hwflow.pareto_plot([res], staged / "pareto.png", args.objective)
+    plot = out / "pareto.png"
     table = Table(title=f"HW-Flow ({args.method} guided by {args.level}, {args.objective})")
     for col in ("", "latency ms", "energy µJ"):
         table.add_column(col, justify="left" if not col else "right")
