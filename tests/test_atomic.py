@@ -116,3 +116,18 @@ def test_compile_output_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch, c
     assert _compile(mine, calib) == 2 and (mine / "notes.txt").read_text() == "keep"
     assert _compile(calib, calib) == 2 and np.load(calib).shape == (4, 1, 16, 16)
     assert "-o" in capsys.readouterr().err
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    f = atomic.write_bytes(tmp_path / "a.bin", b"x")
+    assert f.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0600
+    os.chmod(f, 0o640)
+    atomic.write_bytes(f, b"y")
+    assert f.stat().st_mode & 0o777 == 0o640  # a replaced file keeps its mode
+    with atomic.replaced_dir(tmp_path / "d") as staged:
+        (staged / "f").write_text("z")
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o777 & ~mask

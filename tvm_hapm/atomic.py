@@ -34,17 +34,26 @@ def write_bytes(path, data: bytes) -> Path:
         ``path``.
     """
     path = Path(path)
+    # the permissions a plain open() would give (mkstemp makes the file private), or the old file's
+    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path, text: str) -> Path:
@@ -100,6 +109,7 @@ def replaced_dir(path, marker: str | None = None) -> Iterator[Path]:
                 f"{path} is a folder with other content (no {marker}); it is not replaced"
             )
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, path.stat().st_mode & 0o7777 if path.is_dir() else 0o777 & ~_umask())
     try:
         yield tmp
         if not path.exists():
