@@ -234,14 +234,14 @@ def main(argv=None) -> dict:
                               percentile=pct, engine=args.engine)  # fmt: skip
         dense = {"acc": d.accuracy, "lat": d.latency_ms, "energy": d.energy_uj,
                  "gemm": d.gemms, "correct": d.correct}  # fmt: skip
-        console.print(f"[{name}] dense: int8 {d.accuracy:.2f}%  {d.latency_ms:.3f} ms  "
+        console.print(f"\\[{name}] dense: int8 {d.accuracy:.2f}%  {d.latency_ms:.3f} ms  "
                       f"{d.energy_uj:.1f} µJ  ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
         for s in args.sparsities:
             if f"{s:g}" in rows:
                 continue
             rows[f"{s:g}"] = run_sparsity(
                 s, base, (train, val, test, pct), args, cfg, dense,
-                lambda msg, n=name: console.print(f"[{n}] {msg}"),
+                lambda msg, n=name: console.print(f"\\[{n}] {msg}"),
             )  # fmt: skip
             payload[f"targets_{name}"] = targets(rows)
             write_json(args.out, payload)
