@@ -21,6 +21,7 @@ from .io import (
     REPORT_JSON,
     add_target_args,
     batches,
+    calibration_batches,
     compile_model,
     existing_file,
     fix_batch,
@@ -87,13 +88,7 @@ def cmd_compile(args, console: Console) -> int:
         with stage(progress, "import ONNX"):
             model = fix_batch(load_onnx(args.model), args.batch)
             name, shape, dtype = model_input(model)
-            calib = batches(
-                load_npy(args.calibration, "calibration"),
-                shape,
-                dtype,
-                f"calibration data {args.calibration}",
-                limit=args.calibration_samples,
-            )
+            calib = calibration_batches(args, shape, dtype)
             mod = import_onnx(model)
         with stage(progress, f"quantize ({len(calib)} batches)"):
             qmod = quantize_module(mod, calib, cfg)
@@ -230,13 +225,7 @@ def cmd_profile(args, console: Console) -> int:
                 return rng.standard_normal(dims).astype(dtype)
 
             if args.calibration:
-                calib = batches(
-                    load_npy(args.calibration, "calibration"),
-                    shape,
-                    dtype,
-                    f"calibration data {args.calibration}",
-                    limit=args.calibration_samples,
-                )
+                calib = calibration_batches(args, shape, dtype)
             else:
                 calib = [random("--calibration")]
             if args.input:

@@ -174,6 +174,15 @@ def batches(x: np.ndarray, shape: list, dtype: str, what: str, limit: int | None
     return [x[i : i + batch] for i in range(0, x.shape[0], batch)]
 
 
+def calibration_batches(args, shape: list, dtype: str) -> list:
+    """The ``--calibration`` file of a command as batches of the model's input shape, at most
+    ``--calibration-samples`` of them."""
+    return batches(
+        load_npy(args.calibration, "calibration"), shape, dtype,
+        f"calibration data {args.calibration}", limit=args.calibration_samples,
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------- compiling
 def import_tvm():
     """The ``tvm`` module, with this plugin's registrations (passes, runtime, target) loaded."""
