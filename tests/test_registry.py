@@ -31,3 +31,22 @@ def test_registering_again_wraps_tvm_pipelines_once():
     original = wrapped.hapm_original
     assert not hasattr(original, "hapm_original")  # TVM's own factory, not a wrapper
     assert not hasattr(tir.hapm_tir_pipeline.hapm_original, "hapm_original")
+
+
+def test_errors_keep_their_type_through_tvm_passes():
+    import numpy as np
+    import pytest
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from tvm_hapm.data import load_bundled_model
+    from tvm_hapm.passes import HardwareAwarePrune, PruneError
+    from tvm_hapm.passes.lower import LoweringError
+    from tvm_hapm.passes.quantize import QuantizeError
+
+    mod = from_onnx(load_bundled_model(1))
+    with pytest.raises(LoweringError, match="quantize"):  # raised inside the offload pass
+        tvm.compile(mod, target="hapm_fpga")
+    with pytest.raises(QuantizeError, match="calibration"):  # inside the hapm.Quantize pass
+        tvm_hapm.Quantize([np.zeros((2, 2), "float32")])(mod)
+    with pytest.raises(PruneError, match="skip"):  # inside hapm.HardwareAwarePrune
+        HardwareAwarePrune(0.5, skip=["no_such_layer"])(mod)

@@ -8,6 +8,9 @@ imported (:func:`register`).
 * the TIR pipeline ``"hapm_fpga"``, and TVM's ``"s_tir"`` TIR pipeline (what ``"default"``
   resolves to) wrapped so that scheduled accelerator kernels are offloaded
   (:func:`tvm_hapm.target.tir.hapm_tir_pipeline`);
+* the project's exception types, with TVM's FFI, so that an error raised inside a pass or a
+  packed function reaches the caller with its type (a ``LoweringError``, not a
+  ``RuntimeError``);
 * the global functions compiled code calls: ``hapm_fpga.run`` (Relax executables,
   :func:`tvm_hapm.runtime.driver.run_packed`), ``hapm_fpga.run_tir`` (TIR kernels,
   :func:`tvm_hapm.target.tir.run_tir_packed`) and ``hapm_fpga.measure`` (RPC measurement,
@@ -36,9 +39,17 @@ __all__ = ["register"]
 def register() -> None:
     """Register tvm-hapm with TVM (idempotent); see the module docstring."""
     from .cost import measure
-    from .passes import pipeline
-    from .runtime import driver
-    from .target import tag, tir
+    from .passes import lower, pipeline, prune, quantize
+    from .runtime import driver, simulator, timing
+    from .target import codegen, config, isa, program, schedule, tag, tir
+
+    errors = (
+        lower.LoweringError, prune.PruneError, quantize.QuantizeError, schedule.ScheduleError,
+        isa.IsaError, codegen.CodegenError, tir.TirLoweringError, config.HardwareConfigError,
+        program.ProgramError, simulator.SimulatorError, timing.TimingError,
+    )  # fmt: skip
+    for err in errors:
+        tvm_ffi.register_error(err)
 
     tag.register_tags()
     if pipeline.PIPELINE_NAME in relax_pipelines.PIPELINE_MAP:  # registered before

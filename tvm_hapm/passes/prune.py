@@ -31,7 +31,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import tvm
-import tvm_ffi
 from tvm import relax
 
 from ..target.config import HardwareConfig, get_config
@@ -63,11 +62,11 @@ REPORT_ATTR = "hapm.prune_report"
 CRITERIA = ("l1", "l2")
 
 
-@tvm_ffi.register_error
 class PruneError(ValueError):
     """Invalid pruning arguments or a graph a pruning pass cannot analyse.
 
-    Registered with TVM's FFI so that it keeps its type when raised inside a pass.
+    Registered with TVM's FFI (:mod:`tvm_hapm._registry`) so that it keeps its type when raised
+    inside a pass.
     """
 
 
