@@ -16,7 +16,7 @@ from tvm.relax.frontend.onnx import from_onnx
 
 from tvm_hapm import quantize
 from tvm_hapm.passes import hapm_pipeline, last_compile_report, qops
-from tvm_hapm.passes import quantize as quantize_module
+from tvm_hapm.passes.quantize import emit as quantize_module
 from tvm_hapm.runtime import last_run_stats
 from tvm_hapm.runtime.driver import run_program
 from tvm_hapm.runtime.simulator import Simulator
