@@ -66,23 +66,14 @@ _BINARY = {
 
 
 def _normalise(mod: tvm.IRModule) -> tvm.IRModule:
-    """Decompose batch norm and fold constants (the quantizer's normalisation when present)."""
-    try:
-        from .quantize import normalise as q_normalise
+    """Decompose batch norm and fold constants in every Relax function: the quantizer's
+    normalisation (:func:`tvm_hapm.passes.quantize.normalise`), so that both see one form."""
+    from .quantize import normalise
 
-        for gv, _ in list(mod.functions_items()):
-            if isinstance(mod[gv], relax.Function):
-                mod = q_normalise(mod, mod.get_global_var(gv.name_hint))
-        return mod
-    except ImportError:  # pragma: no cover - the quantizer's helper moved
-        return tvm.transform.Sequential(
-            [
-                relax.transform.DecomposeOpsForInference(),
-                relax.transform.FoldConstant(),
-                relax.transform.CanonicalizeBindings(),
-                relax.transform.DeadCodeElimination(),
-            ]
-        )(mod)
+    for gv, _ in list(mod.functions_items()):
+        if isinstance(mod[gv], relax.Function):
+            mod = normalise(mod, mod.get_global_var(gv.name_hint))
+    return mod
 
 
 class _Spaces:
