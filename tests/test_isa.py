@@ -243,3 +243,18 @@ def test_docs_encoding_tables_match_layouts():
         if used_bits(op) < 128:
             expected.append(("reserved", used_bits(op), 127, 128 - used_bits(op)))
         assert rows == expected, op.name
+
+
+@pytest.mark.parametrize(
+    "insn",
+    [
+        Instruction(Opcode.LOAD, buffer=-1, elem_bits_code=-2, y_size=1, x_size=1),
+        Instruction(Opcode.ALU, alu_op=-1, outer=1, inner=1),
+        Instruction(Opcode.SYNC, module=-1),
+    ],
+    ids=["load", "alu", "sync"],
+)
+def test_disassemble_shows_negative_codes(insn):
+    # error messages disassemble the instruction they refuse, whatever its fields hold
+    text = isa.disassemble(insn)
+    assert "-1" in text and "\n" not in text

@@ -22,6 +22,7 @@ import enum
 from dataclasses import dataclass
 
 __all__ = [
+    "SIGNED_FIELDS",
     "Opcode",
     "Buffer",
     "AluOp",
@@ -137,7 +138,8 @@ LAYOUTS: dict[Opcode, tuple[tuple[str, int], ...]] = {
     Opcode.SYNC: _COMMON + (("module", 2),),
     Opcode.FINISH: _COMMON,
 }
-_SIGNED = {"imm"}
+#: Fields encoded in two's complement (the others are unsigned).
+SIGNED_FIELDS = frozenset({"imm"})
 
 for _op, _layout in LAYOUTS.items():  # checked once, at import: the layout is the contract
     assert sum(b for _, b in _layout) <= _INSTRUCTION_BITS, _op
@@ -234,7 +236,7 @@ def encode(insn: Instruction) -> bytes:
     pos = 0
     for name, bits in LAYOUTS[insn.opcode]:
         value = int(getattr(insn, name))
-        if name in _SIGNED:
+        if name in SIGNED_FIELDS:
             lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
             if not lo <= value <= hi:
                 raise IsaError(f"{insn.opcode.name}.{name} = {value} outside [{lo}, {hi}]")
@@ -262,7 +264,7 @@ def decode(data: bytes) -> Instruction:
     pos = 0
     for name, bits in LAYOUTS[opcode]:
         value = (word >> pos) & ((1 << bits) - 1)
-        if name in _SIGNED and value >> (bits - 1):
+        if name in SIGNED_FIELDS and value >> (bits - 1):
             value -= 1 << bits
         fields[name] = value
         pos += bits
@@ -300,10 +302,14 @@ def disassemble(insn: Instruction) -> str:
     op = insn.opcode
     if op in (Opcode.LOAD, Opcode.STORE):
         # Invalid codes still disassemble (as numbers) so that error messages can show them.
-        buf = Buffer(insn.buffer).name.lower() if insn.buffer < len(Buffer) else f"buf{insn.buffer}"
+        buf = (
+            Buffer(insn.buffer).name.lower()
+            if 0 <= insn.buffer < len(Buffer)
+            else f"buf{insn.buffer}"
+        )
         width = (
             f"i{ELEM_BITS[insn.elem_bits_code]}"
-            if insn.elem_bits_code < len(ELEM_BITS)
+            if 0 <= insn.elem_bits_code < len(ELEM_BITS)
             else f"bits{insn.elem_bits_code}"
         )
         pads = (insn.y_pad_top, insn.y_pad_bottom, insn.x_pad_left, insn.x_pad_right)
@@ -326,7 +332,8 @@ def disassemble(insn: Instruction) -> str:
             f"x wgt[{insn.wgt_addr}] o<{insn.outer} i<{insn.inner}"
         )
     elif op == Opcode.ALU:
-        name = AluOp(insn.alu_op).name.lower() if insn.alu_op < len(AluOp) else f"op{insn.alu_op}"
+        valid = 0 <= insn.alu_op < len(AluOp)
+        name = AluOp(insn.alu_op).name.lower() if valid else f"op{insn.alu_op}"
         if insn.alu_op == AluOp.RELU:
             operand = ""
         elif insn.alu_op == AluOp.REQUANT:
@@ -346,7 +353,7 @@ def disassemble(insn: Instruction) -> str:
             f"o<{insn.outer} i<{insn.inner}"
         )
     elif op == Opcode.SYNC:
-        text = f"sync   {Module(insn.module).name.lower() if insn.module < 3 else insn.module}"
+        text = f"sync   {Module(insn.module).name.lower() if 0 <= insn.module < 3 else insn.module}"
     else:
         text = "finish"
     return text + _deps(insn)

@@ -38,7 +38,7 @@ __all__ = ["slots_ok", "validate_program"]
 _FIELD_RANGES = {
     op: tuple(
         (name, -(1 << (bits - 1)), (1 << (bits - 1)) - 1, bits, "signed")
-        if name in isa._SIGNED
+        if name in isa.SIGNED_FIELDS
         else (name, 0, (1 << bits) - 1, bits, "unsigned")
         for name, bits in layout
         if name != "opcode"
