@@ -168,3 +168,19 @@ def test_recover_without_reconstruction_fine_tunes_the_pruned_model():
     assert info["reconstruction"] is None and info["val_reconstructed"] is None
     assert info["kept"] == "pruned"
     np.testing.assert_array_equal(_weights(best)["conv3.w"], _weights(pruned)["conv3.w"])
+
+
+def test_per_mac_cap_spreads_the_pruning():
+    model = load_bundled_resnet20(batch=1)
+    sparsities = {}
+    for cap in (None, 0.5):
+        _, report = prune_onnx(model, "hapm", 0.3, ranking="per_mac", max_layer_sparsity=cap)
+        layers = [e for e in report if e["weights"] > 0 and e["target_sparsity"] > 0]
+        sparsities[cap] = [e["sparsity"] for e in layers]
+        total = sum(e["zeros"] for e in layers) / sum(e["weights"] for e in layers)
+        assert abs(total - 0.3) < 0.02
+    assert max(sparsities[None]) > 0.8 and max(sparsities[0.5]) <= 0.5 + 1e-9
+    # what the cap keeps in the cheapest layers goes to others
+    assert any(b > a + 0.1 for a, b in zip(sparsities[None], sparsities[0.5]))
+    with pytest.raises(ValueError, match="caps"):
+        prune_onnx(model, "unstructured", 0.3, max_layer_sparsity=0.5)

@@ -56,6 +56,7 @@ def pruning_pass(
     skip=(),
     per_layer=None,
     ranking: str = "layer",
+    max_layer_sparsity: float | None = None,
 ):
     """The Relax pruning pass :func:`prune_onnx` runs for ``method`` and ``ranking`` (see
     there), to apply to an already imported module."""
@@ -65,12 +66,15 @@ def pruning_pass(
         raise ValueError(f"unknown ranking {ranking!r}; choose from {RANKINGS}")
     if ranking != "layer" and method == "filter" or ranking == "per_mac" and method != "hapm":
         raise ValueError(f"ranking {ranking!r} is not available for method {method!r}")
+    if max_layer_sparsity is not None and (method != "hapm" or ranking == "layer"):
+        raise ValueError("max_layer_sparsity caps the global and per_mac rankings of hapm")
     if method == "hapm":
         per_mac = ranking == "per_mac"
         return HardwareAwarePrune(
             sparsity, config=config, criterion=criterion, per_layer=per_layer, skip=skip,
             global_=ranking != "layer", cost_weighted=per_mac,
-            max_layer_sparsity=PER_MAC_MAX_LAYER_SPARSITY if per_mac else None,
+            max_layer_sparsity=(max_layer_sparsity or PER_MAC_MAX_LAYER_SPARSITY)
+            if per_mac else max_layer_sparsity,
         )  # fmt: skip
     if method == "unstructured":
         return MagnitudePrune(
@@ -144,6 +148,7 @@ def prune_onnx(
     per_layer: dict | None = None,
     return_masks: bool = False,
     ranking: str = "layer",
+    max_layer_sparsity: float | None = None,
 ):
     """Prune ``model`` with ``method`` (``"hapm"``, ``"unstructured"`` or ``"filter"``).
 
@@ -165,6 +170,10 @@ def prune_onnx(
     ranks them by importance per multiply-accumulate saved, with no layer pruned beyond
     :data:`PER_MAC_MAX_LAYER_SPARSITY` (``HardwareAwarePrune(global_=True,
     cost_weighted=True)``): the latency-aware allocation of a network-wide weight sparsity.
+    ``max_layer_sparsity`` caps every layer of a ``global`` or ``per_mac`` ranking (``per_mac``
+    default :data:`PER_MAC_MAX_LAYER_SPARSITY`); a lower cap spreads the pruning over more
+    layers, which costs latency but can keep accuracy (``benchmarks/hapm_vs_standard.py``
+    chooses it on validation).
     """
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -176,7 +185,9 @@ def prune_onnx(
     skip = [names[0], names[-1]] if keep_first_last and len(names) > 2 else []
     if method == "filter":
         skip = []  # the logits' channels are never removed; the stem's are coupled
-    pruned = pruning_pass(method, sparsity, config, criterion, skip, per_layer, ranking)(mod)
+    pruned = pruning_pass(
+        method, sparsity, config, criterion, skip, per_layer, ranking, max_layer_sparsity
+    )(mod)
     out, masks = write_masks(model, pruned)
     return (out, prune_report(pruned), masks) if return_masks else (out, prune_report(pruned))
 
@@ -534,6 +545,7 @@ def prune_iteratively(
     engine: str = "auto",
     val_data=None,
     train_config=None,
+    max_layer_sparsity: float | None = None,
 ) -> tuple[onnx.ModelProto, list[dict]]:
     """Iterative prune / recover: ``stages`` rounds that raise the sparsity to ``sparsity``.
 
@@ -544,7 +556,8 @@ def prune_iteratively(
     network has the most redundancy).  Weights pruned in one round have zero importance in
     the next, so the masks are nested and the final mask is the last round's.  For ``"filter"``
     ``sparsity`` is the channel fraction, as in :func:`prune_onnx`; ``ranking`` is passed to
-    it; ``engine``, ``val_data`` and ``train_config`` to :func:`recover`.
+    it with ``max_layer_sparsity``; ``engine``, ``val_data`` and ``train_config`` to
+    :func:`recover`.
 
     ``stages=1`` is one prune and one recovery (what ``hapm prune --data`` runs by default).
 
@@ -560,8 +573,9 @@ def prune_iteratively(
         frac = k / stages
         target = sparsity * (frac if schedule == "linear" else 1 - (1 - frac) ** 3)
         pruned, report = prune_onnx(
-            current, method, target, config=config, criterion=criterion, ranking=ranking
-        )
+            current, method, target, config=config, criterion=criterion, ranking=ranking,
+            max_layer_sparsity=max_layer_sparsity,
+        )  # fmt: skip
         current, info = recover(
             pruned, model, data, steps=steps, seed=seed, reconstruct=reconstruct, engine=engine,
             val_data=val_data, train_config=train_config,

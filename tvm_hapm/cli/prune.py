@@ -42,6 +42,11 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
         help="where the sparsity goes: layer (every layer at --sparsity) | global | per_mac "
         "(HAPM: by importance per MAC saved; the default for hapm, layer for the others)",
     )
+    p.add_argument(
+        "--max-layer-sparsity", type=float, default=None, metavar="CAP",
+        help="hapm with the global or per_mac ranking: no layer pruned beyond CAP "
+        "(per_mac default 0.875)",
+    )  # fmt: skip
     add_target_args(p)
     p.add_argument(
         "--data", default=None, metavar="DATA.npz", help="x_train/y_train to fine-tune on"
@@ -104,6 +109,7 @@ def cmd_prune(args, console: Console) -> int:
                         model, args.method, args.sparsity, data, stages=args.stages,
                         steps=args.finetune_steps, config=cfg, seed=args.seed,
                         reconstruct=args.reconstruct, ranking=ranking, engine=args.engine,
+                        max_layer_sparsity=args.max_layer_sparsity,
                     )  # fmt: skip
                 except ValueError as err:
                     raise CliError(str(err)) from None
@@ -114,8 +120,9 @@ def cmd_prune(args, console: Console) -> int:
             with stage(progress, f"prune ({args.method}, {ranking}, {args.sparsity:.0%})"):
                 try:
                     pruned, report = prune_onnx(
-                        model, args.method, args.sparsity, config=cfg, ranking=ranking
-                    )
+                        model, args.method, args.sparsity, config=cfg, ranking=ranking,
+                        max_layer_sparsity=args.max_layer_sparsity,
+                    )  # fmt: skip
                 except ValueError as err:
                     raise CliError(str(err)) from None
     path = out / "pruned.onnx"

@@ -107,6 +107,7 @@ def compute_masks(
     criterion: str = "l2",
     keep_first_last: bool = True,
     per_layer: dict | None = None,
+    max_layer_sparsity: float | None = None,
 ) -> Masks:
     """Masks of ``module`` pruned to ``sparsity`` by the Relax pass of ``method``.
 
@@ -134,6 +135,9 @@ def compute_masks(
     per_layer : dict, optional
         Parameter name (``"layer1.0.conv1.weight"``) or module name (``"layer1.0.conv1"``) ->
         its own sparsity.
+    max_layer_sparsity : float, optional
+        HAPM with the ``global`` or ``per_mac`` ranking: no layer pruned beyond it (``per_mac``
+        default :data:`tvm_hapm.flow.PER_MAC_MAX_LAYER_SPARSITY`).
 
     Returns
     -------
@@ -156,6 +160,7 @@ def compute_masks(
     _, report, masks = prune_onnx(
         model, method, sparsity, config=cfg, criterion=criterion, keep_first_last=keep_first_last,
         per_layer=per_layer, return_masks=True, ranking=ranking,
+        max_layer_sparsity=max_layer_sparsity,
     )  # fmt: skip
     stored = _original_names(module)
     out = {}
