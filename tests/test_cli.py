@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -97,6 +98,29 @@ def test_run_single_sample_without_batch_axis(compiled, digits, tmp_path, capsys
     assert main(["run", str(compiled), "--input", str(tmp_path / "x1.npy")]) == 0
     assert np.load(compiled / "output.npy").shape == (1, 10)
     assert "output shape (1, 10)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "no_digest"])
+def test_run_refuses_a_damaged_library(compiled, data_files, tmp_path, capsys, damage):
+    copy = tmp_path / "out"
+    shutil.copytree(compiled, copy)
+    lib, report_path = copy / "model.so", copy / "report.json"
+    report = json.loads(report_path.read_text())
+    assert report["sha256"]["model.so"] == hashlib.sha256(lib.read_bytes()).hexdigest()
+    assert set(report["sha256"]) == {"model.so"} | {
+        f"programs/{p.name}" for p in (copy / "programs").iterdir()
+    }
+    data = bytearray(lib.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x04
+        lib.write_bytes(bytes(data))
+    elif damage == "truncate":
+        lib.write_bytes(bytes(data[: len(data) // 3]))
+    else:
+        del report["sha256"]
+        report_path.write_text(json.dumps(report))
+    assert main(["run", str(copy), "--input", str(data_files / "x.npy")]) == 2
+    assert "SHA-256" in _error(capsys)
 
 
 def test_disasm_file_and_directory(compiled, capsys):
@@ -199,7 +223,7 @@ def test_custom_config(tmp_path, data_files):
 
 def test_malformed_program(tmp_path, capsys):
     bad = tmp_path / "bad.hapm"
-    bad.write_bytes(b"HAPMPRG1\x05\x00")
+    bad.write_bytes(b"HAPMPRG2\x05\x00")
     assert main(["disasm", str(bad)]) == 2
     assert "not a valid hapm_fpga program" in _error(capsys)
 

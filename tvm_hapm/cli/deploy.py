@@ -148,7 +148,7 @@ def cmd_run(args, console: Console) -> int:
     with progress_display(console) as progress:
         with stage(progress, "load model"):
             vm, report = load_compiled(out)
-        if report is not None and "input" in report:
+        if "input" in report:
             spec = report["input"]
             inputs = batches(x, spec["shape"], spec["dtype"], f"input {args.input}")
         else:

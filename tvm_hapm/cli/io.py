@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -334,6 +335,10 @@ def write_artifacts(out: Path, ex, programs, config, *, report: dict, extra: dic
         "accelerator": layers,
         "host": dict(report.get("host", {})),
         "tvm_version": tvm.__version__,
+        "sha256": {
+            str(p.relative_to(out)): file_sha256(p)
+            for p in sorted([out / MODEL_LIB, *(out / PROGRAM_DIR).iterdir()])
+        },
     }
     (out / REPORT_JSON).write_text(json.dumps(full, indent=2, default=json_default) + "\n")
     return full
@@ -382,24 +387,48 @@ def read_program(path: Path):
         raise CliError(f"{path} is not a valid hapm_fpga program: {one_line(err)}") from None
 
 
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 # ---------------------------------------------------------------------------------- running
 def load_compiled(out: Path):
-    """Load ``OUT/model.so`` into a Relax VM; returns ``(vm, report or None)``."""
+    """Load ``OUT/model.so`` into a Relax VM; returns ``(vm, report)``.
+
+    The library is checked against the SHA-256 that ``report.json`` records for it before it is
+    loaded: a truncated or altered ``model.so`` is a :class:`CliError`, not a crash of the
+    dynamic loader or a different result.
+    """
     if not out.is_dir():
         raise CliError(f"compiled model directory not found: {out}")
     lib = existing_file(out / MODEL_LIB, "compiled model")
+    report_path = existing_file(out / REPORT_JSON, "compile report")
+    try:
+        report = json.loads(report_path.read_text())
+        recorded = report["sha256"][MODEL_LIB]
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CliError(f"{report_path} is not valid JSON: {err}") from None
+    except (KeyError, TypeError):
+        raise CliError(
+            f"{report_path} records no SHA-256 of {MODEL_LIB}: not written by this version of "
+            f"hapm compile; compile the model again"
+        ) from None
+    if file_sha256(lib) != recorded:
+        raise CliError(
+            f"{lib} does not match the SHA-256 in {report_path}: the file is corrupt or was "
+            f"changed after compiling; compile the model again"
+        )
     tvm = import_tvm()
     try:
         loaded = tvm.runtime.load_module(str(lib))
         vm = tvm.relax.VirtualMachine(loaded, tvm.cpu())
     except Exception as err:
         raise CliError(f"cannot load {lib}: {one_line(err)}") from None
-    report = None
-    if (out / REPORT_JSON).is_file():
-        try:
-            report = json.loads((out / REPORT_JSON).read_text())
-        except json.JSONDecodeError as err:
-            raise CliError(f"{out / REPORT_JSON} is not valid JSON: {err}") from None
     return vm, report
 
 

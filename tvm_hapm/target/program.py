@@ -3,11 +3,15 @@
 A :class:`Program` is what the codegen produces for one accelerated layer and what the runtime
 driver executes.  Its binary form (``Program.to_bytes``) is deterministic::
 
-    b"HAPMPRG1"  magic
+    b"HAPMPRG2"  magic
     u32          length of the metadata JSON
     bytes        metadata JSON (sorted keys, UTF-8): layer, config, slots
     u32          number of instructions
     16 * n bytes the instruction stream (see :mod:`tvm_hapm.target.isa`)
+    32 bytes     SHA-256 of everything before it
+
+The digest is checked before anything else is decoded, wherever a program is loaded (a ``.hapm``
+file, the constants of a ``model.so``, an RPC upload): a corrupt program is refused, never run.
 
 DRAM slots are numbered in the order of the runtime call's arguments (inputs and constants, then
 the output).  Each slot says how the host tensor is packed into the accelerator's DRAM layout:
@@ -19,6 +23,7 @@ the output).  Each slot says how the host tensor is packed into the accelerator'
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 from dataclasses import dataclass, field
@@ -26,11 +31,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import isa
-from .config import HardwareConfig
+from .config import HardwareConfig, HardwareConfigError
 
 __all__ = ["Slot", "Program", "ProgramError", "pack_activation", "unpack_activation"]
 
-MAGIC = b"HAPMPRG1"
+MAGIC = b"HAPMPRG2"
+#: Length of the SHA-256 trailer that closes every program.
+DIGEST_BYTES = hashlib.sha256().digest_size
 
 
 class ProgramError(ValueError):
@@ -140,7 +147,7 @@ class Program:
         }
         meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
         stream = isa.encode_stream(self.instructions)
-        return b"".join(
+        body = b"".join(
             [
                 MAGIC,
                 struct.pack("<I", len(meta_bytes)),
@@ -149,12 +156,20 @@ class Program:
                 stream,
             ]
         )
+        return body + hashlib.sha256(body).digest()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Program:
         data = bytes(data)
         if data[: len(MAGIC)] != MAGIC:
             raise ProgramError("not a hapm_fpga program (bad magic)")
+        if len(data) < len(MAGIC) + DIGEST_BYTES:
+            raise ProgramError(f"truncated program ({len(data)} bytes)")
+        data, digest = data[:-DIGEST_BYTES], data[-DIGEST_BYTES:]
+        if hashlib.sha256(data).digest() != digest:
+            raise ProgramError(
+                f"corrupt program{_claimed_layer(data)}: its SHA-256 does not match its contents"
+            )
         pos = len(MAGIC)
         try:
             (meta_len,) = struct.unpack_from("<I", data, pos)
@@ -187,4 +202,17 @@ class Program:
             layer, layer_index, info = meta["layer"], meta["layer_index"], meta.get("info", {})
         except (KeyError, TypeError) as err:
             raise ProgramError(f"corrupt program metadata: missing {err}") from None
+        except (HardwareConfigError, ProgramError) as err:
+            raise ProgramError(f"corrupt program metadata: {err}") from None
         return cls(layer, config, slots, isa.decode_stream(body), layer_index, info)
+
+
+def _claimed_layer(data: bytes) -> str:
+    """`` 'name'`` of the layer a (possibly corrupt) program's header names, or ``""``."""
+    try:
+        (meta_len,) = struct.unpack_from("<I", data, len(MAGIC))
+        start = len(MAGIC) + 4
+        layer = json.loads(data[start : start + meta_len].decode())["layer"]
+    except Exception:  # a corrupt header names nothing; the digest error stands on its own
+        return ""
+    return f" {layer!r}" if isinstance(layer, str) else ""
