@@ -153,12 +153,14 @@ def last_run_stats() -> RunStats:
 
 def cached_program(data: bytes) -> tuple[Program, Simulator]:
     """The decoded program and a simulator for its config, decoded once per distinct program
-    among the :data:`PROGRAM_CACHE_SIZE` most recently used."""
+    among the :data:`PROGRAM_CACHE_SIZE` most recently used.  A corrupt program, or one that
+    leaves part of its output unwritten, raises :class:`ProgramError`."""
     key = hashlib.sha256(data).digest()
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
         if hit is None:
             prog = Program.from_bytes(data)
+            prog.check_outputs_written()
             hit = (prog, Simulator(prog.config))
             _CACHE[key] = hit
             while len(_CACHE) > PROGRAM_CACHE_SIZE:

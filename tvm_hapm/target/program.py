@@ -206,6 +206,38 @@ class Program:
             raise ProgramError(f"corrupt program metadata: {err}") from None
         return cls(layer, config, slots, isa.decode_stream(body), layer_index, info)
 
+    def check_outputs_written(self) -> None:
+        """Refuse a program that leaves part of an output slot unwritten.
+
+        The host reads every element of an output slot back, so an element no ``STORE`` writes
+        would hand the model whatever the buffer held (zeros in the simulator), a silently wrong
+        result.  STOREs move whole accumulator entries of ``array_cols`` elements.
+
+        Raises
+        ------
+        ProgramError
+            Naming the layer, the slot and how many of its DRAM elements are never written.
+        """
+        entry = self.config.array_cols
+        written = {
+            k: np.zeros(s.dram_elems, dtype=bool)
+            for k, s in enumerate(self.slots)
+            if s.role == "output"
+        }
+        for insn in self.instructions:
+            if insn.opcode != isa.Opcode.STORE or insn.dram_slot not in written:
+                continue
+            mask = written[insn.dram_slot]
+            for row in range(insn.y_size):
+                start = (insn.dram_addr + row * insn.x_stride) * entry
+                mask[start : start + insn.x_size * entry] = True
+        for k, mask in written.items():
+            if not mask.all():
+                raise ProgramError(
+                    f"{self.layer}: output slot {k} ('{self.slots[k].name}') has "
+                    f"{int((~mask).sum())} of {mask.size} DRAM elements that no STORE writes"
+                )
+
 
 def _claimed_layer(data: bytes) -> str:
     """`` 'name'`` of the layer a (possibly corrupt) program's header names, or ``""``."""

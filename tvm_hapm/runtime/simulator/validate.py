@@ -3,7 +3,9 @@
 Every instruction is checked (field widths, buffer and DRAM ranges of the whole loop nest, flags
 legal for the executing module, ...) and the token protocol is played out on counters
 (:func:`~tvm_hapm.runtime.simulator.tokens.schedule`) to find the execution order of the three
-modules.  Any problem, including a deadlock, raises :class:`SimulatorError` before a single DRAM
+modules; then every pair of accesses by two modules to one location must be ordered by tokens
+(:func:`~tvm_hapm.runtime.simulator.hazards.check_hazards`).  Any problem, including a deadlock
+or a race, raises :class:`SimulatorError` before a single DRAM
 byte is written: the execution (:mod:`~tvm_hapm.runtime.simulator.execute`) may assume a valid
 program.
 
@@ -28,6 +30,7 @@ from ...target.isa import (
     Opcode,
 )
 from .errors import SimulatorError, instruction_error
+from .hazards import check_hazards
 from .stats import ExecutionStats
 from .tokens import CMP2LD, CMP2ST, LD2CMP, ST2CMP, schedule, token_queues
 
@@ -167,6 +170,7 @@ def validate_program(
         raise err(n - 1, last_insn, "the program must end with FINISH")
 
     order = schedule(instructions, modules, pops, pushes)
+    check_hazards(sim, instructions, modules, pops, pushes, order, dram)
     stats = ExecutionStats(
         layer=layer,
         instructions=n,
