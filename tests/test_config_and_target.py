@@ -49,6 +49,12 @@ def test_json_round_trip(tmp_path):
         ("acc_bits", 16),
         ("inp_buffer_bytes", 100),  # not a multiple of one input vector
         ("clock_mhz", -5),
+        ("clock_mhz", True),  # a JSON true is not a frequency
+        ("clock_mhz", float("inf")),
+        ("energy", {"dram": 1.0}),  # an unknown key
+        ("energy", {"dram_64b": float("inf")}),
+        ("energy", {"mult8": True}),
+        ("energy", {"mult8": -1.0}),
         ("dsb_enabled", "yes"),
         ("name", "bad name!"),
     ],

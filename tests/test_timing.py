@@ -484,7 +484,7 @@ def test_energy_overrides_and_sram_interpolation():
     assert e.dram_uj == pytest.approx(64 * 1300 / 8 * 1e-6) and e.static_uj == 0
     assert set(DEFAULT_ENERGY_PJ) >= set(cfg.energy)
     with pytest.raises(ValueError, match="unknown energy key"):
-        EnergyModel(CFG.replace(energy={"dram": 1.0}))
+        CFG.replace(energy={"dram": 1.0})
     assert math.isclose(EnergyModel.default_static_mw(CFG), 58.0)
 
 

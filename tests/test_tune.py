@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import tvm_hapm
 from tvm_hapm.cost.measure import LocalFarm, LocalRunner, RPCRunner, measure_program
@@ -188,3 +189,56 @@ def test_searches_take_a_space_and_a_measurement_table():
     # the fine model as a prior: one batched prediction of the whole space
     pred = fine_model_prior()(task, space)
     assert len(pred) == len(space) and np.all(np.asarray(pred) > 0)
+
+
+def test_compile_skips_a_record_that_does_not_fit_with_a_warning(tmp_path):
+    """A database schedule that does not fit its layer (``tile_w = -4`` once compiled every
+    conv to LOAD + FINISH and zero outputs) is skipped with a warning; results stay exact."""
+    import tvm
+
+    from tvm_hapm.cost.tune import extract_tasks
+    from tvm_hapm.passes import hapm_pipeline
+    from tvm_hapm.testing import build_int_network, llvm_reference, run_vm
+
+    mod = build_int_network(CFG, h=9, w=11)
+    conv = extract_tasks(mod, CFG)[0]
+    result = random_search(conv, trials=2, seed=2)
+    result.best = ConvSchedule(tile_h=2, tile_w=-4, cob_group=1, cib_chunk=1)
+    db = TuningDatabase(tmp_path / "db.json")
+    db.commit(conv, result)
+    db.save()
+    programs = []
+    x = np.random.default_rng(0).integers(-128, 128, (1, 5, 9, 11)).astype(np.int8)
+    with pytest.warns(UserWarning, match=r"layer 000_conv2d .* does not fit"):
+        with TuningDatabase(tmp_path / "db.json"):
+            ex = tvm.compile(mod, target="hapm_fpga", relax_pipeline=hapm_pipeline(CFG, programs))
+    assert programs[0].info["schedule"] == conv.default_schedule().to_dict()
+    for ref, out in zip(llvm_reference(mod, x), run_vm(ex, x)):
+        np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize(
+    "payload, problem",
+    [
+        ([], "JSON object"),
+        ({"version": 1, "records": []}, "'records'"),
+        ({"version": 1, "records": {"k": {"schedule": {"tile_h": 1}}}}, "'tile_w' is missing"),
+        (
+            {"version": 1, "records": {"k": {"schedule": {"tile_h": "8", "tile_w": 1,
+                                                         "cob_group": 1, "cib_chunk": 1}}}},
+            "'tile_h' = '8' is not an integer",
+        ),  # fmt: skip
+        (
+            {"version": 1, "records": {"k": {"schedule": {"tile_h": 2, "tile_w": 1, "cob_group": 1,
+                                                         "cib_chunk": 1, "double_buffer": 1}}}},
+            "'double_buffer' = 1 is not a boolean",
+        ),  # fmt: skip
+    ],
+)
+def test_malformed_databases_are_refused(tmp_path, payload, problem):
+    import json
+
+    path = tmp_path / "db.json"
+    path.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match=problem):
+        TuningDatabase(path)

@@ -51,6 +51,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 
 from rich.console import Console
 from rich.markup import escape
@@ -120,12 +121,21 @@ def main(argv: list[str] | None = None) -> int:
     # Off a terminal rich assumes 80 columns; the tables read better a little wider.
     width = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 120
     console = Console(width=width)
+    errors = Console(stderr=True, soft_wrap=True)
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        errors.print(f"[bold yellow]hapm {args.command}: warning:[/] {escape(str(message))}",
+                     highlight=False)  # fmt: skip
+
     try:
-        return int(args.func(args, console) or 0)
+        with warnings.catch_warnings():
+            # The project's warnings (a skipped tuning record, a layer left on the host, a
+            # degenerate calibration) are part of the command's output.
+            warnings.showwarning = show_warning
+            return int(args.func(args, console) or 0)
     except CliError as err:
-        Console(stderr=True, soft_wrap=True).print(
-            f"[bold red]hapm {args.command}: error:[/] {escape(str(err))}", highlight=False
-        )
+        errors.print(f"[bold red]hapm {args.command}: error:[/] {escape(str(err))}",
+                     highlight=False)  # fmt: skip
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")

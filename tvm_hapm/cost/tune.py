@@ -33,7 +33,8 @@ import itertools
 import json
 import math
 import threading
-from dataclasses import dataclass, field, fields
+import warnings
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -453,12 +454,20 @@ class TuningDatabase:
         self.records: dict[str, dict] = {}
         if self.path is not None and self.path.exists():
             data = json.loads(self.path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"{self.path}: a tuning database is a JSON object, not "
+                                 f"{type(data).__name__}")  # fmt: skip
             if data.get("version") != self.VERSION:
                 raise ValueError(
                     f"{self.path}: tuning database version {data.get('version')} "
                     f"(this tvm-hapm reads version {self.VERSION})"
                 )
-            self.records = data["records"]
+            records = data.get("records")
+            if not isinstance(records, dict):
+                raise ValueError(f"{self.path}: 'records' must be an object of task records")
+            for key, rec in records.items():
+                _check_record(self.path, key, rec)
+            self.records = records
 
     def commit(self, task: ConvTask, result: TuneResult) -> None:
         """Record ``result`` if it beats what the database has for the task."""
@@ -475,11 +484,27 @@ class TuningDatabase:
             }
 
     def lookup(self, key: str) -> ConvSchedule | None:
+        """The recorded schedule of a task key, unchecked (see :meth:`schedule_for`)."""
         rec = self.records.get(key)
         if rec is None:
             return None
         names = {f.name for f in fields(ConvSchedule)}
         return ConvSchedule(**{k: v for k, v in rec["schedule"].items() if k in names})
+
+    def schedule_for(self, task: ConvTask) -> ConvSchedule | None:
+        """The recorded schedule of ``task`` if it fits the layer and the hardware
+        (:func:`schedule_fits`); a record that does not is skipped with a warning naming the
+        layer, and the compiler plans the layer itself."""
+        sched = self.lookup(task.key())
+        if sched is None or schedule_fits(task, sched):
+            return sched
+        warnings.warn(
+            f"tuning database{f' {self.path}' if self.path else ''}: the schedule recorded for "
+            f"layer {task.name} ({sched.to_dict()}) does not fit it on {task.config.name}; "
+            f"using the compiler's own plan",
+            stacklevel=2,
+        )
+        return None
 
     def save(self, path: str | Path | None = None) -> Path:
         path = Path(path) if path is not None else self.path
@@ -497,6 +522,24 @@ class TuningDatabase:
     def __exit__(self, *exc) -> None:
         with _LOCK:
             _CURRENT.remove(self)
+
+
+def _check_record(path, key, rec) -> None:
+    """Refuse a database record whose schedule is not a set of integer knobs."""
+    sched = rec.get("schedule") if isinstance(rec, dict) else None
+    if not isinstance(sched, dict):
+        raise ValueError(f"{path}: record {key!r} has no 'schedule' object")
+    for f in fields(ConvSchedule):
+        if f.name not in sched and f.default is MISSING:
+            raise ValueError(f"{path}: record {key!r}: schedule field {f.name!r} is missing")
+        value = sched.get(f.name, f.default)
+        is_flag = f.type in (bool, "bool")
+        ok = isinstance(value, bool) if is_flag else type(value) is int
+        if not ok:
+            raise ValueError(
+                f"{path}: record {key!r}: schedule field {f.name!r} = {value!r} is not "
+                f"{'a boolean' if is_flag else 'an integer'}"
+            )
 
 
 # ------------------------------------------------------------------------------- tasks

@@ -98,13 +98,14 @@ def conv_kwargs_of(attrs) -> dict:
 
 
 def _tuned_schedule(cfg, name, data_shape, weight, geometry):
-    """The schedule the active tuning database records for this layer, if any."""
+    """The schedule the active tuning database records for this layer, if any and if it fits
+    (a record that does not is skipped with a warning)."""
     from ..cost.tune import ConvTask, current_database
 
     db = current_database()
     if db is None:
         return None
-    return db.lookup(ConvTask(name, cfg, data_shape, weight, **geometry).key())
+    return db.schedule_for(ConvTask(name, cfg, data_shape, weight, **geometry))
 
 
 def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, name, index):

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "DEFAULT_ENERGY_PJ",
+    "ENERGY_SOURCES",
     "HardwareConfig",
     "HardwareConfigError",
     "PRESETS",
@@ -34,6 +37,37 @@ __all__ = [
     "register_config",
     "list_configs",
 ]
+
+
+#: Default per-event energies in picojoules (``static_mw``: milliwatts, ``None`` = derived from
+#: the array size, see :meth:`tvm_hapm.runtime.energy.EnergyModel.default_static_mw`).
+DEFAULT_ENERGY_PJ: dict = {
+    "mult8": 0.2,  # 8-bit integer multiply
+    "add32": 0.1,  # 32-bit integer add
+    "mult32": 3.1,  # 32-bit integer multiply
+    "sram_8kb": 10.0,  # 64-bit read of an 8 KB SRAM
+    "sram_32kb": 20.0,  # 64-bit read of a 32 KB SRAM
+    "sram_1mb": 100.0,  # 64-bit read of a 1 MB SRAM
+    "dram_64b": 2000.0,  # 64-bit DRAM access (1.3-2.6 nJ)
+    "static_mw": None,  # static power, mW
+}
+
+#: Where each default comes from.
+ENERGY_SOURCES: dict = {
+    "mult8": "Horowitz, ISSCC 2014, 45 nm: 8-bit int multiply 0.2 pJ",
+    "add32": "Horowitz, ISSCC 2014, 45 nm: 32-bit int add 0.1 pJ",
+    "mult32": "Horowitz, ISSCC 2014, 45 nm: 32-bit int multiply 3.1 pJ",
+    "sram_8kb": "Horowitz, ISSCC 2014, 45 nm: 64-bit read, 8 KB SRAM 10 pJ",
+    "sram_32kb": "Horowitz, ISSCC 2014, 45 nm: 64-bit read, 32 KB SRAM 20 pJ",
+    "sram_1mb": "Horowitz, ISSCC 2014, 45 nm: 64-bit read, 1 MB SRAM 100 pJ",
+    "dram_64b": "Horowitz, ISSCC 2014, 45 nm: DRAM 1.3-2.6 nJ per 64-bit access (midpoint ~2 nJ)",
+    "static_mw": "assumption (not from Horowitz): 50 mW + 0.25 mW per MAC cell",
+}
+
+
+def _is_number(value) -> bool:
+    """A finite int or float (``True`` is not a clock frequency)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class HardwareConfigError(ValueError):
@@ -136,9 +170,9 @@ class HardwareConfig:
         need(self.acc_bits == 32, "acc_bits", "must be 32")
         need(isinstance(self.dsb_enabled, bool), "dsb_enabled", "must be true or false")
         need(
-            isinstance(self.clock_mhz, (int, float)) and 0 < self.clock_mhz <= 2000,
+            _is_number(self.clock_mhz) and 0 < self.clock_mhz <= 2000,
             "clock_mhz",
-            "must be in (0, 2000]",
+            "must be a number in (0, 2000]",
         )
         for fld, unit in (
             ("inp_buffer_bytes", self.inp_vector_bytes),
@@ -166,9 +200,14 @@ class HardwareConfig:
         need(isinstance(self.energy, dict), "energy", "must be a mapping of event -> pJ")
         for key, val in self.energy.items():
             need(
-                isinstance(val, (int, float)) and val >= 0,
+                key in DEFAULT_ENERGY_PJ,
                 "energy",
-                f"energy[{key!r}] must be a non-negative number",
+                f"unknown energy key {key!r}; known keys: {sorted(DEFAULT_ENERGY_PJ)}",
+            )
+            need(
+                _is_number(val) and val >= 0,
+                "energy",
+                f"energy[{key!r}] must be a finite non-negative number",
             )
 
     # ------------------------------------------------------------------ derived constants
