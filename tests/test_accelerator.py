@@ -223,3 +223,35 @@ def test_double_buffered_residual_add_overlaps_and_is_bit_exact():
         # tile t's store overlaps tile t+1's first ALU pass
         assert start[stores[t]] < end[alus[6 * t + 6]] and start[alus[6 * t + 6]] < end[stores[t]]
     assert trace.timing.cycles == 17265  # single buffered (tiles 1023, 1023, 2): 18793
+
+
+# ------------------------------------------------------------------------ no silent fallback
+def _conv_model(batch):
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from tvm_hapm.passes.quantize import quantize
+    from tvm_hapm.testing import OnnxGraph, random_samples
+
+    g = OnnxGraph(1)
+    y = g.node("Relu", [g.bn(g.conv("x", 3, 8, bias=False), 8)])
+    m = g.model({"x": [batch, 3, 8, 8]}, y, [batch, 8, 8, 8])
+    return quantize(from_onnx(m), random_samples(2, 0))
+
+
+def test_dynamic_batch_warns_that_layers_stay_on_the_host():
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"1 integer conv2d/matmul .* host.*int8\[N, 3, 8, 8\].*"
+                      r"bind the batch"):  # fmt: skip
+        tvm.compile(_conv_model("N"), target="hapm_fpga")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a static batch runs on the accelerator, silently
+        tvm.compile(_conv_model(1), target="hapm_fpga")
+
+
+def test_model_quantized_for_another_precision_is_refused():
+    from tvm_hapm.passes.lower import LoweringError
+
+    int16 = HardwareConfig(name="int16", act_bits=16, weight_bits=16)
+    with pytest.raises(LoweringError, match=r"quantized for int8 data.*'int16' computes int16"):
+        tvm.compile(_conv_model(1), target="hapm_fpga", relax_pipeline=hapm_pipeline(int16))

@@ -194,6 +194,42 @@ def test_wrong_data_shape(tmp_path, compiled, capsys):
     assert "expects (1, 1, 16, 16)" in _error(capsys)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_inputs_are_refused(tmp_path, compiled, data_files, capsys, bad):
+    x = np.load(data_files / "x.npy")
+    x[2, 0, 3, 4] = bad
+    np.save(tmp_path / "bad.npy", x)
+    assert main(["run", str(compiled), "--input", str(tmp_path / "bad.npy")]) == 2
+    assert "1 NaN or infinite value(s) in the input (the first at index (2, 0, 3, 4))" in _error(
+        capsys
+    )
+    out = tmp_path / "o"
+    argv = ["compile", str(BUNDLED_MODEL), "--calibration", str(tmp_path / "bad.npy"), "-o"]
+    assert main([*argv, str(out)]) == 2
+    assert "NaN or infinite" in _error(capsys) and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["compile", "M", "--calibration", "C", "--batch", "0", "-o", "O"],
+        ["compile", "M", "--calibration", "C", "--calibration-samples", "-1", "-o", "O"],
+        ["compile", "M", "--calibration", "C", "--batch", "two", "-o", "O"],
+        ["tune", "M", "--workers", "0", "-o", "O"],
+        ["tune", "M", "--trials", "0", "-o", "O"],
+        ["demo", "--images", "0"],
+        ["prune", "M", "--sparsity", "0.5", "--stages", "0", "-o", "O"],
+        ["optimize", "M", "--episodes", "0", "-o", "O"],
+        ["profile", "M", "--seed", "-3", "-o", "O"],
+    ],
+)
+def test_out_of_range_counts_are_usage_errors(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert "is not >= " in err or "is not an integer" in err, err
+
+
 def test_unknown_target_and_bad_config(tmp_path, data_files, capsys):
     base = ["compile", str(BUNDLED_MODEL), "--calibration", str(data_files / "calib.npy")]
     base += ["-o", str(tmp_path / "o")]

@@ -7,6 +7,7 @@ quantized with random calibration inputs and compiled for llvm next to its float
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -298,6 +299,27 @@ def test_wrong_calibration_shape():
         quantize(mod, random_samples(2, 0, shape=(1, 3, 4, 4)))
     with pytest.raises(QuantizeError, match="non-empty list"):
         quantize(mod, [])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_calibration_is_refused(bad):
+    samples = random_samples(3, 0)
+    samples[1][0, 2, 3, 4] = bad
+    with pytest.raises(QuantizeError, match="sample 1: input 'x' has 1 NaN or infinite"):
+        quantize(from_onnx(conv_bn_relu()), samples)
+
+
+def test_degenerate_calibration_warns_with_the_tensor():
+    mod = from_onnx(conv_bn_relu())
+    with pytest.warns(UserWarning, match="tensor 'x' is zero on every sample"):
+        quantize(mod, [np.zeros(ONNX_INPUT_SHAPE, np.float32)] * 2)
+    samples = random_samples(3, 0)
+    samples[0][0, 0, 0, 0] = 1e30  # one outlier sets the input's int8 step
+    with pytest.warns(UserWarning, match=r"tensor 'x' ranges up to \|x\| = 1e\+30, .* 100%"):
+        quantize(mod, samples)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ordinary data: no warning
+        quantize(mod, random_samples(3, 0))
 
 
 def test_nothing_to_quantize_warns():

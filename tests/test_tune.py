@@ -224,13 +224,29 @@ def test_compile_skips_a_record_that_does_not_fit_with_a_warning(tmp_path):
         ({"version": 1, "records": []}, "'records'"),
         ({"version": 1, "records": {"k": {"schedule": {"tile_h": 1}}}}, "'tile_w' is missing"),
         (
-            {"version": 1, "records": {"k": {"schedule": {"tile_h": "8", "tile_w": 1,
-                                                         "cob_group": 1, "cib_chunk": 1}}}},
+            {
+                "version": 1,
+                "records": {
+                    "k": {"schedule": {"tile_h": "8", "tile_w": 1, "cob_group": 1, "cib_chunk": 1}}
+                },
+            },
             "'tile_h' = '8' is not an integer",
         ),  # fmt: skip
         (
-            {"version": 1, "records": {"k": {"schedule": {"tile_h": 2, "tile_w": 1, "cob_group": 1,
-                                                         "cib_chunk": 1, "double_buffer": 1}}}},
+            {
+                "version": 1,
+                "records": {
+                    "k": {
+                        "schedule": {
+                            "tile_h": 2,
+                            "tile_w": 1,
+                            "cob_group": 1,
+                            "cib_chunk": 1,
+                            "double_buffer": 1,
+                        }
+                    }
+                },
+            },
             "'double_buffer' = 1 is not a boolean",
         ),  # fmt: skip
     ],

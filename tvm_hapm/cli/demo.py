@@ -17,6 +17,7 @@ from .io import (
     import_onnx,
     import_tvm,
     output_dir,
+    positive_int,
     program_rows,
     quantize_module,
     resolve_target,
@@ -33,8 +34,12 @@ def add_demo_arguments(p: argparse.ArgumentParser) -> None:
         "--dataset", choices=("auto", "fashion-mnist", "digits"), default="auto",
         help="auto: Fashion-MNIST when installed, else digits",
     )  # fmt: skip
-    p.add_argument("--batch", type=int, default=25, help="batch size of the compiled model")
-    p.add_argument("--images", type=int, default=500, help="Fashion-MNIST test images to simulate")
+    p.add_argument(
+        "--batch", type=positive_int, default=25, help="batch size of the compiled model"
+    )
+    p.add_argument(
+        "--images", type=positive_int, default=500, help="Fashion-MNIST test images to simulate"
+    )
     p.add_argument("--sparsity", type=float, default=0.5, help="pruning part: weight sparsity")
     p.add_argument(
         "--pruning-steps", type=int, default=None,
@@ -49,8 +54,6 @@ def cmd_demo(args, console: Console) -> int:
     trained on it), else scikit-learn's digits (the bundled digits CNN and ResNet-20)."""
     from ..data import DatasetNotFoundError, load_fashion_mnist
 
-    if args.batch < 1 or args.images < 1:
-        raise CliError("--batch and --images must be >= 1")
     dataset = None
     if args.dataset in ("auto", "fashion-mnist"):
         try:

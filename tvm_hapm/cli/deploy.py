@@ -33,7 +33,9 @@ from .io import (
     load_npy,
     load_onnx,
     model_input,
+    non_negative_int,
     output_dir,
+    positive_int,
     program_listing,
     quantize_module,
     read_program,
@@ -52,14 +54,14 @@ def add_compile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration", required=True, metavar="DATA.npy", help="calibration inputs")
     p.add_argument(
         "--calibration-samples",
-        type=int,
+        type=positive_int,
         default=16,
         metavar="K",
         help="use the first K samples of the calibration data (default 16)",
     )
     add_target_args(p)
     p.add_argument(
-        "--batch", type=int, default=1, help="batch size if the model's batch is symbolic"
+        "--batch", type=positive_int, default=1, help="batch size if the model's batch is symbolic"
     )
     p.add_argument("--tuning-db", default=None, metavar="DB.json", help="schedules from hapm tune")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output directory")
@@ -81,8 +83,6 @@ def _tuning_database(path):
 def cmd_compile(args, console: Console) -> int:
     """``hapm compile``: import, quantize, compile, write the artifacts and a summary."""
     tgt, cfg = resolve_target(args.target, args.config)
-    if args.calibration_samples < 1:
-        raise CliError("--calibration-samples must be at least 1")
     out = Path(args.output)
     with progress_display(console) as progress:
         with stage(progress, "import ONNX"):
@@ -180,16 +180,18 @@ def add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--calibration", default=None, metavar="DATA.npy", help="default: one random sample"
     )
-    p.add_argument("--calibration-samples", type=int, default=16, metavar="K")
+    p.add_argument("--calibration-samples", type=positive_int, default=16, metavar="K")
     add_target_args(p)
     p.add_argument("--input", default=None, metavar="X.npy", help="default: a random input")
     p.add_argument(
-        "--batch", type=int, default=1, help="batch size if the model's batch is symbolic"
+        "--batch", type=positive_int, default=1, help="batch size if the model's batch is symbolic"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the random data (default 0)")
+    p.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the random data (default 0)"
+    )
     p.add_argument(
         "--trace-limit",
-        type=int,
+        type=non_negative_int,
         default=1_000_000,
         metavar="N",
         help="at most N instruction events in trace.json (0: no limit; default 1,000,000)",
@@ -209,8 +211,6 @@ def cmd_profile(args, console: Console) -> int:
     from ..runtime.report import build_profile, chrome_trace, profile_table
 
     tgt, cfg = resolve_target(args.target, args.config)
-    if args.calibration_samples < 1:
-        raise CliError("--calibration-samples must be at least 1")
     out = Path(args.output)
     rng = np.random.default_rng(args.seed)
     with progress_display(console) as progress:

@@ -27,6 +27,27 @@ REPORT_JSON = "report.json"
 PROGRAM_DIR = "programs"
 
 
+# ---------------------------------------------------------------------------------- arguments
+def positive_int(text: str) -> int:
+    """``type=`` of an integer option that must be at least 1 (a usage error otherwise)."""
+    return _bounded_int(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """``type=`` of an integer option that must be at least 0 (a usage error otherwise)."""
+    return _bounded_int(text, 0)
+
+
+def _bounded_int(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{value} is not >= {low}")
+    return value
+
+
 # ---------------------------------------------------------------------------------- loading
 def existing_file(path: str | Path, what: str) -> Path:
     """``path`` as a :class:`~pathlib.Path`; a missing file or a directory raises
@@ -136,6 +157,14 @@ def load_npy(path: str | Path, what: str = "data") -> np.ndarray:
         raise CliError(f"{p} is not a valid .npy file: {one_line(err)}") from None
     if arr.dtype.kind not in "biuf":
         raise CliError(f"{p}: expected a numeric array, got dtype {arr.dtype}")
+    if arr.dtype.kind == "f":
+        finite = np.isfinite(arr)
+        if not finite.all():
+            first = tuple(int(i) for i in np.argwhere(~finite)[0])
+            raise CliError(
+                f"{p}: {int(arr.size - finite.sum())} NaN or infinite value(s) in the {what} "
+                f"(the first at index {first}); a quantized model cannot represent them"
+            )
     return arr
 
 

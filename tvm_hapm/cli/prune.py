@@ -22,7 +22,9 @@ from .io import (
     import_onnx,
     json_default,
     load_onnx,
+    non_negative_int,
     output_dir,
+    positive_int,
     quantize_module,
     resolve_target,
     write_artifacts,
@@ -51,7 +53,7 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data", default=None, metavar="DATA.npz", help="x_train/y_train to fine-tune on"
     )
-    p.add_argument("--finetune-steps", type=int, default=20)
+    p.add_argument("--finetune-steps", type=non_negative_int, default=20)
     p.add_argument(
         "--engine", choices=("auto", "torch", "tvm"), default="auto",
         help="fine-tuning engine: PyTorch (batch 128) when installed, else TVM (batch 32)",
@@ -64,11 +66,11 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--stages",
-        type=int,
+        type=positive_int,
         default=1,
         help="iterative pruning: rounds of prune + recover (cubic schedule) up to --sparsity",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("-o", "--output", required=True, metavar="OUT")
 
 
@@ -193,9 +195,11 @@ def add_optimize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="percentage points")
     p.add_argument("--level", choices=("coarse", "mid", "fine", "sim"), default="fine")
     p.add_argument("--method", choices=HWFLOW_METHODS, default="rl")
-    p.add_argument("--episodes", type=int, default=60)
-    p.add_argument("--search-finetune-steps", type=int, default=0)
-    p.add_argument("--finetune-steps", type=int, default=0, help="fine-tuning of the winner")
+    p.add_argument("--episodes", type=positive_int, default=60)
+    p.add_argument("--search-finetune-steps", type=non_negative_int, default=0)
+    p.add_argument(
+        "--finetune-steps", type=non_negative_int, default=0, help="fine-tuning of the winner"
+    )
     p.add_argument(
         "--no-reconstruct",
         dest="reconstruct",
@@ -210,7 +214,7 @@ def add_optimize_arguments(p: argparse.ArgumentParser) -> None:
         help="calibrate int8 activations on their P-th percentile (e.g. 99.9) instead of the "
         "maximum",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("-o", "--output", required=True, metavar="OUT")
 
 

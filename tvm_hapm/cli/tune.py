@@ -18,6 +18,8 @@ from .io import (
     load_npy,
     load_onnx,
     model_input,
+    non_negative_int,
+    positive_int,
     quantize_module,
     resolve_target,
 )
@@ -31,11 +33,13 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
         "--calibration", default=None, metavar="DATA.npy", help="default: one random sample"
     )
     add_target_args(p)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--trials", type=int, default=16, help="measurements per layer")
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--trials", type=positive_int, default=16, help="measurements per layer")
     p.add_argument("--strategy", choices=("guided", "random"), default="guided")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1, help="local worker processes / RPC sessions")
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument(
+        "--workers", type=positive_int, default=1, help="local worker processes / RPC sessions"
+    )
     p.add_argument(
         "--rpc", default=None, metavar="HOST:PORT", help="measure through a TVM RPC tracker"
     )
@@ -54,8 +58,6 @@ def cmd_tune(args, console: Console) -> int:
     )
 
     tgt, cfg = resolve_target(args.target, args.config)
-    if args.trials < 1:
-        raise CliError("--trials must be at least 1")
     if args.rpc:
         host, _, port = args.rpc.rpartition(":")
         if not host or not port.isdigit():

@@ -11,6 +11,7 @@ or ``relax.get_pipeline("hapm_fpga")`` in a custom flow).
 from __future__ import annotations
 
 import logging
+import warnings
 
 import tvm
 from tvm import relax
@@ -19,7 +20,7 @@ from tvm.relax import pipeline as _relax_pipeline
 from ..target.config import HardwareConfig, get_config, is_hapm_target
 from .lower import LoweringError, LowerToHapm
 from .partition import PartitionForHapm, host_operator_report
-from .quantize import FLOAT_MODEL_MESSAGE, float_layer_ops
+from .quantize import FLOAT_MODEL_MESSAGE, float_layer_ops, integer_layers
 
 __all__ = ["offload_passes", "hapm_pipeline", "last_compile_report", "CompileReport"]
 
@@ -52,9 +53,36 @@ def offload_passes(config: HardwareConfig | None = None, programs: list | None =
             raise LoweringError(
                 f"the model has {len(floats)} float conv2d/matmul layers; {FLOAT_MODEL_MESSAGE}"
             )
+        layers = integer_layers(mod)
+        precisions = sorted({dtype for _, dtype, _ in layers})
+        if layers and precisions != [cfg.act_dtype]:
+            raise LoweringError(
+                f"the model was quantized for {' and '.join(precisions)} data, but hapm_fpga "
+                f"config {cfg.name!r} computes {cfg.act_dtype} (act_bits={cfg.act_bits}); "
+                f"quantize it for this config"
+            )
         progs: list = [] if programs is None else programs
+        first = len(progs)
         mod = PartitionForHapm(cfg)(mod)
         mod = LowerToHapm(cfg, progs)(mod)
+        on_host = integer_layers(mod)
+        if on_host:
+            # A layer the accelerator cannot run is legal, but never silent.
+            listing = "; ".join(f"{op.removeprefix('relax.')} on {dt}{list(shape)}"
+                                for op, dt, shape in on_host)  # fmt: skip
+            symbolic = any(not isinstance(d, int) for _, _, shape in on_host for d in shape)
+            hint = (
+                "; the accelerator needs static shapes: bind the batch first (e.g. "
+                "relax.transform.BindSymbolicVars({'N': 1}))"
+                if symbolic
+                else ""
+            )
+            warnings.warn(
+                f"hapm_fpga: {len(on_host)} integer conv2d/matmul layer(s) run on the host, "
+                f"not on the accelerator ({len(progs) - first} layer(s) do; no pattern of config "
+                f"{cfg.name!r} matches these): {listing}{hint}",
+                stacklevel=2,
+            )
         host = {}
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):

@@ -69,6 +69,7 @@ from .graph import (
     relax_functions,
     replace_function,
     tensor_dtype,
+    tensor_shape,
 )
 from .plan import LAYER_KINDS, Planner, fuse_residuals
 
@@ -81,6 +82,7 @@ __all__ = [
     "quantize",
     "Quantize",
     "is_quantized",
+    "integer_layers",
     "float_layer_ops",
     "has_float_compute",
 ]
@@ -116,12 +118,30 @@ def is_quantized(mod: tvm.IRModule) -> bool:
     bool
         True for the output of :func:`quantize` (and any model with such layers).
     """
+    return bool(integer_layers(mod))
+
+
+def integer_layers(mod: tvm.IRModule) -> list[tuple[str, str, tuple]]:
+    """The integer conv2d and matmul calls of ``mod`` that accumulate in int32 (the layers
+    :func:`quantize` makes), as ``(operator, data dtype, data shape)``.
+
+    Parameters
+    ----------
+    mod : tvm.IRModule
+        Any Relax module; after lowering for hapm_fpga, the layers left are the host's.
+
+    Returns
+    -------
+    list of tuple
+    """
+    found = []
     for func in relax_functions(mod):
         for call in _calls(func):
             data = tensor_dtype(call.args[0]) or ""
             if tensor_dtype(call) == "int32" and data.startswith(("int", "uint")):
-                return True
-    return False
+                shape = tensor_shape(call.args[0])
+                found.append((op_name(call), data, tuple(shape) if shape else ()))
+    return found
 
 
 def float_layer_ops(mod: tvm.IRModule) -> list[str]:
