@@ -49,15 +49,18 @@ quantizing, compiling, writing artifacts), ``ui`` (progress display, tables) and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import warnings
 
 from rich.console import Console
 from rich.markup import escape
 
 from . import demo, deploy, prune, tune
-from .errors import EXIT_USER_ERROR, CliError
+from .errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, CliError
 
 __all__ = ["CliError", "main"]
 
@@ -99,6 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _interrupt_flag():
+    """A list that becomes non-empty on SIGINT, which still raises KeyboardInterrupt; the
+    previous handler is restored on exit (``main`` also runs in-process)."""
+    flag: list = []
+    if threading.current_thread() is not threading.main_thread():
+        yield flag  # signal handlers can only be set from the main thread
+        return
+
+    def handler(signum, frame):
+        flag.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``hapm`` command line.
 
@@ -127,16 +150,24 @@ def main(argv: list[str] | None = None) -> int:
         errors.print(f"[bold yellow]hapm {args.command}: warning:[/] {escape(str(message))}",
                      highlight=False)  # fmt: skip
 
-    try:
-        with warnings.catch_warnings():
-            # The project's warnings (a skipped tuning record, a layer left on the host, a
-            # degenerate calibration) are part of the command's output.
-            warnings.showwarning = show_warning
-            return int(args.func(args, console) or 0)
-    except CliError as err:
-        errors.print(f"[bold red]hapm {args.command}: error:[/] {escape(str(err))}",
-                     highlight=False)  # fmt: skip
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted")
-        return 130
+    with _interrupt_flag() as interrupted:
+        try:
+            with warnings.catch_warnings():
+                # The project's warnings (a skipped tuning record, a layer left on the host, a
+                # degenerate calibration) are part of the command's output.
+                warnings.showwarning = show_warning
+                return int(args.func(args, console) or 0)
+        except CliError as err:
+            if not interrupted:
+                errors.print(f"[bold red]hapm {args.command}: error:[/] {escape(str(err))}",
+                             highlight=False)  # fmt: skip
+                return EXIT_USER_ERROR
+        except KeyboardInterrupt:
+            pass
+        except Exception:
+            if not interrupted:
+                raise
+        # Ctrl-C: a KeyboardInterrupt raised inside a TVM callback reaches us as another
+        # exception (TVM's FFI converts it), hence the flag.
+        errors.print("interrupted")
+        return EXIT_INTERRUPTED

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 #: Exit status of a user error.
 EXIT_USER_ERROR = 2
+#: Exit status after Ctrl-C (128 + SIGINT, what a shell reports for a process killed by it).
+EXIT_INTERRUPTED = 130
 
 
 class CliError(Exception):
