@@ -322,6 +322,32 @@ def test_degenerate_calibration_warns_with_the_tensor():
         quantize(mod, random_samples(3, 0))
 
 
+def test_non_finite_weights_are_refused():
+    model = conv_bn_relu()
+    for init in model.graph.initializer:
+        w = numpy_helper.to_array(init).copy()
+        if w.ndim == 4:
+            w[0, 0, 0, 0] = np.nan
+            init.CopyFrom(numpy_helper.from_array(w, init.name))
+    with pytest.raises(QuantizeError, match=r"conv2d producing .* 1 NaN or infinite weight"):
+        quantize(from_onnx(model), random_samples(2, 0))
+
+
+def test_layer_left_float_warns_with_its_reason():
+    from onnx import TensorProto, helper
+
+    w = np.random.default_rng(0).normal(0, 1, (4, 3, 3, 3)).astype(np.float16)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "fp16",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 4, 8, 8])],
+        [numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.warns(UserWarning, match=r"1 layer\(s\) stay float: nn.conv2d .* not a float32"):
+        quantize(from_onnx(model), [np.zeros((1, 3, 8, 8), np.float16)])
+
+
 def test_nothing_to_quantize_warns():
     g = OnnxGraph(14)
     mod = from_onnx(

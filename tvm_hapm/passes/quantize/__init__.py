@@ -71,7 +71,7 @@ from .graph import (
     tensor_dtype,
     tensor_shape,
 )
-from .plan import LAYER_KINDS, Planner, fuse_residuals
+from .plan import DENSE_NEEDS_WEIGHT, LAYER_KINDS, Planner, fuse_residuals
 
 __all__ = [
     "QuantizeError",
@@ -253,6 +253,7 @@ def quantize(
         fuse_residuals(steps, graph)
     samples = normalise_samples(calibration, params)
 
+    _warn_float_layers(steps, report)
     accel = [s for s in steps if s.kind in (*LAYER_KINDS, "fused")]
     if not accel:
         msg = (
@@ -280,6 +281,23 @@ def quantize(
     em = Emitter(graph, cfg, scales, steps, report)
     new_func = em.build(gvar.name_hint, em.emit_steps, lambda: em.sub(graph.output))
     return replace_function(norm, gvar, new_func)
+
+
+def _warn_float_layers(steps, report) -> None:
+    """Warn about conv2d layers (and matmuls with constant weights) left as float host ops:
+    the accelerator will not run them, and the compiler will refuse the model."""
+    left = [
+        f"{s.ops[0]} -> '{s.out.name}' ({s.reason})"
+        for s in steps
+        if s.kind == "host"
+        and s.ops
+        and (s.ops[0] == "nn.conv2d" or (s.ops[0] == "matmul" and s.reason != DENSE_NEEDS_WEIGHT))
+    ]
+    if left:
+        msg = f"quantize(): {len(left)} layer(s) stay float: " + "; ".join(left)
+        warnings.warn(msg, UserWarning, stacklevel=3)
+        if report is not None:
+            report.append(f"warning: {msg}")
 
 
 def Quantize(  # noqa: N802 (TVM pass factories are CamelCase)

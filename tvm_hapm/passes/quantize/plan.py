@@ -24,9 +24,18 @@ import tvm
 from tvm import relax
 
 from ..relax_util import const_array, minmax_prim, op_name, static_shape
-from .graph import CONV_OP, MATMUL_OP, Graph, int_list, is_f32, tensor_dtype, tensor_shape
+from .graph import (
+    CONV_OP,
+    MATMUL_OP,
+    Graph,
+    QuantizeError,
+    int_list,
+    is_f32,
+    tensor_dtype,
+    tensor_shape,
+)
 
-__all__ = ["LAYER_KINDS", "NOT_AN_OP", "Planner", "Step", "fuse_residuals"]
+__all__ = ["DENSE_NEEDS_WEIGHT", "LAYER_KINDS", "NOT_AN_OP", "Planner", "Step", "fuse_residuals"]
 
 _AFFINE_OPS = ("relax.add", "relax.subtract", "relax.multiply", "relax.divide")
 _SHAPE_OPS = (
@@ -40,6 +49,8 @@ _INF = math.inf
 #: Reason of a host step whose binding is not an operator call (a tuple, a tuple item...): the
 #: report leaves such bookkeeping out.
 NOT_AN_OP = "not an operator call"
+#: Reason of a host matmul that is not a layer (no 2-D constant weight, e.g. of two activations).
+DENSE_NEEDS_WEIGHT = "matmul without a 2-D constant weight"
 #: Steps that emit an accelerated layer (they requantize to a calibrated output scale).
 LAYER_KINDS = ("conv", "dense", "avgpool", "gap", "add")
 #: Steps whose result is an integer tensor.
@@ -280,9 +291,7 @@ class Planner:
         if op == CONV_OP and x_is_tensor:
             return self._plan_conv(i, b) or self._host(i, b, "conv2d layout/weights unsupported")
         if op == MATMUL_OP and x_is_tensor:
-            return self._plan_dense(i, b) or self._host(
-                i, b, "matmul without a 2-D constant weight"
-            )
+            return self._plan_dense(i, b) or self._host(i, b, DENSE_NEEDS_WEIGHT)
         if op == "relax.nn.avg_pool2d" and x_is_tensor:
             return self._plan_avgpool(i, b) or self._host(i, b, "avg_pool2d form unsupported")
         if op == "relax.mean" and x_is_tensor:
@@ -351,8 +360,9 @@ class Planner:
         layouts = (str(attrs.data_layout), str(attrs.kernel_layout), str(attrs.out_layout))
         if w is None or w.ndim != 4 or layouts != ("NCHW", "OIHW", "NCHW"):
             return None
-        if not np.issubdtype(w.dtype, np.floating) or not np.all(np.isfinite(w)):
+        if not np.issubdtype(w.dtype, np.floating):
             return None
+        _check_finite(w, b.var, "conv2d")
         ops = ["conv2d"]
         out, weight, bias = self._affine_chain(b.var, w.astype(np.float64), None, 1, ops)
         out, lo, hi = self._act_chain(out, ops)
@@ -371,8 +381,9 @@ class Planner:
         xs = tensor_shape(x)
         if w is None or w.ndim != 2 or xs is None or len(xs) != 2 or xs[1] != w.shape[0]:
             return None
-        if not np.issubdtype(w.dtype, np.floating) or not np.all(np.isfinite(w)):
+        if not np.issubdtype(w.dtype, np.floating):
             return None
+        _check_finite(w, b.var, "matmul")
         ops = ["matmul"]
         out, weight, bias = self._affine_chain(b.var, w.astype(np.float64), None, 1, ops)
         out, lo, hi = self._act_chain(out, ops)
@@ -418,6 +429,16 @@ class Planner:
 # --------------------------------------------------------------------------------------------
 # residual fusion
 # --------------------------------------------------------------------------------------------
+def _check_finite(weight: np.ndarray, var, op: str) -> None:
+    """Refuse a layer whose weights hold NaN or infinities (no int8 scale represents them)."""
+    bad = int(weight.size - np.isfinite(weight).sum())
+    if bad:
+        raise QuantizeError(
+            f"the {op} producing '{var.name}' has {bad} NaN or infinite weight(s) of "
+            f"{weight.size}; no integer layer can represent them"
+        )
+
+
 def fuse_residuals(steps: list[Step], graph: Graph) -> int:
     """Mark each residual add whose operand is a conv2d output read by nothing else (and with
     no activation in between) for fusion: the conv becomes a ``fused`` step, emitted by the add
