@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from .. import atomic
 from .errors import CliError, one_line
 from .io import (
     MODEL_LIB,
@@ -168,7 +170,9 @@ def cmd_run(args, console: Console) -> int:
     title = "Accelerator statistics" + (f" ({len(runs)} runs)" if len(runs) > 1 else "")
     console.print(run_stats_table(_merge_by_layer(runs), title=title))
     dest = Path(args.output) if args.output else out / "output.npy"
-    np.save(dest, y)
+    buffer = io.BytesIO()
+    np.save(buffer, y)
+    atomic.write_bytes(dest, buffer.getvalue())  # an interrupted run keeps the old file
     console.print(f"saved the output to {dest}")
     return 0
 
@@ -264,11 +268,12 @@ def cmd_profile(args, console: Console) -> int:
             profile["simulation_seconds"] = round(seconds, 3)
             trace = chrome_trace(stats.traces, max_events=args.trace_limit or None)
             out.mkdir(parents=True, exist_ok=True)
-            (out / PROFILE_JSON).write_text(
-                json.dumps(profile, indent=2, default=json_default) + "\n"
+            atomic.write_text(
+                out / PROFILE_JSON, json.dumps(profile, indent=2, default=json_default) + "\n"
             )
-            with (out / TRACE_JSON).open("w") as f:
-                json.dump(trace, f, separators=(",", ":"), default=json_default)
+            atomic.write_text(
+                out / TRACE_JSON, json.dumps(trace, separators=(",", ":"), default=json_default)
+            )
     console.print(profile_table(profile, title=f"Accelerator profile ({cfg.name})"))
     total = profile["total"]
     truncated = trace["otherData"]["truncated"]

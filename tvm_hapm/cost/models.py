@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import atomic
 from ..target.config import HardwareConfig
 from .analytic import _energy_model, analyze_batch
 from .features import FEATURE_SCHEMA_VERSION, feature_names, features_batch, features_from_batch
@@ -301,7 +302,7 @@ class FineModel(CostModel):
             "meta": self.meta,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(side, indent=1, sort_keys=True, default=_json_default))
+        atomic.write_text(path, json.dumps(side, indent=1, sort_keys=True, default=_json_default))
         return path
 
     @classmethod

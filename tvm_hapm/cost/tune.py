@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import atomic
 from ..target.config import HardwareConfig
 from ..target.schedule import ConvSchedule, conv_footprint, plan_conv
 
@@ -511,7 +512,7 @@ class TuningDatabase:
         if path is None:
             raise ValueError("no path to save the tuning database to")
         payload = {"version": self.VERSION, "records": dict(sorted(self.records.items()))}
-        path.write_text(json.dumps(payload, indent=1, sort_keys=True))
+        atomic.write_text(path, json.dumps(payload, indent=1, sort_keys=True))
         return path
 
     def __enter__(self) -> TuningDatabase:

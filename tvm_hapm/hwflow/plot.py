@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
+from .. import atomic
 from .optimize import OptimizeResult
 
 __all__ = ["pareto_plot"]
@@ -40,6 +44,8 @@ def pareto_plot(results, path, objective: str | None = None) -> str:
     ax.set_ylabel("validation top-1 (%)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(str(path), dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
     plt.close(fig)
+    atomic.write_bytes(path, buffer.getvalue())
     return str(path)
