@@ -9,8 +9,13 @@ import struct
 import numpy as np
 import pytest
 
+from tvm_hapm.data import (
+    FASHION_DEPTHS,
+    fashion_resnet_info,
+    load_fashion_mnist,
+    load_fashion_resnet,
+)
 from tvm_hapm.data import fashion_mnist as fm
-from tvm_hapm.data import load_fashion_mnist
 
 
 def _idx(data: np.ndarray, magic: int) -> bytes:
@@ -142,3 +147,32 @@ def test_real_dataset():
     np.testing.assert_array_equal(np.bincount(d.y_test), [1000] * 10)
     # the mean pixel of the real images (0.286), not of random data (0.5)
     assert 0.28 < load_fashion_mnist(size=28).x_test.mean() < 0.29
+
+
+# ------------------------------------------------------------------------------- trained models
+@pytest.mark.parametrize("depth", FASHION_DEPTHS)
+def test_trained_model_records_meet_the_targets(depth):
+    """The shipped ResNets (examples/train_fashion_mnist.py): >= 93% float top-1 on the 10,000
+    test images, int8 within 0.5 point of float, the calibration chosen on validation."""
+    info = fashion_resnet_info(depth)
+    model = load_fashion_resnet(depth, batch=2)
+    assert info["architecture"]["depth"] == depth and info["test_images"] == 10000
+    params = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    assert params >= info["architecture"]["parameters"]  # BN statistics add to the count
+    assert info["test_accuracy"] >= 0.93
+    assert abs(info["int8_test_accuracy"] - info["test_accuracy"]) <= 0.005
+    assert info["int8_calibration"]["chosen_on"] == "validation"
+    assert info["int8_checked_against_llvm"]["bit_exact"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("depth", FASHION_DEPTHS)
+def test_trained_model_reproduces_its_record(depth):
+    """The shipped ONNX gives the recorded float accuracy on the real test set."""
+    if os.environ.get(fm.ENV_VAR) is None and not fm.DEFAULT_DIR.is_dir():
+        pytest.skip(f"Fashion-MNIST is not installed in {fm.DEFAULT_DIR}")
+    from tvm_hapm.flow import float_accuracy
+
+    d = load_fashion_mnist()
+    got = float_accuracy(load_fashion_resnet(depth, batch=1), d.x_test, d.y_test)
+    assert got == pytest.approx(fashion_resnet_info(depth)["test_accuracy"], abs=1e-4)
