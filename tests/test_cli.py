@@ -210,6 +210,28 @@ def test_non_finite_inputs_are_refused(tmp_path, compiled, data_files, capsys, b
 
 
 @pytest.mark.parametrize(
+    "arrays, problem",
+    [
+        (None, "not a single array"),
+        ({"x_train": np.full((4, 1, 16, 16), np.nan)}, "missing y_train"),
+        ({"x_train": np.full((4, 1, 16, 16), np.nan), "y_train": np.arange(4)}, "finite"),
+        ({"x_train": np.zeros((4, 1, 16, 16)), "y_train": np.full(4, 0.5)}, "class indices"),
+        ({"x_train": np.zeros((4, 1, 16, 16)), "y_train": np.arange(3)}, "class indices"),
+    ],
+)
+def test_bad_training_data_is_refused(tmp_path, capsys, arrays, problem):
+    if arrays is None:
+        path = tmp_path / "data.npy"
+        np.save(path, np.zeros(3))
+    else:
+        path = tmp_path / "data.npz"
+        np.savez(path, **arrays)
+    argv = ["prune", str(BUNDLED_MODEL), "--sparsity", "0.5", "--data", str(path)]
+    assert main([*argv, "-o", str(tmp_path / "o")]) == 2
+    assert problem in _error(capsys)
+
+
+@pytest.mark.parametrize(
     "argv",
     [
         ["compile", "M", "--calibration", "C", "--batch", "0", "-o", "O"],

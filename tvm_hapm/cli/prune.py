@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .. import atomic
-from .errors import CliError
+from .errors import CliError, one_line
 from .io import (
     MODEL_LIB,
     add_target_args,
@@ -169,16 +169,32 @@ def cmd_prune(args, console: Console) -> int:
 
 
 def _load_training_data(path, with_test: bool = False) -> tuple:
-    """``x_train`` and ``y_train`` (and ``x_test``, ``y_test``) from an .npz file."""
+    """``x_train`` and ``y_train`` (and ``x_test``, ``y_test``) from an .npz file; a file that is
+    not such an archive, NaN images or labels that are not class indices raise :class:`CliError`."""
     path = existing_file(path, "training data")
     keys = ("x_train", "y_train") + (("x_test", "y_test") if with_test else ())
+    want = f"expected an .npz archive with {', '.join(keys)} (numpy.savez)"
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return tuple(
-                np.asarray(data[k], np.float32 if k.startswith("x") else np.int64) for k in keys
+        data = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise CliError(f"{path}: {want} ({one_line(err)})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise CliError(f"{path}: {want}, not a single array")
+    with data:
+        missing = [k for k in keys if k not in data.files]
+        if missing:
+            raise CliError(f"{path}: {want}; missing {', '.join(missing)}")
+        arrays = {k: data[k] for k in keys}
+    for split in ("train", "test") if with_test else ("train",):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype.kind not in "biuf" or x.ndim < 2 or not np.isfinite(x).all():
+            raise CliError(f"{path}: x_{split} must be a finite numeric array of images")
+        if y.ndim != 1 or len(y) != len(x) or y.dtype.kind not in "iu" or (y < 0).any():
+            raise CliError(
+                f"{path}: y_{split} must be {len(x)} non-negative integer class indices, one per "
+                f"image of x_{split}"
             )
-    except (KeyError, ValueError, OSError) as err:
-        raise CliError(f"{path}: expected an .npz with {', '.join(keys)} ({err})") from None
+    return tuple(np.asarray(arrays[k], np.float32 if k.startswith("x") else np.int64) for k in keys)
 
 
 # ---------------------------------------------------------------------------------- optimize
