@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-_MAX_X = (1 << 12) - 1  # analytic._MAX_X: a weight DMA of more blocks takes a second one
+from ..target.isa import MAX_TRANSFER
 
 _F64 = "float64[::1]"
 _I64 = "int64[::1]"
@@ -222,7 +222,7 @@ def timing(  # pragma: no cover - compiled
         dbuf = qin[_DBS, q] != 0 and fits != 0
         if resident:  # analytic._wload
             w_once = np.ceil(nz * wgt_b / B - 1e-7) + L * (
-                (1.0 if nz > 0 else 0.0) + (1.0 if nz > _MAX_X else 0.0)
+                (1.0 if nz > 0 else 0.0) + (1.0 if nz > MAX_TRANSFER else 0.0)
             )
         else:
             w_once = 0.0
@@ -238,7 +238,7 @@ def timing(  # pragma: no cover - compiled
             has = st > 0
             skew[s] = min(st, A) - 1.0 if has else 0.0
             beats = np.ceil(st * wB - 1e-7)  # robust to summation order
-            w_all = beats + L * ((1.0 if has else 0.0) + (1.0 if st > _MAX_X else 0.0))
+            w_all = beats + L * ((1.0 if has else 0.0) + (1.0 if st > MAX_TRANSFER else 0.0))
             if s == s0 and not resident and one_step:
                 w_once = w_all
             w_step[s] = 0.0 if no_w else w_all

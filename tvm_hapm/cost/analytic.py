@@ -45,6 +45,7 @@ import numpy as np
 from ..runtime.energy import EnergyModel
 from ..runtime.timing import ALU_LATENCY, TimingResult
 from ..target.config import HardwareConfig
+from ..target.isa import MAX_TRANSFER
 from ..target.schedule import ConvSchedule, fit_double_buffer, plan_conv
 from .layer import BlockSparsity, ConvLayer, structural_mask
 
@@ -58,8 +59,6 @@ __all__ = [
     "default_schedule",
     "schedule_dict",
 ]
-
-_MAX_X = (1 << 12) - 1
 
 
 def schedule_dict(schedule) -> dict:
@@ -196,7 +195,7 @@ def analyze_reference(
     # weight DMA cycles of each step (non-resident) and of the resident load
     def wload(nblocks):
         nblocks = np.asarray(nblocks, float)
-        first = np.minimum(nblocks, _MAX_X)
+        first = np.minimum(nblocks, MAX_TRANSFER)
         rest = nblocks - first
         beats = np.ceil(nblocks * wgt_b / B - 1e-7)  # robust to summation order
         return beats + L * ((nblocks > 0).astype(float) + (rest > 0))
@@ -1509,7 +1508,7 @@ def _timing(q, plans, steps, chain, rounds, empty, exact, nnz, frac, tot, cfa):
     one_step = nst == 1
     dbuf = (q["dbs"] != 0) & (np.where(resident, q["fits_res"], q["fits_non"]) != 0)
     beats = np.ceil(steps * wB_s - 1e-7)  # robust to summation order
-    w_all = beats + L_s * (has + (steps > _MAX_X).astype(np.float64))  # (2 DMAs past X)
+    w_all = beats + L_s * (has + (steps > MAX_TRANSFER).astype(np.float64))  # (2 DMAs past X)
     w_once = np.where(resident, _wload(nnz, B, L, wgt_b), 0.0)
     w_once = np.where(~resident & one_step, w_all[st_off], w_once)
     no_w = np.repeat(resident | one_step, nst)  # no weight load per step
@@ -1690,7 +1689,7 @@ def _timing_jit(kern, Q, q, plans, steps, chain, rounds, empty, exact, nnz, frac
 def _wload(nblocks, B, L, wgt_b):
     """Cycles of loading ``nblocks`` weight blocks (one DMA, a second past the X field)."""
     beats = np.ceil(nblocks * wgt_b / B - 1e-7)  # robust to summation order
-    return beats + L * ((nblocks > 0).astype(float) + (nblocks > _MAX_X))
+    return beats + L * ((nblocks > 0).astype(float) + (nblocks > MAX_TRANSFER))
 
 
 def _next_loads(w_step, st_off, nst, n_tiles):

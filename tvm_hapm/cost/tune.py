@@ -41,6 +41,7 @@ import numpy as np
 
 from .. import atomic
 from ..target.config import HardwareConfig
+from ..target.isa import MAX_LOOP, MAX_OUTER_STRIDE
 from ..target.schedule import ConvSchedule, conv_footprint, plan_conv
 
 __all__ = [
@@ -59,8 +60,6 @@ __all__ = [
 ]
 
 _KNOBS = ("tile_h", "tile_w", "cob_group", "cib_chunk", "double_buffer")
-_MAX_LOOP = (1 << 10) - 1
-_MAX_OUTER_STRIDE = (1 << 14) - 1
 
 
 @dataclass
@@ -182,7 +181,7 @@ def schedule_fits(task: ConvTask, s: ConvSchedule) -> bool:
     _, _, kh, kw = task.weight.shape
     oh, ow = task.out_hw
     cob, cib = task.blocks
-    if not (1 <= s.tile_h <= min(oh, _MAX_LOOP) and 1 <= s.tile_w <= min(ow, _MAX_LOOP)):
+    if not (1 <= s.tile_h <= min(oh, MAX_LOOP) and 1 <= s.tile_w <= min(ow, MAX_LOOP)):
         return False
     if not (1 <= s.cob_group <= cob and 1 <= s.cib_chunk <= cib):
         return False
@@ -193,7 +192,7 @@ def schedule_fits(task: ConvTask, s: ConvSchedule) -> bool:
         inp <= cfg.inp_depth
         and acc <= cfg.acc_depth
         and wgt <= cfg.wgt_depth
-        and task.strides[0] * tw_in <= _MAX_OUTER_STRIDE
+        and task.strides[0] * tw_in <= MAX_OUTER_STRIDE
     )
 
 
@@ -223,8 +222,8 @@ def enumerate_space(task: ConvTask) -> list[ConvSchedule]:
     extra = {f.name: f.default for f in fields(ConvSchedule) if f.name not in _KNOBS}
     space = []
     for th, tw, g, k, db in itertools.product(
-        _candidates(min(oh, _MAX_LOOP)),
-        _candidates(min(ow, _MAX_LOOP)),
+        _candidates(min(oh, MAX_LOOP)),
+        _candidates(min(ow, MAX_LOOP)),
         groups,
         _candidates(cib),
         (True, False),

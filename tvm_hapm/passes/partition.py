@@ -17,13 +17,11 @@ from tvm.relax.dpl import is_const, is_op, wildcard
 from tvm.relax.transform import FusionPattern
 
 from ..target.config import HardwareConfig, get_config
+from ..target.isa import MAX_INNER_STRIDE, MAX_PAD
 
 __all__ = ["PartitionForHapm", "hapm_patterns", "host_operator_report", "COMPOSITE_PREFIX"]
 
 COMPOSITE_PREFIX = "hapm_fpga."
-
-_MAX_PAD = 15
-_MAX_STRIDE = 63
 
 
 def _requant_tail(acc):
@@ -80,9 +78,9 @@ def hapm_patterns(config: HardwareConfig | None = None) -> list[FusionPattern]:
             and str(a.data_layout) == "NCHW"
             and str(a.kernel_layout) == "OIHW"
             and str(a.out_dtype) == "int32"
-            and max(int(p) for p in a.padding) <= _MAX_PAD
-            and max(int(s) for s in a.strides) <= _MAX_STRIDE
-            and max(int(d) for d in a.dilation) <= _MAX_STRIDE
+            and max(int(p) for p in a.padding) <= MAX_PAD
+            and max(int(s) for s in a.strides) <= MAX_INNER_STRIDE
+            and max(int(d) for d in a.dilation) <= MAX_INNER_STRIDE
         )
 
     # conv2d with a fused residual add (qops.emit_conv2d_residual)
@@ -140,8 +138,8 @@ def hapm_patterns(config: HardwareConfig | None = None) -> list[FusionPattern]:
             and len(shape) == 4
             and str(a.layout) == "NCHW"
             and not bool(a.ceil_mode)
-            and max(int(p) for p in a.padding) <= _MAX_PAD
-            and max(int(s) for s in a.strides) <= _MAX_STRIDE
+            and max(int(p) for p in a.padding) <= MAX_PAD
+            and max(int(s) for s in a.strides) <= MAX_INNER_STRIDE
         )
 
     gap_in = wildcard()

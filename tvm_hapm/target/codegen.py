@@ -22,7 +22,7 @@ import numpy as np
 
 from .config import HardwareConfig
 from .dependency import insert_dependency_tokens
-from .isa import AluOp, Buffer, Instruction, Opcode
+from .isa import ELEM_CODE, MAX_LOOP, MAX_TRANSFER, AluOp, Buffer, Instruction, Opcode
 from .program import Program, Slot
 from .schedule import (
     RESIDUAL_CONST_ROWS,
@@ -46,10 +46,6 @@ __all__ = [
     "bias_mult_rows",
 ]
 
-_ELEM_CODE = {8: 0, 16: 1, 32: 2}
-_MAX_X = (1 << 12) - 1  # LOAD/STORE x_size / y_size field limit
-_MAX_LOOP = (1 << 10) - 1  # GEMM / ALU outer / inner field limit
-
 
 class CodegenError(ValueError):
     """A layer the accelerator cannot execute (the partitioner keeps such layers on the host)."""
@@ -62,7 +58,7 @@ def _load(buf, slot, elem_bits, sram, dram, rows, cols, stride, pads=(0, 0, 0, 0
         Opcode.LOAD,
         buffer=buf,
         dram_slot=slot,
-        elem_bits_code=_ELEM_CODE[elem_bits],
+        elem_bits_code=ELEM_CODE[elem_bits],
         pad_min=pad_min,
         sram_addr=sram,
         dram_addr=dram,
@@ -81,7 +77,7 @@ def _store(slot, elem_bits, sram, dram, rows, cols, stride):
         Opcode.STORE,
         buffer=Buffer.ACC,
         dram_slot=slot,
-        elem_bits_code=_ELEM_CODE[elem_bits],
+        elem_bits_code=ELEM_CODE[elem_bits],
         sram_addr=sram,
         dram_addr=dram,
         y_size=rows,
@@ -112,8 +108,8 @@ def _contiguous_rows(count: int):
     fit the LOAD/STORE y_size and x_size fields."""
     offset = 0
     while count > 0:
-        cols = min(count, _MAX_X)
-        rows = min(count // cols, _MAX_X)
+        cols = min(count, MAX_TRANSFER)
+        rows = min(count // cols, MAX_TRANSFER)
         yield offset, rows, cols
         offset += rows * cols
         count -= rows * cols
@@ -378,7 +374,7 @@ def conv2d_program(
                     started = [False] * gsize
                     multi_chunk = sched.cib_chunk < cib
                     # one loop over the tile if the inner extent field holds it, else rows x cols
-                    loop = (1, t, 0, 1) if t <= _MAX_LOOP else (th, tw, tw, 1)
+                    loop = (1, t, 0, 1) if t <= MAX_LOOP else (th, tw, tw, 1)
                     # the group's constant rows, then (fused) each region starts as
                     # shortcut * residual weight and the GEMMs accumulate onto it
                     prologue = []

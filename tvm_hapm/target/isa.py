@@ -38,6 +38,13 @@ __all__ = [
     "module_of",
     "disassemble",
     "ELEM_BITS",
+    "ELEM_CODE",
+    "MAX_INNER_STRIDE",
+    "MAX_LOOP",
+    "MAX_OUTER_STRIDE",
+    "MAX_PAD",
+    "MAX_TRANSFER",
+    "field_max",
     "REQUANT_RELU",
     "REQUANT_SHIFT_MASK",
     "alu_operand_rows",
@@ -143,6 +150,29 @@ SIGNED_FIELDS = frozenset({"imm"})
 
 for _op, _layout in LAYOUTS.items():  # checked once, at import: the layout is the contract
     assert sum(b for _, b in _layout) <= _INSTRUCTION_BITS, _op
+
+
+def field_max(op: Opcode, name: str) -> int:
+    """The largest value the unsigned field ``name`` of ``op`` encodes."""
+    return (1 << dict(LAYOUTS[op])[name]) - 1
+
+
+# The limits the code generators, schedulers and cost models plan by, derived from the layout.
+#: Rows (``y_size``) and entries per row (``x_size``) of one LOAD or STORE.
+MAX_TRANSFER = field_max(Opcode.LOAD, "x_size")
+#: Padding of one LOAD side (so the largest conv padding the accelerator takes).
+MAX_PAD = field_max(Opcode.LOAD, "y_pad_top")
+#: Extent of a GEMM or ALU loop (``outer``, ``inner``).
+MAX_LOOP = field_max(Opcode.GEMM, "outer")
+#: Outer and inner strides of a GEMM or ALU loop (the inner one bounds a conv's stride).
+MAX_OUTER_STRIDE = field_max(Opcode.GEMM, "inp_so")
+MAX_INNER_STRIDE = field_max(Opcode.GEMM, "inp_si")
+#: The ``elem_bits_code`` of each DRAM element width.
+ELEM_CODE = {bits: code for code, bits in enumerate(ELEM_BITS)}
+assert MAX_TRANSFER == field_max(Opcode.LOAD, "y_size")
+assert MAX_LOOP == field_max(Opcode.ALU, "inner") and MAX_OUTER_STRIDE == field_max(
+    Opcode.ALU, "dst_so"
+)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, replace
 
 from .config import HardwareConfig
 from .dependency import buffer_accesses
-from .isa import REQUANT_RELU, AluOp, Buffer, Instruction, Opcode
+from .isa import MAX_LOOP, MAX_OUTER_STRIDE, REQUANT_RELU, AluOp, Buffer, Instruction, Opcode
 
 __all__ = [
     "RESIDUAL_CONST_ROWS",
@@ -65,9 +65,6 @@ __all__ = [
     "plan_eltwise",
     "residual_rows",
 ]
-
-_MAX_LOOP = (1 << 10) - 1  # GEMM / ALU outer and inner extents
-_MAX_OUTER_STRIDE = (1 << 14) - 1  # GEMM / ALU outer strides
 
 
 class ScheduleError(ValueError):
@@ -335,7 +332,7 @@ def _plan_conv(
 ):
     sh, sw = strides
     dh, dw = dilation
-    tile_h, tile_w = min(oh, _MAX_LOOP), min(ow, _MAX_LOOP)
+    tile_h, tile_w = min(oh, MAX_LOOP), min(ow, MAX_LOOP)
     group = 1 if pool else dispatch_group(cob, cfg.num_arrays)
     chunk = cib if chunk0 is None else chunk0
     blocks_per = kh * kw
@@ -358,7 +355,7 @@ def _plan_conv(
         else:
             ok_inp, ok_wgt = inp <= cfg.inp_depth, wgt <= cfg.wgt_depth
         ok_acc = acc <= acc_cap
-        ok_fields = sh * tw_in <= _MAX_OUTER_STRIDE and tile_w <= _MAX_OUTER_STRIDE
+        ok_fields = sh * tw_in <= MAX_OUTER_STRIDE and tile_w <= MAX_OUTER_STRIDE
         if ok_inp and ok_acc and ok_wgt and ok_fields:
             return ConvSchedule(tile_h, tile_w, group, chunk, double)
         if not ok_wgt:
@@ -450,11 +447,11 @@ def plan_eltwise(
     if pixels < 1:
         raise ScheduleError("an element-wise layer without entries")
     room = cfg.acc_depth - reserved
-    single = min(pixels, _MAX_LOOP, room // buffers)
+    single = min(pixels, MAX_LOOP, room // buffers)
     if single < 1:
         raise ScheduleError("the accumulator cannot hold one operand vector")
     plan = EltwiseSchedule(-(-pixels // -(-pixels // single)))
-    half = min(pixels, _MAX_LOOP, room // (2 * buffers))
+    half = min(pixels, MAX_LOOP, room // (2 * buffers))
     if not double_buffer or half < 1:
         return plan
     first = -(-pixels // half)

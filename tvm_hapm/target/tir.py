@@ -42,7 +42,7 @@ from tvm.tirx import compilation_pipeline as _tir_pipeline
 from .config import HardwareConfig, get_config, is_hapm_target
 from .dependency import insert_dependency_tokens
 from .intrin import GEMM_MARKER, SCOPE_ACC, SCOPE_INP, SCOPE_WGT, gemv_intrin
-from .isa import AluOp, Buffer, Instruction, Opcode
+from .isa import ELEM_CODE, MAX_LOOP, MAX_TRANSFER, AluOp, Buffer, Instruction, Opcode
 from .program import Program, Slot
 from .schedule import (
     RESIDUAL_CONST_ROWS,
@@ -89,9 +89,6 @@ RUN_TIR_FUNC = "hapm_fpga.run_tir"
 DMA_LOAD = "hapm_fpga.dma_load"
 DMA_STORE = "hapm_fpga.dma_store"
 
-_ELEM_CODE = {8: 0, 16: 1, 32: 2}
-_MAX_X = (1 << 12) - 1  # LOAD/STORE x_size / y_size field limit
-_MAX_LOOP = (1 << 10) - 1  # GEMM / ALU loop extent field limit
 _SCOPE_BUFFER = {SCOPE_INP: Buffer.INP, SCOPE_WGT: Buffer.WGT, SCOPE_ACC: Buffer.ACC}
 
 
@@ -1260,7 +1257,7 @@ class _Emitter:
             fields = {
                 "buffer": int(_SCOPE_BUFFER[scope]),
                 "dram_slot": self.slots[_key(dram)],
-                "elem_bits_code": _ELEM_CODE[bits],
+                "elem_bits_code": ELEM_CODE[bits],
             }
             if len(a) > 12 and _int(a[12]):
                 fields["pad_min"] = 1
@@ -1281,7 +1278,7 @@ class _Emitter:
         if self.weights is not None and _key(dram) == self.weights.param:
             self.weights.load(self, sram, dram_addr, rows, cols, stride, fields)
             return
-        if rows == 1 and cols > _MAX_X:
+        if rows == 1 and cols > MAX_TRANSFER:
             self.seq += _runs(opcode, sram, dram_addr, cols, fields)
         else:
             self.seq.append(
@@ -1396,7 +1393,7 @@ class _Emitter:
         if lane_key is not None:
             self.ev.env[lane_key] = 0
         addr = self._chip_addr(buf, self.ev(base))
-        if self.alu_runs and so == inner * si and outer * inner <= _MAX_LOOP:
+        if self.alu_runs and so == inner * si and outer * inner <= MAX_LOOP:
             outer, inner, so = 1, outer * inner, 0
         self.seq.append(_alu_insn(AluOp.MUL, addr, 0, outer, inner, so, si, 0, 0, 0))
         if value:
@@ -1434,7 +1431,7 @@ class _Emitter:
             else:
                 src, src_so, src_si = 0, 0, 0
             o, i, dso, dsi = outer, inner, dst_s[0], dst_s[1]
-            if self.alu_runs and dso == i * dsi and src_so == i * src_si and o * i <= _MAX_LOOP:
+            if self.alu_runs and dso == i * dsi and src_so == i * src_si and o * i <= MAX_LOOP:
                 o, i, dso, src_so = 1, o * i, 0, 0  # one contiguous run
             if first and self.pending_reset:
                 # Every GEMM of this accumulator region was dropped (all-zero weight blocks):
@@ -1564,12 +1561,12 @@ def _alu_insn(op, dst, imm, outer, inner, dst_so, dst_si, src, src_so, src_si) -
 
 
 def _runs(opcode, sram: int, dram: int, count: int, fields: dict) -> list[Instruction]:
-    """``count`` consecutive entries as transfers of at most ``_MAX_X`` rows of at most
-    ``_MAX_X`` entries (as :func:`~tvm_hapm.target.codegen._load_rows`)."""
+    """``count`` consecutive entries as transfers of at most ``MAX_TRANSFER`` rows of at most
+    ``MAX_TRANSFER`` entries (as :func:`~tvm_hapm.target.codegen._load_rows`)."""
     out = []
     while count > 0:
-        c = min(count, _MAX_X)
-        r = min(count // c, _MAX_X)
+        c = min(count, MAX_TRANSFER)
+        r = min(count // c, MAX_TRANSFER)
         out.append(
             Instruction(
                 opcode, sram_addr=sram, dram_addr=dram, y_size=r, x_size=c, x_stride=c, **fields
