@@ -36,7 +36,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..target.config import HardwareConfig
-from ..target.isa import ELEM_BITS, AluOp, Buffer, Instruction, Opcode, alu_operand_rows
+from ..target.isa import (
+    ELEM_BITS,
+    TOKEN_QUEUES,
+    AluOp,
+    Buffer,
+    Instruction,
+    Module,
+    Opcode,
+    alu_operand_rows,
+)
 
 __all__ = [
     "ALU_LATENCY",
@@ -65,13 +74,30 @@ STALL_CAUSES = (
 )
 _CWL, _CWS, _LWC, _SWC, _ARRAY, _DRAIN, _PORT = range(len(STALL_CAUSES))
 
-# Token queues, numbered as in the simulator: load->compute, compute->load, compute->store,
-# store->compute.  _POP_Q[module] = (queue of pop_prev, queue of pop_next), -1 where illegal.
-_POP_Q = ((-1, 1), (0, 3), (2, -1))
-_PUSH_Q = ((-1, 0), (1, 2), (3, -1))
-# Stall cause of waiting on a queue (keyed by queue): the popping module waits on the pusher.
-_QUEUE_CAUSE = (_CWL, _LWC, _SWC, _CWS)
-_QUEUE_POPPER = (1, 0, 2, 1)
+
+# Token queues as numbered in isa.TOKEN_QUEUES.  _POP_Q[module] = (queue of pop_prev, queue of
+# pop_next), -1 where illegal; _PUSH_Q likewise for push_prev, push_next.
+def _queue_table(role: str) -> tuple:
+    table = {}
+    for i, q in enumerate(TOKEN_QUEUES):
+        if role == "pop":
+            table[(q.consumer, q.pop_flag)] = i
+        else:
+            table[(q.producer, q.push_flag)] = i
+    return tuple(
+        tuple(table.get((m, f"{role}_{side}"), -1) for side in ("prev", "next")) for m in Module
+    )
+
+
+_POP_Q = _queue_table("pop")
+_PUSH_Q = _queue_table("push")
+_QUEUE_POPPER = tuple(int(q.consumer) for q in TOKEN_QUEUES)
+# Stall cause of waiting on a queue: the popping module waits on the pusher.
+_CAUSE_OF = {
+    (Module.COMPUTE, Module.LOAD): _CWL, (Module.LOAD, Module.COMPUTE): _LWC,
+    (Module.STORE, Module.COMPUTE): _SWC, (Module.COMPUTE, Module.STORE): _CWS,
+}  # fmt: skip
+_QUEUE_CAUSE = tuple(_CAUSE_OF[(q.consumer, q.producer)] for q in TOKEN_QUEUES)
 
 _INF = float("inf")
 # FINISH: its "range" covers every accumulator entry, so it waits for every array.

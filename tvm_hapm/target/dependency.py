@@ -24,17 +24,12 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 
-from .isa import Buffer, Instruction, Module, Opcode, alu_operand_rows, module_of
+from .isa import TOKEN_QUEUES, Buffer, Instruction, Module, Opcode, alu_operand_rows, module_of
 
 __all__ = ["insert_dependency_tokens", "buffer_accesses"]
 
 # (from, to) -> (push flag of `from`, pop flag of `to`)
-_FLAGS = {
-    (Module.LOAD, Module.COMPUTE): ("push_next", "pop_prev"),
-    (Module.COMPUTE, Module.LOAD): ("push_prev", "pop_next"),
-    (Module.COMPUTE, Module.STORE): ("push_next", "pop_prev"),
-    (Module.STORE, Module.COMPUTE): ("push_prev", "pop_next"),
-}
+_FLAGS = {(q.producer, q.consumer): (q.push_flag, q.pop_flag) for q in TOKEN_QUEUES}
 _NEIGHBOURS = {
     Module.LOAD: (Module.COMPUTE,),
     Module.COMPUTE: (Module.LOAD, Module.STORE),

@@ -39,6 +39,8 @@ __all__ = [
     "disassemble",
     "ELEM_BITS",
     "ELEM_CODE",
+    "TOKEN_QUEUES",
+    "TokenQueue",
     "MAX_INNER_STRIDE",
     "MAX_LOOP",
     "MAX_OUTER_STRIDE",
@@ -107,6 +109,37 @@ class Module(enum.IntEnum):
     LOAD = 0
     COMPUTE = 1
     STORE = 2
+
+
+@dataclass(frozen=True)
+class TokenQueue:
+    """A dependency-token queue between neighbouring modules (``docs/isa.md``).
+
+    Attributes
+    ----------
+    name : str
+        ``"<producer>-><consumer>"``.
+    producer, consumer : Module
+        The module that pushes and the one that pops.
+    push_flag, pop_flag : str
+        The instruction flag of each (``push_next`` / ``push_prev``, ``pop_prev`` /
+        ``pop_next``: the queues link neighbours only, load -> compute -> store).
+    """
+
+    name: str
+    producer: Module
+    push_flag: str
+    consumer: Module
+    pop_flag: str
+
+
+#: The four token queues, in the numbering the simulator and the timing model use.
+TOKEN_QUEUES = (
+    TokenQueue("load->compute", Module.LOAD, "push_next", Module.COMPUTE, "pop_prev"),
+    TokenQueue("compute->load", Module.COMPUTE, "push_prev", Module.LOAD, "pop_next"),
+    TokenQueue("compute->store", Module.COMPUTE, "push_next", Module.STORE, "pop_prev"),
+    TokenQueue("store->compute", Module.STORE, "push_prev", Module.COMPUTE, "pop_next"),
+)
 
 
 # DRAM element width codes of LOAD/STORE.

@@ -12,29 +12,20 @@ the simulator executes the instructions.
 from __future__ import annotations
 
 from ...target import isa
-from ...target.isa import Instruction, Module
+from ...target.isa import TOKEN_QUEUES, Instruction, Module
 from .errors import SimulatorError, instruction_error
 
 __all__ = ["CMP2LD", "CMP2ST", "LD2CMP", "ST2CMP", "schedule", "token_queues"]
 
-# The four dependency-token queues between the modules load -> compute -> store.
-LD2CMP, CMP2LD, CMP2ST, ST2CMP = range(4)
-_QUEUE_NAMES = ("load->compute", "compute->load", "compute->store", "store->compute")
+# The four dependency-token queues between the modules load -> compute -> store
+# (isa.TOKEN_QUEUES, in its numbering).
+LD2CMP, CMP2LD, CMP2ST, ST2CMP = range(len(TOKEN_QUEUES))
+_QUEUE_NAMES = tuple(q.name for q in TOKEN_QUEUES)
 
 # (module, flag) -> queue.  A flag missing here is illegal for that module: the load module has no
 # previous module and the store module no next one.
-_POPS = {
-    (Module.LOAD, "pop_next"): CMP2LD,
-    (Module.COMPUTE, "pop_prev"): LD2CMP,
-    (Module.COMPUTE, "pop_next"): ST2CMP,
-    (Module.STORE, "pop_prev"): CMP2ST,
-}
-_PUSHES = {
-    (Module.LOAD, "push_next"): LD2CMP,
-    (Module.COMPUTE, "push_prev"): CMP2LD,
-    (Module.COMPUTE, "push_next"): CMP2ST,
-    (Module.STORE, "push_prev"): ST2CMP,
-}
+_POPS = {(q.consumer, q.pop_flag): i for i, q in enumerate(TOKEN_QUEUES)}
+_PUSHES = {(q.producer, q.push_flag): i for i, q in enumerate(TOKEN_QUEUES)}
 _FLAGS = ("pop_prev", "pop_next", "push_prev", "push_next")
 
 
