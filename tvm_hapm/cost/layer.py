@@ -19,6 +19,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..target.config import HardwareConfig
+from ..target.schedule import conv_output_size
 
 __all__ = [
     "BlockSparsity",
@@ -87,12 +88,12 @@ class ConvLayer:
     @property
     def oh(self) -> int:
         pt, _, pb, _ = self.padding
-        return (self.h + pt + pb - self.dilation[0] * (self.kh - 1) - 1) // self.strides[0] + 1
+        return conv_output_size(self.h, pt, pb, self.kh, self.strides[0], self.dilation[0])
 
     @property
     def ow(self) -> int:
         _, pl, _, pr = self.padding
-        return (self.w + pl + pr - self.dilation[1] * (self.kw - 1) - 1) // self.strides[1] + 1
+        return conv_output_size(self.w, pl, pr, self.kw, self.strides[1], self.dilation[1])
 
     @property
     def cin_g(self) -> int:

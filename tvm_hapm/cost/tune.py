@@ -42,7 +42,7 @@ import numpy as np
 from .. import atomic
 from ..target.config import HardwareConfig
 from ..target.isa import MAX_LOOP, MAX_OUTER_STRIDE
-from ..target.schedule import ConvSchedule, conv_footprint, plan_conv
+from ..target.schedule import ConvSchedule, conv_footprint, conv_output_size, plan_conv
 
 __all__ = [
     "ConvTask",
@@ -115,9 +115,8 @@ class ConvTask:
         _, _, h, w = self.data_shape
         _, _, kh, kw = self.weight.shape
         pt, pl, pb, pr = self.padding
-        oh = (h + pt + pb - self.dilation[0] * (kh - 1) - 1) // self.strides[0] + 1
-        ow = (w + pl + pr - self.dilation[1] * (kw - 1) - 1) // self.strides[1] + 1
-        return oh, ow
+        (sh, sw), (dh, dw) = self.strides, self.dilation
+        return conv_output_size(h, pt, pb, kh, sh, dh), conv_output_size(w, pl, pr, kw, sw, dw)
 
     @property
     def blocks(self) -> tuple[int, int]:

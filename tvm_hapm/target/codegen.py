@@ -22,11 +22,22 @@ import numpy as np
 
 from .config import HardwareConfig
 from .dependency import insert_dependency_tokens
-from .isa import ELEM_CODE, MAX_LOOP, MAX_TRANSFER, AluOp, Buffer, Instruction, Opcode
+from .isa import (
+    ELEM_CODE,
+    MAX_INNER_STRIDE,
+    MAX_LOOP,
+    MAX_PAD,
+    MAX_TRANSFER,
+    AluOp,
+    Buffer,
+    Instruction,
+    Opcode,
+)
 from .program import Program, Slot
 from .schedule import (
     RESIDUAL_CONST_ROWS,
     ConvSchedule,
+    conv_output_size,
     conv_stream_passes,
     fit_double_buffer,
     pipeline_operand_loads,
@@ -214,12 +225,14 @@ def conv_geometry(cfg, layer, data_shape, weight, strides, padding, dilation, gr
     pt, pl, pb, pr = (int(p) for p in padding)
     if cin_g * groups != cin or cout % groups:
         raise CodegenError(f"{layer}: weight {weight.shape} does not match {cin} input channels")
-    if max(pt, pl, pb, pr) > 15:
-        raise CodegenError(f"{layer}: padding {padding} exceeds the DMA's 15-entry pad field")
-    if max(sh, sw) > 63:
-        raise CodegenError(f"{layer}: stride {strides} exceeds the GEMM stride field")
-    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    if max(pt, pl, pb, pr) > MAX_PAD:
+        raise CodegenError(f"{layer}: padding {padding} exceeds the DMA's pad field ({MAX_PAD})")
+    if max(sh, sw, dh, dw) > MAX_INNER_STRIDE:
+        raise CodegenError(
+            f"{layer}: stride {strides} or dilation {dilation} exceeds the GEMM stride field "
+            f"({MAX_INNER_STRIDE}), the limit partitioning applies"
+        )
+    oh, ow = conv_output_size(h, pt, pb, kh, sh, dh), conv_output_size(w, pl, pr, kw, sw, dw)
     if oh < 1 or ow < 1:
         raise CodegenError(f"{layer}: empty output")
     _check_clip(cfg, *clip)
@@ -541,12 +554,11 @@ def max_pool2d_program(
     sh, sw = (int(v) for v in strides)
     dh, dw = (int(v) for v in dilation)
     pt, pl, pb, pr = (int(p) for p in padding)
-    if max(pt, pl, pb, pr) > 15:
-        raise CodegenError(f"{layer}: padding {padding} exceeds the DMA's pad field")
-    if max(sh, sw, dh, dw) > 63:
+    if max(pt, pl, pb, pr) > MAX_PAD:
+        raise CodegenError(f"{layer}: padding {padding} exceeds the DMA's pad field ({MAX_PAD})")
+    if max(sh, sw, dh, dw) > MAX_INNER_STRIDE:
         raise CodegenError(f"{layer}: stride {strides} exceeds the ALU stride field")
-    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    oh, ow = conv_output_size(h, pt, pb, kh, sh, dh), conv_output_size(w, pl, pr, kw, sw, dw)
     cb = -(-c // C)
     act = cfg.act_bits
     amin, _ = cfg.act_range

@@ -49,6 +49,7 @@ __all__ = [
     "RESIDUAL_CONST_ROWS",
     "ConvSchedule",
     "EltwiseSchedule",
+    "conv_output_size",
     "ScheduleError",
     "assign_arrays",
     "conv_footprint",
@@ -102,6 +103,13 @@ def residual_rows(cob: int, residual: bool) -> int:
     (every output block's three rows); 0 without a residual, whose rows follow the output-channel
     group (:func:`conv_footprint`)."""
     return RESIDUAL_CONST_ROWS * cob if residual else 0
+
+
+def conv_output_size(size: int, pad_lo: int, pad_hi: int, kernel: int, stride: int,
+                     dilation: int = 1) -> int:  # fmt: skip
+    """Output extent of a convolution or pooling window along one axis (floor mode): the one
+    formula every generator, planner and cost model uses."""
+    return (size + pad_lo + pad_hi - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def _in_extent(tile: int, stride: int, kernel: int, dilation: int) -> int:

@@ -48,6 +48,7 @@ from .schedule import (
     RESIDUAL_CONST_ROWS,
     ConvSchedule,
     assign_arrays,
+    conv_output_size,
     conv_stream_passes,
     fit_double_buffer,
     pipeline_operand_loads,
@@ -98,10 +99,6 @@ class TirLoweringError(ValueError):
 
 # =============================================================================================
 # TE definitions
-def _out_size(size, pad_a, pad_b, kernel, stride, dil):
-    return (size + pad_a + pad_b - dil * (kernel - 1) - 1) // stride + 1
-
-
 def conv2d_primfunc(
     cfg: HardwareConfig,
     n: int,
@@ -165,7 +162,7 @@ def conv2d_primfunc(
     if not 1 <= shift <= 62:
         raise TirLoweringError(f"shift {shift} outside [1, 62]")
     cib, cob = -(-cin // R), -(-cout // C)
-    oh, ow = _out_size(h, pt, pb, kh, sh, dh), _out_size(w, pl, pr, kw, sw, dw)
+    oh, ow = conv_output_size(h, pt, pb, kh, sh, dh), conv_output_size(w, pl, pr, kw, sw, dw)
     act = cfg.act_dtype
 
     rows = RESIDUAL_CONST_ROWS if residual else 2  # constant rows per output block
@@ -2082,7 +2079,7 @@ def max_pool2d_primfunc(cfg: HardwareConfig, entries, h, w, pool_size, strides, 
     sh, sw = strides
     dh, dw = dilation
     pt, pl, pb, pr = padding
-    oh, ow = _out_size(h, pt, pb, kh, sh, dh), _out_size(w, pl, pr, kw, sw, dw)
+    oh, ow = conv_output_size(h, pt, pb, kh, sh, dh), conv_output_size(w, pl, pr, kw, sw, dw)
     data = te.placeholder((entries, h, w, C), act, name="data")
     lowest = -(1 << (tvm.DataType(act).bits - 1))  # the DMA's pad_min value
     pad = te.compute(
@@ -2156,8 +2153,8 @@ def max_pool2d_program(
         raise codegen.CodegenError(f"{layer}: padding {padding} exceeds the DMA's pad field")
     if max(sh, sw, dh, dw) > 63:
         raise codegen.CodegenError(f"{layer}: stride {strides} exceeds the ALU stride field")
-    oh = _out_size(h, pt, pb, kh, sh, dh)
-    ow = _out_size(w, pl, pr, kw, sw, dw)
+    oh = conv_output_size(h, pt, pb, kh, sh, dh)
+    ow = conv_output_size(w, pl, pr, kw, sw, dw)
     cb = -(-c // C)
     sched = plan_conv(cfg, h, w, oh, ow, kh, kw, (sh, sw), (dh, dw), 1, 1, None, pool=True)
     th, tw = sched.tile_h, sched.tile_w

@@ -23,6 +23,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from ...target.schedule import conv_output_size
 from ..relax_util import const_array, minmax_prim, op_name, static_shape
 from .graph import (
     CONV_OP,
@@ -404,8 +405,8 @@ class Planner:
             kh, kw = int_list(a.pool_size)
             sh, sw = int_list(a.strides)
             dh, dw = int_list(a.dilation)
-            floor_h = (xs[2] + pad[0] + pad[2] - dh * (kh - 1) - 1) // sh + 1
-            floor_w = (xs[3] + pad[1] + pad[3] - dw * (kw - 1) - 1) // sw + 1
+            floor_h = conv_output_size(xs[2], pad[0], pad[2], kh, sh, dh)
+            floor_w = conv_output_size(xs[3], pad[1], pad[3], kw, sw, dw)
             if (floor_h, floor_w) != tuple(ys[2:]):
                 return None
         ops = ["avg_pool2d"]
