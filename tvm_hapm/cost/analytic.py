@@ -43,8 +43,8 @@ from functools import lru_cache
 import numpy as np
 
 from ..runtime.energy import EnergyModel
-from ..runtime.timing import ALU_LATENCY, TimingResult
-from ..target.config import HardwareConfig
+from ..runtime.timing import TimingResult
+from ..target.config import ALU_LATENCY, HardwareConfig, gemm_fixed_cycles
 from ..target.isa import MAX_TRANSFER
 from ..target.schedule import ConvSchedule, fit_double_buffer, plan_conv
 from .layer import BlockSparsity, ConvLayer, structural_mask
@@ -236,7 +236,7 @@ def analyze_reference(
     clip_left = 0
     n_alu = 1 + clip_left
     alu_one = ALU_LATENCY + t
-    g0 = 2 * R + C - 2
+    g0 = gemm_fixed_cycles(R, C)
 
     # ---- per tile: sum over steps (vectorised over tile classes x steps)
     ks = ksz[None, :]  # (1, n_kc)
@@ -945,6 +945,7 @@ def _build_plans(plans: list) -> None:
     beats_in = np.ceil(data * inp_b[seg_c] / Bc) + (padded - data)  # one input-block load
     sb = np.ceil(t * C[seg_c] * ab[seg_c] / Bc)  # one output-block store
     alu_one = ALU_LATENCY + t
+    g0 = gemm_fixed_cycles(R, C)
     st1 = Lc + sb  # one output-block store (latency and beats)
     ncls = nh * nw
     share = 1.0 - 1.0 / (n_tiles * n_cg)  # regions that follow another (double buffered)
@@ -966,7 +967,7 @@ def _build_plans(plans: list) -> None:
     pcols = {
         "es": es - st_off[seg_e],
         "cnt": cnt[ec],
-        "g0t": (2 * R + C - 2)[seg_e] + t[ec],
+        "g0t": g0[seg_e] + t[ec],
         "w_alu": alu_one[ec],
         "fk": fk,
         "in_dma": (Lc + beats_in)[ec] * lke,
@@ -976,9 +977,7 @@ def _build_plans(plans: list) -> None:
         "mab": gsz_prev[es] * _N_ALU,
         "A": A[seg_e],
         "kb": ksz[es],
-        "sbound": fk
-        * share[seg_e]
-        * _store_bound(gp_e, st_e, A[seg_e], (2 * R + C - 2)[seg_e] + t[ec]),
+        "sbound": fk * share[seg_e] * _store_bound(gp_e, st_e, A[seg_e], g0[seg_e] + t[ec]),
         "ld1": (Lc + beats_in)[ec] * loaded[es],
         "schain": fk * (_N_ALU * alu_one[ec] + gp_e * st_e),
     }
@@ -997,7 +996,7 @@ def _build_plans(plans: list) -> None:
         "n": nb, "cin": cin, "h": h, "w": w, "cout": cout, "kh": kh, "kw": kw, "stride": sh,
         "groups": groups, "oh": oh, "ow": ow, "cob": cob, "cib": cib, "R": R, "C": C, "A": A,
         "B": B, "L": L, "ab": ab, "wb": wb, "inp_depth": inp_depth, "wgt_depth": wgt_depth,
-        "acc_depth": acc_depth, "ld_first": ld_first, "g0t_first": 2 * R + C - 2 + th0 * tw0,
+        "acc_depth": acc_depth, "ld_first": ld_first, "g0t_first": g0 + th0 * tw0,
     }  # fmt: skip
     Q = np.stack([np.asarray(qcols[k], np.float64) for k in _QCOLS], axis=1)
     S = np.array([p.srow for p in plans], np.float64).reshape(m, -1)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..target.config import HardwareConfig
+from ..target.config import ALU_LATENCY, HardwareConfig
 from ..target.isa import (
     ELEM_BITS,
     TOKEN_QUEUES,
@@ -56,8 +56,6 @@ __all__ = [
     "TimingResult",
 ]
 
-#: Pipeline depth of the vector ALU, in cycles (read, operate, saturate, write back).
-ALU_LATENCY = 4
 
 #: Module names, indexed like :class:`tvm_hapm.target.isa.Module`.
 MODULES = ("load", "compute", "store")
@@ -264,8 +262,7 @@ class TimingModel:
         Weight-stationary, SCALE-Sim style: ``R`` (weight preload) ``+ (R + C - 2)`` (skew fill
         and drain) ``+ vectors`` (one vector per cycle), i.e. ``2R + C + vectors - 2``.
         """
-        R, C = self.config.array_rows, self.config.array_cols
-        return 2 * R + C - 2 + vectors
+        return self.config.gemm_fixed_cycles + vectors
 
     def alu_cycles(self, vectors: int) -> int:
         """Cycles of an ALU instruction over ``vectors`` accumulator vectors: latency + vectors."""
@@ -307,7 +304,7 @@ class TimingModel:
         dsb = cfg.dsb_enabled
         dsb_cycles = cfg.dsb_check_cycles
         alu_lat = self.alu_latency
-        gemm_fixed = 2 * R + C - 2
+        gemm_fixed = cfg.gemm_fixed_cycles
         inp_b = R * cfg.act_bytes
         wgt_b = R * C * cfg.weight_bytes
         acc_b = C * cfg.acc_bytes

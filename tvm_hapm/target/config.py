@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "ALU_LATENCY",
     "DEFAULT_ENERGY_PJ",
     "ENERGY_SOURCES",
     "HardwareConfig",
@@ -68,6 +69,18 @@ ENERGY_SOURCES: dict = {
 def _is_number(value) -> bool:
     """A finite int or float (``True`` is not a clock frequency)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+#: Pipeline depth of the vector ALU, in cycles (read, operate, saturate, write back): an ALU
+#: instruction over ``n`` accumulator vectors takes ``ALU_LATENCY + n`` cycles.
+ALU_LATENCY = 4
+
+
+def gemm_fixed_cycles(rows, cols):
+    """Cycles a GEMM costs beyond one per input vector on an ``rows x cols`` weight-stationary
+    array: ``rows`` (weight preload) + ``rows + cols - 2`` (skew fill and drain).  Works on
+    integers and on NumPy arrays of them."""
+    return 2 * rows + cols - 2
 
 
 class HardwareConfigError(ValueError):
@@ -246,6 +259,11 @@ class HardwareConfig:
     def macs_per_dsp(self) -> int:
         """MACs one DSP slice performs per cycle (two int8 MACs share a DSP48)."""
         return 2 if max(self.weight_bits, self.act_bits) == 8 else 1
+
+    @property
+    def gemm_fixed_cycles(self) -> int:
+        """:func:`gemm_fixed_cycles` of this config's arrays."""
+        return gemm_fixed_cycles(self.array_rows, self.array_cols)
 
     @property
     def macs_per_cycle(self) -> int:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from .config import HardwareConfig
+from .config import ALU_LATENCY, HardwareConfig
 from .dependency import buffer_accesses
 from .isa import MAX_LOOP, MAX_OUTER_STRIDE, REQUANT_RELU, AluOp, Buffer, Instruction, Opcode
 
@@ -265,7 +265,7 @@ def estimate_conv_cycles(
     g, chunk = sched.cob_group, sched.cib_chunk
     groups, chunks = -(-cob // g), -(-cib // chunk)
     resident = blocks <= cfg.wgt_depth
-    fixed = 2 * R + C - 2
+    fixed = cfg.gemm_fixed_cycles
     passes = 3 if residual else 1  # shortcut LOAD, MUL; ADD_REQUANT
     per_region = -(-min(g, cob) // P) * cib * kh * kw * density  # GEMMs of the busiest array
     array = alu = inp = 0.0
@@ -386,9 +386,6 @@ def _plan_conv(
                 raise ScheduleError(f"a {kh}x{kw} window does not fit the on-chip buffers")
 
 
-_ALU_LATENCY = 4  # cycles of an ALU instruction beyond one per vector (the timing model's)
-
-
 def estimate_eltwise_cycles(
     cfg: HardwareConfig,
     pixels: int,
@@ -419,7 +416,7 @@ def estimate_eltwise_cycles(
     total = 0
     last = 0
     for t, count in _tile_sizes(pixels, tile):
-        compute = buffers * (lat + xfer(t)) + alu_passes * (_ALU_LATENCY + t)
+        compute = buffers * (lat + xfer(t)) + alu_passes * (ALU_LATENCY + t)
         store = lat + xfer(t)
         total += count * (compute if double_buffer else compute + store)
         last = store
@@ -547,7 +544,7 @@ def assign_arrays(instructions: list[Instruction], cfg: HardwareConfig) -> list[
     array, once its previous GEMM is done).
     """
     cfg_arrays = cfg.num_arrays
-    fixed = 2 * cfg.array_rows + cfg.array_cols - 2
+    fixed = cfg.gemm_fixed_cycles
     free = [0] * cfg_arrays
     # accumulator range of the last GEMM of each array (the scoreboard of the timing model)
     last_lo = [0] * cfg_arrays
