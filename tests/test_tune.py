@@ -118,8 +118,8 @@ def test_compile_applies_the_tuning_database(tmp_path):
     """Inside ``with database:``, tvm.compile uses the recorded schedule; results stay exact."""
     import tvm
 
-    from tvm_hapm.cost.tune import extract_tasks
     from tvm_hapm.passes import hapm_pipeline
+    from tvm_hapm.passes.tasks import extract_tasks
     from tvm_hapm.testing import build_int_network, llvm_reference, run_vm
 
     mod = build_int_network(CFG, h=9, w=11)
@@ -196,8 +196,8 @@ def test_compile_skips_a_record_that_does_not_fit_with_a_warning(tmp_path):
     conv to LOAD + FINISH and zero outputs) is skipped with a warning; results stay exact."""
     import tvm
 
-    from tvm_hapm.cost.tune import extract_tasks
     from tvm_hapm.passes import hapm_pipeline
+    from tvm_hapm.passes.tasks import extract_tasks
     from tvm_hapm.testing import build_int_network, llvm_reference, run_vm
 
     mod = build_int_network(CFG, h=9, w=11)

@@ -9,7 +9,8 @@ functions compiled executables call to run accelerator programs on the simulator
 
 from . import _registry, passes, runtime, target
 from .passes.quantize import Quantize, quantize
-from .target.config import HardwareConfig, get_config, register_config
+from .target.config import HardwareConfig, get_config
+from .target.tag import register_config
 
 _registry.register()
 

@@ -13,7 +13,7 @@ imported (:func:`register`).
   ``RuntimeError``);
 * the global functions compiled code calls: ``hapm_fpga.run`` (Relax executables,
   :func:`tvm_hapm.runtime.driver.run_packed`), ``hapm_fpga.run_tir`` (TIR kernels,
-  :func:`tvm_hapm.target.tir.run_tir_packed`) and ``hapm_fpga.measure`` (RPC measurement,
+  :func:`tvm_hapm.runtime.driver.run_tir_packed`) and ``hapm_fpga.measure`` (RPC measurement,
   :func:`tvm_hapm.cost.measure.measure_json`);
 
 The partition patterns are *not* put in TVM's pattern registry: their feasibility checks are
@@ -60,5 +60,5 @@ def register() -> None:
     tir_pipelines.register_tir_pipeline("hapm_fpga", tir.hapm_tir_pipeline)
     tir_pipelines.PIPELINE_MAP["s_tir"] = tir.hapm_tir_pipeline
     tvm_ffi.register_global_func(driver.RUN_FUNC, driver.run_packed, override=True)
-    tvm_ffi.register_global_func(tir.RUN_TIR_FUNC, tir.run_tir_packed, override=True)
+    tvm_ffi.register_global_func(tir.RUN_TIR_FUNC, driver.run_tir_packed, override=True)
     tvm_ffi.register_global_func(measure.MEASURE_FUNC, measure.measure_json, override=True)

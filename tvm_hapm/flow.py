@@ -253,7 +253,8 @@ def float_accuracy(model: onnx.ModelProto, x, y, engine: str = "auto") -> float:
     """Top-1 (a fraction) of the float ONNX classifier ``model``: PyTorch
     (:class:`tvm_hapm.torch.OnnxModule`) or NumPy (:class:`~tvm_hapm.numpynet.NumpyNet`)."""
     if resolve_engine(engine) == "torch":
-        from .torch import OnnxModule, accuracy
+        from .torch.onnx_module import OnnxModule
+        from .torch.train import accuracy
 
         return accuracy(OnnxModule(model), x, y)
     from .numpynet import NumpyNet
@@ -331,7 +332,7 @@ def int8_accuracy(
 
     checked = None
     if engine == "torch":
-        from .torch import QuantizedRunner
+        from .torch.quantized import QuantizedRunner
 
         logits = QuantizedRunner(qmod).predict(x)
         if check:
@@ -515,7 +516,9 @@ def finetune(
         return set_batch(tuned, batch), history
     from dataclasses import replace
 
-    from .torch import OnnxModule, TrainConfig, apply_masks, fit
+    from .torch.masks import apply_masks
+    from .torch.onnx_module import OnnxModule
+    from .torch.train import TrainConfig, fit
 
     cfg = train_config or TrainConfig(
         batch_size=128, lr=0.01 if lr is None else lr, weight_decay=5e-4, crop_padding=2,

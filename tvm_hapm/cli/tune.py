@@ -50,12 +50,8 @@ def add_tune_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_tune(args, console: Console) -> int:
     """``hapm tune``: search the schedule of every convolution, write a tuning database."""
     from ..cost.measure import LocalRunner, RPCRunner
-    from ..cost.tune import (
-        TuningDatabase,
-        extract_tasks,
-        model_guided_search,
-        random_search,
-    )
+    from ..cost.tune import TuningDatabase, model_guided_search, random_search
+    from ..passes.tasks import extract_tasks
 
     tgt, cfg = resolve_target(args.target, args.config)
     if args.rpc:

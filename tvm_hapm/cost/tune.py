@@ -53,7 +53,6 @@ __all__ = [
     "schedule_fits",
     "random_search",
     "model_guided_search",
-    "extract_tasks",
     "fine_model_prior",
     "instruction_counts",
     "prune_space",
@@ -539,40 +538,3 @@ def _check_record(path, key, rec) -> None:
                 f"{path}: record {key!r}: schedule field {f.name!r} = {value!r} is not "
                 f"{'a boolean' if is_flag else 'an integer'}"
             )
-
-
-# ------------------------------------------------------------------------------- tasks
-def extract_tasks(qmod, config: HardwareConfig, func_name: str = "main") -> list[ConvTask]:
-    """The convolution and dense layers the accelerator runs, in execution order, named as the
-    compiler names their programs (``<index>_<kind>``)."""
-    from tvm import relax
-
-    from ..passes.lower import conv_kwargs_of
-    from ..passes.partition import COMPOSITE_PREFIX, PartitionForHapm
-
-    mod = PartitionForHapm(config)(qmod)
-    tasks = []
-    index = 0
-    for block in mod[func_name].body.blocks:
-        for binding in block.bindings:
-            value = binding.value
-            if not (isinstance(value, relax.Call) and isinstance(value.op, relax.GlobalVar)):
-                continue
-            func = mod[value.op]
-            if func.attrs is None or "Composite" not in func.attrs:
-                continue
-            kind = str(func.attrs["Composite"])[len(COMPOSITE_PREFIX) :]
-            name = f"{index:03d}_{kind}"
-            index += 1
-            if kind not in ("conv2d", "dense"):
-                continue
-            call = func.body.blocks[0].bindings[0].value
-            data, weight = call.args
-            shape = [int(v) for v in data.ty.shape.values]
-            w = weight.value.numpy()
-            if kind == "dense":
-                oihw = np.ascontiguousarray(w.T).reshape(w.shape[1], w.shape[0], 1, 1)
-                tasks.append(ConvTask(name, config, (shape[0], shape[1], 1, 1), oihw))
-            else:
-                tasks.append(ConvTask(name, config, shape, w, **conv_kwargs_of(call.attrs)))
-    return tasks

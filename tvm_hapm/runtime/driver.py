@@ -9,6 +9,7 @@ output in place: the role a kernel driver and DMA-able buffers play on a real bo
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import threading
@@ -33,6 +34,7 @@ __all__ = [
     "program_cache_len",
     "run_packed",
     "run_program",
+    "run_tir_packed",
 ]
 
 #: Name of the global function compiled executables call.
@@ -215,6 +217,17 @@ def run_program(
     if out_slot.packing == "act":
         out = unpack_activation(out, out_slot.shape, out_slot.vector)
     return out.reshape(out_slot.shape), stats
+
+
+def run_tir_packed(program_b64, *tensors):
+    """``hapm_fpga.run_tir(program_base64, *buffers)``: the entry of TIR kernels built by
+    :mod:`tvm_hapm.target.tir`; runs the program on the simulator and fills the output."""
+    prog, sim = cached_program(base64.b64decode(str(program_b64)))
+    # The compiled caller passes DLTensors built on its stack: np.from_dlpack on them crashes
+    # (they have no owner to keep alive), so copy in and out.
+    arrays = [t.numpy() for t in tensors]
+    y, _ = run_program(prog, sim, arrays)
+    tensors[-1].copyfrom(np.ascontiguousarray(y))
 
 
 def run_packed(program, *args):

@@ -35,7 +35,7 @@ __all__ = [
     "PRESETS",
     "DEFAULT_PRESET",
     "get_config",
-    "register_config",
+    "add_config",
     "list_configs",
 ]
 
@@ -397,14 +397,13 @@ DEFAULT_PRESET = "zedboard"
 _REGISTRY: dict[str, HardwareConfig] = dict(PRESETS)
 
 
-def register_config(config: HardwareConfig) -> str:
-    """Register a custom config so that the tag ``hapm_fpga-<name>`` selects it.
+def add_config(config: HardwareConfig) -> None:
+    """Make :func:`get_config` find ``config`` by its name (what
+    :func:`tvm_hapm.target.tag.register_config` does before registering its target tag).
 
-    Returns the tag name.  Re-registering an identical config is a no-op; a different config
-    under an existing name is refused (a tag must mean one machine).
+    Re-adding an identical config is a no-op; a different config under an existing name is
+    refused (a name must mean one machine).
     """
-    from . import tag as _tag
-
     config.validate()
     old = _REGISTRY.get(config.name)
     if old is not None and old != config:
@@ -412,7 +411,6 @@ def register_config(config: HardwareConfig) -> str:
             f"a different hardware config named {config.name!r} is already registered"
         )
     _REGISTRY[config.name] = config
-    return _tag.register_config_tag(config.name)
 
 
 def list_configs() -> list[str]:

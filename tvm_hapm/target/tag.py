@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import tvm
 
-from .config import DEFAULT_PRESET, PRESETS, get_config
+from .config import DEFAULT_PRESET, PRESETS, HardwareConfig, add_config, get_config
 
-__all__ = ["TARGET_KEY", "register_config_tag", "register_tags", "hapm_target"]
+__all__ = ["TARGET_KEY", "register_config", "register_config_tag", "register_tags", "hapm_target"]
 
 TARGET_KEY = "hapm_fpga"
 
@@ -29,6 +29,16 @@ def register_config_tag(name: str) -> str:
     return tag
 
 
+def register_config(config: HardwareConfig) -> str:
+    """Register a custom config so that the tag ``hapm_fpga-<name>`` selects it.
+
+    Returns the tag name.  Re-registering an identical config is a no-op; a different config
+    under an existing name is refused (a tag must mean one machine).
+    """
+    add_config(config)
+    return register_config_tag(config.name)
+
+
 def register_tags() -> None:
     tvm.target.register_tag(TARGET_KEY, _tag_config(DEFAULT_PRESET), override=True)
     for name in PRESETS:
@@ -37,8 +47,6 @@ def register_tags() -> None:
 
 def hapm_target(config=None) -> tvm.target.Target:
     """The TVM target of a config (name, object or JSON path); registers custom configs."""
-    from .config import HardwareConfig, register_config
-
     if isinstance(config, HardwareConfig):
         return tvm.target.Target(register_config(config))
     cfg = get_config(config)

@@ -2236,19 +2236,3 @@ def hapm_tir_pipeline(**kwargs):
 
 
 hapm_tir_pipeline.hapm_original = ORIGINAL_S_TIR
-
-
-# =============================================================================================
-# runtime entry
-
-
-def run_tir_packed(program_b64, *tensors):
-    """``hapm_fpga.run_tir(program_base64, *buffers)``: run on the simulator, fill the output."""
-    from ..runtime.driver import cached_program, run_program
-
-    prog, sim = cached_program(base64.b64decode(str(program_b64)))
-    # The compiled caller passes DLTensors built on its stack: np.from_dlpack on them crashes
-    # (they have no owner to keep alive), so copy in and out.
-    arrays = [t.numpy() for t in tensors]
-    y, _ = run_program(prog, sim, arrays)
-    tensors[-1].copyfrom(np.ascontiguousarray(y))

@@ -26,17 +26,10 @@ except ImportError as _err:  # pragma: no cover - exercised without torch instal
     ) from _err
 
 from .export import ExportError, baked, export_onnx, load_onnx_weights
+from .masks import Masks, WeightMask, apply_masks, remove_masks
 from .models import mobilenet_style, resnet_cifar
 from .onnx_module import OnnxModule
-from .prune import (
-    Masks,
-    WeightMask,
-    apply_masks,
-    compute_masks,
-    prune,
-    pruning_report,
-    remove_masks,
-)
+from .prune import compute_masks, prune, pruning_report
 from .quantized import QuantizedRunner, UnsupportedOperatorError
 from .train import TrainConfig, accuracy, fit, predict
 

@@ -17,74 +17,15 @@ pass sees is ``original * mask``, so pruned weights stay zero through any optimi
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .export import export_onnx
+from .masks import Masks, apply_masks
 
-__all__ = [
-    "Masks",
-    "WeightMask",
-    "apply_masks",
-    "compute_masks",
-    "prune",
-    "pruning_report",
-    "remove_masks",
-]
-
-
-class WeightMask(nn.Module):
-    """The parametrization ``weight = original * mask`` (``mask`` a fixed boolean buffer)."""
-
-    def __init__(self, mask: torch.Tensor):
-        super().__init__()
-        self.register_buffer("mask", mask.to(torch.bool))
-
-    def forward(self, weight):
-        return weight * self.mask.to(weight.dtype)
-
-
-@dataclass
-class Masks:
-    """Keep-masks (``True`` = kept) by parameter name, with what the pruning pass reported.
-
-    Attributes
-    ----------
-    masks : dict of str to torch.Tensor
-        Boolean masks, each of its parameter's shape.
-    method, ranking : str
-        How they were computed.
-    config : str
-        The hardware config whose groups they follow.
-    report : list of dict
-        The pass's per-layer report with ``parameter`` (the parameter's name) added.
-    input_shape : tuple
-        The input the module was exported with.
-    """
-
-    masks: dict
-    method: str
-    ranking: str
-    config: str
-    report: list = field(default_factory=list)
-    input_shape: tuple = ()
-
-    def sparsity(self) -> float:
-        """Fraction of zeros over the masked weights."""
-        total = sum(m.numel() for m in self.masks.values())
-        kept = sum(int(m.sum()) for m in self.masks.values())
-        return 1.0 - kept / max(total, 1)
-
-
-def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
-    if hasattr(module, "resolve"):  # OnnxModule: masks keyed by initializer name
-        return module.resolve(name)
-    path, _, attr = name.rpartition(".")
-    return (module.get_submodule(path) if path else module), attr
+__all__ = ["compute_masks", "prune", "pruning_report"]
 
 
 def _original_names(module: nn.Module) -> dict[str, str]:
@@ -187,45 +128,6 @@ def _weight_of_layer(model) -> dict:
     layers = prunable_layers(from_onnx(model))
     names = paired_weight_names(model, layers)
     return {lay["layer"]: w for lay, w in zip(layers, names)}
-
-
-def apply_masks(module: nn.Module, masks) -> nn.Module:
-    """Hold ``masks`` fixed on ``module`` (in place) with ``torch.nn.utils.parametrize``.
-
-    The parameter keeps its identity (an optimizer built before still updates it); the weight a
-    forward pass sees is ``original * mask``.  A weight already masked gets the new mask in
-    place of the old one (masks only ever grow in an iterative schedule).
-
-    Parameters
-    ----------
-    module : torch.nn.Module
-    masks : Masks or dict of str to tensor
-        Keep-masks by parameter name.
-
-    Returns
-    -------
-    torch.nn.Module
-        ``module``.
-    """
-    masks = masks.masks if isinstance(masks, Masks) else masks
-    for name, mask in masks.items():
-        owner, attr = _owner(module, name)
-        mask = torch.as_tensor(np.asarray(mask) if not torch.is_tensor(mask) else mask)
-        if parametrize.is_parametrized(owner, attr):
-            parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
-        with torch.no_grad():
-            getattr(owner, attr).mul_(mask.to(getattr(owner, attr).dtype))
-        parametrize.register_parametrization(owner, attr, WeightMask(mask))
-    return module
-
-
-def remove_masks(module: nn.Module) -> nn.Module:
-    """Bake every mask into its weight and remove the parametrizations (in place)."""
-    for sub in module.modules():
-        if parametrize.is_parametrized(sub):
-            for attr in list(sub.parametrizations.keys()):
-                parametrize.remove_parametrizations(sub, attr, leave_parametrized=True)
-    return module
 
 
 def prune(module: nn.Module, input_shape, sparsity: float, method: str = "hapm", **kwargs):

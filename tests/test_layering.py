@@ -1,0 +1,81 @@
+"""No import cycles between the modules of tvm_hapm, lazy (function-level) imports included."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import tvm_hapm
+
+ROOT = Path(tvm_hapm.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in ROOT.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package
+                for _ in range(node.level - 1):
+                    base = base.rpartition(".")[0]
+                target = ".".join(filter(None, [base if node.level else "", node.module or ""]))
+                for alias in node.names:  # "from pkg import module" imports the module
+                    sub = f"{target}.{alias.name}"
+                    graph[name].add(sub if sub in modules else target)
+            elif isinstance(node, ast.Import):
+                graph[name].update(a.name for a in node.names)
+        graph[name] = {m for m in graph[name] if m in modules and m != name}
+    return graph
+
+
+def _cycles(graph) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _without_package_inits(graph):
+    """Drop the edges into package ``__init__`` modules from their own submodules (a submodule
+    reading a sibling through its package, ``from . import x``, is resolved to ``x`` above)."""
+    return {m: {d for d in deps if not m.startswith(d + ".")} for m, deps in graph.items()}
+
+
+def test_no_import_cycles():
+    assert _cycles(_without_package_inits(_import_graph())) == []
+
+
+def test_the_checker_sees_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
+    assert _cycles(graph) == [["a", "b", "c"]]
