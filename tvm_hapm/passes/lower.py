@@ -23,6 +23,8 @@ executable (``export_library``) and the executable runs wherever :mod:`tvm_hapm`
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -108,6 +110,28 @@ def _tuned_schedule(cfg, name, data_shape, weight, geometry):
     return db.schedule_for(ConvTask(name, cfg, data_shape, weight, **geometry))
 
 
+# kind -> (TIR generator, the direct generator for what TIR cannot lower yet)
+_GENERATORS = {
+    "conv2d": (functools.partial(tir.conv2d_program, divisor_tiles=False), codegen.conv2d_program),
+    "add": (tir.add_program, codegen.add_program),
+    "global_avg_pool": (tir.global_avg_pool_program, codegen.global_avg_pool_program),
+    "max_pool2d": (tir.max_pool2d_program, codegen.max_pool2d_program),
+}
+
+
+def _generate(kind: str, *args, **kwargs):
+    """``(program, constants)`` of a layer from the TIR path; a layer TIR cannot lower yet
+    (planned tiles that do not divide the output, which tensorize refuses in 0.27) takes the
+    direct generator's partial tiles and is marked ``info["source"] = "direct"``."""
+    via_tir, direct = _GENERATORS[kind]
+    try:
+        return via_tir(*args, **kwargs)
+    except tir.TirLoweringError:
+        prog, consts = direct(*args, **kwargs)
+        prog.info["source"] = "direct"
+        return prog, consts
+
+
 def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, name, index):
     calls = _bindings(func)
     params = list(func.params)
@@ -125,12 +149,7 @@ def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, nam
         mult, shift, clip = _requant_params(calls)
         conv_args = (cfg, name, _shape(data), _const(conv.args[1]), bias, mult, shift, clip)
         conv_kwargs = {**conv_kwargs_of(conv.attrs), "layer_index": index, "residual": k}
-        try:
-            prog, consts = tir.conv2d_program(*conv_args, **conv_kwargs, divisor_tiles=False)
-        except tir.TirLoweringError:
-            # Planned tiles that do not divide the output: the direct generator's partial tiles.
-            prog, consts = codegen.conv2d_program(*conv_args, **conv_kwargs)
-            prog.info["source"] = "direct"
+        prog, consts = _generate("conv2d", *conv_args, **conv_kwargs)
         inputs = [arg_of[data], arg_of[shortcut]]
     elif kind == "conv2d":
         conv = calls[0][1]
@@ -145,12 +164,7 @@ def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, nam
             "layer_index": index,
             "schedule": _tuned_schedule(cfg, name, _shape(data), weight, conv_kwargs_of(a)),
         }
-        try:
-            prog, consts = tir.conv2d_program(*conv_args, **conv_kwargs, divisor_tiles=False)
-        except tir.TirLoweringError:
-            # Planned tiles that do not divide the output: the direct generator's partial tiles.
-            prog, consts = codegen.conv2d_program(*conv_args, **conv_kwargs)
-            prog.info["source"] = "direct"
+        prog, consts = _generate("conv2d", *conv_args, **conv_kwargs)
 
         inputs = [arg_of[data]]
     elif kind == "dense":
@@ -180,21 +194,13 @@ def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, nam
             clip,
             index,
         )
-        try:
-            prog, consts = tir.add_program(*add_args)
-        except tir.TirLoweringError:
-            prog, consts = codegen.add_program(*add_args)
-            prog.info["source"] = "direct"
+        prog, consts = _generate("add", *add_args)
         inputs = [arg_of[lhs], arg_of[rhs]]
     elif kind == "global_avg_pool":
         data = calls[0][1].args[0]
         mult, shift, clip = _requant_params(calls)
         gap_args = (cfg, name, _shape(data), int(mult[0]), shift, clip, index)
-        try:
-            prog, consts = tir.global_avg_pool_program(*gap_args)
-        except tir.TirLoweringError:
-            prog, consts = codegen.global_avg_pool_program(*gap_args)
-            prog.info["source"] = "direct"
+        prog, consts = _generate("global_avg_pool", *gap_args)
         inputs = [arg_of[data]]
     elif kind == "max_pool2d":
         pool = calls[0][1]
@@ -210,12 +216,7 @@ def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, nam
             [int(v) for v in a.dilation],
             index,
         )
-        try:
-            prog, consts = tir.max_pool2d_program(*pool_args)
-        except tir.TirLoweringError:
-            # Planned tiles that do not divide the output: the direct generator's partial tiles.
-            prog, consts = codegen.max_pool2d_program(*pool_args)
-            prog.info["source"] = "direct"
+        prog, consts = _generate("max_pool2d", *pool_args)
         inputs = [arg_of[data]]
     else:
         raise LoweringError(f"no lowering for composite {kind!r}")
