@@ -80,10 +80,10 @@ from tvm_hapm.cost import (
     load_bundled_fine_model,
     zoo_layers,
 )
-from tvm_hapm.cost.analytic import _kernels, analyze_batch, clear_caches
-from tvm_hapm.cost.dataset import _measure_spec, load_samples, random_weights, source_fingerprint
+from tvm_hapm.cost.analytic import analyze_batch, clear_caches, jit_kernels
+from tvm_hapm.cost.dataset import load_samples, measure_spec, random_weights, source_fingerprint
 from tvm_hapm.cost.features import features_from_batch
-from tvm_hapm.cost.models import _predict_dense
+from tvm_hapm.cost.models import predict_dense
 from tvm_hapm.passes.qops import choose_multiplier
 from tvm_hapm.runtime import Simulator
 from tvm_hapm.runtime.energy import EnergyModel
@@ -154,7 +154,7 @@ def check_bundled_model(model, n: int, seed: int = 1) -> dict:
     differing = []
     for i in pick.tolist():
         r = recs[i]
-        new = _measure_spec({k: v for k, v in r.items() if k not in ("result", "error")})
+        new = measure_spec({k: v for k, v in r.items() if k not in ("result", "error")})
         a, b = r["result"], new.get("result", {})
         if a["cycles"] != b.get("cycles") or not np.isclose(a["energy_uj"], b.get("energy_uj")):
             differing.append(int(r["id"]))
@@ -192,7 +192,7 @@ def main(argv=None) -> dict:
 
     jit = {"jit_compile_seconds": _jit_compile_seconds()}
     t0 = time.perf_counter()  # the once-per-process cost of the compiled code
-    _kernels()
+    jit_kernels()
     models["fine"].log_ratios(np.zeros((1, len(models["fine"].feature_names)), np.float32))
     jit["jit_warmup_seconds"] = time.perf_counter() - t0
     cold = {}
@@ -288,7 +288,7 @@ def main(argv=None) -> dict:
         "analysis": _median_time(lambda: analyze_batch(items), reps),
         "features": _median_time(lambda: features_from_batch(ba), reps),
         "trees": _median_time(lambda: fine.predict_matrix(X, mids), reps),
-        "xgboost_call": _median_time(lambda: _predict_dense(fine.boosters["both"], X32), reps),
+        "xgboost_call": _median_time(lambda: predict_dense(fine.boosters["both"], X32), reps),
     }
     out.update(jit)
     out["fine_model_check"] = check_bundled_model(fine, args.check_model)

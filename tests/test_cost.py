@@ -113,7 +113,7 @@ def test_fine_model_save_load_and_schema_refusal(tmp_path):
 def test_fine_model_one_booster_and_two_boosters(tmp_path):
     """The multi-output booster (one tree walk for both corrections) and the older layout of
     one booster per target both train, save, load and predict through the C call."""
-    from tvm_hapm.cost.models import _predict_dense
+    from tvm_hapm.cost.models import predict_dense
 
     recs = _small_records(tmp_path, 16)
     X, y, mids, _ = dataset_matrix(recs)
@@ -123,7 +123,7 @@ def test_fine_model_one_booster_and_two_boosters(tmp_path):
         back = FineModel.load(model.save(tmp_path / f"m{multi}.json", fmt="ubj"))
         np.testing.assert_allclose(back.predict_matrix(X, mids), model.predict_matrix(X, mids))
         for b in model.boosters.values():
-            np.testing.assert_array_equal(_predict_dense(b, X).reshape(len(X), -1),
+            np.testing.assert_array_equal(predict_dense(b, X).reshape(len(X), -1),
                                           b.inplace_predict(X).reshape(len(X), -1))  # fmt: skip
 
 
@@ -270,18 +270,18 @@ def test_vectorized_mask_reduction_equals_the_per_point_analysis(seed):
 
 def test_mask_group_rounds_equal_the_reference():
     """The per-bucket group reduction (any / ``max(n_p, A)`` A-ths over a group's output
-    blocks, then the sum over positions) equals ``_position_rounds`` (chunks of one input
+    blocks, then the sum over positions) equals ``position_rounds`` (chunks of one input
     block), ``G`` above and below the number of arrays."""
-    from tvm_hapm.cost.analytic import _group_rounds, _position_rounds, _sum_rows
+    from tvm_hapm.cost.analytic import group_rounds, position_rounds, sum_rows
 
     rng = np.random.default_rng(0)
     for cob, cib, kk, A, G in [(8, 5, 9, 4, 4), (6, 3, 9, 4, 3), (8, 4, 1, 2, 4), (12, 2, 25, 4, 6),
                                (64, 16, 9, 4, 2), (40, 30, 9, 8, 1), (5, 5, 1, 1, 5)]:  # fmt: skip
         for density in (0.0, 0.3, 0.9):
             m = rng.random((cob, cib, 1, kk)) < density
-            ref = _position_rounds(m, 0.0, A, G, 1).ravel()
+            ref = position_rounds(m, 0.0, A, G, 1).ravel()
             Y = m.reshape(-1).view(np.uint8)
-            got = _sum_rows(_group_rounds(Y, G, 0 if G <= A else A, cib * kk), kk)
+            got = sum_rows(group_rounds(Y, G, 0 if G <= A else A, cib * kk), kk)
             np.testing.assert_allclose(got / (A if G > A else 1), ref, rtol=1e-12)
 
 
@@ -371,7 +371,7 @@ def test_compiled_kernels_equal_the_numpy_path_bit_for_bit(which, monkeypatch):
     the stored figures."""
     from tvm_hapm.cost import analytic
 
-    assert analytic._kernels() is not None  # numba is a dependency
+    assert analytic.jit_kernels() is not None  # numba is a dependency
     qs = {"mixed": _mixed_queries, "zoo": _zoo_queries}.get(which)
     qs = qs() if qs else _random_mask_queries(int(which[-1]))
     jit = analyze_batch(qs)
@@ -427,7 +427,7 @@ def test_compiled_forest_equals_the_booster(tmp_path):
     """The compiled copy of a multi-output booster gives xgboost's float32 outputs bit for bit
     (the bundled model; a model trained with missing values, so that nodes send them left or
     right), and is not used for the older one-booster-per-target models."""
-    from tvm_hapm.cost.models import CompiledForest, _predict_dense
+    from tvm_hapm.cost.models import CompiledForest, predict_dense
 
     fine = load_bundled_fine_model()
     both = fine.boosters["both"]
@@ -435,7 +435,7 @@ def test_compiled_forest_equals_the_booster(tmp_path):
     assert forest is not None
     X, _ = features_batch(_mixed_queries(30) + _zoo_queries())
     X = np.vstack([X, forest.probe(X.shape[1], seed=5)]).astype(np.float32)
-    np.testing.assert_array_equal(forest.predict(X), _predict_dense(both, X).reshape(-1, 2))
+    np.testing.assert_array_equal(forest.predict(X), predict_dense(both, X).reshape(-1, 2))
     np.testing.assert_array_equal(fine.log_ratios(X), forest.predict(X))
     with pytest.raises(ValueError, match="features"):
         forest.predict(np.ascontiguousarray(X[:, :5]))
@@ -448,7 +448,7 @@ def test_compiled_forest_equals_the_booster(tmp_path):
     forest = CompiledForest.of(model.boosters["both"], X.shape[1])
     assert forest is not None
     probe = np.vstack([X, forest.probe(X.shape[1], seed=1)])
-    want = _predict_dense(model.boosters["both"], probe).reshape(-1, 2)
+    want = predict_dense(model.boosters["both"], probe).reshape(-1, 2)
     np.testing.assert_array_equal(forest.predict(probe), want)
     two = FineModel.train(X, y[:, 0], y[:, 1], mids, rounds=3, multi_output=False)
     assert CompiledForest.of(two.boosters["cycles"], X.shape[1]) is None

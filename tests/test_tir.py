@@ -82,7 +82,7 @@ def _walk_calls(func, name):
     found = []
 
     def on_call(call):
-        if htir._is_call(call, name):
+        if htir.is_call(call, name):
             found.append(call)
 
     tvm_ffi.structural_walk(func.body, (tvm.ir.expr.Call, on_call))
@@ -129,7 +129,7 @@ def test_schedule_tensorizes_onto_hapm_buffers():
 )
 def test_tir_stream_equals_codegen(shape):
     layer = Layer(CFG, *shape)
-    sched = htir.tir_conv_schedule(CFG, htir._layer_of(layer.func))
+    sched = htir.tir_conv_schedule(CFG, htir.layer_of(layer.func))
     sch = htir.schedule_conv2d(layer.func, CFG, sched)
     ours = htir.emit_program(sch, CFG)
     ref, _ = layer.codegen_program(sched)

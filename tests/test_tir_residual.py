@@ -144,13 +144,13 @@ def test_fused_tir_starts_the_reduction_from_the_shortcut():
         "data", "residual", "weight", "bias_mult", "out"
     ]  # fmt: skip
     sch = htir.schedule_conv2d(func, CFG)
-    init = htir._blocks_named(sch.mod["main"].body, "conv_init")["conv_init"]
+    init = htir.blocks_named(sch.mod["main"].body, "conv_init")["conv_init"]
     assert {str(r.source.name) for r in init.reads} == {"residual", "bias_mult_global.hapm_acc"}
     lowered = htir.LowerToAccelerator(CFG)(sch.mod)["main"]
     loads = []
 
     def on_call(call):
-        if htir._is_call(call, htir.DMA_LOAD):
+        if htir.is_call(call, htir.DMA_LOAD):
             loads.append((str(call.args[1].args[0].name), str(call.args[3].args[0].name)))
 
     tvm_ffi.structural_walk(lowered.body, (tvm.ir.expr.Call, on_call))

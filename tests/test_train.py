@@ -150,7 +150,7 @@ def test_finetune_pruned_resnet20_recovers():
     for name in train.prunable_weights(model)[1:]:  # keep the stem dense
         a = np.abs(w[name])
         masks[name] = a > np.quantile(a, 0.6)
-    pruned = train._with_initializers(model, {n: w[n] * masks[n] for n in masks})
+    pruned = train.with_initializers(model, {n: w[n] * masks[n] for n in masks})
     acc_pruned = train.evaluate(pruned, xt, yt)
     tuned, hist = train.finetune(
         pruned, (x, y), train.extract_masks(pruned), epochs=1, batch_size=32, lr=1e-3,

@@ -444,7 +444,7 @@ def finetune(
     trained = {n: trainer._params[i].numpy() for i, n in enumerate(names)}
     for _, n, m in masked:
         trained[n] = trained[n] * m
-    return _with_initializers(model, trained), history
+    return with_initializers(model, trained), history
 
 
 def _trainer_accuracy(trainer, x, y, batch):
@@ -460,7 +460,7 @@ def _trainer_accuracy(trainer, x, y, batch):
     return correct / n
 
 
-def _with_initializers(model: onnx.ModelProto, values: dict[str, np.ndarray]):
+def with_initializers(model: onnx.ModelProto, values: dict[str, np.ndarray]):
     out = onnx.ModelProto()
     out.CopyFrom(model)
     for t in out.graph.initializer:

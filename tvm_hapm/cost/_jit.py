@@ -138,7 +138,7 @@ def mask_steps(
                     for w in range(part.shape[0]):
                         r += 1 if part[w] > 0 else 0
                     rounds[s + k] = r
-                else:  # max(n_p, A) A-ths of a round (analytic._position_rounds)
+                else:  # max(n_p, A) A-ths of a round (analytic.position_rounds)
                     for w in range(part.shape[0]):
                         r += max(part[w], aq) if part[w] > 0 else 0
                     rounds[s + k] = r / aq

@@ -14,7 +14,7 @@ from the non-zero block mask, and prices each step with the costs of ``docs/timi
   and an accumulator region is written by one array at a time: a position with ``n_p``
   non-zero blocks costs one round of ``2R + C - 2 + T`` cycles if ``n_p <= A``, else
   ``n_p / A`` (the arrays pipeline across positions), plus the issue skew
-  (:func:`_position_rounds`); with pruned blocks, the midpoint of that and the step's longest
+  (:func:`position_rounds`); with pruned blocks, the midpoint of that and the step's longest
   chain / throughput bound;
 * the epilogue of a region (one ``ADD_REQUANT`` per output block: bias, requantization and
   ReLU fused by ``schedule.fuse_epilogues``) and the next region's bias LOAD run among the next
@@ -98,7 +98,7 @@ def _positions_cached(out, tile, stride, k, dil, pad_lo, size):
 _ENERGY_MODELS: dict = {}
 
 
-def _energy_model(cfg: HardwareConfig) -> EnergyModel:
+def energy_model_of(cfg: HardwareConfig) -> EnergyModel:
     key = (
         cfg.act_bits, cfg.weight_bits, cfg.inp_buffer_bytes, cfg.wgt_buffer_bytes,
         cfg.acc_buffer_bytes, cfg.macs_per_cycle, tuple(sorted(cfg.energy.items())),
@@ -173,7 +173,7 @@ def analyze_reference(
     gsz = np.minimum(G, cob - np.arange(n_cg) * G)  # output blocks per group
     ksz = np.minimum(K, cib - np.arange(n_kc) * K)  # input blocks per chunk
     nnz = float(blk.sum())
-    rounds = _position_rounds(pmask, pfrac, A, G, K)
+    rounds = position_rounds(pmask, pfrac, A, G, K)
     # with pruned blocks dropped the GEMMs no longer line up by position and a region may move
     # to a free array: the arrays run the step in no fewer rounds than its longest chain (GEMMs
     # into one output block) or its GEMMs over the arrays, and the position rounds are the
@@ -362,7 +362,7 @@ def analyze_reference(
         buffer_writes={"inp": inp_loads * inp_b, "wgt": w_blocks_loaded * wgt_b, "acc": acc_writes},
         alu_add_lanes=_int(add_lanes), alu_mul_lanes=_int(mul_lanes),
     )  # fmt: skip
-    energy = _energy_model(cfg).estimate(tr).total_uj
+    energy = energy_model_of(cfg).estimate(tr).total_uj
 
     gemm_total = float((cnt[:, None, None] * gemm).sum())
     load_total = float((cnt[:, None, None] * load_seq).sum()) + w_once
@@ -420,7 +420,7 @@ def _is_int(a: np.ndarray) -> bool:
     return bool(np.all(np.abs(a - np.round(a)) < 1e-9))
 
 
-def _position_rounds(m: np.ndarray, frac: float, A: int, G: int, K: int) -> np.ndarray:
+def position_rounds(m: np.ndarray, frac: float, A: int, G: int, K: int) -> np.ndarray:
     """GEMM rounds of every step ``(n_cg, n_kc)``: the code generator dispatches a step's GEMMs
     by position ``(cib, kh, kw)`` outer and output block inner, and a GEMM waits for the
     previous GEMM into its accumulator region (the same output block at an earlier position),
@@ -442,7 +442,7 @@ def _position_rounds(m: np.ndarray, frac: float, A: int, G: int, K: int) -> np.n
 
 def _fluid_rounds(n_p: np.ndarray, frac: float, A: int) -> np.ndarray:
     """Rounds of positions of ``n_p`` (structural, of which a fraction ``frac`` is expected
-    zero) non-zero blocks on ``A`` arrays (see :func:`_position_rounds`)."""
+    zero) non-zero blocks on ``A`` arrays (see :func:`position_rounds`)."""
     if frac:
         return np.maximum(n_p * (1.0 - frac), A) / A * (1.0 - frac**n_p)
     return np.where(n_p > 0, np.maximum(n_p, A), 0) / A
@@ -525,9 +525,9 @@ def _first_tile(layer: ConvLayer, TH: int, TW: int) -> tuple:
 def _struct_position_counts(cout, cin, groups, kh, kw, R, C, G, K):
     """``n_p`` of the structural blocks per (group, input block) ``(n_cg, n_kc, K)`` (equal
     at every kernel position)."""
-    from .layer import _structural
+    from .layer import structural_blocks
 
-    s = _structural(cout, cin, groups, 1, 1, R, C)[:, :, 0, 0]
+    s = structural_blocks(cout, cin, groups, 1, 1, R, C)[:, :, 0, 0]
     cob, cib = s.shape
     n_cg, n_kc = -(-cob // G), -(-cib // K)
     cnt = np.zeros((n_cg * G, n_kc * K))
@@ -639,14 +639,14 @@ def clear_caches() -> None:
     """Empty the caches of :func:`analyze_batch` (the per (layer, config) constants, the
     compiler's schedules and the plans of every schedule seen): the next batch runs cold, as in
     a fresh process (for timing)."""
-    from .layer import _structural
+    from .layer import structural_blocks
 
     _clear_plan_caches()
     _POOL.reset()
     _TSHAPES.clear()
     _CFG_INFO.clear()
     _BUCKETS.clear()
-    for f in (_positions_cached, _struct_position_counts, _struct_counts, _structural):
+    for f in (_positions_cached, _struct_position_counts, _struct_counts, structural_blocks):
         f.cache_clear()
 
 
@@ -1040,16 +1040,16 @@ def _frac_arrays(plan: _Plan) -> tuple:
 def _struct_counts(cout, cin, groups, kh, kw, R, C):
     """The structural mask, its flat ``(COB * CIB,)`` block counts (over KH x KW), their total,
     whether every block is structural and the distinct counts."""
-    from .layer import _structural
+    from .layer import structural_blocks
 
-    s = _structural(cout, cin, groups, kh, kw, R, C)
+    s = structural_blocks(cout, cin, groups, kh, kw, R, C)
     per = s.sum(axis=(2, 3)).astype(float).ravel()
     per.flags.writeable = False
     return s, per, float(s.sum()), bool(s.all()), tuple(float(v) for v in np.unique(per))
 
 
 def _cfg_row(cfg: HardwareConfig) -> tuple:
-    em = _energy_model(cfg)
+    em = energy_model_of(cfg)
     t = em.table
     return (
         cfg.clock_mhz, em.mac_pj, t["add32"], t["mult32"],
@@ -1133,7 +1133,7 @@ def _mask_steps(masks: list, plans: list, q: dict):
     a round when any of its group's blocks is non-zero) or sum + ceil division by ``A`` gives
     the GEMM rounds of every (group, input block, position), summed per kernel size by one more
     ``einsum``.  Prefix sums of both and the plans' ``[lo, hi)`` indices give every step's
-    sums (as :func:`_position_rounds` and the reshapes of :func:`analyze_reference`).
+    sums (as :func:`position_rounds` and the reshapes of :func:`analyze_reference`).
     """
     parts = []
     kk_ranges = []  # (kk, [(first byte, last byte, G, A, W)])
@@ -1157,7 +1157,7 @@ def _mask_steps(masks: list, plans: list, q: dict):
     pcc_parts, r_parts = [], []
     for kk, bl in kk_ranges:
         a, b = bl[0][0], bl[-1][1]
-        pcc_parts.append(_sum_rows(F[a:b], kk))
+        pcc_parts.append(sum_rows(F[a:b], kk))
         S = np.empty(sum((hi - lo) // G for lo, hi, G, _, _ in bl), np.uint8)
         o = 0
         for lo, hi, G, A, W in bl:
@@ -1174,7 +1174,7 @@ def _mask_steps(masks: list, plans: list, q: dict):
                 else:
                     np.max(Y, axis=1, out=out.reshape(-1, W))
             else:  # max(n_p, A) A-ths of a round (counted exactly below past 255)
-                # _sum_rows adds a position's rounds in uint8: they must fit with every
+                # sum_rows adds a position's rounds in uint8: they must fit with every
                 # position's (ceil(n_p / A) of a 7x7 kernel with G >= 6 A overflowed before)
                 if G * kk > 255:
                     S = None
@@ -1182,8 +1182,8 @@ def _mask_steps(masks: list, plans: list, q: dict):
                 c = Y.sum(axis=1, dtype=np.int32)
                 out[:] = np.where(c > 0, np.maximum(c, A), 0).reshape(-1)
         if S is None:  # past 255 an input block: the slow exact path
-            S = np.concatenate([_group_rounds(F[lo:hi], G, A, W) for lo, hi, G, A, W in bl])
-        r_parts.append(_sum_rows(S, kk))
+            S = np.concatenate([group_rounds(F[lo:hi], G, A, W) for lo, hi, G, A, W in bl])
+        r_parts.append(sum_rows(S, kk))
     pcc = np.concatenate(pcc_parts) if len(pcc_parts) > 1 else pcc_parts[0]
     rnd = np.concatenate(r_parts) if len(r_parts) > 1 else r_parts[0]
     cp = np.zeros(len(pcc) + 1, np.int32)
@@ -1210,7 +1210,7 @@ def _mask_steps(masks: list, plans: list, q: dict):
     steps = np.add.reduceat(d, seg)[0::2]
     chain = np.maximum.reduceat(d, seg)[0::2]
     r_s = np.repeat(r_off, nst)
-    # rounds (A-ths of rounds when G > A: see _group_rounds)
+    # rounds (A-ths of rounds when G > A: see group_rounds)
     unit = np.where(q["G"][:nm] > q["A"][:nm], q["A"][:nm], 1.0)
     rounds = (cr[RR[3] + r_s] - cr[RR[2] + r_s]) / np.repeat(unit, nst)
     rows = np.empty(2 * len(plans), np.int64)  # [first row, first step row) of each query
@@ -1229,16 +1229,16 @@ def _mask_steps_jit(masks: list, plans: list, q: dict, S: np.ndarray, empty: np.
         [q[k][:nm] for k in ("cob", "cib", "kh", "kw", "G", "K", "A", "nst")], np.int64
     )
     kk = kh * kw
-    _kernels().mask_steps(F, _excl_cumsum(cob * cib * kk), cob, cib, kk, G, K, A,
+    jit_kernels().mask_steps(F, _excl_cumsum(cob * cib * kk), cob, cib, kk, G, K, A,
                           _excl_cumsum(nst), S[0], S[1], S[2], empty)  # fmt: skip
 
 
-def _group_rounds(Y: np.ndarray, G: int, A: int, W: int) -> np.ndarray:
+def group_rounds(Y: np.ndarray, G: int, A: int, W: int) -> np.ndarray:
     """GEMM rounds of every (group, input block, position) of masks whose rows ``Y`` form
     whole groups of ``G`` output blocks of ``W`` positions: with ``G <= A`` (``A = 0``) a round
     where any block is non-zero; else ``max(n_p, A)`` A-ths of a round for the ``n_p > 0``
     non-zero blocks (integers: sums stay exact and in any order, the caller divides by ``A``,
-    see :func:`_position_rounds`)."""
+    see :func:`position_rounds`)."""
     if G == 1:
         return Y.astype(np.int64)
     Y = Y.reshape(-1, G, W)
@@ -1248,7 +1248,7 @@ def _group_rounds(Y: np.ndarray, G: int, A: int, W: int) -> np.ndarray:
     return np.where(n_p > 0, np.maximum(n_p, A), 0).reshape(-1)
 
 
-def _sum_rows(x: np.ndarray, kk: int) -> np.ndarray:
+def sum_rows(x: np.ndarray, kk: int) -> np.ndarray:
     """Sums of consecutive runs of ``kk`` elements."""
     if kk == 1:
         return x
@@ -1286,7 +1286,7 @@ def _frac_steps(fq: list):
 _KERNELS: list = []  # [the compiled kernels' module, or None without numba], once imported
 
 
-def _kernels():
+def jit_kernels():
     """The compiled kernels (:mod:`tvm_hapm.cost._jit`), imported on first use: numba's import
     and the kernels' load from numba's disk cache (~0.6 s; their compilation when the cache is
     empty, ~4-5 s) are paid by the first batch of a process, not by importing ``tvm_hapm``.
@@ -1307,7 +1307,7 @@ def analyze_batch(queries) -> BatchAnalysis:
     The same model as :func:`analyze_reference` (``schedule=None``: ``plan_conv``'s;
     ``sparsity``: a :class:`BlockSparsity`, a fraction or a block mask), evaluated over the
     whole batch with numpy and two compiled loops (:mod:`tvm_hapm.cost._jit`: the mask
-    reduction and the timing / energy arithmetic; without numba, numpy, :func:`_kernels`): the
+    reduction and the timing / energy arithmetic; without numba, numpy, :func:`jit_kernels`): the
     per-query Python work is reading the query and counting the mask's non-zero blocks (on
     which the compiler's schedule depends).
     """
@@ -1378,7 +1378,7 @@ def analyze_batch(queries) -> BatchAnalysis:
         _build_plans(pending)
     if _POOL.gen != gen:  # the pools started again while this batch's plans were built
         _POOL.current(plans)
-    kern = _kernels()
+    kern = jit_kernels()
     if mi and kern is None:  # the numpy reduction runs bucket by bucket
         mi.sort(key=lambda i: plans[i].bid)
     order = mi + fi

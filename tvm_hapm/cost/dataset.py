@@ -268,7 +268,7 @@ def measure(
     }
 
 
-def _measure_spec(spec: dict) -> dict:
+def measure_spec(spec: dict) -> dict:
     layer, cfg, sched, mask = spec_objects(spec)
     out = dict(spec)
     try:
@@ -279,7 +279,7 @@ def _measure_spec(spec: dict) -> dict:
 
 
 def _measure_chunk(specs: list[dict]) -> list[dict]:
-    return [_measure_spec(s) for s in specs]
+    return [measure_spec(s) for s in specs]
 
 
 def load_samples(path: str | Path) -> list[dict]:

@@ -137,12 +137,12 @@ class ConvLayer:
 def structural_mask(layer: ConvLayer, cfg: HardwareConfig) -> np.ndarray:
     """Blocks ``(COB, CIB, KH, KW)`` that hold any weight of the layer (grouped and depthwise
     convolutions are block diagonal: blocks between groups are zero by construction)."""
-    return _structural(layer.cout, layer.cin, layer.groups, layer.kh, layer.kw,
+    return structural_blocks(layer.cout, layer.cin, layer.groups, layer.kh, layer.kw,
                        cfg.array_rows, cfg.array_cols)  # fmt: skip
 
 
 @lru_cache(maxsize=4096)
-def _structural(cout, cin, groups, kh, kw, R, C) -> np.ndarray:
+def structural_blocks(cout, cin, groups, kh, kw, R, C) -> np.ndarray:
     cob, cib = -(-cout // C), -(-cin // R)
     cout_g, cin_g = cout // groups, cin // groups
     dense = np.zeros((cob * C, cib * R), bool)

@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import atomic
 from ..target.config import HardwareConfig
-from .analytic import _energy_model, analyze_batch
+from .analytic import analyze_batch, energy_model_of
 from .features import FEATURE_SCHEMA_VERSION, feature_names, features_batch, features_from_batch
 from .layer import BlockSparsity, ConvLayer, structural_mask
 
@@ -135,7 +135,7 @@ class CoarseModel(CostModel):
     def predict_batch(self, queries) -> np.ndarray:
         rows = []
         for layer, config, _schedule, sparsity in queries:
-            em = _energy_model(config)
+            em = energy_model_of(config)
             rows.append((
                 1.0 - _fraction(layer, config, sparsity), layer.macs, layer.params,
                 layer.n * layer.cin * layer.h * layer.w, layer.n * layer.cout * layer.oh * layer.ow,
@@ -207,9 +207,9 @@ class FineModel(CostModel):
                 self._forest.append(CompiledForest.of(both, len(self.feature_names)))
             if self._forest[0] is not None:
                 return self._forest[0].predict(X)
-            return _predict_dense(both, X).reshape(len(X), 2)
-        rc = _predict_dense(self.boosters["cycles"], X)
-        re = _predict_dense(self.boosters["energy"], X)
+            return predict_dense(both, X).reshape(len(X), 2)
+        rc = predict_dense(self.boosters["cycles"], X)
+        re = predict_dense(self.boosters["energy"], X)
         return np.stack([rc, re], axis=1)
 
     def predict_matrix(self, X: np.ndarray, mids: np.ndarray) -> np.ndarray:
@@ -408,7 +408,7 @@ class CompiledForest:
         if forest is None or forest.n_features > n_features:
             return None
         X = forest.probe(n_features, seed)
-        same = np.array_equal(forest.predict(X), _predict_dense(booster, X).reshape(len(X), -1))
+        same = np.array_equal(forest.predict(X), predict_dense(booster, X).reshape(len(X), -1))
         return forest if same else None
 
     @classmethod
@@ -450,7 +450,7 @@ class CompiledForest:
         return np.ascontiguousarray(X)
 
 
-def _predict_dense(booster, X: np.ndarray) -> np.ndarray:
+def predict_dense(booster, X: np.ndarray) -> np.ndarray:
     """``booster.inplace_predict(X)`` (float32, C-contiguous ``X``) through xgboost's C function
     ``XGBoosterPredictFromDense`` with the arguments prepared once: the same call, without the
     Python-side input checks and conversions of ``inplace_predict`` (about 50 us of a

@@ -414,7 +414,7 @@ class _ConstReplacer(relax.PyExprMutator):
         return op
 
 
-def _with_weights(mod: tvm.IRModule, new_weights: dict, layers, report: list) -> tvm.IRModule:
+def with_weights(mod: tvm.IRModule, new_weights: dict, layers, report: list) -> tvm.IRModule:
     """A copy of ``mod`` where each layer's weight constant holds ``new_weights[name]``."""
     by_name = {lay.name: lay for lay in layers}
     table = {}
@@ -589,7 +589,7 @@ def hardware_aware_prune(
         )
     if report is not None:
         report.extend(entries)
-    return _with_weights(mod, new_weights, layers, entries)
+    return with_weights(mod, new_weights, layers, entries)
 
 
 def HardwareAwarePrune(  # noqa: N802 (TVM pass factories are CamelCase)
@@ -732,7 +732,7 @@ def magnitude_prune(
         )
     if report is not None:
         report.extend(entries)
-    return _with_weights(mod, new_weights, layers, entries)
+    return with_weights(mod, new_weights, layers, entries)
 
 
 def MagnitudePrune(  # noqa: N802

@@ -270,7 +270,7 @@ def conv2d_primfunc(
     return func.with_attr(LAYER_ATTR, json.dumps(layer, sort_keys=True))
 
 
-def _blocks_named(stmt, *names) -> dict:
+def blocks_named(stmt, *names) -> dict:
     found = {}
 
     def on_block(block):
@@ -287,7 +287,7 @@ def _reduction_init_from(func: tirx.PrimFunc, reduction: str, stage: str) -> tir
     ``te.sum(..., init=stage[...])`` states it, but ``te.create_prim_func`` (0.27) keeps the
     ``stage`` block and initialises the reduction to 0: the init and the read are put back.
     """
-    blocks = _blocks_named(func.body, reduction, stage)
+    blocks = blocks_named(func.body, reduction, stage)
     src = blocks[stage].writes[0].source
     one = tirx.const(1, "int32")
 
@@ -313,7 +313,7 @@ def _init_reads_fixed(func: tirx.PrimFunc, reduction: str) -> tirx.PrimFunc:
     0.27 leaves that read on ``<reduction>_update`` and none on ``<reduction>_init``; the
     regions are put where the accesses are."""
     init_name, update_name = f"{reduction}_init", f"{reduction}_update"
-    init = _blocks_named(func.body, init_name)[init_name]
+    init = blocks_named(func.body, init_name)[init_name]
     buffers = {p: p for p in func.params}
     tvm_ffi.structural_walk(
         func.body, (s_tir.SBlock, lambda b: buffers.update({a: a for a in b.alloc_buffers}))
@@ -347,7 +347,7 @@ def dense_primfunc(
     return conv2d_primfunc(cfg, n, k, 1, 1, m, 1, 1, shift=shift, clip=clip, kind="dense")
 
 
-def _layer_of(func: tirx.PrimFunc) -> dict:
+def layer_of(func: tirx.PrimFunc) -> dict:
     attrs = func.attrs
     if attrs is None or LAYER_ATTR not in attrs:
         raise TirLoweringError(f"the PrimFunc has no '{LAYER_ATTR}' attribute")
@@ -421,7 +421,7 @@ def schedule_conv2d(
         Its ``mod["main"]`` carries ``"hapm_fpga.kernel"`` and the plan in
         ``"hapm_fpga.schedule"``.
     """
-    layer = _layer_of(func)
+    layer = layer_of(func)
     cfg = get_config(cfg if cfg is not None else layer["config"])
     L = layer
     n_blocks = L["cob"] * L["cib"] * L["kh"] * L["kw"] if weight_blocks is None else weight_blocks
@@ -546,7 +546,7 @@ def _linear(expr, loop_vars):
     return [_int(c) for c in coeffs[:-1]], tvm.sym.Analyzer().simplify(coeffs[-1])
 
 
-def _is_call(node, name: str | None = None) -> bool:
+def is_call(node, name: str | None = None) -> bool:
     if _kind(node) != "Call":
         return False
     if name is None:
@@ -620,7 +620,7 @@ def _copy_parts(store):
     of the source's element type; ``None`` if the store is not a copy."""
     value = _strip_cast(store.value)
     cond, pad_min = None, 0
-    if _is_call(value, "prim.if_then_else") or _is_call(value, "tirx.if_then_else"):
+    if is_call(value, "prim.if_then_else") or is_call(value, "tirx.if_then_else"):
         cond, then, other = value.args
         other = _strip_cast(other)
         value = _strip_cast(then)
@@ -881,7 +881,7 @@ def InjectDMA(cfg: HardwareConfig | None = None):  # noqa: N802 - TVM pass namin
     """
 
     def _rewrite(func: tirx.PrimFunc, _mod, _ctx) -> tirx.PrimFunc:
-        config = get_config(cfg if cfg is not None else _layer_of(func)["config"])
+        config = get_config(cfg if cfg is not None else layer_of(func)["config"])
 
         def _for(loop):
             nest = _perfect_nest(loop)
@@ -1015,7 +1015,7 @@ class _Emitter:
         self.gemm_acc: set[int] = set()
 
         def on_eval(ev):
-            if _is_call(ev.value, GEMM_MARKER):
+            if is_call(ev.value, GEMM_MARKER):
                 self.gemm_acc.add(_key(ev.value.args[5].args[0]))
 
         tvm_ffi.structural_walk(func.body, (tirx.Evaluate, on_eval))
@@ -1117,7 +1117,7 @@ class _Emitter:
         """Whether one instruction covers the whole nest (all its loops become fields)."""
         leaf = nest.leaf
         if _kind(leaf) == "Evaluate":
-            if _is_call(leaf.value, GEMM_MARKER):
+            if is_call(leaf.value, GEMM_MARKER):
                 return len(nest.loops) <= 2 and not self._vars_in(
                     leaf.value.args[4], nest.loop_vars
                 )
@@ -1160,10 +1160,10 @@ class _Emitter:
 
         def on_eval(ev):
             call = ev.value
-            if _is_call(call, DMA_LOAD):
+            if is_call(call, DMA_LOAD):
                 note(call.args[1].args[0], True)
                 dma_loaded.add(_key(call.args[1].args[0]))
-            elif _is_call(call, GEMM_MARKER):
+            elif is_call(call, GEMM_MARKER):
                 note(call.args[5].args[0], True)
 
         def on_store(st):
@@ -1225,9 +1225,9 @@ class _Emitter:
         leaf = nest.leaf
         if _kind(leaf) == "Evaluate":
             call = leaf.value
-            if _is_call(call, DMA_LOAD) or _is_call(call, DMA_STORE):
+            if is_call(call, DMA_LOAD) or is_call(call, DMA_STORE):
                 self.emit_dma(call)
-            elif _is_call(call, GEMM_MARKER):
+            elif is_call(call, GEMM_MARKER):
                 self.emit_gemm(call, nest)
             else:
                 raise TirLoweringError(f"unexpected call {call}")
@@ -1245,7 +1245,7 @@ class _Emitter:
         info = self._dma.get(k)
         if info is None:
             a = call.args
-            is_load = _is_call(call, DMA_LOAD)
+            is_load = is_call(call, DMA_LOAD)
             dst, src = a[1].args[0], a[3].args[0]
             chip, dram = (dst, src) if is_load else (src, dst)
             chip_off, dram_off = (a[2], a[4]) if is_load else (a[4], a[2])
@@ -1695,7 +1695,7 @@ def emit_program(
     the direct generator does.
     """
     func = _as_func(func)
-    cfg = get_config(cfg if cfg is not None else _layer_of(func)["config"])
+    cfg = get_config(cfg if cfg is not None else layer_of(func)["config"])
     func = _lowered(func, cfg)
     emitter = _Emitter(cfg, func, weights)
     emitter.visit(func.body)
@@ -1717,7 +1717,7 @@ def build_program(cfg: HardwareConfig | None, func, layer_name: str = "tir") -> 
     already are in the DRAM layout); the last one is the output.
     """
     func = _as_func(func)
-    layer = _layer_of(func)
+    layer = layer_of(func)
     cfg = get_config(cfg if cfg is not None else layer["config"])
     insns = emit_program(func, cfg)
     slots = []
@@ -1792,7 +1792,7 @@ def conv2d_program(
     plan = schedule or plan_conv(
         cfg, h, w, oh, ow, kh, kw, (sh, sw), (dh, dw), cib, cob, nonzero, residual=fused
     )
-    sched = tir_conv_schedule(cfg, _layer_of(func), plan)
+    sched = tir_conv_schedule(cfg, layer_of(func), plan)
     sparse_count = int(nonzero.sum())
     sched = fit_double_buffer(
         cfg, sched, kh, kw, (sh, sw), (dh, dw), sparse_count, residual_rows(cob, fused)
@@ -2195,7 +2195,7 @@ def OffloadHapmKernels():  # noqa: N802 - TVM pass naming
         target = attrs.get("target", None) or tvm.target.Target.current(allow_none=True)
         if target is None or not is_hapm_target(target):
             return func
-        layer = _layer_of(func)
+        layer = layer_of(func)
         cfg = get_config(target) if target is not None else get_config(layer["config"])
         name = str(attrs.get("global_symbol", "main"))
         prog = build_program(cfg, func, layer_name=name)
