@@ -1,0 +1,845 @@
+"""The emitter: walks a lowered PrimFunc in execution order and produces the instruction stream
+(copies -> LOAD / STORE, tensorized products -> GEMM, accumulator loops -> ALU)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import tvm
+import tvm_ffi
+from tvm import s_tir, tirx
+
+from ..config import HardwareConfig, get_config
+from ..dependency import insert_dependency_tokens
+from ..intrin import GEMM_MARKER, SCOPE_ACC, SCOPE_INP, SCOPE_WGT
+from ..isa import ELEM_CODE, MAX_LOOP, MAX_TRANSFER, AluOp, Instruction, Opcode
+from ..program import Program, Slot
+from ..schedule import (
+    assign_arrays,
+    conv_stream_passes,
+    pipeline_operand_loads,
+)
+from .compute import (
+    DMA_LOAD,
+    DMA_STORE,
+    KERNEL_ATTR,
+    LAYER_ATTR,
+    LOWERED_ATTR,
+    SCHEDULE_ATTR,
+    SCOPE_BUFFER,
+    layer_of,
+)
+from .dma import LowerToAccelerator, entry_elems, predicate_highs
+from .walk import (
+    LoopNest,
+    TirLoweringError,
+    affine,
+    buffer_scope,
+    buffer_shape,
+    const_int,
+    flat_index,
+    is_call,
+    node_key,
+    node_kind,
+    perfect_nest,
+    strip_cast,
+)
+
+# =============================================================================================
+# codegen
+_PY_BINOPS = {
+    "Add": "({} + {})",
+    "Sub": "({} - {})",
+    "Mul": "({} * {})",
+    "FloorDiv": "({} // {})",
+    "FloorMod": "({} % {})",
+    "Min": "min({}, {})",
+    "Max": "max({}, {})",
+    "LT": "({} < {})",
+    "LE": "({} <= {})",
+    "GT": "({} > {})",
+    "GE": "({} >= {})",
+    "EQ": "({} == {})",
+    "NE": "({} != {})",
+    "And": "({} and {})",
+    "Or": "({} or {})",
+}
+
+
+class _Evaluator:
+    """Integer expressions of loop variables, compiled once to Python and cached per node."""
+
+    def __init__(self):
+        self.env: dict[int, int] = {}
+        self._cache: dict[int, object] = {}
+
+    def _source(self, expr) -> str:
+        kind = node_kind(expr)
+        if kind == "IntImm":
+            return str(int(expr.value))
+        if kind == "Var":
+            return f"env[{node_key(expr)}]"
+        if kind == "Cast":
+            return self._source(expr.value)
+        if kind in _PY_BINOPS:
+            return _PY_BINOPS[kind].format(self._source(expr.a), self._source(expr.b))
+        if kind == "Not":
+            return f"(not {self._source(expr.a)})"
+        if kind == "Select":
+            c, t, f = (self._source(e) for e in (expr.condition, expr.true_value, expr.false_value))
+            return f"({t} if {c} else {f})"
+        raise TirLoweringError(f"cannot evaluate {kind} expression {expr}")
+
+    def __call__(self, expr) -> int:
+        if isinstance(expr, int):
+            return expr
+        k = node_key(expr)
+        hit = self._cache.get(k)
+        if hit is None:
+            fn = eval(f"lambda env: {self._source(expr)}")
+            hit = self._cache[k] = (fn, expr)  # keep the node alive: its handle is the key
+        return int(hit[0](self.env))
+
+
+class _Emitter:
+    """Walks a lowered accelerator PrimFunc in execution order and emits instructions."""
+
+    def __init__(self, cfg: HardwareConfig, func: tirx.PrimFunc, weights=None):
+        self.cfg = cfg
+        self.ev = _Evaluator()
+        self.slots = {node_key(p): i for i, p in enumerate(func.params)}
+        self.base: dict[int, int] = {}  # on-chip buffer -> first entry
+        self.top = {scope: 0 for scope in SCOPE_BUFFER}
+        self.depth = {
+            SCOPE_INP: cfg.inp_depth,
+            SCOPE_WGT: cfg.wgt_depth,
+            SCOPE_ACC: cfg.acc_depth,
+        }
+        self.pending_reset: set[int] = set()
+        self.seq: list[Instruction] = []
+        #: The GEMMs' accumulator buffers.
+        self.gemm_acc: set[int] = set()
+
+        def on_eval(ev):
+            if is_call(ev.value, GEMM_MARKER):
+                self.gemm_acc.add(node_key(ev.value.args[5].args[0]))
+
+        tvm_ffi.structural_walk(func.body, (tirx.Evaluate, on_eval))
+        #: An ALU-only layer (no GEMM): a reduction's init ``acc = v`` is ``MUL 0`` (then
+        #: ``ADD v``), not a reset flag.
+        self.alu_only = not self.gemm_acc
+        #: A reduction's init computed into a GEMM accumulator (a fused residual: the shortcut
+        #: tile's DMA and ``MUL``) is the region's *prologue*: ``[start, p0, p1]``
+        #: per region, as :func:`~tvm_hapm.target.schedule.hoist_prologues` takes them.  A
+        #: region starts where the previous one's last store ends (the first one: at the
+        #: first loop, after the resident weights and constant rows).
+        self.regions: list[list[int]] = []
+        self._first_loop: int | None = None
+        self._last_store = 0
+        layer = (
+            json.loads(str(func.attrs[LAYER_ATTR]))
+            if func.attrs and LAYER_ATTR in func.attrs
+            else {}
+        )
+        #: Whether contiguous ALU loop nests become one run (``outer = 1``), as the direct
+        #: generator's convolution and add epilogues are; its pooling layers keep the loops.
+        self.alu_runs = bool(layer.get("alu_runs", True))
+        self.weights: SparseWeights | None = weights
+        wparam = 2 if layer.get("residual") else 1  # (data, [residual], weight, ...)
+        if weights is not None:
+            weights.param = node_key(func.params[wparam])
+        attrs = func.attrs
+        plan = json.loads(str(attrs[SCHEDULE_ATTR])) if attrs and SCHEDULE_ATTR in attrs else {}
+        #: Double buffering (the plan's ``double_buffer``): input tiles, weight chunks (when
+        #: not resident) and output regions alternate between two halves; in an ALU-only
+        #: layer, the accumulator tiles its DMAs load (the element-wise operands).
+        self.double = bool(plan.get("double_buffer", False))
+        self.parity: dict[int, int] = {}  # doubled buffer -> half of its next allocation
+        self.wgt_total = (
+            int(np.prod(buffer_shape(func.params[wparam]))) // (cfg.array_rows * cfg.array_cols)
+            if len(func.params) > wparam
+            else 0
+        )
+        # per-node analyses, computed on first visit
+        self._nests: dict[int, tuple] = {}
+        self._dma: dict[int, tuple] = {}
+        self._gemm: dict[int, tuple] = {}
+        self._reset: dict[int, tuple] = {}
+        self._alu: dict[int, tuple] = {}
+        self._init: dict[int, tuple] = {}
+
+    # ------------------------------------------------------------------ walk
+    def visit(self, stmt) -> None:
+        kind = node_kind(stmt)
+        if kind == "SeqStmt":
+            for s in stmt.seq:
+                self.visit(s)
+        elif kind == "For":
+            self.visit_for(stmt)
+        elif kind == "SBlockRealize":
+            if self.ev(stmt.predicate):
+                self.visit(stmt.block)
+        elif kind == "SBlock":
+            mark = dict(self.top)
+            self.allocate(stmt)
+            self.visit(stmt.body)
+            self.top = mark
+        elif kind == "Evaluate":
+            self.visit_leaf(LoopNest([], [], stmt))
+        elif kind == "BufferStore":
+            self.visit_leaf(LoopNest([], [], stmt))
+        elif kind == "IfThenElse":
+            if self.ev(stmt.condition):
+                self.visit(stmt.then_case)
+            elif stmt.else_case is not None:
+                self.visit(stmt.else_case)
+        else:
+            raise TirLoweringError(f"unexpected {kind} in an accelerator function")
+
+    def visit_for(self, loop) -> None:
+        k = node_key(loop)
+        hit = self._nests.get(k)
+        if hit is None:
+            nest = perfect_nest(loop)
+            folds = (
+                nest is not None and (not nest.predicates or self._is_alu(nest)) and self.fold(nest)
+            )
+            hit = self._nests[k] = (nest, folds, loop)
+        nest, folds = hit[0], hit[1]
+        if folds:
+            self.visit_leaf(nest)
+            return
+        if self._first_loop is None:
+            self._first_loop = len(self.seq)
+        var = node_key(loop.loop_var)
+        start = self.ev(loop.min)
+        body = loop.body
+        env = self.ev.env
+        for v in range(start, start + self.ev(loop.extent)):
+            env[var] = v
+            self.visit(body)
+
+    def fold(self, nest: LoopNest) -> bool:
+        """Whether one instruction covers the whole nest (all its loops become fields)."""
+        leaf = nest.leaf
+        if node_kind(leaf) == "Evaluate":
+            if is_call(leaf.value, GEMM_MARKER):
+                return len(nest.loops) <= 2 and not self._vars_in(
+                    leaf.value.args[4], nest.loop_vars
+                )
+            return False
+        value = leaf.value
+        if node_kind(value) == "IntImm" and not self.alu_only:
+            return True  # the reduction's init: a reset region, any shape
+        return len(nest.loops) <= 3  # two entry loops and the lanes
+
+    @staticmethod
+    def _is_alu(nest: LoopNest) -> bool:
+        leaf = nest.leaf
+        return node_kind(leaf) == "BufferStore" and node_kind(leaf.value) != "IntImm"
+
+    @staticmethod
+    def _vars_in(expr, loop_vars) -> bool:
+        keys = {node_key(v) for v in loop_vars}
+        found = []
+        tvm_ffi.structural_walk(
+            expr, (tirx.Var, lambda v: found.append(node_key(v) in keys) and None)
+        )
+        return any(found)
+
+    # ------------------------------------------------------------------ on-chip allocation
+    def allocate(self, block) -> None:
+        """Place the block's on-chip buffers, in order of first use.  Buffers written by
+        epilogue stages are not placed: the ALU computes them in place of their operand."""
+        if not len(block.alloc_buffers):
+            return
+        first_use: dict[int, int] = {}
+        placed: set[int] = set()
+        dma_loaded: set[int] = set()
+        order = [0]
+
+        def note(buf, placed_kind: bool):
+            k = node_key(buf)
+            if k not in first_use:
+                first_use[k] = order[0]
+                order[0] += 1
+            if placed_kind:
+                placed.add(k)
+
+        def on_eval(ev):
+            call = ev.value
+            if is_call(call, DMA_LOAD):
+                note(call.args[1].args[0], True)
+                dma_loaded.add(node_key(call.args[1].args[0]))
+            elif is_call(call, GEMM_MARKER):
+                note(call.args[5].args[0], True)
+
+        def on_store(st):
+            note(st.buffer, node_kind(st.value) == "IntImm")
+
+        tvm_ffi.structural_walk(
+            block.body, [(tirx.Evaluate, on_eval), (tirx.BufferStore, on_store)], order="pre"
+        )
+        bufs = [b for b in block.alloc_buffers if node_key(b) in placed]
+        bufs.sort(key=lambda b: first_use[node_key(b)])
+        for buf in bufs:
+            scope = buffer_scope(buf)
+            if scope not in SCOPE_BUFFER:
+                raise TirLoweringError(f"buffer {buf.name} in scope {scope!r} is not on chip")
+            entries = -(-int(np.prod(buffer_shape(buf))) // entry_elems(self.cfg, scope))
+            k = node_key(buf)
+            doubled = self.double and (
+                scope == SCOPE_INP
+                # the GEMMs' output region (also when its init loads a shortcut tile); in an
+                # ALU-only layer also the loaded operands
+                or (
+                    scope == SCOPE_ACC
+                    and (k not in dma_loaded or k in self.gemm_acc or self.alu_only)
+                )
+                or (scope == SCOPE_WGT and entries < self.wgt_total)  # weights not resident
+            )
+            half = 0
+            if doubled and scope == SCOPE_WGT and self.weights is not None:
+                self.weights.half = entries  # the sparse walker picks the half at each load
+            elif doubled:
+                half = self.parity.get(k, 0)
+                self.parity[k] = 1 - half
+            self.base[k] = self.top[scope] + half * entries
+            self.top[scope] += 2 * entries if doubled else entries
+            if self.top[scope] > self.depth[scope] and not (
+                scope == SCOPE_WGT and self.weights is not None  # compacted: checked by the plan
+            ):
+                raise TirLoweringError(
+                    f"{buf.name}: {scope} overflows ({self.top[scope]} > {self.depth[scope]})"
+                )
+
+    def _chip_addr(self, buf, elem_offset: int) -> int:
+        E = entry_elems(self.cfg, buffer_scope(buf))
+        if elem_offset % E:
+            raise TirLoweringError(f"{buf.name}: offset {elem_offset} is not a whole entry")
+        return self.base[node_key(buf)] + elem_offset // E
+
+    def _prologue(self, first: int) -> None:
+        """Note ``seq[first:]`` (just emitted) as part of the current region's prologue."""
+        end = len(self.seq)
+        if self.regions and self.regions[-1][2] == first:
+            self.regions[-1][2] = end
+        else:
+            start = self._last_store if self.regions else self._first_loop
+            self.regions.append([first if start is None else start, first, end])
+
+    # ------------------------------------------------------------------ leaves
+    def visit_leaf(self, nest: LoopNest) -> None:
+        leaf = nest.leaf
+        if node_kind(leaf) == "Evaluate":
+            call = leaf.value
+            if is_call(call, DMA_LOAD) or is_call(call, DMA_STORE):
+                self.emit_dma(call)
+            elif is_call(call, GEMM_MARKER):
+                self.emit_gemm(call, nest)
+            else:
+                raise TirLoweringError(f"unexpected call {call}")
+            return
+        if node_kind(leaf.value) == "IntImm":
+            if self.alu_only:
+                self.emit_init(nest)
+            else:
+                self.mark_reset(nest)
+        else:
+            self.emit_alu(nest)
+
+    def emit_dma(self, call) -> None:
+        k = node_key(call)
+        info = self._dma.get(k)
+        if info is None:
+            a = call.args
+            is_load = is_call(call, DMA_LOAD)
+            dst, src = a[1].args[0], a[3].args[0]
+            chip, dram = (dst, src) if is_load else (src, dst)
+            chip_off, dram_off = (a[2], a[4]) if is_load else (a[4], a[2])
+            scope = buffer_scope(chip)
+            bits = tvm.DataType(str(dram.ty.dtype)).bits
+            fields = {
+                "buffer": int(SCOPE_BUFFER[scope]),
+                "dram_slot": self.slots[node_key(dram)],
+                "elem_bits_code": ELEM_CODE[bits],
+            }
+            if len(a) > 12 and const_int(a[12]):
+                fields["pad_min"] = 1
+            info = (
+                is_load, chip, dram, chip_off, dram_off, entry_elems(self.cfg, scope), fields,
+                list(a[5:12]),
+            )  # fmt: skip
+            self._dma[k] = info
+        is_load, chip, dram, chip_off, dram_off, E, fields, sizes = info
+        first = len(self.seq)
+        dram_elem = self.ev(dram_off)
+        if dram_elem % E:
+            raise TirLoweringError(f"{dram.name}: DRAM offset {dram_elem} is not a whole entry")
+        sram = self._chip_addr(chip, self.ev(chip_off))
+        dram_addr = dram_elem // E
+        rows, cols, stride, *pads = (self.ev(s) for s in sizes)
+        opcode = Opcode.LOAD if is_load else Opcode.STORE
+        if self.weights is not None and node_key(dram) == self.weights.param:
+            self.weights.load(self, sram, dram_addr, rows, cols, stride, fields)
+            return
+        if rows == 1 and cols > MAX_TRANSFER:
+            self.seq += _runs(opcode, sram, dram_addr, cols, fields)
+        else:
+            self.seq.append(
+                Instruction(
+                    opcode, sram_addr=sram, dram_addr=dram_addr, y_size=rows, x_size=cols,
+                    x_stride=stride, y_pad_top=pads[0], y_pad_bottom=pads[1],
+                    x_pad_left=pads[2], x_pad_right=pads[3], **fields,
+                )
+            )  # fmt: skip
+        if not is_load:
+            self._last_store = len(self.seq)
+        elif node_key(chip) in self.gemm_acc:  # a shortcut tile into a GEMM region
+            self._prologue(first)
+
+    def _loop_fields(self, nest: LoopNest, exprs_entries):
+        """Extents ``[outer, inner]`` and, per address, ``(base expression, [so, si])`` of
+        affine entry addresses over the nest's loops (at most two, padded with unit loops)."""
+        loop_vars, extents = nest.loop_vars, nest.extents
+        out = []
+        for expr, E in exprs_entries:
+            coef, base = affine(expr, loop_vars)
+            if any(c % E for c in coef):
+                raise TirLoweringError(f"stride of {expr} is not a whole entry")
+            out.append((base, [c // E for c in coef]))
+        while len(extents) < 2:
+            extents = [1] + extents
+            out = [(b, [0] + c) for b, c in out]
+        return extents, out
+
+    def emit_gemm(self, call, nest: LoopNest) -> None:
+        k = node_key(nest.leaf)
+        info = self._gemm.get(k)
+        if info is None:
+            a = call.args
+            inp, wgt, acc = a[1].args[0], a[3].args[0], a[5].args[0]
+            R, C = self.cfg.array_rows, self.cfg.array_cols
+            (outer, inner), [(inp_b, inp_s), (acc_b, acc_s)] = self._loop_fields(
+                nest, [(a[2], R), (a[6], C)]
+            )
+            info = (inp, wgt, acc, outer, inner, inp_b, inp_s, acc_b, acc_s, a[4])
+            self._gemm[k] = info
+        inp, wgt, acc, outer, inner, inp_b, inp_s, acc_b, acc_s, wgt_off = info
+        acc_addr = self._chip_addr(acc, self.ev(acc_b))
+        wgt_addr = self._chip_addr(wgt, self.ev(wgt_off))
+        if self.weights is not None:
+            wgt_addr = self.weights.chip_addr(wgt_addr)
+            if wgt_addr is None:  # an all-zero block: no GEMM
+                return
+        entries = _entries(acc_addr, outer, inner, acc_s[0], acc_s[1])
+        pending = self.pending_reset
+        reset = entries <= pending
+        if not reset and not entries.isdisjoint(pending):
+            raise TirLoweringError("a GEMM resets part of its accumulator region")
+        if reset:
+            pending -= entries
+        self.seq.append(
+            Instruction(
+                Opcode.GEMM,
+                reset=int(reset),
+                array=0,  # chosen by schedule.assign_arrays
+                wgt_addr=wgt_addr,
+                inp_addr=self._chip_addr(inp, self.ev(inp_b)),
+                acc_addr=acc_addr,
+                outer=outer,
+                inner=inner,
+                inp_so=inp_s[0],
+                inp_si=inp_s[1],
+                acc_so=acc_s[0],
+                acc_si=acc_s[1],
+            )
+        )
+
+    def mark_reset(self, nest: LoopNest) -> None:
+        """The reduction's init: its accumulator entries are reset by their first GEMM."""
+        k = node_key(nest.leaf)
+        info = self._reset.get(k)
+        if info is None:
+            store = nest.leaf
+            coef, base = affine(flat_index(store.buffer, store.indices), nest.loop_vars)
+            offsets = np.array([0])
+            for c, e in zip(coef, nest.extents, strict=True):
+                offsets = (offsets[:, None] + c * np.arange(e)[None, :]).reshape(-1)
+            info = (store.buffer, base, offsets)
+            self._reset[k] = info
+        buf, base, offsets = info
+        C = self.cfg.array_cols
+        first = self.base[node_key(buf)]
+        b = self.ev(base)
+        self.pending_reset |= {first + int(o) for o in np.unique((offsets + b) // C)}
+
+    def emit_init(self, nest: LoopNest) -> None:
+        """The reduction's init ``acc = v`` of an ALU-only layer: ``MUL 0``, then ``ADD v``."""
+        k = node_key(nest.leaf)
+        info = self._init.get(k)
+        if info is None:
+            store = nest.leaf
+            C = self.cfg.array_cols
+            if nest.predicates:
+                raise TirLoweringError(f"a predicated init of {store.buffer.name}")
+            if nest.loops and nest.extents[-1] != C:
+                raise TirLoweringError(
+                    f"init of {store.buffer.name}: innermost loop is not the lanes"
+                )
+            lanes_nest = LoopNest(nest.loops[:-1], [], store) if nest.loops else nest
+            extents, fields = self._loop_fields(
+                lanes_nest, [(flat_index(store.buffer, store.indices), C)]
+            )
+            lane_key = node_key(nest.loop_vars[-1]) if nest.loops else None
+            info = (store.buffer, lane_key, extents, fields[0], const_int(store.value))
+            self._init[k] = info
+        buf, lane_key, (outer, inner), (base, (so, si)), value = info
+        if lane_key is not None:
+            self.ev.env[lane_key] = 0
+        addr = self._chip_addr(buf, self.ev(base))
+        if self.alu_runs and so == inner * si and outer * inner <= MAX_LOOP:
+            outer, inner, so = 1, outer * inner, 0
+        self.seq.append(_alu_insn(AluOp.MUL, addr, 0, outer, inner, so, si, 0, 0, 0))
+        if value:
+            self.seq.append(_alu_insn(AluOp.ADD, addr, value, outer, inner, so, si, 0, 0, 0))
+
+    def emit_alu(self, nest: LoopNest) -> None:
+        k = node_key(nest.leaf)
+        info = self._alu.get(k)
+        if info is None:
+            info = self._alu[k] = self._analyse_alu(nest)
+        dst, operand_buf, lane_key, extents, fields, ops, highs = info
+        first_insn = len(self.seq)
+        C = self.cfg.array_cols
+        if lane_key is not None:
+            self.ev.env[lane_key] = 0
+        if highs is not None:  # a partial tile
+            extents = [
+                e if h is None else max(0, min(e, self.ev(h)))
+                for e, h in zip(extents, highs, strict=True)
+            ]
+            if not min(extents):
+                return
+        (dst_b, dst_s), (opd_b, _) = fields[0], fields[1]
+        dst_b, opd_b = self.ev(dst_b), self.ev(opd_b)
+        opd_addr = self._chip_addr(operand_buf, opd_b)
+        # In place: the destination buffer lives where its operand does.
+        self.base[node_key(dst)] = opd_addr - dst_b // C
+        outer, inner = extents
+        src_fields = iter(fields[2:])
+        first = True
+        for op, src_load, imm in ops:
+            if src_load is not None:
+                s_b, s_s = next(src_fields)
+                src, src_so, src_si = self._chip_addr(src_load.source, self.ev(s_b)), *s_s
+            else:
+                src, src_so, src_si = 0, 0, 0
+            o, i, dso, dsi = outer, inner, dst_s[0], dst_s[1]
+            if self.alu_runs and dso == i * dsi and src_so == i * src_si and o * i <= MAX_LOOP:
+                o, i, dso, src_so = 1, o * i, 0, 0  # one contiguous run
+            if first and self.pending_reset:
+                # Every GEMM of this accumulator region was dropped (all-zero weight blocks):
+                # the reset becomes a multiplication by zero.
+                entries = _entries(opd_addr, outer, inner, dst_s[0], dst_s[1])
+                if not entries.isdisjoint(self.pending_reset):
+                    if not entries <= self.pending_reset:
+                        raise TirLoweringError("an epilogue covers a partly reset region")
+                    self.pending_reset -= entries
+                    self.seq.append(_alu_insn(AluOp.MUL, opd_addr, 0, o, i, dso, dsi, 0, 0, 0))
+            first = False
+            self.seq.append(_alu_insn(op, opd_addr, imm, o, i, dso, dsi, src, src_so, src_si))
+        if node_key(dst) in self.gemm_acc:  # a reduction's init computed in a GEMM region
+            self._prologue(first_insn)
+
+    def _analyse_alu(self, nest: LoopNest):
+        store = nest.leaf
+        C = self.cfg.array_cols
+        amin, amax = self.cfg.act_range
+        dst = store.buffer
+        if buffer_scope(dst) != SCOPE_ACC:
+            raise TirLoweringError(f"unrecognised copy or computation into {dst.name}")
+        ops = []  # (AluOp, operand load or None, immediate or None)
+        value = store.value
+        operand = None
+        if node_kind(value) == "Add":
+            operand = value.a
+            ops.append((AluOp.ADD, value.b, None))
+        elif node_kind(value) == "Cast":
+            # Cast(int32, max(min((int64(x) * int64(m) + round) >> S, amax), amin))
+            inner = value.value
+            bounds = {}
+            while node_kind(inner) in ("Min", "Max"):
+                bounds[node_kind(inner)] = const_int(inner.b)
+                inner = inner.a
+            if bounds != {"Min": amax, "Max": amin} or node_kind(inner) != "RShift":
+                raise TirLoweringError(f"unrecognised requantization {value}")
+            shift = const_int(inner.b)
+            total = inner.a
+            if node_kind(total) != "Add" or const_int(total.b) != 1 << (shift - 1):
+                raise TirLoweringError(f"requantization {value} does not round half up")
+            prod = total.a
+            operand = strip_cast(prod.a)
+            ops.append((AluOp.REQUANT, strip_cast(prod.b), shift))
+        elif node_kind(value) == "Mul":
+            operand = value.a
+            b = strip_cast(value.b)
+            ops.append(
+                (AluOp.MUL, b, None)
+                if node_kind(b) == "TensorLoad"
+                else (AluOp.MUL, None, const_int(b))
+            )
+        elif node_kind(value) == "RShift":
+            # (x + 2**(k-1)) >> k: the ALU's rounding shift
+            k = const_int(value.b)
+            total = value.a
+            if node_kind(total) != "Add" or const_int(total.b) != (1 << k) >> 1:
+                raise TirLoweringError(f"shift {value} does not round half up")
+            operand = total.a
+            ops.append((AluOp.SHR, None, k))
+        elif node_kind(value) == "Max" and node_kind(strip_cast(value.b)) == "TensorLoad":
+            # a MAX reduction step: max(acc, src) (max pooling's window taps)
+            operand = value.a
+            ops.append((AluOp.MAX, strip_cast(value.b), None))
+        else:
+            chain = []
+            while node_kind(value) in ("Min", "Max"):
+                chain.append(
+                    (AluOp.MIN if node_kind(value) == "Min" else AluOp.MAX, const_int(value.b))
+                )
+                value = value.a
+            operand = value
+            ops += [(op, None, imm) for op, imm in reversed(chain)]
+        operand = strip_cast(operand)
+        inner_ops = []  # a chain ((x op1 a) op2 b) ...: the inner operations run first
+        while node_kind(operand) in ("Add", "Mul"):
+            b = strip_cast(operand.b)
+            op = AluOp.ADD if node_kind(operand) == "Add" else AluOp.MUL
+            if node_kind(b) == "TensorLoad":
+                inner_ops.append((op, b, None))
+            else:
+                inner_ops.append((op, None, const_int(b)))
+            operand = strip_cast(operand.a)
+        ops = inner_ops[::-1] + ops
+        if node_kind(operand) != "TensorLoad" or buffer_scope(operand.source) != SCOPE_ACC:
+            raise TirLoweringError(f"ALU stage {store.value} does not read the accumulator")
+        # Loops: drop the lanes (the innermost loop, contiguous over the C lanes).
+        lanes_nest = LoopNest(nest.loops[:-1], [], store) if nest.loops else nest
+        if nest.loops and nest.extents[-1] != C:
+            raise TirLoweringError(f"ALU stage {store.value}: innermost loop is not the lanes")
+        dst_expr = flat_index(dst, store.indices)
+        opd_expr = flat_index(operand.source, operand.indices)
+        srcs = [(flat_index(o.source, o.indices), C) for _, o, _ in ops if o is not None]
+        # Lane offsets must vanish at lane 0: bases are evaluated with the lane loop at 0.
+        lane_key = node_key(nest.loop_vars[-1]) if nest.loops else None
+        extents, fields = self._loop_fields(lanes_nest, [(dst_expr, C), (opd_expr, C)] + srcs)
+        if fields[0][1] != fields[1][1]:
+            raise TirLoweringError(f"ALU stage {store.value} is not in place")
+        highs = None
+        if nest.predicates:
+            all_highs = predicate_highs(nest.predicates, nest.loop_vars, nest.extents)
+            if nest.loops and all_highs[-1] is not None:
+                raise TirLoweringError(f"ALU stage {store.value}: a predicate bounds the lanes")
+            highs = all_highs[:-1] if nest.loops else all_highs
+            highs = [None] * (len(extents) - len(highs)) + highs
+        return dst, operand.source, lane_key, extents, fields, ops, highs
+
+
+def _entries(base: int, outer: int, inner: int, so: int, si: int) -> set[int]:
+    """The accumulator entries of a GEMM / ALU loop nest."""
+    if si == 1 and so == inner:
+        return set(range(base, base + outer * inner))
+    return {base + i * so + j * si for i in range(outer) for j in range(inner)}
+
+
+def _alu_insn(op, dst, imm, outer, inner, dst_so, dst_si, src, src_so, src_si) -> Instruction:
+    return Instruction(
+        Opcode.ALU,
+        alu_op=int(op),
+        use_imm=int(imm is not None and op != AluOp.REQUANT),
+        imm=int(imm or 0),
+        dst_addr=dst,
+        src_addr=src,
+        outer=outer,
+        inner=inner,
+        dst_so=dst_so,
+        dst_si=dst_si,
+        src_so=src_so,
+        src_si=src_si,
+    )
+
+
+def _runs(opcode, sram: int, dram: int, count: int, fields: dict) -> list[Instruction]:
+    """``count`` consecutive entries as transfers of at most ``MAX_TRANSFER`` rows of at most
+    ``MAX_TRANSFER`` entries (as :func:`~tvm_hapm.target.codegen._load_rows`)."""
+    out = []
+    while count > 0:
+        c = min(count, MAX_TRANSFER)
+        r = min(count // c, MAX_TRANSFER)
+        out.append(
+            Instruction(
+                opcode, sram_addr=sram, dram_addr=dram, y_size=r, x_size=c, x_stride=c, **fields
+            )
+        )
+        sram += r * c
+        dram += r * c
+        count -= r * c
+    return out
+
+
+class SparseWeights:
+    """The compile-time sparse schedule: the walker stage that knows the constant weights.
+
+    The TIR function is scheduled on the dense block tensor ``weight[COB, CIB, KH, KW, R, C]``.
+    The weights are compile-time constants, so the walker drops what an all-zero ``R x C``
+    block would cost:
+
+    * a weight DMA loads only the non-zero blocks of the region it moves, as one contiguous
+      run; the DRAM weight slot holds the non-zero blocks in *load order* (output-channel
+      group, input-channel chunk, then ``(cob, cib, kh, kw)``: :attr:`order`), and on chip the
+      run is packed from the DMA's first entry, so weight-buffer addresses are compacted;
+    * a weight DMA whose blocks are already on chip at the same place is not repeated;
+    * a GEMM whose weight block is all zero is dropped (the next GEMM of its accumulator
+      region takes the reset flag; a region whose GEMMs were all dropped is zeroed by a
+      ``MUL 0`` ahead of its epilogue).
+
+    Grouped and depthwise convolutions are dense convolutions with block-diagonal weights,
+    so they go through the same schedule.
+    """
+
+    def __init__(self, nonzero: np.ndarray, cob_group: int, cib_chunk: int, param=None):
+        self.nonzero = np.asarray(nonzero, bool)
+        cob, cib = self.nonzero.shape[:2]
+        dense_ids = np.arange(self.nonzero.size).reshape(self.nonzero.shape)
+        order = []
+        for cg0 in range(0, cob, cob_group):
+            for kc0 in range(0, cib, cib_chunk):
+                blk = dense_ids[cg0 : cg0 + cob_group, kc0 : kc0 + cib_chunk]
+                nz = self.nonzero[cg0 : cg0 + cob_group, kc0 : kc0 + cib_chunk]
+                order += [int(i) for i in blk[nz]]
+        #: Dense block ids (row-major over ``(COB, CIB, KH, KW)``) of the DRAM slot, in order.
+        self.order = order
+        self.pos = {d: i for i, d in enumerate(order)}
+        self.param = param  # key of the weight parameter
+        self.chip: dict[int, int | None] = {}  # TIR on-chip entry -> compacted entry or None
+        self.loaded: dict[int, tuple] = {}  # compacted base -> (first DRAM position, count)
+        #: Entries of one half of a double-buffered weight buffer (0: not double buffered):
+        #: successive loads alternate between the halves; a run already in the current half is
+        #: not loaded again.
+        self.half = 0
+        self._current: int | None = None
+
+    def load(self, emitter, sram, dram, rows, cols, stride, fields) -> None:
+        dense = (dram + np.arange(rows)[:, None] * stride + np.arange(cols)[None, :]).reshape(-1)
+        flat_nz = self.nonzero.reshape(-1)
+        keep = flat_nz[dense]
+        positions = [self.pos[int(d)] for d in dense[keep]]
+        # The compacted DRAM order is group-major; a DMA of a whole resident tensor covers the
+        # blocks in dense order, which is the same *set* of positions in another order. On chip
+        # the blocks land in DRAM order, so each block's entry is its position in the run.
+        first = min(positions) if positions else 0
+        if positions and sorted(positions) != list(range(first, first + len(positions))):
+            raise TirLoweringError("the non-zero weight blocks of a DMA are not one run")
+        offset = 0
+        reuse = False
+        if positions:
+            run = (first, len(positions))
+            if self.half:
+                reuse = self._current is not None and self.loaded.get(self._current) == run
+                if not reuse:
+                    self._current = 0 if self._current is None else 1 - self._current
+                    self.loaded[self._current] = run
+                offset = self._current * self.half
+            else:
+                reuse = self.loaded.get(sram) == run
+                self.loaded = {sram: run}
+        for j, (d, d_keep) in enumerate(zip(dense, keep, strict=True)):
+            self.chip[sram + j] = sram + offset + self.pos[int(d)] - first if d_keep else None
+        if positions and not reuse:
+            emitter.seq += _runs(Opcode.LOAD, sram + offset, first, len(positions), fields)
+
+    def chip_addr(self, tir_addr: int) -> int | None:
+        return self.chip[tir_addr]
+
+
+def _lowered(func: tirx.PrimFunc, cfg: HardwareConfig | None) -> tirx.PrimFunc:
+    if func.attrs is not None and LOWERED_ATTR in func.attrs:
+        return func
+    if func.attrs is None or KERNEL_ATTR not in func.attrs:
+        raise TirLoweringError(
+            f"the PrimFunc has no '{KERNEL_ATTR}' attribute: schedule it with schedule_conv2d"
+        )
+    mod = LowerToAccelerator(cfg)(tvm.IRModule({"main": func}))
+    return mod["main"]
+
+
+def _as_func(func_or_sch) -> tirx.PrimFunc:
+    if isinstance(func_or_sch, s_tir.Schedule):
+        return func_or_sch.mod["main"]
+    if isinstance(func_or_sch, tvm.IRModule):
+        return func_or_sch["main"]
+    return func_or_sch
+
+
+def emit_program(
+    func, cfg: HardwareConfig | None = None, weights: SparseWeights | None = None
+) -> list[Instruction]:
+    """The instruction stream of a scheduled accelerator PrimFunc (or its Schedule).
+
+    The function is lowered with :func:`LowerToAccelerator` if needed, then walked in
+    execution order: loops run, DMA calls become LOAD / STORE, each tensorized product becomes
+    one GEMM whose ``outer`` / ``inner`` loops and strides are the (at most two) loops around
+    it (as VTA folds its micro-op loops), the reduction's init marks accumulator entries that
+    the next GEMM writing them resets, and each epilogue loop nest on the accumulator becomes
+    ALU instructions computed in place of their operand.  The sequential stream is then
+    software-pipelined (:func:`~tvm_hapm.target.schedule.interleave_epilogues` for GEMM programs,
+    :func:`~tvm_hapm.target.schedule.pipeline_operand_loads` for ALU-only ones) and the last
+    step inserts the dependency tokens of the decoupled load / compute / store modules.
+
+    ``weights`` (a :class:`SparseWeights` of the layer's constant weights) turns on the
+    compile-time sparse schedule: all-zero weight blocks are neither loaded nor multiplied.
+
+    A reduction's init computed into a GEMM accumulator region (a fused residual: the shortcut
+    tile's ``LOAD`` and ``MUL`` by ``K``) is that region's prologue: with
+    double buffering each prologue moves ahead of the previous region
+    (:func:`~tvm_hapm.target.schedule.hoist_prologues`), and ``interleave_epilogues`` flushes
+    pending instructions only up to the last one a GEMM conflicts with (``partial_flush``), as
+    the direct generator does.
+    """
+    func = _as_func(func)
+    cfg = get_config(cfg if cfg is not None else layer_of(func)["config"])
+    func = _lowered(func, cfg)
+    emitter = _Emitter(cfg, func, weights)
+    emitter.visit(func.body)
+    if emitter.pending_reset:
+        raise TirLoweringError("accumulator entries were initialised but never computed")
+    seq = emitter.seq
+    if emitter.alu_only:
+        seq = assign_arrays(pipeline_operand_loads(seq), cfg)
+    else:  # (also when every GEMM was dropped: the direct generator does not move the loads)
+        prologues = [tuple(r) for r in emitter.regions]  # a fused residual's computed inits
+        seq = conv_stream_passes(seq, cfg, prologues, emitter.double)
+    return insert_dependency_tokens(seq)
+
+
+def build_program(cfg: HardwareConfig | None, func, layer_name: str = "tir") -> Program:
+    """The :class:`~tvm_hapm.target.program.Program` of a scheduled accelerator PrimFunc.
+
+    Its slots are the function's buffer parameters in order (``"raw"`` packing: the tensors
+    already are in the DRAM layout); the last one is the output.
+    """
+    func = _as_func(func)
+    layer = layer_of(func)
+    cfg = get_config(cfg if cfg is not None else layer["config"])
+    insns = emit_program(func, cfg)
+    slots = []
+    params = list(func.params)
+    for i, p in enumerate(params):
+        role = "output" if i == len(params) - 1 else "const"
+        if i == 0 or (i == 1 and layer.get("residual")):
+            role = "input"
+        slots.append(Slot(str(p.name), role, str(p.ty.dtype), tuple(buffer_shape(p))))
+    plan = json.loads(str(func.attrs[SCHEDULE_ATTR])) if SCHEDULE_ATTR in func.attrs else {}
+    info = {"kind": layer["kind"], "schedule": plan, "source": "tir"}
+    return Program(layer_name, cfg, slots, insns, 0, info)
