@@ -18,9 +18,10 @@ from tvm_hapm.cost import (
     features,
     load_bundled_fine_model,
 )
-from tvm_hapm.cost.analytic import analyze, analyze_batch, analyze_reference
+from tvm_hapm.cost.analytic import analyze, analyze_batch
 from tvm_hapm.cost.dataset import generate, load_samples, measure, sample_spec, spec_objects
 from tvm_hapm.cost.features import features_batch, features_from_analysis
+from tvm_hapm.cost.reference import analyze_reference
 from tvm_hapm.cost.train import dataset_matrix, mape
 from tvm_hapm.target.config import PRESETS
 
@@ -272,7 +273,8 @@ def test_mask_group_rounds_equal_the_reference():
     """The per-bucket group reduction (any / ``max(n_p, A)`` A-ths over a group's output
     blocks, then the sum over positions) equals ``position_rounds`` (chunks of one input
     block), ``G`` above and below the number of arrays."""
-    from tvm_hapm.cost.analytic import group_rounds, position_rounds, sum_rows
+    from tvm_hapm.cost.analytic import group_rounds, sum_rows
+    from tvm_hapm.cost.reference import position_rounds
 
     rng = np.random.default_rng(0)
     for cob, cib, kk, A, G in [(8, 5, 9, 4, 4), (6, 3, 9, 4, 3), (8, 4, 1, 2, 4), (12, 2, 25, 4, 6),

@@ -14,14 +14,14 @@ from the non-zero block mask, and prices each step with the costs of ``docs/timi
   and an accumulator region is written by one array at a time: a position with ``n_p``
   non-zero blocks costs one round of ``2R + C - 2 + T`` cycles if ``n_p <= A``, else
   ``n_p / A`` (the arrays pipeline across positions), plus the issue skew
-  (:func:`position_rounds`); with pruned blocks, the midpoint of that and the step's longest
-  chain / throughput bound;
+  (``reference.position_rounds``); with pruned blocks, the midpoint of that and the step's
+  longest chain / throughput bound;
 * the epilogue of a region (one ``ADD_REQUANT`` per output block: bias, requantization and
   ReLU fused by ``schedule.fuse_epilogues``) and the next region's bias LOAD run among the next
   region's GEMMs (``schedule.interleave_epilogues``; the per-range accumulator scoreboard lets
   an ALU wait only for GEMMs into its entries): double buffered, only the part of each
-  dispatch's share that outlasts the arrays is exposed (:func:`_interleaved_steps`), a region
-  lasts no less than the previous region's stores (:func:`_store_bound`), and the last
+  dispatch's share that outlasts the arrays is exposed (``reference._interleaved_steps``), a region
+  lasts no less than the previous region's stores (:func:`store_bound`), and the last
   region's epilogue and stores are a tail; single buffered, a region's GEMMs wait for the
   previous epilogue and its stores, and the loads and GEMMs of a step overlap input block by
   input block;
@@ -36,29 +36,34 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import weakref
 from functools import lru_cache
 
 import numpy as np
 
 from ..runtime.energy import EnergyModel
-from ..runtime.timing import TimingResult
 from ..target.config import ALU_LATENCY, HardwareConfig, gemm_fixed_cycles
 from ..target.isa import MAX_TRANSFER
-from ..target.schedule import ConvSchedule, fit_double_buffer, plan_conv
-from .layer import BlockSparsity, ConvLayer, structural_mask
+from ..target.schedule import ConvSchedule, plan_conv
+from .layer import BlockSparsity, ConvLayer
 
 __all__ = [
+    "ROUND_UP",
     "Analysis",
     "BatchAnalysis",
     "analyze",
     "analyze_batch",
-    "analyze_reference",
     "clear_caches",
     "default_schedule",
+    "fluid_rounds",
     "schedule_dict",
+    "store_bound",
 ]
+
+#: Event counts are truncated to integers (as the timing model's are) after scaling by this, so
+#: that a count that is an integer in exact arithmetic stays one whatever the summation order
+#: (expected counts of a sparsity fraction are fractional sums).
+ROUND_UP = 1.0 + 1e-11
 
 
 def schedule_dict(schedule) -> dict:
@@ -74,25 +79,6 @@ def default_schedule(layer: ConvLayer, cfg: HardwareConfig, mask=None) -> ConvSc
         cfg, layer.h, layer.w, layer.oh, layer.ow, layer.kh, layer.kw, layer.strides,
         layer.dilation, cib, cob, mask,
     )  # fmt: skip
-
-
-def _positions(out: int, tile: int, stride: int, k: int, dil: int, pad_lo: int, size: int):
-    """Tile classes of one dimension: {(t, t_in, in_bounds): count}."""
-    classes: dict = {}
-    for o0 in range(0, out, tile):
-        t = min(tile, out - o0)
-        t_in = (t - 1) * stride + (k - 1) * dil + 1
-        i0 = o0 * stride - pad_lo
-        lo = max(0, -i0)
-        hi = max(0, i0 + t_in - size)
-        key = (t, t_in, t_in - lo - hi)
-        classes[key] = classes.get(key, 0) + 1
-    return classes
-
-
-@lru_cache(maxsize=4096)
-def _positions_cached(out, tile, stride, k, dil, pad_lo, size):
-    return tuple(_positions(out, tile, stride, k, dil, pad_lo, size).items())
 
 
 _ENERGY_MODELS: dict = {}
@@ -121,374 +107,15 @@ class Analysis:
     schedule: ConvSchedule
 
 
-def analyze_reference(
-    layer: ConvLayer,
-    cfg: HardwareConfig,
-    schedule: ConvSchedule | None = None,
-    sparsity: BlockSparsity | float | np.ndarray | None = None,
-) -> Analysis:
-    """The per-layer formulation of the mid model, kept as its readable specification.
-
-    :func:`analyze` / :func:`analyze_batch` compute the same quantities with numpy over a whole
-    batch of queries (tile classes and steps of all layers in flat arrays); the tests check that
-    both agree to float rounding.  Slow (about 0.3 ms a layer): use :func:`analyze_batch`.
-    """
-    R, C, A = cfg.array_rows, cfg.array_cols, cfg.num_arrays
-    B, L = cfg.dram_bytes_per_cycle, cfg.dram_latency_cycles
-    ab, wb = cfg.act_bytes, cfg.weight_bytes
-    inp_b, wgt_b, acc_b = R * ab, R * C * wb, C * 4
-    struct = structural_mask(layer, cfg)
-    cob, cib = struct.shape[:2]
-
-    # ---- non-zero blocks per (cob, cib): exact from a mask, else expected from a fraction
-    pmask, pfrac = struct, 0.0  # the blocks of the dispatch rounds, and their zero fraction
-    if isinstance(sparsity, np.ndarray):
-        pmask = np.asarray(sparsity, bool) & struct
-        per_cc = pmask.sum(axis=(2, 3)).astype(float)
-        frac = 1.0 - per_cc.sum() / max(struct.sum(), 1)
-    elif isinstance(sparsity, BlockSparsity) and sparsity.mask is not None:
-        pmask = np.asarray(sparsity.mask, bool) & struct
-        per_cc = pmask.sum(axis=(2, 3)).astype(float)
-        frac = 1.0 - per_cc.sum() / max(struct.sum(), 1)
-    else:
-        if isinstance(sparsity, BlockSparsity):
-            frac = float(sparsity.fraction)
-        else:
-            frac = float(sparsity or 0.0)
-        per_cc = struct.sum(axis=(2, 3)).astype(float) * (1.0 - frac)
-        pfrac = frac
-    exact = not (frac > 0 and per_cc is not None and not _is_int(per_cc))
-    if schedule is None:  # the compiler's: planned for the non-zero blocks it is given
-        schedule = default_schedule(layer, cfg, pmask)
-    knobs = schedule_dict(schedule)
-    TH, TW = schedule.tile_h, schedule.tile_w
-    G, K = max(1, schedule.cob_group), max(1, schedule.cib_chunk)
-    dbuf = bool(knobs.get("double_buffer", False))
-
-    # ---- steps: (cg, kc) chunk sums
-    n_cg, n_kc = -(-cob // G), -(-cib // K)
-    pad_cob, pad_cib = n_cg * G - cob, n_kc * K - cib
-    blk = np.pad(per_cc, ((0, pad_cob), (0, pad_cib)))
-    steps = blk.reshape(n_cg, G, n_kc, K).sum(axis=(1, 3))  # non-zero blocks per step
-    gsz = np.minimum(G, cob - np.arange(n_cg) * G)  # output blocks per group
-    ksz = np.minimum(K, cib - np.arange(n_kc) * K)  # input blocks per chunk
-    nnz = float(blk.sum())
-    rounds = position_rounds(pmask, pfrac, A, G, K)
-    # with pruned blocks dropped the GEMMs no longer line up by position and a region may move
-    # to a free array: the arrays run the step in no fewer rounds than its longest chain (GEMMs
-    # into one output block) or its GEMMs over the arrays, and the position rounds are the
-    # upper bound: take the midpoint (structural zeros alone keep the position order)
-    if frac > 0:
-        chain = blk.reshape(n_cg, G, n_kc, K).sum(axis=3).max(axis=1)
-        lower = np.minimum(rounds, np.maximum(chain, np.ceil(steps / A - 1e-9)))
-        rounds = 0.5 * (rounds + lower)
-    skew = np.where(steps > 0, np.minimum(steps, A) - 1, 0)
-    # output blocks whose every weight is zero (an extra MUL by 0 each tile)
-    empty_cob = float((per_cc.sum(axis=1) == 0).sum()) if exact else 0.0
-    resident = nnz <= cfg.wgt_depth
-    one_step = n_cg * n_kc == 1
-    if dbuf:  # the code generator's fit_double_buffer: both halves must fit
-        dbuf = fit_double_buffer(
-            cfg, schedule, layer.kh, layer.kw, layer.strides, layer.dilation, nnz
-        ).double_buffer
-
-    # weight DMA cycles of each step (non-resident) and of the resident load
-    def wload(nblocks):
-        nblocks = np.asarray(nblocks, float)
-        first = np.minimum(nblocks, MAX_TRANSFER)
-        rest = nblocks - first
-        beats = np.ceil(nblocks * wgt_b / B - 1e-7)  # robust to summation order
-        return beats + L * ((nblocks > 0).astype(float) + (rest > 0))
-
-    w_step = wload(steps) if not resident else np.zeros_like(steps)
-    w_once = float(wload(nnz)) if resident else 0.0
-    if not resident and one_step:
-        w_once, w_step = float(w_step[0, 0]), np.zeros_like(steps)
-
-    # ---- tile classes
-    pt, pl, pb, pr = layer.padding
-    hcl = _positions_cached(
-        layer.oh, TH, layer.strides[0], layer.kh, layer.dilation[0], pt, layer.h
-    )
-    wcl = _positions_cached(
-        layer.ow, TW, layer.strides[1], layer.kw, layer.dilation[1], pl, layer.w
-    )
-    th = np.array([k[0] for k, _ in hcl], float)
-    thi = np.array([k[1] for k, _ in hcl], float)
-    rows = np.array([k[2] for k, _ in hcl], float)
-    hc = np.array([c for _, c in hcl], float)
-    tw = np.array([k[0] for k, _ in wcl], float)
-    twi = np.array([k[1] for k, _ in wcl], float)
-    cols = np.array([k[2] for k, _ in wcl], float)
-    wc = np.array([c for _, c in wcl], float)
-    t = np.outer(th, tw).ravel()
-    data = np.outer(rows, cols).ravel()
-    padded = np.outer(thi, twi).ravel()
-    cnt = np.outer(hc, wc).ravel() * layer.n
-    n_tiles = float(cnt.sum())
-    pix = float((cnt * t).sum())  # = n * oh * ow
-
-    ld_in = L + np.ceil(data * inp_b / B) + (padded - data)  # one input-block load
-    st = L + np.ceil(t * C * ab / B)  # one output-block store
-    # an output block's epilogue is one ADD_REQUANT (bias ADD, REQUANT and the ReLU's MAX #0
-    # fused by schedule.fuse_epilogues); the dataset's clip is a ReLU, so no clip instruction
-    # is left over (a ReLU6 would keep its MIN: a second pass)
-    clip_left = 0
-    n_alu = 1 + clip_left
-    alu_one = ALU_LATENCY + t
-    g0 = gemm_fixed_cycles(R, C)
-
-    # ---- per tile: sum over steps (vectorised over tile classes x steps)
-    ks = ksz[None, :]  # (1, n_kc)
-    inp_loaded = np.ones((n_cg, n_kc)) if n_kc > 1 else np.r_[1.0, np.zeros(n_cg - 1)][:, None]
-    in_dma = ld_in[:, None, None] * (inp_loaded * ks)[None]  # (classes, n_cg, n_kc)
-    wdma = w_step[None]
-    first_k = (np.arange(n_kc) == 0)[None, None, :]
-    bias = (L + np.ceil(2 * gsz * C * 4 / B))[None, :, None] * first_k
-    gemm = rounds[None] * (g0 + t[:, None, None]) + skew[None]
-    load_seq = in_dma + wdma
-    has_gemm = steps[None] > 0
-    # the epilogue of the region before each region (group g - 1, or the previous tile's last
-    # group: taken cyclically, so the layer's first region stands for its last one)
-    w_alu = alu_one[:, None, None]
-    g_prev = np.roll(gsz, 1)[None, :, None]  # its output blocks
-    m_alu = g_prev * n_alu + (empty_cob / max(n_cg, 1))
-    epi_prev = m_alu * w_alu * first_k
-    st_t = st[:, None, None]
-    st_prev = st_t * first_k
-    # its stores run one at a time on the store module, each after its block's ALU pass: with
-    # one pass per block a store (L + its beats) outlasts the pass, so the stores, not the ALU,
-    # end the epilogue
-    store_chain = first_k * (n_alu * w_alu + g_prev * st_t)
-    # single buffered: the region's GEMMs overwrite the previous region's accumulators, so they
-    # wait for its epilogue, its last store and the bias LOAD behind the epilogue
-    pre_c = np.maximum(epi_prev + np.maximum(bias, st_prev), store_chain)
-    pre = np.maximum(np.where(has_gemm, load_seq, 0.0), pre_c)
-    if dbuf:
-        # of the layer's n regions, n - 1 follow another (the last epilogue is the tail below)
-        share = 1.0 - 1.0 / (n_tiles * n_cg)
-        m_alu = m_alu * share
-        # DRAM port beats of a step: its loads, and on the first chunk the bias and the
-        # previous region's stores
-        stb = share * np.roll(gsz, 1)[None, :, None] * np.ceil(t * C * ab / B)[:, None, None]
-        beats_in = np.ceil(data * inp_b / B) + (padded - data)
-        port = (
-            beats_in[:, None, None] * (inp_loaded * ks)[None]
-            + (np.ceil(steps * wgt_b / B - 1e-7)[None] if not resident and not one_step else 0.0)
-            + first_k * (stb + np.ceil(2 * gsz * C * 4 / B)[None, :, None])
-        )
-        # the next weight chunk's load (after the tile's last: the next tile's first, if any)
-        ns = n_cg * n_kc
-        order = np.flatnonzero(w_step.ravel() > 0)
-        nxt = np.zeros(ns)
-        if len(order):
-            j = np.searchsorted(order, np.arange(ns), side="right")
-            wrap = j >= len(order)
-            nxt_j = order[np.where(wrap, 0, np.minimum(j, len(order) - 1))]
-            nxt = w_step.ravel()[nxt_j] * np.where(wrap, 1.0 - 1.0 / n_tiles, 1.0)
-        step = _interleaved_steps(
-            gemm, load_seq, nxt.reshape(1, n_cg, n_kc), steps[None], first_k, bias, m_alu,
-            w_alu, A, port,
-        )  # fmt: skip
-        step = np.maximum(
-            step, first_k * share * _store_bound(g_prev, st_t, A, g0 + t[:, None, None])
-        )
-    else:
-        # single buffered: the step's loads start with it (they overwrite what the previous
-        # step's GEMMs read) and the GEMMs of an input block need only that block (and the
-        # weight chunk, loaded first): the loads and GEMMs overlap block by block
-        ld1 = inp_loaded[None] * ld_in[:, None, None]  # its first input block, if it loads any
-        step = np.maximum(pre_c + gemm, wdma + ld1 + gemm)
-        step = np.where(
-            (ld1 > 0) & has_gemm,
-            np.maximum(step, load_seq + gemm / ks[None]),
-            np.maximum(step, load_seq),
-        )
-    epi = (gsz[None, :] * n_alu * alu_one[:, None]).sum(axis=1)  # ALU over groups
-    epi = epi + (empty_cob / max(n_cg, 1)) * alu_one  # MUL of empty output blocks (rough)
-    tile_cycles = step.sum(axis=(1, 2))
-    # the last region's epilogue runs after the last GEMM (double buffered; single buffered it
-    # is the cyclic stand-in of the first region's)
-    th_l = layer.oh - (-(-layer.oh // TH) - 1) * TH
-    tw_l = layer.ow - (-(-layer.ow // TW) - 1) * TW
-    g_l = cob - (n_cg - 1) * G
-    st_l = float(st[-1])
-    end = st_l
-    if dbuf:
-        # its ALU passes and stores (each store after its pass, one store at a time), and the
-        # pipeline's fill: the first step's GEMMs wait for its first input block (and weight
-        # chunk); the steps' max(loads, GEMMs) above hide every later load
-        alu_l = ALU_LATENCY + th_l * tw_l
-        end = max((g_l * n_alu + empty_cob / max(n_cg, 1)) * alu_l + st_l,
-                  n_alu * alu_l + g_l * st_l)  # fmt: skip
-        first = _first_tile(layer, TH, TW)
-        ld_first = L + math.ceil(first[1] * inp_b / B) + (first[2] - first[1])
-        end += min(
-            ld_first + float(w_step[0, 0]),
-            float(rounds[0, 0]) * (g0 + first[0]) + float(skew[0, 0]),
-        )
-    cycles = float((cnt * tile_cycles).sum()) + w_once + end + 1.0
-    # the load module alone (its loads are serial) bounds the run from below
-    load_module = float((cnt[:, None, None] * load_seq).sum()) + w_once
-    cycles = max(cycles, load_module + st_l + 1.0)
-
-    # ---- event counts (exact for an exact mask)
-    macs = nnz * R * C * pix
-    gemms = nnz * n_tiles
-    inp_loads = float((cnt * padded).sum()) * (ksz.sum() if n_kc > 1 else cib)
-    inp_loads *= n_cg if n_kc > 1 else 1
-    inp_dram = float((cnt * data).sum()) * inp_b * (cib * (n_cg if n_kc > 1 else 1))
-    if resident or one_step:
-        w_blocks_loaded = nnz
-    else:
-        w_blocks_loaded = nnz * n_tiles
-    bias_bytes = 2 * cob * C * 4 * n_tiles
-    out_bytes = cob * C * ab * pix
-    dram_read = inp_dram + w_blocks_loaded * wgt_b + bias_bytes
-    started = cob - empty_cob
-    acc_reads = (nnz - started) * pix * acc_b  # GEMMs that accumulate
-    acc_reads += cob * pix * acc_b * (n_alu + 2)  # ALU dst reads + bias and multiplier
-    acc_reads += cob * pix * acc_b  # STORE
-    acc_writes = nnz * pix * acc_b + cob * pix * acc_b * n_alu + bias_bytes
-    acc_reads += empty_cob * pix * acc_b
-    acc_writes += empty_cob * pix * acc_b
-    add_lanes = cob * pix * C * (1 + clip_left)  # ADD_REQUANT: an add and a multiply a lane
-    mul_lanes = cob * pix * C + empty_cob * pix * C
-    latency_ms = cycles / cfg.clock_mhz / 1e3
-    tr = TimingResult(
-        cycles=int(cycles), latency_ms=latency_ms, macs=_int(macs),
-        dram_bytes_read=_int(dram_read), dram_bytes_written=_int(out_bytes),
-        buffer_reads={"inp": pix * nnz * inp_b, "wgt": gemms * wgt_b, "acc": acc_reads},
-        buffer_writes={"inp": inp_loads * inp_b, "wgt": w_blocks_loaded * wgt_b, "acc": acc_writes},
-        alu_add_lanes=_int(add_lanes), alu_mul_lanes=_int(mul_lanes),
-    )  # fmt: skip
-    energy = energy_model_of(cfg).estimate(tr).total_uj
-
-    gemm_total = float((cnt[:, None, None] * gemm).sum())
-    load_total = float((cnt[:, None, None] * load_seq).sum()) + w_once
-    epi_total = float((cnt * epi).sum())
-    struct_blocks = float(struct.sum())
-    counts = {
-        "macs_dense": float(layer.macs),
-        "macs": macs,
-        "struct_blocks": struct_blocks,
-        "nnz_blocks": nnz,
-        "sparsity": float(frac),
-        "n_tiles": n_tiles,
-        "tile_classes": float(len(t)),
-        "n_cg": float(n_cg),
-        "n_kc": float(n_kc),
-        "steps": float(n_cg * n_kc),
-        "resident": float(resident),
-        "gemms": gemms,
-        "gemm_rounds": float(rounds.sum()) * n_tiles,
-        "round_efficiency": float(steps.sum() / max(A * rounds.sum(), 1e-9)),
-        "empty_steps": float((steps == 0).sum()) / (n_cg * n_kc),
-        "step_nnz_cv": float(steps.std() / max(steps.mean(), 1e-9)),
-        "empty_cob": empty_cob,
-        "mean_tile": pix / max(n_tiles, 1),
-        "partial_tile_frac": float((cnt * (t < TH * TW)).sum()) / max(n_tiles, 1),
-        "pad_frac": float((cnt * (padded - data)).sum() / max((cnt * padded).sum(), 1)),
-        "dram_read": dram_read,
-        "dram_write": out_bytes,
-        "gemm_cycles": gemm_total,
-        "load_cycles": load_total,
-        "epi_cycles": epi_total,
-        "pre_cycles": float((cnt[:, None, None] * pre).sum()),
-        "compute_bound": float(macs / cfg.macs_per_cycle),
-        "memory_bound": float((dram_read + out_bytes) / B),
-        "instructions": float(
-            n_tiles * (cib * (n_cg if n_kc > 1 else 1) + cob * (n_alu + 1) + n_cg) + gemms
-        ),
-        "mid_cycles": cycles,
-        "mid_energy_uj": energy,
-    }
-    return Analysis(cycles=cycles, energy_uj=energy, counts=counts, schedule=schedule)
-
-
-#: Event counts are truncated to integers (as the timing model's are) after scaling by this, so
-#: that a count that is an integer in exact arithmetic stays one whatever the summation order
-#: (expected counts of a sparsity fraction are fractional sums).
-_ROUND_UP = 1.0 + 1e-11
-
-
-def _int(x: float) -> int:
-    return int(x * _ROUND_UP)
-
-
-def _is_int(a: np.ndarray) -> bool:
-    return bool(np.all(np.abs(a - np.round(a)) < 1e-9))
-
-
-def position_rounds(m: np.ndarray, frac: float, A: int, G: int, K: int) -> np.ndarray:
-    """GEMM rounds of every step ``(n_cg, n_kc)``: the code generator dispatches a step's GEMMs
-    by position ``(cib, kh, kw)`` outer and output block inner, and a GEMM waits for the
-    previous GEMM into its accumulator region (the same output block at an earlier position),
-    so a position of ``n_p <= A`` non-zero blocks costs a round.  A position of more blocks
-    costs ``n_p / A`` rounds, not ``ceil(n_p / A)``: the GEMM into a block at the next position
-    is at least ``n_p`` GEMMs behind, so the arrays (``assign_arrays`` hands each GEMM the first
-    free one) run on into the next position instead of waiting for the round's stragglers
-    (``max(n_p, A) / A`` for a non-empty position).  ``m``: the non-zero blocks ``(COB, CIB,
-    KH, KW)`` (a mask, or the structural blocks of which a fraction ``frac`` is expected zero:
-    then ``max(n_p (1 - frac), A) / A * (1 - frac ** n_p)``, exact for ``n_p <= A``)."""
-    cob, cib = m.shape[:2]
-    kk = m.shape[2] * m.shape[3]
-    n_cg, n_kc = -(-cob // G), -(-cib // K)
-    cnt = np.zeros((n_cg * G, n_kc * K, kk))
-    cnt[:cob, :cib] = m.reshape(cob, cib, kk)
-    n_p = cnt.reshape(n_cg, G, n_kc * K, kk).sum(axis=1)
-    return _fluid_rounds(n_p, frac, A).reshape(n_cg, n_kc, K * kk).sum(axis=2)
-
-
-def _fluid_rounds(n_p: np.ndarray, frac: float, A: int) -> np.ndarray:
+def fluid_rounds(n_p: np.ndarray, frac: float, A: int) -> np.ndarray:
     """Rounds of positions of ``n_p`` (structural, of which a fraction ``frac`` is expected
-    zero) non-zero blocks on ``A`` arrays (see :func:`position_rounds`)."""
+    zero) non-zero blocks on ``A`` arrays (see :func:`tvm_hapm.cost.reference.position_rounds`)."""
     if frac:
         return np.maximum(n_p * (1.0 - frac), A) / A * (1.0 - frac**n_p)
     return np.where(n_p > 0, np.maximum(n_p, A), 0) / A
 
 
-def _interleaved_steps(gemm, load_seq, nxt, nsteps, first_k, bias, m_alu, w_alu, A, port):
-    """Cycles of double-buffered steps whose first chunk carries the previous region's epilogue
-    (``schedule.interleave_epilogues``), element-wise over broadcastable arrays.
-
-    The loads of a step overlap the previous step's GEMMs (``max(load_seq, run)``).  The
-    ``m_alu`` ALU instructions of the previous region's epilogue (``w_alu`` cycles each) and
-    the region's bias LOAD (``bias`` cycles) are issued ``ps = ceil(m / D)`` per dispatch among
-    the first chunk's ``D = ceil(gemms / A)`` dispatches (``m = m_alu + 1``).  The accumulator
-    scoreboard lets them run beside the GEMMs into other entries, so a dispatch costs
-    ``max(P, A + its share)``, ``P = gemm / D`` the arrays' period and ``A`` the issue
-    cycles: only the excess over ``P`` is exposed.  The bias LOAD queues on the DRAM port
-    behind the next weight chunk's load (``nxt``: the compute token that frees its half is
-    pushed by the first moved instruction, so it starts with the step), less the time before
-    the bias LOAD issues.  A step also takes no less than its DRAM
-    port beats ``port`` (its loads, and on a first chunk the bias and the previous region's
-    stores).
-
-    (Before the epilogue was fused into one ALU pass per output block, a group smaller than the
-    arrays was charged its slots' whole work, on the grounds that the second GEMM of an output
-    block in a dispatch waits a round for the first; with a third of the ALU work the slots fit
-    beside that wait and the rule over-counted: on the 12000 training samples' double-buffered
-    schedules, 6.0% error without it, 7.6% with it.)
-    """
-    m = m_alu + 1.0
-    d = np.maximum(1.0, np.ceil(nsteps / A))
-    period = gemm / d
-    ps = np.ceil(m / d)
-    n_sl = np.ceil(m / ps)
-    rest = m - (n_sl - 1.0) * ps  # moved instructions of the last slot (the bias LOAD last)
-    full = A + ps * w_alu
-    exposed = (n_sl - 1.0) * np.maximum(0.0, full - period)
-    # the load module's next loads start with the step (their half is free) and take the DRAM
-    # port ahead of the bias LOAD, less the time before the LOAD issues
-    before = (n_sl - 1.0) * np.maximum(period, full) + A + (rest - 1.0) * w_alu
-    wait = np.maximum(0.0, nxt - before)
-    exposed = exposed + np.maximum(0.0, A + (rest - 1.0) * w_alu + bias + wait - period)
-    run = np.maximum(gemm + np.where(first_k, exposed, 0.0), port)
-    return np.where(nsteps > 0, np.maximum(load_seq, run), run)
-
-
-def _store_bound(g_prev, st, A, gemm_one):
+def store_bound(g_prev, st, A, gemm_one):
     """The fewest cycles of a double-buffered region whose previous region has ``g_prev`` output
     blocks, each stored in ``st`` cycles (latency and beats), on ``A`` arrays whose GEMMs take
     ``gemm_one`` cycles each.
@@ -503,22 +130,6 @@ def _store_bound(g_prev, st, A, gemm_one):
     count, 1x1 kernels, small tiles): there the stores, not the ALU, pace the layer.
     """
     return np.maximum(g_prev * st, np.minimum(g_prev, A) * st + gemm_one)
-
-
-def _first_tile(layer: ConvLayer, TH: int, TW: int) -> tuple:
-    """Pixels, in-bounds input entries and input entries with padding of the layer's first
-    (top-left) output tile (as :func:`_positions` counts them)."""
-    (sh, sw), (dh, dw), (pt, pl, _, _) = layer.strides, layer.dilation, layer.padding
-    out = []
-    for o, tile, s, k, d, pad, size in (
-        (layer.oh, TH, sh, layer.kh, dh, pt, layer.h),
-        (layer.ow, TW, sw, layer.kw, dw, pl, layer.w),
-    ):
-        t = min(tile, o)
-        t_in = (t - 1) * s + (k - 1) * d + 1
-        out.append((t, t_in, t_in - max(0, pad) - max(0, t_in - pad - size)))
-    (th, thi, rows), (tw, twi, cols) = out
-    return float(th * tw), float(rows * cols), float(thi * twi)
 
 
 @lru_cache(maxsize=4096)
@@ -646,7 +257,7 @@ def clear_caches() -> None:
     _TSHAPES.clear()
     _CFG_INFO.clear()
     _BUCKETS.clear()
-    for f in (_positions_cached, _struct_position_counts, _struct_counts, structural_blocks):
+    for f in (_struct_position_counts, _struct_counts, structural_blocks):
         f.cache_clear()
 
 
@@ -977,7 +588,7 @@ def _build_plans(plans: list) -> None:
         "mab": gsz_prev[es] * _N_ALU,
         "A": A[seg_e],
         "kb": ksz[es],
-        "sbound": fk * share[seg_e] * _store_bound(gp_e, st_e, A[seg_e], g0[seg_e] + t[ec]),
+        "sbound": fk * share[seg_e] * store_bound(gp_e, st_e, A[seg_e], g0[seg_e] + t[ec]),
         "ld1": (Lc + beats_in)[ec] * loaded[es],
         "schain": fk * (_N_ALU * alu_one[ec] + gp_e * st_e),
     }
@@ -1015,7 +626,7 @@ def _build_plans(plans: list) -> None:
 
 def _frac_arrays(plan: _Plan) -> tuple:
     """Per step ``(non-zero blocks, longest chain, GEMM rounds)`` of the structural blocks (a
-    fraction query scales them, see :func:`analyze_reference`), the structural ``n_p`` per
+    fraction query scales them, see ``reference.analyze_reference``), the structural ``n_p`` per
     (group, chunk, input block), the structural blocks of each output block and how many of
     those are empty (cached on the plan)."""
     if plan.frac_arrays is None:
@@ -1028,7 +639,7 @@ def _frac_arrays(plan: _Plan) -> tuple:
         lay = pair.layer
         R, C, A = pair.trow[:3]
         n_p = _struct_position_counts(lay.cout, lay.cin, lay.groups, lay.kh, lay.kw, R, C, G, K)
-        rounds = (_fluid_rounds(n_p, 0.0, A).sum(axis=2) * pair.kk).ravel()
+        rounds = (fluid_rounds(n_p, 0.0, A).sum(axis=2) * pair.kk).ravel()
         scr = np.stack([b4.sum(axis=(1, 3)).ravel(), b4.sum(axis=3).max(axis=1).ravel(), rounds],
                        axis=1)  # fmt: skip
         rowsum = pair.per.reshape(cob, cib).sum(axis=1)
@@ -1133,7 +744,8 @@ def _mask_steps(masks: list, plans: list, q: dict):
     a round when any of its group's blocks is non-zero) or sum + ceil division by ``A`` gives
     the GEMM rounds of every (group, input block, position), summed per kernel size by one more
     ``einsum``.  Prefix sums of both and the plans' ``[lo, hi)`` indices give every step's
-    sums (as :func:`position_rounds` and the reshapes of :func:`analyze_reference`).
+    sums (as :func:`tvm_hapm.cost.reference.position_rounds` and the reshapes of
+    :func:`tvm_hapm.cost.reference.analyze_reference`).
     """
     parts = []
     kk_ranges = []  # (kk, [(first byte, last byte, G, A, W)])
@@ -1274,7 +886,7 @@ def _frac_steps(fq: list):
         keep = 1.0 - f
         pair = plan.pair
         ex = not (f > 0 and any(abs(v * keep - round(v * keep)) >= 1e-9 for v in pair.uniq))
-        r = _fluid_rounds(n_p, f, pair.trow[2])
+        r = fluid_rounds(n_p, f, pair.trow[2])
         rounds = (r.sum(axis=2) * pair.kk).ravel()
         mats.append(np.stack([scr[:, 0] * keep, scr[:, 1] * keep, rounds], axis=1))
         empty.append(float((rowsum * keep == 0).sum()) if ex else 0.0)
@@ -1485,7 +1097,8 @@ except ImportError:  # pragma: no cover
 def _timing(q, plans, steps, chain, rounds, empty, exact, nnz, frac, tot, cfa):
     """Cycles, energy (uJ) and the counts of the queries (rows of ``q``, plans ``plans``),
     given each step's non-zero blocks, longest chain and position rounds and each query's
-    empty output blocks, non-zero blocks and zero fraction (see :func:`analyze_reference`)."""
+    empty output blocks, non-zero blocks and zero fraction (see
+    :func:`tvm_hapm.cost.reference.analyze_reference`)."""
     n = len(plans)
     cf = dict(zip(_CFG_COLS, cfa.T))
     nst = q["nst"].astype(np.int64)
@@ -1602,13 +1215,13 @@ def _timing(q, plans, steps, chain, rounds, empty, exact, nnz, frac, tot, cfa):
     cpc = cob * pix * C
     latency_ms = cycles / cf["clock"] / 1e3
     energy = (
-        np.trunc(macs * _ROUND_UP) * cf["mac_pj"]
-        + np.trunc(cpc * _ROUND_UP) * cf["add32"]  # ADD_REQUANT's add (the ReLU is fused)
-        + np.trunc((cpc + empty * pix * C) * _ROUND_UP) * cf["mult32"]
+        np.trunc(macs * ROUND_UP) * cf["mac_pj"]
+        + np.trunc(cpc * ROUND_UP) * cf["add32"]  # ADD_REQUANT's add (the ReLU is fused)
+        + np.trunc((cpc + empty * pix * C) * ROUND_UP) * cf["mult32"]
         + (pix * nnz + q["cnt_pad"] * cib * multi) * inp_b * cf["e_inp"]
         + (gemms + w_blocks_loaded) * wgt_b * cf["e_wgt"]
         + (acc_reads + acc_writes) * cf["e_acc"]
-        + (np.trunc(dram_read * _ROUND_UP) + np.trunc(out_bytes * _ROUND_UP)) * cf["e_dram"]
+        + (np.trunc(dram_read * ROUND_UP) + np.trunc(out_bytes * ROUND_UP)) * cf["e_dram"]
     ) * 1e-6 + cf["static_mw"] * latency_ms
 
     st_sums = np.add.reduceat(np.stack([rounds, steps, steps == 0]), st_off, axis=1)
