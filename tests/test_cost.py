@@ -349,9 +349,9 @@ _ZOO_GOLDEN = [
 
 def _numpy_path(monkeypatch):
     """Make the batched analysis and the fine model run without the compiled kernels."""
-    from tvm_hapm.cost import analytic
+    from tvm_hapm.cost.analytic import steps
 
-    monkeypatch.setattr(analytic, "_KERNELS", [None])
+    monkeypatch.setattr(steps, "KERNELS", [None])
 
 
 def _assert_same_batch(a, b):
@@ -410,15 +410,16 @@ def test_plan_pools_start_again_during_a_batch(monkeypatch):
     """When the pools of plan rows fill up while a batch builds its plans, they start again
     and the batch's (and the next batch's) cached plans are added again: same results."""
     from tvm_hapm.cost import analytic
+    from tvm_hapm.cost.analytic import plans
 
     qs = _random_mask_queries(3, 30) + _zoo_queries()
     ref = analyze_batch(qs)
     analytic.clear_caches()
     analyze_batch(qs[:10])  # some plans cached before the pools overflow
-    monkeypatch.setattr(analytic._POOL, "max_plans", 4)
-    gen = analytic._POOL.gen
+    monkeypatch.setattr(plans.POOL, "max_plans", 4)
+    gen = plans.POOL.gen
     _assert_same_batch(analyze_batch(qs), ref)
-    assert analytic._POOL.gen > gen
+    assert plans.POOL.gen > gen
     _assert_same_batch(analyze_batch(qs[::-1]), analyze_batch(qs[::-1]))
     monkeypatch.undo()
     analytic.clear_caches()

@@ -13,13 +13,13 @@ arrays rather than arithmetic (see ``docs/cost_model.md``, "Batched evaluation")
 * :func:`forest`: the fine model's trees (:class:`tvm_hapm.cost.models.CompiledForest`), the
   outputs of xgboost's prediction without its per-call setup.
 
-They compute what the numpy path (``analytic._mask_steps`` and ``analytic._timing``) computes
-with the same floating-point operations in the same order; the per-query sums follow numpy's
-``np.add.reduceat`` (the first element plus numpy's pairwise sum of the rest, :func:`_seg_sum`),
-so the results are bit-identical (``tests/test_cost.py`` checks both paths against each other
-and against stored figures).  The signatures are explicit (compiled when this module is first
-imported, cached on disk by numba), so a caller passing other dtypes gets a ``TypeError``
-instead of a new compilation.
+They compute what the numpy path (``analytic.steps.mask_steps``, ``analytic.timing.batch_timing``)
+computes with the same floating-point operations in the same order; the per-query sums follow
+numpy's ``np.add.reduceat`` (the first element plus numpy's pairwise sum of the rest,
+:func:`_seg_sum`), so the results are bit-identical (``tests/test_cost.py`` checks both paths
+against each other and against stored figures).  The signatures are explicit (compiled when
+this module is first imported, cached on disk by numba), so a caller passing other dtypes gets a
+``TypeError`` instead of a new compilation.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import numpy as np
 from numba import njit
 
 from ..target.isa import MAX_TRANSFER
+from .analytic.common import ROUND_UP
+from .analytic.plans import N_ALU
 
 _F64 = "float64[::1]"
 _I64 = "int64[::1]"
@@ -172,8 +174,8 @@ _CLOCK, _MAC_PJ, _ADD32, _MULT32, _E_INP, _E_WGT, _E_ACC, _E_DRAM, _STATIC, _MPC
 (_O_CYC, _O_EN, _O_MDENSE, _O_MACS, _O_RES, _O_GEMMS, _O_GROUNDS, _O_REFF, _O_EST, _O_CV,
  _O_ECOB, _O_MTILE, _O_PART, _O_PAD, _O_DREAD, _O_DWRITE, _O_GCYC, _O_LCYC, _O_ECYC, _O_PCYC,
  _O_CB, _O_MB, _O_INSTR) = range(len(OUT_ROWS))  # fmt: skip
-_N_ALU = 1  # analytic._N_ALU: one ADD_REQUANT (bias, requantization and ReLU fused)
-_ROUND_UP = 1.0 + 1e-11  # analytic._ROUND_UP
+_N_ALU = N_ALU  # one ADD_REQUANT (bias, requantization and ReLU fused)
+_ROUND_UP = ROUND_UP
 
 
 @njit(
