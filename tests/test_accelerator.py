@@ -255,3 +255,21 @@ def test_model_quantized_for_another_precision_is_refused():
     int16 = HardwareConfig(name="int16", act_bits=16, weight_bits=16)
     with pytest.raises(LoweringError, match=r"quantized for int8 data.*'int16' computes int16"):
         tvm.compile(_conv_model(1), target="hapm_fpga", relax_pipeline=hapm_pipeline(int16))
+
+
+def test_run_stats_start_afresh_at_every_run():
+    """``last_run_stats()`` describes the last run even when it ran no accelerator layer (every
+    entry function compiled for hapm_fpga calls ``hapm_fpga.begin_run`` first)."""
+    import warnings
+
+    from tvm_hapm.testing import random_samples
+
+    cfg = get_config("zedboard")
+    accelerated = tvm.compile(build_int_network(cfg), target="hapm_fpga")
+    run_vm(accelerated, _inputs(cfg, (1, 5, 11, 9)))
+    assert last_run_stats().macs > 0 and last_run_stats().layers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its conv stays on the host (symbolic batch)
+        host_only = tvm.compile(_conv_model("N"), target="hapm_fpga")
+    relax.VirtualMachine(host_only, tvm.cpu())["main"](tvm.runtime.tensor(random_samples(1, 1)[0]))
+    assert last_run_stats().layers == [] and last_run_stats().macs == 0

@@ -60,5 +60,6 @@ def register() -> None:
     tir_pipelines.register_tir_pipeline("hapm_fpga", tir.hapm_tir_pipeline)
     tir_pipelines.PIPELINE_MAP["s_tir"] = tir.hapm_tir_pipeline
     tvm_ffi.register_global_func(driver.RUN_FUNC, driver.run_packed, override=True)
+    tvm_ffi.register_global_func(driver.BEGIN_RUN_FUNC, driver.begin_run, override=True)
     tvm_ffi.register_global_func(tir.RUN_TIR_FUNC, driver.run_tir_packed, override=True)
     tvm_ffi.register_global_func(measure.MEASURE_FUNC, measure.measure_json, override=True)

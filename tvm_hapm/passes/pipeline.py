@@ -17,6 +17,7 @@ import tvm
 from tvm import relax
 from tvm.relax import pipeline as _relax_pipeline
 
+from ..runtime.driver import BEGIN_RUN_FUNC
 from ..target.config import HardwareConfig, get_config, is_hapm_target
 from .lower import LoweringError, LowerToHapm
 from .partition import PartitionForHapm, host_operator_report
@@ -88,6 +89,7 @@ def offload_passes(config: HardwareConfig | None = None, programs: list | None =
             if isinstance(func, relax.Function):
                 for op, count in host_operator_report(mod, gv.name_hint).items():
                     host[op] = host.get(op, 0) + count
+        mod = _begin_runs(mod)
         _LAST_REPORT = CompileReport(
             config=cfg.name,
             accelerator={p.layer: p.info.get("kind", "") for p in progs},
@@ -102,6 +104,26 @@ def offload_passes(config: HardwareConfig | None = None, programs: list | None =
         return mod
 
     return _offload
+
+
+def _begin_runs(mod: tvm.IRModule) -> tvm.IRModule:
+    """Make every entry function call ``hapm_fpga.begin_run`` first (an impure call, so the
+    function is marked impure): the run statistics then start afresh at every run, accelerator
+    layers or not."""
+    out = mod
+    for gv, func in mod.functions_items():
+        if not isinstance(func, relax.Function) or func.attrs is None:
+            continue
+        if "global_symbol" not in func.attrs:
+            continue
+        call = relax.Call(relax.ExternFunc(BEGIN_RUN_FUNC), [], None, [relax.ObjectType()])
+        binding = relax.VarBinding(relax.Var("_hapm_begin_run", relax.ObjectType()), call)
+        body = relax.SeqExpr([relax.BindingBlock([binding]), *func.body.blocks], func.body.body)
+        new = relax.Function(func.params, body, func.ret_ty, is_pure=False, attrs=func.attrs)
+        if out is mod:
+            out = mod.clone()
+        out[gv] = new
+    return out
 
 
 def hapm_pipeline(config: HardwareConfig | None = None, programs: list | None = None):

@@ -23,10 +23,12 @@ from ..target.program import Program, ProgramError, pack_activation, unpack_acti
 from .simulator import ExecutionStats, Simulator
 
 __all__ = [
+    "BEGIN_RUN_FUNC",
     "PROGRAM_CACHE_SIZE",
     "RUN_FUNC",
     "LayerTrace",
     "RunStats",
+    "begin_run",
     "cached_program",
     "clear_program_cache",
     "last_run_stats",
@@ -39,6 +41,8 @@ __all__ = [
 
 #: Name of the global function compiled executables call.
 RUN_FUNC = "hapm_fpga.run"
+#: Name of the global function a compiled entry function calls first (:func:`begin_run`).
+BEGIN_RUN_FUNC = "hapm_fpga.begin_run"
 
 #: Decoded programs (and a simulator each) kept for reuse; the least recently used go first.
 #: A simulator holds its config's buffers (~1.5 MB on zcu104), so the cache is bounded.
@@ -149,7 +153,8 @@ def profile() -> Iterator[None]:
 
 
 def last_run_stats() -> RunStats:
-    """Statistics of the most recent model run (a run starts at its first accelerated layer)."""
+    """Statistics of the most recent model run (a compiled entry function starts a run with
+    :func:`begin_run`; a run without accelerator layers leaves them empty)."""
     return _CURRENT
 
 
@@ -217,6 +222,13 @@ def run_program(
     if out_slot.packing == "act":
         out = unpack_activation(out, out_slot.shape, out_slot.vector)
     return out.reshape(out_slot.shape), stats
+
+
+def begin_run() -> None:
+    """``hapm_fpga.begin_run()``: called first by every entry function compiled for hapm_fpga,
+    so that :func:`last_run_stats` describes this run even when it runs no accelerator layer."""
+    global _CURRENT
+    _CURRENT = RunStats()
 
 
 def run_tir_packed(program_b64, *tensors):
