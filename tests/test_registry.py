@@ -17,10 +17,21 @@ def test_import_registers_tags_pipelines_and_functions():
     assert relax_pipelines.PIPELINE_MAP["default"] is pipeline.default_with_offload
     assert relax_pipelines.PIPELINE_MAP["hapm_fpga"] is pipeline.hapm_pipeline
     assert tir_pipelines.PIPELINE_MAP["s_tir"] is tir.hapm_tir_pipeline
-    for name in ("hapm_fpga.run", "hapm_fpga.run_tir", "hapm_fpga.measure"):
+    for name in ("hapm_fpga.run", "hapm_fpga.begin_run", "hapm_fpga.run_tir", "hapm_fpga.measure"):
         assert tvm_ffi.get_global_func(name) is not None, name
     for tag in ["hapm_fpga", *(f"hapm_fpga-{p}" for p in tvm_hapm.target.PRESETS)]:
         assert "hapm_fpga" in [str(k) for k in tvm.target.Target(tag).keys], tag
+
+
+def test_partition_patterns_are_in_tvms_pattern_registry():
+    from tvm.relax.backend.pattern_registry import get_patterns_with_prefix
+
+    from tvm_hapm.passes.partition import hapm_patterns
+
+    expected = [p.name for p in hapm_patterns()]  # highest priority first
+    assert [p.name for p in get_patterns_with_prefix("hapm_fpga")] == expected
+    _registry.register()  # not twice
+    assert [p.name for p in get_patterns_with_prefix("hapm_fpga")] == expected
 
 
 def test_registering_again_wraps_tvm_pipelines_once():

@@ -31,6 +31,7 @@ from __future__ import annotations
 import tvm_ffi
 from tvm import relax
 from tvm.relax import pipeline as relax_pipelines
+from tvm.relax.backend.pattern_registry import get_pattern, register_patterns
 from tvm.tirx import compilation_pipeline as tir_pipelines
 
 __all__ = ["register"]
@@ -39,7 +40,7 @@ __all__ = ["register"]
 def register() -> None:
     """Register tvm-hapm with TVM (idempotent); see the module docstring."""
     from .cost import measure
-    from .passes import lower, pipeline, prune, quantize
+    from .passes import lower, partition, pipeline, prune, quantize
     from .runtime import driver, simulator, timing
     from .target import codegen, config, isa, program, schedule, tag, tir
 
@@ -63,3 +64,16 @@ def register() -> None:
     tvm_ffi.register_global_func(driver.BEGIN_RUN_FUNC, driver.begin_run, override=True)
     tvm_ffi.register_global_func(tir.RUN_TIR_FUNC, driver.run_tir_packed, override=True)
     tvm_ffi.register_global_func(measure.MEASURE_FUNC, measure.measure_json, override=True)
+    _register_patterns(partition.hapm_patterns(config.get_config(config.DEFAULT_PRESET)))
+
+
+def _register_patterns(patterns) -> None:
+    """The default target's fusion patterns in TVM's pattern registry
+    (``get_patterns_with_prefix("hapm_fpga")``), as TVM's own BYOC backends register theirs.
+    Registered as tuples so that TVM removes them at exit; once per process."""
+    if get_pattern(patterns[0].name) is not None:
+        return
+    # the registry ranks later entries higher; hapm_patterns lists the highest first
+    register_patterns(
+        [(p.name, p.pattern, dict(p.annotation_patterns), p.check) for p in reversed(patterns)]
+    )
