@@ -127,35 +127,34 @@ def calibrate_scales(
     peak = np.zeros(len(calib_vars), np.float64)
     magnitudes = np.zeros((len(calib_vars), 2 * _EXP_RANGE + 1), np.int64)  # log2 histogram
     top: list = [np.zeros(0)] * len(calib_vars)  # percentile: the largest |x| seen so far
-    total = [0] * len(calib_vars)
     count = [0] * len(calib_vars)
     for sample in samples:
         outs = vm[gvar.name_hint](*[tvm.runtime.tensor(a) for a in sample])
         for k in range(len(calib_vars)):
             val = outs[k].numpy()
-            m = float(np.max(np.abs(val))) if val.size else 0.0
+            mag = np.abs(val)  # once per tensor and sample: the peak, the histogram, the percentile
+            m = float(mag.max()) if val.size else 0.0
             if not math.isfinite(m):
                 raise QuantizeError(
                     f"calibration produced non-finite values in {calib_vars[k].name}"
                 )
             peak[k] = max(peak[k], m)
-            nonzero = np.abs(val[val != 0]).astype(np.float64)
+            nonzero = mag[mag != 0].astype(np.float64)
             exps = np.clip(np.frexp(nonzero)[1], -_EXP_RANGE, _EXP_RANGE) + _EXP_RANGE
             magnitudes[k] += np.bincount(exps, minlength=magnitudes.shape[1])
             count[k] += val.size
             if percentile is not None and val.size:
                 # keep enough of the largest magnitudes to read the percentile at the end (the
                 # shapes are static, so the final count is known from the first sample)
-                total[k] += val.size
                 final = val.size * len(samples)
                 keep = int(math.ceil(final * (1.0 - percentile / 100.0))) + 2
-                both = np.concatenate([top[k], np.abs(val).reshape(-1)])
+                both = np.concatenate([top[k], mag.reshape(-1)])
                 top[k] = np.partition(both, both.size - keep)[-keep:] if keep < both.size else both
     if percentile is not None:
         for k in range(len(calib_vars)):
-            if total[k]:
-                rank = (percentile / 100.0) * (total[k] - 1)  # numpy's linear percentile
-                below = total[k] - top[k].size  # elements left out, all smaller
+            if count[k]:
+                rank = (percentile / 100.0) * (count[k] - 1)  # numpy's linear percentile
+                below = count[k] - top[k].size  # elements left out, all smaller
                 vals = np.sort(top[k]).astype(np.float64)
                 lo = int(math.floor(rank)) - below
                 frac = rank - math.floor(rank)
