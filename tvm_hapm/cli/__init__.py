@@ -62,7 +62,7 @@ from rich.markup import escape
 from . import demo, deploy, prune, tune
 from .errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, CliError
 
-__all__ = ["CliError", "main"]
+__all__ = ["CliError", "main", "run"]
 
 #: The subcommands in the order ``hapm --help`` lists them: name, one-line help, the function
 #: that adds the command's arguments to its parser, and the command, ``(args, console) -> int``.
@@ -171,3 +171,19 @@ def main(argv: list[str] | None = None) -> int:
         # exception (TVM's FFI converts it), hence the flag.
         errors.print("interrupted")
         return EXIT_INTERRUPTED
+
+
+def run(argv: list[str] | None = None) -> None:
+    """The ``hapm`` console script: :func:`main`, then the process exits with its status.
+
+    Once the command is over its outputs are complete, so a Ctrl-C during the interpreter's
+    teardown (the exit handlers of TVM and PyTorch, which TVM's FFI imports when it is
+    installed) is ignored rather than printed as a traceback from an exit handler.
+    """
+    try:
+        status = main(argv)
+    except KeyboardInterrupt:  # in the instant between the command's end and the next line
+        Console(stderr=True).print("interrupted")
+        status = EXIT_INTERRUPTED
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)

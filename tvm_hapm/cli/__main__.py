@@ -1,7 +1,5 @@
 """``python -m tvm_hapm.cli``: the ``hapm`` command line."""
 
-import sys
+from . import run
 
-from . import main
-
-sys.exit(main())
+run()
