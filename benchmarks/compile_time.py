@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import tvm
+from common import RESULTS as RESULTS_DIR
+from common import machine_info, write_json
 from rich.console import Console
 from rich.table import Table
 from tvm.relax.frontend.onnx import from_onnx
@@ -45,7 +45,7 @@ from tvm_hapm.models import resnet18_imagenet, resnet_cifar, tiny_cnn
 from tvm_hapm.passes import offload_passes
 from tvm_hapm.target.config import get_config
 
-RESULTS = Path(__file__).resolve().parent / "results" / "compile_time.json"
+RESULTS = RESULTS_DIR / "compile_time.json"
 TARGET = "hapm_fpga"
 
 MODELS = {
@@ -142,6 +142,9 @@ def measure(name: str, reps: int, max_seconds: float, console: Console) -> dict:
         "llvm_times": llvm_times,
         "hapm_fpga_times": hapm_times,
         "offload_seconds": offload_s,
+        "offload_seconds_per_1000_instructions": 1000
+        * offload_s
+        / max(1, sum(len(p.instructions) for p in programs)),
         "host_build_seconds": max(hapm - offload_s, 0.0),
         "llvm_quantized_seconds": llvm_q,
         "import_seconds": import_seconds,
@@ -150,21 +153,6 @@ def measure(name: str, reps: int, max_seconds: float, console: Console) -> dict:
         "accelerator_layers": len(programs),
         "instructions": sum(len(p.instructions) for p in programs),
         "program_bytes": sum(len(p.to_bytes()) for p in programs),
-    }
-
-
-def machine_info() -> dict:
-    """CPU count, platform, Python/TVM/NumPy/tvm-hapm versions and the load average."""
-    return {
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "tvm": tvm.__version__,
-        "numpy": np.__version__,
-        "tvm_hapm": tvm_hapm.__version__,
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -229,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             "models": results,
         }
     )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(out, indent=2) + "\n")
+    write_json(args.output, out)
     console.print(f"wrote {args.output}")
     return 0
 

@@ -8,8 +8,6 @@ modules unordered; the simulator must refuse exactly those programs.
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import tvm
@@ -182,8 +180,8 @@ def test_dropping_token_pairs_is_refused_exactly_when_it_races(compiled_programs
         for queue, a, b in _token_pairs(prog.instructions):
             (_, pf), (_, cf) = _QUEUES[queue]
             insns = list(prog.instructions)
-            insns[a] = dataclasses.replace(insns[a], **{pf: 0})
-            insns[b] = dataclasses.replace(insns[b], **{cf: 0})
+            insns[a] = insns[a].replace(**{pf: 0})
+            insns[b] = insns[b].replace(**{cf: 0})
             expected = _races(insns, cfg)
             got = _refused(sim, insns, dram)
             assert got == expected, (prog.layer, queue, a, b, expected)
@@ -198,8 +196,8 @@ def test_race_message_names_both_instructions(compiled_programs):
     for queue, a, b in _token_pairs(prog.instructions):
         (_, pf), (_, cf) = _QUEUES[queue]
         insns = list(prog.instructions)
-        insns[a] = dataclasses.replace(insns[a], **{pf: 0})
-        insns[b] = dataclasses.replace(insns[b], **{cf: 0})
+        insns[a] = insns[a].replace(**{pf: 0})
+        insns[b] = insns[b].replace(**{cf: 0})
         if _races(insns, cfg):
             break
     else:
@@ -214,7 +212,7 @@ def test_program_leaving_output_unwritten_is_refused(compiled_programs):
     stores = [i for i, s in enumerate(prog.instructions) if s.opcode == Opcode.STORE]
     insns = list(prog.instructions)
     k = stores[-1]
-    insns[k] = dataclasses.replace(insns[k], x_size=insns[k].x_size - 1)
+    insns[k] = insns[k].replace(x_size=insns[k].x_size - 1)
     assert insns[k].x_size >= 1
     short = Program(prog.layer, prog.config, prog.slots, insns, prog.layer_index, prog.info)
     with pytest.raises(ProgramError, match=r"output slot .* DRAM elements that no STORE writes"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -110,6 +111,40 @@ def test_stream_round_trip(insns):
     data = isa.encode_stream(insns)
     assert len(data) == INSTRUCTION_BYTES * len(insns)
     assert isa.decode_stream(data) == insns
+
+
+@SETTINGS
+@given(st.lists(instructions(), min_size=1, max_size=40))
+def test_stream_encoding_is_the_concatenation_of_instruction_encodings(insns):
+    """The vectorised stream encoder against the one-instruction encoder, bit for bit."""
+    assert isa.encode_stream(insns) == b"".join(isa.encode(i) for i in insns)
+
+
+@pytest.mark.parametrize("op", list(Opcode), ids=lambda o: o.name)
+def test_stream_encoding_refuses_out_of_range_fields(op):
+    good = [Instruction(Opcode.GEMM, outer=3), Instruction(Opcode.FINISH)]
+    for name, bits in LAYOUTS[op]:
+        if name == "opcode":
+            continue
+        lo, hi = field_range(name, bits)
+        for bad in (lo - 1, hi + 1, 1 << 70):
+            with pytest.raises(IsaError, match=f"{op.name}.{name} = {bad}"):
+                isa.encode_stream(good + [Instruction(op, **{name: bad})] + good)
+
+
+def test_instructions_are_immutable_values():
+    a = Instruction(Opcode.GEMM, outer=2, acc_addr=5)
+    b = Instruction(Opcode.GEMM, acc_addr=5, outer=2)
+    assert a == b and hash(a) == hash(b) and a != a.replace(outer=3)
+    assert a.replace(outer=3).outer == 3 and a.outer == 2  # the original is unchanged
+    with pytest.raises(AttributeError):
+        a.outer = 4
+    with pytest.raises(IsaError, match="GEMM has no field 'x_size'"):
+        a.replace(x_size=1)
+    with pytest.raises(TypeError, match="no field 'colour'"):
+        Instruction(Opcode.GEMM, colour=1)
+    assert a.replace(opcode=Opcode.ALU, acc_addr=0, outer=2).opcode is Opcode.ALU
+    assert pickle.loads(pickle.dumps(a)) == a
 
 
 # ------------------------------------------------------------------------------ refusals

@@ -37,6 +37,10 @@ _NEIGHBOURS = {
 }
 
 
+_BUFFERS = tuple(Buffer)  # by code: a tuple lookup instead of an enum call per instruction
+assert all(b == i for i, b in enumerate(_BUFFERS))
+
+
 def _span(base: int, outer: int, so: int, inner: int, si: int) -> tuple[int, int]:
     return base, base + (outer - 1) * so + (inner - 1) * si
 
@@ -47,7 +51,8 @@ def buffer_accesses(insn: Instruction) -> list[tuple[Buffer, int, int, bool]]:
     if op == Opcode.LOAD:
         rows = insn.y_pad_top + insn.y_size + insn.y_pad_bottom
         cols = insn.x_pad_left + insn.x_size + insn.x_pad_right
-        return [(Buffer(insn.buffer), insn.sram_addr, insn.sram_addr + rows * cols - 1, True)]
+        buf = _BUFFERS[insn.buffer]
+        return [(buf, insn.sram_addr, insn.sram_addr + rows * cols - 1, True)]
     if op == Opcode.STORE:
         n = insn.y_size * insn.x_size
         return [(Buffer.ACC, insn.sram_addr, insn.sram_addr + n - 1, False)]

@@ -559,12 +559,12 @@ def assign_arrays(instructions: list[Instruction], cfg: HardwareConfig) -> list[
             key = insn.acc_addr
             ready = max(t, region_free.get(key, 0))
             own = region_array.get(key, -1)
-            best, best_key = 0, None
-            for a in range(cfg_arrays):
-                k = (max(ready, free[a]), a != own, a)
-                if best_key is None or k < best_key:
-                    best, best_key = a, k
-            start = best_key[0]
+            # the earliest start; ties to the region's own array, then to the lowest index
+            start = max(ready, min(free))
+            if own >= 0 and free[own] <= start:
+                best = own
+            else:
+                best = next(a for a in range(cfg_arrays) if free[a] <= start)
             end = start + fixed + insn.outer * insn.inner
             free[best] = end
             last_lo[best] = insn.acc_addr
@@ -667,7 +667,7 @@ def fuse_epilogues(instructions: list[Instruction]) -> list[Instruction]:
             and not _has_tokens(relu)
         ):
             imm, used = imm | REQUANT_RELU, 3
-        out.append(replace(add, alu_op=int(AluOp.ADD_REQUANT), imm=imm))
+        out.append(add.replace(alu_op=int(AluOp.ADD_REQUANT), imm=imm))
         i += used
     return out
 

@@ -168,6 +168,8 @@ class _Emitter:
         self._reset: dict[int, tuple] = {}
         self._alu: dict[int, tuple] = {}
         self._init: dict[int, tuple] = {}
+        self._leaf_kind: dict[int, str] = {}
+        self._entry_elems: dict[int, int] = {}  # on-chip buffer -> elements per entry
 
     # ------------------------------------------------------------------ walk
     def visit(self, stmt) -> None:
@@ -315,10 +317,13 @@ class _Emitter:
                 )
 
     def _chip_addr(self, buf, elem_offset: int) -> int:
-        E = entry_elems(self.cfg, buffer_scope(buf))
+        k = node_key(buf)
+        E = self._entry_elems.get(k)
+        if E is None:
+            E = self._entry_elems[k] = entry_elems(self.cfg, buffer_scope(buf))
         if elem_offset % E:
             raise TirLoweringError(f"{buf.name}: offset {elem_offset} is not a whole entry")
-        return self.base[node_key(buf)] + elem_offset // E
+        return self.base[k] + elem_offset // E
 
     def _prologue(self, first: int) -> None:
         """Note ``seq[first:]`` (just emitted) as part of the current region's prologue."""
@@ -332,22 +337,34 @@ class _Emitter:
     # ------------------------------------------------------------------ leaves
     def visit_leaf(self, nest: LoopNest) -> None:
         leaf = nest.leaf
-        if node_kind(leaf) == "Evaluate":
-            call = leaf.value
-            if is_call(call, DMA_LOAD) or is_call(call, DMA_STORE):
-                self.emit_dma(call)
-            elif is_call(call, GEMM_MARKER):
-                self.emit_gemm(call, nest)
-            else:
-                raise TirLoweringError(f"unexpected call {call}")
-            return
-        if node_kind(leaf.value) == "IntImm":
+        k = node_key(leaf)
+        kind = self._leaf_kind.get(k)
+        if kind is None:
+            kind = self._leaf_kind[k] = self._classify(leaf)
+        if kind == "dma":
+            self.emit_dma(leaf.value)
+        elif kind == "gemm":
+            self.emit_gemm(leaf.value, nest)
+        elif kind == "init":
             if self.alu_only:
                 self.emit_init(nest)
             else:
                 self.mark_reset(nest)
         else:
             self.emit_alu(nest)
+
+    @staticmethod
+    def _classify(leaf) -> str:
+        """What a leaf statement emits: ``dma``, ``gemm``, ``init`` or ``alu`` (computed once
+        per node: a leaf inside unrolled loops is visited once per iteration)."""
+        if node_kind(leaf) == "Evaluate":
+            call = leaf.value
+            if is_call(call, DMA_LOAD) or is_call(call, DMA_STORE):
+                return "dma"
+            if is_call(call, GEMM_MARKER):
+                return "gemm"
+            raise TirLoweringError(f"unexpected call {call}")
+        return "init" if node_kind(leaf.value) == "IntImm" else "alu"
 
     def emit_dma(self, call) -> None:
         k = node_key(call)
@@ -433,13 +450,15 @@ class _Emitter:
             wgt_addr = self.weights.chip_addr(wgt_addr)
             if wgt_addr is None:  # an all-zero block: no GEMM
                 return
-        entries = _entries(acc_addr, outer, inner, acc_s[0], acc_s[1])
         pending = self.pending_reset
-        reset = entries <= pending
-        if not reset and not entries.isdisjoint(pending):
-            raise TirLoweringError("a GEMM resets part of its accumulator region")
-        if reset:
-            pending -= entries
+        reset = False
+        if pending:  # (no pending reset: most GEMMs accumulate)
+            entries = _entries(acc_addr, outer, inner, acc_s[0], acc_s[1])
+            reset = entries <= pending
+            if not reset and not entries.isdisjoint(pending):
+                raise TirLoweringError("a GEMM resets part of its accumulator region")
+            if reset:
+                pending -= entries
         self.seq.append(
             Instruction(
                 Opcode.GEMM,
