@@ -94,12 +94,17 @@ class _Evaluator:
     def __call__(self, expr) -> int:
         if isinstance(expr, int):
             return expr
+        return int(self.compiled(expr)(self.env))
+
+    def compiled(self, expr):
+        """``expr`` as a Python function of the loop-variable environment (for the hot paths
+        that keep it: one call per evaluation instead of a lookup and a call)."""
         k = node_key(expr)
         hit = self._cache.get(k)
         if hit is None:
             fn = eval(f"lambda env: {self._source(expr)}")
             hit = self._cache[k] = (fn, expr)  # keep the node alive: its handle is the key
-        return int(hit[0](self.env))
+        return hit[0]
 
 
 class _Emitter:
@@ -217,10 +222,12 @@ class _Emitter:
         var = node_key(loop.loop_var)
         start = self.ev(loop.min)
         body = loop.body
+        # the body's handler, found once for all the iterations
+        visit = self.visit_for if node_kind(body) == "For" else self.visit
         env = self.ev.env
         for v in range(start, start + self.ev(loop.extent)):
             env[var] = v
-            self.visit(body)
+            visit(body)
 
     def fold(self, nest: LoopNest) -> bool:
         """Whether one instruction covers the whole nest (all its loops become fields)."""
@@ -441,11 +448,13 @@ class _Emitter:
             (outer, inner), [(inp_b, inp_s), (acc_b, acc_s)] = self._loop_fields(
                 nest, [(a[2], R), (a[6], C)]
             )
-            info = (inp, wgt, acc, outer, inner, inp_b, inp_s, acc_b, acc_s, a[4])
+            ev = self.ev.compiled
+            info = (inp, wgt, acc, outer, inner, ev(inp_b), inp_s, ev(acc_b), acc_s, ev(a[4]))
             self._gemm[k] = info
         inp, wgt, acc, outer, inner, inp_b, inp_s, acc_b, acc_s, wgt_off = info
-        acc_addr = self._chip_addr(acc, self.ev(acc_b))
-        wgt_addr = self._chip_addr(wgt, self.ev(wgt_off))
+        env = self.ev.env
+        acc_addr = self._chip_addr(acc, int(acc_b(env)))
+        wgt_addr = self._chip_addr(wgt, int(wgt_off(env)))
         if self.weights is not None:
             wgt_addr = self.weights.chip_addr(wgt_addr)
             if wgt_addr is None:  # an all-zero block: no GEMM
@@ -465,7 +474,7 @@ class _Emitter:
                 reset=int(reset),
                 array=0,  # chosen by schedule.assign_arrays
                 wgt_addr=wgt_addr,
-                inp_addr=self._chip_addr(inp, self.ev(inp_b)),
+                inp_addr=self._chip_addr(inp, int(inp_b(env))),
                 acc_addr=acc_addr,
                 outer=outer,
                 inner=inner,
