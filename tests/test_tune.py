@@ -191,6 +191,66 @@ def test_searches_take_a_space_and_a_measurement_table():
     assert len(pred) == len(space) and np.all(np.asarray(pred) > 0)
 
 
+@pytest.mark.parametrize("kind", ["conv2d", "conv2d_residual", "dense"])
+def test_tuned_records_apply_to_every_layer_kind_tuned(tmp_path, kind):
+    """extract_tasks gives a task for every conv, fused-residual conv and dense layer; a record
+    for it changes that layer's emitted schedule (dense and fused-residual records used to be
+    tuned and then ignored), and the network stays bit-exact against llvm."""
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from tvm_hapm.passes import hapm_pipeline
+    from tvm_hapm.passes.tasks import extract_tasks
+    from tvm_hapm.target.config import get_config
+    from tvm_hapm.testing import (
+        build_int_network,
+        llvm_reference,
+        random_samples,
+        residual_add_model,
+        run_vm,
+    )
+
+    if kind == "conv2d_residual":
+        cfg = get_config("zedboard")
+        mod = tvm_hapm.quantize(from_onnx(residual_add_model()), random_samples(4, 0))
+        x = random_samples(1, 7)[0]
+    else:
+        cfg = CFG
+        mod = build_int_network(CFG, h=9, w=11)
+        x = np.random.default_rng(0).integers(-128, 128, (1, 5, 9, 11)).astype(np.int8)
+    (task,) = [t for t in extract_tasks(mod, cfg) if t.name.split("_", 1)[1] == kind][:1]
+    assert task.residual == (kind == "conv2d_residual")
+    default = task.default_schedule()
+    chosen = min(
+        (s for s in enumerate_space(task) if s != default),
+        key=lambda s: (s.tile_h * s.tile_w, s.cob_group, s.cib_chunk, s.double_buffer),
+    )
+    result = random_search(task, trials=2, seed=0)
+    result.best, result.best_cycles = chosen, 1
+    db = TuningDatabase(tmp_path / "db.json")
+    db.commit(task, result)
+
+    def compiled(database):
+        programs = []
+        target = tvm_hapm.target.hapm_target(cfg)
+        pipeline = hapm_pipeline(cfg, programs)
+        if database is None:
+            ex = tvm.compile(mod, target=target, relax_pipeline=pipeline)
+        else:
+            with database:
+                ex = tvm.compile(mod, target=target, relax_pipeline=pipeline)
+        (prog,) = [p for p in programs if p.layer == task.name]
+        return ex, prog
+
+    _, untuned = compiled(None)
+    ex, tuned = compiled(db)
+    assert untuned.info["schedule"] != chosen.to_dict()
+    assert tuned.info["schedule"] == chosen.to_dict()
+    assert tuned.instructions != untuned.instructions
+    for ref, out in zip(llvm_reference(mod, x), run_vm(ex, x)):
+        np.testing.assert_array_equal(out, ref)
+
+
 def test_compile_skips_a_record_that_does_not_fit_with_a_warning(tmp_path):
     """A database schedule that does not fit its layer (``tile_w = -4`` once compiled every
     conv to LOAD + FINISH and zero outputs) is skipped with a warning; results stay exact."""

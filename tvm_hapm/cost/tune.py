@@ -42,7 +42,13 @@ import numpy as np
 from .. import atomic
 from ..target.config import HardwareConfig
 from ..target.isa import MAX_LOOP, MAX_OUTER_STRIDE
-from ..target.schedule import ConvSchedule, conv_footprint, conv_output_size, plan_conv
+from ..target.schedule import (
+    ConvSchedule,
+    conv_footprint,
+    conv_output_size,
+    plan_conv,
+    residual_rows,
+)
 
 __all__ = [
     "ConvTask",
@@ -66,7 +72,8 @@ class ConvTask:
     """One convolution (or dense layer as a 1x1 convolution) to tune on one config.
 
     ``weight`` is the integer OIHW weight: its all-zero ``R x C`` blocks are skipped by the
-    compiler, so the sparsity pattern is part of the task.
+    compiler, so the sparsity pattern is part of the task.  ``residual`` marks a convolution
+    with a fused residual add (a second input and resident constant rows: its own task).
     """
 
     name: str
@@ -77,6 +84,7 @@ class ConvTask:
     padding: tuple = (0, 0, 0, 0)
     dilation: tuple = (1, 1)
     groups: int = 1
+    residual: bool = False
 
     def __post_init__(self):
         self.data_shape = tuple(int(v) for v in self.data_shape)
@@ -136,6 +144,7 @@ class ConvTask:
                 self.padding,
                 self.dilation,
                 self.groups,
+                *(["residual"] if self.residual else []),  # the keys of plain convs unchanged
             ],
             sort_keys=True,
         )
@@ -146,14 +155,16 @@ class ConvTask:
         _, _, kh, kw = self.weight.shape
         cob, cib = self.blocks
         return plan_conv(
-            self.config, h, w, *self.out_hw, kh, kw, self.strides, self.dilation, cib, cob
-        )
+            self.config, h, w, *self.out_hw, kh, kw, self.strides, self.dilation, cib, cob,
+            residual=self.residual,
+        )  # fmt: skip
 
     def program(self, schedule: ConvSchedule):
         """The instruction stream of this task under ``schedule`` (constants irrelevant to time)."""
         from ..target.codegen import conv2d_program
 
         lo, hi = self.config.act_range
+        cout = self.weight.shape[0]
         prog, _ = conv2d_program(
             self.config,
             self.name,
@@ -168,6 +179,7 @@ class ConvTask:
             dilation=self.dilation,
             groups=self.groups,
             schedule=schedule,
+            residual=np.ones(cout, np.int64) if self.residual else None,
         )
         return prog
 
@@ -184,7 +196,9 @@ def schedule_fits(task: ConvTask, s: ConvSchedule) -> bool:
     if not (1 <= s.cob_group <= cob and 1 <= s.cib_chunk <= cib):
         return False
     resident = int(task.nonzero_blocks().sum()) <= cfg.wgt_depth
-    inp, acc, wgt = conv_footprint(s, kh, kw, task.strides, task.dilation, resident)
+    inp, acc, wgt = conv_footprint(
+        s, kh, kw, task.strides, task.dilation, resident, residual_rows(cob, task.residual)
+    )
     tw_in = (s.tile_w - 1) * task.strides[1] + (kw - 1) * task.dilation[1] + 1
     return (
         inp <= cfg.inp_depth

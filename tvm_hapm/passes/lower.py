@@ -99,15 +99,17 @@ def conv_kwargs_of(attrs) -> dict:
     }
 
 
-def _tuned_schedule(cfg, name, data_shape, weight, geometry):
-    """The schedule the active tuning database records for this layer, if any and if it fits
-    (a record that does not is skipped with a warning)."""
+def _tuned_schedule(cfg, name, data_shape, weight, geometry, residual=False):
+    """The schedule the active tuning database records for this layer (a convolution, with a
+    fused residual or not, or a dense layer as its 1x1 convolution: the tasks
+    :func:`~tvm_hapm.passes.tasks.extract_tasks` gives), if any and if it fits (a record that
+    does not is skipped with a warning)."""
     from ..cost.tune import ConvTask, current_database
 
     db = current_database()
     if db is None:
         return None
-    return db.schedule_for(ConvTask(name, cfg, data_shape, weight, **geometry))
+    return db.schedule_for(ConvTask(name, cfg, data_shape, weight, **geometry, residual=residual))
 
 
 # kind -> (TIR generator, the direct generator for what TIR cannot lower yet)
@@ -148,7 +150,9 @@ def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, nam
         k = _const(next(c for n, c in body if n == "relax.multiply").args[1]).reshape(-1)
         mult, shift, clip = _requant_params(calls)
         conv_args = (cfg, name, _shape(data), _const(conv.args[1]), bias, mult, shift, clip)
-        conv_kwargs = {**conv_kwargs_of(conv.attrs), "layer_index": index, "residual": k}
+        geometry = conv_kwargs_of(conv.attrs)
+        tuned = _tuned_schedule(cfg, name, _shape(data), conv_args[3], geometry, residual=True)
+        conv_kwargs = {**geometry, "layer_index": index, "residual": k, "schedule": tuned}
         prog, consts = _generate("conv2d", *conv_args, **conv_kwargs)
         inputs = [arg_of[data], arg_of[shortcut]]
     elif kind == "conv2d":
@@ -172,8 +176,10 @@ def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, nam
         data = mm.args[0]
         bias = _const(calls[1][1].args[1]).reshape(-1) if calls[1][0] == "relax.add" else None
         mult, shift, clip = _requant_params(calls)
+        weight = _const(mm.args[1])
+        tuned = _tuned_schedule(cfg, name, *tir.dense_as_conv(_shape(data), weight), {})
         prog, consts = tir.dense_program(
-            cfg, name, _shape(data), _const(mm.args[1]), bias, mult, shift, clip, index
+            cfg, name, _shape(data), weight, bias, mult, shift, clip, index, schedule=tuned
         )
         inputs = [arg_of[data]]
     elif kind == "add":

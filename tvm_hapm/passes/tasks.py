@@ -3,11 +3,11 @@ as the compiler names their programs, for :mod:`tvm_hapm.cost.tune`."""
 
 from __future__ import annotations
 
-import numpy as np
 from tvm import relax
 
 from ..cost.tune import ConvTask
 from ..target.config import HardwareConfig
+from ..target.tir import dense_as_conv
 from .lower import conv_kwargs_of
 from .partition import COMPOSITE_PREFIX, PartitionForHapm
 
@@ -15,8 +15,8 @@ __all__ = ["extract_tasks"]
 
 
 def extract_tasks(qmod, config: HardwareConfig, func_name: str = "main") -> list[ConvTask]:
-    """The convolution and dense layers the accelerator runs, in execution order, named as the
-    compiler names their programs (``<index>_<kind>``)."""
+    """The convolution (also with a fused residual add) and dense layers the accelerator runs,
+    in execution order, named as the compiler names their programs (``<index>_<kind>``)."""
     mod = PartitionForHapm(config)(qmod)
     tasks = []
     index = 0
@@ -31,15 +31,15 @@ def extract_tasks(qmod, config: HardwareConfig, func_name: str = "main") -> list
             kind = str(func.attrs["Composite"])[len(COMPOSITE_PREFIX) :]
             name = f"{index:03d}_{kind}"
             index += 1
-            if kind not in ("conv2d", "dense"):
+            if kind not in ("conv2d", "conv2d_residual", "dense"):
                 continue
-            call = func.body.blocks[0].bindings[0].value
+            call = func.body.blocks[0].bindings[0].value  # the conv2d / matmul comes first
             data, weight = call.args
             shape = [int(v) for v in data.ty.shape.values]
             w = weight.value.numpy()
             if kind == "dense":
-                oihw = np.ascontiguousarray(w.T).reshape(w.shape[1], w.shape[0], 1, 1)
-                tasks.append(ConvTask(name, config, (shape[0], shape[1], 1, 1), oihw))
+                tasks.append(ConvTask(name, config, *dense_as_conv(shape, w)))
             else:
-                tasks.append(ConvTask(name, config, shape, w, **conv_kwargs_of(call.attrs)))
+                tasks.append(ConvTask(name, config, shape, w, **conv_kwargs_of(call.attrs),
+                                      residual=kind == "conv2d_residual"))  # fmt: skip
     return tasks

@@ -127,15 +127,27 @@ def conv2d_program(
     return Program(layer, cfg, slots, insns, layer_index, info), [wblocks, bias_mult]
 
 
-def dense_program(cfg, layer, data_shape, weight_kn, bias, mult, shift, clip, layer_index=0):
-    """Program of a quantized ``(N, K) x (K, M)`` dense layer through TIR (the 1x1 convolution
-    of a 1x1 image, whose tiles always divide), as :func:`tvm_hapm.target.codegen.dense_program`."""
+def dense_as_conv(data_shape, weight_kn) -> tuple[tuple, np.ndarray]:
+    """``(data_shape, OIHW weight)`` of a ``(N, K) x (K, M)`` dense layer as the 1x1
+    convolution of a 1x1 image (how it is compiled, and how it is tuned)."""
     n, k = (int(v) for v in data_shape)
     m = weight_kn.shape[1]
-    w_oihw = np.ascontiguousarray(weight_kn.T).reshape(m, k, 1, 1)
+    return (n, k, 1, 1), np.ascontiguousarray(weight_kn.T).reshape(m, k, 1, 1)
+
+
+def dense_program(
+    cfg, layer, data_shape, weight_kn, bias, mult, shift, clip, layer_index=0, schedule=None
+):
+    """Program of a quantized ``(N, K) x (K, M)`` dense layer through TIR (the 1x1 convolution
+    of a 1x1 image, whose tiles always divide), as :func:`tvm_hapm.target.codegen.dense_program`;
+    ``schedule`` as for :func:`conv2d_program` (a tuned one)."""
+    n, k = (int(v) for v in data_shape)
+    m = weight_kn.shape[1]
+    conv_shape, w_oihw = dense_as_conv(data_shape, weight_kn)
     prog, consts = conv2d_program(
-        cfg, layer, (n, k, 1, 1), w_oihw, bias, mult, shift, clip, layer_index=layer_index
-    )
+        cfg, layer, conv_shape, w_oihw, bias, mult, shift, clip, layer_index=layer_index,
+        schedule=schedule,
+    )  # fmt: skip
     prog.slots[0] = Slot("data", "input", cfg.act_dtype, (n, k), "act", cfg.array_rows)
     prog.slots[3] = Slot("out", "output", cfg.act_dtype, (n, m), "act", cfg.array_cols)
     prog.info["kind"] = "dense"
