@@ -32,7 +32,8 @@ from tvm import relax
 from ..runtime.driver import RUN_FUNC
 from ..target import codegen, tir
 from ..target.config import HardwareConfig, get_config
-from .partition import COMPOSITE_PREFIX
+from .partition import COMPOSITE_PREFIX, read_composite
+from .qops import RequantChain
 
 __all__ = ["LowerToHapm", "LoweringError"]
 
@@ -47,42 +48,8 @@ def _const(expr) -> np.ndarray:
     raise LoweringError(f"expected a constant, got {type(expr).__name__}")
 
 
-def _is_const(expr) -> bool:
-    return isinstance(expr, tvm.ir.GenericConst)
-
-
 def _prim(expr) -> int:
     return int(expr.value) if hasattr(expr, "value") else int(expr)
-
-
-def _bindings(func: relax.Function) -> list[tuple[str, relax.Call]]:
-    """``(op name, call)`` of the composite body, in order."""
-    out = []
-    for block in func.body.blocks:
-        for binding in block.bindings:
-            value = binding.value
-            if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
-                out.append((value.op.name, value))
-    return out
-
-
-def _requant_params(calls):
-    """Multiplier, shift and clip bounds of the requantization tail (qops.emit_requantize)."""
-    tail = calls[-6:]
-    names = [n for n, _ in tail]
-    if names != [
-        "relax.astype",
-        "relax.multiply",
-        "relax.add",
-        "relax.right_shift",
-        "relax.clip",
-        "relax.astype",
-    ]:
-        raise LoweringError(f"unexpected requantization chain {names}")
-    mult = _const(tail[1][1].args[1]).reshape(-1)
-    shift = int(_const(tail[3][1].args[1]))
-    clip = tail[4][1]
-    return mult, shift, (_prim(clip.args[1]), _prim(clip.args[2]))
 
 
 def _shape(expr):
@@ -135,81 +102,58 @@ def _generate(kind: str, *args, **kwargs):
 
 
 def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, name, index):
-    calls = _bindings(func)
-    params = list(func.params)
+    try:
+        part = read_composite(func, cfg)  # the pattern's named parts
+        requant = RequantChain.read(part) if "requant_mult" in part else None
+    except ValueError as err:
+        raise LoweringError(f"{name}: {err}") from None
     # Map the composite's parameters to the call's arguments.
-    arg_of = {p: a for p, a in zip(params, args)}
-    if kind == "conv2d_residual":
-        # conv2d, [add(bias)], astype(shortcut), multiply(K), add, requantization tail
-        conv = calls[0][1]
-        data = conv.args[0]
-        body = calls[1:-6]
-        consts = [c for n, c in body if n == "relax.add" and _is_const(c.args[1])]
-        bias = _const(consts[0].args[1]).reshape(-1) if consts else None
-        shortcut = next(c for n, c in body if n == "relax.astype").args[0]
-        k = _const(next(c for n, c in body if n == "relax.multiply").args[1]).reshape(-1)
-        mult, shift, clip = _requant_params(calls)
-        conv_args = (cfg, name, _shape(data), _const(conv.args[1]), bias, mult, shift, clip)
+    arg_of = dict(zip(func.params, args))
+
+    def bias():
+        return _const(part["bias"]).reshape(-1) if "bias" in part else None
+
+    if kind in ("conv2d", "conv2d_residual"):
+        conv = part["conv"]
+        data, weight = conv.args[0], _const(conv.args[1])
+        fused = kind == "conv2d_residual"
         geometry = conv_kwargs_of(conv.attrs)
-        tuned = _tuned_schedule(cfg, name, _shape(data), conv_args[3], geometry, residual=True)
-        conv_kwargs = {**geometry, "layer_index": index, "residual": k, "schedule": tuned}
-        prog, consts = _generate("conv2d", *conv_args, **conv_kwargs)
-        inputs = [arg_of[data], arg_of[shortcut]]
-    elif kind == "conv2d":
-        conv = calls[0][1]
-        data = conv.args[0]
-        weight = _const(conv.args[1])
-        bias = _const(calls[1][1].args[1]).reshape(-1) if calls[1][0] == "relax.add" else None
-        mult, shift, clip = _requant_params(calls)
-        a = conv.attrs
-        conv_args = (cfg, name, _shape(data), weight, bias, mult, shift, clip)
+        conv_args = (cfg, name, _shape(data), weight, bias(), *requant)
         conv_kwargs = {
-            **conv_kwargs_of(a),
+            **geometry,
             "layer_index": index,
-            "schedule": _tuned_schedule(cfg, name, _shape(data), weight, conv_kwargs_of(a)),
+            "residual": _const(part["residual_k"]).reshape(-1) if fused else None,
+            "schedule": _tuned_schedule(cfg, name, _shape(data), weight, geometry, fused),
         }
         prog, consts = _generate("conv2d", *conv_args, **conv_kwargs)
-
-        inputs = [arg_of[data]]
+        inputs = [arg_of[data], arg_of[part["residual"]]] if fused else [arg_of[data]]
     elif kind == "dense":
-        mm = calls[0][1]
-        data = mm.args[0]
-        bias = _const(calls[1][1].args[1]).reshape(-1) if calls[1][0] == "relax.add" else None
-        mult, shift, clip = _requant_params(calls)
-        weight = _const(mm.args[1])
+        mm = part["dense"]
+        data, weight = mm.args[0], _const(mm.args[1])
         tuned = _tuned_schedule(cfg, name, *tir.dense_as_conv(_shape(data), weight), {})
         prog, consts = tir.dense_program(
-            cfg, name, _shape(data), weight, bias, mult, shift, clip, index, schedule=tuned
+            cfg, name, _shape(data), weight, bias(), *requant, index, schedule=tuned
         )
         inputs = [arg_of[data]]
     elif kind == "add":
-        # astype(a), multiply(Ma), astype(b), multiply(Mb), add, add(round), >>, clip, astype
-        casts = [c for n, c in calls if n == "relax.astype"][:2]
-        mults = [c for n, c in calls if n == "relax.multiply"]
-        shift = int(_const(calls[-3][1].args[1]))
-        clip_call = calls[-2][1]
-        clip = (_prim(clip_call.args[1]), _prim(clip_call.args[2]))
-        lhs, rhs = casts[0].args[0], casts[1].args[0]
-        add_args = (
-            cfg,
-            name,
-            _shape(lhs),
-            int(_const(mults[0].args[1])),
-            int(_const(mults[1].args[1])),
-            shift,
-            clip,
-            index,
-        )
+        # clip((int32(a) * Ma + int32(b) * Mb + 2**(S-1)) >> S), qops.emit_add
+        lhs, rhs = part["lhs"], part["rhs"]
+        shift = int(_const(part["shift"]))
+        if shift < 1 or int(_const(part["round"])) != 1 << (shift - 1):
+            raise LoweringError(f"{name}: the add's rescale does not round half up")
+        clip = (_prim(part["clip"].args[1]), _prim(part["clip"].args[2]))
+        mult_a, mult_b = int(_const(part["mult_a"])), int(_const(part["mult_b"]))
+        add_args = (cfg, name, _shape(lhs), mult_a, mult_b, shift, clip, index)
         prog, consts = _generate("add", *add_args)
         inputs = [arg_of[lhs], arg_of[rhs]]
     elif kind == "global_avg_pool":
-        data = calls[0][1].args[0]
-        mult, shift, clip = _requant_params(calls)
+        data = part["data"]
+        mult, shift, clip = requant
         gap_args = (cfg, name, _shape(data), int(mult[0]), shift, clip, index)
         prog, consts = _generate("global_avg_pool", *gap_args)
         inputs = [arg_of[data]]
     elif kind == "max_pool2d":
-        pool = calls[0][1]
+        pool = part["pool"]
         a = pool.attrs
         data = pool.args[0]
         pool_args = (

@@ -18,20 +18,17 @@ from tvm.relax.transform import FusionPattern
 
 from ..target.config import HardwareConfig, get_config
 from ..target.isa import MAX_INNER_STRIDE, MAX_PAD
+from .qops import RequantChain
 
-__all__ = ["PartitionForHapm", "hapm_patterns", "host_operator_report", "COMPOSITE_PREFIX"]
+__all__ = [
+    "PartitionForHapm",
+    "hapm_patterns",
+    "read_composite",
+    "host_operator_report",
+    "COMPOSITE_PREFIX",
+]
 
 COMPOSITE_PREFIX = "hapm_fpga."
-
-
-def _requant_tail(acc):
-    """astype(int64) -> multiply -> add -> right_shift -> clip -> astype (see qops)."""
-    x = is_op("relax.astype")(acc)
-    x = is_op("relax.multiply")(x, is_const())
-    x = is_op("relax.add")(x, is_const())
-    x = is_op("relax.right_shift")(x, is_const())
-    x = is_op("relax.clip")(x, wildcard(), wildcard())
-    return is_op("relax.astype")(x)
 
 
 def _ty(expr):
@@ -63,7 +60,8 @@ def hapm_patterns(config: HardwareConfig | None = None) -> list[FusionPattern]:
         return _dtype(out) == act and _static_shape(out) is not None
 
     conv = is_op("relax.nn.conv2d")(wildcard(), is_const())
-    conv_acc = is_op("relax.add")(conv, is_const()) | conv
+    conv_bias = is_const()
+    conv_acc = is_op("relax.add")(conv, conv_bias) | conv
 
     def check_conv(ctx) -> bool:
         call = ctx.annotated_expr["conv"]
@@ -85,9 +83,9 @@ def hapm_patterns(config: HardwareConfig | None = None) -> list[FusionPattern]:
 
     # conv2d with a fused residual add (qops.emit_conv2d_residual)
     res_conv = is_op("relax.nn.conv2d")(wildcard(), is_const())
-    shortcut = wildcard()
-    res_term = is_op("relax.multiply")(is_op("relax.astype")(shortcut), is_const())
-    res_acc = is_op("relax.add")(is_op("relax.add")(res_conv, is_const()) | res_conv, res_term)
+    res_bias, shortcut, shortcut_k = is_const(), wildcard(), is_const()
+    res_term = is_op("relax.multiply")(is_op("relax.astype")(shortcut), shortcut_k)
+    res_acc = is_op("relax.add")(is_op("relax.add")(res_conv, res_bias) | res_conv, res_term)
 
     def check_conv_residual(ctx) -> bool:
         s = ctx.annotated_expr["residual"]
@@ -95,7 +93,8 @@ def hapm_patterns(config: HardwareConfig | None = None) -> list[FusionPattern]:
         return conv_ok and _dtype(s) == act and _static_shape(s) == _static_shape(ctx.matched_expr)
 
     dense = is_op("relax.matmul")(wildcard(), is_const())
-    dense_acc = is_op("relax.add")(dense, is_const()) | dense
+    dense_bias = is_const()
+    dense_acc = is_op("relax.add")(dense, dense_bias) | dense
 
     def check_dense(ctx) -> bool:
         call = ctx.annotated_expr["dense"]
@@ -111,14 +110,16 @@ def hapm_patterns(config: HardwareConfig | None = None) -> list[FusionPattern]:
             and str(call.attrs.out_dtype) == "int32"
         )
 
-    lhs, rhs = wildcard(), wildcard()
-    lhs_m = is_op("relax.multiply")(is_op("relax.astype")(lhs), is_const())
-    rhs_m = is_op("relax.multiply")(is_op("relax.astype")(rhs), is_const())
+    # the residual add (qops.emit_add): its own rescale, in int32
+    lhs, rhs, mult_a, mult_b = wildcard(), wildcard(), is_const(), is_const()
+    add_round, add_shift = is_const(), is_const()
+    lhs_m = is_op("relax.multiply")(is_op("relax.astype")(lhs), mult_a)
+    rhs_m = is_op("relax.multiply")(is_op("relax.astype")(rhs), mult_b)
     add = is_op("relax.add")(lhs_m, rhs_m)
-    add = is_op("relax.add")(add, is_const())
-    add = is_op("relax.right_shift")(add, is_const())
-    add = is_op("relax.clip")(add, wildcard(), wildcard())
-    add = is_op("relax.astype")(add)
+    add = is_op("relax.add")(add, add_round)
+    add = is_op("relax.right_shift")(add, add_shift)
+    add_clip = is_op("relax.clip")(add, wildcard(), wildcard())
+    add = is_op("relax.astype")(add_clip)
 
     def check_add(ctx) -> bool:
         a, b = ctx.annotated_expr["lhs"], ctx.annotated_expr["rhs"]
@@ -158,28 +159,47 @@ def hapm_patterns(config: HardwareConfig | None = None) -> list[FusionPattern]:
             and _dtype(ctx.annotated_expr["data"]) == act
         )
 
+    def requantized(name, acc, parts, check):
+        chain = RequantChain(acc)
+        return FusionPattern(
+            COMPOSITE_PREFIX + name, chain.pattern, {**parts, **chain.annotations()}, check
+        )
+
+    # The annotation names are how LowerToHapm reads each layer's parameters (read_composite).
     return [
-        FusionPattern(
-            COMPOSITE_PREFIX + "conv2d_residual",
-            _requant_tail(res_acc),
-            {"conv": res_conv, "residual": shortcut},
+        requantized(
+            "conv2d_residual", res_acc,
+            {"conv": res_conv, "bias": res_bias, "residual": shortcut, "residual_k": shortcut_k},
             check_conv_residual,
         ),
+        requantized("conv2d", conv_acc, {"conv": conv, "bias": conv_bias}, check_conv),
+        requantized("dense", dense_acc, {"dense": dense, "bias": dense_bias}, check_dense),
         FusionPattern(
-            COMPOSITE_PREFIX + "conv2d", _requant_tail(conv_acc), {"conv": conv}, check_conv
+            COMPOSITE_PREFIX + "add", add,
+            {"lhs": lhs, "rhs": rhs, "mult_a": mult_a, "mult_b": mult_b, "round": add_round,
+             "shift": add_shift, "clip": add_clip},
+            check_add,
         ),
-        FusionPattern(
-            COMPOSITE_PREFIX + "dense", _requant_tail(dense_acc), {"dense": dense}, check_dense
-        ),
-        FusionPattern(COMPOSITE_PREFIX + "add", add, {"lhs": lhs, "rhs": rhs}, check_add),
-        FusionPattern(
-            COMPOSITE_PREFIX + "global_avg_pool",
-            _requant_tail(gap_sum),
-            {"sum": gap_sum, "data": gap_in},
-            check_gap,
-        ),
-        FusionPattern(COMPOSITE_PREFIX + "max_pool2d", maxpool, {}, check_maxpool),
-    ]
+        requantized("global_avg_pool", gap_sum, {"sum": gap_sum, "data": gap_in}, check_gap),
+        FusionPattern(COMPOSITE_PREFIX + "max_pool2d", maxpool, {"pool": maxpool},
+                      check_maxpool),
+    ]  # fmt: skip
+
+
+def read_composite(func: relax.Function, config: HardwareConfig | None = None) -> dict:
+    """The named parts of a ``hapm_fpga.*`` composite function: its pattern (from
+    :func:`hapm_patterns`) matched again on the function's body, as ``{annotation name:
+    expression}``; a part an alternative did not take (a conv without bias) is absent.
+    ``ValueError`` if the body does not match its own pattern."""
+    name = str(func.attrs["Composite"])
+    patterns = {p.name: p for p in hapm_patterns(config)}
+    if name not in patterns:
+        raise ValueError(f"unknown composite {name!r}")
+    pattern = patterns[name]
+    matched = pattern.pattern.extract_matched_expr(func.body.body, relax.analysis.get_var2val(func))
+    if matched is None:
+        raise ValueError(f"the body of composite {name} does not match its pattern")
+    return {k: matched[p] for k, p in pattern.annotation_patterns.items() if p in matched}
 
 
 def PartitionForHapm(config: HardwareConfig | None = None) -> tvm.transform.Pass:  # noqa: N802

@@ -26,12 +26,14 @@ import math
 
 import numpy as np
 from tvm import relax
+from tvm.relax.dpl import is_const, is_op, wildcard
 
 __all__ = [
     "choose_multiplier",
     "emit_quantize",
     "emit_dequantize",
     "emit_requantize",
+    "RequantChain",
     "emit_conv2d",
     "emit_conv2d_residual",
     "emit_dense",
@@ -89,15 +91,69 @@ def emit_dequantize(bb: relax.BlockBuilder, q, scale: float):
     return bb.emit(relax.op.multiply(y, _const(scale, "float32")))
 
 
-def emit_requantize(bb, acc, mult: np.ndarray, shift: int, lo: int, hi: int, out_dtype: str):
-    """int32 accumulator -> ``out_dtype`` with per-channel multipliers ``mult`` (shaped to
-    broadcast against ``acc``, e.g. ``(1, C, 1, 1)`` for NCHW) and one shift."""
-    y = bb.emit(relax.op.astype(acc, "int64"))
-    y = bb.emit(relax.op.multiply(y, _const(mult, "int64")))
-    y = bb.emit(relax.op.add(y, _const(1 << (shift - 1), "int64")))
-    y = bb.emit(relax.op.right_shift(y, _const(shift, "int64")))
-    y = bb.emit(relax.op.clip(y, int(lo), int(hi)))
-    return bb.emit(relax.op.astype(y, out_dtype))
+class RequantChain:
+    """The requantization that ends every convolution, dense layer and global average pooling,
+    described once::
+
+        int32 acc -> astype(int64) -> multiply(mult) -> add(2**(shift-1)) -> right_shift(shift)
+                  -> clip(lo, hi) -> astype(out)
+
+    The quantizer writes it (:meth:`emit`); the partitioner matches it (an instance is the
+    pattern of the chain on top of an accumulator pattern, with its parts named in
+    :meth:`annotations`); the lowering reads the parameters back from that match by those
+    names (:meth:`read`), never by the position of a binding.
+    """
+
+    def __init__(self, acc):
+        self.mult, self.round, self.shift = is_const(), is_const(), is_const()
+        x = is_op("relax.astype")(acc)
+        x = is_op("relax.multiply")(x, self.mult)
+        x = is_op("relax.add")(x, self.round)
+        x = is_op("relax.right_shift")(x, self.shift)
+        self.clip = is_op("relax.clip")(x, wildcard(), wildcard())
+        #: The pattern of the whole chain (its root: the final cast).
+        self.pattern = is_op("relax.astype")(self.clip)
+
+    def annotations(self) -> dict:
+        """The chain's named parts, for a ``FusionPattern``'s annotation patterns."""
+        return {
+            "requant_mult": self.mult,
+            "requant_round": self.round,
+            "requant_shift": self.shift,
+            "requant_clip": self.clip,
+        }
+
+    @staticmethod
+    def emit(bb, acc, mult: np.ndarray, shift: int, lo: int, hi: int, out_dtype: str):
+        """int32 accumulator -> ``out_dtype`` with per-channel multipliers ``mult`` (shaped to
+        broadcast against ``acc``, e.g. ``(1, C, 1, 1)`` for NCHW) and one shift."""
+        y = bb.emit(relax.op.astype(acc, "int64"))
+        y = bb.emit(relax.op.multiply(y, _const(mult, "int64")))
+        y = bb.emit(relax.op.add(y, _const(1 << (shift - 1), "int64")))
+        y = bb.emit(relax.op.right_shift(y, _const(shift, "int64")))
+        y = bb.emit(relax.op.clip(y, int(lo), int(hi)))
+        return bb.emit(relax.op.astype(y, out_dtype))
+
+    @staticmethod
+    def read(parts: dict) -> tuple[np.ndarray, int, tuple[int, int]]:
+        """``(mult, shift, (lo, hi))`` from a match's named parts (:meth:`annotations` names to
+        the matched expressions); ``ValueError`` unless the rounding term is ``2**(shift-1)``
+        (the hardware's rounding)."""
+        mult = parts["requant_mult"].value.numpy().reshape(-1)
+        shift = int(parts["requant_shift"].value.numpy())
+        rounding = int(parts["requant_round"].value.numpy())
+        if shift < 1 or rounding != 1 << (shift - 1):
+            raise ValueError(f"requantization adds {rounding} before >> {shift}, not half up")
+        clip = parts["requant_clip"]
+        return mult, shift, (_prim(clip.args[1]), _prim(clip.args[2]))
+
+
+def _prim(expr) -> int:
+    return int(expr.value) if hasattr(expr, "value") else int(expr)
+
+
+#: The quantizer's name for :meth:`RequantChain.emit`.
+emit_requantize = RequantChain.emit
 
 
 def _emit_conv_acc(bb, xq, wq: np.ndarray, bias, strides, padding, dilation, groups):
