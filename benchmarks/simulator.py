@@ -328,7 +328,7 @@ def speed(roof: dict, reps: int, console: Console) -> dict:
     vm = roof["_vm"]
     fvm = tvm.relax.VirtualMachine(tvm.compile(roof["_mod"], target="llvm"), tvm.cpu())
     # A cold hapm run: fresh simulators (programs decoded and validated again).
-    driver._CACHE.clear()
+    driver.clear_program_cache()
     t0 = time.perf_counter()
     vm["main"](x)
     cold = time.perf_counter() - t0

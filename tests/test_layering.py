@@ -1,4 +1,5 @@
-"""No import cycles between the modules of tvm_hapm, lazy (function-level) imports included."""
+"""Layering: no import cycles between the modules of tvm_hapm (lazy, function-level imports
+included), and no private name used outside its module (package, tests, benchmarks, examples)."""
 
 from __future__ import annotations
 
@@ -79,3 +80,67 @@ def test_no_import_cycles():
 def test_the_checker_sees_a_cycle():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}
     assert _cycles(graph) == [["a", "b", "c"]]
+
+
+def _private_uses() -> list[str]:
+    """``file:line name`` of every private name (``_x``, not dunder) of a tvm_hapm module used
+    outside the module that defines it: imported by name, read as an attribute of an imported
+    module, or a private module imported from outside its package."""
+    modules = {_module_name(p) for p in ROOT.rglob("*.py")}
+    repo = ROOT.parent
+    files = [*ROOT.rglob("*.py")]
+    for folder in ("tests", "benchmarks", "examples"):
+        files += sorted((repo / folder).rglob("*.py"))
+    found = []
+
+    def private(name: str) -> bool:
+        return name.startswith("_") and not name.startswith("__")
+
+    for path in files:
+        inside = path.is_relative_to(ROOT)
+        me = _module_name(path) if inside else ""
+        package = me if path.name == "__init__.py" else me.rpartition(".")[0]
+        aliases = {}  # local name -> tvm_hapm module
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = package
+                for _ in range(node.level - 1):
+                    base = base.rpartition(".")[0]
+                target = ".".join(filter(None, [base if node.level else "", node.module or ""]))
+                if target not in modules:
+                    continue
+                for alias in node.names:
+                    sub = f"{target}.{alias.name}"
+                    if sub in modules:
+                        aliases[alias.asname or alias.name] = sub
+                    # a private module is its package's; a private name its module's
+                    owner = target if sub in modules else sub
+                    if private(alias.name) and not (me + ".").startswith(
+                        owner.rpartition(".")[0] + "."
+                    ):
+                        found.append(f"{path.relative_to(repo)}:{node.lineno} {sub}")
+                    if any(private(part) for part in target.split(".")) and not (
+                        (me + ".").startswith(target.rpartition(".")[0] + ".")
+                    ):
+                        found.append(f"{path.relative_to(repo)}:{node.lineno} {target}")
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name in modules and alias.asname:
+                        aliases[alias.asname] = alias.name
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and private(node.attr)
+                and aliases[node.value.id] != me
+            ):
+                found.append(
+                    f"{path.relative_to(repo)}:{node.lineno} {aliases[node.value.id]}.{node.attr}"
+                )
+    return sorted(set(found))
+
+
+def test_no_private_name_is_used_outside_its_module():
+    assert _private_uses() == []

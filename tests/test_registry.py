@@ -8,7 +8,6 @@ from tvm.relax import pipeline as relax_pipelines
 from tvm.tirx import compilation_pipeline as tir_pipelines
 
 import tvm_hapm
-from tvm_hapm import _registry
 from tvm_hapm.passes import pipeline
 from tvm_hapm.target import tir
 
@@ -30,13 +29,13 @@ def test_partition_patterns_are_in_tvms_pattern_registry():
 
     expected = [p.name for p in hapm_patterns()]  # highest priority first
     assert [p.name for p in get_patterns_with_prefix("hapm_fpga")] == expected
-    _registry.register()  # not twice
+    tvm_hapm.register()  # not twice
     assert [p.name for p in get_patterns_with_prefix("hapm_fpga")] == expected
 
 
 def test_registering_again_wraps_tvm_pipelines_once():
-    _registry.register()
-    _registry.register()
+    tvm_hapm.register()
+    tvm_hapm.register()
     wrapped = relax_pipelines.PIPELINE_MAP["default"]
     assert wrapped is pipeline.default_with_offload
     original = wrapped.hapm_original

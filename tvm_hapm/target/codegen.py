@@ -55,6 +55,7 @@ __all__ = [
     "global_avg_pool_program",
     "expand_weight_blocks",
     "bias_mult_rows",
+    "check_clip",
 ]
 
 
@@ -153,7 +154,8 @@ def _clip_ops(cfg: HardwareConfig, dst, outer, inner, so, si, lo, hi):
     return ops
 
 
-def _check_clip(cfg, lo, hi):
+def check_clip(cfg, lo, hi):
+    """``CodegenError`` unless the clip bounds lie inside the activation range."""
     amin, amax = cfg.act_range
     if not (amin <= lo <= hi <= amax):
         raise CodegenError(f"clip bounds [{lo}, {hi}] outside the activation range")
@@ -235,7 +237,7 @@ def conv_geometry(cfg, layer, data_shape, weight, strides, padding, dilation, gr
     oh, ow = conv_output_size(h, pt, pb, kh, sh, dh), conv_output_size(w, pl, pr, kw, sw, dw)
     if oh < 1 or ow < 1:
         raise CodegenError(f"{layer}: empty output")
-    _check_clip(cfg, *clip)
+    check_clip(cfg, *clip)
     blocks = expand_weight_blocks(cfg, weight, groups)
     nonzero = np.any(blocks != 0, axis=(4, 5))
     return ConvGeometry(
@@ -509,7 +511,7 @@ def add_program(cfg, layer, shape, mult_a, mult_b, shift, clip, layer_index=0):
     C = cfg.array_cols
     n, c, h, w = (int(v) for v in (tuple(shape) + (1, 1))[:4])
     cb = -(-c // C)
-    _check_clip(cfg, *clip)
+    check_clip(cfg, *clip)
     act = cfg.act_bits
     total = n * cb * h * w  # entries, contiguous in DRAM for both inputs and the output
     sched = plan_eltwise(cfg, total, buffers=2, double_buffer=True, alu_passes=6)
@@ -614,7 +616,7 @@ def global_avg_pool_program(cfg, layer, data_shape, mult, shift, clip, layer_ind
     n, c, h, w = (int(v) for v in data_shape)
     cb = -(-c // C)
     act = cfg.act_bits
-    _check_clip(cfg, *clip)
+    check_clip(cfg, *clip)
     sched = plan_eltwise(cfg, h * w, buffers=1, reserved=2)
     mvec = np.full((1, C), int(mult), np.int32)
     slots = [

@@ -235,7 +235,7 @@ def add_program(cfg, layer, shape, mult_a, mult_b, shift, clip, layer_index=0):
 
     C = cfg.array_cols
     n, c, h, w = (int(v) for v in (tuple(shape) + (1, 1))[:4])
-    codegen._check_clip(cfg, *clip)
+    codegen.check_clip(cfg, *clip)
     total = n * (-(-c // C)) * h * w
     sched = plan_eltwise(cfg, total, buffers=2, double_buffer=True, alu_passes=6)
     func = add_primfunc(cfg, total, mult_a, mult_b, shift, clip)
@@ -350,7 +350,7 @@ def global_avg_pool_program(cfg, layer, data_shape, mult, shift, clip, layer_ind
     C = cfg.array_cols
     n, c, h, w = (int(v) for v in data_shape)
     cb = -(-c // C)
-    codegen._check_clip(cfg, *clip)
+    codegen.check_clip(cfg, *clip)
     sched = plan_eltwise(cfg, h * w, buffers=1, reserved=2)
     func = global_avg_pool_primfunc(cfg, n * cb, h * w, int(shift), clip)
     sch = schedule_global_avg_pool(func, sched.tile, sched.to_dict())
