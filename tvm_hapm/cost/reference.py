@@ -67,24 +67,7 @@ def analyze_reference(
     inp_b, wgt_b, acc_b = R * ab, R * C * wb, C * 4
     struct = structural_mask(layer, cfg)
     cob, cib = struct.shape[:2]
-
-    # ---- non-zero blocks per (cob, cib): exact from a mask, else expected from a fraction
-    pmask, pfrac = struct, 0.0  # the blocks of the dispatch rounds, and their zero fraction
-    if isinstance(sparsity, np.ndarray):
-        pmask = np.asarray(sparsity, bool) & struct
-        per_cc = pmask.sum(axis=(2, 3)).astype(float)
-        frac = 1.0 - per_cc.sum() / max(struct.sum(), 1)
-    elif isinstance(sparsity, BlockSparsity) and sparsity.mask is not None:
-        pmask = np.asarray(sparsity.mask, bool) & struct
-        per_cc = pmask.sum(axis=(2, 3)).astype(float)
-        frac = 1.0 - per_cc.sum() / max(struct.sum(), 1)
-    else:
-        if isinstance(sparsity, BlockSparsity):
-            frac = float(sparsity.fraction)
-        else:
-            frac = float(sparsity or 0.0)
-        per_cc = struct.sum(axis=(2, 3)).astype(float) * (1.0 - frac)
-        pfrac = frac
+    pmask, pfrac, per_cc, frac = _nonzero_blocks(struct, sparsity)
     exact = not (frac > 0 and per_cc is not None and not _is_int(per_cc))
     if schedule is None:  # the compiler's: planned for the non-zero blocks it is given
         schedule = default_schedule(layer, cfg, pmask)
@@ -134,25 +117,7 @@ def analyze_reference(
         w_once, w_step = float(w_step[0, 0]), np.zeros_like(steps)
 
     # ---- tile classes
-    pt, pl, pb, pr = layer.padding
-    hcl = _positions_cached(
-        layer.oh, TH, layer.strides[0], layer.kh, layer.dilation[0], pt, layer.h
-    )
-    wcl = _positions_cached(
-        layer.ow, TW, layer.strides[1], layer.kw, layer.dilation[1], pl, layer.w
-    )
-    th = np.array([k[0] for k, _ in hcl], float)
-    thi = np.array([k[1] for k, _ in hcl], float)
-    rows = np.array([k[2] for k, _ in hcl], float)
-    hc = np.array([c for _, c in hcl], float)
-    tw = np.array([k[0] for k, _ in wcl], float)
-    twi = np.array([k[1] for k, _ in wcl], float)
-    cols = np.array([k[2] for k, _ in wcl], float)
-    wc = np.array([c for _, c in wcl], float)
-    t = np.outer(th, tw).ravel()
-    data = np.outer(rows, cols).ravel()
-    padded = np.outer(thi, twi).ravel()
-    cnt = np.outer(hc, wc).ravel() * layer.n
+    t, data, padded, cnt = _tile_classes(layer, TH, TW)
     n_tiles = float(cnt.sum())
     pix = float((cnt * t).sum())  # = n * oh * ow
 
@@ -332,6 +297,41 @@ def analyze_reference(
         "mid_energy_uj": energy,
     }
     return Analysis(cycles=cycles, energy_uj=energy, counts=counts, schedule=schedule)
+
+
+def _nonzero_blocks(struct: np.ndarray, sparsity):
+    """``(pmask, pfrac, per_cc, frac)``: the blocks of the dispatch rounds and their zero
+    fraction, the non-zero blocks per ``(cob, cib)`` (exact from a mask, else expected from a
+    fraction) and the layer's zero fraction."""
+    if isinstance(sparsity, BlockSparsity) and sparsity.mask is not None:
+        sparsity = sparsity.mask
+    if isinstance(sparsity, np.ndarray):
+        pmask = np.asarray(sparsity, bool) & struct
+        per_cc = pmask.sum(axis=(2, 3)).astype(float)
+        return pmask, 0.0, per_cc, 1.0 - per_cc.sum() / max(struct.sum(), 1)
+    frac = float(sparsity.fraction) if isinstance(sparsity, BlockSparsity) else float(sparsity or 0)
+    return struct, frac, struct.sum(axis=(2, 3)).astype(float) * (1.0 - frac), frac
+
+
+def _tile_classes(layer: ConvLayer, TH: int, TW: int):
+    """Per tile class of the layer: output pixels ``t``, in-bounds input pixels ``data``, padded
+    input pixels ``padded`` and the number of tiles ``cnt`` (over the batch)."""
+    pt, pl, _, _ = layer.padding
+    hcl = _positions_cached(
+        layer.oh, TH, layer.strides[0], layer.kh, layer.dilation[0], pt, layer.h
+    )
+    wcl = _positions_cached(
+        layer.ow, TW, layer.strides[1], layer.kw, layer.dilation[1], pl, layer.w
+    )
+    th, thi, rows = (np.array(k, float) for k in zip(*(k for k, _ in hcl)))
+    hc = np.array([c for _, c in hcl], float)
+    tw, twi, cols = (np.array(k, float) for k in zip(*(k for k, _ in wcl)))
+    wc = np.array([c for _, c in wcl], float)
+    t = np.outer(th, tw).ravel()
+    data = np.outer(rows, cols).ravel()
+    padded = np.outer(thi, twi).ravel()
+    cnt = np.outer(hc, wc).ravel() * layer.n
+    return t, data, padded, cnt
 
 
 def _int(x: float) -> int:

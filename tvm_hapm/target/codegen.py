@@ -56,6 +56,8 @@ __all__ = [
     "expand_weight_blocks",
     "bias_mult_rows",
     "check_clip",
+    "conv_info",
+    "conv_slots",
 ]
 
 
@@ -245,6 +247,125 @@ def conv_geometry(cfg, layer, data_shape, weight, strides, padding, dilation, gr
     )
 
 
+def conv_slots(cfg, g: ConvGeometry, cout: int, wblocks, bias_mult, fused: bool) -> list[Slot]:
+    """The DRAM slots of a convolution program (both generators): data, [residual], the weight
+    blocks and the bias / multiplier rows (constants), out."""
+    R, C = cfg.array_rows, cfg.array_cols
+    n, _, _, _ = g.data_shape
+    out_shape = (n, cout, g.oh, g.ow)
+    slots = [
+        Slot("data", "input", cfg.act_dtype, tuple(g.data_shape), "act", R),
+        Slot("weight_blocks", "const", cfg.weight_dtype, wblocks.shape),
+        Slot("bias_mult", "const", "int32", bias_mult.shape),
+        Slot("out", "output", cfg.act_dtype, out_shape, "act", C),
+    ]
+    if fused:
+        slots.insert(1, Slot("residual", "input", cfg.act_dtype, out_shape, "act", C))
+    return slots
+
+
+def conv_info(g: ConvGeometry, weight_shape, nonzero_blocks: int, sched, fused: bool) -> dict:
+    """The ``Program.info`` of a convolution program (both generators)."""
+    n, _, _, _ = g.data_shape
+    cout, cin_g, kh, kw = weight_shape
+    info = {
+        "kind": "conv2d_residual" if fused else "conv2d",
+        "macs": int(n * g.oh * g.ow * cout * cin_g * kh * kw),
+        "weight_blocks": int(g.blocks.shape[0] * g.blocks.shape[1] * kh * kw),
+        "nonzero_blocks": int(nonzero_blocks),
+        "schedule": sched.to_dict(),
+    }
+    if fused:
+        info["residual"] = True
+    return info
+
+
+def _weight_chunks(nonzero: np.ndarray, sched: ConvSchedule):
+    """The non-zero weight blocks in load order: ``(order, chunks, chunk_base, dispatch)``.
+
+    ``chunks[(cg0, kc0)]`` lists the ``(cob, cib, kh, kw)`` blocks of one (output-channel group,
+    input-channel chunk) step, ``order`` all of them chunk after chunk (the DRAM slot's order),
+    ``chunk_base`` each chunk's first index in ``order`` and ``dispatch`` each chunk's GEMM order:
+    ``(cib, kh, kw)`` outer, output-channel block inner, so one dispatch of the arrays is the
+    HAPM group of the blocks at one ``(cib, kh, kw)``.
+    """
+    cob, cib, kh, kw = nonzero.shape
+    order, chunks, chunk_base = [], {}, {}
+    for cg0 in range(0, cob, sched.cob_group):
+        for kc0 in range(0, cib, sched.cib_chunk):
+            key = (cg0, kc0)
+            chunk_base[key] = len(order)
+            chunks[key] = [
+                (co, ci, y, x)
+                for co in range(cg0, min(cg0 + sched.cob_group, cob))
+                for ci in range(kc0, min(kc0 + sched.cib_chunk, cib))
+                for y in range(kh)
+                for x in range(kw)
+                if nonzero[co, ci, y, x]
+            ]
+            order.extend(chunks[key])
+    dispatch = {
+        key: sorted(range(len(blks)), key=lambda j, b=blks: (b[j][1], b[j][2], b[j][3], b[j][0]))
+        for key, blks in chunks.items()
+    }
+    return order, chunks, chunk_base, dispatch
+
+
+def _input_window(layer: str, g, kh: int, kw: int, oh0: int, ow0: int, th: int, tw: int):
+    """The input window of the output tile at ``(oh0, ow0)`` of ``th x tw`` pixels (``g`` the
+    layer's :class:`ConvGeometry`): ``(ih0, iw0, tw_in, pads, rows, cols)``, its first padded
+    input row and column, its padded width, the padding ``(top, bottom, left, right)`` the DMA
+    adds and the in-bounds rows and columns it loads."""
+    (sh, sw), (dh, dw), (pt, pl, _, _) = g.strides, g.dilation, g.padding
+    _, _, h, w = g.data_shape
+    ih0, iw0 = oh0 * sh - pt, ow0 * sw - pl
+    th_in = (th - 1) * sh + (kh - 1) * dh + 1
+    tw_in = (tw - 1) * sw + (kw - 1) * dw + 1
+    pads = (max(0, -ih0), max(0, ih0 + th_in - h), max(0, -iw0), max(0, iw0 + tw_in - w))
+    rows, cols = th_in - pads[0] - pads[1], tw_in - pads[2] - pads[3]
+    if rows < 1 or cols < 1:
+        raise CodegenError(f"{layer}: a tile lies entirely in the padding")
+    return ih0, iw0, tw_in, pads, rows, cols
+
+
+def _shortcut_prologue(act_bits, slot, acc_out, dram0, tile, out_hw, loop, row, started):
+    """A fused residual's region prologue: per output block of the group, the shortcut tile
+    ``LOAD`` into the block's accumulator region and its ``MUL`` by the block's K row
+    (``row(k) + 2``); every block counts as started (its GEMMs accumulate, no reset)."""
+    (th, tw), (oh, ow) = tile, out_hw
+    out = []
+    for k in range(len(started)):
+        dst = acc_out + k * th * tw
+        out.append(_load(Buffer.ACC, slot, act_bits, dst, dram0 + k * oh * ow, th, tw, ow))
+        out.append(_alu(AluOp.MUL, dst, *loop, src=row(k) + 2))
+        started[k] = True
+    return out
+
+
+def _gemms(blocks, wgt_addrs, started, step, inp_base, chunk_entries, acc_out, tile, tw_in, g):
+    """The GEMMs of one (group, chunk) step of a tile, in dispatch order: ``blocks`` their
+    ``(cob, cib, kh, kw)``, ``wgt_addrs`` their weight entries, ``started`` which output blocks
+    of the group have a GEMM already (the first one resets; updated), ``step`` the group's first
+    output block and the chunk's first input block, ``tile`` ``(th, tw)``."""
+    (cg0, kc0), (th, tw) = step, tile
+    (sh, sw), (dh, dw) = g.strides, g.dilation
+    out = []
+    for (co, ci, y, x), wgt_addr in zip(blocks, wgt_addrs, strict=True):
+        k = co - cg0  # the output block of the group
+        out.append(
+            Instruction(
+                Opcode.GEMM, reset=int(not started[k]),
+                array=0,  # chosen by schedule.assign_arrays
+                wgt_addr=wgt_addr,
+                inp_addr=inp_base + (ci - kc0) * chunk_entries + y * dh * tw_in + x * dw,
+                acc_addr=acc_out + k * th * tw, outer=th, inner=tw,
+                inp_so=sh * tw_in, inp_si=sw, acc_so=tw, acc_si=1,
+            )
+        )  # fmt: skip
+        started[k] = True
+    return out
+
+
 def conv2d_program(
     cfg: HardwareConfig,
     layer: str,
@@ -282,7 +403,7 @@ def conv2d_program(
     g = conv_geometry(cfg, layer, data_shape, weight, strides, padding, dilation, groups, clip)
     n, cin, h, w = g.data_shape
     cout, cin_g, kh, kw = weight.shape
-    (sh, sw), (dh, dw), (pt, pl, _, _) = g.strides, g.dilation, g.padding
+    (sh, sw), (dh, dw) = g.strides, g.dilation
     oh, ow, blocks, nonzero = g.oh, g.ow, g.blocks, g.nonzero
     cob, cib = blocks.shape[:2]
     fused = residual is not None
@@ -292,41 +413,18 @@ def conv2d_program(
     )
 
     # constants: weight blocks in load order, bias and multiplier vectors
-    order = []  # (cg, kc) -> list of (cob, cib, kh, kw) of non-zero blocks, load order
-    chunks = {}
-    for cg0 in range(0, cob, sched.cob_group):
-        for kc0 in range(0, cib, sched.cib_chunk):
-            key = (cg0, kc0)
-            chunks[key] = []
-            for co in range(cg0, min(cg0 + sched.cob_group, cob)):
-                for ci in range(kc0, min(kc0 + sched.cib_chunk, cib)):
-                    for y in range(kh):
-                        for x in range(kw):
-                            if nonzero[co, ci, y, x]:
-                                chunks[key].append((co, ci, y, x))
-            order.extend(chunks[key])
+    order, chunks, chunk_base, dispatch = _weight_chunks(nonzero, sched)
     wdtype = cfg.weight_dtype
     wblocks = (
         np.stack([blocks[b] for b in order]).astype(wdtype)
         if order
         else np.zeros((1, R, C), wdtype)  # a DRAM slot is never empty
     )
-    chunk_base = {}
-    pos = 0
-    for key, blocks_of_chunk in chunks.items():
-        chunk_base[key] = pos
-        pos += len(blocks_of_chunk)
     bias_mult = bias_mult_rows(cfg, layer, cout, bias, mult, residual)
 
     act = cfg.act_bits
-    slots = [
-        Slot("data", "input", cfg.act_dtype, (n, cin, h, w), "act", R),
-        Slot("weight_blocks", "const", wdtype, wblocks.shape),
-        Slot("bias_mult", "const", "int32", bias_mult.shape),
-        Slot("out", "output", cfg.act_dtype, (n, cout, oh, ow), "act", C),
-    ]
+    slots = conv_slots(cfg, g, cout, wblocks, bias_mult, fused)
     if fused:
-        slots.insert(1, Slot("residual", "input", cfg.act_dtype, (n, cout, oh, ow), "act", C))
         S_DATA, S_RES, S_WGT, S_BM, S_OUT = range(5)
     else:
         S_DATA, S_WGT, S_BM, S_OUT = range(4)
@@ -352,31 +450,16 @@ def conv2d_program(
     acc_half = sched.cob_group * sched.tile_h * sched.tile_w
     n_inp = n_wgt = n_out = 0
     inp_base = wbase = 0
-    # GEMM order in a (group, chunk): (cib, kh, kw) outer, output-channel block inner, so one
-    # dispatch of the arrays is the HAPM group of the blocks at one (cib, kh, kw).
-    dispatch = {
-        key: sorted(range(len(blks)), key=lambda j, b=blks: (b[j][1], b[j][2], b[j][3], b[j][0]))
-        for key, blks in chunks.items()
-    }
     for b in range(n):
         for oh0 in range(0, oh, sched.tile_h):
             th = min(sched.tile_h, oh - oh0)
             for ow0 in range(0, ow, sched.tile_w):
                 tw = min(sched.tile_w, ow - ow0)
                 t = th * tw
-                # padded input rows/cols of this tile
-                ih0 = oh0 * sh - pt
-                iw0 = ow0 * sw - pl
-                th_in = (th - 1) * sh + (kh - 1) * dh + 1
-                tw_in = (tw - 1) * sw + (kw - 1) * dw + 1
-                y_top = max(0, -ih0)
-                y_bot = max(0, ih0 + th_in - h)
-                x_lft = max(0, -iw0)
-                x_rgt = max(0, iw0 + tw_in - w)
-                rows = th_in - y_top - y_bot
-                cols = tw_in - x_lft - x_rgt
-                if rows < 1 or cols < 1:
-                    raise CodegenError(f"{layer}: a tile lies entirely in the padding")
+                ih0, iw0, tw_in, pads, rows, cols = _input_window(
+                    layer, g, kh, kw, oh0, ow0, th, tw
+                )
+                y_top, _, x_lft, _ = pads
                 for cg0 in range(0, cob, sched.cob_group):
                     gsize = min(sched.cob_group, cob - cg0)
                     # after the bias/multiplier vectors; alternating regions when double buffered
@@ -384,23 +467,19 @@ def conv2d_program(
                     acc_out = rows0 + (n_out % 2 if double else 0) * acc_half
                     n_out += 1
                     start = len(seq)
-                    # constant rows of block g: bias row(g), multiplier row(g) + 1, residual + 2
-                    row = (lambda g, c=cg0: nrows * (c + g)) if fused else (lambda g: 2 * g)
+                    # constant rows of block k: bias row(k), multiplier row(k) + 1, residual + 2
+                    row = (lambda k, c=cg0: nrows * (c + k)) if fused else (lambda k: 2 * k)
                     started = [False] * gsize
                     multi_chunk = sched.cib_chunk < cib
                     # one loop over the tile if the inner extent field holds it, else rows x cols
                     loop = (1, t, 0, 1) if t <= MAX_LOOP else (th, tw, tw, 1)
-                    # the group's constant rows, then (fused) each region starts as
-                    # shortcut * residual weight and the GEMMs accumulate onto it
-                    prologue = []
-                    if not fused:
-                        prologue.append(_load(Buffer.ACC, S_BM, 32, 0, 2 * cg0, 1, 2 * gsize, 0))
-                    for g in range(gsize if fused else 0):
-                        dst = acc_out + g * t
-                        dram = ((b * cob + cg0 + g) * oh + oh0) * ow + ow0
-                        prologue.append(_load(Buffer.ACC, S_RES, act, dst, dram, th, tw, ow))
-                        prologue.append(_alu(AluOp.MUL, dst, *loop, src=row(g) + 2))
-                        started[g] = True
+                    dram0 = ((b * cob + cg0) * oh + oh0) * ow + ow0  # the group's first block
+                    if fused:  # each region starts as shortcut * K; the GEMMs accumulate onto it
+                        prologue = _shortcut_prologue(
+                            act, S_RES, acc_out, dram0, (th, tw), (oh, ow), loop, row, started
+                        )
+                    else:  # the group's bias and multiplier rows
+                        prologue = [_load(Buffer.ACC, S_BM, 32, 0, 2 * cg0, 1, 2 * gsize, 0)]
                     if multi_chunk:  # ahead of the group's chunk loop
                         p0 = len(seq)
                         seq += prologue
@@ -415,7 +494,7 @@ def conv2d_program(
                                     _load(
                                         Buffer.INP, S_DATA, act,
                                         inp_base + k * inp_chunk_entries, dram,
-                                        rows, cols, w, (y_top, y_bot, x_lft, x_rgt),
+                                        rows, cols, w, pads,
                                     )
                                 )  # fmt: skip
                             cur_inp = (b, oh0, ow0, kc0)
@@ -433,50 +512,22 @@ def conv2d_program(
                         if not multi_chunk:
                             p0 = len(seq)
                             seq += prologue
-                        blks = chunks[key]
-                        for j in dispatch[key]:
-                            co, ci, y, x = blks[j]
-                            g = co - cg0
-                            seq.append(
-                                Instruction(
-                                    Opcode.GEMM,
-                                    reset=int(not started[g]),
-                                    array=0,  # chosen by assign_arrays below
-                                    wgt_addr=wbase + j,
-                                    inp_addr=inp_base
-                                    + (ci - kc0) * inp_chunk_entries
-                                    + y * dh * tw_in
-                                    + x * dw,
-                                    acc_addr=acc_out + g * t,
-                                    outer=th,
-                                    inner=tw,
-                                    inp_so=sh * tw_in,
-                                    inp_si=sw,
-                                    acc_so=tw,
-                                    acc_si=1,
-                                )
-                            )
-                            started[g] = True
+                        seq += _gemms(
+                            [chunks[key][j] for j in dispatch[key]],
+                            [wbase + j for j in dispatch[key]], started, (cg0, kc0),
+                            inp_base, inp_chunk_entries, acc_out, (th, tw), tw_in, g,
+                        )  # fmt: skip
                     # epilogue: bias, requantize, clip (fused into ADD_REQUANT below), store
-                    for g in range(gsize):
-                        dst = acc_out + g * t
-                        if not started[g]:  # every weight of this block was pruned
+                    for k in range(gsize):
+                        dst = acc_out + k * t
+                        if not started[k]:  # every weight of this block was pruned
                             seq.append(_alu(AluOp.MUL, dst, *loop, imm=0))
-                        seq.append(_alu(AluOp.ADD, dst, *loop, src=row(g)))
-                        seq.append(_alu(AluOp.REQUANT, dst, *loop, imm=shift, src=row(g) + 1))
+                        seq.append(_alu(AluOp.ADD, dst, *loop, src=row(k)))
+                        seq.append(_alu(AluOp.REQUANT, dst, *loop, imm=shift, src=row(k) + 1))
                         seq += _clip_ops(cfg, dst, *loop, *clip)
-                        dram = ((b * cob + cg0 + g) * oh + oh0) * ow + ow0
-                        seq.append(_store(S_OUT, act, dst, dram, th, tw, ow))
+                        seq.append(_store(S_OUT, act, dst, dram0 + k * oh * ow, th, tw, ow))
                     regions.append((start, p0, p0 + len(prologue)))
-    info = {
-        "kind": "conv2d_residual" if fused else "conv2d",
-        "macs": int(n * oh * ow * cout * cin_g * kh * kw),
-        "weight_blocks": int(blocks.shape[0] * blocks.shape[1] * kh * kw),
-        "nonzero_blocks": len(order),
-        "schedule": sched.to_dict(),
-    }
-    if fused:
-        info["residual"] = True
+    info = conv_info(g, weight.shape, len(order), sched, fused)
     seq = conv_stream_passes(seq, cfg, regions if fused else None, double)
     prog = Program(layer, cfg, slots, insert_dependency_tokens(seq), layer_index, info)
     return prog, [wblocks, bias_mult]

@@ -106,24 +106,8 @@ def conv2d_program(
     bias_mult = codegen.bias_mult_rows(cfg, layer, cout, bias, mult, residual)
     sch = schedule_conv2d(func, cfg, sched, weight_blocks=len(sparse.order))
     insns = emit_program(sch, cfg, sparse)
-    slots = [
-        Slot("data", "input", cfg.act_dtype, (n, cin, h, w), "act", R),
-        Slot("weight_blocks", "const", wdtype, wblocks.shape),
-        Slot("bias_mult", "const", "int32", bias_mult.shape),
-        Slot("out", "output", cfg.act_dtype, (n, cout, oh, ow), "act", C),
-    ]
-    if fused:
-        slots.insert(1, Slot("residual", "input", cfg.act_dtype, (n, cout, oh, ow), "act", C))
-    info = {
-        "kind": "conv2d_residual" if fused else "conv2d",
-        "macs": int(n * oh * ow * cout * cin_g * kh * kw),
-        "weight_blocks": int(cob * cib * kh * kw),
-        "nonzero_blocks": len(sparse.order),
-        "schedule": sched.to_dict(),
-        "source": "tir",
-    }
-    if fused:
-        info["residual"] = True
+    slots = codegen.conv_slots(cfg, g, cout, wblocks, bias_mult, fused)
+    info = {**codegen.conv_info(g, weight.shape, len(sparse.order), sched, fused), "source": "tir"}
     return Program(layer, cfg, slots, insns, layer_index, info), [wblocks, bias_mult]
 
 
