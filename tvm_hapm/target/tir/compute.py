@@ -35,6 +35,36 @@ SCOPE_BUFFER = {SCOPE_INP: Buffer.INP, SCOPE_WGT: Buffer.WGT, SCOPE_ACC: Buffer.
 
 # =============================================================================================
 # TE definitions
+def requant_stages(cfg: HardwareConfig, acc: te.Tensor, mult_at, shift: int, clip):
+    """The requantization of an int32 stage ``acc`` (the ALU's ``REQUANT``): stage ``requant``,
+    ``(acc * mult + 2**(shift-1)) >> shift`` in int64 saturated to the activation range, with
+    ``mult_at(*index)`` the multiplier of an element, then stage ``clip`` when ``clip`` is
+    narrower than that range.  Returns the last stage (int32); the one definition of the TE
+    requantization, for every layer that ends with it."""
+    i64 = "int64"
+    amin, amax = cfg.act_range
+    lo, hi = clip
+
+    def requantized(*i):
+        v = acc[i].astype(i64) * mult_at(*i).astype(i64) + tirx.const(1 << (shift - 1), i64)
+        v = tirx.min(v >> tirx.const(shift, i64), tirx.const(amax, i64))
+        return tirx.max(v, tirx.const(amin, i64)).astype("int32")
+
+    requant = te.compute(acc.shape, requantized, name="requant")
+    if lo <= amin and hi >= amax:
+        return requant
+
+    def clipped(*i):
+        v = requant[i]
+        if lo > amin:
+            v = tirx.max(v, lo)
+        if hi < amax:
+            v = tirx.min(v, hi)
+        return v
+
+    return te.compute(acc.shape, clipped, name="clip")
+
+
 def conv2d_primfunc(
     cfg: HardwareConfig,
     n: int,
@@ -147,34 +177,9 @@ def conv2d_primfunc(
         lambda b, co, y, x, c: conv[b, co, y, x, c] + bias_mult[rows * co, c],
         name="bias",
     )
-    i64 = "int64"
-    requant = te.compute(
-        out_shape,
-        lambda b, co, y, x, c: tirx.max(
-            tirx.min(
-                (
-                    bias[b, co, y, x, c].astype(i64) * bias_mult[rows * co + 1, c].astype(i64)
-                    + tirx.const(1 << (shift - 1), i64)
-                )
-                >> tirx.const(shift, i64),
-                tirx.const(amax, i64),
-            ),
-            tirx.const(amin, i64),
-        ).astype("int32"),
-        name="requant",
+    last = requant_stages(
+        cfg, bias, lambda b, co, y, x, c: bias_mult[rows * co + 1, c], shift, (lo, hi)
     )
-    last = requant
-    if lo > amin or hi < amax:
-
-        def _clip(b, co, y, x, c):
-            v = requant[b, co, y, x, c]
-            if lo > amin:
-                v = tirx.max(v, lo)
-            if hi < amax:
-                v = tirx.min(v, hi)
-            return v
-
-        last = te.compute(out_shape, _clip, name="clip")
     out = te.compute(out_shape, lambda *i: last[i].astype(act), name="out")
     if residual:
         func = te.create_prim_func([data, res, weight, bias_mult, out])

@@ -21,7 +21,14 @@ from ..schedule import (
     plan_eltwise,
     residual_rows,
 )
-from .compute import KERNEL_ATTR, LAYER_ATTR, SCHEDULE_ATTR, conv2d_primfunc, layer_of
+from .compute import (
+    KERNEL_ATTR,
+    LAYER_ATTR,
+    SCHEDULE_ATTR,
+    conv2d_primfunc,
+    layer_of,
+    requant_stages,
+)
 from .emit import SparseWeights, emit_program
 from .scheduling import has_block, schedule_conv2d, tir_conv_schedule
 from .walk import TirLoweringError
@@ -258,34 +265,7 @@ def global_avg_pool_primfunc(cfg: HardwareConfig, entries: int, pixels: int, shi
     x = _acc_copy(data, "data_acc")
     p = te.reduce_axis((0, pixels), "p")
     s = te.compute((entries, C), lambda e, c: te.sum(x[e, p, c], axis=p), name="sum")
-    i64 = "int64"
-    requant = te.compute(
-        s.shape,
-        lambda e, c: tirx.max(
-            tirx.min(
-                (
-                    s[e, c].astype(i64) * mult_acc[0, c].astype(i64)
-                    + tirx.const(1 << (shift - 1), i64)
-                )
-                >> tirx.const(shift, i64),
-                tirx.const(amax, i64),
-            ),
-            tirx.const(amin, i64),
-        ).astype("int32"),
-        name="requant",
-    )
-    last = requant
-    if lo > amin or hi < amax:
-
-        def _clip(e, c):
-            v = requant[e, c]
-            if lo > amin:
-                v = tirx.max(v, lo)
-            if hi < amax:
-                v = tirx.min(v, hi)
-            return v
-
-        last = te.compute(s.shape, _clip, name="clip")
+    last = requant_stages(cfg, s, lambda e, c: mult_acc[0, c], shift, (lo, hi))
     out = te.compute(s.shape, lambda e, c: last[e, c].astype(act), name="out")
     func = te.create_prim_func([data, mult, out])
     layer = {"kind": "global_avg_pool", "config": cfg.name, "entries": entries,
