@@ -40,6 +40,7 @@ __all__ = [
     "encode_stream",
     "decode_stream",
     "module_of",
+    "dram_elements",
     "disassemble",
     "ELEM_BITS",
     "ELEM_CODE",
@@ -340,6 +341,15 @@ def _rebuild(opcode, fields) -> Instruction:
 
 # The fields each opcode encodes (the others must stay 0); computed once, checked on construction.
 _ENCODED = {op: frozenset(name for name, _ in layout) for op, layout in LAYOUTS.items()}
+
+
+def dram_elements(insn: Instruction, entry_elems: int) -> np.ndarray:
+    """The DRAM elements (of its slot) a ``LOAD`` or ``STORE`` moves: ``y_size`` rows of
+    ``x_size`` entries of ``entry_elems`` elements, ``x_stride`` entries apart (the padding a
+    LOAD adds on chip moves nothing)."""
+    rows = insn.dram_addr + np.arange(insn.y_size, dtype=np.int64) * insn.x_stride
+    cols = np.arange(insn.x_size * entry_elems, dtype=np.int64)
+    return (rows[:, None] * entry_elems + cols[None, :]).reshape(-1)
 
 
 def module_of(insn: Instruction) -> Module:

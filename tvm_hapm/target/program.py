@@ -228,9 +228,8 @@ class Program:
             if insn.opcode != isa.Opcode.STORE or insn.dram_slot not in written:
                 continue
             mask = written[insn.dram_slot]
-            for row in range(insn.y_size):
-                start = (insn.dram_addr + row * insn.x_stride) * entry
-                mask[start : start + insn.x_size * entry] = True
+            elems = isa.dram_elements(insn, entry)
+            mask[elems[elems < mask.size]] = True  # beyond the slot: the simulator refuses it
         for k, mask in written.items():
             if not mask.all():
                 raise ProgramError(

@@ -52,13 +52,6 @@ def _loop_entries(base, so, si, outer, inner) -> np.ndarray:
     return (base + o + i).reshape(-1)
 
 
-def _transfer_elements(insn, entry_elems: int) -> np.ndarray:
-    """DRAM elements a LOAD or STORE moves (rows of ``x_size`` entries, ``x_stride`` apart)."""
-    rows = insn.dram_addr + np.arange(insn.y_size, dtype=np.int64) * insn.x_stride
-    cols = np.arange(insn.x_size * entry_elems, dtype=np.int64)
-    return (rows[:, None] * entry_elems + cols[None, :]).reshape(-1)
-
-
 def _accesses(insn, entry_elems, shared_slots):
     """``(resource, entries, is_write)`` of one instruction; resources are buffers or
     ``("dram", slot)`` for the slots in ``shared_slots``."""
@@ -92,7 +85,7 @@ def _accesses(insn, entry_elems, shared_slots):
         load = op == Opcode.LOAD
         out.append((insn.buffer, sram, load))
         if insn.dram_slot in shared_slots:
-            elems = _transfer_elements(insn, entry_elems[insn.buffer])
+            elems = isa.dram_elements(insn, entry_elems[insn.buffer])
             out.append((("dram", insn.dram_slot), elems, not load))
     return out
 
