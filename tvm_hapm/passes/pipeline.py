@@ -23,7 +23,17 @@ from .lower import LoweringError, LowerToHapm
 from .partition import PartitionForHapm, host_operator_report
 from .quantize import FLOAT_MODEL_MESSAGE, float_layer_ops, integer_layers
 
-__all__ = ["offload_passes", "hapm_pipeline", "last_compile_report", "CompileReport"]
+__all__ = [
+    "offload_pass_list",
+    "offload_passes",
+    "hapm_pipeline",
+    "last_compile_report",
+    "CompileReport",
+    "CheckIntegerModel",
+    "WarnHostLayers",
+    "InsertBeginRun",
+    "RecordCompileReport",
+]
 
 logger = logging.getLogger("tvm_hapm")
 
@@ -42,33 +52,78 @@ def last_compile_report() -> CompileReport:
     return _LAST_REPORT
 
 
+def offload_pass_list(config: HardwareConfig, programs: list) -> list[tvm.transform.Pass]:
+    """The offload, in order: the one place the order of hapm_fpga's passes is written.
+
+    1. :func:`CheckIntegerModel`: refuse a float model, or one quantized for another precision;
+    2. :func:`~tvm_hapm.passes.partition.PartitionForHapm`: group accelerator layers into
+       ``hapm_fpga.*`` composite functions;
+    3. :func:`~tvm_hapm.passes.lower.LowerToHapm`: each composite call becomes a program run
+       (``hapm_fpga.run``), its :class:`~tvm_hapm.target.program.Program` appended to
+       ``programs``;
+    4. :func:`WarnHostLayers`: an integer conv / matmul left on the host is never silent;
+    5. :func:`InsertBeginRun`: every entry function starts a fresh run (``last_run_stats``);
+    6. :func:`RecordCompileReport`: what runs where (``last_compile_report``).
+
+    TVM's default build pipeline follows (:func:`hapm_pipeline`) for what is left on the host.
+    """
+    first = len(programs)
+    return [
+        CheckIntegerModel(config),
+        PartitionForHapm(config),
+        LowerToHapm(config, programs),
+        WarnHostLayers(config, programs, first),
+        InsertBeginRun(),
+        RecordCompileReport(config, programs, first),
+    ]
+
+
 def offload_passes(config: HardwareConfig | None = None, programs: list | None = None):
-    """Refuse float models, partition, and lower accelerator layers to programs."""
+    """The offload passes of :func:`offload_pass_list` as one pass (``config``: default, the
+    current target's)."""
 
     @tvm.transform.module_pass(opt_level=0, name="HapmOffload")
     def _offload(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        global _LAST_REPORT
-        cfg = get_config(config)
+        progs: list = [] if programs is None else programs
+        seq = offload_pass_list(get_config(config), progs)
+        return tvm.transform.Sequential(seq, name="HapmOffloadPasses")(mod)
+
+    return _offload
+
+
+def CheckIntegerModel(config: HardwareConfig) -> tvm.transform.Pass:  # noqa: N802
+    """Refuse a model whose conv2d / matmul layers are float (not quantized), or quantized for
+    another precision than ``config`` computes (:class:`~tvm_hapm.passes.lower.LoweringError`
+    with the advice)."""
+
+    @tvm.transform.module_pass(opt_level=0, name="CheckIntegerModel")
+    def _check(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         floats = float_layer_ops(mod)
         if floats:
             raise LoweringError(
                 f"the model has {len(floats)} float conv2d/matmul layers; {FLOAT_MODEL_MESSAGE}"
             )
-        layers = integer_layers(mod)
-        precisions = sorted({dtype for _, dtype, _ in layers})
-        if layers and precisions != [cfg.act_dtype]:
+        precisions = sorted({dtype for _, dtype, _ in integer_layers(mod)})
+        if precisions and precisions != [config.act_dtype]:
             raise LoweringError(
                 f"the model was quantized for {' and '.join(precisions)} data, but hapm_fpga "
-                f"config {cfg.name!r} computes {cfg.act_dtype} (act_bits={cfg.act_bits}); "
-                f"quantize it for this config"
+                f"config {config.name!r} computes {config.act_dtype} "
+                f"(act_bits={config.act_bits}); quantize it for this config"
             )
-        progs: list = [] if programs is None else programs
-        first = len(progs)
-        mod = PartitionForHapm(cfg)(mod)
-        mod = LowerToHapm(cfg, progs)(mod)
+        return mod
+
+    return _check
+
+
+def WarnHostLayers(config: HardwareConfig, programs: list, first: int) -> tvm.transform.Pass:  # noqa: N802
+    """Warn about every integer conv2d / matmul that stays on the host after lowering (legal,
+    never silent), with the shapes, and a hint when a symbolic batch is the reason;
+    ``programs[first:]`` are the layers that do run on the accelerator."""
+
+    @tvm.transform.module_pass(opt_level=0, name="WarnHostLayers")
+    def _warn(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         on_host = integer_layers(mod)
         if on_host:
-            # A layer the accelerator cannot run is legal, but never silent.
             listing = "; ".join(f"{op.removeprefix('relax.')} on {dt}{list(shape)}"
                                 for op, dt, shape in on_host)  # fmt: skip
             symbolic = any(not isinstance(d, int) for _, _, shape in on_host for d in shape)
@@ -80,18 +135,57 @@ def offload_passes(config: HardwareConfig | None = None, programs: list | None =
             )
             warnings.warn(
                 f"hapm_fpga: {len(on_host)} integer conv2d/matmul layer(s) run on the host, "
-                f"not on the accelerator ({len(progs) - first} layer(s) do; no pattern of config "
-                f"{cfg.name!r} matches these): {listing}{hint}",
+                f"not on the accelerator ({len(programs) - first} layer(s) do; no pattern of "
+                f"config {config.name!r} matches these): {listing}{hint}",
                 stacklevel=2,
             )
+        return mod
+
+    return _warn
+
+
+def InsertBeginRun() -> tvm.transform.Pass:  # noqa: N802
+    """Make every entry function call ``hapm_fpga.begin_run`` first (an impure call, so the
+    function is marked impure): the run statistics then start afresh at every run, accelerator
+    layers or not."""
+
+    @tvm.transform.module_pass(opt_level=0, name="InsertBeginRun")
+    def _insert(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        out = mod
+        for gv, func in mod.functions_items():
+            if not isinstance(func, relax.Function) or func.attrs is None:
+                continue
+            if "global_symbol" not in func.attrs:
+                continue
+            call = relax.Call(relax.ExternFunc(BEGIN_RUN_FUNC), [], None, [relax.ObjectType()])
+            var = relax.Var("_hapm_begin_run", relax.ObjectType())
+            blocks = [relax.BindingBlock([relax.VarBinding(var, call)]), *func.body.blocks]
+            body = relax.SeqExpr(blocks, func.body.body)
+            new = relax.Function(func.params, body, func.ret_ty, is_pure=False, attrs=func.attrs)
+            if out is mod:
+                out = mod.clone()
+            out[gv] = new
+        # the new call gets its type as any bound expression does
+        return out if out is mod else relax.transform.Normalize()(out)
+
+    return _insert
+
+
+def RecordCompileReport(config: HardwareConfig, programs: list, first: int):  # noqa: N802
+    """Record what runs where (:func:`last_compile_report`): the accelerator layers
+    ``programs[first:]`` and the operators left on the host."""
+
+    @tvm.transform.module_pass(opt_level=0, name="RecordCompileReport")
+    def _record(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        global _LAST_REPORT
+        progs = programs[first:]
         host = {}
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 for op, count in host_operator_report(mod, gv.name_hint).items():
                     host[op] = host.get(op, 0) + count
-        mod = _begin_runs(mod)
         _LAST_REPORT = CompileReport(
-            config=cfg.name,
+            config=config.name,
             accelerator={p.layer: p.info.get("kind", "") for p in progs},
             host=host,
         )
@@ -103,27 +197,7 @@ def offload_passes(config: HardwareConfig | None = None, programs: list | None =
             )
         return mod
 
-    return _offload
-
-
-def _begin_runs(mod: tvm.IRModule) -> tvm.IRModule:
-    """Make every entry function call ``hapm_fpga.begin_run`` first (an impure call, so the
-    function is marked impure): the run statistics then start afresh at every run, accelerator
-    layers or not."""
-    out = mod
-    for gv, func in mod.functions_items():
-        if not isinstance(func, relax.Function) or func.attrs is None:
-            continue
-        if "global_symbol" not in func.attrs:
-            continue
-        call = relax.Call(relax.ExternFunc(BEGIN_RUN_FUNC), [], None, [relax.ObjectType()])
-        binding = relax.VarBinding(relax.Var("_hapm_begin_run", relax.ObjectType()), call)
-        body = relax.SeqExpr([relax.BindingBlock([binding]), *func.body.blocks], func.body.body)
-        new = relax.Function(func.params, body, func.ret_ty, is_pure=False, attrs=func.attrs)
-        if out is mod:
-            out = mod.clone()
-        out[gv] = new
-    return out
+    return _record
 
 
 def hapm_pipeline(config: HardwareConfig | None = None, programs: list | None = None):
