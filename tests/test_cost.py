@@ -269,24 +269,6 @@ def test_vectorized_mask_reduction_equals_the_per_point_analysis(seed):
     np.testing.assert_allclose(again.energy_uj[::-1], ba.energy_uj, rtol=1e-12)
 
 
-def test_mask_group_rounds_equal_the_reference():
-    """The per-bucket group reduction (any / ``max(n_p, A)`` A-ths over a group's output
-    blocks, then the sum over positions) equals ``position_rounds`` (chunks of one input
-    block), ``G`` above and below the number of arrays."""
-    from tvm_hapm.cost.analytic import group_rounds, sum_rows
-    from tvm_hapm.cost.reference import position_rounds
-
-    rng = np.random.default_rng(0)
-    for cob, cib, kk, A, G in [(8, 5, 9, 4, 4), (6, 3, 9, 4, 3), (8, 4, 1, 2, 4), (12, 2, 25, 4, 6),
-                               (64, 16, 9, 4, 2), (40, 30, 9, 8, 1), (5, 5, 1, 1, 5)]:  # fmt: skip
-        for density in (0.0, 0.3, 0.9):
-            m = rng.random((cob, cib, 1, kk)) < density
-            ref = position_rounds(m, 0.0, A, G, 1).ravel()
-            Y = m.reshape(-1).view(np.uint8)
-            got = sum_rows(group_rounds(Y, G, 0 if G <= A else A, cib * kk), kk)
-            np.testing.assert_allclose(got / (A if G > A else 1), ref, rtol=1e-12)
-
-
 def test_batch_shares_layers_masks_and_schedules_and_clear_caches_is_transparent():
     """Queries repeating one layer / mask / schedule object give the per-query results, and an
     emptied cache changes nothing."""
@@ -347,13 +329,6 @@ _ZOO_GOLDEN = [
 ]  # fmt: skip
 
 
-def _numpy_path(monkeypatch):
-    """Make the batched analysis and the fine model run without the compiled kernels."""
-    from tvm_hapm.cost.analytic import steps
-
-    monkeypatch.setattr(steps, "KERNELS", [None])
-
-
 def _assert_same_batch(a, b):
     assert a.schedules == b.schedules
     np.testing.assert_array_equal(a.cycles, b.cycles)
@@ -365,31 +340,35 @@ def _assert_same_batch(a, b):
         np.testing.assert_array_equal(a.columns[k], b.columns[k], err_msg=k)
 
 
-@pytest.mark.parametrize("which", ["random0", "random1", "random2", "mixed", "zoo"])
-def test_compiled_kernels_equal_the_numpy_path_bit_for_bit(which, monkeypatch):
-    """The compiled mask reduction and timing kernels give exactly the numpy path's cycles,
-    energy, counts and feature columns (random masks with groups above and below the number of
-    arrays, depthwise layers, fractions, given schedules; the benchmark's kind of points), and
-    the stored figures."""
-    from tvm_hapm.cost import analytic
+def _assert_equals_reference(qs, batch, rel=1e-9):
+    """The batch's cycles, energy and counts against the scalar reference, query by query."""
+    for i, q in enumerate(qs):
+        ref = analyze_reference(*q)
+        got = batch.item(i)
+        assert got.cycles == pytest.approx(ref.cycles, rel=rel)
+        assert got.energy_uj == pytest.approx(ref.energy_uj, rel=rel)
+        for k, v in ref.counts.items():
+            assert got.counts[k] == pytest.approx(v, rel=rel, abs=1e-9), k
 
-    assert analytic.jit_kernels() is not None  # numba is a dependency
-    qs = {"mixed": _mixed_queries, "zoo": _zoo_queries}.get(which)
-    qs = qs() if qs else _random_mask_queries(int(which[-1]))
-    jit = analyze_batch(qs)
-    with monkeypatch.context() as m:
-        _numpy_path(m)
-        plain = analyze_batch(qs)
-    _assert_same_batch(jit, plain)
+
+@pytest.mark.parametrize("which", ["random0", "random1", "random2", "zoo"])
+def test_compiled_kernels_equal_the_reference_and_the_stored_figures(which):
+    """The compiled mask reduction and timing kernels (the mid model's one batched
+    implementation) give the scalar reference's cycles, energy and counts (random masks with
+    groups above and below the number of arrays, depthwise layers, given schedules; the
+    benchmark's kind of points), and the stored figures bit for bit."""
+    qs = _zoo_queries() if which == "zoo" else _random_mask_queries(int(which[-1]))
+    batch = analyze_batch(qs)
+    _assert_equals_reference(qs, batch)
     if which == "zoo":
-        got = list(zip(jit.cycles.tolist(), jit.energy_uj.tolist()))
+        got = list(zip(batch.cycles.tolist(), batch.energy_uj.tolist()))
         assert got == _ZOO_GOLDEN
 
 
-def test_numpy_mask_path_counts_many_rounds_per_input_block(monkeypatch):
-    """A group many times the arrays on a 7x7 kernel: an input block's rounds pass 255 (the
-    numpy path summed them in uint8 and wrapped around), and both paths still give the per-layer
-    reference's rounds."""
+def test_mask_path_counts_many_rounds_per_input_block():
+    """A group many times the arrays on a 7x7 kernel: an input block's rounds pass 255 (a
+    NumPy path once summed them in uint8 and wrapped around); the compiled path gives the
+    per-layer reference's rounds."""
     from tvm_hapm.target.config import HardwareConfig
     from tvm_hapm.target.schedule import ConvSchedule
 
@@ -398,12 +377,7 @@ def test_numpy_mask_path_counts_many_rounds_per_input_block(monkeypatch):
     mask = np.random.default_rng(0).random((8, 2, 7, 7)) < 0.9
     qs = [(layer, cfg, ConvSchedule(7, 7, 8, 2, True), mask)]
     ref = analyze_reference(*qs[0]).counts["gemm_rounds"]
-    jit = analyze_batch(qs)
-    with monkeypatch.context() as m:
-        _numpy_path(m)
-        plain = analyze_batch(qs)
-    _assert_same_batch(jit, plain)
-    assert plain.counts["gemm_rounds"][0] == pytest.approx(ref, rel=1e-12)
+    assert analyze_batch(qs).counts["gemm_rounds"][0] == pytest.approx(ref, rel=1e-12)
 
 
 def test_plan_pools_start_again_during_a_batch(monkeypatch):

@@ -5,21 +5,20 @@ arrays rather than arithmetic (see ``docs/cost_model.md``, "Batched evaluation")
 
 * :func:`mask_steps` (:func:`tvm_hapm.cost.analytic.analyze_batch`): every step's non-zero
   blocks, longest chain and GEMM rounds and every query's empty output blocks, in one sweep over
-  each mask's bytes (the numpy path: one ``einsum`` per kernel size, a group reduction per
-  bucket, prefix sums and gathers);
+  each mask's bytes;
 * :func:`timing`: the per-step and per-(tile class, step) arithmetic of the timing model, its
-  per-query sums, the event counts and the energy, query by query (the numpy path: ~150
-  operations over the batch's concatenated rows);
+  per-query sums, the event counts and the energy, query by query;
 * :func:`forest`: the fine model's trees (:class:`tvm_hapm.cost.models.CompiledForest`), the
   outputs of xgboost's prediction without its per-call setup.
 
-They compute what the numpy path (``analytic.steps.mask_steps``, ``analytic.timing.batch_timing``)
-computes with the same floating-point operations in the same order; the per-query sums follow
-numpy's ``np.add.reduceat`` (the first element plus numpy's pairwise sum of the rest,
-:func:`_seg_sum`), so the results are bit-identical (``tests/test_cost.py`` checks both paths
-against each other and against stored figures).  The signatures are explicit (compiled when
-this module is first imported, cached on disk by numba), so a caller passing other dtypes gets a
-``TypeError`` instead of a new compilation.
+The first two are the mid model's one batched implementation; its readable specification is
+the scalar :func:`tvm_hapm.cost.reference.analyze_reference`, which ``tests/test_cost.py``
+checks them against, and against stored figures bit for bit.  (A NumPy path computed the same
+numbers and was removed: 2.3x slower, see :func:`tvm_hapm.cost.analytic.jit_kernels`.)  The
+per-query sums follow numpy's ``np.add.reduceat`` (the first element plus numpy's pairwise sum
+of the rest, :func:`_seg_sum`), the order the stored figures were computed in.  The signatures
+are explicit (compiled when this module is first imported, cached on disk by numba), so a
+caller passing other dtypes gets a ``TypeError`` instead of a new compilation.
 """
 
 from __future__ import annotations

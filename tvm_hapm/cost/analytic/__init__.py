@@ -55,13 +55,11 @@ from .common import (
 )
 from .plans import (
     BOOL,
-    BUCKETS,
     CFG_COLS,
     MAX_PAIRS,
     PAIR_OF_OBJECTS,
     POOL,
     QCOLS,
-    TSHAPES,
     LayerPair,
     build_plans,
     cfg_row,
@@ -70,8 +68,8 @@ from .plans import (
     struct_counts,
     timing_key,
 )
-from .steps import frac_steps, group_rounds, jit_kernels, mask_steps, mask_steps_jit, sum_rows
-from .timing import batch_timing, batch_timing_jit
+from .steps import frac_steps, jit_kernels, mask_steps
+from .timing import batch_timing
 
 __all__ = [
     "ROUND_UP",
@@ -83,11 +81,9 @@ __all__ = [
     "default_schedule",
     "energy_model_of",
     "fluid_rounds",
-    "group_rounds",
     "jit_kernels",
     "schedule_dict",
     "store_bound",
-    "sum_rows",
 ]
 
 
@@ -166,9 +162,7 @@ def clear_caches() -> None:
 
     clear_plan_caches()
     POOL.reset()
-    TSHAPES.clear()
     _CFG_INFO.clear()
-    BUCKETS.clear()
     for f in (struct_position_counts, struct_counts, structural_blocks):
         f.cache_clear()
 
@@ -179,9 +173,9 @@ def analyze_batch(queries) -> BatchAnalysis:
     The same model as :func:`analyze_reference` (``schedule=None``: ``plan_conv``'s;
     ``sparsity``: a :class:`BlockSparsity`, a fraction or a block mask), evaluated over the
     whole batch with numpy and two compiled loops (:mod:`tvm_hapm.cost._jit`: the mask
-    reduction and the timing / energy arithmetic; without numba, numpy, :func:`jit_kernels`): the
-    per-query Python work is reading the query and counting the mask's non-zero blocks (on
-    which the compiler's schedule depends).
+    reduction and the timing / energy arithmetic, :func:`jit_kernels`): the per-query Python
+    work is reading the query and counting the mask's non-zero blocks (on which the compiler's
+    schedule depends).
     """
     queries = list(queries)
     n = len(queries)
@@ -225,8 +219,7 @@ def analyze_batch(queries) -> BatchAnalysis:
     nnzs = [None if m is None else _count_nonzero(m) for m in masks]
     # ---- plans: the schedule given (read once per object), or the compiler's, planned for
     # the non-zero blocks it is given
-    # mask queries (all but the full masks; by bucket for the numpy path), then the fraction
-    # queries
+    # mask queries (all but the full masks), then the fraction queries
     given: dict = {}
     plans = []
     mi, fi = [], []
@@ -251,8 +244,6 @@ def analyze_batch(queries) -> BatchAnalysis:
     if POOL.gen != gen:  # the pools started again while this batch's plans were built
         POOL.current(plans)
     kern = jit_kernels()
-    if mi and kern is None:  # the numpy reduction runs bucket by bucket
-        mi.sort(key=lambda i: plans[i].bid)
     order = mi + fi
     nm = len(mi)
     plans_o = [plans[i] for i in order]
@@ -271,11 +262,7 @@ def analyze_batch(queries) -> BatchAnalysis:
     ns_m = int(q["nst"][:nm].sum())
     if nm:
         masks_m = [masks[i] for i in mi]
-        if kern is None:
-            steps_m, chain_m, rounds_m, empty[:nm] = mask_steps(masks_m, plans_o[:nm], q)
-            S[:, :ns_m] = steps_m, chain_m, rounds_m
-        else:
-            mask_steps_jit(masks_m, plans_o[:nm], q, S[:, :ns_m], empty[:nm])
+        mask_steps(masks_m, plans_o[:nm], q, S[:, :ns_m], empty[:nm])
         nnz[:nm] = [nnzs[i] for i in mi]
         frac[:nm] = 1.0 - nnz[:nm] / np.maximum(tot[:nm], 1)
     if fi:
@@ -285,12 +272,8 @@ def analyze_batch(queries) -> BatchAnalysis:
         nnz[nm:] = tot[nm:] * (1.0 - frac[nm:])
     steps, chain, rounds = S
     cfa = np.array(cfg_rows, np.float64)[cidx]
-    if kern is None:
-        cycles, energy, counts = batch_timing(q, plans_o, steps, chain, rounds, empty, exact, nnz,
-                                         frac, tot, cfa)  # fmt: skip
-    else:
-        cycles, energy, counts = batch_timing_jit(kern, Q, q, plans_o, steps, chain, rounds, empty,
-                                             exact, nnz, frac, tot, cfa)  # fmt: skip
+    cycles, energy, counts = batch_timing(kern, Q, q, plans_o, steps, chain, rounds, empty, exact,
+                                          nnz, frac, tot, cfa)  # fmt: skip
     columns = {
         "n": q["n"], "cin": q["cin"], "h": q["h"], "w": q["w"], "cout": q["cout"],
         "kh": q["kh"], "kw": q["kw"], "stride": q["stride"], "groups": q["groups"],
@@ -319,7 +302,6 @@ def _cfg_info(cfg: HardwareConfig) -> tuple:
         return seen[1], seen[2]
     if len(_CFG_INFO) > 256:
         _CFG_INFO.clear()
-    BUCKETS.clear()
     tkey, row = timing_key(cfg), cfg_row(cfg)
     _CFG_INFO[id(cfg)] = (weakref.ref(cfg), tkey, row)
     return tkey, row

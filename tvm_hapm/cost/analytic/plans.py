@@ -35,9 +35,6 @@ MAX_PAIRS = 4096
 _MAX_PLANS = 8192  # per pair (schedules, and the compiler's schedule per non-zero count)
 
 
-TSHAPES: dict = {}  # trailing mask shape (CIB, KH, KW) -> bucket id
-
-
 def clear_plan_caches() -> None:
     """Forget the pairs (and the plans they hold)."""
     _PAIRS.clear()
@@ -58,7 +55,7 @@ class LayerPair:
     schedule (``dplan``) and the plans of the schedules seen."""
 
     __slots__ = ("cib", "cob", "dplan", "full", "itot", "kk", "layer", "lrow", "nnz_plans",
-                 "per", "plans", "shape", "struct", "tid", "tot", "trow", "uniq")  # fmt: skip
+                 "per", "plans", "shape", "struct", "tot", "trow", "uniq")  # fmt: skip
 
     def __init__(self, layer: ConvLayer, cfg: HardwareConfig, pending: list):
         R, C = cfg.array_rows, cfg.array_cols
@@ -77,8 +74,6 @@ class LayerPair:
         self.itot = int(tot)
         self.shape = struct.shape
         self.cob, self.cib, self.kk = cob, cib, layer.kh * layer.kw
-        tshape = struct.shape[1:]
-        self.tid = TSHAPES.setdefault(tshape, len(TSHAPES))
         self.plans: dict = {}
         self.nnz_plans: dict = {}
         sched = plan_conv(
@@ -140,16 +135,11 @@ class _Plan:
     ``q``: the query row (``QCOLS`` then the schedule's fields); ``P`` and ``P64``: the
     ``PCOLS32`` and ``PCOLS64`` columns of each (tile class, step) pair; ``qi`` and ``pe``: the
     query row's column and the first pair's column in the pools of ``POOL`` (generation
-    ``gen``); ``RS``:
-    ranges ``[lo, hi)`` of the query's flat per-(output block, input block) counts: each output
-    block's whole row, then for every step each output block of its group over the step's
-    input chunk; ``RR``: per step, its rows ``[lo, hi)`` in ``RS`` and its range ``[lo, hi)``
-    of the per-(group, input block) rounds.
+    ``gen``).
     """
 
-    __slots__ = ("G", "K", "P", "P64", "RR", "RS", "bid", "bkey", "csize", "dbs", "frac_arrays",
-                 "gen", "nbytes", "pair", "pe", "q", "qi", "sched", "srow", "tile",
-                 "zpad")  # fmt: skip
+    __slots__ = ("G", "K", "P", "P64", "dbs", "frac_arrays", "gen", "pair", "pe", "q", "qi",
+                 "sched", "srow", "tile")  # fmt: skip
 
     def __init__(self, pair: LayerPair, schedule):
         self.pair, self.sched = pair, schedule
@@ -157,33 +147,12 @@ class _Plan:
         self.G, self.K = max(1, schedule.cob_group), max(1, schedule.cib_chunk)
         self.tile = (schedule.tile_h, schedule.tile_w)
         self.dbs = bool(getattr(schedule, "double_buffer", False))
-        A = pair.trow[2]
-        G = self.G
-        pad = -pair.cob % G  # zero output blocks completing the last group
-        self.zpad = np.zeros((pad, *pair.shape[1:]), bool) if pad else None
-        self.csize = (pair.cob + pad) * pair.cib  # its per-(output, input block) counts
-        self.nbytes = self.csize * pair.kk
-        # masks reduced alike: kernel size, trailing shape, group; arrays only when G > A
-        self.bkey = (pair.kk, pair.tid, G, 0 if G <= A else A)
-        self.bid = _bucket_id(self.bkey)
         self.frac_arrays = None
-
-
-BUCKETS: dict = {}  # bucket key -> id
-
-
-def _bucket_id(bkey: tuple) -> int:
-    """An integer per bucket key, kernel size first: sorting mask queries by it puts each
-    kernel size together and each bucket in one run."""
-    bid = BUCKETS.get(bkey)
-    if bid is None:
-        bid = BUCKETS[bkey] = bkey[0] * (1 << 24) + len(BUCKETS)
-    return bid
 
 
 QCOLS = ("nst", "npairs", "n_cg", "n_kc", "n_tiles", "pix", "fits_res", "fits_non", "dbs",
           "st_last", "g_last", "tail_alu", "sa", "cnt_pad", "cnt_data", "partial", "ncls",
-          "tile", "G", "K", "tot", "rsize", "nrow", "share", "n", "cin", "h", "w", "cout", "kh",
+          "tile", "G", "K", "tot", "share", "n", "cin", "h", "w", "cout", "kh",
           "kw", "stride", "groups", "oh", "ow", "cob", "cib", "R", "C", "A", "B", "L", "ab",
           "wb", "inp_depth", "wgt_depth", "acc_depth", "ld_first", "g0t_first")  # fmt: skip
 
@@ -310,22 +279,6 @@ def build_plans(plans: list) -> None:
     gsz_prev = gsz[st_off[seg_s] + ((g_s - 1) % n_cg[seg_s]) * nk + k_s].astype(float)
     loaded = np.where(nk > 1, 1.0, (g_s == 0).astype(float))  # input chunk loaded by the step
     lk = loaded * ksz
-    # mask reduction indices: each (step, output block of its group) row of counts
-    seg_j, j = _ragged_arange(gsz)
-    lo = (g_s[seg_j] * Gs[seg_j] + j) * cibs[seg_j] + k_s[seg_j] * Ks[seg_j]
-    rs = np.stack([lo, lo + ksz[seg_j]])
-    rs_first = excl_cumsum(gsz)
-    nrs = cob * n_kc
-    rs_plan = excl_cumsum(nrs)
-    r_lo = g_s * cibs + k_s * Ks
-    # a plan's RS: each output block's whole row first (is it empty), then the step rows
-    # (with one chunk the step rows are the whole rows); RR: each step's rows [lo, hi) in RS
-    # and [lo, hi) in the per-(group, input block) rounds
-    n_eb = np.where(n_kc > 1, cob, 0)
-    rs_lo = rs_first - rs_plan[seg_s] + n_eb[seg_s]
-    rr = np.stack([rs_lo, rs_lo + gsz, r_lo, r_lo + ksz])
-    seg_o, co = _ragged_arange(n_eb)
-    eb = np.stack([co * cib[seg_o], (co + 1) * cib[seg_o]])
     # per step: arrays, latency, weight bytes / beat, the next step (cyclically: the next
     # tile's first) and the share of the load charged to it (the last tile has no next)
 
@@ -390,7 +343,7 @@ def build_plans(plans: list) -> None:
         "cnt_pad": _bsum(seg_c, cnt * padded, m), "cnt_data": _bsum(seg_c, cnt * data, m),
         "partial": _bsum(seg_c, cnt * (t < (TH * TW)[seg_c]), m), "ncls": ncls,
         "tile": TH * TW, "G": G, "K": K, "tot": [p.pair.tot for p in plans],
-        "rsize": n_cg * cib, "nrow": n_eb + nrs, "share": share,
+        "share": share,
         "n": nb, "cin": cin, "h": h, "w": w, "cout": cout, "kh": kh, "kw": kw, "stride": sh,
         "groups": groups, "oh": oh, "ow": ow, "cob": cob, "cib": cib, "R": R, "C": C, "A": A,
         "B": B, "L": L, "ab": ab, "wb": wb, "inp_depth": inp_depth, "wgt_depth": wgt_depth,
@@ -399,16 +352,13 @@ def build_plans(plans: list) -> None:
     Q = np.stack([np.asarray(qcols[k], np.float64) for k in QCOLS], axis=1)
     S = np.array([p.srow for p in plans], np.float64).reshape(m, -1)
     Q = np.concatenate([Q, S], axis=1)
-    pe, se, re, oe = np.cumsum(ncls * nst), np.cumsum(nst), np.cumsum(nrs), np.cumsum(n_eb)
+    pe = np.cumsum(ncls * nst)
     qi, p0 = POOL.add(Q.T, P32, P64)
     for k, p in enumerate(plans):
         p.q = Q[k]
         p.P = P32[:, pe[k] - (ncls[k] * nst[k]) : pe[k]]
         p.P64 = P64[:, pe[k] - (ncls[k] * nst[k]) : pe[k]]
         p.qi, p.pe, p.gen = qi + k, p0 + int(pe[k] - ncls[k] * nst[k]), POOL.gen
-        p.RR = rr[:, se[k] - nst[k] : se[k]].astype(np.int32)
-        p.RS = np.concatenate([eb[:, oe[k] - n_eb[k] : oe[k]], rs[:, re[k] - nrs[k] : re[k]]],
-                              axis=1).astype(np.int32)  # fmt: skip
 
 
 def frac_arrays(plan: _Plan) -> tuple:
