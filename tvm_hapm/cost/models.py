@@ -451,55 +451,11 @@ class CompiledForest:
 
 
 def predict_dense(booster, X: np.ndarray) -> np.ndarray:
-    """``booster.inplace_predict(X)`` (float32, C-contiguous ``X``) through xgboost's C function
-    ``XGBoosterPredictFromDense`` with the arguments prepared once: the same call, without the
-    Python-side input checks and conversions of ``inplace_predict`` (about 50 us of a
-    ~0.3 ms prediction).  Falls back to ``inplace_predict`` if xgboost's internals differ."""
-    if _PREDICT_C:
-        try:
-            return _predict_c(booster, X)
-        except Exception:
-            _PREDICT_C.clear()
+    """``booster.inplace_predict(X)``: the booster's own prediction, used where the compiled
+    copy (:class:`CompiledForest`) does not apply and as the reference it is checked against.
+    (A direct call of xgboost's private C function saved ~50 us a call; it went with the rule
+    that no private API of another package is used.)"""
     return booster.inplace_predict(X)
-
-
-_PREDICT_C: list = [True]
-_PREDICT_ARGS: dict = {}
-
-
-def _predict_c(booster, X: np.ndarray) -> np.ndarray:
-    import ctypes
-
-    from xgboost.core import _LIB, _check_call, c_bst_ulong
-
-    args = _PREDICT_ARGS.get("args")
-    if args is None:
-        args = _PREDICT_ARGS["args"] = json.dumps({
-            "type": 0, "training": False, "iteration_begin": 0, "iteration_end": 0,
-            "missing": float("nan"), "strict_shape": False, "cache_id": 0,
-        }).encode()  # fmt: skip
-    iface = json.dumps({
-        "data": (X.ctypes.data, True), "shape": X.shape, "strides": None, "typestr": "<f4",
-        "version": 3,
-    }).encode()  # fmt: skip
-    shape = ctypes.POINTER(c_bst_ulong)()
-    dims = c_bst_ulong()
-    preds = ctypes.POINTER(ctypes.c_float)()
-    _check_call(
-        _LIB.XGBoosterPredictFromDense(
-            booster.handle,
-            iface,
-            args,
-            None,
-            ctypes.byref(shape),
-            ctypes.byref(dims),
-            ctypes.byref(preds),
-        )  # fmt: skip
-    )
-    size = 1
-    for i in range(dims.value):
-        size *= shape[i]
-    return np.ctypeslib.as_array(preds, (size,)).copy()
 
 
 def _json_default(o):
