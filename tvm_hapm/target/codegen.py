@@ -440,9 +440,9 @@ def conv2d_program(
         seq.append(_load(Buffer.ACC, S_BM, 32, 0, 0, 1, rows_area, 0))
     regions = []  # fused: (start, prologue start, prologue end) of each region in seq
     cur_inp = cur_wgt = None
-    th_in_max = (sched.tile_h - 1) * sh + (kh - 1) * dh + 1
-    tw_in_max = (sched.tile_w - 1) * sw + (kw - 1) * dw + 1
-    inp_chunk_entries = th_in_max * tw_in_max
+    inp_chunk_entries = ((sched.tile_h - 1) * sh + (kh - 1) * dh + 1) * (
+        (sched.tile_w - 1) * sw + (kw - 1) * dw + 1
+    )  # the largest padded input tile
     # Double buffering: input tiles, weight chunks (when not resident) and output regions
     # alternate between two halves; the counters count the tiles / chunks / regions so far.
     inp_half = sched.cib_chunk * inp_chunk_entries
@@ -488,15 +488,13 @@ def conv2d_program(
                         if cur_inp != (b, oh0, ow0, kc0):
                             inp_base = (n_inp % 2 if double else 0) * inp_half
                             n_inp += 1
-                            for k in range(ksize):
-                                dram = (((b * cib + kc0 + k) * h) + ih0 + y_top) * w + iw0 + x_lft
-                                seq.append(
-                                    _load(
-                                        Buffer.INP, S_DATA, act,
-                                        inp_base + k * inp_chunk_entries, dram,
-                                        rows, cols, w, pads,
-                                    )
-                                )  # fmt: skip
+                            # the chunk's input blocks, one DMA each
+                            in_dram = ((b * cib + kc0) * h + ih0 + y_top) * w + iw0 + x_lft
+                            seq += [
+                                _load(Buffer.INP, S_DATA, act, inp_base + k * inp_chunk_entries,
+                                      in_dram + k * h * w, rows, cols, w, pads)
+                                for k in range(ksize)
+                            ]  # fmt: skip
                             cur_inp = (b, oh0, ow0, kc0)
                         key = (cg0, kc0)
                         if resident:
