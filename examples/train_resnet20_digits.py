@@ -13,12 +13,13 @@ weight decay), a warm-up + cosine learning rate, and random translations of up t
 augmentation, from a fixed seed.
 
 Why NumPy and not ``tvm.relax.training``: both were measured on this 2-core machine (shared
-with other jobs). TVM's trainer (``tvm_hapm.train.finetune``) runs ResNet-20 at ~6.5-9.3 images/s
+with other jobs). TVM's trainer (``tvm_hapm.compress.relax_training.finetune``) runs ResNet-20 at
+~6.5-9.3 images/s
 (batch 32, depending on the load): its conv2d kernels and their gradients are legalized
 TOPI loop nests that the CPU pipeline does not schedule (no dlight CPU rule for convolutions,
 no BLAS in the wheel, MetaSchedule tuning far too slow here), i.e. 2.5-3.5 minutes per epoch. The
 NumPy im2col trainer (NHWC, BLAS matmuls) runs ~35 images/s, 40-60 s per epoch; 5 epochs
-reach 99.6 % test accuracy in ~6 minutes. ``tvm_hapm.train.finetune`` does use
+reach 99.6 % test accuracy in ~6 minutes. ``tvm_hapm.compress.relax_training.finetune`` does use
 ``tvm.relax.training`` for short recovery fine-tuning, where a few hundred steps suffice.
 
 The script writes the ONNX model (batch 1; see ``tvm_hapm.data.load_bundled_resnet20``) and a

@@ -137,9 +137,9 @@ def test_iterative_pruning_raises_sparsity_on_a_cubic_schedule():
 
 
 def test_recover_keeps_the_better_of_reconstruction_and_fine_tuning():
+    from tvm_hapm.compress.numpynet import NumpyNet
     from tvm_hapm.data import load_digits
     from tvm_hapm.flow import recover
-    from tvm_hapm.numpynet import NumpyNet
 
     model = load_bundled_model(batch=1)
     x, y, _, _ = load_digits(size=16)

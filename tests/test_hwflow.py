@@ -19,7 +19,7 @@ def setup():
 
 
 def test_numpy_forward_matches_tvm(setup):
-    from tvm_hapm.train import evaluate
+    from tvm_hapm.compress.relax_training import evaluate
 
     model, (_, _, xt, yt), _ = setup
     net = hwflow.NumpyNet(model)

@@ -1,4 +1,4 @@
-"""Layer-wise least-squares reconstruction of pruned weights (tvm_hapm.reconstruct)."""
+"""Layer-wise least-squares reconstruction of pruned weights (tvm_hapm.compress.reconstruct)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
+from tvm_hapm.compress.reconstruct import ReconstructError, reconstruct
 from tvm_hapm.data import load_bundled_model, load_digits
 from tvm_hapm.flow import prune_onnx
-from tvm_hapm.reconstruct import ReconstructError, reconstruct
 
 
 def _conv_model(w, b=None, bn=None):

@@ -17,9 +17,9 @@ from tvm.relax.frontend.onnx import from_onnx
 import tvm_hapm
 import tvm_hapm.torch as ht
 from tvm_hapm import flow
+from tvm_hapm.compress.numpynet import NumpyNet
 from tvm_hapm.data import load_bundled_model, load_digits, set_batch
 from tvm_hapm.models import zoo
-from tvm_hapm.numpynet import NumpyNet
 from tvm_hapm.passes import hapm_pipeline, pruning_masks
 from tvm_hapm.passes.prune import prunable_layers
 from tvm_hapm.target.codegen import expand_weight_blocks
@@ -269,7 +269,7 @@ def test_onnx_module_computes_what_numpynet_does(builder):
 def test_onnx_module_fine_tunes_with_masks_and_writes_back():
     model = load_bundled_model(batch=1)
     pruned, _ = flow.prune_onnx(model, "hapm", 0.5)
-    from tvm_hapm.train import extract_masks
+    from tvm_hapm.compress.relax_training import extract_masks
 
     masks = extract_masks(pruned)
     net = ht.apply_masks(ht.OnnxModule(pruned), masks)

@@ -1,4 +1,4 @@
-"""Recovery fine-tuning inside TVM (tvm_hapm.train) and the bundled ResNet-20."""
+"""Recovery fine-tuning inside TVM (tvm_hapm.compress.relax_training) and the bundled ResNet-20."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from tvm_hapm import train
+from tvm_hapm.compress import relax_training as train
 from tvm_hapm.data import (
     RESNET20_MODEL,
     load_bundled_resnet20,

@@ -114,7 +114,7 @@ def _demo_fashion(args, console: Console, data) -> None:
     """Part one on Fashion-MNIST: the bundled ResNet-20 quantized and compiled; ``--images``
     test images run on the bit-exact simulator and compared with the int8 reference, which
     then gives the accuracy on all 10,000 test images."""
-    from .. import flow
+    from ..compress import flow
     from ..data import fashion_resnet_info, load_fashion_resnet
 
     batch = args.batch
@@ -194,7 +194,7 @@ def _demo_pruning(args, console: Console, data) -> None:
     the masks held: PyTorch when installed, else TVM), deployed int8 on the simulated
     accelerator.  On Fashion-MNIST every model's int8 accuracy is measured on the 10,000 test
     images and the recovery chooses on the validation split."""
-    from .. import flow
+    from ..compress import flow
     from ..data import (
         fashion_resnet_info,
         load_bundled_resnet20,

@@ -76,7 +76,7 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
 
 def cmd_prune(args, console: Console) -> int:
     """``hapm prune``: prune an ONNX model (optionally fine-tune it), write ONNX and a report."""
-    from ..flow import PRUNE_METHODS, RANKINGS, prune_onnx, sparsity_of
+    from ..compress.flow import PRUNE_METHODS, RANKINGS, prune_onnx, sparsity_of
 
     if args.method not in PRUNE_METHODS:
         raise CliError(f"--method {args.method}: choose from {', '.join(PRUNE_METHODS)}")
@@ -95,7 +95,7 @@ def cmd_prune(args, console: Console) -> int:
             raise CliError("--stages > 1 (iterative pruning) needs --data to recover on")
         rounds = None
         if args.data:  # prune and recover (flow.recover), in one round or several
-            from ..flow import prune_iteratively
+            from ..compress.flow import prune_iteratively
 
             data = _load_training_data(args.data)
             how = "reconstruct + " if args.reconstruct else ""

@@ -20,8 +20,8 @@ budget, with the hardware judged at a chosen abstraction level.  See ``docs/hwfl
   accuracy and simulated latency / energy; ``plot`` -- :func:`pareto_plot`.
 """
 
-from ..flow import simulate
-from ..numpynet import NumpyNet  # the search's accuracy estimate (re-exported)
+from ..compress.flow import simulate
+from ..compress.numpynet import NumpyNet  # the search's accuracy estimate (re-exported)
 from .env import (
     ALLOCATIONS,
     DEFAULT_GRID,

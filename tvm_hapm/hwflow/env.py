@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .. import flow
-from ..flow import simulate
-from ..numpynet import NumpyNet
+from ..compress import flow
+from ..compress.flow import simulate
+from ..compress.numpynet import NumpyNet
 
 __all__ = [
     "ALLOCATIONS",
@@ -38,7 +38,8 @@ OBJECTIVES = ("latency", "energy")
 ALLOCATIONS = ("uniform", "per_mac")
 DEFAULT_GRID = tuple(np.round(np.arange(0.0, 0.91, 0.1), 2))
 #: Ridge of the candidates' least-squares reconstruction (relative to the Gram diagonal), as
-#: :func:`tvm_hapm.reconstruct.reconstruct`.  0.1 kept ResNet-56's refitted weights at 80% HAPM
+#: :func:`tvm_hapm.compress.reconstruct.reconstruct`.  0.1 kept ResNet-56's refitted weights at 80%
+#: HAPM
 #: int8-friendly (97.8% float, 97.6% with int8 weights, against 97.3% / 95.8% at 1e-3) but cost
 #: ResNet-20 at 70% 0.7 point of int8 test accuracy, so the default stays and the accuracy
 #: estimate sees int8 weights instead (``int8_weights``).
@@ -58,7 +59,7 @@ def layer_initializers(model: onnx.ModelProto, mod=None):
     """``(prunable layer records, ONNX weight names)`` in the same order, shapes checked."""
     from tvm.relax.frontend.onnx import from_onnx
 
-    from ..flow import paired_weight_names
+    from ..compress.flow import paired_weight_names
     from ..passes.prune import prunable_layers
 
     mod = from_onnx(model) if mod is None else mod
@@ -70,7 +71,7 @@ def prune_onnx_per_layer(model: onnx.ModelProto, ratios: dict, config=None, crit
     """Prune ``model`` with ``HardwareAwarePrune(0, config, per_layer=ratios)`` and write the
     zeros back into the ONNX initializers.  Returns ``(pruned ONNX, report, masks by ONNX
     weight name)``."""
-    from ..flow import prune_onnx
+    from ..compress.flow import prune_onnx
 
     ratios = {k: float(v) for k, v in ratios.items() if float(v) > 0}
     return prune_onnx(
@@ -126,7 +127,8 @@ class HWFlowEnv:
         the accuracy is measured on, the rest is used for BN recalibration / fine-tuning.
     reconstruct : bool
         Recover each candidate with layer-wise least-squares reconstruction
-        (:func:`tvm_hapm.reconstruct.reconstruct`, on ``recal_size`` images of the non-validation
+        (:func:`tvm_hapm.compress.reconstruct.reconstruct`, on ``recal_size`` images of the
+        non-validation
         split) before measuring its accuracy, instead of BN recalibration alone.  HAPM groups
         remove whole blocks of inputs, which costs far more accuracy before recovery than after
         it; judging candidates unrecovered steers the search away from what fine-tuning would
@@ -409,7 +411,7 @@ class HWFlowEnv:
 
     def recovered_model(self, idx) -> onnx.ModelProto:
         """The model pruned at ratio indices ``idx`` and reconstructed (cached)."""
-        from ..reconstruct import reconstruct
+        from ..compress.reconstruct import reconstruct
 
         idx = tuple(int(i) for i in idx)
         if idx not in self._recovered:
@@ -455,7 +457,7 @@ class HWFlowEnv:
     def _allocate(self, name: str, gi: int) -> tuple | None:
         if name == "uniform" or gi == 0:
             return tuple(min(gi, m) for m in self.max_index)
-        from ..flow import pruning_pass
+        from ..compress.flow import pruning_pass
         from ..passes.prune import PruneError, prune_report
 
         # first and last layer dense, as prune_onnx(keep_first_last=True) has them

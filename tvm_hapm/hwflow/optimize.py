@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from .. import flow
-from ..flow import simulate
+from ..compress import flow
+from ..compress.flow import simulate
 from .env import HWFlowEnv, prune_onnx_per_layer, with_values
 from .search import SEARCHES
 

@@ -3,14 +3,16 @@
 The pruning flow keeps models as ONNX (:mod:`tvm_hapm.flow`): the Relax passes prune the graph
 ``from_onnx`` imports, and the initializer names key the masks.  To fine-tune such a model at
 PyTorch speed, :class:`OnnxModule` executes the graph node by node with PyTorch operators, with
-the trainable initializers (:func:`tvm_hapm.train.trainable_parameters`: conv / Gemm / MatMul
+the trainable initializers (:func:`tvm_hapm.compress.relax_training.trainable_parameters`: conv /
+Gemm / MatMul
 weights and biases, batch-norm scale and bias) as parameters and every other initializer
 (batch-norm running statistics included) as a buffer; :meth:`OnnxModule.to_onnx` writes the
 current values back into a copy of the graph, which keeps its structure and names.
 
 Operators: Conv (any groups, strides, pads, dilations), BatchNormalization (batch statistics and
 running-statistics update in training mode), Relu, Clip, Add, Mul, MaxPool, AveragePool,
-GlobalAveragePool, Flatten, Reshape, Gemm, MatMul: the set :class:`~tvm_hapm.numpynet.NumpyNet`
+GlobalAveragePool, Flatten, Reshape, Gemm, MatMul: the set
+:class:`~tvm_hapm.compress.numpynet.NumpyNet`
 runs.  Anything else raises ``NotImplementedError`` when the module is built.
 """
 
@@ -63,12 +65,13 @@ class OnnxModule(nn.Module):
     model : onnx.ModelProto
         A float CNN with one input and one output.
     trainable : iterable of str, optional
-        Initializers to train (default: :func:`tvm_hapm.train.trainable_parameters`).
+        Initializers to train (default:
+        :func:`tvm_hapm.compress.relax_training.trainable_parameters`).
     """
 
     def __init__(self, model: onnx.ModelProto, trainable=None):
         super().__init__()
-        from ..train import trainable_parameters
+        from ..compress.relax_training import trainable_parameters
 
         self.model = model
         graph = model.graph

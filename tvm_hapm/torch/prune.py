@@ -84,7 +84,7 @@ def compute_masks(
     -------
     Masks
     """
-    from ..flow import prune_onnx
+    from ..compress.flow import prune_onnx
     from ..target.config import get_config
 
     cfg = get_config(config)
@@ -122,7 +122,7 @@ def _weight_of_layer(model) -> dict:
     pairs them."""
     from tvm.relax.frontend.onnx import from_onnx
 
-    from ..flow import paired_weight_names
+    from ..compress.flow import paired_weight_names
     from ..passes.prune import prunable_layers
 
     layers = prunable_layers(from_onnx(model))

@@ -17,8 +17,10 @@ channels) share one solve. The mask is held fixed (pruned weights stay exactly z
 per-channel intercept is fitted too: into the conv's bias when it has one, else into the mean
 of the BatchNormalization that follows it.
 
-It needs only two forward passes (NumPy, :class:`~tvm_hapm.numpynet.NumpyNet`) and one small
-solve per layer, so it costs seconds where gradient fine-tuning (:func:`tvm_hapm.train.finetune`)
+It needs only two forward passes (NumPy, :class:`~tvm_hapm.compress.numpynet.NumpyNet`) and one
+small
+solve per layer, so it costs seconds where gradient fine-tuning
+(:func:`tvm_hapm.compress.relax_training.finetune`)
 costs minutes; the two compose: reconstruct first, then fine-tune.
 """
 
@@ -116,7 +118,7 @@ def reconstruct(
     One forward sweep of the dense model records each pruned layer's dense output on sampled
     positions; one sweep of the pruned model then refits each layer, in graph order, from the
     input it receives there (already through the refitted layers before it).  Forward passes
-    use :class:`~tvm_hapm.numpynet.NumpyNet`.
+    use :class:`~tvm_hapm.compress.numpynet.NumpyNet`.
 
     Parameters
     ----------

@@ -3,7 +3,7 @@
 TVM's unscheduled llvm build of ResNet-20 runs ~24 images/s on two cores; this runs several
 times faster, which the HW-Flow search (many accuracy estimates) and the layer-wise weight
 reconstruction (a forward sweep with a per-node hook) need.  ``tests/test_hwflow.py`` checks
-it against TVM (``tvm_hapm.train.evaluate``).
+it against TVM (``tvm_hapm.compress.relax_training.evaluate``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class NumpyNet:
 
     Used for the search's accuracy estimate (TVM's unscheduled llvm build of ResNet-20 runs
     ~24 images/s; im2col + BLAS is much faster).  ``tests/test_hwflow.py`` checks it against
-    ``tvm_hapm.train.evaluate``.
+    ``tvm_hapm.compress.relax_training.evaluate``.
     """
 
     def __init__(self, model: onnx.ModelProto):
