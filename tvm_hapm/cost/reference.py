@@ -64,7 +64,7 @@ def analyze_reference(
     R, C, A = cfg.array_rows, cfg.array_cols, cfg.num_arrays
     B, L = cfg.dram_bytes_per_cycle, cfg.dram_latency_cycles
     ab, wb = cfg.act_bytes, cfg.weight_bytes
-    inp_b, wgt_b, acc_b = R * ab, R * C * wb, C * 4
+    inp_b, wgt_b = R * ab, R * C * wb
     struct = structural_mask(layer, cfg)
     cob, cib = struct.shape[:2]
     pmask, pfrac, per_cc, frac = _nonzero_blocks(struct, sparsity)
@@ -78,22 +78,7 @@ def analyze_reference(
 
     # ---- steps: (cg, kc) chunk sums
     n_cg, n_kc = -(-cob // G), -(-cib // K)
-    pad_cob, pad_cib = n_cg * G - cob, n_kc * K - cib
-    blk = np.pad(per_cc, ((0, pad_cob), (0, pad_cib)))
-    steps = blk.reshape(n_cg, G, n_kc, K).sum(axis=(1, 3))  # non-zero blocks per step
-    gsz = np.minimum(G, cob - np.arange(n_cg) * G)  # output blocks per group
-    ksz = np.minimum(K, cib - np.arange(n_kc) * K)  # input blocks per chunk
-    nnz = float(blk.sum())
-    rounds = position_rounds(pmask, pfrac, A, G, K)
-    # with pruned blocks dropped the GEMMs no longer line up by position and a region may move
-    # to a free array: the arrays run the step in no fewer rounds than its longest chain (GEMMs
-    # into one output block) or its GEMMs over the arrays, and the position rounds are the
-    # upper bound: take the midpoint (structural zeros alone keep the position order)
-    if frac > 0:
-        chain = blk.reshape(n_cg, G, n_kc, K).sum(axis=3).max(axis=1)
-        lower = np.minimum(rounds, np.maximum(chain, np.ceil(steps / A - 1e-9)))
-        rounds = 0.5 * (rounds + lower)
-    skew = np.where(steps > 0, np.minimum(steps, A) - 1, 0)
+    steps, rounds, skew, gsz, ksz, nnz = _steps(per_cc, pmask, pfrac, frac, A, G, K)
     # output blocks whose every weight is zero (an extra MUL by 0 each tile)
     empty_cob = float((per_cc.sum(axis=1) == 0).sum()) if exact else 0.0
     resident = nnz <= cfg.wgt_depth
@@ -104,22 +89,14 @@ def analyze_reference(
         ).double_buffer
 
     # weight DMA cycles of each step (non-resident) and of the resident load
-    def wload(nblocks):
-        nblocks = np.asarray(nblocks, float)
-        first = np.minimum(nblocks, MAX_TRANSFER)
-        rest = nblocks - first
-        beats = np.ceil(nblocks * wgt_b / B - 1e-7)  # robust to summation order
-        return beats + L * ((nblocks > 0).astype(float) + (rest > 0))
-
-    w_step = wload(steps) if not resident else np.zeros_like(steps)
-    w_once = float(wload(nnz)) if resident else 0.0
+    w_step = _weight_load(steps, wgt_b, B, L) if not resident else np.zeros_like(steps)
+    w_once = float(_weight_load(nnz, wgt_b, B, L)) if resident else 0.0
     if not resident and one_step:
         w_once, w_step = float(w_step[0, 0]), np.zeros_like(steps)
 
     # ---- tile classes
     t, data, padded, cnt = _tile_classes(layer, TH, TW)
     n_tiles = float(cnt.sum())
-    pix = float((cnt * t).sum())  # = n * oh * ow
 
     ld_in = L + np.ceil(data * inp_b / B) + (padded - data)  # one input-block load
     st = L + np.ceil(t * C * ab / B)  # one output-block store
@@ -170,15 +147,7 @@ def analyze_reference(
             + (np.ceil(steps * wgt_b / B - 1e-7)[None] if not resident and not one_step else 0.0)
             + first_k * (stb + np.ceil(2 * gsz * C * 4 / B)[None, :, None])
         )
-        # the next weight chunk's load (after the tile's last: the next tile's first, if any)
-        ns = n_cg * n_kc
-        order = np.flatnonzero(w_step.ravel() > 0)
-        nxt = np.zeros(ns)
-        if len(order):
-            j = np.searchsorted(order, np.arange(ns), side="right")
-            wrap = j >= len(order)
-            nxt_j = order[np.where(wrap, 0, np.minimum(j, len(order) - 1))]
-            nxt = w_step.ravel()[nxt_j] * np.where(wrap, 1.0 - 1.0 / n_tiles, 1.0)
+        nxt = _next_weight_loads(w_step, n_tiles)
         step = _interleaved_steps(
             gemm, load_seq, nxt.reshape(1, n_cg, n_kc), steps[None], first_k, bias, m_alu,
             w_alu, A, port,
@@ -200,41 +169,119 @@ def analyze_reference(
     epi = (gsz[None, :] * n_alu * alu_one[:, None]).sum(axis=1)  # ALU over groups
     epi = epi + (empty_cob / max(n_cg, 1)) * alu_one  # MUL of empty output blocks (rough)
     tile_cycles = step.sum(axis=(1, 2))
-    # the last region's epilogue runs after the last GEMM (double buffered; single buffered it
-    # is the cyclic stand-in of the first region's)
-    th_l = layer.oh - (-(-layer.oh // TH) - 1) * TH
-    tw_l = layer.ow - (-(-layer.ow // TW) - 1) * TW
-    g_l = cob - (n_cg - 1) * G
     st_l = float(st[-1])
     end = st_l
     if dbuf:
-        # its ALU passes and stores (each store after its pass, one store at a time), and the
-        # pipeline's fill: the first step's GEMMs wait for its first input block (and weight
-        # chunk); the steps' max(loads, GEMMs) above hide every later load
-        alu_l = ALU_LATENCY + th_l * tw_l
-        end = max((g_l * n_alu + empty_cob / max(n_cg, 1)) * alu_l + st_l,
-                  n_alu * alu_l + g_l * st_l)  # fmt: skip
-        first = _first_tile(layer, TH, TW)
-        ld_first = L + math.ceil(first[1] * inp_b / B) + (first[2] - first[1])
-        end += min(
-            ld_first + float(w_step[0, 0]),
-            float(rounds[0, 0]) * (g0 + first[0]) + float(skew[0, 0]),
-        )
+        end = _double_buffered_tail(
+            layer, cfg, (TH, TW), cob - (n_cg - 1) * G, st_l, n_alu, empty_cob / max(n_cg, 1),
+            float(w_step[0, 0]), g0, float(rounds[0, 0]), float(skew[0, 0]),
+        )  # fmt: skip
     cycles = float((cnt * tile_cycles).sum()) + w_once + end + 1.0
     # the load module alone (its loads are serial) bounds the run from below
     load_module = float((cnt[:, None, None] * load_seq).sum()) + w_once
     cycles = max(cycles, load_module + st_l + 1.0)
 
-    # ---- event counts (exact for an exact mask)
+    # ---- event counts (exact for an exact mask) and the energy
+    tr, macs, dram_read, out_bytes = _events(
+        cfg, cycles, nnz, (t, cnt, data, padded), (cob, cib, n_cg, n_kc, ksz), empty_cob,
+        resident or one_step, n_alu, clip_left,
+    )  # fmt: skip
+    energy = energy_model_of(cfg).estimate(tr).total_uj
+    gemms = nnz * n_tiles
+
+    counts = _counts(
+        layer, cfg, (t, cnt, data, padded), (TH, TW), (steps, rounds, n_cg, n_kc, cib, cob),
+        dict(nnz=nnz, frac=frac, struct=float(struct.sum()), resident=resident,
+             empty_cob=empty_cob, n_alu=n_alu, macs=macs, gemms=gemms, dram_read=dram_read,
+             out_bytes=out_bytes, cycles=cycles, energy=energy),
+        dict(gemm=float((cnt[:, None, None] * gemm).sum()),
+             load=float((cnt[:, None, None] * load_seq).sum()) + w_once,
+             epi=float((cnt * epi).sum()), pre=float((cnt[:, None, None] * pre).sum())),
+    )  # fmt: skip
+    return Analysis(cycles=cycles, energy_uj=energy, counts=counts, schedule=schedule)
+
+
+def _double_buffered_tail(layer, cfg, tile, g_l, st_l, n_alu, empty_per_group, w_first,
+                          g0, rounds_first, skew_first) -> float:  # fmt: skip
+    """Cycles after the last step of a double-buffered layer, and its fill: the last region's
+    ALU passes and stores (each store after its pass, one store at a time; ``g_l`` output blocks
+    in the last group, ``st_l`` cycles a store), and the pipeline's fill: the first step's GEMMs
+    wait for its first input block (and weight chunk, ``w_first``); the steps' max(loads,
+    GEMMs) hide every later load.  (Single buffered, the last epilogue is the cyclic stand-in
+    of the first region's, already in the steps.)"""
+    TH, TW = tile
+    th_l = layer.oh - (-(-layer.oh // TH) - 1) * TH
+    tw_l = layer.ow - (-(-layer.ow // TW) - 1) * TW
+    alu_l = ALU_LATENCY + th_l * tw_l
+    end = max((g_l * n_alu + empty_per_group) * alu_l + st_l, n_alu * alu_l + g_l * st_l)
+    first = _first_tile(layer, TH, TW)
+    R, B, L = cfg.array_rows, cfg.dram_bytes_per_cycle, cfg.dram_latency_cycles
+    ld_first = L + math.ceil(first[1] * R * cfg.act_bytes / B) + (first[2] - first[1])
+    return end + min(ld_first + w_first, rounds_first * (g0 + first[0]) + skew_first)
+
+
+def _counts(layer, cfg, tiles, tile, step_arrays, v: dict, totals: dict) -> dict:
+    """The analysis's counts (the fine model's features among them): ``tiles`` is ``(t, cnt,
+    data, padded)`` per tile class, ``tile`` the planned ``(TH, TW)``, ``step_arrays`` ``(steps,
+    rounds, n_cg, n_kc, cib, cob)``, ``v`` the layer's scalars and ``totals`` the cycles spent
+    in GEMMs, loads, epilogues and region preambles over the layer."""
+    t, cnt, data, padded = tiles
+    steps, rounds, n_cg, n_kc, cib, cob = step_arrays
+    n_tiles, pix = float(cnt.sum()), float((cnt * t).sum())
+    A = cfg.num_arrays
+    return {
+        "macs_dense": float(layer.macs),
+        "macs": v["macs"],
+        "struct_blocks": v["struct"],
+        "nnz_blocks": v["nnz"],
+        "sparsity": float(v["frac"]),
+        "n_tiles": n_tiles,
+        "tile_classes": float(len(t)),
+        "n_cg": float(n_cg),
+        "n_kc": float(n_kc),
+        "steps": float(n_cg * n_kc),
+        "resident": float(v["resident"]),
+        "gemms": v["gemms"],
+        "gemm_rounds": float(rounds.sum()) * n_tiles,
+        "round_efficiency": float(steps.sum() / max(A * rounds.sum(), 1e-9)),
+        "empty_steps": float((steps == 0).sum()) / (n_cg * n_kc),
+        "step_nnz_cv": float(steps.std() / max(steps.mean(), 1e-9)),
+        "empty_cob": v["empty_cob"],
+        "mean_tile": pix / max(n_tiles, 1),
+        "partial_tile_frac": float((cnt * (t < tile[0] * tile[1])).sum()) / max(n_tiles, 1),
+        "pad_frac": float((cnt * (padded - data)).sum() / max((cnt * padded).sum(), 1)),
+        "dram_read": v["dram_read"],
+        "dram_write": v["out_bytes"],
+        "gemm_cycles": totals["gemm"],
+        "load_cycles": totals["load"],
+        "epi_cycles": totals["epi"],
+        "pre_cycles": totals["pre"],
+        "compute_bound": float(v["macs"] / cfg.macs_per_cycle),
+        "memory_bound": float((v["dram_read"] + v["out_bytes"]) / cfg.dram_bytes_per_cycle),
+        "instructions": float(
+            n_tiles * (cib * (n_cg if n_kc > 1 else 1) + cob * (v["n_alu"] + 1) + n_cg) + v["gemms"]
+        ),
+        "mid_cycles": v["cycles"],
+        "mid_energy_uj": v["energy"],
+    }
+
+
+def _events(cfg, cycles, nnz, tiles, blocks, empty_cob, weights_once, n_alu, clip_left):
+    """The layer's events as a :class:`TimingResult` (what the energy model prices): MACs, DRAM
+    bytes, buffer traffic and ALU lanes.  ``tiles`` is ``(t, cnt, data, padded)`` per tile
+    class, ``blocks`` ``(cob, cib, n_cg, n_kc, ksz)``, ``weights_once`` whether every weight
+    block is loaded once (resident, or a single step)."""
+    R, C, ab = cfg.array_rows, cfg.array_cols, cfg.act_bytes
+    inp_b, wgt_b, acc_b = R * ab, R * C * cfg.weight_bytes, C * 4
+    t, cnt, data, padded = tiles
+    cob, cib, n_cg, n_kc, ksz = blocks
+    n_tiles, pix = float(cnt.sum()), float((cnt * t).sum())
     macs = nnz * R * C * pix
     gemms = nnz * n_tiles
     inp_loads = float((cnt * padded).sum()) * (ksz.sum() if n_kc > 1 else cib)
     inp_loads *= n_cg if n_kc > 1 else 1
     inp_dram = float((cnt * data).sum()) * inp_b * (cib * (n_cg if n_kc > 1 else 1))
-    if resident or one_step:
-        w_blocks_loaded = nnz
-    else:
-        w_blocks_loaded = nnz * n_tiles
+    w_blocks_loaded = nnz if weights_once else nnz * n_tiles
     bias_bytes = 2 * cob * C * 4 * n_tiles
     out_bytes = cob * C * ab * pix
     dram_read = inp_dram + w_blocks_loaded * wgt_b + bias_bytes
@@ -247,56 +294,57 @@ def analyze_reference(
     acc_writes += empty_cob * pix * acc_b
     add_lanes = cob * pix * C * (1 + clip_left)  # ADD_REQUANT: an add and a multiply a lane
     mul_lanes = cob * pix * C + empty_cob * pix * C
-    latency_ms = cycles / cfg.clock_mhz / 1e3
-    tr = TimingResult(
-        cycles=int(cycles), latency_ms=latency_ms, macs=_int(macs),
+    return TimingResult(
+        cycles=int(cycles), latency_ms=cycles / cfg.clock_mhz / 1e3, macs=_int(macs),
         dram_bytes_read=_int(dram_read), dram_bytes_written=_int(out_bytes),
         buffer_reads={"inp": pix * nnz * inp_b, "wgt": gemms * wgt_b, "acc": acc_reads},
         buffer_writes={"inp": inp_loads * inp_b, "wgt": w_blocks_loaded * wgt_b, "acc": acc_writes},
         alu_add_lanes=_int(add_lanes), alu_mul_lanes=_int(mul_lanes),
-    )  # fmt: skip
-    energy = energy_model_of(cfg).estimate(tr).total_uj
+    ), macs, dram_read, out_bytes  # fmt: skip
 
-    gemm_total = float((cnt[:, None, None] * gemm).sum())
-    load_total = float((cnt[:, None, None] * load_seq).sum()) + w_once
-    epi_total = float((cnt * epi).sum())
-    struct_blocks = float(struct.sum())
-    counts = {
-        "macs_dense": float(layer.macs),
-        "macs": macs,
-        "struct_blocks": struct_blocks,
-        "nnz_blocks": nnz,
-        "sparsity": float(frac),
-        "n_tiles": n_tiles,
-        "tile_classes": float(len(t)),
-        "n_cg": float(n_cg),
-        "n_kc": float(n_kc),
-        "steps": float(n_cg * n_kc),
-        "resident": float(resident),
-        "gemms": gemms,
-        "gemm_rounds": float(rounds.sum()) * n_tiles,
-        "round_efficiency": float(steps.sum() / max(A * rounds.sum(), 1e-9)),
-        "empty_steps": float((steps == 0).sum()) / (n_cg * n_kc),
-        "step_nnz_cv": float(steps.std() / max(steps.mean(), 1e-9)),
-        "empty_cob": empty_cob,
-        "mean_tile": pix / max(n_tiles, 1),
-        "partial_tile_frac": float((cnt * (t < TH * TW)).sum()) / max(n_tiles, 1),
-        "pad_frac": float((cnt * (padded - data)).sum() / max((cnt * padded).sum(), 1)),
-        "dram_read": dram_read,
-        "dram_write": out_bytes,
-        "gemm_cycles": gemm_total,
-        "load_cycles": load_total,
-        "epi_cycles": epi_total,
-        "pre_cycles": float((cnt[:, None, None] * pre).sum()),
-        "compute_bound": float(macs / cfg.macs_per_cycle),
-        "memory_bound": float((dram_read + out_bytes) / B),
-        "instructions": float(
-            n_tiles * (cib * (n_cg if n_kc > 1 else 1) + cob * (n_alu + 1) + n_cg) + gemms
-        ),
-        "mid_cycles": cycles,
-        "mid_energy_uj": energy,
-    }
-    return Analysis(cycles=cycles, energy_uj=energy, counts=counts, schedule=schedule)
+
+def _steps(per_cc, pmask, pfrac: float, frac: float, A: int, G: int, K: int):
+    """Per (output-channel group, input-channel chunk) step: its non-zero blocks, GEMM rounds and
+    array skew; per group its output blocks, per chunk its input blocks; and the layer's non-zero
+    blocks: ``(steps, rounds, skew, gsz, ksz, nnz)``."""
+    cob, cib = per_cc.shape
+    n_cg, n_kc = -(-cob // G), -(-cib // K)
+    blk = np.pad(per_cc, ((0, n_cg * G - cob), (0, n_kc * K - cib)))
+    steps = blk.reshape(n_cg, G, n_kc, K).sum(axis=(1, 3))  # non-zero blocks per step
+    gsz = np.minimum(G, cob - np.arange(n_cg) * G)  # output blocks per group
+    ksz = np.minimum(K, cib - np.arange(n_kc) * K)  # input blocks per chunk
+    rounds = position_rounds(pmask, pfrac, A, G, K)
+    # with pruned blocks dropped the GEMMs no longer line up by position and a region may move
+    # to a free array: the arrays run the step in no fewer rounds than its longest chain (GEMMs
+    # into one output block) or its GEMMs over the arrays, and the position rounds are the
+    # upper bound: take the midpoint (structural zeros alone keep the position order)
+    if frac > 0:
+        chain = blk.reshape(n_cg, G, n_kc, K).sum(axis=3).max(axis=1)
+        lower = np.minimum(rounds, np.maximum(chain, np.ceil(steps / A - 1e-9)))
+        rounds = 0.5 * (rounds + lower)
+    skew = np.where(steps > 0, np.minimum(steps, A) - 1, 0)
+    return steps, rounds, skew, gsz, ksz, float(blk.sum())
+
+
+def _weight_load(nblocks, wgt_b: int, B: float, L: float):
+    """Cycles of the DMA of ``nblocks`` weight blocks (a second DMA past the transfer field)."""
+    nblocks = np.asarray(nblocks, float)
+    rest = nblocks - np.minimum(nblocks, MAX_TRANSFER)
+    beats = np.ceil(nblocks * wgt_b / B - 1e-7)  # robust to summation order
+    return beats + L * ((nblocks > 0).astype(float) + (rest > 0))
+
+
+def _next_weight_loads(w_step: np.ndarray, n_tiles: float) -> np.ndarray:
+    """Each step's next weight chunk load (after a tile's last step: the next tile's first, if
+    any, so scaled by the share of tiles that have a next one), flat over the steps."""
+    ns = w_step.size
+    order = np.flatnonzero(w_step.ravel() > 0)
+    if not len(order):
+        return np.zeros(ns)
+    j = np.searchsorted(order, np.arange(ns), side="right")
+    wrap = j >= len(order)
+    nxt_j = order[np.where(wrap, 0, np.minimum(j, len(order) - 1))]
+    return w_step.ravel()[nxt_j] * np.where(wrap, 1.0 - 1.0 / n_tiles, 1.0)
 
 
 def _nonzero_blocks(struct: np.ndarray, sparsity):
