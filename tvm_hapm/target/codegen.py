@@ -342,6 +342,31 @@ def _shortcut_prologue(act_bits, slot, acc_out, dram0, tile, out_hw, loop, row, 
     return out
 
 
+def _conv_epilogue(cfg, slot, acc_out, dram0, tile, out_hw, loop, row, started, shift, clip):
+    """A group's epilogue, per output block: ``MUL 0`` if every weight of the block was pruned
+    (no GEMM reset it), ``ADD`` bias, ``REQUANT`` and clip
+    (:func:`~tvm_hapm.target.schedule.fuse_epilogues` makes them one ``ADD_REQUANT``), store."""
+    (th, tw), (oh, ow) = tile, out_hw
+    out = []
+    for k, done in enumerate(started):
+        dst = acc_out + k * th * tw
+        if not done:
+            out.append(_alu(AluOp.MUL, dst, *loop, imm=0))
+        out.append(_alu(AluOp.ADD, dst, *loop, src=row(k)))
+        out.append(_alu(AluOp.REQUANT, dst, *loop, imm=shift, src=row(k) + 1))
+        out += _clip_ops(cfg, dst, *loop, *clip)
+        out.append(_store(slot, cfg.act_bits, dst, dram0 + k * oh * ow, th, tw, ow))
+    return out
+
+
+def _weight_blocks(cfg, blocks: np.ndarray, order: list) -> np.ndarray:
+    """The DRAM contents of the weight slot: the non-zero ``R x C`` blocks in load order (one
+    zero block when none is left: a DRAM slot is never empty)."""
+    if not order:
+        return np.zeros((1, cfg.array_rows, cfg.array_cols), cfg.weight_dtype)
+    return np.stack([blocks[b] for b in order]).astype(cfg.weight_dtype)
+
+
 def _gemms(blocks, wgt_addrs, started, step, inp_base, chunk_entries, acc_out, tile, tw_in, g):
     """The GEMMs of one (group, chunk) step of a tile, in dispatch order: ``blocks`` their
     ``(cob, cib, kh, kw)``, ``wgt_addrs`` their weight entries, ``started`` which output blocks
@@ -399,7 +424,6 @@ def conv2d_program(
     Returns ``(program, constants)``: the constants (packed weight blocks, bias and multipliers)
     are the DRAM contents of the program's ``const`` slots, in slot order.
     """
-    R, C = cfg.array_rows, cfg.array_cols
     g = conv_geometry(cfg, layer, data_shape, weight, strides, padding, dilation, groups, clip)
     n, cin, h, w = g.data_shape
     cout, cin_g, kh, kw = weight.shape
@@ -414,20 +438,13 @@ def conv2d_program(
 
     # constants: weight blocks in load order, bias and multiplier vectors
     order, chunks, chunk_base, dispatch = _weight_chunks(nonzero, sched)
-    wdtype = cfg.weight_dtype
-    wblocks = (
-        np.stack([blocks[b] for b in order]).astype(wdtype)
-        if order
-        else np.zeros((1, R, C), wdtype)  # a DRAM slot is never empty
-    )
+    wblocks = _weight_blocks(cfg, blocks, order)
     bias_mult = bias_mult_rows(cfg, layer, cout, bias, mult, residual)
 
     act = cfg.act_bits
     slots = conv_slots(cfg, g, cout, wblocks, bias_mult, fused)
-    if fused:
-        S_DATA, S_RES, S_WGT, S_BM, S_OUT = range(5)
-    else:
-        S_DATA, S_WGT, S_BM, S_OUT = range(4)
+    # the slots' indices (conv_slots): data, [residual], weight blocks, bias_mult, out
+    S_DATA, S_RES, S_WGT, S_BM, S_OUT = range(5) if fused else (0, None, 1, 2, 3)
 
     seq: list[Instruction] = []
     resident = len(order) <= cfg.wgt_depth  # all weights fit: load them once
@@ -515,15 +532,10 @@ def conv2d_program(
                             [wbase + j for j in dispatch[key]], started, (cg0, kc0),
                             inp_base, inp_chunk_entries, acc_out, (th, tw), tw_in, g,
                         )  # fmt: skip
-                    # epilogue: bias, requantize, clip (fused into ADD_REQUANT below), store
-                    for k in range(gsize):
-                        dst = acc_out + k * t
-                        if not started[k]:  # every weight of this block was pruned
-                            seq.append(_alu(AluOp.MUL, dst, *loop, imm=0))
-                        seq.append(_alu(AluOp.ADD, dst, *loop, src=row(k)))
-                        seq.append(_alu(AluOp.REQUANT, dst, *loop, imm=shift, src=row(k) + 1))
-                        seq += _clip_ops(cfg, dst, *loop, *clip)
-                        seq.append(_store(S_OUT, act, dst, dram0 + k * oh * ow, th, tw, ow))
+                    seq += _conv_epilogue(
+                        cfg, S_OUT, acc_out, dram0, (th, tw), (oh, ow), loop, row, started,
+                        shift, clip,
+                    )  # fmt: skip
                     regions.append((start, p0, p0 + len(prologue)))
     info = conv_info(g, weight.shape, len(order), sched, fused)
     seq = conv_stream_passes(seq, cfg, regions if fused else None, double)
