@@ -186,6 +186,9 @@ _ROUND_UP = ROUND_UP
 def timing(  # pragma: no cover - compiled
     qin, cfg, pe_off, nnz, frac, empty, exact, steps, chain, rounds, P32, P64, out
 ):
+    # One kernel on purpose (over 150 lines): it is the mid model's hot loop (the batch of 216
+    # layers in 1.0 ms), with explicit signatures so that it compiles once; its sections follow
+    # cost.reference.analyze_reference, the readable statement of the same arithmetic.
     """Cycles, energy and the counts of ``analytic._timing``, one query at a time (the same
     floating-point operations in the same order).
 
