@@ -33,7 +33,7 @@ from ..runtime.driver import RUN_FUNC
 from ..target import codegen, tir
 from ..target.config import HardwareConfig, get_config
 from .partition import COMPOSITE_PREFIX, read_composite
-from .qops import RequantChain
+from .qops import RequantChain, rounds_half_up
 
 __all__ = ["LowerToHapm", "LoweringError"]
 
@@ -139,7 +139,7 @@ def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, nam
         # clip((int32(a) * Ma + int32(b) * Mb + 2**(S-1)) >> S), qops.emit_add
         lhs, rhs = part["lhs"], part["rhs"]
         shift = int(_const(part["shift"]))
-        if shift < 1 or int(_const(part["round"])) != 1 << (shift - 1):
+        if not rounds_half_up(int(_const(part["round"])), shift):
             raise LoweringError(f"{name}: the add's rescale does not round half up")
         clip = (_prim(part["clip"].args[1]), _prim(part["clip"].args[2]))
         mult_a, mult_b = int(_const(part["mult_a"])), int(_const(part["mult_b"]))

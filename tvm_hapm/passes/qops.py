@@ -34,6 +34,7 @@ __all__ = [
     "emit_dequantize",
     "emit_requantize",
     "RequantChain",
+    "rounds_half_up",
     "emit_conv2d",
     "emit_conv2d_residual",
     "emit_dense",
@@ -142,10 +143,16 @@ class RequantChain:
         mult = parts["requant_mult"].value.numpy().reshape(-1)
         shift = int(parts["requant_shift"].value.numpy())
         rounding = int(parts["requant_round"].value.numpy())
-        if shift < 1 or rounding != 1 << (shift - 1):
+        if not rounds_half_up(rounding, shift):
             raise ValueError(f"requantization adds {rounding} before >> {shift}, not half up")
         clip = parts["requant_clip"]
         return mult, shift, (_prim(clip.args[1]), _prim(clip.args[2]))
+
+
+def rounds_half_up(rounding: int, shift: int) -> bool:
+    """Whether ``(x + rounding) >> shift`` is the hardware's rounding (half up: ``rounding`` is
+    ``2**(shift-1)``), for every chain that shifts: the requantization and the add's rescale."""
+    return shift >= 1 and rounding == 1 << (shift - 1)
 
 
 def _prim(expr) -> int:

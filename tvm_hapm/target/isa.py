@@ -364,18 +364,25 @@ def module_of(insn: Instruction) -> Module:
     return Module.COMPUTE
 
 
+def _field_range(name: str, bits: int) -> tuple[int, int]:
+    """Inclusive range of a field of ``bits`` bits (two's complement for :data:`SIGNED_FIELDS`)."""
+    if name in SIGNED_FIELDS:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
 def encode(insn: Instruction) -> bytes:
     """Encode one instruction into 16 bytes; a field out of its range raises :class:`IsaError`."""
     word = 0
     pos = 0
     for name, bits in LAYOUTS[insn.opcode]:
         value = int(getattr(insn, name))
+        lo, hi = _field_range(name, bits)
         if name in SIGNED_FIELDS:
-            lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
             if not lo <= value <= hi:
                 raise IsaError(f"{insn.opcode.name}.{name} = {value} outside [{lo}, {hi}]")
             value &= (1 << bits) - 1
-        elif not 0 <= value < (1 << bits):
+        elif not lo <= value <= hi:
             raise IsaError(
                 f"{insn.opcode.name}.{name} = {value} does not fit in {bits} unsigned bits"
             )
@@ -432,10 +439,7 @@ def encode_stream(insns) -> bytes:
         pos = 0
         for name, bits in LAYOUTS[Opcode(int(op))]:
             value = table[rows, _COLUMN[name]]
-            if name in SIGNED_FIELDS:
-                lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-            else:
-                lo, hi = 0, (1 << bits) - 1
+            lo, hi = _field_range(name, bits)
             if value.min() < lo or value.max() > hi:
                 return b"".join(encode(i) for i in insns)
             v = (value & ((1 << bits) - 1)).astype(np.uint64)
