@@ -34,6 +34,7 @@ __all__ = [
     "last_run_stats",
     "profile",
     "program_cache_len",
+    "pack_dram",
     "run_packed",
     "run_program",
     "run_tir_packed",
@@ -189,14 +190,11 @@ def clear_program_cache() -> None:
         _CACHE.clear()
 
 
-def run_program(
-    prog: Program, sim: Simulator, arrays: list[np.ndarray], timing: bool = True
-) -> tuple:
-    """Run ``prog`` on host arrays (inputs and constants in slot order, output last).
+def pack_dram(prog: Program, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """The DRAM slots of ``prog`` holding host ``arrays`` (inputs and constants in slot order,
+    output last: its slot is zeroed), packed as ``docs/isa.md`` section 4 says.
 
-    With ``timing`` (the default) the cycle and energy model runs too (``docs/timing.md``).
-
-    Returns ``(output_array, stats)``.  Shapes and dtypes are checked against the slots first.
+    Shapes and dtypes are checked against the slots (:class:`ProgramError`).
     """
     if len(arrays) != len(prog.slots):
         raise ProgramError(
@@ -216,6 +214,19 @@ def run_program(
             dram.append(pack_activation(arr, slot.vector).reshape(-1))
         else:
             dram.append(np.ascontiguousarray(arr).reshape(-1))
+    return dram
+
+
+def run_program(
+    prog: Program, sim: Simulator, arrays: list[np.ndarray], timing: bool = True
+) -> tuple:
+    """Run ``prog`` on host arrays (inputs and constants in slot order, output last).
+
+    With ``timing`` (the default) the cycle and energy model runs too (``docs/timing.md``).
+
+    Returns ``(output_array, stats)``.  Shapes and dtypes are checked against the slots first.
+    """
+    dram = pack_dram(prog, arrays)
     stats = sim.run(prog.instructions, dram, layer=prog.layer, timing=timing)
     out_slot = prog.slots[-1]
     out = dram[-1]
