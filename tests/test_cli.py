@@ -123,6 +123,21 @@ def test_run_refuses_a_damaged_library(compiled, data_files, tmp_path, capsys, d
     assert "SHA-256" in _error(capsys)
 
 
+def test_rtlsim_cosimulates_every_layer(compiled, data_files, tmp_path, capsys):
+    """``hapm rtlsim``: every accelerator layer of one run on the RTL, bit-exact, with the
+    timing model's cycles next to the RTL's; the report is written where asked."""
+    report = tmp_path / "rtl.json"
+    rc = main(
+        ["rtlsim", str(compiled), "--input", str(data_files / "x.npy"), "--report", str(report)]
+    )
+    assert rc == 0
+    result = json.loads(report.read_text())
+    programs = sorted((compiled / "programs").glob("*.hapm"))
+    assert result["bit_exact"] and len(result["layers"]) == len(programs)
+    assert all(layer["rtl_cycles"] > 0 for layer in result["layers"])
+    assert "bit-exact" in capsys.readouterr().out
+
+
 def test_disasm_file_and_directory(compiled, capsys):
     first = sorted((compiled / "programs").glob("*.hapm"))[0]
     prog = Program.from_bytes(first.read_bytes())

@@ -13,6 +13,10 @@ Subcommands
     ``OUT/profile.json`` (per layer and total: cycles, ms, utilisation, roofline, stalls, DRAM
     traffic, energy) and ``OUT/trace.json`` (a Chrome/Perfetto trace of the load, compute and
     store modules and the arrays); print the profile as a table.
+``hapm rtlsim OUT/ --input X.npy``
+    Run every accelerator layer of one run of a compiled model on the RTL of the accelerator
+    (Verilator) and compare it with the Python simulator byte for byte and with the timing
+    model cycle for cycle; writes ``OUT/rtlsim.json``; exit status 1 on a mismatch.
 ``hapm disasm FILE.hapm|DIR``
     Print the header and the numbered instructions of accelerator programs.
 ``hapm prune MODEL.onnx --method hapm|unstructured|filter --sparsity S [--data DATA.npz] -o OUT/``
@@ -41,8 +45,9 @@ Modules
 -------
 This module wires the parser (:data:`SUBCOMMANDS`) and runs a command (:func:`main`).  The
 commands live in ``deploy`` (compile, run, profile, disasm, presets), ``prune`` (prune,
-optimize), ``tune`` and ``demo``; they share ``io`` (reading inputs, resolving targets,
-quantizing, compiling, writing artifacts), ``ui`` (progress display, tables) and ``errors``
+optimize), ``tune``, ``rtl`` (rtlsim) and ``demo``; they share ``io`` (reading inputs,
+resolving targets, quantizing, compiling, writing artifacts), ``ui`` (progress display, tables)
+and ``errors``
 (:class:`CliError`).  Command modules import the shared modules, never each other.
 """
 
@@ -59,7 +64,7 @@ import warnings
 from rich.console import Console
 from rich.markup import escape
 
-from . import demo, deploy, prune, tune
+from . import demo, deploy, prune, rtl, tune
 from .errors import EXIT_INTERRUPTED, EXIT_USER_ERROR, CliError
 
 __all__ = ["CliError", "main", "run"]
@@ -79,6 +84,8 @@ SUBCOMMANDS = (
      deploy.add_run_arguments, deploy.cmd_run),
     ("profile", "compile, run once with the timing model, write a profile and a trace",
      deploy.add_profile_arguments, deploy.cmd_profile),
+    ("rtlsim", "co-simulate a compiled model's layers on the accelerator's RTL",
+     rtl.add_rtlsim_arguments, rtl.cmd_rtlsim),
     ("disasm", "disassemble .hapm programs",
      deploy.add_disasm_arguments, deploy.cmd_disasm),
     ("demo", "a trained CNN int8 on the accelerator, then HAPM vs standard pruning",

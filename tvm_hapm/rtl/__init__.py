@@ -12,7 +12,7 @@ this package needs neither.
 """
 
 from .build import RtlToolError, build
-from .cosim import CosimResult, RtlError, RtlRun, RtlSimulator, cosimulate
+from .cosim import CosimResult, RtlError, RtlRun, RtlSimulator, cosimulate, cosimulate_model
 from .params import RtlConfigError, check_config, config_header
 
 __all__ = [
@@ -26,4 +26,5 @@ __all__ = [
     "check_config",
     "config_header",
     "cosimulate",
+    "cosimulate_model",
 ]

@@ -26,13 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.driver import capture_layers, pack_dram
 from ..runtime.simulator import Simulator
 from ..target.config import HardwareConfig
 from ..target.isa import Instruction, encode_stream
 from ..target.program import Program
 from .build import build
 
-__all__ = ["CosimResult", "RtlError", "RtlRun", "RtlSimulator", "cosimulate"]
+__all__ = ["CosimResult", "RtlError", "RtlRun", "RtlSimulator", "cosimulate", "cosimulate_model"]
 
 _STATUS = {
     1: "the cycle limit was reached (a deadlock or a hang in the RTL)",
@@ -84,20 +85,25 @@ class RtlSimulator:
             self._exe = build(self.config)
         return self._exe
 
-    def run(self, instructions: Sequence[Instruction], dram: list[np.ndarray]) -> RtlRun:
+    def run(
+        self,
+        instructions: Sequence[Instruction],
+        dram: list[np.ndarray],
+        max_cycles: int | None = None,
+    ) -> RtlRun:
         """Run a program; STOREs write into the arrays of ``dram`` in place.
 
         The program should be one the Python simulator accepts (run it through
         :meth:`Simulator.validate` first): the RTL, like hardware, does not check it.
+        ``max_cycles`` overrides the simulator's cycle limit for this run.
         """
+        limit = self.max_cycles if max_cycles is None else int(max_cycles)
         if len(dram) > 16:
             raise ValueError(f"a program addresses at most 16 DRAM slots, got {len(dram)}")
         stream = encode_stream(list(instructions))
         job = [
             b"HAPMJOB1",
-            struct.pack(
-                "<IQI", self.config.dram_latency_cycles, self.max_cycles, len(stream) // 16
-            ),
+            struct.pack("<IQI", self.config.dram_latency_cycles, limit, len(stream) // 16),
             stream,
             struct.pack("<I", len(dram)),
         ]
@@ -231,3 +237,36 @@ def cosimulate(
         instructions=len(instructions),
         mismatches=mismatches,
     )
+
+
+def cosimulate_model(run, rtl: dict | None = None, progress=None) -> list[CosimResult]:
+    """Co-simulate every accelerator layer of one model run, layer by layer.
+
+    Parameters
+    ----------
+    run : callable
+        Runs the compiled model once, e.g. ``lambda: vm["main"](x)``; every accelerator program
+        it executes is captured (:func:`~tvm_hapm.runtime.driver.capture_layers`) with its
+        inputs and rerun on the RTL and on the Python simulator.
+    rtl : dict, optional
+        ``{config name: RtlSimulator}`` to reuse builds.
+    progress : callable, optional
+        Called as ``progress(done, total)`` after each layer.
+
+    Returns
+    -------
+    list of CosimResult
+        One per layer run, in execution order.
+    """
+    with capture_layers() as layers:
+        run()
+    rtl = {} if rtl is None else rtl
+    results = []
+    for k, (program, arrays) in enumerate(layers):
+        sim = rtl.setdefault(program.config.name, RtlSimulator(program.config))
+        out_slot = program.slots[-1]
+        out = np.zeros(out_slot.shape, out_slot.dtype)
+        results.append(cosimulate(program, pack_dram(program, [*arrays, out]), rtl=sim))
+        if progress is not None:
+            progress(k + 1, len(layers))
+    return results

@@ -30,6 +30,7 @@ __all__ = [
     "RunStats",
     "begin_run",
     "cached_program",
+    "capture_layers",
     "clear_program_cache",
     "last_run_stats",
     "profile",
@@ -131,6 +132,32 @@ class RunStats:
 
 _CURRENT = RunStats()
 _PROFILING = [0]
+# The open capture_layers() records (a list each).
+_CAPTURES: list[list] = []
+
+
+@contextlib.contextmanager
+def capture_layers() -> Iterator[list]:
+    """Record every accelerator program run inside the block with copies of its host inputs
+    and constants: a list of ``(program, arrays)`` in execution order, from which
+    :func:`pack_dram` rebuilds each layer's DRAM (to rerun a layer elsewhere, e.g. on the RTL).
+
+    Example
+    -------
+    .. code-block:: python
+
+        with tvm_hapm.runtime.driver.capture_layers() as layers:
+            vm["main"](x)
+        for program, arrays in layers:
+            out = np.zeros(program.slots[-1].shape, program.slots[-1].dtype)
+            dram = pack_dram(program, [*arrays, out])
+    """
+    record: list = []
+    _CAPTURES.append(record)
+    try:
+        yield record
+    finally:
+        _CAPTURES.remove(record)
 
 
 @contextlib.contextmanager
@@ -258,6 +285,8 @@ def run_packed(program, *args):
     global _CURRENT
     prog, sim = cached_program(np.from_dlpack(program).tobytes())
     arrays = [np.from_dlpack(a) for a in args]
+    for record in _CAPTURES:
+        record.append((prog, [np.array(a, copy=True) for a in arrays[:-1]]))
     y, stats = run_program(prog, sim, arrays)
     if prog.layer_index == 0:
         _CURRENT = RunStats()
