@@ -310,17 +310,18 @@ def _zoo_queries():
     return qs
 
 
-#: Mid-model cycles and energy (uJ) of ``_zoo_queries()``, computed by the numpy path when the
-#: mid model took up the fused ADD_REQUANT epilogue (both paths must keep giving them, to the
-#: last bit; the figures from before the kernels existed are in git history, 0f927b8).
+#: Mid-model cycles and energy (uJ) of ``_zoo_queries()``, computed when the mid model took up
+#: the RTL's instruction costs (GEMM 2R + C + 2, transfers L + 3; both paths must keep giving
+#: them, to the last bit; earlier figures are in git history: 0f927b8 before the kernels,
+#: 7505bcd before the RTL costs).
 _ZOO_GOLDEN = [
-    (1004074.0, 2279.2986112), (494900.0, 4014.5089231999996), (2393689.44, 3259.837535),
-    (358785.0, 784.9996704), (90885.0, 762.8173524), (813968.76, 1284.4109676),
-    (198140.0, 594.8054912), (31476.0, 374.2893392),
-    (411815.76000000007, 974.0154074000001), (371099.0, 882.8129759999999),
-    (56259.0, 608.552558), (821342.5200000005, 1307.5939884000004),
-    (42415.1328125, 108.850905125), (24703.944444444445, 143.6092198888889),
-    (72469.11931818182, 154.37467784090907),
+    (1020332.0, 2294.1259072000003), (497254.0, 4021.1236632), (2465014.08, 3318.3237398),
+    (364571.0, 790.2765024), (91311.0, 764.0144124), (827143.0, 1295.2138444000002),
+    (201670.0, 598.0248512), (31722.0, 374.9805992),
+    (419349.0399999998, 980.1926969999998), (377877.0, 888.994512),
+    (56721.0, 609.850778), (836397.0799999997, 1319.9387275999998),
+    (43525.1640625, 109.863253625), (25401.944444444445, 145.5705998888889),
+    (84052.14204545454, 163.87275647727273),
 ]  # fmt: skip
 
 

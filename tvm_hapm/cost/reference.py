@@ -62,7 +62,8 @@ def analyze_reference(
     both agree to float rounding.  Slow (about 0.3 ms a layer): use :func:`analyze_batch`.
     """
     R, C, A = cfg.array_rows, cfg.array_cols, cfg.num_arrays
-    B, L = cfg.dram_bytes_per_cycle, cfg.dram_latency_cycles
+    # L: the fixed cycles of one transfer (a LOAD's; a STORE's is one more, neglected)
+    B, L = cfg.dram_bytes_per_cycle, cfg.load_fixed_cycles
     ab, wb = cfg.act_bytes, cfg.weight_bytes
     inp_b, wgt_b = R * ab, R * C * wb
     struct = structural_mask(layer, cfg)
@@ -215,7 +216,7 @@ def _double_buffered_tail(layer, cfg, tile, g_l, st_l, n_alu, empty_per_group, w
     alu_l = ALU_LATENCY + th_l * tw_l
     end = max((g_l * n_alu + empty_per_group) * alu_l + st_l, n_alu * alu_l + g_l * st_l)
     first = _first_tile(layer, TH, TW)
-    R, B, L = cfg.array_rows, cfg.dram_bytes_per_cycle, cfg.dram_latency_cycles
+    R, B, L = cfg.array_rows, cfg.dram_bytes_per_cycle, cfg.load_fixed_cycles
     ld_first = L + math.ceil(first[1] * R * cfg.act_bytes / B) + (first[2] - first[1])
     return end + min(ld_first + w_first, rounds_first * (g0 + first[0]) + skew_first)
 

@@ -90,7 +90,9 @@ def build(config: HardwareConfig, jobs: int = 2) -> Path:
             verilator, "--cc", "--exe", "--build", "-O3", "--x-assign", "fast",
             "--x-initial", "fast", "-Wall", *_VERILATOR_WAIVED, "--top-module", "hapm_top",
             "-j", str(jobs), "-I" + str(work), "-Mdir", str(work / "obj"), "-o", _EXECUTABLE,
-            "-CFLAGS", f"-O2 -DHAPM_BEAT_BYTES={config.dram_bytes_per_cycle}",
+            "-CFLAGS",
+            f"-O2 -DHAPM_BEAT_BYTES={config.dram_bytes_per_cycle} "
+            f"-DHAPM_NUM_ARRAYS={config.num_arrays}",
             *map(str, hdl_sources()), str(_HARNESS),
         ]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)

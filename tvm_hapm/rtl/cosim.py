@@ -57,10 +57,15 @@ class RtlRun:
         Cycles from start to done (all modules and arrays idle after FINISH).
     gemms_bypassed : int
         GEMMs the Dynamic Sparsity Bypass skipped.
+    start, end : numpy.ndarray
+        Per instruction (int64): the cycle its module started it (tokens popped; a GEMM: issued
+        by the compute module) and the cycle after it ended (a GEMM: its array done).
     """
 
     cycles: int
     gemms_bypassed: int
+    start: np.ndarray
+    end: np.ndarray
 
 
 class RtlSimulator:
@@ -132,7 +137,10 @@ class RtlSimulator:
             if slot.flags.writeable:
                 slot[...] = np.frombuffer(result, dtype=slot.dtype, count=slot.size, offset=pos)
             pos += size
-        return RtlRun(cycles=int(cycles), gemms_bypassed=int(bypassed))
+        (n,) = struct.unpack_from("<I", result, pos)
+        trace = np.frombuffer(result, dtype="<u8", count=2 * n, offset=pos + 4).reshape(n, 2)
+        trace = trace.astype(np.int64)  # never-seen events (all ones) become -1
+        return RtlRun(int(cycles), int(bypassed), start=trace[:, 0], end=trace[:, 1])
 
 
 @dataclass

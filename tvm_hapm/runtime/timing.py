@@ -35,7 +35,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..target.config import ALU_LATENCY, HardwareConfig
+from ..target.config import (
+    ALU_LATENCY,
+    DMA_REQUEST_CYCLES,
+    FETCH_CYCLES,
+    LOAD_DONE_CYCLES,
+    STORE_DONE_CYCLES,
+    STORE_FIRST_BEAT_CYCLES,
+    HardwareConfig,
+)
 from ..target.isa import (
     ELEM_BITS,
     TOKEN_QUEUES,
@@ -328,6 +336,7 @@ class TimingModel:
         # ALU / LOAD acc / FINISH: accumulator ranges checked against the in-flight GEMMs
         # (the scoreboard): (lo, hi, lo2, hi2), the second range empty unless an ALU operand.
         drain: list = [None] * n
+        dma: list = [None] * n  # LOAD: (beats per entry, padding before / after the data, tail)
         pops: list = [()] * n
         pushes: list = [()] * n
         macs = macs_skipped = gemms_skipped = 0
@@ -351,9 +360,12 @@ class TimingModel:
                 )
                 rd[1] += wgt_b
                 if zero is not None and zero[i]:
-                    cost[i] = dsb_cycles
+                    # the issue cycle and the check; a reset GEMM still zeroes its accumulators
+                    cost[i] = 1 + dsb_cycles + (t if insn.reset else 0)
                     macs_skipped += R * C * t
                     gemms_skipped += 1
+                    if insn.reset:
+                        wr[2] += t * acc_b
                 else:
                     cost[i] = gemm_fixed + t
                     macs += R * C * t
@@ -368,13 +380,19 @@ class TimingModel:
                 cost[i] = -(-nbytes // bpc)
                 if op == LOAD:
                     m = 1 if buf == ACC else 0
-                    entries = (insn.y_pad_top + y + insn.y_pad_bottom) * (
-                        insn.x_pad_left + x + insn.x_pad_right
-                    )
+                    cols = insn.x_pad_left + x + insn.x_pad_right
+                    entries = (insn.y_pad_top + y + insn.y_pad_bottom) * cols
                     if buf == ACC:
                         lo = insn.sram_addr
                         drain[i] = (lo, lo + entries - 1, 0, -1)
                     extra[i] = entries - y * x
+                    # The DMA writes one entry per cycle in region order: the padding before the
+                    # first data entry while the data is on its way, a data entry once its beats
+                    # have arrived (e per entry), the rest back to back.
+                    e = -(-cost[i] // (y * x))
+                    pre = insn.y_pad_top * cols + insn.x_pad_left
+                    post = insn.x_pad_right + insn.y_pad_bottom * cols
+                    dma[i] = (e, pre, entries - pre - 1 + (e - 1) * (y * x - 1), post)
                     wr[buf] += entries * entry_bytes[buf]
                     read += nbytes
                 else:
@@ -428,7 +446,8 @@ class TimingModel:
         arr_lo = [-1] * A
         arr_hi = [-2] * A
         max_arr = 0  # max(arr_free): when all in-flight GEMMs are done
-        port_free = 0
+        port_free = 0  # the DRAM read channel (LOADs)
+        write_free = 0  # the DRAM write channel (STOREs)
         pushed = ([], [], [], [])  # release cycle of every token pushed, per queue
         popped = [0, 0, 0, 0]
         stall = [0] * len(STALL_CAUSES)
@@ -446,7 +465,7 @@ class TimingModel:
                         cand[m] = _INF
                         continue
                     i = mine[m][pos[m]]
-                    t = free[m]
+                    t = free[m] if free[m] > i + FETCH_CYCLES else i + FETCH_CYCLES
                     for q in pops[i]:
                         k = popped[q]
                         if k == len(pushed[q]):
@@ -472,8 +491,8 @@ class TimingModel:
             remaining -= 1
             cand[m] = None
 
-            # Start: the module is free, then each popped token, then (if needed) GEMM drain.
-            t = free[m]
+            # Start: fetched and the module free, then each popped token, then GEMM drain.
+            t = free[m] if free[m] > i + FETCH_CYCLES else i + FETCH_CYCLES
             for q in pops[i]:
                 pt = pushed[q][popped[q]]
                 popped[q] += 1
@@ -487,15 +506,28 @@ class TimingModel:
                 t = ready
 
             k = kind[i]
-            if k == 0:  # LOAD / STORE on the shared DRAM port
-                request = t + lat
-                if port_free > request:
-                    stall[_PORT] += port_free - request
-                    data = port_free
-                else:
-                    data = request
-                port_free = data + cost[i]
-                e = port_free + extra[i]
+            if k == 0:  # LOAD on the DRAM read channel, STORE on the write channel
+                request = t + DMA_REQUEST_CYCLES + lat  # the first beat, without contention
+                d = dma[i]
+                if d is not None:  # LOAD
+                    if port_free > request:
+                        stall[_PORT] += port_free - request
+                        data = port_free
+                    else:
+                        data = request
+                    pre_done = t + DMA_REQUEST_CYCLES + d[1]
+                    first = data + d[0] if data + d[0] > pre_done else pre_done
+                    last_write = first + d[2]
+                    port_free = last_write - d[3]  # the cycle after the last beat
+                    e = last_write + LOAD_DONE_CYCLES
+                else:  # STORE: beats from the accumulator read-ahead, then the responses
+                    data = t + DMA_REQUEST_CYCLES + STORE_FIRST_BEAT_CYCLES
+                    if write_free > data:
+                        stall[_PORT] += write_free - data
+                        data = write_free
+                    write_free = data + cost[i]
+                    e = write_free - 1 + lat + STORE_DONE_CYCLES
+                    request = data  # (no latency before the data: it waits at the end)
                 busy[m] += e - t - (data - request)
                 free[m] = e
                 release = e
@@ -526,7 +558,9 @@ class TimingModel:
             end[i] = e
             if pushes[i]:
                 if m == 1 and max_arr > release:
-                    release = max_arr  # compute tokens wait for every GEMM issued so far
+                    # compute tokens wait for every GEMM issued so far; pushed in the cycle the
+                    # last array is done, popped from the next
+                    release = max_arr + 1
                 for q in pushes[i]:
                     pushed[q].append(release)
                     cand[_QUEUE_POPPER[q]] = None

@@ -28,6 +28,11 @@ from typing import Any
 
 __all__ = [
     "ALU_LATENCY",
+    "DMA_REQUEST_CYCLES",
+    "FETCH_CYCLES",
+    "LOAD_DONE_CYCLES",
+    "STORE_DONE_CYCLES",
+    "STORE_FIRST_BEAT_CYCLES",
     "DEFAULT_ENERGY_PJ",
     "ENERGY_SOURCES",
     "HardwareConfig",
@@ -71,16 +76,33 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-#: Pipeline depth of the vector ALU, in cycles (read, operate, saturate, write back): an ALU
-#: instruction over ``n`` accumulator vectors takes ``ALU_LATENCY + n`` cycles.
+# ---- The cycle costs of the accelerator's RTL (tvm_hapm/rtl/hdl), the reference the timing
+# model and the cost models follow (docs/timing.md, "Agreement with the RTL").
+
+#: Pipeline of the vector ALU: an ALU instruction over ``n`` accumulator vectors takes
+#: ``ALU_LATENCY + n`` cycles (start, one vector per cycle, read, operate and write stages, done).
 ALU_LATENCY = 4
+#: Instruction ``i`` of a program reaches its module's queue no earlier than cycle
+#: ``i + FETCH_CYCLES`` (fetch reads one instruction per cycle from a synchronous memory).
+FETCH_CYCLES = 2
+#: A LOAD or STORE sends its first DRAM request the cycle after it starts.
+DMA_REQUEST_CYCLES = 1
+#: After a LOAD's last buffer write, done is seen one cycle later and the module is free the next.
+LOAD_DONE_CYCLES = 2
+#: A STORE's first beat leaves this many cycles after its request (the accumulator read-ahead).
+STORE_FIRST_BEAT_CYCLES = 2
+#: After a STORE's last write response, done is seen one cycle later and the module is free the
+#: next.
+STORE_DONE_CYCLES = 2
 
 
 def gemm_fixed_cycles(rows, cols):
-    """Cycles a GEMM costs beyond one per input vector on an ``rows x cols`` weight-stationary
-    array: ``rows`` (weight preload) + ``rows + cols - 2`` (skew fill and drain).  Works on
-    integers and on NumPy arrays of them."""
-    return 2 * rows + cols - 2
+    """Cycles a GEMM keeps its array beyond one per input vector on an ``rows x cols``
+    weight-stationary array of the RTL: 1 (issue) + 1 (weight block read and bypass check) +
+    ``rows`` (weight preload, one row per cycle) + ``rows + cols`` (input read, skew, column
+    sums and de-skew, accumulator write) = ``2 * rows + cols + 2``.  Works on integers and on
+    NumPy arrays of them."""
+    return 2 * rows + cols + 2
 
 
 class HardwareConfigError(ValueError):
@@ -264,6 +286,21 @@ class HardwareConfig:
     def gemm_fixed_cycles(self) -> int:
         """:func:`gemm_fixed_cycles` of this config's arrays."""
         return gemm_fixed_cycles(self.array_rows, self.array_cols)
+
+    @property
+    def load_fixed_cycles(self) -> int:
+        """Cycles of a LOAD beyond one per DRAM beat, without padding or DRAM-port contention:
+        the request cycle, the DRAM latency and the done cycles of the RTL's DMA."""
+        return DMA_REQUEST_CYCLES + self.dram_latency_cycles + LOAD_DONE_CYCLES
+
+    @property
+    def store_fixed_cycles(self) -> int:
+        """Cycles of a STORE beyond one per DRAM beat: the request cycle, the accumulator
+        read-ahead, the write response's latency and the done cycles of the RTL's DMA."""
+        return (
+            DMA_REQUEST_CYCLES + STORE_FIRST_BEAT_CYCLES - 1 + self.dram_latency_cycles
+            + STORE_DONE_CYCLES
+        )  # fmt: skip
 
     @property
     def macs_per_cycle(self) -> int:

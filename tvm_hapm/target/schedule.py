@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from .config import ALU_LATENCY, HardwareConfig
+from .config import ALU_LATENCY, FETCH_CYCLES, HardwareConfig
 from .dependency import buffer_accesses
 from .isa import MAX_LOOP, MAX_OUTER_STRIDE, REQUANT_RELU, AluOp, Buffer, Instruction, Opcode
 
@@ -399,15 +399,17 @@ def estimate_eltwise_cycles(
     then one store of ``t`` entries (activations).
 
     The accumulator loads run on the compute module, like the ALU instructions, so the compute
-    module is busy ``buffers * (L + xfer(t)) + alu_passes * (4 + t)`` per tile (``L`` the DRAM
-    latency, ``xfer(t) = ceil(t * C * act_bytes / B)`` the port cycles of ``t`` entries).  Single
+    module is busy ``buffers * (Lld + xfer(t)) + alu_passes * (4 + t)`` per tile (``Lld`` the
+    fixed cycles of a LOAD, :attr:`HardwareConfig.load_fixed_cycles`, ``xfer(t) =
+    ceil(t * C * act_bytes / B)`` the port cycles of ``t`` entries; a store costs
+    ``store_fixed_cycles + xfer(t)``).  Single
     buffered, every store is serial with the compute work (the next tile's loads overwrite the
     stored entries); double buffered, only the last tile's store is (the others overlap the
-    next tile's ALU passes, see :func:`pipeline_operand_loads`).  Exact for the programs of
+    next tile's ALU passes, see :func:`pipeline_operand_loads`); the first instruction starts
+    ``FETCH_CYCLES`` after the program.  Exact for the programs of
     :func:`~tvm_hapm.target.codegen.add_program` but for the final FINISH cycle (and a few
     cycles of DRAM-port contention when a tile's store outlasts the ALU passes it overlaps).
     """
-    lat = cfg.dram_latency_cycles
     per_entry = cfg.array_cols * cfg.act_bytes
 
     def xfer(t):
@@ -416,11 +418,12 @@ def estimate_eltwise_cycles(
     total = 0
     last = 0
     for t, count in _tile_sizes(pixels, tile):
-        compute = buffers * (lat + xfer(t)) + alu_passes * (ALU_LATENCY + t)
-        store = lat + xfer(t)
+        compute = buffers * (cfg.load_fixed_cycles + xfer(t)) + alu_passes * (ALU_LATENCY + t)
+        store = cfg.store_fixed_cycles + xfer(t)
         total += count * (compute if double_buffer else compute + store)
         last = store
-    return total + last if double_buffer else total
+    # the first instruction starts once fetched
+    return FETCH_CYCLES + (total + last if double_buffer else total)
 
 
 def plan_eltwise(

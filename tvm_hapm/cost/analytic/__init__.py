@@ -39,7 +39,7 @@ import weakref
 
 import numpy as np
 
-from ...target.config import HardwareConfig
+from ...target.config import DMA_REQUEST_CYCLES, LOAD_DONE_CYCLES, HardwareConfig
 from ...target.schedule import ConvSchedule
 from ..layer import BlockSparsity, ConvLayer
 from .common import (
@@ -280,7 +280,9 @@ def analyze_batch(queries) -> BatchAnalysis:
         "oh": q["oh"], "ow": q["ow"], "cob": q["cob"], "cib": q["cib"], "arrays": q["A"],
         "rows": q["R"], "cols": q["C"], "inp_depth": q["inp_depth"],
         "wgt_depth": q["wgt_depth"], "acc_depth": q["acc_depth"], "bytes_per_cycle": q["B"],
-        "dram_latency": q["L"], "act_bits": cfa[:, CFG_COLS.index("act_bits")],
+        # the plans carry a transfer's fixed cycles, HardwareConfig.load_fixed_cycles
+        "dram_latency": q["L"] - (DMA_REQUEST_CYCLES + LOAD_DONE_CYCLES),
+        "act_bits": cfa[:, CFG_COLS.index("act_bits")],
         "weight_bits": cfa[:, CFG_COLS.index("weight_bits")],
         "macs_per_cycle": cfa[:, CFG_COLS.index("macs_per_cycle")],
     }  # fmt: skip

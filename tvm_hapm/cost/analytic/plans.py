@@ -44,10 +44,10 @@ def clear_plan_caches() -> None:
 
 def timing_key(cfg: HardwareConfig) -> tuple:
     """What a pair's plans depend on: the array shape, the buffer depths, what ``plan_conv``'s
-    estimate reads (bandwidth, widths) and the DRAM latency."""
+    estimate reads (bandwidth, widths) and the fixed cycles of a transfer."""
     return (cfg.array_rows, cfg.array_cols, cfg.num_arrays, cfg.inp_depth, cfg.wgt_depth,
             cfg.acc_depth, cfg.dram_bytes_per_cycle, cfg.act_bytes, cfg.weight_bytes,
-            cfg.acc_bytes, cfg.dram_latency_cycles)  # fmt: skip
+            cfg.acc_bytes, cfg.load_fixed_cycles)  # fmt: skip
 
 
 class LayerPair:
@@ -67,7 +67,8 @@ class LayerPair:
         self.layer = layer
         self.lrow = (layer.n, layer.cin, layer.h, layer.w, layer.cout, layer.kh, layer.kw, sh,
                      sw, dh, dw, pt, pl, layer.groups, layer.oh, layer.ow, cob, cib)  # fmt: skip
-        self.trow = (R, C, cfg.num_arrays, cfg.dram_bytes_per_cycle, cfg.dram_latency_cycles,
+        # L: the fixed cycles of one transfer (a LOAD's; a STORE's is one more, neglected)
+        self.trow = (R, C, cfg.num_arrays, cfg.dram_bytes_per_cycle, cfg.load_fixed_cycles,
                      cfg.act_bytes, cfg.weight_bytes, cfg.inp_depth, cfg.wgt_depth,
                      cfg.acc_depth)  # fmt: skip
         self.struct, self.per, self.tot, self.full, self.uniq = struct, per, tot, full, uniq

@@ -29,7 +29,8 @@ module hapm_compute (
     input  logic                 dma_done,
     output logic                 finished,
     output logic                 idle,
-    output logic                 error
+    output logic                 error,
+    output logic                 ended    // an ALU or accumulator LOAD, SYNC, FINISH ends
 );
   localparam int A = `HAPM_A;
 
@@ -161,6 +162,9 @@ module hapm_compute (
   assign tok_push_next = (end_now && all_done_now && end_next) || (pend_pop && pend_head[1]);
 
   assign idle = state == READY && pend_empty;
+  // (a GEMM ends on its array: hapm_gemm's done)
+  assign ended = (head_pop && op != `HAPM_OP_ALU && op != `HAPM_OP_LOAD && op != `HAPM_OP_GEMM) ||
+                 (state == WAIT_ALU && alu_done) || (state == WAIT_DMA && dma_done);
 
   always_ff @(posedge clk) begin
     if (rst) begin

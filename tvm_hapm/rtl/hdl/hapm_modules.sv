@@ -16,6 +16,7 @@ module hapm_fetch (
     input  logic [2:0]   full,      // per module
     output logic [2:0]   push,      // per module
     output logic [127:0] insn,
+    output logic [31:0]  index,     // the instruction's position in the program (for traces)
     output logic         idle
 );
   // The module that executes an instruction (isa.module_of).
@@ -33,6 +34,7 @@ module hapm_fetch (
   logic        have, running;
   logic [1:0]  target;
   assign insn = imem_rdata;
+  assign index = cur;
   assign target = module_of(imem_rdata);
   logic go;
   assign go = have && !full[target];
@@ -80,7 +82,8 @@ module hapm_access #(parameter int MODULE = `HAPM_MOD_LOAD) (
     output logic         dma_start,
     input  logic         dma_done,
     output logic         idle,
-    output logic         error         // a token flag this module cannot have
+    output logic         error,        // a token flag this module cannot have
+    output logic         ended         // the instruction started last ends this cycle
 );
   localparam bit IS_LOAD = MODULE == `HAPM_MOD_LOAD;
   logic running, push_q;
@@ -96,6 +99,7 @@ module hapm_access #(parameter int MODULE = `HAPM_MOD_LOAD) (
   // A SYNC pushes in the cycle it pops; a transfer pushes when its DMA is done.
   assign token_push = (head_pop && is_sync && pushes) || (running && dma_done && push_q);
   assign idle = !running;
+  assign ended = (head_pop && is_sync) || (running && dma_done);
   always_ff @(posedge clk) begin
     if (rst) begin
       running <= 1'b0;

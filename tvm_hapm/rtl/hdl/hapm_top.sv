@@ -38,7 +38,14 @@ module hapm_top (
     output logic                       b_ready,
     // event counters (for co-simulation and profiling)
     output logic [63:0]                cycles,
-    output logic [63:0]                gemms_bypassed
+    output logic [63:0]                gemms_bypassed,
+    // instruction trace: module m starts the instruction tr_start_idx[m] (its tokens popped),
+    // and an instruction ends: tr_end bit m for module m (0 load, 1 compute, 2 store), bit 3+k
+    // for a GEMM on array k
+    output logic [2:0]                 tr_start,
+    output logic [3*32-1:0]            tr_start_idx,
+    output logic [3+`HAPM_A-1:0]       tr_end,
+    output logic [(3+`HAPM_A)*32-1:0]  tr_end_idx
 );
   localparam int A = `HAPM_A;
   localparam int IAW = `HAPM_INP_AW, WAW = `HAPM_WGT_AW, CAW = `HAPM_ACC_AW;
@@ -47,15 +54,18 @@ module hapm_top (
   // ---- fetch and the module queues
   logic [2:0]   q_push, q_full, q_empty, q_pop;
   logic [127:0] fetched;
+  logic [31:0]  fetched_idx;
   logic [127:0] q_head [0:2];
+  logic [31:0]  q_idx [0:2];
   logic         fetch_idle;
   hapm_fetch fetch (
       .clk(clk), .rst(rst), .start(start), .count(insn_count), .imem_addr(imem_addr),
-      .imem_rdata(imem_rdata), .full(q_full), .push(q_push), .insn(fetched), .idle(fetch_idle));
+      .imem_rdata(imem_rdata), .full(q_full), .push(q_push), .insn(fetched),
+      .index(fetched_idx), .idle(fetch_idle));
   for (genvar m = 0; m < 3; m++) begin : g_queue
-    hapm_fifo #(.W(128), .AW(`HAPM_FIFO_AW)) queue (
-        .clk(clk), .rst(rst), .push(q_push[m]), .din(fetched), .pop(q_pop[m]),
-        .head(q_head[m]), .empty(q_empty[m]), .full(q_full[m]));
+    hapm_fifo #(.W(160), .AW(`HAPM_FIFO_AW)) queue (
+        .clk(clk), .rst(rst), .push(q_push[m]), .din({fetched_idx, fetched}), .pop(q_pop[m]),
+        .head({q_idx[m], q_head[m]}), .empty(q_empty[m]), .full(q_full[m]));
   end
 
   // ---- dependency-token queues (counters; numbered as isa.TOKEN_QUEUES)
@@ -67,7 +77,7 @@ module hapm_top (
       else tokens[q] <= tokens[q] + 16'(tok_push[q]) - 16'(tok_pop[q]);
 
   // ---- load module
-  logic ld_start, ld_done, ld_busy, ld_idle, ld_err;
+  logic ld_start, ld_done, ld_busy, ld_idle, ld_err, ld_ended, st_ended, cp_ended;
   logic ld_ar_valid, ld_ar_ready, ld_r_valid, ld_r_ready;
   logic [31:0] ld_ar_addr;
   logic [23:0] ld_ar_beats;
@@ -80,7 +90,7 @@ module hapm_top (
       .clk(clk), .rst(rst), .head_valid(!q_empty[0]), .head(q_head[0]), .head_pop(q_pop[0]),
       .token_ready(tokens[`HAPM_Q_COMPUTE_LOAD] != 0), .token_pop(tok_pop[`HAPM_Q_COMPUTE_LOAD]),
       .token_push(tok_push[`HAPM_Q_LOAD_COMPUTE]), .dma_start(ld_start), .dma_done(ld_done),
-      .idle(ld_idle), .error(ld_err));
+      .idle(ld_idle), .error(ld_err), .ended(ld_ended));
   hapm_dma_load load_dma (
       .clk(clk), .rst(rst), .start(ld_start), .insn(q_head[0]), .slot_base(slot_base),
       .busy(ld_busy), .done(ld_done), .ar_valid(ld_ar_valid), .ar_ready(ld_ar_ready),
@@ -96,7 +106,7 @@ module hapm_top (
       .clk(clk), .rst(rst), .head_valid(!q_empty[2]), .head(q_head[2]), .head_pop(q_pop[2]),
       .token_ready(tokens[`HAPM_Q_COMPUTE_STORE] != 0), .token_pop(tok_pop[`HAPM_Q_COMPUTE_STORE]),
       .token_push(tok_push[`HAPM_Q_STORE_COMPUTE]), .dma_start(st_start), .dma_done(st_done),
-      .idle(st_idle), .error(st_err));
+      .idle(st_idle), .error(st_err), .ended(st_ended));
   hapm_dma_store store_dma (
       .clk(clk), .rst(rst), .start(st_start), .insn(q_head[2]), .slot_base(slot_base),
       .busy(st_busy), .done(st_done), .aw_valid(aw_valid), .aw_ready(aw_ready),
@@ -125,7 +135,8 @@ module hapm_top (
       .tok_push_next(tok_push[`HAPM_Q_COMPUTE_STORE]),
       .gemm_issue(g_issue), .gemm_busy(g_busy), .gemm_done(g_done),
       .alu_start(alu_start), .alu_done(alu_done), .dma_start(cp_dma_start),
-      .dma_done(cp_dma_done), .finished(finished), .idle(cp_idle), .error(cp_err));
+      .dma_done(cp_dma_done), .finished(finished), .idle(cp_idle), .error(cp_err),
+      .ended(cp_ended));
   hapm_dma_load acc_dma (
       .clk(clk), .rst(rst), .start(cp_dma_start), .insn(q_head[1]), .slot_base(slot_base),
       .busy(cp_dma_busy), .done(cp_dma_done), .ar_valid(cp_ar_valid), .ar_ready(cp_ar_ready),
@@ -219,6 +230,24 @@ module hapm_top (
     else if (r_valid && r_ready) beats_left <= remaining - 24'd1;
   end
 
+  // ---- the instruction trace
+  logic [31:0] running_idx [0:2];
+  logic [31:0] array_idx [0:A-1];
+  always_ff @(posedge clk) begin
+    for (int m = 0; m < 3; m++) if (q_pop[m]) running_idx[m] <= q_idx[m];
+    for (int k = 0; k < A; k++) if (g_issue[k]) array_idx[k] <= q_idx[1];
+  end
+  assign tr_start = q_pop;
+  assign tr_end = {g_done, st_ended, cp_ended, ld_ended};
+  always_comb begin
+    for (int m = 0; m < 3; m++) begin
+      tr_start_idx[m*32 +: 32] = q_idx[m];
+      // an instruction that ends in the cycle it starts (SYNC, FINISH) is the head
+      tr_end_idx[m*32 +: 32] = q_pop[m] ? q_idx[m] : running_idx[m];
+    end
+    for (int k = 0; k < A; k++) tr_end_idx[(3+k)*32 +: 32] = array_idx[k];
+  end
+
   // ---- completion
   logic running;
   assign done = !running;
@@ -233,10 +262,11 @@ module hapm_top (
         running <= 1'b1;
         cycles <= '0;
       end else if (running) begin
-        cycles <= cycles + 64'd1;
+        // cycles: up to the first cycle in which everything is idle (the run's length)
         if (finished && fetch_idle && q_empty == 3'b111 && ld_idle && st_idle && cp_idle &&
             g_busy == '0 && !alu_busy)
           running <= 1'b0;
+        else cycles <= cycles + 64'd1;
       end
       gemms_bypassed <= gemms_bypassed + 64'($countones(g_done & g_bypassed));
       if (ld_err || st_err || cp_err || alu_err) error <= 1'b1;

@@ -4,7 +4,9 @@
 //   job    "HAPMJOB1", u32 dram_latency, u64 max_cycles, u32 n_insn, n_insn x 16 bytes,
 //          u32 n_slots, then per slot: u32 bytes, the bytes
 //   result "HAPMRES1", u32 status (0 done, 1 cycle limit, 2 error flag, 3 DRAM access out of
-//          the slots), u64 cycles, u64 gemms_bypassed, u32 n_slots, per slot: u32 bytes, bytes
+//          the slots), u64 cycles, u64 gemms_bypassed, u32 n_slots, per slot: u32 bytes, bytes,
+//          u32 n_insn, per instruction: u64 start, u64 end (cycles after start; end exclusive;
+//          a GEMM starts when the compute module issues it and ends when its array is free)
 //
 // The DRAM model: the read channel answers each request, in order, with its beats, the first
 // dram_latency cycles after the request was accepted and never before the previous request's
@@ -145,6 +147,13 @@ int main(int argc, char** argv) {
   std::vector<uint8_t> imem_word(16, 0), buf(beat);
   uint32_t status = 0;
   uint64_t cycle = 0;
+  std::vector<uint64_t> t_start(n_insn, ~0ull), t_end(n_insn, ~0ull);
+  uint8_t idx_bytes[4 * (3 + 16)];
+  auto index_at = [&](int k) {
+    return uint32_t(idx_bytes[4 * k]) | uint32_t(idx_bytes[4 * k + 1]) << 8 |
+           uint32_t(idx_bytes[4 * k + 2]) << 16 | uint32_t(idx_bytes[4 * k + 3]) << 24;
+  };
+  const int n_end = 3 + HAPM_NUM_ARRAYS;
   while (!top->done) {
     if (cycle >= max_cycles) {
       status = 1;
@@ -197,6 +206,18 @@ int main(int argc, char** argv) {
       }
     }
     if (top->b_valid && top->b_ready) acks.pop_front();
+    if (top->tr_start) {
+      get_bytes(top->tr_start_idx, idx_bytes, 12);
+      for (int m = 0; m < 3; ++m)
+        if ((top->tr_start >> m) & 1 && index_at(m) < n_insn) t_start[index_at(m)] = cycle;
+    }
+    if (top->tr_end) {
+      get_bytes(top->tr_end_idx, idx_bytes, 4 * n_end);
+      for (int k = 0; k < n_end; ++k)
+        if ((uint64_t(top->tr_end) >> k) & 1 && index_at(k) < n_insn)
+          // a module is free the cycle after its instruction ends; an array in its done cycle
+          t_end[index_at(k)] = k < 3 ? cycle + 1 : cycle;
+    }
     const uint64_t pc = top->imem_addr;
     if (pc < n_insn)
       std::memcpy(imem_word.data(), program.data() + pc * 16, 16);
@@ -218,6 +239,11 @@ int main(int argc, char** argv) {
   for (uint32_t s = 0; s < n_slots; ++s) {
     write_le<uint32_t>(out, uint32_t(size[s]));
     out.write(reinterpret_cast<const char*>(dram.data() + base[s]), size[s]);
+  }
+  write_le<uint32_t>(out, n_insn);
+  for (uint32_t i = 0; i < n_insn; ++i) {
+    write_le<uint64_t>(out, t_start[i]);
+    write_le<uint64_t>(out, t_end[i]);
   }
   return out ? 0 : 2;
 }
