@@ -548,7 +548,7 @@ class TimingModel:
                 max_arr = max(max_arr, e)
                 free[1] = t + 1
                 busy[1] += 1
-                release = max_arr
+                release = max_arr + 1  # its tokens: pushed when the GEMMs are done (below)
             else:  # ALU, SYNC, FINISH
                 e = t + cost[i]
                 free[m] = e

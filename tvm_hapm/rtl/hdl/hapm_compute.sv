@@ -108,10 +108,12 @@ module hapm_compute (
   hapm_fifo #(.W(PW), .AW($clog2(`HAPM_PEND_DEPTH))) pending (
       .clk(clk), .rst(rst), .push(pend_push), .din(pend_in), .pop(pend_pop),
       .head(pend_head), .empty(pend_empty), .full(pend_full));
+  // counting the GEMMs that finish this cycle: a token is pushed in the cycle its GEMMs are done
   always_comb begin
     head_released = 1'b1;
     for (int k = 0; k < A; k++)
-      if ($signed(completed[k] - pend_head[2 + 16*k +: 16]) < 0) head_released = 1'b0;
+      if ($signed(completed[k] + 16'(gemm_done[k]) - pend_head[2 + 16*k +: 16]) < 0)
+        head_released = 1'b0;
   end
 
   // ---- issue
