@@ -1,12 +1,21 @@
 """Tests of the cycle-level timing model and the energy model against hand-computed cases.
 
 Every expected cycle count below is worked out by hand from the formulas of ``docs/timing.md``
-on a small machine: 2 arrays of 4 x 4, int8, 8 DRAM bytes per cycle, 10 cycles of DRAM latency,
-an ALU latency of 4 and a 1-cycle sparsity check.  So:
+on a small machine: 2 arrays of 4 x 4, int8, 4 DRAM bytes per cycle, 10 cycles of DRAM latency,
+an ALU latency of 4 and a 1-cycle sparsity check.  So, for an instruction starting at ``t``:
 
-* LOAD of ``k`` input vectors (4 bytes each): ``10 + ceil(4k / 8)`` (+ one cycle per padded entry);
-* GEMM streaming ``T`` vectors: ``2*4 + 4 - 2 + T = 10 + T`` on its array, one issue cycle;
-* ALU over ``T`` vectors: ``4 + T``; SYNC and FINISH: 1.
+* instruction ``i`` starts no earlier than ``i + 2`` (fetch);
+* LOAD of ``k`` input vectors (4 bytes: one beat each), without padding: first beat at
+  ``t + 1 + 10``, one entry written per cycle after its beat, done 2 cycles after the last
+  write: ends at ``t + 13 + k``; a weight block (16 bytes, 4 beats) ends at ``t + 17``;
+* STORE of ``k`` int8 accumulator vectors (4 bytes each): first beat at ``t + 3``, the write
+  response 10 cycles after the last beat, done 2 cycles later: ends at ``t + 14 + k``;
+* GEMM streaming ``T`` vectors: ``2*4 + 4 + 2 + T = 14 + T`` on its array from its issue cycle;
+* ALU over ``T`` vectors: ``4 + T``; SYNC and FINISH: 1;
+* a compute token that waits for GEMMs is popped from the cycle after the last one ends.
+
+The accelerator's RTL runs the same programs (``test_the_rtl_agrees_instruction_by_instruction``):
+its start and end cycles are these, instruction by instruction.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ CFG = HardwareConfig(
     num_arrays=2,
     array_rows=4,
     array_cols=4,
-    dram_bytes_per_cycle=8,
+    dram_bytes_per_cycle=4,
     dram_latency_cycles=10,
     dsb_check_cycles=1,
     clock_mhz=100.0,
@@ -37,6 +46,8 @@ CFG = HardwareConfig(
     acc_buffer_bytes=64 * 16,
 )
 FINISH = Instruction(Opcode.FINISH)
+# the accumulator of the element-wise test: 1024 entries
+ELTWISE_CFG = CFG.replace(name="timing-eltwise", acc_buffer_bytes=1024 * 16)
 
 
 def load(buf, sram, x, *, y=1, pads=(0, 0, 0, 0), bits_code=0, dram=0, **kw):
@@ -65,10 +76,10 @@ def store(sram, x, dram=0, **kw):
     )  # fmt: skip
 
 
-def gemm(inp, acc, *, array=0, outer=1, inner=16, wgt=0, **kw):
+def gemm(inp, acc, *, array=0, outer=1, inner=16, wgt=0, reset=1, **kw):
     return Instruction(
         Opcode.GEMM, array=array, wgt_addr=wgt, inp_addr=inp, acc_addr=acc, outer=outer,
-        inner=inner, inp_so=inner, inp_si=1, acc_so=inner, acc_si=1, reset=1, **kw,
+        inner=inner, inp_so=inner, inp_si=1, acc_so=inner, acc_si=1, reset=reset, **kw,
     )  # fmt: skip
 
 
@@ -84,53 +95,55 @@ def run(program, cfg=CFG, zero=None):
 
 # ------------------------------------------------------------------------- single instructions
 def test_one_load():
-    # 16 input vectors of 4 int8 = 64 bytes: 10 + 64 / 8 = 18 cycles.  FINISH does not wait.
+    # 16 input vectors of 4 int8 = 64 bytes = 16 beats: fetched at 2, 2 + 13 + 16 = 31.  FINISH
+    # (fetched at 3) does not wait.
     r = run([load(Buffer.INP, 0, 16), FINISH])
-    assert r.start.tolist() == [0, 0] and r.end.tolist() == [18, 1]
-    assert r.cycles == 18
-    assert r.busy == {"load": 18, "compute": 1, "store": 0}
+    assert r.start.tolist() == [2, 3] and r.end.tolist() == [31, 4]
+    assert r.cycles == 31
+    assert r.busy == {"load": 29, "compute": 1, "store": 0}
     assert r.dram_bytes_read == 64 and r.buffer_writes["inp"] == 64
     # With a token the FINISH starts when the load is done.
     r = run([load(Buffer.INP, 0, 16, push_next=1), Instruction(Opcode.FINISH, pop_prev=1)])
-    assert r.cycles == 19 and r.stalls["compute_wait_load"] == 18
+    assert r.cycles == 32 and r.stalls["compute_wait_load"] == 31 - 3
 
 
-def test_padded_load_costs_one_cycle_per_padded_entry():
-    # 2 rows of 3 vectors (24 bytes: 3 beats) padded by 1 on every side: 4 x 5 = 20 entries on
-    # chip, 14 of them padding: 10 + 3 + 14 = 27.
+def test_padded_load_writes_the_leading_padding_while_the_data_comes():
+    # 2 rows of 3 vectors (6 beats) padded by 1 on every side: 4 x 5 = 20 entries on chip, the
+    # first 6 of them padding (written at 3..8, before the first beat at 2 + 11 = 13): the first
+    # data entry is written at 14, the other 13 entries at one per cycle up to 27, done: 29.
     r = run([load(Buffer.INP, 0, 3, y=2, pads=(1, 1, 1, 1)), FINISH])
-    assert r.end[0] == 27 and r.cycles == 27
+    assert r.end[0] == 29 and r.cycles == 29
     assert r.dram_bytes_read == 24 and r.buffer_writes["inp"] == 20 * 4
-    # An odd byte count rounds up to a whole beat: 1 vector = 4 bytes -> 1 beat.
-    assert run([load(Buffer.INP, 0, 1), FINISH]).cycles == 11
+    # One vector: 2 + 13 + 1.
+    assert run([load(Buffer.INP, 0, 1), FINISH]).cycles == 16
 
 
 def test_one_gemm():
-    # outer 3 x inner 5 = 15 vectors: 2*4 + 4 - 2 + 15 = 25 cycles; FINISH drains: 25..26.
+    # outer 3 x inner 5 = 15 vectors: 14 + 15 = 29 cycles from the issue at 2; FINISH: 31..32.
     r = run([gemm(0, 0, outer=3, inner=5), FINISH])
-    assert r.start.tolist() == [0, 25] and r.end.tolist() == [25, 26]
-    assert r.cycles == 26
+    assert r.start.tolist() == [2, 31] and r.end.tolist() == [31, 32]
+    assert r.cycles == 32
     assert r.macs == 15 * 16
-    assert r.array_busy.tolist() == [25, 0]
-    assert r.stalls["gemm_drain"] == 24  # FINISH was ready at cycle 1 (after the issue cycle)
-    assert r.utilisation == pytest.approx(15 * 16 / (32 * 26))
-    assert TimingModel(CFG).gemm_cycles(15) == 25
+    assert r.array_busy.tolist() == [29, 0]
+    assert r.stalls["gemm_drain"] == 28  # FINISH was ready at cycle 3 (after the issue cycle)
+    assert r.utilisation == pytest.approx(15 * 16 / (32 * 32))
+    assert TimingModel(CFG).gemm_cycles(15) == 29
 
 
 def test_alu_and_sync():
-    # ALU over 6 vectors: 4 + 6 = 10; SYNC 1; FINISH 1: strictly sequential on compute.
+    # ALU over 6 vectors: 2 + 4 + 6 = 12; SYNC 1; FINISH 1: strictly sequential on compute.
     r = run([alu(0, 6), Instruction(Opcode.SYNC, module=1), FINISH])
-    assert r.end.tolist() == [10, 11, 12] and r.cycles == 12
+    assert r.end.tolist() == [12, 13, 14] and r.cycles == 14
     assert r.alu_add_lanes == 6 * 4
-    assert TimingModel(CFG, alu_latency=0).run([alu(0, 6), FINISH]).cycles == 7
+    assert TimingModel(CFG, alu_latency=0).run([alu(0, 6), FINISH]).cycles == 9
 
 
 def test_alu_waits_for_gemms():
-    # ALU on the GEMM's accumulators waits until the array is idle (cycle 26).
+    # ALU on the GEMM's accumulators (GEMM 2..32) waits until the array is idle (cycle 32).
     r = run([gemm(0, 0), alu(0, 16), FINISH])
-    assert r.start[1] == 26 and r.end[1] == 26 + 4 + 16
-    assert r.stalls["gemm_drain"] == 25
-    assert r.cycles == 47
+    assert r.start[1] == 32 and r.end[1] == 32 + 4 + 16
+    assert r.stalls["gemm_drain"] == 32 - 3
+    assert r.cycles == 53
 
 
 # --------------------------------------------------------------------- load -> compute -> store
@@ -138,14 +151,14 @@ def _single_buffered():
     # Tile 2 reuses the input and accumulator regions of tile 1: its LOAD waits until the GEMM
     # of tile 1 has read the inputs, its GEMM until the STORE of tile 1 has read the results.
     return [
-        load(Buffer.WGT, 0, 1),  # 0: 16 B: 0..12
-        load(Buffer.INP, 0, 16, push_next=1),  # 1: 64 B: 12..30
-        gemm(0, 0, pop_prev=1, push_prev=1, push_next=1),  # 2: 30..56
-        load(Buffer.INP, 0, 16, pop_next=1, push_next=1),  # 3: 56..74 (port 66..74)
-        store(0, 16, pop_prev=1, push_prev=1),  # 4: 56, port busy until 74: 74..82
-        gemm(0, 0, pop_prev=1, pop_next=1, push_next=1),  # 5: 82..108
-        store(0, 16, pop_prev=1, push_prev=1),  # 6: 108..126
-        Instruction(Opcode.FINISH, pop_next=1),  # 7: 126..127
+        load(Buffer.WGT, 0, 1),  # 0: 16 B: 2..19 (read channel until 17)
+        load(Buffer.INP, 0, 16, push_next=1),  # 1: 64 B: 19..48 (first beat 30)
+        gemm(0, 0, pop_prev=1, push_prev=1, push_next=1),  # 2: 48..78, tokens from 79
+        load(Buffer.INP, 0, 16, pop_next=1, push_next=1),  # 3: 79..108
+        store(0, 16, pop_prev=1, push_prev=1),  # 4: 79..109 (write channel)
+        gemm(0, 0, pop_prev=1, pop_next=1, push_next=1),  # 5: 109..139, token from 140
+        store(0, 16, pop_prev=1, push_prev=1),  # 6: 140..170
+        Instruction(Opcode.FINISH, pop_next=1),  # 7: 170..171
     ]
 
 
@@ -153,40 +166,40 @@ def _double_buffered():
     # Tile 2 uses the other half of the input and accumulator buffers: its load overlaps the
     # GEMM of tile 1.
     return [
-        load(Buffer.WGT, 0, 1),  # 0: 0..12
-        load(Buffer.INP, 0, 16, push_next=1),  # 1: 12..30
-        load(Buffer.INP, 16, 16, push_next=1),  # 2: 30..48 (during GEMM 3)
-        gemm(0, 0, pop_prev=1, push_next=1),  # 3: 30..56
-        gemm(16, 16, pop_prev=1, push_next=1),  # 4: ready 48, array 0 busy until 56: 56..82
-        store(0, 16, pop_prev=1),  # 5: 56..74
-        store(16, 16, pop_prev=1, push_prev=1),  # 6: 82..100
-        Instruction(Opcode.FINISH, pop_next=1),  # 7: 100..101
+        load(Buffer.WGT, 0, 1),  # 0: 2..19
+        load(Buffer.INP, 0, 16, push_next=1),  # 1: 19..48
+        load(Buffer.INP, 16, 16, push_next=1),  # 2: 48..77 (during GEMM 3)
+        gemm(0, 0, pop_prev=1, push_next=1),  # 3: 48..78, token from 79
+        gemm(16, 16, pop_prev=1, push_next=1),  # 4: ready 77, array 0 busy until 78: 78..108
+        store(0, 16, pop_prev=1),  # 5: 79..109
+        store(16, 16, pop_prev=1, push_prev=1),  # 6: 109..139
+        Instruction(Opcode.FINISH, pop_next=1),  # 7: 139..140
     ]
 
 
 def test_chain_single_buffered():
     r = run(_single_buffered())
-    assert r.start.tolist() == [0, 12, 30, 56, 56, 82, 108, 126]
-    assert r.end.tolist() == [12, 30, 56, 74, 82, 108, 126, 127]
-    assert r.cycles == 127
+    assert r.start.tolist() == [2, 19, 48, 79, 79, 109, 140, 170]
+    assert r.end.tolist() == [19, 48, 78, 108, 109, 139, 170, 171]
+    assert r.cycles == 171
     assert r.stalls == {
-        "compute_wait_load": 30 + 43,  # GEMM 2 waits 0..30, GEMM 5 31..74
-        "compute_wait_store": 8 + 43,  # GEMM 5 74..82, FINISH 83..126
-        "load_wait_compute": 26,  # LOAD 3 30..56
-        "store_wait_compute": 56 + 26,  # STORE 4 0..56, STORE 6 82..108
+        "compute_wait_load": 44 + 59,  # GEMM 2 waits 4..48, GEMM 5 49..108
+        "compute_wait_store": 1 + 60,  # GEMM 5 108..109, FINISH 110..170
+        "load_wait_compute": 31,  # LOAD 3 48..79
+        "store_wait_compute": 73 + 31,  # STORE 4 6..79, STORE 6 109..140
         "array_busy": 0,
         "gemm_drain": 0,
-        "dram_port": 8,  # STORE 4 requests the port at 66, LOAD 3 holds it until 74
+        "dram_port": 0,  # the loads never meet on the read channel; STOREs write
     }
-    assert r.busy == {"load": 12 + 18 + 18, "compute": 3, "store": 18 + 18}
+    assert r.busy == {"load": 17 + 29 + 29, "compute": 3, "store": 30 + 30}
 
 
 def test_chain_double_buffered_is_faster():
     r = run(_double_buffered())
-    assert r.start.tolist() == [0, 12, 30, 30, 56, 56, 82, 100]
-    assert r.end.tolist() == [12, 30, 48, 56, 82, 74, 100, 101]
-    assert r.cycles == 101 < run(_single_buffered()).cycles == 127
-    assert r.stalls["array_busy"] == 8  # GEMM 4 ready at 48, array 0 free at 56
+    assert r.start.tolist() == [2, 19, 48, 48, 78, 79, 109, 139]
+    assert r.end.tolist() == [19, 48, 77, 78, 108, 109, 139, 140]
+    assert r.cycles == 140 < run(_single_buffered()).cycles == 171
+    assert r.stalls["array_busy"] == 1  # GEMM 4 ready at 77, array 0 free at 78
     assert r.stalls["load_wait_compute"] == 0
     # The load of tile 2 runs while tile 1 computes.
     assert r.start[2] < r.end[3] and r.start[3] < r.end[2]
@@ -196,28 +209,28 @@ def test_double_buffered_with_tokens_inserted():
     from tvm_hapm.target.dependency import insert_dependency_tokens
 
     # The same two tiles written sequentially, software-pipelined (tile 2 is loaded before tile 1
-    # is stored); the token inserter finds the same synchronisation and the same 101 cycles.
+    # is stored); the token inserter finds the same synchronisation and the same 140 cycles.
     plain = [
         i.replace(pop_prev=0, pop_next=0, push_prev=0, push_next=0) for i in _double_buffered()
     ]
     ldw, ld1, ld2, g1, g2, st1, st2, _ = plain
     r = run(insert_dependency_tokens([ldw, ld1, g1, ld2, st1, g2, st2]))
-    assert r.cycles == 101
+    assert r.cycles == 140
 
 
 def test_token_stall_is_counted():
-    # GEMM pops the load's token: it cannot start before the load's end (18).
+    # GEMM (fetched at 3) pops the load's token: it cannot start before the load's end (31).
     r = run([load(Buffer.INP, 0, 16, push_next=1), gemm(0, 0, pop_prev=1), FINISH])
-    assert r.start[1] == 18 and r.end[1] == 18 + 26
-    assert r.stalls["compute_wait_load"] == 18
-    assert r.cycles == 18 + 26 + 1
+    assert r.start[1] == 31 and r.end[1] == 31 + 30
+    assert r.stalls["compute_wait_load"] == 31 - 3
+    assert r.cycles == 31 + 30 + 1
     assert r.stall_cycles == sum(r.stalls.values())
     assert set(r.stalls) == set(STALL_CAUSES)
 
 
 def test_compute_token_waits_for_all_gemms():
-    # GEMM on array 0 streams 30 vectors (40 cycles); the GEMM on array 1 (5 vectors, 15 cycles,
-    # ends at 16) pushes to the store, which must wait for both: 40.
+    # GEMM on array 0 streams 30 vectors (44 cycles: 2..46); the GEMM on array 1 (5 vectors, 19
+    # cycles: 3..22) pushes to the store, which must wait for both: from 47.
     prog = [
         gemm(0, 0, array=0, inner=30),
         gemm(0, 32, array=1, inner=5, push_next=1),
@@ -225,30 +238,32 @@ def test_compute_token_waits_for_all_gemms():
         FINISH,
     ]
     r = run(prog)
-    assert r.end[:2].tolist() == [40, 16]
-    assert r.start[2] == 40 and r.stalls["store_wait_compute"] == 40
+    assert r.end[:2].tolist() == [46, 22]
+    assert r.start[2] == 47 and r.stalls["store_wait_compute"] == 47 - 4
 
 
 # ------------------------------------------------------------------------------ sparsity bypass
-def _zero_weight_program():
-    return [load(Buffer.WGT, 0, 1, push_next=1), gemm(0, 0, pop_prev=1), FINISH]
+def _zero_weight_program(reset=0):
+    return [load(Buffer.WGT, 0, 1, push_next=1), gemm(0, 0, pop_prev=1, reset=reset), FINISH]
 
 
 def test_dsb_skips_an_all_zero_block():
     prog = _zero_weight_program()
     on = run(prog, zero=[False, True, False])
-    # load 0..12; GEMM 12..13 (1-cycle check); FINISH 13..14.
-    assert on.end.tolist() == [12, 13, 14] and on.cycles == 14
+    # load 2..19; GEMM 19..21 (issue and 1-cycle check); FINISH 21..22.
+    assert on.end.tolist() == [19, 21, 22] and on.cycles == 22
     assert on.macs == 0 and on.macs_skipped == 16 * 16 and on.gemms_skipped == 1
     # Per-GEMM flags give the same result as per-instruction flags.
-    assert run(prog, zero=[True]).cycles == 14
-    # Disabled: the full 10 + 16 = 26 cycles and the MACs are done.
+    assert run(prog, zero=[True]).cycles == 22
+    # A reset GEMM still zeroes its 16 accumulators: 19..37.
+    assert run(_zero_weight_program(reset=1), zero=[True]).cycles == 19 + 2 + 16 + 1
+    # Disabled: the full 14 + 16 = 30 cycles and the MACs are done.
     off = run(prog, cfg=CFG.replace(dsb_enabled=False), zero=[False, True, False])
-    assert off.end.tolist() == [12, 38, 39] and off.cycles == 39
+    assert off.end.tolist() == [19, 49, 50] and off.cycles == 50
     assert off.macs == 256 and off.gemms_skipped == 0
     # A non-zero block is never skipped.
-    assert run(prog, zero=[False, False, False]).cycles == 39
-    assert run(prog, cfg=CFG.replace(dsb_check_cycles=5), zero=[True]).cycles == 12 + 5 + 1
+    assert run(prog, zero=[False, False, False]).cycles == 50
+    assert run(prog, cfg=CFG.replace(dsb_check_cycles=5), zero=[True]).cycles == 19 + 6 + 1
 
 
 def test_zero_flag_count_checked():
@@ -258,55 +273,55 @@ def test_zero_flag_count_checked():
 
 # ------------------------------------------------------------------------------ parallel arrays
 def test_gemms_on_different_arrays_overlap():
-    # array 0: 0..26, array 1: issued at 1, 1..27; FINISH drains: 27..28.
+    # array 0: 2..32, array 1: issued at 3, 3..33; FINISH drains: 33..34.
     r = run([gemm(0, 0, array=0), gemm(16, 16, array=1), FINISH])
-    assert r.start.tolist() == [0, 1, 27] and r.end.tolist() == [26, 27, 28]
-    assert r.cycles == 28 and r.stalls["array_busy"] == 0
-    assert r.array_busy.tolist() == [26, 26]
+    assert r.start.tolist() == [2, 3, 33] and r.end.tolist() == [32, 33, 34]
+    assert r.cycles == 34 and r.stalls["array_busy"] == 0
+    assert r.array_busy.tolist() == [30, 30]
 
 
 def test_two_arrays_do_not_accumulate_into_one_region_at_once():
     # Both GEMMs write accumulators 0..15 (the second overlaps the first from entry 8): the
-    # second waits for array 0 although array 1 is free: 26..52; FINISH drains 52..53.
+    # second waits for array 0 although array 1 is free: 32..62; FINISH drains 62..63.
     for acc in (0, 8):
         r = run([gemm(0, 0, array=0), gemm(16, acc, array=1), FINISH])
-        assert r.start.tolist() == [0, 26, 52] and r.end.tolist() == [26, 52, 53]
-        assert r.cycles == 53 and r.stalls["array_busy"] == 25  # ready at 1 (issue cycle)
+        assert r.start.tolist() == [2, 32, 62] and r.end.tolist() == [32, 62, 63]
+        assert r.cycles == 63 and r.stalls["array_busy"] == 29  # ready at 3 (issue cycle)
     # Disjoint regions (16..31 starts right after 0..15) still overlap.
     r = run([gemm(0, 0, array=0), gemm(16, 16, array=1), FINISH])
-    assert r.cycles == 28
+    assert r.cycles == 34
 
 
 def test_alu_waits_only_for_gemms_into_its_accumulators():
-    # The scoreboard: array 0 writes 0..15 (0..26), array 1 writes 16..31 (1..27).
-    # An ALU on 32..47 (no GEMM) starts right after the issue cycles: 2..22 (4 + 16).
+    # The scoreboard: array 0 writes 0..15 (2..32), array 1 writes 16..31 (3..33).
+    # An ALU on 32..47 (no GEMM) starts right after the issue cycles: 4..24 (4 + 16).
     r = run([gemm(0, 0, array=0), gemm(16, 16, array=1), alu(32, 16), FINISH])
-    assert r.start[2] == 2 and r.end[2] == 22 and r.stalls["gemm_drain"] == 5  # FINISH 22..27
-    assert r.cycles == 28
-    # An ALU on 16..31 waits for array 1 only: 27..47; on 8..23 for both arrays: 27..47.
+    assert r.start[2] == 4 and r.end[2] == 24 and r.stalls["gemm_drain"] == 9  # FINISH 33..34
+    assert r.cycles == 34
+    # An ALU on 16..31 waits for array 1 only: 33..53; on 8..23 for both arrays: 33..53.
     for dst in (16, 8):
         r = run([gemm(0, 0, array=0), gemm(16, 16, array=1), alu(dst, 16), FINISH])
-        assert r.start[2] == 27 and r.end[2] == 47 and r.stalls["gemm_drain"] == 25
-    # An ALU on 0..15 waits for array 0 (26), not for array 1 (27): 26..46.
+        assert r.start[2] == 33 and r.end[2] == 53 and r.stalls["gemm_drain"] == 29
+    # An ALU on 0..15 waits for array 0 (32), not for array 1 (33): 32..52.
     r = run([gemm(0, 0, array=0), gemm(16, 16, array=1), alu(0, 16), FINISH])
-    assert r.start[2] == 26 and r.end[2] == 46 and r.stalls["gemm_drain"] == 24
-    # Its operand counts too: ADD of 16..31 into 32..47 waits for array 1 (27..47).
+    assert r.start[2] == 32 and r.end[2] == 52 and r.stalls["gemm_drain"] == 28
+    # Its operand counts too: ADD of 16..31 into 32..47 waits for array 1 (33..53).
     add = Instruction(
         Opcode.ALU, alu_op=AluOp.ADD, dst_addr=32, src_addr=16, outer=1, inner=16, dst_si=1,
         src_si=1,
     )  # fmt: skip
     r = run([gemm(0, 0, array=0), gemm(16, 16, array=1), add, FINISH])
-    assert r.start[2] == 27 and r.end[2] == 47
-    # The same ADD with an immediate reads no operand: 2..22.
+    assert r.start[2] == 33 and r.end[2] == 53
+    # The same ADD with an immediate reads no operand: 4..24.
     imm = add.replace(use_imm=1, imm=3)
-    assert run([gemm(0, 0, array=0), gemm(16, 16, array=1), imm, FINISH]).start[2] == 2
+    assert run([gemm(0, 0, array=0), gemm(16, 16, array=1), imm, FINISH]).start[2] == 4
     # ADD_REQUANT with its bias in entry 15 reads its multiplier in entry 16: it waits for
-    # array 1 as well (27); with the bias in 14 it reads 14..15 and waits for array 0 only (26).
+    # array 1 as well (33); with the bias in 14 it reads 14..15 and waits for array 0 only (32).
     fused = add.replace(alu_op=AluOp.ADD_REQUANT, src_addr=15, src_si=0, imm=8)
-    assert run([gemm(0, 0, array=0), gemm(16, 16, array=1), fused, FINISH]).start[2] == 27
+    assert run([gemm(0, 0, array=0), gemm(16, 16, array=1), fused, FINISH]).start[2] == 33
     fused = fused.replace(src_addr=14)
     r = run([gemm(0, 0, array=0), gemm(16, 16, array=1), fused, FINISH])
-    assert r.start[2] == 26 and r.end[2] == 26 + 4 + 16
+    assert r.start[2] == 32 and r.end[2] == 32 + 4 + 16
     # one pass: a 32-bit add and multiply per lane; destination read and written, bias and
     # multiplier read (16 vectors of 4 lanes of 4 bytes)
     r = run([fused, FINISH])
@@ -315,20 +330,21 @@ def test_alu_waits_only_for_gemms_into_its_accumulators():
 
 
 def test_accumulator_load_waits_only_for_overlapping_gemms():
-    # A LOAD into acc entries 40..43 (4 int32 vectors of 16 bytes: 10 + 8 = 18 cycles) after a
-    # GEMM into 0..15 starts at 1 (after the issue cycle): 1..19.  Into 12..15: after the GEMM.
+    # A LOAD into acc entries 40..43 (4 int32 vectors of 16 bytes, 4 beats each) after a GEMM
+    # into 0..15 (2..32) starts at 3 (after the issue cycle): first beat at 14, an entry written
+    # after its 4 beats (18, 22, 26, 30), done: 3..32.  Into 12..15: after the GEMM, 32..61.
     far = load(Buffer.ACC, 40, 4, bits_code=2)
     r = run([gemm(0, 0, array=0), far, FINISH])
-    assert r.start[1] == 1 and r.end[1] == 19 and r.cycles == 27
+    assert r.start[1] == 3 and r.end[1] == 32 and r.cycles == 33
     near = load(Buffer.ACC, 12, 4, bits_code=2)
     r = run([gemm(0, 0, array=0), near, FINISH])
-    assert r.start[1] == 26 and r.end[1] == 44 and r.stalls["gemm_drain"] == 25
+    assert r.start[1] == 32 and r.end[1] == 61 and r.stalls["gemm_drain"] == 29
 
 
 def test_gemms_on_the_same_array_serialise():
     r = run([gemm(0, 0, array=0), gemm(16, 16, array=0), FINISH])
-    assert r.start.tolist() == [0, 26, 52] and r.end.tolist() == [26, 52, 53]
-    assert r.cycles == 53 and r.stalls["array_busy"] == 25
+    assert r.start.tolist() == [2, 32, 62] and r.end.tolist() == [32, 62, 63]
+    assert r.cycles == 63 and r.stalls["array_busy"] == 29
     assert r.busy["compute"] == 3  # two issue cycles and FINISH
 
 
@@ -341,19 +357,19 @@ def test_deterministic():
 
 def test_latency_is_cycles_over_clock():
     r = run(_single_buffered())
-    assert r.latency_ms == pytest.approx(127 / 100.0 / 1e3)
+    assert r.latency_ms == pytest.approx(171 / 100.0 / 1e3)
     r2 = run(_single_buffered(), cfg=CFG.replace(clock_mhz=250.0))
-    assert r2.cycles == 127 and r2.latency_ms == pytest.approx(127 / 250.0 / 1e3)
+    assert r2.cycles == 171 and r2.latency_ms == pytest.approx(171 / 250.0 / 1e3)
 
 
 def test_roofline():
     r = run(_single_buffered())
     # 2 GEMMs x 16 vectors x 16 MACs = 512 MACs / 32 per cycle = 16; DRAM 16 + 128 + 128 = 272
-    # bytes / 8 = 34 cycles: memory bound, 34 / 127.
+    # bytes / 4 = 68 cycles: memory bound, 68 / 171.
     assert r.macs == 512 and r.dram_bytes == 272
-    assert r.roofline_cycles == 34
-    assert r.roofline_fraction == pytest.approx(34 / 127)
-    assert r.utilisation == pytest.approx(512 / (32 * 127))
+    assert r.roofline_cycles == 68
+    assert r.roofline_fraction == pytest.approx(68 / 171)
+    assert r.utilisation == pytest.approx(512 / (32 * 171))
 
 
 def test_deadlock_and_illegal_flags_refused():
@@ -391,42 +407,49 @@ def test_codegen_program_is_consistent():
 
 
 def test_double_buffered_add_by_hand():
-    # 512 entries of 4 lanes, accumulator of 1024 entries: two double-buffered tiles of 256 (a
-    # at 0 / 256, b at 512 / 768).  A LOAD of 256 int8 entries (1024 bytes): 10 + 128 = 138; an
-    # ALU pass: 4 + 256 = 260; a STORE: 138.  The loads run on the compute module, so:
-    #   La0 0..138, Lb0 ..276, MUL a ..536, MUL b ..796, ADD ..1056,
-    #   La1 ..1194, Lb1 ..1332 (moved up into tile 0), SHR ..1592, MAX ..1852, MIN ..2112,
-    #   St0 2112..2250 while tile 1 computes: MUL a 2112..2372, ..., MIN ..3672,
-    #   St1 3672..3810, FINISH 3810..3811.
-    # Single buffered (one tile of 512): 266 + 266 + 6 * 516 + 266 + 1 = 3895.
+    # 512 entries of 4 lanes, accumulator of 1024 entries: three double-buffered tiles of 171,
+    # 171 and 170 entries (a at 0 / 171, b at 342 / 513).  A LOAD of t int8 entries (one beat
+    # each): 13 + t; an ALU pass: 4 + t; a STORE: 14 + t.  The loads run on the compute module:
+    #   La0 2..186, Lb0 ..370, MUL a ..545, MUL b ..720, ADD ..895,
+    #   La1 ..1079, Lb1 ..1263 (moved up into tile 0), SHR ..1438, MAX ..1613, MIN ..1788,
+    #   St0 1788..1973 while tile 1 computes: MUL a 1788..1963, MUL b ..2138, ADD ..2313,
+    #   La2 ..2496, Lb2 ..2679, SHR ..2854, MAX ..3029, MIN ..3204, St1 3204..3389,
+    #   tile 2 (170): MUL a 3204..3378, ..., MIN ..4248, St2 4248..4432, FINISH 4432..4433.
+    # Single buffered (one tile of 512): 2 + 2 * 525 + 6 * 516 + 526 + 1 = 4675.
     from tvm_hapm.runtime.driver import run_program
     from tvm_hapm.target.codegen import add_program
     from tvm_hapm.target.schedule import estimate_eltwise_cycles
 
-    cfg = CFG.replace(name="timing-eltwise", acc_buffer_bytes=1024 * 16)
+    cfg = ELTWISE_CFG
     shape = (1, 4, 16, 32)
     prog, _ = add_program(cfg, "add", shape, 3, -5, 2, (-100, 100))
-    assert prog.info["schedule"] == {"tile": 256, "double_buffer": True}
+    assert prog.info["schedule"] == {"tile": 171, "double_buffer": True}
     r = run(prog.instructions, cfg)
     insns = prog.instructions
     ops = [(i.opcode, i.alu_op if i.opcode == Opcode.ALU else None) for i in insns]
     loads = [k for k, (op, _) in enumerate(ops) if op == Opcode.LOAD]
     alus = [k for k, (op, _) in enumerate(ops) if op == Opcode.ALU]
     stores = [k for k, (op, _) in enumerate(ops) if op == Opcode.STORE]
-    assert [insns[k].sram_addr for k in loads] == [0, 512, 256, 768]
-    assert r.start[loads].tolist() == [0, 138, 1056, 1194]
-    assert r.end[alus].tolist() == [536, 796, 1056, 1592, 1852, 2112] + [
-        2112 + 260 * j for j in range(1, 7)
-    ]
-    assert r.start[stores].tolist() == [2112, 3672] and r.end[stores].tolist() == [2250, 3810]
-    assert r.cycles == 3811 == estimate_eltwise_cycles(cfg, 512, 256, 2, 6, True) + 1
-    assert estimate_eltwise_cycles(cfg, 512, 512, 2, 6, False) + 1 == 3895
+    assert [insns[k].sram_addr for k in loads] == [0, 342, 171, 513, 0, 342]
+    assert r.start[loads].tolist() == [2, 186, 895, 1079, 2313, 2496]
+    assert r.end[alus].tolist() == [
+        545, 720, 895, 1438, 1613, 1788,  # tile 0
+        1963, 2138, 2313, 2854, 3029, 3204,  # tile 1
+        *(3204 + 174 * j for j in range(1, 7)),  # tile 2
+    ]  # fmt: skip
+    assert r.start[stores].tolist() == [1788, 3204, 4248]
+    assert r.end[stores].tolist() == [1973, 3389, 4432]
+    assert r.cycles == 4433 == estimate_eltwise_cycles(cfg, 512, 171, 2, 6, True) + 1
+    assert estimate_eltwise_cycles(cfg, 512, 512, 2, 6, False) + 1 == 4675
     # the loads of tile 1 start before tile 0's ALU work ends; its store overlaps tile 1's ALU
     assert r.start[loads[2]] < r.end[alus[5]]
     assert r.start[stores[0]] < r.end[alus[6]] and r.start[alus[6]] < r.end[stores[0]]
-    # the store module waits for each tile's MIN; compute waits for a store only at FINISH
-    assert r.stalls["store_wait_compute"] == 2112 + (3672 - 2250)
-    assert r.stalls["compute_wait_store"] == 3810 - 3672
+    # the store module waits for each tile's MIN (from its fetch, then after each store);
+    # compute waits for a store only at FINISH
+    assert r.stalls["store_wait_compute"] == (1788 - (stores[0] + 2)) + (3204 - 1973) + (
+        4248 - 3389
+    )
+    assert r.stalls["compute_wait_store"] == 4432 - 4248
     # and it computes the add (tokens valid on the functional simulator)
     rng = np.random.default_rng(0)
     a = rng.integers(-128, 128, shape).astype(np.int8)
@@ -434,7 +457,7 @@ def test_double_buffered_add_by_hand():
     y, stats = run_program(prog, Simulator(cfg), [a, b, np.zeros(shape, np.int8)])
     ref = np.clip((a.astype(np.int64) * 3 - b.astype(np.int64) * 5 + 2) >> 2, -100, 100)
     np.testing.assert_array_equal(y, ref)
-    assert stats.cycles == 3811
+    assert stats.cycles == 4433
 
 
 # ------------------------------------------------------------------------------ energy
@@ -442,11 +465,11 @@ def test_energy_of_one_load_by_hand():
     r = run([load(Buffer.INP, 0, 16), FINISH])
     e = EnergyModel(CFG).estimate(r)
     # 64 DRAM bytes at 2000 pJ / 8 B; 64 bytes written into a 256-byte input buffer (below 8 KB:
-    # the 8 KB figure, 10 pJ / 8 B); static 50 + 0.25 * 32 = 58 mW for 18 cycles at 100 MHz.
+    # the 8 KB figure, 10 pJ / 8 B); static 50 + 0.25 * 32 = 58 mW for 31 cycles at 100 MHz.
     assert e.dram_uj == pytest.approx(64 * 250e-6)
     assert e.inp_uj == pytest.approx(64 * 10 / 8 * 1e-6)
     assert e.mac_uj == 0 and e.wgt_uj == 0 and e.acc_uj == 0
-    assert e.static_uj == pytest.approx(58 * 18 / 100 / 1e3)
+    assert e.static_uj == pytest.approx(58 * 31 / 100 / 1e3)
     assert e.total_uj == pytest.approx(e.dram_uj + e.inp_uj + e.static_uj)
 
 
@@ -542,10 +565,90 @@ def test_simulator_records_zero_weight_blocks():
     sim = Simulator(CFG)
     stats = sim.run(prog, [np.zeros(64, np.int8)], timing=True)
     assert sim.last_timing.gemms_skipped == 1 and stats.cycles == sim.last_timing.cycles
-    assert stats.cycles == 30 + 1 + 1  # loads 0..30, 1-cycle check, FINISH
+    # loads 2..48; the reset GEMM: issue, 1-cycle check, 16 accumulators zeroed; FINISH
+    assert stats.cycles == 48 + 2 + 16 + 1
     # Non-zero weights: the full GEMM.
     stats2 = sim.run(prog, [np.ones(64, np.int8)], timing=True)
-    assert sim.last_timing.gemms_skipped == 0 and stats2.cycles == 30 + 26 + 1
+    assert sim.last_timing.gemms_skipped == 0 and stats2.cycles == 48 + 30 + 1
     # Without the bypass the zero block costs the full GEMM too.
     sim_off = Simulator(CFG.replace(dsb_enabled=False))
     assert sim_off.run(prog, [np.zeros(64, np.int8)], timing=True).cycles == stats2.cycles
+
+
+# ------------------------------------------------------------------------------ the RTL
+def _rtl_cases():
+    """name -> (program, config, DRAM byte value, zero-weight flags of the model run)."""
+    two = [gemm(0, 0, array=0), gemm(16, 16, array=1)]
+    add = Instruction(
+        Opcode.ALU, alu_op=AluOp.ADD, dst_addr=32, src_addr=16, outer=1, inner=16, dst_si=1,
+        src_si=1,
+    )  # fmt: skip
+    fused = add.replace(alu_op=AluOp.ADD_REQUANT, src_addr=14, src_si=0, imm=8)
+    from tvm_hapm.target.codegen import add_program
+    from tvm_hapm.target.dependency import insert_dependency_tokens
+
+    eltwise, _ = add_program(ELTWISE_CFG, "add", (1, 4, 16, 32), 3, -5, 2, (-100, 100))
+    cases = {
+        "one_load": [load(Buffer.INP, 0, 16), FINISH],
+        "load_token": [load(Buffer.INP, 0, 16, push_next=1), Instruction(Opcode.FINISH, pop_prev=1)],
+        "padded_load": [load(Buffer.INP, 0, 3, y=2, pads=(1, 1, 1, 1)), FINISH],
+        "one_gemm": [gemm(0, 0, outer=3, inner=5), FINISH],
+        "alu_sync": [alu(0, 6), Instruction(Opcode.SYNC, module=1), FINISH],
+        "alu_after_gemm": [gemm(0, 0), alu(0, 16), FINISH],
+        "single_buffered": _single_buffered(),
+        "double_buffered": _double_buffered(),
+        "token_stall": [load(Buffer.INP, 0, 16, push_next=1), gemm(0, 0, pop_prev=1), FINISH],
+        "token_waits_for_gemms": [
+            gemm(0, 0, array=0, inner=30), gemm(0, 32, array=1, inner=5, push_next=1),
+            store(32, 5, pop_prev=1), FINISH,
+        ],
+        "arrays_overlap": [*two, FINISH],
+        "same_region": [gemm(0, 0, array=0), gemm(16, 8, array=1), FINISH],
+        "same_array": [gemm(0, 0, array=0), gemm(16, 16, array=0), FINISH],
+        "alu_free_entries": [*two, alu(32, 16), FINISH],
+        "alu_on_both": [*two, alu(8, 16), FINISH],
+        "alu_operand": [*two, add, FINISH],
+        "add_requant": [*two, fused, FINISH],
+        "acc_load_far": [gemm(0, 0, array=0), load(Buffer.ACC, 40, 4, bits_code=2), FINISH],
+        "acc_load_near": [gemm(0, 0, array=0), load(Buffer.ACC, 12, 4, bits_code=2), FINISH],
+        "eltwise_add": eltwise.instructions,
+    }  # fmt: skip
+    out = {}
+    for name, prog in cases.items():
+        cfg = ELTWISE_CFG if name == "eltwise_add" else CFG
+        gemms = sum(i.opcode == Opcode.GEMM for i in prog)
+        if gemms and not any(i.opcode == Opcode.LOAD and i.buffer == Buffer.WGT for i in prog):
+            # no weight LOAD: the weight buffer is zero, the bypass skips every GEMM (resetting
+            # their accumulators); with one, the GEMMs run in full
+            out[name] = (prog, cfg, 1, [True] * gemms)
+            weighted = insert_dependency_tokens([load(Buffer.WGT, 0, 1), *prog])
+            out[name + "+weights"] = (weighted, cfg, 1, None)
+        else:
+            out[name] = (prog, cfg, 1, None)
+    # an all-zero DRAM: the weight block is zero and the bypass skips (or still resets)
+    out["bypass"] = (_zero_weight_program(), CFG, 0, [True])
+    out["bypass_reset"] = (_zero_weight_program(reset=1), CFG, 0, [True])
+    out["bypass_check_5"] = (_zero_weight_program(), CFG.replace(dsb_check_cycles=5), 0, [True])
+    out["no_bypass"] = (_zero_weight_program(), CFG.replace(dsb_enabled=False), 0, [True])
+    return out
+
+
+@pytest.fixture(scope="module")
+def rtl_sims():
+    from tvm_hapm.rtl import RtlSimulator
+
+    return {}, RtlSimulator
+
+
+@pytest.mark.parametrize("name", sorted(_rtl_cases()))
+def test_the_rtl_agrees_instruction_by_instruction(rtl_sims, name):
+    """The programs above on the accelerator's RTL (Verilator): the same cycle count, and every
+    instruction starts and ends in the same cycle as in the model."""
+    program, cfg, fill, zero = _rtl_cases()[name]
+    cache, rtl_simulator = rtl_sims
+    sim = cache.setdefault(cfg.to_json(), rtl_simulator(cfg))
+    rtl = sim.run(program, [np.full(4096, fill, np.int8) for _ in range(3)])
+    model = run(program, cfg, zero)
+    assert rtl.cycles == model.cycles
+    np.testing.assert_array_equal(rtl.start, model.start)
+    np.testing.assert_array_equal(rtl.end, model.end)
