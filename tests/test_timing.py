@@ -590,7 +590,9 @@ def _rtl_cases():
     eltwise, _ = add_program(ELTWISE_CFG, "add", (1, 4, 16, 32), 3, -5, 2, (-100, 100))
     cases = {
         "one_load": [load(Buffer.INP, 0, 16), FINISH],
-        "load_token": [load(Buffer.INP, 0, 16, push_next=1), Instruction(Opcode.FINISH, pop_prev=1)],
+        "load_token": [
+            load(Buffer.INP, 0, 16, push_next=1), Instruction(Opcode.FINISH, pop_prev=1)
+        ],
         "padded_load": [load(Buffer.INP, 0, 3, y=2, pads=(1, 1, 1, 1)), FINISH],
         "one_gemm": [gemm(0, 0, outer=3, inner=5), FINISH],
         "alu_sync": [alu(0, 6), Instruction(Opcode.SYNC, module=1), FINISH],
