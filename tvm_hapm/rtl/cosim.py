@@ -20,6 +20,7 @@ from __future__ import annotations
 import struct
 import subprocess
 import tempfile
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,6 +162,8 @@ class CosimResult:
         GEMMs skipped by the Dynamic Sparsity Bypass in each.
     instructions : int
         Length of the program.
+    rtl_seconds : float
+        Wall time of the RTL run (the Verilator executable, file exchange included).
     """
 
     layer: str
@@ -171,6 +174,7 @@ class CosimResult:
     model_bypassed: int
     instructions: int
     mismatches: list = field(default_factory=list)
+    rtl_seconds: float = 0.0
 
     @property
     def cycle_rel_diff(self) -> float:
@@ -188,6 +192,7 @@ class CosimResult:
             "rtl_bypassed": self.rtl_bypassed,
             "model_bypassed": self.model_bypassed,
             "mismatches": list(self.mismatches),
+            "rtl_seconds": round(self.rtl_seconds, 4),
         }
 
 
@@ -226,7 +231,9 @@ def cosimulate(
     stats = sim.run(instructions, model_dram, layer=layer, timing=True)
     rtl = rtl or RtlSimulator(config)
     rtl_dram = [np.array(s, copy=True) for s in dram]
+    t0 = time.perf_counter()
     run = rtl.run(instructions, rtl_dram)
+    rtl_seconds = time.perf_counter() - t0
     mismatches = []
     for k, (a, b) in enumerate(zip(model_dram, rtl_dram)):
         if not np.array_equal(a, b):
@@ -244,6 +251,7 @@ def cosimulate(
         model_bypassed=int(sim.last_timing.gemms_skipped),
         instructions=len(instructions),
         mismatches=mismatches,
+        rtl_seconds=rtl_seconds,
     )
 
 

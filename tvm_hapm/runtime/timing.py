@@ -336,7 +336,9 @@ class TimingModel:
         # ALU / LOAD acc / FINISH: accumulator ranges checked against the in-flight GEMMs
         # (the scoreboard): (lo, hi, lo2, hi2), the second range empty unless an ALU operand.
         drain: list = [None] * n
-        dma: list = [None] * n  # LOAD: (beats per entry, padding before / after the data, tail)
+        # LOAD: (beats per entry, padding before the data, cycles from the first data write to
+        # the last write, padding after the data)
+        dma: list = [None] * n
         pops: list = [()] * n
         pushes: list = [()] * n
         macs = macs_skipped = gemms_skipped = 0
@@ -387,12 +389,15 @@ class TimingModel:
                         drain[i] = (lo, lo + entries - 1, 0, -1)
                     extra[i] = entries - y * x
                     # The DMA writes one entry per cycle in region order: the padding before the
-                    # first data entry while the data is on its way, a data entry once its beats
-                    # have arrived (e per entry), the rest back to back.
+                    # first data entry while the data is on its way, a data entry once its e
+                    # beats have arrived; between two rows, the p padding entries while the next
+                    # entry's beats arrive; the padding after the last data entry.
                     e = -(-cost[i] // (y * x))
                     pre = insn.y_pad_top * cols + insn.x_pad_left
                     post = insn.x_pad_right + insn.y_pad_bottom * cols
-                    dma[i] = (e, pre, entries - pre - 1 + (e - 1) * (y * x - 1), post)
+                    p = insn.x_pad_right + insn.x_pad_left
+                    tail = y * (x - 1) * e + (y - 1) * (p + 1 if p + 1 > e else e) + post
+                    dma[i] = (e, pre, tail, post)
                     wr[buf] += entries * entry_bytes[buf]
                     read += nbytes
                 else:

@@ -190,7 +190,7 @@ def plan_conv(
     The base plan starts from the largest tile (whole rows, all input channels) and halves
     whichever dimension overflows (the output rows first).  When the input tile is the
     limit, a smaller input-channel chunk can keep a larger output tile (fewer GEMMs, each
-    streaming more vectors, so less of the fixed ``2R + C - 2`` per GEMM) at the price of
+    streaming more vectors, so less of the fixed ``2R + C + 2`` per GEMM) at the price of
     reloading the input for every output-channel group.  So the plans that start from
     ``cib, cib/2, cib/4, ..., 1`` channel blocks per chunk are compared with
     :func:`estimate_conv_cycles`, and one replaces the base plan only when it is estimated at
@@ -246,7 +246,7 @@ def estimate_conv_cycles(
 
     ``max(array cycles, compute-module cycles, DRAM cycles)`` with perfect overlap (the
     double-buffered steady state): array cycles are the GEMMs of the busiest array, each
-    ``2R + C - 2 + T`` for a tile of ``T`` pixels; compute-module cycles are the epilogue (one
+    ``2R + C + 2 + T`` for a tile of ``T`` pixels; compute-module cycles are the epilogue (one
     ``ADD_REQUANT`` pass over each output block, :func:`fuse_epilogues`) and one issue cycle per
     GEMM; DRAM cycles are the bytes
     the schedule moves (input tiles with their halo, once per output-channel group when the
@@ -535,9 +535,10 @@ def assign_arrays(instructions: list[Instruction], cfg: HardwareConfig) -> list[
     earlier than the previous GEMM into the same accumulator region (same ``acc_addr``) has
     finished: an accumulator region is written by one array at a time.  Ties go to the array
     that last wrote the region, then to the lowest index.  A GEMM occupies its array for
-    ``2R + C - 2 + outer * inner`` cycles; an ALU or accumulator LOAD waits for the GEMMs into
-    the accumulator entries it touches and FINISH for all arrays (the timing model's
-    scoreboard).  Loads, stores and tokens are not modelled.
+    ``2R + C + 2 + outer * inner`` cycles (:func:`~tvm_hapm.target.config.gemm_fixed_cycles`);
+    an ALU or accumulator LOAD waits for the GEMMs into the accumulator entries it touches and
+    FINISH for all arrays (the timing model's scoreboard).  Loads, stores and tokens are not
+    modelled.
 
     For a dense convolution dispatched as ``(cib, kh, kw)`` outer, output-channel block inner,
     this gives ``array = (cob - first cob of the group) % num_arrays`` whenever ``cob_group``

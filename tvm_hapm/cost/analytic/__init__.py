@@ -12,7 +12,7 @@ from the non-zero block mask, and prices each step with the costs of ``docs/timi
   no less than its DRAM port beats;
 * the GEMMs of a step are dispatched by position ``(cib, kh, kw)`` outer, output block inner,
   and an accumulator region is written by one array at a time: a position with ``n_p``
-  non-zero blocks costs one round of ``2R + C - 2 + T`` cycles if ``n_p <= A``, else
+  non-zero blocks costs one round of ``2R + C + 2 + T`` cycles if ``n_p <= A``, else
   ``n_p / A`` (the arrays pipeline across positions), plus the issue skew
   (``reference.position_rounds``); with pruned blocks, the midpoint of that and the step's
   longest chain / throughput bound;

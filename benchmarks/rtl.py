@@ -1,0 +1,170 @@
+"""The accelerator's RTL against the Python simulator and the timing model, network by network.
+
+Run from the repository root (needs Verilator; Yosys for ``--resources``)::
+
+    python benchmarks/rtl.py                 # results/rtl.json
+    python benchmarks/rtl.py --quick         # the digits CNN and ResNet-20 only
+
+Every accelerator layer of one inference is run on the RTL (Verilator) and on the Python
+simulator with the same DRAM contents (``tvm_hapm.rtl.cosimulate_model``): the DRAM slots must
+agree byte for byte, and the RTL's cycle count is compared with the timing model's, per layer
+and for the network (its layers run one after the other).  Networks, all on ``zedboard``:
+
+* the bundled digits CNN, on a scikit-learn digits test image;
+* the bundled ResNet-20 trained on Fashion-MNIST, dense and with HAPM pruning at 50% (the
+  structure the bypass and the pruned schedules see; accuracy is not the point here), on a
+  Fashion-MNIST test image;
+* single layers of ResNet-18 at 224x224 (random weights and input): the 7x7 stem, a 3x3 layer
+  of each stage, a strided 1x1 shortcut, and the fused-residual layers whose planned tiles do
+  not divide the output (013, 018).
+
+Reported per network: ``bit_exact``, ``max_layer_cycle_rel_diff``, ``network_cycle_rel_diff``
+(``(model - rtl) / rtl``), the RTL's simulation speed (cycles per second of the Verilator run)
+and the seconds of the whole co-simulation.  Targets (issue 16): bit-exact everywhere, layers
+within 3%, networks within 1%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+import tvm
+from common import RESULTS as RESULTS_DIR
+from common import machine_info, write_json
+from rich.console import Console
+from rich.table import Table
+from tvm import relax
+from tvm.relax.frontend.onnx import from_onnx
+
+import tvm_hapm
+from tvm_hapm.rtl import RtlSimulator, cosimulate_model
+from tvm_hapm.target.config import get_config
+
+RESULTS = RESULTS_DIR / "rtl.json"
+PRESET = "zedboard"
+#: ResNet-18 layers co-simulated one by one (indices of the compiled accelerator programs)
+RESNET18_LAYERS = (0, 2, 8, 10, 13, 16, 18, 23)
+
+
+def _summary(results: list, seconds: float) -> dict:
+    rtl = sum(r.rtl_cycles for r in results)
+    model = sum(r.model_cycles for r in results)
+    rtl_seconds = sum(r.rtl_seconds for r in results)
+    return {
+        "bit_exact": all(r.bit_exact for r in results),
+        "layers": [r.to_dict() for r in results],
+        "max_layer_cycle_rel_diff": max(abs(r.cycle_rel_diff) for r in results),
+        "network_rtl_cycles": rtl,
+        "network_model_cycles": model,
+        "network_cycle_rel_diff": (model - rtl) / max(rtl, 1),
+        "instructions": sum(r.instructions for r in results),
+        "rtl_seconds": round(rtl_seconds, 2),
+        "rtl_cycles_per_second": round(rtl / max(rtl_seconds, 1e-9)),
+        "cosim_seconds": round(seconds, 2),
+    }
+
+
+def _cosim(model, x, cfg, rtl, only=None) -> dict:
+    """Compile ``model`` (float ONNX) int8 for ``cfg`` and co-simulate one inference on ``x``."""
+    mod = from_onnx(model)
+    calibration = [x]
+    qmod = tvm_hapm.quantize(mod, calibration=calibration, config=cfg)
+    ex = tvm.compile(qmod, target=f"hapm_fpga-{cfg.name}")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    t0 = time.perf_counter()
+    if only is None:
+        results = cosimulate_model(lambda: vm["main"](tvm.runtime.tensor(x)), rtl=rtl)
+    else:  # selected layers of one run
+        from tvm_hapm.rtl import cosimulate
+        from tvm_hapm.runtime.driver import capture_layers, pack_dram
+
+        with capture_layers() as layers:
+            vm["main"](tvm.runtime.tensor(x))
+        results = []
+        for k in only:
+            program, arrays = layers[k]
+            out = np.zeros(program.slots[-1].shape, program.slots[-1].dtype)
+            dram = pack_dram(program, [*arrays, out])
+            results.append(cosimulate(program, dram, rtl=rtl[cfg.name]))
+    return _summary(results, time.perf_counter() - t0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="the digits CNN and ResNet-20 only")
+    args = ap.parse_args(argv)
+    console = Console()
+    cfg = get_config(PRESET)
+    rtl = {cfg.name: RtlSimulator(cfg)}
+    with console.status("building the RTL (Verilator)"):
+        t0 = time.perf_counter()
+        rtl[cfg.name].executable  # noqa: B018  (build, or find the cached build)
+        build_seconds = time.perf_counter() - t0
+
+    from tvm_hapm.compress.flow import prune_onnx
+    from tvm_hapm.data import (
+        load_bundled_model,
+        load_digits,
+        load_fashion_mnist,
+        load_fashion_resnet,
+    )
+
+    networks = {}
+    digits = load_digits(size=16, channels=1)
+    fashion = load_fashion_mnist()
+    x_fashion = fashion[4][:1].astype(np.float32)  # the first test image
+    resnet20 = load_fashion_resnet(20, 1)
+    cases = [
+        ("digits_cnn", lambda: (load_bundled_model(1), digits[2][:1].astype(np.float32), None)),
+        ("resnet20_fashion_dense", lambda: (resnet20, x_fashion, None)),
+        (
+            "resnet20_fashion_hapm50",
+            lambda: (prune_onnx(resnet20, "hapm", 0.5, config=cfg)[0], x_fashion, None),
+        ),
+    ]
+    if not args.quick:
+        from tvm_hapm.models import resnet18_imagenet
+
+        x18 = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+        cases.append(
+            ("resnet18_layers", lambda: (resnet18_imagenet(input_hw=(224, 224)), x18,
+                                         RESNET18_LAYERS))
+        )  # fmt: skip
+    for name, make in cases:
+        with console.status(f"{name}: compile and co-simulate"):
+            model, x, only = make()
+            networks[name] = _cosim(model, x, cfg, rtl, only)
+        r = networks[name]
+        console.print(
+            f"{name}: {len(r['layers'])} layers, bit-exact {r['bit_exact']}, max layer "
+            f"{r['max_layer_cycle_rel_diff']:.3%}, network {r['network_cycle_rel_diff']:+.3%}, "
+            f"RTL {r['rtl_cycles_per_second']:,} cycles/s, {r['cosim_seconds']} s"
+        )
+    table = Table(title=f"RTL vs simulator and timing model ({PRESET})")
+    for col in ("network", "layers", "bit-exact", "RTL cycles", "max layer err", "network err"):
+        table.add_column(col, justify="left" if col == "network" else "right")
+    for name, r in networks.items():
+        table.add_row(
+            name, str(len(r["layers"])), str(r["bit_exact"]), f"{r['network_rtl_cycles']:,}",
+            f"{r['max_layer_cycle_rel_diff']:.3%}", f"{r['network_cycle_rel_diff']:+.3%}",
+        )  # fmt: skip
+    console.print(table)
+    payload = {
+        "meta": {**machine_info(), "preset": PRESET, "rtl_build_seconds": round(build_seconds, 1)},
+        "bit_exact": all(r["bit_exact"] for r in networks.values()),
+        "max_layer_cycle_rel_diff": max(r["max_layer_cycle_rel_diff"] for r in networks.values()),
+        "network_cycle_rel_diff": max(
+            abs(r["network_cycle_rel_diff"]) for k, r in networks.items() if k != "resnet18_layers"
+        ),
+        "networks": networks,
+    }
+    write_json(RESULTS, payload)
+    console.print(f"wrote {RESULTS}")
+    return 0 if payload["bit_exact"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
