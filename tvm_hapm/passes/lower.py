@@ -13,11 +13,12 @@ intrinsic, the plugin's TIR passes, the TIR walker with the compile-time sparse 
 residual add by :func:`tvm_hapm.target.tir.add_program`, global average pooling by
 :func:`tvm_hapm.target.tir.global_avg_pool_program` and max pooling by
 :func:`tvm_hapm.target.tir.max_pool2d_program`.  Planned tiles that do not divide a convolution's
-or a pooling's output are exact edge tiles of their own output regions (no predicate for
-tensorize to refuse), and the add's and the pooling's last partial tile is a predicated tile
-the walker shortens, so no layer falls back to the direct generator
-:mod:`tvm_hapm.target.codegen`, which stays the tests' independent oracle: the streams are
-the same, instruction by instruction.  Every program's ``info["source"]`` is ``"tir"``.
+or a max pooling's output are the exact edge tiles of their own output regions (no predicate
+for ``tensorize`` to refuse), and the last, shorter tile of an add or of global average
+pooling (ALU instructions only) is a predicated tile the walker shortens.  So no layer falls
+back to the direct generator :mod:`tvm_hapm.target.codegen` any more: it stays the tests'
+independent oracle, with the same streams, instruction by instruction.  Every program's
+``info["source"]`` is ``"tir"``.
 
 The program bytes and the packed weights are Relax constants, so they are saved with the
 executable (``export_library``) and the executable runs wherever :mod:`tvm_hapm` is imported.
