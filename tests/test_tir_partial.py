@@ -146,6 +146,9 @@ def test_a_function_defined_for_other_tiles_is_refused():
     func = htir.conv2d_primfunc(CFG, 1, 16, 7, 7, 16, 3, 3, padding=(1,) * 4, tile=(3, 5))
     with pytest.raises(htir.TirLoweringError, match="defined for 3x5 tiles"):
         htir.schedule_conv2d(func, CFG, S(2, 5, 1, 1, True))
+    pool = htir.max_pool2d_primfunc(CFG, 2, 9, 9, (3, 3), (2, 2), (1,) * 4, (1, 1), tile=(2, 3))
+    with pytest.raises(htir.TirLoweringError, match="defined for 2x3 tiles"):
+        htir.schedule_max_pool2d(pool, 2, 5, {})
 
 
 # ------------------------------------------------------------------ max pooling

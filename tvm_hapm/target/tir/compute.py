@@ -160,7 +160,7 @@ def conv2d_primfunc(
         ``out``), so that every region is tiled by whole tiles: its last tiles (the edge left
         when ``tile_h`` or ``tile_w`` does not divide the output) are exact, with no
         predicate, which ``Schedule.tensorize`` refuses in TVM 0.27.  With a dividing tile
-        there is one region and the function is the one without ``tile``.
+        there is one region: the stages of the function without ``tile``.
 
     Returns
     -------
@@ -229,8 +229,8 @@ def conv2d_primfunc(
     return func.with_attr(LAYER_ATTR, json.dumps(layer, sort_keys=True))
 
 
-def _conv_region(cfg: HardwareConfig, tensors, geometry, r: int, region: dict) -> te.Tensor:
-    """The stages of output region ``r`` of :func:`conv2d_primfunc` (``region``: its first row
+def _conv_region(cfg: HardwareConfig, tensors, geometry, index: int, region: dict) -> te.Tensor:
+    """The stages of output region ``index`` of :func:`conv2d_primfunc` (``region``: its first row
     and column ``y0``, ``x0`` and extent ``rows``, ``cols``): ``pad``, (``shortcut``,)
     ``conv``, ``bias``, ``requant``, (``clip``,) ``out``, named by :func:`region_stage`.
     ``tensors`` are the placeholders ``(data, weight, bias_mult, residual or None)``,
@@ -241,7 +241,7 @@ def _conv_region(cfg: HardwareConfig, tensors, geometry, r: int, region: dict) -
     cob, _, kh, kw, _, C = (int(v) for v in weight.shape)
     rows = int(bias_mult.shape[0]) // cob  # constant rows per output block
     act = cfg.act_dtype
-    stage = functools.partial(region_stage, region=r)
+    stage = functools.partial(region_stage, region=index)
     y0, x0 = region["y0"], region["x0"]
     out_shape = (n, cob, region["rows"], region["cols"], C)
     if pt or pl or pb or pr:
@@ -286,7 +286,7 @@ def _conv_region(cfg: HardwareConfig, tensors, geometry, r: int, region: dict) -
         name=stage("bias"),
     )
     last = requant_stages(
-        cfg, bias, lambda b, co, y, x, c: bias_mult[rows * co + 1, c], shift, clip, r
+        cfg, bias, lambda b, co, y, x, c: bias_mult[rows * co + 1, c], shift, clip, index
     )
     return te.compute(out_shape, lambda *i: last[i].astype(act), name=stage("out"))
 

@@ -411,6 +411,11 @@ def schedule_max_pool2d(func, tile_h: int, tile_w: int, plan: dict) -> s_tir.Sch
     tile must divide the output.
     """
     layer = layer_of(func)
+    if layer.get("tile", [tile_h, tile_w]) != [tile_h, tile_w]:
+        raise TirLoweringError(
+            f"the function is defined for {'x'.join(map(str, layer['tile']))} tiles, "
+            f"scheduled with {tile_h}x{tile_w}"
+        )
     regions = layer.get("regions") or [
         {"y0": 0, "rows": layer["oh"], "tile_h": tile_h,
          "x0": 0, "cols": layer["ow"], "tile_w": tile_w}
