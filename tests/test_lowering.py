@@ -132,13 +132,6 @@ def test_dense_tir_route_equals_codegen():
     assert ours.slots == ref.slots and ours.info["kind"] == "dense"
 
 
-def test_planned_tiles_that_do_not_divide_are_refused_on_request():
-    x, args, kwargs = _layer((1, 8, 13, 8, 3, 1, 1, 1, 1, 0.0), 0)
-    sched = ConvSchedule(tile_h=4, tile_w=13, cob_group=1, cib_chunk=1)
-    with pytest.raises(htir.TirLoweringError, match="do not divide"):
-        htir.conv2d_program(CFG, "p", *args, **kwargs, schedule=sched, divisor_tiles=False)
-
-
 # ------------------------------------------------------------------ double buffering and arrays
 def _mid():
     """Buffers that hold two tiles and two weight chunks but not all the weights."""
@@ -580,12 +573,6 @@ def test_max_pool_tir_route_tiny_accumulator(case):
     prog = _maxpool_check(tiny_buffers_config(), case, seed=1)
     sched = prog.info["schedule"]
     assert sched["tile_h"] * sched["tile_w"] < 28 * 28  # tiled
-
-
-def test_max_pool_tiles_that_do_not_divide_are_refused():
-    args = (tiny_buffers_config(), "pool", (2, 24, 14, 14), (3, 3), (2, 2), (1, 1, 1, 1))
-    with pytest.raises(htir.TirLoweringError):
-        htir.max_pool2d_program(*args)
 
 
 def test_relax_flow_lowers_pools_through_tir():

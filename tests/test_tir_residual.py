@@ -188,16 +188,6 @@ def test_fused_primfunc_builds_for_llvm_and_hapm_fpga():
         np.testing.assert_array_equal(out.numpy(), ref, err_msg=target)
 
 
-def test_planned_tiles_that_do_not_divide_are_refused():
-    """As for plain convolutions: ``divisor_tiles=False`` refuses a plan whose tiles do not
-    divide the output (``LowerToHapm`` then uses the direct generator)."""
-    x, shortcut, args, kwargs = _layer(CFG, (1, 32, 17, 32, 3, 1, 1, 1, 1, 0.0), 0)
-    with pytest.raises(htir.TirLoweringError, match="do not divide"):
-        htir.conv2d_program(CFG, "fused", *args, **kwargs, divisor_tiles=False)
-    prog, consts = codegen.conv2d_program(CFG, "fused", *args, **kwargs)
-    assert prog.info["schedule"]["tile_h"] == 9  # partial tiles: 17 = 9 + 8
-
-
 def test_onnx_resnet_runs_fused_convs_through_tir_bit_exact():
     """Strided projection shortcuts, batch 2, non-square: every fused conv goes through TIR and
     the network equals TVM's llvm build."""

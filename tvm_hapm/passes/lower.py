@@ -7,15 +7,18 @@ with::
 
     R.call_dps_packed("hapm_fpga.run", (program_bytes, *inputs, *layer_constants), out_type)
 
-Convolutions and dense layers are lowered through TIR (:func:`tvm_hapm.target.tir.conv2d_program`:
-TIR definition, ``s_tir`` schedule with the tensor intrinsic, the plugin's TIR passes, the TIR
-walker with the compile-time sparse schedule), and so are the residual add
-(:func:`tvm_hapm.target.tir.add_program`), global average pooling
-(:func:`tvm_hapm.target.tir.global_avg_pool_program`) and max pooling
-(:func:`tvm_hapm.target.tir.max_pool2d_program`).  A convolution or a max pooling whose planned
-tiles do not divide its output uses the direct generator :mod:`tvm_hapm.target.codegen` (also
-the fallback of the add and of global average pooling); its program's ``info["source"]`` is
-``"direct"``.  Both routes give the same slots, constants and instruction stream.
+Every layer is lowered through TIR, the one production route: convolutions and dense layers by
+:func:`tvm_hapm.target.tir.conv2d_program` (TIR definition, ``s_tir`` schedule with the tensor
+intrinsic, the plugin's TIR passes, the TIR walker with the compile-time sparse schedule), the
+residual add by :func:`tvm_hapm.target.tir.add_program`, global average pooling by
+:func:`tvm_hapm.target.tir.global_avg_pool_program` and max pooling by
+:func:`tvm_hapm.target.tir.max_pool2d_program`.  Planned tiles that do not divide a convolution's
+or a max pooling's output are the exact edge tiles of their own output regions (no predicate
+for ``tensorize`` to refuse), and the last, shorter tile of an add or of global average
+pooling (ALU instructions only) is a predicated tile the walker shortens.  So no layer falls
+back to the direct generator :mod:`tvm_hapm.target.codegen` any more: it stays the tests'
+independent oracle, with the same streams, instruction by instruction.  Every program's
+``info["source"]`` is ``"tir"``.
 
 The program bytes and the packed weights are Relax constants, so they are saved with the
 executable (``export_library``) and the executable runs wherever :mod:`tvm_hapm` is imported.
@@ -23,14 +26,12 @@ executable (``export_library``) and the executable runs wherever :mod:`tvm_hapm`
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import tvm
 from tvm import relax
 
 from ..runtime.driver import RUN_FUNC
-from ..target import codegen, tir
+from ..target import tir
 from ..target.config import HardwareConfig, get_config
 from .partition import COMPOSITE_PREFIX, read_composite
 from .qops import RequantChain, rounds_half_up
@@ -79,28 +80,6 @@ def _tuned_schedule(cfg, name, data_shape, weight, geometry, residual=False):
     return db.schedule_for(ConvTask(name, cfg, data_shape, weight, **geometry, residual=residual))
 
 
-# kind -> (TIR generator, the direct generator for what TIR cannot lower yet)
-_GENERATORS = {
-    "conv2d": (functools.partial(tir.conv2d_program, divisor_tiles=False), codegen.conv2d_program),
-    "add": (tir.add_program, codegen.add_program),
-    "global_avg_pool": (tir.global_avg_pool_program, codegen.global_avg_pool_program),
-    "max_pool2d": (tir.max_pool2d_program, codegen.max_pool2d_program),
-}
-
-
-def _generate(kind: str, *args, **kwargs):
-    """``(program, constants)`` of a layer from the TIR path; a layer TIR cannot lower yet
-    (planned tiles that do not divide the output, which tensorize refuses in 0.27) takes the
-    direct generator's partial tiles and is marked ``info["source"] = "direct"``."""
-    via_tir, direct = _GENERATORS[kind]
-    try:
-        return via_tir(*args, **kwargs)
-    except tir.TirLoweringError:
-        prog, consts = direct(*args, **kwargs)
-        prog.info["source"] = "direct"
-        return prog, consts
-
-
 def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, name, index):
     try:
         part = read_composite(func, cfg)  # the pattern's named parts
@@ -125,7 +104,7 @@ def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, nam
             "residual": _const(part["residual_k"]).reshape(-1) if fused else None,
             "schedule": _tuned_schedule(cfg, name, _shape(data), weight, geometry, fused),
         }
-        prog, consts = _generate("conv2d", *conv_args, **conv_kwargs)
+        prog, consts = tir.conv2d_program(*conv_args, **conv_kwargs)
         inputs = [arg_of[data], arg_of[part["residual"]]] if fused else [arg_of[data]]
     elif kind == "dense":
         mm = part["dense"]
@@ -144,13 +123,13 @@ def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, nam
         clip = (_prim(part["clip"].args[1]), _prim(part["clip"].args[2]))
         mult_a, mult_b = int(_const(part["mult_a"])), int(_const(part["mult_b"]))
         add_args = (cfg, name, _shape(lhs), mult_a, mult_b, shift, clip, index)
-        prog, consts = _generate("add", *add_args)
+        prog, consts = tir.add_program(*add_args)
         inputs = [arg_of[lhs], arg_of[rhs]]
     elif kind == "global_avg_pool":
         data = part["data"]
         mult, shift, clip = requant
         gap_args = (cfg, name, _shape(data), int(mult[0]), shift, clip, index)
-        prog, consts = _generate("global_avg_pool", *gap_args)
+        prog, consts = tir.global_avg_pool_program(*gap_args)
         inputs = [arg_of[data]]
     elif kind == "max_pool2d":
         pool = part["pool"]
@@ -166,7 +145,7 @@ def _program_for(cfg: HardwareConfig, kind: str, func: relax.Function, args, nam
             [int(v) for v in a.dilation],
             index,
         )
-        prog, consts = _generate("max_pool2d", *pool_args)
+        prog, consts = tir.max_pool2d_program(*pool_args)
         inputs = [arg_of[data]]
     else:
         raise LoweringError(f"no lowering for composite {kind!r}")

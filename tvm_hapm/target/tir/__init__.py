@@ -9,6 +9,14 @@ order by :func:`emit_program`, which turns copy intrinsics into LOAD / STORE, te
 into GEMM and the epilogue loops on the accumulator into ALU instructions.  Dependency tokens are
 the last codegen step (:func:`~tvm_hapm.target.dependency.insert_dependency_tokens`).
 
+Planned tiles that do not divide the output: a convolution or a max pooling is then defined
+by output regions (:func:`output_regions`: the full tiles, the last column and row of tiles,
+the corner), each with its own stages, so its edge tiles are exact blocks (``tensorize``
+refuses a block under the predicate a partial tile would need); the schedule runs the regions
+tile after tile in the direct generator's order (:func:`merge_region_loops`) and makes their
+outputs one (:func:`merge_region_outputs`).  Every accelerator layer of the Relax flow comes
+from this module.
+
 ``tvm.build(mod, target="hapm_fpga")`` runs TVM's default TIR pipeline, which this module wraps:
 a PrimFunc carrying the ``"hapm_fpga.kernel"`` attribute (set by :func:`schedule_conv2d`) is
 compiled to an accelerator program and its body replaced by a call of the packed function
@@ -44,6 +52,10 @@ from .compute import (
     dense_primfunc,
     init_reads_fixed,
     layer_of,
+    merge_region_outputs,
+    output_regions,
+    region_class,
+    region_stage,
 )
 from .dma import InjectDMA, LowerToAccelerator, entry_elems, predicate_highs
 from .emit import SparseWeights, build_program, emit_program
@@ -61,13 +73,15 @@ from .layers import (
     schedule_max_pool2d,
 )
 from .pipeline import ORIGINAL_S_TIR, OffloadHapmKernels, hapm_tir_pipeline
-from .scheduling import has_block, schedule_conv2d, tir_conv_schedule
+from .scheduling import has_block, merge_region_loops, schedule_conv2d, tir_conv_schedule
 from .walk import (
     LoopNest,
     TirLoweringError,
     affine,
     buffer_scope,
     buffer_shape,
+    buffer_span,
+    buffer_strides,
     const_int,
     flat_index,
     is_call,
@@ -99,6 +113,8 @@ __all__ = [
     "blocks_named",
     "buffer_scope",
     "buffer_shape",
+    "buffer_span",
+    "buffer_strides",
     "build_program",
     "const_int",
     "conv2d_primfunc",
@@ -118,10 +134,15 @@ __all__ = [
     "layer_of",
     "max_pool2d_primfunc",
     "max_pool2d_program",
+    "merge_region_loops",
+    "merge_region_outputs",
     "node_key",
     "node_kind",
+    "output_regions",
     "perfect_nest",
     "predicate_highs",
+    "region_class",
+    "region_stage",
     "schedule_conv2d",
     "schedule_global_avg_pool",
     "schedule_max_pool2d",

@@ -3,7 +3,9 @@ packed functions) the TIR flow shares."""
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 
 import tvm
 import tvm_ffi
@@ -16,7 +18,7 @@ from ..schedule import (
     RESIDUAL_CONST_ROWS,
     conv_output_size,
 )
-from .walk import TirLoweringError, node_key, node_kind
+from .walk import TirLoweringError, buffer_shape, node_key, node_kind
 
 KERNEL_ATTR = "hapm_fpga.kernel"
 #: PrimFunc attribute with the layer constants (JSON), set by :func:`conv2d_primfunc`.
@@ -32,15 +34,57 @@ DMA_STORE = "hapm_fpga.dma_store"
 
 SCOPE_BUFFER = {SCOPE_INP: Buffer.INP, SCOPE_WGT: Buffer.WGT, SCOPE_ACC: Buffer.ACC}
 
+#: Marks the output region of a stage in its name (``conv@1``); region 0 keeps the plain name.
+REGION_MARK = "@"
+_REGION_SUFFIX = re.compile(re.escape(REGION_MARK) + r"\d+")
+
+
+# =============================================================================================
+# output regions
+def output_regions(oh: int, ow: int, tile_h: int, tile_w: int) -> list[dict]:
+    """The output regions of a ``tile_h x tile_w`` tiling: each a rectangle of equal tiles.
+
+    Row-band major, as the tiles run: the full tiles, the last column of tiles when
+    ``tile_w`` does not divide ``ow``, then the last row of tiles when ``tile_h`` does not
+    divide ``oh`` (full columns, then the corner).  Each region is a dict: first row and
+    column ``y0`` / ``x0``, extent ``rows`` / ``cols`` and its tile ``tile_h`` / ``tile_w``
+    (the planned tile, or the edge that is left).
+    """
+
+    def bands(extent, tile):
+        full = extent - extent % tile
+        out = [(0, full, tile)] if full else []
+        if extent % tile:
+            out.append((full, extent - full, extent - full))
+        return out
+
+    return [
+        {"y0": y0, "rows": rows, "tile_h": th, "x0": x0, "cols": cols, "tile_w": tw}
+        for y0, rows, th in bands(oh, tile_h)
+        for x0, cols, tw in bands(ow, tile_w)
+    ]
+
+
+def region_stage(stage: str, region: int) -> str:
+    """The name of ``stage`` (a block, its buffer) in output region ``region``."""
+    return stage if region == 0 else f"{stage}{REGION_MARK}{region}"
+
+
+def region_class(name: str) -> str:
+    """A block or buffer name without its region: the copies of one stage (or of its on-chip
+    buffer) in the regions of a layer share it."""
+    return _REGION_SUFFIX.sub("", name)
+
 
 # =============================================================================================
 # TE definitions
-def requant_stages(cfg: HardwareConfig, acc: te.Tensor, mult_at, shift: int, clip):
+def requant_stages(cfg: HardwareConfig, acc: te.Tensor, mult_at, shift: int, clip, region=0):
     """The requantization of an int32 stage ``acc`` (the ALU's ``REQUANT``): stage ``requant``,
     ``(acc * mult + 2**(shift-1)) >> shift`` in int64 saturated to the activation range, with
     ``mult_at(*index)`` the multiplier of an element, then stage ``clip`` when ``clip`` is
     narrower than that range.  Returns the last stage (int32); the one definition of the TE
-    requantization, for every layer that ends with it."""
+    requantization, for every layer that ends with it.  ``region`` names the stages of an
+    output region (:func:`region_stage`)."""
     i64 = "int64"
     amin, amax = cfg.act_range
     lo, hi = clip
@@ -50,7 +94,7 @@ def requant_stages(cfg: HardwareConfig, acc: te.Tensor, mult_at, shift: int, cli
         v = tirx.min(v >> tirx.const(shift, i64), tirx.const(amax, i64))
         return tirx.max(v, tirx.const(amin, i64)).astype("int32")
 
-    requant = te.compute(acc.shape, requantized, name="requant")
+    requant = te.compute(acc.shape, requantized, name=region_stage("requant", region))
     if lo <= amin and hi >= amax:
         return requant
 
@@ -62,7 +106,7 @@ def requant_stages(cfg: HardwareConfig, acc: te.Tensor, mult_at, shift: int, cli
             v = tirx.min(v, hi)
         return v
 
-    return te.compute(acc.shape, clipped, name="clip")
+    return te.compute(acc.shape, clipped, name=region_stage("clip", region))
 
 
 def conv2d_primfunc(
@@ -81,6 +125,7 @@ def conv2d_primfunc(
     clip: tuple[int, int] | None = None,
     kind: str = "conv2d",
     residual: bool = False,
+    tile: tuple[int, int] | None = None,
 ) -> tirx.PrimFunc:
     """A quantized conv2d on the packed DRAM layouts (module docstring), as a TE PrimFunc.
 
@@ -107,6 +152,15 @@ def conv2d_primfunc(
         ``3*cob+2``: the shortcut's integer weights ``K``).  The stage ``shortcut`` is
         ``int32(residual) * K`` and the ``conv`` reduction starts from it
         (``te.sum(..., init=shortcut)``) instead of 0.
+    tile : tuple of int, optional
+        ``(tile_h, tile_w)``, the output tile the function is defined for.  The output is
+        then made of the :func:`output_regions` of that tiling, each with its own stages
+        (named by :func:`region_stage`: ``conv``, ``conv@1``, ...) and its own output
+        ``out@<region>`` (:func:`~tvm_hapm.target.tir.schedule_conv2d` makes them one
+        ``out``), so that every region is tiled by whole tiles: its last tiles (the edge left
+        when ``tile_h`` or ``tile_w`` does not divide the output) are exact, with no
+        predicate, which ``Schedule.tensorize`` refuses in TVM 0.27.  With a dividing tile
+        there is one region: the stages of the function without ``tile``.
 
     Returns
     -------
@@ -135,57 +189,18 @@ def conv2d_primfunc(
     data = te.placeholder((n, cib, h, w, R), act, name="data")
     weight = te.placeholder((cob, cib, kh, kw, R, C), cfg.weight_dtype, name="weight")
     bias_mult = te.placeholder((rows * cob, C), "int32", name="bias_mult")
-    out_shape = (n, cob, oh, ow, C)
-    if pt or pl or pb or pr:
-        pad = te.compute(
-            (n, cib, h + pt + pb, w + pl + pr, R),
-            lambda b, k, y, x, r: tirx.if_then_else(
-                tirx.all(y >= pt, y < h + pt, x >= pl, x < w + pl),
-                data[b, k, y - pt, x - pl, r],
-                tirx.const(0, act),
-            ),
-            name="pad",
-        )
-    else:
-        pad = te.compute(data.shape, lambda *i: data[i], name="pad")
-    rk = te.reduce_axis((0, cib), "rk")
-    ry = te.reduce_axis((0, kh), "ry")
-    rx = te.reduce_axis((0, kw), "rx")
-    rr = te.reduce_axis((0, R), "rr")
-    shortcut = None
-    if residual:
-        res = te.placeholder(out_shape, act, name="residual")
-        shortcut = te.compute(
-            out_shape,
-            lambda b, co, y, x, c: (
-                res[b, co, y, x, c].astype("int32") * bias_mult[rows * co + 2, c]
-            ),
-            name="shortcut",
-        )
-    conv = te.compute(
-        out_shape,
-        lambda b, co, y, x, c: te.sum(
-            pad[b, rk, y * sh + ry * dh, x * sw + rx * dw, rr].astype("int32")
-            * weight[co, rk, ry, rx, rr, c].astype("int32"),
-            axis=[rk, ry, rx, rr],
-            init=None if shortcut is None else shortcut[b, co, y, x, c],
-        ),
-        name="conv",
-    )
-    bias = te.compute(
-        out_shape,
-        lambda b, co, y, x, c: conv[b, co, y, x, c] + bias_mult[rows * co, c],
-        name="bias",
-    )
-    last = requant_stages(
-        cfg, bias, lambda b, co, y, x, c: bias_mult[rows * co + 1, c], shift, (lo, hi)
-    )
-    out = te.compute(out_shape, lambda *i: last[i].astype(act), name="out")
-    if residual:
-        func = te.create_prim_func([data, res, weight, bias_mult, out])
-        func = _reduction_init_from(func, "conv", "shortcut")
-    else:
-        func = te.create_prim_func([data, weight, bias_mult, out])
+    res = te.placeholder((n, cob, oh, ow, C), act, name="residual") if residual else None
+    regions = output_regions(oh, ow, *tile) if tile is not None else None
+    whole = {"y0": 0, "rows": oh, "x0": 0, "cols": ow}
+    geometry = ((sh, sw), (dh, dw), (pt, pl, pb, pr), shift, (lo, hi))
+    outs = [
+        _conv_region(cfg, (data, weight, bias_mult, res), geometry, r, region)
+        for r, region in enumerate(regions or [whole])
+    ]
+    inputs = [data, res] if residual else [data]
+    func = te.create_prim_func([*inputs, weight, bias_mult, *outs])
+    for r in range(len(outs)) if residual else ():
+        func = _reduction_init_from(func, region_stage("conv", r), region_stage("shortcut", r))
     layer = {
         "kind": "conv2d_residual" if residual else kind,
         "config": cfg.name,
@@ -208,7 +223,77 @@ def conv2d_primfunc(
     }
     if residual:
         layer["residual"] = True
+    if regions is not None:
+        layer["tile"] = [int(t) for t in tile]
+        layer["regions"] = regions
     return func.with_attr(LAYER_ATTR, json.dumps(layer, sort_keys=True))
+
+
+def _conv_region(cfg: HardwareConfig, tensors, geometry, index: int, region: dict) -> te.Tensor:
+    """The stages of output region ``index`` of :func:`conv2d_primfunc` (``region``: its first row
+    and column ``y0``, ``x0`` and extent ``rows``, ``cols``): ``pad``, (``shortcut``,)
+    ``conv``, ``bias``, ``requant``, (``clip``,) ``out``, named by :func:`region_stage`.
+    ``tensors`` are the placeholders ``(data, weight, bias_mult, residual or None)``,
+    ``geometry`` is ``(strides, dilation, padding, shift, clip)``; returns ``out``."""
+    data, weight, bias_mult, res = tensors
+    (sh, sw), (dh, dw), (pt, pl, pb, pr), shift, clip = geometry
+    n, cib, h, w, R = (int(v) for v in data.shape)
+    cob, _, kh, kw, _, C = (int(v) for v in weight.shape)
+    rows = int(bias_mult.shape[0]) // cob  # constant rows per output block
+    act = cfg.act_dtype
+    stage = functools.partial(region_stage, region=index)
+    y0, x0 = region["y0"], region["x0"]
+    out_shape = (n, cob, region["rows"], region["cols"], C)
+    if pt or pl or pb or pr:
+        pad = te.compute(
+            (n, cib, h + pt + pb, w + pl + pr, R),
+            lambda b, k, y, x, r: tirx.if_then_else(
+                tirx.all(y >= pt, y < h + pt, x >= pl, x < w + pl),
+                data[b, k, y - pt, x - pl, r],
+                tirx.const(0, act),
+            ),
+            name=stage("pad"),
+        )
+    else:
+        pad = te.compute(data.shape, lambda *i: data[i], name=stage("pad"))
+    rk = te.reduce_axis((0, cib), "rk")
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    rr = te.reduce_axis((0, R), "rr")
+    shortcut = None
+    if res is not None:
+        shortcut = te.compute(
+            out_shape,
+            lambda b, co, y, x, c: (
+                res[b, co, plus(y, y0), plus(x, x0), c].astype("int32")
+                * bias_mult[rows * co + 2, c]
+            ),
+            name=stage("shortcut"),
+        )
+    conv = te.compute(
+        out_shape,
+        lambda b, co, y, x, c: te.sum(
+            pad[b, rk, plus(y, y0) * sh + ry * dh, plus(x, x0) * sw + rx * dw, rr].astype("int32")
+            * weight[co, rk, ry, rx, rr, c].astype("int32"),
+            axis=[rk, ry, rx, rr],
+            init=None if shortcut is None else shortcut[b, co, y, x, c],
+        ),
+        name=stage("conv"),
+    )
+    bias = te.compute(
+        out_shape,
+        lambda b, co, y, x, c: conv[b, co, y, x, c] + bias_mult[rows * co, c],
+        name=stage("bias"),
+    )
+    last = requant_stages(
+        cfg, bias, lambda b, co, y, x, c: bias_mult[rows * co + 1, c], shift, clip, index
+    )
+    return te.compute(out_shape, lambda *i: last[i].astype(act), name=stage("out"))
+
+
+def plus(index, offset: int):
+    """``index + offset``, without a ``+ 0`` in the expression of the first region."""
+    return index + offset if offset else index
 
 
 def blocks_named(stmt, *names) -> dict:
@@ -276,6 +361,59 @@ def init_reads_fixed(func: tirx.PrimFunc, reduction: str) -> tirx.PrimFunc:
         )  # fmt: skip
 
     return func.with_body(tvm_ffi.structural_map(func.body, (s_tir.SBlock, _fix), order="post"))
+
+
+def merge_region_outputs(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``func`` (a scheduled layer defined with output regions: :func:`conv2d_primfunc`,
+    :func:`~tvm_hapm.target.tir.max_pool2d_primfunc`) with the regions' outputs ``out``,
+    ``out@1``, ... made its one output ``out``: each region's stores and written regions move
+    to the region's place in it (the outputs' last three axes are rows, columns and lanes).
+
+    The regions keep separate outputs while they are scheduled: ``Schedule`` needs every
+    stage to be the only writer of its buffer (a complete block) to move it.
+    """
+    L = layer_of(func)
+    regions = L["regions"]
+    params = list(func.params)
+    outs, params = params[-len(regions) :], params[: -len(regions)]
+    shape = buffer_shape(outs[0])
+    shape[-3:-1] = L["oh"], L["ow"]  # (..., rows, columns, lanes)
+    out = tirx.decl_buffer(shape, str(outs[0].ty.dtype), name="out")
+    offsets = {node_key(b): (reg["y0"], reg["x0"]) for b, reg in zip(outs, regions, strict=True)}
+
+    def shifted(buf, indices):
+        y0, x0 = offsets[node_key(buf)]
+        *outer, y, x, c = indices
+        return [*outer, plus(y, y0), plus(x, x0), c]
+
+    def on_store(store):
+        if node_key(store.buffer) not in offsets:
+            return store
+        return tirx.BufferStore(out, store.value, shifted(store.buffer, store.indices))
+
+    def on_region(region):
+        buf = region.source
+        if node_key(buf) not in offsets:
+            return region
+        y0, x0 = offsets[node_key(buf)]
+        ranges = list(region.region)
+        for axis, offset in ((-3, y0), (-2, x0)):
+            rng = ranges[axis]
+            ranges[axis] = tvm.ir.Range.from_min_extent(plus(rng.min, offset), rng.extent)
+        return tirx.BufferRegion(out, ranges)
+
+    def on_block(block):
+        if not any(node_key(w.source) in offsets for w in block.writes):
+            return block
+        writes = [on_region(w) for w in block.writes]
+        return s_tir.SBlock(
+            block.iter_vars, block.reads, writes, block.name_hint, block.body, block.init,
+            block.alloc_buffers, block.match_buffers, block.annotations,
+        )  # fmt: skip
+
+    body = tvm_ffi.structural_map(func.body, (tirx.BufferStore, on_store), order="post")
+    body = tvm_ffi.structural_map(body, (s_tir.SBlock, on_block), order="post")
+    return tirx.PrimFunc([*params, out], body, func.ret_type, func.attrs)
 
 
 def dense_primfunc(

@@ -29,6 +29,7 @@ from .compute import (
     SCHEDULE_ATTR,
     SCOPE_BUFFER,
     layer_of,
+    region_class,
 )
 from .dma import LowerToAccelerator, entry_elems, predicate_highs
 from .walk import (
@@ -37,6 +38,7 @@ from .walk import (
     affine,
     buffer_scope,
     buffer_shape,
+    buffer_span,
     const_int,
     flat_index,
     is_call,
@@ -160,7 +162,8 @@ class _Emitter:
         #: not resident) and output regions alternate between two halves; in an ALU-only
         #: layer, the accumulator tiles its DMAs load (the element-wise operands).
         self.double = bool(plan.get("double_buffer", False))
-        self.parity: dict[int, int] = {}  # doubled buffer -> half of its next allocation
+        #: (scope, :func:`region_class`) of a doubled buffer -> half of its next allocation
+        self.parity: dict[tuple, int] = {}
         self.wgt_total = (
             int(np.prod(buffer_shape(func.params[wparam]))) // (cfg.array_rows * cfg.array_cols)
             if len(func.params) > wparam
@@ -296,7 +299,7 @@ class _Emitter:
             scope = buffer_scope(buf)
             if scope not in SCOPE_BUFFER:
                 raise TirLoweringError(f"buffer {buf.name} in scope {scope!r} is not on chip")
-            entries = -(-int(np.prod(buffer_shape(buf))) // entry_elems(self.cfg, scope))
+            entries = -(-buffer_span(buf) // entry_elems(self.cfg, scope))
             k = node_key(buf)
             doubled = self.double and (
                 scope == SCOPE_INP
@@ -312,8 +315,10 @@ class _Emitter:
             if doubled and scope == SCOPE_WGT and self.weights is not None:
                 self.weights.half = entries  # the sparse walker picks the half at each load
             elif doubled:
-                half = self.parity.get(k, 0)
-                self.parity[k] = 1 - half
+                # The copies of one buffer in the output regions of a layer alternate as one.
+                cls = (scope, region_class(str(buf.name)))
+                half = self.parity.get(cls, 0)
+                self.parity[cls] = 1 - half
             self.base[k] = self.top[scope] + half * entries
             self.top[scope] += 2 * entries if doubled else entries
             if self.top[scope] > self.depth[scope] and not (

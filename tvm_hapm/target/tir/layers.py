@@ -3,6 +3,7 @@ from arrays to a :class:`~tvm_hapm.target.program.Program` through TIR."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -27,10 +28,14 @@ from .compute import (
     SCHEDULE_ATTR,
     conv2d_primfunc,
     layer_of,
+    merge_region_outputs,
+    output_regions,
+    plus,
+    region_stage,
     requant_stages,
 )
 from .emit import SparseWeights, emit_program
-from .scheduling import has_block, schedule_conv2d, tir_conv_schedule
+from .scheduling import has_block, merge_region_loops, schedule_conv2d, tir_conv_schedule
 from .walk import TirLoweringError
 
 
@@ -51,7 +56,6 @@ def conv2d_program(
     groups: int = 1,
     layer_index: int = 0,
     schedule: ConvSchedule | None = None,
-    divisor_tiles: bool = True,
     residual: np.ndarray | None = None,
 ):
     """Program of a quantized conv2d through TIR; same interface and result as
@@ -65,9 +69,12 @@ def conv2d_program(
     and :func:`emit_program` walks it with the layer's :class:`SparseWeights` (the
     compile-time sparse schedule), then inserts the dependency tokens.
 
-    The TIR schedule tiles each dimension by a divisor (:func:`tir_conv_schedule`); with
-    ``divisor_tiles=False`` a plan whose output tiles do not divide the output is refused
-    (:class:`TirLoweringError`) instead of being shrunk.
+    The function is defined for the planned tile (:func:`conv2d_primfunc` with ``tile``): when
+    it does not divide the output, each output region (the full tiles, the last row or column
+    of tiles) has its own stages, so the edge tiles are exact blocks that tensorize like the
+    others, in the direct generator's order and layout (:func:`schedule_conv2d`).  Groups of
+    output-channel blocks and chunks of input-channel blocks are divisors
+    (:func:`tir_conv_schedule`).
 
     ``residual`` (the shortcut's integer weight per output channel) fuses a residual add as
     the direct generator does: a second input slot ``residual``, three constant rows per
@@ -86,22 +93,18 @@ def conv2d_program(
     oh, ow, blocks, nonzero = g.oh, g.ow, g.blocks, g.nonzero
     cob, cib = blocks.shape[:2]
     fused = residual is not None
-    func = conv2d_primfunc(
-        cfg, n, cin, h, w, cout, kh, kw, (sh, sw), (pt, pl, pb, pr), (dh, dw), shift, clip,
-        residual=fused,
-    )  # fmt: skip
     plan = schedule or plan_conv(
         cfg, h, w, oh, ow, kh, kw, (sh, sw), (dh, dw), cib, cob, nonzero, residual=fused
     )
+    func = conv2d_primfunc(
+        cfg, n, cin, h, w, cout, kh, kw, (sh, sw), (pt, pl, pb, pr), (dh, dw), shift, clip,
+        residual=fused, tile=(plan.tile_h, plan.tile_w),
+    )  # fmt: skip
     sched = tir_conv_schedule(cfg, layer_of(func), plan)
     sparse_count = int(nonzero.sum())
     sched = fit_double_buffer(
         cfg, sched, kh, kw, (sh, sw), (dh, dw), sparse_count, residual_rows(cob, fused)
     )
-    if not divisor_tiles and (sched.tile_h, sched.tile_w) != (plan.tile_h, plan.tile_w):
-        raise TirLoweringError(
-            f"{layer}: the planned {plan.tile_h}x{plan.tile_w} tiles do not divide {oh}x{ow}"
-        )
     sparse = SparseWeights(nonzero, sched.cob_group, sched.cib_chunk)
     wdtype = cfg.weight_dtype
     flat = blocks.reshape(-1, R, C)
@@ -329,14 +332,18 @@ def global_avg_pool_program(cfg, layer, data_shape, mult, shift, clip, layer_ind
     return Program(layer, cfg, slots, insns, layer_index, info), [mvec]
 
 
-def max_pool2d_primfunc(cfg: HardwareConfig, entries, h, w, pool_size, strides, padding, dilation):
+def max_pool2d_primfunc(
+    cfg: HardwareConfig, entries, h, w, pool_size, strides, padding, dilation, tile=None
+):
     """Max pooling on ``entries`` packed channel planes (``N * CB``) of ``h x w`` entries, as a
     TE PrimFunc.
 
     Stages: ``pad`` (the padded window rows in the accumulator: a DMA whose padding is the
     minimum of the element type, ``pad_min``), ``pool`` (the window reduction: its init
     ``MUL 0`` then ``ADD`` the activation minimum, its update one strided ``MAX`` per window
-    tap) and ``out`` (the store).
+    tap) and ``out`` (the store).  ``tile`` (``(tile_h, tile_w)``) defines the output as the
+    :func:`~tvm_hapm.target.tir.compute.output_regions` of that tiling, each with its own
+    stages and output, as :func:`conv2d_primfunc` does.
     """
     C = cfg.array_cols
     act = cfg.act_dtype
@@ -348,50 +355,93 @@ def max_pool2d_primfunc(cfg: HardwareConfig, entries, h, w, pool_size, strides, 
     oh, ow = conv_output_size(h, pt, pb, kh, sh, dh), conv_output_size(w, pl, pr, kw, sw, dw)
     data = te.placeholder((entries, h, w, C), act, name="data")
     lowest = -(1 << (tvm.DataType(act).bits - 1))  # the DMA's pad_min value
-    pad = te.compute(
-        (entries, h + pt + pb, w + pl + pr, C),
-        lambda e, y, x, c: tirx.if_then_else(
-            tirx.all(y >= pt, y < h + pt, x >= pl, x < w + pl),
-            data[e, y - pt, x - pl, c],
-            tirx.const(lowest, act),
-        ).astype("int32"),
-        name="pad",
-    )
     fmax = te.comm_reducer(lambda a, b: tirx.max(a, b), lambda t: tirx.const(amin, t), "max")  # noqa: PLW0108
-    ry = te.reduce_axis((0, kh), "ry")
-    rx = te.reduce_axis((0, kw), "rx")
-    pool = te.compute(
-        (entries, oh, ow, C),
-        lambda e, y, x, c: fmax(pad[e, y * sh + ry * dh, x * sw + rx * dw, c], axis=[ry, rx]),
-        name="pool",
-    )
-    out = te.compute(pool.shape, lambda *i: pool[i].astype(act), name="out")
-    func = te.create_prim_func([data, out])
+    regions = output_regions(oh, ow, *tile) if tile is not None else None
+    outs = []
+    for r, region in enumerate(regions or [None]):
+        y0, x0 = (region["y0"], region["x0"]) if region else (0, 0)
+        rows, cols = (region["rows"], region["cols"]) if region else (oh, ow)
+        pad = te.compute(
+            (entries, h + pt + pb, w + pl + pr, C),
+            lambda e, y, x, c: tirx.if_then_else(
+                tirx.all(y >= pt, y < h + pt, x >= pl, x < w + pl),
+                data[e, y - pt, x - pl, c],
+                tirx.const(lowest, act),
+            ).astype("int32"),
+            name=region_stage("pad", r),
+        )
+        shape = (entries, rows, cols, C)
+        outs.append(
+            _max_pool_region(pad, shape, (y0, x0), fmax, pool_size, strides, dilation, act, r)
+        )
+    func = te.create_prim_func([data, *outs])
     layer = {"kind": "max_pool2d", "config": cfg.name, "entries": entries, "h": h, "w": w,
              "oh": oh, "ow": ow, "alu_runs": False}  # fmt: skip
+    if regions is not None:
+        layer["tile"] = [int(t) for t in tile]
+        layer["regions"] = regions
     return func.with_attr(LAYER_ATTR, json.dumps(layer, sort_keys=True))
 
 
+def _max_pool_region(pad, shape, origin, fmax, pool_size, strides, dilation, act, region):
+    """The ``pool`` and ``out`` stages of one output region (``origin`` its first row and
+    column) over its padded input ``pad``."""
+    (kh, kw), (sh, sw), (dh, dw), (y0, x0) = pool_size, strides, dilation, origin
+    ry = te.reduce_axis((0, kh), "ry")
+    rx = te.reduce_axis((0, kw), "rx")
+    pool = te.compute(
+        shape,
+        lambda e, y, x, c: fmax(
+            pad[e, plus(y, y0) * sh + ry * dh, plus(x, x0) * sw + rx * dw, c], axis=[ry, rx]
+        ),
+        name=region_stage("pool", region),
+    )
+    return te.compute(shape, lambda *i: pool[i].astype(act), name=region_stage("out", region))
+
+
 def schedule_max_pool2d(func, tile_h: int, tile_w: int, plan: dict) -> s_tir.Schedule:
-    """Per channel plane and ``tile_h x tile_w`` output tile (divisor tiles): the padded input
-    window rows, the init, one ``MAX`` per window tap over the tile, the store (the loop
-    order of :func:`~tvm_hapm.target.codegen.max_pool2d_program`)."""
+    """Per channel plane and ``tile_h x tile_w`` output tile: the padded input window rows,
+    the init, one ``MAX`` per window tap over the tile, the store (the loop order of
+    :func:`~tvm_hapm.target.codegen.max_pool2d_program`).
+
+    A function defined for the tile (``max_pool2d_primfunc(..., tile=...)``) is scheduled
+    region by region, each with its own tile, the regions' channel-plane loops merged and
+    their row loops merged per band of rows (:func:`schedule_conv2d`), so the edge tiles are
+    exact, with their own compact window layout, as the direct generator's.  Without, the
+    tile must divide the output.
+    """
+    layer = layer_of(func)
+    if layer.get("tile", [tile_h, tile_w]) != [tile_h, tile_w]:
+        raise TirLoweringError(
+            f"the function is defined for {'x'.join(map(str, layer['tile']))} tiles, "
+            f"scheduled with {tile_h}x{tile_w}"
+        )
+    regions = layer.get("regions") or [
+        {"y0": 0, "rows": layer["oh"], "tile_h": tile_h,
+         "x0": 0, "cols": layer["ow"], "tile_w": tile_w}
+    ]  # fmt: skip
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
-    out = sch.get_sblock("out")
-    e, y, x, c = sch.get_loops(out)
-    yo, yi = sch.split(y, [None, tile_h])
-    xo, xi = sch.split(x, [None, tile_w])
-    sch.reorder(e, yo, xo, yi, xi, c)
-    pool = sch.get_sblock("pool")
-    sch.compute_at(pool, xo, preserve_unit_loops=True)  # a 1-row tile keeps its strides
-    sch.set_scope(pool, 0, SCOPE_ACC)
-    py, px, pc, ky, kx = sch.get_loops(pool)[-5:]
-    sch.reorder(ky, kx, py, px, pc)
-    pad = sch.get_sblock("pad")
-    sch.compute_at(pad, xo, preserve_unit_loops=True, index=0)
-    sch.set_scope(pad, 0, SCOPE_ACC)
-    sch.decompose_reduction(pool, ky)
-    new = sch.mod["main"].with_attrs(
+    for r, region in enumerate(regions):
+        stage = functools.partial(region_stage, region=r)
+        out = sch.get_sblock(stage("out"))
+        e, y, x, c = sch.get_loops(out)
+        yo, yi = sch.split(y, [None, region["tile_h"]])
+        xo, xi = sch.split(x, [None, region["tile_w"]])
+        sch.reorder(e, yo, xo, yi, xi, c)
+        pool = sch.get_sblock(stage("pool"))
+        sch.compute_at(pool, xo, preserve_unit_loops=True)  # a 1-row tile keeps its strides
+        sch.set_scope(pool, 0, SCOPE_ACC)
+        py, px, pc, ky, kx = sch.get_loops(pool)[-5:]
+        sch.reorder(ky, kx, py, px, pc)
+        pad = sch.get_sblock(stage("pad"))
+        sch.compute_at(pad, xo, preserve_unit_loops=True, index=0)
+        sch.set_scope(pad, 0, SCOPE_ACC)
+        sch.decompose_reduction(pool, ky)
+    new = sch.mod["main"]
+    if len(regions) > 1:
+        merge_region_loops(sch, regions, [region_stage("out", r) for r in range(len(regions))])
+        new = merge_region_outputs(sch.mod["main"])
+    new = new.with_attrs(
         {KERNEL_ATTR: "max_pool2d", SCHEDULE_ATTR: json.dumps(plan, sort_keys=True)}
     )
     return s_tir.Schedule(tvm.IRModule({"main": new}))
@@ -403,9 +453,10 @@ def max_pool2d_program(
     """Program of max pooling through TIR; same interface, slots and (instruction by
     instruction) stream as :func:`tvm_hapm.target.codegen.max_pool2d_program`.
 
-    The output tiles are those of ``plan_conv(..., pool=True)``; a plan whose tiles do not
-    divide the output is refused (:class:`TirLoweringError`): the direct generator's partial
-    tiles have a smaller window layout than the compacted TIR buffers.
+    The output tiles are those of ``plan_conv(..., pool=True)``; when they do not divide the
+    output, the function is defined and scheduled by output regions
+    (:func:`schedule_max_pool2d`), so the edge tiles are exact, with the direct generator's
+    smaller window layout.
     """
 
     C = cfg.array_cols
@@ -423,17 +474,18 @@ def max_pool2d_program(
     cb = -(-c // C)
     sched = plan_conv(cfg, h, w, oh, ow, kh, kw, (sh, sw), (dh, dw), 1, 1, None, pool=True)
     th, tw = sched.tile_h, sched.tile_w
-    if oh % th or ow % tw:
-        raise TirLoweringError(f"{layer}: the planned {th}x{tw} tiles do not divide {oh}x{ow}")
-    th_in, tw_in = (th - 1) * sh + (kh - 1) * dh + 1, (tw - 1) * sw + (kw - 1) * dw + 1
     for oh0 in range(0, oh, th):
+        th_in = (min(th, oh - oh0) - 1) * sh + (kh - 1) * dh + 1
         for ow0 in range(0, ow, tw):
+            tw_in = (min(tw, ow - ow0) - 1) * sw + (kw - 1) * dw + 1
             ih0, iw0 = oh0 * sh - pt, ow0 * sw - pl
             rows = th_in - max(0, -ih0) - max(0, ih0 + th_in - h)
             cols = tw_in - max(0, -iw0) - max(0, iw0 + tw_in - w)
             if rows < 1 or cols < 1:
                 raise codegen.CodegenError(f"{layer}: a window lies entirely in the padding")
-    func = max_pool2d_primfunc(cfg, n * cb, h, w, (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw))
+    func = max_pool2d_primfunc(
+        cfg, n * cb, h, w, (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw), tile=(th, tw)
+    )
     sch = schedule_max_pool2d(func, th, tw, sched.to_dict())
     insns = emit_program(sch, cfg)
     slots = [

@@ -39,8 +39,32 @@ def buffer_scope(buf) -> str:
     return str(buf.ty.storage_scope)
 
 
+def buffer_strides(buf) -> list[int]:
+    """The element strides of ``buf``: its explicit ones (a buffer compacted under a
+    ``storage_align``), else the row-major ones of its shape."""
+    strides = [const_int(s) for s in buf.ty.strides]
+    if strides:
+        return strides
+    out = [1]
+    for size in reversed(buffer_shape(buf)[1:]):
+        out.insert(0, out[0] * size)
+    return out
+
+
+def buffer_span(buf) -> int:
+    """Elements ``buf`` takes in memory: its shape's, or more with padded strides."""
+    shape = buffer_shape(buf)
+    return max((s * e for s, e in zip(buffer_strides(buf), shape, strict=True)), default=1)
+
+
 def flat_index(buf, indices):
-    """Row-major element offset of ``buf[indices]`` as one expression."""
+    """Element offset of ``buf[indices]`` as one expression (row-major, or by the buffer's
+    explicit strides)."""
+    if len(buf.ty.strides):
+        offset = tirx.const(0, "int32")
+        for stride, idx in zip(buffer_strides(buf), indices, strict=True):
+            offset = offset + idx * stride if stride != 1 else offset + idx
+        return offset
     shape = buffer_shape(buf)
     offset = tirx.const(0, "int32")
     for size, idx in zip(shape, indices, strict=True):
