@@ -34,6 +34,7 @@ from .io import (
     load_compiled,
     load_npy,
     load_onnx,
+    model_batches,
     model_input,
     non_negative_int,
     output_dir,
@@ -150,11 +151,7 @@ def cmd_run(args, console: Console) -> int:
     with progress_display(console) as progress:
         with stage(progress, "load model"):
             vm, report = load_compiled(out)
-        if "input" in report:
-            spec = report["input"]
-            inputs = batches(x, spec["shape"], spec["dtype"], f"input {args.input}")
-        else:
-            inputs = [x]
+        inputs = model_batches(report, x, f"input {args.input}")
         with stage(progress, "run", total=len(inputs)) as advance:
             try:
                 y, runs = run_batches(vm, inputs, advance)

@@ -204,6 +204,15 @@ def batches(x: np.ndarray, shape: list, dtype: str, what: str, limit: int | None
     return [x[i : i + batch] for i in range(0, x.shape[0], batch)]
 
 
+def model_batches(report: dict, x: np.ndarray, what: str) -> list:
+    """``x`` as batches of the input a compiled model's report records (one array when the
+    report has no input record)."""
+    if "input" not in report:
+        return [x]
+    spec = report["input"]
+    return batches(x, spec["shape"], spec["dtype"], what)
+
+
 def calibration_batches(args, shape: list, dtype: str) -> list:
     """The ``--calibration`` file of a command as batches of the model's input shape, at most
     ``--calibration-samples`` of them."""

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from .. import atomic
 from .errors import CliError, one_line
-from .io import batches, import_tvm, json_default, load_compiled, load_npy
+from .io import import_tvm, json_default, load_compiled, load_npy, model_batches
 from .ui import progress_display, stage
 
 RTLSIM_JSON = "rtlsim.json"
@@ -65,9 +65,7 @@ def cmd_rtlsim(args, console: Console) -> int:
     with progress_display(console) as progress:
         with stage(progress, "load model"):
             vm, report = load_compiled(out)
-        if "input" in report:
-            spec = report["input"]
-            x = batches(x, spec["shape"], spec["dtype"], f"input {args.input}")[0]
+        x = model_batches(report, x, f"input {args.input}")[0]
         tvm = import_tvm()
         t0 = time.perf_counter()
         with stage(progress, "co-simulate the layers", total=None) as advance:
