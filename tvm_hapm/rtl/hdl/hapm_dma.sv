@@ -77,7 +77,8 @@ module hapm_dma_load (
   assign data_now = busy && in_data && have_entry;
 
   // the padding value: 0, or the minimum of the DRAM element type (of 1 << code_q bytes,
-  // little-endian: 0x80 in its top byte, 0 in the others)
+  // little-endian: 0x80 in its top byte, 0 in the others; picking its bytes with a modulo by
+  // 1 << code_q cost Yosys 180 k LUTs)
   logic [EB*8-1:0] pad_raw;
   logic [1:0]      top_byte;
   assign top_byte = 2'((1 << code_q) - 1);
@@ -151,8 +152,7 @@ module hapm_dma_load (
         end else xx <= xx + 16'd1;
       end
       if (r_valid && r_ready) begin  // after the writer: a completed entry wins over its clear
-        // a demultiplexer over the entry's beats (a part-select at beat * BB * 8 would be a
-        // 32-bit-wide shifter, 180 k LUTs for Yosys)
+        // one enable per beat of the entry (not a part-select at the 32-bit offset beat*BB*8)
         for (int k = 0; k < `HAPM_MAX_ENTRY_BEATS; k++)
           if (32'(beat) == k) entry[k*BB*8 +: BB*8] <= r_data;
         if (32'(beat) == ebeats - 1) begin
