@@ -5,7 +5,9 @@ simulator, and its FPGA resources.
 * :mod:`~tvm_hapm.rtl.params`: the constants of the RTL, generated from a ``HardwareConfig``
   and the ISA layout;
 * :mod:`~tvm_hapm.rtl.build`: the Verilator build of one config (cached);
-* :mod:`~tvm_hapm.rtl.cosim`: :class:`RtlSimulator` and :func:`cosimulate`.
+* :mod:`~tvm_hapm.rtl.cosim`: :class:`RtlSimulator` and :func:`cosimulate`;
+* :mod:`~tvm_hapm.rtl.synth`: FPGA resources with Yosys (:func:`~tvm_hapm.rtl.synth.synthesize`)
+  against the part's budget, and the block RAM of the buffers' port structures.
 
 The Debian packages ``verilator`` (simulation) and ``yosys`` (synthesis) are needed; importing
 this package needs neither.

@@ -41,12 +41,17 @@ module hapm_alu (
                                        input logic signed [31:0] m);
     logic signed [32:0] rounded;
     logic signed [63:0] prod, scaled;
-    logic signed [31:0] t, lo;
+    logic signed [31:0] a, b, lo;
     logic [5:0] k;
+    // One 32 x 32 -> 64-bit multiplier serves MUL, REQUANT and ADD_REQUANT (four DSP slices
+    // per lane instead of eleven): MUL d * s, REQUANT d * s, ADD_REQUANT (d + s) * m.
+    a = op == `HAPM_ALU_ADD_REQUANT ? d + s : d;
+    b = op == `HAPM_ALU_ADD_REQUANT ? m : s;
+    prod = 64'(a) * 64'(b);
     lane = {1'b0, d};
     case (op)
       `HAPM_ALU_ADD: lane[31:0] = d + s;
-      `HAPM_ALU_MUL: lane[31:0] = d * s;  // the low 32 bits of the exact product
+      `HAPM_ALU_MUL: lane[31:0] = prod[31:0];  // the low 32 bits of the exact product
       `HAPM_ALU_SHR: begin
         if (s < 0 || s > 31) lane[32] = 1'b1;
         else if (s != 0) begin
@@ -61,11 +66,7 @@ module hapm_alu (
       default: begin  // REQUANT: d * s; ADD_REQUANT: (d + s) * m, then ReLU if asked
         k = imm[5:0];
         lo = ACT_MIN;
-        if (op == `HAPM_ALU_ADD_REQUANT) begin
-          t = d + s;
-          prod = 64'(t) * 64'(m);
-          if ((imm & `HAPM_REQUANT_RELU) != 0 && lo < 0) lo = 0;
-        end else prod = 64'(d) * 64'(s);
+        if (op == `HAPM_ALU_ADD_REQUANT && (imm & `HAPM_REQUANT_RELU) != 0 && lo < 0) lo = 0;
         // |prod| <= 2^62 and the rounding term <= 2^61: no overflow in 64 bits
         scaled = (prod + (64'sd1 <<< (k - 6'd1))) >>> k;
         lane[31:0] = scaled < 64'(lo) ? lo : scaled > 64'(ACT_MAX) ? ACT_MAX : scaled[31:0];

@@ -52,6 +52,7 @@ module hapm_compute (
     logic [2:0] alu_op;
     array = head[`HAPM_GEMM_ARRAY_LO +: `HAPM_ARRAY_IDX_W];
     lo1 = 0; hi1 = 0; lo2 = 0; hi2 = 0; has2 = 1'b0;
+    rows = 0; cols = 0; src_rows = 0;  // every path assigns them: no latch
     alu_op = head[`HAPM_ALU_ALU_OP_LO +: 3];
     case (op)
       `HAPM_OP_GEMM: begin

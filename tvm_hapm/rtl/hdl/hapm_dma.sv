@@ -76,14 +76,16 @@ module hapm_dma_load (
   assign pad_now = busy && !in_data;
   assign data_now = busy && in_data && have_entry;
 
-  // the padding value: 0, or the minimum of the DRAM element type
+  // the padding value: 0, or the minimum of the DRAM element type (of 1 << code_q bytes,
+  // little-endian: 0x80 in its top byte, 0 in the others; picking its bytes with a modulo by
+  // 1 << code_q cost Yosys 180 k LUTs)
   logic [EB*8-1:0] pad_raw;
-  logic [31:0]     pad_elem;
-  always_comb begin
-    pad_elem = pad_min_q ? -(32'd1 << ((8 << code_q) - 1)) : 32'd0;
-    pad_raw = '0;
-    for (int k = 0; k < EB; k++) pad_raw[k*8 +: 8] = pad_elem[(k % (1 << code_q))*8 +: 8];
-  end
+  logic [1:0]      top_byte;
+  assign top_byte = 2'((1 << code_q) - 1);
+  always_comb
+    for (int k = 0; k < EB; k++)
+      pad_raw[k*8 +: 8] = (pad_min_q && code_q != 2'd3 && (2'(k) & top_byte) == top_byte) ?
+                          8'h80 : 8'h00;
 
   logic [EB*8-1:0] raw;
   assign raw = in_data ? entry : pad_raw;
@@ -150,7 +152,9 @@ module hapm_dma_load (
         end else xx <= xx + 16'd1;
       end
       if (r_valid && r_ready) begin  // after the writer: a completed entry wins over its clear
-        entry[beat*BB*8 +: BB*8] <= r_data;
+        // one enable per beat of the entry (not a part-select at the 32-bit offset beat*BB*8)
+        for (int k = 0; k < `HAPM_MAX_ENTRY_BEATS; k++)
+          if (32'(beat) == k) entry[k*BB*8 +: BB*8] <= r_data;
         if (32'(beat) == ebeats - 1) begin
           beat <= '0;
           have_entry <= 1'b1;

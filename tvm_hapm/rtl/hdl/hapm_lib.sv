@@ -66,7 +66,11 @@ module hapm_ram #(parameter int W = 8, parameter int D = 16, parameter int AW = 
     output logic [NR*W-1:0] rdata
 );
   logic [W-1:0] mem [0:D-1];
+`ifndef SYNTHESIS
+  // Simulation starts from zero; on the FPGA, block RAM and UltraRAM are zero after
+  // configuration, and synthesis skips the loop (Yosys unrolls it entry by entry).
   initial for (int i = 0; i < D; i++) mem[i] = '0;
+`endif
   always_ff @(posedge clk) begin
     for (int k = NW - 1; k >= 0; k--)
       if (we[k]) mem[waddr[k*AW +: AW]] <= wdata[k*W +: W];

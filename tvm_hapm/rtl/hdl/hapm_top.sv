@@ -189,9 +189,20 @@ module hapm_top (
   hapm_ram #(.W(IB), .D(`HAPM_INP_DEPTH), .AW(IAW), .NR(A), .NW(1)) inp_buf (
       .clk(clk), .we(ld_wr_en && ld_wr_buf == `HAPM_BUF_INP), .waddr(IAW'(ld_wr_addr)),
       .wdata(ld_wr_raw[IB-1:0]), .raddr(g_inp_raddr), .rdata(g_inp_rdata));
-  hapm_ram #(.W(WBB), .D(`HAPM_WGT_DEPTH), .AW(WAW), .NR(A), .NW(1)) wgt_buf (
+  // wgt has one read port: an array uses the block it reads only in the cycle after the compute
+  // module issues its GEMM (hapm_gemm's CHECK), and at most one GEMM issues per cycle, so the
+  // issuing array's address is the only one that matters.
+  logic [WAW-1:0] wgt_raddr;
+  logic [WBB-1:0] wgt_rdata;
+  always_comb begin
+    wgt_raddr = '0;
+    for (int k = 0; k < A; k++)
+      if (g_issue[k]) wgt_raddr = g_wgt_raddr[k*WAW +: WAW];
+  end
+  assign g_wgt_rdata = {A{wgt_rdata}};
+  hapm_ram #(.W(WBB), .D(`HAPM_WGT_DEPTH), .AW(WAW), .NR(1), .NW(1)) wgt_buf (
       .clk(clk), .we(ld_wr_en && ld_wr_buf == `HAPM_BUF_WGT), .waddr(WAW'(ld_wr_addr)),
-      .wdata(ld_wr_raw[WBB-1:0]), .raddr(g_wgt_raddr), .rdata(g_wgt_rdata));
+      .wdata(ld_wr_raw[WBB-1:0]), .raddr(wgt_raddr), .rdata(wgt_rdata));
   // acc: write ports {compute (ALU or accumulator DMA), arrays}; read ports {store, ALU x 3,
   // arrays}.  The ALU and the accumulator DMA never run together (one compute instruction at a
   // time); the scoreboard keeps arrays, ALU and DMA off each other's entries.
@@ -199,7 +210,7 @@ module hapm_top (
   logic [CAW-1:0] cp_waddr;
   assign cp_wdata = alu_we ? alu_wdata : cp_wr_acc;
   assign cp_waddr = alu_we ? alu_waddr : CAW'(cp_wr_addr);
-  hapm_ram #(.W(VB), .D(`HAPM_ACC_DEPTH), .AW(CAW), .NR(4 + A), .NW(1 + A)) acc_buf (
+  hapm_acc_buf acc_buf (
       .clk(clk), .we({g_acc_we, alu_we || cp_wr_en}), .waddr({g_acc_waddr, cp_waddr}),
       .wdata({g_acc_wdata, cp_wdata}), .raddr({g_acc_raddr, alu_raddr, st_raddr}),
       .rdata({g_acc_rdata, alu_rdata, st_rdata}));
@@ -272,4 +283,20 @@ module hapm_top (
       if (ld_err || st_err || cp_err || alu_err) error <= 1'b1;
     end
   end
+endmodule
+
+// The accumulator buffer: 1 + A write ports {compute (ALU or accumulator DMA), arrays} and
+// 4 + A read ports {store, ALU x 3, arrays}.  A module of its own so that synthesis can set it
+// aside: no block RAM of the FPGA has that many write ports (tvm_hapm.rtl.synth).
+module hapm_acc_buf (
+    input  logic                                 clk,
+    input  logic [`HAPM_A:0]                     we,
+    input  logic [(1+`HAPM_A)*`HAPM_ACC_AW-1:0]   waddr,
+    input  logic [(1+`HAPM_A)*`HAPM_ACC_BITS-1:0] wdata,
+    input  logic [(4+`HAPM_A)*`HAPM_ACC_AW-1:0]   raddr,
+    output logic [(4+`HAPM_A)*`HAPM_ACC_BITS-1:0] rdata
+);
+  hapm_ram #(.W(`HAPM_ACC_BITS), .D(`HAPM_ACC_DEPTH), .AW(`HAPM_ACC_AW), .NR(4 + `HAPM_A),
+             .NW(1 + `HAPM_A)) ram (
+      .clk(clk), .we(we), .waddr(waddr), .wdata(wdata), .raddr(raddr), .rdata(rdata));
 endmodule
