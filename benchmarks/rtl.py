@@ -21,6 +21,12 @@ Reported per network: ``bit_exact``, ``max_layer_cycle_rel_diff``, ``network_cyc
 (``(model - rtl) / rtl``), the RTL's simulation speed (cycles per second of the Verilator run)
 and the seconds of the whole co-simulation.  Targets (issue 16): bit-exact everywhere, layers
 within 3%, networks within 1%.
+
+``resources`` (not with ``--quick``): every preset synthesised with Yosys for its part
+(``tvm_hapm.rtl.synth``, the accumulator buffer set aside because Yosys cannot map its
+``num_arrays + 1`` write ports to block RAM), then the cheapest accumulator structure that keeps
+the ISA and the cycles added (``buffer_costs``, ``with_buffer``); ``fits`` is for that total,
+``fits_without_accumulator`` for the rest alone.  See ``docs/resources.md``.
 """
 
 from __future__ import annotations
@@ -73,6 +79,54 @@ def _cosim(model, x, cfg, rtl) -> dict:
     t0 = time.perf_counter()
     results = cosimulate_model(lambda: vm["main"](tvm.runtime.tensor(x)), rtl=rtl)
     return _summary(results, time.perf_counter() - t0)
+
+
+def _entry(cfg, res) -> dict:
+    """The record of one preset: ``res`` (synthesised with the accumulator set aside) plus the
+    accumulator structure that keeps the ISA and the cycles and comes closest to fitting (the
+    smallest largest share of any resource)."""
+    from tvm_hapm.rtl.synth import buffer_costs, part_budget, with_buffer
+
+    budget = part_budget(cfg.part)
+
+    def worst_share(total):
+        return max(used / have for used, have in total.usage(budget).values() if have)
+
+    exact = [c for c in buffer_costs(cfg) if c.buffer == "acc" and c.exact]
+    total = min((with_buffer(res, c) for c in exact), key=worst_share)
+    return {
+        "part": cfg.part,
+        "lut": total.lut_total,
+        "ff": total.ff,
+        "dsp": total.dsp,
+        "bram36": total.bram36,
+        "uram": total.uram,
+        "fits": total.fits(budget),
+        "over": total.over_budget(budget),
+        "accumulator": total.top.split("acc (", 1)[-1].rstrip(")"),
+        "without_accumulator": {
+            "lut": res.lut_total, "ff": res.ff, "dsp": res.dsp, "bram36": res.bram36,
+            "uram": res.uram, "fits": not res.over_budget(budget),
+            "over": res.over_budget(budget), "family": res.family,
+        },
+        "budget": {"lut": budget.lut, "ff": budget.ff, "dsp": budget.dsp,
+                   "bram36": budget.bram36, "uram": budget.uram},
+        "yosys_seconds": round(res.seconds, 1),
+    }  # fmt: skip
+
+
+def _resources(console) -> dict:
+    """Yosys resources of every preset against its part (see the module docstring)."""
+    from tvm_hapm.rtl.synth import part_budget, synthesize
+    from tvm_hapm.target.config import PRESETS
+
+    out = {}
+    for name, cfg in PRESETS.items():
+        with console.status(f"{name}: Yosys synth_xilinx for {cfg.part}"):
+            res = synthesize(cfg, blackbox=("hapm_acc_buf",), timeout=3600)
+        out[name] = _entry(cfg, res)
+        console.print(res.summary(part_budget(cfg.part)))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         "network_cycle_rel_diff": max(abs(r["network_cycle_rel_diff"]) for r in networks.values()),
         "networks": networks,
     }
+    if not args.quick:
+        payload["resources"] = _resources(console)
     write_json(RESULTS, payload)
     console.print(f"wrote {RESULTS}")
     return 0 if payload["bit_exact"] else 1
