@@ -409,6 +409,7 @@ def synthesize(
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,  # its own process group: a timeout ends yosys-abc too
+            env={**os.environ, "TMPDIR": str(work)},  # and ABC's scratch folders go with it
         ) as proc:
             try:
                 _, stderr = proc.communicate(timeout=timeout)
