@@ -79,12 +79,12 @@ module hapm_alu (
   logic [2:0]  op_q;
   logic        use_imm_q;
   logic [15:0] imm_q;
-  logic [9:0]  outer_q, inner_q, o, i;
-  logic [13:0] dst_so_q, src_so_q;
-  logic [5:0]  dst_si_q, src_si_q;
-  logic [31:0] d_row, d_cur, s_row, s_cur;
+  logic [31:0] d_cur, s_cur;  // the loop nest's destination and source of the current (o, i)
   logic        last_iter;
-  assign last_iter = (o == outer_q - 10'd1) && (i == inner_q - 10'd1);
+  hapm_nest nest (
+      .clk(clk), .load(start), .step(running), .outer(i_outer), .inner(i_inner),
+      .a_base(i_dst), .a_so(i_dst_so), .a_si(i_dst_si), .b_base(i_src), .b_so(i_src_so),
+      .b_si(i_src_si), .a(d_cur), .b(s_cur), .last(last_iter));
   assign acc_raddr = {AW'(s_cur + 1), AW'(s_cur), AW'(d_cur)};
 
   // ---- stage 1 (compute) and stage 2 (write) registers
@@ -145,33 +145,7 @@ module hapm_alu (
         op_q <= i_op;
         use_imm_q <= i_use_imm;
         imm_q <= i_imm;
-        outer_q <= i_outer;
-        inner_q <= i_inner;
-        dst_so_q <= i_dst_so;
-        dst_si_q <= i_dst_si;
-        src_so_q <= i_src_so;
-        src_si_q <= i_src_si;
-        o <= '0;
-        i <= '0;
-        d_row <= 32'(i_dst);
-        d_cur <= 32'(i_dst);
-        s_row <= 32'(i_src);
-        s_cur <= 32'(i_src);
-      end else if (running) begin
-        if (last_iter) running <= 1'b0;
-        if (i == inner_q - 10'd1) begin
-          i <= '0;
-          o <= o + 10'd1;
-          d_row <= d_row + 32'(dst_so_q);
-          d_cur <= d_row + 32'(dst_so_q);
-          s_row <= s_row + 32'(src_so_q);
-          s_cur <= s_row + 32'(src_so_q);
-        end else begin
-          i <= i + 10'd1;
-          d_cur <= d_cur + 32'(dst_si_q);
-          s_cur <= s_cur + 32'(src_si_q);
-        end
-      end
+      end else if (running && last_iter) running <= 1'b0;
     end
   end
 endmodule

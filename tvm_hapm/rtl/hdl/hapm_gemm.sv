@@ -45,30 +45,15 @@ module hapm_gemm (
 
   logic        reset_q;
   logic [15:0] wgt_addr_q;
-  logic [9:0]  outer_q, inner_q, o, i;
-  logic [13:0] inp_so_q, acc_so_q;
-  logic [5:0]  inp_si_q, acc_si_q;
-  logic [31:0] inp_row, inp_cur, acc_row, acc_cur;  // loop-nest addresses of (o, i)
+  logic [31:0] inp_cur, acc_cur;  // the loop nest's addresses of the current (o, i)
   logic [`HAPM_WGT_BLOCK_BITS-1:0] block;
   logic [15:0] count;
   logic        last_iter;
-  assign last_iter = (o == outer_q - 10'd1) && (i == inner_q - 10'd1);
-
-  // Advance the (o, i) loop nest by one iteration.
-  task automatic step_loops();
-    if (i == inner_q - 10'd1) begin
-      i <= '0;
-      o <= o + 10'd1;
-      inp_row <= inp_row + 32'(inp_so_q);
-      inp_cur <= inp_row + 32'(inp_so_q);
-      acc_row <= acc_row + 32'(acc_so_q);
-      acc_cur <= acc_row + 32'(acc_so_q);
-    end else begin
-      i <= i + 10'd1;
-      inp_cur <= inp_cur + 32'(inp_si_q);
-      acc_cur <= acc_cur + 32'(acc_si_q);
-    end
-  endtask
+  hapm_nest nest (
+      .clk(clk), .load(state == IDLE && issue), .step(state == ZERO || state == STREAM),
+      .outer(i_outer), .inner(i_inner), .a_base(i_inp_addr), .a_so(i_inp_so),
+      .a_si(i_inp_si), .b_base(i_acc_addr), .b_so(i_acc_so), .b_si(i_acc_si), .a(inp_cur),
+      .b(acc_cur), .last(last_iter));
 
   // ---- the array, fed one block row per cycle while preloading (last row first)
   logic [`HAPM_C*WB-1:0] w_row;
@@ -125,18 +110,6 @@ module hapm_gemm (
         IDLE: if (issue) begin
           reset_q <= i_reset;
           wgt_addr_q <= i_wgt_addr;
-          outer_q <= i_outer;
-          inner_q <= i_inner;
-          inp_so_q <= i_inp_so;
-          inp_si_q <= i_inp_si;
-          acc_so_q <= i_acc_so;
-          acc_si_q <= i_acc_si;
-          o <= '0;
-          i <= '0;
-          inp_row <= 32'(i_inp_addr);
-          inp_cur <= 32'(i_inp_addr);
-          acc_row <= 32'(i_acc_addr);
-          acc_cur <= 32'(i_acc_addr);
           state <= CHECK;
         end
         CHECK: begin  // the block arrives: the bypass looks at it
@@ -160,7 +133,6 @@ module hapm_gemm (
           end
         end
         ZERO: begin  // a bypassed reset GEMM still clears its accumulators
-          step_loops();
           if (last_iter) begin
             state <= IDLE;
             done <= 1'b1;
@@ -172,7 +144,6 @@ module hapm_gemm (
           if (32'(count) == R - 1) state <= STREAM;
         end
         STREAM: begin
-          step_loops();
           if (last_iter) begin
             count <= '0;
             state <= DRAIN;

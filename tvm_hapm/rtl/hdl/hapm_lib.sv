@@ -81,3 +81,59 @@ module hapm_ram #(parameter int W = 8, parameter int D = 16, parameter int AW = 
     assign rdata[p*W +: W] = r;
   end
 endmodule
+
+// The two-level loop nest of a GEMM or an ALU instruction (docs/isa.md): iteration (o, i) of
+// outer x inner addresses a = a_base + o * a_so + i * a_si and b likewise.  `load` takes a new
+// nest (its iteration (0, 0) is out the next cycle); each `step` moves to the next iteration;
+// `last` says the current one is the nest's last.
+module hapm_nest (
+    input  logic        clk,
+    input  logic        load,
+    input  logic        step,
+    input  logic [9:0]  outer,
+    input  logic [9:0]  inner,
+    input  logic [17:0] a_base,
+    input  logic [13:0] a_so,
+    input  logic [5:0]  a_si,
+    input  logic [17:0] b_base,
+    input  logic [13:0] b_so,
+    input  logic [5:0]  b_si,
+    output logic [31:0] a,
+    output logic [31:0] b,
+    output logic        last
+);
+  logic [9:0]  o, i, outer_q, inner_q;
+  logic [13:0] a_so_q, b_so_q;
+  logic [5:0]  a_si_q, b_si_q;
+  logic [31:0] a_row, b_row;  // the addresses of (o, 0)
+  assign last = (o == outer_q - 10'd1) && (i == inner_q - 10'd1);
+  always_ff @(posedge clk) begin
+    if (load) begin
+      outer_q <= outer;
+      inner_q <= inner;
+      a_so_q <= a_so;
+      a_si_q <= a_si;
+      b_so_q <= b_so;
+      b_si_q <= b_si;
+      o <= '0;
+      i <= '0;
+      a_row <= 32'(a_base);
+      a <= 32'(a_base);
+      b_row <= 32'(b_base);
+      b <= 32'(b_base);
+    end else if (step) begin
+      if (i == inner_q - 10'd1) begin
+        i <= '0;
+        o <= o + 10'd1;
+        a_row <= a_row + 32'(a_so_q);
+        a <= a_row + 32'(a_so_q);
+        b_row <= b_row + 32'(b_so_q);
+        b <= b_row + 32'(b_so_q);
+      end else begin
+        i <= i + 10'd1;
+        a <= a + 32'(a_si_q);
+        b <= b + 32'(b_si_q);
+      end
+    end
+  end
+endmodule
