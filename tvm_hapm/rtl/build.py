@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from ..target.config import HardwareConfig
-from .params import config_header
+from .params import config_header, harness_defines
 
 __all__ = ["HDL_DIR", "RtlToolError", "build", "cache_root", "hdl_sources", "require_tool"]
 
@@ -90,9 +90,7 @@ def build(config: HardwareConfig, jobs: int = 2) -> Path:
             verilator, "--cc", "--exe", "--build", "-O3", "--x-assign", "fast",
             "--x-initial", "fast", "-Wall", *_VERILATOR_WAIVED, "--top-module", "hapm_top",
             "-j", str(jobs), "-I" + str(work), "-Mdir", str(work / "obj"), "-o", _EXECUTABLE,
-            "-CFLAGS",
-            f"-O2 -DHAPM_BEAT_BYTES={config.dram_bytes_per_cycle} "
-            f"-DHAPM_NUM_ARRAYS={config.num_arrays}",
+            "-CFLAGS", " ".join(["-O2", *(f"-D{d}" for d in harness_defines(config))]),
             *map(str, hdl_sources()), str(_HARNESS),
         ]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)

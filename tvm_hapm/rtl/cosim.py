@@ -30,9 +30,10 @@ import numpy as np
 from ..runtime.driver import capture_layers, pack_dram
 from ..runtime.simulator import Simulator
 from ..target.config import HardwareConfig
-from ..target.isa import Instruction, encode_stream
+from ..target.isa import INSTRUCTION_BYTES, Instruction, encode_stream
 from ..target.program import Program
 from .build import build
+from .params import DRAM_SLOTS
 
 __all__ = ["CosimResult", "RtlError", "RtlRun", "RtlSimulator", "cosimulate", "cosimulate_model"]
 
@@ -104,12 +105,16 @@ class RtlSimulator:
         ``max_cycles`` overrides the simulator's cycle limit for this run.
         """
         limit = self.max_cycles if max_cycles is None else int(max_cycles)
-        if len(dram) > 16:
-            raise ValueError(f"a program addresses at most 16 DRAM slots, got {len(dram)}")
+        if len(dram) > DRAM_SLOTS:
+            raise ValueError(
+                f"a program addresses at most {DRAM_SLOTS} DRAM slots, got {len(dram)}"
+            )
         stream = encode_stream(list(instructions))
         job = [
             b"HAPMJOB1",
-            struct.pack("<IQI", self.config.dram_latency_cycles, limit, len(stream) // 16),
+            struct.pack(
+                "<IQI", self.config.dram_latency_cycles, limit, len(stream) // INSTRUCTION_BYTES
+            ),
             stream,
             struct.pack("<I", len(dram)),
         ]

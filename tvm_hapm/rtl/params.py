@@ -23,7 +23,17 @@ from ..target import isa
 from ..target.config import HardwareConfig
 from ..target.isa import LAYOUTS, TOKEN_QUEUES, AluOp, Buffer, Module, Opcode
 
-__all__ = ["RtlConfigError", "check_config", "config_header", "INSTRUCTION_FIFO_DEPTH"]
+__all__ = [
+    "DRAM_SLOTS",
+    "INSTRUCTION_FIFO_DEPTH",
+    "RtlConfigError",
+    "check_config",
+    "config_header",
+    "harness_defines",
+]
+
+#: DRAM slots a program can address (the ``dram_slot`` field's range).
+DRAM_SLOTS = isa.field_max(Opcode.LOAD, "dram_slot") + 1
 
 #: Entries of each module's instruction queue between fetch and the module (see the README:
 #: fetch runs ahead of a module by at most this many of its instructions).
@@ -65,6 +75,8 @@ def _macro(name: str, value: int) -> str:
 
 def _isa_macros() -> list[str]:
     lines = ["// ---- ISA (tvm_hapm.target.isa)"]
+    lines.append(_macro("INSN_BITS", 8 * isa.INSTRUCTION_BYTES))
+    lines.append(_macro("SLOTS", DRAM_SLOTS))
     lines += [_macro(f"OP_{op.name}", op) for op in Opcode]
     lines += [_macro(f"BUF_{b.name}", b) for b in Buffer]
     lines += [_macro(f"ALU_{a.name}", a) for a in AluOp]
@@ -87,6 +99,16 @@ def _isa_macros() -> list[str]:
             pos += bits
     assert LAYOUTS[Opcode.LOAD] == LAYOUTS[Opcode.STORE]
     return lines
+
+
+def harness_defines(cfg: HardwareConfig) -> list[str]:
+    """The preprocessor definitions (``NAME=value``) the C++ test bench is compiled with."""
+    return [
+        f"HAPM_BEAT_BYTES={cfg.dram_bytes_per_cycle}",
+        f"HAPM_NUM_ARRAYS={cfg.num_arrays}",
+        f"HAPM_SLOTS={DRAM_SLOTS}",
+        f"HAPM_INSN_BYTES={isa.INSTRUCTION_BYTES}",
+    ]
 
 
 def config_header(cfg: HardwareConfig) -> str:

@@ -12,7 +12,7 @@ module hapm_compute (
     input  logic                 clk,
     input  logic                 rst,
     input  logic                 head_valid,
-    input  logic [127:0]         head,
+    input  logic [`HAPM_INSN_BITS-1:0]         head,
     output logic                 head_pop,
     input  logic                 tok_prev_ready,   // load->compute holds a token
     input  logic                 tok_next_ready,   // store->compute holds a token

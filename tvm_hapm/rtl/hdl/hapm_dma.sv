@@ -5,6 +5,47 @@
 // refuses configs where a buffer entry is not (params.check_config).
 `include "hapm_config.svh"
 
+// The DRAM requests of a LOAD or STORE: one per row, y_size of them, each of x_size entries of
+// `ebytes` bytes (`ebeats` beats), at the slot's base + (dram_addr + row * x_stride) * ebytes,
+// sent as fast as the channel takes them.  `start` takes the instruction's fields; y_size and
+// x_size stay readable for the engine.
+module hapm_row_requests (
+    input  logic                          clk,
+    input  logic                          rst,
+    input  logic                          start,
+    input  logic [`HAPM_INSN_BITS-1:0]                  insn,
+    input  logic [`HAPM_SLOTS*32-1:0]              slot_base,
+    input  logic [31:0]                   ebytes,
+    input  logic [31:0]                   ebeats,
+    output logic                          valid,
+    input  logic                          ready,
+    output logic [31:0]                   addr,
+    output logic [23:0]                   beats,
+    output logic [11:0]                   y_size,
+    output logic [11:0]                   x_size
+);
+  logic [31:0] dram_q, base_q;
+  logic [15:0] stride_q;
+  logic [11:0] row;
+  assign addr = base_q + (dram_q + 32'(row) * 32'(stride_q)) * ebytes;
+  assign beats = 24'(32'(x_size) * ebeats);
+  always_ff @(posedge clk) begin
+    if (rst) valid <= 1'b0;
+    else if (start) begin
+      valid <= 1'b1;
+      dram_q <= insn[`HAPM_MEM_DRAM_ADDR_LO +: `HAPM_MEM_DRAM_ADDR_W];
+      y_size <= insn[`HAPM_MEM_Y_SIZE_LO +: `HAPM_MEM_Y_SIZE_W];
+      x_size <= insn[`HAPM_MEM_X_SIZE_LO +: `HAPM_MEM_X_SIZE_W];
+      stride_q <= insn[`HAPM_MEM_X_STRIDE_LO +: `HAPM_MEM_X_STRIDE_W];
+      base_q <= slot_base[insn[`HAPM_MEM_DRAM_SLOT_LO +: `HAPM_MEM_DRAM_SLOT_W]*32 +: 32];
+      row <= '0;
+    end else if (valid && ready) begin
+      row <= row + 12'd1;
+      if (row == y_size - 12'd1) valid <= 1'b0;
+    end
+  end
+endmodule
+
 // LOAD: y_size rows of x_size entries from DRAM, written with their padding to a buffer, one
 // entry per cycle in row-major order of the padded region.  Row requests go out as fast as the
 // port takes them; a data entry is written when its beats have arrived, a padding entry at once.
@@ -12,8 +53,8 @@ module hapm_dma_load (
     input  logic                          clk,
     input  logic                          rst,
     input  logic                          start,
-    input  logic [127:0]                  insn,
-    input  logic [16*32-1:0]              slot_base,
+    input  logic [`HAPM_INSN_BITS-1:0]                  insn,
+    input  logic [`HAPM_SLOTS*32-1:0]              slot_base,
     output logic                          busy,
     output logic                          done,
     // read channel
@@ -36,12 +77,8 @@ module hapm_dma_load (
   // ---- instruction fields
   logic [1:0]  buf_q, code_q;
   logic        pad_min_q;
-  logic [17:0] sram_q;
-  logic [31:0] dram_q;
   logic [11:0] y_q, x_q;
-  logic [15:0] stride_q;
-  logic [3:0]  pt_q, pb_q, pl_q, pr_q;
-  logic [31:0] base_q;
+  logic [3:0]  pt_q, pl_q;
 
   // Bytes of one DRAM entry of the target buffer: E elements of the DRAM element width.
   function automatic logic [31:0] entry_bytes(input logic [1:0] b, input logic [1:0] code);
@@ -54,11 +91,10 @@ module hapm_dma_load (
   assign ebeats = ebytes / BB;
 
   // ---- request side: one request per row
-  logic [11:0] req_row;
-  logic        requesting;
-  assign ar_valid = requesting;
-  assign ar_addr = base_q + (dram_q + 32'(req_row) * 32'(stride_q)) * ebytes;
-  assign ar_beats = 24'(32'(x_q) * ebeats);
+  hapm_row_requests requests (
+      .clk(clk), .rst(rst), .start(start), .insn(insn), .slot_base(slot_base), .ebytes(ebytes),
+      .ebeats(ebeats), .valid(ar_valid), .ready(ar_ready), .addr(ar_addr), .beats(ar_beats),
+      .y_size(y_q), .x_size(x_q));
 
   // ---- data side: assemble one entry from its beats
   logic [EB*8-1:0] entry;
@@ -106,39 +142,24 @@ module hapm_dma_load (
     done <= 1'b0;
     if (rst) begin
       busy <= 1'b0;
-      requesting <= 1'b0;
       have_entry <= 1'b0;
     end else if (start) begin
       busy <= 1'b1;
-      requesting <= 1'b1;
       buf_q <= insn[`HAPM_MEM_BUFFER_LO +: 2];
       code_q <= insn[`HAPM_MEM_ELEM_BITS_CODE_LO +: 2];
       pad_min_q <= insn[`HAPM_MEM_PAD_MIN_LO];
-      sram_q <= insn[`HAPM_MEM_SRAM_ADDR_LO +: `HAPM_MEM_SRAM_ADDR_W];
-      dram_q <= insn[`HAPM_MEM_DRAM_ADDR_LO +: `HAPM_MEM_DRAM_ADDR_W];
-      y_q <= insn[`HAPM_MEM_Y_SIZE_LO +: `HAPM_MEM_Y_SIZE_W];
-      x_q <= insn[`HAPM_MEM_X_SIZE_LO +: `HAPM_MEM_X_SIZE_W];
-      stride_q <= insn[`HAPM_MEM_X_STRIDE_LO +: `HAPM_MEM_X_STRIDE_W];
       pt_q <= insn[`HAPM_MEM_Y_PAD_TOP_LO +: 4];
-      pb_q <= insn[`HAPM_MEM_Y_PAD_BOTTOM_LO +: 4];
       pl_q <= insn[`HAPM_MEM_X_PAD_LEFT_LO +: 4];
-      pr_q <= insn[`HAPM_MEM_X_PAD_RIGHT_LO +: 4];
-      base_q <= slot_base[insn[`HAPM_MEM_DRAM_SLOT_LO +: 4]*32 +: 32];
       rows_total <= 16'(insn[`HAPM_MEM_Y_PAD_TOP_LO +: 4]) + 16'(insn[`HAPM_MEM_Y_SIZE_LO +: 12])
                     + 16'(insn[`HAPM_MEM_Y_PAD_BOTTOM_LO +: 4]);
       cols_total <= 16'(insn[`HAPM_MEM_X_PAD_LEFT_LO +: 4]) + 16'(insn[`HAPM_MEM_X_SIZE_LO +: 12])
                     + 16'(insn[`HAPM_MEM_X_PAD_RIGHT_LO +: 4]);
       addr <= insn[`HAPM_MEM_SRAM_ADDR_LO +: 18];
-      req_row <= '0;
       beat <= '0;
       have_entry <= 1'b0;
       yy <= '0;
       xx <= '0;
     end else if (busy) begin
-      if (ar_valid && ar_ready) begin
-        req_row <= req_row + 12'd1;
-        if (req_row == y_q - 12'd1) requesting <= 1'b0;
-      end
       if (wr_en) begin
         if (data_now) have_entry <= 1'b0;
         addr <= addr + 18'd1;
@@ -170,8 +191,8 @@ module hapm_dma_store (
     input  logic                          clk,
     input  logic                          rst,
     input  logic                          start,
-    input  logic [127:0]                  insn,
-    input  logic [16*32-1:0]              slot_base,
+    input  logic [`HAPM_INSN_BITS-1:0]                  insn,
+    input  logic [`HAPM_SLOTS*32-1:0]              slot_base,
     output logic                          busy,
     output logic                          done,
     output logic                          aw_valid,
@@ -189,20 +210,18 @@ module hapm_dma_store (
   localparam int C = `HAPM_C, BB = `HAPM_BEAT_BYTES, VB = `HAPM_ACC_BITS;
 
   logic [1:0]  code_q;
-  logic [31:0] dram_q, base_q, ebytes, ebeats, total;
-  logic [11:0] y_q, x_q, req_row, acks;
-  logic [15:0] stride_q;
-  logic        requesting;
+  logic [31:0] ebytes, ebeats, total;
+  logic [11:0] y_q, x_q, acks;  // (x_q: the entries per row are counted in `total`)
   assign ebytes = 32'(C) << code_q;
   assign ebeats = ebytes / BB;
-  assign aw_valid = requesting;
-  assign aw_addr = base_q + (dram_q + 32'(req_row) * 32'(stride_q)) * ebytes;
-  assign aw_beats = 24'(32'(x_q) * ebeats);
   assign b_ready = 1'b1;
+  hapm_row_requests requests (
+      .clk(clk), .rst(rst), .start(start), .insn(insn), .slot_base(slot_base), .ebytes(ebytes),
+      .ebeats(ebeats), .valid(aw_valid), .ready(aw_ready), .addr(aw_addr), .beats(aw_beats),
+      .y_size(y_q), .x_size(x_q));
 
   // Entries are read ahead into a two-entry queue so that beats leave back to back.
   logic [31:0] rd_next;       // entries read so far
-  logic [31:0] sent;          // entries whose beats have all left
   logic [1:0]  queued;        // entries read and not yet sent (including the one in flight)
   logic        rd_pending;    // a read was made last cycle
   logic [VB-1:0] q0, q1;      // q0: the entry being sent
@@ -242,30 +261,17 @@ module hapm_dma_store (
     done <= 1'b0;
     if (rst) begin
       busy <= 1'b0;
-      requesting <= 1'b0;
     end else if (start) begin
       busy <= 1'b1;
-      requesting <= 1'b1;
       code_q <= insn[`HAPM_MEM_ELEM_BITS_CODE_LO +: 2];
       insn_sram_q <= insn[`HAPM_MEM_SRAM_ADDR_LO +: `HAPM_MEM_SRAM_ADDR_W];
-      dram_q <= insn[`HAPM_MEM_DRAM_ADDR_LO +: `HAPM_MEM_DRAM_ADDR_W];
-      y_q <= insn[`HAPM_MEM_Y_SIZE_LO +: `HAPM_MEM_Y_SIZE_W];
-      x_q <= insn[`HAPM_MEM_X_SIZE_LO +: `HAPM_MEM_X_SIZE_W];
-      stride_q <= insn[`HAPM_MEM_X_STRIDE_LO +: `HAPM_MEM_X_STRIDE_W];
-      base_q <= slot_base[insn[`HAPM_MEM_DRAM_SLOT_LO +: 4]*32 +: 32];
       total <= 32'(insn[`HAPM_MEM_Y_SIZE_LO +: 12]) * 32'(insn[`HAPM_MEM_X_SIZE_LO +: 12]);
-      req_row <= '0;
       acks <= '0;
       rd_next <= '0;
-      sent <= '0;
       queued <= '0;
       rd_pending <= 1'b0;
       beat <= '0;
     end else if (busy) begin
-      if (aw_valid && aw_ready) begin
-        req_row <= req_row + 12'd1;
-        if (req_row == y_q - 12'd1) requesting <= 1'b0;
-      end
       // read ahead
       rd_pending <= do_read;
       if (do_read) rd_next <= rd_next + 1;
@@ -277,7 +283,6 @@ module hapm_dma_store (
         if (pop) begin
           q0 <= q1;
           n = n - 2'd1;
-          sent <= sent + 1;
         end
         if (rd_pending) begin
           if (n == 0) q0 <= narrow(acc_rdata, code_q);

@@ -12,15 +12,15 @@ module hapm_fetch (
     input  logic         start,
     input  logic [31:0]  count,
     output logic [31:0]  imem_addr,
-    input  logic [127:0] imem_rdata,
+    input  logic [`HAPM_INSN_BITS-1:0] imem_rdata,
     input  logic [2:0]   full,      // per module
     output logic [2:0]   push,      // per module
-    output logic [127:0] insn,
+    output logic [`HAPM_INSN_BITS-1:0] insn,
     output logic [31:0]  index,     // the instruction's position in the program (for traces)
     output logic         idle
 );
   // The module that executes an instruction (isa.module_of).
-  function automatic logic [1:0] module_of(input logic [127:0] word);
+  function automatic logic [1:0] module_of(input logic [`HAPM_INSN_BITS-1:0] word);
     logic [2:0] op;
     op = word[`HAPM_MEM_OPCODE_LO +: 3];
     if (op == `HAPM_OP_LOAD)
@@ -74,7 +74,7 @@ module hapm_access #(parameter int MODULE = `HAPM_MOD_LOAD) (
     input  logic         clk,
     input  logic         rst,
     input  logic         head_valid,
-    input  logic [127:0] head,
+    input  logic [`HAPM_INSN_BITS-1:0] head,
     output logic         head_pop,
     input  logic         token_ready,  // the queue this module pops holds a token
     output logic         token_pop,

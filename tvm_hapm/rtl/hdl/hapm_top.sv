@@ -12,12 +12,12 @@ module hapm_top (
     input  logic                       rst,
     input  logic                       start,
     input  logic [31:0]                insn_count,
-    input  logic [16*32-1:0]           slot_base,
+    input  logic [`HAPM_SLOTS*32-1:0]           slot_base,
     output logic                       done,
     output logic                       error,
     // instruction memory (data one cycle after the address)
     output logic [31:0]                imem_addr,
-    input  logic [127:0]               imem_rdata,
+    input  logic [`HAPM_INSN_BITS-1:0]               imem_rdata,
     // DRAM read channel
     output logic                       ar_valid,
     input  logic                       ar_ready,
@@ -53,9 +53,9 @@ module hapm_top (
 
   // ---- fetch and the module queues
   logic [2:0]   q_push, q_full, q_empty, q_pop;
-  logic [127:0] fetched;
+  logic [`HAPM_INSN_BITS-1:0] fetched;
   logic [31:0]  fetched_idx;
-  logic [127:0] q_head [0:2];
+  logic [`HAPM_INSN_BITS-1:0] q_head [0:2];
   logic [31:0]  q_idx [0:2];
   logic         fetch_idle;
   hapm_fetch fetch (
@@ -63,7 +63,7 @@ module hapm_top (
       .imem_rdata(imem_rdata), .full(q_full), .push(q_push), .insn(fetched),
       .index(fetched_idx), .idle(fetch_idle));
   for (genvar m = 0; m < 3; m++) begin : g_queue
-    hapm_fifo #(.W(160), .AW(`HAPM_FIFO_AW)) queue (
+    hapm_fifo #(.W(32 + `HAPM_INSN_BITS), .AW(`HAPM_FIFO_AW)) queue (  // {index, insn}
         .clk(clk), .rst(rst), .push(q_push[m]), .din({fetched_idx, fetched}), .pop(q_pop[m]),
         .head({q_idx[m], q_head[m]}), .empty(q_empty[m]), .full(q_full[m]));
   end

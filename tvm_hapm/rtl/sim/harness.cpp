@@ -1,7 +1,7 @@
 // Verilator test bench of hapm_top: runs one program against a DRAM model and writes the DRAM
 // slots back.  Driven from Python (tvm_hapm/rtl/cosim.py) through two files:
 //
-//   job    "HAPMJOB1", u32 dram_latency, u64 max_cycles, u32 n_insn, n_insn x 16 bytes,
+//   job    "HAPMJOB1", u32 dram_latency, u64 max_cycles, u32 n_insn, the instructions,
 //          u32 n_slots, then per slot: u32 bytes, the bytes
 //   result "HAPMRES1", u32 status (0 done, 1 cycle limit, 2 error flag, 3 DRAM access out of
 //          the slots), u64 cycles, u64 gemms_bypassed, u32 n_slots, per slot: u32 bytes, bytes,
@@ -89,15 +89,15 @@ int main(int argc, char** argv) {
   const uint32_t latency = read_le<uint32_t>(in);
   const uint64_t max_cycles = read_le<uint64_t>(in);
   const uint32_t n_insn = read_le<uint32_t>(in);
-  std::vector<uint8_t> program(size_t(n_insn) * 16);
+  std::vector<uint8_t> program(size_t(n_insn) * HAPM_INSN_BYTES);
   in.read(reinterpret_cast<char*>(program.data()), program.size());
   const uint32_t n_slots = read_le<uint32_t>(in);
-  if (n_slots > 16) {
-    std::fprintf(stderr, "at most 16 slots\n");
+  if (n_slots > HAPM_SLOTS) {
+    std::fprintf(stderr, "at most %d slots\n", HAPM_SLOTS);
     return 2;
   }
   // Slots live in one DRAM, 4 KiB aligned, after a first unused page (address 0 is no slot).
-  std::vector<uint64_t> base(16, 0), size(16, 0);
+  std::vector<uint64_t> base(HAPM_SLOTS, 0), size(HAPM_SLOTS, 0);
   std::vector<std::vector<uint8_t>> contents(n_slots);
   uint64_t top_addr = 4096;
   for (uint32_t s = 0; s < n_slots; ++s) {
@@ -132,10 +132,10 @@ int main(int argc, char** argv) {
   top->start = 0;
   for (int i = 0; i < 4; ++i) tick();
   top->rst = 0;
-  uint8_t bases[64] = {0};
-  for (int s = 0; s < 16; ++s)
+  uint8_t bases[4 * HAPM_SLOTS] = {0};
+  for (int s = 0; s < HAPM_SLOTS; ++s)
     for (int b = 0; b < 4; ++b) bases[4 * s + b] = uint8_t(base[s] >> (8 * b));
-  put_bytes(top->slot_base, bases, 64);
+  put_bytes(top->slot_base, bases, sizeof bases);
   top->insn_count = n_insn;
   top->start = 1;
   tick();
@@ -144,11 +144,11 @@ int main(int argc, char** argv) {
   std::deque<Request> reads, writes;
   std::deque<uint64_t> acks;  // cycle each write response becomes valid
   uint64_t read_beat = 0, read_next = 0, write_beat = 0, bus_free = 0;
-  std::vector<uint8_t> imem_word(16, 0), buf(beat);
+  std::vector<uint8_t> imem_word(HAPM_INSN_BYTES, 0);
   uint32_t status = 0;
   uint64_t cycle = 0;
   std::vector<uint64_t> t_start(n_insn, ~0ull), t_end(n_insn, ~0ull);
-  uint8_t idx_bytes[4 * (3 + 16)];
+  uint8_t idx_bytes[4 * (3 + HAPM_NUM_ARRAYS)];
   auto index_at = [&](int k) {
     return uint32_t(idx_bytes[4 * k]) | uint32_t(idx_bytes[4 * k + 1]) << 8 |
            uint32_t(idx_bytes[4 * k + 2]) << 16 | uint32_t(idx_bytes[4 * k + 3]) << 24;
@@ -160,7 +160,7 @@ int main(int argc, char** argv) {
       break;
     }
     // ---- inputs for this cycle
-    put_bytes(top->imem_rdata, imem_word.data(), 16);
+    put_bytes(top->imem_rdata, imem_word.data(), HAPM_INSN_BYTES);
     top->ar_ready = 1;
     top->aw_ready = 1;
     bool r_valid = false;
@@ -220,7 +220,7 @@ int main(int argc, char** argv) {
     }
     const uint64_t pc = top->imem_addr;
     if (pc < n_insn)
-      std::memcpy(imem_word.data(), program.data() + pc * 16, 16);
+      std::memcpy(imem_word.data(), program.data() + pc * HAPM_INSN_BYTES, HAPM_INSN_BYTES);
     else
       std::fill(imem_word.begin(), imem_word.end(), 0);
     top->clk = 1;
