@@ -45,29 +45,11 @@ from tvm import relax
 from tvm.relax.frontend.onnx import from_onnx
 
 import tvm_hapm
-from tvm_hapm.rtl import RtlSimulator, cosimulate_model
+from tvm_hapm.rtl import RtlSimulator, cosimulate_model, summarize
 from tvm_hapm.target.config import get_config
 
 RESULTS = RESULTS_DIR / "rtl.json"
 PRESET = "zedboard"
-
-
-def _summary(results: list, seconds: float) -> dict:
-    rtl = sum(r.rtl_cycles for r in results)
-    model = sum(r.model_cycles for r in results)
-    rtl_seconds = sum(r.rtl_seconds for r in results)
-    return {
-        "bit_exact": all(r.bit_exact for r in results),
-        "layers": [r.to_dict() for r in results],
-        "max_layer_cycle_rel_diff": max(abs(r.cycle_rel_diff) for r in results),
-        "network_rtl_cycles": rtl,
-        "network_model_cycles": model,
-        "network_cycle_rel_diff": (model - rtl) / max(rtl, 1),
-        "instructions": sum(r.instructions for r in results),
-        "rtl_seconds": round(rtl_seconds, 2),
-        "rtl_cycles_per_second": round(rtl / max(rtl_seconds, 1e-9)),
-        "cosim_seconds": round(seconds, 2),
-    }
 
 
 def _cosim(model, x, cfg, rtl) -> dict:
@@ -78,7 +60,7 @@ def _cosim(model, x, cfg, rtl) -> dict:
     vm = relax.VirtualMachine(ex, tvm.cpu())
     t0 = time.perf_counter()
     results = cosimulate_model(lambda: vm["main"](tvm.runtime.tensor(x)), rtl=rtl)
-    return _summary(results, time.perf_counter() - t0)
+    return {**summarize(results), "cosim_seconds": round(time.perf_counter() - t0, 2)}
 
 
 def _entry(cfg, res) -> dict:
@@ -93,7 +75,7 @@ def _entry(cfg, res) -> dict:
         return max(used / have for used, have in total.usage(budget).values() if have)
 
     exact = [c for c in buffer_costs(cfg) if c.buffer == "acc" and c.exact]
-    total = min((with_buffer(res, c) for c in exact), key=worst_share)
+    acc, total = min(((c, with_buffer(res, c)) for c in exact), key=lambda p: worst_share(p[1]))
     return {
         "part": cfg.part,
         "lut": total.lut_total,
@@ -103,7 +85,7 @@ def _entry(cfg, res) -> dict:
         "uram": total.uram,
         "fits": total.fits(budget),
         "over": total.over_budget(budget),
-        "accumulator": total.top.split("acc (", 1)[-1].rstrip(")"),
+        "accumulator": acc.scheme,
         "without_accumulator": {
             "lut": res.lut_total, "ff": res.ff, "dsp": res.dsp, "bram36": res.bram36,
             "uram": res.uram, "fits": not res.over_budget(budget),

@@ -636,20 +636,20 @@ def _rtl_cases():
 
 
 @pytest.fixture(scope="module")
-def rtl_sims():
+def rtl_of():
+    """``rtl_of(config)``: one RTL simulator per config for the module."""
     from tvm_hapm.rtl import RtlSimulator
 
-    return {}, RtlSimulator
+    sims = {}
+    return lambda cfg: sims.setdefault(cfg.to_json(), RtlSimulator(cfg))
 
 
 @pytest.mark.parametrize("name", sorted(_rtl_cases()))
-def test_the_rtl_agrees_instruction_by_instruction(rtl_sims, name):
+def test_the_rtl_agrees_instruction_by_instruction(rtl_of, name):
     """The programs above on the accelerator's RTL (Verilator): the same cycle count, and every
     instruction starts and ends in the same cycle as in the model."""
     program, cfg, fill, zero = _rtl_cases()[name]
-    cache, rtl_simulator = rtl_sims
-    sim = cache.setdefault(cfg.to_json(), rtl_simulator(cfg))
-    rtl = sim.run(program, [np.full(4096, fill, np.int8) for _ in range(3)])
+    rtl = rtl_of(cfg).run(program, [np.full(4096, fill, np.int8) for _ in range(3)])
     model = run(program, cfg, zero)
     assert rtl.cycles == model.cycles
     np.testing.assert_array_equal(rtl.start, model.start)

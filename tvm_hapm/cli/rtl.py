@@ -42,23 +42,9 @@ def _table(results: list) -> Table:
     return table
 
 
-def summary(results: list) -> dict:
-    """The report of a co-simulation: per layer and for the network (layers run in turn)."""
-    rtl = sum(r.rtl_cycles for r in results)
-    model = sum(r.model_cycles for r in results)
-    return {
-        "bit_exact": all(r.bit_exact for r in results),
-        "layers": [r.to_dict() for r in results],
-        "max_layer_cycle_rel_diff": max((abs(r.cycle_rel_diff) for r in results), default=0.0),
-        "network_rtl_cycles": rtl,
-        "network_model_cycles": model,
-        "network_cycle_rel_diff": (model - rtl) / max(rtl, 1),
-    }
-
-
 def cmd_rtlsim(args, console: Console) -> int:
     """``hapm rtlsim``: co-simulate every accelerator layer of one run of a compiled model."""
-    from ..rtl import RtlError, RtlToolError, cosimulate_model
+    from ..rtl import RtlError, RtlToolError, cosimulate_model, summarize
 
     out = Path(args.model_dir)
     x = load_npy(args.input, "input")
@@ -81,7 +67,7 @@ def cmd_rtlsim(args, console: Console) -> int:
         seconds = time.perf_counter() - t0
     if not results:
         raise CliError("no layer of this model runs on the accelerator: nothing to co-simulate")
-    result = summary(results)
+    result = summarize(results)
     result["seconds"] = round(seconds, 2)
     dest = Path(args.report) if args.report else out / RTLSIM_JSON
     atomic.write_text(dest, json.dumps(result, indent=2, default=json_default) + "\n")

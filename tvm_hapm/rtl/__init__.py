@@ -14,7 +14,15 @@ this package needs neither.
 """
 
 from .build import RtlToolError, build
-from .cosim import CosimResult, RtlError, RtlRun, RtlSimulator, cosimulate, cosimulate_model
+from .cosim import (
+    CosimResult,
+    RtlError,
+    RtlRun,
+    RtlSimulator,
+    cosimulate,
+    cosimulate_model,
+    summarize,
+)
 from .params import RtlConfigError, check_config, config_header
 
 __all__ = [
@@ -29,4 +37,5 @@ __all__ = [
     "config_header",
     "cosimulate",
     "cosimulate_model",
+    "summarize",
 ]

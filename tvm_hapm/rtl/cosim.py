@@ -35,7 +35,15 @@ from ..target.program import Program
 from .build import build
 from .params import DRAM_SLOTS
 
-__all__ = ["CosimResult", "RtlError", "RtlRun", "RtlSimulator", "cosimulate", "cosimulate_model"]
+__all__ = [
+    "CosimResult",
+    "RtlError",
+    "RtlRun",
+    "RtlSimulator",
+    "cosimulate",
+    "cosimulate_model",
+    "summarize",
+]
 
 _STATUS = {
     1: "the cycle limit was reached (a deadlock or a hang in the RTL)",
@@ -291,3 +299,23 @@ def cosimulate_model(run, rtl: dict | None = None, progress=None) -> list[CosimR
         if progress is not None:
             progress(k + 1, len(layers))
     return results
+
+
+def summarize(results: list[CosimResult]) -> dict:
+    """The report of a network's co-simulation (its layers run one after the other): whether
+    every layer is bit-exact, the layers, the largest per-layer and the network's relative
+    cycle difference ``(model - rtl) / rtl``, and the RTL's simulation speed."""
+    rtl = sum(r.rtl_cycles for r in results)
+    model = sum(r.model_cycles for r in results)
+    rtl_seconds = sum(r.rtl_seconds for r in results)
+    return {
+        "bit_exact": all(r.bit_exact for r in results),
+        "layers": [r.to_dict() for r in results],
+        "max_layer_cycle_rel_diff": max((abs(r.cycle_rel_diff) for r in results), default=0.0),
+        "network_rtl_cycles": rtl,
+        "network_model_cycles": model,
+        "network_cycle_rel_diff": (model - rtl) / max(rtl, 1),
+        "instructions": sum(r.instructions for r in results),
+        "rtl_seconds": round(rtl_seconds, 2),
+        "rtl_cycles_per_second": round(rtl / max(rtl_seconds, 1e-9)),
+    }
