@@ -40,8 +40,6 @@ from ..target.config import (
     DMA_REQUEST_CYCLES,
     FETCH_CYCLES,
     LOAD_DONE_CYCLES,
-    STORE_DONE_CYCLES,
-    STORE_FIRST_BEAT_CYCLES,
     HardwareConfig,
 )
 from ..target.isa import (
@@ -256,14 +254,6 @@ class TimingModel:
         self.alu_latency = int(alu_latency)
 
     # ------------------------------------------------------------------ cost formulas
-    def dma_cycles(self, dram_bytes: int, pad_entries: int = 0) -> int:
-        """Cycles of one LOAD / STORE without DRAM-port contention.
-
-        ``dram_latency_cycles + ceil(dram_bytes / dram_bytes_per_cycle) + pad_entries``.
-        """
-        cfg = self.config
-        return cfg.dram_latency_cycles + -(-dram_bytes // cfg.dram_bytes_per_cycle) + pad_entries
-
     def gemm_cycles(self, vectors: int) -> int:
         """Cycles one array spends on a dense GEMM streaming ``vectors`` input vectors.
 
@@ -312,6 +302,7 @@ class TimingModel:
         R, C, A = cfg.array_rows, cfg.array_cols, cfg.num_arrays
         bpc = cfg.dram_bytes_per_cycle
         lat = cfg.dram_latency_cycles
+        store_fixed = cfg.store_fixed_cycles
         dsb = cfg.dsb_enabled
         dsb_cycles = cfg.dsb_check_cycles
         alu_lat = self.alu_latency
@@ -330,7 +321,7 @@ class TimingModel:
         module = [0] * n
         kind = [0] * n  # 0 DMA, 1 GEMM, 2 other
         cost = [1] * n  # DMA: data beats; GEMM: array cycles; other: duration
-        extra = [0] * n  # DMA: padding cycles; GEMM: array
+        extra = [0] * n  # GEMM: its array
         acc_lo = [0] * n  # GEMM: accumulator range written
         acc_hi = [0] * n
         # ALU / LOAD acc / FINISH: accumulator ranges checked against the in-flight GEMMs
@@ -387,7 +378,6 @@ class TimingModel:
                     if buf == ACC:
                         lo = insn.sram_addr
                         drain[i] = (lo, lo + entries - 1, 0, -1)
-                    extra[i] = entries - y * x
                     # The DMA writes one entry per cycle in region order: the padding before the
                     # first data entry while the data is on its way, a data entry once its e
                     # beats have arrived; between two rows, the p padding entries while the next
@@ -452,7 +442,6 @@ class TimingModel:
         arr_hi = [-2] * A
         max_arr = 0  # max(arr_free): when all in-flight GEMMs are done
         port_free = 0  # the DRAM read channel (LOADs)
-        write_free = 0  # the DRAM write channel (STOREs)
         pushed = ([], [], [], [])  # release cycle of every token pushed, per queue
         popped = [0, 0, 0, 0]
         stall = [0] * len(STALL_CAUSES)
@@ -511,10 +500,10 @@ class TimingModel:
                 t = ready
 
             k = kind[i]
-            if k == 0:  # LOAD on the DRAM read channel, STORE on the write channel
-                request = t + DMA_REQUEST_CYCLES + lat  # the first beat, without contention
+            if k == 0:
                 d = dma[i]
-                if d is not None:  # LOAD
+                if d is not None:  # LOAD, on the DRAM read channel
+                    request = t + DMA_REQUEST_CYCLES + lat  # the first beat, without contention
                     if port_free > request:
                         stall[_PORT] += port_free - request
                         data = port_free
@@ -525,15 +514,12 @@ class TimingModel:
                     last_write = first + d[2]
                     port_free = last_write - d[3]  # the cycle after the last beat
                     e = last_write + LOAD_DONE_CYCLES
-                else:  # STORE: beats from the accumulator read-ahead, then the responses
-                    data = t + DMA_REQUEST_CYCLES + STORE_FIRST_BEAT_CYCLES
-                    if write_free > data:
-                        stall[_PORT] += write_free - data
-                        data = write_free
-                    write_free = data + cost[i]
-                    e = write_free - 1 + lat + STORE_DONE_CYCLES
-                    request = data  # (no latency before the data: it waits at the end)
-                busy[m] += e - t - (data - request)
+                    busy[m] += e - t - (data - request)
+                else:
+                    # STORE: the write channel is the store module's alone and the module runs
+                    # one STORE at a time, so it never waits for the channel
+                    e = t + store_fixed + cost[i]
+                    busy[m] += e - t
                 free[m] = e
                 release = e
             elif k == 1:  # GEMM: wait for its array, issue in one cycle
