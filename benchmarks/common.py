@@ -52,6 +52,11 @@ def machine_info() -> dict:
     return info
 
 
+def read_json(path) -> dict:
+    """A results file written by :func:`write_json`."""
+    return json.loads(Path(path).read_text())
+
+
 def write_json(path, payload) -> Path:
     """Write ``payload`` as indented JSON, atomically (an interrupted run keeps the old file)."""
     path = Path(path)

@@ -22,11 +22,10 @@ Reported per network: ``bit_exact``, ``max_layer_cycle_rel_diff``, ``network_cyc
 and the seconds of the whole co-simulation.  Targets (issue 16): bit-exact everywhere, layers
 within 3%, networks within 1%.
 
-``resources`` (not with ``--quick``): every preset synthesised with Yosys for its part
-(``tvm_hapm.rtl.synth``, the accumulator buffer set aside because Yosys cannot map its
-``num_arrays + 1`` write ports to block RAM), then the cheapest accumulator structure that keeps
-the ISA and the cycles added (``buffer_costs``, ``with_buffer``); ``fits`` is for that total,
-``fits_without_accumulator`` for the rest alone.  See ``docs/resources.md``.
+``resources`` (not with ``--quick``): every preset's whole RTL synthesised with Yosys for its
+part (``tvm_hapm.rtl.synth``; the accumulator is banked by array, three two-port copies per bank,
+so Yosys maps it to block RAM or UltraRAM like the other buffers): LUT, FF, DSP, BRAM36 and
+URAM against the part's budget, and ``fits``.  See ``docs/resources.md``.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ import time
 import numpy as np
 import tvm
 from common import RESULTS as RESULTS_DIR
-from common import machine_info, write_json
+from common import machine_info, read_json, write_json
 from rich.console import Console
 from rich.table import Table
 from tvm import relax
@@ -64,33 +63,21 @@ def _cosim(model, x, cfg, rtl) -> dict:
 
 
 def _entry(cfg, res) -> dict:
-    """The record of one preset: ``res`` (synthesised with the accumulator set aside) plus the
-    accumulator structure that keeps the ISA and the cycles and comes closest to fitting (the
-    smallest largest share of any resource)."""
-    from tvm_hapm.rtl.synth import buffer_costs, part_budget, with_buffer
+    """The record of one preset: ``res`` (its whole RTL) against its part's budget."""
+    from tvm_hapm.rtl.synth import part_budget
 
     budget = part_budget(cfg.part)
-
-    def worst_share(total):
-        return max(used / have for used, have in total.usage(budget).values() if have)
-
-    exact = [c for c in buffer_costs(cfg) if c.buffer == "acc" and c.exact]
-    acc, total = min(((c, with_buffer(res, c)) for c in exact), key=lambda p: worst_share(p[1]))
     return {
         "part": cfg.part,
-        "lut": total.lut_total,
-        "ff": total.ff,
-        "dsp": total.dsp,
-        "bram36": total.bram36,
-        "uram": total.uram,
-        "fits": total.fits(budget),
-        "over": total.over_budget(budget),
-        "accumulator": acc.scheme,
-        "without_accumulator": {
-            "lut": res.lut_total, "ff": res.ff, "dsp": res.dsp, "bram36": res.bram36,
-            "uram": res.uram, "fits": not res.over_budget(budget),
-            "over": res.over_budget(budget), "family": res.family,
-        },
+        "lut": res.lut_total,
+        "ff": res.ff,
+        "dsp": res.dsp,
+        "bram36": res.bram36,
+        "uram": res.uram,
+        "fits": res.fits(budget),
+        "over": res.over_budget(budget),
+        "family": res.family,
+        "accumulator": f"{cfg.num_arrays} banks (one per array), 3 two-port copies each",
         "budget": {"lut": budget.lut, "ff": budget.ff, "dsp": budget.dsp,
                    "bram36": budget.bram36, "uram": budget.uram},
         "yosys_seconds": round(res.seconds, 1),
@@ -105,7 +92,7 @@ def _resources(console) -> dict:
     out = {}
     for name, cfg in PRESETS.items():
         with console.status(f"{name}: Yosys synth_xilinx for {cfg.part}"):
-            res = synthesize(cfg, blackbox=("hapm_acc_buf",), timeout=3600)
+            res = synthesize(cfg, timeout=3600)
         out[name] = _entry(cfg, res)
         console.print(res.summary(part_budget(cfg.part)))
     return out
@@ -114,8 +101,19 @@ def _resources(console) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="the digits CNN and ResNet-20 only")
+    ap.add_argument(
+        "--resources-only", action="store_true",
+        help="only the synthesis of the presets: update the resources of results/rtl.json",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     console = Console()
+    if args.resources_only:
+        payload = read_json(RESULTS)
+        payload["resources"] = _resources(console)
+        payload["resources_meta"] = machine_info()
+        write_json(RESULTS, payload)
+        console.print(f"updated the resources of {RESULTS}")
+        return 0 if all(r["fits"] for r in payload["resources"].values()) else 1
     cfg = get_config(PRESET)
     rtl = {cfg.name: RtlSimulator(cfg)}
     with console.status("building the RTL (Verilator)"):

@@ -17,6 +17,7 @@ from tvm_hapm.runtime.simulator import Simulator
 from tvm_hapm.runtime.timing import TimingModel
 from tvm_hapm.target import codegen, isa
 from tvm_hapm.target import tir as htir
+from tvm_hapm.target.banks import acc_bank
 from tvm_hapm.target.config import get_config
 from tvm_hapm.target.schedule import (
     ConvSchedule,
@@ -180,9 +181,9 @@ def test_double_buffering_overlaps_load_compute_and_store():
 
 
 def test_plan_falls_back_to_single_buffering():
-    # Buffers that hold the smallest 3x3 tile once but not twice.
-    cfg = CFG.replace(name="one-tile", inp_buffer_bytes=8 * 9, wgt_buffer_bytes=64 * 9,
-                      acc_buffer_bytes=32 * 3)  # fmt: skip
+    # Buffers that hold the smallest 3x3 tile once but not twice (one array: one bank).
+    cfg = CFG.replace(name="one-tile", num_arrays=1, inp_buffer_bytes=8 * 9,
+                      wgt_buffer_bytes=64 * 9, acc_buffer_bytes=32 * 3)  # fmt: skip
     s = plan_conv(cfg, 4, 4, 4, 4, 3, 3, (1, 1), (1, 1), 1, 1)
     assert s == ConvSchedule(1, 1, 1, 1, double_buffer=False)
     s2 = plan_conv(CFG, 8, 8, 8, 8, 3, 3, (1, 1), (1, 1), 2, 4)
@@ -196,27 +197,30 @@ def _gemm_arrays(prog):
 
 def test_dense_dispatch_is_one_hapm_group_per_array_set():
     # (cib, kh, kw) outer, cob inner: consecutive GEMMs of one dispatch are the G blocks of one
-    # HAPM group on G distinct arrays, each accumulator region on one array; when P | G, block
-    # cob is on array (cob - cg0) % P.  (With G < P the next group's regions start on the arrays
-    # the previous group leaves free, while its last GEMMs finish: the epilogue is pipelined.)
+    # HAPM group on min(G, P) distinct arrays, each accumulator region in one bank, on its
+    # array; when P | G, block cob is on array (cob - cg0) % P.  (With G < P the other half's
+    # regions are on the other arrays: the next group's GEMMs overlap the last ones.)
     for group in (1, 2, 4, 8):
         cfg = CFG.replace(name=f"arr{group}", num_arrays=4)
         x, args, kwargs = _layer((1, 16, 6, 64, 3, 1, 1, 1, 1, 0.0), 0)
         sched = ConvSchedule(6, 6, group, 2)
         prog, _ = codegen.conv2d_program(cfg, "a", *args, **kwargs, schedule=sched)
         gemms = [i for i in prog.instructions if i.opcode == isa.Opcode.GEMM]
-        t = 36
         arrays_of = {}
-        for k, g in enumerate(gemms):
-            region = (g.acc_addr - 2 * group) % (group * t) // t  # cob - cg0
-            if group % 4 == 0:
-                assert g.array == region % 4, (group, k)
+        for g in gemms:
+            assert g.array == acc_bank(cfg, g.acc_addr)
             arrays_of.setdefault(g.acc_addr, set()).add(g.array)
-            assert region == k % group  # cob innermost
         assert all(len(a) == 1 for a in arrays_of.values())  # a region stays on one array
-        for d in range(0, len(gemms), group):  # a dispatch: G blocks on distinct arrays
-            dispatch = [g.array for g in gemms[d : d + min(group, 4)]]
-            assert len(set(dispatch)) == len(dispatch)
+        used = set()
+        for d in range(0, len(gemms), group):
+            dispatch = gemms[d : d + group]
+            assert len({g.acc_addr for g in dispatch}) == group  # G blocks, cob innermost
+            arrays = [g.array for g in dispatch]
+            used.update(arrays)
+            assert len(set(arrays[:4])) == min(group, 4)  # on distinct arrays
+            if group % 4 == 0:
+                assert arrays == [k % 4 for k in range(group)]
+        assert len(used) == min(2 * group, 4)  # both halves' regions
         # The dispatches are the groups of passes.prune.hapm_groups.
         gid = hapm_groups(args[1], 1, cfg, sched)
         assert len(np.unique(gid)) == len(gemms) // group  # one tile, dense
@@ -611,4 +615,5 @@ def test_seven_output_blocks_spread_over_the_arrays():
     assert arrays == set(range(CFG.num_arrays))
     timing = TimingModel(CFG).run(prog.instructions)
     busy = np.asarray(timing.array_busy, float)
-    assert busy.min() > 0.5 * busy.max()  # no array carries the layer alone
+    # no array carries the layer alone: 7 regions pinned to 4 banks, 2 or 1 per array
+    assert busy.min() >= 0.5 * busy.max()

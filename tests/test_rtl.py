@@ -114,14 +114,15 @@ def test_gemm_loops_resets_repeats_and_concurrent_arrays(rtl):
     rng = np.random.default_rng(1)
     inp = rng.integers(-128, 128, 64 * R).astype(np.int8)
     wgt = rng.integers(-128, 128, 8 * R * C).astype(np.int8)
-    out = np.zeros(256 * C, np.int32)
+    bank = ZED.acc_bank_depth  # array k accumulates into bank k
+    out = np.zeros(A * 256 * C, np.int32)
     body = [load(Buffer.INP, 0, 0, 0, 1, 64, 64), load(Buffer.WGT, 1, 0, 0, 1, 8, 8)]
     for k in range(A):
-        body.append(gemm(k, k, 2 * k, 32 * k, 3, 5, 7, 2, 6, 1, reset=1))
-        body.append(gemm(k, k + 4, 1, 32 * k, 3, 5, 7, 2, 6, 1, reset=0))
+        body.append(gemm(k, k, 2 * k, bank * k + 4 * k, 3, 5, 7, 2, 6, 1, reset=1))
+        body.append(gemm(k, k + 4, 1, bank * k + 4 * k, 3, 5, 7, 2, 6, 1, reset=0))
     body.append(gemm(0, 2, 3, 200, 2, 6, 9, 1, 1, 0, reset=0))  # acc_si = 0: a reduction
-    body.append(gemm(1, 3, 5, 210, 4, 3, 2, 3, 0, 0, reset=1))  # all into one entry: last wins
-    body.append(store(2, 0, 0, 1, 256, 256))
+    body.append(gemm(1, 3, 5, bank + 210, 4, 3, 2, 3, 0, 0, reset=1))  # one entry: last wins
+    body += [store(2, bank * k, 256 * k, 1, 256, 256) for k in range(A)]
     result = run_both(rtl, ZED, body, [inp, wgt, out])
     assert result.rtl_bypassed == result.model_bypassed == 0
 
@@ -153,10 +154,11 @@ def test_every_alu_op(rtl, use_imm):
         else:
             body.append(alu(op, 8 * j, 56 - 8 * j, 2, 4, 4, 1, 4, 1))
     if not use_imm:
-        # REQUANT: dst * acc[src], shift 17; ADD_REQUANT: (dst + bias) * mult, shift 31 + ReLU
+        # REQUANT: dst * acc[src], shift 17; ADD_REQUANT: (dst + bias) * mult, shift 31 + ReLU,
+        # one bias and multiplier pair per instruction (read before the first iteration)
         body.append(alu(AluOp.REQUANT, 48, 120, 1, 8, 0, 1, 0, 1, imm=17))
-        body.append(alu(AluOp.ADD_REQUANT, 56, 120, 1, 4, 0, 1, 0, 2, imm=31 | 64))
-        body.append(alu(AluOp.ADD_REQUANT, 60, 120, 1, 4, 0, 1, 0, 2, imm=9))
+        body.append(alu(AluOp.ADD_REQUANT, 56, 120, 1, 4, 0, 1, 0, 0, imm=31 | 64))
+        body.append(alu(AluOp.ADD_REQUANT, 60, 123, 1, 4, 0, 1, 0, 0, imm=9))
         body.append(alu(AluOp.MAX, 64, 0, 4, 8, 1, 0, 8, 1))  # 8 sources into each of 4 entries
         body.append(alu(AluOp.ADD, 70, 70, 1, 6, 0, 0, 0, 0))  # dst == src, repeated: doubles
         body.append(alu(AluOp.ADD, 72, 0, 4, 2, 0, 1, 2, 1))  # iteration j reads j - 2's write
@@ -182,8 +184,8 @@ def test_bypass_skips_zero_blocks_and_still_resets(rtl):
         load(Buffer.WGT, 1, 0, 0, 1, 2, 2),
         load(Buffer.ACC, 2, 0, 0, 1, 32, 32, 2),
         gemm(0, 0, 0, 0, 1, 8, 0, 1, 0, 1, reset=0),  # skipped: acc keeps its values
-        gemm(1, 0, 0, 8, 1, 8, 0, 1, 0, 1, reset=1),  # zeroes acc[8:16]
-        gemm(2, 1, 0, 16, 1, 8, 0, 1, 0, 1, reset=0),  # dense
+        gemm(0, 0, 0, 8, 1, 8, 0, 1, 0, 1, reset=1),  # zeroes acc[8:16]
+        gemm(0, 1, 0, 16, 1, 8, 0, 1, 0, 1, reset=0),  # dense
         store(3, 0, 0, 1, 32, 32),
     ]
     result = run_both(rtl, ZED, body, [inp, wgt, init, out])

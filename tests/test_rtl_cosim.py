@@ -39,16 +39,19 @@ def gemm_extremes(cfg, vectors=3):
                            y_size=1, x_size=count, x_stride=count)  # fmt: skip
 
     seq = [load(Buffer.INP, 0, vectors), load(Buffer.WGT, 1, 4)]
-    expect = []
+    # array k's results go into its accumulator bank k, stored after array k-1's
     for b in range(4):
         for k in range(A):
             seq.append(Instruction(Opcode.GEMM, reset=1, array=k, wgt_addr=b, inp_addr=0,
-                                   acc_addr=len(expect) * vectors, outer=1, inner=vectors,
-                                   inp_si=1, acc_si=1))  # fmt: skip
-            expect.append(x.astype(np.int64) @ blocks[b].astype(np.int64))
+                                   acc_addr=k * cfg.acc_bank_depth + b * vectors, outer=1,
+                                   inner=vectors, inp_si=1, acc_si=1))  # fmt: skip
+    per_array = [x.astype(np.int64) @ blocks[b].astype(np.int64) for b in range(4)]
+    expect = per_array * A  # every array computes the same four products
     entries = len(expect) * vectors
-    seq.append(Instruction(Opcode.STORE, buffer=Buffer.ACC, dram_slot=2, elem_bits_code=2,
-                           y_size=1, x_size=entries, x_stride=entries))  # fmt: skip
+    for k in range(A):
+        seq.append(Instruction(Opcode.STORE, buffer=Buffer.ACC, dram_slot=2, elem_bits_code=2,
+                               sram_addr=k * cfg.acc_bank_depth, dram_addr=k * 4 * vectors,
+                               y_size=1, x_size=4 * vectors, x_stride=4 * vectors))  # fmt: skip
     seq.append(Instruction(Opcode.FINISH))
     slots = [
         Slot("x", "input", "int8", (vectors * R,)),

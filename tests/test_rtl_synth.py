@@ -187,14 +187,25 @@ def test_timeout_kills_yosys():
         synthesize(TINY, top="hapm_systolic", timeout=0.5)
 
 
+@needs_yosys
+def test_the_banked_accumulator_maps_to_block_ram():
+    """hapm_acc_buf of two 4 x 4 arrays with 512-entry banks: two banks of three two-port
+    copies, each a 512 x 128-bit block RAM (two BRAM36 in 512 x 72), no entry in flip-flops."""
+    cfg = TINY.replace(name="tiny-acc", num_arrays=2, acc_buffer_bytes=1024 * 16)
+    res = synthesize(cfg, top="hapm_acc_buf", timeout=600)
+    assert not res.unmapped
+    assert res.bram36 == 2 * 3 * 2
+    assert res.ff < 64  # the registered bank selects, not the 16 Kb of entries
+
+
 @pytest.mark.slow
 @needs_yosys
-@pytest.mark.parametrize("preset", ["zybo-z7-10", "zedboard"])
-def test_preset_without_the_accumulator(preset):
-    """The whole accelerator but the accumulator buffer (which Yosys cannot map to block RAM):
-    every other part maps to Xilinx primitives."""
+@pytest.mark.parametrize("preset", ["zybo-z7-10", "zedboard", "zcu104"])
+def test_preset_fits_its_part(preset):
+    """The whole accelerator, accumulator included, maps to Xilinx primitives and fits the
+    preset's part (Yosys's counts: LUT, FF, DSP, BRAM36, URAM)."""
     cfg = get_config(preset)
-    res = synthesize(cfg, blackbox=("hapm_acc_buf",), timeout=3600)
-    assert res.unmapped == {"hapm_acc_buf": 1}
+    res = synthesize(cfg, timeout=3600)
+    assert not res.unmapped
     assert res.dsp >= cfg.macs_per_cycle // 2  # two MACs per DSP slice, and the ALU's
-    assert res.bram36 > 0
+    assert res.fits(part_budget(cfg.part)), res.summary(part_budget(cfg.part))

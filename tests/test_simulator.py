@@ -336,14 +336,15 @@ def test_store_overlapping_rows_later_rows_win():
         (0, 7, 40, 4, 3, 1, 0, 0, 2),  # repeated input vectors
         (1, 0, 10, 3, 5, 5, 1, 1, 0),  # repeated accumulator entries (sum over inner)
         (2, 0, 20, 2, 3, 3, 1, 1, 1),  # overlapping rows: entries hit by several iterations
-        (9, 4, 30, 7, 1, 3, 0, 2, 0),  # inner loop of one
+        (9, 4, 34, 7, 1, 3, 0, 2, 0),  # inner loop of one
     ],
 )
 def test_gemm(loops, reset):
     rng = np.random.default_rng(6)
     dram, loads, acc_load, state = prefill(rng)
     w, x, a, outer, inner, inp_so, inp_si, acc_so, acc_si = loops
-    insn = gemm(w, x, a, outer, inner, inp_so, inp_si, acc_so, acc_si, reset=reset, array=1)
+    array = a // (ACC_DEPTH // 2)  # array k accumulates into bank k (two banks of 32)
+    insn = gemm(w, x, a, outer, inner, inp_so, inp_si, acc_so, acc_si, reset=reset, array=array)
     sim = Simulator(CFG)
     sim.run(program(loads, [acc_load, insn]), dram)
     oracle_gemm(state, insn)
@@ -427,16 +428,28 @@ def test_alu_immediate_operand(op, imm, pattern):
     assert as_lists(sim.acc) == state["acc"]
 
 
+# ADD_REQUANT reads one (bias, multiplier) pair for the whole nest: src_so = src_si = 0
+ADD_REQUANT_PATTERNS = {
+    # (dst, src, outer, inner, dst_so, dst_si, src_so, src_si)
+    "disjoint": (0, 32, 3, 4, 4, 1, 0, 0),
+    "reduce": (0, 32, 4, 6, 1, 0, 0, 0),  # repeated dst
+    "repeat_dst": (5, 32, 2, 3, 0, 1, 0, 0),
+    "bias_in_dst": (8, 10, 1, 3, 0, 1, 0, 0),  # the bias entry is written by iteration 2
+}
+
+
 @pytest.mark.parametrize("relu", [0, 1])
-@pytest.mark.parametrize("pattern", sorted(ALU_PATTERNS))
+@pytest.mark.parametrize("pattern", sorted(ADD_REQUANT_PATTERNS))
 def test_alu_add_requant(pattern, relu):
     # bias at acc[s], multiplier at acc[s + 1]: values of 2**13 and a shift of 18 so that
     # results span the activation range, saturate at both ends and round
     rng = np.random.default_rng(10 + relu)
     dram, loads, acc_load, state = prefill(rng)
     dram[2][:] = rng.integers(-(2**13), 2**13, ACC_DEPTH * C)
+    insn = alu(AluOp.ADD_REQUANT, *ADD_REQUANT_PATTERNS[pattern], imm=18 | relu * REQUANT_RELU)
+    mult = insn.src_addr + 1
+    dram[2][mult * C : (mult + 1) * C] = [2**14, 2**12, -(2**14)]  # both ends saturate
     state["acc"] = [[int(dram[2][e * C + c]) for c in range(C)] for e in range(ACC_DEPTH)]
-    insn = alu(AluOp.ADD_REQUANT, *ALU_PATTERNS[pattern], imm=18 | relu * REQUANT_RELU)
     sim = Simulator(CFG)
     sim.run(program(loads, [acc_load, insn]), dram)
     oracle_alu(state["acc"], insn)
@@ -726,6 +739,27 @@ def test_refuses_buffer_address_out_of_range():
         "input buffer address 64 out of range",
     )
     _refused(program(computes=[gemm(16, 0, 0, 1, 1)]), [], "weight buffer address 16 out of range")
+
+
+def test_refuses_gemm_outside_its_bank():
+    # two banks of 32 entries: array 1 accumulates into 32..63 only
+    ok = gemm(0, 0, 32, 1, 4, inp_si=1, acc_si=1, array=1)
+    Simulator(CFG).validate(program(computes=[ok]), [])
+    for acc in (0, 30):  # starts in bank 0; starts in bank 0 and ends in bank 1
+        bad = ok.replace(acc_addr=acc)
+        _refused(program(computes=[bad]), [], "outside bank 1 [32, 63]")
+    # the vectorised screen of many GEMMs catches it too
+    many = [ok] * 40 + [ok.replace(acc_addr=30, array=0)]  # 30..33
+    _refused(program(computes=many), [], "instruction 40 (gemm", "outside bank 0 [0, 31]")
+
+
+def test_refuses_add_requant_with_moving_or_overwritten_multiplier():
+    fused = alu(AluOp.ADD_REQUANT, 0, 32, 1, 4, 0, 1, imm=9)
+    Simulator(CFG).validate(program(computes=[fused]), [])
+    _refused(program(computes=[fused.replace(src_si=2)]), [], "src_so and src_si must be 0")
+    _refused(program(computes=[fused.replace(src_so=2)]), [], "src_so and src_si must be 0")
+    # the multiplier (entry 33) is read once, before the first iteration: no write to it
+    _refused(program(computes=[fused.replace(dst_addr=30)]), [], "may not write its multiplier")
 
 
 def test_refuses_dram_out_of_range_and_changes_no_dram():

@@ -280,48 +280,53 @@ def test_gemms_on_different_arrays_overlap():
     assert r.array_busy.tolist() == [30, 30]
 
 
-def test_two_arrays_do_not_accumulate_into_one_region_at_once():
-    # Both GEMMs write accumulators 0..15 (the second overlaps the first from entry 8): the
-    # second waits for array 0 although array 1 is free: 32..62; FINISH drains 62..63.
-    for acc in (0, 8):
-        r = run([gemm(0, 0, array=0), gemm(16, acc, array=1), FINISH])
-        assert r.start.tolist() == [2, 32, 62] and r.end.tolist() == [32, 62, 63]
-        assert r.cycles == 63 and r.stalls["array_busy"] == 29  # ready at 3 (issue cycle)
-    # Disjoint regions (16..31 starts right after 0..15) still overlap.
-    r = run([gemm(0, 0, array=0), gemm(16, 16, array=1), FINISH])
-    assert r.cycles == 34
+def test_each_array_accumulates_into_its_own_bank():
+    # CFG's 64 accumulator entries are two banks, 0..31 (array 0) and 32..63 (array 1).  GEMMs
+    # into 0..15 on array 0 (2..32) and into 32..47 on array 1 (3..33) overlap: FINISH 33..34.
+    r = run([gemm(0, 0, array=0), gemm(16, 32, array=1), FINISH])
+    assert r.start.tolist() == [2, 3, 33] and r.end.tolist() == [32, 33, 34] and r.cycles == 34
+    # Two GEMMs on array 0 (into its bank) serialise: the second is ready at 3 (after the first
+    # one's issue cycle), waits for the array until 32, runs 32..62; FINISH drains 62..63.
+    r = run([gemm(0, 0, array=0), gemm(16, 16, array=0), FINISH])
+    assert r.start.tolist() == [2, 32, 62] and r.end.tolist() == [32, 62, 63]
+    assert r.cycles == 63 and r.stalls["array_busy"] == 29
 
 
-def test_alu_waits_only_for_gemms_into_its_accumulators():
-    # The scoreboard: array 0 writes 0..15 (2..32), array 1 writes 16..31 (3..33).
-    # An ALU on 32..47 (no GEMM) starts right after the issue cycles: 4..24 (4 + 16).
-    r = run([gemm(0, 0, array=0), gemm(16, 16, array=1), alu(32, 16), FINISH])
-    assert r.start[2] == 4 and r.end[2] == 24 and r.stalls["gemm_drain"] == 9  # FINISH 33..34
-    assert r.cycles == 34
-    # An ALU on 16..31 waits for array 1 only: 33..53; on 8..23 for both arrays: 33..53.
-    for dst in (16, 8):
-        r = run([gemm(0, 0, array=0), gemm(16, 16, array=1), alu(dst, 16), FINISH])
-        assert r.start[2] == 33 and r.end[2] == 53 and r.stalls["gemm_drain"] == 29
-    # An ALU on 0..15 waits for array 0 (32), not for array 1 (33): 32..52.
-    r = run([gemm(0, 0, array=0), gemm(16, 16, array=1), alu(0, 16), FINISH])
-    assert r.start[2] == 32 and r.end[2] == 52 and r.stalls["gemm_drain"] == 28
-    # Its operand counts too: ADD of 16..31 into 32..47 waits for array 1 (33..53).
+def test_alu_waits_for_the_bank_it_writes_and_the_gemms_it_reads():
+    # Array 0 writes 0..15 (2..32), array 1 writes 32..47 (3..33).  An ALU writes its
+    # destination through its bank's port, which the bank's array holds while it runs: on
+    # 16..31 (bank 0, no GEMM entry) it waits for array 0 only, 32..52 (4 + 16 cycles); on
+    # 48..63 for array 1 only, 33..53; on 24..39 (both banks) for both, 33..53.
+    two = [gemm(0, 0, array=0), gemm(16, 32, array=1)]
+    for dst, start in ((16, 32), (48, 33), (24, 33)):
+        r = run([*two, alu(dst, 16), FINISH])
+        assert r.start[2] == start and r.end[2] == start + 20
+        assert r.stalls["gemm_drain"] == start - 4
+    # With array 1 idle, an ALU on bank 1 starts right after the GEMM's issue cycle: 3..23;
+    # FINISH (fetched at 4) waits for array 0 from 23 to 32: 32..33.
+    one = [gemm(0, 0, array=0)]
+    r = run([*one, alu(32, 16), FINISH])
+    assert r.start[1] == 3 and r.end[1] == 23 and r.stalls["gemm_drain"] == 9
+    assert r.cycles == 33
+    # An operand only read waits for the GEMM that writes it: ADD of 0..15 into 48..63 waits
+    # for array 0 (32..52); ADD of 16..31 (bank 0, no GEMM entry) does not (3..23).
     add = Instruction(
-        Opcode.ALU, alu_op=AluOp.ADD, dst_addr=32, src_addr=16, outer=1, inner=16, dst_si=1,
+        Opcode.ALU, alu_op=AluOp.ADD, dst_addr=48, src_addr=0, outer=1, inner=16, dst_si=1,
         src_si=1,
     )  # fmt: skip
-    r = run([gemm(0, 0, array=0), gemm(16, 16, array=1), add, FINISH])
-    assert r.start[2] == 33 and r.end[2] == 53
-    # The same ADD with an immediate reads no operand: 4..24.
+    r = run([*one, add, FINISH])
+    assert r.start[1] == 32 and r.end[1] == 52
+    assert run([*one, add.replace(src_addr=16), FINISH]).start[1] == 3
+    # The same ADD with an immediate reads no operand: 3..23.
     imm = add.replace(use_imm=1, imm=3)
-    assert run([gemm(0, 0, array=0), gemm(16, 16, array=1), imm, FINISH]).start[2] == 4
-    # ADD_REQUANT with its bias in entry 15 reads its multiplier in entry 16: it waits for
-    # array 1 as well (33); with the bias in 14 it reads 14..15 and waits for array 0 only (32).
+    assert run([*one, imm, FINISH]).start[1] == 3
+    # ADD_REQUANT with its bias in entry 15 waits for array 0 (32); with the bias in 16 it
+    # reads 16..17 (the multiplier after the bias) and does not wait (3).
     fused = add.replace(alu_op=AluOp.ADD_REQUANT, src_addr=15, src_si=0, imm=8)
-    assert run([gemm(0, 0, array=0), gemm(16, 16, array=1), fused, FINISH]).start[2] == 33
-    fused = fused.replace(src_addr=14)
-    r = run([gemm(0, 0, array=0), gemm(16, 16, array=1), fused, FINISH])
-    assert r.start[2] == 32 and r.end[2] == 32 + 4 + 16
+    assert run([*one, fused, FINISH]).start[1] == 32
+    fused = fused.replace(src_addr=16)
+    r = run([*one, fused, FINISH])
+    assert r.start[1] == 3 and r.end[1] == 3 + 4 + 16
     # one pass: a 32-bit add and multiply per lane; destination read and written, bias and
     # multiplier read (16 vectors of 4 lanes of 4 bytes)
     r = run([fused, FINISH])
@@ -329,16 +334,18 @@ def test_alu_waits_only_for_gemms_into_its_accumulators():
     assert r.buffer_reads["acc"] == 3 * 16 * 16 and r.buffer_writes["acc"] == 16 * 16
 
 
-def test_accumulator_load_waits_only_for_overlapping_gemms():
-    # A LOAD into acc entries 40..43 (4 int32 vectors of 16 bytes, 4 beats each) after a GEMM
-    # into 0..15 (2..32) starts at 3 (after the issue cycle): first beat at 14, an entry written
-    # after its 4 beats (18, 22, 26, 30), done: 3..32.  Into 12..15: after the GEMM, 32..61.
+def test_accumulator_load_waits_only_for_the_banks_of_busy_arrays():
+    # A LOAD into acc entries 40..43 (bank 1; 4 int32 vectors of 16 bytes, 4 beats each) after
+    # a GEMM on array 0 into 0..15 (2..32) starts at 3 (after the issue cycle): first beat at
+    # 14, an entry written after its 4 beats (18, 22, 26, 30), done: 3..32.  Into 12..15 or
+    # 20..23 (bank 0: array 0 holds its write port): after the GEMM, 32..61.
     far = load(Buffer.ACC, 40, 4, bits_code=2)
     r = run([gemm(0, 0, array=0), far, FINISH])
     assert r.start[1] == 3 and r.end[1] == 32 and r.cycles == 33
-    near = load(Buffer.ACC, 12, 4, bits_code=2)
-    r = run([gemm(0, 0, array=0), near, FINISH])
-    assert r.start[1] == 32 and r.end[1] == 61 and r.stalls["gemm_drain"] == 29
+    for sram in (12, 20):
+        near = load(Buffer.ACC, sram, 4, bits_code=2)
+        r = run([gemm(0, 0, array=0), near, FINISH])
+        assert r.start[1] == 32 and r.end[1] == 61 and r.stalls["gemm_drain"] == 29
 
 
 def test_gemms_on_the_same_array_serialise():
@@ -578,12 +585,12 @@ def test_simulator_records_zero_weight_blocks():
 # ------------------------------------------------------------------------------ the RTL
 def _rtl_cases():
     """name -> (program, config, DRAM byte value, zero-weight flags of the model run)."""
-    two = [gemm(0, 0, array=0), gemm(16, 16, array=1)]
+    two = [gemm(0, 0, array=0), gemm(16, 32, array=1)]  # one GEMM in each bank
     add = Instruction(
-        Opcode.ALU, alu_op=AluOp.ADD, dst_addr=32, src_addr=16, outer=1, inner=16, dst_si=1,
+        Opcode.ALU, alu_op=AluOp.ADD, dst_addr=48, src_addr=0, outer=1, inner=16, dst_si=1,
         src_si=1,
     )  # fmt: skip
-    fused = add.replace(alu_op=AluOp.ADD_REQUANT, src_addr=14, src_si=0, imm=8)
+    fused = add.replace(alu_op=AluOp.ADD_REQUANT, src_addr=16, src_si=0, imm=8)
     from tvm_hapm.target.codegen import add_program
     from tvm_hapm.target.dependency import insert_dependency_tokens
 
@@ -605,12 +612,15 @@ def _rtl_cases():
             store(32, 5, pop_prev=1), FINISH,
         ],
         "arrays_overlap": [*two, FINISH],
-        "same_region": [gemm(0, 0, array=0), gemm(16, 8, array=1), FINISH],
         "same_array": [gemm(0, 0, array=0), gemm(16, 16, array=0), FINISH],
-        "alu_free_entries": [*two, alu(32, 16), FINISH],
-        "alu_on_both": [*two, alu(8, 16), FINISH],
-        "alu_operand": [*two, add, FINISH],
-        "add_requant": [*two, fused, FINISH],
+        "alu_busy_bank": [*two, alu(16, 16), FINISH],
+        "alu_free_bank": [gemm(0, 0, array=0), alu(32, 16), FINISH],
+        "alu_on_both": [*two, alu(24, 16), FINISH],
+        "alu_operand": [gemm(0, 0, array=0), add, FINISH],
+        "alu_operand_free": [gemm(0, 0, array=0), add.replace(src_addr=16), FINISH],
+        "add_requant": [gemm(0, 0, array=0), fused, FINISH],
+        "add_requant_waits": [gemm(0, 0, array=0), fused.replace(src_addr=15), FINISH],
+        "acc_load_bank": [gemm(0, 0, array=0), load(Buffer.ACC, 20, 4, bits_code=2), FINISH],
         "acc_load_far": [gemm(0, 0, array=0), load(Buffer.ACC, 40, 4, bits_code=2), FINISH],
         "acc_load_near": [gemm(0, 0, array=0), load(Buffer.ACC, 12, 4, bits_code=2), FINISH],
         "eltwise_add": eltwise.instructions,

@@ -19,6 +19,7 @@ from tvm_hapm.cost.tune import (
     schedule_fits,
 )
 from tvm_hapm.runtime import Simulator, SimulatorError
+from tvm_hapm.target.banks import BankPlacementError
 from tvm_hapm.target.config import HardwareConfig
 from tvm_hapm.target.schedule import ConvSchedule
 
@@ -40,7 +41,10 @@ def _task(seed=0, hw=(9, 11), cin=10, cout=9):
 
 
 def _validates(task, schedule) -> bool:
-    prog = task.program(schedule)
+    try:
+        prog = task.program(schedule)
+    except BankPlacementError:  # its accumulator data does not fit the banks
+        return False
     dram = [np.zeros(s.dram_elems, s.dtype) for s in prog.slots]
     try:
         Simulator(CFG).validate(prog.instructions, dram)

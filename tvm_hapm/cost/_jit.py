@@ -165,7 +165,7 @@ OUT_ROWS = ("mid_cycles", "mid_energy_uj", "macs_dense", "macs", "resident", "ge
  _DBS, _FRES, _FNON, _SHARE, _GLAST, _TAIL, _STLAST, _CDATA, _CPAD, _SA, _PART, _N, _OH, _OW,
  _COUT, _CIN, _GROUPS, _KH, _KW, _LDFIRST, _G0TFIRST) = range(len(IN_ROWS))  # fmt: skip
 # rows of the pair columns (analytic._PCOLS32 and _PCOLS64)
-_P_ES, _P_CNT, _P_G0T, _P_WALU, _P_FK, _P_BIAS, _P_BST, _P_MAB, _P_A, _P_KB = range(10)
+_P_ES, _P_CNT, _P_G0T, _P_WALU, _P_FK, _P_BIAS, _P_BST, _P_MAB, _P_A, _P_KB, _P_HID = range(11)
 _P_INDMA, _P_PORT, _P_SBOUND, _P_LD1, _P_SCHAIN = range(5)
 _CLOCK, _MAC_PJ, _ADD32, _MULT32, _E_INP, _E_WGT, _E_ACC, _E_DRAM, _STATIC, _MPC = range(
     len(CFG_ROWS)
@@ -288,9 +288,10 @@ def timing(  # pragma: no cover - compiled
                 n_sl1 = np.ceil(mm / ps) - 1.0
                 arw = A_e + (mm - n_sl1 * ps - 1.0) * w_alu
                 full = A_e + ps * w_alu
-                exposed = n_sl1 * max(full - period, 0.0)
-                wait = max(nxt[es] - n_sl1 * max(period, full) - arw, 0.0)
-                wait = max(wait + (arw + np.float64(P32[_P_BIAS, e]) - period), 0.0)
+                hide = np.float64(P32[_P_HID, e]) * period  # reference.epilogue_hidden
+                exposed = n_sl1 * max(full - hide, 0.0)
+                wait = max(nxt[es] - n_sl1 * (period + full - min(hide, full)) - arw, 0.0)
+                wait = max(wait + (arw + np.float64(P32[_P_BIAS, e]) - hide), 0.0)
                 exposed = (exposed + wait) * fk + gemm
                 run = max(exposed, P64[_P_PORT, e] + w_beats[es])
                 run = max(run, P64[_P_SBOUND, e])

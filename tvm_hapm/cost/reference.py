@@ -151,7 +151,7 @@ def analyze_reference(
         nxt = _next_weight_loads(w_step, n_tiles)
         step = _interleaved_steps(
             gemm, load_seq, nxt.reshape(1, n_cg, n_kc), steps[None], first_k, bias, m_alu,
-            w_alu, A, port,
+            w_alu, A, port, epilogue_hidden(min(G, cob), A),
         )  # fmt: skip
         step = np.maximum(
             step, first_k * share * store_bound(g_prev, st_t, A, g0 + t[:, None, None])
@@ -411,7 +411,20 @@ def position_rounds(m: np.ndarray, frac: float, A: int, G: int, K: int) -> np.nd
     return fluid_rounds(n_p, frac, A).reshape(n_cg, n_kc, K * kk).sum(axis=2)
 
 
-def _interleaved_steps(gemm, load_seq, nxt, nsteps, first_k, bias, m_alu, w_alu, A, port):
+def epilogue_hidden(group: int, arrays: int) -> float:
+    """1.0 when a region's epilogue can run beside the next region's GEMMs, else 0.0.
+
+    ``place_accumulators`` puts the ``group`` output blocks of a region on consecutive banks,
+    round robin, the other accumulator half's region after them: the two halves' regions
+    share no bank when ``2 * group <= arrays``.  Otherwise the epilogue's ALU instruction
+    waits for the array of its bank and runs while the compute module issues nothing (a bank's
+    write port is its array's while it runs: ``docs/timing.md``)."""
+    return 1.0 if 2 * group <= arrays else 0.0
+
+
+def _interleaved_steps(
+    gemm, load_seq, nxt, nsteps, first_k, bias, m_alu, w_alu, A, port, hidden=1.0
+):
     """Cycles of double-buffered steps whose first chunk carries the previous region's epilogue
     (``schedule.interleave_epilogues``), element-wise over broadcastable arrays.
 
@@ -419,14 +432,15 @@ def _interleaved_steps(gemm, load_seq, nxt, nsteps, first_k, bias, m_alu, w_alu,
     ``m_alu`` ALU instructions of the previous region's epilogue (``w_alu`` cycles each) and
     the region's bias LOAD (``bias`` cycles) are issued ``ps = ceil(m / D)`` per dispatch among
     the first chunk's ``D = ceil(gemms / A)`` dispatches (``m = m_alu + 1``).  The accumulator
-    scoreboard lets them run beside the GEMMs into other entries, so a dispatch costs
+    scoreboard lets them run beside the GEMMs of other banks, so a dispatch costs
     ``max(P, A + its share)``, ``P = gemm / D`` the arrays' period and ``A`` the issue
-    cycles: only the excess over ``P`` is exposed.  The bias LOAD queues on the DRAM port
-    behind the next weight chunk's load (``nxt``: the compute token that frees its half is
-    pushed by the first moved instruction, so it starts with the step), less the time before
-    the bias LOAD issues.  A step also takes no less than its DRAM
-    port beats ``port`` (its loads, and on a first chunk the bias and the previous region's
-    stores).
+    cycles: only the excess over ``P`` is exposed, when the two regions' banks differ
+    (``hidden`` = 1, :func:`epilogue_hidden`); when they share banks, ``P + A + its share``.
+    The bias LOAD queues on the DRAM port behind the next weight chunk's load (``nxt``: the
+    compute token that frees its half is pushed by the first moved instruction, so it starts
+    with the step), less the time before the bias LOAD issues.  A step also takes no less than
+    its DRAM port beats ``port`` (its loads, and on a first chunk the bias and the previous
+    region's stores).
 
     (Before the epilogue was fused into one ALU pass per output block, a group smaller than the
     arrays was charged its slots' whole work, on the grounds that the second GEMM of an output
@@ -441,12 +455,13 @@ def _interleaved_steps(gemm, load_seq, nxt, nsteps, first_k, bias, m_alu, w_alu,
     n_sl = np.ceil(m / ps)
     rest = m - (n_sl - 1.0) * ps  # moved instructions of the last slot (the bias LOAD last)
     full = A + ps * w_alu
-    exposed = (n_sl - 1.0) * np.maximum(0.0, full - period)
+    hide = hidden * period  # the arrays' time an epilogue slot may hide in
+    exposed = (n_sl - 1.0) * np.maximum(0.0, full - hide)
     # the load module's next loads start with the step (their half is free) and take the DRAM
     # port ahead of the bias LOAD, less the time before the LOAD issues
-    before = (n_sl - 1.0) * np.maximum(period, full) + A + (rest - 1.0) * w_alu
+    before = (n_sl - 1.0) * (period + full - np.minimum(hide, full)) + A + (rest - 1.0) * w_alu
     wait = np.maximum(0.0, nxt - before)
-    exposed = exposed + np.maximum(0.0, A + (rest - 1.0) * w_alu + bias + wait - period)
+    exposed = exposed + np.maximum(0.0, A + (rest - 1.0) * w_alu + bias + wait - hide)
     run = np.maximum(gemm + np.where(first_k, exposed, 0.0), port)
     return np.where(nsteps > 0, np.maximum(load_seq, run), run)
 

@@ -44,6 +44,7 @@ from ..target.config import HardwareConfig
 from ..target.isa import MAX_LOOP, MAX_OUTER_STRIDE
 from ..target.schedule import (
     ConvSchedule,
+    conv_acc_fits,
     conv_footprint,
     conv_output_size,
     plan_conv,
@@ -196,13 +197,12 @@ def schedule_fits(task: ConvTask, s: ConvSchedule) -> bool:
     if not (1 <= s.cob_group <= cob and 1 <= s.cib_chunk <= cib):
         return False
     resident = int(task.nonzero_blocks().sum()) <= cfg.wgt_depth
-    inp, acc, wgt = conv_footprint(
-        s, kh, kw, task.strides, task.dilation, resident, residual_rows(cob, task.residual)
-    )
+    rows = residual_rows(cob, task.residual)
+    inp, _, wgt = conv_footprint(s, kh, kw, task.strides, task.dilation, resident, rows)
     tw_in = (s.tile_w - 1) * task.strides[1] + (kw - 1) * task.dilation[1] + 1
     return (
         inp <= cfg.inp_depth
-        and acc <= cfg.acc_depth
+        and conv_acc_fits(cfg, s, rows)
         and wgt <= cfg.wgt_depth
         and task.strides[0] * tw_in <= MAX_OUTER_STRIDE
     )

@@ -53,7 +53,9 @@ def check_config(cfg: HardwareConfig) -> None:
 
     The DMA moves whole beats of ``dram_bytes_per_cycle`` bytes and assembles buffer entries
     from them, so the smallest DRAM entry (``min(R, C)`` elements of one byte) must be a whole
-    number of beats; the sizes must be powers of two for the buffers' address decoding.
+    number of beats; the array sides (DRAM entry sizes: the DMA shifts instead of multiplying),
+    the buffer depths and the number of arrays (hence of accumulator banks) must be powers of
+    two for the address arithmetic and decoding.
     """
     beat = cfg.dram_bytes_per_cycle
     smallest = min(cfg.array_rows, cfg.array_cols)
@@ -63,7 +65,10 @@ def check_config(cfg: HardwareConfig) -> None:
             f"an entry of {smallest} one-byte elements is not a multiple of "
             f"dram_bytes_per_cycle = {beat}"
         )
-    for name in ("inp_depth", "wgt_depth", "acc_depth", "dram_bytes_per_cycle"):
+    for name in (
+        "array_rows", "array_cols", "inp_depth", "wgt_depth", "acc_depth", "num_arrays",
+        "dram_bytes_per_cycle",
+    ):  # fmt: skip
         value = getattr(cfg, name)
         if value & (value - 1):
             raise RtlConfigError(f"config {cfg.name!r}: {name} = {value} is not a power of two")
@@ -144,7 +149,12 @@ def config_header(cfg: HardwareConfig) -> str:
         _macro("INP_AW", int(math.log2(cfg.inp_depth))),
         _macro("WGT_AW", int(math.log2(cfg.wgt_depth))),
         _macro("ACC_AW", int(math.log2(cfg.acc_depth))),
+        _macro("ACC_BANK_DEPTH", cfg.acc_bank_depth),
+        _macro("ACC_BANK_AW", int(math.log2(cfg.acc_bank_depth))),
+        _macro("R_SHIFT", int(math.log2(cfg.array_rows))),
+        _macro("C_SHIFT", int(math.log2(cfg.array_cols))),
         _macro("BEAT_BYTES", cfg.dram_bytes_per_cycle),
+        _macro("BEAT_SHIFT", int(math.log2(cfg.dram_bytes_per_cycle))),
         _macro("BEAT_BITS", 8 * cfg.dram_bytes_per_cycle),
         _macro("MAX_ENTRY_BYTES", entry_bytes),
         _macro("MAX_ENTRY_BEATS", entry_bytes // cfg.dram_bytes_per_cycle),

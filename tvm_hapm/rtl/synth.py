@@ -11,19 +11,19 @@ module instantiated many times (the PEs, the arrays) is mapped once.
 The counts are Yosys's mapping, not Vivado's (whose optimisation and packing differ, LUTs
 especially); timing (Fmax) cannot be checked without the vendor tools.
 
-:func:`buffer_costs` is the other half: the block RAM the three buffers need under the port
-structures the RTL could use (one copy per read port, a live-value table for several write
-ports, ...), computed from the primitives' shapes, because Yosys cannot map a memory with more
-than one write port to block RAM at all (it turns the accumulator into flip-flops).
-:func:`with_buffer` adds one of them to a design synthesised with the accumulator set aside;
-``python -m tvm_hapm.rtl.synth <config>`` prints both.
+:func:`buffer_costs` is the analysis that chose the accumulator's structure: the block RAM
+each port structure the RTL could use would take (one copy per read port, a live-value table or
+XOR copies for several write ports, banks), computed from the primitives' shapes.  The RTL's
+accumulator is banked by array (``hapm_acc_buf``: array ``k`` accumulates into bank ``k``, three
+two-port copies per bank), so Yosys maps the whole design, accumulator included, to block RAM
+and UltraRAM.  ``python -m tvm_hapm.rtl.synth <config>`` prints the synthesis and that table.
 
 Example
 -------
 .. code-block:: python
 
     from tvm_hapm.rtl.synth import synthesize, part_budget
-    res = synthesize(get_config("zedboard"), blackbox=("hapm_acc_buf",), timeout=1800)
+    res = synthesize(get_config("zedboard"), timeout=1800)
     print(res.summary(part_budget("xc7z020clg484-1")))
 """
 
@@ -365,8 +365,7 @@ def synthesize(
         Seconds Yosys may run; it is killed after that.
     blackbox : iterable of str
         Modules to set aside (counted as unmapped cells, not synthesised), e.g.
-        ``("hapm_acc_buf",)``: the accumulator, which no block RAM can implement and which Yosys
-        turns into flip-flops for hours (see :func:`buffer_costs` for its block RAM options).
+        ``("hapm_acc_buf",)`` to see the design without its accumulator.
     flatten : bool
         Flatten the hierarchy first (slower on big arrays: every PE is mapped on its own).
     family : str, optional
@@ -609,8 +608,8 @@ def _main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="python -m tvm_hapm.rtl.synth",
-        description="Synthesise a config's RTL with Yosys (the accumulator set aside) and "
-        "compare with its part, with each block RAM structure of the accumulator.",
+        description="Synthesise a config's RTL with Yosys and compare with its part; then the "
+        "block RAM of the accumulator structures considered (buffer_costs).",
     )
     parser.add_argument("config", help="preset name or JSON file")
     parser.add_argument("--top", default="hapm_top")
@@ -618,20 +617,18 @@ def _main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = get_config(args.config)
     budget = part_budget(cfg.part)
-    res = synthesize(cfg, top=args.top, timeout=args.timeout, blackbox=("hapm_acc_buf",))
+    res = synthesize(cfg, top=args.top, timeout=args.timeout)
     print(res.summary(budget))
     if args.top == "hapm_top":
+        print("accumulator structures considered (block RAM of the accumulator alone):")
         for cost in buffer_costs(cfg):
             if cost.buffer == "acc":
-                total = with_buffer(res, cost)
-                over = total.over_budget(budget)
                 print(
-                    f"acc {cost.scheme:28s} BRAM36 {cost.bram36:8.1f} URAM {cost.uram:5d} "
-                    f"FF {cost.ff:9,d} LUT {cost.lut:9,d}  total: "
-                    f"{'fits' if not over else 'over in ' + str(over)}"
-                    f"{'' if cost.exact else '  (not exact: ' + cost.note + ')'}"
+                    f"  {cost.scheme:28s} BRAM36 {cost.bram36:8.1f} URAM {cost.uram:5d} "
+                    f"FF {cost.ff:9,d} LUT {cost.lut:9,d}"
+                    f"{'' if cost.exact else '  (' + cost.note + ')'}"
                 )
-    return 0
+    return 0 if res.fits(budget) or args.top != "hapm_top" else 1
 
 
 if __name__ == "__main__":

@@ -8,14 +8,14 @@ decoupled machine of ``docs/isa.md``:
   program order, one at a time, and they synchronise only through the four FIFO queues of
   dependency tokens (a ``pop_*`` waits for the completion time of the matching ``push_*``);
 * the compute module *issues* a GEMM to its systolic array in one cycle and goes on with the next
-  instruction; a GEMM waits for its own array and for any other array still running a GEMM into
-  an overlapping accumulator range (a region is accumulated by one array at a time), so GEMMs
-  on different arrays into different regions overlap;
-* an ALU operation or accumulator LOAD waits only for the in-flight GEMMs whose accumulator
-  range overlaps the entries it reads or writes (a scoreboard of one range per array), ``FINISH``
-  waits until every array is idle, and a token pushed by the compute module is released only
-  when every GEMM issued so far has completed;
-* LOAD and STORE share one DRAM port, granted first come first served.
+  instruction; a GEMM waits for its own array (array ``k`` accumulates into accumulator bank
+  ``k`` only, :mod:`tvm_hapm.target.banks`), so GEMMs on different arrays overlap;
+* an ALU operation or accumulator LOAD waits for the busy arrays whose bank holds an entry it
+  writes, and for the in-flight GEMMs whose accumulator range overlaps an entry it only reads
+  (a scoreboard of one range per array); ``FINISH`` waits until every array is idle, and a
+  token pushed by the compute module is released only when every GEMM issued so far has
+  completed;
+* LOADs use the DRAM read channel, first come first served; STOREs the write channel.
 
 Every formula is in ``docs/timing.md``.  The energy of a run is computed from the event counts of
 the returned :class:`TimingResult` by :mod:`tvm_hapm.runtime.energy`.
@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..target.banks import acc_bank_range
 from ..target.config import (
     ALU_LATENCY,
     DMA_REQUEST_CYCLES,
@@ -108,15 +109,18 @@ _INF = float("inf")
 _ALL = (-1, 1 << 62, 0, -1)
 
 
-def _scoreboard(ranges, t, arr_free, arr_lo, arr_hi):
-    """Earliest start >= ``t`` of an instruction touching the accumulator ``ranges``
-    ``(lo, hi, lo2, hi2)``: after every in-flight GEMM (the last one of each array) whose
-    accumulator range overlaps one of them.  Earlier GEMMs of an array ended before its last
-    one was issued, hence before ``t``."""
+def _scoreboard(ranges, t, arr_free, arr_lo, arr_hi, bank_lo, bank_hi):
+    """Earliest start >= ``t`` of a compute instruction touching the accumulator ``ranges``
+    ``(lo, hi, lo2, hi2)``: ``[lo, hi]`` the entries it writes (an ALU's destination, which it
+    also reads), ``[lo2, hi2]`` the ones it only reads (an ALU operand).  It waits for every
+    busy array whose *bank* holds an entry it writes (the bank's write port and first read
+    port are the array's while it runs) and for every in-flight GEMM (the last one of each
+    array) whose accumulator range overlaps an entry it reads.  Earlier GEMMs of an array
+    ended before its last one was issued, hence before ``t``."""
     lo, hi, lo2, hi2 = ranges
     for b, free in enumerate(arr_free):
         if free > t and (
-            (arr_lo[b] <= hi and lo <= arr_hi[b]) or (arr_lo[b] <= hi2 and lo2 <= arr_hi[b])
+            (bank_lo[b] <= hi and lo <= bank_hi[b]) or (arr_lo[b] <= hi2 and lo2 <= arr_hi[b])
         ):
             t = free
     return t
@@ -440,6 +444,9 @@ class TimingModel:
         # accumulator range of the last GEMM of each array (earlier ones are done by then)
         arr_lo = [-1] * A
         arr_hi = [-2] * A
+        banks = [acc_bank_range(cfg, b) for b in range(A)]
+        bank_lo = [b[0] for b in banks]
+        bank_hi = [b[1] for b in banks]
         max_arr = 0  # max(arr_free): when all in-flight GEMMs are done
         port_free = 0  # the DRAM read channel (LOADs)
         pushed = ([], [], [], [])  # release cycle of every token pushed, per queue
@@ -469,7 +476,7 @@ class TimingModel:
                             t = pushed[q][k]
                     d = drain[i]
                     if d is not None and max_arr > t:
-                        t = _scoreboard(d, t, arr_free, arr_lo, arr_hi)
+                        t = _scoreboard(d, t, arr_free, arr_lo, arr_hi, bank_lo, bank_hi)
                     cand[m] = t
             c0, c1, c2 = cand
             if c0 <= c1 and c0 <= c2:
@@ -495,7 +502,7 @@ class TimingModel:
                     t = pt
             d = drain[i]
             if d is not None and max_arr > t:
-                ready = _scoreboard(d, t, arr_free, arr_lo, arr_hi)
+                ready = _scoreboard(d, t, arr_free, arr_lo, arr_hi, bank_lo, bank_hi)
                 stall[_DRAIN] += ready - t
                 t = ready
 
@@ -522,13 +529,10 @@ class TimingModel:
                     busy[m] += e - t
                 free[m] = e
                 release = e
-            elif k == 1:  # GEMM: wait for its array, issue in one cycle
+            elif k == 1:  # GEMM: wait for its array (its bank is its own), issue in one cycle
                 a = extra[i]
                 ready = arr_free[a]
                 lo, hi = acc_lo[i], acc_hi[i]
-                for b in range(A):  # another array still accumulating into the same entries
-                    if b != a and arr_free[b] > ready and arr_lo[b] <= hi and lo <= arr_hi[b]:
-                        ready = arr_free[b]
                 if ready > t:
                     stall[_ARRAY] += ready - t
                     t = ready

@@ -328,28 +328,32 @@ def _input_window(layer: str, g, kh: int, kw: int, oh0: int, ow0: int, th: int, 
     return ih0, iw0, tw_in, pads, rows, cols
 
 
-def _shortcut_prologue(act_bits, slot, acc_out, dram0, tile, out_hw, loop, row, started):
+def _shortcut_prologue(
+    act_bits, slot, acc_out, dram0, tile, out_hw, loop, row, started, block_stride
+):
     """A fused residual's region prologue: per output block of the group, the shortcut tile
     ``LOAD`` into the block's accumulator region and its ``MUL`` by the block's K row
     (``row(k) + 2``); every block counts as started (its GEMMs accumulate, no reset)."""
     (th, tw), (oh, ow) = tile, out_hw
     out = []
     for k in range(len(started)):
-        dst = acc_out + k * th * tw
+        dst = acc_out + k * block_stride
         out.append(_load(Buffer.ACC, slot, act_bits, dst, dram0 + k * oh * ow, th, tw, ow))
         out.append(_alu(AluOp.MUL, dst, *loop, src=row(k) + 2))
         started[k] = True
     return out
 
 
-def _conv_epilogue(cfg, slot, acc_out, dram0, tile, out_hw, loop, row, started, shift, clip):
+def _conv_epilogue(
+    cfg, slot, acc_out, dram0, tile, out_hw, loop, row, started, shift, clip, block_stride
+):
     """A group's epilogue, per output block: ``MUL 0`` if every weight of the block was pruned
     (no GEMM reset it), ``ADD`` bias, ``REQUANT`` and clip
     (:func:`~tvm_hapm.target.schedule.fuse_epilogues` makes them one ``ADD_REQUANT``), store."""
     (th, tw), (oh, ow) = tile, out_hw
     out = []
     for k, done in enumerate(started):
-        dst = acc_out + k * th * tw
+        dst = acc_out + k * block_stride
         if not done:
             out.append(_alu(AluOp.MUL, dst, *loop, imm=0))
         out.append(_alu(AluOp.ADD, dst, *loop, src=row(k)))
@@ -367,11 +371,16 @@ def _weight_blocks(cfg, blocks: np.ndarray, order: list) -> np.ndarray:
     return np.stack([blocks[b] for b in order]).astype(cfg.weight_dtype)
 
 
-def _gemms(blocks, wgt_addrs, started, step, inp_base, chunk_entries, acc_out, tile, tw_in, g):
+def _gemms(
+    blocks, wgt_addrs, started, step, inp_base, chunk_entries, acc_out, tile, tw_in, g, block_stride
+):
     """The GEMMs of one (group, chunk) step of a tile, in dispatch order: ``blocks`` their
     ``(cob, cib, kh, kw)``, ``wgt_addrs`` their weight entries, ``started`` which output blocks
     of the group have a GEMM already (the first one resets; updated), ``step`` the group's first
-    output block and the chunk's first input block, ``tile`` ``(th, tw)``."""
+    output block and the chunk's first input block, ``tile`` ``(th, tw)``, ``block_stride`` the
+    distance of two output blocks' accumulator regions (the planned tile's pixels, also in an
+    edge tile: each block's region then lies inside its region in a full tile, so it stays in
+    the same accumulator bank, :mod:`~tvm_hapm.target.banks`)."""
     (cg0, kc0), (th, tw) = step, tile
     (sh, sw), (dh, dw) = g.strides, g.dilation
     out = []
@@ -383,7 +392,7 @@ def _gemms(blocks, wgt_addrs, started, step, inp_base, chunk_entries, acc_out, t
                 array=0,  # chosen by schedule.assign_arrays
                 wgt_addr=wgt_addr,
                 inp_addr=inp_base + (ci - kc0) * chunk_entries + y * dh * tw_in + x * dw,
-                acc_addr=acc_out + k * th * tw, outer=th, inner=tw,
+                acc_addr=acc_out + k * block_stride, outer=th, inner=tw,
                 inp_so=sh * tw_in, inp_si=sw, acc_so=tw, acc_si=1,
             )
         )  # fmt: skip
@@ -464,7 +473,8 @@ def conv2d_program(
     # alternate between two halves; the counters count the tiles / chunks / regions so far.
     inp_half = sched.cib_chunk * inp_chunk_entries
     wgt_half = sched.cob_group * sched.cib_chunk * kh * kw
-    acc_half = sched.cob_group * sched.tile_h * sched.tile_w
+    block_px = sched.tile_h * sched.tile_w  # an output block's accumulator region
+    acc_half = sched.cob_group * block_px
     n_inp = n_wgt = n_out = 0
     inp_base = wbase = 0
     for b in range(n):
@@ -493,8 +503,9 @@ def conv2d_program(
                     dram0 = ((b * cob + cg0) * oh + oh0) * ow + ow0  # the group's first block
                     if fused:  # each region starts as shortcut * K; the GEMMs accumulate onto it
                         prologue = _shortcut_prologue(
-                            act, S_RES, acc_out, dram0, (th, tw), (oh, ow), loop, row, started
-                        )
+                            act, S_RES, acc_out, dram0, (th, tw), (oh, ow), loop, row, started,
+                            block_px,
+                        )  # fmt: skip
                     else:  # the group's bias and multiplier rows
                         prologue = [_load(Buffer.ACC, S_BM, 32, 0, 2 * cg0, 1, 2 * gsize, 0)]
                     if multi_chunk:  # ahead of the group's chunk loop
@@ -530,11 +541,11 @@ def conv2d_program(
                         seq += _gemms(
                             [chunks[key][j] for j in dispatch[key]],
                             [wbase + j for j in dispatch[key]], started, (cg0, kc0),
-                            inp_base, inp_chunk_entries, acc_out, (th, tw), tw_in, g,
+                            inp_base, inp_chunk_entries, acc_out, (th, tw), tw_in, g, block_px,
                         )  # fmt: skip
                     seq += _conv_epilogue(
                         cfg, S_OUT, acc_out, dram0, (th, tw), (oh, ow), loop, row, started,
-                        shift, clip,
+                        shift, clip, block_px,
                     )  # fmt: skip
                     regions.append((start, p0, p0 + len(prologue)))
     info = conv_info(g, weight.shape, len(order), sched, fused)

@@ -224,6 +224,12 @@ class HardwareConfig:
                 fld,
                 f"must hold between 2 and {depth_limit} entries of {unit} bytes",
             )
+        need(
+            self.acc_buffer_bytes // self.acc_vector_bytes >= 2 * self.num_arrays,
+            "acc_buffer_bytes",
+            f"must hold at least two entries per accumulator bank ({self.num_arrays} banks, "
+            "one per array)",
+        )
         if self.dsp_count:
             need(
                 self.macs_per_cycle <= self.dsp_count * self.macs_per_dsp,
@@ -332,6 +338,13 @@ class HardwareConfig:
     @property
     def acc_depth(self) -> int:
         return self.acc_buffer_bytes // self.acc_vector_bytes
+
+    @property
+    def acc_bank_depth(self) -> int:
+        """Entries of one accumulator bank: the accumulator is ``num_arrays`` banks, array
+        ``k`` accumulates into bank ``k`` (:mod:`tvm_hapm.target.banks`); the last bank also
+        takes the remainder of the division."""
+        return self.acc_depth // self.num_arrays
 
     @property
     def peak_gops(self) -> float:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from .banks import acc_fits, place_accumulators
 from .config import ALU_LATENCY, FETCH_CYCLES, HardwareConfig
 from .dependency import buffer_accesses
 from .isa import MAX_LOOP, MAX_OUTER_STRIDE, REQUANT_RELU, AluOp, Buffer, Instruction, Opcode
@@ -52,6 +53,7 @@ __all__ = [
     "conv_output_size",
     "ScheduleError",
     "assign_arrays",
+    "conv_acc_fits",
     "conv_footprint",
     "dispatch_group",
     "estimate_conv_cycles",
@@ -135,6 +137,21 @@ def conv_footprint(
     return inp, acc, wgt
 
 
+def conv_acc_fits(cfg: HardwareConfig, sched: ConvSchedule, residual_rows: int = 0) -> bool:
+    """Whether a convolution schedule's accumulator data fits the banks
+    (:func:`~tvm_hapm.target.banks.acc_fits`): ``cob_group`` output regions of one tile (twice
+    when double buffered) and the constant rows (``2 * cob_group``, or ``residual_rows``)."""
+    copies = 2 if sched.double_buffer else 1
+    return bool(
+        acc_fits(
+            cfg,
+            copies * sched.cob_group,
+            sched.tile_h * sched.tile_w,
+            residual_rows or 2 * sched.cob_group,
+        )
+    )
+
+
 def fit_double_buffer(
     cfg: HardwareConfig,
     sched: ConvSchedule,
@@ -153,8 +170,8 @@ def fit_double_buffer(
     if not sched.double_buffer:
         return sched
     resident = weight_blocks <= cfg.wgt_depth
-    inp, acc, wgt = conv_footprint(sched, kh, kw, strides, dilation, resident, residual_rows)
-    if inp <= cfg.inp_depth and acc <= cfg.acc_depth and wgt <= cfg.wgt_depth:
+    inp, _, wgt = conv_footprint(sched, kh, kw, strides, dilation, resident, residual_rows)
+    if inp <= cfg.inp_depth and wgt <= cfg.wgt_depth and conv_acc_fits(cfg, sched, residual_rows):
         return sched
     return replace(sched, double_buffer=False)
 
@@ -276,7 +293,7 @@ def estimate_conv_cycles(
             t = th * tw
             tiles += count
             array += count * groups * per_region * (fixed + t)
-            alu += count * (cob * passes * (4 + t) + groups * g * cib * kh * kw * density)
+            alu += count * (cob * passes * (ALU_LATENCY + t) + groups * g * cib * kh * kw * density)
             th_in = _in_extent(th, sh, kh, dh)
             tw_in = _in_extent(tw, sw, kw, dw)
             inp += count * cib * th_in * tw_in * (groups if chunks > 1 else 1)
@@ -357,12 +374,12 @@ def _plan_conv(
 
     while True:
         inp, acc, wgt, tw_in = sizes()
-        acc_cap = cfg.acc_depth
-        if pool:
-            ok_inp, ok_wgt = True, True
+        if pool:  # no GEMM: the accumulator is one flat space
+            ok_inp, ok_wgt, ok_acc = True, True, acc <= cfg.acc_depth
         else:
             ok_inp, ok_wgt = inp <= cfg.inp_depth, wgt <= cfg.wgt_depth
-        ok_acc = acc <= acc_cap
+            s = ConvSchedule(tile_h, tile_w, group, chunk, double)
+            ok_acc = conv_acc_fits(cfg, s, residual_rows)
         ok_fields = sh * tw_in <= MAX_OUTER_STRIDE and tile_w <= MAX_OUTER_STRIDE
         if ok_inp and ok_acc and ok_wgt and ok_fields:
             return ConvSchedule(tile_h, tile_w, group, chunk, double)
@@ -527,67 +544,22 @@ def pipeline_operand_loads(instructions: list[Instruction]) -> list[Instruction]
 
 
 def assign_arrays(instructions: list[Instruction], cfg: HardwareConfig) -> list[Instruction]:
-    """Choose the systolic array of every GEMM of a sequential program (before tokens).
+    """Give every GEMM of a program the systolic array of its accumulator bank.
 
-    The rule (greedy list scheduling on a model of the compute module): GEMMs are taken in
-    program order, each issued one cycle after the previous one, and each goes to the array on
-    which it can start first, where it can start no earlier than its array is free **and** no
-    earlier than the previous GEMM into the same accumulator region (same ``acc_addr``) has
-    finished: an accumulator region is written by one array at a time.  Ties go to the array
-    that last wrote the region, then to the lowest index.  A GEMM occupies its array for
-    ``2R + C + 2 + outer * inner`` cycles (:func:`~tvm_hapm.target.config.gemm_fixed_cycles`);
-    an ALU or accumulator LOAD waits for the GEMMs into the accumulator entries it touches and
-    FINISH for all arrays (the timing model's scoreboard).  Loads, stores and tokens are not
-    modelled.
-
-    For a dense convolution dispatched as ``(cib, kh, kw)`` outer, output-channel block inner,
-    this gives ``array = (cob - first cob of the group) % num_arrays`` whenever ``cob_group``
-    is at most ``num_arrays`` or a multiple of it: one dispatch of the arrays is the HAPM
-    pruning group and each accumulator region stays on one array.  When all-zero blocks are
-    dropped, the remaining GEMMs spread evenly over the arrays (a region may move to another
-    array, once its previous GEMM is done).
+    Array ``k`` accumulates into bank ``k`` only (:mod:`tvm_hapm.target.banks`), so once
+    :func:`~tvm_hapm.target.banks.place_accumulators` has put every GEMM region into a bank the
+    array is no longer a choice: ``array = acc_bank(acc_addr)``.  The placement puts the
+    ``cob_group`` regions of a dispatch group on consecutive banks, so for a dense convolution
+    dispatched as ``(cib, kh, kw)`` outer, output-channel block inner, one dispatch occupies
+    ``min(cob_group, num_arrays)`` arrays: the HAPM pruning group.
     """
-    cfg_arrays = cfg.num_arrays
-    fixed = cfg.gemm_fixed_cycles
-    free = [0] * cfg_arrays
-    # accumulator range of the last GEMM of each array (the scoreboard of the timing model)
-    last_lo = [0] * cfg_arrays
-    last_hi = [-1] * cfg_arrays
-    region_free: dict[int, int] = {}
-    region_array: dict[int, int] = {}
-    t = 0
+    depth, last = cfg.acc_bank_depth, cfg.num_arrays - 1
     out = []
     for insn in instructions:
-        op = insn.opcode
-        if op == Opcode.GEMM:
-            key = insn.acc_addr
-            ready = max(t, region_free.get(key, 0))
-            own = region_array.get(key, -1)
-            # the earliest start; ties to the region's own array, then to the lowest index
-            start = max(ready, min(free))
-            if own >= 0 and free[own] <= start:
-                best = own
-            else:
-                best = next(a for a in range(cfg_arrays) if free[a] <= start)
-            end = start + fixed + insn.outer * insn.inner
-            free[best] = end
-            last_lo[best] = insn.acc_addr
-            last_hi[best] = (
-                insn.acc_addr + (insn.outer - 1) * insn.acc_so + (insn.inner - 1) * insn.acc_si
-            )
-            region_free[key] = end
-            region_array[key] = best
-            t = start + 1
-            if insn.array != best:
-                insn = insn.replace(array=best)
-        elif op == Opcode.FINISH:
-            t = max(t, *free) + 1
-        elif op == Opcode.ALU or (op == Opcode.LOAD and insn.buffer == Buffer.ACC):
-            for _, lo, hi, _ in buffer_accesses(insn):
-                for a in range(cfg_arrays):
-                    if free[a] > t and last_lo[a] <= hi and lo <= last_hi[a]:
-                        t = free[a]
-            t += 4 + insn.outer * insn.inner if op == Opcode.ALU else 1
+        if insn.opcode == Opcode.GEMM:
+            bank = min(insn.acc_addr // depth, last)
+            if insn.array != bank:
+                insn = insn.replace(array=bank)
         out.append(insn)
     return out
 
@@ -598,12 +570,13 @@ def conv_stream_passes(
     """The passes both code generators apply, in this order, to a convolution's sequential
     stream: :func:`hoist_prologues` (when there are ``prologues``, a fused residual's, and the
     regions are ``double`` buffered), :func:`fuse_epilogues`, :func:`interleave_epilogues`
-    (flushing partially when there are prologues) and :func:`assign_arrays`.  Dependency tokens
+    (flushing partially when there are prologues), :func:`~tvm_hapm.target.banks.place_accumulators`
+    and :func:`assign_arrays`.  Dependency tokens
     are inserted after them."""
     if prologues and double:
         seq = hoist_prologues(seq, prologues)
     seq = interleave_epilogues(fuse_epilogues(seq), cfg, partial_flush=bool(prologues))
-    return assign_arrays(seq, cfg)
+    return assign_arrays(place_accumulators(seq, cfg), cfg)
 
 
 def hoist_prologues(seq: list, regions: list) -> list:

@@ -164,7 +164,7 @@ QI = {k: i for i, k in enumerate(QCOLS)}
 # (tile class, step) pair columns: small integers (exact in float32, half the bytes to copy
 # per batch) and those that are not (a DMA time or a store chain can pass 2**24 cycles, port
 # beats and the store bound are fractional)
-PCOLS32 = ("es", "cnt", "g0t", "w_alu", "fk", "bias", "bst", "mab", "A", "kb")
+PCOLS32 = ("es", "cnt", "g0t", "w_alu", "fk", "bias", "bst", "mab", "A", "kb", "hidden")
 
 
 PCOLS64 = ("in_dma", "port", "sbound", "ld1", "schain")
@@ -329,6 +329,8 @@ def build_plans(plans: list) -> None:
         "mab": gsz_prev[es] * N_ALU,
         "A": A[seg_e],
         "kb": ksz[es],
+        # reference.epilogue_hidden: the two accumulator halves' regions share no bank
+        "hidden": (2 * np.minimum(G, cob) <= A)[seg_e],
         "sbound": fk * share[seg_e] * store_bound(gp_e, st_e, A[seg_e], g0[seg_e] + t[ec]),
         "ld1": (Lc + beats_in)[ec] * loaded[es],
         "schain": fk * (N_ALU * alu_one[ec] + gp_e * st_e),

@@ -1,10 +1,13 @@
 // The vector ALU of the compute module (docs/isa.md, "ALU"): one accumulator vector per cycle
 // over the outer x inner loop nest, C lanes in parallel.
 //
-// Pipeline: cycle j presents iteration j's addresses (destination, source, source + 1) to the
-// accumulator's read ports; cycle j + 1 computes from the data (forwarding the results of
+// Pipeline: cycle j presents iteration j's addresses (destination, source) to the
+// accumulator's two read ports; cycle j + 1 computes from the data (forwarding the results of
 // iterations j - 1 and j - 2, which the reads could not see yet, so that an iteration sees what
 // earlier ones wrote, as the ISA requires: reductions into one entry); cycle j + 2 writes.
+// ADD_REQUANT's multiplier (entry source + 1, the same for every iteration: the ISA requires
+// src_so = src_si = 0 and no write to it) is read through the source port in the start cycle,
+// before the loop's first address, and held.
 `include "hapm_config.svh"
 
 module hapm_alu (
@@ -25,8 +28,8 @@ module hapm_alu (
     output logic                       busy,
     output logic                       done,
     output logic                       error,     // a SHR amount from acc outside [0, 31]
-    output logic [3*`HAPM_ACC_AW-1:0]  acc_raddr, // {src + 1, src, dst}
-    input  logic [3*`HAPM_ACC_BITS-1:0] acc_rdata,
+    output logic [2*`HAPM_ACC_AW-1:0]  acc_raddr, // {src, dst}
+    input  logic [2*`HAPM_ACC_BITS-1:0] acc_rdata,
     output logic                       acc_we,
     output logic [`HAPM_ACC_AW-1:0]    acc_waddr,
     output logic [`HAPM_ACC_BITS-1:0]  acc_wdata
@@ -39,36 +42,36 @@ module hapm_alu (
                                        input logic signed [31:0] d,
                                        input logic signed [31:0] s,
                                        input logic signed [31:0] m);
-    logic signed [32:0] rounded;
-    logic signed [63:0] prod, scaled;
-    logic signed [31:0] a, b, lo;
+    logic signed [31:0] sum, a, b, lo;
+    logic signed [63:0] prod, x, scaled;
     logic [5:0] k;
-    // One 32 x 32 -> 64-bit multiplier serves MUL, REQUANT and ADD_REQUANT (four DSP slices
-    // per lane instead of eleven): MUL d * s, REQUANT d * s, ADD_REQUANT (d + s) * m.
-    a = op == `HAPM_ALU_ADD_REQUANT ? d + s : d;
+    // One adder serves ADD and ADD_REQUANT's d + s; one 32 x 32 -> 64-bit multiplier MUL,
+    // REQUANT and ADD_REQUANT (four DSP slices per lane instead of eleven): MUL d * s, REQUANT
+    // d * s, ADD_REQUANT (d + s) * m; one rounding shift SHR (of d, by s) and the
+    // requantizations (of the product, by the immediate's shift).
+    sum = d + s;
+    a = op == `HAPM_ALU_ADD_REQUANT ? sum : d;
     b = op == `HAPM_ALU_ADD_REQUANT ? m : s;
     prod = 64'(a) * 64'(b);
+    x = op == `HAPM_ALU_SHR ? 64'(d) : prod;
+    k = op == `HAPM_ALU_SHR ? s[5:0] : imm[5:0];
+    // round half up: |x| <= 2^62 and the rounding term <= 2^61, no overflow in 64 bits; for SHR
+    // by k in [1, 31] the result fits 32 bits
+    scaled = (x + (64'sd1 <<< (k - 6'd1))) >>> k;
     lane = {1'b0, d};
     case (op)
-      `HAPM_ALU_ADD: lane[31:0] = d + s;
+      `HAPM_ALU_ADD: lane[31:0] = sum;
       `HAPM_ALU_MUL: lane[31:0] = prod[31:0];  // the low 32 bits of the exact product
       `HAPM_ALU_SHR: begin
         if (s < 0 || s > 31) lane[32] = 1'b1;
-        else if (s != 0) begin
-          k = s[5:0];
-          rounded = (33'(d) + (33'sd1 <<< (k - 6'd1))) >>> k;  // round half up
-          lane[31:0] = rounded[31:0];
-        end
+        else if (s != 0) lane[31:0] = scaled[31:0];
       end
       `HAPM_ALU_MIN: lane[31:0] = d < s ? d : s;
       `HAPM_ALU_MAX: lane[31:0] = d > s ? d : s;
       `HAPM_ALU_RELU: lane[31:0] = d > 0 ? d : 0;
       default: begin  // REQUANT: d * s; ADD_REQUANT: (d + s) * m, then ReLU if asked
-        k = imm[5:0];
         lo = ACT_MIN;
         if (op == `HAPM_ALU_ADD_REQUANT && (imm & `HAPM_REQUANT_RELU) != 0 && lo < 0) lo = 0;
-        // |prod| <= 2^62 and the rounding term <= 2^61: no overflow in 64 bits
-        scaled = (prod + (64'sd1 <<< (k - 6'd1))) >>> k;
         lane[31:0] = scaled < 64'(lo) ? lo : scaled > 64'(ACT_MAX) ? ACT_MAX : scaled[31:0];
       end
     endcase
@@ -85,7 +88,10 @@ module hapm_alu (
       .clk(clk), .load(start), .step(running), .outer(i_outer), .inner(i_inner),
       .a_base(i_dst), .a_so(i_dst_so), .a_si(i_dst_si), .b_base(i_src), .b_so(i_src_so),
       .b_si(i_src_si), .a(d_cur), .b(s_cur), .last(last_iter));
-  assign acc_raddr = {AW'(s_cur + 1), AW'(s_cur), AW'(d_cur)};
+  // the start cycle reads the multiplier; the loop's reads follow
+  assign acc_raddr = {start ? AW'(i_src + 18'd1) : AW'(s_cur), AW'(d_cur)};
+  logic          mfetch;  // the multiplier's read data is on the source port
+  logic [VB-1:0] m_q;
 
   // ---- stage 1 (compute) and stage 2 (write) registers
   logic          v1, v2, pv;
@@ -106,7 +112,7 @@ module hapm_alu (
   always_comb begin
     dv = fwd(d1, acc_rdata[0 +: VB]);
     sv = fwd(s1, acc_rdata[VB +: VB]);
-    mv = fwd(AW'(s1 + 1'b1), acc_rdata[2*VB +: VB]);
+    mv = m_q;
     for (int c = 0; c < C; c++) begin
       logic [32:0] l;
       l = lane(op_q, imm_q, dv[c*32 +: 32],
@@ -136,6 +142,9 @@ module hapm_alu (
       r2 <= result;
       if (v1 && op_q == `HAPM_ALU_SHR && !use_imm_q && |lane_err) error <= 1'b1;
       if (v2 && !v1 && !running) done <= 1'b1;
+      // the multiplier, read in the start cycle
+      mfetch <= start;
+      if (mfetch) m_q <= acc_rdata[VB +: VB];
       // stage 0
       v1 <= running;
       d1 <= AW'(d_cur);

@@ -1,8 +1,10 @@
 // The compute module's controller (docs/isa.md; its timing rules are docs/timing.md's):
-//   * GEMM: issued in one cycle to its array when the array is free and no other array is
-//     running a GEMM into an overlapping accumulator range; the module goes on meanwhile.
-//   * ALU and LOAD into acc: wait for the in-flight GEMMs whose accumulator range overlaps the
-//     entries they touch (a scoreboard of one range per array), then run to completion.
+//   * GEMM: issued in one cycle to its array when the array is free (array k accumulates into
+//     accumulator bank k only); the module goes on meanwhile.
+//   * ALU and LOAD into acc: wait for the busy arrays whose bank holds an entry they write
+//     (the bank's write port and first read port are the array's while it runs) and for the
+//     in-flight GEMMs whose accumulator range overlaps an entry they only read (a scoreboard
+//     of one range per array), then run to completion.
 //   * FINISH: waits for every array.
 //   * A token the compute module pushes is released only when every GEMM issued before it (and
 //     by it) has completed: it waits in a small queue, so the module does not stall for it.
@@ -43,13 +45,29 @@ module hapm_compute (
   assign push_prev = head[`HAPM_MEM_PUSH_PREV_LO];
   assign push_next = head[`HAPM_MEM_PUSH_NEXT_LO];
 
+  // The last address of a loop nest: base + (outer - 1) * so + (inner - 1) * si, its products
+  // at the fields' widths (10 x 14 and 10 x 6 bits: one DSP slice or a few LUTs each).
+  function automatic logic [31:0] nest_last(input logic [17:0] base, input logic [9:0] outer,
+                                            input logic [13:0] so, input logic [9:0] inner,
+                                            input logic [5:0] si);
+    logic [9:0]  o1, i1;
+    logic [23:0] po;
+    logic [15:0] pi;
+    o1 = outer - 10'd1;
+    i1 = inner - 10'd1;
+    po = 24'(o1) * 24'(so);
+    pi = 16'(i1) * 16'(si);
+    nest_last = 32'(base) + 32'(po) + 32'(pi);
+  endfunction
+
   // Accumulator ranges [lo, hi] the head touches (second range: an ALU's source operands).
   logic [31:0] lo1, hi1, lo2, hi2;
   logic        has2;
   logic [`HAPM_ARRAY_IDX_W-1:0] array;
   always_comb begin
-    logic [31:0] rows, cols, src_rows;
-    logic [2:0] alu_op;
+    logic [12:0] rows, cols;  // a LOAD's padded region: at most 15 + 4095 + 15
+    logic [1:0]  src_rows;
+    logic [2:0]  alu_op;
     array = head[`HAPM_GEMM_ARRAY_LO +: `HAPM_ARRAY_IDX_W];
     lo1 = 0; hi1 = 0; lo2 = 0; hi2 = 0; has2 = 1'b0;
     rows = 0; cols = 0; src_rows = 0;  // every path assigns them: no latch
@@ -57,47 +75,48 @@ module hapm_compute (
     case (op)
       `HAPM_OP_GEMM: begin
         lo1 = 32'(head[`HAPM_GEMM_ACC_ADDR_LO +: `HAPM_GEMM_ACC_ADDR_W]);
-        hi1 = lo1 + (32'(head[`HAPM_GEMM_OUTER_LO +: 10]) - 1) * 32'(head[`HAPM_GEMM_ACC_SO_LO +: 14])
-                  + (32'(head[`HAPM_GEMM_INNER_LO +: 10]) - 1) * 32'(head[`HAPM_GEMM_ACC_SI_LO +: 6]);
+        hi1 = nest_last(head[`HAPM_GEMM_ACC_ADDR_LO +: 18], head[`HAPM_GEMM_OUTER_LO +: 10],
+                        head[`HAPM_GEMM_ACC_SO_LO +: 14], head[`HAPM_GEMM_INNER_LO +: 10],
+                        head[`HAPM_GEMM_ACC_SI_LO +: 6]);
       end
       `HAPM_OP_ALU: begin
         lo1 = 32'(head[`HAPM_ALU_DST_ADDR_LO +: `HAPM_ALU_DST_ADDR_W]);
-        hi1 = lo1 + (32'(head[`HAPM_ALU_OUTER_LO +: 10]) - 1) * 32'(head[`HAPM_ALU_DST_SO_LO +: 14])
-                  + (32'(head[`HAPM_ALU_INNER_LO +: 10]) - 1) * 32'(head[`HAPM_ALU_DST_SI_LO +: 6]);
+        hi1 = nest_last(head[`HAPM_ALU_DST_ADDR_LO +: 18], head[`HAPM_ALU_OUTER_LO +: 10],
+                        head[`HAPM_ALU_DST_SO_LO +: 14], head[`HAPM_ALU_INNER_LO +: 10],
+                        head[`HAPM_ALU_DST_SI_LO +: 6]);
         // source entries per iteration (isa.alu_operand_rows)
-        src_rows = alu_op == `HAPM_ALU_ADD_REQUANT ? 2 :
+        src_rows = alu_op == `HAPM_ALU_ADD_REQUANT ? 2'd2 :
                    (alu_op == `HAPM_ALU_RELU || (head[`HAPM_ALU_USE_IMM_LO] &&
-                    alu_op != `HAPM_ALU_REQUANT)) ? 0 : 1;
+                    alu_op != `HAPM_ALU_REQUANT)) ? 2'd0 : 2'd1;
         has2 = src_rows != 0;
         lo2 = 32'(head[`HAPM_ALU_SRC_ADDR_LO +: `HAPM_ALU_SRC_ADDR_W]);
-        hi2 = lo2 + (32'(head[`HAPM_ALU_OUTER_LO +: 10]) - 1) * 32'(head[`HAPM_ALU_SRC_SO_LO +: 14])
-                  + (32'(head[`HAPM_ALU_INNER_LO +: 10]) - 1) * 32'(head[`HAPM_ALU_SRC_SI_LO +: 6])
-                  + src_rows - 1;
+        hi2 = nest_last(head[`HAPM_ALU_SRC_ADDR_LO +: 18], head[`HAPM_ALU_OUTER_LO +: 10],
+                        head[`HAPM_ALU_SRC_SO_LO +: 14], head[`HAPM_ALU_INNER_LO +: 10],
+                        head[`HAPM_ALU_SRC_SI_LO +: 6]) + 32'(src_rows) - 1;
       end
       default: begin  // LOAD into acc: the padded region
-        rows = 32'(head[`HAPM_MEM_Y_PAD_TOP_LO +: 4]) + 32'(head[`HAPM_MEM_Y_SIZE_LO +: 12])
-               + 32'(head[`HAPM_MEM_Y_PAD_BOTTOM_LO +: 4]);
-        cols = 32'(head[`HAPM_MEM_X_PAD_LEFT_LO +: 4]) + 32'(head[`HAPM_MEM_X_SIZE_LO +: 12])
-               + 32'(head[`HAPM_MEM_X_PAD_RIGHT_LO +: 4]);
+        rows = 13'(head[`HAPM_MEM_Y_PAD_TOP_LO +: 4]) + 13'(head[`HAPM_MEM_Y_SIZE_LO +: 12])
+               + 13'(head[`HAPM_MEM_Y_PAD_BOTTOM_LO +: 4]);
+        cols = 13'(head[`HAPM_MEM_X_PAD_LEFT_LO +: 4]) + 13'(head[`HAPM_MEM_X_SIZE_LO +: 12])
+               + 13'(head[`HAPM_MEM_X_PAD_RIGHT_LO +: 4]);
         lo1 = 32'(head[`HAPM_MEM_SRAM_ADDR_LO +: `HAPM_MEM_SRAM_ADDR_W]);
-        hi1 = lo1 + rows * cols - 1;
+        hi1 = lo1 + 32'(26'(rows) * 26'(cols)) - 1;
       end
     endcase
   end
 
-  // ---- the scoreboard: the accumulator range of each array's GEMM in flight
+  // ---- the scoreboard: the bank of each busy array (its writes), and the accumulator range
+  // of its GEMM in flight (the reads)
   logic [31:0] arr_lo [0:A-1];
   logic [31:0] arr_hi [0:A-1];
-  logic        conflict, others_conflict;  // with any busy array / any other busy array
+  logic        conflict;  // with a busy array
   always_comb begin
     conflict = 1'b0;
-    others_conflict = 1'b0;
     for (int k = 0; k < A; k++)
-      if (gemm_busy[k] && ((arr_lo[k] <= hi1 && lo1 <= arr_hi[k]) ||
-                           (has2 && arr_lo[k] <= hi2 && lo2 <= arr_hi[k]))) begin
+      if (gemm_busy[k] && ((32'(k) * `HAPM_ACC_BANK_DEPTH <= hi1 &&
+                            lo1 < 32'(k + 1) * `HAPM_ACC_BANK_DEPTH) ||
+                           (has2 && arr_lo[k] <= hi2 && lo2 <= arr_hi[k])))
         conflict = 1'b1;
-        if (k != 32'(array)) others_conflict = 1'b1;
-      end
   end
 
   // ---- tokens waiting for GEMMs: {push_prev, push_next, GEMMs issued per array}
@@ -124,7 +143,7 @@ module hapm_compute (
   assign pushes = push_prev || push_next;
   always_comb begin
     case (op)
-      `HAPM_OP_GEMM: ok = !gemm_busy[array] && !others_conflict;
+      `HAPM_OP_GEMM: ok = !gemm_busy[array];
       `HAPM_OP_ALU: ok = !conflict;
       `HAPM_OP_LOAD: ok = !conflict;
       `HAPM_OP_FINISH: ok = gemm_busy == '0;

@@ -6,17 +6,17 @@
 `include "hapm_config.svh"
 
 // The DRAM requests of a LOAD or STORE: one per row, y_size of them, each of x_size entries of
-// `ebytes` bytes (`ebeats` beats), at the slot's base + (dram_addr + row * x_stride) * ebytes,
-// sent as fast as the channel takes them.  `start` takes the instruction's fields; y_size and
-// x_size stay readable for the engine.
+// 2^eshift bytes, at the slot's base + (dram_addr + row * x_stride) * 2^eshift, sent as fast as
+// the channel takes them.  The row's first entry is kept as a running sum (one adder, no
+// multiplier) and entry sizes are powers of two (params.check_config).  `start` takes the
+// instruction's fields; y_size and x_size stay readable for the engine.
 module hapm_row_requests (
     input  logic                          clk,
     input  logic                          rst,
     input  logic                          start,
     input  logic [`HAPM_INSN_BITS-1:0]                  insn,
     input  logic [`HAPM_SLOTS*32-1:0]              slot_base,
-    input  logic [31:0]                   ebytes,
-    input  logic [31:0]                   ebeats,
+    input  logic [4:0]                    eshift,
     output logic                          valid,
     input  logic                          ready,
     output logic [31:0]                   addr,
@@ -24,16 +24,16 @@ module hapm_row_requests (
     output logic [11:0]                   y_size,
     output logic [11:0]                   x_size
 );
-  logic [31:0] dram_q, base_q;
+  logic [31:0] entry_q, base_q;  // entry_q: the current row's first DRAM entry
   logic [15:0] stride_q;
   logic [11:0] row;
-  assign addr = base_q + (dram_q + 32'(row) * 32'(stride_q)) * ebytes;
-  assign beats = 24'(32'(x_size) * ebeats);
+  assign addr = base_q + (entry_q << eshift);
+  assign beats = 24'(32'(x_size) << (eshift - 5'(`HAPM_BEAT_SHIFT)));
   always_ff @(posedge clk) begin
     if (rst) valid <= 1'b0;
     else if (start) begin
       valid <= 1'b1;
-      dram_q <= insn[`HAPM_MEM_DRAM_ADDR_LO +: `HAPM_MEM_DRAM_ADDR_W];
+      entry_q <= 32'(insn[`HAPM_MEM_DRAM_ADDR_LO +: `HAPM_MEM_DRAM_ADDR_W]);
       y_size <= insn[`HAPM_MEM_Y_SIZE_LO +: `HAPM_MEM_Y_SIZE_W];
       x_size <= insn[`HAPM_MEM_X_SIZE_LO +: `HAPM_MEM_X_SIZE_W];
       stride_q <= insn[`HAPM_MEM_X_STRIDE_LO +: `HAPM_MEM_X_STRIDE_W];
@@ -41,6 +41,7 @@ module hapm_row_requests (
       row <= '0;
     end else if (valid && ready) begin
       row <= row + 12'd1;
+      entry_q <= entry_q + 32'(stride_q);
       if (row == y_size - 12'd1) valid <= 1'b0;
     end
   end
@@ -72,7 +73,7 @@ module hapm_dma_load (
     output logic [`HAPM_MAX_ENTRY_BYTES*8-1:0] wr_raw,
     output logic [`HAPM_ACC_BITS-1:0]     wr_acc
 );
-  localparam int R = `HAPM_R, C = `HAPM_C, BB = `HAPM_BEAT_BYTES, EB = `HAPM_MAX_ENTRY_BYTES;
+  localparam int C = `HAPM_C, BB = `HAPM_BEAT_BYTES, EB = `HAPM_MAX_ENTRY_BYTES;
 
   // ---- instruction fields
   logic [1:0]  buf_q, code_q;
@@ -80,21 +81,24 @@ module hapm_dma_load (
   logic [11:0] y_q, x_q;
   logic [3:0]  pt_q, pl_q;
 
-  // Bytes of one DRAM entry of the target buffer: E elements of the DRAM element width.
-  function automatic logic [31:0] entry_bytes(input logic [1:0] b, input logic [1:0] code);
-    logic [31:0] e;
-    e = b == `HAPM_BUF_INP ? R : b == `HAPM_BUF_WGT ? R * C : C;
-    entry_bytes = e << code;  // code 0, 1, 2: 1, 2, 4 bytes per element
+  // log2 of the bytes of one DRAM entry of the target buffer: E elements (a power of two) of
+  // the DRAM element width (code 0, 1, 2: 1, 2, 4 bytes)
+  function automatic logic [4:0] entry_shift(input logic [1:0] b, input logic [1:0] code);
+    logic [4:0] e;
+    e = b == `HAPM_BUF_INP ? 5'(`HAPM_R_SHIFT) :
+        b == `HAPM_BUF_WGT ? 5'(`HAPM_R_SHIFT + `HAPM_C_SHIFT) : 5'(`HAPM_C_SHIFT);
+    entry_shift = e + 5'(code);
   endfunction
-  logic [31:0] ebytes, ebeats;
-  assign ebytes = entry_bytes(buf_q, code_q);
-  assign ebeats = ebytes / BB;
+  logic [4:0]  eshift;
+  logic [31:0] ebeats;
+  assign eshift = entry_shift(buf_q, code_q);
+  assign ebeats = 32'(1) << (eshift - 5'(`HAPM_BEAT_SHIFT));
 
   // ---- request side: one request per row
   hapm_row_requests requests (
-      .clk(clk), .rst(rst), .start(start), .insn(insn), .slot_base(slot_base), .ebytes(ebytes),
-      .ebeats(ebeats), .valid(ar_valid), .ready(ar_ready), .addr(ar_addr), .beats(ar_beats),
-      .y_size(y_q), .x_size(x_q));
+      .clk(clk), .rst(rst), .start(start), .insn(insn), .slot_base(slot_base),
+      .eshift(eshift), .valid(ar_valid), .ready(ar_ready), .addr(ar_addr),
+      .beats(ar_beats), .y_size(y_q), .x_size(x_q));
 
   // ---- data side: assemble one entry from its beats
   logic [EB*8-1:0] entry;
@@ -210,15 +214,16 @@ module hapm_dma_store (
   localparam int C = `HAPM_C, BB = `HAPM_BEAT_BYTES, VB = `HAPM_ACC_BITS;
 
   logic [1:0]  code_q;
-  logic [31:0] ebytes, ebeats, total;
+  logic [31:0] ebeats, total;
+  logic [4:0]  eshift;  // log2 of an entry's DRAM bytes: C elements (a power of two)
   logic [11:0] y_q, x_q, acks;  // (x_q: the entries per row are counted in `total`)
-  assign ebytes = 32'(C) << code_q;
-  assign ebeats = ebytes / BB;
+  assign eshift = 5'(`HAPM_C_SHIFT) + 5'(code_q);
+  assign ebeats = 32'(1) << (eshift - 5'(`HAPM_BEAT_SHIFT));
   assign b_ready = 1'b1;
   hapm_row_requests requests (
-      .clk(clk), .rst(rst), .start(start), .insn(insn), .slot_base(slot_base), .ebytes(ebytes),
-      .ebeats(ebeats), .valid(aw_valid), .ready(aw_ready), .addr(aw_addr), .beats(aw_beats),
-      .y_size(y_q), .x_size(x_q));
+      .clk(clk), .rst(rst), .start(start), .insn(insn), .slot_base(slot_base),
+      .eshift(eshift), .valid(aw_valid), .ready(aw_ready), .addr(aw_addr),
+      .beats(aw_beats), .y_size(y_q), .x_size(x_q));
 
   // Entries are read ahead into a two-entry queue so that beats leave back to back.
   logic [31:0] rd_next;       // entries read so far

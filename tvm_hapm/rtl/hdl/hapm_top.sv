@@ -144,8 +144,8 @@ module hapm_top (
       .r_data(r_data), .wr_en(cp_wr_en), .wr_buf(cp_wr_buf), .wr_addr(cp_wr_addr),
       .wr_raw(cp_wr_raw), .wr_acc(cp_wr_acc));
 
-  logic [3*CAW-1:0] alu_raddr;
-  logic [3*VB-1:0]  alu_rdata;
+  logic [2*CAW-1:0] alu_raddr;  // {source, destination}
+  logic [2*VB-1:0]  alu_rdata;
   logic             alu_we;
   logic [CAW-1:0]   alu_waddr;
   logic [VB-1:0]    alu_wdata;
@@ -203,17 +203,19 @@ module hapm_top (
   hapm_ram #(.W(WBB), .D(`HAPM_WGT_DEPTH), .AW(WAW), .NR(1), .NW(1)) wgt_buf (
       .clk(clk), .we(ld_wr_en && ld_wr_buf == `HAPM_BUF_WGT), .waddr(WAW'(ld_wr_addr)),
       .wdata(ld_wr_raw[WBB-1:0]), .raddr(wgt_raddr), .rdata(wgt_rdata));
-  // acc: write ports {compute (ALU or accumulator DMA), arrays}; read ports {store, ALU x 3,
-  // arrays}.  The ALU and the accumulator DMA never run together (one compute instruction at a
-  // time); the scoreboard keeps arrays, ALU and DMA off each other's entries.
+  // acc: banked (hapm_acc_buf).  The ALU and the accumulator DMA never run together (one
+  // compute instruction at a time); the scoreboard keeps them off the banks of busy arrays.
   logic [VB-1:0] cp_wdata;
   logic [CAW-1:0] cp_waddr;
   assign cp_wdata = alu_we ? alu_wdata : cp_wr_acc;
   assign cp_waddr = alu_we ? alu_waddr : CAW'(cp_wr_addr);
   hapm_acc_buf acc_buf (
-      .clk(clk), .we({g_acc_we, alu_we || cp_wr_en}), .waddr({g_acc_waddr, cp_waddr}),
-      .wdata({g_acc_wdata, cp_wdata}), .raddr({g_acc_raddr, alu_raddr, st_raddr}),
-      .rdata({g_acc_rdata, alu_rdata, st_rdata}));
+      .clk(clk), .g_we(g_acc_we), .g_waddr(g_acc_waddr), .g_wdata(g_acc_wdata),
+      .g_raddr(g_acc_raddr), .g_rdata(g_acc_rdata), .cp_we(alu_we || cp_wr_en),
+      .cp_waddr(cp_waddr), .cp_wdata(cp_wdata), .alu_busy(alu_busy),
+      .alu_dst_raddr(alu_raddr[0 +: CAW]), .alu_dst_rdata(alu_rdata[0 +: VB]),
+      .alu_src_raddr(alu_raddr[CAW +: CAW]), .alu_src_rdata(alu_rdata[VB +: VB]),
+      .st_raddr(st_raddr), .st_rdata(st_rdata));
 
   // ---- the read channel: requests in order, beats routed to the requester by a queue of ids
   logic        grant_cp;          // the compute module's request goes out this cycle
@@ -285,18 +287,75 @@ module hapm_top (
   end
 endmodule
 
-// The accumulator buffer: 1 + A write ports {compute (ALU or accumulator DMA), arrays} and
-// 4 + A read ports {store, ALU x 3, arrays}.  A module of its own so that synthesis can set it
-// aside: no block RAM of the FPGA has that many write ports (tvm_hapm.rtl.synth).
+// The accumulator buffer: A banks of ACC_BANK_DEPTH entries (docs/isa.md, "Accumulator
+// banks"); array k accumulates into bank k only.  Each bank is three copies of a block RAM with
+// one write and one read port, all written together:
+//   * write port: array k, or the compute module (ALU or accumulator DMA) when array k is idle
+//     (the compute controller's scoreboard waits for it);
+//   * copy 0: array k's read-modify-write, or the ALU's destination when array k is idle;
+//   * copy 1: the ALU's source operand (any bank; the multiplier of ADD_REQUANT is read
+//     through it before the first iteration);
+//   * copy 2: the store module.
+// A module of its own so that synthesis can report it apart (tvm_hapm.rtl.synth).
 module hapm_acc_buf (
-    input  logic                                 clk,
-    input  logic [`HAPM_A:0]                     we,
-    input  logic [(1+`HAPM_A)*`HAPM_ACC_AW-1:0]   waddr,
-    input  logic [(1+`HAPM_A)*`HAPM_ACC_BITS-1:0] wdata,
-    input  logic [(4+`HAPM_A)*`HAPM_ACC_AW-1:0]   raddr,
-    output logic [(4+`HAPM_A)*`HAPM_ACC_BITS-1:0] rdata
+    input  logic                       clk,
+    // arrays: bank k is array k's
+    input  logic [`HAPM_A-1:0]                 g_we,
+    input  logic [`HAPM_A*`HAPM_ACC_AW-1:0]    g_waddr,
+    input  logic [`HAPM_A*`HAPM_ACC_BITS-1:0]  g_wdata,
+    input  logic [`HAPM_A*`HAPM_ACC_AW-1:0]    g_raddr,
+    output logic [`HAPM_A*`HAPM_ACC_BITS-1:0]  g_rdata,
+    // compute module: one write (ALU or accumulator DMA); the ALU's two reads
+    input  logic                       cp_we,
+    input  logic [`HAPM_ACC_AW-1:0]    cp_waddr,
+    input  logic [`HAPM_ACC_BITS-1:0]  cp_wdata,
+    input  logic                       alu_busy,
+    input  logic [`HAPM_ACC_AW-1:0]    alu_dst_raddr,
+    output logic [`HAPM_ACC_BITS-1:0]  alu_dst_rdata,
+    input  logic [`HAPM_ACC_AW-1:0]    alu_src_raddr,
+    output logic [`HAPM_ACC_BITS-1:0]  alu_src_rdata,
+    // store module
+    input  logic [`HAPM_ACC_AW-1:0]    st_raddr,
+    output logic [`HAPM_ACC_BITS-1:0]  st_rdata
 );
-  hapm_ram #(.W(`HAPM_ACC_BITS), .D(`HAPM_ACC_DEPTH), .AW(`HAPM_ACC_AW), .NR(4 + `HAPM_A),
-             .NW(1 + `HAPM_A)) ram (
-      .clk(clk), .we(we), .waddr(waddr), .wdata(wdata), .raddr(raddr), .rdata(rdata));
+  localparam int A = `HAPM_A, AW = `HAPM_ACC_AW, BAW = `HAPM_ACC_BANK_AW, VB = `HAPM_ACC_BITS;
+  localparam int BW = AW - BAW > 0 ? AW - BAW : 1;  // bank index bits
+
+  function automatic logic [BW-1:0] bank(input logic [AW-1:0] a);
+    bank = A == 1 ? '0 : BW'(a >> BAW);
+  endfunction
+
+  logic [BW-1:0] dst_bank_q, src_bank_q, st_bank_q;
+  always_ff @(posedge clk) begin
+    dst_bank_q <= bank(alu_dst_raddr);
+    src_bank_q <= bank(alu_src_raddr);
+    st_bank_q <= bank(st_raddr);
+  end
+
+  logic [VB-1:0] q0 [0:A-1];
+  logic [VB-1:0] q1 [0:A-1];
+  logic [VB-1:0] q2 [0:A-1];
+  for (genvar b = 0; b < A; b++) begin : g_bank
+    logic          cp_here, alu_here, we;
+    logic [BAW-1:0] waddr, raddr0;
+    logic [VB-1:0]  wdata;
+    assign cp_here = cp_we && bank(cp_waddr) == BW'(b);
+    assign alu_here = alu_busy && bank(alu_dst_raddr) == BW'(b);
+    assign we = cp_here || g_we[b];
+    assign waddr = BAW'(cp_here ? cp_waddr : g_waddr[b*AW +: AW]);
+    assign wdata = cp_here ? cp_wdata : g_wdata[b*VB +: VB];
+    assign raddr0 = BAW'(alu_here ? alu_dst_raddr : g_raddr[b*AW +: AW]);
+    hapm_ram #(.W(VB), .D(`HAPM_ACC_BANK_DEPTH), .AW(BAW)) copy0 (
+        .clk(clk), .we(we), .waddr(waddr), .wdata(wdata), .raddr(raddr0), .rdata(q0[b]));
+    hapm_ram #(.W(VB), .D(`HAPM_ACC_BANK_DEPTH), .AW(BAW)) copy1 (
+        .clk(clk), .we(we), .waddr(waddr), .wdata(wdata), .raddr(BAW'(alu_src_raddr)),
+        .rdata(q1[b]));
+    hapm_ram #(.W(VB), .D(`HAPM_ACC_BANK_DEPTH), .AW(BAW)) copy2 (
+        .clk(clk), .we(we), .waddr(waddr), .wdata(wdata), .raddr(BAW'(st_raddr)),
+        .rdata(q2[b]));
+    assign g_rdata[b*VB +: VB] = q0[b];
+  end
+  assign alu_dst_rdata = q0[dst_bank_q];
+  assign alu_src_rdata = q1[src_bank_q];
+  assign st_rdata = q2[st_bank_q];
 endmodule

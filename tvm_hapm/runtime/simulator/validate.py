@@ -20,6 +20,7 @@ from operator import attrgetter
 import numpy as np
 
 from ...target import isa
+from ...target.banks import acc_bank_range
 from ...target.isa import (
     REQUANT_RELU,
     REQUANT_SHIFT_MASK,
@@ -278,6 +279,14 @@ def _check_gemm(sim, idx, insn) -> int:
                 insn,
                 f"{_BUFFER_NAMES[buf]} address {last} out of range [0, {depth[buf]})",
             )
+    lo, hi = acc_bank_range(cfg, insn.array)
+    if insn.acc_addr < lo or last > hi:
+        raise err(
+            idx,
+            insn,
+            f"accumulator entries [{insn.acc_addr}, {last}] outside bank {insn.array} "
+            f"[{lo}, {hi}]: array {insn.array} accumulates into its own bank only",
+        )
     return R * C * outer * inner
 
 
@@ -317,6 +326,19 @@ def _check_alu(sim, idx, insn) -> int:
                 idx,
                 insn,
                 f"ADD_REQUANT shift {insn.imm & REQUANT_SHIFT_MASK} out of range [1, 62]",
+            )
+        if insn.src_so or insn.src_si:
+            raise err(
+                idx,
+                insn,
+                "ADD_REQUANT reads one bias and multiplier pair: src_so and src_si must be 0",
+            )
+        if insn.dst_addr <= insn.src_addr + 1 <= last:
+            raise err(
+                idx,
+                insn,
+                f"ADD_REQUANT may not write its multiplier (entry {insn.src_addr + 1}), "
+                "which the ALU reads once, before its first iteration",
             )
     elif alu == AluOp.SHR and insn.use_imm and not 0 <= insn.imm <= 31:
         raise err(idx, insn, f"SHR shift {insn.imm} out of range [0, 31]")
@@ -362,6 +384,14 @@ def _screen_gemms(sim, instructions, gemms, modules, pops, pushes):
                               (Buffer.ACC, "acc_addr", "acc_so", "acc_si")):  # fmt: skip
         last = col[base] + (outer - 1) * col[so] + (inner - 1) * col[si]
         bad |= last >= depth[buf]
+    # the bank rule: array k accumulates into bank k only
+    bank_lo = col["array"] * sim.config.acc_bank_depth
+    bank_hi = np.where(
+        col["array"] == sim.config.num_arrays - 1,
+        depth[Buffer.ACC] - 1,
+        bank_lo + sim.config.acc_bank_depth - 1,
+    )
+    bad |= (col["acc_addr"] < bank_lo) | (last > bank_hi)
     ok = ~bad
     macs = sim.rows * sim.cols * int((outer * inner)[ok].sum())
     idx = np.asarray(gemms, dtype=np.int64)

@@ -10,6 +10,7 @@ import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 
+from ..banks import place_accumulators
 from ..config import HardwareConfig, get_config
 from ..dependency import insert_dependency_tokens
 from ..intrin import GEMM_MARKER, SCOPE_ACC, SCOPE_INP, SCOPE_WGT
@@ -849,7 +850,7 @@ def emit_program(
         raise TirLoweringError("accumulator entries were initialised but never computed")
     seq = emitter.seq
     if emitter.alu_only:
-        seq = assign_arrays(pipeline_operand_loads(seq), cfg)
+        seq = assign_arrays(place_accumulators(pipeline_operand_loads(seq), cfg), cfg)
     else:  # (also when every GEMM was dropped: the direct generator does not move the loads)
         prologues = [tuple(r) for r in emitter.regions]  # a fused residual's computed inits
         seq = conv_stream_passes(seq, cfg, prologues, emitter.double)

@@ -117,8 +117,9 @@ def schedule_conv2d(
     loops of the regions of one band of rows: per row of tiles, the full tiles, then the
     last column's, as the direct generator runs them.  The on-chip buffers of an edge region
     are aligned (``storage_align``) to the planned tile's: an input block's stride and an
-    accumulator region's size are the full tile's, so the edge tiles sit where the direct
-    generator puts them.  The regions' outputs are then made the one ``out``.
+    output block's accumulator region are the full tile's, so the edge tiles sit where the
+    direct generator puts them, each block inside its full-tile region (its bank).  The
+    regions' outputs are then made the one ``out``.
 
     ``weight_blocks`` is the number of weight blocks the layer really loads (the non-zero
     ones, see :class:`SparseWeights`; default: all): they stay resident when they fit.
@@ -234,14 +235,15 @@ def _place_region_inputs(sch, cfg, L, plan, r, region, stages, resident) -> None
         sch.compute_at(pad, kc, preserve_unit_loops=True, index=0)
     if (region["tile_h"], region["tile_w"]) != (plan.tile_h, plan.tile_w):
         # Edge tiles take the planned tile's room: an input block's stride and an output
-        # region's size are the full tile's (the direct generator's layout).
+        # block's region are the full tile's (the direct generator's layout).
         sh, sw = L["strides"]
         dh, dw = L["dilation"]
         th_in = (plan.tile_h - 1) * sh + (L["kh"] - 1) * dh + 1
         tw_in = (plan.tile_w - 1) * sw + (L["kw"] - 1) * dw + 1
         sch.storage_align(pad, 0, 1, th_in * tw_in * cfg.array_rows, 0)
-        tile = plan.cob_group * plan.tile_h * plan.tile_w * cfg.array_cols
-        sch.storage_align(conv, 0, 0, tile, 0)
+        # An output block's region is the full tile's too, so each block's region lies in
+        # its region of a full tile: the same accumulator bank (target.banks).
+        sch.storage_align(conv, 0, 1, plan.tile_h * plan.tile_w * cfg.array_cols, 0)
 
 
 def merge_region_loops(sch: s_tir.Schedule, regions: list[dict], anchors: list[str]) -> None:
