@@ -26,7 +26,9 @@ within 3%, networks within 1%.
 (``tvm_hapm.rtl.synth``, the accumulator buffer set aside because Yosys cannot map its
 ``num_arrays + 1`` write ports to block RAM), then the cheapest accumulator structure that keeps
 the ISA and the cycles added (``buffer_costs``, ``with_buffer``); ``fits`` is for that total,
-``fits_without_accumulator`` for the rest alone.  See ``docs/resources.md``.
+``fits_without_accumulator`` for the rest alone.  See ``docs/resources.md``.  The same counts
+go to the energy model's table, ``tvm_hapm/data/rtl_resources.json``
+(``tvm_hapm.rtl.resources``).
 """
 
 from __future__ import annotations
@@ -181,6 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         payload["resources"] = _resources(console)
     write_json(RESULTS, payload)
     console.print(f"wrote {RESULTS}")
+    if not args.quick:
+        from tvm_hapm.rtl.resources import table_from_rtl_record, write_resource_table
+        from tvm_hapm.target.config import PRESETS
+
+        path = write_resource_table(table_from_rtl_record(payload, PRESETS))
+        console.print(f"wrote {path}")
     return 0 if payload["bit_exact"] else 1
 
 
