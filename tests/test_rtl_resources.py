@@ -32,6 +32,7 @@ def test_presets_are_found_by_name_and_rtl_parameters():
     assert resources_of(ZED.replace(name="zed-copy")).source == "estimate"
     # what does not enter the RTL leaves the fingerprint alone
     assert config_fingerprint(ZED.replace(clock_mhz=200.0)) == config_fingerprint(ZED)
+    assert synthesized_resources(ZED.replace(energy_table="horowitz45")) is not None
     assert config_fingerprint(ZED.replace(part="xc7a35t")) is None  # no Zynq part
 
 
@@ -62,3 +63,6 @@ def test_estimate_follows_the_config():
     assert two.lut < base.lut and two.ff < base.ff and two.bram36 < base.bram36
     wide = estimate_resources(ZED.replace(array_cols=16, acc_buffer_bytes=128 * 1024, dsp_count=0))
     assert wide.dsp == base.dsp + 4 * 32 + 4 * 8  # the arrays double, 8 more ALU lanes
+    # 16-bit operands: one MAC per slice, the arrays' slices double
+    wide16 = estimate_resources(ZED.replace(act_bits=16, weight_bits=16, dsp_count=0))
+    assert wide16.dsp == base.dsp + 4 * 32
