@@ -108,8 +108,9 @@ _BRAM_PJ_PER_BIT_V5 = 21e-3 / 300e6 / 72 * 1e12
 _V5_NM, _V5_V = 65.0, 1.0
 _DS512 = "Xilinx DS512 v6.1 Table 41 (Virtex-5, XPE 11.1): 8Kx72 SP low power 21 mW @300 MHz"
 
-#: DDR3 at full bus utilisation: 70 pJ/bit, 40% of it background power (Malladi et al.,
-#: "Towards energy-proportional datacenter memory with mobile DRAM", ISCA 2012, section 2).
+#: DDR3 (1.5 V, 800 MHz) at full bus utilisation: 70 pJ/bit, 40% of it background power, up to
+#: 260 pJ/bit at low data rates (Malladi et al., "Towards energy-proportional datacenter memory
+#: with mobile DRAM", ISCA 2012: its DDR3 characterisation, "DDR3 energy characteristics").
 _DDR3_PJ_PER_BIT = 70.0
 _MALLADI = "Malladi et al., ISCA 2012: DDR3 70 pJ/bit at 100% bus utilisation"
 #: DDR3 and DDR4 supply voltages (JEDEC JESD79-3, JESD79-4).
