@@ -14,7 +14,8 @@ part's family (:func:`default_energy_table`), and ``horowitz45`` for a config wi
 ``HardwareConfig.energy`` overrides single keys.  ``docs/timing.md`` (section 5) has the tables,
 their sources and how every FPGA figure is derived; :data:`ENERGY_SOURCES` says it per key.
 
-The FPGA figures are estimates: the data sheets give the static power, nothing per operation.
+The FPGA figures are estimates: the data sheets give the static power, and no citable
+per-operation figure for these parts was found.
 The arithmetic is Horowitz's 45 nm figure times the FPGA/ASIC dynamic-power ratio Kuon and Rose
 measured, scaled to the node; the block RAM access comes from Xilinx's own XPE-based figure for
 Virtex-5, scaled to the node; the DRAM from a DDR3 measurement; the clock and logic terms are
@@ -132,8 +133,8 @@ def _node_scale(nm: float, volts: float, ref_nm: float, ref_volts: float) -> flo
 
 def _fpga_table(name: str, nm: float, vccint: float, node_source: str, dram: str, dram_v: float):
     """The table and sources of one FPGA family of node ``nm`` and core supply ``vccint``."""
-    asic = _node_scale(nm, vccint, _HOROWITZ_NM, _HOROWITZ_V) * _FPGA_ASIC_DYNAMIC_RATIO
-    mult8, add32, mult32 = (_HOROWITZ_TABLE[k] * asic for k in ("mult8", "add32", "mult32"))
+    from_asic45 = _node_scale(nm, vccint, _HOROWITZ_NM, _HOROWITZ_V) * _FPGA_ASIC_DYNAMIC_RATIO
+    mult8, add32, mult32 = (_HOROWITZ_TABLE[k] * from_asic45 for k in ("mult8", "add32", "mult32"))
     bram_bit = _BRAM_PJ_PER_BIT_V5 * _node_scale(nm, vccint, _V5_NM, _V5_V)
     dram_bit = _DDR3_PJ_PER_BIT * (dram_v / _DDR3_V) ** 2
     logic_bit = add32 / 32  # one bit of fabric logic switching, routing included
