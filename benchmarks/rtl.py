@@ -25,7 +25,8 @@ within 3%, networks within 1%.
 ``resources`` (not with ``--quick``): every preset's whole RTL synthesised with Yosys for its
 part (``tvm_hapm.rtl.synth``; the accumulator is banked by array, three two-port copies per bank,
 so Yosys maps it to block RAM or UltraRAM like the other buffers): LUT, FF, DSP, BRAM36 and
-URAM against the part's budget, and ``fits``.  See ``docs/resources.md``.
+URAM against the part's budget, and ``fits``.  See ``docs/resources.md``.  The same counts go to
+the energy model's table, ``tvm_hapm/data/rtl_resources.json`` (``tvm_hapm.rtl.resources``).
 """
 
 from __future__ import annotations
@@ -63,10 +64,15 @@ def _cosim(model, x, cfg, rtl) -> dict:
 
 
 def _entry(cfg, res) -> dict:
-    """The record of one preset: ``res`` (its whole RTL) against its part's budget."""
-    from tvm_hapm.rtl.synth import part_budget
+    """The record of one preset: ``res`` (its whole RTL) against its part's budget, and the
+    rest without the accumulator (``res`` less the block RAM or UltraRAM, flip-flops and LUTs
+    :func:`~tvm_hapm.rtl.synth.buffer_costs` gives the RTL's accumulator structure; what
+    ``tvm_hapm.rtl.resources.estimate_resources`` fits other configs to)."""
+    from tvm_hapm.rtl.synth import RTL_ACCUMULATOR, buffer_costs, part_budget
 
     budget = part_budget(cfg.part)
+    acc = next(c for c in buffer_costs(cfg) if c.buffer == "acc" and c.scheme == RTL_ACCUMULATOR)
+    on_uram = res.uram >= acc.uram > 0
     return {
         "part": cfg.part,
         "lut": res.lut_total,
@@ -77,7 +83,12 @@ def _entry(cfg, res) -> dict:
         "fits": res.fits(budget),
         "over": res.over_budget(budget),
         "family": res.family,
-        "accumulator": f"{cfg.num_arrays} banks (one per array), 3 two-port copies each",
+        "accumulator": RTL_ACCUMULATOR,
+        "without_accumulator": {
+            "lut": max(0, res.lut_total - acc.lut), "ff": max(0, res.ff - acc.ff),
+            "dsp": res.dsp, "bram36": res.bram36 - (0 if on_uram else acc.bram36),
+            "uram": res.uram - (acc.uram if on_uram else 0),
+        },
         "budget": {"lut": budget.lut, "ff": budget.ff, "dsp": budget.dsp,
                    "bram36": budget.bram36, "uram": budget.uram},
         "yosys_seconds": round(res.seconds, 1),
@@ -98,6 +109,20 @@ def _resources(console) -> dict:
     return out
 
 
+def _record_resources(console, payload: dict) -> None:
+    """Synthesise the presets into ``payload["resources"]`` and write ``payload`` and the
+    energy model's resource table (``tvm_hapm/data/rtl_resources.json``)."""
+    from tvm_hapm.rtl.resources import table_from_rtl_record, write_resource_table
+    from tvm_hapm.target.config import PRESETS
+
+    payload["resources"] = _resources(console)
+    payload["resources_meta"] = machine_info()
+    write_json(RESULTS, payload)
+    console.print(f"wrote {RESULTS}")
+    path = write_resource_table(table_from_rtl_record(payload, PRESETS))
+    console.print(f"wrote {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="the digits CNN and ResNet-20 only")
@@ -109,10 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     if args.resources_only:
         payload = read_json(RESULTS)
-        payload["resources"] = _resources(console)
-        payload["resources_meta"] = machine_info()
-        write_json(RESULTS, payload)
-        console.print(f"updated the resources of {RESULTS}")
+        _record_resources(console, payload)
         return 0 if all(r["fits"] for r in payload["resources"].values()) else 1
     cfg = get_config(PRESET)
     rtl = {cfg.name: RtlSimulator(cfg)}
@@ -175,10 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         "network_cycle_rel_diff": max(abs(r["network_cycle_rel_diff"]) for r in networks.values()),
         "networks": networks,
     }
-    if not args.quick:
-        payload["resources"] = _resources(console)
-    write_json(RESULTS, payload)
-    console.print(f"wrote {RESULTS}")
+    if args.quick:
+        write_json(RESULTS, payload)
+        console.print(f"wrote {RESULTS}")
+    else:
+        _record_resources(console, payload)
     return 0 if payload["bit_exact"] else 1
 
 

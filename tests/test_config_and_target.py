@@ -66,7 +66,7 @@ def test_invalid_field_is_named(field, value):
 
 def test_dsp_budget_is_enforced():
     with pytest.raises(HardwareConfigError, match="dsp_count"):
-        PRESETS["zybo-z7-10"].replace(num_arrays=8)
+        PRESETS["zybo-z7-10"].replace(num_arrays=16)  # 256 MACs, 80 DSP x 2
 
 
 def test_bad_json_and_unknown_fields_are_refused(tmp_path):

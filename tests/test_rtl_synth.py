@@ -10,6 +10,7 @@ import pytest
 from tvm_hapm.rtl.build import RtlToolError
 from tvm_hapm.rtl.synth import (
     PART_BUDGETS,
+    RTL_ACCUMULATOR,
     SynthesisError,
     block_ram_cost,
     buffer_costs,
@@ -145,7 +146,7 @@ def test_buffer_costs_of_zedboard():
     assert lvt.ff == 2048 * 3
     assert costs["acc", "flip-flops"].ff == 2048 * 256
     assert costs["acc", "flip-flops"].lut > 1_000_000  # eight 2048-to-1 read multiplexers
-    serial = costs["acc", "banked, serial ALU"]  # the one that fits zedboard's block RAM
+    serial = costs["acc", RTL_ACCUMULATOR]  # the RTL's, which fits zedboard's block RAM
     assert not serial.exact and serial.copies == 3 * 4 and serial.bram36 == 48
     assert not costs["acc", "copy per read port"].exact  # one writer only: a lower bound
     uram = {(c.buffer, c.scheme): c.uram for c in buffer_costs(get_config("zcu104"))}

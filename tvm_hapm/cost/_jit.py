@@ -153,7 +153,7 @@ IN_ROWS = ("nst", "npairs", "R", "C", "A", "B", "L", "ab", "wb", "n_cg", "n_kc",
            "cout", "cin", "groups", "kh", "kw", "ld_first", "g0t_first")  # fmt: skip
 #: Rows of :func:`timing`'s ``cfg``: the config's energy constants (``analytic._CFG_COLS``).
 CFG_ROWS = ("clock", "mac_pj", "add32", "mult32", "e_inp", "e_wgt", "e_acc", "e_dram",
-            "static_mw", "macs_per_cycle")  # fmt: skip
+            "background_mw", "macs_per_cycle")  # fmt: skip
 #: Rows of :func:`timing`'s ``out``: cycles, energy and the counts it computes.
 OUT_ROWS = ("mid_cycles", "mid_energy_uj", "macs_dense", "macs", "resident", "gemms",
             "gemm_rounds", "round_efficiency", "empty_steps", "step_nnz_cv", "empty_cob",
@@ -167,7 +167,7 @@ OUT_ROWS = ("mid_cycles", "mid_energy_uj", "macs_dense", "macs", "resident", "ge
 # rows of the pair columns (analytic._PCOLS32 and _PCOLS64)
 _P_ES, _P_CNT, _P_G0T, _P_WALU, _P_FK, _P_BIAS, _P_BST, _P_MAB, _P_A, _P_KB, _P_HID = range(11)
 _P_INDMA, _P_PORT, _P_SBOUND, _P_LD1, _P_SCHAIN = range(5)
-_CLOCK, _MAC_PJ, _ADD32, _MULT32, _E_INP, _E_WGT, _E_ACC, _E_DRAM, _STATIC, _MPC = range(
+_CLOCK, _MAC_PJ, _ADD32, _MULT32, _E_INP, _E_WGT, _E_ACC, _E_DRAM, _BACKGROUND, _MPC = range(
     len(CFG_ROWS)
 )
 (_O_CYC, _O_EN, _O_MDENSE, _O_MACS, _O_RES, _O_GEMMS, _O_GROUNDS, _O_REFF, _O_EST, _O_CV,
@@ -352,7 +352,7 @@ def timing(  # pragma: no cover - compiled
             + (gemms + w_blocks_loaded) * wgt_b * cfg[_E_WGT, q]
             + (acc_reads + acc_writes) * cfg[_E_ACC, q]
             + (np.trunc(dram_read * _ROUND_UP) + np.trunc(out_bytes * _ROUND_UP)) * cfg[_E_DRAM, q]
-        ) * 1e-6 + cfg[_STATIC, q] * latency_ms
+        ) * 1e-6 + cfg[_BACKGROUND, q] * latency_ms
         out[_O_CYC, q] = cycles
         out[_O_EN, q] = energy
         out[_O_MDENSE, q] = (

@@ -124,7 +124,8 @@ def _fraction(layer, config, sparsity) -> float:
 
 
 class CoarseModel(CostModel):
-    """``MACs / peak + bytes / bandwidth`` cycles; energy from MACs, DRAM bytes and static power.
+    """``MACs / peak + bytes / bandwidth`` cycles; energy from MACs, DRAM bytes and the static,
+    clock and logic power.
 
     Dense MACs are scaled by the fraction of non-zero blocks; bytes are the input, the non-zero
     weights and the output, each moved once.
@@ -141,15 +142,15 @@ class CoarseModel(CostModel):
                 layer.n * layer.cin * layer.h * layer.w, layer.n * layer.cout * layer.oh * layer.ow,
                 config.act_bytes, config.weight_bytes, config.macs_per_cycle,
                 config.dram_bytes_per_cycle, config.clock_mhz, em.mac_pj, em.dram_pj_per_byte,
-                em.table["static_mw"],
+                em.background_mw,
             ))  # fmt: skip
-        keep, macs, params, n_in, n_out, ab, wb, mpc, bpc, clock, mac_pj, dram_pj, static = (
+        keep, macs, params, n_in, n_out, ab, wb, mpc, bpc, clock, mac_pj, dram_pj, background = (
             np.array(rows, dtype=np.float64).reshape(-1, 13).T
         )
         macs = macs * keep
         nbytes = n_in * ab + params * wb * keep + n_out * ab
         cycles = macs / mpc + nbytes / bpc
-        energy = (macs * mac_pj + nbytes * dram_pj) * 1e-6 + static * cycles / clock / 1e3
+        energy = (macs * mac_pj + nbytes * dram_pj) * 1e-6 + background * cycles / clock / 1e3
         return np.stack([cycles, energy], axis=1)
 
 

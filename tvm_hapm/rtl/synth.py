@@ -47,6 +47,7 @@ from .params import config_header
 
 __all__ = [
     "PART_BUDGETS",
+    "RTL_ACCUMULATOR",
     "BufferCost",
     "PartBudget",
     "Resources",
@@ -431,6 +432,9 @@ def synthesize(
 
 
 # ----------------------------------------------------------------------------- buffer costs
+#: The :func:`buffer_costs` structure the RTL's accumulator (``hapm_acc_buf``) has.
+RTL_ACCUMULATOR = "banked by array (the RTL)"
+
 #: Simple-dual-port shapes (depth, width) of a 36 Kb and an 18 Kb block RAM: the same on
 #: 7-series (UG473) and UltraScale (UG573).  An UltraRAM is 4K x 72 (UG573).
 _BRAM36_SHAPES = ((32768, 1), (16384, 2), (8192, 4), (4096, 9), (2048, 18), (1024, 36), (512, 72))
@@ -515,8 +519,10 @@ def buffer_costs(config: HardwareConfig) -> list[BufferCost]:
         readers (array ``k``, store, ALU x 3) through a live-value table: ``10 A`` bank copies;
       - ``banked, compute waits``: as above, the compute module's writes to a bank wait while
         its array writes (a timing change too): ``5 A`` bank copies;
-      - ``banked, serial ALU``: as above, and the ALU reads its (up to three) operands one per
-        cycle: three readers per bank, ``3 A`` bank copies;
+      - ``banked by array (the RTL)``: as above, and the ALU reads two operands a cycle (its
+        destination through the array's copy, its source through one of its own; ADD_REQUANT's
+        multiplier once, before its loop), the store through a third: ``3 A`` bank copies.
+        :data:`RTL_ACCUMULATOR`, what ``hapm_acc_buf`` is;
       - ``interleaved banks``: the ISA unchanged, ``B`` banks interleaved by address (``B``, a
         power of two, at least the ``2 A + 5`` ports), one copy each; two accesses to one bank
         in a cycle stall (a timing change, which the compiler's placement can avoid).
@@ -567,8 +573,8 @@ def buffer_costs(config: HardwareConfig) -> list[BufferCost]:
              "ISA: array k accumulates in bank k", ff=D, lut=(4 * mux(A) + 5 * A) * W),
         cost("acc", "banked, compute waits", 5 * A, W, bank, False,
              "ISA: array k in bank k; timing: compute writes wait", lut=4 * W * mux(A)),
-        cost("acc", "banked, serial ALU", 3 * A, W, bank, False,
-             "ISA: array k in bank k; timing: compute writes wait, ALU operands one a cycle",
+        cost("acc", RTL_ACCUMULATOR, 3 * A, W, bank, False,
+             "ISA: array k in bank k, one multiplier per ADD_REQUANT; timing: compute waits",
              lut=2 * W * mux(A)),
         cost("acc", "interleaved banks", banks, W, max(1, D // banks), False,
              f"timing: {banks} banks, a bank conflict stalls",

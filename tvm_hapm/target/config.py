@@ -26,6 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .energy_tables import (
+    ENERGY_KEYS,
+    ENERGY_TABLES,
+    HOROWITZ45,
+    default_energy_table,
+    part_static_power,
+)
+
 __all__ = [
     "ALU_LATENCY",
     "DMA_REQUEST_CYCLES",
@@ -33,8 +41,6 @@ __all__ = [
     "LOAD_DONE_CYCLES",
     "STORE_DONE_CYCLES",
     "STORE_FIRST_BEAT_CYCLES",
-    "DEFAULT_ENERGY_PJ",
-    "ENERGY_SOURCES",
     "HardwareConfig",
     "HardwareConfigError",
     "PRESETS",
@@ -43,32 +49,6 @@ __all__ = [
     "add_config",
     "list_configs",
 ]
-
-
-#: Default per-event energies in picojoules (``static_mw``: milliwatts, ``None`` = derived from
-#: the array size, see :meth:`tvm_hapm.runtime.energy.EnergyModel.default_static_mw`).
-DEFAULT_ENERGY_PJ: dict = {
-    "mult8": 0.2,  # 8-bit integer multiply
-    "add32": 0.1,  # 32-bit integer add
-    "mult32": 3.1,  # 32-bit integer multiply
-    "sram_8kb": 10.0,  # 64-bit read of an 8 KB SRAM
-    "sram_32kb": 20.0,  # 64-bit read of a 32 KB SRAM
-    "sram_1mb": 100.0,  # 64-bit read of a 1 MB SRAM
-    "dram_64b": 2000.0,  # 64-bit DRAM access (1.3-2.6 nJ)
-    "static_mw": None,  # static power, mW
-}
-
-#: Where each default comes from.
-ENERGY_SOURCES: dict = {
-    "mult8": "Horowitz, ISSCC 2014, 45 nm: 8-bit int multiply 0.2 pJ",
-    "add32": "Horowitz, ISSCC 2014, 45 nm: 32-bit int add 0.1 pJ",
-    "mult32": "Horowitz, ISSCC 2014, 45 nm: 32-bit int multiply 3.1 pJ",
-    "sram_8kb": "Horowitz, ISSCC 2014, 45 nm: 64-bit read, 8 KB SRAM 10 pJ",
-    "sram_32kb": "Horowitz, ISSCC 2014, 45 nm: 64-bit read, 32 KB SRAM 20 pJ",
-    "sram_1mb": "Horowitz, ISSCC 2014, 45 nm: 64-bit read, 1 MB SRAM 100 pJ",
-    "dram_64b": "Horowitz, ISSCC 2014, 45 nm: DRAM 1.3-2.6 nJ per 64-bit access (midpoint ~2 nJ)",
-    "static_mw": "assumption (not from Horowitz): 50 mW + 0.25 mW per MAC cell",
-}
 
 
 def _is_number(value) -> bool:
@@ -144,8 +124,13 @@ class HardwareConfig:
         Dynamic Sparsity Bypass: the hardware skips a GEMM whose weight block is all zero.
     dsb_check_cycles : int
         Cycles the bypass logic spends checking one weight block.
+    energy_table : str
+        The table of per-event energies (``tvm_hapm.target.energy_tables.ENERGY_TABLES``):
+        ``horowitz45`` (45 nm ASIC), ``xilinx-7series-28nm``, ``zynq-ultrascale-plus-16nm``;
+        empty: the table of the part's family (``horowitz45`` without a part).  See
+        ``docs/timing.md``, section 5.
     energy : dict
-        Per-event energies in picojoules (see ``docs/timing.md``); missing keys take defaults.
+        Overrides of single keys of the table (picojoules; ``static_mw`` in milliwatts).
     """
 
     name: str = "custom"
@@ -166,6 +151,7 @@ class HardwareConfig:
     dram_latency_cycles: int = 32
     dsb_enabled: bool = True
     dsb_check_cycles: int = 1
+    energy_table: str = ""
     energy: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -238,20 +224,41 @@ class HardwareConfig:
                 f"{self.macs_per_cycle} MACs/cycle, more than {self.dsp_count} DSPs x "
                 f"{self.macs_per_dsp} MACs each",
             )
+        need(isinstance(self.part, str), "part", "must be a string (a Xilinx part name)")
+        need(
+            isinstance(self.energy_table, str)
+            and (self.energy_table == "" or self.energy_table in ENERGY_TABLES),
+            "energy_table",
+            f"must be empty (the part's family) or one of {sorted(ENERGY_TABLES)}",
+        )
         need(isinstance(self.energy, dict), "energy", "must be a mapping of event -> pJ")
         for key, val in self.energy.items():
             need(
-                key in DEFAULT_ENERGY_PJ,
+                key in ENERGY_KEYS,
                 "energy",
-                f"unknown energy key {key!r}; known keys: {sorted(DEFAULT_ENERGY_PJ)}",
+                f"unknown energy key {key!r}; known keys: {sorted(ENERGY_KEYS)}",
             )
             need(
                 _is_number(val) and val >= 0,
                 "energy",
                 f"energy[{key!r}] must be a finite non-negative number",
             )
+        need(
+            self.resolved_energy_table == HOROWITZ45
+            or "static_mw" in self.energy
+            or part_static_power(self.part) is not None,
+            "energy_table",
+            f"table {self.resolved_energy_table!r} takes the static power of the part, and "
+            f"part {self.part!r} has none in tvm_hapm.target.energy_tables.PART_STATIC_POWER: "
+            "set energy={'static_mw': ...}",
+        )
 
     # ------------------------------------------------------------------ derived constants
+    @property
+    def resolved_energy_table(self) -> str:
+        """``energy_table``, or when empty the table of the part's family."""
+        return self.energy_table or default_energy_table(self.part)
+
     @property
     def weight_bytes(self) -> int:
         return self.weight_bits // 8
@@ -391,9 +398,12 @@ class HardwareConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Presets modelled on real Zynq boards.  MAC counts respect the DSP budget (two int8 MACs per
-# DSP48 slice); buffer sizes take roughly half of the part's block RAM; DRAM bandwidth is one
-# AXI HP port (64 bit on Zynq-7000, 128 bit on Zynq UltraScale+) at the accelerator clock.
+# Presets modelled on real Zynq boards, each sized so that the RTL fits the part (Yosys
+# synth_xilinx of tvm_hapm/rtl, docs/resources.md: zybo-z7-10 and zedboard take 70-96% of the
+# block RAM, zcu104 78% of the block RAM and 67% of the UltraRAM; every LUT and DSP count below
+# 90%).  Two int8 MACs per DSP48 slice.  DRAM bandwidth is one AXI HP port (64 bit on
+# Zynq-7000, 128 bit on Zynq UltraScale+) at the accelerator clock, 32 bit on the Zybo, whose
+# 4 x 4 arrays move 4-byte entries.
 PRESETS: dict[str, HardwareConfig] = {
     cfg.name: cfg
     for cfg in (
@@ -403,12 +413,12 @@ PRESETS: dict[str, HardwareConfig] = {
             part="xc7z010clg400-1",
             dsp_count=80,
             num_arrays=2,
-            array_rows=8,
-            array_cols=8,
+            array_rows=4,
+            array_cols=4,
             inp_buffer_bytes=32 * 1024,
             wgt_buffer_bytes=32 * 1024,
-            acc_buffer_bytes=32 * 1024,
-            dram_bytes_per_cycle=8,
+            acc_buffer_bytes=16 * 1024,
+            dram_bytes_per_cycle=4,
             clock_mhz=100.0,
         ),
         HardwareConfig(
@@ -433,9 +443,9 @@ PRESETS: dict[str, HardwareConfig] = {
             num_arrays=8,
             array_rows=16,
             array_cols=16,
-            inp_buffer_bytes=512 * 1024,
-            wgt_buffer_bytes=512 * 1024,
-            acc_buffer_bytes=512 * 1024,
+            inp_buffer_bytes=256 * 1024,
+            wgt_buffer_bytes=256 * 1024,
+            acc_buffer_bytes=256 * 1024,
             dram_bytes_per_cycle=16,
             clock_mhz=200.0,
         ),

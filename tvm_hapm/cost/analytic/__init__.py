@@ -29,7 +29,7 @@ from the non-zero block mask, and prices each step with the costs of ``docs/timi
 
 The event counts (MACs, buffer and DRAM bytes, ALU lanes) are exact for the mask given and feed
 :class:`tvm_hapm.runtime.energy.EnergyModel`, so the mid energy differs from the simulator's
-only through the latency (static energy).
+only through the latency (the static, clock and logic energy).
 """
 
 from __future__ import annotations

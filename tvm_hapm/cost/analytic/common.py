@@ -38,10 +38,12 @@ _ENERGY_MODELS: dict = {}
 
 
 def energy_model_of(cfg: HardwareConfig) -> EnergyModel:
-    key = (
-        cfg.act_bits, cfg.weight_bits, cfg.inp_buffer_bytes, cfg.wgt_buffer_bytes,
-        cfg.acc_buffer_bytes, cfg.macs_per_cycle, tuple(sorted(cfg.energy.items())),
-    )  # fmt: skip
+    """The :class:`EnergyModel` of ``cfg``, one per distinct config (every field: the table, the
+    part, the clock and the RTL parameters all enter its energies)."""
+    key = tuple(
+        tuple(sorted(v.items())) if isinstance(v, dict) else v
+        for v in (getattr(cfg, f.name) for f in dataclasses.fields(cfg))
+    )
     em = _ENERGY_MODELS.get(key)
     if em is None:
         if len(_ENERGY_MODELS) > 256:

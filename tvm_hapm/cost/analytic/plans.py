@@ -405,13 +405,13 @@ def cfg_row(cfg: HardwareConfig) -> tuple:
     return (
         cfg.clock_mhz, em.mac_pj, t["add32"], t["mult32"],
         em.sram_pj_per_byte(cfg.inp_buffer_bytes), em.sram_pj_per_byte(cfg.wgt_buffer_bytes),
-        em.sram_pj_per_byte(cfg.acc_buffer_bytes), em.dram_pj_per_byte, t["static_mw"],
+        em.sram_pj_per_byte(cfg.acc_buffer_bytes), em.dram_pj_per_byte, em.background_mw,
         cfg.act_bits, cfg.weight_bits, cfg.macs_per_cycle,
     )  # fmt: skip
 
 
 CFG_COLS = ("clock", "mac_pj", "add32", "mult32", "e_inp", "e_wgt", "e_acc", "e_dram",
-             "static_mw", "act_bits", "weight_bits", "macs_per_cycle")  # fmt: skip
+             "background_mw", "act_bits", "weight_bits", "macs_per_cycle")  # fmt: skip
 
 
 def excl_cumsum(a: np.ndarray) -> np.ndarray:

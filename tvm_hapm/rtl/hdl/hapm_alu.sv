@@ -42,36 +42,36 @@ module hapm_alu (
                                        input logic signed [31:0] d,
                                        input logic signed [31:0] s,
                                        input logic signed [31:0] m);
-    logic signed [31:0] sum, a, b, lo;
-    logic signed [63:0] prod, x, scaled;
+    logic signed [32:0] rounded;
+    logic signed [63:0] prod, scaled;
+    logic signed [31:0] a, b, lo;
     logic [5:0] k;
-    // One adder serves ADD and ADD_REQUANT's d + s; one 32 x 32 -> 64-bit multiplier MUL,
-    // REQUANT and ADD_REQUANT (four DSP slices per lane instead of eleven): MUL d * s, REQUANT
-    // d * s, ADD_REQUANT (d + s) * m; one rounding shift SHR (of d, by s) and the
-    // requantizations (of the product, by the immediate's shift).
-    sum = d + s;
-    a = op == `HAPM_ALU_ADD_REQUANT ? sum : d;
+    // One 32 x 32 -> 64-bit multiplier serves MUL, REQUANT and ADD_REQUANT (four DSP slices
+    // per lane instead of eleven): MUL d * s, REQUANT d * s, ADD_REQUANT (d + s) * m.
+    a = op == `HAPM_ALU_ADD_REQUANT ? d + s : d;
     b = op == `HAPM_ALU_ADD_REQUANT ? m : s;
     prod = 64'(a) * 64'(b);
-    x = op == `HAPM_ALU_SHR ? 64'(d) : prod;
-    k = op == `HAPM_ALU_SHR ? s[5:0] : imm[5:0];
-    // round half up: |x| <= 2^62 and the rounding term <= 2^61, no overflow in 64 bits; for SHR
-    // by k in [1, 31] the result fits 32 bits
-    scaled = (x + (64'sd1 <<< (k - 6'd1))) >>> k;
     lane = {1'b0, d};
     case (op)
-      `HAPM_ALU_ADD: lane[31:0] = sum;
+      `HAPM_ALU_ADD: lane[31:0] = d + s;
       `HAPM_ALU_MUL: lane[31:0] = prod[31:0];  // the low 32 bits of the exact product
       `HAPM_ALU_SHR: begin
         if (s < 0 || s > 31) lane[32] = 1'b1;
-        else if (s != 0) lane[31:0] = scaled[31:0];
+        else if (s != 0) begin
+          k = s[5:0];
+          rounded = (33'(d) + (33'sd1 <<< (k - 6'd1))) >>> k;  // round half up
+          lane[31:0] = rounded[31:0];
+        end
       end
       `HAPM_ALU_MIN: lane[31:0] = d < s ? d : s;
       `HAPM_ALU_MAX: lane[31:0] = d > s ? d : s;
       `HAPM_ALU_RELU: lane[31:0] = d > 0 ? d : 0;
       default: begin  // REQUANT: d * s; ADD_REQUANT: (d + s) * m, then ReLU if asked
+        k = imm[5:0];
         lo = ACT_MIN;
         if (op == `HAPM_ALU_ADD_REQUANT && (imm & `HAPM_REQUANT_RELU) != 0 && lo < 0) lo = 0;
+        // |prod| <= 2^62 and the rounding term <= 2^61: no overflow in 64 bits
+        scaled = (prod + (64'sd1 <<< (k - 6'd1))) >>> k;
         lane[31:0] = scaled < 64'(lo) ? lo : scaled > 64'(ACT_MAX) ? ACT_MAX : scaled[31:0];
       end
     endcase
