@@ -4,6 +4,8 @@ Run from the repository root (needs Verilator; Yosys for ``--resources``)::
 
     python benchmarks/rtl.py                 # results/rtl.json
     python benchmarks/rtl.py --quick         # the digits CNN and ResNet-20 only
+    python benchmarks/rtl.py --skip-synthesis   # every network, the recorded resources kept
+    python benchmarks/rtl.py --resources-only   # only the presets' synthesis
 
 Every accelerator layer of one inference is run on the RTL (Verilator) and on the Python
 simulator with the same DRAM contents (``tvm_hapm.rtl.cosimulate_model``): the DRAM slots must
@@ -130,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         "--resources-only", action="store_true",
         help="only the synthesis of the presets: update the resources of results/rtl.json",
     )  # fmt: skip
+    ap.add_argument(
+        "--skip-synthesis", action="store_true",
+        help="every network, but keep the resources results/rtl.json records",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     console = Console()
     if args.resources_only:
@@ -197,7 +203,12 @@ def main(argv: list[str] | None = None) -> int:
         "network_cycle_rel_diff": max(abs(r["network_cycle_rel_diff"]) for r in networks.values()),
         "networks": networks,
     }
-    if args.quick:
+    if args.quick or args.skip_synthesis:
+        if args.skip_synthesis and RESULTS.exists():
+            old = read_json(RESULTS)
+            for key in ("resources", "resources_meta"):
+                if key in old:
+                    payload[key] = old[key]
         write_json(RESULTS, payload)
         console.print(f"wrote {RESULTS}")
     else:

@@ -46,7 +46,8 @@ def test_estimate_within_tolerance_of_the_synthesis(name):
     """The estimate against each preset's Yosys counts: DSP slices exact, block RAM within 5%
     (on Zynq UltraScale+ block RAM and UltraRAM together, an UltraRAM as eight BRAM36: Yosys
     splits the buffers between them, the estimate puts them all in block RAM), LUTs and
-    flip-flops within 10% (a line through the presets: a check of its fit)."""
+    flip-flops within 10% (an interpolation through the presets in MACs and ALU lanes: a
+    consistency check of the fit, not a validation)."""
     cfg = PRESETS[name]
     est, syn = estimate_resources(cfg), synthesized_resources(cfg)
     assert est.source == "estimate" and syn.source == "synthesis"

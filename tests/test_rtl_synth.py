@@ -150,7 +150,7 @@ def test_buffer_costs_of_zedboard():
     assert not serial.exact and serial.copies == 3 * 4 and serial.bram36 == 48
     assert not costs["acc", "copy per read port"].exact  # one writer only: a lower bound
     uram = {(c.buffer, c.scheme): c.uram for c in buffer_costs(get_config("zcu104"))}
-    assert uram["inp", "copy per read port"] == 8 * 16
+    assert uram["inp", "copy per read port"] == 8 * 8  # 256 KB: 4096 x 128 bits, 2 x 4 URAM
 
 
 def test_with_buffer_replaces_the_black_box():
@@ -161,8 +161,12 @@ def test_with_buffer_replaces_the_black_box():
     assert total.bram36 == rest.bram36 + 580 and total.ff == rest.ff + 6144
     assert "BRAM36" in total.over_budget(part_budget("xc7z020"))
     zcu = next(c for c in buffer_costs(get_config("zcu104")) if c.scheme == "live-value table")
-    on_uram = with_buffer(parse_stat(STAT_TEXT, family="xcup"), zcu)  # UltraRAM by default
-    assert on_uram.uram == zcu.uram == 9 * 12 * 16 and on_uram.bram36 == rest.bram36
+    on_uram = with_buffer(parse_stat(STAT_TEXT, family="xcup"), zcu, uram=True)
+    assert on_uram.uram == zcu.uram == 9 * 12 * 8 and on_uram.bram36 == rest.bram36
+    # the RTL's banks (512 x 512 bits) waste seven eighths of an UltraRAM: block RAM instead
+    rtl = next(c for c in buffer_costs(get_config("zcu104")) if c.scheme == RTL_ACCUMULATOR)
+    on_bram = with_buffer(parse_stat(STAT_TEXT, family="xcup"), rtl)
+    assert on_bram.uram == 0 and on_bram.bram36 == rest.bram36 + rtl.bram36 == rest.bram36 + 180
 
 
 @needs_yosys

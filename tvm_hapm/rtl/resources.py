@@ -19,7 +19,9 @@ The estimate takes the RTL's structure where it is known and fits the rest to th
 * block RAM (36 Kb): the input buffer once per array, the weight buffer once
   (:func:`tvm_hapm.rtl.synth.block_ram_cost`), plus the presets' mean remainder (the instruction
   queues); all in block RAM, none in UltraRAM;
-* LUTs and flip-flops: ``a + b * macs_per_cycle``, least squares over the presets;
+* LUTs and flip-flops: ``a + b * macs_per_cycle + c * array_cols`` (the arrays, and the ALU's
+  lanes and the entry widths), least squares over the presets: with three presets an
+  interpolation through them, not a validated model;
 * the accumulator: :func:`tvm_hapm.rtl.synth.buffer_costs` of the table's structure, added by
   :func:`tvm_hapm.rtl.synth.with_buffer` (UltraRAM on Zynq UltraScale+).
 
@@ -212,7 +214,8 @@ def _fit(table: dict, presets: dict) -> _Fit:
             "configs: refresh it (python -m tvm_hapm.rtl.resources benchmarks/results/rtl.json)"
         )
     macs = np.array([cfg.macs_per_cycle for cfg, _ in rows], np.float64)
-    design = np.stack([np.ones_like(macs), macs], axis=1)
+    lanes = np.array([cfg.array_cols for cfg, _ in rows], np.float64)
+    design = np.stack([np.ones_like(macs), macs, lanes], axis=1)
 
     def line(kind):
         y = np.array([e["without_accumulator"][kind] for _, e in rows], np.float64)
@@ -275,9 +278,14 @@ def estimate_resources(
         family = yosys_family(config.part)
     except SynthesisError:  # not a Zynq part: no UltraRAM
         family = ""
+    lanes = config.array_cols
+
+    def line(coef):
+        return max(0, round(coef[0] + coef[1] * macs + coef[2] * lanes))
+
     rest = Resources(
-        lut=max(0, round(fit.lut[0] + fit.lut[1] * macs)),
-        ff=max(0, round(fit.ff[0] + fit.ff[1] * macs)),
+        lut=line(fit.lut),
+        ff=line(fit.ff),
         dsp=_array_dsps(config) + ALU_LANE_DSPS * config.array_cols + round(fit.dsp_rest),
         bram36=_buffer_bram36(config) + fit.bram36_rest,
         family=family,

@@ -586,10 +586,11 @@ def with_buffer(res: Resources, cost: BufferCost, uram: bool | None = None) -> R
     """``res`` of a design synthesised with ``hapm_acc_buf`` as a black box, plus the memory
     ``cost`` says the accumulator takes (the black box leaves :attr:`Resources.unmapped`).
 
-    ``uram`` chooses UltraRAM instead of block RAM for it (default: when the family has it).
+    ``uram`` chooses UltraRAM instead of block RAM for it (default: when the family has it and
+    it takes less silicon, an UltraRAM counting as eight BRAM36 as in 36 Kb terms).
     """
     if uram is None:
-        uram = res.family == "xcup"
+        uram = res.family == "xcup" and 0 < cost.uram * 8 < cost.bram36
     unmapped = {k: v for k, v in res.unmapped.items() if k != "hapm_acc_buf"}
     return Resources(
         lut=res.lut + cost.lut,
