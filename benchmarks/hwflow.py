@@ -90,11 +90,12 @@ def run_model(name, args, cfg, log=print, done=None) -> dict:
                      "int8_test_accuracy": dense_test.accuracy, "sim_latency_ms": d_lat,
                      "sim_energy_uj": d_en}, "runs": dict(done or {})}  # fmt: skip
     t0 = time.perf_counter()
-    base = hwflow.HWFlowEnv(
-        model, train, cfg, args.objective, args.max_drop, "coarse", seed=args.seed,
-        reconstruct=True, recal_size=args.recal_size, calibration_percentile=pct,
-        finetune_steps=args.finetune_steps, engine=args.engine, val_data=val,
+    options = hwflow.EnvOptions(
+        objective=args.objective, max_accuracy_drop=args.max_drop, level="coarse",
+        seed=args.seed, reconstruct=True, recal_size=args.recal_size,
+        calibration_percentile=pct, finetune_steps=args.finetune_steps, engine=args.engine,
     )  # fmt: skip
+    base = hwflow.HWFlowEnv(model, train, cfg, options, val_data=val)
     log(f"[{name}] environment: {time.perf_counter() - t0:.0f} s")
     runs = [("rl", lv) for lv in args.levels]
     runs += [(m, args.baseline_level) for m in ("greedy", "uniform", "per_mac")]

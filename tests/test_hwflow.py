@@ -14,7 +14,15 @@ from tvm_hapm.data import load_bundled_model, load_digits
 def setup():
     x, y, xt, yt = load_digits(16, 1)
     model = load_bundled_model(1)
-    env = hwflow.HWFlowEnv(model, (x, y), "zedboard", "latency", 2.0, "mid", val_size=300)
+    env = hwflow.HWFlowEnv(
+        model,
+        (x, y),
+        "zedboard",
+        objective="latency",
+        max_accuracy_drop=2.0,
+        level="mid",
+        val_size=300,
+    )
     return model, (x, y, xt, yt), env
 
 
@@ -68,7 +76,15 @@ def test_deterministic(setup):
     model, data, _ = setup
     runs = []
     for _ in range(2):
-        env = hwflow.HWFlowEnv(model, data[:2], "zedboard", "energy", 2.0, "mid", val_size=300)
+        env = hwflow.HWFlowEnv(
+            model,
+            data[:2],
+            "zedboard",
+            objective="energy",
+            max_accuracy_drop=2.0,
+            level="mid",
+            val_size=300,
+        )
         r = hwflow.optimize(model, data[:2], method="rl", episodes=8, seed=3, env=env)
         runs.append((r.ratios, [c["reward"] for c in r.history]))
     assert runs[0] == runs[1]
@@ -87,7 +103,14 @@ def test_reconstruction_recovers_candidates_and_keeps_their_masks(setup):
 
     model, (x, y, _, _), bn_env = setup
     env = hwflow.HWFlowEnv(
-        model, (x, y), "zedboard", "latency", 2.0, "mid", val_size=300, reconstruct=True
+        model,
+        (x, y),
+        "zedboard",
+        objective="latency",
+        max_accuracy_drop=2.0,
+        level="mid",
+        val_size=300,
+        reconstruct=True,
     )
     idx = (0, 7, 5)  # 70% of conv3's hardware groups, 50% of the dense layer's
     assert env.dense_accuracy == bn_env.dense_accuracy  # the dense model is not touched
@@ -102,7 +125,15 @@ def test_reconstruction_recovers_candidates_and_keeps_their_masks(setup):
 @pytest.mark.parametrize("budget", [2.0, 10.0, 20.0])
 def test_bisection_finds_the_largest_feasible_ratio(setup, budget, allocation):
     model, data, _ = setup
-    env = hwflow.HWFlowEnv(model, data[:2], "zedboard", "latency", budget, "mid", val_size=300)
+    env = hwflow.HWFlowEnv(
+        model,
+        data[:2],
+        "zedboard",
+        objective="latency",
+        max_accuracy_drop=budget,
+        level="mid",
+        val_size=300,
+    )
     gi, best, used = hwflow.allocation_bisection(env, allocation, 10, allocation=allocation)
     assert used <= int(np.ceil(np.log2(len(env.grid))))
     # the full scan of the grid (the drop grows with the network-wide ratio on this model)
@@ -144,3 +175,17 @@ def test_int8_weight_grid_is_per_output_channel(setup):
         np.testing.assert_allclose(steps, np.round(steps), atol=1e-3)  # on the grid
         assert np.abs(rows_q - rows_w).max() <= s.max() / 2 + 1e-6  # rounded, not clipped
     assert env.dense_accuracy > 0.5  # the estimate with int8 weights still classifies
+
+
+def test_env_options_are_checked_when_made_and_changed_by_keyword(setup):
+    with pytest.raises(ValueError, match="objective"):
+        hwflow.EnvOptions(objective="power")
+    with pytest.raises(ValueError, match="level"):
+        hwflow.EnvOptions(level="rtl")
+    with pytest.raises(ValueError, match="grid"):
+        hwflow.EnvOptions(grid=(0.1, 0.5))
+    opt = hwflow.EnvOptions(grid=(0.5, 0.0, 0.5), skip=["conv1"])
+    assert opt.grid == (0.0, 0.5) and opt.skip == ("conv1",)
+    _, _, env = setup
+    assert env.options.level == "mid" and env.options.max_accuracy_drop == 2.0
+    assert env.with_level("coarse").options.level == "coarse"

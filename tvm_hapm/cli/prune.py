@@ -249,12 +249,13 @@ def cmd_optimize(args, console: Console) -> int:
             model = fix_batch(load_onnx(args.model), 1)
         with stage(progress, f"search ({args.method}, {args.level}, {args.episodes} episodes)"):
             try:
-                env = hwflow.HWFlowEnv(
-                    model, data[:2], cfg, args.objective, args.max_accuracy_drop, args.level,
-                    finetune_steps=args.search_finetune_steps, seed=args.seed,
-                    reconstruct=args.reconstruct,
+                options = hwflow.EnvOptions(
+                    objective=args.objective, max_accuracy_drop=args.max_accuracy_drop,
+                    level=args.level, finetune_steps=args.search_finetune_steps,
+                    seed=args.seed, reconstruct=args.reconstruct,
                     calibration_percentile=args.calibration_percentile,
                 )  # fmt: skip
+                env = hwflow.HWFlowEnv(model, data[:2], cfg, options)
                 res = hwflow.optimize(
                     model,
                     data,

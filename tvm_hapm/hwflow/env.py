@@ -5,6 +5,7 @@ hardware cost tables of each level, the accuracy estimate and the candidates eva
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ __all__ = [
     "OBJECTIVES",
     "RECONSTRUCT_RIDGE",
     "Candidate",
+    "EnvOptions",
     "HWFlowEnv",
     "layer_initializers",
     "prune_onnx_per_layer",
@@ -87,6 +89,74 @@ def prune_onnx_per_layer(model: onnx.ModelProto, ratios: dict, config=None, crit
 
 
 # ------------------------------------------------------------------------------ environment
+@dataclass(frozen=True)
+class EnvOptions:
+    """How an :class:`HWFlowEnv` judges a candidate (one value object instead of the
+    constructor's twenty arguments; ``HWFlowEnv(..., options, **changes)`` changes some).
+
+    Attributes
+    ----------
+    objective : {"latency", "energy"}
+        What the hardware cost of a candidate is.
+    max_accuracy_drop : float
+        Accuracy points a feasible candidate may lose on the validation split.
+    level : {"coarse", "mid", "fine", "sim"}
+        The hardware model (:data:`LEVELS`).
+    grid : tuple of float
+        The per-layer ratios, from 0 and below 1.
+    penalty : float
+        Weight of the budget violation in the reward.
+    skip : tuple of str
+        Layers kept dense.
+    seed : int
+        Seed of the validation split and the searches' draws.
+    val_size : int
+        Images taken out of the training data for validation (without ``val_data``).
+    recalibrate_bn, recal_size : bool, int
+        Re-estimate batch-norm statistics on ``recal_size`` images of each candidate.
+    finetune_steps, finetune_lr : int, float or None
+        Fine-tuning of each candidate (0 steps: none).
+    reconstruct, reconstruct_rows, reconstruct_ridge : bool, int, float
+        Layer-wise least-squares reconstruction of each candidate (see :class:`HWFlowEnv`).
+    int8_weights : bool
+        Measure accuracy with the weights on the accelerator's grid.
+    calibration_percentile : float or None
+        The quantizer's activation calibration for :func:`finalize`'s int8 accuracy.
+    engine : {"auto", "torch", "tvm"}
+        What measures accuracy and fine-tunes (:func:`tvm_hapm.flow.resolve_engine`).
+    """
+
+    objective: str = "latency"
+    max_accuracy_drop: float = 1.0
+    level: str = "fine"
+    grid: tuple = DEFAULT_GRID
+    penalty: float = 1.0
+    skip: tuple = ()
+    seed: int = 0
+    val_size: int = 300
+    recalibrate_bn: bool = True
+    recal_size: int = 256
+    finetune_steps: int = 0
+    finetune_lr: float | None = None
+    reconstruct: bool = False
+    reconstruct_rows: int = 4096
+    reconstruct_ridge: float = RECONSTRUCT_RIDGE
+    int8_weights: bool = True
+    calibration_percentile: float | None = None
+    engine: str = "auto"
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
+        grid = tuple(sorted({float(g) for g in self.grid}))
+        if not grid or grid[0] != 0.0 or grid[-1] >= 1.0:
+            raise ValueError("the ratio grid must start at 0 and stay below 1")
+        object.__setattr__(self, "grid", grid)
+        object.__setattr__(self, "skip", tuple(self.skip))
+
+
 @dataclass
 class Candidate:
     """One evaluated per-layer ratio vector."""
@@ -125,31 +195,31 @@ class HWFlowEnv:
     data : tuple
         ``(x_train, y_train)``; a fixed ``val_size`` subset (seeded) is the validation split
         the accuracy is measured on, the rest is used for BN recalibration / fine-tuning.
-    reconstruct : bool
-        Recover each candidate with layer-wise least-squares reconstruction
-        (:func:`tvm_hapm.compress.reconstruct.reconstruct`, on ``recal_size`` images of the
-        non-validation
-        split) before measuring its accuracy, instead of BN recalibration alone.  HAPM groups
-        remove whole blocks of inputs, which costs far more accuracy before recovery than after
-        it; judging candidates unrecovered steers the search away from what fine-tuning would
-        make feasible.  About 10 s per new candidate for ResNet-20.
-    reconstruct_ridge : float
-        Ridge of the reconstruction (:data:`RECONSTRUCT_RIDGE`).
-    int8_weights : bool
-        Measure accuracy with every prunable weight rounded to the accelerator's weight grid
-        per output channel, as the quantizer does (batch norm folding scales a channel, which
-        does not change its rounding): a reconstruction that refits a heavily pruned layer can
-        leave outliers that only int8 reveals.
-    calibration_percentile : float, optional
-        The quantizer's activation calibration for :func:`finalize`'s int8 accuracy (None: the
-        maximum; see :data:`tvm_hapm.passes.quantize.DEFAULT_PERCENTILE`).
-    engine : {"auto", "torch", "tvm"}
-        What measures accuracy and fine-tunes (:func:`tvm_hapm.flow.resolve_engine`): PyTorch
-        (:class:`tvm_hapm.torch.OnnxModule`, :func:`tvm_hapm.flow.finetune`) when installed,
-        else NumPy and TVM.  Reconstruction and batch-norm recalibration run in NumPy.
+    config : HardwareConfig or str, optional
+        The accelerator (default: the default preset).
+    options : EnvOptions, optional
+        How candidates are judged and recovered (default: ``EnvOptions()``); keyword
+        ``changes`` replace some of its fields (``HWFlowEnv(m, d, "zedboard", level="mid")``).
+    fine_model : FineModel, optional
+        The fine level's model (default: the bundled one).
     val_data : tuple, optional
         ``(x_val, y_val)``: a validation split of its own (e.g. Fashion-MNIST's) instead of
         ``val_size`` images taken out of ``data``; all of ``data`` is then used for recovery.
+
+    Notes
+    -----
+    ``reconstruct`` recovers each candidate with layer-wise least-squares reconstruction
+    (:func:`tvm_hapm.compress.reconstruct.reconstruct`, on ``recal_size`` images of the
+    non-validation split) before measuring its accuracy, instead of BN recalibration alone.
+    HAPM groups remove whole blocks of inputs, which costs far more accuracy before recovery
+    than after it; judging candidates unrecovered steers the search away from what fine-tuning
+    would make feasible.  About 10 s per new candidate for ResNet-20.  ``int8_weights`` measures
+    accuracy with every prunable weight rounded to the accelerator's weight grid per output
+    channel, as the quantizer does (batch norm folding scales a channel, which does not change
+    its rounding): a reconstruction that refits a heavily pruned layer can leave outliers that
+    only int8 reveals.  ``engine`` chooses PyTorch (:class:`tvm_hapm.torch.OnnxModule`,
+    :func:`tvm_hapm.flow.finetune`) when installed, else NumPy and TVM; reconstruction and
+    batch-norm recalibration run in NumPy.
     """
 
     def __init__(
@@ -157,71 +227,52 @@ class HWFlowEnv:
         model: onnx.ModelProto,
         data,
         config=None,
-        objective: str = "latency",
-        max_accuracy_drop: float = 1.0,
-        level: str = "fine",
-        grid=DEFAULT_GRID,
-        val_size: int = 300,
-        recalibrate_bn: bool = True,
-        recal_size: int = 256,
-        finetune_steps: int = 0,
-        finetune_lr: float | None = None,
-        skip=(),
-        seed: int = 0,
-        penalty: float = 1.0,
+        options: EnvOptions | None = None,
+        *,
         fine_model=None,
-        reconstruct: bool = False,
-        reconstruct_rows: int = 4096,
-        calibration_percentile: float | None = None,
-        reconstruct_ridge: float = RECONSTRUCT_RIDGE,
-        int8_weights: bool = True,
-        engine: str = "auto",
         val_data=None,
+        **changes,
     ):
         from ..data import set_batch
         from ..target.config import get_config
 
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        if level not in LEVELS:
-            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+        opt = dataclasses.replace(options or EnvOptions(), **changes)
+        self.options = opt
         self.config = get_config(config)
         self.model = set_batch(model, 1)
-        self.objective, self.level = objective, level
-        self.budget = float(max_accuracy_drop)
-        self.grid = np.asarray(sorted(set(float(g) for g in grid)), float)
-        if self.grid[0] != 0.0 or self.grid[-1] >= 1.0:
-            raise ValueError("the ratio grid must start at 0 and stay below 1")
-        self.penalty = float(penalty)
-        self.finetune_steps, self.finetune_lr = int(finetune_steps), finetune_lr
-        self.engine = flow.resolve_engine(engine)
-        self.recalibrate_bn = bool(recalibrate_bn)
-        self.reconstruct = bool(reconstruct)
-        self.reconstruct_rows = int(reconstruct_rows)
-        self.calibration_percentile = calibration_percentile
-        self.reconstruct_ridge = float(reconstruct_ridge)
-        self.int8_weights = bool(int8_weights)
+        self.objective, self.level = opt.objective, opt.level
+        self.budget = float(opt.max_accuracy_drop)
+        self.grid = np.asarray(opt.grid, float)
+        self.penalty = float(opt.penalty)
+        self.finetune_steps, self.finetune_lr = int(opt.finetune_steps), opt.finetune_lr
+        self.engine = flow.resolve_engine(opt.engine)
+        self.recalibrate_bn = bool(opt.recalibrate_bn)
+        self.reconstruct = bool(opt.reconstruct)
+        self.reconstruct_rows = int(opt.reconstruct_rows)
+        self.calibration_percentile = opt.calibration_percentile
+        self.reconstruct_ridge = float(opt.reconstruct_ridge)
+        self.int8_weights = bool(opt.int8_weights)
         self._recovered: dict = {}  # ratio indices -> reconstructed ONNX model
-        self.seed = int(seed)
+        self.seed = int(opt.seed)
         x, y = data
         if val_data is None:
-            val, rest = validation_split(len(x), val_size, seed)
+            val, rest = validation_split(len(x), opt.val_size, opt.seed)
             self.x_val, self.y_val = x[val], y[val]
             self.x_tune, self.y_tune = x[rest], y[rest]
         else:
             self.x_val, self.y_val = val_data
             self.x_tune, self.y_tune = x, y
-        self.x_recal = self.x_tune[:recal_size]
+        self.x_recal = self.x_tune[: opt.recal_size]
         self.net = NumpyNet(self.model)
         self.layers, self.weight_names, self._mod = layer_initializers(self.model)
         self.names = [lay["layer"] for lay in self.layers]
-        self.skip = set(skip)
+        self.skip = set(opt.skip)
         self._build_masks()
         self._build_features()
         self.fine_model = fine_model
         t0 = time.perf_counter()
         self.tables = {}
-        self.table(level)
+        self.table(opt.level)
         self.table_seconds = time.perf_counter() - t0
         self._acc_cache: dict = {}
         self._allocations: dict = {}  # (allocation, grid index) -> ratio indices or None
@@ -515,6 +566,7 @@ class HWFlowEnv:
             raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
         other = copy.copy(self)
         other.level = level
+        other.options = dataclasses.replace(self.options, level=level)
         other.table(level)
         other.history = []
         other.dense_cost = other.cost(tuple([0] * self.n))

@@ -11,7 +11,7 @@ import onnx
 
 from ..compress import flow
 from ..compress.flow import simulate
-from .env import HWFlowEnv, prune_onnx_per_layer, with_values
+from .env import EnvOptions, HWFlowEnv, prune_onnx_per_layer, with_values
 from .search import SEARCHES
 
 __all__ = ["INT8_EVAL_BATCH", "METHODS", "OptimizeResult", "finalize", "int8_accuracy", "optimize"]
@@ -104,8 +104,9 @@ def optimize(
     data = (data[0], data[1])
     t0 = time.perf_counter()
     if env is None:
-        env = HWFlowEnv(model, data, config, objective, max_accuracy_drop, level,
-                        finetune_steps=finetune_steps, seed=seed, **env_kwargs)  # fmt: skip
+        options = EnvOptions(objective=objective, max_accuracy_drop=max_accuracy_drop,
+                             level=level, finetune_steps=finetune_steps, seed=seed)  # fmt: skip
+        env = HWFlowEnv(model, data, config, options, **env_kwargs)
     start = len(env.history)
     best = SEARCHES[method](env, episodes, seed, progress)
     if best is None:  # nothing feasible: dense
