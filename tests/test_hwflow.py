@@ -9,20 +9,15 @@ from tvm_hapm import hwflow
 from tvm_hapm.cost import SchemaVersionError
 from tvm_hapm.data import load_bundled_model, load_digits
 
+#: the tests' environment: mid level, a 2-point budget, 300 validation images
+OPTIONS = hwflow.EnvOptions(max_accuracy_drop=2.0, level="mid", val_size=300)
+
 
 @pytest.fixture(scope="module")
 def setup():
     x, y, xt, yt = load_digits(16, 1)
     model = load_bundled_model(1)
-    env = hwflow.HWFlowEnv(
-        model,
-        (x, y),
-        "zedboard",
-        objective="latency",
-        max_accuracy_drop=2.0,
-        level="mid",
-        val_size=300,
-    )
+    env = hwflow.HWFlowEnv(model, (x, y), "zedboard", OPTIONS)
     return model, (x, y, xt, yt), env
 
 
@@ -76,15 +71,7 @@ def test_deterministic(setup):
     model, data, _ = setup
     runs = []
     for _ in range(2):
-        env = hwflow.HWFlowEnv(
-            model,
-            data[:2],
-            "zedboard",
-            objective="energy",
-            max_accuracy_drop=2.0,
-            level="mid",
-            val_size=300,
-        )
+        env = hwflow.HWFlowEnv(model, data[:2], "zedboard", OPTIONS, objective="energy")
         r = hwflow.optimize(model, data[:2], method="rl", episodes=8, seed=3, env=env)
         runs.append((r.ratios, [c["reward"] for c in r.history]))
     assert runs[0] == runs[1]
@@ -102,16 +89,7 @@ def test_reconstruction_recovers_candidates_and_keeps_their_masks(setup):
     from onnx import numpy_helper
 
     model, (x, y, _, _), bn_env = setup
-    env = hwflow.HWFlowEnv(
-        model,
-        (x, y),
-        "zedboard",
-        objective="latency",
-        max_accuracy_drop=2.0,
-        level="mid",
-        val_size=300,
-        reconstruct=True,
-    )
+    env = hwflow.HWFlowEnv(model, (x, y), "zedboard", OPTIONS, reconstruct=True)
     idx = (0, 7, 5)  # 70% of conv3's hardware groups, 50% of the dense layer's
     assert env.dense_accuracy == bn_env.dense_accuracy  # the dense model is not touched
     recovered, bn_only = env.evaluate(idx).accuracy, bn_env.evaluate(idx).accuracy
@@ -125,15 +103,7 @@ def test_reconstruction_recovers_candidates_and_keeps_their_masks(setup):
 @pytest.mark.parametrize("budget", [2.0, 10.0, 20.0])
 def test_bisection_finds_the_largest_feasible_ratio(setup, budget, allocation):
     model, data, _ = setup
-    env = hwflow.HWFlowEnv(
-        model,
-        data[:2],
-        "zedboard",
-        objective="latency",
-        max_accuracy_drop=budget,
-        level="mid",
-        val_size=300,
-    )
+    env = hwflow.HWFlowEnv(model, data[:2], "zedboard", OPTIONS, max_accuracy_drop=budget)
     gi, best, used = hwflow.allocation_bisection(env, allocation, 10, allocation=allocation)
     assert used <= int(np.ceil(np.log2(len(env.grid))))
     # the full scan of the grid (the drop grows with the network-wide ratio on this model)
