@@ -76,7 +76,6 @@ def analyze_reference(
     TH, TW = schedule.tile_h, schedule.tile_w
     G, K = max(1, schedule.cob_group), max(1, schedule.cib_chunk)
     dbuf = bool(knobs.get("double_buffer", False))
-
     # ---- steps: (cg, kc) chunk sums
     n_cg, n_kc = -(-cob // G), -(-cib // K)
     steps, rounds, skew, gsz, ksz, nnz = _steps(per_cc, pmask, pfrac, frac, A, G, K)

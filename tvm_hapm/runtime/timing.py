@@ -301,6 +301,9 @@ class TimingModel:
         TimingError
             On a token deadlock, an illegal token flag or a wrong number of zero flags.
         """
+        # One method on purpose (over 150 lines): the timing model's hot loop, run for every
+        # simulated layer; its two passes (costs per instruction, then the modules' schedule)
+        # keep their locals in fast local variables instead of attributes of helper objects.
         cfg = self.config
         n = len(instructions)
         R, C, A = cfg.array_rows, cfg.array_cols, cfg.num_arrays

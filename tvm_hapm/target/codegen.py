@@ -435,7 +435,7 @@ def conv2d_program(
     """
     g = conv_geometry(cfg, layer, data_shape, weight, strides, padding, dilation, groups, clip)
     n, cin, h, w = g.data_shape
-    cout, cin_g, kh, kw = weight.shape
+    cout, _, kh, kw = weight.shape
     (sh, sw), (dh, dw) = g.strides, g.dilation
     oh, ow, blocks, nonzero = g.oh, g.ow, g.blocks, g.nonzero
     cob, cib = blocks.shape[:2]
@@ -444,12 +444,10 @@ def conv2d_program(
     sched = schedule or plan_conv(
         cfg, h, w, oh, ow, kh, kw, (sh, sw), (dh, dw), cib, cob, nonzero, residual=fused
     )
-
     # constants: weight blocks in load order, bias and multiplier vectors
     order, chunks, chunk_base, dispatch = _weight_chunks(nonzero, sched)
     wblocks = _weight_blocks(cfg, blocks, order)
     bias_mult = bias_mult_rows(cfg, layer, cout, bias, mult, residual)
-
     act = cfg.act_bits
     slots = conv_slots(cfg, g, cout, wblocks, bias_mult, fused)
     # the slots' indices (conv_slots): data, [residual], weight blocks, bias_mult, out
