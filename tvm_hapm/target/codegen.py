@@ -22,6 +22,7 @@ import numpy as np
 
 from .config import HardwareConfig
 from .dependency import insert_dependency_tokens
+from .gc_pause import paused_gc
 from .isa import (
     ELEM_CODE,
     MAX_INNER_STRIDE,
@@ -391,6 +392,7 @@ def _gemms(blocks, wgt_addrs, started, step, inp_base, chunk_entries, acc_out, t
     return out
 
 
+@paused_gc()  # its instructions: see target.gc_pause
 def conv2d_program(
     cfg: HardwareConfig,
     layer: str,

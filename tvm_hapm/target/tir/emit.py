@@ -12,6 +12,7 @@ from tvm import s_tir, tirx
 
 from ..config import HardwareConfig, get_config
 from ..dependency import insert_dependency_tokens
+from ..gc_pause import paused_gc
 from ..intrin import GEMM_MARKER, SCOPE_ACC, SCOPE_INP, SCOPE_WGT
 from ..isa import (
     ELEM_CODE,
@@ -829,6 +830,7 @@ def _as_func(func_or_sch) -> tirx.PrimFunc:
     return func_or_sch
 
 
+@paused_gc()  # a loop's worth of instructions at a time: see target.gc_pause
 def emit_program(
     func, cfg: HardwareConfig | None = None, weights: SparseWeights | None = None
 ) -> list[Instruction]:
