@@ -40,6 +40,7 @@ into its own entries).  Both code generators apply it to their sequential stream
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from operator import attrgetter
 
 from .config import ALU_LATENCY, FETCH_CYCLES, HardwareConfig
 from .dependency import buffer_accesses
@@ -526,6 +527,9 @@ def pipeline_operand_loads(instructions: list[Instruction]) -> list[Instruction]
     return out
 
 
+_GEMM_NEST = attrgetter("acc_addr", "outer", "inner", "acc_so", "acc_si", "array")
+
+
 def assign_arrays(instructions: list[Instruction], cfg: HardwareConfig) -> list[Instruction]:
     """Choose the systolic array of every GEMM of a sequential program (before tokens).
 
@@ -560,7 +564,7 @@ def assign_arrays(instructions: list[Instruction], cfg: HardwareConfig) -> list[
     for insn in instructions:
         op = insn.opcode
         if op == Opcode.GEMM:
-            key = insn.acc_addr
+            key, outer, inner, acc_so, acc_si, array = _GEMM_NEST(insn)
             ready = max(t, region_free.get(key, 0))
             own = region_array.get(key, -1)
             # the earliest start; ties to the region's own array, then to the lowest index
@@ -568,17 +572,17 @@ def assign_arrays(instructions: list[Instruction], cfg: HardwareConfig) -> list[
             if own >= 0 and free[own] <= start:
                 best = own
             else:
-                best = next(a for a in range(cfg_arrays) if free[a] <= start)
-            end = start + fixed + insn.outer * insn.inner
+                best = 0
+                while free[best] > start:
+                    best += 1
+            end = start + fixed + outer * inner
             free[best] = end
-            last_lo[best] = insn.acc_addr
-            last_hi[best] = (
-                insn.acc_addr + (insn.outer - 1) * insn.acc_so + (insn.inner - 1) * insn.acc_si
-            )
+            last_lo[best] = key
+            last_hi[best] = key + (outer - 1) * acc_so + (inner - 1) * acc_si
             region_free[key] = end
             region_array[key] = best
             t = start + 1
-            if insn.array != best:
+            if array != best:
                 insn = insn.replace(array=best)
         elif op == Opcode.FINISH:
             t = max(t, *free) + 1
@@ -652,8 +656,13 @@ def fuse_epilogues(instructions: list[Instruction]) -> list[Instruction]:
     out: list[Instruction] = []
     seq = list(instructions)
     i = 0
+    alu = Opcode.ALU
     while i < len(seq):
         add = seq[i]
+        if add.opcode != alu:  # (the GEMMs: most of a convolution)
+            out.append(add)
+            i += 1
+            continue
         req = seq[i + 1] if i + 1 < len(seq) else None
         if req is None or not _fusable(add, req):
             out.append(add)
@@ -796,8 +805,9 @@ def interleave_epilogues(
             per_slot = -(-moved // dispatches) if moved else 0
             for j in range(length):
                 gemm = instructions[i + j]
-                ranges = _acc_ranges(gemm)
-                if blocks(ranges):
+                # (most GEMMs of a run come after the last moved instruction: nothing to check)
+                ranges = _acc_ranges(gemm) if pending else None
+                if ranges and blocks(ranges):
                     if partial_flush:  # through the last pending instruction it conflicts with
                         take(1 + max(k for k, (_, r) in enumerate(pending) if _conflict(ranges, r)))
                     else:
