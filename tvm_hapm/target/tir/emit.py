@@ -43,6 +43,7 @@ from .compute import (
 from .dma import LowerToAccelerator, entry_elems, predicate_highs
 from .sparse import SparseWeights, dma_runs
 from .walk import (
+    Evaluator,
     LoopNest,
     TirLoweringError,
     affine,
@@ -58,73 +59,15 @@ from .walk import (
     strip_cast,
 )
 
+
 # =============================================================================================
 # codegen
-_PY_BINOPS = {
-    "Add": "({} + {})",
-    "Sub": "({} - {})",
-    "Mul": "({} * {})",
-    "FloorDiv": "({} // {})",
-    "FloorMod": "({} % {})",
-    "Min": "min({}, {})",
-    "Max": "max({}, {})",
-    "LT": "({} < {})",
-    "LE": "({} <= {})",
-    "GT": "({} > {})",
-    "GE": "({} >= {})",
-    "EQ": "({} == {})",
-    "NE": "({} != {})",
-    "And": "({} and {})",
-    "Or": "({} or {})",
-}
-
-
-class _Evaluator:
-    """Integer expressions of loop variables, compiled once to Python and cached per node."""
-
-    def __init__(self):
-        self.env: dict[int, int] = {}
-        self._cache: dict[int, object] = {}
-
-    def _source(self, expr) -> str:
-        kind = node_kind(expr)
-        if kind == "IntImm":
-            return str(int(expr.value))
-        if kind == "Var":
-            return f"env[{node_key(expr)}]"
-        if kind == "Cast":
-            return self._source(expr.value)
-        if kind in _PY_BINOPS:
-            return _PY_BINOPS[kind].format(self._source(expr.a), self._source(expr.b))
-        if kind == "Not":
-            return f"(not {self._source(expr.a)})"
-        if kind == "Select":
-            c, t, f = (self._source(e) for e in (expr.condition, expr.true_value, expr.false_value))
-            return f"({t} if {c} else {f})"
-        raise TirLoweringError(f"cannot evaluate {kind} expression {expr}")
-
-    def __call__(self, expr) -> int:
-        if isinstance(expr, int):
-            return expr
-        return int(self.compiled(expr)(self.env))
-
-    def compiled(self, expr):
-        """``expr`` as a Python function of the loop-variable environment (for the hot paths
-        that keep it: one call per evaluation instead of a lookup and a call)."""
-        k = node_key(expr)
-        hit = self._cache.get(k)
-        if hit is None:
-            fn = eval(f"lambda env: {self._source(expr)}")
-            hit = self._cache[k] = (fn, expr)  # keep the node alive: its handle is the key
-        return hit[0]
-
-
 class _Emitter:
     """Walks a lowered accelerator PrimFunc in execution order and emits instructions."""
 
     def __init__(self, cfg: HardwareConfig, func: tirx.PrimFunc, weights=None):
         self.cfg = cfg
-        self.ev = _Evaluator()
+        self.ev = Evaluator()
         self.slots = {node_key(p): i for i, p in enumerate(func.params)}
         self.base: dict[int, int] = {}  # on-chip buffer -> first entry
         self.top = {scope: 0 for scope in SCOPE_BUFFER}
@@ -184,6 +127,7 @@ class _Emitter:
         self._dma: dict[int, tuple] = {}
         self._gemm: dict[int, tuple] = {}
         self._gemm_blocks: dict[int, tuple | bool] = {}  # outer loop -> emit_gemm_block's plan
+        self._blocks: dict[int, tuple] = {}  # SBlock -> the buffers allocate places
         self._reset: dict[int, tuple] = {}
         self._alu: dict[int, tuple] = {}
         self._init: dict[int, tuple] = {}
@@ -295,6 +239,38 @@ class _Emitter:
         epilogue stages are not placed: the ALU computes them in place of their operand."""
         if not len(block.alloc_buffers):
             return
+        for buf, k, scope, entries, dma_loaded in self._block_buffers(block):
+            doubled = self.double and (
+                scope == SCOPE_INP
+                # the GEMMs' output region (also when its init loads a shortcut tile); in an
+                # ALU-only layer also the loaded operands
+                or (scope == SCOPE_ACC and (not dma_loaded or k in self.gemm_acc or self.alu_only))
+                or (scope == SCOPE_WGT and entries < self.wgt_total)  # weights not resident
+            )
+            half = 0
+            if doubled and scope == SCOPE_WGT and self.weights is not None:
+                self.weights.half = entries  # the sparse walker picks the half at each load
+            elif doubled:
+                # The copies of one buffer in the output regions of a layer alternate as one.
+                cls = (scope, region_class(str(buf.name)))
+                half = self.parity.get(cls, 0)
+                self.parity[cls] = 1 - half
+            self.base[k] = self.top[scope] + half * entries
+            self.top[scope] += 2 * entries if doubled else entries
+            if self.top[scope] > self.depth[scope] and not (
+                scope == SCOPE_WGT and self.weights is not None  # compacted: checked by the plan
+            ):
+                raise TirLoweringError(
+                    f"{buf.name}: {scope} overflows ({self.top[scope]} > {self.depth[scope]})"
+                )
+
+    def _block_buffers(self, block) -> list[tuple]:
+        """The on-chip buffers :meth:`allocate` places for ``block``, in order of first use,
+        each as ``(buffer, key, scope, entries, loaded by a DMA)`` (found once per node: a
+        block inside unrolled loops is visited once per iteration)."""
+        hit = self._blocks.get(node_key(block))
+        if hit is not None:
+            return hit[0]
         first_use: dict[int, int] = {}
         placed: set[int] = set()
         dma_loaded: set[int] = set()
@@ -324,38 +300,16 @@ class _Emitter:
         )
         bufs = [b for b in block.alloc_buffers if node_key(b) in placed]
         bufs.sort(key=lambda b: first_use[node_key(b)])
+        out = []
         for buf in bufs:
             scope = buffer_scope(buf)
             if scope not in SCOPE_BUFFER:
                 raise TirLoweringError(f"buffer {buf.name} in scope {scope!r} is not on chip")
             entries = -(-buffer_span(buf) // entry_elems(self.cfg, scope))
             k = node_key(buf)
-            doubled = self.double and (
-                scope == SCOPE_INP
-                # the GEMMs' output region (also when its init loads a shortcut tile); in an
-                # ALU-only layer also the loaded operands
-                or (
-                    scope == SCOPE_ACC
-                    and (k not in dma_loaded or k in self.gemm_acc or self.alu_only)
-                )
-                or (scope == SCOPE_WGT and entries < self.wgt_total)  # weights not resident
-            )
-            half = 0
-            if doubled and scope == SCOPE_WGT and self.weights is not None:
-                self.weights.half = entries  # the sparse walker picks the half at each load
-            elif doubled:
-                # The copies of one buffer in the output regions of a layer alternate as one.
-                cls = (scope, region_class(str(buf.name)))
-                half = self.parity.get(cls, 0)
-                self.parity[cls] = 1 - half
-            self.base[k] = self.top[scope] + half * entries
-            self.top[scope] += 2 * entries if doubled else entries
-            if self.top[scope] > self.depth[scope] and not (
-                scope == SCOPE_WGT and self.weights is not None  # compacted: checked by the plan
-            ):
-                raise TirLoweringError(
-                    f"{buf.name}: {scope} overflows ({self.top[scope]} > {self.depth[scope]})"
-                )
+            out.append((buf, k, scope, entries, k in dma_loaded))
+        self._blocks[node_key(block)] = (out, block)  # keep the node alive: its handle is the key
+        return out
 
     def _chip_addr(self, buf, elem_offset):
         """The on-chip entry of element ``elem_offset`` of ``buf`` (an int), or of each offset
