@@ -262,6 +262,8 @@ INSTRUCTION_FIELDS = (
     "module",
 )
 _ZERO_FIELDS = dict.fromkeys(INSTRUCTION_FIELDS, 0)
+#: Gives a new instruction its field dictionary (Instruction.__setattr__ refuses writes).
+_SET_DICT = object.__setattr__
 _COLUMN = {name: k for k, name in enumerate(("opcode", *INSTRUCTION_FIELDS))}
 
 
@@ -329,10 +331,10 @@ class Instruction:
             fields.update(changes)
             return Instruction(**fields)
         self._check(self.opcode, changes)
-        new = object.__new__(Instruction)
-        d = new.__dict__
-        d.update(self.__dict__)
+        d = self.__dict__.copy()
         d.update(changes)
+        new = object.__new__(Instruction)
+        _SET_DICT(new, "__dict__", d)  # (a copied dict: cheaper than filling the new one)
         return new
 
 
@@ -365,13 +367,13 @@ def instruction_block(opcode: Opcode, names, rows) -> list[Instruction]:
     names = tuple(names)
     Instruction._check(op, dict.fromkeys(names, 1))
     template = {"opcode": op, **_ZERO_FIELDS}
-    new = object.__new__
+    new, copy, set_dict = object.__new__, template.copy, _SET_DICT
     out = []
     for row in rows:
-        insn = new(Instruction)
-        d = insn.__dict__
-        d.update(template)
+        d = copy()
         d.update(zip(names, row))
+        insn = new(Instruction)
+        set_dict(insn, "__dict__", d)
         out.append(insn)
     return out
 
