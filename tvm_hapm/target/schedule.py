@@ -804,10 +804,12 @@ def interleave_epilogues(
             moved = sum(1 for p, _ in pending if p.opcode != Opcode.STORE)
             per_slot = -(-moved // dispatches) if moved else 0
             for j in range(length):
+                if not pending:  # the rest of the run: nothing to check, nothing to spread
+                    out.extend(instructions[i + j : i + length])
+                    break
                 gemm = instructions[i + j]
-                # (most GEMMs of a run come after the last moved instruction: nothing to check)
-                ranges = _acc_ranges(gemm) if pending else None
-                if ranges and blocks(ranges):
+                ranges = _acc_ranges(gemm)
+                if blocks(ranges):
                     if partial_flush:  # through the last pending instruction it conflicts with
                         take(1 + max(k for k, (_, r) in enumerate(pending) if _conflict(ranges, r)))
                     else:
