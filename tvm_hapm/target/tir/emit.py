@@ -59,9 +59,13 @@ from .walk import (
     strip_cast,
 )
 
-
 # =============================================================================================
 # codegen
+#: Whether the walker emits the loops around a GEMM as one block (:meth:`_Emitter.emit_gemm_block`);
+#: False walks them one iteration at a time, the reference the block is tested against.
+GEMM_BLOCKS = True
+
+
 class _Emitter:
     """Walks a lowered accelerator PrimFunc in execution order and emits instructions."""
 
@@ -178,7 +182,7 @@ class _Emitter:
             return
         if self._first_loop is None:
             self._first_loop = len(self.seq)
-        if block is not None and self.emit_gemm_block(*block):
+        if block is not None and GEMM_BLOCKS and self.emit_gemm_block(*block):
             return
         var = node_key(loop.loop_var)
         start = self.ev(loop.min)
