@@ -91,24 +91,27 @@ class _LastAccess:
     set, so clearing and testing look at that window only.
     """
 
-    __slots__ = ("last", "lo", "hi")
+    __slots__ = ("last", "lo", "hi", "top")
 
     def __init__(self):
         self.last = np.full(1024, -1, np.int64)
         self.lo, self.hi = 1 << 62, -1  # empty window
+        self.top = -1  # the latest index recorded (indices only grow)
 
     def _fit(self, lo: int, hi: int) -> None:
         if hi >= len(self.last):
             grown = np.full(max(2 * len(self.last), hi + 1), -1, np.int64)
             grown[: len(self.last)] = self.last
             self.last = grown
-        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        self.lo = min(self.lo, lo)
+        self.hi = max(self.hi, hi)
 
     def add(self, lo: int, hi: int, index: int) -> None:
         """Instruction ``index`` (later than every recorded one) accessed ``[lo, hi]``."""
         if hi >= lo:
             self._fit(lo, hi)
             self.last[lo : hi + 1] = index
+            self.top = index
 
     def latest(self, lo: int, hi: int) -> int:
         """The last instruction that accessed an entry of ``[lo, hi]``, or -1."""
@@ -123,6 +126,7 @@ class _LastAccess:
             entries, owner = _expand(lo, hi)
             # every index is later than what is there: the largest covering one is the last
             np.maximum.at(self.last, entries, index[owner])
+            self.top = max(self.top, int(index.max()))
 
     def latest_many(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """:meth:`latest` of each range (-1 where nothing accessed it)."""
@@ -141,10 +145,13 @@ class _LastAccess:
     def drop(self, upto: int) -> bool:
         """Forget the accesses of instructions up to ``upto``; whether any access is left."""
         view = self.last[self.lo : self.hi + 1]
-        view[view <= upto] = -1
-        if (view >= 0).any():
-            return True
-        self.lo, self.hi = 1 << 62, -1
+        if self.top > upto:
+            view[view <= upto] = -1
+            if (view >= 0).any():
+                return True
+        else:  # (the usual token: everything recorded so far)
+            view[:] = -1
+        self.lo, self.hi, self.top = 1 << 62, -1, -1
         return False
 
 
@@ -189,12 +196,13 @@ class _Tracker:
 
     def __init__(self):
         self.spans = {pair: {} for pair in _FLAGS}
+        self.spare: list[_LastAccess] = []  # cleared records, reused (all -1 again)
 
     def _of(self, module, neighbour, key: int) -> _LastAccess:
         spans = self.spans[(module, neighbour)]
         last = spans.get(key)
         if last is None:
-            last = spans[key] = _LastAccess()
+            last = spans[key] = self.spare.pop() if self.spare else _LastAccess()
         return last
 
     def record(self, module, neighbour, accesses, index):
@@ -228,7 +236,7 @@ class _Tracker:
         spans = self.spans[(module, neighbour)]
         for key in list(spans):
             if not spans[key].drop(upto):
-                del spans[key]
+                self.spare.append(spans.pop(key))
 
 
 #: A run of at least this many GEMMs is tracked as one block (:func:`_gemm_run`); shorter
