@@ -561,12 +561,13 @@ def assign_arrays(instructions: list[Instruction], cfg: HardwareConfig) -> list[
     region_array: dict[int, int] = {}
     t = 0
     out = []
+    gemm, free_of, array_of = Opcode.GEMM, region_free.get, region_array.get  # (hot loop)
     for insn in instructions:
         op = insn.opcode
-        if op == Opcode.GEMM:
+        if op == gemm:
             key, outer, inner, acc_so, acc_si, array = _GEMM_NEST(insn)
-            ready = max(t, region_free.get(key, 0))
-            own = region_array.get(key, -1)
+            ready = max(t, free_of(key, 0))
+            own = array_of(key, -1)
             # the earliest start; ties to the region's own array, then to the lowest index
             start = max(ready, min(free))
             if own >= 0 and free[own] <= start:
