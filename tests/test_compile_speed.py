@@ -78,6 +78,10 @@ def test_instruction_block_equals_the_constructor():
     assert block == single
     assert [list(vars(b)) for b in block] == [list(vars(s)) for s in single]  # field order
     assert [hash(b) for b in block] == [hash(s) for s in single]
+    shared = {"array": 1, "inp_so": 4}
+    with_fixed = instruction_block(Opcode.GEMM, names, rows, shared)
+    assert with_fixed == [s.replace(**shared) for s in single]
+    assert [list(vars(b)) for b in with_fixed] == [list(vars(s)) for s in single]
     with pytest.raises(IsaError):
         instruction_block(Opcode.GEMM, ("dst_addr",), [(1,)])  # an ALU field
     with pytest.raises(TypeError):

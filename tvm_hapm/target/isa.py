@@ -342,12 +342,14 @@ def _rebuild(opcode, fields) -> Instruction:
     return Instruction(opcode, **fields)
 
 
-def instruction_block(opcode: Opcode, names, rows) -> list[Instruction]:
+def instruction_block(opcode: Opcode, names, rows, fixed: dict | None = None) -> list[Instruction]:
     """Instructions of one opcode from rows of field values: what ``[Instruction(opcode,
-    **dict(zip(names, row))) for row in rows]`` gives, for a loop's worth of instructions.
+    **fixed, **dict(zip(names, row))) for row in rows]`` gives, for a loop's worth of
+    instructions.
 
     The field names are checked once for the whole block rather than once per instruction
-    (the emitter builds ~10^5 GEMMs this way).
+    (the emitter builds ~10^5 GEMMs this way), and the fields every instruction shares are set
+    once.
 
     Parameters
     ----------
@@ -358,6 +360,8 @@ def instruction_block(opcode: Opcode, names, rows) -> list[Instruction]:
     rows : iterable of sequences of int
         One row of Python ints per instruction (not NumPy integers: the fields of an
         :class:`Instruction` are ``int``).
+    fixed : dict, optional
+        Fields with the same value in every instruction.
 
     Returns
     -------
@@ -365,8 +369,9 @@ def instruction_block(opcode: Opcode, names, rows) -> list[Instruction]:
     """
     op = opcode if opcode.__class__ is Opcode else Opcode(opcode)
     names = tuple(names)
-    Instruction._check(op, dict.fromkeys(names, 1))
-    template = {"opcode": op, **_ZERO_FIELDS}
+    fixed = fixed or {}
+    Instruction._check(op, {**fixed, **dict.fromkeys(names, 1)})
+    template = {"opcode": op, **_ZERO_FIELDS, **fixed}
     new, copy, set_dict = object.__new__, template.copy, _SET_DICT
     out = []
     for row in rows:

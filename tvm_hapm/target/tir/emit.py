@@ -544,13 +544,12 @@ class _Emitter:
         while self.pending_reset and j < len(acc_addr):  # the first GEMMs into each region
             reset[j] = int(self._gemm_reset(acc_addr[j], outer, inner, acc_s))
             j += 1
-        n = len(acc_addr)
-        fixed = (0, outer, inner, *inp_s, *acc_s)  # array: chosen by schedule.assign_arrays
         self.seq += instruction_block(
             Opcode.GEMM,
-            ("reset", "wgt_addr", "inp_addr", "acc_addr", "array", "outer", "inner",
-             "inp_so", "inp_si", "acc_so", "acc_si"),
-            (r + f for r, f in zip(zip(reset, wgt_addr, inp_addr, acc_addr), [fixed] * n)),
+            ("reset", "wgt_addr", "inp_addr", "acc_addr"),
+            zip(reset, wgt_addr, inp_addr, acc_addr),
+            {"array": 0, "outer": outer, "inner": inner, "inp_so": inp_s[0], "inp_si": inp_s[1],
+             "acc_so": acc_s[0], "acc_si": acc_s[1]},  # array: chosen by schedule.assign_arrays
         )  # fmt: skip
         for key, e in zip(keys, extents, strict=True):  # where walking the loops leaves them
             env[key] = e - 1
