@@ -124,3 +124,48 @@ def test_add_requant_reads_the_multiplier_after_the_bias():
     ]
     add = fused.replace(alu_op=AluOp.ADD)
     assert buffer_accesses(add)[-1] == (Buffer.ACC, 4, 4, False)
+
+
+def _random_program(rng, n=400):
+    """Loads, GEMM runs (some with tokens of their own, some resetting), ALU, stores and
+    syncs over small buffers, so that every kind of hazard occurs."""
+    out = []
+    while len(out) < n:
+        kind = rng.integers(5)
+        if kind == 0:
+            out.append(
+                _load(int(rng.integers(2)), int(rng.integers(12)), 0, int(rng.integers(1, 4)))
+            )
+        elif kind == 1:
+            for _ in range(int(rng.integers(1, 40))):
+                g = Instruction(
+                    Opcode.GEMM, reset=int(rng.integers(2)), wgt_addr=int(rng.integers(8)),
+                    inp_addr=int(rng.integers(10)), acc_addr=int(rng.integers(10)),
+                    outer=int(rng.integers(1, 3)), inner=int(rng.integers(1, 3)),
+                    inp_so=int(rng.integers(3)), inp_si=int(rng.integers(2)),
+                    acc_so=int(rng.integers(3)), acc_si=int(rng.integers(2)),
+                )  # fmt: skip
+                out.append(g.replace(push_next=1) if rng.random() < 0.05 else g)
+        elif kind == 2:
+            out.append(
+                Instruction(Opcode.ALU, alu_op=1, use_imm=1, imm=1, dst_addr=int(rng.integers(12)),
+                            outer=1, inner=int(rng.integers(1, 3)), dst_si=1)
+            )  # fmt: skip
+        elif kind == 3:
+            out.append(_store(int(rng.integers(12)), 0))
+        else:
+            out.append(Instruction(Opcode.SYNC, module=int(rng.integers(3))))
+    return out
+
+
+def test_gemm_runs_as_blocks_give_the_same_tokens(monkeypatch):
+    """A long run of GEMMs is tracked as one block: the same output as one GEMM at a time."""
+    from tvm_hapm.target import dependency
+
+    rng = np.random.default_rng(7)
+    programs = [_random_program(rng) for _ in range(30)]
+    blocks = [insert_dependency_tokens(p) for p in programs]
+    monkeypatch.setattr(dependency, "GEMM_BLOCK", 10**9)
+    assert [insert_dependency_tokens(p) for p in programs] == blocks
+    monkeypatch.setattr(dependency, "GEMM_BLOCK", 1)
+    assert [insert_dependency_tokens(p) for p in programs] == blocks

@@ -33,6 +33,7 @@ from tvm import relax
 from ..runtime.driver import RUN_FUNC
 from ..target import tir
 from ..target.config import HardwareConfig, get_config
+from ..target.gc_pause import paused_gc
 from .partition import COMPOSITE_PREFIX, read_composite
 from .qops import RequantChain, rounds_half_up
 
@@ -169,6 +170,7 @@ def LowerToHapm(config: HardwareConfig | None = None, programs: list | None = No
     """
 
     @tvm.transform.module_pass(opt_level=0, name="LowerToHapm")
+    @paused_gc()  # the programs' instructions live to the end: see target.gc_pause
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         cfg = get_config(config)
         composites = {}

@@ -22,6 +22,7 @@ import numpy as np
 
 from .config import HardwareConfig
 from .dependency import insert_dependency_tokens
+from .gc_pause import paused_gc
 from .isa import (
     ELEM_CODE,
     MAX_INNER_STRIDE,
@@ -400,6 +401,7 @@ def _gemms(
     return out
 
 
+@paused_gc()  # its instructions: see target.gc_pause
 def conv2d_program(
     cfg: HardwareConfig,
     layer: str,

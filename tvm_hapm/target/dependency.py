@@ -10,19 +10,22 @@ only inserted where a hazard exists, so independent work (e.g. loading the next 
 current one is computed, when the schedule double-buffers) overlaps.
 
 Each module's accesses since the tokens towards a neighbour are kept per buffer and direction
-(read / written) as disjoint entry segments, each with the last instruction that touched it.
+(read / written) as the last instruction that touched each entry.
 The push of a token goes on the **last instruction of the
-earlier module that touched a conflicting segment**, not on its last instruction overall: with a
+earlier module that touched a conflicting entry**, not on its last instruction overall: with a
 double-buffered schedule in program order ``load k, compute k, load k+1, compute k+1``, the load
 of tile ``k+2`` into the half that compute ``k`` read waits only for compute ``k``, so it overlaps
 compute ``k+1``.  Tokens still flow forward in program order and the pushes of one queue stay in
-program order (segments at or before a queue's last push are dropped when it is pushed), so the
+program order (accesses at or before a queue's last push are forgotten when it is pushed), so the
 k-th pop matches the k-th push and a generated program cannot deadlock.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
+from itertools import chain
+from operator import attrgetter
+
+import numpy as np
 
 from .isa import TOKEN_QUEUES, Buffer, Instruction, Module, Opcode, alu_operand_rows, module_of
 
@@ -78,48 +81,101 @@ def buffer_accesses(insn: Instruction) -> list[tuple[Buffer, int, int, bool]]:
     return []
 
 
-class _Segments:
-    """Disjoint entry ranges ``[lo, hi]`` of one buffer, sorted, each with the index of the last
-    instruction that accessed it (later accesses overwrite the part they cover)."""
+class _LastAccess:
+    """The last instruction that accessed each entry of one buffer (one direction, one pair of
+    modules), -1 where none did since the tokens between the modules.
 
-    __slots__ = ("starts", "ends", "last")
+    A dense array over the buffer's entries rather than a list of segments: an access paints its
+    range and a token clears what it orders, and both also work on a whole run of GEMMs at once
+    (:meth:`add_many`, :meth:`latest_many`).  ``lo`` / ``hi`` bound the entries that may be
+    set, so clearing and testing look at that window only.
+    """
+
+    __slots__ = ("last", "lo", "hi", "top")
 
     def __init__(self):
-        self.starts: list[int] = []
-        self.ends: list[int] = []
-        self.last: list[int] = []
+        self.last = np.full(1024, -1, np.int64)
+        self.lo, self.hi = 1 << 62, -1  # empty window
+        self.top = -1  # the latest index recorded (indices only grow)
+
+    def _fit(self, lo: int, hi: int) -> None:
+        if hi >= len(self.last):
+            grown = np.full(max(2 * len(self.last), hi + 1), -1, np.int64)
+            grown[: len(self.last)] = self.last
+            self.last = grown
+        self.lo = min(self.lo, lo)
+        self.hi = max(self.hi, hi)
 
     def add(self, lo: int, hi: int, index: int) -> None:
-        starts, ends, last = self.starts, self.ends, self.last
-        j = bisect_left(ends, lo)
-        i = bisect_right(starts, hi)
-        if j == i:  # nothing overlaps
-            starts.insert(j, lo)
-            ends.insert(j, hi)
-            last.insert(j, index)
-            return
-        ns, ne, nl = [lo], [hi], [index]
-        if starts[j] < lo:  # the part of the first overlapped segment before lo
-            ns.insert(0, starts[j])
-            ne.insert(0, lo - 1)
-            nl.insert(0, last[j])
-        if ends[i - 1] > hi:  # the part of the last overlapped segment after hi
-            ns.append(hi + 1)
-            ne.append(ends[i - 1])
-            nl.append(last[i - 1])
-        starts[j:i], ends[j:i], last[j:i] = ns, ne, nl
+        """Instruction ``index`` (later than every recorded one) accessed ``[lo, hi]``."""
+        if hi >= lo:
+            self._fit(lo, hi)
+            self.last[lo : hi + 1] = index
+            self.top = index
 
     def latest(self, lo: int, hi: int) -> int:
         """The last instruction that accessed an entry of ``[lo, hi]``, or -1."""
-        j = bisect_left(self.ends, lo)
-        i = bisect_right(self.starts, hi)
-        return max(self.last[j:i]) if j < i else -1
+        lo, hi = max(lo, self.lo), min(hi, self.hi)
+        return int(self.last[lo : hi + 1].max()) if hi >= lo else -1
 
-    def drop(self, upto: int) -> None:
-        keep = [k for k, v in enumerate(self.last) if v > upto]
-        self.starts = [self.starts[k] for k in keep]
-        self.ends = [self.ends[k] for k in keep]
-        self.last = [self.last[k] for k in keep]
+    def add_many(self, lo: np.ndarray, hi: np.ndarray, index: np.ndarray) -> None:
+        """:meth:`add` of each range in turn (``index`` increasing)."""
+        lo, hi, index = _distinct_ranges(lo, hi, index)
+        if len(lo):
+            self._fit(int(lo.min()), int(hi.max()))
+            entries, owner = _expand(lo, hi)
+            # every index is later than what is there: the largest covering one is the last
+            np.maximum.at(self.last, entries, index[owner])
+            self.top = max(self.top, int(index.max()))
+
+    def latest_many(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        """:meth:`latest` of each range (-1 where nothing accessed it)."""
+        out = np.full(len(lo), -1, np.int64)
+        if self.hi < self.lo:
+            return out
+        lo, hi = np.maximum(lo, self.lo), np.minimum(hi, self.hi)
+        some = hi >= lo
+        if some.any():
+            ulo, uhi, inverse = _distinct_ranges(lo[some], hi[some])
+            entries, owner = _expand(ulo, uhi)
+            starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+            out[some] = np.maximum.reduceat(self.last[entries], starts)[inverse]
+        return out
+
+    def drop(self, upto: int) -> bool:
+        """Forget the accesses of instructions up to ``upto``; whether any access is left."""
+        view = self.last[self.lo : self.hi + 1]
+        if self.top > upto:
+            view[view <= upto] = -1
+            if (view >= 0).any():
+                return True
+        else:  # (the usual token: everything recorded so far)
+            view[:] = -1
+        self.lo, self.hi, self.top = 1 << 62, -1, -1
+        return False
+
+
+def _distinct_ranges(lo: np.ndarray, hi: np.ndarray, index: np.ndarray | None = None):
+    """The distinct ``[lo, hi]`` ranges (of ``hi >= lo``), sorted, with the largest ``index`` of
+    each; without ``index``, the position of each input range among them instead."""
+    keep = hi >= lo
+    lo, hi = lo[keep], hi[keep]
+    key = lo.astype(np.int64) << 32 | hi.astype(np.int64)
+    if index is None:
+        uniq, inverse = np.unique(key, return_inverse=True)
+        return uniq >> 32, uniq & 0xFFFFFFFF, inverse
+    uniq, inverse = np.unique(key, return_inverse=True)
+    best = np.full(len(uniq), -1, np.int64)
+    np.maximum.at(best, inverse, index[keep])
+    return uniq >> 32, uniq & 0xFFFFFFFF, best
+
+
+def _expand(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every entry of the ranges ``[lo, hi]`` in order, and the range each belongs to."""
+    sizes = hi - lo + 1
+    owner = np.repeat(np.arange(len(lo)), sizes)
+    first = np.cumsum(sizes) - sizes
+    return np.arange(int(sizes.sum())) - first[owner] + lo[owner], owner
 
 
 # The buffers a module can touch: accesses to others never conflict with it.
@@ -133,25 +189,27 @@ _TOUCHES = {
 class _Tracker:
     """Reads and writes per (module, neighbour) since the tokens between them.
 
-    ``spans[(module, neighbour)]`` maps ``2 * buffer + is_write`` to the :class:`_Segments` of
-    the buffer entries ``module`` read / wrote, each with the last instruction that did.  Only
+    ``spans[(module, neighbour)]`` maps ``2 * buffer + is_write`` to the :class:`_LastAccess`
+    of the buffer entries ``module`` read / wrote, with the last instruction that did.  Only
     buffers the neighbour can touch are recorded.
     """
 
     def __init__(self):
         self.spans = {pair: {} for pair in _FLAGS}
+        self.spare: list[_LastAccess] = []  # cleared records, reused (all -1 again)
+
+    def _of(self, module, neighbour, key: int) -> _LastAccess:
+        spans = self.spans[(module, neighbour)]
+        last = spans.get(key)
+        if last is None:
+            last = spans[key] = self.spare.pop() if self.spare else _LastAccess()
+        return last
 
     def record(self, module, neighbour, accesses, index):
-        spans = self.spans[(module, neighbour)]
         touches = _TOUCHES[neighbour]
         for buf, lo, hi, write in accesses:
-            if buf not in touches:
-                continue
-            key = 2 * buf + write
-            segs = spans.get(key)
-            if segs is None:
-                segs = spans[key] = _Segments()
-            segs.add(lo, hi, index)
+            if buf in touches:
+                self._of(module, neighbour, 2 * buf + write).add(lo, hi, index)
 
     def conflict(self, earlier, later, accesses) -> int:
         """The last instruction of ``earlier`` that ``accesses`` must wait for, or -1."""
@@ -161,25 +219,95 @@ class _Tracker:
         last = -1
         for buf, lo, hi, write in accesses:
             # an earlier write conflicts with any access; an earlier read with a write
-            segs = spans.get(2 * buf + 1)
-            if segs is not None:
-                last = max(last, segs.latest(lo, hi))
+            seen = spans.get(2 * buf + 1)
+            if seen is not None:
+                last = max(last, seen.latest(lo, hi))
             if write:
-                segs = spans.get(2 * buf)
-                if segs is not None:
-                    last = max(last, segs.latest(lo, hi))
+                seen = spans.get(2 * buf)
+                if seen is not None:
+                    last = max(last, seen.latest(lo, hi))
         return last
 
     def busy(self, module, neighbour) -> bool:
-        return any(segs.starts for segs in self.spans[(module, neighbour)].values())
+        return bool(self.spans[(module, neighbour)])
 
     def clear(self, module, neighbour, upto: int):
         """Forget the accesses of instructions up to ``upto`` (ordered by a token)."""
         spans = self.spans[(module, neighbour)]
         for key in list(spans):
-            spans[key].drop(upto)
-            if not spans[key].starts:
-                del spans[key]
+            if not spans[key].drop(upto):
+                self.spare.append(spans.pop(key))
+
+
+#: A run of at least this many GEMMs is tracked as one block (:func:`_gemm_run`); shorter
+#: runs cost less one instruction at a time.
+GEMM_BLOCK = 16
+
+
+_OPCODE = attrgetter("opcode")
+_GEMM_FIELDS = attrgetter(
+    "inp_addr", "inp_so", "inp_si", "wgt_addr", "acc_addr", "acc_so", "acc_si", "outer",
+    "inner", "reset", "pop_prev", "pop_next", "push_prev", "push_next",
+)  # fmt: skip
+
+
+def _gemm_ranges(run: list[Instruction]) -> dict:
+    """The entry ranges of a run of GEMMs, as arrays: ``inp``, ``wgt``, ``acc`` (each a
+    ``(first, last)`` pair, as :func:`buffer_accesses` gives them), ``accumulates`` (the
+    GEMMs that also read their accumulator entries: those without ``reset``) and ``flagged``
+    (those that carry tokens of their own, to be cleared)."""
+    width = 14  # the fields of _GEMM_FIELDS
+    flat = chain.from_iterable(map(_GEMM_FIELDS, run))
+    f = np.fromiter(flat, np.int64, count=width * len(run)).reshape(-1, width).T
+    inp, inp_so, inp_si, wgt, acc, acc_so, acc_si, outer, inner, reset = f[:10]
+    o, k = outer - 1, inner - 1
+    return {
+        "inp": (inp, inp + o * inp_so + k * inp_si),
+        "wgt": (wgt, wgt),
+        "acc": (acc, acc + o * acc_so + k * acc_si),
+        "accumulates": reset == 0,
+        "flagged": f[10:].any(axis=0),
+    }
+
+
+def _gemm_conflicts(tracker: _Tracker, earlier: Module, r: dict) -> np.ndarray:
+    """:meth:`_Tracker.conflict` of ``earlier`` for every GEMM of a run, on the tracker as it
+    is before the run (a GEMM reads its input and weight entries and writes, and without
+    ``reset`` also reads, its accumulator entries)."""
+    spans = tracker.spans[(earlier, Module.COMPUTE)]
+    last = np.full(len(r["acc"][0]), -1, np.int64)
+    checks = [
+        (2 * Buffer.INP + 1, r["inp"]),  # earlier writes of what it reads
+        (2 * Buffer.WGT + 1, r["wgt"]),
+        (2 * Buffer.ACC + 1, r["acc"]),  # earlier writes of what it writes (or reads)
+        (2 * Buffer.ACC, r["acc"]),  # earlier reads of what it writes
+    ]
+    for key, (lo, hi) in checks:
+        seen = spans.get(key)
+        if seen is not None:
+            np.maximum(last, seen.latest_many(lo, hi), out=last)
+    return last
+
+
+def _record_gemms(tracker: _Tracker, r: dict, index: np.ndarray) -> None:
+    """:meth:`_Tracker.record` of every GEMM of a run (``index``: their places in the output)."""
+    compute = Module.COMPUTE
+    tracker._of(compute, Module.LOAD, 2 * Buffer.INP).add_many(*r["inp"], index)
+    tracker._of(compute, Module.LOAD, 2 * Buffer.WGT).add_many(*r["wgt"], index)
+    tracker._of(compute, Module.STORE, 2 * Buffer.ACC + 1).add_many(*r["acc"], index)
+    acc = r["accumulates"]
+    if acc.any():
+        lo, hi = r["acc"]
+        tracker._of(compute, Module.STORE, 2 * Buffer.ACC).add_many(lo[acc], hi[acc], index[acc])
+
+
+def _gemm_runs(body: list[Instruction]) -> dict[int, int]:
+    """``{start: end}`` of every run of at least :data:`GEMM_BLOCK` consecutive GEMMs."""
+    is_gemm = np.fromiter(map(_OPCODE, body), np.int64, count=len(body)) == Opcode.GEMM
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], is_gemm.view(np.int8), [0]))))
+    starts, ends = edges[0::2], edges[1::2]
+    long = ends - starts >= GEMM_BLOCK
+    return dict(zip(starts[long].tolist(), ends[long].tolist(), strict=True))
 
 
 def insert_dependency_tokens(program: list[Instruction]) -> list[Instruction]:
@@ -187,14 +315,20 @@ def insert_dependency_tokens(program: list[Instruction]) -> list[Instruction]:
 
     ``program`` is a sequential instruction list without flags, ending with FINISH or not
     (a FINISH is appended if missing).  The result is deterministic.
+
+    A run of GEMMs (the bulk of a convolution) is one block: only the compute module acts in
+    it, so what the other modules did is fixed during the run except for the tokens it takes,
+    which only forget accesses up to the instruction that pushes them.  The GEMMs' conflicts
+    are found at once on the state before the run; one at a time, a GEMM then waits exactly
+    when its conflict is later than the last token taken from that module.  What the GEMMs
+    access is recorded after the run (no other module looks at it during the run).
     """
     out: list[Instruction] = []
     last: dict[Module, int | None] = {m: None for m in Module}
     pending: dict[Module, list[str]] = {m: [] for m in Module}  # pop flags owed by a module
     tracker = _Tracker()
 
-    def emit(insn: Instruction) -> None:
-        mod = module_of(insn)
+    def emit(insn: Instruction, mod: Module) -> None:
         if pending[mod]:
             insn = insn.replace(**{f: 1 for f in pending[mod]})
             pending[mod] = []
@@ -206,30 +340,70 @@ def insert_dependency_tokens(program: list[Instruction]) -> list[Instruction]:
         its last instruction), popped by the next instruction of ``dst``."""
         push, pop = _FLAGS[(src, dst)]
         if pop in pending[dst]:  # dst still owes a pop for an earlier token: take it now
-            emit(Instruction(Opcode.SYNC, module=dst))
+            emit(Instruction(Opcode.SYNC, module=dst), dst)
         if at is None:
             if last[src] is None or getattr(out[last[src]], push):
-                emit(Instruction(Opcode.SYNC, module=src))
+                emit(Instruction(Opcode.SYNC, module=src), src)
             at = last[src]
-        elif getattr(out[at], push):  # cannot happen: segments up to a push are dropped
+        elif getattr(out[at], push):  # cannot happen: accesses up to a push are forgotten
             raise AssertionError("two pushes of one queue on one instruction")
         out[at] = out[at].replace(**{push: 1})
         pending[dst].append(pop)
         tracker.clear(src, dst, at)
 
+    def clean(insn: Instruction) -> Instruction:
+        if any((insn.pop_prev, insn.pop_next, insn.push_prev, insn.push_next)):
+            return insn.replace(pop_prev=0, pop_next=0, push_prev=0, push_next=0)
+        return insn
+
+    def gemm_run(run: list[Instruction]) -> None:
+        ranges = _gemm_ranges(run)
+        # A GEMM waits for a module when its conflict is later than every earlier one of the
+        # run (the last token taken from that module pushed at the largest of those).
+        waits: dict[int, list] = {}
+        for other in _NEIGHBOURS[Module.COMPUTE]:
+            at = _gemm_conflicts(tracker, other, ranges)
+            before = np.maximum.accumulate(np.concatenate(([-1], at[:-1])))
+            for k in np.flatnonzero(at > before).tolist():
+                waits.setdefault(k, []).append((other, int(at[k])))
+        special = sorted(set(waits).union(np.flatnonzero(ranges["flagged"]).tolist()))
+        index = np.empty(len(run), np.int64)
+        k = 0
+        for stop in [*special, len(run)]:
+            if stop > k and not pending[Module.COMPUTE]:  # GEMMs that neither wait nor pop
+                index[k:stop] = np.arange(len(out), len(out) + stop - k)
+                out.extend(run[k:stop])
+                last[Module.COMPUTE] = len(out) - 1
+                k = stop
+            for j in range(k, min(stop + 1, len(run))):
+                for other, at in waits.get(j, ()):
+                    sync(other, Module.COMPUTE, at)
+                emit(clean(run[j]), Module.COMPUTE)
+                index[j] = len(out) - 1
+            k = stop + 1
+        _record_gemms(tracker, ranges, index)
+
     body = [i for i in program if i.opcode != Opcode.FINISH]
-    for insn in body:
+    runs = _gemm_runs(body)  # start -> end of each long run of GEMMs
+    k, n = 0, len(body)
+    while k < n:
+        end = runs.get(k)
+        if end is not None:
+            gemm_run(body[k:end])
+            k = end
+            continue
+        insn = body[k]
+        k += 1
         if insn.opcode == Opcode.SYNC:
             continue  # tokens of the input are recomputed from the hazards
-        if any((insn.pop_prev, insn.pop_next, insn.push_prev, insn.push_next)):
-            insn = insn.replace(pop_prev=0, pop_next=0, push_prev=0, push_next=0)
+        insn = clean(insn)
         mod = module_of(insn)
         accesses = buffer_accesses(insn)
         for other in _NEIGHBOURS[mod]:
             at = tracker.conflict(other, mod, accesses)
             if at >= 0:
                 sync(other, mod, at)
-        emit(insn)
+        emit(insn, mod)
         for other in _NEIGHBOURS[mod]:
             tracker.record(mod, other, accesses, len(out) - 1)
 
@@ -237,5 +411,5 @@ def insert_dependency_tokens(program: list[Instruction]) -> list[Instruction]:
     for other in (Module.LOAD, Module.STORE):
         if tracker.busy(other, Module.COMPUTE):
             sync(other, Module.COMPUTE)
-    emit(Instruction(Opcode.FINISH))
+    emit(Instruction(Opcode.FINISH), Module.COMPUTE)
     return out

@@ -555,8 +555,9 @@ def assign_arrays(instructions: list[Instruction], cfg: HardwareConfig) -> list[
     """
     depth, last = cfg.acc_bank_depth, cfg.num_arrays - 1
     out = []
+    gemm = Opcode.GEMM  # (hot loop)
     for insn in instructions:
-        if insn.opcode == Opcode.GEMM:
+        if insn.opcode == gemm:
             bank = min(insn.acc_addr // depth, last)
             if insn.array != bank:
                 insn = insn.replace(array=bank)
@@ -625,8 +626,13 @@ def fuse_epilogues(instructions: list[Instruction]) -> list[Instruction]:
     out: list[Instruction] = []
     seq = list(instructions)
     i = 0
+    alu = Opcode.ALU
     while i < len(seq):
         add = seq[i]
+        if add.opcode != alu:  # (the GEMMs: most of a convolution)
+            out.append(add)
+            i += 1
+            continue
         req = seq[i + 1] if i + 1 < len(seq) else None
         if req is None or not _fusable(add, req):
             out.append(add)
@@ -768,6 +774,9 @@ def interleave_epilogues(
             moved = sum(1 for p, _ in pending if p.opcode != Opcode.STORE)
             per_slot = -(-moved // dispatches) if moved else 0
             for j in range(length):
+                if not pending:  # the rest of the run: nothing to check, nothing to spread
+                    out.extend(instructions[i + j : i + length])
+                    break
                 gemm = instructions[i + j]
                 ranges = _acc_ranges(gemm)
                 if blocks(ranges):

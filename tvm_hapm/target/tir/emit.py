@@ -13,8 +13,17 @@ from tvm import s_tir, tirx
 from ..banks import place_accumulators
 from ..config import HardwareConfig, get_config
 from ..dependency import insert_dependency_tokens
+from ..gc_pause import paused_gc
 from ..intrin import GEMM_MARKER, SCOPE_ACC, SCOPE_INP, SCOPE_WGT
-from ..isa import ELEM_CODE, MAX_LOOP, MAX_TRANSFER, AluOp, Instruction, Opcode
+from ..isa import (
+    ELEM_CODE,
+    MAX_LOOP,
+    MAX_TRANSFER,
+    AluOp,
+    Instruction,
+    Opcode,
+    instruction_block,
+)
 from ..program import Program, Slot
 from ..schedule import (
     assign_arrays,
@@ -33,7 +42,9 @@ from .compute import (
     region_class,
 )
 from .dma import LowerToAccelerator, entry_elems, predicate_highs
+from .sparse import SparseWeights, dma_runs
 from .walk import (
+    Evaluator,
     LoopNest,
     TirLoweringError,
     affine,
@@ -51,63 +62,9 @@ from .walk import (
 
 # =============================================================================================
 # codegen
-_PY_BINOPS = {
-    "Add": "({} + {})",
-    "Sub": "({} - {})",
-    "Mul": "({} * {})",
-    "FloorDiv": "({} // {})",
-    "FloorMod": "({} % {})",
-    "Min": "min({}, {})",
-    "Max": "max({}, {})",
-    "LT": "({} < {})",
-    "LE": "({} <= {})",
-    "GT": "({} > {})",
-    "GE": "({} >= {})",
-    "EQ": "({} == {})",
-    "NE": "({} != {})",
-    "And": "({} and {})",
-    "Or": "({} or {})",
-}
-
-
-class _Evaluator:
-    """Integer expressions of loop variables, compiled once to Python and cached per node."""
-
-    def __init__(self):
-        self.env: dict[int, int] = {}
-        self._cache: dict[int, object] = {}
-
-    def _source(self, expr) -> str:
-        kind = node_kind(expr)
-        if kind == "IntImm":
-            return str(int(expr.value))
-        if kind == "Var":
-            return f"env[{node_key(expr)}]"
-        if kind == "Cast":
-            return self._source(expr.value)
-        if kind in _PY_BINOPS:
-            return _PY_BINOPS[kind].format(self._source(expr.a), self._source(expr.b))
-        if kind == "Not":
-            return f"(not {self._source(expr.a)})"
-        if kind == "Select":
-            c, t, f = (self._source(e) for e in (expr.condition, expr.true_value, expr.false_value))
-            return f"({t} if {c} else {f})"
-        raise TirLoweringError(f"cannot evaluate {kind} expression {expr}")
-
-    def __call__(self, expr) -> int:
-        if isinstance(expr, int):
-            return expr
-        return int(self.compiled(expr)(self.env))
-
-    def compiled(self, expr):
-        """``expr`` as a Python function of the loop-variable environment (for the hot paths
-        that keep it: one call per evaluation instead of a lookup and a call)."""
-        k = node_key(expr)
-        hit = self._cache.get(k)
-        if hit is None:
-            fn = eval(f"lambda env: {self._source(expr)}")
-            hit = self._cache[k] = (fn, expr)  # keep the node alive: its handle is the key
-        return hit[0]
+#: Whether the walker emits the loops around a GEMM as one block (:meth:`_Emitter.emit_gemm_block`);
+#: False walks them one iteration at a time, the reference the block is tested against.
+GEMM_BLOCKS = True
 
 
 class _Emitter:
@@ -115,7 +72,7 @@ class _Emitter:
 
     def __init__(self, cfg: HardwareConfig, func: tirx.PrimFunc, weights=None):
         self.cfg = cfg
-        self.ev = _Evaluator()
+        self.ev = Evaluator()
         self.slots = {node_key(p): i for i, p in enumerate(func.params)}
         self.base: dict[int, int] = {}  # on-chip buffer -> first entry
         self.top = {scope: 0 for scope in SCOPE_BUFFER}
@@ -174,6 +131,8 @@ class _Emitter:
         self._nests: dict[int, tuple] = {}
         self._dma: dict[int, tuple] = {}
         self._gemm: dict[int, tuple] = {}
+        self._gemm_blocks: dict[int, tuple | bool] = {}  # outer loop -> emit_gemm_block's plan
+        self._blocks: dict[int, tuple] = {}  # SBlock -> the buffers allocate places
         self._reset: dict[int, tuple] = {}
         self._alu: dict[int, tuple] = {}
         self._init: dict[int, tuple] = {}
@@ -216,13 +175,16 @@ class _Emitter:
             folds = (
                 nest is not None and (not nest.predicates or self._is_alu(nest)) and self.fold(nest)
             )
-            hit = self._nests[k] = (nest, folds, loop)
-        nest, folds = hit[0], hit[1]
+            block = None if folds else self._gemm_block_nest(nest)
+            hit = self._nests[k] = (nest, folds, loop, block)
+        nest, folds, _, block = hit
         if folds:
             self.visit_leaf(nest)
             return
         if self._first_loop is None:
             self._first_loop = len(self.seq)
+        if block is not None and GEMM_BLOCKS and self.emit_gemm_block(*block):
+            return
         var = node_key(loop.loop_var)
         start = self.ev(loop.min)
         body = loop.body
@@ -247,6 +209,21 @@ class _Emitter:
             return True  # the reduction's init: a reset region, any shape
         return len(nest.loops) <= 3  # two entry loops and the lanes
 
+    def _gemm_block_nest(self, nest: LoopNest | None):
+        """``(outer loops, folded nest)`` when ``nest`` is unpredicated loops around one GEMM whose
+        innermost loops fold into it: the loops above the fold then only repeat that GEMM with
+        addresses affine in their variables (:meth:`emit_gemm_block`); else None."""
+        if nest is None or nest.predicates or not nest.loops:
+            return None
+        leaf = nest.leaf
+        if node_kind(leaf) != "Evaluate" or not is_call(leaf.value, GEMM_MARKER):
+            return None
+        for j in range(1, len(nest.loops) + 1):
+            inner = LoopNest(nest.loops[j:], [], leaf)
+            if self.fold(inner):
+                return nest.loops[:j], inner
+        return None
+
     @staticmethod
     def _is_alu(nest: LoopNest) -> bool:
         leaf = nest.leaf
@@ -267,6 +244,38 @@ class _Emitter:
         epilogue stages are not placed: the ALU computes them in place of their operand."""
         if not len(block.alloc_buffers):
             return
+        for buf, k, scope, entries, dma_loaded in self._block_buffers(block):
+            doubled = self.double and (
+                scope == SCOPE_INP
+                # the GEMMs' output region (also when its init loads a shortcut tile); in an
+                # ALU-only layer also the loaded operands
+                or (scope == SCOPE_ACC and (not dma_loaded or k in self.gemm_acc or self.alu_only))
+                or (scope == SCOPE_WGT and entries < self.wgt_total)  # weights not resident
+            )
+            half = 0
+            if doubled and scope == SCOPE_WGT and self.weights is not None:
+                self.weights.half = entries  # the sparse walker picks the half at each load
+            elif doubled:
+                # The copies of one buffer in the output regions of a layer alternate as one.
+                cls = (scope, region_class(str(buf.name)))
+                half = self.parity.get(cls, 0)
+                self.parity[cls] = 1 - half
+            self.base[k] = self.top[scope] + half * entries
+            self.top[scope] += 2 * entries if doubled else entries
+            if self.top[scope] > self.depth[scope] and not (
+                scope == SCOPE_WGT and self.weights is not None  # compacted: checked by the plan
+            ):
+                raise TirLoweringError(
+                    f"{buf.name}: {scope} overflows ({self.top[scope]} > {self.depth[scope]})"
+                )
+
+    def _block_buffers(self, block) -> list[tuple]:
+        """The on-chip buffers :meth:`allocate` places for ``block``, in order of first use,
+        each as ``(buffer, key, scope, entries, loaded by a DMA)`` (found once per node: a
+        block inside unrolled loops is visited once per iteration)."""
+        hit = self._blocks.get(node_key(block))
+        if hit is not None:
+            return hit[0]
         first_use: dict[int, int] = {}
         placed: set[int] = set()
         dma_loaded: set[int] = set()
@@ -296,46 +305,28 @@ class _Emitter:
         )
         bufs = [b for b in block.alloc_buffers if node_key(b) in placed]
         bufs.sort(key=lambda b: first_use[node_key(b)])
+        out = []
         for buf in bufs:
             scope = buffer_scope(buf)
             if scope not in SCOPE_BUFFER:
                 raise TirLoweringError(f"buffer {buf.name} in scope {scope!r} is not on chip")
             entries = -(-buffer_span(buf) // entry_elems(self.cfg, scope))
             k = node_key(buf)
-            doubled = self.double and (
-                scope == SCOPE_INP
-                # the GEMMs' output region (also when its init loads a shortcut tile); in an
-                # ALU-only layer also the loaded operands
-                or (
-                    scope == SCOPE_ACC
-                    and (k not in dma_loaded or k in self.gemm_acc or self.alu_only)
-                )
-                or (scope == SCOPE_WGT and entries < self.wgt_total)  # weights not resident
-            )
-            half = 0
-            if doubled and scope == SCOPE_WGT and self.weights is not None:
-                self.weights.half = entries  # the sparse walker picks the half at each load
-            elif doubled:
-                # The copies of one buffer in the output regions of a layer alternate as one.
-                cls = (scope, region_class(str(buf.name)))
-                half = self.parity.get(cls, 0)
-                self.parity[cls] = 1 - half
-            self.base[k] = self.top[scope] + half * entries
-            self.top[scope] += 2 * entries if doubled else entries
-            if self.top[scope] > self.depth[scope] and not (
-                scope == SCOPE_WGT and self.weights is not None  # compacted: checked by the plan
-            ):
-                raise TirLoweringError(
-                    f"{buf.name}: {scope} overflows ({self.top[scope]} > {self.depth[scope]})"
-                )
+            out.append((buf, k, scope, entries, k in dma_loaded))
+        self._blocks[node_key(block)] = (out, block)  # keep the node alive: its handle is the key
+        return out
 
-    def _chip_addr(self, buf, elem_offset: int) -> int:
+    def _chip_addr(self, buf, elem_offset):
+        """The on-chip entry of element ``elem_offset`` of ``buf`` (an int), or of each offset
+        of an integer array (a block of GEMMs' offsets, :meth:`emit_gemm_block`)."""
         k = node_key(buf)
         E = self._entry_elems.get(k)
         if E is None:
             E = self._entry_elems[k] = entry_elems(self.cfg, buffer_scope(buf))
-        if elem_offset % E:
-            raise TirLoweringError(f"{buf.name}: offset {elem_offset} is not a whole entry")
+        rem = elem_offset % E
+        if rem if isinstance(rem, int) else rem.any():
+            bad = elem_offset if isinstance(rem, int) else int(elem_offset[rem.nonzero()[0][0]])
+            raise TirLoweringError(f"{buf.name}: offset {bad} is not a whole entry")
         return self.base[k] + elem_offset // E
 
     def _prologue(self, first: int) -> None:
@@ -415,7 +406,7 @@ class _Emitter:
             self.weights.load(self, sram, dram_addr, rows, cols, stride, fields)
             return
         if rows == 1 and cols > MAX_TRANSFER:
-            self.seq += _runs(opcode, sram, dram_addr, cols, fields)
+            self.seq += dma_runs(opcode, sram, dram_addr, cols, fields)
         else:
             self.seq.append(
                 Instruction(
@@ -444,20 +435,39 @@ class _Emitter:
             out = [(b, [0] + c) for b, c in out]
         return extents, out
 
-    def emit_gemm(self, call, nest: LoopNest) -> None:
+    def _gemm_info(self, nest: LoopNest) -> tuple:
+        """The per-node analysis of a GEMM leaf and its folded loops: buffers, ``outer`` /
+        ``inner``, and the input, accumulator and weight offsets (compiled, and as expressions
+        for :meth:`emit_gemm_block`) with the input / accumulator strides in entries."""
         k = node_key(nest.leaf)
         info = self._gemm.get(k)
         if info is None:
-            a = call.args
+            a = nest.leaf.value.args
             inp, wgt, acc = a[1].args[0], a[3].args[0], a[5].args[0]
             R, C = self.cfg.array_rows, self.cfg.array_cols
             (outer, inner), [(inp_b, inp_s), (acc_b, acc_s)] = self._loop_fields(
                 nest, [(a[2], R), (a[6], C)]
             )
             ev = self.ev.compiled
-            info = (inp, wgt, acc, outer, inner, ev(inp_b), inp_s, ev(acc_b), acc_s, ev(a[4]))
+            info = (inp, wgt, acc, outer, inner, ev(inp_b), inp_s, ev(acc_b), acc_s, ev(a[4]),
+                    (inp_b, acc_b, a[4]))  # fmt: skip
             self._gemm[k] = info
-        inp, wgt, acc, outer, inner, inp_b, inp_s, acc_b, acc_s, wgt_off = info
+        return info
+
+    def _gemm_reset(self, acc_addr: int, outer: int, inner: int, acc_s) -> bool:
+        """Whether a GEMM into ``acc_addr`` takes the reset of its accumulator region (its
+        entries are all pending a reset, which they then no longer are)."""
+        pending = self.pending_reset
+        entries = _entries(acc_addr, outer, inner, acc_s[0], acc_s[1])
+        reset = entries <= pending
+        if not reset and not entries.isdisjoint(pending):
+            raise TirLoweringError("a GEMM resets part of its accumulator region")
+        if reset:
+            pending -= entries
+        return reset
+
+    def emit_gemm(self, call, nest: LoopNest) -> None:
+        inp, wgt, acc, outer, inner, inp_b, inp_s, acc_b, acc_s, wgt_off, _ = self._gemm_info(nest)
         env = self.ev.env
         acc_addr = self._chip_addr(acc, int(acc_b(env)))
         wgt_addr = self._chip_addr(wgt, int(wgt_off(env)))
@@ -465,15 +475,8 @@ class _Emitter:
             wgt_addr = self.weights.chip_addr(wgt_addr)
             if wgt_addr is None:  # an all-zero block: no GEMM
                 return
-        pending = self.pending_reset
-        reset = False
-        if pending:  # (no pending reset: most GEMMs accumulate)
-            entries = _entries(acc_addr, outer, inner, acc_s[0], acc_s[1])
-            reset = entries <= pending
-            if not reset and not entries.isdisjoint(pending):
-                raise TirLoweringError("a GEMM resets part of its accumulator region")
-            if reset:
-                pending -= entries
+        # (no pending reset: most GEMMs accumulate)
+        reset = bool(self.pending_reset) and self._gemm_reset(acc_addr, outer, inner, acc_s)
         self.seq.append(
             Instruction(
                 Opcode.GEMM,
@@ -490,6 +493,68 @@ class _Emitter:
                 acc_si=acc_s[1],
             )
         )
+
+    def emit_gemm_block(self, loops, nest: LoopNest) -> bool:
+        """Every iteration of ``loops`` (outermost first) around the folded GEMM ``nest`` at
+        once: the GEMMs :meth:`emit_gemm` would emit one walk step at a time, in the same order.
+
+        The input, accumulator and weight offsets are affine in the loop variables, so the
+        whole block is one NumPy evaluation; only the reset bookkeeping (the first GEMMs into
+        each region) stays per GEMM.  Returns False, having emitted nothing, when the offsets
+        are not affine in ``loops`` or an offset is not a whole entry: the caller then walks
+        the loops (which reports such an offset where it occurs).
+        """
+        inp, wgt, acc, outer, inner, _, inp_s, _, acc_s, _, exprs = self._gemm_info(nest)
+        k = node_key(loops[0])
+        block = self._gemm_blocks.get(k)
+        if block is None:
+            try:
+                extents = [const_int(f.extent) for f in loops]
+                terms = [affine(e, [f.loop_var for f in loops]) for e in exprs]
+            except TirLoweringError:
+                terms = None
+            if terms is None or min(extents) < 1:
+                block = False
+            else:
+                grid = np.indices(extents).reshape(len(loops), -1).T  # row-major iterations
+                steps = [grid @ np.asarray(coef, np.int64) for coef, _ in terms]
+                bases = [self.ev.compiled(base) for _, base in terms]
+                block = (steps, bases, [node_key(f.loop_var) for f in loops], extents)
+            self._gemm_blocks[k] = block
+        if block is False:
+            return False
+        steps, bases, keys, extents = block
+        env = self.ev.env
+        inp_off, acc_off, wgt_off = (int(b(env)) + s for b, s in zip(bases, steps, strict=True))
+        try:
+            acc_addr = self._chip_addr(acc, acc_off).tolist()
+            wgt_addr = self._chip_addr(wgt, wgt_off).tolist()
+            inp_addr = self._chip_addr(inp, inp_off).tolist()
+        except TirLoweringError:
+            return False
+        if self.weights is not None:  # all-zero blocks: no GEMM
+            chip = self.weights.chip
+            wgt_addr = [chip[a] for a in wgt_addr]
+            kept = [j for j, a in enumerate(wgt_addr) if a is not None]
+            if len(kept) < len(wgt_addr):
+                acc_addr = [acc_addr[j] for j in kept]
+                inp_addr = [inp_addr[j] for j in kept]
+                wgt_addr = [wgt_addr[j] for j in kept]
+        reset = [0] * len(acc_addr)
+        j = 0
+        while self.pending_reset and j < len(acc_addr):  # the first GEMMs into each region
+            reset[j] = int(self._gemm_reset(acc_addr[j], outer, inner, acc_s))
+            j += 1
+        self.seq += instruction_block(
+            Opcode.GEMM,
+            ("reset", "wgt_addr", "inp_addr", "acc_addr"),
+            zip(reset, wgt_addr, inp_addr, acc_addr),
+            {"array": 0, "outer": outer, "inner": inner, "inp_so": inp_s[0], "inp_si": inp_s[1],
+             "acc_so": acc_s[0], "acc_si": acc_s[1]},  # array: chosen by schedule.assign_arrays
+        )  # fmt: skip
+        for key, e in zip(keys, extents, strict=True):  # where walking the loops leaves them
+            env[key] = e - 1
+        return True
 
     def mark_reset(self, nest: LoopNest) -> None:
         """The reduction's init: its accumulator entries are reset by their first GEMM."""
@@ -704,99 +769,6 @@ def _alu_insn(op, dst, imm, outer, inner, dst_so, dst_si, src, src_so, src_si) -
     )
 
 
-def _runs(opcode, sram: int, dram: int, count: int, fields: dict) -> list[Instruction]:
-    """``count`` consecutive entries as transfers of at most ``MAX_TRANSFER`` rows of at most
-    ``MAX_TRANSFER`` entries (as :func:`~tvm_hapm.target.codegen._load_rows`)."""
-    out = []
-    while count > 0:
-        c = min(count, MAX_TRANSFER)
-        r = min(count // c, MAX_TRANSFER)
-        out.append(
-            Instruction(
-                opcode, sram_addr=sram, dram_addr=dram, y_size=r, x_size=c, x_stride=c, **fields
-            )
-        )
-        sram += r * c
-        dram += r * c
-        count -= r * c
-    return out
-
-
-class SparseWeights:
-    """The compile-time sparse schedule: the walker stage that knows the constant weights.
-
-    The TIR function is scheduled on the dense block tensor ``weight[COB, CIB, KH, KW, R, C]``.
-    The weights are compile-time constants, so the walker drops what an all-zero ``R x C``
-    block would cost:
-
-    * a weight DMA loads only the non-zero blocks of the region it moves, as one contiguous
-      run; the DRAM weight slot holds the non-zero blocks in *load order* (output-channel
-      group, input-channel chunk, then ``(cob, cib, kh, kw)``: :attr:`order`), and on chip the
-      run is packed from the DMA's first entry, so weight-buffer addresses are compacted;
-    * a weight DMA whose blocks are already on chip at the same place is not repeated;
-    * a GEMM whose weight block is all zero is dropped (the next GEMM of its accumulator
-      region takes the reset flag; a region whose GEMMs were all dropped is zeroed by a
-      ``MUL 0`` ahead of its epilogue).
-
-    Grouped and depthwise convolutions are dense convolutions with block-diagonal weights,
-    so they go through the same schedule.
-    """
-
-    def __init__(self, nonzero: np.ndarray, cob_group: int, cib_chunk: int, param=None):
-        self.nonzero = np.asarray(nonzero, bool)
-        cob, cib = self.nonzero.shape[:2]
-        dense_ids = np.arange(self.nonzero.size).reshape(self.nonzero.shape)
-        order = []
-        for cg0 in range(0, cob, cob_group):
-            for kc0 in range(0, cib, cib_chunk):
-                blk = dense_ids[cg0 : cg0 + cob_group, kc0 : kc0 + cib_chunk]
-                nz = self.nonzero[cg0 : cg0 + cob_group, kc0 : kc0 + cib_chunk]
-                order += [int(i) for i in blk[nz]]
-        #: Dense block ids (row-major over ``(COB, CIB, KH, KW)``) of the DRAM slot, in order.
-        self.order = order
-        self.pos = {d: i for i, d in enumerate(order)}
-        self.param = param  # key of the weight parameter
-        self.chip: dict[int, int | None] = {}  # TIR on-chip entry -> compacted entry or None
-        self.loaded: dict[int, tuple] = {}  # compacted base -> (first DRAM position, count)
-        #: Entries of one half of a double-buffered weight buffer (0: not double buffered):
-        #: successive loads alternate between the halves; a run already in the current half is
-        #: not loaded again.
-        self.half = 0
-        self._current: int | None = None
-
-    def load(self, emitter, sram, dram, rows, cols, stride, fields) -> None:
-        dense = (dram + np.arange(rows)[:, None] * stride + np.arange(cols)[None, :]).reshape(-1)
-        flat_nz = self.nonzero.reshape(-1)
-        keep = flat_nz[dense]
-        positions = [self.pos[int(d)] for d in dense[keep]]
-        # The compacted DRAM order is group-major; a DMA of a whole resident tensor covers the
-        # blocks in dense order, which is the same *set* of positions in another order. On chip
-        # the blocks land in DRAM order, so each block's entry is its position in the run.
-        first = min(positions) if positions else 0
-        if positions and sorted(positions) != list(range(first, first + len(positions))):
-            raise TirLoweringError("the non-zero weight blocks of a DMA are not one run")
-        offset = 0
-        reuse = False
-        if positions:
-            run = (first, len(positions))
-            if self.half:
-                reuse = self._current is not None and self.loaded.get(self._current) == run
-                if not reuse:
-                    self._current = 0 if self._current is None else 1 - self._current
-                    self.loaded[self._current] = run
-                offset = self._current * self.half
-            else:
-                reuse = self.loaded.get(sram) == run
-                self.loaded = {sram: run}
-        for j, (d, d_keep) in enumerate(zip(dense, keep, strict=True)):
-            self.chip[sram + j] = sram + offset + self.pos[int(d)] - first if d_keep else None
-        if positions and not reuse:
-            emitter.seq += _runs(Opcode.LOAD, sram + offset, first, len(positions), fields)
-
-    def chip_addr(self, tir_addr: int) -> int | None:
-        return self.chip[tir_addr]
-
-
 def _lowered(func: tirx.PrimFunc, cfg: HardwareConfig | None) -> tirx.PrimFunc:
     if func.attrs is not None and LOWERED_ATTR in func.attrs:
         return func
@@ -816,6 +788,7 @@ def _as_func(func_or_sch) -> tirx.PrimFunc:
     return func_or_sch
 
 
+@paused_gc()  # a loop's worth of instructions at a time: see target.gc_pause
 def emit_program(
     func, cfg: HardwareConfig | None = None, weights: SparseWeights | None = None
 ) -> list[Instruction]:

@@ -141,3 +141,64 @@ def perfect_nest(stmt) -> LoopNest | None:
             return LoopNest(loops, predicates, stmt)
         else:
             return None
+
+
+# =============================================================================================
+# evaluating index expressions
+_PY_BINOPS = {
+    "Add": "({} + {})",
+    "Sub": "({} - {})",
+    "Mul": "({} * {})",
+    "FloorDiv": "({} // {})",
+    "FloorMod": "({} % {})",
+    "Min": "min({}, {})",
+    "Max": "max({}, {})",
+    "LT": "({} < {})",
+    "LE": "({} <= {})",
+    "GT": "({} > {})",
+    "GE": "({} >= {})",
+    "EQ": "({} == {})",
+    "NE": "({} != {})",
+    "And": "({} and {})",
+    "Or": "({} or {})",
+}
+
+
+class Evaluator:
+    """Integer expressions of loop variables, compiled once to Python and cached per node."""
+
+    def __init__(self):
+        self.env: dict[int, int] = {}
+        self._cache: dict[int, object] = {}
+
+    def _source(self, expr) -> str:
+        kind = node_kind(expr)
+        if kind == "IntImm":
+            return str(int(expr.value))
+        if kind == "Var":
+            return f"env[{node_key(expr)}]"
+        if kind == "Cast":
+            return self._source(expr.value)
+        if kind in _PY_BINOPS:
+            return _PY_BINOPS[kind].format(self._source(expr.a), self._source(expr.b))
+        if kind == "Not":
+            return f"(not {self._source(expr.a)})"
+        if kind == "Select":
+            c, t, f = (self._source(e) for e in (expr.condition, expr.true_value, expr.false_value))
+            return f"({t} if {c} else {f})"
+        raise TirLoweringError(f"cannot evaluate {kind} expression {expr}")
+
+    def __call__(self, expr) -> int:
+        if isinstance(expr, int):
+            return expr
+        return int(self.compiled(expr)(self.env))
+
+    def compiled(self, expr):
+        """``expr`` as a Python function of the loop-variable environment (for the hot paths
+        that keep it: one call per evaluation instead of a lookup and a call)."""
+        k = node_key(expr)
+        hit = self._cache.get(k)
+        if hit is None:
+            fn = eval(f"lambda env: {self._source(expr)}")
+            hit = self._cache[k] = (fn, expr)  # keep the node alive: its handle is the key
+        return hit[0]
