@@ -21,6 +21,7 @@ placement always succeeds for what they plan.
 from __future__ import annotations
 
 import bisect
+from operator import attrgetter
 
 from .config import HardwareConfig
 from .dependency import buffer_accesses
@@ -67,6 +68,10 @@ def acc_fits(cfg: HardwareConfig, regions, region_entries, other_entries):
     return ((q + (r > 0)) * region_entries <= D) & (other_entries <= last - q * region_entries)
 
 
+#: A GEMM's accumulator loop nest, in :func:`_span`'s argument order.
+_GEMM_NEST = attrgetter("acc_addr", "outer", "acc_so", "inner", "acc_si")
+
+
 def _span(base: int, outer: int, so: int, inner: int, si: int) -> tuple[int, int]:
     last = base + (outer - 1) * so + (inner - 1) * si
     return (base, last) if last >= base else (last, base)
@@ -85,9 +90,11 @@ def place_accumulators(instructions: list[Instruction], cfg: HardwareConfig) -> 
        GEMM: its epilogue and store make it a run of its own); each run goes, in original
        order, to the bank with the most room left, after its regions.
     3. Every accumulator address of every instruction is moved with the region or run that
-       holds its range.  Relative offsets inside a region or run are kept, so strides do not
-       change; an instruction whose range is neither inside one region nor outside all of
-       them is refused (it would be split by the move).
+       holds its range, and every GEMM gets its bank's array (the rule of
+       :func:`~tvm_hapm.target.schedule.assign_arrays`, applied in the same step).  Relative
+       offsets inside a region or run are kept, so strides do not change; an instruction
+       whose range is neither inside one region nor outside all of them is refused (it would
+       be split by the move).
 
     With one array, or no GEMM, the stream is returned unchanged.
 
@@ -100,13 +107,17 @@ def place_accumulators(instructions: list[Instruction], cfg: HardwareConfig) -> 
     if A == 1:
         return instructions
     GEMM = Opcode.GEMM
-    # ---- 1. GEMM regions: merged intervals, first-use order
+    # ---- 1. GEMM regions: merged intervals, first-use order (a GEMM's range computed once
+    # per distinct nest: a convolution has few, and hundreds of thousands of GEMMs)
+    spans: dict[tuple, tuple[int, int]] = {}
     first: dict[tuple[int, int], int] = {}
     for insn in instructions:
         if insn.opcode == GEMM:
-            key = _span(insn.acc_addr, insn.outer, insn.acc_so, insn.inner, insn.acc_si)
-            if key not in first:
-                first[key] = len(first)
+            nest = _GEMM_NEST(insn)
+            if nest not in spans:
+                spans[nest] = span = _span(*nest)
+                if span not in first:
+                    first[span] = len(first)
     if not first:
         return instructions
     regions: list[list[int]] = []  # [lo, hi, first use]
@@ -191,13 +202,19 @@ def place_accumulators(instructions: list[Instruction], cfg: HardwareConfig) -> 
             cache[(lo, hi)] = d
         return d
 
+    # every GEMM nest's new accumulator address and array (its bank's: assign_arrays' rule,
+    # applied here in the same replace)
+    moves = {}
+    for nest, span in spans.items():
+        addr = nest[0] + shift(*span)
+        moves[nest] = (addr, acc_bank(cfg, addr))
     out = []
     for insn in instructions:
         op = insn.opcode
         if op == GEMM:
-            d = shift(*_span(insn.acc_addr, insn.outer, insn.acc_so, insn.inner, insn.acc_si))
-            if d:
-                insn = insn.replace(acc_addr=insn.acc_addr + d)
+            addr, bank = moves[_GEMM_NEST(insn)]
+            if addr != insn.acc_addr or bank != insn.array:
+                insn = insn.replace(acc_addr=addr, array=bank)
         elif op == Opcode.ALU:
             d = shift(*_span(insn.dst_addr, insn.outer, insn.dst_so, insn.inner, insn.dst_si))
             fields = {"dst_addr": insn.dst_addr + d} if d else {}
