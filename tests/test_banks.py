@@ -128,10 +128,19 @@ def test_placement_keeps_results():
     assert np.abs(ref[3]).sum() > 0
 
 
-def test_a_range_across_a_region_boundary_is_refused():
-    seq = [gemm(8, 6), gemm(14, 6), epilogue(10, 6, 0)]  # 10..15 straddles both blocks
-    with pytest.raises(BankPlacementError, match="straddles the GEMM region"):
-        place_accumulators(seq, CFG)
+def test_regions_join_what_touches_them():
+    # An epilogue over 10..15 spans both blocks (8..13 and 14..19): they become one region, one
+    # bank, one array.
+    seq = [gemm(8, 6), gemm(14, 6), epilogue(10, 6, 0)]
+    out = place_accumulators(seq, CFG)
+    assert [(i.acc_addr, i.array) for i in out[:2]] == [(0, 0), (6, 0)]
+    assert out[2].dst_addr == 2  # moved with them
+    # A block whose GEMMs cover only part of its region in some tile (an edge tile) keeps the
+    # whole region, which its store covers, in one bank.
+    seq = [gemm(4, 6), store(4, 12), gemm(16, 12), store(16, 12)]
+    out = place_accumulators(seq, CFG)
+    assert [(i.acc_addr, i.array) for i in out if i.opcode == Opcode.GEMM] == [(0, 0), (16, 1)]
+    assert [i.sram_addr for i in out if i.opcode == Opcode.STORE] == [0, 16]
 
 
 @settings(max_examples=200, deadline=None)

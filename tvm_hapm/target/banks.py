@@ -80,35 +80,33 @@ def _span(base: int, outer: int, so: int, inner: int, si: int) -> tuple[int, int
 def place_accumulators(instructions: list[Instruction], cfg: HardwareConfig) -> list:
     """Move a sequential stream's accumulator data into the banks (before arrays and tokens).
 
-    1. **GEMM regions.**  The accumulator ranges the GEMMs write, merged where they overlap
-       (the GEMMs of one output-channel block into one tile write one region; an edge tile's
-       smaller range lies inside its block's region).  Each region goes to a bank, round
-       robin in the order of the regions' first GEMMs, at the bank's next free entry (regions
-       of one bank in their original order).
-    2. **Other data.**  The entries other instructions touch outside the regions, merged into
-       runs wherever their ranges overlap (an output block whose weights were all pruned has no
-       GEMM: its epilogue and store make it a run of its own); each run goes, in original
-       order, to the bank with the most room left, after its regions.
-    3. Every accumulator address of every instruction is moved with the region or run that
-       holds its range, and every GEMM gets its bank's array (the rule of
+    1. **Regions and runs.**  The accumulator ranges of all instructions, joined where they
+       overlap: a part with a GEMM's range is a *region* (an output block: the GEMMs into one
+       output-channel block, its initialisation, epilogue and store, also in the tiles where
+       some of its GEMMs were dropped), a part without one a *run* (bias and multiplier rows;
+       an output block whose weights were all pruned).
+    2. **Placement.**  Each region goes to a bank, round robin in the order of the regions'
+       first GEMMs, at the bank's next free entry (regions of one bank in their original
+       order); then each run, in original order, to the bank with the most room left.
+    3. Every accumulator address of every instruction is moved with the part that holds its
+       range, and every GEMM gets its bank's array (the rule of
        :func:`~tvm_hapm.target.schedule.assign_arrays`, applied in the same step).  Relative
-       offsets inside a region or run are kept, so strides do not change; an instruction
-       whose range is neither inside one region nor outside all of them is refused (it would
-       be split by the move).
+       offsets inside a part are kept, so strides do not change.  (An instruction whose range
+       spans two output blocks joins them into one region: one bank, one array.)
 
     With one array, or no GEMM, the stream is returned unchanged.
 
     Raises
     ------
     BankPlacementError
-        When the regions or the other data do not fit, or a range straddles a region.
+        When the regions or the other data do not fit the banks.
     """
     A = cfg.num_arrays
     if A == 1:
         return instructions
     GEMM = Opcode.GEMM
-    # ---- 1. GEMM regions: merged intervals, first-use order (a GEMM's range computed once
-    # per distinct nest: a convolution has few, and hundreds of thousands of GEMMs)
+    # ---- 1. the GEMMs' ranges, in first-use order (a GEMM's range computed once per distinct
+    # nest: a convolution has few, and hundreds of thousands of GEMMs)
     spans: dict[tuple, tuple[int, int]] = {}
     first: dict[tuple[int, int], int] = {}
     for insn in instructions:
@@ -120,62 +118,46 @@ def place_accumulators(instructions: list[Instruction], cfg: HardwareConfig) -> 
                     first[span] = len(first)
     if not first:
         return instructions
-    regions: list[list[int]] = []  # [lo, hi, first use]
-    for (lo, hi), use in sorted(first.items()):
-        if regions and lo <= regions[-1][1]:
-            r = regions[-1]
-            r[1] = max(r[1], hi)
-            r[2] = min(r[2], use)
-        else:
-            regions.append([lo, hi, use])
-    starts = [r[0] for r in regions]
-
-    def region_of(lo: int, hi: int) -> int:
-        """Index of the region holding ``[lo, hi]``, or -1 when it holds none of it."""
-        k = bisect.bisect_right(starts, hi) - 1
-        if k < 0 or regions[k][1] < lo:
-            return -1
-        if regions[k][0] <= lo and hi <= regions[k][1]:
-            return k
-        raise BankPlacementError(
-            f"accumulator range [{lo}, {hi}] straddles the GEMM region "
-            f"[{regions[k][0]}, {regions[k][1]}]: it cannot move into a bank"
-        )
-
-    # ---- 2. other data: runs of entries touched outside the regions
-    runs: list[list[int]] = []
+    # ---- 2. the other instructions' ranges; every range joins those it overlaps (one
+    # sweep over them sorted: the connected components of their overlap): a component with a
+    # GEMM is a region, one without a run
+    ranges = [(lo, hi, use) for (lo, hi), use in first.items()]
+    no_gemm = len(first)  # sorts after every GEMM's use
     for insn in instructions:
-        if insn.opcode == GEMM:
-            continue
-        for buf, lo, hi, _ in buffer_accesses(insn):
-            if buf == Buffer.ACC and region_of(lo, hi) < 0:
-                runs.append([lo, hi])
-    runs.sort()
-    merged: list[list[int]] = []  # overlapping ranges only: adjacent blocks may part
-    for lo, hi in runs:
-        if merged and lo <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], hi)
+        if insn.opcode != GEMM:
+            for buf, lo, hi, _ in buffer_accesses(insn):
+                if buf == Buffer.ACC:
+                    ranges.append((lo, hi, no_gemm))
+    ranges.sort()
+    parts: list[list[int]] = []  # [lo, hi, first GEMM use or no_gemm]
+    for lo, hi, use in ranges:
+        if parts and lo <= parts[-1][1]:
+            part = parts[-1]
+            part[1] = max(part[1], hi)
+            part[2] = min(part[2], use)
         else:
-            merged.append([lo, hi])
+            parts.append([lo, hi, use])
+    starts = [p[0] for p in parts]
 
-    # ---- placement
+    # ---- placement: regions round robin by first use, then the runs by room
     bank_lo = [acc_bank_range(cfg, k)[0] for k in range(A)]
     bank_hi = [acc_bank_range(cfg, k)[1] for k in range(A)]
     top = list(bank_lo)
-    by_use = sorted(range(len(regions)), key=lambda k: regions[k][2])
-    bank_of = {k: n % A for n, k in enumerate(by_use)}
-    moved: list[int] = [0] * len(regions)  # new first entry of each region
-    for k, (lo, hi, _) in enumerate(regions):
+    moved: list[int] = [0] * len(parts)  # new first entry of each part
+    regions = sorted((k for k, p in enumerate(parts) if p[2] < no_gemm), key=lambda k: parts[k][2])
+    bank_of = {k: n % A for n, k in enumerate(regions)}
+    for k in sorted(regions):  # a bank's regions in their original order
         b = bank_of[k]
         moved[k] = top[b]
-        top[b] += hi - lo + 1
+        top[b] += parts[k][1] - parts[k][0] + 1
         if top[b] > bank_hi[b] + 1:
             raise BankPlacementError(
                 f"the GEMM regions of bank {b} need {top[b] - bank_lo[b]} entries, "
                 f"the bank has {bank_hi[b] - bank_lo[b] + 1}"
             )
-    run_moved = []
-    for lo, hi in merged:
+    for k, (lo, hi, use) in enumerate(parts):
+        if use < no_gemm:
+            continue
         room = [bank_hi[b] + 1 - top[b] for b in range(A)]
         b = max(range(A), key=lambda j: (room[j], -j))
         if hi - lo + 1 > room[b]:
@@ -183,23 +165,17 @@ def place_accumulators(instructions: list[Instruction], cfg: HardwareConfig) -> 
                 f"{hi - lo + 1} accumulator entries of constants and operands do not fit "
                 f"the room left in any bank (at most {room[b]})"
             )
-        run_moved.append(top[b])
+        moved[k] = top[b]
         top[b] += hi - lo + 1
-    run_starts = [r[0] for r in merged]
 
     cache: dict[tuple[int, int], int] = {}
 
     def shift(lo: int, hi: int) -> int:
-        """How far the range ``[lo, hi]`` moves."""
+        """How far the range ``[lo, hi]`` moves (it lies in one part, by construction)."""
         d = cache.get((lo, hi))
         if d is None:
-            k = region_of(lo, hi)
-            if k >= 0:
-                d = moved[k] - regions[k][0]
-            else:
-                j = bisect.bisect_right(run_starts, lo) - 1
-                d = run_moved[j] - merged[j][0]
-            cache[(lo, hi)] = d
+            k = bisect.bisect_right(starts, lo) - 1
+            d = cache[(lo, hi)] = moved[k] - parts[k][0]
         return d
 
     # every GEMM nest's new accumulator address and array (its bank's: assign_arrays' rule,
