@@ -9,6 +9,7 @@ import tvm_hapm
 from tvm_hapm.cost.measure import LocalFarm, LocalRunner, RPCRunner, measure_program
 from tvm_hapm.cost.tune import (
     ConvTask,
+    OnlineModelConfig,
     TuningDatabase,
     enumerate_space,
     fine_model_prior,
@@ -16,6 +17,7 @@ from tvm_hapm.cost.tune import (
     model_guided_search,
     prune_space,
     random_search,
+    schedule_features,
     schedule_fits,
 )
 from tvm_hapm.runtime import Simulator, SimulatorError
@@ -322,3 +324,24 @@ def test_malformed_databases_are_refused(tmp_path, payload, problem):
     path.write_text(json.dumps(payload))
     with pytest.raises(ValueError, match=problem):
         TuningDatabase(path)
+
+
+def test_the_online_model_learns_on_the_cost_models_features():
+    """model_guided_search's features are the fine cost model's (features_batch) plus the mid
+    model's log cycles, one row per schedule; its regressor takes its size from the config."""
+    from tvm_hapm.cost.analytic import analyze_batch
+    from tvm_hapm.cost.features import feature_names
+    from tvm_hapm.cost.layer import BlockSparsity
+
+    task = _task()
+    space = enumerate_space(task)[:6]
+    feats = schedule_features(task, space)
+    assert feats.shape == (6, len(feature_names()) + 1)
+    sp = BlockSparsity.from_mask(task.nonzero_blocks())
+    mid = analyze_batch([(task.layer(), CFG, s, sp) for s in space]).cycles
+    np.testing.assert_allclose(feats[:, -1], np.log(mid))
+    assert len(set(map(tuple, feats))) == 6  # the schedules are told apart
+    reg = OnlineModelConfig(trees=7, depth=2).regressor(seed=3)
+    assert reg.get_params()["n_estimators"] == 7 and reg.get_params()["max_depth"] == 2
+    small = model_guided_search(task, trials=6, seed=1, online=OnlineModelConfig(trees=5))
+    assert small.trials == 7 and small.best_cycles <= small.default_cycles

@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import threading
 import warnings
 from dataclasses import MISSING, dataclass, field, fields
@@ -53,10 +52,12 @@ from ..target.schedule import (
 
 __all__ = [
     "ConvTask",
+    "OnlineModelConfig",
     "TuneResult",
     "TuningDatabase",
     "current_database",
     "enumerate_space",
+    "schedule_features",
     "schedule_fits",
     "random_search",
     "model_guided_search",
@@ -292,23 +293,42 @@ def fine_model_prior(model=None):
     return prior
 
 
-def _features(task: ConvTask, s: ConvSchedule) -> list[float]:
-    oh, ow = task.out_hw
-    cob, cib = task.blocks
-    tiles = math.ceil(oh / s.tile_h) * math.ceil(ow / s.tile_w)
-    return [
-        s.tile_h,
-        s.tile_w,
-        s.cob_group,
-        s.cib_chunk,
-        float(s.double_buffer),
-        math.log2(tiles),
-        math.log2(s.tile_h * s.tile_w),
-        math.ceil(cob / s.cob_group),
-        math.ceil(cib / s.cib_chunk),
-        (oh % s.tile_h) / s.tile_h,
-        (ow % s.tile_w) / s.tile_w,
-    ]
+@dataclass(frozen=True)
+class OnlineModelConfig:
+    """The online model of :func:`model_guided_search`: gradient-boosted trees (XGBoost) on the
+    cost model's feature vector of each schedule (:func:`~tvm_hapm.cost.features.features_batch`,
+    the fine model's features) and the mid model's predicted cycles, refitted after every batch
+    of measurements.
+
+    Attributes
+    ----------
+    trees, depth, eta : int, int, float
+        Boosting rounds, tree depth and learning rate (small: a few dozen measurements).
+    """
+
+    trees: int = 60
+    depth: int = 4
+    eta: float = 0.3
+
+    def regressor(self, seed: int):
+        """A fresh ``xgboost.XGBRegressor`` of this size (single-threaded, seeded)."""
+        import xgboost as xgb
+
+        return xgb.XGBRegressor(
+            n_estimators=self.trees, max_depth=self.depth, learning_rate=self.eta,
+            random_state=seed, n_jobs=1,
+        )  # fmt: skip
+
+
+def schedule_features(task: ConvTask, schedules: list[ConvSchedule]) -> np.ndarray:
+    """The cost model's features of ``task`` under each schedule (one row each), with the mid
+    model's log cycles as the last column: what :func:`model_guided_search` learns on."""
+    from .features import features_batch
+    from .layer import BlockSparsity
+
+    layer, sp = task.layer(), BlockSparsity.from_mask(task.nonzero_blocks())
+    feats, mids = features_batch([(layer, task.config, s, sp) for s in schedules])
+    return np.column_stack([feats, np.log(np.maximum(mids[:, 0], 1.0))])
 
 
 @dataclass
@@ -377,6 +397,7 @@ def model_guided_search(
     prior=None,
     space=None,
     measure=None,
+    online: OnlineModelConfig = OnlineModelConfig(),
 ) -> TuneResult:
     """Measure ``trials`` schedules chosen by an XGBoost model refitted after every batch.
 
@@ -391,14 +412,14 @@ def model_guided_search(
         Fraction of each batch drawn at random (exploration).
     space, measure
         As for :func:`random_search`.
+    online : OnlineModelConfig
+        The online model, fitted on :func:`schedule_features`.
     """
-    import xgboost as xgb
-
     measure = _measurer(task, runner, measure)
     space = enumerate_space(task) if space is None else list(space)
     default = task.default_schedule()
     rng = np.random.default_rng(seed)
-    feats = np.array([_features(task, s) for s in space], dtype=np.float64)
+    feats = schedule_features(task, space)
     measured: dict[int, int] = {}
     default_cycles = measure([default])[0]
     budget = min(trials, len(space))
@@ -417,9 +438,7 @@ def model_guided_search(
             if len(measured) >= fit_from:
                 idx = np.array(sorted(measured))
                 y = np.log([measured[i] for i in idx])
-                model = xgb.XGBRegressor(
-                    n_estimators=60, max_depth=4, learning_rate=0.3, random_state=seed, n_jobs=1
-                )
+                model = online.regressor(seed)
                 if base is None:
                     model.fit(feats[idx], y)
                     scores = model.predict(feats)
