@@ -70,11 +70,11 @@ def _entry(cfg, res) -> dict:
     rest without the accumulator (``res`` less the block RAM or UltraRAM, flip-flops and LUTs
     :func:`~tvm_hapm.rtl.synth.buffer_costs` gives the RTL's accumulator structure; what
     ``tvm_hapm.rtl.resources.estimate_resources`` fits other configs to)."""
-    from tvm_hapm.rtl.synth import RTL_ACCUMULATOR, buffer_costs, part_budget
+    from tvm_hapm.rtl.synth import RTL_ACCUMULATOR, buffer_costs, part_budget, prefers_uram
 
     budget = part_budget(cfg.part)
     acc = next(c for c in buffer_costs(cfg) if c.buffer == "acc" and c.scheme == RTL_ACCUMULATOR)
-    on_uram = res.uram >= acc.uram > 0
+    on_uram = prefers_uram(acc, res.family)
     return {
         "part": cfg.part,
         "lut": res.lut_total,

@@ -19,7 +19,6 @@ from tvm_hapm.target.banks import (
 from tvm_hapm.target.config import HardwareConfig
 from tvm_hapm.target.dependency import insert_dependency_tokens
 from tvm_hapm.target.isa import AluOp, Buffer, Instruction, Opcode
-from tvm_hapm.target.schedule import assign_arrays
 
 # 4 arrays, 64 accumulator entries: banks 0..15, 16..31, 32..47, 48..63
 CFG = HardwareConfig(
@@ -67,7 +66,7 @@ def test_placement_by_hand():
     for blk in (8, 14):
         seq += [gemm(blk, 6), gemm(blk, 6, wgt_addr=1)]
     seq += [epilogue(8, 6, 0), store(8, 6), epilogue(14, 6, 2), store(14, 6)]
-    out = assign_arrays(place_accumulators(seq, CFG), CFG)
+    out = place_accumulators(seq, CFG)
     # block 8..13 -> bank 0 (0..5), block 14..19 -> bank 1 (16..21); the rows go to the bank
     # with the most room (banks 2 and 3 are empty: the lower one), strides unchanged
     assert [i.acc_addr for i in out if i.opcode == Opcode.GEMM] == [0, 0, 16, 16]
@@ -121,7 +120,7 @@ def test_placement_keeps_results():
     Simulator(CFG.replace(name="bank-ref", num_arrays=1)).run(
         [i.replace(array=0) if i.opcode == Opcode.GEMM else i for i in flat], ref
     )
-    placed = insert_dependency_tokens(assign_arrays(place_accumulators(seq, CFG), CFG))
+    placed = insert_dependency_tokens(place_accumulators(seq, CFG))
     got = dram()
     Simulator(CFG).run(placed, got)
     np.testing.assert_array_equal(got[3], ref[3])
@@ -165,7 +164,7 @@ def test_acc_fits_is_exactly_when_placement_succeeds(arrays, regions, size, rows
         placed = None
     assert (placed is not None) == bool(acc_fits(cfg, regions, size, rows))
     if placed is not None:
-        for insn in assign_arrays(placed, cfg):
+        for insn in placed:
             if insn.opcode == Opcode.GEMM:
                 lo, hi = acc_bank_range(cfg, insn.array)
                 assert lo <= insn.acc_addr and insn.acc_addr + size - 1 <= hi

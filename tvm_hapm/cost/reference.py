@@ -394,13 +394,14 @@ def position_rounds(m: np.ndarray, frac: float, A: int, G: int, K: int) -> np.nd
     """GEMM rounds of every step ``(n_cg, n_kc)``: the code generator dispatches a step's GEMMs
     by position ``(cib, kh, kw)`` outer and output block inner, and a GEMM waits for the
     previous GEMM into its accumulator region (the same output block at an earlier position),
-    so a position of ``n_p <= A`` non-zero blocks costs a round.  A position of more blocks
-    costs ``n_p / A`` rounds, not ``ceil(n_p / A)``: the GEMM into a block at the next position
-    is at least ``n_p`` GEMMs behind, so the arrays (``assign_arrays`` hands each GEMM the first
-    free one) run on into the next position instead of waiting for the round's stragglers
-    (``max(n_p, A) / A`` for a non-empty position).  ``m``: the non-zero blocks ``(COB, CIB,
-    KH, KW)`` (a mask, or the structural blocks of which a fraction ``frac`` is expected zero:
-    then ``max(n_p (1 - frac), A) / A * (1 - frac ** n_p)``, exact for ``n_p <= A``)."""
+    so a position of ``n_p <= A`` non-zero blocks costs a round.  A position of more blocks is
+    charged ``n_p / A`` rounds (``max(n_p, A) / A`` for a non-empty position), the figure of
+    the arrays' former free choice; since each output block's region is in one bank, on one
+    array (:mod:`tvm_hapm.target.banks`), the busiest array runs ``ceil(n_p / A)`` of them
+    (``docs/cost_model.md``: an under-count for these rare groups).  ``m``: the non-zero
+    blocks ``(COB, CIB, KH, KW)`` (a mask, or the structural blocks of which a fraction
+    ``frac`` is expected zero: then ``max(n_p (1 - frac), A) / A * (1 - frac ** n_p)``, exact
+    for ``n_p <= A``)."""
     cob, cib = m.shape[:2]
     kk = m.shape[2] * m.shape[3]
     n_cg, n_kc = -(-cob // G), -(-cib // K)

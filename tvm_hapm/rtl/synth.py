@@ -56,6 +56,7 @@ __all__ = [
     "buffer_costs",
     "parse_stat",
     "part_budget",
+    "prefers_uram",
     "synthesize",
     "ultra_ram_cost",
     "with_buffer",
@@ -582,15 +583,21 @@ def buffer_costs(config: HardwareConfig) -> list[BufferCost]:
     ]  # fmt: skip
 
 
+def prefers_uram(cost: BufferCost, family: str) -> bool:
+    """Whether a buffer of ``cost`` takes less silicon in UltraRAM than in block RAM on
+    ``family`` (an UltraRAM counted as eight BRAM36, as in 36 Kb terms): where Yosys's mapping
+    puts it, and where :func:`with_buffer` adds it."""
+    return family == "xcup" and 0 < cost.uram * 8 < cost.bram36
+
+
 def with_buffer(res: Resources, cost: BufferCost, uram: bool | None = None) -> Resources:
     """``res`` of a design synthesised with ``hapm_acc_buf`` as a black box, plus the memory
     ``cost`` says the accumulator takes (the black box leaves :attr:`Resources.unmapped`).
 
-    ``uram`` chooses UltraRAM instead of block RAM for it (default: when the family has it and
-    it takes less silicon, an UltraRAM counting as eight BRAM36 as in 36 Kb terms).
+    ``uram`` chooses UltraRAM instead of block RAM for it (default: :func:`prefers_uram`).
     """
     if uram is None:
-        uram = res.family == "xcup" and 0 < cost.uram * 8 < cost.bram36
+        uram = prefers_uram(cost, res.family)
     unmapped = {k: v for k, v in res.unmapped.items() if k != "hapm_acc_buf"}
     return Resources(
         lut=res.lut + cost.lut,

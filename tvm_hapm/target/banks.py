@@ -11,11 +11,11 @@ touches only entries of bank ``k``*.
 The code generators allocate the accumulator as one flat space (each output-channel block's
 region after the previous one).  :func:`place_accumulators` then moves every GEMM region into a
 bank, round robin in the order the GEMMs first use them (a dispatch group's ``cob_group``
-regions land on consecutive banks, so its GEMMs run on different arrays), and everything else
-the program keeps in the accumulator (bias and multiplier rows, ALU-only operands) into the
-banks' free space.  :func:`~tvm_hapm.target.schedule.assign_arrays` then gives every GEMM the
-array of its bank.  :func:`acc_fits` is the capacity test the tile planners use, so that the
-placement always succeeds for what they plan.
+regions land on consecutive banks, so its GEMMs run on different arrays) and everything else
+the program keeps in the accumulator (bias and multiplier rows) into the banks' free space,
+and gives every GEMM the array of its bank (:func:`acc_bank`).  :func:`acc_fits` is the
+capacity test the tile planners use, so that the placement always succeeds for what they
+plan.
 """
 
 from __future__ import annotations
@@ -89,10 +89,10 @@ def place_accumulators(instructions: list[Instruction], cfg: HardwareConfig) -> 
        first GEMMs, at the bank's next free entry (regions of one bank in their original
        order); then each run, in original order, to the bank with the most room left.
     3. Every accumulator address of every instruction is moved with the part that holds its
-       range, and every GEMM gets its bank's array (the rule of
-       :func:`~tvm_hapm.target.schedule.assign_arrays`, applied in the same step).  Relative
-       offsets inside a part are kept, so strides do not change.  (An instruction whose range
-       spans two output blocks joins them into one region: one bank, one array.)
+       range, and every GEMM gets its bank's array (:func:`acc_bank`, in the same
+       ``replace``).  Relative offsets inside a part are kept, so strides do not change.  (An
+       instruction whose range spans two output blocks joins them into one region: one bank,
+       one array.)
 
     With one array, or no GEMM, the stream is returned unchanged.
 
@@ -140,8 +140,7 @@ def place_accumulators(instructions: list[Instruction], cfg: HardwareConfig) -> 
     starts = [p[0] for p in parts]
 
     # ---- placement: regions round robin by first use, then the runs by room
-    bank_lo = [acc_bank_range(cfg, k)[0] for k in range(A)]
-    bank_hi = [acc_bank_range(cfg, k)[1] for k in range(A)]
+    bank_lo, bank_hi = zip(*(acc_bank_range(cfg, k) for k in range(A)), strict=True)
     top = list(bank_lo)
     moved: list[int] = [0] * len(parts)  # new first entry of each part
     regions = sorted((k for k, p in enumerate(parts) if p[2] < no_gemm), key=lambda k: parts[k][2])
@@ -178,8 +177,7 @@ def place_accumulators(instructions: list[Instruction], cfg: HardwareConfig) -> 
             d = cache[(lo, hi)] = moved[k] - parts[k][0]
         return d
 
-    # every GEMM nest's new accumulator address and array (its bank's: assign_arrays' rule,
-    # applied here in the same replace)
+    # every GEMM nest's new accumulator address and array (its bank's)
     moves = {}
     for nest, span in spans.items():
         addr = nest[0] + shift(*span)

@@ -390,7 +390,7 @@ def _gemms(
         out.append(
             Instruction(
                 Opcode.GEMM, reset=int(not started[k]),
-                array=0,  # chosen by schedule.assign_arrays
+                array=0,  # given by banks.place_accumulators
                 wgt_addr=wgt_addr,
                 inp_addr=inp_base + (ci - kc0) * chunk_entries + y * dh * tw_in + x * dw,
                 acc_addr=acc_out + k * block_stride, outer=th, inner=tw,

@@ -18,7 +18,8 @@ chunks and output regions alternate between the two halves, so the load module f
 smallest tile does not fit twice; :func:`fit_double_buffer` turns it off for a given schedule
 that does not fit twice.
 
-**Arrays.**  :func:`assign_arrays` chooses the array of every GEMM (see its docstring).
+**Arrays.**  Array ``k`` accumulates into bank ``k`` only: the accumulator placement
+(:func:`~tvm_hapm.target.banks.place_accumulators`) gives every GEMM its bank's array.
 
 **Element-wise layers.**  An :class:`EltwiseSchedule` tiles the entries of an ALU-only layer
 (:func:`plan_eltwise`, whose docstring has the double-buffering rule); with ``double_buffer``
@@ -52,7 +53,6 @@ __all__ = [
     "EltwiseSchedule",
     "conv_output_size",
     "ScheduleError",
-    "assign_arrays",
     "conv_acc_fits",
     "conv_footprint",
     "dispatch_group",
@@ -543,41 +543,19 @@ def pipeline_operand_loads(instructions: list[Instruction]) -> list[Instruction]
     return out
 
 
-def assign_arrays(instructions: list[Instruction], cfg: HardwareConfig) -> list[Instruction]:
-    """Give every GEMM of a program the systolic array of its accumulator bank.
-
-    Array ``k`` accumulates into bank ``k`` only (:mod:`tvm_hapm.target.banks`), so once
-    :func:`~tvm_hapm.target.banks.place_accumulators` has put every GEMM region into a bank the
-    array is no longer a choice: ``array = acc_bank(acc_addr)``.  The placement puts the
-    ``cob_group`` regions of a dispatch group on consecutive banks, so for a dense convolution
-    dispatched as ``(cib, kh, kw)`` outer, output-channel block inner, one dispatch occupies
-    ``min(cob_group, num_arrays)`` arrays: the HAPM pruning group.
-    """
-    depth, last = cfg.acc_bank_depth, cfg.num_arrays - 1
-    out = []
-    gemm = Opcode.GEMM  # (hot loop)
-    for insn in instructions:
-        if insn.opcode == gemm:
-            bank = min(insn.acc_addr // depth, last)
-            if insn.array != bank:
-                insn = insn.replace(array=bank)
-        out.append(insn)
-    return out
-
-
 def conv_stream_passes(
     seq: list[Instruction], cfg: HardwareConfig, prologues: list | None = None, double=False
 ) -> list[Instruction]:
     """The passes both code generators apply, in this order, to a convolution's sequential
     stream: :func:`hoist_prologues` (when there are ``prologues``, a fused residual's, and the
     regions are ``double`` buffered), :func:`fuse_epilogues`, :func:`interleave_epilogues`
-    (flushing partially when there are prologues), :func:`~tvm_hapm.target.banks.place_accumulators`
-    and :func:`assign_arrays`.  Dependency tokens
-    are inserted after them."""
+    (flushing partially when there are prologues) and
+    :func:`~tvm_hapm.target.banks.place_accumulators` (which also gives every GEMM its bank's
+    array).  Dependency tokens are inserted after them."""
     if prologues and double:
         seq = hoist_prologues(seq, prologues)
     seq = interleave_epilogues(fuse_epilogues(seq), cfg, partial_flush=bool(prologues))
-    return assign_arrays(place_accumulators(seq, cfg), cfg)
+    return place_accumulators(seq, cfg)
 
 
 def hoist_prologues(seq: list, regions: list) -> list:

@@ -384,14 +384,12 @@ def _screen_gemms(sim, instructions, gemms, modules, pops, pushes):
                               (Buffer.ACC, "acc_addr", "acc_so", "acc_si")):  # fmt: skip
         last = col[base] + (outer - 1) * col[so] + (inner - 1) * col[si]
         bad |= last >= depth[buf]
-    # the bank rule: array k accumulates into bank k only
-    bank_lo = col["array"] * sim.config.acc_bank_depth
-    bank_hi = np.where(
-        col["array"] == sim.config.num_arrays - 1,
-        depth[Buffer.ACC] - 1,
-        bank_lo + sim.config.acc_bank_depth - 1,
-    )
-    bad |= (col["acc_addr"] < bank_lo) | (last > bank_hi)
+    # the bank rule: array k accumulates into bank k only (an array out of range is flagged
+    # above; any bank serves its lookup)
+    A = sim.config.num_arrays
+    banks = np.array([acc_bank_range(sim.config, k) for k in range(A)], dtype=np.int64)
+    bank = banks[np.minimum(col["array"], A - 1)]
+    bad |= (col["acc_addr"] < bank[:, 0]) | (last > bank[:, 1])
     ok = ~bad
     macs = sim.rows * sim.cols * int((outer * inner)[ok].sum())
     idx = np.asarray(gemms, dtype=np.int64)

@@ -10,7 +10,6 @@ import tvm
 import tvm_ffi
 from tvm import s_tir, tirx
 
-from ..banks import place_accumulators
 from ..config import HardwareConfig, get_config
 from ..dependency import insert_dependency_tokens
 from ..gc_pause import paused_gc
@@ -26,7 +25,6 @@ from ..isa import (
 )
 from ..program import Program, Slot
 from ..schedule import (
-    assign_arrays,
     conv_stream_passes,
     pipeline_operand_loads,
 )
@@ -481,7 +479,7 @@ class _Emitter:
             Instruction(
                 Opcode.GEMM,
                 reset=int(reset),
-                array=0,  # chosen by schedule.assign_arrays
+                array=0,  # given by banks.place_accumulators
                 wgt_addr=wgt_addr,
                 inp_addr=self._chip_addr(inp, int(inp_b(env))),
                 acc_addr=acc_addr,
@@ -550,7 +548,7 @@ class _Emitter:
             ("reset", "wgt_addr", "inp_addr", "acc_addr"),
             zip(reset, wgt_addr, inp_addr, acc_addr),
             {"array": 0, "outer": outer, "inner": inner, "inp_so": inp_s[0], "inp_si": inp_s[1],
-             "acc_so": acc_s[0], "acc_si": acc_s[1]},  # array: chosen by schedule.assign_arrays
+             "acc_so": acc_s[0], "acc_si": acc_s[1]},  # array: given by banks.place_accumulators
         )  # fmt: skip
         for key, e in zip(keys, extents, strict=True):  # where walking the loops leaves them
             env[key] = e - 1
@@ -822,8 +820,8 @@ def emit_program(
     if emitter.pending_reset:
         raise TirLoweringError("accumulator entries were initialised but never computed")
     seq = emitter.seq
-    if emitter.alu_only:
-        seq = assign_arrays(place_accumulators(pipeline_operand_loads(seq), cfg), cfg)
+    if emitter.alu_only:  # no GEMM: the accumulator stays as allocated, one flat space
+        seq = pipeline_operand_loads(seq)
     else:  # (also when every GEMM was dropped: the direct generator does not move the loads)
         prologues = [tuple(r) for r in emitter.regions]  # a fused residual's computed inits
         seq = conv_stream_passes(seq, cfg, prologues, emitter.double)
