@@ -21,9 +21,9 @@ from tvm_hapm.cost import (
 from tvm_hapm.cost.analytic import analyze, analyze_batch
 from tvm_hapm.cost.dataset import generate, load_samples, measure, sample_spec, spec_objects
 from tvm_hapm.cost.features import features_batch, features_from_analysis
-from tvm_hapm.cost.reference import analyze_reference
-from tvm_hapm.cost.train import dataset_matrix, mape
+from tvm_hapm.cost.fit import dataset_matrix, mape
 from tvm_hapm.target.config import PRESETS
+from tvm_hapm.testing.mid_reference import analyze_reference
 
 ZED = PRESETS["zedboard"]
 HAND = [

@@ -12,7 +12,7 @@ arrays rather than arithmetic (see ``docs/cost_model.md``, "Batched evaluation")
   outputs of xgboost's prediction without its per-call setup.
 
 The first two are the mid model's one batched implementation; its readable specification is
-the scalar :func:`tvm_hapm.cost.reference.analyze_reference`, which ``tests/test_cost.py``
+the scalar :func:`tvm_hapm.testing.mid_reference.analyze_reference`, which ``tests/test_cost.py``
 checks them against, and against stored figures bit for bit.  (A NumPy path computed the same
 numbers and was removed: 2.3x slower, see :func:`tvm_hapm.cost.analytic.jit_kernels`.)  The
 per-query sums follow numpy's ``np.add.reduceat`` (the first element plus numpy's pairwise sum
@@ -188,7 +188,7 @@ def timing(  # pragma: no cover - compiled
 ):
     # One kernel on purpose (over 150 lines): it is the mid model's hot loop (the batch of 216
     # layers in 1.0 ms), with explicit signatures so that it compiles once; its sections follow
-    # cost.reference.analyze_reference, the readable statement of the same arithmetic.
+    # testing.mid_reference.analyze_reference, the readable statement of the same arithmetic.
     """Cycles, energy and the counts of ``analytic._timing``, one query at a time (the same
     floating-point operations in the same order).
 

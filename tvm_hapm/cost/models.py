@@ -318,14 +318,14 @@ class FineModel(CostModel):
             raise SchemaVersionError(
                 f"fine cost model {path} uses feature schema version {version}, but this "
                 f"tvm_hapm computes version {FEATURE_SCHEMA_VERSION}; retrain it "
-                "(python -m tvm_hapm.cost.train)"
+                "(python -m tvm_hapm.cost.fit)"
             )
         names = feature_names()
         if side.get("feature_names") != names:
             missing = sorted(set(names) ^ set(side.get("feature_names") or []))
             raise SchemaVersionError(
                 f"fine cost model {path} was trained on other features (differences: "
-                f"{missing}); retrain it (python -m tvm_hapm.cost.train)"
+                f"{missing}); retrain it (python -m tvm_hapm.cost.fit)"
             )
         boosters = {}
         for key, fname in side["boosters"].items():

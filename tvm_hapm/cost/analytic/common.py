@@ -64,7 +64,8 @@ class Analysis:
 
 def fluid_rounds(n_p: np.ndarray, frac: float, A: int) -> np.ndarray:
     """Rounds of positions of ``n_p`` (structural, of which a fraction ``frac`` is expected
-    zero) non-zero blocks on ``A`` arrays (see :func:`tvm_hapm.cost.reference.position_rounds`)."""
+    zero) non-zero blocks on ``A`` arrays (see
+    :func:`tvm_hapm.testing.mid_reference.position_rounds`)."""
     if frac:
         return np.maximum(n_p * (1.0 - frac), A) / A * (1.0 - frac**n_p)
     return np.where(n_p > 0, np.maximum(n_p, A), 0) / A

@@ -20,7 +20,7 @@ _KERNEL_ROWS: dict = {}  # the kernel's input rows in Q and in the config rows (
 def batch_timing(kern, Q, q, plans, steps, chain, rounds, empty, exact, nnz, frac, tot, cfa):
     """Cycles, energy and event counts of the queries, by the compiled kernel
     (:func:`tvm_hapm.cost._jit.timing`, the mid model's one batched implementation: its
-    scalar specification is :func:`tvm_hapm.cost.reference.analyze_reference`); ``Q``: the
+    scalar specification is :func:`tvm_hapm.testing.mid_reference.analyze_reference`); ``Q``: the
     query rows as one array, ``q`` by name."""
     rows = _KERNEL_ROWS.get(kern)
     if rows is None:

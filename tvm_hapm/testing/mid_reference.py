@@ -12,11 +12,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..runtime.timing import TimingResult
-from ..target.config import ALU_LATENCY, HardwareConfig, gemm_fixed_cycles
-from ..target.isa import MAX_TRANSFER
-from ..target.schedule import ConvSchedule, fit_double_buffer
-from .analytic import (
+from ..cost.analytic import (
     ROUND_UP,
     Analysis,
     default_schedule,
@@ -25,7 +21,11 @@ from .analytic import (
     schedule_dict,
     store_bound,
 )
-from .layer import BlockSparsity, ConvLayer, structural_mask
+from ..cost.layer import BlockSparsity, ConvLayer, structural_mask
+from ..runtime.timing import TimingResult
+from ..target.config import ALU_LATENCY, HardwareConfig, gemm_fixed_cycles
+from ..target.isa import MAX_TRANSFER
+from ..target.schedule import ConvSchedule, fit_double_buffer
 
 __all__ = ["analyze_reference", "position_rounds"]
 

@@ -2,7 +2,7 @@
 
 ::
 
-    python -m tvm_hapm.cost.train --samples 12000 --format ubj   # the bundled model
+    python -m tvm_hapm.cost.fit --samples 12000 --format ubj   # the bundled model
 
 The measurements are cached in ``~/.cache/tvm_hapm/cost_samples_<fingerprint>.jsonl``
 (:func:`tvm_hapm.cost.dataset.default_cache`: the fingerprint hashes the code generator and
