@@ -220,3 +220,31 @@ def test_relax_flow_lowers_edge_tiles_through_tir_bit_exact():
     assert any(p.info.get("residual") for p in edges), [p.info for p in programs]
     x = rng.uniform(0, 1, shape).astype("float32")
     np.testing.assert_array_equal(run_vm(ex, x)[0], llvm_reference(q, x)[0])
+
+
+# (cin, hw, cout, k): block counts with few divisors (43, 25 and 7 input or output blocks on
+# zedboard's 8-wide arrays), where halving the chunk or lowering the group gives non-divisors
+ODD_BLOCK_CASES = [(338, 6, 96, 3), (200, 5, 200, 3), (24, 9, 56, 1), (56, 7, 40, 3)]
+
+
+@pytest.mark.parametrize("cfg", [CFG, tiny_buffers_config()], ids=["zedboard", "tiny"])
+@pytest.mark.parametrize("case", ODD_BLOCK_CASES, ids=str)
+def test_planned_groups_and_chunks_are_what_tir_emits(cfg, case):
+    """The planner's output-channel group and input-channel chunk divide the block counts, so
+    the TIR route (which has no partial group or chunk) emits the planned schedule, and the two
+    generators give the same stream for the default plan."""
+    cin, hw, cout, kk = case
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (cout, cin, kk, kk)).astype(np.int8)
+    args = ((1, cin, hw, hw), w, rng.integers(-500, 500, cout), rng.integers(1, 300, cout), 12,
+            (0, 120))  # fmt: skip
+    kwargs = {"padding": (kk // 2,) * 4}
+    ref, _ = codegen.conv2d_program(cfg, "odd", *args, **kwargs)
+    ours, _ = htir.conv2d_program(cfg, "odd", *args, **kwargs)
+    plan = ConvSchedule(**ref.info["schedule"])
+    cob, cib = -(-cout // cfg.array_cols), -(-cin // cfg.array_rows)
+    assert cob % plan.cob_group == 0 and cib % plan.cib_chunk == 0, plan
+    assert ours.info["schedule"] == ref.info["schedule"]
+    assert ours.instructions == ref.instructions, instruction_diff(
+        ours.instructions, ref.instructions
+    )

@@ -345,3 +345,25 @@ def test_the_online_model_learns_on_the_cost_models_features():
     assert reg.get_params()["n_estimators"] == 7 and reg.get_params()["max_depth"] == 2
     small = model_guided_search(task, trials=6, seed=1, online=OnlineModelConfig(trees=5))
     assert small.trials == 7 and small.best_cycles <= small.default_cycles
+
+
+def test_every_schedule_of_the_space_is_what_the_compiler_emits():
+    """The tuner measures the direct generator's stream of a schedule; the compiler emits the
+    TIR route's, which has no partial channel group or chunk.  The space holds only schedules
+    both emit alike (a non-divisor chunk used to be measured and then compiled as another)."""
+    from tvm_hapm.target import tir as htir
+
+    task = _task(cin=20, cout=28)  # 5 input and 7 output blocks: few divisors
+    space = enumerate_space(task)
+    cob, cib = task.blocks
+    assert all(cob % s.cob_group == 0 and cib % s.cib_chunk == 0 for s in space)
+    assert not schedule_fits(task, ConvSchedule(tile_h=3, tile_w=3, cob_group=3, cib_chunk=1))
+    rng = np.random.default_rng(0)
+    cout = task.weight.shape[0]
+    for i in rng.choice(len(space), 6, replace=False):
+        ours, _ = htir.conv2d_program(
+            CFG, "conv", task.data_shape, task.weight, None, np.ones(cout, np.int64), 1,
+            CFG.act_range, padding=task.padding, schedule=space[i],
+        )  # fmt: skip
+        assert ours.info["schedule"] == task.program(space[i]).info["schedule"]
+        assert ours.instructions == task.program(space[i]).instructions

@@ -188,7 +188,9 @@ class ConvTask:
 
 def schedule_fits(task: ConvTask, s: ConvSchedule) -> bool:
     """Whether ``s`` fits the buffers (``schedule.conv_footprint``, the rule the compiler plans
-    by) and the instruction fields."""
+    by) and the instruction fields, and is what the compiler emits: its output-channel group
+    and input-channel chunk divide the block counts (the TIR route has no partial group or
+    chunk; it would compile another schedule than the one measured)."""
     cfg = task.config
     _, _, kh, kw = task.weight.shape
     oh, ow = task.out_hw
@@ -196,6 +198,8 @@ def schedule_fits(task: ConvTask, s: ConvSchedule) -> bool:
     if not (1 <= s.tile_h <= min(oh, MAX_LOOP) and 1 <= s.tile_w <= min(ow, MAX_LOOP)):
         return False
     if not (1 <= s.cob_group <= cob and 1 <= s.cib_chunk <= cib):
+        return False
+    if cob % s.cob_group or cib % s.cib_chunk:  # what the compiler would emit is another schedule
         return False
     resident = int(task.nonzero_blocks().sum()) <= cfg.wgt_depth
     rows = residual_rows(cob, task.residual)
@@ -226,19 +230,19 @@ def _candidates(limit: int) -> list[int]:
 
 
 def enumerate_space(task: ConvTask) -> list[ConvSchedule]:
-    """All valid schedules on the knob grid (tiles and chunks: see :func:`_candidates`;
-    groups: 1 .. number of output-channel blocks, at most twice the arrays; double buffering
-    on or off)."""
+    """All valid schedules on the knob grid (tiles: see :func:`_candidates`; chunks: the
+    divisors of the input-channel blocks; groups: the divisors of the output-channel blocks up
+    to twice the arrays; double buffering on or off)."""
     oh, ow = task.out_hw
     cob, cib = task.blocks
-    groups = range(1, min(cob, 2 * task.config.num_arrays) + 1)
+    groups = [g for g in range(1, min(cob, 2 * task.config.num_arrays) + 1) if cob % g == 0]
     extra = {f.name: f.default for f in fields(ConvSchedule) if f.name not in _KNOBS}
     space = []
     for th, tw, g, k, db in itertools.product(
         _candidates(min(oh, MAX_LOOP)),
         _candidates(min(ow, MAX_LOOP)),
         groups,
-        _candidates(cib),
+        [k for k in range(1, cib + 1) if cib % k == 0],
         (True, False),
     ):
         s = ConvSchedule(tile_h=th, tile_w=tw, cob_group=g, cib_chunk=k, double_buffer=db, **extra)

@@ -49,6 +49,7 @@ from .isa import MAX_LOOP, MAX_OUTER_STRIDE, REQUANT_RELU, AluOp, Buffer, Instru
 
 __all__ = [
     "RESIDUAL_CONST_ROWS",
+    "largest_divisor",
     "ConvSchedule",
     "EltwiseSchedule",
     "conv_output_size",
@@ -209,7 +210,8 @@ def plan_conv(
     limit, a smaller input-channel chunk can keep a larger output tile (fewer GEMMs, each
     streaming more vectors, so less of the fixed ``2R + C + 2`` per GEMM) at the price of
     reloading the input for every output-channel group.  So the plans that start from
-    ``cib, cib/2, cib/4, ..., 1`` channel blocks per chunk are compared with
+    ``cib, cib/2, cib/4, ..., 1`` channel blocks per chunk (each rounded down to a divisor of
+    ``cib``: :func:`largest_divisor`) are compared with
     :func:`estimate_conv_cycles`, and one replaces the base plan only when it is estimated at
     least 5% faster.
     """
@@ -229,7 +231,7 @@ def plan_conv(
                 plans.append(plan)
             if chunk0 == 1:
                 break
-            chunk0 = -(-chunk0 // 2)
+            chunk0 = largest_divisor(cib, -(-chunk0 // 2))
         if plans:
             est = [
                 estimate_conv_cycles(
@@ -319,6 +321,16 @@ def _tile_sizes(extent: int, tile: int) -> list[tuple[int, int]]:
     return out
 
 
+def largest_divisor(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` not above ``limit`` (at least 1).
+
+    The output-channel groups and input-channel chunks the planner gives are divisors of the
+    block counts: the TIR route has no partial group or chunk, and a schedule is only worth
+    planning, tuning or measuring if the production path emits it as planned."""
+    limit = max(1, min(n, limit))
+    return next(d for d in range(limit, 0, -1) if n % d == 0)
+
+
 def dispatch_group(cob: int, num_arrays: int) -> int:
     """Output-channel blocks dispatched together: the divisor ``d`` of ``cob`` that keeps the
     arrays busiest, ``d / (num_arrays * ceil(d / num_arrays))``, the smallest on ties.
@@ -385,20 +397,20 @@ def _plan_conv(
             return ConvSchedule(tile_h, tile_w, group, chunk, double)
         if not ok_wgt:
             if chunk > 1:
-                chunk = -(-chunk // 2)
+                chunk = largest_divisor(cib, -(-chunk // 2))
             elif group > 1:
-                group -= 1
+                group = largest_divisor(cob, group - 1)
             else:
                 raise ScheduleError(f"a {kh}x{kw} kernel needs more weight blocks than the buffer")
         elif not ok_acc or not ok_inp or not ok_fields:
             if tile_h > 1:
                 tile_h = -(-tile_h // 2)
             elif not ok_inp and chunk > 1:
-                chunk = -(-chunk // 2)
+                chunk = largest_divisor(cib, -(-chunk // 2))
             elif tile_w > 1:
                 tile_w = -(-tile_w // 2)
             elif group > 1:
-                group -= 1
+                group = largest_divisor(cob, group - 1)
             else:
                 raise ScheduleError(f"a {kh}x{kw} window does not fit the on-chip buffers")
 

@@ -22,6 +22,7 @@ from ..intrin import SCOPE_ACC, SCOPE_INP, SCOPE_WGT, gemv_intrin
 from ..schedule import (
     ConvSchedule,
     fit_double_buffer,
+    largest_divisor,
     plan_conv,
     residual_rows,
 )
@@ -38,10 +39,6 @@ from .walk import TirLoweringError
 
 # =============================================================================================
 # schedule
-def _largest_divisor(n: int, limit: int) -> int:
-    return max(d for d in range(1, max(1, min(n, limit)) + 1) if n % d == 0)
-
-
 def tir_conv_schedule(cfg: HardwareConfig, layer: dict, sched: ConvSchedule | None = None):
     """The plan the TIR schedule uses: ``sched`` (default: :func:`plan_conv`) with the output
     tiles of the layer's definition and the channel groups and chunks shrunk to divisors.
@@ -68,14 +65,14 @@ def tir_conv_schedule(cfg: HardwareConfig, layer: dict, sched: ConvSchedule | No
             )
     else:
         tile_h, tile_w = (
-            _largest_divisor(L["oh"], sched.tile_h),
-            _largest_divisor(L["ow"], sched.tile_w),
+            largest_divisor(L["oh"], sched.tile_h),
+            largest_divisor(L["ow"], sched.tile_w),
         )
     return ConvSchedule(
         tile_h,
         tile_w,
-        _largest_divisor(L["cob"], sched.cob_group),
-        _largest_divisor(L["cib"], sched.cib_chunk),
+        largest_divisor(L["cob"], sched.cob_group),
+        largest_divisor(L["cib"], sched.cib_chunk),
         sched.double_buffer,
     )
 
