@@ -23,9 +23,12 @@ from __future__ import annotations
 import bisect
 from operator import attrgetter
 
+import numpy as np
+
 from .config import HardwareConfig
 from .dependency import buffer_accesses
-from .isa import Buffer, Instruction, Opcode
+from .isa import Buffer, Opcode
+from .stream import GemmBlock
 
 __all__ = [
     "BankPlacementError",
@@ -69,7 +72,8 @@ def acc_fits(cfg: HardwareConfig, regions, region_entries, other_entries):
 
 
 #: A GEMM's accumulator loop nest, in :func:`_span`'s argument order.
-_GEMM_NEST = attrgetter("acc_addr", "outer", "acc_so", "inner", "acc_si")
+_GEMM_NEST_NAMES = ("acc_addr", "outer", "acc_so", "inner", "acc_si")
+_GEMM_NEST = attrgetter(*_GEMM_NEST_NAMES)
 
 
 def _span(base: int, outer: int, so: int, inner: int, si: int) -> tuple[int, int]:
@@ -77,8 +81,11 @@ def _span(base: int, outer: int, so: int, inner: int, si: int) -> tuple[int, int
     return (base, last) if last >= base else (last, base)
 
 
-def place_accumulators(instructions: list[Instruction], cfg: HardwareConfig) -> list:
+def place_accumulators(instructions: list, cfg: HardwareConfig) -> list:
     """Move a sequential stream's accumulator data into the banks (before arrays and tokens).
+
+    The stream may hold GEMM blocks (:mod:`~tvm_hapm.target.stream`): their address and array
+    columns are moved at once, and the result is what the instructions they stand for give.
 
     1. **Regions and runs.**  The accumulator ranges of all instructions, joined where they
        overlap: a part with a GEMM's range is a *region* (an output block: the GEMMs into one
@@ -106,11 +113,17 @@ def place_accumulators(instructions: list[Instruction], cfg: HardwareConfig) -> 
         return instructions
     GEMM = Opcode.GEMM
     # ---- 1. the GEMMs' ranges, in first-use order (a GEMM's range computed once per distinct
-    # nest: a convolution has few, and hundreds of thousands of GEMMs)
+    # nest: a convolution has few, and hundreds of thousands of GEMMs; a block's at once)
     spans: dict[tuple, tuple[int, int]] = {}
     first: dict[tuple[int, int], int] = {}
-    for insn in instructions:
-        if insn.opcode == GEMM:
+    block_spans: dict[int, tuple] = {}  # block item -> its distinct spans, and each row's
+    for n, insn in enumerate(instructions):
+        if insn.__class__ is GemmBlock:
+            block_spans[n] = _block_spans(insn)
+            for span in block_spans[n][0]:
+                if span not in first:
+                    first[span] = len(first)
+        elif insn.opcode == GEMM:
             nest = _GEMM_NEST(insn)
             if nest not in spans:
                 spans[nest] = span = _span(*nest)
@@ -183,9 +196,15 @@ def place_accumulators(instructions: list[Instruction], cfg: HardwareConfig) -> 
         addr = nest[0] + shift(*span)
         moves[nest] = (addr, acc_bank(cfg, addr))
     out = []
-    for insn in instructions:
+    D, last_bank = cfg.acc_bank_depth, A - 1
+    for n, insn in enumerate(instructions):
         op = insn.opcode
-        if op == GEMM:
+        if n in block_spans:  # every row moves with its span, and takes its bank's array
+            distinct, row_span = block_spans[n]
+            d = np.array([shift(*span) for span in distinct], np.int64)[row_span]
+            addr = insn.column("acc_addr") + d
+            insn = insn.with_columns(acc_addr=addr, array=np.minimum(addr // D, last_bank))
+        elif op == GEMM:
             addr, bank = moves[_GEMM_NEST(insn)]
             if addr != insn.acc_addr or bank != insn.array:
                 insn = insn.replace(acc_addr=addr, array=bank)
@@ -207,3 +226,19 @@ def place_accumulators(instructions: list[Instruction], cfg: HardwareConfig) -> 
                 insn = insn.replace(sram_addr=insn.sram_addr + d)
         out.append(insn)
     return out
+
+
+def _block_spans(block: GemmBlock) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """The distinct accumulator spans of a block's GEMMs in order of first use (as
+    :func:`_span` gives them), and the position of each row's span among them."""
+    base, outer, so, inner, si = (block.column(name) for name in _GEMM_NEST_NAMES)
+    last = base + (outer - 1) * so + (inner - 1) * si
+    lo, hi = np.minimum(base, last), np.maximum(base, last)
+    key = lo << 32 | hi
+    uniq, first_row, inverse = np.unique(key, return_index=True, return_inverse=True)
+    order = np.argsort(first_row, kind="stable")  # distinct spans by first use
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    ordered = uniq[order]
+    distinct = list(zip((ordered >> 32).tolist(), (ordered & 0xFFFFFFFF).tolist(), strict=True))
+    return distinct, rank[inverse.reshape(-1)]

@@ -46,6 +46,7 @@ from .banks import acc_fits, place_accumulators
 from .config import ALU_LATENCY, FETCH_CYCLES, HardwareConfig
 from .dependency import buffer_accesses
 from .isa import MAX_LOOP, MAX_OUTER_STRIDE, REQUANT_RELU, AluOp, Buffer, Instruction, Opcode
+from .stream import GemmRun
 
 __all__ = [
     "RESIDUAL_CONST_ROWS",
@@ -698,12 +699,12 @@ def interleave_epilogues(
         return list(instructions)
     per_dispatch = max(1, cfg.num_arrays)
     n = len(instructions)
-    # length of the GEMM run starting at each index
-    run_len = [0] * (n + 1)
+    # the item after the GEMM run starting at each index
+    run_end = list(range(n + 1))
     for i in range(n - 1, -1, -1):
         if instructions[i].opcode == Opcode.GEMM:
-            run_len[i] = run_len[i + 1] + 1
-    out: list[Instruction] = []
+            run_end[i] = run_end[i + 1]
+    out: list = []
     pending: list[tuple[Instruction, list]] = []  # moved instructions, in program order
     empty = (1 << 62, -1)
     lo_hi = list(empty)  # bounding range of the pending accumulator accesses
@@ -746,26 +747,31 @@ def interleave_epilogues(
     while i < n:
         insn = instructions[i]
         op = insn.opcode
-        if op == Opcode.GEMM:
-            length = run_len[i]
+        if op == Opcode.GEMM:  # a run of GEMMs, instructions and blocks (GemmRun)
+            run = GemmRun(instructions[i : run_end[i]])
+            length = len(run)
             dispatches = -(-length // per_dispatch)
             moved = sum(1 for p, _ in pending if p.opcode != Opcode.STORE)
             per_slot = -(-moved // dispatches) if moved else 0
+            done = 0  # the GEMMs of the run already in `out`
             for j in range(length):
                 if not pending:  # the rest of the run: nothing to check, nothing to spread
-                    out.extend(instructions[i + j : i + length])
                     break
-                gemm = instructions[i + j]
-                ranges = _acc_ranges(gemm)
+                lo, hi, reset = run.acc_access(j)
+                ranges = [(lo, hi, True)] if reset else [(lo, hi, True), (lo, hi, False)]
                 if blocks(ranges):
+                    out.extend(run.items_between(done, j))
+                    done = j
                     if partial_flush:  # through the last pending instruction it conflicts with
                         take(1 + max(k for k, (_, r) in enumerate(pending) if _conflict(ranges, r)))
                     else:
                         flush()
-                out.append(gemm)
                 if per_slot and ((j + 1) % per_dispatch == 0 or j + 1 == length):
+                    out.extend(run.items_between(done, j + 1))
+                    done = j + 1
                     flush(per_slot)
-            i += length
+            out.extend(run.items_between(done, length))
+            i = run_end[i]
             continue
         if op in (Opcode.FINISH, Opcode.SYNC):
             flush()

@@ -58,7 +58,7 @@ from .compute import (
     region_stage,
 )
 from .dma import InjectDMA, LowerToAccelerator, entry_elems, predicate_highs
-from .emit import SparseWeights, build_program, emit_program
+from .emit import SparseWeights, build_program, emit_program, emit_stream
 from .layers import (
     add_primfunc,
     add_program,
@@ -123,6 +123,7 @@ __all__ = [
     "dense_as_conv",
     "dense_program",
     "emit_program",
+    "emit_stream",
     "entry_elems",
     "flat_index",
     "global_avg_pool_primfunc",

@@ -21,13 +21,13 @@ from ..isa import (
     AluOp,
     Instruction,
     Opcode,
-    instruction_block,
 )
 from ..program import Program, Slot
 from ..schedule import (
     conv_stream_passes,
     pipeline_operand_loads,
 )
+from ..stream import GemmBlock, expand
 from .compute import (
     DMA_LOAD,
     DMA_STORE,
@@ -525,31 +525,36 @@ class _Emitter:
         env = self.ev.env
         inp_off, acc_off, wgt_off = (int(b(env)) + s for b, s in zip(bases, steps, strict=True))
         try:
-            acc_addr = self._chip_addr(acc, acc_off).tolist()
-            wgt_addr = self._chip_addr(wgt, wgt_off).tolist()
-            inp_addr = self._chip_addr(inp, inp_off).tolist()
+            acc_addr = self._chip_addr(acc, acc_off)
+            wgt_addr = self._chip_addr(wgt, wgt_off)
+            inp_addr = self._chip_addr(inp, inp_off)
         except TirLoweringError:
             return False
         if self.weights is not None:  # all-zero blocks: no GEMM
             chip = self.weights.chip
-            wgt_addr = [chip[a] for a in wgt_addr]
-            kept = [j for j, a in enumerate(wgt_addr) if a is not None]
-            if len(kept) < len(wgt_addr):
-                acc_addr = [acc_addr[j] for j in kept]
-                inp_addr = [inp_addr[j] for j in kept]
-                wgt_addr = [wgt_addr[j] for j in kept]
-        reset = [0] * len(acc_addr)
-        j = 0
-        while self.pending_reset and j < len(acc_addr):  # the first GEMMs into each region
-            reset[j] = int(self._gemm_reset(acc_addr[j], outer, inner, acc_s))
-            j += 1
-        self.seq += instruction_block(
-            Opcode.GEMM,
-            ("reset", "wgt_addr", "inp_addr", "acc_addr"),
-            zip(reset, wgt_addr, inp_addr, acc_addr),
-            {"array": 0, "outer": outer, "inner": inner, "inp_so": inp_s[0], "inp_si": inp_s[1],
-             "acc_so": acc_s[0], "acc_si": acc_s[1]},  # array: given by banks.place_accumulators
-        )  # fmt: skip
+            mapped = [chip[a] for a in wgt_addr.tolist()]
+            kept = [j for j, a in enumerate(mapped) if a is not None]
+            if len(kept) < len(mapped):
+                acc_addr, inp_addr = acc_addr[kept], inp_addr[kept]
+                mapped = [mapped[j] for j in kept]
+            wgt_addr = mapped
+        reset = np.zeros(len(acc_addr), np.int64)
+        if self.pending_reset:  # the first GEMMs into each region
+            acc_list = acc_addr.tolist()
+            j = 0
+            while self.pending_reset and j < len(acc_list):
+                reset[j] = self._gemm_reset(acc_list[j], outer, inner, acc_s)
+                j += 1
+        if len(acc_addr):
+            self.seq.append(
+                GemmBlock.from_columns(
+                    len(acc_addr),
+                    {"reset": reset, "wgt_addr": wgt_addr, "inp_addr": inp_addr,
+                     "acc_addr": acc_addr},
+                    {"outer": outer, "inner": inner, "inp_so": inp_s[0], "inp_si": inp_s[1],
+                     "acc_so": acc_s[0], "acc_si": acc_s[1]},  # array: banks.place_accumulators
+                )
+            )  # fmt: skip
         for key, e in zip(keys, extents, strict=True):  # where walking the loops leaves them
             env[key] = e - 1
         return True
@@ -786,11 +791,20 @@ def _as_func(func_or_sch) -> tirx.PrimFunc:
     return func_or_sch
 
 
-@paused_gc()  # a loop's worth of instructions at a time: see target.gc_pause
 def emit_program(
     func, cfg: HardwareConfig | None = None, weights: SparseWeights | None = None
 ) -> list[Instruction]:
-    """The instruction stream of a scheduled accelerator PrimFunc (or its Schedule).
+    """The instructions of a scheduled accelerator PrimFunc (or its Schedule): the stream of
+    :func:`emit_stream` with its GEMM blocks expanded."""
+    return expand(emit_stream(func, cfg, weights))
+
+
+@paused_gc()  # a loop's worth of instructions at a time: see target.gc_pause
+def emit_stream(
+    func, cfg: HardwareConfig | None = None, weights: SparseWeights | None = None
+) -> list:
+    """The instruction stream of a scheduled accelerator PrimFunc (or its Schedule), its GEMMs
+    emitted a loop at a time as GEMM blocks (:mod:`~tvm_hapm.target.stream`).
 
     The function is lowered with :func:`LowerToAccelerator` if needed, then walked in
     execution order: loops run, DMA calls become LOAD / STORE, each tensorized product becomes
@@ -837,7 +851,7 @@ def build_program(cfg: HardwareConfig | None, func, layer_name: str = "tir") -> 
     func = _as_func(func)
     layer = layer_of(func)
     cfg = get_config(cfg if cfg is not None else layer["config"])
-    insns = emit_program(func, cfg)
+    insns = emit_stream(func, cfg)
     slots = []
     params = list(func.params)
     for i, p in enumerate(params):
