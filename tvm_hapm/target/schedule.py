@@ -758,11 +758,16 @@ def interleave_epilogues(
                 if not pending:  # the rest of the run: nothing to check, nothing to spread
                     break
                 lo, hi, reset = run.acc_access(j)
-                ranges = [(lo, hi, True)] if reset else [(lo, hi, True), (lo, hi, False)]
-                if blocks(ranges):
+                # (a GEMM writes its entries: it conflicts with every range that overlaps them)
+                if (
+                    lo <= lo_hi[1]
+                    and hi >= lo_hi[0]
+                    and any(a <= hi and lo <= b for _, r in pending for a, b, _ in r)
+                ):
                     out.extend(run.items_between(done, j))
                     done = j
                     if partial_flush:  # through the last pending instruction it conflicts with
+                        ranges = [(lo, hi, True)] + ([] if reset else [(lo, hi, False)])
                         take(1 + max(k for k, (_, r) in enumerate(pending) if _conflict(ranges, r)))
                     else:
                         flush()

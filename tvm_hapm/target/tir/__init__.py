@@ -73,7 +73,13 @@ from .layers import (
     schedule_max_pool2d,
 )
 from .pipeline import ORIGINAL_S_TIR, OffloadHapmKernels, hapm_tir_pipeline
-from .scheduling import has_block, merge_region_loops, schedule_conv2d, tir_conv_schedule
+from .scheduling import (
+    has_block,
+    merge_region_loops,
+    schedule_conv2d,
+    scheduled_conv2d,
+    tir_conv_schedule,
+)
 from .walk import (
     LoopNest,
     TirLoweringError,
@@ -145,6 +151,7 @@ __all__ = [
     "region_class",
     "region_stage",
     "schedule_conv2d",
+    "scheduled_conv2d",
     "schedule_global_avg_pool",
     "schedule_max_pool2d",
     "strip_cast",

@@ -35,7 +35,7 @@ from .compute import (
     requant_stages,
 )
 from .emit import SparseWeights, emit_stream
-from .scheduling import has_block, merge_region_loops, schedule_conv2d, tir_conv_schedule
+from .scheduling import has_block, merge_region_loops, scheduled_conv2d, tir_conv_schedule
 from .walk import TirLoweringError
 
 
@@ -114,8 +114,8 @@ def conv2d_program(
         else np.zeros((1, R, C), wdtype)
     )
     bias_mult = codegen.bias_mult_rows(cfg, layer, cout, bias, mult, residual)
-    sch = schedule_conv2d(func, cfg, sched, weight_blocks=len(sparse.order))
-    insns = emit_stream(sch, cfg, sparse)
+    scheduled = scheduled_conv2d(func, cfg, sched, weight_blocks=len(sparse.order))
+    insns = emit_stream(scheduled, cfg, sparse)
     slots = codegen.conv_slots(cfg, g, cout, wblocks, bias_mult, fused)
     info = {**codegen.conv_info(g, weight.shape, len(sparse.order), sched, fused), "source": "tir"}
     return Program(layer, cfg, slots, insns, layer_index, info), [wblocks, bias_mult]
