@@ -386,19 +386,17 @@ class _Emitter:
             }
             if len(a) > 12 and const_int(a[12]):
                 fields["pad_min"] = 1
-            info = (
-                is_load, chip, dram, chip_off, dram_off, entry_elems(self.cfg, scope), fields,
-                list(a[5:12]),
-            )  # fmt: skip
+            # the DRAM and on-chip offsets, rows, columns, stride and pads: one function
+            sizes = self.ev.compiled_tuple([dram_off, chip_off, *a[5:12]])
+            info = (is_load, chip, dram, entry_elems(self.cfg, scope), fields, sizes, call)
             self._dma[k] = info
-        is_load, chip, dram, chip_off, dram_off, E, fields, sizes = info
+        is_load, chip, dram, E, fields, sizes, _ = info
         first = len(self.seq)
-        dram_elem = self.ev(dram_off)
+        dram_elem, chip_elem, rows, cols, stride, *pads = sizes(self.ev.env)
         if dram_elem % E:
             raise TirLoweringError(f"{dram.name}: DRAM offset {dram_elem} is not a whole entry")
-        sram = self._chip_addr(chip, self.ev(chip_off))
+        sram = self._chip_addr(chip, chip_elem)
         dram_addr = dram_elem // E
-        rows, cols, stride, *pads = (self.ev(s) for s in sizes)
         opcode = Opcode.LOAD if is_load else Opcode.STORE
         if self.weights is not None and node_key(dram) == self.weights.param:
             self.weights.load(self, sram, dram_addr, rows, cols, stride, fields)
@@ -569,13 +567,18 @@ class _Emitter:
             offsets = np.array([0])
             for c, e in zip(coef, nest.extents, strict=True):
                 offsets = (offsets[:, None] + c * np.arange(e)[None, :]).reshape(-1)
-            info = (store.buffer, base, offsets)
+            info = (store.buffer, base, offsets, {})
             self._reset[k] = info
-        buf, base, offsets = info
+        buf, base, offsets, entries = info
         C = self.cfg.array_cols
-        first = self.base[node_key(buf)]
         b = self.ev(base)
-        self.pending_reset |= {first + int(o) for o in np.unique((offsets + b) // C)}
+        # (offsets + b) // C is (offsets + r) // C + (b - r) // C for r = b % C: the distinct
+        # entries found once per remainder
+        r = b % C
+        rel = entries.get(r)
+        if rel is None:
+            rel = entries[r] = np.unique((offsets + r) // C)
+        self.pending_reset.update((rel + (self.base[node_key(buf)] + (b - r) // C)).tolist())
 
     def emit_init(self, nest: LoopNest) -> None:
         """The reduction's init ``acc = v`` of an ALU-only layer: ``MUL 0``, then ``ADD v``."""
