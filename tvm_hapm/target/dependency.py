@@ -121,18 +121,25 @@ class _LastAccess:
 
     def add_many(self, lo: np.ndarray, hi: np.ndarray, index: np.ndarray) -> None:
         """:meth:`add` of each range in turn (``index`` increasing)."""
-        lo, hi, index = _distinct_ranges(lo, hi, index)
-        if len(lo):
-            self._fit(int(lo.min()), int(hi.max()))
-            entries, owner = _expand(lo, hi)
+        self.paint(_paint(lo, hi, index))
+
+    def paint(self, paint: tuple | None) -> None:
+        """:meth:`add_many` of the ranges :func:`_paint` prepared."""
+        if paint is not None:
+            entries, index, lo, hi = paint
+            self._fit(lo, hi)
             # every index is later than what is there: the largest covering one is the last
-            np.maximum.at(self.last, entries, index[owner])
+            np.maximum.at(self.last, entries, index)
             self.top = max(self.top, int(index.max()))
 
     def latest_many(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """:meth:`latest` of each range (-1 where nothing accessed it)."""
         out = np.full(len(lo), -1, np.int64)
         if self.hi < self.lo:
+            return out
+        if (lo == hi).all():  # single entries (the weights): looked up directly
+            inside = (lo >= self.lo) & (lo <= self.hi)
+            out[inside] = self.last[lo[inside]]
             return out
         lo, hi = np.maximum(lo, self.lo), np.minimum(hi, self.hi)
         some = hi >= lo
@@ -154,6 +161,20 @@ class _LastAccess:
             view[:] = -1
         self.lo, self.hi, self.top = 1 << 62, -1, -1
         return False
+
+
+def _paint(lo: np.ndarray, hi: np.ndarray, index: np.ndarray) -> tuple | None:
+    """What :meth:`_LastAccess.add_many` of the ranges writes: ``(entries, the largest index of
+    each, first, last entry)``, or None for no entry."""
+    if not len(lo):
+        return None
+    if (lo == hi).all():  # single entries (the weights): no range to expand
+        return lo, index, int(lo.min()), int(lo.max())
+    lo, hi, index = _distinct_ranges(lo, hi, index)
+    if not len(lo):
+        return None
+    entries, owner = _expand(lo, hi)
+    return entries, index[owner], int(lo.min()), int(hi.max())
 
 
 def _distinct_ranges(lo: np.ndarray, hi: np.ndarray, index: np.ndarray | None = None):
@@ -296,9 +317,12 @@ def _record_gemms(tracker: _Tracker, r: dict, index: np.ndarray) -> None:
     compute = Module.COMPUTE
     tracker._of(compute, Module.LOAD, 2 * Buffer.INP).add_many(*r["inp"], index)
     tracker._of(compute, Module.LOAD, 2 * Buffer.WGT).add_many(*r["wgt"], index)
-    tracker._of(compute, Module.STORE, 2 * Buffer.ACC + 1).add_many(*r["acc"], index)
+    written = _paint(*r["acc"], index)
+    tracker._of(compute, Module.STORE, 2 * Buffer.ACC + 1).paint(written)
     acc = r["accumulates"]
-    if acc.any():
+    if acc.all():  # (the usual run: the GEMMs that reset come first, in a run of their own)
+        tracker._of(compute, Module.STORE, 2 * Buffer.ACC).paint(written)
+    elif acc.any():
         lo, hi = r["acc"]
         tracker._of(compute, Module.STORE, 2 * Buffer.ACC).add_many(lo[acc], hi[acc], index[acc])
 
