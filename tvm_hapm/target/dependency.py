@@ -109,15 +109,21 @@ class _LastAccess:
 
     def add(self, lo: int, hi: int, index: int) -> None:
         """Instruction ``index`` (later than every recorded one) accessed ``[lo, hi]``."""
-        if hi >= lo:
-            self._fit(lo, hi)
+        if hi >= lo:  # (_fit inlined: called for every access of every instruction)
+            if hi >= len(self.last):
+                self._fit(lo, hi)
+            self.lo = min(self.lo, lo)
+            self.hi = max(self.hi, hi)
             self.last[lo : hi + 1] = index
             self.top = index
 
     def latest(self, lo: int, hi: int) -> int:
         """The last instruction that accessed an entry of ``[lo, hi]``, or -1."""
-        lo, hi = max(lo, self.lo), min(hi, self.hi)
-        return int(self.last[lo : hi + 1].max()) if hi >= lo else -1
+        lo = max(lo, self.lo)
+        hi = min(hi, self.hi)
+        if hi > lo:
+            return int(self.last[lo : hi + 1].max())
+        return int(self.last[lo]) if hi == lo else -1
 
     def add_many(self, lo: np.ndarray, hi: np.ndarray, index: np.ndarray) -> None:
         """:meth:`add` of each range in turn (``index`` increasing)."""
@@ -229,9 +235,14 @@ class _Tracker:
 
     def record(self, module, neighbour, accesses, index):
         touches = _TOUCHES[neighbour]
+        spans = self.spans[(module, neighbour)]
         for buf, lo, hi, write in accesses:
             if buf in touches:
-                self._of(module, neighbour, 2 * buf + write).add(lo, hi, index)
+                key = 2 * buf + write
+                last = spans.get(key)
+                if last is None:  # (also for an empty range: the pair is then busy)
+                    last = spans[key] = self.spare.pop() if self.spare else _LastAccess()
+                last.add(lo, hi, index)
 
     def conflict(self, earlier, later, accesses) -> int:
         """The last instruction of ``earlier`` that ``accesses`` must wait for, or -1."""

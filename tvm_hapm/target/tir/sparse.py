@@ -58,7 +58,7 @@ class SparseWeights:
             for kc0 in range(0, cib, cib_chunk):
                 blk = dense_ids[cg0 : cg0 + cob_group, kc0 : kc0 + cib_chunk]
                 nz = self.nonzero[cg0 : cg0 + cob_group, kc0 : kc0 + cib_chunk]
-                order += [int(i) for i in blk[nz]]
+                order += blk[nz].tolist()
         #: Dense block ids (row-major over ``(COB, CIB, KH, KW)``) of the DRAM slot, in order.
         self.order = order
         #: The position of each dense block id in :attr:`order`, -1 for a zero block.
