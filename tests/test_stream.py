@@ -116,6 +116,8 @@ def test_block_values():
              for a in range(6)]  # fmt: skip
     block = GemmBlock.from_instructions(insns)
     assert len(block) == 6 and block.instructions() == insns
+    assert [hash(i) for i in block.instructions()] == [hash(i) for i in insns]
+    assert [list(vars(i)) for i in block.instructions()] == [list(vars(i)) for i in insns]
     assert block[2:4].instructions() == insns[2:4]
     assert block.column("acc_addr").tolist() == list(range(6))
     moved = block.with_columns(array=1)

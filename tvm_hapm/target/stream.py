@@ -26,6 +26,7 @@ from operator import attrgetter
 
 import numpy as np
 
+from .gc_pause import paused_gc
 from .isa import LAYOUTS, Instruction, Opcode, encode, instruction_block, pack_rows
 from .isa import encode_stream as encode_instructions
 
@@ -111,7 +112,15 @@ class GemmBlock:
 
     def instructions(self) -> list[Instruction]:
         """The GEMM instructions the block stands for."""
-        return instruction_block(Opcode.GEMM, GEMM_COLUMNS, self.table.tolist())
+        table = self.table
+        if not len(table):
+            return []
+        # the columns that vary are set per instruction, the others once
+        varies = (table != table[0]).any(axis=0)
+        first = table[0].tolist()
+        fixed = {n: v for n, v, var in zip(GEMM_COLUMNS, first, varies, strict=True) if not var}
+        names = [n for n, var in zip(GEMM_COLUMNS, varies, strict=True) if var]
+        return instruction_block(Opcode.GEMM, names, table[:, varies].tolist(), fixed)
 
 
 def gemm_table(items) -> np.ndarray:
@@ -138,6 +147,7 @@ def _table_of(insns: list[Instruction]) -> np.ndarray:
     return np.fromiter(flat, np.int64, count=width * len(insns)).reshape(-1, width)
 
 
+@paused_gc()  # ~10^5 new objects that live on: see target.gc_pause
 def expand(stream) -> list[Instruction]:
     """The instruction list a stream stands for (its blocks expanded)."""
     out: list[Instruction] = []
