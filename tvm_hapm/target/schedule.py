@@ -545,14 +545,18 @@ def pipeline_operand_loads(instructions: list[Instruction]) -> list[Instruction]
 
 
 def conv_stream_passes(
-    seq: list[Instruction], cfg: HardwareConfig, prologues: list | None = None, double=False
-) -> list[Instruction]:
+    seq: list, cfg: HardwareConfig, prologues: list | None = None, double=False
+) -> list:
     """The passes both code generators apply, in this order, to a convolution's sequential
     stream: :func:`hoist_prologues` (when there are ``prologues``, a fused residual's, and the
     regions are ``double`` buffered), :func:`fuse_epilogues`, :func:`interleave_epilogues`
     (flushing partially when there are prologues) and
     :func:`~tvm_hapm.target.banks.place_accumulators` (which also gives every GEMM its bank's
-    array).  Dependency tokens are inserted after them."""
+    array).  Dependency tokens are inserted after them.
+
+    The stream may hold GEMM blocks (:mod:`~tvm_hapm.target.stream`, the TIR walker's); every
+    pass gives, for a block, what it gives for the instructions the block stands for, and keeps
+    instructions as instructions.  ``prologues`` index the stream's items."""
     if prologues and double:
         seq = hoist_prologues(seq, prologues)
     seq = interleave_epilogues(fuse_epilogues(seq), cfg, partial_flush=bool(prologues))
@@ -592,7 +596,7 @@ def _distinct_nest(base: int, outer: int, inner: int, so: int, si: int) -> bool:
     return si > 0 and so >= inner * si
 
 
-def fuse_epilogues(instructions: list[Instruction]) -> list[Instruction]:
+def fuse_epilogues(instructions: list) -> list:
     """Fuse each ``ADD acc[b]; REQUANT acc[b+1] >> k[; MAX #0]`` into one ``ADD_REQUANT``.
 
     The three ALU instructions must be adjacent, have the same destination loop nest, carry no
@@ -601,8 +605,9 @@ def fuse_epilogues(instructions: list[Instruction]) -> list[Instruction]:
     entries must be distinct and apart from the rows they read: then computing each entry's
     bias, requantization and ReLU before the next entry's gives what the three passes give.
     ``MAX`` with an immediate of 0 becomes the ReLU flag; any other clip stays an instruction.
+    GEMM blocks (:mod:`~tvm_hapm.target.stream`) pass through.
     """
-    out: list[Instruction] = []
+    out: list = []
     seq = list(instructions)
     i = 0
     alu = Opcode.ALU
@@ -672,8 +677,8 @@ def _conflict(a: list, b: list) -> bool:
 
 
 def interleave_epilogues(
-    instructions: list[Instruction], cfg: HardwareConfig, partial_flush: bool = False
-) -> list[Instruction]:
+    instructions: list, cfg: HardwareConfig, partial_flush: bool = False
+) -> list:
     """Software-pipeline the epilogues of a sequential program into the following GEMMs.
 
     A sequential convolution ends every output region with its epilogue (ALU instructions, the
@@ -688,7 +693,9 @@ def interleave_epilogues(
     written), nor a load-module instruction past it: when a GEMM or a load conflicts with a
     pending instruction, everything pending is emitted before it.  So the program computes the
     same results; only the order of independent instructions changes.  A program without GEMMs
-    is returned unchanged.
+    is returned unchanged.  GEMM blocks (:mod:`~tvm_hapm.target.stream`) are read GEMM by GEMM
+    only while instructions are pending (:class:`~tvm_hapm.target.stream.GemmRun`) and cut where
+    pending instructions go between their GEMMs.
 
     With ``partial_flush`` a GEMM that conflicts with a pending instruction emits the pending
     instructions only up to the last one it conflicts with; the later ones stay pending and are
