@@ -127,6 +127,7 @@ class _Emitter:
         )
         # per-node analyses, computed on first visit
         self._nests: dict[int, tuple] = {}
+        self._seqs: dict[int, tuple] = {}  # SeqStmt -> (node, its statements)
         self._dma: dict[int, tuple] = {}
         self._gemm: dict[int, tuple] = {}
         self._gemm_blocks: dict[int, tuple | bool] = {}  # outer loop -> emit_gemm_block's plan
@@ -141,7 +142,11 @@ class _Emitter:
     def visit(self, stmt) -> None:
         kind = node_kind(stmt)
         if kind == "SeqStmt":
-            for s in stmt.seq:
+            k = node_key(stmt)
+            hit = self._seqs.get(k)
+            if hit is None:  # (the children read once: a sequence in a loop is visited often)
+                hit = self._seqs[k] = (stmt, tuple(stmt.seq))
+            for s in hit[1]:
                 self.visit(s)
         elif kind == "For":
             self.visit_for(stmt)
@@ -174,8 +179,15 @@ class _Emitter:
                 nest is not None and (not nest.predicates or self._is_alu(nest)) and self.fold(nest)
             )
             block = None if folds else self._gemm_block_nest(nest)
-            hit = self._nests[k] = (nest, folds, loop, block)
-        nest, folds, _, block = hit
+            body = loop.body
+            # what each visit needs, read off the node once: the loop variable, the body and
+            # its handler, and the bounds when they are constants
+            bounds = (loop.min, loop.extent)
+            if all(node_kind(b) == "IntImm" for b in bounds):
+                bounds = (int(bounds[0].value), int(bounds[1].value))
+            walk = (node_key(loop.loop_var), body, node_kind(body) == "For", bounds)
+            hit = self._nests[k] = (nest, folds, loop, block, walk)
+        nest, folds, _, block, walk = hit
         if folds:
             self.visit_leaf(nest)
             return
@@ -183,13 +195,12 @@ class _Emitter:
             self._first_loop = len(self.seq)
         if block is not None and GEMM_BLOCKS and self.emit_gemm_block(*block):
             return
-        var = node_key(loop.loop_var)
-        start = self.ev(loop.min)
-        body = loop.body
-        # the body's handler, found once for all the iterations
-        visit = self.visit_for if node_kind(body) == "For" else self.visit
+        var, body, body_is_for, (start, extent) = walk
+        if start.__class__ is not int:
+            start, extent = self.ev(start), self.ev(extent)
+        visit = self.visit_for if body_is_for else self.visit
         env = self.ev.env
-        for v in range(start, start + self.ev(loop.extent)):
+        for v in range(start, start + extent):
             env[var] = v
             visit(body)
 
