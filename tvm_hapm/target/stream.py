@@ -1,6 +1,6 @@
 """Instruction streams with GEMM blocks: a run of GEMMs kept as an integer table.
 
-A convolution's stream is mostly GEMMs (ResNet-18: about 270,000 of 277,000 instructions), and
+A convolution's stream is mostly GEMMs (ResNet-18: 262,784 of 277,330 instructions), and
 the walker computes them a loop at a time with NumPy.  Making each one an
 :class:`~tvm_hapm.target.isa.Instruction` and reading its fields back in every later pass cost
 most of the compile (``docs/compile_time.md``).  So the code generators may put a
