@@ -1,7 +1,7 @@
 """The compile-speed paths give what the plain paths give (docs/compile_time.md).
 
 * the walker's GEMM blocks (``tvm_hapm.target.tir.emit.GEMM_BLOCKS``): the stream of a layer
-  equals the one walked loop iteration by loop iteration;
+  equals the one walked loop iteration by loop iteration, as instructions and as bytes;
 * :func:`~tvm_hapm.target.isa.instruction_block` equals one constructor call per row;
 * :func:`~tvm_hapm.target.gc_pause.paused_gc` restores the collector as it found it.
 
@@ -20,6 +20,7 @@ from tvm_hapm.target.config import get_config
 from tvm_hapm.target.gc_pause import paused_gc
 from tvm_hapm.target.isa import Instruction, IsaError, Opcode, instruction_block
 from tvm_hapm.target.schedule import ConvSchedule
+from tvm_hapm.target.stream import GemmBlock
 from tvm_hapm.target.tir import emit
 from tvm_hapm.testing import instruction_diff, prune_random_blocks, tiny_buffers_config
 
@@ -49,25 +50,31 @@ def _program(cfg, case, seed=5):
     prog, _ = htir.conv2d_program(
         cfg, "layer", (1, cin, hw, hw), w, bias, mult, 12, (0, 120), schedule=schedule, **kwargs
     )
-    return prog.instructions
+    return prog
 
 
 @pytest.mark.parametrize("cfg", [CFG, tiny_buffers_config()], ids=["zedboard", "tiny"])
 @pytest.mark.parametrize("case", LAYERS, ids=[str(c[:9]) for c in LAYERS])
 def test_gemm_blocks_equal_the_walk(cfg, case, monkeypatch):
-    blocks = _program(cfg, case)
     calls = []
 
-    def counted(*args):
-        calls.append(1)
-        return instruction_block(*args)
+    class Counted:  # the walker's GemmBlock, counted
+        @staticmethod
+        def from_columns(*args):
+            calls.append(1)
+            return GemmBlock.from_columns(*args)
 
-    monkeypatch.setattr(emit, "instruction_block", counted)
-    assert _program(cfg, case) == blocks
+    monkeypatch.setattr(emit, "GemmBlock", Counted)
+    prog = _program(cfg, case)
     assert calls  # the layer does have GEMM blocks
+    monkeypatch.undo()
+    encoded = prog.to_bytes()  # from the blocks' tables
+    blocks = prog.instructions
     monkeypatch.setattr(emit, "GEMM_BLOCKS", False)
     walked = _program(cfg, case)
-    assert walked == blocks, instruction_diff(blocks, walked)
+    assert not any(isinstance(item, GemmBlock) for item in walked.stream)
+    assert walked.instructions == blocks, instruction_diff(blocks, walked.instructions)
+    assert walked.to_bytes() == encoded
 
 
 def test_instruction_block_equals_the_constructor():

@@ -21,11 +21,13 @@ plan.
 from __future__ import annotations
 
 import bisect
-from operator import attrgetter
+
+import numpy as np
 
 from .config import HardwareConfig
 from .dependency import buffer_accesses
-from .isa import Buffer, Instruction, Opcode
+from .isa import Buffer, Opcode
+from .stream import GEMM_COLUMNS, GemmBlock, gemm_table
 
 __all__ = [
     "BankPlacementError",
@@ -69,7 +71,7 @@ def acc_fits(cfg: HardwareConfig, regions, region_entries, other_entries):
 
 
 #: A GEMM's accumulator loop nest, in :func:`_span`'s argument order.
-_GEMM_NEST = attrgetter("acc_addr", "outer", "acc_so", "inner", "acc_si")
+_GEMM_NEST_NAMES = ("acc_addr", "outer", "acc_so", "inner", "acc_si")
 
 
 def _span(base: int, outer: int, so: int, inner: int, si: int) -> tuple[int, int]:
@@ -77,8 +79,11 @@ def _span(base: int, outer: int, so: int, inner: int, si: int) -> tuple[int, int
     return (base, last) if last >= base else (last, base)
 
 
-def place_accumulators(instructions: list[Instruction], cfg: HardwareConfig) -> list:
+def place_accumulators(instructions: list, cfg: HardwareConfig) -> list:
     """Move a sequential stream's accumulator data into the banks (before arrays and tokens).
+
+    The stream may hold GEMM blocks (:mod:`~tvm_hapm.target.stream`): their address and array
+    columns are moved at once, and the result is what the instructions they stand for give.
 
     1. **Regions and runs.**  The accumulator ranges of all instructions, joined where they
        overlap: a part with a GEMM's range is a *region* (an output block: the GEMMs into one
@@ -105,19 +110,14 @@ def place_accumulators(instructions: list[Instruction], cfg: HardwareConfig) -> 
     if A == 1:
         return instructions
     GEMM = Opcode.GEMM
-    # ---- 1. the GEMMs' ranges, in first-use order (a GEMM's range computed once per distinct
-    # nest: a convolution has few, and hundreds of thousands of GEMMs)
-    spans: dict[tuple, tuple[int, int]] = {}
-    first: dict[tuple[int, int], int] = {}
-    for insn in instructions:
-        if insn.opcode == GEMM:
-            nest = _GEMM_NEST(insn)
-            if nest not in spans:
-                spans[nest] = span = _span(*nest)
-                if span not in first:
-                    first[span] = len(first)
-    if not first:
+    # ---- 1. the GEMMs' ranges, in first-use order: all GEMMs (instructions and blocks' rows)
+    # as one table, their distinct spans found at once
+    gemms = [insn for insn in instructions if insn.opcode == GEMM]
+    if not gemms:
         return instructions
+    table = gemm_table(gemms)
+    distinct, row_span = _spans_by_first_use(table)
+    first = {span: k for k, span in enumerate(distinct)}
     # ---- 2. the other instructions' ranges; every range joins those it overlaps (one
     # sweep over them sorted: the connected components of their overlap): a component with a
     # GEMM is a region, one without a run
@@ -177,18 +177,25 @@ def place_accumulators(instructions: list[Instruction], cfg: HardwareConfig) -> 
             d = cache[(lo, hi)] = moved[k] - parts[k][0]
         return d
 
-    # every GEMM nest's new accumulator address and array (its bank's)
-    moves = {}
-    for nest, span in spans.items():
-        addr = nest[0] + shift(*span)
-        moves[nest] = (addr, acc_bank(cfg, addr))
+    # every GEMM's new accumulator address (moved with its span) and array (its bank's)
+    moved_by = np.array([shift(*span) for span in distinct], np.int64)[row_span]
+    addr = table[:, GEMM_COLUMNS.index("acc_addr")] + moved_by
+    bank = np.minimum(addr // cfg.acc_bank_depth, A - 1)
+    if len(gemms) > sum(g.__class__ is GemmBlock for g in gemms):  # single GEMM instructions
+        addr_list, bank_list = addr.tolist(), bank.tolist()
     out = []
+    row = 0  # the table row of the next GEMM
     for insn in instructions:
         op = insn.opcode
-        if op == GEMM:
-            addr, bank = moves[_GEMM_NEST(insn)]
-            if addr != insn.acc_addr or bank != insn.array:
-                insn = insn.replace(acc_addr=addr, array=bank)
+        if insn.__class__ is GemmBlock:
+            end = row + len(insn)
+            insn = insn.with_columns(acc_addr=addr[row:end], array=bank[row:end])
+            row = end
+        elif op == GEMM:
+            a, b = addr_list[row], bank_list[row]
+            row += 1
+            if a != insn.acc_addr or b != insn.array:
+                insn = insn.replace(acc_addr=a, array=b)
         elif op == Opcode.ALU:
             d = shift(*_span(insn.dst_addr, insn.outer, insn.dst_so, insn.inner, insn.dst_si))
             fields = {"dst_addr": insn.dst_addr + d} if d else {}
@@ -207,3 +214,19 @@ def place_accumulators(instructions: list[Instruction], cfg: HardwareConfig) -> 
                 insn = insn.replace(sram_addr=insn.sram_addr + d)
         out.append(insn)
     return out
+
+
+def _spans_by_first_use(table: np.ndarray) -> tuple[list[tuple[int, int]], np.ndarray]:
+    """The distinct accumulator spans of GEMMs given as a block table, in order of first use
+    (each as :func:`_span` gives it), and the position of each row's span among them."""
+    base, outer, so, inner, si = (table[:, GEMM_COLUMNS.index(n)] for n in _GEMM_NEST_NAMES)
+    last = base + (outer - 1) * so + (inner - 1) * si
+    lo, hi = np.minimum(base, last), np.maximum(base, last)
+    key = lo << 32 | hi
+    uniq, first_row, inverse = np.unique(key, return_index=True, return_inverse=True)
+    order = np.argsort(first_row, kind="stable")  # distinct spans by first use
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    ordered = uniq[order]
+    distinct = list(zip((ordered >> 32).tolist(), (ordered & 0xFFFFFFFF).tolist(), strict=True))
+    return distinct, rank[inverse.reshape(-1)]

@@ -22,12 +22,13 @@ k-th pop matches the k-th push and a generated program cannot deadlock.
 
 from __future__ import annotations
 
-from itertools import chain
+import bisect
 from operator import attrgetter
 
 import numpy as np
 
 from .isa import TOKEN_QUEUES, Buffer, Instruction, Module, Opcode, alu_operand_rows, module_of
+from .stream import GEMM_COLUMNS, GemmBlock, expand, gemm_table, stream_length
 
 __all__ = ["insert_dependency_tokens", "buffer_accesses"]
 
@@ -108,30 +109,43 @@ class _LastAccess:
 
     def add(self, lo: int, hi: int, index: int) -> None:
         """Instruction ``index`` (later than every recorded one) accessed ``[lo, hi]``."""
-        if hi >= lo:
-            self._fit(lo, hi)
+        if hi >= lo:  # (_fit inlined: called for every access of every instruction)
+            if hi >= len(self.last):
+                self._fit(lo, hi)
+            self.lo = min(self.lo, lo)
+            self.hi = max(self.hi, hi)
             self.last[lo : hi + 1] = index
             self.top = index
 
     def latest(self, lo: int, hi: int) -> int:
         """The last instruction that accessed an entry of ``[lo, hi]``, or -1."""
-        lo, hi = max(lo, self.lo), min(hi, self.hi)
-        return int(self.last[lo : hi + 1].max()) if hi >= lo else -1
+        lo = max(lo, self.lo)
+        hi = min(hi, self.hi)
+        if hi > lo:
+            return int(self.last[lo : hi + 1].max())
+        return int(self.last[lo]) if hi == lo else -1
 
     def add_many(self, lo: np.ndarray, hi: np.ndarray, index: np.ndarray) -> None:
         """:meth:`add` of each range in turn (``index`` increasing)."""
-        lo, hi, index = _distinct_ranges(lo, hi, index)
-        if len(lo):
-            self._fit(int(lo.min()), int(hi.max()))
-            entries, owner = _expand(lo, hi)
+        self.paint(_paint(lo, hi, index))
+
+    def paint(self, paint: tuple | None) -> None:
+        """:meth:`add_many` of the ranges :func:`_paint` prepared."""
+        if paint is not None:
+            entries, index, lo, hi = paint
+            self._fit(lo, hi)
             # every index is later than what is there: the largest covering one is the last
-            np.maximum.at(self.last, entries, index[owner])
+            np.maximum.at(self.last, entries, index)
             self.top = max(self.top, int(index.max()))
 
     def latest_many(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """:meth:`latest` of each range (-1 where nothing accessed it)."""
         out = np.full(len(lo), -1, np.int64)
         if self.hi < self.lo:
+            return out
+        if (lo == hi).all():  # single entries (the weights): looked up directly
+            inside = (lo >= self.lo) & (lo <= self.hi)
+            out[inside] = self.last[lo[inside]]
             return out
         lo, hi = np.maximum(lo, self.lo), np.minimum(hi, self.hi)
         some = hi >= lo
@@ -153,6 +167,20 @@ class _LastAccess:
             view[:] = -1
         self.lo, self.hi, self.top = 1 << 62, -1, -1
         return False
+
+
+def _paint(lo: np.ndarray, hi: np.ndarray, index: np.ndarray) -> tuple | None:
+    """What :meth:`_LastAccess.add_many` of the ranges writes: ``(entries, the largest index of
+    each, first, last entry)``, or None for no entry."""
+    if not len(lo):
+        return None
+    if (lo == hi).all():  # single entries (the weights): no range to expand
+        return lo, index, int(lo.min()), int(lo.max())
+    lo, hi, index = _distinct_ranges(lo, hi, index)
+    if not len(lo):
+        return None
+    entries, owner = _expand(lo, hi)
+    return entries, index[owner], int(lo.min()), int(hi.max())
 
 
 def _distinct_ranges(lo: np.ndarray, hi: np.ndarray, index: np.ndarray | None = None):
@@ -207,9 +235,14 @@ class _Tracker:
 
     def record(self, module, neighbour, accesses, index):
         touches = _TOUCHES[neighbour]
+        spans = self.spans[(module, neighbour)]
         for buf, lo, hi, write in accesses:
             if buf in touches:
-                self._of(module, neighbour, 2 * buf + write).add(lo, hi, index)
+                key = 2 * buf + write
+                last = spans.get(key)
+                if last is None:  # (also for an empty range: the pair is then busy)
+                    last = spans[key] = self.spare.pop() if self.spare else _LastAccess()
+                last.add(lo, hi, index)
 
     def conflict(self, earlier, later, accesses) -> int:
         """The last instruction of ``earlier`` that ``accesses`` must wait for, or -1."""
@@ -239,34 +272,35 @@ class _Tracker:
                 self.spare.append(spans.pop(key))
 
 
-#: A run of at least this many GEMMs is tracked as one block (:func:`_gemm_run`); shorter
-#: runs cost less one instruction at a time.
+#: A run of at least this many GEMMs is tracked as one block (:func:`insert_dependency_tokens`);
+#: shorter runs cost less one instruction at a time.
 GEMM_BLOCK = 16
 
 
 _OPCODE = attrgetter("opcode")
-_GEMM_FIELDS = attrgetter(
-    "inp_addr", "inp_so", "inp_si", "wgt_addr", "acc_addr", "acc_so", "acc_si", "outer",
-    "inner", "reset", "pop_prev", "pop_next", "push_prev", "push_next",
-)  # fmt: skip
+_GEMM_COLUMN = {name: k for k, name in enumerate(GEMM_COLUMNS)}
+#: The token flags' columns in a GEMM block's table.
+_FLAG_COLUMNS = [_GEMM_COLUMN[f] for f in ("pop_prev", "pop_next", "push_prev", "push_next")]
 
 
-def _gemm_ranges(run: list[Instruction]) -> dict:
-    """The entry ranges of a run of GEMMs, as arrays: ``inp``, ``wgt``, ``acc`` (each a
-    ``(first, last)`` pair, as :func:`buffer_accesses` gives them), ``accumulates`` (the
-    GEMMs that also read their accumulator entries: those without ``reset``) and ``flagged``
-    (those that carry tokens of their own, to be cleared)."""
-    width = 14  # the fields of _GEMM_FIELDS
-    flat = chain.from_iterable(map(_GEMM_FIELDS, run))
-    f = np.fromiter(flat, np.int64, count=width * len(run)).reshape(-1, width).T
-    inp, inp_so, inp_si, wgt, acc, acc_so, acc_si, outer, inner, reset = f[:10]
-    o, k = outer - 1, inner - 1
+def _gemm_ranges(table: np.ndarray) -> dict:
+    """The entry ranges of a run of GEMMs given as a :class:`~tvm_hapm.target.stream.GemmBlock`
+    table, as arrays: ``inp``, ``wgt``, ``acc`` (each a ``(first, last)`` pair, as
+    :func:`buffer_accesses` gives them), ``accumulates`` (the GEMMs that also read their
+    accumulator entries: those without ``reset``) and ``flagged`` (those that carry tokens of
+    their own, to be cleared)."""
+
+    def col(name):
+        return table[:, _GEMM_COLUMN[name]]
+
+    o, k = col("outer") - 1, col("inner") - 1
+    inp, wgt, acc = col("inp_addr"), col("wgt_addr"), col("acc_addr")
     return {
-        "inp": (inp, inp + o * inp_so + k * inp_si),
+        "inp": (inp, inp + o * col("inp_so") + k * col("inp_si")),
         "wgt": (wgt, wgt),
-        "acc": (acc, acc + o * acc_so + k * acc_si),
-        "accumulates": reset == 0,
-        "flagged": f[10:].any(axis=0),
+        "acc": (acc, acc + o * col("acc_so") + k * col("acc_si")),
+        "accumulates": col("reset") == 0,
+        "flagged": table[:, _FLAG_COLUMNS].any(axis=1),
     }
 
 
@@ -294,27 +328,93 @@ def _record_gemms(tracker: _Tracker, r: dict, index: np.ndarray) -> None:
     compute = Module.COMPUTE
     tracker._of(compute, Module.LOAD, 2 * Buffer.INP).add_many(*r["inp"], index)
     tracker._of(compute, Module.LOAD, 2 * Buffer.WGT).add_many(*r["wgt"], index)
-    tracker._of(compute, Module.STORE, 2 * Buffer.ACC + 1).add_many(*r["acc"], index)
+    written = _paint(*r["acc"], index)
+    tracker._of(compute, Module.STORE, 2 * Buffer.ACC + 1).paint(written)
     acc = r["accumulates"]
-    if acc.any():
+    if acc.all():  # (the usual run: the GEMMs that reset come first, in a run of their own)
+        tracker._of(compute, Module.STORE, 2 * Buffer.ACC).paint(written)
+    elif acc.any():
         lo, hi = r["acc"]
         tracker._of(compute, Module.STORE, 2 * Buffer.ACC).add_many(lo[acc], hi[acc], index[acc])
 
 
-def _gemm_runs(body: list[Instruction]) -> dict[int, int]:
-    """``{start: end}`` of every run of at least :data:`GEMM_BLOCK` consecutive GEMMs."""
+def _gemm_runs(body: list) -> tuple[list, dict[int, int]]:
+    """``body`` and ``{start: end}`` of every run of at least :data:`GEMM_BLOCK` consecutive
+    GEMMs in it (instructions and blocks), the GEMM blocks of shorter runs expanded (one
+    instruction at a time costs less for them)."""
     is_gemm = np.fromiter(map(_OPCODE, body), np.int64, count=len(body)) == Opcode.GEMM
     edges = np.flatnonzero(np.diff(np.concatenate(([0], is_gemm.view(np.int8), [0]))))
-    starts, ends = edges[0::2], edges[1::2]
-    long = ends - starts >= GEMM_BLOCK
-    return dict(zip(starts[long].tolist(), ends[long].tolist(), strict=True))
+    out: list = []
+    runs = {}
+    done = 0
+    for start, end in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True):
+        out += body[done:start]
+        run = body[start:end]
+        if end - start >= GEMM_BLOCK or stream_length(run) >= GEMM_BLOCK:
+            runs[len(out)] = len(out) + len(run)
+            out += run
+        else:
+            out += expand(run)
+        done = end
+    out += body[done:]
+    return out, runs
 
 
-def insert_dependency_tokens(program: list[Instruction]) -> list[Instruction]:
+class _Output:
+    """The inserter's output stream (instructions and GEMM blocks), addressed by instruction
+    position: the token flags of any instruction emitted so far can still be set."""
+
+    __slots__ = ("items", "starts", "size")
+
+    def __init__(self):
+        self.items: list = []
+        self.starts: list[int] = []  # the position of each item's first instruction
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def append(self, item) -> None:
+        """Emit an instruction or a block."""
+        self.items.append(item)
+        self.starts.append(self.size)
+        self.size += len(item) if item.__class__ is GemmBlock else 1
+
+    def extend(self, insns: list[Instruction]) -> None:
+        """Emit instructions."""
+        self.items += insns
+        self.starts += range(self.size, self.size + len(insns))
+        self.size += len(insns)
+
+    def _find(self, pos: int) -> tuple[int, int]:
+        k = bisect.bisect_right(self.starts, pos) - 1
+        return k, pos - self.starts[k]
+
+    def flag(self, pos: int, name: str) -> int:
+        """Token flag ``name`` of instruction ``pos``."""
+        k, row = self._find(pos)
+        item = self.items[k]
+        if item.__class__ is GemmBlock:
+            return int(item.table[row, _GEMM_COLUMN[name]])
+        return getattr(item, name)
+
+    def set_flags(self, pos: int, names) -> None:
+        """Set token flags of instruction ``pos`` (a block's row in place: the inserter's own)."""
+        k, row = self._find(pos)
+        item = self.items[k]
+        if item.__class__ is GemmBlock:
+            item.table[row, [_GEMM_COLUMN[n] for n in names]] = 1
+        else:
+            self.items[k] = item.replace(**dict.fromkeys(names, 1))
+
+
+def insert_dependency_tokens(program: list) -> list:
     """Return ``program`` with dependency flags set and SYNC instructions added where needed.
 
-    ``program`` is a sequential instruction list without flags, ending with FINISH or not
-    (a FINISH is appended if missing).  The result is deterministic.
+    ``program`` is a sequential stream without flags (instructions, or instructions and GEMM
+    blocks, :mod:`~tvm_hapm.target.stream`), ending with FINISH or not (a FINISH is appended if
+    missing).  The result is deterministic, and the same for a block as for the instructions
+    it stands for (expanded: the GEMMs of a run with a block stay in blocks).
 
     A run of GEMMs (the bulk of a convolution) is one block: only the compute module acts in
     it, so what the other modules did is fixed during the run except for the tokens it takes,
@@ -323,14 +423,18 @@ def insert_dependency_tokens(program: list[Instruction]) -> list[Instruction]:
     when its conflict is later than the last token taken from that module.  What the GEMMs
     access is recorded after the run (no other module looks at it during the run).
     """
-    out: list[Instruction] = []
+    out = _Output()
     last: dict[Module, int | None] = {m: None for m in Module}
     pending: dict[Module, list[str]] = {m: [] for m in Module}  # pop flags owed by a module
     tracker = _Tracker()
 
-    def emit(insn: Instruction, mod: Module) -> None:
+    def emit(insn, mod: Module) -> None:
+        """Emit an instruction, or a GEMM block of one row, with the pops ``mod`` owes."""
         if pending[mod]:
-            insn = insn.replace(**{f: 1 for f in pending[mod]})
+            if insn.__class__ is GemmBlock:
+                insn.table[0, [_GEMM_COLUMN[f] for f in pending[mod]]] = 1
+            else:
+                insn = insn.replace(**dict.fromkeys(pending[mod], 1))
             pending[mod] = []
         out.append(insn)
         last[mod] = len(out) - 1
@@ -342,12 +446,12 @@ def insert_dependency_tokens(program: list[Instruction]) -> list[Instruction]:
         if pop in pending[dst]:  # dst still owes a pop for an earlier token: take it now
             emit(Instruction(Opcode.SYNC, module=dst), dst)
         if at is None:
-            if last[src] is None or getattr(out[last[src]], push):
+            if last[src] is None or out.flag(last[src], push):
                 emit(Instruction(Opcode.SYNC, module=src), src)
             at = last[src]
-        elif getattr(out[at], push):  # cannot happen: accesses up to a push are forgotten
+        elif out.flag(at, push):  # cannot happen: accesses up to a push are forgotten
             raise AssertionError("two pushes of one queue on one instruction")
-        out[at] = out[at].replace(**{push: 1})
+        out.set_flags(at, (push,))
         pending[dst].append(pop)
         tracker.clear(src, dst, at)
 
@@ -356,8 +460,16 @@ def insert_dependency_tokens(program: list[Instruction]) -> list[Instruction]:
             return insn.replace(pop_prev=0, pop_next=0, push_prev=0, push_next=0)
         return insn
 
-    def gemm_run(run: list[Instruction]) -> None:
-        ranges = _gemm_ranges(run)
+    def gemm_run(run: list) -> None:
+        """A run of GEMM items: instructions only, emitted as instructions, or with blocks,
+        emitted as slices of one block of the whole run (its flags cleared, then set)."""
+        plain = not any(i.__class__ is GemmBlock for i in run)
+        table = gemm_table(run)
+        ranges = _gemm_ranges(table)
+        if not plain:
+            table = table.copy()
+            table[:, _FLAG_COLUMNS] = 0
+            run = GemmBlock(table)
         # A GEMM waits for a module when its conflict is later than every earlier one of the
         # run (the last token taken from that module pushed at the largest of those).
         waits: dict[int, list] = {}
@@ -367,24 +479,27 @@ def insert_dependency_tokens(program: list[Instruction]) -> list[Instruction]:
             for k in np.flatnonzero(at > before).tolist():
                 waits.setdefault(k, []).append((other, int(at[k])))
         special = sorted(set(waits).union(np.flatnonzero(ranges["flagged"]).tolist()))
-        index = np.empty(len(run), np.int64)
+        n = len(table)
+        index = np.empty(n, np.int64)
         k = 0
-        for stop in [*special, len(run)]:
+        for stop in [*special, n]:
             if stop > k and not pending[Module.COMPUTE]:  # GEMMs that neither wait nor pop
                 index[k:stop] = np.arange(len(out), len(out) + stop - k)
-                out.extend(run[k:stop])
+                if plain:
+                    out.extend(run[k:stop])
+                else:
+                    out.append(run[k:stop])
                 last[Module.COMPUTE] = len(out) - 1
                 k = stop
-            for j in range(k, min(stop + 1, len(run))):
+            for j in range(k, min(stop + 1, n)):
                 for other, at in waits.get(j, ()):
                     sync(other, Module.COMPUTE, at)
-                emit(clean(run[j]), Module.COMPUTE)
+                emit(clean(run[j]) if plain else run[j : j + 1], Module.COMPUTE)
                 index[j] = len(out) - 1
             k = stop + 1
         _record_gemms(tracker, ranges, index)
 
-    body = [i for i in program if i.opcode != Opcode.FINISH]
-    runs = _gemm_runs(body)  # start -> end of each long run of GEMMs
+    body, runs = _gemm_runs([i for i in program if i.opcode != Opcode.FINISH])
     k, n = 0, len(body)
     while k < n:
         end = runs.get(k)
@@ -412,4 +527,4 @@ def insert_dependency_tokens(program: list[Instruction]) -> list[Instruction]:
         if tracker.busy(other, Module.COMPUTE):
             sync(other, Module.COMPUTE)
     emit(Instruction(Opcode.FINISH), Module.COMPUTE)
-    return out
+    return out.items

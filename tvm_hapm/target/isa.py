@@ -38,6 +38,7 @@ __all__ = [
     "encode",
     "decode",
     "encode_stream",
+    "pack_rows",
     "decode_stream",
     "instruction_block",
     "module_of",
@@ -463,9 +464,9 @@ def encode_stream(insns) -> bytes:
     """Encode a list of instructions, byte for byte as :func:`encode` does one by one.
 
     Vectorised over the stream (a compiled network has ~10^5 instructions): the fields become
-    an integer table, each opcode's rows are range-checked and packed into two 64-bit halves.
-    Any field out of range sends the stream through :func:`encode`, which names the first
-    offending instruction.
+    an integer table, each opcode's rows are range-checked and packed into two 64-bit halves
+    (:func:`pack_rows`).  Any field out of range sends the stream through :func:`encode`, which
+    names the first offending instruction.
     """
     insns = list(insns)
     if not insns:
@@ -479,23 +480,51 @@ def encode_stream(insns) -> bytes:
     words = np.zeros((len(insns), 2), dtype="<u8")
     for op in np.unique(table[:, 0]):
         rows = np.flatnonzero(table[:, 0] == op)
-        half = [np.zeros(len(rows), np.uint64), np.zeros(len(rows), np.uint64)]
-        pos = 0
-        for name, bits in LAYOUTS[Opcode(int(op))]:
-            value = table[rows, _COLUMN[name]]
-            lo, hi = _field_range(name, bits)
-            if value.min() < lo or value.max() > hi:
-                return b"".join(encode(i) for i in insns)
-            v = (value & ((1 << bits) - 1)).astype(np.uint64)
-            if pos >= 64:
-                half[1] |= v << np.uint64(pos - 64)
-            else:
-                half[0] |= v << np.uint64(pos)  # bits beyond 64 fall off here ...
-                if pos + bits > 64:
-                    half[1] |= v >> np.uint64(64 - pos)  # ... and land in the upper half
-            pos += bits
-        words[rows, 0], words[rows, 1] = half
+        opcode = Opcode(int(op))
+        names = [name for name, _ in LAYOUTS[opcode][1:]]
+        packed = pack_rows(opcode, table[np.ix_(rows, [_COLUMN[n] for n in names])], names)
+        if packed is None:
+            return b"".join(encode(i) for i in insns)
+        words[rows] = packed
     return words.tobytes()
+
+
+def pack_rows(opcode: Opcode, table: np.ndarray, names) -> np.ndarray | None:
+    """The encoded words of instructions of one opcode given as an integer table.
+
+    Parameters
+    ----------
+    opcode : Opcode
+        The opcode of every row.
+    table : numpy.ndarray
+        ``(n, len(names))`` integers, one row per instruction.
+    names : sequence of str
+        The column of each field: every field of ``LAYOUTS[opcode]`` after the opcode, in
+        any order (a field of the layout that is missing from ``names`` is an error).
+
+    Returns
+    -------
+    numpy.ndarray or None
+        ``(n, 2)`` little-endian 64-bit halves (``.tobytes()`` is the stream, as
+        :func:`encode` gives it row by row), or None when a field is out of its range.
+    """
+    column = {name: k for k, name in enumerate(names)}
+    half = [np.full(len(table), int(opcode), np.uint64), np.zeros(len(table), np.uint64)]
+    pos = LAYOUTS[opcode][0][1]  # after the opcode
+    for name, bits in LAYOUTS[opcode][1:]:
+        value = table[:, column[name]]
+        lo, hi = _field_range(name, bits)
+        if len(value) and (value.min() < lo or value.max() > hi):
+            return None
+        v = (value & ((1 << bits) - 1)).astype(np.uint64)
+        if pos >= 64:
+            half[1] |= v << np.uint64(pos - 64)
+        else:
+            half[0] |= v << np.uint64(pos)  # bits beyond 64 fall off here ...
+            if pos + bits > 64:
+                half[1] |= v >> np.uint64(64 - pos)  # ... and land in the upper half
+        pos += bits
+    return np.stack(half, axis=1).astype("<u8", copy=False)
 
 
 def decode_stream(data: bytes) -> list[Instruction]:

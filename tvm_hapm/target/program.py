@@ -26,12 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from . import isa
 from .config import HardwareConfig, HardwareConfigError
+from .stream import GemmBlock, encode_stream, expand, stream_length
 
 __all__ = ["Slot", "Program", "ProgramError", "pack_activation", "unpack_activation"]
 
@@ -116,16 +117,84 @@ def unpack_activation(d: np.ndarray, shape: tuple, vector: int) -> np.ndarray:
     return x[:, :c].reshape(shape)
 
 
-@dataclass
 class Program:
-    """An instruction stream for one accelerated layer and the DRAM slots it addresses."""
+    """An instruction stream for one accelerated layer and the DRAM slots it addresses.
 
-    layer: str
-    config: HardwareConfig
-    slots: list[Slot]
-    instructions: list[isa.Instruction]
-    layer_index: int = 0
-    info: dict = field(default_factory=dict)
+    Parameters
+    ----------
+    layer : str
+        The layer's name.
+    config : HardwareConfig
+        The accelerator it runs on.
+    slots : list of Slot
+        Its DRAM regions, in the order of the runtime call's arguments.
+    instructions : list
+        Its instruction stream: instructions, or a stream with GEMM blocks
+        (:mod:`~tvm_hapm.target.stream`), which :attr:`instructions` expands the first time it
+        is read (encoding, :meth:`to_bytes`, does not need to).
+    layer_index : int
+        The layer's position in its network.
+    info : dict, optional
+        What the code generator reports (kind, schedule, source).
+    """
+
+    def __init__(
+        self,
+        layer: str,
+        config: HardwareConfig,
+        slots: list[Slot],
+        instructions: list,
+        layer_index: int = 0,
+        info: dict | None = None,
+    ):
+        self.layer = layer
+        self.config = config
+        self.slots = slots
+        self.stream = instructions
+        self.layer_index = layer_index
+        self.info = {} if info is None else info
+
+    @property
+    def stream(self) -> list:
+        """The instruction stream as the code generator left it (GEMM blocks kept)."""
+        return self._stream
+
+    @stream.setter
+    def stream(self, items) -> None:
+        self._stream = items if isinstance(items, list) else list(items)
+        plain = not any(item.__class__ is GemmBlock for item in self._stream)
+        self._instructions = self._stream if plain else None
+
+    @property
+    def instructions(self) -> list[isa.Instruction]:
+        """The instruction stream, one :class:`~tvm_hapm.target.isa.Instruction` each."""
+        if self._instructions is None:
+            self._instructions = self._stream = expand(self._stream)
+        return self._instructions
+
+    @instructions.setter
+    def instructions(self, insns) -> None:
+        self.stream = insns
+
+    @property
+    def instruction_count(self) -> int:
+        """The number of instructions (without expanding GEMM blocks)."""
+        return stream_length(self._stream)
+
+    def __eq__(self, other) -> bool:
+        if other.__class__ is not Program:
+            return NotImplemented
+        return (self.layer, self.config, self.slots, self.layer_index, self.info) == (
+            other.layer, other.config, other.slots, other.layer_index, other.info
+        ) and self.instructions == other.instructions  # fmt: skip
+
+    __hash__ = None  # mutable, as the dataclass it was
+
+    def __repr__(self) -> str:
+        return (
+            f"Program(layer={self.layer!r}, config={self.config.name!r}, "
+            f"{len(self.slots)} slots, {self.instruction_count} instructions)"
+        )
 
     def to_bytes(self) -> bytes:
         meta = {
@@ -146,13 +215,13 @@ class Program:
             "info": self.info,
         }
         meta_bytes = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
-        stream = isa.encode_stream(self.instructions)
+        stream = encode_stream(self._stream)
         body = b"".join(
             [
                 MAGIC,
                 struct.pack("<I", len(meta_bytes)),
                 meta_bytes,
-                struct.pack("<I", len(self.instructions)),
+                struct.pack("<I", len(stream) // isa.INSTRUCTION_BYTES),
                 stream,
             ]
         )

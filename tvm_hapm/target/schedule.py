@@ -46,6 +46,7 @@ from .banks import acc_fits, place_accumulators
 from .config import ALU_LATENCY, FETCH_CYCLES, HardwareConfig
 from .dependency import buffer_accesses
 from .isa import MAX_LOOP, MAX_OUTER_STRIDE, REQUANT_RELU, AluOp, Buffer, Instruction, Opcode
+from .stream import GemmRun
 
 __all__ = [
     "RESIDUAL_CONST_ROWS",
@@ -556,14 +557,18 @@ def pipeline_operand_loads(instructions: list[Instruction]) -> list[Instruction]
 
 
 def conv_stream_passes(
-    seq: list[Instruction], cfg: HardwareConfig, prologues: list | None = None, double=False
-) -> list[Instruction]:
+    seq: list, cfg: HardwareConfig, prologues: list | None = None, double=False
+) -> list:
     """The passes both code generators apply, in this order, to a convolution's sequential
     stream: :func:`hoist_prologues` (when there are ``prologues``, a fused residual's, and the
     regions are ``double`` buffered), :func:`fuse_epilogues`, :func:`interleave_epilogues`
     (flushing partially when there are prologues) and
     :func:`~tvm_hapm.target.banks.place_accumulators` (which also gives every GEMM its bank's
-    array).  Dependency tokens are inserted after them."""
+    array).  Dependency tokens are inserted after them.
+
+    The stream may hold GEMM blocks (:mod:`~tvm_hapm.target.stream`, the TIR walker's); every
+    pass gives, for a block, what it gives for the instructions the block stands for, and keeps
+    instructions as instructions.  ``prologues`` index the stream's items."""
     if prologues and double:
         seq = hoist_prologues(seq, prologues)
     seq = interleave_epilogues(fuse_epilogues(seq), cfg, partial_flush=bool(prologues))
@@ -603,7 +608,7 @@ def _distinct_nest(base: int, outer: int, inner: int, so: int, si: int) -> bool:
     return si > 0 and so >= inner * si
 
 
-def fuse_epilogues(instructions: list[Instruction]) -> list[Instruction]:
+def fuse_epilogues(instructions: list) -> list:
     """Fuse each ``ADD acc[b]; REQUANT acc[b+1] >> k[; MAX #0]`` into one ``ADD_REQUANT``.
 
     The three ALU instructions must be adjacent, have the same destination loop nest, carry no
@@ -612,8 +617,9 @@ def fuse_epilogues(instructions: list[Instruction]) -> list[Instruction]:
     entries must be distinct and apart from the rows they read: then computing each entry's
     bias, requantization and ReLU before the next entry's gives what the three passes give.
     ``MAX`` with an immediate of 0 becomes the ReLU flag; any other clip stays an instruction.
+    GEMM blocks (:mod:`~tvm_hapm.target.stream`) pass through.
     """
-    out: list[Instruction] = []
+    out: list = []
     seq = list(instructions)
     i = 0
     alu = Opcode.ALU
@@ -683,8 +689,8 @@ def _conflict(a: list, b: list) -> bool:
 
 
 def interleave_epilogues(
-    instructions: list[Instruction], cfg: HardwareConfig, partial_flush: bool = False
-) -> list[Instruction]:
+    instructions: list, cfg: HardwareConfig, partial_flush: bool = False
+) -> list:
     """Software-pipeline the epilogues of a sequential program into the following GEMMs.
 
     A sequential convolution ends every output region with its epilogue (ALU instructions, the
@@ -699,7 +705,9 @@ def interleave_epilogues(
     written), nor a load-module instruction past it: when a GEMM or a load conflicts with a
     pending instruction, everything pending is emitted before it.  So the program computes the
     same results; only the order of independent instructions changes.  A program without GEMMs
-    is returned unchanged.
+    is returned unchanged.  GEMM blocks (:mod:`~tvm_hapm.target.stream`) are read GEMM by GEMM
+    only while instructions are pending (:class:`~tvm_hapm.target.stream.GemmRun`) and cut where
+    pending instructions go between their GEMMs.
 
     With ``partial_flush`` a GEMM that conflicts with a pending instruction emits the pending
     instructions only up to the last one it conflicts with; the later ones stay pending and are
@@ -710,12 +718,12 @@ def interleave_epilogues(
         return list(instructions)
     per_dispatch = max(1, cfg.num_arrays)
     n = len(instructions)
-    # length of the GEMM run starting at each index
-    run_len = [0] * (n + 1)
+    # the item after the GEMM run starting at each index
+    run_end = list(range(n + 1))
     for i in range(n - 1, -1, -1):
         if instructions[i].opcode == Opcode.GEMM:
-            run_len[i] = run_len[i + 1] + 1
-    out: list[Instruction] = []
+            run_end[i] = run_end[i + 1]
+    out: list = []
     pending: list[tuple[Instruction, list]] = []  # moved instructions, in program order
     empty = (1 << 62, -1)
     lo_hi = list(empty)  # bounding range of the pending accumulator accesses
@@ -758,26 +766,36 @@ def interleave_epilogues(
     while i < n:
         insn = instructions[i]
         op = insn.opcode
-        if op == Opcode.GEMM:
-            length = run_len[i]
+        if op == Opcode.GEMM:  # a run of GEMMs, instructions and blocks (GemmRun)
+            run = GemmRun(instructions[i : run_end[i]])
+            length = len(run)
             dispatches = -(-length // per_dispatch)
             moved = sum(1 for p, _ in pending if p.opcode != Opcode.STORE)
             per_slot = -(-moved // dispatches) if moved else 0
+            done = 0  # the GEMMs of the run already in `out`
             for j in range(length):
                 if not pending:  # the rest of the run: nothing to check, nothing to spread
-                    out.extend(instructions[i + j : i + length])
                     break
-                gemm = instructions[i + j]
-                ranges = _acc_ranges(gemm)
-                if blocks(ranges):
+                lo, hi, reset = run.acc_access(j)
+                # (a GEMM writes its entries: it conflicts with every range that overlaps them)
+                if (
+                    lo <= lo_hi[1]
+                    and hi >= lo_hi[0]
+                    and any(a <= hi and lo <= b for _, r in pending for a, b, _ in r)
+                ):
+                    out.extend(run.items_between(done, j))
+                    done = j
                     if partial_flush:  # through the last pending instruction it conflicts with
+                        ranges = [(lo, hi, True)] + ([] if reset else [(lo, hi, False)])
                         take(1 + max(k for k, (_, r) in enumerate(pending) if _conflict(ranges, r)))
                     else:
                         flush()
-                out.append(gemm)
                 if per_slot and ((j + 1) % per_dispatch == 0 or j + 1 == length):
+                    out.extend(run.items_between(done, j + 1))
+                    done = j + 1
                     flush(per_slot)
-            i += length
+            out.extend(run.items_between(done, length))
+            i = run_end[i]
             continue
         if op in (Opcode.FINISH, Opcode.SYNC):
             flush()

@@ -58,7 +58,7 @@ from .compute import (
     region_stage,
 )
 from .dma import InjectDMA, LowerToAccelerator, entry_elems, predicate_highs
-from .emit import SparseWeights, build_program, emit_program
+from .emit import SparseWeights, build_program, emit_program, emit_stream
 from .layers import (
     add_primfunc,
     add_program,
@@ -73,7 +73,13 @@ from .layers import (
     schedule_max_pool2d,
 )
 from .pipeline import ORIGINAL_S_TIR, OffloadHapmKernels, hapm_tir_pipeline
-from .scheduling import has_block, merge_region_loops, schedule_conv2d, tir_conv_schedule
+from .scheduling import (
+    has_block,
+    merge_region_loops,
+    schedule_conv2d,
+    scheduled_conv2d,
+    tir_conv_schedule,
+)
 from .walk import (
     LoopNest,
     TirLoweringError,
@@ -123,6 +129,7 @@ __all__ = [
     "dense_as_conv",
     "dense_program",
     "emit_program",
+    "emit_stream",
     "entry_elems",
     "flat_index",
     "global_avg_pool_primfunc",
@@ -144,6 +151,7 @@ __all__ = [
     "region_class",
     "region_stage",
     "schedule_conv2d",
+    "scheduled_conv2d",
     "schedule_global_avg_pool",
     "schedule_max_pool2d",
     "strip_cast",

@@ -21,13 +21,13 @@ from ..isa import (
     AluOp,
     Instruction,
     Opcode,
-    instruction_block,
 )
 from ..program import Program, Slot
 from ..schedule import (
     conv_stream_passes,
     pipeline_operand_loads,
 )
+from ..stream import GemmBlock, expand
 from .compute import (
     DMA_LOAD,
     DMA_STORE,
@@ -127,6 +127,7 @@ class _Emitter:
         )
         # per-node analyses, computed on first visit
         self._nests: dict[int, tuple] = {}
+        self._seqs: dict[int, tuple] = {}  # SeqStmt -> (node, its statements)
         self._dma: dict[int, tuple] = {}
         self._gemm: dict[int, tuple] = {}
         self._gemm_blocks: dict[int, tuple | bool] = {}  # outer loop -> emit_gemm_block's plan
@@ -141,7 +142,11 @@ class _Emitter:
     def visit(self, stmt) -> None:
         kind = node_kind(stmt)
         if kind == "SeqStmt":
-            for s in stmt.seq:
+            k = node_key(stmt)
+            hit = self._seqs.get(k)
+            if hit is None:  # (the children read once: a sequence in a loop is visited often)
+                hit = self._seqs[k] = (stmt, tuple(stmt.seq))
+            for s in hit[1]:
                 self.visit(s)
         elif kind == "For":
             self.visit_for(stmt)
@@ -174,8 +179,15 @@ class _Emitter:
                 nest is not None and (not nest.predicates or self._is_alu(nest)) and self.fold(nest)
             )
             block = None if folds else self._gemm_block_nest(nest)
-            hit = self._nests[k] = (nest, folds, loop, block)
-        nest, folds, _, block = hit
+            body = loop.body
+            # what each visit needs, read off the node once: the loop variable, the body and
+            # its handler, and the bounds when they are constants
+            bounds = (loop.min, loop.extent)
+            if all(node_kind(b) == "IntImm" for b in bounds):
+                bounds = (int(bounds[0].value), int(bounds[1].value))
+            walk = (node_key(loop.loop_var), body, node_kind(body) == "For", bounds)
+            hit = self._nests[k] = (nest, folds, loop, block, walk)
+        nest, folds, _, block, walk = hit
         if folds:
             self.visit_leaf(nest)
             return
@@ -183,13 +195,12 @@ class _Emitter:
             self._first_loop = len(self.seq)
         if block is not None and GEMM_BLOCKS and self.emit_gemm_block(*block):
             return
-        var = node_key(loop.loop_var)
-        start = self.ev(loop.min)
-        body = loop.body
-        # the body's handler, found once for all the iterations
-        visit = self.visit_for if node_kind(body) == "For" else self.visit
+        var, body, body_is_for, (start, extent) = walk
+        if start.__class__ is not int:
+            start, extent = self.ev(start), self.ev(extent)
+        visit = self.visit_for if body_is_for else self.visit
         env = self.ev.env
-        for v in range(start, start + self.ev(loop.extent)):
+        for v in range(start, start + extent):
             env[var] = v
             visit(body)
 
@@ -386,19 +397,17 @@ class _Emitter:
             }
             if len(a) > 12 and const_int(a[12]):
                 fields["pad_min"] = 1
-            info = (
-                is_load, chip, dram, chip_off, dram_off, entry_elems(self.cfg, scope), fields,
-                list(a[5:12]),
-            )  # fmt: skip
+            # the DRAM and on-chip offsets, rows, columns, stride and pads: one function
+            sizes = self.ev.compiled_tuple([dram_off, chip_off, *a[5:12]])
+            info = (is_load, chip, dram, entry_elems(self.cfg, scope), fields, sizes, call)
             self._dma[k] = info
-        is_load, chip, dram, chip_off, dram_off, E, fields, sizes = info
+        is_load, chip, dram, E, fields, sizes, _ = info
         first = len(self.seq)
-        dram_elem = self.ev(dram_off)
+        dram_elem, chip_elem, rows, cols, stride, *pads = sizes(self.ev.env)
         if dram_elem % E:
             raise TirLoweringError(f"{dram.name}: DRAM offset {dram_elem} is not a whole entry")
-        sram = self._chip_addr(chip, self.ev(chip_off))
+        sram = self._chip_addr(chip, chip_elem)
         dram_addr = dram_elem // E
-        rows, cols, stride, *pads = (self.ev(s) for s in sizes)
         opcode = Opcode.LOAD if is_load else Opcode.STORE
         if self.weights is not None and node_key(dram) == self.weights.param:
             self.weights.load(self, sram, dram_addr, rows, cols, stride, fields)
@@ -525,31 +534,36 @@ class _Emitter:
         env = self.ev.env
         inp_off, acc_off, wgt_off = (int(b(env)) + s for b, s in zip(bases, steps, strict=True))
         try:
-            acc_addr = self._chip_addr(acc, acc_off).tolist()
-            wgt_addr = self._chip_addr(wgt, wgt_off).tolist()
-            inp_addr = self._chip_addr(inp, inp_off).tolist()
+            acc_addr = self._chip_addr(acc, acc_off)
+            wgt_addr = self._chip_addr(wgt, wgt_off)
+            inp_addr = self._chip_addr(inp, inp_off)
         except TirLoweringError:
             return False
         if self.weights is not None:  # all-zero blocks: no GEMM
             chip = self.weights.chip
-            wgt_addr = [chip[a] for a in wgt_addr]
-            kept = [j for j, a in enumerate(wgt_addr) if a is not None]
-            if len(kept) < len(wgt_addr):
-                acc_addr = [acc_addr[j] for j in kept]
-                inp_addr = [inp_addr[j] for j in kept]
-                wgt_addr = [wgt_addr[j] for j in kept]
-        reset = [0] * len(acc_addr)
-        j = 0
-        while self.pending_reset and j < len(acc_addr):  # the first GEMMs into each region
-            reset[j] = int(self._gemm_reset(acc_addr[j], outer, inner, acc_s))
-            j += 1
-        self.seq += instruction_block(
-            Opcode.GEMM,
-            ("reset", "wgt_addr", "inp_addr", "acc_addr"),
-            zip(reset, wgt_addr, inp_addr, acc_addr),
-            {"array": 0, "outer": outer, "inner": inner, "inp_so": inp_s[0], "inp_si": inp_s[1],
-             "acc_so": acc_s[0], "acc_si": acc_s[1]},  # array: given by banks.place_accumulators
-        )  # fmt: skip
+            mapped = [chip[a] for a in wgt_addr.tolist()]
+            kept = [j for j, a in enumerate(mapped) if a is not None]
+            if len(kept) < len(mapped):
+                acc_addr, inp_addr = acc_addr[kept], inp_addr[kept]
+                mapped = [mapped[j] for j in kept]
+            wgt_addr = mapped
+        reset = np.zeros(len(acc_addr), np.int64)
+        if self.pending_reset:  # the first GEMMs into each region
+            acc_list = acc_addr.tolist()
+            j = 0
+            while self.pending_reset and j < len(acc_list):
+                reset[j] = self._gemm_reset(acc_list[j], outer, inner, acc_s)
+                j += 1
+        if len(acc_addr):
+            self.seq.append(
+                GemmBlock.from_columns(
+                    len(acc_addr),
+                    {"reset": reset, "wgt_addr": wgt_addr, "inp_addr": inp_addr,
+                     "acc_addr": acc_addr},
+                    {"outer": outer, "inner": inner, "inp_so": inp_s[0], "inp_si": inp_s[1],
+                     "acc_so": acc_s[0], "acc_si": acc_s[1]},  # array: banks.place_accumulators
+                )
+            )  # fmt: skip
         for key, e in zip(keys, extents, strict=True):  # where walking the loops leaves them
             env[key] = e - 1
         return True
@@ -564,13 +578,18 @@ class _Emitter:
             offsets = np.array([0])
             for c, e in zip(coef, nest.extents, strict=True):
                 offsets = (offsets[:, None] + c * np.arange(e)[None, :]).reshape(-1)
-            info = (store.buffer, base, offsets)
+            info = (store.buffer, base, offsets, {})
             self._reset[k] = info
-        buf, base, offsets = info
+        buf, base, offsets, entries = info
         C = self.cfg.array_cols
-        first = self.base[node_key(buf)]
         b = self.ev(base)
-        self.pending_reset |= {first + int(o) for o in np.unique((offsets + b) // C)}
+        # (offsets + b) // C is (offsets + r) // C + (b - r) // C for r = b % C: the distinct
+        # entries found once per remainder
+        r = b % C
+        rel = entries.get(r)
+        if rel is None:
+            rel = entries[r] = np.unique((offsets + r) // C)
+        self.pending_reset.update((rel + (self.base[node_key(buf)] + (b - r) // C)).tolist())
 
     def emit_init(self, nest: LoopNest) -> None:
         """The reduction's init ``acc = v`` of an ALU-only layer: ``MUL 0``, then ``ADD v``."""
@@ -786,11 +805,20 @@ def _as_func(func_or_sch) -> tirx.PrimFunc:
     return func_or_sch
 
 
-@paused_gc()  # a loop's worth of instructions at a time: see target.gc_pause
 def emit_program(
     func, cfg: HardwareConfig | None = None, weights: SparseWeights | None = None
 ) -> list[Instruction]:
-    """The instruction stream of a scheduled accelerator PrimFunc (or its Schedule).
+    """The instructions of a scheduled accelerator PrimFunc (or its Schedule): the stream of
+    :func:`emit_stream` with its GEMM blocks expanded."""
+    return expand(emit_stream(func, cfg, weights))
+
+
+@paused_gc()  # a loop's worth of instructions at a time: see target.gc_pause
+def emit_stream(
+    func, cfg: HardwareConfig | None = None, weights: SparseWeights | None = None
+) -> list:
+    """The instruction stream of a scheduled accelerator PrimFunc (or its Schedule), its GEMMs
+    emitted a loop at a time as GEMM blocks (:mod:`~tvm_hapm.target.stream`).
 
     The function is lowered with :func:`LowerToAccelerator` if needed, then walked in
     execution order: loops run, DMA calls become LOAD / STORE, each tensorized product becomes
@@ -837,7 +865,7 @@ def build_program(cfg: HardwareConfig | None, func, layer_name: str = "tir") -> 
     func = _as_func(func)
     layer = layer_of(func)
     cfg = get_config(cfg if cfg is not None else layer["config"])
-    insns = emit_program(func, cfg)
+    insns = emit_stream(func, cfg)
     slots = []
     params = list(func.params)
     for i, p in enumerate(params):

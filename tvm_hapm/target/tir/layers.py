@@ -34,8 +34,8 @@ from .compute import (
     region_stage,
     requant_stages,
 )
-from .emit import SparseWeights, emit_program
-from .scheduling import has_block, merge_region_loops, schedule_conv2d, tir_conv_schedule
+from .emit import SparseWeights, emit_stream
+from .scheduling import has_block, merge_region_loops, scheduled_conv2d, tir_conv_schedule
 from .walk import TirLoweringError
 
 
@@ -66,7 +66,7 @@ def conv2d_program(
     :func:`~tvm_hapm.target.schedule.plan_conv` plans the tiles from the non-zero blocks;
     :func:`conv2d_primfunc` defines the layer, :func:`schedule_conv2d` schedules and tensorizes
     it, :func:`LowerToAccelerator` runs the TIR passes (buffer compaction, :func:`InjectDMA`)
-    and :func:`emit_program` walks it with the layer's :class:`SparseWeights` (the
+    and :func:`~.emit.emit_stream` walks it with the layer's :class:`SparseWeights` (the
     compile-time sparse schedule), then inserts the dependency tokens.
 
     The function is defined for the planned tile (:func:`conv2d_primfunc` with ``tile``): when
@@ -80,7 +80,7 @@ def conv2d_program(
     the direct generator does: a second input slot ``residual``, three constant rows per
     output block, and the ``conv`` reduction starting from ``int32(shortcut) * K + bias``
     (:func:`conv2d_primfunc`); each region's prologue (the shortcut tile's ``LOAD``, ``MUL``,
-    ``ADD``) is hoisted as the direct generator's (:func:`emit_program`).
+    ``ADD``) is hoisted as the direct generator's (:func:`~.emit.emit_stream`).
     """
 
     R, C = cfg.array_rows, cfg.array_cols
@@ -114,8 +114,8 @@ def conv2d_program(
         else np.zeros((1, R, C), wdtype)
     )
     bias_mult = codegen.bias_mult_rows(cfg, layer, cout, bias, mult, residual)
-    sch = schedule_conv2d(func, cfg, sched, weight_blocks=len(sparse.order))
-    insns = emit_program(sch, cfg, sparse)
+    scheduled = scheduled_conv2d(func, cfg, sched, weight_blocks=len(sparse.order))
+    insns = emit_stream(scheduled, cfg, sparse)
     slots = codegen.conv_slots(cfg, g, cout, wblocks, bias_mult, fused)
     info = {**codegen.conv_info(g, weight.shape, len(sparse.order), sched, fused), "source": "tir"}
     return Program(layer, cfg, slots, insns, layer_index, info), [wblocks, bias_mult]
@@ -223,7 +223,7 @@ def add_program(cfg, layer, shape, mult_a, mult_b, shift, clip, layer_index=0):
     A last tile shorter than the planned one is a predicated tile: its DMAs and ALU loops
     are shortened by the walker.  A double-buffered plan (``plan_eltwise``) makes the walker
     alternate the operand tiles between two halves (``lhs_acc`` then ``rhs_acc``, each
-    allocated twice); :func:`emit_program` then moves each tile's loads into the previous
+    allocated twice); :func:`~.emit.emit_stream` then moves each tile's loads into the previous
     tile's ALU passes (:func:`~tvm_hapm.target.schedule.pipeline_operand_loads`).
     """
 
@@ -237,7 +237,7 @@ def add_program(cfg, layer, shape, mult_a, mult_b, shift, clip, layer_index=0):
     sch = _schedule_eltwise(
         func, stages, sched.tile, "add", sched.to_dict(), dma_stages=("lhs_acc", "rhs_acc")
     )
-    insns = emit_program(sch, cfg)
+    insns = emit_stream(sch, cfg)
     slots = [
         Slot("lhs", "input", cfg.act_dtype, shape, "act", C),
         Slot("rhs", "input", cfg.act_dtype, shape, "act", C),
@@ -321,7 +321,7 @@ def global_avg_pool_program(cfg, layer, data_shape, mult, shift, clip, layer_ind
     sched = plan_eltwise(cfg, h * w, buffers=1, reserved=2)
     func = global_avg_pool_primfunc(cfg, n * cb, h * w, int(shift), clip)
     sch = schedule_global_avg_pool(func, sched.tile, sched.to_dict())
-    insns = emit_program(sch, cfg)
+    insns = emit_stream(sch, cfg)
     mvec = np.full((1, C), int(mult), np.int32)
     slots = [
         Slot("data", "input", cfg.act_dtype, (n, c, h, w), "act", C),
@@ -487,7 +487,7 @@ def max_pool2d_program(
         cfg, n * cb, h, w, (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw), tile=(th, tw)
     )
     sch = schedule_max_pool2d(func, th, tw, sched.to_dict())
-    insns = emit_program(sch, cfg)
+    insns = emit_stream(sch, cfg)
     slots = [
         Slot("data", "input", cfg.act_dtype, (n, c, h, w), "act", C),
         Slot("out", "output", cfg.act_dtype, (n, c, oh, ow), "act", C),

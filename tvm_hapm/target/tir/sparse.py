@@ -58,10 +58,12 @@ class SparseWeights:
             for kc0 in range(0, cib, cib_chunk):
                 blk = dense_ids[cg0 : cg0 + cob_group, kc0 : kc0 + cib_chunk]
                 nz = self.nonzero[cg0 : cg0 + cob_group, kc0 : kc0 + cib_chunk]
-                order += [int(i) for i in blk[nz]]
+                order += blk[nz].tolist()
         #: Dense block ids (row-major over ``(COB, CIB, KH, KW)``) of the DRAM slot, in order.
         self.order = order
-        self.pos = {d: i for i, d in enumerate(order)}
+        #: The position of each dense block id in :attr:`order`, -1 for a zero block.
+        self.position = np.full(self.nonzero.size, -1, np.int64)
+        self.position[order] = np.arange(len(order))
         self.param = param  # key of the weight parameter
         self.chip: dict[int, int | None] = {}  # TIR on-chip entry -> compacted entry or None
         self.loaded: dict[int, tuple] = {}  # compacted base -> (first DRAM position, count)
@@ -75,16 +77,19 @@ class SparseWeights:
         dense = (dram + np.arange(rows)[:, None] * stride + np.arange(cols)[None, :]).reshape(-1)
         flat_nz = self.nonzero.reshape(-1)
         keep = flat_nz[dense]
-        positions = [self.pos[int(d)] for d in dense[keep]]
+        position = self.position[dense]  # (-1 where the block is zero)
+        positions = position[keep]
         # The compacted DRAM order is group-major; a DMA of a whole resident tensor covers the
         # blocks in dense order, which is the same *set* of positions in another order. On chip
         # the blocks land in DRAM order, so each block's entry is its position in the run.
-        first = min(positions) if positions else 0
-        if positions and sorted(positions) != list(range(first, first + len(positions))):
+        first = int(positions.min()) if len(positions) else 0
+        if len(positions) and not np.array_equal(
+            np.sort(positions), np.arange(first, first + len(positions))
+        ):
             raise TirLoweringError("the non-zero weight blocks of a DMA are not one run")
         offset = 0
         reuse = False
-        if positions:
+        if len(positions):
             run = (first, len(positions))
             if self.half:
                 reuse = self._current is not None and self.loaded.get(self._current) == run
@@ -95,9 +100,11 @@ class SparseWeights:
             else:
                 reuse = self.loaded.get(sram) == run
                 self.loaded = {sram: run}
-        for j, (d, d_keep) in enumerate(zip(dense, keep, strict=True)):
-            self.chip[sram + j] = sram + offset + self.pos[int(d)] - first if d_keep else None
-        if positions and not reuse:
+        chip = (sram + offset - first + position).tolist()
+        if not keep.all():
+            chip = [c if k else None for c, k in zip(chip, keep.tolist(), strict=True)]
+        self.chip.update(zip(range(sram, sram + len(chip)), chip))
+        if len(positions) and not reuse:
             emitter.seq += dma_runs(Opcode.LOAD, sram + offset, first, len(positions), fields)
 
     def chip_addr(self, tir_addr: int) -> int | None:
