@@ -4,14 +4,16 @@ without retraining.
 Run: ``python benchmarks/reprice.py`` (a few minutes), or ``--check`` to compare instead of
 writing.
 
-A pruned model's cycles and energy on hapm_fpga depend on its layer shapes and on which weight
-groups are zero, not on the values of the other weights (the Dynamic Sparsity Bypass skips
-all-zero blocks; ``tests/test_flow.py`` shows the calibration does not matter either).  Recovery
-holds the pruning masks, so the recovered model of a record has the zeros of its pruning, which
-is deterministic.  So when the timing or energy model changes (the banked accumulator, the RTL's
-costs, the FPGA energy tables), a record's latency and energy can be re-simulated from its
-pruning alone, while its accuracy (a function of the recovered weights, which no hardware-model
-change touches) stays as measured.
+A pruned model's cycles and energy on hapm_fpga depend on its layer shapes, on which weight
+groups are zero (the Dynamic Sparsity Bypass skips all-zero blocks) and on which residual adds
+the quantizer fuses (a choice made from the activation scales: :func:`tvm_hapm.flow.simulate`).
+Recovery holds the pruning masks, so the recovered model of a record has the zeros of its
+pruning, which is deterministic; its int8 rounding may zero a few more blocks, and its scales
+may fuse another add.  So when the timing or energy model changes (the banked accumulator, the
+RTL's costs, the FPGA energy tables), a record's latency and energy are re-simulated from its
+pruning alone, calibrated on the same 8 training images as the record, while its accuracy (a
+function of the recovered weights, which no hardware-model change touches) stays as measured.
+Whether the pruning stands for the recovered model is checked, not assumed (``--check``).
 
 For every row of ``results/hapm_vs_standard.json`` and every run of ``results/hwflow.json``,
 this script redoes the pruning with the recorded settings (method, ranking, the recorded

@@ -357,9 +357,13 @@ def simulate(model: onnx.ModelProto, config, x_cal, x_one, target=None, transfor
     simulate one image.  Returns ``(latency_ms, energy_uj, cycles, per-program [(name, cycles,
     energy_uj)], GEMM instructions)``.
 
-    The cycles and the energy depend on the layer shapes and on which weight blocks are zero,
-    not on the activation scales, so the calibration does not change them
-    (``tests/test_flow.py``)."""
+    The cycles and the energy depend on the layer shapes, on which weight blocks are zero and
+    on which residual adds the quantizer fuses into a convolution.  That last choice depends on
+    the scales (an add fuses when its shortcut's integer weight ``K`` reaches
+    ``RESIDUAL_MIN_K``, :mod:`tvm_hapm.passes.quantize`), so the calibration can change the
+    cycles: the same network pruned and timed with the dense network's activation scales
+    instead of its own fused a different add (a random ResNet-8, 31,034 against 31,126
+    cycles).  A uniform rescaling of the calibration images changes nothing."""
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
