@@ -129,3 +129,35 @@ def test_paused_gc_restores_the_collector():
         return gc.isenabled()
 
     assert inside() is False and gc.isenabled()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_repeated_layer_reuses_its_stream_with_its_own_shift(monkeypatch, fused):
+    """Inside ``reuse_streams`` (one per compile), a convolution whose signature was emitted
+    already is not scheduled and emitted again: its stream is the earlier one with its own
+    requantization shift, instruction for instruction what a fresh compile gives.  Another
+    clip is another signature."""
+    from tvm_hapm.target.tir import layers
+
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, (32, 16, 3, 3)).astype(np.int8)
+    bias, mult = rng.integers(-500, 500, 32), rng.integers(1, 300, 32)
+    kwargs = {"padding": (1, 1, 1, 1), "residual": rng.integers(16, 300, 32) if fused else None}
+
+    def program(shift, clip=(0, 120)):
+        return htir.conv2d_program(CFG, "c", (1, 16, 12, 10), w, bias, mult, shift, clip, **kwargs)
+
+    fresh = {s: program(s)[0] for s in (11, 14)}
+    assert fresh[11].instructions != fresh[14].instructions  # the shift is in the stream
+    emitted = []
+    real = layers.emit_stream
+    monkeypatch.setattr(layers, "emit_stream", lambda *a: emitted.append(1) or real(*a))
+    with htir.reuse_streams():
+        first, again = program(11)[0], program(14)[0]
+        other_clip = program(14, (-128, 127))[0]
+    assert len(emitted) == 2  # the second layer reused the first one's stream
+    assert first.instructions == fresh[11].instructions
+    assert again.instructions == fresh[14].instructions, instruction_diff(
+        again.instructions, fresh[14].instructions
+    )
+    assert other_clip.instructions == program(14, (-128, 127))[0].instructions

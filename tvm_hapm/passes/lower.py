@@ -202,9 +202,10 @@ def LowerToHapm(config: HardwareConfig | None = None, programs: list | None = No
                 return call
 
         rewriter = _Rewriter(mod)
-        for gv, func in list(mod.functions_items()):
-            if isinstance(func, relax.Function) and gv not in composites:
-                rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
+        with tir.reuse_streams():  # repeated layers are emitted once per compile
+            for gv, func in list(mod.functions_items()):
+                if isinstance(func, relax.Function) and gv not in composites:
+                    rewriter.builder_.update_func(gv, rewriter.visit_expr(func))
         out = rewriter.builder_.get()
         out = relax.transform.DeadCodeElimination()(out)
         return out

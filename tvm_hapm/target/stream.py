@@ -27,7 +27,16 @@ from operator import attrgetter
 import numpy as np
 
 from .gc_pause import paused_gc
-from .isa import LAYOUTS, Instruction, Opcode, encode, instruction_block, pack_rows
+from .isa import (
+    LAYOUTS,
+    REQUANT_SHIFT_MASK,
+    AluOp,
+    Instruction,
+    Opcode,
+    encode,
+    instruction_block,
+    pack_rows,
+)
 from .isa import encode_stream as encode_instructions
 
 __all__ = [
@@ -39,6 +48,7 @@ __all__ = [
     "expand",
     "gemm_table",
     "stream_length",
+    "with_requant_shift",
 ]
 
 #: The columns of a :class:`GemmBlock`: a GEMM's fields in encoding order (opcode aside).
@@ -156,6 +166,23 @@ def expand(stream) -> list[Instruction]:
             out += item.instructions()
         else:
             out.append(item)
+    return out
+
+
+def with_requant_shift(stream, old: int, new: int) -> list:
+    """``stream`` with the requantization shift ``old`` of its ``REQUANT`` and ``ADD_REQUANT``
+    instructions replaced by ``new`` (the shift bits of their immediate); every other
+    instruction, and every block (blocks are values), as it is."""
+    out = list(stream)
+    if old == new:
+        return out
+    for k, insn in enumerate(out):
+        if (
+            insn.opcode == Opcode.ALU
+            and insn.alu_op in (AluOp.REQUANT, AluOp.ADD_REQUANT)
+            and insn.imm & REQUANT_SHIFT_MASK == old
+        ):
+            out[k] = insn.replace(imm=insn.imm & ~REQUANT_SHIFT_MASK | new)
     return out
 
 

@@ -69,6 +69,7 @@ from .layers import (
     global_avg_pool_program,
     max_pool2d_primfunc,
     max_pool2d_program,
+    reuse_streams,
     schedule_global_avg_pool,
     schedule_max_pool2d,
 )
@@ -131,6 +132,7 @@ __all__ = [
     "emit_program",
     "emit_stream",
     "entry_elems",
+    "reuse_streams",
     "flat_index",
     "global_avg_pool_primfunc",
     "global_avg_pool_program",

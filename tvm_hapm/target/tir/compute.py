@@ -78,6 +78,13 @@ def region_class(name: str) -> str:
 
 # =============================================================================================
 # TE definitions
+def check_shift(shift: int) -> None:
+    """Refuse a requantization shift outside ``[1, 62]`` (``REQUANT`` rounds half up by
+    ``2**(shift-1)`` and works in int64)."""
+    if not 1 <= shift <= 62:
+        raise TirLoweringError(f"shift {shift} outside [1, 62]")
+
+
 def requant_stages(cfg: HardwareConfig, acc: te.Tensor, mult_at, shift: int, clip, region=0):
     """The requantization of an int32 stage ``acc`` (the ALU's ``REQUANT``): stage ``requant``,
     ``(acc * mult + 2**(shift-1)) >> shift`` in int64 saturated to the activation range, with
@@ -179,8 +186,7 @@ def conv2d_primfunc(
     lo, hi = clip if clip is not None else (amin, amax)
     if not amin <= lo <= hi <= amax:
         raise TirLoweringError(f"clip bounds [{lo}, {hi}] outside the activation range")
-    if not 1 <= shift <= 62:
-        raise TirLoweringError(f"shift {shift} outside [1, 62]")
+    check_shift(shift)
     cib, cob = -(-cin // R), -(-cout // C)
     oh, ow = conv_output_size(h, pt, pb, kh, sh, dh), conv_output_size(w, pl, pr, kw, sw, dw)
     act = cfg.act_dtype

@@ -3,6 +3,8 @@ from arrays to a :class:`~tvm_hapm.target.program.Program` through TIR."""
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import json
 
@@ -22,10 +24,12 @@ from ..schedule import (
     plan_eltwise,
     residual_rows,
 )
+from ..stream import with_requant_shift
 from .compute import (
     KERNEL_ATTR,
     LAYER_ATTR,
     SCHEDULE_ATTR,
+    check_shift,
     conv2d_primfunc,
     layer_of,
     merge_region_outputs,
@@ -96,15 +100,26 @@ def conv2d_program(
     plan = schedule or plan_conv(
         cfg, h, w, oh, ow, kh, kw, (sh, sw), (dh, dw), cib, cob, nonzero, residual=fused
     )
-    func = conv2d_primfunc(
-        cfg, n, cin, h, w, cout, kh, kw, (sh, sw), (pt, pl, pb, pr), (dh, dw), shift, clip,
-        residual=fused, tile=(plan.tile_h, plan.tile_w),
-    )  # fmt: skip
-    sched = tir_conv_schedule(cfg, layer_of(func), plan)
-    sparse_count = int(nonzero.sum())
-    sched = fit_double_buffer(
-        cfg, sched, kh, kw, (sh, sw), (dh, dw), sparse_count, residual_rows(cob, fused)
-    )
+    streams = _STREAMS.get()
+    key = seen = None
+    if streams is not None:
+        check_shift(shift)  # (conv2d_primfunc's check, which a reused stream skips)
+        key = (json.dumps(cfg.to_dict(), sort_keys=True), g.data_shape, weight.shape,
+               g.strides, g.dilation, g.padding, tuple(clip), fused, plan, nonzero.shape,
+               nonzero.tobytes())  # fmt: skip
+        seen = streams.get(key)
+    if seen is None:
+        func = conv2d_primfunc(
+            cfg, n, cin, h, w, cout, kh, kw, (sh, sw), (pt, pl, pb, pr), (dh, dw), shift, clip,
+            residual=fused, tile=(plan.tile_h, plan.tile_w),
+        )  # fmt: skip
+        sched = tir_conv_schedule(cfg, layer_of(func), plan)
+        sparse_count = int(nonzero.sum())
+        sched = fit_double_buffer(
+            cfg, sched, kh, kw, (sh, sw), (dh, dw), sparse_count, residual_rows(cob, fused)
+        )
+    else:
+        sched = seen[0]
     sparse = SparseWeights(nonzero, sched.cob_group, sched.cib_chunk)
     wdtype = cfg.weight_dtype
     flat = blocks.reshape(-1, R, C)
@@ -114,11 +129,39 @@ def conv2d_program(
         else np.zeros((1, R, C), wdtype)
     )
     bias_mult = codegen.bias_mult_rows(cfg, layer, cout, bias, mult, residual)
-    scheduled = scheduled_conv2d(func, cfg, sched, weight_blocks=len(sparse.order))
-    insns = emit_stream(scheduled, cfg, sparse)
+    if seen is None:
+        scheduled = scheduled_conv2d(func, cfg, sched, weight_blocks=len(sparse.order))
+        insns = emit_stream(scheduled, cfg, sparse)
+        if key is not None:
+            streams[key] = (sched, list(insns), shift)
+    else:
+        insns = with_requant_shift(seen[1], seen[2], shift)
     slots = codegen.conv_slots(cfg, g, cout, wblocks, bias_mult, fused)
     info = {**codegen.conv_info(g, weight.shape, len(sparse.order), sched, fused), "source": "tir"}
     return Program(layer, cfg, slots, insns, layer_index, info), [wblocks, bias_mult]
+
+
+#: The convolution streams emitted inside :func:`reuse_streams`, by signature (None outside).
+_STREAMS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("hapm_streams", default=None)
+
+
+@contextlib.contextmanager
+def reuse_streams():
+    """Inside this scope, a convolution whose signature was emitted already reuses that stream.
+
+    The signature is everything :func:`conv2d_program`'s stream depends on but the
+    requantization shift: the config, the geometry, the clip, the fused residual, the planned
+    schedule and the non-zero weight blocks.  The shift is only the immediate of the
+    epilogue's ``ADD_REQUANT`` (or ``REQUANT``), so the reused stream gets the layer's own
+    (:func:`~tvm_hapm.target.stream.with_requant_shift`): a network's repeated layers are
+    scheduled, lowered and emitted once.  A scope (``LowerToHapm`` opens one per compile), not
+    a cache that outlives the compile: a second compile of the same model pays in full.
+    """
+    token = _STREAMS.set({})
+    try:
+        yield
+    finally:
+        _STREAMS.reset(token)
 
 
 def dense_as_conv(data_shape, weight_kn) -> tuple[tuple, np.ndarray]:
