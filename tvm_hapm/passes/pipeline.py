@@ -86,7 +86,14 @@ def offload_passes(config: HardwareConfig | None = None, programs: list | None =
     def _offload(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         progs: list = [] if programs is None else programs
         seq = offload_pass_list(get_config(config), progs)
-        return tvm.transform.Sequential(seq, name="HapmOffloadPasses")(mod)
+        try:
+            return tvm.transform.Sequential(seq, name="HapmOffloadPasses")(mod)
+        finally:
+            if programs is None:
+                # TVM keeps the passes' Python closures alive after the compile (the FFI
+                # holds them): without this, every compile kept its programs (ResNet-18:
+                # 25,000 instructions and 2,200 GEMM blocks, ~60 MB)
+                progs.clear()
 
     return _offload
 
