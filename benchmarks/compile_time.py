@@ -16,9 +16,10 @@ For each model, in one process:
   accelerator programs they produce (layers, instructions, bytes);
 * ``llvm_quantized_seconds``: the quantized model built entirely for the CPU, for reference.
 
-Each figure is the median of ``--reps`` repetitions; a measurement whose first repetition takes
-longer than ``--max-seconds / reps`` is not repeated (ResNet-18 on a small machine).  A warm-up
-compile of a tiny model runs first so that one-time costs (LLVM initialisation, lazy imports)
+Each figure is the median of ``--reps`` repetitions (default 5); the llvm and hapm_fpga compiles
+alternate (:func:`timed_side_by_side`), so that both see the same machine, and ``pair_ratios``
+keeps the ratio of each pair.  Repetitions stop early when they would exceed ``--max-seconds``.
+A warm-up compile of a tiny model runs first so that one-time costs (LLVM initialisation, lazy imports)
 are not charged to the first model.
 """
 
@@ -86,6 +87,28 @@ def timed(fn, reps: int, max_seconds: float) -> tuple[float, list[float], object
     return statistics.median(times), times, result
 
 
+def timed_side_by_side(fa, fb, reps: int, max_seconds: float) -> tuple[list, list]:
+    """Wall times of ``fa()`` and ``fb()`` run alternately, up to ``reps`` pairs: on a shared
+    machine whose speed drifts (this one's compile times move by 30% within minutes), each
+    pair sees the same conditions, where all of one then all of the other would not.
+
+    Returns
+    -------
+    times_a, times_b : list of float
+        Every measurement of each.
+    """
+    times_a: list[float] = []
+    times_b: list[float] = []
+    while len(times_a) < reps:
+        for fn, times in ((fa, times_a), (fb, times_b)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        if sum(times_a) + sum(times_b) + times_a[0] + times_b[0] > max_seconds:
+            break
+    return times_a, times_b
+
+
 def input_shape(model) -> list[int]:
     """The static input shape of a single-input ONNX model."""
     return [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
@@ -105,11 +128,9 @@ def measure(name: str, reps: int, max_seconds: float, console: Console) -> dict:
     model = build()
     shape = input_shape(model)
 
-    with console.status(f"{title}: llvm compile of the float model"):
-        t0 = time.perf_counter()
-        mod = from_onnx(model)
-        import_seconds = time.perf_counter() - t0
-        llvm, llvm_times, _ = timed(lambda: tvm.compile(mod, "llvm"), reps, max_seconds)
+    t0 = time.perf_counter()
+    mod = from_onnx(model)
+    import_seconds = time.perf_counter() - t0
 
     with console.status(f"{title}: quantize (2 random calibration samples, not timed)"):
         rng = np.random.default_rng(0)
@@ -118,8 +139,13 @@ def measure(name: str, reps: int, max_seconds: float, console: Console) -> dict:
         qmod = tvm_hapm.quantize(from_onnx(model), calibration)
         quantize_seconds = time.perf_counter() - t0
 
-    with console.status(f"{title}: {TARGET} compile of the quantized model"):
-        hapm, hapm_times, _ = timed(lambda: tvm.compile(qmod, TARGET), reps, max_seconds)
+    with console.status(f"{title}: llvm compile of the float model and {TARGET} compile of "
+                        "the quantized one, alternately"):  # fmt: skip
+        llvm_times, hapm_times = timed_side_by_side(
+            lambda: tvm.compile(mod, "llvm"), lambda: tvm.compile(qmod, TARGET), reps,
+            max_seconds,
+        )  # fmt: skip
+        llvm, hapm = statistics.median(llvm_times), statistics.median(hapm_times)
 
     with console.status(f"{title}: offload passes alone, llvm build of the quantized model"):
         cfg = get_config(TARGET)
@@ -141,6 +167,7 @@ def measure(name: str, reps: int, max_seconds: float, console: Console) -> dict:
         "ratio": hapm / llvm,
         "llvm_times": llvm_times,
         "hapm_fpga_times": hapm_times,
+        "pair_ratios": [b / a for a, b in zip(llvm_times, hapm_times, strict=True)],
         "offload_seconds": offload_s,
         "offload_seconds_per_1000_instructions": 1000
         * offload_s
@@ -190,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
-    parser.add_argument("--reps", type=int, default=3, help="repetitions (median), default 3")
+    parser.add_argument("--reps", type=int, default=5, help="repetitions (median), default 5")
     parser.add_argument(
         "--max-seconds",
         type=float,
