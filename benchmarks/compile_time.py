@@ -19,8 +19,8 @@ For each model, in one process:
 Each figure is the median of ``--reps`` repetitions (default 5); the llvm and hapm_fpga compiles
 alternate (:func:`timed_side_by_side`), so that both see the same machine, and ``pair_ratios``
 keeps the ratio of each pair.  Repetitions stop early when they would exceed ``--max-seconds``.
-A warm-up compile of a tiny model runs first so that one-time costs (LLVM initialisation, lazy imports)
-are not charged to the first model.
+A warm-up compile of a tiny model runs first so that one-time costs (LLVM initialisation, lazy
+imports) are not charged to the first model.
 """
 
 from __future__ import annotations
