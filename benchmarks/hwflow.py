@@ -99,7 +99,9 @@ def run_model(name, args, cfg, log=print, done=None) -> dict:
     log(f"[{name}] environment: {time.perf_counter() - t0:.0f} s")
     steps = int(round(args.final_epochs * (len(x_tr) // 128)))
     if args.calibrate:
-        out["budget_calibration"] = calibrate_budget(base, args, steps, dense_val.accuracy)
+        out["budget_calibration"] = hwflow.calibrate_budget(
+            base, args.calibrate, steps, dense_val.accuracy, args.seed, recovery(args)
+        )
         base.budget = out["budget_calibration"]["search_budget"]
         log(f"[{name}] search budget calibrated on validation: {base.budget:.2f} pt "
             f"({out['budget_calibration']['points']})")  # fmt: skip
@@ -140,43 +142,6 @@ def run_model(name, args, cfg, log=print, done=None) -> dict:
     yield out
 
 
-def calibrate_budget(env, args, steps: int, dense_val_accuracy: float) -> dict:
-    """The accuracy budget of the searches, calibrated on validation only.
-
-    The search judges a candidate before the long fine-tuning its winner gets, and that
-    estimate is far more pessimistic than what the recovery achieves.  For a few uniform
-    allocations (``--calibrate``), measure both on the validation split: the drop the search
-    sees, and the int8 drop after the winners' recovery (``finalize`` with the same steps).
-    The search budget is the estimated drop at which the recovered drop, interpolated
-    piecewise linearly through (0, 0) and those points (made non-decreasing), reaches
-    ``--max-drop``; never beyond the largest point measured.  The final selection still
-    demands the real recovered validation drop within ``--max-drop``."""
-    points = []
-    for ratio in args.calibrate:
-        gi = int(np.argmin(np.abs(env.grid - ratio)))
-        idx = env.allocation("uniform", gi)
-        cand = env.evaluate(idx, "calibration")
-        res = hwflow.OptimizeResult(
-            "calibration", env.level, env.objective, dict(zip(env.names, cand.ratios)),
-            env.recovered_model(idx), {}, cand.accuracy, env.dense_accuracy, cand.drop, 0.0, 1,
-        )  # fmt: skip
-        f = hwflow.finalize(res, env, None, steps, False, args.seed, train_config=recovery(args))
-        points.append({"ratio": float(env.grid[gi]), "estimated_drop": cand.drop,
-                       "recovered_val_int8_drop": 100 * (dense_val_accuracy
-                                                         - f["val_int8_accuracy"])})  # fmt: skip
-    est = np.array([0.0] + [p["estimated_drop"] for p in points])
-    rec = np.array([0.0] + [p["recovered_val_int8_drop"] for p in points])
-    order = np.argsort(est, kind="stable")
-    est, rec = est[order], np.maximum.accumulate(rec[order])
-    if rec[-1] <= args.max_drop:
-        budget = float(est[-1])
-    else:
-        k = int(np.argmax(rec > args.max_drop))  # first point over the budget (k >= 1)
-        t = (args.max_drop - rec[k - 1]) / max(rec[k] - rec[k - 1], 1e-12)
-        budget = float(est[k - 1] + t * (est[k] - est[k - 1]))
-    return {"points": points, "search_budget": max(budget, 0.0)}
-
-
 def select(out: dict, args) -> None:
     """The headline, chosen on validation: the largest simulated reduction of the objective
     among the runs whose int8 validation drop is within the budget."""
@@ -211,7 +176,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--final-epochs", type=float, default=1.0, help="fine-tuning of each winner")
     ap.add_argument("--calibrate", nargs="*", type=float, default=[],
                     help="uniform ratios at which to calibrate the search budget on validation "
-                    "(calibrate_budget); none: the search budget is --max-drop")  # fmt: skip
+                    "(hwflow.calibrate_budget); none: the search budget is --max-drop")  # fmt: skip
     ap.add_argument("--recal-size", type=int, default=128, help="images to reconstruct on")
     ap.add_argument("--target", default="hapm_fpga-zedboard")
     ap.add_argument("--engine", default="auto", choices=("auto", "torch", "tvm"))

@@ -159,3 +159,44 @@ def test_env_options_are_checked_when_made_and_changed_by_keyword(setup):
     _, _, env = setup
     assert env.options.level == "mid" and env.options.max_accuracy_drop == 2.0
     assert env.with_level("coarse").options.level == "coarse"
+
+
+def test_budget_from_points_interpolates_the_recovered_drop():
+    """The search's budget is the estimated drop at which the recovered drop, interpolated
+    through (0, 0) and the calibration points, reaches the budget on the recovered drop."""
+    from tvm_hapm.hwflow import budget_from_points
+
+    # the ResNet-20 / Fashion-MNIST calibration of benchmarks/results/hwflow.json
+    est, rec = [1.0, 2.72, 13.52], [0.52, 0.78, 3.34]
+    assert budget_from_points(est, rec, 1.0) == pytest.approx(2.72 + 10.8 * 0.22 / 2.56)
+    assert budget_from_points(est, rec, 5.0) == 13.52  # never beyond the last point
+    assert budget_from_points([2.0], [2.0], 1.0) == pytest.approx(1.0)  # from the origin
+    # a larger estimate that recovered better does not lower the curve: made non-decreasing
+    assert budget_from_points([3.0, 1.0, 2.0], [2.0, 0.9, 0.5], 1.0) == pytest.approx(
+        2.0 + 0.1 / 1.1
+    )
+    assert budget_from_points([1.0], [0.0], 0.0) == 1.0  # nothing lost: as far as measured
+    with pytest.raises(ValueError, match="estimated drops"):
+        budget_from_points([1.0, 2.0], [0.5], 1.0)
+    with pytest.raises(ValueError, match="finite"):
+        budget_from_points([1.0], [float("nan")], 1.0)
+
+
+def test_calibrate_budget_measures_both_drops_at_uniform_ratios(setup):
+    """calibrate_budget evaluates each uniform ratio as the search would (the candidate lands in
+    the environment's history and cache) and after the winners' recovery (here none: the
+    reconstructed model, int8, on validation), and derives the budget from those points."""
+    model, (x, y, _, _), _ = setup
+    env = hwflow.HWFlowEnv(model, (x, y), "zedboard", OPTIONS, reconstruct=True)
+    dense = hwflow.int8_accuracy(model, env.config, env.x_tune, env.x_val, env.y_val)
+    cal = hwflow.calibrate_budget(env, [0.3, 0.7], 0, dense)
+    points = cal["points"]
+    assert [p["ratio"] for p in points] == [0.3, 0.7]
+    assert [c.method for c in env.history] == ["calibration"] * 2
+    assert [p["estimated_drop"] for p in points] == [c.drop for c in env.history]
+    assert points[1]["recovered_val_int8_drop"] > points[0]["recovered_val_int8_drop"]
+    assert cal["search_budget"] == hwflow.budget_from_points(
+        [p["estimated_drop"] for p in points],
+        [p["recovered_val_int8_drop"] for p in points],
+        OPTIONS.max_accuracy_drop,
+    )

@@ -18,10 +18,13 @@ budget, with the hardware judged at a chosen abstraction level.  See ``docs/hwfl
 * ``optimize`` -- :func:`optimize` and :func:`finalize`: the winner pruned with
   ``HardwareAwarePrune(per_layer=...)`` into ONNX, fine-tuned, its int8 validation and test
   accuracy and simulated latency / energy; ``plot`` -- :func:`pareto_plot`.
+* ``calibrate`` -- :func:`calibrate_budget`: the searches' accuracy budget calibrated on
+  validation against what the winners' recovery achieves.
 """
 
 from ..compress.flow import simulate
 from ..compress.numpynet import NumpyNet  # the search's accuracy estimate (re-exported)
+from .calibrate import budget_from_points, calibrate_budget
 from .env import (
     ALLOCATIONS,
     DEFAULT_GRID,
@@ -48,6 +51,8 @@ from .search import (
 
 __all__ = [
     "ALLOCATIONS",
+    "budget_from_points",
+    "calibrate_budget",
     "DEFAULT_GRID",
     "INT8_EVAL_BATCH",
     "LEVELS",
