@@ -28,7 +28,14 @@ from operator import attrgetter
 import numpy as np
 
 from .isa import TOKEN_QUEUES, Buffer, Instruction, Module, Opcode, alu_operand_rows, module_of
-from .stream import GEMM_COLUMNS, GemmBlock, expand, gemm_table, stream_length
+from .stream import (
+    GEMM_COLUMNS,
+    GemmBlock,
+    expand,
+    gemm_entry_ranges,
+    gemm_table,
+    stream_length,
+)
 
 __all__ = ["insert_dependency_tokens", "buffer_accesses"]
 
@@ -285,21 +292,12 @@ _FLAG_COLUMNS = [_GEMM_COLUMN[f] for f in ("pop_prev", "pop_next", "push_prev", 
 
 def _gemm_ranges(table: np.ndarray) -> dict:
     """The entry ranges of a run of GEMMs given as a :class:`~tvm_hapm.target.stream.GemmBlock`
-    table, as arrays: ``inp``, ``wgt``, ``acc`` (each a ``(first, last)`` pair, as
-    :func:`buffer_accesses` gives them), ``accumulates`` (the GEMMs that also read their
-    accumulator entries: those without ``reset``) and ``flagged`` (those that carry tokens of
-    their own, to be cleared)."""
-
-    def col(name):
-        return table[:, _GEMM_COLUMN[name]]
-
-    o, k = col("outer") - 1, col("inner") - 1
-    inp, wgt, acc = col("inp_addr"), col("wgt_addr"), col("acc_addr")
-    return {
-        "inp": (inp, inp + o * col("inp_so") + k * col("inp_si")),
-        "wgt": (wgt, wgt),
-        "acc": (acc, acc + o * col("acc_so") + k * col("acc_si")),
-        "accumulates": col("reset") == 0,
+    table, as arrays: ``inp``, ``wgt``, ``acc`` (:func:`~tvm_hapm.target.stream.
+    gemm_entry_ranges`), ``accumulates`` (the GEMMs that also read their accumulator entries:
+    those without ``reset``) and ``flagged`` (those that carry tokens of their own, to be
+    cleared)."""
+    return gemm_entry_ranges(table) | {
+        "accumulates": table[:, _GEMM_COLUMN["reset"]] == 0,
         "flagged": table[:, _FLAG_COLUMNS].any(axis=1),
     }
 

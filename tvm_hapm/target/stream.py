@@ -46,6 +46,7 @@ __all__ = [
     "as_blocks",
     "encode_stream",
     "expand",
+    "gemm_entry_ranges",
     "gemm_table",
     "stream_length",
     "with_requant_shift",
@@ -151,6 +152,24 @@ def gemm_table(items) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+def gemm_entry_ranges(table: np.ndarray) -> dict:
+    """The input, weight and accumulator entries each GEMM of a :class:`GemmBlock` table
+    accesses, as :func:`~tvm_hapm.target.dependency.buffer_accesses` gives them for one GEMM:
+    ``{"inp": (first, last), "wgt": (first, last), "acc": (first, last)}``, arrays of a value
+    per GEMM."""
+
+    def col(name):
+        return table[:, _COLUMN[name]]
+
+    o, k = col("outer") - 1, col("inner") - 1
+    inp, wgt, acc = col("inp_addr"), col("wgt_addr"), col("acc_addr")
+    return {
+        "inp": (inp, inp + o * col("inp_so") + k * col("inp_si")),
+        "wgt": (wgt, wgt),
+        "acc": (acc, acc + o * col("acc_so") + k * col("acc_si")),
+    }
+
+
 def _table_of(insns: list[Instruction]) -> np.ndarray:
     flat = itertools.chain.from_iterable(map(_READ_GEMM, insns))
     width = len(GEMM_COLUMNS)
@@ -234,11 +253,8 @@ class GemmRun:
             return item.acc_addr, last, item.reset
         acc = self._acc.get(k)
         if acc is None:
-            b = item
-            base = b.column("acc_addr")
-            last = base + (b.column("outer") - 1) * b.column("acc_so")
-            last += (b.column("inner") - 1) * b.column("acc_si")
-            acc = self._acc[k] = (base.tolist(), last.tolist(), b.column("reset").tolist())
+            first, last = gemm_entry_ranges(item.table)["acc"]
+            acc = self._acc[k] = (first.tolist(), last.tolist(), item.column("reset").tolist())
         r = j - self.starts[k]
         return acc[0][r], acc[1][r], acc[2][r]
 
