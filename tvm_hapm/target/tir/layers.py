@@ -103,7 +103,6 @@ def conv2d_program(
     streams = _STREAMS.get()
     key = seen = None
     if streams is not None:
-        check_shift(shift)  # (conv2d_primfunc's check, which a reused stream skips)
         key = (json.dumps(cfg.to_dict(), sort_keys=True), g.data_shape, weight.shape,
                g.strides, g.dilation, g.padding, tuple(clip), fused, plan, nonzero.shape,
                nonzero.tobytes())  # fmt: skip
@@ -119,6 +118,7 @@ def conv2d_program(
             cfg, sched, kh, kw, (sh, sw), (dh, dw), sparse_count, residual_rows(cob, fused)
         )
     else:
+        check_shift(shift)  # conv2d_primfunc's check, which a reused stream skips
         sched = seen[0]
     sparse = SparseWeights(nonzero, sched.cob_group, sched.cib_chunk)
     wdtype = cfg.weight_dtype
