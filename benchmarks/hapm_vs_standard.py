@@ -202,13 +202,18 @@ def run_sparsity(s, base, data, args, cfg, dense, log, row=None) -> dict:
             f"{s:.0%} {label}: int8 {r.accuracy:.2f}% (drop in [{ci[0]:.2f}, {ci[1]:.2f}]) "
             f"{r.latency_ms:.3f} ms, kept {info['kept']}, {time.perf_counter() - t0:.0f} s"
         )
+    add_speedups(row)
+    return row
+
+
+def add_speedups(row: dict) -> None:
+    """``<hapm variant>_vs_<standard|filter|dense>_speedup`` of a row, from its latencies."""
     for label in ("hapm", "hapm_layer", "hapm_val"):
         if f"lat_{label}" not in row:
             continue
         for other in ("standard", "filter", "dense"):
             if f"lat_{other}" in row:
                 row[f"{label}_vs_{other}_speedup"] = row[f"lat_{other}"] / row[f"lat_{label}"]
-    return row
 
 
 def targets(model_rows: dict) -> dict:

@@ -37,7 +37,7 @@ import subprocess
 from pathlib import Path
 
 from common import RESULTS, ROOT, write_json
-from hapm_vs_standard import METHODS, targets
+from hapm_vs_standard import METHODS, add_speedups, targets
 
 from tvm_hapm.data import load_fashion_mnist, load_fashion_resnet
 from tvm_hapm.flow import filter_deploy_pass, prune_onnx, simulate, sparsity_of
@@ -109,12 +109,7 @@ def reprice_hapm_vs_standard(data: dict, x, log, check: bool) -> list:
                     row.update({f"lat_{label}": lat, f"energy_{label}": en,
                                 f"gemm_{label}": gemms})  # fmt: skip
             if not check:
-                for label in ("hapm", "hapm_layer", "hapm_val"):
-                    for other in ("standard", "filter", "dense"):
-                        if f"lat_{label}" in row and f"lat_{other}" in row:
-                            row[f"{label}_vs_{other}_speedup"] = (
-                                row[f"lat_{other}"] / row[f"lat_{label}"]
-                            )
+                add_speedups(row)
         if not check:
             data[f"targets_{name}"] = targets(data[name])
     return bad
