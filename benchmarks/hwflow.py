@@ -19,7 +19,8 @@ chosen on validation**: among the runs whose int8 *validation* drop against the 
 is within ``--max-drop``, the one with the largest simulated reduction of the objective.  Only
 then is its int8 test accuracy (all 10,000 images, with a 95% paired-bootstrap interval of the
 drop) reported; the test set plays no part in any choice.  Results are written after every run
-(``--resume`` keeps the runs of a previous invocation with the same settings) to
+and every calibration point (``--resume`` keeps those of a previous invocation with the same
+settings) to
 ``benchmarks/results/hwflow.json`` and ``hwflow_<model>.png``.
 """
 
@@ -78,7 +79,11 @@ def recovery(args):
                        crop_padding=4 if fashion else 2, flip=fashion, seed=args.seed)  # fmt: skip
 
 
-def run_model(name, args, cfg, log=print, done=None) -> dict:
+def run_model(name, args, cfg, log=print, previous=None, checkpoint=None) -> dict:
+    """Yield the model's results after each stage; ``previous``: the results of an interrupted
+    invocation with the same settings (its calibration points and runs are kept);
+    ``checkpoint(state)`` is called within the calibration after each of its points."""
+    previous = previous or {}
     model, train, val, test, pct = load(args.dataset, name)
     x_tr = train[0]
     dense_val = int8(model, cfg, x_tr, val, pct, args.engine)
@@ -88,7 +93,7 @@ def run_model(name, args, cfg, log=print, done=None) -> dict:
         f"{d_lat:.3f} ms  {d_en:.1f} uJ")  # fmt: skip
     out = {"dense": {"int8_val_accuracy": dense_val.accuracy,
                      "int8_test_accuracy": dense_test.accuracy, "sim_latency_ms": d_lat,
-                     "sim_energy_uj": d_en}, "runs": dict(done or {})}  # fmt: skip
+                     "sim_energy_uj": d_en}, "runs": dict(previous.get("runs", {}))}  # fmt: skip
     t0 = time.perf_counter()
     options = hwflow.EnvOptions(
         objective=args.objective, max_accuracy_drop=args.max_drop, level="coarse",
@@ -99,9 +104,16 @@ def run_model(name, args, cfg, log=print, done=None) -> dict:
     log(f"[{name}] environment: {time.perf_counter() - t0:.0f} s")
     steps = int(round(args.final_epochs * (len(x_tr) // 128)))
     if args.calibrate:
+
+        def on_point(points):
+            out["budget_calibration"] = {"points": points, "search_budget": None}
+            if checkpoint is not None:
+                checkpoint(out)
+
         out["budget_calibration"] = hwflow.calibrate_budget(
-            base, args.calibrate, steps, dense_val.accuracy, args.seed, recovery(args)
-        )
+            base, args.calibrate, steps, dense_val.accuracy, args.seed, recovery(args),
+            measured=previous.get("budget_calibration", {}).get("points", ()), on_point=on_point,
+        )  # fmt: skip
         base.budget = out["budget_calibration"]["search_budget"]
         log(f"[{name}] search budget calibrated on validation: {base.budget:.2f} pt "
             f"({out['budget_calibration']['points']})")  # fmt: skip
@@ -194,12 +206,16 @@ def main(argv=None) -> dict:
     if args.resume and args.out.exists():
         prev = json.loads(args.out.read_text())
         if prev.get("meta", {}).get("settings") == settings:
-            old = {k: v.get("runs", {}) for k, v in prev.items() if k.startswith("resnet")}
+            old = {k: v for k, v in prev.items() if k.startswith("resnet")}
     t_all = time.perf_counter()
     for name in args.models:
-        for state in run_model(name, args, cfg, done=old.get(name)):
+
+        def save(state, name=name):
             payload[name] = state
             write_json(args.out, payload)
+
+        for state in run_model(name, args, cfg, previous=old.get(name), checkpoint=save):
+            save(state)
     payload["meta"]["seconds"] = time.perf_counter() - t_all
     payload["meta"]["description"] = {
         "accuracy": "int8 top-1; the search judged float top-1 on the validation split after "

@@ -200,3 +200,11 @@ def test_calibrate_budget_measures_both_drops_at_uniform_ratios(setup):
         [p["recovered_val_int8_drop"] for p in points],
         OPTIONS.max_accuracy_drop,
     )
+    # resumed: a measured ratio is reused (not evaluated again), a new one is measured and
+    # reported to the checkpoint callback
+    seen = []
+    again = hwflow.calibrate_budget(env, [0.3, 0.5], 0, dense, measured=points[:1],
+                                    on_point=seen.append)  # fmt: skip
+    assert again["points"][0] == points[0]
+    assert [c.method for c in env.history] == ["calibration"] * 3
+    assert len(seen) == 1 and seen[0] == again["points"] and again["points"][1]["ratio"] == 0.5

@@ -56,7 +56,7 @@ def budget_from_points(estimated, recovered, max_drop: float) -> float:
 
 def calibrate_budget(
     env: HWFlowEnv, ratios, finetune_steps: int, dense_val_accuracy: float, seed: int = 0,
-    train_config=None,
+    train_config=None, measured=(), on_point=None,
 ) -> dict:  # fmt: skip
     """Measure, at uniform allocations, the drop ``env`` estimates and the int8 validation drop
     after the winners' recovery (:func:`finalize` with ``finetune_steps``), and the budget they
@@ -74,6 +74,12 @@ def calibrate_budget(
         The dense model's int8 validation accuracy (a fraction), as the final choice measures it.
     seed, train_config
         As for :func:`finalize`.
+    measured : sequence of dict, optional
+        Points an earlier call measured with the same environment and recovery (as in the
+        returned ``points``): a ratio found there is not measured again.  A recovery of ResNet-56
+        takes about an hour on one core, so a long calibration can resume where it stopped.
+    on_point : callable, optional
+        Called with the list of points so far after each new measurement (a checkpoint).
 
     Returns
     -------
@@ -81,9 +87,13 @@ def calibrate_budget(
         ``points`` (``ratio``, ``estimated_drop``, ``recovered_val_int8_drop`` of each) and
         ``search_budget``.  Only the validation split is used.
     """
+    known = {round(float(p["ratio"]), 6): dict(p) for p in measured}
     points = []
     for ratio in ratios:
         gi = int(np.argmin(np.abs(env.grid - ratio)))
+        if round(float(env.grid[gi]), 6) in known:
+            points.append(known[round(float(env.grid[gi]), 6)])
+            continue
         idx = env.allocation("uniform", gi)
         cand = env.evaluate(idx, "calibration")
         res = OptimizeResult(
@@ -96,6 +106,8 @@ def calibrate_budget(
             "estimated_drop": cand.drop,
             "recovered_val_int8_drop": 100 * (dense_val_accuracy - f["val_int8_accuracy"]),
         })  # fmt: skip
+        if on_point is not None:
+            on_point(list(points))
     budget = budget_from_points(
         [p["estimated_drop"] for p in points],
         [p["recovered_val_int8_drop"] for p in points],
