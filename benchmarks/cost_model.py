@@ -12,11 +12,11 @@ schedule and a few fractions of randomly placed all-zero weight blocks (an exact
 point).
 
 **Reference.**  For every (layer, preset, mask) point the simulator's cycles and energy: the
-layer's program from ``conv2d_program`` (code generation, random non-zero weights with the
-mask's zero blocks) replayed on the timing model and the energy model (``TimingModel.run`` +
-``EnergyModel.estimate``: the simulator's timing path; timing does not depend on data, so no
-functional simulation).  Reported per level: MAPE of cycles and energy, Spearman rank
-correlation (``scipy.stats.spearmanr``).
+layer's program from ``tir.conv2d_program`` (the compiler's code generation, random non-zero
+weights with the mask's zero blocks) replayed on the timing model and the energy model
+(``TimingModel.run`` + ``EnergyModel.estimate``: the simulator's timing path; timing does not
+depend on data, so no functional simulation).  Reported per level: MAPE of cycles and energy,
+Spearman rank correlation (``scipy.stats.spearmanr``).
 
 **What is timed** (the same points, the same quantity: cycles and energy of each point, in one
 process, interleaved):
@@ -88,8 +88,8 @@ from tvm_hapm.passes.qops import choose_multiplier
 from tvm_hapm.runtime import Simulator
 from tvm_hapm.runtime.energy import EnergyModel
 from tvm_hapm.runtime.timing import TimingModel
-from tvm_hapm.target.codegen import conv2d_program
 from tvm_hapm.target.config import PRESETS
+from tvm_hapm.target.tir import conv2d_program
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cost_model.json"
 

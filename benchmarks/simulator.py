@@ -10,7 +10,7 @@ Three measurements, in one process:
 
 1. **SCALE-Sim cross-check.**  For every dense (groups = 1) convolution of ResNet-18 (224x224)
    and CIFAR ResNet-20, the layer runs on one weight-stationary array of ``R x C`` (default
-   16 x 16) in both simulators.  Ours: the layer's program from ``codegen.conv2d_program`` on a
+   16 x 16) in both simulators.  Ours: the layer's program from ``tir.conv2d_program`` on a
    single-array config with large buffers, replayed on the timing model; the figure is the
    array's busy cycles (the sum of its GEMM cycles).  SCALE-Sim: the ``scalesim`` package's
    weight-stationary compute model (``scalesim.compute.systolic_compute_ws``) on the operand
@@ -160,8 +160,8 @@ def single_array_config(R: int, C: int):
 def our_gemm_cycles(cfg, lay: dict, seed: int = 0) -> dict:
     """Array busy cycles of the layer's program on the timing model, and its GEMM count."""
     from tvm_hapm.runtime.timing import TimingModel
-    from tvm_hapm.target.codegen import conv2d_program
     from tvm_hapm.target.isa import Opcode
+    from tvm_hapm.target.tir import conv2d_program
 
     rng = np.random.default_rng(seed)
     w = rng.integers(1, 8, (lay["cout"], lay["cin"], lay["kh"], lay["kw"])).astype(np.int8)

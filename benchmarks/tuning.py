@@ -21,8 +21,8 @@ pruned one; ``fraction_of_space_tried`` is relative to the pruned space, which i
 searches see.
 
 **Measurement.**  Every candidate of the space is measured: its instruction stream from the
-direct code generator (``conv2d_program`` via ``ConvTask.program``), replayed on the timing
-model (``tvm_hapm.cost.measure.measure_program``: no functional simulation; timing depends on
+compiler's code generator (TIR's ``conv2d_program`` via ``ConvTask.program``), replayed on the
+timing model (``tvm_hapm.cost.measure.measure_program``: no functional simulation; timing depends on
 the instructions only).  That gives the true optimum of the space.  Measurements run in
 ``--workers`` processes and are cached in a JSONL file (``--cache``), keyed by a fingerprint of
 the code generator / timing / energy sources, the task (config, shape, zero-block pattern) and

@@ -144,3 +144,17 @@ def _private_uses() -> list[str]:
 
 def test_no_private_name_is_used_outside_its_module():
     assert _private_uses() == []
+
+
+def test_production_modules_do_not_import_the_test_oracles():
+    """The direct generator and the scalar mid model live in ``tvm_hapm.testing``: oracles the
+    tests compare the production path against, outside its import graph (one production path:
+    every accelerated layer is compiled through TIR)."""
+    graph = _import_graph()
+    production = {m for m in graph if not m.startswith("tvm_hapm.testing")}
+    assert "tvm_hapm.testing.direct_codegen" in graph
+    oracle_users = {
+        m: sorted(d for d in graph[m] if d.startswith("tvm_hapm.testing")) for m in production
+    }
+    assert {m: deps for m, deps in oracle_users.items() if deps} == {}
+    assert not any(name.endswith("codegen") for name in graph if name.startswith("tvm_hapm.target"))

@@ -2,8 +2,8 @@
 
 :func:`tvm_hapm.target.tir.conv2d_program` (TIR definition, ``s_tir`` schedule with the tensor
 intrinsic, TIR passes, the walker with the compile-time sparse schedule) must give the same
-slots, constants and instruction stream as :func:`tvm_hapm.target.codegen.conv2d_program`, and
-the same bits on the simulator.
+slots, constants and instruction stream as
+:func:`tvm_hapm.testing.direct_codegen.conv2d_program`, and the same bits on the simulator.
 """
 
 from dataclasses import replace
@@ -15,7 +15,7 @@ from tvm_hapm.passes.prune import hapm_groups
 from tvm_hapm.runtime.driver import run_program
 from tvm_hapm.runtime.simulator import Simulator
 from tvm_hapm.runtime.timing import TimingModel
-from tvm_hapm.target import codegen, isa
+from tvm_hapm.target import isa
 from tvm_hapm.target import tir as htir
 from tvm_hapm.target.banks import acc_bank
 from tvm_hapm.target.config import get_config
@@ -35,6 +35,7 @@ from tvm_hapm.target.schedule import (
 )
 from tvm_hapm.testing import (
     build_int_network,
+    direct_codegen,
     instruction_diff,
     llvm_reference,
     prune_random_blocks,
@@ -84,7 +85,7 @@ def _check(cfg, shape, seed=0, schedule=None):
     x, args, kwargs = _layer(shape, seed)
     ours, c_ours = htir.conv2d_program(cfg, "tir", *args, **kwargs, schedule=schedule)
     plan = ConvSchedule(**ours.info["schedule"])
-    ref, c_ref = codegen.conv2d_program(cfg, "tir", *args, **kwargs, schedule=plan)
+    ref, c_ref = direct_codegen.conv2d_program(cfg, "tir", *args, **kwargs, schedule=plan)
     assert ours.instructions == ref.instructions, instruction_diff(
         ours.instructions, ref.instructions
     )
@@ -126,7 +127,7 @@ def test_dense_tir_route_equals_codegen():
     wt[8:16] = 0  # an all-zero block row
     args = (CFG, "fc", (n, k), wt, rng.integers(-9, 9, m), np.ones(m), 8, (-128, 127))
     ours, c1 = htir.dense_program(*args)
-    ref, c2 = codegen.dense_program(*args)
+    ref, c2 = direct_codegen.dense_program(*args)
     assert ours.instructions == ref.instructions, instruction_diff(
         ours.instructions, ref.instructions
     )
@@ -160,7 +161,7 @@ def test_double_buffered_streamed_weights_equal_single_buffered(shape):
     assert max(stores) >= 2 * sched.cob_group + sched.cob_group * sched.tile_h * sched.tile_w
     # Same bits as the single-buffered schedule.
     x, args, kwargs = _layer(shape, 3)
-    single, c_single = codegen.conv2d_program(
+    single, c_single = direct_codegen.conv2d_program(
         cfg, "s", *args, **kwargs, schedule=replace(sched, double_buffer=False)
     )
     assert single.info["schedule"]["double_buffer"] is False
@@ -171,8 +172,8 @@ def test_double_buffered_streamed_weights_equal_single_buffered(shape):
 def test_double_buffering_overlaps_load_compute_and_store():
     cfg = _mid()
     x, args, kwargs = _layer((1, 32, 8, 32, 3, 1, 1, 1, 1, 0.0), 0)
-    db, _ = codegen.conv2d_program(cfg, "db", *args, **kwargs)
-    sb, _ = codegen.conv2d_program(
+    db, _ = direct_codegen.conv2d_program(cfg, "db", *args, **kwargs)
+    sb, _ = direct_codegen.conv2d_program(
         cfg, "sb", *args, **kwargs,
         schedule=replace(ConvSchedule(**db.info["schedule"]), double_buffer=False),
     )  # fmt: skip
@@ -204,7 +205,7 @@ def test_dense_dispatch_is_one_hapm_group_per_array_set():
         cfg = CFG.replace(name=f"arr{group}", num_arrays=4)
         x, args, kwargs = _layer((1, 16, 6, 64, 3, 1, 1, 1, 1, 0.0), 0)
         sched = ConvSchedule(6, 6, group, 2)
-        prog, _ = codegen.conv2d_program(cfg, "a", *args, **kwargs, schedule=sched)
+        prog, _ = direct_codegen.conv2d_program(cfg, "a", *args, **kwargs, schedule=sched)
         gemms = [i for i in prog.instructions if i.opcode == isa.Opcode.GEMM]
         arrays_of = {}
         for g in gemms:
@@ -334,7 +335,7 @@ def test_conv_epilogue_is_one_pass_per_output_block():
     w = rng.integers(-127, 128, (16, 8, 3, 3)).astype(np.int8)
     args = ((1, 8, 8, 8), w, np.arange(16), np.full(16, 300), 12)
     for clip, extra in (((0, 127), []), ((0, 6), [isa.AluOp.MIN])):
-        prog, _ = codegen.conv2d_program(CFG, "c", *args, clip, padding=(1,) * 4)
+        prog, _ = direct_codegen.conv2d_program(CFG, "c", *args, clip, padding=(1,) * 4)
         alus = [i for i in prog.instructions if i.opcode == isa.Opcode.ALU]
         regions = sum(1 for i in prog.instructions if i.opcode == isa.Opcode.STORE)
         assert [i.alu_op for i in alus] == [isa.AluOp.ADD_REQUANT, *extra] * regions
@@ -366,7 +367,7 @@ def test_sparse_dispatch_spreads_blocks_over_the_arrays():
     w = prune_random_blocks(cfg, w, 1, 0.5, rng)
     args = ((1, 32, 8, 8), w, None, np.ones(64), 8, (-128, 127))
     sched = ConvSchedule(8, 8, 8, 4)
-    prog, _ = codegen.conv2d_program(cfg, "s", *args, padding=(1,) * 4, schedule=sched)
+    prog, _ = direct_codegen.conv2d_program(cfg, "s", *args, padding=(1,) * 4, schedule=sched)
     r = TimingModel(cfg).run(prog.instructions)
     # No accumulator region is written by two arrays at once.
     gemm_idx = [k for k, i in enumerate(prog.instructions) if i.opcode == isa.Opcode.GEMM]
@@ -401,7 +402,7 @@ def test_add_tir_route_equals_codegen(case):
     shape, ma, mb, shift, clip = case
     args = (CFG, "add", shape, ma, mb, shift, clip)
     ours, c1 = htir.add_program(*args)
-    ref, c2 = codegen.add_program(*args)
+    ref, c2 = direct_codegen.add_program(*args)
     assert ours.instructions == ref.instructions, instruction_diff(
         ours.instructions, ref.instructions
     )
@@ -425,7 +426,7 @@ def test_add_tir_route_tiny_accumulator(shape):
     cfg = tiny_buffers_config()
     args = (cfg, "add", shape, 5, 6, 3, (-128, 127))
     ours, _ = htir.add_program(*args)
-    ref, _ = codegen.add_program(*args)
+    ref, _ = direct_codegen.add_program(*args)
     assert ours.info["schedule"]["double_buffer"]
     assert ours.instructions == ref.instructions, instruction_diff(
         ours.instructions, ref.instructions
@@ -453,7 +454,7 @@ def _add_tiles(prog):
 @pytest.mark.parametrize("case", ADD_SHAPES, ids=str)
 def test_add_tiles_are_balanced_and_double_buffered(case):
     shape, ma, mb, shift, clip = case
-    prog, _ = codegen.add_program(CFG, "add", shape, ma, mb, shift, clip)
+    prog, _ = direct_codegen.add_program(CFG, "add", shape, ma, mb, shift, clip)
     sched = EltwiseSchedule(**prog.info["schedule"])
     tiles = _add_tiles(prog)
     sizes = [st.x_size for *_, st in tiles]
@@ -496,7 +497,7 @@ def test_plan_eltwise_rule():
     # the estimate is the timing model's cycle count (but the FINISH cycle)
     for case in ADD_SHAPES:
         shape, ma, mb, shift, clip = case
-        prog, _ = codegen.add_program(CFG, "add", shape, ma, mb, shift, clip)
+        prog, _ = direct_codegen.add_program(CFG, "add", shape, ma, mb, shift, clip)
         sched = EltwiseSchedule(**prog.info["schedule"])
         total = sum(i.x_size for i in prog.instructions if i.opcode == isa.Opcode.STORE)
         est = estimate_eltwise_cycles(CFG, total, sched.tile, 2, 6, sched.double_buffer)
@@ -516,7 +517,7 @@ def _gap_check(cfg, case, seed=0):
     shape, mult, shift, clip = case
     args = (cfg, "gap", shape, mult, shift, clip)
     ours, c1 = htir.global_avg_pool_program(*args)
-    ref, c2 = codegen.global_avg_pool_program(*args)
+    ref, c2 = direct_codegen.global_avg_pool_program(*args)
     assert ours.instructions == ref.instructions, instruction_diff(
         ours.instructions, ref.instructions
     )
@@ -552,7 +553,7 @@ def _maxpool_check(cfg, case, seed=0):
     shape, k, s, pad, d = case
     args = (cfg, "pool", shape, (k, k), (s, s), pad, (d, d))
     ours, c1 = htir.max_pool2d_program(*args)
-    ref, c2 = codegen.max_pool2d_program(*args)
+    ref, c2 = direct_codegen.max_pool2d_program(*args)
     assert ours.instructions == ref.instructions, instruction_diff(
         ours.instructions, ref.instructions
     )

@@ -23,9 +23,9 @@ from tvm_hapm.passes.prune import (
     pruning_masks,
 )
 from tvm_hapm.passes.prune_filter import FilterPrune
-from tvm_hapm.target.codegen import expand_weight_blocks
 from tvm_hapm.target.config import HardwareConfig, get_config
 from tvm_hapm.target.isa import Opcode
+from tvm_hapm.target.layout import expand_weight_blocks
 from tvm_hapm.testing import llvm_reference, run_vm
 
 CUSTOM = HardwareConfig(name="prune-test", num_arrays=3, array_rows=4, array_cols=8)

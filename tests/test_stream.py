@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from tvm_hapm.target import codegen, isa
+from tvm_hapm.target import isa
 from tvm_hapm.target.banks import place_accumulators
 from tvm_hapm.target.config import get_config
 from tvm_hapm.target.dependency import insert_dependency_tokens
@@ -28,7 +28,12 @@ from tvm_hapm.target.stream import (
     expand,
     stream_length,
 )
-from tvm_hapm.testing import instruction_diff, prune_random_blocks, tiny_buffers_config
+from tvm_hapm.testing import (
+    direct_codegen,
+    instruction_diff,
+    prune_random_blocks,
+    tiny_buffers_config,
+)
 
 CFG = get_config("zedboard")
 
@@ -54,10 +59,12 @@ def _sequential(cfg, case, monkeypatch):
     if fused:
         kwargs["residual"] = rng.integers(16, 3000, cout)
     seen = []
-    passes = codegen.conv_stream_passes
-    monkeypatch.setattr(codegen, "conv_stream_passes", lambda *a: seen.append(a) or passes(*a))
+    passes = direct_codegen.conv_stream_passes
+    monkeypatch.setattr(
+        direct_codegen, "conv_stream_passes", lambda *a: seen.append(a) or passes(*a)
+    )
     bias, mult = rng.integers(-500, 500, cout), rng.integers(1, 300, cout)
-    codegen.conv2d_program(
+    direct_codegen.conv2d_program(
         cfg, "layer", (1, cin, hw, hw), w, bias, mult, 12, (0, 120), schedule=schedule, **kwargs
     )
     monkeypatch.undo()

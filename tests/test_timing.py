@@ -28,9 +28,9 @@ import pytest
 from tvm_hapm.runtime.energy import EnergyModel, estimate_energy
 from tvm_hapm.runtime.simulator import ExecutionStats, Simulator
 from tvm_hapm.runtime.timing import STALL_CAUSES, TimingError, TimingModel
-from tvm_hapm.target.codegen import conv2d_program
 from tvm_hapm.target.config import HardwareConfig
 from tvm_hapm.target.isa import AluOp, Buffer, Instruction, Opcode
+from tvm_hapm.testing.direct_codegen import conv2d_program
 
 CFG = HardwareConfig(
     name="timing-test",
@@ -424,8 +424,8 @@ def test_double_buffered_add_by_hand():
     #   tile 2 (170): MUL a 3204..3378, ..., MIN ..4248, St2 4248..4432, FINISH 4432..4433.
     # Single buffered (one tile of 512): 2 + 2 * 525 + 6 * 516 + 526 + 1 = 4675.
     from tvm_hapm.runtime.driver import run_program
-    from tvm_hapm.target.codegen import add_program
     from tvm_hapm.target.schedule import estimate_eltwise_cycles
+    from tvm_hapm.testing.direct_codegen import add_program
 
     cfg = ELTWISE_CFG
     shape = (1, 4, 16, 32)
@@ -590,8 +590,8 @@ def _rtl_cases():
         src_si=1,
     )  # fmt: skip
     fused = add.replace(alu_op=AluOp.ADD_REQUANT, src_addr=16, src_si=0, imm=8)
-    from tvm_hapm.target.codegen import add_program
     from tvm_hapm.target.dependency import insert_dependency_tokens
+    from tvm_hapm.testing.direct_codegen import add_program
 
     eltwise, _ = add_program(ELTWISE_CFG, "add", (1, 4, 16, 32), 3, -5, 2, (-100, 100))
     cases = {

@@ -9,12 +9,13 @@ from tvm import te
 import tvm_hapm  # noqa: F401  (registers the target and the TIR pipeline)
 from tvm_hapm.runtime.driver import run_program
 from tvm_hapm.runtime.simulator import Simulator
-from tvm_hapm.target import codegen, isa
+from tvm_hapm.target import isa, layout
 from tvm_hapm.target import tir as htir
 from tvm_hapm.target.config import get_config
 from tvm_hapm.target.intrin import GEMM_MARKER, SCOPE_ACC, SCOPE_INP, SCOPE_WGT, gemv_intrin
 from tvm_hapm.target.program import pack_activation
 from tvm_hapm.target.schedule import ConvSchedule
+from tvm_hapm.testing import direct_codegen
 
 CFG = get_config("zedboard")
 
@@ -37,7 +38,7 @@ class Layer:
         R, C = self.cfg.array_rows, self.cfg.array_cols
         cout = self.weight.shape[0]
         cob = -(-cout // C)
-        blocks = codegen.expand_weight_blocks(self.cfg, self.weight, 1)
+        blocks = layout.expand_weight_blocks(self.cfg, self.weight, 1)
         bias_mult = np.zeros((2 * cob, C), np.int32)
         rows = np.zeros((cob, C), np.int32)
         rows.reshape(-1)[:cout] = self.bias
@@ -71,7 +72,7 @@ class Layer:
 
     def codegen_program(self, schedule):
         n, cin, h, w, *_ = self.args
-        prog, consts = codegen.conv2d_program(
+        prog, consts = direct_codegen.conv2d_program(
             self.cfg, "ref", (n, cin, h, w), self.weight, self.bias, self.mult, self.shift,
             self.clip, self.args[7], self.args[8], schedule=schedule,
         )  # fmt: skip
@@ -140,7 +141,9 @@ def test_tir_matmul_stream_equals_codegen():
     rng = np.random.default_rng(1)
     n, k, m = 3, 40, 16
     weight = rng.integers(-127, 128, (k, m)).astype(np.int8)
-    ref, _ = codegen.dense_program(CFG, "fc", (n, k), weight, None, np.ones(m), 8, (-128, 127))
+    ref, _ = direct_codegen.dense_program(
+        CFG, "fc", (n, k), weight, None, np.ones(m), 8, (-128, 127)
+    )
     sch = htir.schedule_conv2d(htir.dense_primfunc(CFG, n, k, m, shift=8), CFG)
     ours = htir.emit_program(sch, CFG)
     assert ours == ref.instructions, _diff(ours, ref.instructions)

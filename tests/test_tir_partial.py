@@ -22,11 +22,11 @@ from tvm_hapm.models import zoo
 from tvm_hapm.passes import hapm_pipeline
 from tvm_hapm.runtime.driver import run_program
 from tvm_hapm.runtime.simulator import Simulator
-from tvm_hapm.target import codegen
 from tvm_hapm.target import tir as htir
 from tvm_hapm.target.config import get_config
 from tvm_hapm.target.schedule import ConvSchedule
 from tvm_hapm.testing import (
+    direct_codegen,
     fused_conv_oracle,
     instruction_diff,
     llvm_reference,
@@ -96,7 +96,7 @@ def test_edge_tiles_through_tir_equal_the_direct_generator(cfg, case, schedule):
     plan = ConvSchedule(**ours.info["schedule"])
     oh, ow = ours.slots[-1].shape[2:]
     assert oh % plan.tile_h or ow % plan.tile_w  # the tiles do not divide the output
-    ref, c_ref = codegen.conv2d_program(cfg, "edge", *args, **kwargs, schedule=plan)
+    ref, c_ref = direct_codegen.conv2d_program(cfg, "edge", *args, **kwargs, schedule=plan)
     assert ours.instructions == ref.instructions, instruction_diff(
         ours.instructions, ref.instructions
     )
@@ -187,7 +187,7 @@ def test_max_pool_edge_tiles_through_tir_equal_the_direct_generator(case):
     plan = ours.info["schedule"]
     oh, ow = ours.slots[-1].shape[2:]
     assert oh % plan["tile_h"] or ow % plan["tile_w"]
-    ref, _ = codegen.max_pool2d_program(*args)
+    ref, _ = direct_codegen.max_pool2d_program(*args)
     assert ours.instructions == ref.instructions, instruction_diff(
         ours.instructions, ref.instructions
     )
@@ -239,7 +239,7 @@ def test_planned_groups_and_chunks_are_what_tir_emits(cfg, case):
     args = ((1, cin, hw, hw), w, rng.integers(-500, 500, cout), rng.integers(1, 300, cout), 12,
             (0, 120))  # fmt: skip
     kwargs = {"padding": (kk // 2,) * 4}
-    ref, _ = codegen.conv2d_program(cfg, "odd", *args, **kwargs)
+    ref, _ = direct_codegen.conv2d_program(cfg, "odd", *args, **kwargs)
     ours, _ = htir.conv2d_program(cfg, "odd", *args, **kwargs)
     plan = ConvSchedule(**ref.info["schedule"])
     cob, cib = -(-cout // cfg.array_cols), -(-cin // cfg.array_rows)

@@ -3,7 +3,8 @@
 :func:`tvm_hapm.target.tir.conv2d_program` with ``residual=K`` (the conv reduction starting
 from ``int32(shortcut) * K + bias``, the shortcut's DMA injected into the accumulator region,
 the prologue hoisted and the epilogues flushed partially as the direct generator does) must give
-the same slots, constants and instruction stream as ``codegen.conv2d_program(..., residual=K)``,
+the same slots, constants and instruction stream as
+``direct_codegen.conv2d_program(..., residual=K)``,
 and the same bits on the simulator as the NumPy oracle,
 :func:`tvm_hapm.testing.fused_conv_oracle`.
 """
@@ -21,13 +22,14 @@ from tvm_hapm.models import zoo
 from tvm_hapm.passes import hapm_pipeline, last_compile_report
 from tvm_hapm.runtime.driver import run_program
 from tvm_hapm.runtime.simulator import Simulator
-from tvm_hapm.target import codegen, isa
+from tvm_hapm.target import isa, layout
 from tvm_hapm.target import tir as htir
 from tvm_hapm.target.config import get_config
 from tvm_hapm.target.program import pack_activation
 from tvm_hapm.target.schedule import ConvSchedule
 from tvm_hapm.testing import (
     RESIDUAL_CASES,
+    direct_codegen,
     fused_conv_oracle,
     instruction_diff,
     llvm_reference,
@@ -71,7 +73,7 @@ def _check(cfg, shape, seed=0, schedule=None):
     x, shortcut, args, kwargs = _layer(cfg, shape, seed)
     ours, c_ours = htir.conv2d_program(cfg, "fused", *args, **kwargs, schedule=schedule)
     plan = ConvSchedule(**ours.info["schedule"])
-    ref, c_ref = codegen.conv2d_program(cfg, "fused", *args, **kwargs, schedule=plan)
+    ref, c_ref = direct_codegen.conv2d_program(cfg, "fused", *args, **kwargs, schedule=plan)
     assert ours.instructions == ref.instructions, instruction_diff(
         ours.instructions, ref.instructions
     )
@@ -180,8 +182,8 @@ def test_fused_primfunc_builds_for_llvm_and_hapm_fpga():
     inputs = [
         pack_activation(x, CFG.array_rows),
         pack_activation(shortcut, C),
-        np.ascontiguousarray(codegen.expand_weight_blocks(CFG, w, 1)),
-        codegen.bias_mult_rows(CFG, "f", cout, bias, mult, k),
+        np.ascontiguousarray(layout.expand_weight_blocks(CFG, w, 1)),
+        layout.bias_mult_rows(CFG, "f", cout, bias, mult, k),
     ]
     ref = pack_activation(fused_conv_oracle(x, w, bias, shortcut, k, mult, 12, clip, 1, 1), C)
     for mod, target in (

@@ -22,8 +22,8 @@ from tvm_hapm.data import load_bundled_model, load_digits, set_batch
 from tvm_hapm.models import zoo
 from tvm_hapm.passes import hapm_pipeline, pruning_masks
 from tvm_hapm.passes.prune import prunable_layers
-from tvm_hapm.target.codegen import expand_weight_blocks
 from tvm_hapm.target.config import get_config
+from tvm_hapm.target.layout import expand_weight_blocks
 from tvm_hapm.testing import llvm_reference
 
 torch.set_num_threads(2)

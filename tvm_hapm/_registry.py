@@ -42,11 +42,11 @@ def register() -> None:
     from .cost import measure
     from .passes import lower, partition, pipeline, prune, quantize
     from .runtime import driver, simulator, timing
-    from .target import codegen, config, isa, program, schedule, tag, tir
+    from .target import config, isa, layout, program, schedule, tag, tir
 
     errors = (
         lower.LoweringError, prune.PruneError, quantize.QuantizeError, schedule.ScheduleError,
-        isa.IsaError, codegen.CodegenError, tir.TirLoweringError, config.HardwareConfigError,
+        isa.IsaError, layout.CodegenError, tir.TirLoweringError, config.HardwareConfigError,
         program.ProgramError, simulator.SimulatorError, timing.TimingError,
     )  # fmt: skip
     for err in errors:

@@ -1,7 +1,8 @@
 """Training data of the fine cost model: simulator measurements over sampled layers.
 
-A *sample* is ``(layer, config, schedule, block mask)``; its *measurement* builds the layer's
-program with :func:`tvm_hapm.target.codegen.conv2d_program` (random int8/int16 weights with the
+A *sample* is ``(layer, config, schedule, block mask)``; its *measurement* compiles the layer as
+the compiler does, through TIR (:func:`tvm_hapm.target.tir.conv2d_program`; random int8/int16
+weights with the
 sample's all-zero blocks, random bias, ``choose_multiplier`` requantization, ReLU) and runs the
 timing and energy models on the instruction stream.  No functional simulation is needed: the
 timing of a program depends only on its instructions (all-zero blocks are dropped at compile
@@ -26,7 +27,7 @@ import numpy as np
 
 from ..passes.qops import choose_multiplier
 from ..target.config import PRESETS, HardwareConfig, HardwareConfigError
-from ..target.schedule import ConvSchedule, ScheduleError, plan_conv
+from ..target.schedule import ConvSchedule, ScheduleError, largest_divisor, plan_conv
 from .analytic import analyze, default_schedule, schedule_dict
 from .layer import BlockSparsity, ConvLayer, apply_block_mask, block_mask, structural_mask
 
@@ -54,14 +55,15 @@ _SPATIAL = (1, 2, 3, 4, 5, 7, 8, 10, 13, 14, 16, 20, 28, 32, 40, 56, 64, 112)
 
 
 def source_fingerprint() -> str:
-    """Hash of the sources a measurement depends on: the code generator, schedules, ISA and
-    program container (``tvm_hapm/target``) and the timing and energy models.  Caches of
+    """Hash of the sources a measurement depends on: the code generator (TIR), schedules, ISA
+    and program container (``tvm_hapm/target`` and its subpackages) and the timing and energy
+    models.  Caches of
     measurements are keyed by it, so a change of the compiler or of the timing model never
     reuses stale records."""
     import hashlib
 
     root = Path(__file__).resolve().parents[1]
-    files = sorted((root / "target").glob("*.py"))
+    files = sorted((root / "target").rglob("*.py"))
     files += [root / "runtime" / "timing.py", root / "runtime" / "energy.py"]
     h = hashlib.sha256()
     for f in files:
@@ -166,6 +168,10 @@ def _random_schedule(rng, layer, cfg) -> ConvSchedule:
         v = knobs[name]
         if v > 1 and rng.random() < 0.6:
             knobs[name] = int(rng.integers(max(1, v // 8), v + 1))
+    # the compiler emits groups and chunks that divide the block counts, nothing else
+    # (schedule.largest_divisor): a sample measures a schedule it can produce
+    knobs["cob_group"] = largest_divisor(-(-layer.cout // cfg.array_cols), knobs["cob_group"])
+    knobs["cib_chunk"] = largest_divisor(-(-layer.cin // cfg.array_rows), knobs["cib_chunk"])
     return ConvSchedule(**knobs)
 
 
@@ -231,14 +237,15 @@ def measure(
     mask: np.ndarray | None = None,
     seed: int = 0,
 ) -> dict:
-    """Compile the layer with ``conv2d_program`` and run the timing and energy models.
+    """Compile the layer through TIR (:func:`tvm_hapm.target.tir.conv2d_program`, the compiler's
+    one path) and run the timing and energy models.
 
     Returns cycles, energy (uJ), instruction count, MACs, DRAM bytes and the wall seconds of
     code generation (``compile_s``) and of the timing + energy models (``simulate_s``).
     """
     from ..runtime.energy import EnergyModel
     from ..runtime.timing import TimingModel
-    from ..target.codegen import conv2d_program
+    from ..target.tir import conv2d_program
 
     rng = np.random.default_rng(seed)
     if mask is None:

@@ -1,7 +1,7 @@
 """What the cost models are asked about: a convolution layer and its weight-block sparsity.
 
 :class:`ConvLayer` describes one accelerator layer by its shapes alone (a dense layer is a 1x1
-convolution of a 1x1 image, as in :func:`tvm_hapm.target.codegen.dense_program`).
+convolution of a 1x1 image, as in :func:`tvm_hapm.testing.direct_codegen.dense_program`).
 :class:`BlockSparsity` describes which ``R x C`` weight blocks are all zero: a fraction, and
 optionally the exact block mask (the code generator drops all-zero blocks, so the mask decides
 how many GEMMs each step of the schedule issues).
@@ -192,7 +192,7 @@ class BlockSparsity:
     @classmethod
     def from_weight(cls, layer: ConvLayer, cfg: HardwareConfig, weight: np.ndarray):
         """The block sparsity of concrete OIHW weights."""
-        from ..target.codegen import expand_weight_blocks
+        from ..target.layout import expand_weight_blocks
 
         blocks = expand_weight_blocks(cfg, np.asarray(weight), layer.groups)
         return cls.from_mask(np.any(blocks != 0, axis=(4, 5)), structural_mask(layer, cfg))

@@ -99,7 +99,7 @@ class ConvTask:
         """Boolean ``(COB, CIB, KH, KW)`` mask of the weight's non-zero ``R x C`` blocks
         (computed once per weight array object: assign a new array to ``weight`` rather than
         modifying it in place)."""
-        from ..target.codegen import expand_weight_blocks
+        from ..target.layout import expand_weight_blocks
 
         cached = self._nonzero_of
         if cached is None or cached[0] is not self.weight:
@@ -163,7 +163,7 @@ class ConvTask:
 
     def program(self, schedule: ConvSchedule):
         """The instruction stream of this task under ``schedule`` (constants irrelevant to time)."""
-        from ..target.codegen import conv2d_program
+        from ..target.tir import conv2d_program
 
         lo, hi = self.config.act_range
         cout = self.weight.shape[0]

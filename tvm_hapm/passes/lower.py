@@ -16,7 +16,7 @@ residual add by :func:`tvm_hapm.target.tir.add_program`, global average pooling 
 or a max pooling's output are the exact edge tiles of their own output regions (no predicate
 for ``tensorize`` to refuse), and the last, shorter tile of an add or of global average
 pooling (ALU instructions only) is a predicated tile the walker shortens.  So no layer falls
-back to the direct generator :mod:`tvm_hapm.target.codegen` any more: it stays the tests'
+back to the direct generator :mod:`tvm_hapm.testing.direct_codegen` any more: it stays the tests'
 independent oracle, with the same streams, instruction by instruction.  Every program's
 ``info["source"]`` is ``"tir"``.
 

@@ -437,7 +437,7 @@ def estimate_eltwise_cycles(
     stored entries); double buffered, only the last tile's store is (the others overlap the
     next tile's ALU passes, see :func:`pipeline_operand_loads`); the first instruction starts
     ``FETCH_CYCLES`` after the program.  Exact for the programs of
-    :func:`~tvm_hapm.target.codegen.add_program` but for the final FINISH cycle (and a few
+    :func:`~tvm_hapm.testing.direct_codegen.add_program` but for the final FINISH cycle (and a few
     cycles of DRAM-port contention when a tile's store outlasts the ALU passes it overlaps).
     """
     per_entry = cfg.array_cols * cfg.act_bytes

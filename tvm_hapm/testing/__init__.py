@@ -5,9 +5,12 @@ each other: running compiled Relax modules (and TVM's own llvm build as the inde
 reference), a hand-built integer network covering every accelerated layer kind, a small ONNX
 graph builder with calibration samples, accelerator-program helpers (a tiny-buffer config,
 random block pruning, the first differing instruction) and the NumPy oracle of a convolution
-with a fused residual add.
+with a fused residual add.  Its submodules are the production code's independent oracles:
+:mod:`~tvm_hapm.testing.direct_codegen` (the instruction streams written by hand, against which
+the TIR route is compared) and :mod:`~tvm_hapm.testing.mid_reference` (the mid cost model,
+scalar).
 
-Nothing in :mod:`tvm_hapm` imports this module; it needs ``onnx`` (a dependency) but not pytest.
+Nothing in :mod:`tvm_hapm` imports this package (``tests/test_layering.py``); it needs ``onnx`` (a dependency) but not pytest.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Closed-form analysis of a convolution's instruction stream (the mid-level cost model).
 
-:func:`analyze` follows :func:`tvm_hapm.target.codegen.conv2d_program` without generating the
-program: it groups the output tiles into classes of equal shape (first / middle / last tile of
-each dimension), counts the GEMMs of every (output-channel group, input-channel chunk) *step*
+:func:`analyze` follows the stream of a convolution (as
+:func:`tvm_hapm.testing.direct_codegen.conv2d_program` writes it) without generating the program:
+it groups the output tiles into classes of equal shape (first / middle / last tile of each
+dimension), counts the GEMMs of every (output-channel group, input-channel chunk) *step*
 from the non-zero block mask, and prices each step with the costs of ``docs/timing.md``:
 
 * a step's DMA (input chunk, weight chunk unless the weights are resident) is serial with its

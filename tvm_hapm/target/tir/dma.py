@@ -217,7 +217,7 @@ def _dma_call(cfg: HardwareConfig, nest: LoopNest):
         if col_var is not None and highs[node_key(col_var)] is not None:
             col_count = tirx.max(tirx.min(col_count, highs[node_key(col_var)]), 0)
         if rows == 1:
-            stride_expr = col_count  # one row: a run of entries (codegen._load_rows)
+            stride_expr = col_count  # one row: a run of entries (direct_codegen._load_rows)
     ana = tvm.sym.Analyzer()
     args = [
         tirx.op.buffer_data(dst),

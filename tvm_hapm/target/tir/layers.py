@@ -12,7 +12,7 @@ import numpy as np
 import tvm
 from tvm import s_tir, te, tirx
 
-from .. import codegen
+from .. import layout
 from ..config import HardwareConfig
 from ..intrin import SCOPE_ACC
 from ..program import Program, Slot
@@ -63,7 +63,7 @@ def conv2d_program(
     residual: np.ndarray | None = None,
 ):
     """Program of a quantized conv2d through TIR; same interface and result as
-    :func:`tvm_hapm.target.codegen.conv2d_program` (slots, constants and, instruction by
+    :func:`tvm_hapm.testing.direct_codegen.conv2d_program` (slots, constants and, instruction by
     instruction, the stream).
 
     Steps: the weights become dense ``R x C`` blocks (block-diagonal for grouped convolutions);
@@ -88,7 +88,7 @@ def conv2d_program(
     """
 
     R, C = cfg.array_rows, cfg.array_cols
-    g = codegen.conv_geometry(
+    g = layout.conv_geometry(
         cfg, layer, data_shape, weight, strides, padding, dilation, groups, clip
     )
     n, cin, h, w = g.data_shape
@@ -128,7 +128,7 @@ def conv2d_program(
         if sparse.order
         else np.zeros((1, R, C), wdtype)
     )
-    bias_mult = codegen.bias_mult_rows(cfg, layer, cout, bias, mult, residual)
+    bias_mult = layout.bias_mult_rows(cfg, layer, cout, bias, mult, residual)
     if seen is None:
         scheduled = scheduled_conv2d(func, cfg, sched, weight_blocks=len(sparse.order))
         insns = emit_stream(scheduled, cfg, sparse)
@@ -136,8 +136,8 @@ def conv2d_program(
             streams[key] = (sched, list(insns), shift)
     else:
         insns = with_requant_shift(seen[1], seen[2], shift)
-    slots = codegen.conv_slots(cfg, g, cout, wblocks, bias_mult, fused)
-    info = {**codegen.conv_info(g, weight.shape, len(sparse.order), sched, fused), "source": "tir"}
+    slots = layout.conv_slots(cfg, g, cout, wblocks, bias_mult, fused)
+    info = {**layout.conv_info(g, weight.shape, len(sparse.order), sched, fused), "source": "tir"}
     return Program(layer, cfg, slots, insns, layer_index, info), [wblocks, bias_mult]
 
 
@@ -176,8 +176,9 @@ def dense_program(
     cfg, layer, data_shape, weight_kn, bias, mult, shift, clip, layer_index=0, schedule=None
 ):
     """Program of a quantized ``(N, K) x (K, M)`` dense layer through TIR (the 1x1 convolution
-    of a 1x1 image, whose tiles always divide), as :func:`tvm_hapm.target.codegen.dense_program`;
-    ``schedule`` as for :func:`conv2d_program` (a tuned one)."""
+    of a 1x1 image, whose tiles always divide), as the oracle
+    :func:`tvm_hapm.testing.direct_codegen.dense_program`; ``schedule`` as for
+    :func:`conv2d_program` (a tuned one)."""
     n, k = (int(v) for v in data_shape)
     m = weight_kn.shape[1]
     conv_shape, w_oihw = dense_as_conv(data_shape, weight_kn)
@@ -199,7 +200,7 @@ def _acc_copy(src, name):
 
 def _clip_stage(cfg, x, lo, hi, name="clip"):
     """``min(max(x, lo), hi)`` with the bounds inside the activation range (``MAX`` then
-    ``MIN``, as :func:`~tvm_hapm.target.codegen.add_program` emits them)."""
+    ``MIN``, as :func:`~tvm_hapm.testing.direct_codegen.add_program` emits them)."""
     amin, amax = cfg.act_range
     lo, hi = max(amin, lo), min(amax, hi)
     return te.compute(x.shape, lambda *i: tirx.min(tirx.max(x[i], lo), hi), name=name)
@@ -251,7 +252,7 @@ def _schedule_eltwise(func, stages: list[str], tile: int, kind: str, plan: dict,
         blk = sch.get_sblock(name)
         sch.compute_at(blk, io, preserve_unit_loops=True, index=0)
         sch.set_scope(blk, 0, SCOPE_ACC)
-        if name in dma_stages:  # one row of `tile` entries, pitch `tile` (codegen._load_rows)
+        if name in dma_stages:  # one row of `tile` entries, pitch `tile`
             sch.split(sch.get_loops(blk)[1], [1, None])
     new = sch.mod["main"].with_attrs(
         {KERNEL_ATTR: kind, SCHEDULE_ATTR: json.dumps(plan, sort_keys=True)}
@@ -261,7 +262,7 @@ def _schedule_eltwise(func, stages: list[str], tile: int, kind: str, plan: dict,
 
 def add_program(cfg, layer, shape, mult_a, mult_b, shift, clip, layer_index=0):
     """Program of a residual add through TIR; same interface, slots and (instruction by
-    instruction) stream as :func:`tvm_hapm.target.codegen.add_program`.
+    instruction) stream as :func:`tvm_hapm.testing.direct_codegen.add_program`.
 
     A last tile shorter than the planned one is a predicated tile: its DMAs and ALU loops
     are shortened by the walker.  A double-buffered plan (``plan_eltwise``) makes the walker
@@ -272,7 +273,7 @@ def add_program(cfg, layer, shape, mult_a, mult_b, shift, clip, layer_index=0):
 
     C = cfg.array_cols
     n, c, h, w = (int(v) for v in (tuple(shape) + (1, 1))[:4])
-    codegen.check_clip(cfg, *clip)
+    layout.check_clip(cfg, *clip)
     total = n * (-(-c // C)) * h * w
     sched = plan_eltwise(cfg, total, buffers=2, double_buffer=True, alu_passes=6)
     func = add_primfunc(cfg, total, mult_a, mult_b, shift, clip)
@@ -324,7 +325,8 @@ def schedule_global_avg_pool(func, tile: int, plan: dict) -> s_tir.Schedule:
     store is one row with pitch 1): the ``sum`` init, then per pixel tile of ``tile`` entries
     (the last one predicated) the load and the accumulating ``ADD``, then the epilogue.  The
     multiplier row is loaded once, first.  Unit loops are dropped from the ALU stages: their
-    strides are 0, as :func:`~tvm_hapm.target.codegen.global_avg_pool_program` emits them."""
+    strides are 0, as the oracle's
+    :func:`~tvm_hapm.testing.direct_codegen.global_avg_pool_program` emits them."""
     sch = s_tir.Schedule(tvm.IRModule({"main": func}))
     out = sch.get_sblock("out")
     e, _c = sch.get_loops(out)
@@ -355,12 +357,12 @@ def schedule_global_avg_pool(func, tile: int, plan: dict) -> s_tir.Schedule:
 def global_avg_pool_program(cfg, layer, data_shape, mult, shift, clip, layer_index=0):
     """Program of global average pooling through TIR; same interface, slots, constants and
     (instruction by instruction) stream as
-    :func:`tvm_hapm.target.codegen.global_avg_pool_program`."""
+    :func:`tvm_hapm.testing.direct_codegen.global_avg_pool_program`."""
 
     C = cfg.array_cols
     n, c, h, w = (int(v) for v in data_shape)
     cb = -(-c // C)
-    codegen.check_clip(cfg, *clip)
+    layout.check_clip(cfg, *clip)
     sched = plan_eltwise(cfg, h * w, buffers=1, reserved=2)
     func = global_avg_pool_primfunc(cfg, n * cb, h * w, int(shift), clip)
     sch = schedule_global_avg_pool(func, sched.tile, sched.to_dict())
@@ -445,7 +447,7 @@ def _max_pool_region(pad, shape, origin, fmax, pool_size, strides, dilation, act
 def schedule_max_pool2d(func, tile_h: int, tile_w: int, plan: dict) -> s_tir.Schedule:
     """Per channel plane and ``tile_h x tile_w`` output tile: the padded input window rows,
     the init, one ``MAX`` per window tap over the tile, the store (the loop order of
-    :func:`~tvm_hapm.target.codegen.max_pool2d_program`).
+    :func:`~tvm_hapm.testing.direct_codegen.max_pool2d_program`).
 
     A function defined for the tile (``max_pool2d_primfunc(..., tile=...)``) is scheduled
     region by region, each with its own tile, the regions' channel-plane loops merged and
@@ -494,7 +496,7 @@ def max_pool2d_program(
     cfg, layer, data_shape, pool_size, strides, padding, dilation=(1, 1), layer_index=0
 ):
     """Program of max pooling through TIR; same interface, slots and (instruction by
-    instruction) stream as :func:`tvm_hapm.target.codegen.max_pool2d_program`.
+    instruction) stream as :func:`tvm_hapm.testing.direct_codegen.max_pool2d_program`.
 
     The output tiles are those of ``plan_conv(..., pool=True)``; when they do not divide the
     output, the function is defined and scheduled by output regions
@@ -509,9 +511,9 @@ def max_pool2d_program(
     dh, dw = (int(v) for v in dilation)
     pt, pl, pb, pr = (int(p) for p in padding)
     if max(pt, pl, pb, pr) > 15:
-        raise codegen.CodegenError(f"{layer}: padding {padding} exceeds the DMA's pad field")
+        raise layout.CodegenError(f"{layer}: padding {padding} exceeds the DMA's pad field")
     if max(sh, sw, dh, dw) > 63:
-        raise codegen.CodegenError(f"{layer}: stride {strides} exceeds the ALU stride field")
+        raise layout.CodegenError(f"{layer}: stride {strides} exceeds the ALU stride field")
     oh = conv_output_size(h, pt, pb, kh, sh, dh)
     ow = conv_output_size(w, pl, pr, kw, sw, dw)
     cb = -(-c // C)
@@ -525,7 +527,7 @@ def max_pool2d_program(
             rows = th_in - max(0, -ih0) - max(0, ih0 + th_in - h)
             cols = tw_in - max(0, -iw0) - max(0, iw0 + tw_in - w)
             if rows < 1 or cols < 1:
-                raise codegen.CodegenError(f"{layer}: a window lies entirely in the padding")
+                raise layout.CodegenError(f"{layer}: a window lies entirely in the padding")
     func = max_pool2d_primfunc(
         cfg, n * cb, h, w, (kh, kw), (sh, sw), (pt, pl, pb, pr), (dh, dw), tile=(th, tw)
     )

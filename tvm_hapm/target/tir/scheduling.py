@@ -85,7 +85,7 @@ def schedule_conv2d(
 ) -> s_tir.Schedule:
     """Schedule a :func:`conv2d_primfunc` onto the accelerator.
 
-    Loop order (that of :func:`~tvm_hapm.target.codegen.conv2d_program`)::
+    Loop order (that of :func:`~tvm_hapm.testing.direct_codegen.conv2d_program`)::
 
         n, oh_o, ow_o, cob_group, cib_chunk, cib_in_chunk, kh, kw, cob_in_group, oh_i, ow_i, [c, r]
 

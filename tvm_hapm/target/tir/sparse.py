@@ -13,7 +13,7 @@ __all__ = ["SparseWeights", "dma_runs"]
 
 def dma_runs(opcode, sram: int, dram: int, count: int, fields: dict) -> list[Instruction]:
     """``count`` consecutive entries as transfers of at most ``MAX_TRANSFER`` rows of at most
-    ``MAX_TRANSFER`` entries (as :func:`~tvm_hapm.target.codegen._load_rows`)."""
+    ``MAX_TRANSFER`` entries (as :func:`~tvm_hapm.testing.direct_codegen._load_rows`)."""
     out = []
     while count > 0:
         c = min(count, MAX_TRANSFER)
