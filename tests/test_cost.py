@@ -294,6 +294,31 @@ def test_measurement_caches_are_keyed_by_the_simulator_sources():
     assert default_cache().name == f"cost_samples_{fp}.jsonl"
 
 
+def test_samples_measure_the_schedule_the_compiler_emits(monkeypatch):
+    """A sample is compiled by the compiler's one path (TIR) and its schedule is emitted as
+    sampled: groups and chunks divide the block counts (the TIR route has no partial one and
+    would compile another schedule than the sample records)."""
+    from tvm_hapm.cost import dataset
+    from tvm_hapm.target import tir
+
+    seen = []
+    compile_ = tir.conv2d_program
+    monkeypatch.setattr(
+        tir, "conv2d_program", lambda *a, **k: seen.append(compile_(*a, **k)) or seen[-1]
+    )
+    for i in range(40):
+        layer, cfg, sched, _ = spec_objects(sample_spec(7, i))
+        assert -(-layer.cout // cfg.array_cols) % sched.cob_group == 0, i
+        assert -(-layer.cin // cfg.array_rows) % sched.cib_chunk == 0, i
+        if i < 6:
+            result = dataset.measure(layer, cfg, sched, seed=i)
+            prog = seen[-1][0]
+            assert result["instructions"] == len(prog.instructions)
+            emitted = prog.info["schedule"]
+            for knob in ("tile_h", "tile_w", "cob_group", "cib_chunk"):
+                assert emitted[knob] == getattr(sched, knob), (i, knob)
+
+
 def _zoo_queries():
     """ResNet-18 layers with exact masks (half the blocks zero) on two presets and a fraction
     on a third, as the benchmark's held-out points; the presets with the 45 nm energy table,

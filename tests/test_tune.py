@@ -349,10 +349,11 @@ def test_the_online_model_learns_on_the_cost_models_features():
 
 
 def test_every_schedule_of_the_space_is_what_the_compiler_emits():
-    """The tuner measures the direct generator's stream of a schedule; the compiler emits the
-    TIR route's, which has no partial channel group or chunk.  The space holds only schedules
-    both emit alike (a non-divisor chunk used to be measured and then compiled as another)."""
-    from tvm_hapm.target import tir as htir
+    """The tuner measures the compiler's own stream (TIR), which has no partial channel group or
+    chunk: the space holds only divisor groups and chunks, each emitted as asked (a
+    non-divisor chunk used to be measured and then compiled as another), and the stream is the
+    independent direct generator's, instruction by instruction."""
+    from tvm_hapm.testing import direct_codegen
 
     task = _task(cin=20, cout=28)  # 5 input and 7 output blocks: few divisors
     space = enumerate_space(task)
@@ -362,9 +363,15 @@ def test_every_schedule_of_the_space_is_what_the_compiler_emits():
     rng = np.random.default_rng(0)
     cout = task.weight.shape[0]
     for i in rng.choice(len(space), 6, replace=False):
-        ours, _ = htir.conv2d_program(
+        prog = task.program(space[i])
+        assert prog.info["source"] == "tir"
+        asked = space[i].to_dict()
+        emitted = prog.info["schedule"]
+        assert {k: emitted[k] for k in ("tile_h", "tile_w", "cob_group", "cib_chunk")} == {
+            k: asked[k] for k in ("tile_h", "tile_w", "cob_group", "cib_chunk")
+        }
+        oracle, _ = direct_codegen.conv2d_program(
             CFG, "conv", task.data_shape, task.weight, None, np.ones(cout, np.int64), 1,
             CFG.act_range, padding=task.padding, schedule=space[i],
         )  # fmt: skip
-        assert ours.info["schedule"] == task.program(space[i]).info["schedule"]
-        assert ours.instructions == task.program(space[i]).instructions
+        assert prog.instructions == oracle.instructions
