@@ -23,6 +23,7 @@ k-th pop matches the k-th push and a generated program cannot deadlock.
 from __future__ import annotations
 
 import bisect
+import itertools
 from operator import attrgetter
 
 import numpy as np
@@ -230,40 +231,46 @@ def _log2(n: np.ndarray) -> np.ndarray:
     return np.frexp(n)[1] - 1
 
 
-# A range of length n is the union of two (overlapping) aligned ranges of length 2**floor(log2 n)
-# at its ends: a sparse table of the maxima over every range of each power-of-two length answers a
-# range's maximum in two look-ups (_range_max), and the converse, the largest value over the ranges
-# covering each entry, is two updates per range pushed down level by level (_cover_max).  Both work
-# on all of a GEMM run's ranges at once, in a few array operations per level, however much the
-# ranges overlap (the input windows of a convolution do, hundreds of entries each).
+# A range of length n is the union of two (overlapping) ranges of length 2**floor(log2 n) at its
+# ends.  So a range's maximum is two look-ups in the maxima over every range of that power-of-two
+# length (_range_max), and the converse, the largest value over the ranges covering each entry, is
+# two updates per range on those ranges, pushed down to single entries (_cover_max).  Both work
+# on all of a GEMM run's ranges at once, in one array operation per power of two, however much
+# the ranges overlap (the input windows of a convolution do, hundreds of entries each); the
+# ranges of a run mostly have one length, so one power of two.
 
 
 def _range_max(values: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """``values[lo[k] : hi[k] + 1].max()`` for every ``k`` (``hi >= lo``)."""
     level = _log2(hi - lo + 1)
-    n = len(values)
-    table = np.full((int(level.max()) + 1, n), -1, np.int64)
-    table[0] = values
-    for k in range(1, len(table)):  # table[k, j]: the maximum of values[j : j + 2**k]
-        half = 1 << (k - 1)
-        np.maximum(table[k - 1, : n - half], table[k - 1, half:], out=table[k, : n - half])
-    return np.maximum(table[level, lo], table[level, hi - (1 << level) + 1])
+    low, top = int(level.min()), int(level.max())
+    out = np.empty(len(lo), np.int64)
+    span = values  # span[j]: the maximum of values[j : j + 2**k]
+    for k in range(top + 1):
+        if k >= low:
+            at = slice(None) if low == top else level == k
+            out[at] = np.maximum(span[lo[at]], span[hi[at] - ((1 << k) - 1)])
+        if k < top:
+            half = 1 << k
+            span = np.maximum(span[:-half], span[half:])
+    return out
 
 
 def _cover_max(size: int, lo: np.ndarray, hi: np.ndarray, index: np.ndarray) -> np.ndarray:
     """The largest ``index[k]`` of the ranges ``[lo[k], hi[k]]`` (``hi >= lo``) that cover each
     entry of ``range(size)``, -1 where none does."""
     level = _log2(hi - lo + 1)
-    table = np.full((int(level.max()) + 1, size), -1, np.int64)
-    flat = table.reshape(-1)  # table[k, j]: the largest index over entries j .. j + 2**k - 1
-    np.maximum.at(flat, level * size + lo, index)
-    np.maximum.at(flat, level * size + hi - (1 << level) + 1, index)
-    for k in range(len(table) - 1, 0, -1):  # push each level down onto its two halves
-        half = 1 << (k - 1)
-        below = table[k - 1]
-        np.maximum(below, table[k], out=below)
-        np.maximum(below[half:], table[k, : size - half], out=below[half:])
-    return table[0]
+    low, top = int(level.min()), int(level.max())
+    cover = np.full(size, -1, np.int64)  # cover[j]: the largest index over entries j .. j + 2**k
+    for k in range(top, -1, -1):
+        if k >= low:
+            at = slice(None) if low == top else level == k
+            np.maximum.at(cover, lo[at], index[at])
+            np.maximum.at(cover, hi[at] - ((1 << k) - 1), index[at])
+        if k > 0:  # onto the two halves: from j .. j + 2**k - 1 to j and j + 2**(k-1)
+            half = 1 << (k - 1)
+            np.maximum(cover[half:], cover[:-half], out=cover[half:])
+    return cover
 
 
 # The records a module keeps for a neighbour hold only the accesses the neighbour can conflict
@@ -373,19 +380,33 @@ def _gemm_runs(body: list) -> tuple[list, dict[int, int]]:
     instruction at a time costs less for them)."""
     is_gemm = np.fromiter(map(_OPCODE, body), np.int64, count=len(body)) == Opcode.GEMM
     edges = np.flatnonzero(np.diff(np.concatenate(([0], is_gemm.view(np.int8), [0]))))
-    out: list = []
+    pieces: list = []  # lists of items, and the tables of the short runs to expand
+    tables = []
     runs = {}
-    done = 0
+    size = done = 0
     for start, end in zip(edges[0::2].tolist(), edges[1::2].tolist(), strict=True):
-        out += body[done:start]
+        pieces.append(body[done:start])
+        size += start - done
         run = body[start:end]
-        if end - start >= GEMM_BLOCK or stream_length(run) >= GEMM_BLOCK:
-            runs[len(out)] = len(out) + len(run)
-            out += run
+        n = stream_length(run)
+        if end - start >= GEMM_BLOCK or n >= GEMM_BLOCK:
+            runs[size] = size + len(run)
+            pieces.append(run)
+            size += len(run)
+        elif not any(item.__class__ is GemmBlock for item in run):
+            pieces.append(run)
+            size += n
         else:
-            out += expand(run)
+            pieces.append(gemm_table(run))
+            tables.append(pieces[-1])
+            size += n
         done = end
-    out += body[done:]
+    pieces.append(body[done:])
+    # the short runs with blocks expanded at once: one call instead of one a run
+    gemms = iter(expand([GemmBlock(np.concatenate(tables))]) if tables else ())
+    out: list = []
+    for piece in pieces:
+        out += piece if piece.__class__ is list else itertools.islice(gemms, len(piece))
     return out, runs
 
 
@@ -581,6 +602,8 @@ class _Inserter:
         # run (the last token taken from that module pushed at the largest of those).
         waits: dict[int, list] = {}
         for other in _NEIGHBOURS[_COMPUTE]:
+            if not tracker.busy(other, _COMPUTE):  # (nothing to wait for)
+                continue
             at = _gemm_conflicts(tracker, other, ranges)
             before = np.maximum.accumulate(np.concatenate(([-1], at[:-1])))
             for k in np.flatnonzero(at > before).tolist():
