@@ -347,9 +347,10 @@ def _gemm_ranges(table: np.ndarray) -> dict:
 
 
 def _gemm_conflicts(tracker: _Tracker, earlier: Module, r: dict) -> np.ndarray:
-    """:meth:`_Tracker.conflict` of ``earlier`` for every GEMM of a run, on the tracker as it
-    is before the run (a GEMM reads its input and weight entries and writes, and without
-    ``reset`` also reads, its accumulator entries)."""
+    """The last instruction of ``earlier`` that each GEMM of a run conflicts with (-1 for
+    none), on the tracker as it is before the run, as :meth:`_Inserter.one` finds it for one
+    GEMM (a GEMM reads its input and weight entries and writes, and without ``reset`` also
+    reads, its accumulator entries)."""
     spans = tracker.spans[(earlier, Module.COMPUTE)]
     last = np.full(len(r["acc"][0]), -1, np.int64)
     checks = [
