@@ -10,7 +10,8 @@ with a fused residual add.  Its submodules are the production code's independent
 the TIR route is compared) and :mod:`~tvm_hapm.testing.mid_reference` (the mid cost model,
 scalar).
 
-Nothing in :mod:`tvm_hapm` imports this package (``tests/test_layering.py``); it needs ``onnx`` (a dependency) but not pytest.
+Nothing in :mod:`tvm_hapm` imports this package (``tests/test_layering.py``); it needs ``onnx``
+(a dependency) but not pytest.
 """
 
 from __future__ import annotations
