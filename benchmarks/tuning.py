@@ -58,6 +58,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+from common import write_json
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
@@ -327,7 +328,7 @@ def main(argv=None) -> dict:
         "seeds": args.seeds,
         "budget_fraction": args.budget,
         "max_instruction_ratio": args.max_instruction_ratio,
-        "measurement": "direct code generator (ConvTask.program) + timing model "
+        "measurement": "the compiler's code generator, TIR (ConvTask.program) + timing model "
         "(measure_program), every candidate of the pruned space; cached by source fingerprint",
         "source_fingerprint": fp,
         "space": "enumerate_space grid minus candidates with > max_instruction_ratio x the "
@@ -342,8 +343,7 @@ def main(argv=None) -> dict:
         "measure_wall_seconds_this_run": measure_wall,
         "wall_seconds": time.time() - t_start,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_json(path, data)  # atomically: the other benchmark's keys are in the same file
     console.print(f"wrote {path}")
     return summary
 
