@@ -228,6 +228,51 @@ def test_deterministic():
     tvm.ir.assert_structural_equal(quantize(mod, cal), quantize(mod, cal))
 
 
+def test_calibration_reuses_its_build_for_other_weight_values(monkeypatch):
+    """The calibration's llvm build takes the weights as parameters: the same network with other
+    weights (half of a conv's weights zeroed, as pruning does) reuses it and is quantized as a
+    fresh build quantizes it; another network is built anew."""
+    from tvm_hapm.passes.quantize import calibrate
+
+    builds = []
+    build = tvm.compile
+    monkeypatch.setattr(
+        tvm, "compile", lambda *a, **k: builds.append(k.get("target")) or build(*a, **k)
+    )
+    dense = conv_bn_relu()
+    pruned = conv_bn_relu()
+    weight = next(t for t in pruned.graph.initializer if numpy_helper.to_array(t).ndim == 4)
+    values = numpy_helper.to_array(weight).copy()
+    values[: values.shape[0] // 2] = 0
+    values *= 0.5  # every activation range after it changes
+    weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    cal = random_samples(4, 0)
+    calibrate.clear_calibration_builds()
+    quantize(from_onnx(dense), cal)
+    q_pruned = quantize(from_onnx(pruned), cal)
+    assert builds == ["llvm"]  # one calibration build for both
+    calibrate.clear_calibration_builds()
+    tvm.ir.assert_structural_equal(q_pruned, quantize(from_onnx(pruned), cal))
+    assert builds == ["llvm", "llvm"]
+    quantize(from_onnx(strided_odd_channels()), cal)
+    assert len(builds) == 3
+
+
+def test_calibration_builds_with_constants_when_the_lifted_build_fails(monkeypatch):
+    """An operator that needs a tensor argument constant makes the lifted build fail: the
+    calibration then builds the function with its constants, as before, to the same scales."""
+    from tvm_hapm.passes.quantize import calibrate
+
+    mod, cal = from_onnx(conv_bn_relu()), random_samples(4, 0)
+    expected = quantize(mod, cal)
+
+    def refuse(_mod):
+        raise tvm.error.OpError("a tensor argument must be constant")
+
+    monkeypatch.setattr(calibrate, "_calibration_vm", refuse)
+    tvm.ir.assert_structural_equal(quantize(mod, cal), expected)
+
+
 @pytest.mark.parametrize("percentile", [None, DEFAULT_PERCENTILE, 50.0])
 def test_expected_module_conv_relu(percentile):
     """The simplest case, spelled out with the qops emitters (scales from the maximum, or from

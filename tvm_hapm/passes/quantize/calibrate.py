@@ -1,7 +1,10 @@
 """Calibration: the activation scales, from running the float function on sample inputs.
 
 A copy of the float function that also returns every tensor whose scale is needed is compiled
-once for llvm and run on each sample.  Each scale is per-tensor symmetric,
+once for llvm and run on each sample.  Its weights are parameters of that build, not constants:
+a network quantized again with other weight values (pruned at another ratio, fine-tuned) reuses
+the build (:data:`CALIBRATION_BUILDS` of them are kept), which is most of a calibration's cost.
+Each scale is per-tensor symmetric,
 ``scale = max|x| / act_hi`` over all calibration samples (``act_hi`` is 127 for int8, 32767
 for int16); with ``percentile=p`` the ``p``-th percentile of ``|x|`` over all calibration
 elements replaces the maximum.  The samples are checked against the model's inputs first
@@ -12,14 +15,23 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import tvm
+import tvm_ffi
 from tvm import relax
 
 from .graph import Graph, QuantizeError, Rebuilder, replace_function, tensor_dtype, tensor_shape
 
-__all__ = ["DEFAULT_PERCENTILE", "calibrate_scales", "data_params", "normalise_samples"]
+__all__ = [
+    "CALIBRATION_BUILDS",
+    "DEFAULT_PERCENTILE",
+    "calibrate_scales",
+    "clear_calibration_builds",
+    "data_params",
+    "normalise_samples",
+]
 
 #: Activation calibration percentile of |x| for ``quantize(percentile=...)``.  On the digits
 #: ResNet-56 of ``benchmarks/hwflow.py`` the maximum gave int8 test top-1 97.8% against 99.1%
@@ -122,14 +134,19 @@ def calibrate_scales(
     instrumented = rb.build(
         gvar.name_hint, body, lambda: relax.Tuple([rb.f(v) for v in calib_vars])
     )
-    exe = tvm.compile(replace_function(mod, gvar, instrumented), target="llvm")
-    vm = relax.VirtualMachine(exe, tvm.cpu())
+    lifted, weights = _lift_weights(instrumented)
+    try:
+        vm = _calibration_vm(replace_function(mod, gvar, lifted))
+    except Exception:  # an operator that needs its tensor argument constant: no reuse then
+        exe = tvm.compile(replace_function(mod, gvar, instrumented), target="llvm")
+        vm, weights = relax.VirtualMachine(exe, tvm.cpu()), []
+    weights = [tvm.runtime.tensor(w) for w in weights]
     peak = np.zeros(len(calib_vars), np.float64)
     magnitudes = np.zeros((len(calib_vars), 2 * _EXP_RANGE + 1), np.int64)  # log2 histogram
     top: list = [np.zeros(0)] * len(calib_vars)  # percentile: the largest |x| seen so far
     count = [0] * len(calib_vars)
     for sample in samples:
-        outs = vm[gvar.name_hint](*[tvm.runtime.tensor(a) for a in sample])
+        outs = vm[gvar.name_hint](*[tvm.runtime.tensor(a) for a in sample], *weights)
         for k in range(len(calib_vars)):
             val = outs[k].numpy()
             mag = np.abs(val)  # once per tensor and sample: the peak, the histogram, the percentile
@@ -164,6 +181,66 @@ def calibrate_scales(
     _warn_degenerate(calib_vars, peak, magnitudes, count, act_hi)
     # a tensor that is zero on every sample gets scale 1/act_hi (any scale represents it)
     return {v: (float(p) if p > 0 else 1.0) / act_hi for v, p in zip(calib_vars, peak, strict=True)}
+
+
+#: Calibration builds kept for reuse (:func:`calibrate_scales`), the most recently used.
+CALIBRATION_BUILDS = 4
+
+#: The constants made parameters of a calibration build: tensors of at least this many
+#: elements (the weights and biases).  Smaller ones stay constants, in the build's key.
+LIFT_MIN_ELEMENTS = 2
+
+_BUILDS: OrderedDict[int, list[tuple[tvm.IRModule, relax.VirtualMachine]]] = OrderedDict()
+
+
+def clear_calibration_builds() -> None:
+    """Forget the kept calibration builds."""
+    _BUILDS.clear()
+
+
+@relax.expr_functor.mutator
+class _WeightLifter(relax.PyExprMutator):
+    """Replaces each tensor constant of at least :data:`LIFT_MIN_ELEMENTS` elements by a new
+    variable, recording ``(variable, value)`` in order of appearance."""
+
+    def __init__(self):
+        super().__init__()
+        self.lifted: list[tuple[relax.Var, np.ndarray]] = []
+
+    def visit_generic_const_(self, op):
+        value = op.value.numpy()
+        if value.size < LIFT_MIN_ELEMENTS:
+            return op
+        var = relax.Var(f"w{len(self.lifted)}", op.ty)
+        self.lifted.append((var, value))
+        return var
+
+
+def _lift_weights(func: relax.Function) -> tuple[relax.Function, list[np.ndarray]]:
+    """``func`` with its weight constants as trailing parameters, and their values."""
+    lifter = _WeightLifter()
+    body = lifter.visit_expr(func.body)
+    params = list(func.params) + [var for var, _ in lifter.lifted]
+    lifted = relax.Function(params, body, None, func.is_pure, func.attrs)
+    if lifted.attrs is not None and "num_input" in lifted.attrs:
+        lifted = lifted.without_attr("num_input")  # every parameter is an input of the build
+    return lifted, [value for _, value in lifter.lifted]
+
+
+def _calibration_vm(mod: tvm.IRModule) -> relax.VirtualMachine:
+    """The llvm build of ``mod``, reused when a structurally equal module was built (the
+    weights are parameters, so only the network's structure and small constants count)."""
+    key = tvm_ffi.structural_hash(mod)
+    for built, vm in _BUILDS.get(key, ()):
+        if tvm_ffi.structural_equal(built, mod):
+            _BUILDS.move_to_end(key)
+            return vm
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    _BUILDS.setdefault(key, []).append((mod, vm))
+    _BUILDS.move_to_end(key)
+    while len(_BUILDS) > CALIBRATION_BUILDS:
+        _BUILDS.popitem(last=False)
+    return vm
 
 
 #: Exponents of the |x| histogram that :func:`calibrate_scales` keeps per tensor.
