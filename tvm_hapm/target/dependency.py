@@ -513,6 +513,14 @@ class _Inserter:
         self.pending[dst] |= pop
         self.tracker.clear(src, dst, at)
 
+    def wait(self, spans: dict, key: int, lo: int, hi: int, src: Module, dst: Module) -> None:
+        """A token from ``src`` to ``dst`` if an access of ``src`` recorded in ``spans[key]``
+        (one pair's records) touched ``[lo, hi]``: pushed by the last such instruction."""
+        if spans:
+            at = _latest(spans, key, lo, hi)
+            if at >= 0:
+                self.sync(src, dst, at)
+
     def one(self, insn: Instruction) -> None:
         """Take a LOAD, STORE, ALU or GEMM alone: wait for the neighbours' conflicting
         accesses, emit it, record its own (:func:`buffer_accesses`, as the table above the
@@ -533,10 +541,7 @@ class _Inserter:
                 at = max(_latest(loads, _INP_W, inp, inp_hi), _latest(loads, _WGT_W, wgt, wgt))
                 if at >= 0:
                     self.sync(_LOAD, _COMPUTE, at)
-            if stores:
-                at = _latest(stores, _ACC_R, acc, acc_hi)
-                if at >= 0:
-                    self.sync(_STORE, _COMPUTE, at)
+            self.wait(stores, _ACC_R, acc, acc_hi, _STORE, _COMPUTE)
             pos = self.emit(insn, _COMPUTE)
             record(self.compute_for_load, _INP_R).add(inp, inp_hi, pos)
             record(self.compute_for_load, _WGT_R).add(wgt, wgt, pos)
@@ -545,11 +550,7 @@ class _Inserter:
             o, k = insn.outer - 1, insn.inner - 1
             dst = insn.dst_addr
             dst_hi = dst + o * insn.dst_so + k * insn.dst_si
-            stores = self.store_for_compute
-            if stores:
-                at = _latest(stores, _ACC_R, dst, dst_hi)
-                if at >= 0:
-                    self.sync(_STORE, _COMPUTE, at)
+            self.wait(self.store_for_compute, _ACC_R, dst, dst_hi, _STORE, _COMPUTE)
             pos = self.emit(insn, _COMPUTE)
             record(self.compute_for_store, _ACC_W).add(dst, dst_hi, pos)
         else:
@@ -560,10 +561,7 @@ class _Inserter:
         if insn.opcode == Opcode.STORE:
             lo = insn.sram_addr
             hi = lo + insn.y_size * insn.x_size - 1
-            if self.compute_for_store:
-                at = _latest(self.compute_for_store, _ACC_W, lo, hi)
-                if at >= 0:
-                    self.sync(_COMPUTE, _STORE, at)
+            self.wait(self.compute_for_store, _ACC_W, lo, hi, _COMPUTE, _STORE)
             pos = self.emit(insn, _STORE)
             self.tracker.of(self.store_for_compute, _ACC_R).add(lo, hi, pos)
             return
@@ -572,18 +570,12 @@ class _Inserter:
         lo = insn.sram_addr
         hi = lo + rows * cols - 1
         if insn.buffer == _ACC:  # on compute: it waits for the stores reading the entries
-            if self.store_for_compute:
-                at = _latest(self.store_for_compute, _ACC_R, lo, hi)
-                if at >= 0:
-                    self.sync(_STORE, _COMPUTE, at)
+            self.wait(self.store_for_compute, _ACC_R, lo, hi, _STORE, _COMPUTE)
             pos = self.emit(insn, _COMPUTE)
             self.tracker.of(self.compute_for_store, _ACC_W).add(lo, hi, pos)
             return
         read = 2 * insn.buffer  # (_INP_R or _WGT_R)
-        if self.compute_for_load:
-            at = _latest(self.compute_for_load, read, lo, hi)
-            if at >= 0:
-                self.sync(_COMPUTE, _LOAD, at)
+        self.wait(self.compute_for_load, read, lo, hi, _COMPUTE, _LOAD)
         pos = self.emit(insn, _LOAD)
         self.tracker.of(self.load_for_compute, read + 1).add(lo, hi, pos)
 
