@@ -140,7 +140,6 @@ def calibrate_scales(
     except Exception:  # an operator that needs its tensor argument constant: no reuse then
         exe = tvm.compile(replace_function(mod, gvar, instrumented), target="llvm")
         vm, weights = relax.VirtualMachine(exe, tvm.cpu()), []
-    weights = [tvm.runtime.tensor(w) for w in weights]
     peak = np.zeros(len(calib_vars), np.float64)
     magnitudes = np.zeros((len(calib_vars), 2 * _EXP_RANGE + 1), np.int64)  # log2 histogram
     top: list = [np.zeros(0)] * len(calib_vars)  # percentile: the largest |x| seen so far
@@ -201,22 +200,23 @@ def clear_calibration_builds() -> None:
 @relax.expr_functor.mutator
 class _WeightLifter(relax.PyExprMutator):
     """Replaces each tensor constant of at least :data:`LIFT_MIN_ELEMENTS` elements by a new
-    variable, recording ``(variable, value)`` in order of appearance."""
+    variable, recording ``(variable, value)`` in order of appearance (the value is the
+    constant's own tensor, passed to the build as it is)."""
 
     def __init__(self):
         super().__init__()
-        self.lifted: list[tuple[relax.Var, np.ndarray]] = []
+        self.lifted: list[tuple[relax.Var, tvm.runtime.Tensor]] = []
 
     def visit_generic_const_(self, op):
-        value = op.value.numpy()
-        if value.size < LIFT_MIN_ELEMENTS:
+        value = op.value
+        if math.prod(value.shape) < LIFT_MIN_ELEMENTS:
             return op
         var = relax.Var(f"w{len(self.lifted)}", op.ty)
         self.lifted.append((var, value))
         return var
 
 
-def _lift_weights(func: relax.Function) -> tuple[relax.Function, list[np.ndarray]]:
+def _lift_weights(func: relax.Function) -> tuple[relax.Function, list]:
     """``func`` with its weight constants as trailing parameters, and their values."""
     lifter = _WeightLifter()
     body = lifter.visit_expr(func.body)
