@@ -2,11 +2,10 @@
 
 A *sample* is ``(layer, config, schedule, block mask)``; its *measurement* compiles the layer as
 the compiler does, through TIR (:func:`tvm_hapm.target.tir.conv2d_program`; random int8/int16
-weights with the
-sample's all-zero blocks, random bias, ``choose_multiplier`` requantization, ReLU) and runs the
-timing and energy models on the instruction stream.  No functional simulation is needed: the
-timing of a program depends only on its instructions (all-zero blocks are dropped at compile
-time, so the bypass never fires).
+weights with the sample's all-zero blocks, random bias, ``choose_multiplier`` requantization,
+ReLU) and runs the timing and energy models on the instruction stream.  No functional
+simulation is needed: the timing of a program depends only on its instructions (all-zero blocks
+are dropped at compile time, so the bypass never fires).
 
 :func:`sample_spec` draws sample ``i`` of a seeded stream from ``numpy.random.default_rng([seed,
 i])``: the stream is deterministic and extending it never changes earlier samples.
@@ -57,9 +56,8 @@ _SPATIAL = (1, 2, 3, 4, 5, 7, 8, 10, 13, 14, 16, 20, 28, 32, 40, 56, 64, 112)
 def source_fingerprint() -> str:
     """Hash of the sources a measurement depends on: the code generator (TIR), schedules, ISA
     and program container (``tvm_hapm/target`` and its subpackages) and the timing and energy
-    models.  Caches of
-    measurements are keyed by it, so a change of the compiler or of the timing model never
-    reuses stale records."""
+    models.  Caches of measurements are keyed by it, so a change of the compiler or of the
+    timing model never reuses stale records."""
     import hashlib
 
     root = Path(__file__).resolve().parents[1]
