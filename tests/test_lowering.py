@@ -172,8 +172,8 @@ def test_double_buffered_streamed_weights_equal_single_buffered(shape):
 def test_double_buffering_overlaps_load_compute_and_store():
     cfg = _mid()
     x, args, kwargs = _layer((1, 32, 8, 32, 3, 1, 1, 1, 1, 0.0), 0)
-    db, _ = direct_codegen.conv2d_program(cfg, "db", *args, **kwargs)
-    sb, _ = direct_codegen.conv2d_program(
+    db, _ = htir.conv2d_program(cfg, "db", *args, **kwargs)
+    sb, _ = htir.conv2d_program(
         cfg, "sb", *args, **kwargs,
         schedule=replace(ConvSchedule(**db.info["schedule"]), double_buffer=False),
     )  # fmt: skip
@@ -205,7 +205,8 @@ def test_dense_dispatch_is_one_hapm_group_per_array_set():
         cfg = CFG.replace(name=f"arr{group}", num_arrays=4)
         x, args, kwargs = _layer((1, 16, 6, 64, 3, 1, 1, 1, 1, 0.0), 0)
         sched = ConvSchedule(6, 6, group, 2)
-        prog, _ = direct_codegen.conv2d_program(cfg, "a", *args, **kwargs, schedule=sched)
+        prog, _ = htir.conv2d_program(cfg, "a", *args, **kwargs, schedule=sched)
+        assert prog.info["schedule"] == sched.to_dict()  # emitted as asked
         gemms = [i for i in prog.instructions if i.opcode == isa.Opcode.GEMM]
         arrays_of = {}
         for g in gemms:
@@ -335,7 +336,7 @@ def test_conv_epilogue_is_one_pass_per_output_block():
     w = rng.integers(-127, 128, (16, 8, 3, 3)).astype(np.int8)
     args = ((1, 8, 8, 8), w, np.arange(16), np.full(16, 300), 12)
     for clip, extra in (((0, 127), []), ((0, 6), [isa.AluOp.MIN])):
-        prog, _ = direct_codegen.conv2d_program(CFG, "c", *args, clip, padding=(1,) * 4)
+        prog, _ = htir.conv2d_program(CFG, "c", *args, clip, padding=(1,) * 4)
         alus = [i for i in prog.instructions if i.opcode == isa.Opcode.ALU]
         regions = sum(1 for i in prog.instructions if i.opcode == isa.Opcode.STORE)
         assert [i.alu_op for i in alus] == [isa.AluOp.ADD_REQUANT, *extra] * regions
@@ -367,7 +368,8 @@ def test_sparse_dispatch_spreads_blocks_over_the_arrays():
     w = prune_random_blocks(cfg, w, 1, 0.5, rng)
     args = ((1, 32, 8, 8), w, None, np.ones(64), 8, (-128, 127))
     sched = ConvSchedule(8, 8, 8, 4)
-    prog, _ = direct_codegen.conv2d_program(cfg, "s", *args, padding=(1,) * 4, schedule=sched)
+    prog, _ = htir.conv2d_program(cfg, "s", *args, padding=(1,) * 4, schedule=sched)
+    assert prog.info["schedule"] == sched.to_dict()  # emitted as asked
     r = TimingModel(cfg).run(prog.instructions)
     # No accumulator region is written by two arrays at once.
     gemm_idx = [k for k, i in enumerate(prog.instructions) if i.opcode == isa.Opcode.GEMM]
