@@ -7,7 +7,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from tvm_hapm.data import load_bundled_model, load_bundled_resnet20
+from tvm_hapm import flow
+from tvm_hapm.data import load_bundled_model, load_bundled_resnet20, load_digits
 from tvm_hapm.flow import PER_MAC_MAX_LAYER_SPARSITY, prune_onnx, sparsity_of
 
 
@@ -184,3 +185,20 @@ def test_per_mac_cap_spreads_the_pruning():
     assert any(b > a + 0.1 for a, b in zip(sparsities[None], sparsities[0.5]))
     with pytest.raises(ValueError, match="caps"):
         prune_onnx(model, "unstructured", 0.3, max_layer_sparsity=0.5)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_time_programs_gives_the_simulated_run_s_cycles_and_energy(ratio):
+    """HW-Flow's ``sim`` level times the offloaded programs without running them: every
+    figure must be the full compile-and-run's (a ResNet with fused residuals, dense and
+    pruned, so the weight-block bypass has blocks to skip)."""
+    from tvm_hapm.models import resnet_cifar
+
+    x, _, xt, _ = load_digits(size=16, channels=3)
+    model = resnet_cifar(depth=8, input_hw=(16, 16), width=8)
+    if ratio:
+        model, _ = flow.prune_onnx(model, "hapm", ratio, config="zedboard")
+    ran = flow.simulate(model, "zedboard", x, xt)
+    timed = flow.time_programs(model, "zedboard", x)
+    assert timed[3] == ran[3] and len(timed[3]) >= 8
+    assert timed[:3] == ran[:3] and timed[4] == ran[4]

@@ -29,7 +29,7 @@ def test_numpy_forward_matches_tvm(setup):
     assert net.accuracy(xt, yt) == pytest.approx(evaluate(model, xt, yt))
 
 
-@pytest.mark.parametrize("level", ["coarse", "mid", "fine"])
+@pytest.mark.parametrize("level", ["coarse", "mid", "fine", "sim"])
 def test_costs_decrease_with_ratio(setup, level):
     _, _, env = setup
     try:

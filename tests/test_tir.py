@@ -121,6 +121,58 @@ def test_schedule_tensorizes_onto_hapm_buffers():
 
 
 @pytest.mark.parametrize(
+    "rows, cols, act, wgt",
+    [(8, 8, "int8", "int8"), (4, 32, "int16", "int8"), (16, 2, "int8", "int16")],
+)
+def test_intrinsic_specialised_from_one_parse_is_the_concrete_one(rows, cols, act, wgt):
+    """``make_intrin`` specialises one parse per pair of data types to the array's shape: the
+    result must be the intrinsic written for that shape."""
+    from tvm.script import tirx as T
+
+    from tvm_hapm.target.intrin import make_intrin
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        inp: T.Buffer((rows,), act, offset_factor=1, scope=SCOPE_INP),
+        wgt_: T.Buffer((rows, cols), wgt, offset_factor=1, scope=SCOPE_WGT),
+        acc: T.Buffer((cols,), "int32", offset_factor=1, scope=SCOPE_ACC),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(acc[0:cols], inp[0:rows], wgt_[0:rows, 0:cols])
+            T.writes(acc[0:cols])
+            for c, r in T.grid(cols, rows):
+                with T.sblock("update"):
+                    vc, vr = T.axis.remap("SR", [c, r])
+                    acc[vc] = acc[vc] + T.Cast("int32", inp[vr]) * T.Cast("int32", wgt_[vr, vc])
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        inp: T.Buffer((rows,), act, offset_factor=1, scope=SCOPE_INP),
+        wgt_: T.Buffer((rows, cols), wgt, offset_factor=1, scope=SCOPE_WGT),
+        acc: T.Buffer((cols,), "int32", offset_factor=1, scope=SCOPE_ACC),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(acc[0:cols], inp[0:rows], wgt_[0:rows, 0:cols])
+            T.writes(acc[0:cols])
+            T.evaluate(
+                T.call_extern(
+                    "int32",
+                    GEMM_MARKER,
+                    inp.data,
+                    inp.elem_offset,
+                    wgt_.data,
+                    wgt_.elem_offset,
+                    acc.data,
+                    acc.elem_offset,
+                )  # fmt: skip
+            )
+
+    got = make_intrin(rows, cols, act, wgt)
+    tvm.ir.assert_structural_equal(got[0], desc, map_free_vars=True)
+    tvm.ir.assert_structural_equal(got[1], impl, map_free_vars=True)
+
+
+@pytest.mark.parametrize(
     "shape",
     [
         (1, 16, 8, 8, 32, 3, 1, 1),  # 3x3, stride 1, padding 1

@@ -37,6 +37,7 @@ __all__ = [
     "recover",
     "resolve_engine",
     "simulate",
+    "time_programs",
     "write_masks",
     "sparsity_of",
 ]
@@ -385,6 +386,53 @@ def simulate(model: onnx.ModelProto, config, x_cal, x_one, target=None, transfor
     per = [(s.layer, float(s.cycles), float(s.energy_uj)) for s in st.layers]
     gemms = int(st.by_opcode.get("GEMM", 0))
     return float(st.latency_ms), float(st.energy_uj), float(st.cycles), per, gemms
+
+
+def time_programs(model: onnx.ModelProto, config, x_cal, target=None, transform=None):
+    """What :func:`simulate` returns, without building the host code or running an image.
+
+    The model is quantized as :func:`simulate` quantizes it and only the offload passes run
+    (:func:`tvm_hapm.passes.offload_passes`: partition and lowering, the compiler's streams);
+    each accelerator program then goes through the cycle-level timing and energy models alone.
+    The cycles and the energy are :func:`simulate`'s to the cycle: they depend only on the
+    instructions and on which weight blocks are zero when a GEMM runs, and the compiler has
+    removed every all-zero block from the stream already (``tests/test_flow.py`` checks the
+    two agree).  What it saves is TVM's LLVM build of the host code, the VM's set-up and the
+    functional simulation: the per-candidate cost of a search that judges candidates by
+    simulation (HW-Flow's ``sim`` level).
+    """
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from .. import quantize
+    from ..data import set_batch
+    from ..passes import offload_passes
+    from ..runtime.energy import EnergyModel
+    from ..runtime.timing import TimingModel
+    from ..target.config import get_config
+    from ..target.isa import Opcode
+
+    config = get_config(config)
+    target = tvm.target.Target(target or f"hapm_fpga-{config.name}")
+    mod = from_onnx(set_batch(model, 1))
+    if transform is not None:
+        mod = transform(mod)
+    q1 = quantize(mod, calibration=list(x_cal[:8, None]), config=config)
+    programs: list = []
+    timing, energy = TimingModel(config), EnergyModel(config)
+    per, latency, gemms = [], 0.0, 0
+    try:
+        with target:
+            offload_passes(config, programs)(q1)
+        for prog in programs:
+            result = timing.run(prog.instructions)
+            per.append((prog.layer, float(result.cycles), float(energy.estimate(result).total_uj)))
+            latency += result.latency_ms
+            gemms += sum(1 for insn in prog.instructions if insn.opcode == Opcode.GEMM)
+    finally:
+        programs.clear()  # TVM keeps the pass's closure, and with it this list, alive
+    cycles = sum(c for _, c, _ in per)
+    return float(latency), float(sum(e for _, _, e in per)), float(cycles), per, gemms
 
 
 @dataclass

@@ -9,7 +9,8 @@ budget, with the hardware judged at a chosen abstraction level.  See ``docs/hwfl
   :func:`HardwareAwarePrune` run per grid ratio; a layer's mask depends only on its own ratio, so
   any per-layer combination is exactly what ``per_layer=`` gives), per-layer hardware cost tables
   at the chosen level (coarse / mid / fine cost models on each layer's exact block mask; ``sim``:
-  compile + one simulated image per grid ratio, per-program cycles and energy) and an accuracy
+  the accelerator programs of each grid ratio through the timing and energy models,
+  :func:`~tvm_hapm.compress.flow.time_programs`) and an accuracy
   estimate (float top-1 on a validation split, PyTorch or NumPy, after reconstruction or batch
   norm recalibration and an optional short fine-tuning).
 * ``search`` -- methods with the same evaluation budget: ``"rl"`` (AMC-style sequential

@@ -14,7 +14,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..compress import flow
-from ..compress.flow import simulate
+from ..compress.flow import time_programs
 from ..compress.numpynet import NumpyNet
 
 __all__ = [
@@ -370,8 +370,9 @@ class HWFlowEnv:
         return t
 
     def _sim_table(self):
-        """Simulate the model pruned uniformly at every grid ratio; program ``k`` of the conv /
-        dense programs is prunable layer ``k`` (layers run one after the other, so a layer's
+        """Time the model pruned uniformly at every grid ratio (its programs through the timing
+        and energy models, :func:`time_programs`); program ``k`` of the conv / dense programs
+        is prunable layer ``k`` (layers run one after the other, so a layer's
         cost depends only on its own mask).  Non-layer programs give the constant."""
         t = np.zeros((self.n, len(self.grid), 2))
         other = np.zeros(2)
@@ -381,7 +382,7 @@ class HWFlowEnv:
                 m, _, _ = prune_onnx_per_layer(
                     self.model, {nm: r for nm in self.names}, self.config
                 )
-            per = simulate(m, self.config, self.x_tune, self.x_val)[3]
+            per = time_programs(m, self.config, self.x_tune)[3]
             lay = [(c, e) for nm, c, e in per if "conv2d" in nm or "dense" in nm or "matmul" in nm]
             if len(lay) != self.n:
                 raise RuntimeError(f"simulated {len(lay)} layer programs for {self.n} layers")
