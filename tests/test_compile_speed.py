@@ -147,7 +147,10 @@ def test_a_repeated_layer_reuses_its_stream_with_its_own_shift(monkeypatch, fuse
     def program(shift, clip=(0, 120)):
         return htir.conv2d_program(CFG, "c", (1, 16, 12, 10), w, bias, mult, shift, clip, **kwargs)
 
-    fresh = {s: program(s)[0] for s in (11, 14)}
+    fresh = {}
+    for s in (11, 14):
+        htir.clear_lowered_cache()  # a fresh compile: nothing kept from the other shift
+        fresh[s] = program(s)[0]
     assert fresh[11].instructions != fresh[14].instructions  # the shift is in the stream
     emitted = []
     real = layers.emit_stream
@@ -161,3 +164,43 @@ def test_a_repeated_layer_reuses_its_stream_with_its_own_shift(monkeypatch, fuse
         again.instructions, fresh[14].instructions
     )
     assert other_clip.instructions == program(14, (-128, 127))[0].instructions
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_other_zero_blocks_reuse_the_lowered_function(monkeypatch, fused):
+    """A convolution compiled again with other weights, other all-zero blocks and another
+    shift is not defined, scheduled or lowered again (the kept function is walked with the new
+    blocks and gets its own shift), and its stream is instruction for instruction a fresh
+    compile's."""
+    from tvm_hapm.target.tir import layers
+
+    R, C = CFG.array_rows, CFG.array_cols
+    rng = np.random.default_rng(1)
+    w1 = rng.integers(-127, 128, (4 * C, 2 * R, 3, 3)).astype(np.int8)
+    w2 = rng.integers(-127, 128, w1.shape).astype(np.int8)
+    w1[:C, :R] = 0  # one block pair pruned in each, not the same one
+    w2[C : 2 * C, R:] = 0
+    bias, mult = rng.integers(-500, 500, 4 * C), rng.integers(1, 300, 4 * C)
+    kwargs = {"padding": (1, 1, 1, 1), "residual": rng.integers(16, 300, 4 * C) if fused else None}
+
+    def program(w, shift):
+        return htir.conv2d_program(
+            CFG, "c", (1, 2 * R, 12, 10), w, bias, mult, shift, (0, 120), **kwargs
+        )[0]
+
+    defined = []
+    real = layers.conv2d_primfunc
+    monkeypatch.setattr(
+        layers, "conv2d_primfunc", lambda *a, **k: defined.append(1) or real(*a, **k)
+    )
+    htir.clear_lowered_cache()
+    first = program(w1, 11)
+    again = program(w2, 14)
+    assert len(defined) == 1  # the second compile reused the lowered function
+    htir.clear_lowered_cache()
+    fresh = program(w2, 14)
+    assert len(defined) == 2
+    assert again.instructions != first.instructions  # other blocks, other shift: other stream
+    assert again.instructions == fresh.instructions, instruction_diff(
+        again.instructions, fresh.instructions
+    )

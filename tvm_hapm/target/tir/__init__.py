@@ -62,6 +62,7 @@ from .emit import SparseWeights, build_program, emit_program, emit_stream
 from .layers import (
     add_primfunc,
     add_program,
+    clear_lowered_cache,
     conv2d_program,
     dense_as_conv,
     dense_program,
@@ -123,6 +124,7 @@ __all__ = [
     "buffer_span",
     "buffer_strides",
     "build_program",
+    "clear_lowered_cache",
     "const_int",
     "conv2d_primfunc",
     "conv2d_program",

@@ -3,6 +3,7 @@ from arrays to a :class:`~tvm_hapm.target.program.Program` through TIR."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import functools
@@ -38,6 +39,7 @@ from .compute import (
     region_stage,
     requant_stages,
 )
+from .dma import LowerToAccelerator
 from .emit import SparseWeights, emit_stream
 from .scheduling import has_block, merge_region_loops, scheduled_conv2d, tir_conv_schedule
 from .walk import TirLoweringError
@@ -101,22 +103,37 @@ def conv2d_program(
         cfg, h, w, oh, ow, kh, kw, (sh, sw), (dh, dw), cib, cob, nonzero, residual=fused
     )
     streams = _STREAMS.get()
+    cfg_key = json.dumps(cfg.to_dict(), sort_keys=True)
+    signature = (cfg_key, g.data_shape, weight.shape, g.strides, g.dilation, g.padding,
+                 tuple(clip), fused, plan)  # fmt: skip
     key = seen = None
     if streams is not None:
-        key = (json.dumps(cfg.to_dict(), sort_keys=True), g.data_shape, weight.shape,
-               g.strides, g.dilation, g.padding, tuple(clip), fused, plan, nonzero.shape,
-               nonzero.tobytes())  # fmt: skip
+        key = (*signature, nonzero.shape, nonzero.tobytes())
         seen = streams.get(key)
     if seen is None:
-        func = conv2d_primfunc(
-            cfg, n, cin, h, w, cout, kh, kw, (sh, sw), (pt, pl, pb, pr), (dh, dw), shift, clip,
-            residual=fused, tile=(plan.tile_h, plan.tile_w),
-        )  # fmt: skip
-        sched = tir_conv_schedule(cfg, layer_of(func), plan)
         sparse_count = int(nonzero.sum())
-        sched = fit_double_buffer(
-            cfg, sched, kh, kw, (sh, sw), (dh, dw), sparse_count, residual_rows(cob, fused)
-        )
+        # the lowered function depends on the weights only through whether they stay resident
+        lowered_key = (*signature, sparse_count <= cfg.wgt_depth)
+        kept = _LOWERED.get(lowered_key)
+        if kept is None:
+            func = conv2d_primfunc(
+                cfg, n, cin, h, w, cout, kh, kw, (sh, sw), (pt, pl, pb, pr), (dh, dw), shift,
+                clip, residual=fused, tile=(plan.tile_h, plan.tile_w),
+            )  # fmt: skip
+            sched = tir_conv_schedule(cfg, layer_of(func), plan)
+            sched = fit_double_buffer(
+                cfg, sched, kh, kw, (sh, sw), (dh, dw), sparse_count, residual_rows(cob, fused)
+            )
+            scheduled = scheduled_conv2d(func, cfg, sched, weight_blocks=sparse_count)
+            lowered = LowerToAccelerator(cfg)(tvm.IRModule({"main": scheduled}))["main"]
+            kept = (sched, lowered, shift)
+            _LOWERED[lowered_key] = kept
+            if len(_LOWERED) > LOWERED_KEPT:
+                _LOWERED.popitem(last=False)
+        else:
+            check_shift(shift)  # conv2d_primfunc's check, which a kept function skips
+            _LOWERED.move_to_end(lowered_key)
+        sched = kept[0]
     else:
         check_shift(shift)  # conv2d_primfunc's check, which a reused stream skips
         sched = seen[0]
@@ -130,8 +147,7 @@ def conv2d_program(
     )
     bias_mult = layout.bias_mult_rows(cfg, layer, cout, bias, mult, residual)
     if seen is None:
-        scheduled = scheduled_conv2d(func, cfg, sched, weight_blocks=len(sparse.order))
-        insns = emit_stream(scheduled, cfg, sparse)
+        insns = with_requant_shift(emit_stream(kept[1], cfg, sparse), kept[2], shift)
         if key is not None:
             streams[key] = (sched, list(insns), shift)
     else:
@@ -139,6 +155,23 @@ def conv2d_program(
     slots = layout.conv_slots(cfg, g, cout, wblocks, bias_mult, fused)
     info = {**layout.conv_info(g, weight.shape, len(sparse.order), sched, fused), "source": "tir"}
     return Program(layer, cfg, slots, insns, layer_index, info), [wblocks, bias_mult]
+
+
+#: Lowered convolution functions kept by :func:`conv2d_program` (the most recently used).
+LOWERED_KEPT = 256
+
+#: Lowered (scheduled, tensorized, DMA-injected) convolution functions by signature: the
+#: config, the geometry, the clip, the fused residual, the planned schedule and whether the
+#: weights stay resident, but neither the weight values nor which blocks are zero (the walk
+#: applies those) nor the requantization shift (patched into the stream).  The same layer
+#: compiled with other weights, HW-Flow's ``sim`` level at each ratio, a test suite's repeated
+#: models: scheduled and lowered once per process.  Small (the loops are not unrolled).
+_LOWERED: collections.OrderedDict = collections.OrderedDict()
+
+
+def clear_lowered_cache() -> None:
+    """Forget the lowered convolution functions :func:`conv2d_program` keeps."""
+    _LOWERED.clear()
 
 
 #: The convolution streams emitted inside :func:`reuse_streams`, by signature (None outside).
