@@ -8,16 +8,16 @@ import tvm
 
 import tvm_hapm  # noqa: F401
 from tvm_hapm.runtime import RUN_FUNC, Simulator, run_program
+from tvm_hapm.target import tir as htir
 from tvm_hapm.target.config import get_config
 from tvm_hapm.target.program import Program, ProgramError, pack_activation, unpack_activation
-from tvm_hapm.testing import direct_codegen
 
 
 def _conv_program():
     cfg = get_config("zedboard")
     rng = np.random.default_rng(0)
     w = rng.integers(-127, 128, (6, 3, 3, 3)).astype(np.int8)
-    return direct_codegen.conv2d_program(
+    return htir.conv2d_program(
         cfg, "conv", (1, 3, 7, 5), w, None, np.full(6, 300), 16, (-128, 127), padding=(1, 1, 1, 1)
     )
 
@@ -77,7 +77,7 @@ def test_program_cache_is_bounded_and_keeps_the_recently_used(monkeypatch):
     blobs = []
     for k in range(3):
         w = rng.integers(-127, 128, (4 + k, 3, 3, 3)).astype(np.int8)
-        prog, _ = direct_codegen.conv2d_program(
+        prog, _ = htir.conv2d_program(
             cfg, f"conv{k}", (1, 3, 5, 5), w, None, np.full(4 + k, 300), 16, (-128, 127),
             padding=(1, 1, 1, 1),
         )  # fmt: skip

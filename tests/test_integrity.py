@@ -15,10 +15,10 @@ import tvm
 import tvm_hapm  # noqa: F401
 from tvm_hapm.runtime import RUN_FUNC, Simulator, run_program
 from tvm_hapm.runtime.simulator import SimulatorError
+from tvm_hapm.target import tir as htir
 from tvm_hapm.target.config import get_config
 from tvm_hapm.target.isa import IsaError
 from tvm_hapm.target.program import Program, ProgramError
-from tvm_hapm.testing import direct_codegen
 
 #: Corruptions of each kind; the issue's bar is 1,500 in all.
 CORRUPTIONS = 750
@@ -28,7 +28,7 @@ def _conv_case():
     cfg = get_config("zedboard")
     rng = np.random.default_rng(0)
     w = rng.integers(-127, 128, (6, 3, 3, 3)).astype(np.int8)
-    prog, consts = direct_codegen.conv2d_program(
+    prog, consts = htir.conv2d_program(
         cfg, "conv", (1, 3, 7, 5), w, None, np.full(6, 300), 16, (-128, 127), padding=(1, 1, 1, 1)
     )
     x = rng.integers(-128, 128, (1, 3, 7, 5)).astype(np.int8)

@@ -21,13 +21,13 @@ from tvm_hapm.runtime import last_run_stats
 from tvm_hapm.runtime.driver import run_program
 from tvm_hapm.runtime.simulator import Simulator
 from tvm_hapm.target import isa
+from tvm_hapm.target import tir as htir
 from tvm_hapm.target.config import get_config
 from tvm_hapm.testing import (
     ONNX_INPUT_SHAPE,
     RESIDUAL_CASES,
     OnnxGraph,
     calls,
-    direct_codegen,
     fused_conv_oracle,
     llvm_reference,
     prune_random_blocks,
@@ -144,7 +144,7 @@ def test_fused_conv_matches_numpy_oracle(cfg, case):
     mult = rng.integers(1, 300, cout)
     k = rng.integers(16, 3000, cout)
     clip = (0, 120)
-    prog, consts = direct_codegen.conv2d_program(
+    prog, consts = htir.conv2d_program(
         cfg, "fused", (n, cin, hw, hw), w, bias, mult, 12, clip, (stride, stride), (pad,) * 4,
         residual=k,
     )  # fmt: skip
@@ -167,13 +167,11 @@ def test_fused_conv_costs_far_less_than_conv_plus_add():
     w = rng.integers(-127, 128, (16, 16, 3, 3)).astype(np.int8)
     bias, mult = rng.integers(-500, 500, 16), rng.integers(1, 300, 16)
     shape = (1, 16, 32, 32)
-    fused, _ = direct_codegen.conv2d_program(
+    fused, _ = htir.conv2d_program(
         CFG, "f", shape, w, bias, mult, 12, (0, 120), padding=(1,) * 4, residual=np.full(16, 40)
     )
-    plain, _ = direct_codegen.conv2d_program(
-        CFG, "p", shape, w, bias, mult, 12, (0, 120), padding=(1,) * 4
-    )
-    add, _ = direct_codegen.add_program(CFG, "a", (1, 16, 32, 32), 300, 200, 9, (0, 127))
+    plain, _ = htir.conv2d_program(CFG, "p", shape, w, bias, mult, 12, (0, 120), padding=(1,) * 4)
+    add, _ = htir.add_program(CFG, "a", (1, 16, 32, 32), 300, 200, 9, (0, 127))
     cycles = {}
     for name, prog in (("fused", fused), ("plain", plain), ("add", add)):
         dram = [np.zeros(s.dram_elems, s.dtype) for s in prog.slots]

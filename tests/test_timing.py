@@ -30,7 +30,7 @@ from tvm_hapm.runtime.simulator import ExecutionStats, Simulator
 from tvm_hapm.runtime.timing import STALL_CAUSES, TimingError, TimingModel
 from tvm_hapm.target.config import HardwareConfig
 from tvm_hapm.target.isa import AluOp, Buffer, Instruction, Opcode
-from tvm_hapm.testing.direct_codegen import conv2d_program
+from tvm_hapm.target.tir import conv2d_program
 
 CFG = HardwareConfig(
     name="timing-test",
@@ -425,7 +425,7 @@ def test_double_buffered_add_by_hand():
     # Single buffered (one tile of 512): 2 + 2 * 525 + 6 * 516 + 526 + 1 = 4675.
     from tvm_hapm.runtime.driver import run_program
     from tvm_hapm.target.schedule import estimate_eltwise_cycles
-    from tvm_hapm.testing.direct_codegen import add_program
+    from tvm_hapm.target.tir import add_program
 
     cfg = ELTWISE_CFG
     shape = (1, 4, 16, 32)
@@ -591,7 +591,7 @@ def _rtl_cases():
     )  # fmt: skip
     fused = add.replace(alu_op=AluOp.ADD_REQUANT, src_addr=16, src_si=0, imm=8)
     from tvm_hapm.target.dependency import insert_dependency_tokens
-    from tvm_hapm.testing.direct_codegen import add_program
+    from tvm_hapm.target.tir import add_program
 
     eltwise, _ = add_program(ELTWISE_CFG, "add", (1, 4, 16, 32), 3, -5, 2, (-100, 100))
     cases = {
