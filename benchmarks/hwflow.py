@@ -20,7 +20,7 @@ is within ``--max-drop``, the one with the largest simulated reduction of the ob
 then is its int8 test accuracy (all 10,000 images, with a 95% paired-bootstrap interval of the
 drop) reported; the test set plays no part in any choice.  Results are written after every run
 and every calibration point (``--resume`` keeps those of a previous invocation with the same
-settings) to
+settings but ``--levels``: ``--levels coarse mid --resume`` adds those levels' runs) to
 ``benchmarks/results/hwflow.json`` and ``hwflow_<model>.png``.
 """
 
@@ -172,7 +172,21 @@ def select(out: dict, args) -> None:
     keys = ("latency_reduction", "energy_reduction", "val_int8_drop", "accuracy_drop",
             "ci_accuracy_drop", "search_seconds", "ratios")  # fmt: skip
     out["by_level"] = {lv: {k: out["runs"][f"rl_{lv}"][k] for k in keys}
-                       for lv in args.levels if f"rl_{lv}" in out["runs"]}  # fmt: skip
+                       for lv in hwflow.LEVELS if f"rl_{lv}" in out["runs"]}  # fmt: skip
+
+
+#: Settings a resumed invocation may change: the levels searched (``--levels coarse mid`` after
+#: ``--levels fine`` adds their runs to the ones already there).
+RESUMABLE_CHANGES = ("levels",)
+
+
+def same_run(previous: dict, settings: dict) -> bool:
+    """Whether results written with ``previous`` settings belong to a run with ``settings``."""
+
+    def fixed(s):
+        return {k: v for k, v in s.items() if k not in RESUMABLE_CHANGES}
+
+    return fixed(previous) == fixed(settings)
 
 
 def main(argv=None) -> dict:
@@ -205,8 +219,11 @@ def main(argv=None) -> dict:
     old = {}
     if args.resume and args.out.exists():
         prev = json.loads(args.out.read_text())
-        if prev.get("meta", {}).get("settings") == settings:
+        before = prev.get("meta", {}).get("settings", {})
+        if same_run(before, settings):
             old = {k: v for k, v in prev.items() if k.startswith("resnet")}
+            searched = set(before.get("levels", ())) | set(args.levels)
+            settings["levels"] = [lv for lv in hwflow.LEVELS if lv in searched]
     t_all = time.perf_counter()
     for name in args.models:
 
