@@ -152,7 +152,7 @@ def scheduled_conv2d(
         {"y0": 0, "rows": L["oh"], "tile_h": plan.tile_h,
          "x0": 0, "cols": L["ow"], "tile_w": plan.tile_w}
     ]  # fmt: skip
-    sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+    sch = unchecked(s_tir.Schedule(tvm.IRModule({"main": func})))
     resident = n_blocks <= cfg.wgt_depth
     stages = [s for s in ("bias", "requant", "clip") if has_block(sch, s)]
     for r, region in enumerate(regions):
@@ -174,7 +174,7 @@ def scheduled_conv2d(
         new = sch.mod["main"]
         for r in range(len(regions)):
             new = init_reads_fixed(new, region_stage("conv", r))
-        sch = s_tir.Schedule(tvm.IRModule({"main": new}))
+        sch = unchecked(s_tir.Schedule(tvm.IRModule({"main": new})))
         for r in range(len(regions)):
             sch.compute_inline(sch.get_sblock(region_stage("shortcut", r)))
     for r in range(len(regions)):
@@ -270,6 +270,30 @@ def merge_region_loops(sch: s_tir.Schedule, regions: list[dict], anchors: list[s
     for members in bands.values():
         if len(members) > 1:
             sch.merge(*(outer(r, 1) for r in members))
+
+
+class unchecked:  # noqa: N801 - used like a function: unchecked(schedule)
+    """A :class:`~tvm.s_tir.Schedule` whose primitives skip TVM's Python type checking.
+
+    Each primitive is wrapped by ``type_checked``, which binds and checks every argument in
+    Python on every call: ~0.25 ms, a fifth of the scheduling of a small layer (the cost model's
+    samples, HW-Flow's ``sim`` level).  The arguments the schedules here pass are the schedule's
+    own block and loop references and constants, so the checked wrapper's ``__wrapped__``
+    (``functools.wraps``) is called directly; a primitive without one, and every attribute that
+    is not a method (``mod``), is the schedule's own.
+    """
+
+    __slots__ = ("schedule",)
+
+    def __init__(self, schedule: s_tir.Schedule):
+        self.schedule = schedule
+
+    def __getattr__(self, name):
+        method = getattr(type(self.schedule), name, None)
+        raw = getattr(method, "__wrapped__", None)
+        if raw is None:
+            return getattr(self.schedule, name)
+        return functools.partial(raw, self.schedule)
 
 
 def has_block(sch, name) -> bool:
