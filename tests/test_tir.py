@@ -264,11 +264,11 @@ def test_unscheduled_function_is_refused():
 def test_unchecked_schedule_applies_the_same_primitives_without_the_type_checks():
     """The conv schedule's proxy calls each primitive's unchecked function (TVM's ``type_checked``
     wrapper costs ~0.25 ms a call) and changes the module exactly as the checked call does."""
-    from tvm_hapm.target.tir.scheduling import unchecked
+    from tvm_hapm.target.tir.scheduling import UncheckedSchedule
 
     func = Layer(CFG, 1, 16, 8, 8, 32, 3, 1, 1).func
     checked = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
-    fast = unchecked(tvm.s_tir.Schedule(tvm.IRModule({"main": func})))
+    fast = UncheckedSchedule(tvm.s_tir.Schedule(tvm.IRModule({"main": func})))
     assert fast.split.func is type(checked).split.__wrapped__
     for sch in (checked, fast):
         conv = sch.get_sblock("conv")

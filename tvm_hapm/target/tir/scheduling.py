@@ -152,7 +152,7 @@ def scheduled_conv2d(
         {"y0": 0, "rows": L["oh"], "tile_h": plan.tile_h,
          "x0": 0, "cols": L["ow"], "tile_w": plan.tile_w}
     ]  # fmt: skip
-    sch = unchecked(s_tir.Schedule(tvm.IRModule({"main": func})))
+    sch = UncheckedSchedule(s_tir.Schedule(tvm.IRModule({"main": func})))
     resident = n_blocks <= cfg.wgt_depth
     stages = [s for s in ("bias", "requant", "clip") if has_block(sch, s)]
     for r, region in enumerate(regions):
@@ -174,7 +174,7 @@ def scheduled_conv2d(
         new = sch.mod["main"]
         for r in range(len(regions)):
             new = init_reads_fixed(new, region_stage("conv", r))
-        sch = unchecked(s_tir.Schedule(tvm.IRModule({"main": new})))
+        sch = UncheckedSchedule(s_tir.Schedule(tvm.IRModule({"main": new})))
         for r in range(len(regions)):
             sch.compute_inline(sch.get_sblock(region_stage("shortcut", r)))
     for r in range(len(regions)):
@@ -272,7 +272,7 @@ def merge_region_loops(sch: s_tir.Schedule, regions: list[dict], anchors: list[s
             sch.merge(*(outer(r, 1) for r in members))
 
 
-class unchecked:  # noqa: N801 - used like a function: unchecked(schedule)
+class UncheckedSchedule:
     """A :class:`~tvm.s_tir.Schedule` whose primitives skip TVM's Python type checking.
 
     Each primitive is wrapped by ``type_checked``, which binds and checks every argument in
