@@ -367,20 +367,11 @@ def simulate(model: onnx.ModelProto, config, x_cal, x_one, target=None, transfor
     cycles).  A uniform rescaling of the calibration images changes nothing."""
     import tvm
     from tvm import relax
-    from tvm.relax.frontend.onnx import from_onnx
 
-    from .. import quantize
-    from ..data import set_batch
     from ..runtime import last_run_stats
-    from ..target.config import get_config
 
-    config = get_config(config)
-    target = target or f"hapm_fpga-{config.name}"
-    mod = from_onnx(set_batch(model, 1))
-    if transform is not None:
-        mod = transform(mod)
-    q1 = quantize(mod, calibration=list(x_cal[:8, None]), config=config)
-    ex = tvm.compile(q1, target=target)
+    config, q1 = _quantized_one_image(model, config, x_cal, transform)
+    ex = tvm.compile(q1, target=target or f"hapm_fpga-{config.name}")
     relax.VirtualMachine(ex, tvm.cpu())["main"](tvm.runtime.tensor(x_one[:1]))
     st = last_run_stats()
     per = [(s.layer, float(s.cycles), float(s.energy_uj)) for s in st.layers]
@@ -402,37 +393,43 @@ def time_programs(model: onnx.ModelProto, config, x_cal, target=None, transform=
     simulation (HW-Flow's ``sim`` level).
     """
     import tvm
+
+    from ..cost.measure import measure_program
+    from ..passes import offload_passes
+    from ..target.isa import Opcode
+
+    config, q1 = _quantized_one_image(model, config, x_cal, transform)
+    programs: list = []
+    per, latency, gemms = [], 0.0, 0
+    try:
+        with tvm.target.Target(target or f"hapm_fpga-{config.name}"):
+            offload_passes(config, programs)(q1)
+        for prog in programs:
+            m = measure_program(prog)
+            per.append((prog.layer, float(m.cycles), m.energy_uj))
+            latency += m.latency_ms
+            gemms += sum(1 for insn in prog.instructions if insn.opcode == Opcode.GEMM)
+    finally:
+        programs.clear()  # the offload passes hold the list: free the programs with the call
+    cycles = sum(c for _, c, _ in per)
+    return float(latency), float(sum(e for _, _, e in per)), float(cycles), per, gemms
+
+
+def _quantized_one_image(model: onnx.ModelProto, config, x_cal, transform=None):
+    """``(config, module)``: ``model`` at batch 1, ``transform``-ed, quantized for ``config``
+    calibrated on the first 8 images of ``x_cal``; what :func:`simulate` and
+    :func:`time_programs` both run, so that their figures are of the same module."""
     from tvm.relax.frontend.onnx import from_onnx
 
     from .. import quantize
     from ..data import set_batch
-    from ..passes import offload_passes
-    from ..runtime.energy import EnergyModel
-    from ..runtime.timing import TimingModel
     from ..target.config import get_config
-    from ..target.isa import Opcode
 
     config = get_config(config)
-    target = tvm.target.Target(target or f"hapm_fpga-{config.name}")
     mod = from_onnx(set_batch(model, 1))
     if transform is not None:
         mod = transform(mod)
-    q1 = quantize(mod, calibration=list(x_cal[:8, None]), config=config)
-    programs: list = []
-    timing, energy = TimingModel(config), EnergyModel(config)
-    per, latency, gemms = [], 0.0, 0
-    try:
-        with target:
-            offload_passes(config, programs)(q1)
-        for prog in programs:
-            result = timing.run(prog.instructions)
-            per.append((prog.layer, float(result.cycles), float(energy.estimate(result).total_uj)))
-            latency += result.latency_ms
-            gemms += sum(1 for insn in prog.instructions if insn.opcode == Opcode.GEMM)
-    finally:
-        programs.clear()  # TVM keeps the pass's closure, and with it this list, alive
-    cycles = sum(c for _, c, _ in per)
-    return float(latency), float(sum(e for _, _, e in per)), float(cycles), per, gemms
+    return config, quantize(mod, calibration=list(x_cal[:8, None]), config=config)
 
 
 @dataclass
