@@ -20,7 +20,9 @@ is within ``--max-drop``, the one with the largest simulated reduction of the ob
 then is its int8 test accuracy (all 10,000 images, with a 95% paired-bootstrap interval of the
 drop) reported; the test set plays no part in any choice.  Results are written after every run
 and every calibration point (``--resume`` keeps those of a previous invocation with the same
-settings but ``--levels``: ``--levels coarse mid --resume`` adds those levels' runs) to
+settings but ``--levels`` and ``--baselines``: ``--levels coarse mid --resume`` adds those levels'
+runs; ``--merge`` adds the runs of invocations run in parallel, e.g. ``--baselines`` split over the
+cores, each with its own ``--out``) to
 ``benchmarks/results/hwflow.json`` and ``hwflow_<model>.png``.
 """
 
@@ -119,7 +121,7 @@ def run_model(name, args, cfg, log=print, previous=None, checkpoint=None) -> dic
             f"({out['budget_calibration']['points']})")  # fmt: skip
         yield out
     runs = [("rl", lv) for lv in args.levels]
-    runs += [(m, args.baseline_level) for m in ("greedy", "uniform", "per_mac")]
+    runs += [(m, args.baseline_level) for m in args.baselines]
     results = []
     for method, level in runs:
         key = f"{method}_{level}"
@@ -176,8 +178,9 @@ def select(out: dict, args) -> None:
 
 
 #: Settings a resumed invocation may change: the levels searched (``--levels coarse mid`` after
-#: ``--levels fine`` adds their runs to the ones already there).
-RESUMABLE_CHANGES = ("levels",)
+#: ``--levels fine`` adds their runs to the ones already there) and the baselines run.
+RESUMABLE_CHANGES = ("levels", "baselines")
+BASELINES = ("greedy", "uniform", "per_mac")
 
 
 def same_run(previous: dict, settings: dict) -> bool:
@@ -189,12 +192,43 @@ def same_run(previous: dict, settings: dict) -> bool:
     return fixed(previous) == fixed(settings)
 
 
+def resumed(paths, settings: dict, out: Path) -> dict:
+    """The per-model results kept from ``paths`` (the output being resumed, then files of the same
+    run written in parallel), and ``settings`` widened to the levels and baselines they ran."""
+    old = {}
+    for path in paths:
+        if not path.exists():
+            continue
+        prev = json.loads(path.read_text())
+        before = prev.get("meta", {}).get("settings", {})
+        if not same_run(before, settings):
+            if path != out:
+                raise SystemExit(f"{path}: written with other settings, cannot merge")
+            continue
+        for name, state in prev.items():
+            if name.startswith("resnet"):
+                kept = old.setdefault(name, state)
+                kept["runs"] = {**state.get("runs", {}), **kept.get("runs", {})}
+        searched = set(before.get("levels", ())) | set(settings["levels"])
+        settings["levels"] = [lv for lv in hwflow.LEVELS if lv in searched]
+        ran = set(before.get("baselines", BASELINES)) | set(settings["baselines"])
+        settings["baselines"] = [m for m in BASELINES if m in ran]
+    return old
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", choices=("fashion-mnist", "digits"), default="fashion-mnist")
     ap.add_argument("--models", nargs="+", default=["resnet56", "resnet20"])
     ap.add_argument("--levels", nargs="+", default=["coarse", "mid", "fine"])
     ap.add_argument("--baseline-level", default="fine")
+    ap.add_argument(
+        "--baselines",
+        nargs="*",
+        default=list(BASELINES),
+        choices=BASELINES,
+        help="the searches and no-search baselines run at --baseline-level",
+    )
     ap.add_argument("--objective", default="latency", choices=hwflow.OBJECTIVES)
     ap.add_argument("--max-drop", type=float, default=1.0)
     ap.add_argument("--episodes", type=int, default=24)
@@ -209,21 +243,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="default: results/hwflow[_digits].json")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument(
+        "--merge",
+        nargs="*",
+        type=Path,
+        default=[],
+        help="with --resume: also keep the runs of these files, written by "
+        "invocations of the same run in parallel (e.g. --baselines split over cores)",
+    )
     args = ap.parse_args(argv)
     args.out = args.out or OUT[args.dataset]
     cfg = get_config(args.target)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("out", "resume", "models")}  # fmt: skip
+                if k not in ("out", "resume", "merge", "models")}  # fmt: skip
     payload = {"dataset": args.dataset, "selection": "validation",
                "meta": {"settings": settings, "machine": machine_info()}}  # fmt: skip
-    old = {}
-    if args.resume and args.out.exists():
-        prev = json.loads(args.out.read_text())
-        before = prev.get("meta", {}).get("settings", {})
-        if same_run(before, settings):
-            old = {k: v for k, v in prev.items() if k.startswith("resnet")}
-            searched = set(before.get("levels", ())) | set(args.levels)
-            settings["levels"] = [lv for lv in hwflow.LEVELS if lv in searched]
+    old = resumed([args.out] * args.resume + args.merge, settings, args.out)
     t_all = time.perf_counter()
     for name in args.models:
 
