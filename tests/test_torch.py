@@ -266,6 +266,27 @@ def test_onnx_module_computes_what_numpynet_does(builder):
         np.testing.assert_array_equal(numpy_helper.to_array(a), numpy_helper.to_array(b))
 
 
+@pytest.mark.parametrize("pads", [[1, 1, 1, 1], [0, 1, 1, 0], [2, 0, 1, 1]])
+def test_onnx_module_pads_convolutions_as_onnx_does(pads):
+    # symmetric pads go to conv2d, the others through an explicit pad: both equal NumPy's
+    from onnx import TensorProto, helper
+
+    w = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=pads, strides=[2, 1])], "pad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 9, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    x = np.random.default_rng(1).standard_normal((2, 3, 9, 8)).astype(np.float32)
+    with torch.no_grad():
+        ours = ht.OnnxModule(model)(torch.from_numpy(x)).numpy()
+    ref = NumpyNet(model).forward(x)
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+
+
 def test_onnx_module_fine_tunes_with_masks_and_writes_back():
     model = load_bundled_model(batch=1)
     pruned, _ = flow.prune_onnx(model, "hapm", 0.5)

@@ -121,11 +121,13 @@ class OnnxModule(nn.Module):
 
     def _run(self, op, args, a, ins):
         if op == "Conv":
-            w = args[1]
-            x = F.pad(args[0], _pads(a)) if any(a.get("pads", [0])) else args[0]
+            left, right, top, bottom = _pads(a)
+            x, padding = args[0], (top, left)
+            if (left, top) != (right, bottom):  # conv2d pads symmetrically; an explicit pad is a
+                x, padding = F.pad(x, (left, right, top, bottom)), 0  # copy (~15% of a step)
             return F.conv2d(
-                x, w, args[2] if len(args) > 2 else None, a.get("strides", [1, 1]), 0,
-                a.get("dilations", [1, 1]), a.get("group", 1),
+                x, args[1], args[2] if len(args) > 2 else None, a.get("strides", [1, 1]),
+                padding, a.get("dilations", [1, 1]), a.get("group", 1),
             )  # fmt: skip
         if op == "BatchNormalization":
             x, scale, bias = args[:3]
