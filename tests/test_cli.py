@@ -367,6 +367,29 @@ def test_demo_on_fashion_mnist(tmp_path, capsys):
     assert top1["float32"] > 90 and top1["int8 (reference)"] > 90
 
 
+def test_demo_part_one_int8_model_is_part_two_dense_model():
+    """The Fashion-MNIST demo measures the dense int8 model once: part one quantizes the network
+    through the CLI on batches of its calibration images, part two's dense row reuses those
+    outputs in place of ``flow.int8_accuracy`` on the same images in one batch."""
+    pytest.importorskip("torch")
+    from tvm_hapm.cli.io import import_onnx, quantize_module
+    from tvm_hapm.compress import flow
+    from tvm_hapm.data import set_batch
+    from tvm_hapm.models import zoo
+    from tvm_hapm.target.config import get_config
+    from tvm_hapm.torch import QuantizedRunner
+
+    cfg, rng = get_config("hapm_fpga"), np.random.default_rng(0)
+    model = zoo.resnet_cifar(8, in_ch=1, batch=1)
+    x = rng.random((130, 1, 32, 32), dtype=np.float32)
+    calib = [x[k : k + 25] for k in range(0, 100, 25)]
+    qmod = quantize_module(import_onnx(set_batch(model, 25)), calib, cfg, percentile=99.0)
+    part_one = QuantizedRunner(qmod).predict(x[100:])
+    # what flow.int8_accuracy runs: the same logits, so the same correct images
+    q_two = flow.quantize_onnx(model, np.concatenate(calib), cfg, 99.0)
+    np.testing.assert_array_equal(part_one, QuantizedRunner(q_two).predict(x[100:]))
+
+
 def test_demo_without_the_dataset_says_how_to_install_it(tmp_path, monkeypatch, capsys):
     from tvm_hapm.data import fashion_mnist
 
