@@ -14,7 +14,9 @@ split, after least-squares reconstruction of the pruned layers, with int8-rounde
 
 Every run's winner is then fine-tuned in PyTorch (``--final-epochs`` of the 55,000 training
 images, masks held), quantized to int8 (calibrated on 150 training images, with the activation
-percentile chosen on validation when the network was trained) and simulated.  **The headline is
+percentile chosen on validation when the network was trained) and simulated; a run whose winner
+prunes every layer as an earlier run's does takes that run's recovery and figures (``final_from``
+in its record: the recovery is a deterministic function of the allocation).  **The headline is
 chosen on validation**: among the runs whose int8 *validation* drop against the dense int8 model
 is within ``--max-drop``, the one with the largest simulated reduction of the objective.  Only
 then is its int8 test accuracy (all 10,000 images, with a 95% paired-bootstrap interval of the
@@ -132,17 +134,24 @@ def run_model(name, args, cfg, log=print, previous=None, checkpoint=None) -> dic
         res = hwflow.optimize(model, train, cfg, method=method, episodes=args.episodes,
                               seed=args.seed, env=env)  # fmt: skip
         res.search_seconds = time.perf_counter() - t0
-        f = hwflow.finalize(res, env, test, steps, True, args.seed, train_config=recovery(args))
         row = res.to_dict()
-        row.update({
-            "latency_reduction": d_lat / f["sim_latency_ms"],
-            "energy_reduction": d_en / f["sim_energy_uj"],
-            "val_int8_drop": 100 * (dense_val.accuracy - f["val_int8_accuracy"]),
-            "accuracy_drop": 100 * (dense_test.accuracy - f["test_int8_accuracy"]),
-            "ci_accuracy_drop": paired_drop_interval(dense_test.correct, res.int8["test"].correct),
-            "table_seconds": env.table_seconds,
-            "seconds": time.perf_counter() - t0,
-        })  # fmt: skip
+        twin = same_allocation(out["runs"], res.ratios)
+        if twin is not None:  # the recovery is a function of the allocation: reuse it
+            row.update({k: out["runs"][twin][k] for k in FINAL_KEYS})
+            row["final_from"] = twin
+        else:
+            f = hwflow.finalize(res, env, test, steps, True, args.seed,
+                                train_config=recovery(args))  # fmt: skip
+            row.update({
+                "final": f,
+                "latency_reduction": d_lat / f["sim_latency_ms"],
+                "energy_reduction": d_en / f["sim_energy_uj"],
+                "val_int8_drop": 100 * (dense_val.accuracy - f["val_int8_accuracy"]),
+                "accuracy_drop": 100 * (dense_test.accuracy - f["test_int8_accuracy"]),
+                "ci_accuracy_drop": paired_drop_interval(dense_test.correct,
+                                                         res.int8["test"].correct),
+            })  # fmt: skip
+        row.update({"table_seconds": env.table_seconds, "seconds": time.perf_counter() - t0})
         out["runs"][key] = row
         results.append(res)
         log(f"[{name}] {key}: {row['latency_reduction']:.2f}x latency, "
@@ -154,6 +163,22 @@ def run_model(name, args, cfg, log=print, previous=None, checkpoint=None) -> dic
         hwflow.pareto_plot(results, args.out.parent / f"hwflow_{name}{suffix}.png")
     select(out, args)
     yield out
+
+
+#: A run's figures that come from recovering its winner (the rest are its search's).
+FINAL_KEYS = ("final", "latency_reduction", "energy_reduction", "val_int8_drop", "accuracy_drop",
+              "ci_accuracy_drop")  # fmt: skip
+
+
+def same_allocation(runs: dict, ratios: dict) -> str | None:
+    """The first run in ``runs`` whose winner prunes every layer as ``ratios`` does (its
+    recovery, deterministic given the allocation and the seed, need not run again), or None."""
+
+    def key(r):
+        return {k: round(float(v), 9) for k, v in r.items() if float(v) > 0}
+
+    same = (n for n, r in runs.items() if "final_from" not in r and key(r["ratios"]) == key(ratios))
+    return next(same, None)
 
 
 def select(out: dict, args) -> None:
