@@ -18,7 +18,9 @@ Methods: ``standard`` (unstructured magnitude pruning, every layer at the target
 (whole channels, at the channel fraction whose weight sparsity is nearest the target, deployed
 with the channels removed), ``hapm`` (whole hardware groups, the network-wide sparsity spread by
 importance per multiply-accumulate saved: ``ranking="per_mac"``) and ``hapm_layer`` (the same
-groups, every layer at the target).  The first and the last layer stay dense.
+groups, every layer at the target); ``hapm_val`` and ``hapm_cal`` are ``hapm`` with its per-layer
+cap chosen on validation (``hapm_cal``: against what the row's recovered HAPM runs say recovery
+achieves, :func:`calibrated_cap`).  The first and the last layer stay dense.
 
 Accuracy is the int8 model's top-1 on all 10,000 test images (the quantized module run by
 :class:`tvm_hapm.torch.QuantizedRunner`, bit-exact with TVM's llvm build, which the accelerator
@@ -71,9 +73,14 @@ METHODS = {
     "hapm": ("hapm", "per_mac"),
     "hapm_layer": ("hapm", "layer"),
     "hapm_val": ("hapm", "per_mac"),  # with the per-layer cap chosen on validation
+    "hapm_cal": ("hapm", "per_mac"),  # cap chosen on validation, calibrated against recovery
 }
 #: the per-layer caps ``hapm_val`` chooses from (0.875 is ``hapm``'s)
 CAPS = (0.5, 0.625, 0.75, 0.875)
+#: the per-layer caps ``hapm_cal`` chooses from
+CAPS_FINE = (0.5, 0.5625, 0.625, 0.6875, 0.75, 0.8125, 0.875)
+#: the HAPM runs whose recovery calibrates ``hapm_cal`` (whichever of them the row has)
+CALIBRATING = ("hapm_layer", "hapm", "hapm_val")
 
 
 def check_shrink(model, fraction, cfg, x) -> float:
@@ -147,6 +154,66 @@ def select_cap(s, base, data, args, cfg, row, log) -> tuple[float, dict]:
     return cap, trials
 
 
+def recovered_val(row: dict, label: str) -> float:
+    """The float validation accuracy of the weights ``recover`` kept for ``label``."""
+    val = row[f"val_{label}"]
+    return val["val_finetuned"] if row[f"kept_{label}"] == "finetuned" else val["val_reconstructed"]
+
+
+def calibrated_cap(s, base, data, args, cfg, row, log) -> tuple[float, dict]:
+    """The per-layer cap of HAPM's ``per_mac`` allocation at sparsity ``s``, chosen on the
+    validation split against what recovery achieves (``hapm_val``'s rule compares accuracies
+    before fine-tuning, which on Fashion-MNIST are several points more pessimistic).
+
+    The reference is the better of the dense model's and standard pruning's recovered float
+    validation accuracy.  The HAPM runs of the row already recovered (:data:`CALIBRATING`) give
+    pairs (drop after reconstruction, drop after recovery);
+    :func:`tvm_hapm.hwflow.budget_from_points` turns them into the reconstruction drop at which
+    the recovered drop reaches 1 point.  Every cap of :data:`CAPS_FINE` is then pruned,
+    reconstructed (no fine-tuning) and simulated; the fastest whose reconstruction drop is
+    within that budget is kept, or the most accurate if none is.  The test set plays no part."""
+    from tvm_hapm.hwflow import budget_from_points
+
+    (x_tr, y_tr), val, _, _ = data
+    done = [label for label in CALIBRATING if f"val_{label}" in row]
+    if "val_standard" not in row or not done:
+        raise SystemExit("hapm_cal is calibrated on recovered runs: run --methods standard "
+                         "hapm_layer (or hapm) first")  # fmt: skip
+    dense_val = float_accuracy(base, *val, args.engine)
+    reference = max(dense_val, recovered_val(row, "standard"))
+    points = {
+        label: {"reconstructed_drop": 100 * (reference - row[f"val_{label}"]["val_reconstructed"]),
+                "recovered_drop": 100 * (reference - recovered_val(row, label))}
+        for label in done
+    }  # fmt: skip
+    budget = budget_from_points([p["reconstructed_drop"] for p in points.values()],
+                                [p["recovered_drop"] for p in points.values()], 1.0)  # fmt: skip
+    log(f"{s:.0%} hapm_cal: reference {reference:.4f} (dense {dense_val:.4f}), budget "
+        f"{budget:.2f} pt before fine-tuning from {points}")  # fmt: skip
+    trials = {}
+    for cap in CAPS_FINE:
+        try:
+            pruned, _ = prune_onnx(base, "hapm", s, config=cfg, ranking="per_mac",
+                                   max_layer_sparsity=cap)  # fmt: skip
+        except ValueError:  # a cap that cannot reach the sparsity
+            continue
+        rebuilt, info = recover(pruned, base, (x_tr, y_tr), steps=0, calibration=args.calibration,
+                                val_data=val, engine=args.engine, seed=args.seed)  # fmt: skip
+        lat = simulate(rebuilt, cfg, x_tr, x_tr)[0]  # any image: latency is data-independent
+        drop = 100 * (reference - info["val_reconstructed"])
+        trials[cap] = {"val_reconstructed": info["val_reconstructed"], "drop": drop,
+                       "latency_ms": lat}  # fmt: skip
+        log(f"{s:.0%} hapm_cal: cap {cap}: reconstruction drop {drop:.2f} pt, {lat:.3f} ms")
+    ok = [c for c, t in trials.items() if t["drop"] <= budget + 1e-9]
+    if ok:
+        cap = min(ok, key=lambda c: (trials[c]["latency_ms"], -c))
+    else:
+        cap = max(trials, key=lambda c: (trials[c]["val_reconstructed"], c))
+    record = {"reference_val": reference, "dense_val": dense_val, "points": points,
+              "budget": budget, "trials": trials}  # fmt: skip
+    return cap, record
+
+
 def run_sparsity(s, base, data, args, cfg, dense, log, row=None, checkpoint=None) -> dict:
     """The row of sparsity ``s``: every method of ``args.methods`` the row does not have yet.
 
@@ -171,6 +238,16 @@ def run_sparsity(s, base, data, args, cfg, dense, log, row=None, checkpoint=None
         if label == "hapm_val":
             cap, row["hapm_val_trials"] = select_cap(s, base, data, args, cfg, row, log)
             row["hapm_val_cap"] = cap
+        if label == "hapm_cal":
+            cap, row["hapm_cal_choice"] = calibrated_cap(s, base, data, args, cfg, row, log)
+            row["hapm_cal_cap"] = cap
+            if row.get("hapm_val_cap") == cap and "acc_hapm_val" in row:
+                # the same allocation, recovered the same way (deterministic): hapm_val's model
+                row.update({k.replace("_hapm_val", "_hapm_cal"): v for k, v in row.items()
+                            if k.endswith("_hapm_val") and k != "seconds_hapm_val"})  # fmt: skip
+                row["hapm_cal_model_of"] = "hapm_val"
+                log(f"{s:.0%} hapm_cal: cap {cap}, hapm_val's cap: its model and figures")
+                continue
         pruned, _ = prune_onnx(base, method, ratio, config=cfg, ranking=ranking,
                                max_layer_sparsity=cap)  # fmt: skip
         tuned, info = recover(
@@ -212,9 +289,12 @@ def run_sparsity(s, base, data, args, cfg, dense, log, row=None, checkpoint=None
     return row
 
 
+HAPM_LABELS = tuple(label for label, (method, _) in METHODS.items() if method == "hapm")
+
+
 def add_speedups(row: dict) -> None:
     """``<hapm variant>_vs_<standard|filter|dense>_speedup`` of a row, from its latencies."""
-    for label in ("hapm", "hapm_layer", "hapm_val"):
+    for label in HAPM_LABELS:
         if f"lat_{label}" not in row:
             continue
         for other in ("standard", "filter", "dense"):
@@ -226,7 +306,7 @@ def targets(model_rows: dict) -> dict:
     """The issue's targets, checked on one network's rows for each HAPM variant run."""
     out = {}
     for s, row in model_rows.items():
-        for label in ("hapm", "hapm_layer", "hapm_val"):
+        for label in HAPM_LABELS:
             if f"acc_{label}" not in row or "acc_standard" not in row:
                 continue
             got = {
@@ -336,6 +416,10 @@ def main(argv=None) -> dict:
         "hapm_val": "per_mac with the per-layer cap chosen on validation among "
         f"{list(CAPS)}: the fastest whose reconstructed float validation accuracy is within 1 "
         "point of standard pruning's (hapm_val_trials); hapm is per_mac with cap 0.875",
+        "hapm_cal": "per_mac with the per-layer cap chosen on validation among "
+        f"{list(CAPS_FINE)}: the fastest whose reconstruction drop is within the budget at which "
+        "the row's recovered HAPM runs reach 1 point of recovered drop against the better of "
+        "dense and standard (hapm_cal_choice)",
     }
     write_json(args.out, payload)
     return payload
