@@ -129,12 +129,22 @@ def select_cap(s, base, data, args, cfg, row, log) -> tuple[float, dict]:
     measure the float validation accuracy and the simulated latency; keep the fastest cap whose
     accuracy is within 1 point of standard pruning's reconstructed accuracy at ``s``, or the
     most accurate one if none is."""
-    (x_tr, y_tr), val, _, _ = data
     if "val_standard" not in row:
         raise SystemExit("hapm_val compares with standard pruning: run --methods standard hapm_val")
     reference = row["val_standard"]["val_reconstructed"]
+    log(f"{s:.0%} hapm_val: standard's reconstructed validation accuracy {reference:.4f}")
+    trials = cap_trials(s, CAPS, base, data, args, cfg, lambda m: log(f"{s:.0%} hapm_val: {m}"))
+    ok = [c for c, t in trials.items() if t["val_reconstructed"] >= reference - 0.01]
+    return fastest_cap(trials, ok), trials
+
+
+def cap_trials(s, caps, base, data, args, cfg, log) -> dict:
+    """For each cap of ``caps`` that can reach sparsity ``s``: HAPM's ``per_mac`` allocation with
+    that per-layer cap, pruned and reconstructed (no fine-tuning), its float validation accuracy
+    and simulated latency."""
+    (x_tr, y_tr), val, _, _ = data
     trials = {}
-    for cap in CAPS:
+    for cap in caps:
         try:
             pruned, _ = prune_onnx(base, "hapm", s, config=cfg, ranking="per_mac",
                                    max_layer_sparsity=cap)  # fmt: skip
@@ -144,14 +154,16 @@ def select_cap(s, base, data, args, cfg, row, log) -> tuple[float, dict]:
                                 val_data=val, engine=args.engine, seed=args.seed)  # fmt: skip
         lat = simulate(rebuilt, cfg, x_tr, x_tr)[0]  # any image: latency is data-independent
         trials[cap] = {"val_reconstructed": info["val_reconstructed"], "latency_ms": lat}
-        log(f"{s:.0%} hapm_val: cap {cap}: validation {info['val_reconstructed']:.4f} "
-            f"(standard {reference:.4f}), {lat:.3f} ms")  # fmt: skip
-    ok = [c for c, t in trials.items() if t["val_reconstructed"] >= reference - 0.01]
+        log(f"cap {cap}: validation {info['val_reconstructed']:.4f}, {lat:.3f} ms")
+    return trials
+
+
+def fastest_cap(trials: dict, ok) -> float:
+    """The fastest of the caps ``ok`` (the larger on a tie), or the most accurate of ``trials``
+    when none is."""
     if ok:
-        cap = min(ok, key=lambda c: (trials[c]["latency_ms"], -c))
-    else:
-        cap = max(trials, key=lambda c: (trials[c]["val_reconstructed"], c))
-    return cap, trials
+        return min(ok, key=lambda c: (trials[c]["latency_ms"], -c))
+    return max(trials, key=lambda c: (trials[c]["val_reconstructed"], c))
 
 
 def recovered_val(row: dict, label: str) -> float:
@@ -174,7 +186,9 @@ def calibrated_cap(s, base, data, args, cfg, row, log) -> tuple[float, dict]:
     within that budget is kept, or the most accurate if none is.  The test set plays no part."""
     from tvm_hapm.hwflow import budget_from_points
 
-    (x_tr, y_tr), val, _, _ = data
+    val = data[1]
+    if val is None:
+        raise SystemExit("hapm_cal needs the validation split of a real dataset (Fashion-MNIST)")
     done = [label for label in CALIBRATING if f"val_{label}" in row]
     if "val_standard" not in row or not done:
         raise SystemExit("hapm_cal is calibrated on recovered runs: run --methods standard "
@@ -190,25 +204,11 @@ def calibrated_cap(s, base, data, args, cfg, row, log) -> tuple[float, dict]:
                                 [p["recovered_drop"] for p in points.values()], 1.0)  # fmt: skip
     log(f"{s:.0%} hapm_cal: reference {reference:.4f} (dense {dense_val:.4f}), budget "
         f"{budget:.2f} pt before fine-tuning from {points}")  # fmt: skip
-    trials = {}
-    for cap in CAPS_FINE:
-        try:
-            pruned, _ = prune_onnx(base, "hapm", s, config=cfg, ranking="per_mac",
-                                   max_layer_sparsity=cap)  # fmt: skip
-        except ValueError:  # a cap that cannot reach the sparsity
-            continue
-        rebuilt, info = recover(pruned, base, (x_tr, y_tr), steps=0, calibration=args.calibration,
-                                val_data=val, engine=args.engine, seed=args.seed)  # fmt: skip
-        lat = simulate(rebuilt, cfg, x_tr, x_tr)[0]  # any image: latency is data-independent
-        drop = 100 * (reference - info["val_reconstructed"])
-        trials[cap] = {"val_reconstructed": info["val_reconstructed"], "drop": drop,
-                       "latency_ms": lat}  # fmt: skip
-        log(f"{s:.0%} hapm_cal: cap {cap}: reconstruction drop {drop:.2f} pt, {lat:.3f} ms")
-    ok = [c for c, t in trials.items() if t["drop"] <= budget + 1e-9]
-    if ok:
-        cap = min(ok, key=lambda c: (trials[c]["latency_ms"], -c))
-    else:
-        cap = max(trials, key=lambda c: (trials[c]["val_reconstructed"], c))
+    trials = cap_trials(s, CAPS_FINE, base, data, args, cfg,
+                        lambda m: log(f"{s:.0%} hapm_cal: {m}"))  # fmt: skip
+    for t in trials.values():
+        t["drop"] = 100 * (reference - t["val_reconstructed"])
+    cap = fastest_cap(trials, [c for c, t in trials.items() if t["drop"] <= budget + 1e-9])
     record = {"reference_val": reference, "dense_val": dense_val, "points": points,
               "budget": budget, "trials": trials}  # fmt: skip
     return cap, record
