@@ -81,6 +81,8 @@ CAPS = (0.5, 0.625, 0.75, 0.875)
 CAPS_FINE = (0.5, 0.5625, 0.625, 0.6875, 0.75, 0.8125, 0.875)
 #: the HAPM runs whose recovery calibrates ``hapm_cal`` (whichever of them the row has)
 CALIBRATING = ("hapm_layer", "hapm", "hapm_val")
+#: the HAPM variants (speed-ups and targets are reported for each)
+HAPM_LABELS = tuple(label for label, (method, _) in METHODS.items() if method == "hapm")
 
 
 def check_shrink(model, fraction, cfg, x) -> float:
@@ -287,9 +289,6 @@ def run_sparsity(s, base, data, args, cfg, dense, log, row=None, checkpoint=None
             checkpoint(row)
     add_speedups(row)
     return row
-
-
-HAPM_LABELS = tuple(label for label, (method, _) in METHODS.items() if method == "hapm")
 
 
 def add_speedups(row: dict) -> None:

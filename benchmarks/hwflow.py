@@ -202,10 +202,11 @@ def select(out: dict, args) -> None:
                        for lv in hwflow.LEVELS if f"rl_{lv}" in out["runs"]}  # fmt: skip
 
 
-#: Settings a resumed invocation may change: the levels searched (``--levels coarse mid`` after
-#: ``--levels fine`` adds their runs to the ones already there) and the baselines run.
-RESUMABLE_CHANGES = ("levels", "baselines")
 BASELINES = ("greedy", "uniform", "per_mac")
+#: Settings a resumed invocation may change, each with its canonical order: the levels searched
+#: (``--levels coarse mid`` after ``--levels fine`` adds their runs to the ones already there)
+#: and the baselines run.
+RESUMABLE_CHANGES = {"levels": hwflow.LEVELS, "baselines": BASELINES}
 
 
 def same_run(previous: dict, settings: dict) -> bool:
@@ -234,10 +235,10 @@ def resumed(paths, settings: dict, out: Path) -> dict:
             if name.startswith("resnet"):
                 kept = old.setdefault(name, state)
                 kept["runs"] = {**state.get("runs", {}), **kept.get("runs", {})}
-        searched = set(before.get("levels", ())) | set(settings["levels"])
-        settings["levels"] = [lv for lv in hwflow.LEVELS if lv in searched]
-        ran = set(before.get("baselines", BASELINES)) | set(settings["baselines"])
-        settings["baselines"] = [m for m in BASELINES if m in ran]
+        for key, order in RESUMABLE_CHANGES.items():
+            # a record without the key ran every one (records from before --baselines)
+            ran = set(before.get(key, order)) | set(settings[key])
+            settings[key] = [v for v in order if v in ran]
     return old
 
 
@@ -273,8 +274,8 @@ def main(argv=None) -> dict:
         nargs="*",
         type=Path,
         default=[],
-        help="with --resume: also keep the runs of these files, written by "
-        "invocations of the same run in parallel (e.g. --baselines split over cores)",
+        help="also keep the runs of these files, written by invocations of the same run in "
+        "parallel (e.g. --baselines split over cores)",
     )
     args = ap.parse_args(argv)
     args.out = args.out or OUT[args.dataset]

@@ -202,3 +202,25 @@ def test_time_programs_gives_the_simulated_run_s_cycles_and_energy(ratio):
     timed = flow.time_programs(model, "zedboard", x)
     assert timed[3] == ran[3] and len(timed[3]) >= 8
     assert timed[:3] == ran[:3] and timed[4] == ran[4]
+
+
+def test_evaluate_deployed_takes_an_accuracy_already_measured(monkeypatch):
+    """``correct=`` (the demo's dense row, measured in its part one) skips the int8 run and
+    keeps the simulation: the same result as measuring it."""
+    from tvm_hapm.models import resnet_cifar
+
+    x, y, xt, yt = load_digits(size=16, channels=3)
+    model = resnet_cifar(depth=8, input_hw=(16, 16), width=8)
+    measured = flow.evaluate_deployed(model, "hapm_fpga", x[:16], xt[:40], yt[:40], engine="tvm")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("int8_accuracy ran although the accuracy was given")
+
+    monkeypatch.setattr(flow.int8_accuracy.__module__ + ".int8_accuracy", refuse)
+    given = flow.evaluate_deployed(model, "hapm_fpga", x[:16], xt[:40], yt[:40], engine="tvm",
+                                   correct=measured.correct)  # fmt: skip
+    assert given.correct is measured.correct
+    assert (given.accuracy, given.latency_ms, given.energy_uj, given.gemms, given.cycles) == (
+        measured.accuracy, measured.latency_ms, measured.energy_uj, measured.gemms,
+        measured.cycles,
+    )  # fmt: skip

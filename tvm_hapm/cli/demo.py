@@ -211,7 +211,6 @@ def _demo_pruning(args, console: Console, data, dense_int8=None) -> None:
         load_digits,
         load_fashion_resnet,
     )
-    from ..target.config import get_config
 
     engine = flow.resolve_engine()
     if data is None:
@@ -238,16 +237,11 @@ def _demo_pruning(args, console: Console, data, dense_int8=None) -> None:
     rows, kept = {}, {}
     with progress_display(console) as progress:
         with stage(progress, "ResNet-20 dense: deploy"):
-            if dense_int8 is None:
-                rows["dense"] = flow.evaluate_deployed(base, "hapm_fpga", x_cal, x_test, y_test,
-                                                       percentile=pct, engine=engine)  # fmt: skip
-            else:  # part one measured this int8 model on every test image
-                lat, energy, cycles, _, gemms = flow.simulate(
-                    base, get_config("hapm_fpga"), x_cal, x_test, "hapm_fpga"
-                )
-                correct = dense_int8[1]
-                rows["dense"] = flow.DeployedResult(100.0 * correct.mean(), lat, energy, gemms,
-                                                    int(cycles), correct)  # fmt: skip
+            # part one, when it ran, measured this int8 model on every test image
+            rows["dense"] = flow.evaluate_deployed(
+                base, "hapm_fpga", x_cal, x_test, y_test, percentile=pct, engine=engine,
+                correct=None if dense_int8 is None else dense_int8[1],
+            )  # fmt: skip
         # HAPM with every layer at the target: on Fashion-MNIST the per_mac allocation's default
         # cap costs 2-5 points, and the cap benchmarks/hapm_vs_standard.py chose on validation
         # at 50% (0.5) is this allocation (docs/pruning.md)

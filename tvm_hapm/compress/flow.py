@@ -446,7 +446,7 @@ class DeployedResult:
 
 def evaluate_deployed(
     model, target, x_cal, x_test, y_test, transform=None, config=None, percentile=None,
-    engine: str = "auto",
+    engine: str = "auto", correct=None,
 ) -> DeployedResult:  # fmt: skip
     """Quantize ``model`` (calibrated on ``x_cal``), measure its int8 top-1 on the whole test
     set (:func:`int8_accuracy`) and its accelerator latency and energy for one image
@@ -454,14 +454,19 @@ def evaluate_deployed(
 
     ``transform`` is an optional Relax pass applied to the float module before quantization
     (e.g. :func:`filter_deploy_pass`), for the accuracy and the latency alike.  ``config``
-    (default: the target's) is the quantizer's and the accelerator's.
+    (default: the target's) is the quantizer's and the accelerator's.  ``correct``: the int8
+    model's top-1 hit per test image when the caller already measured it (the same model,
+    calibration images, percentile and transform); only the simulation then runs.
     """
     from ..target.config import get_config
 
     cfg = get_config(config if config is not None else target)
-    acc = int8_accuracy(model, x_cal, x_test, y_test, cfg, percentile, transform, engine)
+    if correct is None:
+        correct = int8_accuracy(
+            model, x_cal, x_test, y_test, cfg, percentile, transform, engine
+        ).correct
     lat, energy, cycles, _, gemms = simulate(model, cfg, x_cal, x_test, target, transform)
-    return DeployedResult(100.0 * acc.accuracy, lat, energy, gemms, int(cycles), acc.correct)
+    return DeployedResult(100.0 * float(np.mean(correct)), lat, energy, gemms, int(cycles), correct)
 
 
 def recover(
