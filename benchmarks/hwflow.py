@@ -25,7 +25,9 @@ and every calibration point (``--resume`` keeps those of a previous invocation w
 settings but ``--levels`` and ``--baselines``: ``--levels coarse mid --resume`` adds those levels'
 runs; ``--merge`` adds the runs of invocations run in parallel, e.g. ``--baselines`` split over the
 cores, each with its own ``--out``) to
-``benchmarks/results/hwflow.json`` and ``hwflow_<model>.png``.
+``benchmarks/results/hwflow.json``; ``hwflow_<model>.png`` shows how the headline was chosen
+(:func:`selection_plot`), ``hwflow_<model>_search.png`` the candidates of the invocation's searches.
+``--plot-only`` redraws the former from the JSON.
 """
 
 from __future__ import annotations
@@ -158,10 +160,11 @@ def run_model(name, args, cfg, log=print, previous=None, checkpoint=None) -> dic
             f"{row['energy_reduction']:.2f}x energy, int8 val drop {row['val_int8_drop']:.2f} pt "
             f"({row['seconds']:.0f} s)")  # fmt: skip
         yield out  # a checkpoint for the caller to save
-    if results:
-        suffix = "_digits" if args.dataset == "digits" else ""
-        hwflow.pareto_plot(results, args.out.parent / f"hwflow_{name}{suffix}.png")
     select(out, args)
+    suffix = "_digits" if args.dataset == "digits" else ""
+    if results:  # the candidates of this invocation's searches (earlier ones keep no history)
+        hwflow.pareto_plot(results, args.out.parent / f"hwflow_{name}{suffix}_search.png")
+    selection_plot(out, args.max_drop, args.out.parent / f"hwflow_{name}{suffix}.png", name)
     yield out
 
 
@@ -200,6 +203,55 @@ def select(out: dict, args) -> None:
             "ci_accuracy_drop", "search_seconds", "ratios")  # fmt: skip
     out["by_level"] = {lv: {k: out["runs"][f"rl_{lv}"][k] for k in keys}
                        for lv in hwflow.LEVELS if f"rl_{lv}" in out["runs"]}  # fmt: skip
+
+
+def selection_plot(state: dict, max_drop: float, path: Path, title: str = "") -> Path:
+    """How the headline was chosen: every run's recovered winner, its simulated latency and
+    energy reduction against its int8 validation drop (what the choice sees: feasible runs
+    filled, the headline starred), with the int8 test drop and its 95% interval beside it in
+    grey (reported after the choice)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tvm_hapm import atomic
+
+    groups: dict = {}  # runs whose winners coincide (same recovery) share one marker
+    for name, r in sorted(state["runs"].items()):
+        key = tuple(round(r[k], 6) for k in ("val_int8_drop", "latency_reduction",
+                                             "energy_reduction"))  # fmt: skip
+        groups.setdefault(key, (r, []))[1].append(name)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), sharex=True)
+    for ax, key, label in zip(axes, ("latency_reduction", "energy_reduction"),
+                              ("latency", "energy"), strict=True):  # fmt: skip
+        for i, (r, names) in enumerate(groups.values()):
+            y, val, test = r[key], r["val_int8_drop"], r["accuracy_drop"]
+            lo, hi = r["ci_accuracy_drop"]
+            ax.errorbar([test], [y], xerr=[[test - lo], [hi - test]], fmt="none", ecolor="0.75",
+                        lw=1)  # fmt: skip
+            ax.scatter([test], [y], marker="|", s=80, color="0.5")
+            won = state.get("winner") in names
+            feasible = val <= max_drop + 1e-9
+            ax.scatter([val], [y], s=220 if won else 45, marker="*" if won else "o",
+                       color=f"C{i}" if feasible else "none", edgecolors=f"C{i}", zorder=5,
+                       label=", ".join(names))  # fmt: skip
+        ax.axvline(max_drop, color="red", lw=0.8, ls="--")
+        ax.axhline(2.0, color="0.6", lw=0.6, ls=":")
+        ax.set_xlabel("int8 accuracy drop vs dense (points)")
+        ax.set_ylabel(f"simulated {label} reduction vs dense (x)")
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{title}: each run's recovered winner; colour: validation drop (filled: within "
+                 "the budget, red; star: the headline), grey: test drop and its 95% interval, "
+                 "reported after the choice", fontsize=8)  # fmt: skip
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic.write_bytes(path, buffer.getvalue())
+    return Path(path)
 
 
 BASELINES = ("greedy", "uniform", "per_mac")
@@ -242,6 +294,20 @@ def resumed(paths, settings: dict, out: Path) -> dict:
     return old
 
 
+def replot(path: Path, dataset: str) -> dict:
+    """Redraw every model's :func:`selection_plot` from the records in ``path``, each with the
+    accuracy budget its run was chosen with."""
+    payload = json.loads(path.read_text())
+    meta = payload.get("meta", {})
+    suffix = "_digits" if dataset == "digits" else ""
+    for name, state in payload.items():
+        if name.startswith("resnet") and state.get("runs"):
+            settings = meta.get("runs", {}).get(name, {}).get("settings", meta.get("settings"))
+            selection_plot(state, settings["max_drop"], path.parent / f"hwflow_{name}{suffix}.png",
+                           name)  # fmt: skip
+    return payload
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", choices=("fashion-mnist", "digits"), default="fashion-mnist")
@@ -277,8 +343,12 @@ def main(argv=None) -> dict:
         help="also keep the runs of these files, written by invocations of the same run in "
         "parallel (e.g. --baselines split over cores)",
     )
+    ap.add_argument("--plot-only", action="store_true",
+                    help="redraw hwflow_<model>.png from --out's records and stop")  # fmt: skip
     args = ap.parse_args(argv)
     args.out = args.out or OUT[args.dataset]
+    if args.plot_only:
+        return replot(args.out, args.dataset)
     cfg = get_config(args.target)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                 if k not in ("out", "resume", "merge", "models")}  # fmt: skip
