@@ -23,8 +23,9 @@ then is its int8 test accuracy (all 10,000 images, with a 95% paired-bootstrap i
 drop) reported; the test set plays no part in any choice.  Results are written after every run
 and every calibration point (``--resume`` keeps those of a previous invocation with the same
 settings but ``--levels`` and ``--baselines``: ``--levels coarse mid --resume`` adds those levels'
-runs; ``--merge`` adds the runs of invocations run in parallel, e.g. ``--baselines`` split over the
-cores, each with its own ``--out``) to
+runs; ``--merge`` adds the runs and calibration points of invocations run in parallel, e.g.
+``--baselines`` or, with ``--calibrate-only``, the calibration split over the cores, each with its
+own ``--out``) to
 ``benchmarks/results/hwflow.json``; ``hwflow_<model>.png`` shows how the headline was chosen
 (:func:`selection_plot`), ``hwflow_<model>_search.png`` the candidates of the invocation's searches.
 ``--plot-only`` redraws the former from the JSON.
@@ -116,9 +117,18 @@ def run_model(name, args, cfg, log=print, previous=None, checkpoint=None) -> dic
             if checkpoint is not None:
                 checkpoint(out)
 
+        measured = previous.get("budget_calibration", {}).get("points", ())
+        if args.calibrate_only:  # this process's share of a calibration split over processes
+            out["budget_calibration"] = hwflow.calibrate_budget(
+                base, args.calibrate_only, steps, dense_val.accuracy, args.seed, recovery(args),
+                measured=measured, on_point=on_point,
+            )  # fmt: skip
+            out["budget_calibration"]["search_budget"] = None  # not from every point
+            yield out
+            return
         out["budget_calibration"] = hwflow.calibrate_budget(
             base, args.calibrate, steps, dense_val.accuracy, args.seed, recovery(args),
-            measured=previous.get("budget_calibration", {}).get("points", ()), on_point=on_point,
+            measured=measured, on_point=on_point,
         )  # fmt: skip
         base.budget = out["budget_calibration"]["search_budget"]
         log(f"[{name}] search budget calibrated on validation: {base.budget:.2f} pt "
@@ -261,6 +271,10 @@ BASELINES = ("greedy", "uniform", "per_mac")
 RESUMABLE_CHANGES = {"levels": hwflow.LEVELS, "baselines": BASELINES}
 
 
+#: Options that say where and how much of a run an invocation does, not what the run is.
+NOT_SETTINGS = ("out", "resume", "merge", "models", "calibrate_only", "plot_only")
+
+
 def same_run(previous: dict, settings: dict) -> bool:
     """Whether results written with ``previous`` settings belong to a run with ``settings``."""
 
@@ -287,6 +301,11 @@ def resumed(paths, settings: dict, out: Path) -> dict:
             if name.startswith("resnet"):
                 kept = old.setdefault(name, state)
                 kept["runs"] = {**state.get("runs", {}), **kept.get("runs", {})}
+                # calibration points by ratio (the first file's where two measured one)
+                points = {p["ratio"]: p for st in (state, kept)
+                          for p in st.get("budget_calibration", {}).get("points", [])}  # fmt: skip
+                if points:
+                    kept["budget_calibration"] = {"points": [points[r] for r in sorted(points)]}
         for key, order in RESUMABLE_CHANGES.items():
             # a record without the key ran every one (records from before --baselines)
             ran = set(before.get(key, order)) | set(settings[key])
@@ -329,6 +348,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--calibrate", nargs="*", type=float, default=[],
                     help="uniform ratios at which to calibrate the search budget on validation "
                     "(hwflow.calibrate_budget); none: the search budget is --max-drop")  # fmt: skip
+    ap.add_argument(
+        "--calibrate-only",
+        nargs="+",
+        type=float,
+        default=[],
+        help="measure only these of the --calibrate points, then stop (a calibration split over "
+        "processes, each with its own --out; the run then --merge's them)",
+    )
     ap.add_argument("--recal-size", type=int, default=128, help="images to reconstruct on")
     ap.add_argument("--target", default="hapm_fpga-zedboard")
     ap.add_argument("--engine", default="auto", choices=("auto", "torch", "tvm"))
@@ -349,9 +376,11 @@ def main(argv=None) -> dict:
     args.out = args.out or OUT[args.dataset]
     if args.plot_only:
         return replot(args.out, args.dataset)
+    if not set(args.calibrate_only) <= set(args.calibrate):
+        raise SystemExit("--calibrate-only: points not among --calibrate's")
     cfg = get_config(args.target)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                if k not in ("out", "resume", "merge", "models")}  # fmt: skip
+                if k not in NOT_SETTINGS}  # fmt: skip
     payload = {"dataset": args.dataset, "selection": "validation",
                "meta": {"settings": settings, "machine": machine_info()}}  # fmt: skip
     old = resumed([args.out] * args.resume + args.merge, settings, args.out)
