@@ -322,6 +322,9 @@ def replot(path: Path, dataset: str) -> dict:
     for name, state in payload.items():
         if name.startswith("resnet") and state.get("runs"):
             settings = meta.get("runs", {}).get(name, {}).get("settings", meta.get("settings"))
+            fields = ("val_int8_drop", "accuracy_drop", "ci_accuracy_drop")
+            if not settings or any(k not in r for r in state["runs"].values() for k in fields):
+                raise SystemExit(f"{path}: {name}'s records predate the selection plot's fields")
             selection_plot(state, settings["max_drop"], path.parent / f"hwflow_{name}{suffix}.png",
                            name)  # fmt: skip
     return payload
@@ -367,8 +370,8 @@ def main(argv=None) -> dict:
         nargs="*",
         type=Path,
         default=[],
-        help="also keep the runs of these files, written by invocations of the same run in "
-        "parallel (e.g. --baselines split over cores)",
+        help="also keep the runs and calibration points of these files, written by invocations "
+        "of the same run in parallel (e.g. --baselines or --calibrate-only split over cores)",
     )
     ap.add_argument("--plot-only", action="store_true",
                     help="redraw hwflow_<model>.png from --out's records and stop")  # fmt: skip
