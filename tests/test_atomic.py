@@ -31,6 +31,31 @@ def test_write_bytes_replaces_or_leaves_the_file(tmp_path, monkeypatch):
     assert target.read_bytes() == b"new" and _siblings(target) == ["model.onnx"]
 
 
+def test_write_figure_renders_in_memory_then_writes_atomically(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    png, svg = tmp_path / "plot.png", tmp_path / "plot.svg"
+    atomic.write_figure(png, fig)
+    atomic.write_figure(svg, fig)
+    assert png.read_bytes().startswith(b"\x89PNG") and b"<svg" in svg.read_bytes()
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.os, "fsync", interrupted)
+    before = png.read_bytes()
+    ax.plot([0, 1], [0, 1])
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_figure(png, fig)
+    plt.close(fig)
+    assert png.read_bytes() == before and _siblings(png) == ["plot.png", "plot.svg"]
+
+
 def test_replaced_dir_replaces_the_whole_folder(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["replaced_dir", "write_bytes", "write_text"]
+__all__ = ["replaced_dir", "write_bytes", "write_figure", "write_text"]
 
 _RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths atomically (renameat2, Linux >= 3.15)
 _AT_FDCWD = -100
@@ -59,6 +59,16 @@ def _umask() -> int:
 def write_text(path, text: str) -> Path:
     """:func:`write_bytes` of ``text`` encoded as UTF-8."""
     return write_bytes(path, text.encode("utf-8"))
+
+
+def write_figure(path, fig, dpi: int = 120) -> Path:
+    """:func:`write_bytes` of a matplotlib figure rendered in memory, in the format ``path``'s
+    suffix names (PNG without one)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=dpi)
+    return write_bytes(path, buffer.getvalue())
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -11,6 +11,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from .. import atomic
 from .errors import CliError, one_line
 from .io import (
     compile_model,
@@ -301,7 +302,7 @@ def _latency_accuracy_plot(rows: dict, path: Path, sparsity: float, dataset: str
     ax.set_title(f"ResNet-20, {sparsity:.0%} sparsity")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic.write_figure(path, fig)
     plt.close(fig)
 
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import io
-from pathlib import Path
-
 from .. import atomic
 from .optimize import OptimizeResult
 
@@ -44,8 +41,6 @@ def pareto_plot(results, path, objective: str | None = None) -> str:
     ax.set_ylabel("validation top-1 (%)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
+    atomic.write_figure(path, fig)
     plt.close(fig)
-    atomic.write_bytes(path, buffer.getvalue())
     return str(path)
