@@ -171,10 +171,9 @@ def run_model(name, args, cfg, log=print, previous=None, checkpoint=None) -> dic
             f"({row['seconds']:.0f} s)")  # fmt: skip
         yield out  # a checkpoint for the caller to save
     select(out, args)
-    suffix = "_digits" if args.dataset == "digits" else ""
     if results:  # the candidates of this invocation's searches (earlier ones keep no history)
-        hwflow.pareto_plot(results, args.out.parent / f"hwflow_{name}{suffix}_search.png")
-    selection_plot(out, args.max_drop, args.out.parent / f"hwflow_{name}{suffix}.png", name)
+        hwflow.pareto_plot(results, figure_path(args.out, name, args.dataset, "_search"))
+    selection_plot(out, args.max_drop, figure_path(args.out, name, args.dataset), name)
     yield out
 
 
@@ -215,13 +214,16 @@ def select(out: dict, args) -> None:
                        for lv in hwflow.LEVELS if f"rl_{lv}" in out["runs"]}  # fmt: skip
 
 
+def figure_path(out: Path, name: str, dataset: str, kind: str = "") -> Path:
+    """``hwflow_<model>[_digits][kind].png`` beside the results file ``out``."""
+    return out.parent / f"hwflow_{name}{'_digits' if dataset == 'digits' else ''}{kind}.png"
+
+
 def selection_plot(state: dict, max_drop: float, path: Path, title: str = "") -> Path:
     """How the headline was chosen: every run's recovered winner, its simulated latency and
-    energy reduction against its int8 validation drop (what the choice sees: feasible runs
-    filled, the headline starred), with the int8 test drop and its 95% interval beside it in
-    grey (reported after the choice)."""
-    import io
-
+    energy reduction against its int8 validation drop (what the choice sees: the runs
+    :func:`select` found feasible filled, the headline starred), with the int8 test drop and its
+    95% interval beside it in grey (reported after the choice)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -244,7 +246,7 @@ def selection_plot(state: dict, max_drop: float, path: Path, title: str = "") ->
                         lw=1)  # fmt: skip
             ax.scatter([test], [y], marker="|", s=80, color="0.5")
             won = state.get("winner") in names
-            feasible = val <= max_drop + 1e-9
+            feasible = not set(names).isdisjoint(state["feasible_on_validation"])
             ax.scatter([val], [y], s=220 if won else 45, marker="*" if won else "o",
                        color=f"C{i}" if feasible else "none", edgecolors=f"C{i}", zorder=5,
                        label=", ".join(names))  # fmt: skip
@@ -257,10 +259,8 @@ def selection_plot(state: dict, max_drop: float, path: Path, title: str = "") ->
                  "the budget, red; star: the headline), grey: test drop and its 95% interval, "
                  "reported after the choice", fontsize=8)  # fmt: skip
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
+    atomic.write_figure(path, fig)
     plt.close(fig)
-    atomic.write_bytes(path, buffer.getvalue())
     return Path(path)
 
 
@@ -318,15 +318,14 @@ def replot(path: Path, dataset: str) -> dict:
     accuracy budget its run was chosen with."""
     payload = json.loads(path.read_text())
     meta = payload.get("meta", {})
-    suffix = "_digits" if dataset == "digits" else ""
     for name, state in payload.items():
         if name.startswith("resnet") and state.get("runs"):
             settings = meta.get("runs", {}).get(name, {}).get("settings", meta.get("settings"))
             fields = ("val_int8_drop", "accuracy_drop", "ci_accuracy_drop")
-            if not settings or any(k not in r for r in state["runs"].values() for k in fields):
+            old = any(k not in r for r in state["runs"].values() for k in fields)
+            if old or not settings or "feasible_on_validation" not in state:
                 raise SystemExit(f"{path}: {name}'s records predate the selection plot's fields")
-            selection_plot(state, settings["max_drop"], path.parent / f"hwflow_{name}{suffix}.png",
-                           name)  # fmt: skip
+            selection_plot(state, settings["max_drop"], figure_path(path, name, dataset), name)
     return payload
 
 
