@@ -26,9 +26,10 @@ settings but ``--levels`` and ``--baselines``: ``--levels coarse mid --resume`` 
 runs; ``--merge`` adds the runs and calibration points of invocations run in parallel, e.g.
 ``--baselines`` or, with ``--calibrate-only``, the calibration split over the cores, each with its
 own ``--out``) to
-``benchmarks/results/hwflow.json``; ``hwflow_<model>.png`` shows how the headline was chosen
-(:func:`selection_plot`), ``hwflow_<model>_search.png`` the candidates of the invocation's searches.
-``--plot-only`` redraws the former from the JSON.
+``benchmarks/results/hwflow.json`` (``hwflow_energy.json`` with ``--objective energy``: a run of its
+own, its headline the largest energy reduction); ``hwflow_<model>[_energy].png`` shows how the
+headline was chosen (:func:`selection_plot`), ``hwflow_<model>[_energy]_search.png`` the candidates
+of the invocation's searches.  ``--plot-only`` redraws the former from the JSON.
 """
 
 from __future__ import annotations
@@ -51,7 +52,18 @@ from tvm_hapm.data import (
 )
 from tvm_hapm.target.config import get_config
 
-OUT = {"fashion-mnist": RESULTS / "hwflow.json", "digits": RESULTS / "hwflow_digits.json"}
+
+def default_out(dataset: str, objective: str) -> Path:
+    """``results/hwflow[_digits][_energy].json``: one results file per dataset and objective (a
+    run's settings, hence its records, differ with either)."""
+    return RESULTS / f"hwflow{suffix(dataset, objective)}.json"
+
+
+def suffix(dataset: str, objective: str) -> str:
+    """``[_digits][_energy]``: what names a run's results file and figures beside the default
+    Fashion-MNIST, latency-objective run's."""
+    digits = "_digits" if dataset == "digits" else ""
+    return digits + ("" if objective == "latency" else "_energy")
 
 
 def load(dataset: str, name: str):
@@ -172,8 +184,8 @@ def run_model(name, args, cfg, log=print, previous=None, checkpoint=None) -> dic
         yield out  # a checkpoint for the caller to save
     select(out, args)
     if results:  # the candidates of this invocation's searches (earlier ones keep no history)
-        hwflow.pareto_plot(results, figure_path(args.out, name, args.dataset, "_search"))
-    selection_plot(out, args.max_drop, figure_path(args.out, name, args.dataset), name)
+        hwflow.pareto_plot(results, figure_path(args.out, name, args, "_search"))
+    selection_plot(out, args.max_drop, figure_path(args.out, name, args), name)
     yield out
 
 
@@ -214,9 +226,11 @@ def select(out: dict, args) -> None:
                        for lv in hwflow.LEVELS if f"rl_{lv}" in out["runs"]}  # fmt: skip
 
 
-def figure_path(out: Path, name: str, dataset: str, kind: str = "") -> Path:
-    """``hwflow_<model>[_digits][kind].png`` beside the results file ``out``."""
-    return out.parent / f"hwflow_{name}{'_digits' if dataset == 'digits' else ''}{kind}.png"
+def figure_path(out: Path, name: str, settings, kind: str = "") -> Path:
+    """``hwflow_<model>[_digits][_energy][kind].png`` beside the results file ``out``, for a run
+    with ``settings`` (the parsed arguments or the recorded settings)."""
+    s = settings if isinstance(settings, dict) else vars(settings)
+    return out.parent / f"hwflow_{name}{suffix(s['dataset'], s['objective'])}{kind}.png"
 
 
 def selection_plot(state: dict, max_drop: float, path: Path, title: str = "") -> Path:
@@ -313,7 +327,7 @@ def resumed(paths, settings: dict, out: Path) -> dict:
     return old
 
 
-def replot(path: Path, dataset: str) -> dict:
+def replot(path: Path) -> dict:
     """Redraw every model's :func:`selection_plot` from the records in ``path``, each with the
     accuracy budget its run was chosen with."""
     payload = json.loads(path.read_text())
@@ -325,7 +339,7 @@ def replot(path: Path, dataset: str) -> dict:
             old = any(k not in r for r in state["runs"].values() for k in fields)
             if old or not settings or "feasible_on_validation" not in state:
                 raise SystemExit(f"{path}: {name}'s records predate the selection plot's fields")
-            selection_plot(state, settings["max_drop"], figure_path(path, name, dataset), name)
+            selection_plot(state, settings["max_drop"], figure_path(path, name, settings), name)
     return payload
 
 
@@ -362,7 +376,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--target", default="hapm_fpga-zedboard")
     ap.add_argument("--engine", default="auto", choices=("auto", "torch", "tvm"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None, help="default: results/hwflow[_digits].json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: results/hwflow[_digits][_energy].json")  # fmt: skip
     ap.add_argument("--resume", action="store_true")
     ap.add_argument(
         "--merge",
@@ -375,9 +390,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--plot-only", action="store_true",
                     help="redraw hwflow_<model>.png from --out's records and stop")  # fmt: skip
     args = ap.parse_args(argv)
-    args.out = args.out or OUT[args.dataset]
+    args.out = args.out or default_out(args.dataset, args.objective)
     if args.plot_only:
-        return replot(args.out, args.dataset)
+        return replot(args.out)
     if not set(args.calibrate_only) <= set(args.calibrate):
         raise SystemExit("--calibrate-only: points not among --calibrate's")
     cfg = get_config(args.target)
