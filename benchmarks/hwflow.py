@@ -298,10 +298,11 @@ def same_run(previous: dict, settings: dict) -> bool:
     return fixed(previous) == fixed(settings)
 
 
-def resumed(paths, settings: dict, out: Path) -> dict:
+def resumed(paths, settings: dict, out: Path) -> tuple[dict, list]:
     """The per-model results kept from ``paths`` (the output being resumed, then files of the same
-    run written in parallel), and ``settings`` widened to the levels and baselines they ran."""
-    old = {}
+    run written in parallel) and the invocations that wrote them (:func:`invocations`), with
+    ``settings`` widened to the levels and baselines they ran."""
+    old, earlier = {}, []
     for path in paths:
         if not path.exists():
             continue
@@ -311,6 +312,7 @@ def resumed(paths, settings: dict, out: Path) -> dict:
             if path != out:
                 raise SystemExit(f"{path}: written with other settings, cannot merge")
             continue
+        earlier += [i for i in invocations(prev["meta"], path.name) if i not in earlier]
         for name, state in prev.items():
             if name.startswith("resnet"):
                 kept = old.setdefault(name, state)
@@ -324,7 +326,17 @@ def resumed(paths, settings: dict, out: Path) -> dict:
             # a record without the key ran every one (records from before --baselines)
             ran = set(before.get(key, order)) | set(settings[key])
             settings[key] = [v for v in order if v in ran]
-    return old
+    return old, earlier
+
+
+def invocations(meta: dict, file: str) -> list:
+    """Where a results file's records come from: the invocations it kept (``meta.earlier``)
+    and the one that wrote it (machine, commit, levels and baselines run, ``file``)."""
+    own = []
+    if "machine" in meta:
+        own = [{"file": file, "machine": meta["machine"], "seconds": meta.get("seconds"),
+                **{k: meta["settings"].get(k) for k in RESUMABLE_CHANGES}}]  # fmt: skip
+    return [*meta.get("earlier", []), *own]
 
 
 def replot(path: Path) -> dict:
@@ -400,7 +412,8 @@ def main(argv=None) -> dict:
                 if k not in NOT_SETTINGS}  # fmt: skip
     payload = {"dataset": args.dataset, "selection": "validation",
                "meta": {"settings": settings, "machine": machine_info()}}  # fmt: skip
-    old = resumed([args.out] * args.resume + args.merge, settings, args.out)
+    old, payload["meta"]["earlier"] = resumed([args.out] * args.resume + args.merge, settings,
+                                              args.out)  # fmt: skip
     t_all = time.perf_counter()
     for name in args.models:
 
