@@ -185,7 +185,8 @@ def run_model(name, args, cfg, log=print, previous=None, checkpoint=None) -> dic
     select(out, args)
     if results:  # the candidates of this invocation's searches (earlier ones keep no history)
         hwflow.pareto_plot(results, figure_path(args.out, name, args, "_search"))
-    selection_plot(out, args.max_drop, figure_path(args.out, name, args), name)
+    selection_plot(out, args.max_drop, figure_path(args.out, name, args),
+                   f"{name}, {args.objective} objective")  # fmt: skip
     yield out
 
 
@@ -269,7 +270,7 @@ def selection_plot(state: dict, max_drop: float, path: Path, title: str = "") ->
         ax.set_xlabel("int8 accuracy drop vs dense (points)")
         ax.set_ylabel(f"simulated {label} reduction vs dense (x)")
     axes[0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{title}: each run's recovered winner; colour: validation drop (filled: within "
+    fig.suptitle(f"{title}\neach run's recovered winner; colour: validation drop (filled: within "
                  "the budget, red; star: the headline), grey: test drop and its 95% interval, "
                  "reported after the choice", fontsize=8)  # fmt: skip
     fig.tight_layout()
@@ -351,7 +352,8 @@ def replot(path: Path) -> dict:
             old = any(k not in r for r in state["runs"].values() for k in fields)
             if old or not settings or "feasible_on_validation" not in state:
                 raise SystemExit(f"{path}: {name}'s records predate the selection plot's fields")
-            selection_plot(state, settings["max_drop"], figure_path(path, name, settings), name)
+            selection_plot(state, settings["max_drop"], figure_path(path, name, settings),
+                           f"{name}, {settings['objective']} objective")  # fmt: skip
     return payload
 
 
