@@ -185,8 +185,7 @@ def run_model(name, args, cfg, log=print, previous=None, checkpoint=None) -> dic
     select(out, args)
     if results:  # the candidates of this invocation's searches (earlier ones keep no history)
         hwflow.pareto_plot(results, figure_path(args.out, name, args, "_search"))
-    selection_plot(out, args.max_drop, figure_path(args.out, name, args),
-                   f"{name}, {args.objective} objective")  # fmt: skip
+    selection_plot(out, args.max_drop, figure_path(args.out, name, args), name, args.objective)
     yield out
 
 
@@ -234,7 +233,7 @@ def figure_path(out: Path, name: str, settings, kind: str = "") -> Path:
     return out.parent / f"hwflow_{name}{suffix(s['dataset'], s['objective'])}{kind}.png"
 
 
-def selection_plot(state: dict, max_drop: float, path: Path, title: str = "") -> Path:
+def selection_plot(state: dict, max_drop: float, path: Path, model: str, objective: str) -> Path:
     """How the headline was chosen: every run's recovered winner, its simulated latency and
     energy reduction against its int8 validation drop (what the choice sees: the runs
     :func:`select` found feasible filled, the headline starred), with the int8 test drop and its
@@ -270,9 +269,9 @@ def selection_plot(state: dict, max_drop: float, path: Path, title: str = "") ->
         ax.set_xlabel("int8 accuracy drop vs dense (points)")
         ax.set_ylabel(f"simulated {label} reduction vs dense (x)")
     axes[0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{title}\neach run's recovered winner; colour: validation drop (filled: within "
-                 "the budget, red; star: the headline), grey: test drop and its 95% interval, "
-                 "reported after the choice", fontsize=8)  # fmt: skip
+    fig.suptitle(f"{model}, {objective} objective\neach run's recovered winner; colour: validation "
+                 "drop (filled: within the budget, red; star: the headline), grey: test drop and "
+                 "its 95% interval, reported after the choice", fontsize=8)  # fmt: skip
     fig.tight_layout()
     atomic.write_figure(path, fig)
     plt.close(fig)
@@ -313,7 +312,7 @@ def resumed(paths, settings: dict, out: Path) -> tuple[dict, list]:
             if path != out:
                 raise SystemExit(f"{path}: written with other settings, cannot merge")
             continue
-        earlier += [i for i in invocations(prev["meta"], path.name) if i not in earlier]
+        earlier += [i for i in invocations(prev.get("meta", {}), path.name) if i not in earlier]
         for name, state in prev.items():
             if name.startswith("resnet"):
                 kept = old.setdefault(name, state)
@@ -352,8 +351,8 @@ def replot(path: Path) -> dict:
             old = any(k not in r for r in state["runs"].values() for k in fields)
             if old or not settings or "feasible_on_validation" not in state:
                 raise SystemExit(f"{path}: {name}'s records predate the selection plot's fields")
-            selection_plot(state, settings["max_drop"], figure_path(path, name, settings),
-                           f"{name}, {settings['objective']} objective")  # fmt: skip
+            path_png = figure_path(path, name, settings)
+            selection_plot(state, settings["max_drop"], path_png, name, settings["objective"])
     return payload
 
 
@@ -401,8 +400,11 @@ def main(argv=None) -> dict:
         help="also keep the runs and calibration points of these files, written by invocations "
         "of the same run in parallel (e.g. --baselines or --calibrate-only split over cores)",
     )
-    ap.add_argument("--plot-only", action="store_true",
-                    help="redraw hwflow_<model>.png from --out's records and stop")  # fmt: skip
+    ap.add_argument(
+        "--plot-only",
+        action="store_true",
+        help="redraw hwflow_<model>[_energy].png from --out's records, then stop",
+    )
     args = ap.parse_args(argv)
     args.out = args.out or default_out(args.dataset, args.objective)
     if args.plot_only:
