@@ -184,8 +184,10 @@ def run_model(name, args, cfg, log=print, previous=None, checkpoint=None) -> dic
         yield out  # a checkpoint for the caller to save
     select(out, args)
     if results:  # the candidates of this invocation's searches (earlier ones keep no history)
-        hwflow.pareto_plot(results, figure_path(args.out, name, args, "_search"))
-    selection_plot(out, args.max_drop, figure_path(args.out, name, args), name, args.objective)
+        search_png = figure_path(args.out, name, args.dataset, args.objective, "_search")
+        hwflow.pareto_plot(results, search_png)
+    png = figure_path(args.out, name, args.dataset, args.objective)
+    selection_plot(out, args.max_drop, png, name, args.objective)
     yield out
 
 
@@ -226,11 +228,9 @@ def select(out: dict, args) -> None:
                        for lv in hwflow.LEVELS if f"rl_{lv}" in out["runs"]}  # fmt: skip
 
 
-def figure_path(out: Path, name: str, settings, kind: str = "") -> Path:
-    """``hwflow_<model>[_digits][_energy][kind].png`` beside the results file ``out``, for a run
-    with ``settings`` (the parsed arguments or the recorded settings)."""
-    s = settings if isinstance(settings, dict) else vars(settings)
-    return out.parent / f"hwflow_{name}{suffix(s['dataset'], s['objective'])}{kind}.png"
+def figure_path(out: Path, name: str, dataset: str, objective: str, kind: str = "") -> Path:
+    """``hwflow_<model>[_digits][_energy][kind].png`` beside the results file ``out``."""
+    return out.parent / f"hwflow_{name}{suffix(dataset, objective)}{kind}.png"
 
 
 def selection_plot(state: dict, max_drop: float, path: Path, model: str, objective: str) -> Path:
@@ -351,8 +351,8 @@ def replot(path: Path) -> dict:
             old = any(k not in r for r in state["runs"].values() for k in fields)
             if old or not settings or "feasible_on_validation" not in state:
                 raise SystemExit(f"{path}: {name}'s records predate the selection plot's fields")
-            path_png = figure_path(path, name, settings)
-            selection_plot(state, settings["max_drop"], path_png, name, settings["objective"])
+            png = figure_path(path, name, settings["dataset"], settings["objective"])
+            selection_plot(state, settings["max_drop"], png, name, settings["objective"])
     return payload
 
 

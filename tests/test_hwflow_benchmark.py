@@ -88,8 +88,7 @@ def test_each_objective_and_dataset_has_its_own_results_and_figures(bench):
     assert bench.default_out("fashion-mnist", "energy").name == "hwflow_energy.json"
     assert bench.default_out("digits", "energy").name == "hwflow_digits_energy.json"
     out = Path("results/x.json")
-    recorded = {"dataset": "fashion-mnist", "objective": "energy"}
-    assert bench.figure_path(out, "resnet56", recorded).name == "hwflow_resnet56_energy.png"
-    parsed = Namespace(dataset="fashion-mnist", objective="latency")
-    assert bench.figure_path(out, "resnet56", parsed, "_search").name == (
-        "hwflow_resnet56_search.png")  # fmt: skip
+    energy = bench.figure_path(out, "resnet56", "fashion-mnist", "energy")
+    assert energy == Path("results/hwflow_resnet56_energy.png")
+    search = bench.figure_path(out, "resnet20", "digits", "latency", "_search")
+    assert search == Path("results/hwflow_resnet20_digits_search.png")
