@@ -1,4 +1,5 @@
-"""What the benchmarks share: the machine record, atomic JSON output, paired bootstrap intervals."""
+"""What the benchmarks share: the machine record, atomic JSON output, the provenance of results
+merged from several invocations, paired bootstrap intervals."""
 
 from __future__ import annotations
 
@@ -63,6 +64,17 @@ def write_json(path, payload) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(payload, indent=2, sort_keys=True, default=_default) + "\n"
     return atomic.write_text(path, text)
+
+
+def invocations(meta: dict, file: str, work: dict) -> list:
+    """Where a results file's records come from: the invocations it kept (``meta.earlier``) and
+    the one that wrote it: ``file``, its machine record, seconds and ``work`` (the part of the
+    run it did, e.g. its levels or its sparsities and methods).  A long run split over processes
+    and merged keeps every process's record this way."""
+    own = []
+    if "machine" in meta:
+        own = [{"file": file, "machine": meta["machine"], "seconds": meta.get("seconds"), **work}]
+    return [*meta.get("earlier", []), *own]
 
 
 def _default(obj):

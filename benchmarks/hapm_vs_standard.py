@@ -26,9 +26,15 @@ Accuracy is the int8 model's top-1 on all 10,000 test images (the quantized modu
 :class:`tvm_hapm.torch.QuantizedRunner`, bit-exact with TVM's llvm build, which the accelerator
 equals bit for bit), with a 95% paired-bootstrap interval of each model's drop against dense;
 latency and energy are one image on the simulated accelerator.  Nothing is selected on the test
-set.  Results are written after every sparsity (``--resume`` skips what a previous run with the
-same settings finished) to ``benchmarks/results/hapm_vs_standard.json`` (digits:
-``hapm_vs_standard_digits.json``).
+set.  Results are written after every method to ``benchmarks/results/hapm_vs_standard.json``
+(digits: ``hapm_vs_standard_digits.json``); ``--resume`` skips what a previous invocation of the
+same run (the same settings but for the sparsities) finished, and ``--merge`` adds the rows of
+invocations run in parallel, e.g. one process per group of methods::
+
+    run="python hapm_vs_standard.py --models resnet20 --sparsities 0.5"
+    $run --methods standard hapm_layer hapm_val --out a.json &
+    $run --methods filter hapm --out b.json; wait
+    $run --methods hapm_cal --merge a.json b.json  # hapm_cal calibrates on their rows
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, machine_info, paired_drop_interval, write_json
+from common import RESULTS, invocations, machine_info, paired_drop_interval, read_json, write_json
 from rich.console import Console
 from rich.table import Table
 
@@ -338,6 +344,56 @@ def table(name, rows, cfg) -> Table:
     return t
 
 
+#: options that say where and which part of a run an invocation does, not what the run is
+NOT_SETTINGS = ("out", "resume", "merge", "models", "methods")
+
+
+def same_run(previous: dict, settings: dict) -> bool:
+    """Whether rows written with ``previous`` settings belong to a run with ``settings`` (a run's
+    sparsities are its rows: invocations may do different ones)."""
+
+    def fixed(s):
+        return {k: v for k, v in s.items() if k != "sparsities"}
+
+    return fixed(previous) == fixed(settings)
+
+
+def resumed(paths, settings: dict, out: Path) -> tuple[dict, list]:
+    """The per-model records kept from ``paths`` (the output being resumed, then files of the
+    same run written in parallel) and the invocations that wrote them
+    (:func:`common.invocations`), with ``settings["sparsities"]`` widened to the rows kept.
+
+    Rows of the same network and sparsity are merged method by method; where two files ran the
+    same method (a deterministic run gives the same figures) the first file's is kept.  A file
+    of another run is refused, except ``out`` itself, which is then started afresh."""
+    old, earlier = {}, []
+    for path in paths:
+        if not path.exists():
+            continue
+        prev = read_json(path)
+        meta = prev.get("meta", {})
+        if not same_run(meta.get("settings", {}), settings):
+            if path != out:
+                raise SystemExit(f"{path}: written with other settings, cannot merge")
+            continue
+        work = {"models": meta.get("models"), "methods": meta.get("methods"),
+                "sparsities": meta["settings"].get("sparsities")}  # fmt: skip
+        earlier += [i for i in invocations(meta, path.name, work) if i not in earlier]
+        for key, value in prev.items():
+            if key.startswith("resnet"):
+                rows = old.setdefault(key, {})
+                for s, row in value.items():
+                    rows[s] = {**row, **rows.get(s, {})}
+                    add_speedups(rows[s])
+            elif key.startswith("meta_"):
+                old.setdefault(key, value)
+        done = set(meta["settings"].get("sparsities", [])) | set(settings["sparsities"])
+        settings["sparsities"] = sorted(done)
+    for key in [k for k in old if k.startswith("resnet")]:
+        old[f"targets_{key}"] = targets(old[key])
+    return old, earlier
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", choices=("fashion-mnist", "digits"), default="fashion-mnist")
@@ -357,22 +413,28 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=None, help="default: results/hapm_vs_standard"
                     "[_digits].json")  # fmt: skip
     ap.add_argument("--resume", action="store_true",
-                    help="keep the rows of --out written with the same settings")  # fmt: skip
+                    help="keep the rows of --out written by the same run")  # fmt: skip
+    ap.add_argument(
+        "--merge",
+        nargs="*",
+        type=Path,
+        default=[],
+        help="also keep the rows of these files, written by invocations of the same run in "
+        "parallel (e.g. --methods or --sparsities split over cores)",
+    )
     args = ap.parse_args(argv)
     args.out = args.out or OUT[args.dataset]
     args.methods = [m for m in METHODS if m in args.methods]  # standard before hapm_val
     console = Console()
     cfg = get_config(args.target)
-    settings = {k: v for k, v in vars(args).items()
-                if k not in ("out", "resume", "models", "methods")}  # fmt: skip
+    settings = {k: v for k, v in vars(args).items() if k not in NOT_SETTINGS}
     settings["sparsities"] = [float(s) for s in args.sparsities]
-    payload = {"dataset": args.dataset, "meta": {"settings": settings, "machine": machine_info()}}
-    if args.resume and args.out.exists():
-        import json
-
-        old = json.loads(args.out.read_text())
-        if old.get("meta", {}).get("settings") == settings:
-            payload.update({k: v for k, v in old.items() if k.startswith("resnet")})
+    meta = {"settings": settings, "machine": machine_info(), "models": args.models,
+            "methods": args.methods}  # fmt: skip
+    payload = {"dataset": args.dataset, "meta": meta}
+    old, meta["earlier"] = resumed([args.out] * args.resume + args.merge, settings, args.out)
+    payload.update(old)
+    t_all = time.perf_counter()
     for name in args.models:
         base, train, val, test, pct = load(args.dataset, name)
         payload["test_images"] = len(test[1])
@@ -402,7 +464,8 @@ def main(argv=None) -> dict:
         payload[f"meta_{name}"] = {"int8_calibration_percentile": pct,
                                    "seconds": time.perf_counter() - t0}  # fmt: skip
         write_json(args.out, payload)
-    payload["meta"]["description"] = {
+    meta["seconds"] = time.perf_counter() - t_all
+    meta["description"] = {
         "accuracy": f"int8 top-1 (%) on all {payload['test_images']} test images",
         "ci_drop": "95% paired-bootstrap interval (BCa, 10,000 resamples) of dense minus the "
         "method, in points, over the test images",

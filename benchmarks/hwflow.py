@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, machine_info, paired_drop_interval, write_json
+from common import RESULTS, invocations, machine_info, paired_drop_interval, write_json
 
 from tvm_hapm import flow, hwflow
 from tvm_hapm.data import (
@@ -300,19 +300,20 @@ def same_run(previous: dict, settings: dict) -> bool:
 
 def resumed(paths, settings: dict, out: Path) -> tuple[dict, list]:
     """The per-model results kept from ``paths`` (the output being resumed, then files of the same
-    run written in parallel) and the invocations that wrote them (:func:`invocations`), with
+    run written in parallel) and the invocations that wrote them (:func:`common.invocations`), with
     ``settings`` widened to the levels and baselines they ran."""
     old, earlier = {}, []
     for path in paths:
         if not path.exists():
             continue
         prev = json.loads(path.read_text())
-        before = prev.get("meta", {}).get("settings", {})
+        meta = prev.get("meta", {})
+        before = meta.get("settings", {})
         if not same_run(before, settings):
             if path != out:
                 raise SystemExit(f"{path}: written with other settings, cannot merge")
             continue
-        earlier += [i for i in invocations(prev.get("meta", {}), path.name) if i not in earlier]
+        earlier += [i for i in invocations(meta, path.name, work_of(meta)) if i not in earlier]
         for name, state in prev.items():
             if name.startswith("resnet"):
                 kept = old.setdefault(name, state)
@@ -329,14 +330,9 @@ def resumed(paths, settings: dict, out: Path) -> tuple[dict, list]:
     return old, earlier
 
 
-def invocations(meta: dict, file: str) -> list:
-    """Where a results file's records come from: the invocations it kept (``meta.earlier``)
-    and the one that wrote it (machine, commit, levels and baselines run, ``file``)."""
-    own = []
-    if "machine" in meta:
-        own = [{"file": file, "machine": meta["machine"], "seconds": meta.get("seconds"),
-                **{k: meta["settings"].get(k) for k in RESUMABLE_CHANGES}}]  # fmt: skip
-    return [*meta.get("earlier", []), *own]
+def work_of(meta: dict) -> dict:
+    """The part of a run a results file's invocation did: its levels and baselines."""
+    return {k: meta.get("settings", {}).get(k) for k in RESUMABLE_CHANGES}
 
 
 def replot(path: Path) -> dict:

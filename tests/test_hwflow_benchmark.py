@@ -4,28 +4,17 @@ objective's results and figures go."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from argparse import Namespace
 from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    """The benchmark script as a module (it imports its sibling ``common`` by name)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location("hwflow_benchmark", BENCHMARKS / "hwflow.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    return module
+def bench(benchmark_script):
+    """``benchmarks/hwflow.py`` as a module."""
+    return benchmark_script("hwflow")
 
 
 def run(lat, energy, val_drop, test_drop):

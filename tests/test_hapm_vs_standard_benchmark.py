@@ -1,0 +1,83 @@
+"""The bookkeeping of ``benchmarks/hapm_vs_standard.py``: rows of one run split over processes
+(by methods or sparsities) are merged method by method, with the speed-ups and targets
+recomputed over the merged rows and every invocation's record kept; a file of another run is
+refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def bench(benchmark_script):
+    """``benchmarks/hapm_vs_standard.py`` as a module."""
+    return benchmark_script("hapm_vs_standard")
+
+
+SETTINGS = {"dataset": "fashion-mnist", "epochs": 6.0, "lr": 0.01, "seed": 0}
+
+
+def method(label, acc, lat):
+    return {f"acc_{label}": acc, f"lat_{label}": lat, f"energy_{label}": 10 * lat}
+
+
+def record(path, sparsities, date, methods, rows):
+    meta = {"settings": {**SETTINGS, "sparsities": sparsities}, "machine": {"date": date},
+            "seconds": 1.0, "methods": methods, "models": ["resnet20"]}  # fmt: skip
+    dense = {"acc_dense": 94.0, "lat_dense": 3.0}
+    rows = {s: {**dense, **row} for s, row in rows.items()}
+    path.write_text(json.dumps({"meta": meta, "resnet20": rows, "meta_resnet20": {"seconds": 2}}))
+
+
+def test_merge_joins_rows_method_by_method(bench, tmp_path):
+    a, b, c = (tmp_path / f"{n}.json" for n in "abc")
+    record(
+        a,
+        [0.5],
+        "d1",
+        ["standard", "hapm_layer"],
+        {"0.5": {**method("standard", 93.8, 3.0), **method("hapm_layer", 93.5, 2.0)}},
+    )
+    record(
+        b,
+        [0.5],
+        "d2",
+        ["filter", "hapm"],
+        {"0.5": {**method("filter", 93.0, 2.5), **method("hapm", 92.0, 1.5)}},
+    )
+    # another process ran a method of a's again (a deterministic run: the first file's is kept)
+    record(
+        c,
+        [0.7, 0.5],
+        "d3",
+        ["standard"],
+        {"0.7": method("standard", 93.6, 3.0), "0.5": method("standard", 99.0, 3.0)},
+    )
+    settings = {**SETTINGS, "sparsities": [0.5]}
+    kept, earlier = bench.resumed([a, b, c], settings, tmp_path / "out.json")
+    row = kept["resnet20"]["0.5"]
+    assert {k for k in row if k.startswith("acc_")} == {
+        "acc_dense", "acc_standard", "acc_hapm_layer", "acc_filter", "acc_hapm"}  # fmt: skip
+    assert row["acc_standard"] == 93.8
+    # speed-ups across files: hapm (from b) against standard (from a)
+    assert row["hapm_vs_standard_speedup"] == pytest.approx(2.0)
+    assert row["hapm_vs_dense_speedup"] == pytest.approx(2.0)
+    assert kept["targets_resnet20"]["0.5"]["hapm"]["within_1pt_of_standard"] is False
+    assert kept["targets_resnet20"]["0.5"]["hapm_layer"]["within_1pt_of_standard"] is True
+    assert sorted(kept["resnet20"]) == ["0.5", "0.7"]
+    assert settings["sparsities"] == [0.5, 0.7]
+    assert [(i["file"], i["machine"]["date"], i["methods"]) for i in earlier] == [
+        ("a.json", "d1", ["standard", "hapm_layer"]), ("b.json", "d2", ["filter", "hapm"]),
+        ("c.json", "d3", ["standard"])]  # fmt: skip
+
+
+def test_merge_refuses_another_run(bench, tmp_path):
+    other = tmp_path / "other.json"
+    record(other, [0.5], "d1", ["standard"], {"0.5": method("standard", 93.8, 3.0)})
+    settings = {**SETTINGS, "epochs": 2.0, "sparsities": [0.5]}
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.resumed([other], dict(settings), tmp_path / "out.json")
+    # the output itself, written by another run, is started afresh
+    assert bench.resumed([other], dict(settings), other) == ({}, [])
