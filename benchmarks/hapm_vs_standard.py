@@ -27,9 +27,10 @@ Accuracy is the int8 model's top-1 on all 10,000 test images (the quantized modu
 equals bit for bit), with a 95% paired-bootstrap interval of each model's drop against dense;
 latency and energy are one image on the simulated accelerator.  Nothing is selected on the test
 set.  Results are written after every method to ``benchmarks/results/hapm_vs_standard.json``
-(digits: ``hapm_vs_standard_digits.json``); ``--resume`` skips what a previous invocation of the
-same run (the same settings but for the sparsities) finished, and ``--merge`` adds the rows of
-invocations run in parallel, e.g. one process per group of methods::
+(digits: ``hapm_vs_standard_digits.json``; another ``--epochs`` than 2: ``..._<epochs>ep.json``).
+``--resume`` skips what a previous invocation of the same run (the same settings but for the
+sparsities) finished, and ``--merge`` adds the rows of invocations run in parallel, e.g. one
+process per group of methods::
 
     run="python hapm_vs_standard.py --models resnet20 --sparsities 0.5"
     $run --methods standard hapm_layer hapm_val --out a.json &
@@ -68,10 +69,8 @@ from tvm_hapm.flow import (
 )
 from tvm_hapm.target.config import get_config
 
-OUT = {
-    "fashion-mnist": RESULTS / "hapm_vs_standard.json",
-    "digits": RESULTS / "hapm_vs_standard_digits.json",
-}
+#: the fine-tuning budget of the headline results (other budgets write their own file)
+EPOCHS = 2.0
 # label -> (pruning method, ranking)
 METHODS = {
     "standard": ("unstructured", "layer"),
@@ -344,6 +343,13 @@ def table(name, rows, cfg) -> Table:
     return t
 
 
+def default_out(dataset: str, epochs: float) -> Path:
+    """``results/hapm_vs_standard[_digits][_<epochs>ep].json``: the headline file is the
+    Fashion-MNIST run at :data:`EPOCHS`; a run with another budget does not overwrite it."""
+    name = "hapm_vs_standard" + "_digits" * (dataset == "digits")
+    return RESULTS / f"{name}{f'_{epochs:g}ep' * (epochs != EPOCHS)}.json"
+
+
 #: options that say where and which part of a run an invocation does, not what the run is
 NOT_SETTINGS = ("out", "resume", "merge", "models", "methods")
 
@@ -399,7 +405,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--dataset", choices=("fashion-mnist", "digits"), default="fashion-mnist")
     ap.add_argument("--models", nargs="+", default=["resnet20", "resnet56"])
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.7])
-    ap.add_argument("--epochs", type=float, default=2.0, help="fine-tuning budget per model")
+    ap.add_argument("--epochs", type=float, default=EPOCHS, help="fine-tuning budget per model")
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--target", default="hapm_fpga-zedboard")
     ap.add_argument("--calibration", type=int, default=256,
@@ -411,7 +417,7 @@ def main(argv=None) -> dict:
     )  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="default: results/hapm_vs_standard"
-                    "[_digits].json")  # fmt: skip
+                    "[_digits][_<epochs>ep].json")  # fmt: skip
     ap.add_argument("--resume", action="store_true",
                     help="keep the rows of --out written by the same run")  # fmt: skip
     ap.add_argument(
@@ -423,7 +429,7 @@ def main(argv=None) -> dict:
         "parallel (e.g. --methods or --sparsities split over cores)",
     )
     args = ap.parse_args(argv)
-    args.out = args.out or OUT[args.dataset]
+    args.out = args.out or default_out(args.dataset, args.epochs)
     args.methods = [m for m in METHODS if m in args.methods]  # standard before hapm_val
     console = Console()
     cfg = get_config(args.target)

@@ -1,7 +1,7 @@
 """The bookkeeping of ``benchmarks/hapm_vs_standard.py``: rows of one run split over processes
 (by methods or sparsities) are merged method by method, with the speed-ups and targets
 recomputed over the merged rows and every invocation's record kept; a file of another run is
-refused."""
+refused; a run with another fine-tuning budget does not overwrite the headline results."""
 
 from __future__ import annotations
 
@@ -81,3 +81,9 @@ def test_merge_refuses_another_run(bench, tmp_path):
         bench.resumed([other], dict(settings), tmp_path / "out.json")
     # the output itself, written by another run, is started afresh
     assert bench.resumed([other], dict(settings), other) == ({}, [])
+
+
+def test_another_budget_writes_its_own_results(bench):
+    assert bench.default_out("fashion-mnist", 2.0).name == "hapm_vs_standard.json"
+    assert bench.default_out("fashion-mnist", 6.0).name == "hapm_vs_standard_6ep.json"
+    assert bench.default_out("digits", 0.5).name == "hapm_vs_standard_digits_0.5ep.json"
