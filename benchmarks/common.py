@@ -77,6 +77,28 @@ def invocations(meta: dict, file: str, work: dict) -> list:
     return [*meta.get("earlier", []), *own]
 
 
+def records_of_run(paths, belongs, out, work) -> tuple[list, list]:
+    """The results files among ``paths`` written by the run being resumed or merged, in order,
+    and the invocations that wrote them (:func:`invocations`, each once).
+
+    ``belongs(settings)`` says whether a file's recorded settings are this run's, ``work(meta)``
+    the part of the run its invocation did.  Missing files are skipped; a file of another run is
+    refused, except ``out`` (the output being resumed), which is then started afresh."""
+    records, earlier = [], []
+    for path in map(Path, paths):
+        if not path.exists():
+            continue
+        record = read_json(path)
+        meta = record.get("meta", {})
+        if not belongs(meta.get("settings", {})):
+            if path != Path(out):
+                raise SystemExit(f"{path}: written with other settings, cannot merge")
+            continue
+        records.append(record)
+        earlier += [i for i in invocations(meta, path.name, work(meta)) if i not in earlier]
+    return records, earlier
+
+
 def _default(obj):
     if isinstance(obj, np.generic):
         return obj.item()

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, invocations, machine_info, paired_drop_interval, read_json, write_json
+from common import RESULTS, machine_info, paired_drop_interval, records_of_run, write_json
 from rich.console import Console
 from rich.table import Table
 
@@ -364,38 +364,36 @@ def same_run(previous: dict, settings: dict) -> bool:
     return fixed(previous) == fixed(settings)
 
 
+def work_of(meta: dict) -> dict:
+    """The part of a run a results file's invocation did: its models, methods and sparsities."""
+    return {"models": meta.get("models"), "methods": meta.get("methods"),
+            "sparsities": meta.get("settings", {}).get("sparsities")}  # fmt: skip
+
+
 def resumed(paths, settings: dict, out: Path) -> tuple[dict, list]:
     """The per-model records kept from ``paths`` (the output being resumed, then files of the
     same run written in parallel) and the invocations that wrote them
-    (:func:`common.invocations`), with ``settings["sparsities"]`` widened to the rows kept.
+    (:func:`common.records_of_run`), with ``settings["sparsities"]`` widened to the rows kept.
 
     Rows of the same network and sparsity are merged method by method; where two files ran the
     same method (a deterministic run gives the same figures) the first file's is kept.  A file
-    of another run is refused, except ``out`` itself, which is then started afresh."""
-    old, earlier = {}, []
-    for path in paths:
-        if not path.exists():
-            continue
-        prev = read_json(path)
-        meta = prev.get("meta", {})
-        if not same_run(meta.get("settings", {}), settings):
-            if path != out:
-                raise SystemExit(f"{path}: written with other settings, cannot merge")
-            continue
-        work = {"models": meta.get("models"), "methods": meta.get("methods"),
-                "sparsities": meta["settings"].get("sparsities")}  # fmt: skip
-        earlier += [i for i in invocations(meta, path.name, work) if i not in earlier]
+    of another run is refused, except ``out`` itself, which is then started afresh.  Speed-ups
+    and targets are recomputed over the merged rows."""
+    records, earlier = records_of_run(paths, lambda s: same_run(s, settings), out, work_of)
+    old = {}
+    for prev in records:
         for key, value in prev.items():
             if key.startswith("resnet"):
                 rows = old.setdefault(key, {})
                 for s, row in value.items():
                     rows[s] = {**row, **rows.get(s, {})}
-                    add_speedups(rows[s])
             elif key.startswith("meta_"):
                 old.setdefault(key, value)
-        done = set(meta["settings"].get("sparsities", [])) | set(settings["sparsities"])
+        done = set(prev["meta"]["settings"].get("sparsities", [])) | set(settings["sparsities"])
         settings["sparsities"] = sorted(done)
     for key in [k for k in old if k.startswith("resnet")]:
+        for row in old[key].values():
+            add_speedups(row)
         old[f"targets_{key}"] = targets(old[key])
     return old, earlier
 

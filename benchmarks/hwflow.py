@@ -35,12 +35,18 @@ of the invocation's searches.  ``--plot-only`` redraws the former from the JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, invocations, machine_info, paired_drop_interval, write_json
+from common import (
+    RESULTS,
+    machine_info,
+    paired_drop_interval,
+    read_json,
+    records_of_run,
+    write_json,
+)
 
 from tvm_hapm import flow, hwflow
 from tvm_hapm.data import (
@@ -300,20 +306,12 @@ def same_run(previous: dict, settings: dict) -> bool:
 
 def resumed(paths, settings: dict, out: Path) -> tuple[dict, list]:
     """The per-model results kept from ``paths`` (the output being resumed, then files of the same
-    run written in parallel) and the invocations that wrote them (:func:`common.invocations`), with
-    ``settings`` widened to the levels and baselines they ran."""
-    old, earlier = {}, []
-    for path in paths:
-        if not path.exists():
-            continue
-        prev = json.loads(path.read_text())
-        meta = prev.get("meta", {})
-        before = meta.get("settings", {})
-        if not same_run(before, settings):
-            if path != out:
-                raise SystemExit(f"{path}: written with other settings, cannot merge")
-            continue
-        earlier += [i for i in invocations(meta, path.name, work_of(meta)) if i not in earlier]
+    run written in parallel) and the invocations that wrote them
+    (:func:`common.records_of_run`), with ``settings`` widened to the levels and baselines they
+    ran."""
+    records, earlier = records_of_run(paths, lambda s: same_run(s, settings), out, work_of)
+    old = {}
+    for prev in records:
         for name, state in prev.items():
             if name.startswith("resnet"):
                 kept = old.setdefault(name, state)
@@ -323,6 +321,7 @@ def resumed(paths, settings: dict, out: Path) -> tuple[dict, list]:
                           for p in st.get("budget_calibration", {}).get("points", [])}  # fmt: skip
                 if points:
                     kept["budget_calibration"] = {"points": [points[r] for r in sorted(points)]}
+        before = prev["meta"]["settings"]
         for key, order in RESUMABLE_CHANGES.items():
             # a record without the key ran every one (records from before --baselines)
             ran = set(before.get(key, order)) | set(settings[key])
@@ -338,7 +337,7 @@ def work_of(meta: dict) -> dict:
 def replot(path: Path) -> dict:
     """Redraw every model's :func:`selection_plot` from the records in ``path``, each with the
     accuracy budget its run was chosen with."""
-    payload = json.loads(path.read_text())
+    payload = read_json(path)
     meta = payload.get("meta", {})
     for name, state in payload.items():
         if name.startswith("resnet") and state.get("runs"):

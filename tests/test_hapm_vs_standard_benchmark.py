@@ -71,6 +71,8 @@ def test_merge_joins_rows_method_by_method(bench, tmp_path):
     assert [(i["file"], i["machine"]["date"], i["methods"]) for i in earlier] == [
         ("a.json", "d1", ["standard", "hapm_layer"]), ("b.json", "d2", ["filter", "hapm"]),
         ("c.json", "d3", ["standard"])]  # fmt: skip
+    # a file given twice (or kept in a resumed output's record) is one invocation
+    assert len(bench.resumed([a, a], dict(settings), tmp_path / "out.json")[1]) == 1
 
 
 def test_merge_refuses_another_run(bench, tmp_path):
