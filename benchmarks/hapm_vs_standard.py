@@ -62,6 +62,7 @@ from tvm_hapm.flow import (
     filter_deploy_pass,
     filter_fraction,
     float_accuracy,
+    prune_iteratively,
     prune_onnx,
     recover,
     simulate,
@@ -194,6 +195,10 @@ def calibrated_cap(s, base, data, args, cfg, row, log) -> tuple[float, dict]:
     from tvm_hapm.hwflow import budget_from_points
 
     val = data[1]
+    if args.stages > 1:
+        # its calibration pairs one round's reconstruction drop with recovery; iterative
+        # pruning's last round reconstructs an already adapted model, so they do not pair
+        raise SystemExit("hapm_cal is calibrated on one-shot recovery: run it with --stages 1")
     if val is None:
         raise SystemExit("hapm_cal needs the validation split of a real dataset (Fashion-MNIST)")
     done = [label for label in CALIBRATING if f"val_{label}" in row]
@@ -255,13 +260,20 @@ def run_sparsity(s, base, data, args, cfg, dense, log, row=None, checkpoint=None
                 row["hapm_cal_model_of"] = "hapm_val"
                 log(f"{s:.0%} hapm_cal: cap {cap}, hapm_val's cap: its model and figures")
                 continue
-        pruned, _ = prune_onnx(base, method, ratio, config=cfg, ranking=ranking,
-                               max_layer_sparsity=cap)  # fmt: skip
-        tuned, info = recover(
-            pruned, base, (x_tr, y_tr), steps=steps, calibration=args.calibration,
-            val_data=val, engine=args.engine, train_config=train_config(args, args.dataset),
-            seed=args.seed,
+        # one round (prune, then recover) or several (iterative pruning), the budget shared
+        tuned, rounds = prune_iteratively(
+            base, method, ratio, (x_tr, y_tr), stages=args.stages, steps=steps // args.stages,
+            config=cfg, schedule=args.schedule, seed=args.seed, ranking=ranking,
+            engine=args.engine, val_data=val, train_config=train_config(args, args.dataset),
+            max_layer_sparsity=cap, calibration=args.calibration, teacher="previous",
         )  # fmt: skip
+        info = rounds[-1]
+        if args.stages > 1:
+            row[f"rounds_{label}"] = [
+                {k: r.get(k) for k in ("target", "sparsity", "val_pruned", "val_reconstructed",
+                                       "val_finetuned", "kept", "finetune_steps")}
+                for r in rounds
+            ]  # fmt: skip
         if method == "filter":
             row["filter_shrink_max_diff"] = check_shrink(tuned, ratio, cfg, x_te[:8])
         r = evaluate_deployed(
@@ -343,15 +355,19 @@ def table(name, rows, cfg) -> Table:
     return t
 
 
-def default_out(dataset: str, epochs: float) -> Path:
-    """``results/hapm_vs_standard[_digits][_<epochs>ep].json``: the headline file is the
-    Fashion-MNIST run at :data:`EPOCHS`; a run with another budget does not overwrite it."""
+def default_out(dataset: str, epochs: float, stages: int = 1) -> Path:
+    """``results/hapm_vs_standard[_digits][_<epochs>ep][_<stages>stages].json``: the headline
+    file is the one-shot Fashion-MNIST run at :data:`EPOCHS`; a run with another budget or
+    iterative pruning does not overwrite it."""
     name = "hapm_vs_standard" + "_digits" * (dataset == "digits")
-    return RESULTS / f"{name}{f'_{epochs:g}ep' * (epochs != EPOCHS)}.json"
+    name += f"_{epochs:g}ep" * (epochs != EPOCHS) + f"_{stages}stages" * (stages > 1)
+    return RESULTS / f"{name}.json"
 
 
 #: options that say where and which part of a run an invocation does, not what the run is
 NOT_SETTINGS = ("out", "resume", "merge", "models", "methods")
+#: settings added after results were written, and the value a file without them ran with
+LATER_SETTINGS = {"stages": 1, "schedule": "cubic"}
 
 
 def same_run(previous: dict, settings: dict) -> bool:
@@ -359,7 +375,7 @@ def same_run(previous: dict, settings: dict) -> bool:
     sparsities are its rows: invocations may do different ones)."""
 
     def fixed(s):
-        return {k: v for k, v in s.items() if k != "sparsities"}
+        return {**LATER_SETTINGS, **{k: v for k, v in s.items() if k != "sparsities"}}
 
     return fixed(previous) == fixed(settings)
 
@@ -405,6 +421,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.3, 0.5, 0.7])
     ap.add_argument("--epochs", type=float, default=EPOCHS, help="fine-tuning budget per model")
     ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--stages", type=int, default=1,
+                    help="iterative pruning: rounds of prune + recover raising the sparsity to "
+                    "the target (flow.prune_iteratively), sharing the --epochs budget")  # fmt: skip
+    ap.add_argument("--schedule", choices=("cubic", "linear"), default="cubic",
+                    help="the rounds' sparsities (with --stages > 1)")  # fmt: skip
     ap.add_argument("--target", default="hapm_fpga-zedboard")
     ap.add_argument("--calibration", type=int, default=256,
                     help="training images to reconstruct and to calibrate int8 on")  # fmt: skip
@@ -427,7 +448,9 @@ def main(argv=None) -> dict:
         "parallel (e.g. --methods or --sparsities split over cores)",
     )
     args = ap.parse_args(argv)
-    args.out = args.out or default_out(args.dataset, args.epochs)
+    if args.stages < 1:
+        ap.error(f"--stages must be >= 1, got {args.stages}")
+    args.out = args.out or default_out(args.dataset, args.epochs, args.stages)
     args.methods = [m for m in METHODS if m in args.methods]  # standard before hapm_val
     console = Console()
     cfg = get_config(args.target)
@@ -469,13 +492,19 @@ def main(argv=None) -> dict:
                                    "seconds": time.perf_counter() - t0}  # fmt: skip
         write_json(args.out, payload)
     meta["seconds"] = time.perf_counter() - t_all
+    iterative = (
+        f"; iterative (flow.prune_iteratively): {args.stages} rounds of prune + recover on a "
+        f"{args.schedule} schedule, {args.epochs / args.stages:g} epochs each, every round "
+        "reconstructing towards the model it prunes (rounds_<method>)"
+    ) * (args.stages > 1)
     meta["description"] = {
         "accuracy": f"int8 top-1 (%) on all {payload['test_images']} test images",
         "ci_drop": "95% paired-bootstrap interval (BCa, 10,000 resamples) of dense minus the "
         "method, in points, over the test images",
         "latency_energy": "one image on the simulated accelerator (ms, µJ)",
         "recovery": "tvm_hapm.flow.recover: reconstruction on 256 training images, then "
-        f"{args.epochs:g} epochs of PyTorch fine-tuning; the better on validation is kept",
+        f"{args.epochs:g} epochs of PyTorch fine-tuning; the better on validation is kept"
+        + iterative,
         "filter": "sparsity = the weight sparsity nearest the target reachable by removing "
         "channels (sparsity_filter)",
         "rankings": {label: ranking for label, (_, ranking) in METHODS.items()},

@@ -608,18 +608,27 @@ def prune_iteratively(
     val_data=None,
     train_config=None,
     max_layer_sparsity: float | None = None,
+    calibration: int = 256,
+    teacher: str = "dense",
 ) -> tuple[onnx.ModelProto, list[dict]]:
     """Iterative prune / recover: ``stages`` rounds that raise the sparsity to ``sparsity``.
 
     Round ``k`` prunes the previous round's recovered model at ``s_k`` and recovers it with
-    :func:`recover` (reconstruction towards the *original* model's layer outputs, then
-    ``steps`` fine-tuning steps).  ``schedule`` is ``"linear"`` (``s_k = s k / n``) or
-    ``"cubic"`` (``s_k = s (1 - (1 - k/n)^3)``, Zhu & Gupta 2017: large steps first, while the
-    network has the most redundancy).  Weights pruned in one round have zero importance in
+    :func:`recover`: reconstruction towards the layer outputs of ``teacher``, then ``steps``
+    fine-tuning steps.  ``teacher="dense"`` reconstructs every round towards the *original*
+    model (right when recovery is mostly reconstruction: a reconstructed model as the next
+    round's target would pass its error on); ``"previous"`` towards the model the round prunes
+    (right with real fine-tuning between rounds: least squares refits every kept weight, so
+    towards the dense model it would discard what the previous rounds' fine-tuning learnt, and
+    towards the previous model it only compensates the round's small step).
+
+    ``schedule`` is ``"linear"`` (``s_k = s k / n``) or ``"cubic"``
+    (``s_k = s (1 - (1 - k/n)^3)``, Zhu & Gupta 2017: large steps first, while the network has
+    the most redundancy).  Weights pruned in one round have zero importance in
     the next, so the masks are nested and the final mask is the last round's.  For ``"filter"``
     ``sparsity`` is the channel fraction, as in :func:`prune_onnx`; ``ranking`` is passed to
-    it with ``max_layer_sparsity``; ``engine``, ``val_data`` and ``train_config`` to
-    :func:`recover`.
+    it with ``max_layer_sparsity``; ``engine``, ``val_data``, ``train_config`` and
+    ``calibration`` to :func:`recover`.
 
     ``stages=1`` is one prune and one recovery (what ``hapm prune --data`` runs by default).
 
@@ -630,6 +639,8 @@ def prune_iteratively(
         raise ValueError(f"schedule must be 'linear' or 'cubic', got {schedule!r}")
     if stages < 1:
         raise ValueError(f"stages must be >= 1, got {stages}")
+    if teacher not in ("dense", "previous"):
+        raise ValueError(f"teacher must be 'dense' or 'previous', got {teacher!r}")
     current, rounds = model, []
     for k in range(1, stages + 1):
         frac = k / stages
@@ -639,8 +650,9 @@ def prune_iteratively(
             max_layer_sparsity=max_layer_sparsity,
         )  # fmt: skip
         current, info = recover(
-            pruned, model, data, steps=steps, seed=seed, reconstruct=reconstruct, engine=engine,
-            val_data=val_data, train_config=train_config,
+            pruned, model if teacher == "dense" else current, data, steps=steps, seed=seed,
+            reconstruct=reconstruct, engine=engine, val_data=val_data, train_config=train_config,
+            calibration=calibration,
         )  # fmt: skip
         rounds.append(
             {"round": k, "target": target, "sparsity": sparsity_of(current), **info,
