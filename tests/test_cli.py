@@ -502,6 +502,14 @@ def test_prune_in_stages_reports_rounds(tmp_path, digits, capsys):
     report = json.loads((out / "prune_report.json").read_text())
     assert [r["round"] for r in report["rounds"]] == [1, 2]
     assert report["rounds"][0]["sparsity"] < report["rounds"][1]["sparsity"]
+    assert report["teacher"] == "dense"
+    towards_dense = (out / "pruned.onnx").read_bytes()
+    assert main(["prune", str(BUNDLED_MODEL), "--method", "hapm", "--sparsity", "0.9",
+                 "--ranking", "layer", "--stages", "2", "--finetune-steps", "0",
+                 "--teacher", "previous", "--data", str(data), "-o", str(out)]) == 0  # fmt: skip
+    assert json.loads((out / "prune_report.json").read_text())["teacher"] == "previous"
+    # the second round reconstructed towards the first round's model: other weights
+    assert (out / "pruned.onnx").read_bytes() != towards_dense
     capsys.readouterr()
     # per_mac caps every layer at 87.5 %: 90 % of the one prunable layer is out of reach
     assert main(["prune", str(BUNDLED_MODEL), "--sparsity", "0.9", "-o", str(out)]) == 2

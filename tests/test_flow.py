@@ -137,6 +137,28 @@ def test_iterative_pruning_raises_sparsity_on_a_cubic_schedule():
         prune_iteratively(model, "hapm", 0.5, (x, y), schedule="exponential")
 
 
+def test_iterative_pruning_reconstructs_towards_the_teacher():
+    from tvm_hapm.flow import prune_iteratively, recover
+
+    model = load_bundled_model(batch=1)
+    x, y, _, _ = load_digits(size=16)
+    final, rounds = prune_iteratively(
+        model, "hapm", 0.6, (x, y), stages=2, steps=0, schedule="linear", teacher="previous"
+    )
+    assert [r["target"] for r in rounds] == pytest.approx([0.3, 0.6])
+    # round by round by hand: the second round reconstructs towards the first round's model
+    first, _ = recover(prune_onnx(model, "hapm", 0.3)[0], model, (x, y), steps=0)
+    second, _ = recover(prune_onnx(first, "hapm", 0.6)[0], first, (x, y), steps=0)
+    got, want = _weights(final), _weights(second)
+    assert all(np.array_equal(got[n], want[n]) for n in want)
+    towards_dense, _ = prune_iteratively(
+        model, "hapm", 0.6, (x, y), stages=2, steps=0, schedule="linear"
+    )
+    assert not all(np.array_equal(_weights(towards_dense)[n], want[n]) for n in want)
+    with pytest.raises(ValueError, match="teacher"):
+        prune_iteratively(model, "hapm", 0.6, (x, y), teacher="student")
+
+
 def test_recover_keeps_the_better_of_reconstruction_and_fine_tuning():
     from tvm_hapm.compress.numpynet import NumpyNet
     from tvm_hapm.data import load_digits

@@ -89,3 +89,14 @@ def test_another_budget_writes_its_own_results(bench):
     assert bench.default_out("fashion-mnist", 2.0).name == "hapm_vs_standard.json"
     assert bench.default_out("fashion-mnist", 6.0).name == "hapm_vs_standard_6ep.json"
     assert bench.default_out("digits", 0.5).name == "hapm_vs_standard_digits_0.5ep.json"
+    assert bench.default_out("fashion-mnist", 6.0, 3).name == "hapm_vs_standard_6ep_3stages.json"
+
+
+def test_files_written_before_iterative_pruning_are_one_shot_runs(bench, tmp_path):
+    old = tmp_path / "old.json"  # its settings have no "stages": it pruned in one round
+    record(old, [0.5], "d1", ["standard"], {"0.5": method("standard", 93.8, 3.0)})
+    one_shot = {**SETTINGS, "stages": 1, "schedule": "cubic", "sparsities": [0.5]}
+    kept, _ = bench.resumed([old], dict(one_shot), tmp_path / "out.json")
+    assert kept["resnet20"]["0.5"]["acc_standard"] == 93.8
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.resumed([old], {**one_shot, "stages": 3}, tmp_path / "out.json")

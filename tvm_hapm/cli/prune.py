@@ -70,6 +70,11 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
         default=1,
         help="iterative pruning: rounds of prune + recover (cubic schedule) up to --sparsity",
     )
+    p.add_argument(
+        "--teacher", choices=("dense", "previous"), default="dense",
+        help="with --stages > 1: reconstruct every round towards the dense model, or towards the "
+        "model the round prunes (better when the rounds fine-tune for long)",
+    )  # fmt: skip
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("-o", "--output", required=True, metavar="OUT")
 
@@ -111,7 +116,7 @@ def cmd_prune(args, console: Console) -> int:
                         model, args.method, args.sparsity, data, stages=args.stages,
                         steps=args.finetune_steps, config=cfg, seed=args.seed,
                         reconstruct=args.reconstruct, ranking=ranking, engine=args.engine,
-                        max_layer_sparsity=args.max_layer_sparsity,
+                        max_layer_sparsity=args.max_layer_sparsity, teacher=args.teacher,
                     )  # fmt: skip
                 except ValueError as err:
                     raise CliError(str(err)) from None
@@ -136,6 +141,8 @@ def cmd_prune(args, console: Console) -> int:
         "target_sparsity": args.sparsity,
         "achieved_sparsity": sparsity_of(pruned),
         "config": cfg.name,
+        "stages": args.stages,
+        "teacher": args.teacher if args.stages > 1 else None,
         "layers": report,
         # per round: sparsity, validation accuracies (pruned / reconstructed / fine-tuned), the
         # stage kept, timings and the per-layer reconstruction record (flow.recover)
