@@ -226,6 +226,23 @@ def calibrated_cap(s, base, data, args, cfg, row, log) -> tuple[float, dict]:
     return cap, record
 
 
+def recovered_twin(label: str, s: float, base, cfg, row: dict) -> str | None:
+    """The HAPM variant of ``row`` already recovered whose one-shot pruning at ``s`` gives
+    exactly ``label``'s pruned model (e.g. ``hapm_val`` choosing the cap that makes ``per_mac``
+    the per-layer allocation), or None.  Caps are the row's ``<label>_cap``."""
+
+    def pruned(variant):
+        model, _ = prune_onnx(base, "hapm", s, config=cfg, ranking=METHODS[variant][1],
+                              max_layer_sparsity=row.get(f"{variant}_cap"))  # fmt: skip
+        return [t.SerializeToString() for t in model.graph.initializer]
+
+    done = [v for v in HAPM_LABELS if v != label and f"acc_{v}" in row]
+    if not done:
+        return None
+    mine = pruned(label)
+    return next((v for v in done if pruned(v) == mine), None)
+
+
 def run_sparsity(s, base, data, args, cfg, dense, log, row=None, checkpoint=None) -> dict:
     """The row of sparsity ``s``: every method of ``args.methods`` the row does not have yet.
 
@@ -253,13 +270,16 @@ def run_sparsity(s, base, data, args, cfg, dense, log, row=None, checkpoint=None
         if label == "hapm_cal":
             cap, row["hapm_cal_choice"] = calibrated_cap(s, base, data, args, cfg, row, log)
             row["hapm_cal_cap"] = cap
-            if row.get("hapm_val_cap") == cap and "acc_hapm_val" in row:
-                # the same allocation, recovered the same way (deterministic): hapm_val's model
-                row.update({k.replace("_hapm_val", "_hapm_cal"): v for k, v in row.items()
-                            if k.endswith("_hapm_val") and k != "seconds_hapm_val"})  # fmt: skip
-                row["hapm_cal_model_of"] = "hapm_val"
-                log(f"{s:.0%} hapm_cal: cap {cap}, hapm_val's cap: its model and figures")
-                continue
+        twin = args.stages == 1 and method == "hapm" and recovered_twin(label, s, base, cfg, row)
+        if twin:
+            # the same pruned model, recovered the same way (deterministic): its figures
+            row.update({k.replace(f"_{twin}", f"_{label}"): v for k, v in row.items()
+                        if k.endswith(f"_{twin}") and k != f"seconds_{twin}"})  # fmt: skip
+            row[f"{label}_model_of"] = twin
+            log(f"{s:.0%} {label}: the same pruned model as {twin}: its model and figures")
+            if checkpoint is not None:
+                checkpoint(row)
+            continue
         # one round (prune, then recover) or several (iterative pruning), the budget shared
         tuned, rounds = prune_iteratively(
             base, method, ratio, (x_tr, y_tr), stages=args.stages, steps=steps // args.stages,

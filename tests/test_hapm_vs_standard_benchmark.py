@@ -100,3 +100,20 @@ def test_files_written_before_iterative_pruning_are_one_shot_runs(bench, tmp_pat
     assert kept["resnet20"]["0.5"]["acc_standard"] == 93.8
     with pytest.raises(SystemExit, match="other settings"):
         bench.resumed([old], {**one_shot, "stages": 3}, tmp_path / "out.json")
+
+
+def test_a_variant_with_the_same_pruned_model_is_not_recovered_twice(bench):
+    from tvm_hapm.data import load_bundled_resnet20
+    from tvm_hapm.target.config import get_config
+
+    base, cfg = load_bundled_resnet20(1), get_config("hapm_fpga-zedboard")
+    row = {"acc_hapm_layer": 93.0, "acc_hapm": 92.0}
+    # per_mac with every layer capped at the target sparsity is the per-layer allocation
+    assert bench.recovered_twin("hapm_val", 0.5, base, cfg, {**row, "hapm_val_cap": 0.5}) == (
+        "hapm_layer"
+    )
+    assert bench.recovered_twin("hapm_val", 0.5, base, cfg, {**row, "hapm_val_cap": 0.625}) is None
+    # hapm is per_mac at its default cap (0.875)
+    assert bench.recovered_twin("hapm_cal", 0.5, base, cfg, {**row, "hapm_cal_cap": 0.875}) == (
+        "hapm"
+    )
