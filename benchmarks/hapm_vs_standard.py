@@ -128,7 +128,8 @@ def train_config(args, dataset):
     # Fashion-MNIST: the augmentation the networks were trained with; digits: no flips
     fashion = dataset == "fashion-mnist"
     return TrainConfig(batch_size=128, lr=args.lr, weight_decay=5e-4,
-                       crop_padding=4 if fashion else 2, flip=fashion, seed=args.seed)  # fmt: skip
+                       crop_padding=4 if fashion else 2, flip=fashion, seed=args.seed,
+                       distill=args.distill)  # fmt: skip
 
 
 def select_cap(s, base, data, args, cfg, row, log) -> tuple[float, dict]:
@@ -375,19 +376,19 @@ def table(name, rows, cfg) -> Table:
     return t
 
 
-def default_out(dataset: str, epochs: float, stages: int = 1) -> Path:
-    """``results/hapm_vs_standard[_digits][_<epochs>ep][_<stages>stages].json``: the headline
-    file is the one-shot Fashion-MNIST run at :data:`EPOCHS`; a run with another budget or
-    iterative pruning does not overwrite it."""
+def default_out(dataset: str, epochs: float, stages: int = 1, distill: float = 0.0) -> Path:
+    """``results/hapm_vs_standard[_digits][_<epochs>ep][_<stages>stages][_kd<distill>].json``:
+    the headline file is the one-shot Fashion-MNIST run at :data:`EPOCHS` without distillation;
+    a run with another budget, iterative pruning or distillation does not overwrite it."""
     name = "hapm_vs_standard" + "_digits" * (dataset == "digits")
     name += f"_{epochs:g}ep" * (epochs != EPOCHS) + f"_{stages}stages" * (stages > 1)
-    return RESULTS / f"{name}.json"
+    return RESULTS / f"{name}{f'_kd{distill:g}' * (distill > 0)}.json"
 
 
 #: options that say where and which part of a run an invocation does, not what the run is
 NOT_SETTINGS = ("out", "resume", "merge", "models", "methods")
 #: settings added after results were written, and the value a file without them ran with
-LATER_SETTINGS = {"stages": 1, "schedule": "cubic"}
+LATER_SETTINGS = {"stages": 1, "schedule": "cubic", "distill": 0.0}
 
 
 def same_run(previous: dict, settings: dict) -> bool:
@@ -446,6 +447,9 @@ def main(argv=None) -> dict:
                     "the target (flow.prune_iteratively), sharing the --epochs budget")  # fmt: skip
     ap.add_argument("--schedule", choices=("cubic", "linear"), default="cubic",
                     help="the rounds' sparsities (with --stages > 1)")  # fmt: skip
+    ap.add_argument("--distill", type=float, default=0.0,
+                    help="fine-tune with this weight of distillation from the model recovery "
+                    "reconstructs towards (the dense one; temperature 4)")  # fmt: skip
     ap.add_argument("--target", default="hapm_fpga-zedboard")
     ap.add_argument("--calibration", type=int, default=256,
                     help="training images to reconstruct and to calibrate int8 on")  # fmt: skip
@@ -470,7 +474,9 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.stages < 1:
         ap.error(f"--stages must be >= 1, got {args.stages}")
-    args.out = args.out or default_out(args.dataset, args.epochs, args.stages)
+    if not 0.0 <= args.distill <= 1.0:
+        ap.error(f"--distill must be in [0, 1], got {args.distill}")
+    args.out = args.out or default_out(args.dataset, args.epochs, args.stages, args.distill)
     args.methods = [m for m in METHODS if m in args.methods]  # standard before hapm_val
     console = Console()
     cfg = get_config(args.target)
@@ -524,7 +530,9 @@ def main(argv=None) -> dict:
         "latency_energy": "one image on the simulated accelerator (ms, µJ)",
         "recovery": "tvm_hapm.flow.recover: reconstruction on 256 training images, then "
         f"{args.epochs:g} epochs of PyTorch fine-tuning; the better on validation is kept"
-        + iterative,
+        + iterative
+        + f"; distilling from the dense model (weight {args.distill:g}, temperature 4)"
+        * (args.distill > 0),
         "filter": "sparsity = the weight sparsity nearest the target reachable by removing "
         "channels (sparsity_filter)",
         "rankings": {label: ranking for label, (_, ranking) in METHODS.items()},

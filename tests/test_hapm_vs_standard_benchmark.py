@@ -90,6 +90,7 @@ def test_another_budget_writes_its_own_results(bench):
     assert bench.default_out("fashion-mnist", 6.0).name == "hapm_vs_standard_6ep.json"
     assert bench.default_out("digits", 0.5).name == "hapm_vs_standard_digits_0.5ep.json"
     assert bench.default_out("fashion-mnist", 6.0, 3).name == "hapm_vs_standard_6ep_3stages.json"
+    assert bench.default_out("fashion-mnist", 6.0, 1, 0.9).name == "hapm_vs_standard_6ep_kd0.9.json"
 
 
 def test_files_written_before_iterative_pruning_are_one_shot_runs(bench, tmp_path):

@@ -307,6 +307,26 @@ def test_onnx_module_fine_tunes_with_masks_and_writes_back():
     onnx.checker.check_model(tuned)
 
 
+def test_distillation_pulls_the_student_towards_the_teacher():
+    x, y, _, _ = load_digits(size=16, channels=1)
+    teacher = ht.OnnxModule(load_bundled_model(batch=1))
+    says = ht.predict(teacher, x).argmax(1)
+    wrong = (says + 1) % 10  # labels that contradict the teacher everywhere
+
+    def agreement(distill):
+        student = ht.OnnxModule(flow.prune_onnx(load_bundled_model(batch=1), "hapm", 0.5)[0])
+        cfg = ht.TrainConfig(epochs=3, lr=0.01, crop_padding=0, flip=False, distill=distill)
+        ht.fit(student, (x, wrong), cfg, teacher=teacher)
+        return ht.accuracy(student, x, says)
+
+    without, with_ = agreement(0.0), agreement(1.0)
+    assert without < 0.5 and with_ > 0.9, (without, with_)
+    with pytest.raises(ValueError, match="teacher"):
+        ht.fit(teacher, (x, y), ht.TrainConfig(distill=0.5))
+    with pytest.raises(ValueError, match="distill"):
+        ht.TrainConfig(distill=1.5)
+
+
 @pytest.mark.parametrize("preset", ["zedboard", "int16"])
 @pytest.mark.parametrize(
     "builder, shape",

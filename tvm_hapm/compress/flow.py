@@ -493,7 +493,8 @@ def recover(
     none).  ``reconstruct=False`` fine-tunes the pruned model directly.
 
     Fine-tuning is :func:`finetune` (``steps``, ``lr``, ``engine``, ``train_config``): PyTorch
-    when it is installed, else TVM's ``relax.training``.
+    when it is installed, else TVM's ``relax.training``; a ``train_config`` with ``distill`` > 0
+    distills from ``dense``, the model reconstruction targets.
     Returns the model and a record: validation accuracies, the stage kept, seconds, the
     per-layer reconstruction record, the engine and the fine-tuning speed (images/s).
     """
@@ -528,7 +529,8 @@ def recover(
     best, info["kept"] = rebuilt, "reconstructed" if reconstruct else "pruned"
     if steps > 0:
         t1 = time.perf_counter()
-        tuned, history = finetune(rebuilt, (x_fit, y_fit), steps, lr, seed, engine, train_config)
+        tuned, history = finetune(rebuilt, (x_fit, y_fit), steps, lr, seed, engine, train_config,
+                                  teacher=dense)  # fmt: skip
         info["val_finetuned"] = float_accuracy(tuned, x_val, y_val, engine)
         info["finetune_seconds"] = time.perf_counter() - t1
         info["finetune_images_per_s"] = history["images_per_s"]
@@ -546,6 +548,7 @@ def finetune(
     seed: int = 0,
     engine: str = "auto",
     train_config=None,
+    teacher: onnx.ModelProto | None = None,
 ) -> tuple[onnx.ModelProto, dict]:
     """``steps`` optimizer steps of fine-tuning ``model`` on ``data = (x, y)`` with its zeros held
     (the masks of :func:`tvm_hapm.compress.relax_training.extract_masks`); returns the model (same
@@ -556,13 +559,16 @@ def finetune(
     :class:`tvm_hapm.torch.OnnxModule`: batch 128, SGD with Nesterov momentum, learning rate
     ``lr`` (default 0.01) decayed to zero by a cosine, weight decay 5e-4, random crops of 2 pixels,
     batch norm in training mode; ``train_config`` (a :class:`tvm_hapm.torch.TrainConfig`)
-    replaces these, its ``epochs`` set from ``steps``.  ``engine="tvm"``:
+    replaces these, its ``epochs`` set from ``steps``; with its ``distill`` > 0 the fine-tuning
+    distills from ``teacher`` (an ONNX classifier of the same input).  ``engine="tvm"``:
     :func:`tvm_hapm.compress.relax_training.finetune` inside TVM (batch 32, Adam, ``lr`` default
     1e-4).
     """
     from .relax_training import extract_masks
 
     if resolve_engine(engine) == "tvm":
+        if getattr(train_config, "distill", 0):
+            raise ValueError("distillation needs the PyTorch engine (engine='torch')")
         from ..data import set_batch
         from .relax_training import finetune as tvm_finetune
 
@@ -586,7 +592,9 @@ def finetune(
     per_epoch = max(len(data[0]) // cfg.batch_size, 1)
     cfg = replace(cfg, epochs=steps / per_epoch)
     net = apply_masks(OnnxModule(model), extract_masks(model))
-    history = fit(net, data, cfg)
+    if cfg.distill and teacher is None:
+        raise ValueError("train_config.distill > 0 needs the teacher model")
+    history = fit(net, data, cfg, teacher=OnnxModule(teacher) if cfg.distill else None)
     return net.to_onnx(), history
 
 

@@ -58,6 +58,13 @@ class TrainConfig:
         Random horizontal flips.
     seed : int
         Seed of the data order and the augmentation.
+    distill : float
+        Weight of knowledge distillation from a teacher (Hinton et al., 2015; :func:`fit`'s
+        ``teacher``): the loss is ``(1 - distill) * cross-entropy + distill * T^2 *
+        KL(teacher || student)`` on the logits softened by the temperature ``T``; 0 trains on the
+        labels only.
+    temperature : float
+        The softening temperature ``T`` of distillation.
     """
 
     epochs: float = 1.0
@@ -70,12 +77,16 @@ class TrainConfig:
     crop_padding: int = 4
     flip: bool = True
     seed: int = 0
+    distill: float = 0.0
+    temperature: float = 4.0
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if not self.epochs > 0 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("epochs, batch_size and lr must be positive")
+        if not 0.0 <= self.distill <= 1.0 or not self.temperature > 0:
+            raise ValueError("distill must be in [0, 1] and temperature positive")
 
 
 def augment(x: torch.Tensor, padding: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
@@ -105,6 +116,18 @@ def _decay_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
 
 
+def _loss(logits, labels, teacher, xb, cfg: TrainConfig) -> torch.Tensor:
+    """Cross-entropy, mixed with distillation from ``teacher`` when ``cfg.distill`` > 0."""
+    loss = F.cross_entropy(logits, labels)
+    if not cfg.distill:
+        return loss
+    with torch.no_grad():
+        soft = F.softmax(teacher(xb) / cfg.temperature, dim=1)
+    # T^2 keeps the soft term's gradients on the scale of the hard term's (Hinton et al.)
+    kd = F.kl_div(F.log_softmax(logits / cfg.temperature, dim=1), soft, reduction="batchmean")
+    return (1 - cfg.distill) * loss + cfg.distill * cfg.temperature**2 * kd
+
+
 def _lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     if step < warmup:
         return peak * (0.1 + 0.9 * step / warmup)
@@ -120,6 +143,7 @@ def fit(
     progress: Callable[[dict], None] | None = None,
     max_steps: int | None = None,
     checkpoint=None,
+    teacher: nn.Module | None = None,
 ) -> dict:
     """Train ``module`` in place on ``data = (x, y)`` (NumPy NCHW float32 images, int labels).
 
@@ -145,6 +169,9 @@ def fit(
         A file the state (weights, optimizer, data order, history) is written to atomically
         after every epoch; when it exists, training resumes from it, with the same result as an
         uninterrupted run.  It must have been written with the same ``config``.
+    teacher : torch.nn.Module, optional
+        The classifier distilled from when ``config.distill`` > 0 (run in eval mode on the same
+        augmented batches, not trained).
 
     Returns
     -------
@@ -153,6 +180,10 @@ def fit(
         images/s), ``steps``, ``seconds``, ``images_per_s`` (training steps only), ``threads``.
     """
     cfg = config or TrainConfig()
+    if cfg.distill and teacher is None:
+        raise ValueError("TrainConfig.distill > 0 needs a teacher to distill from")
+    if teacher is not None:
+        teacher.to(memory_format=torch.channels_last).eval()
     x_all = torch.from_numpy(np.ascontiguousarray(data[0], dtype=np.float32))
     y_all = torch.from_numpy(np.ascontiguousarray(data[1], dtype=np.int64))
     if len(x_all) != len(y_all) or len(x_all) < cfg.batch_size:
@@ -202,7 +233,7 @@ def fit(
             for g in opt.param_groups:
                 g["lr"] = lr
             logits = module(xb)
-            loss = F.cross_entropy(logits, y_all[idx])
+            loss = _loss(logits, y_all[idx], teacher, xb, cfg)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
