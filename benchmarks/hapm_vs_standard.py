@@ -531,8 +531,8 @@ def main(argv=None) -> dict:
         "recovery": "tvm_hapm.flow.recover: reconstruction on 256 training images, then "
         f"{args.epochs:g} epochs of PyTorch fine-tuning; the better on validation is kept"
         + iterative
-        + f"; distilling from the dense model (weight {args.distill:g}, temperature 4)"
-        * (args.distill > 0),
+        + f"; fine-tuning distills from the model reconstruction targets (weight {args.distill:g}, "
+        "temperature 4)" * (args.distill > 0),
         "filter": "sparsity = the weight sparsity nearest the target reachable by removing "
         "channels (sparsity_filter)",
         "rankings": {label: ranking for label, (_, ranking) in METHODS.items()},
