@@ -45,7 +45,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, machine_info, paired_drop_interval, records_of_run, write_json
+from common import (
+    RESULTS,
+    machine_info,
+    pack_correct,
+    paired_drop_interval,
+    records_of_run,
+    unpack_correct,
+    write_json,
+)
 from rich.console import Console
 from rich.table import Table
 
@@ -255,6 +263,7 @@ def run_sparsity(s, base, data, args, cfg, dense, log, row=None, checkpoint=None
     steps = int(round(args.epochs * (len(x_tr) // 128)))
     row = dict(row or {})
     row.update({f"{k}_dense": v for k, v in dense.items() if k != "correct"})
+    row["correct_dense"] = pack_correct(dense["correct"])
     for label in args.methods:
         if f"acc_{label}" in row:
             continue
@@ -309,6 +318,7 @@ def run_sparsity(s, base, data, args, cfg, dense, log, row=None, checkpoint=None
             f"gemm_{label}": r.gemms,
             f"sparsity_{label}": sparsity_of(tuned),
             f"ci_drop_{label}": paired_drop_interval(dense["correct"], r.correct, args.seed),
+            f"correct_{label}": pack_correct(r.correct),
             f"reconstruction_error_{label}": float(
                 np.mean([e["rel_error_after"] for e in info["reconstruction"]] or [0.0])
             ),
@@ -325,12 +335,21 @@ def run_sparsity(s, base, data, args, cfg, dense, log, row=None, checkpoint=None
         )
         if checkpoint is not None:
             checkpoint(row)
-    add_speedups(row)
+    add_speedups(row, len(y_te), args.seed)
     return row
 
 
-def add_speedups(row: dict) -> None:
-    """``<hapm variant>_vs_<standard|filter|dense>_speedup`` of a row, from its latencies."""
+def add_speedups(row: dict, images: int | None = None, seed: int = 0) -> None:
+    """``<hapm variant>_vs_<standard|filter|dense>_speedup`` of a row, from its latencies, and,
+    given the number of test ``images``, ``ci_gap_<method>``: the 95% paired-bootstrap interval
+    of standard pruning's accuracy minus the method's, where the row has both per-image
+    results (rows written before they were kept have none)."""
+    if images and "correct_standard" in row:
+        ref = unpack_correct(row["correct_standard"], images)
+        for label in ("filter", *HAPM_LABELS):
+            if f"correct_{label}" in row:
+                new = unpack_correct(row[f"correct_{label}"], images)
+                row[f"ci_gap_{label}"] = paired_drop_interval(ref, new, seed)
     for label in HAPM_LABELS:
         if f"lat_{label}" not in row:
             continue
@@ -424,13 +443,13 @@ def resumed(paths, settings: dict, out: Path) -> tuple[dict, list]:
                 rows = old.setdefault(key, {})
                 for s, row in value.items():
                     rows[s] = {**row, **rows.get(s, {})}
-            elif key.startswith("meta_"):
+            elif key.startswith("meta_") or key == "test_images":
                 old.setdefault(key, value)
         done = set(prev["meta"]["settings"].get("sparsities", [])) | set(settings["sparsities"])
         settings["sparsities"] = sorted(done)
     for key in [k for k in old if k.startswith("resnet")]:
         for row in old[key].values():
-            add_speedups(row)
+            add_speedups(row, old.get("test_images"), settings.get("seed", 0))
         old[f"targets_{key}"] = targets(old[key])
     return old, earlier
 
@@ -526,7 +545,9 @@ def main(argv=None) -> dict:
     meta["description"] = {
         "accuracy": f"int8 top-1 (%) on all {payload['test_images']} test images",
         "ci_drop": "95% paired-bootstrap interval (BCa, 10,000 resamples) of dense minus the "
-        "method, in points, over the test images",
+        "method, in points, over the test images; ci_gap: the same of standard minus the method",
+        "correct": "per-image int8 correctness (correct_<method>: base64 of the packed bits, "
+        "common.unpack_correct)",
         "latency_energy": "one image on the simulated accelerator (ms, µJ)",
         "recovery": "tvm_hapm.flow.recover: reconstruction on 256 training images, then "
         f"{args.epochs:g} epochs of PyTorch fine-tuning; the better on validation is kept"

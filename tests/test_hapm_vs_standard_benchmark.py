@@ -23,12 +23,13 @@ def method(label, acc, lat):
     return {f"acc_{label}": acc, f"lat_{label}": lat, f"energy_{label}": 10 * lat}
 
 
-def record(path, sparsities, date, methods, rows):
+def record(path, sparsities, date, methods, rows, **extra):
     meta = {"settings": {**SETTINGS, "sparsities": sparsities}, "machine": {"date": date},
             "seconds": 1.0, "methods": methods, "models": ["resnet20"]}  # fmt: skip
     dense = {"acc_dense": 94.0, "lat_dense": 3.0}
     rows = {s: {**dense, **row} for s, row in rows.items()}
-    path.write_text(json.dumps({"meta": meta, "resnet20": rows, "meta_resnet20": {"seconds": 2}}))
+    path.write_text(json.dumps({"meta": meta, "resnet20": rows, "meta_resnet20": {"seconds": 2},
+                                **extra}))  # fmt: skip
 
 
 def test_merge_joins_rows_method_by_method(bench, tmp_path):
@@ -118,3 +119,23 @@ def test_a_variant_with_the_same_pruned_model_is_not_recovered_twice(bench):
     assert bench.recovered_twin("hapm_cal", 0.5, base, cfg, {**row, "hapm_cal_cap": 0.875}) == (
         "hapm"
     )
+
+
+def test_merge_compares_methods_of_different_files_image_by_image(bench, tmp_path):
+    import numpy as np
+
+    n = 4000
+    standard, hapm = np.ones(n, bool), np.ones(n, bool)
+    standard[:80] = False  # 98%
+    hapm[:240] = False  # 94%: wrong wherever standard is, and on 160 images more
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    row_a = {**method("standard", 98.0, 3.0), "correct_standard": bench.pack_correct(standard)}
+    row_b = {**method("hapm", 94.0, 1.5), "correct_hapm": bench.pack_correct(hapm)}
+    record(a, [0.5], "d1", ["standard"], {"0.5": row_a}, test_images=n)
+    record(b, [0.5], "d2", ["hapm"], {"0.5": row_b}, test_images=n)
+    assert np.array_equal(bench.unpack_correct(row_b["correct_hapm"], n), hapm)
+    settings = {**SETTINGS, "sparsities": [0.5]}
+    kept, _ = bench.resumed([a, b], settings, tmp_path / "out.json")
+    low, high = kept["resnet20"]["0.5"]["ci_gap_hapm"]
+    # paired: +-0.61 point around the 4-point gap; unpaired accuracies would give +-0.85
+    assert 3.25 < low < 4.0 < high < 4.75
