@@ -335,21 +335,26 @@ def run_sparsity(s, base, data, args, cfg, dense, log, row=None, checkpoint=None
         )
         if checkpoint is not None:
             checkpoint(row)
-    add_speedups(row, len(y_te), args.seed)
+    add_speedups(row)
+    add_gap_intervals(row, len(y_te), args.seed)
     return row
 
 
-def add_speedups(row: dict, images: int | None = None, seed: int = 0) -> None:
-    """``<hapm variant>_vs_<standard|filter|dense>_speedup`` of a row, from its latencies, and,
-    given the number of test ``images``, ``ci_gap_<method>``: the 95% paired-bootstrap interval
-    of standard pruning's accuracy minus the method's, where the row has both per-image
-    results (rows written before they were kept have none)."""
-    if images and "correct_standard" in row:
-        ref = unpack_correct(row["correct_standard"], images)
-        for label in ("filter", *HAPM_LABELS):
-            if f"correct_{label}" in row:
-                new = unpack_correct(row[f"correct_{label}"], images)
-                row[f"ci_gap_{label}"] = paired_drop_interval(ref, new, seed)
+def add_gap_intervals(row: dict, images: int | None, seed: int = 0) -> None:
+    """``ci_gap_<method>`` of a row: the 95% paired-bootstrap interval of standard pruning's
+    accuracy minus the method's over the ``images`` test images, where the row has both
+    per-image results (rows written before they were kept have none)."""
+    if not images or "correct_standard" not in row:
+        return
+    ref = unpack_correct(row["correct_standard"], images)
+    for label in ("filter", *HAPM_LABELS):
+        if f"correct_{label}" in row:
+            new = unpack_correct(row[f"correct_{label}"], images)
+            row[f"ci_gap_{label}"] = paired_drop_interval(ref, new, seed)
+
+
+def add_speedups(row: dict) -> None:
+    """``<hapm variant>_vs_<standard|filter|dense>_speedup`` of a row, from its latencies."""
     for label in HAPM_LABELS:
         if f"lat_{label}" not in row:
             continue
@@ -449,7 +454,8 @@ def resumed(paths, settings: dict, out: Path) -> tuple[dict, list]:
         settings["sparsities"] = sorted(done)
     for key in [k for k in old if k.startswith("resnet")]:
         for row in old[key].values():
-            add_speedups(row, old.get("test_images"), settings.get("seed", 0))
+            add_speedups(row)
+            add_gap_intervals(row, old.get("test_images"), settings.get("seed", 0))
         old[f"targets_{key}"] = targets(old[key])
     return old, earlier
 
