@@ -3,6 +3,7 @@ merged from several invocations, paired bootstrap intervals."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import platform
@@ -137,14 +138,10 @@ def paired_drop_interval(correct_ref, correct_new, seed: int = 0, resamples: int
 def pack_correct(correct) -> str:
     """Per-image correctness (bools) as base64 of its packed bits: 10,000 images in 1.7 kB of
     JSON, enough to compare any two models of a results file on the same images later."""
-    import base64
-
     return base64.b64encode(np.packbits(np.asarray(correct, bool)).tobytes()).decode("ascii")
 
 
 def unpack_correct(text: str, count: int) -> np.ndarray:
     """The ``count`` bools :func:`pack_correct` wrote."""
-    import base64
-
     bits = np.frombuffer(base64.b64decode(text), np.uint8)
     return np.unpackbits(bits, count=count).astype(bool)

@@ -499,8 +499,10 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.stages < 1:
         ap.error(f"--stages must be >= 1, got {args.stages}")
-    if not 0.0 <= args.distill <= 1.0:
-        ap.error(f"--distill must be in [0, 1], got {args.distill}")
+    try:  # TrainConfig checks --distill (and --lr) before any work is done
+        train_config(args, args.dataset)
+    except ValueError as err:
+        ap.error(str(err))
     args.out = args.out or default_out(args.dataset, args.epochs, args.stages, args.distill)
     args.methods = [m for m in METHODS if m in args.methods]  # standard before hapm_val
     console = Console()

@@ -592,9 +592,9 @@ def finetune(
     per_epoch = max(len(data[0]) // cfg.batch_size, 1)
     cfg = replace(cfg, epochs=steps / per_epoch)
     net = apply_masks(OnnxModule(model), extract_masks(model))
-    if cfg.distill and teacher is None:
-        raise ValueError("train_config.distill > 0 needs the teacher model")
-    history = fit(net, data, cfg, teacher=OnnxModule(teacher) if cfg.distill else None)
+    # fit refuses a distilling config without a teacher
+    distill_from = OnnxModule(teacher) if cfg.distill and teacher is not None else None
+    history = fit(net, data, cfg, teacher=distill_from)
     return net.to_onnx(), history
 
 
